@@ -1,0 +1,1 @@
+"""Decode workers: hold KV in a paged cache, run continuous batching, stream tokens back."""

@@ -1,0 +1,51 @@
+"""Per-request state on a decode worker: one object, one explicit status."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.transport import Transfer
+from engine.types import FinishReason, KVArrival, SamplingParams
+
+
+class DecodeStatus(enum.Enum):
+    RESERVED = "reserved"  # blocks held, prefill not done yet
+    WAITING_FOR_KV = "waiting_for_kv"  # prefill done, receive posted (or queued behind earlier ones)
+    READY = "ready"  # KV in the cache, waiting for a batch slot
+    RUNNING = "running"  # in the decode batch
+    FINISHED = "finished"
+
+
+@dataclass
+class DecodeRequest:
+    request_id: str
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    block_table: list[int]
+    status: DecodeStatus = DecodeStatus.RESERVED
+    output_ids: list[int] = field(default_factory=list)  # generated tokens, the prefill's first included
+    arrival: KVArrival | None = None
+    transfer: Transfer | None = None
+    finish_reason: FinishReason | None = None
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    def check_finished(self) -> FinishReason | None:
+        """Decide after appending a token whether the request is done."""
+        tok = self.output_ids[-1]
+        if tok in self.sampling.stop_token_ids:
+            return FinishReason.STOP
+        if not self.sampling.ignore_eos and tok in self.eos_token_ids:
+            return FinishReason.STOP
+        if len(self.output_ids) >= self.sampling.max_tokens:
+            return FinishReason.LENGTH
+        return None

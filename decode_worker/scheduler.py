@@ -1,0 +1,140 @@
+"""Decode-side bookkeeping: reservations, KV arrival, the running batch. No model, no tensors.
+
+Lifecycle of a request on this worker (the router's id is the only key):
+  1. reserve()      RESERVED        blocks for prompt + max_tokens are held, or the worker says no
+  2. on_arrival()   WAITING_FOR_KV  the prefill worker announced the transfer; receive is posted
+  3. on_kv_landed() READY           its KV sits in its blocks; first token known
+  4. schedule()     RUNNING         joins the batch at the next step (continuous batching)
+  5. on_tokens()    FINISHED        EOS / stop id / max_tokens; leaves the batch, blocks freed
+  cancel() or expire() end it from any state and free its blocks at once.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from decode_worker.request import DecodeRequest, DecodeStatus
+from engine.block_allocator import BlockAllocator
+from engine.types import DecodeEvent, FinishReason, KVArrival, ReserveResult, SamplingParams
+
+
+class DecodeScheduler:
+    def __init__(self, allocator: BlockAllocator, max_batch_size: int, reserve_timeout_s: float) -> None:
+        self.allocator = allocator
+        self.max_batch_size = max_batch_size
+        self.reserve_timeout_s = reserve_timeout_s
+        self.requests: dict[str, DecodeRequest] = {}
+        self.ready: deque[str] = deque()
+        self.running: list[str] = []
+        self.tokens_generated = 0
+
+    # -- 1. reserve ---------------------------------------------------------------------------
+    def reserve(
+        self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...]
+    ) -> ReserveResult:
+        if request_id in self.requests:
+            return ReserveResult(False, f"request_id {request_id!r} is already in use")
+        need = num_prompt_tokens + sampling.max_tokens
+        alloc = self.allocator.allocate(request_id, need)
+        if alloc is None:
+            return ReserveResult(
+                False,
+                f"KV cache full: needs {self.allocator.blocks_for(need)} blocks, "
+                f"{self.allocator.num_free} of {self.allocator.num_blocks} free",
+            )
+        self.requests[request_id] = DecodeRequest(
+            request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks)
+        )
+        return ReserveResult(True)
+
+    # -- 2. arrival ---------------------------------------------------------------------------
+    def on_arrival(self, arrival: KVArrival) -> DecodeRequest | None:
+        """Mark the request as waiting for its KV; None if it is gone (cancelled or expired)."""
+        req = self.requests.get(arrival.request_id)
+        if req is None or req.status is not DecodeStatus.RESERVED:
+            return None
+        req.arrival = arrival
+        req.status = DecodeStatus.WAITING_FOR_KV
+        return req
+
+    # -- 3. landed ----------------------------------------------------------------------------
+    def on_kv_landed(self, request_id: str) -> DecodeRequest | None:
+        req = self.requests.get(request_id)
+        if req is None or req.status is not DecodeStatus.WAITING_FOR_KV or req.arrival is None:
+            return None
+        req.output_ids.append(req.arrival.first_token)
+        req.status = DecodeStatus.READY
+        self.ready.append(request_id)
+        return req
+
+    # -- 4. schedule --------------------------------------------------------------------------
+    def schedule(self) -> list[DecodeRequest]:
+        """The batch of this step: everything running, topped up from READY in arrival order."""
+        while self.ready and len(self.running) < self.max_batch_size:
+            rid = self.ready.popleft()
+            req = self.requests.get(rid)
+            if req is not None and req.status is DecodeStatus.READY:
+                req.status = DecodeStatus.RUNNING
+                self.running.append(rid)
+        return [self.requests[rid] for rid in self.running]
+
+    # -- 5. tokens ----------------------------------------------------------------------------
+    def on_tokens(self, batch: list[DecodeRequest], tokens: list[int]) -> list[DecodeEvent]:
+        events = []
+        for req, tok in zip(batch, tokens):
+            if req.status is not DecodeStatus.RUNNING:  # cancelled while the forward ran
+                continue
+            req.output_ids.append(tok)
+            self.tokens_generated += 1
+            reason = req.check_finished()
+            events.append(DecodeEvent(req.request_id, [tok], reason))
+            if reason is not None:
+                self._finish(req, reason)
+        return events
+
+    # -- ending -------------------------------------------------------------------------------
+    def cancel(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, FinishReason.CANCELLED)
+        return True
+
+    def expire(self, now: float | None = None) -> list[DecodeEvent]:
+        """End reservations whose prefill never reported back (router gone, prefill failed)."""
+        now = time.monotonic() if now is None else now
+        events = []
+        for req in list(self.requests.values()):
+            if req.status is DecodeStatus.RESERVED and now - req.created > self.reserve_timeout_s:
+                events.append(DecodeEvent(req.request_id, [], FinishReason.ERROR, "KV reservation expired"))
+                self._finish(req, FinishReason.ERROR)
+        return events
+
+    def fail(self, request_id: str, error: str) -> DecodeEvent | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, FinishReason.ERROR)
+        return DecodeEvent(request_id, [], FinishReason.ERROR, error)
+
+    def _finish(self, req: DecodeRequest, reason: FinishReason) -> None:
+        req.status = DecodeStatus.FINISHED
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+        if req.request_id in self.running:
+            self.running.remove(req.request_id)
+        if req.request_id in self.ready:
+            self.ready.remove(req.request_id)
+        self.allocator.free(req.request_id)
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.requests) - len(self.running)
+
+    def is_idle(self) -> bool:
+        return not self.requests and not self.running and not self.ready

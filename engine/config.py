@@ -1,0 +1,62 @@
+"""Config sections owned by the engine: which model, on which device, and the KV cache shape.
+
+Validated once at load (pydantic, frozen); cluster/config.py composes them from the YAML.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Frozen(BaseModel):
+    """Base for every config section: unknown keys are refused, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Frozen):
+    path: str = Field(
+        "default",
+        description="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (seeded random test model) "
+        "or a local Hugging Face Llama-family checkpoint directory.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and KV dtype (float32 is fastest on CPU)."
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the tensors live.")
+    max_model_len: int = Field(
+        2048, gt=0, description="Longest prompt + generation a request may have (tokens)."
+    )
+    seed: int = Field(0, description="Seed for the tiny test model's random weights.")
+
+
+class KVCacheConfig(Frozen):
+    block_size: int = Field(16, gt=0, le=1024, description="Tokens per KV block.")
+    num_blocks: int = Field(
+        512, gt=0, description="KV blocks per decode worker (the paged cache size)."
+    )
+
+
+class TransportConfig(Frozen):
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="KV handoff backend; auto = nccl for cuda, gloo for cpu."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Deadline for one KV transfer.")
+
+    def resolve(self, device: str) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if device == "cuda" else "gloo"
+
+
+class WorkerPlacement(Frozen):
+    """Where a role's Ray actors run: how many, and what each asks of the Ray cluster."""
+
+    replicas: int = Field(1, ge=1, le=256, description="Number of workers (actors) of this role.")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per worker.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per worker (1 per worker with device: cuda).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per worker, e.g. {prefill_node: 1}."
+    )
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per worker process.")

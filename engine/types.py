@@ -1,0 +1,91 @@
+"""Small typed messages shared by router, prefill and decode workers (pickled over Ray)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    decode_rank: int  # transport rank of the decode worker that reserved the KV
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    first_token: int
+    finished: FinishReason | None  # set when the first token already ends the request
+    queue_ms: float
+    prefill_ms: float
+    kv_bytes: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class KVArrival:
+    """Prefill → decode notice that the KV of `request_id` is on its way as transfer `seq`."""
+
+    request_id: str
+    src_rank: int
+    seq: int
+    num_tokens: int
+    first_token: int
+    sent_at: float  # time.time() on the prefill worker when the send was posted
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class DecodeEvent:
+    """What a decode step produced for one request; the router streams it to the client."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    kv_transfer_ms: float | None = None
+    kv_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    role: str  # "prefill" | "decode"
+    id: str
+    node: str
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prompt_tokens_computed: int
+    tokens_generated: int
+    extra: dict = field(default_factory=dict)

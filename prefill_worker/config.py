@@ -1,0 +1,15 @@
+"""The `prefill:` section of the YAML."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from engine.config import WorkerPlacement
+
+
+class PrefillConfig(WorkerPlacement):
+    max_batch_tokens: int = Field(
+        2048, ge=16, description="Token budget of one prefill forward (prompts are packed up to it)."
+    )
+    kv_blocks: int = Field(
+        256, ge=1, description="Scratch KV blocks on a prefill worker (the batch being computed)."
+    )

@@ -1,0 +1,240 @@
+"""The prefill worker. Runs as a Ray actor (cluster/), one per GPU (or CPU slot).
+
+A request here goes:
+  1. prefill()   the router hands over the tokenized prompt and the decode rank that reserved room
+  2. the loop packs waiting prompts into one forward under `max_batch_tokens`
+  3. samples each first token and answers the router at once (TTFT does not wait for the handoff)
+  4. copies the prompt's KV out of its scratch blocks (freed at once), posts the send to the decode
+     worker over the transport and tells that worker (kv_incoming) which transfer carries it
+  5. polls the sends to completion; a failed send is logged (the decode side fails the request)
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from engine.block_allocator import BlockAllocator
+from engine.config import ModelConfig, TransportConfig
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner, SeqInput
+from engine.sampler import sample
+from engine.transport import KVTransport, Transfer, TransferState, make_transport
+from engine.types import FinishReason, KVArrival, PrefillRequest, PrefillResult, WorkerStats
+from prefill_worker.config import PrefillConfig
+from prefill_worker.scheduler import PendingPrefill, PrefillScheduler
+
+log = logging.getLogger(__name__)
+BLOCK_SIZE = 16
+
+
+class DecodePeer(Protocol):
+    def kv_incoming(self, arrival: KVArrival) -> Any: ...
+
+
+@dataclass
+class _Waiter:
+    event: threading.Event
+    result: PrefillResult | None = None
+
+
+class PrefillWorker:
+    role = "prefill"
+
+    def __init__(
+        self, worker_id: str, model_cfg: ModelConfig, cfg: PrefillConfig, transport_cfg: TransportConfig,
+        node: str = "local",
+    ) -> None:
+        torch.set_num_threads(cfg.torch_threads)
+        self.worker_id, self.node = worker_id, node
+        self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
+        blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // BLOCK_SIZE))
+        self.runner = ModelRunner(load_model(model_cfg), blocks, BLOCK_SIZE)
+        self.allocator = BlockAllocator(blocks, BLOCK_SIZE)
+        self.scheduler = PrefillScheduler(cfg.max_batch_tokens)
+        self.peers: dict[int, DecodePeer] = {}
+        self.transport: KVTransport | None = None
+        self._seq: dict[int, int] = {}  # decode rank → next transfer seq
+        self._sends: list[tuple[str, Transfer]] = []
+        self._waiters: dict[str, _Waiter] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.prompt_tokens_computed = 0
+        self.kv_bytes_sent = 0
+        self.requests_done = 0
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def ready(self) -> str:
+        return self.worker_id
+
+    def init_transport(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+        backend = self.transport_cfg.resolve(self.model_cfg.device)
+        self.set_transport(
+            make_transport(backend, rank, world_size, master_addr, master_port, self.transport_cfg.timeout_s)
+        )
+
+    def set_transport(self, transport: KVTransport) -> None:
+        self.transport = transport
+        self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
+        self._thread.start()
+
+    def set_peers(self, peers: dict[int, DecodePeer]) -> None:
+        self.peers = dict(peers)
+
+    # -- called by the router ---------------------------------------------------------------------
+    def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
+        """Block until the first token is sampled (or the deadline passes)."""
+        if request.decode_rank not in self.peers:
+            return self._error(request, f"unknown decode rank {request.decode_rank}")
+        waiter = _Waiter(threading.Event())
+        pending = PendingPrefill(request)
+        with self._wake:
+            if request.request_id in self._waiters:
+                return self._error(request, "request_id already being prefilled")
+            self._waiters[request.request_id] = waiter
+            self.scheduler.add(pending)
+            self._wake.notify()
+        if not waiter.event.wait(timeout_s):
+            with self._lock:
+                pending.cancelled = True
+                self._waiters.pop(request.request_id, None)
+            return self._error(request, f"prefill did not finish within {timeout_s:.0f}s")
+        assert waiter.result is not None
+        return waiter.result
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            for p in self.scheduler.waiting:
+                if p.request.request_id == request_id:
+                    p.cancelled = True
+                    w = self._waiters.pop(request_id, None)
+                    if w is not None:
+                        w.result = self._error(p.request, "cancelled")
+                        w.event.set()
+                    return True
+        return False
+
+    def stats(self) -> WorkerStats:
+        with self._lock:
+            return WorkerStats(
+                self.role, self.worker_id, self.node, len(self._waiters), len(self.scheduler.waiting),
+                self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
+                self.requests_done,
+                {"kv_bytes_sent": self.kv_bytes_sent, "sends_pending": len(self._sends),
+                 "waiting_tokens": self.scheduler.waiting_tokens},
+            )
+
+    def check_idle(self) -> bool:
+        with self._lock:
+            self.allocator.check()
+            return not self.scheduler.waiting and not self._sends and self.allocator.num_used == 0
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _error(self, request: PrefillRequest, msg: str) -> PrefillResult:
+        return PrefillResult(request.request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, msg)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                if self._stop:
+                    return
+                if not self.scheduler.waiting:
+                    self._wake.wait(0.001 if self._sends else 0.05)
+                batch = self.scheduler.next_batch(self.allocator.can_allocate)
+            if batch:
+                try:
+                    self._run(batch)
+                except Exception as e:  # noqa: BLE001 — never leave a caller waiting
+                    log.exception("prefill batch failed")
+                    self._answer_all(batch, f"prefill failed: {type(e).__name__}: {e}")
+            self._poll_sends()
+
+    def _run(self, batch: list[PendingPrefill]) -> None:
+        t0 = time.monotonic()
+        for p in batch:
+            self.allocator.allocate(p.request.request_id, p.num_tokens)
+        try:
+            seqs = [SeqInput(p.request.token_ids, 0, self.allocator.table(p.request.request_id)) for p in batch]
+            logits = self.runner.forward(seqs)  # [B, V]
+            self.prompt_tokens_computed += sum(p.num_tokens for p in batch)
+            firsts = sample(logits, [p.request.sampling for p in batch], [p.num_tokens for p in batch])
+            prefill_ms = (time.monotonic() - t0) * 1000
+            kvs = []
+            for p, seq in zip(batch, seqs):
+                kvs.append(self.runner.gather_kv(seq.block_table, p.num_tokens))  # [L, 2, n, KVH, D]
+        finally:
+            for p in batch:
+                self.allocator.free(p.request.request_id)
+        for p, first, kv in zip(batch, firsts, kvs):
+            req = p.request
+            finished = _first_token_finishes(req, first)
+            nbytes = 0
+            if finished is None:
+                nbytes = self._hand_off(req, first, kv)
+            result = PrefillResult(
+                req.request_id, first, finished, (t0 - p.enqueued) * 1000, prefill_ms, nbytes
+            )
+            self._answer(req.request_id, result)
+            self.requests_done += 1
+
+    def _hand_off(self, req: PrefillRequest, first: int, kv: torch.Tensor) -> int:
+        assert self.transport is not None
+        dst = req.decode_rank
+        seq = self._seq.get(dst, 0)
+        self._seq[dst] = seq + 1
+        transfer = self.transport.send(dst, seq, kv)
+        self.peers[dst].kv_incoming(
+            KVArrival(req.request_id, self.transport.rank, seq, len(req.token_ids), first, time.time())
+        )
+        self._sends.append((req.request_id, transfer))
+        nbytes = kv.numel() * kv.element_size()
+        self.kv_bytes_sent += nbytes
+        return nbytes
+
+    def _poll_sends(self) -> None:
+        still = []
+        for rid, t in self._sends:
+            state = t.poll()
+            if state is TransferState.PENDING and t.age > self.transport_cfg.timeout_s:
+                t.fail("timed out")
+                state = TransferState.FAILED
+            if state is TransferState.FAILED:
+                log.error("KV send for %s failed: %s", rid, t.error)
+            elif state is TransferState.PENDING:
+                still.append((rid, t))
+        self._sends = still
+
+    def _answer(self, request_id: str, result: PrefillResult) -> None:
+        with self._lock:
+            w = self._waiters.pop(request_id, None)
+        if w is not None:
+            w.result = result
+            w.event.set()
+
+    def _answer_all(self, batch: list[PendingPrefill], error: str) -> None:
+        for p in batch:
+            self._answer(p.request.request_id, self._error(p.request, error))
+
+
+def _first_token_finishes(req: PrefillRequest, tok: int) -> FinishReason | None:
+    s = req.sampling
+    if tok in s.stop_token_ids or (not s.ignore_eos and tok in req.eos_token_ids):
+        return FinishReason.STOP
+    if s.max_tokens <= 1:
+        return FinishReason.LENGTH
+    return None
