@@ -14,10 +14,16 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from engine.config import ModelConfig
-from engine.tiny import tiny_model, tiny_tokenizer
+from engine.tiny import EOS_ID, tiny_model, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +111,19 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
             f"model.path: architecture {model.config.model_type!r} is not supported (llama, mistral, qwen2)"
         )
     return model.to(cfg.device).eval()
+
+
+def eos_token_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The tokens that end a generation: the tokenizer's EOS plus the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    path = resolve_path(cfg)
+    gen_eos = None
+    if path is not None and (path / "generation_config.json").exists():
+        gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+    elif path is None:
+        gen_eos = EOS_ID
+    for t in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
+        ids.add(int(t))
+    return tuple(sorted(ids))

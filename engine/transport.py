@@ -108,18 +108,29 @@ class FakeTransport(KVTransport):
 
 # -- torch.distributed (gloo | nccl) -------------------------------------------------------------
 class _DistWork:
+    """Completion of a torch.distributed p2p op, seen without blocking the caller.
+
+    gloo's send/recv Work never reports `is_completed()` before `wait()` and has no future, so a
+    daemon thread waits (bounded by the process group's timeout) and records the outcome.
+    """
+
     def __init__(self, work: Any) -> None:
-        self.work = work
+        self._state = TransferState.PENDING
+        self._error: str | None = None
+        threading.Thread(target=self._wait, args=(work,), daemon=True).start()
+
+    def _wait(self, work: Any) -> None:
+        try:
+            work.wait()
+            self._state = TransferState.DONE
+        except Exception as e:  # noqa: BLE001 — a failed collective reports any error type
+            self._error = f"{type(e).__name__}: {e}"
+            self._state = TransferState.FAILED
 
     def poll(self, t: Transfer) -> TransferState:
-        if not self.work.is_completed():
-            return TransferState.PENDING
-        try:
-            self.work.wait()
-        except Exception as e:  # noqa: BLE001 — a failed collective reports any error type
-            t.error = f"{type(e).__name__}: {e}"
-            return TransferState.FAILED
-        return TransferState.DONE
+        if self._state is TransferState.FAILED:
+            t.error = self._error
+        return self._state
 
 
 class TorchDistTransport(KVTransport):

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the versioned wire API (`make protos` regenerates them)."""

@@ -1,0 +1,1 @@
+"""The router: gRPC front door, validation, tokenizer, routing policy, token streaming."""

@@ -1,0 +1,236 @@
+"""One request's trip through the workers, from the router's side.
+
+  1. reserve KV room on a decode worker (most room first); none has room → ResourceExhausted
+  2. prefill on the least-loaded prefill worker; its answer is the first token (TTFT)
+  3. decode events arrive through one long-poll loop per decode worker, fanned out by request id
+  4. every wait has the request's deadline; on any exit that is not a clean finish the request is
+     cancelled on both workers so its KV comes back
+Workers are Ray actor handles (`handle.method.remote(...)` returns an awaitable); tests may pass
+anything with the same shape.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.types import DecodeEvent, FinishReason, PrefillRequest, WorkerStats
+from router.config import LimitsConfig
+from router.policy import LeastLoadedPolicy
+from router.validation import ValidRequest
+
+log = logging.getLogger(__name__)
+
+
+class ResourceExhausted(RuntimeError):
+    pass
+
+
+class WorkerFailure(RuntimeError):
+    pass
+
+
+class DeadlineExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class TokenChunk:
+    """What the router learned about a request since the last chunk."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeWorkerRef:
+    rank: int  # transport rank
+    handle: Any
+
+
+class Dispatcher:
+    def __init__(
+        self, prefills: list[Any], decodes: list[DecodeWorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig
+    ) -> None:
+        self.prefills, self.decodes = prefills, decodes
+        self.eos_token_ids = eos_token_ids
+        self.limits = limits
+        self.policy = LeastLoadedPolicy(len(prefills), len(decodes))
+        self.streams: dict[str, asyncio.Queue[DecodeEvent]] = {}
+        self.in_flight = 0
+        self._pollers: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # -- decode event pump --------------------------------------------------------------------
+    def start(self) -> None:
+        for d in self.decodes:
+            self._pollers.append(asyncio.create_task(self._poll(d)))
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._pollers:
+            t.cancel()
+        await asyncio.gather(*self._pollers, return_exceptions=True)
+
+    async def _poll(self, d: DecodeWorkerRef) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                events = await asyncio.wait_for(d.handle.poll.remote(0.25), timeout=30)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
+                failures += 1
+                log.error("polling decode rank %d failed (%d): %s", d.rank, failures, e)
+                await asyncio.sleep(min(1.0, 0.05 * failures))
+                continue
+            for ev in events:
+                q = self.streams.get(ev.request_id)
+                if q is not None:
+                    q.put_nowait(ev)
+
+    # -- one request ----------------------------------------------------------------------------
+    async def run(self, req: ValidRequest) -> AsyncIterator[TokenChunk]:
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            raise ResourceExhausted(
+                f"{self.in_flight} requests in flight (limits.max_concurrent_requests="
+                f"{self.limits.max_concurrent_requests}); retry later"
+            )
+        if req.request_id in self.streams:
+            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        t_accept = time.monotonic()
+        deadline = t_accept + self.limits.request_timeout_s
+        n_prompt = len(req.prompt_ids)
+        kv_tokens = n_prompt + req.sampling.max_tokens
+        self.in_flight += 1
+        queue: asyncio.Queue[DecodeEvent] = asyncio.Queue()
+        self.streams[req.request_id] = queue
+        d_idx: int | None = None
+        p_used: int | None = None
+        finished = False
+        try:
+            d_idx = await self._reserve(req, deadline)
+            self.policy.add(self.policy.decode[d_idx], kv_tokens)
+            p_idx = p_used = self.policy.pick_prefill()
+            self.policy.add(self.policy.prefill[p_idx], n_prompt)
+            preq = PrefillRequest(
+                req.request_id, req.prompt_ids, req.sampling, self.eos_token_ids, self.decodes[d_idx].rank
+            )
+            try:
+                res = await self._wait(
+                    self.prefills[p_idx].prefill.remote(preq, _remaining(deadline)), deadline, "prefill"
+                )
+            finally:
+                self.policy.remove(self.policy.prefill[p_idx], n_prompt)
+            if res.error is not None:
+                raise WorkerFailure(f"prefill worker: {res.error}")
+            t_first = time.monotonic()
+            timings = {"queue_ms": res.queue_ms, "prefill_ms": res.prefill_ms, "ttft_ms": (t_first - t_accept) * 1000}
+            if res.finished is not None:  # the first token ended it: nothing for decode to do
+                finished = True
+                await self._cancel_decode(d_idx, req.request_id)
+                yield TokenChunk([res.first_token], res.finished, _close(timings, t_first, t_accept))
+                return
+            yield TokenChunk([res.first_token], None, timings)
+            while True:
+                ev = await self._wait(queue.get(), deadline, "decode")
+                if ev.error is not None:
+                    finished = True  # the worker already dropped it
+                    raise WorkerFailure(f"decode worker: {ev.error}")
+                if ev.kv_transfer_ms is not None:
+                    timings["kv_transfer_ms"] = ev.kv_transfer_ms
+                    timings["kv_transfer_bytes"] = float(ev.kv_bytes or 0)
+                if ev.finish_reason is not None:
+                    finished = True
+                    yield TokenChunk(ev.token_ids, ev.finish_reason, _close(timings, t_first, t_accept))
+                    return
+                if ev.token_ids:
+                    yield TokenChunk(ev.token_ids)
+        finally:
+            self.streams.pop(req.request_id, None)
+            self.in_flight -= 1
+            if d_idx is not None:
+                self.policy.remove(self.policy.decode[d_idx], kv_tokens)
+                if not finished:  # client gone, deadline, stop string, error: free the KV everywhere
+                    await self._cancel_everywhere(d_idx, p_used, req.request_id)
+
+    async def _reserve(self, req: ValidRequest, deadline: float) -> int:
+        reasons = []
+        for i in self.policy.decode_order():
+            d = self.decodes[i]
+            try:
+                r = await self._wait(
+                    d.handle.reserve.remote(
+                        req.request_id, len(req.prompt_ids), req.sampling, self.eos_token_ids
+                    ),
+                    min(deadline, time.monotonic() + 10),
+                    "reserve",
+                )
+            except (DeadlineExceeded, WorkerFailure) as e:
+                reasons.append(f"decode rank {d.rank}: {e}")
+                continue
+            if r.ok:
+                return i
+            reasons.append(f"decode rank {d.rank}: {r.reason}")
+        raise ResourceExhausted("no decode worker has room: " + "; ".join(reasons))
+
+    async def _wait(self, awaitable: Any, deadline: float, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError as e:
+            raise DeadlineExceeded(f"{what} did not answer before the request deadline") from e
+        except asyncio.CancelledError:
+            raise
+        except (DeadlineExceeded, ResourceExhausted):
+            raise
+        except Exception as e:  # noqa: BLE001 — Ray raises RayActorError, RayTaskError, ...
+            raise WorkerFailure(f"{what} failed: {type(e).__name__}: {e}") from e
+
+    async def _cancel_decode(self, d_idx: int, rid: str) -> None:
+        try:
+            await asyncio.wait_for(self.decodes[d_idx].handle.cancel.remote(rid), timeout=5)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cancel %s on decode rank %d failed: %s", rid, self.decodes[d_idx].rank, e)
+
+    async def _cancel_everywhere(self, d_idx: int, p_idx: int | None, rid: str) -> None:
+        # shielded: this runs while the handler is being cancelled (client went away)
+        async def both() -> None:
+            await self._cancel_decode(d_idx, rid)
+            if p_idx is not None:
+                try:
+                    await asyncio.wait_for(self.prefills[p_idx].cancel.remote(rid), timeout=5)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("cancel %s on prefill %d failed: %s", rid, p_idx, e)
+
+        try:
+            await asyncio.shield(asyncio.ensure_future(both()))
+        except asyncio.CancelledError:
+            pass
+
+    # -- status ---------------------------------------------------------------------------------
+    async def stats(self) -> list[WorkerStats]:
+        handles = list(self.prefills) + [d.handle for d in self.decodes]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(h.stats.remote(), timeout=10) for h in handles), return_exceptions=True
+        )
+        out = []
+        for h, r in zip(handles, results):
+            if isinstance(r, BaseException):
+                log.warning("stats failed: %s", r)
+                continue
+            out.append(r)
+        return out
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.1, deadline - time.monotonic())
+
+
+def _close(timings: dict[str, float], t_first: float, t_accept: float) -> dict[str, float]:
+    now = time.monotonic()
+    return {**timings, "decode_ms": (now - t_first) * 1000, "total_ms": (now - t_accept) * 1000}

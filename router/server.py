@@ -1,0 +1,172 @@
+"""The gRPC front door: pdserve.v1.Generation + grpc.health.v1 + server reflection.
+
+Requests arrive as raw bytes so that bad UTF-8 is answered with INVALID_ARGUMENT naming the field
+(protobuf's own parser would only say "bad UTF-8"). Errors map to gRPC codes:
+  InvalidArgument → INVALID_ARGUMENT, ResourceExhausted → RESOURCE_EXHAUSTED,
+  DeadlineExceeded → DEADLINE_EXCEEDED, WorkerFailure → UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.types import FinishReason
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.config import LimitsConfig, ServerConfig
+from router.detokenizer import IncrementalDetokenizer, StopMatcher
+from router.dispatcher import DeadlineExceeded, Dispatcher, ResourceExhausted, TokenChunk, WorkerFailure
+from router.validation import InvalidArgument, ValidRequest, parse, validate
+
+log = logging.getLogger(__name__)
+SERVICE = "pdserve.v1.Generation"
+
+
+class GenerationService:
+    def __init__(self, dispatcher: Dispatcher, tokenizer: Any, limits: LimitsConfig, max_model_len: int) -> None:
+        self.dispatcher, self.tokenizer, self.limits, self.max_model_len = dispatcher, tokenizer, limits, max_model_len
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        req = await self._validate(raw, context)
+        resp = pb.GenerateResponse(request_id=req.request_id)
+        text: list[str] = []
+        async for msg in self._generate(req, context):
+            text.append(msg.text)
+            resp.token_ids.extend(msg.token_ids)
+            if msg.finish_reason:
+                resp.finish_reason, resp.stop_reason = msg.finish_reason, msg.stop_reason
+                resp.usage.CopyFrom(msg.usage)
+                resp.timings.CopyFrom(msg.timings)
+        resp.text = "".join(text)
+        return resp
+
+    async def GenerateStream(
+        self, raw: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        req = await self._validate(raw, context)
+        async for msg in self._generate(req, context):
+            yield msg
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        resp = pb.StatusResponse()
+        for s in await self.dispatcher.stats():
+            resp.workers.add(
+                role=s.role, id=s.id, node=s.node, running=s.running, waiting=s.waiting,
+                kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+                prompt_tokens_computed=s.prompt_tokens_computed, tokens_generated=s.tokens_generated,
+            )
+        return resp
+
+    # -- the shared path ---------------------------------------------------------------------------
+    async def _validate(self, raw: bytes, context: grpc.aio.ServicerContext) -> ValidRequest:
+        try:
+            return validate(parse(raw), self.tokenizer, self.limits, self.max_model_len)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise  # unreachable: abort raises
+
+    async def _generate(
+        self, req: ValidRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopMatcher(req.stop)
+        n_out = 0
+        try:
+            async with aclosing(self.dispatcher.run(req)) as chunks:
+                async for chunk in chunks:
+                    ids = list(chunk.token_ids)
+                    finish = chunk.finish_reason
+                    if finish is FinishReason.STOP and ids and ids[-1] in req.sampling.stop_token_ids:
+                        stop_reason = str(ids[-1])
+                    else:
+                        stop_reason = ""
+                    text = stops.add(detok.add(ids))
+                    if stops.matched is not None:  # ends here, whatever the workers are doing
+                        finish, stop_reason = FinishReason.STOP, stops.matched
+                    n_out += len(ids)
+                    if finish is None:
+                        if ids:
+                            yield pb.GenerateStreamResponse(request_id=req.request_id, text=text, token_ids=ids)
+                        continue
+                    if stops.matched is None:
+                        text += stops.add(detok.flush())
+                    text += stops.flush()
+                    yield self._last(req, text, ids, finish, stop_reason, n_out, chunk)
+                    return  # leaving the generator early cancels the request on the workers
+        except ResourceExhausted as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except DeadlineExceeded as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except WorkerFailure as e:
+            log.error("request %s failed: %s", req.request_id, e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+
+    def _last(
+        self, req: ValidRequest, text: str, ids: list[int], finish: FinishReason, stop_reason: str, n_out: int,
+        chunk: TokenChunk,
+    ) -> pb.GenerateStreamResponse:
+        t = chunk.timings
+        return pb.GenerateStreamResponse(
+            request_id=req.request_id, text=text, token_ids=ids, finish_reason=finish.value, stop_reason=stop_reason,
+            usage=pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=n_out),
+            timings=pb.Timings(
+                queue_ms=t.get("queue_ms", 0.0), prefill_ms=t.get("prefill_ms", 0.0),
+                kv_transfer_ms=t.get("kv_transfer_ms", 0.0), kv_transfer_bytes=int(t.get("kv_transfer_bytes", 0)),
+                ttft_ms=t.get("ttft_ms", 0.0), decode_ms=t.get("decode_ms", 0.0), total_ms=t.get("total_ms", 0.0),
+            ),
+        )
+
+
+def _handlers(svc: GenerationService) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                svc.Generate, request_deserializer=None, response_serializer=pb.GenerateResponse.SerializeToString
+            ),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                svc.GenerateStream, request_deserializer=None,
+                response_serializer=pb.GenerateStreamResponse.SerializeToString,
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                svc.Status, request_deserializer=pb.StatusRequest.FromString,
+                response_serializer=pb.StatusResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+class RouterServer:
+    """Owns the grpc.aio server and the dispatcher's pollers; start() returns the bound port."""
+
+    def __init__(self, svc: GenerationService, cfg: ServerConfig) -> None:
+        self.svc, self.cfg = svc, cfg
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server.add_generic_rpc_handlers((_handlers(svc),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if self.port == 0:
+            raise OSError(f"server.port: cannot listen on {self.cfg.host}:{self.cfg.port}")
+        self.svc.dispatcher.start()
+        await self.server.start()
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.cfg.grace_period_s)
+        await self.svc.dispatcher.close()

@@ -1,0 +1,182 @@
+"""Request validation: raw gRPC bytes → a ValidRequest, or InvalidArgument naming the field.
+
+Pure functions over the request, the tokenizer and the limits: testable without workers.
+"""
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from engine.types import SamplingParams
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.config import LimitsConfig
+
+ROLES = ("system", "user", "assistant", "tool")
+_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class InvalidArgument(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+
+
+def parse(raw: bytes) -> pb.GenerateRequest:
+    try:
+        return pb.GenerateRequest.FromString(raw)
+    except DecodeError as e:
+        field = _find_bad_utf8(raw) or "request"
+        raise InvalidArgument(field, "not valid UTF-8" if field != "request" else f"malformed: {e}") from e
+
+
+def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model_len: int) -> ValidRequest:  # type: ignore[no-untyped-def]
+    rid = req.request_id or uuid.uuid4().hex
+    if not _ID_RE.match(rid):
+        raise InvalidArgument("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
+    prompt_ids = _tokenize(req, tokenizer)
+    n = len(prompt_ids)
+    if n > limits.max_prompt_tokens:
+        raise InvalidArgument("prompt", f"{n} tokens exceeds limits.max_prompt_tokens={limits.max_prompt_tokens}")
+    if n >= max_model_len:
+        raise InvalidArgument("prompt", f"{n} tokens leaves no room in the model context of {max_model_len}")
+    if req.HasField("max_tokens"):
+        max_tokens = req.max_tokens
+        if max_tokens <= 0:
+            raise InvalidArgument("max_tokens", f"must be > 0, got {max_tokens}")
+        if max_tokens > limits.max_new_tokens:
+            raise InvalidArgument("max_tokens", f"{max_tokens} exceeds limits.max_new_tokens={limits.max_new_tokens}")
+        if n + max_tokens > max_model_len:
+            raise InvalidArgument(
+                "max_tokens", f"prompt ({n}) + max_tokens ({max_tokens}) exceeds the model context of {max_model_len}"
+            )
+    else:
+        max_tokens = min(limits.default_max_tokens, max_model_len - n)
+    temperature = req.temperature if req.HasField("temperature") else 0.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument("temperature", f"must be >= 0, got {temperature}")
+    top_p = req.top_p if req.HasField("top_p") else 1.0
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
+    top_k = req.top_k if req.HasField("top_k") else 0
+    if top_k < 0:
+        raise InvalidArgument("top_k", f"must be >= 0 (0 = off), got {top_k}")
+    if len(req.stop) > limits.max_stop_strings:
+        raise InvalidArgument("stop", f"at most {limits.max_stop_strings} stop strings, got {len(req.stop)}")
+    for i, s in enumerate(req.stop):
+        if not s:
+            raise InvalidArgument(f"stop[{i}]", "must not be empty")
+    vocab = len(tokenizer)
+    for i, t in enumerate(req.stop_token_ids):
+        if t >= vocab:
+            raise InvalidArgument(f"stop_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=req.seed if req.HasField("seed") else None,
+        max_tokens=max_tokens,
+        ignore_eos=req.ignore_eos,
+        stop_token_ids=tuple(req.stop_token_ids),
+    )
+    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop))
+
+
+def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
+    if req.prompt and req.messages:
+        raise InvalidArgument("prompt", "give either prompt or messages, not both")
+    if req.messages:
+        msgs = []
+        for i, m in enumerate(req.messages):
+            if m.role not in ROLES:
+                raise InvalidArgument(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(ROLES)}")
+            msgs.append({"role": m.role, "content": m.content})
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise InvalidArgument("messages", "this model has no chat template; send a raw prompt")
+        enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = enc["input_ids"] if not isinstance(enc, list) else enc
+        return list(ids)
+    if not req.prompt:
+        raise InvalidArgument("prompt", "must not be empty (or give messages)")
+    ids = tokenizer(req.prompt)["input_ids"]
+    if not ids:
+        raise InvalidArgument("prompt", "tokenizes to zero tokens")
+    return list(ids)
+
+
+# -- locating bad UTF-8 in the raw wire bytes (protobuf only says "bad UTF-8") -------------------
+_STRING_FIELDS = {1: "request_id", 2: "prompt", 9: "stop"}
+_MESSAGE_FIELDS = {3: "messages"}
+_CHAT_FIELDS = {1: "role", 2: "content"}
+
+
+def _find_bad_utf8(raw: bytes) -> str | None:
+    counts: dict[int, int] = {}
+    for num, payload in _length_delimited(raw):
+        idx = counts.get(num, 0)
+        counts[num] = idx + 1
+        if num in _STRING_FIELDS and not _is_utf8(payload):
+            name = _STRING_FIELDS[num]
+            return f"{name}[{idx}]" if num == 9 else name
+        if num in _MESSAGE_FIELDS:
+            for sub, sub_payload in _length_delimited(payload):
+                if sub in _CHAT_FIELDS and not _is_utf8(sub_payload):
+                    return f"messages[{idx}].{_CHAT_FIELDS[sub]}"
+    return None
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _length_delimited(buf: bytes):  # type: ignore[no-untyped-def]
+    """Yield (field number, payload) of every length-delimited field; stop at anything malformed."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        if key is None:
+            return
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            length, i = _varint(buf, i)
+            if length is None or i + length > len(buf):
+                return
+            yield num, buf[i : i + length]
+            i += length
+        else:
+            return
+        if i is None:
+            return
+
+
+def _varint(buf: bytes, i: int) -> tuple[int | None, int]:
+    shift = result = 0
+    while i < len(buf):
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+    return None, i
