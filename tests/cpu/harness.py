@@ -1,0 +1,111 @@
+"""Shared test machinery: a pdserve cluster + router on a background event loop, HF references."""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from functools import lru_cache
+from typing import Any
+
+import grpc
+import torch
+
+from cluster.config import PDServeConfig, parse_config
+from cluster.launcher import Cluster
+from engine.tiny import tiny_model, tiny_tokenizer
+from protos.pdserve.v1 import generation_pb2 as pb
+from protos.pdserve.v1 import generation_pb2_grpc as pbg
+
+WORDS = (
+    "the a GPU cache token prefill decode batch router worker block tensor stream fast slow river "
+    "mountain cloud seven quiet paper light engine model serve latency throughput memory page"
+).split()
+
+
+def tiny_config(**sections: dict[str, Any]) -> PDServeConfig:
+    data: dict[str, Any] = {
+        "model": {"path": "tiny", "max_model_len": 2048},
+        "server": {"port": 0},
+        "prefill": {"num_cpus": 0.5},
+        "decode": {"num_cpus": 0.5},
+        "kv_cache": {"num_blocks": 1024, "block_size": 16},
+        "limits": {"max_prompt_tokens": 1536, "request_timeout_s": 60},
+        "transport": {"timeout_s": 30},
+    }
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return parse_config(data)
+
+
+class RunningServer:
+    """Cluster.start() + the router on its own thread's event loop; `address` is HOST:PORT."""
+
+    def __init__(self, cfg: PDServeConfig) -> None:
+        self.cfg = cfg
+        self.cluster = Cluster(cfg)
+        self.cluster.start()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = self.cluster.make_router()
+        port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
+        self.address = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pbg.GenerationStub(self.channel)
+
+    def generate(self, timeout: float = 60, **fields: Any) -> pb.GenerateResponse:
+        return self.stub.Generate(pb.GenerateRequest(**fields), timeout=timeout)
+
+    def status(self) -> list[pb.WorkerStatus]:
+        return list(self.stub.Status(pb.StatusRequest(), timeout=30).workers)
+
+    def all_idle(self) -> bool:
+        import ray
+
+        return all(ray.get([w.check_idle.remote() for w in self.cluster.prefills + self.cluster.decodes], timeout=30))
+
+    def stop(self) -> None:
+        self.channel.close()
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.cluster.stop()
+
+
+def wait_until(pred: Any, timeout: float = 15.0, interval: float = 0.05) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+def prompts(n: int, seed: int = 0, min_words: int = 1, max_words: int = 70) -> list[str]:
+    """Text prompts of 1 to 300+ tokens (the tiny tokenizer is one token per byte)."""
+    rng = random.Random(seed)
+    out = ["Hi", "a"]
+    while len(out) < n:
+        k = rng.randint(min_words, max_words)
+        out.append(" ".join(rng.choice(WORDS) for _ in range(k)))
+    out[-1] = " ".join(WORDS * 2)  # ~370 tokens
+    return out
+
+
+@lru_cache(maxsize=1)
+def _tiny() -> tuple[Any, Any]:
+    return tiny_model(), tiny_tokenizer()
+
+
+def hf_greedy(prompt: str, max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """Hugging Face generate(do_sample=False) on the tiny model: the oracle."""
+    model, tok = _tiny()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+            eos_token_id=None if ignore_eos else model.generation_config.eos_token_id,
+        )
+    return out[0, ids.shape[1]:].tolist()

@@ -1,0 +1,204 @@
+"""End to end on a local Ray: gRPC router → prefill actor → gloo KV handoff → decode actor (tiny model)."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import grpc
+import pytest
+import ray
+
+from cluster.cli import main as cli_main
+from protos.pdserve.v1 import generation_pb2 as pb
+from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def server():
+    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-test")
+    srv = RunningServer(tiny_config())
+    yield srv
+    srv.stop()
+    ray.shutdown()
+
+
+def test_greedy_equals_hf_generate_for_22_prompts(server: RunningServer) -> None:
+    ps = prompts(22, seed=1)
+    lengths = []
+    for p in ps:
+        resp = server.generate(prompt=p, max_tokens=MAX_NEW)
+        assert list(resp.token_ids) == hf_greedy(p, MAX_NEW), p
+        assert resp.usage.completion_tokens == len(resp.token_ids)
+        assert resp.finish_reason in ("length", "stop")
+        lengths.append(resp.usage.prompt_tokens)
+    assert min(lengths) == 1 and max(lengths) > 300
+
+
+def test_sixteen_in_flight_each_equal_to_its_solo_run(server: RunningServer) -> None:
+    ps = prompts(20, seed=2)
+    solo = {p: list(server.generate(prompt=p, max_tokens=40, ignore_eos=True).token_ids) for p in ps}
+    with cf.ThreadPoolExecutor(len(ps)) as ex:
+        futs = {p: ex.submit(server.generate, prompt=p, max_tokens=40, ignore_eos=True) for p in ps}
+        got = {p: list(f.result().token_ids) for p, f in futs.items()}
+    assert got == solo
+    assert solo[ps[3]] == hf_greedy(ps[3], 40, ignore_eos=True)
+
+
+def test_decode_never_recomputes_the_prompt(server: RunningServer) -> None:
+    server.generate(prompt="count the prompt tokens", max_tokens=8)
+    decode = [w for w in server.status() if w.role == "decode"]
+    prefill = [w for w in server.status() if w.role == "prefill"]
+    assert decode and all(w.prompt_tokens_computed == 0 for w in decode)
+    assert sum(w.prompt_tokens_computed for w in prefill) > 0
+    assert sum(w.tokens_generated for w in decode) > 0
+
+
+def test_stream_yields_before_the_end_and_matches_unary(server: RunningServer) -> None:
+    req = pb.GenerateRequest(prompt="stream me", max_tokens=600, ignore_eos=True)
+    unary = server.stub.Generate(req, timeout=60)
+    stream = server.stub.GenerateStream(req, timeout=60)
+    first = next(stream)
+    # the first message is here while the decode worker is still generating this request
+    running_then = sum(w.running + w.waiting for w in server.status() if w.role == "decode")
+    rest = list(stream)
+    assert running_then >= 1
+    msgs = [first] + rest
+    assert len(msgs) > 10
+    assert [t for m in msgs for t in m.token_ids] == list(unary.token_ids)
+    assert "".join(m.text for m in msgs) == unary.text
+    assert msgs[-1].finish_reason == "length" and all(not m.finish_reason for m in msgs[:-1])
+    assert msgs[-1].usage.completion_tokens == 600
+
+
+def test_timings_and_kv_bytes_are_reported(server: RunningServer) -> None:
+    resp = server.generate(prompt="x" * 100, max_tokens=5, ignore_eos=True)
+    t = resp.timings
+    assert 0 < t.ttft_ms <= t.total_ms
+    assert t.prefill_ms > 0 and t.kv_transfer_ms > 0
+    # tiny model: 2 layers x (k, v) x 2 kv heads x 16 dims x 4 bytes = 512 bytes per prompt token
+    assert t.kv_transfer_bytes == 100 * 512
+
+
+def test_chat_messages_use_the_chat_template(server: RunningServer) -> None:
+    from engine.tiny import tiny_tokenizer
+
+    msgs = [pb.ChatMessage(role="system", content="be brief"), pb.ChatMessage(role="user", content="hi")]
+    resp = server.generate(messages=msgs, max_tokens=4)
+    expected = tiny_tokenizer().apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        add_generation_prompt=True, tokenize=True,
+    )["input_ids"]
+    assert resp.usage.prompt_tokens == len(expected)
+
+
+def test_stop_string_and_stop_token(server: RunningServer) -> None:
+    full = server.generate(prompt="a stop test", max_tokens=30, ignore_eos=True)
+    target = full.text[5:8]
+    cut = server.generate(prompt="a stop test", max_tokens=30, ignore_eos=True, stop=[target])
+    assert cut.finish_reason == "stop" and cut.stop_reason == target
+    assert cut.text == full.text[: full.text.find(target)]
+    tok = full.token_ids[6]
+    by_id = server.generate(prompt="a stop test", max_tokens=30, ignore_eos=True, stop_token_ids=[tok])
+    assert by_id.finish_reason == "stop"
+    assert list(by_id.token_ids) == list(full.token_ids[: list(full.token_ids).index(tok) + 1])
+    assert wait_until(server.all_idle)
+
+
+def test_seeded_sampling_is_reproducible(server: RunningServer) -> None:
+    kw = dict(prompt="sample me", max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    a = server.generate(**kw)
+    b = server.generate(**kw)
+    c = server.generate(**{**kw, "seed": 8})
+    assert list(a.token_ids) == list(b.token_ids)
+    assert list(a.token_ids) != list(c.token_ids)
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="hi", max_tokens=0), "max_tokens"),
+        (dict(prompt="hi", max_tokens=-3), "max_tokens"),
+        (dict(prompt="hi", max_tokens=5000), "max_tokens"),
+        (dict(prompt="hi", temperature=-0.5), "temperature"),
+        (dict(prompt="hi", top_p=0.0), "top_p"),
+        (dict(prompt="hi", top_p=1.5), "top_p"),
+        (dict(prompt="hi", top_k=-1), "top_k"),
+        (dict(prompt="x" * 1600), "prompt"),
+        (dict(messages=[pb.ChatMessage(role="wizard", content="hi")]), "messages[0].role"),
+        (dict(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "prompt"),
+        (dict(prompt="hi", stop=[""]), "stop[0]"),
+        (dict(prompt="hi", request_id="bad id with spaces"), "request_id"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(server: RunningServer, fields: dict, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        server.generate(**fields)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(field + ":"), e.value.details()
+
+
+def test_non_utf8_stop_string_is_invalid_argument(server: RunningServer) -> None:
+    raw = pb.GenerateRequest(prompt="hi", stop=["ok", "zz"]).SerializeToString().replace(b"zz", b"\xff\xfe")
+    call = server.channel.unary_unary("/pdserve.v1.Generation/Generate")
+    with pytest.raises(grpc.RpcError) as e:
+        call(raw, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("stop[1]:")
+
+
+def test_client_cancel_frees_kv_on_every_worker(server: RunningServer) -> None:
+    stream = server.stub.GenerateStream(
+        pb.GenerateRequest(prompt="cancel me", max_tokens=1000, ignore_eos=True), timeout=60
+    )
+    next(stream)
+    next(stream)
+    assert any(w.kv_blocks_used > 0 for w in server.status() if w.role == "decode")
+    stream.cancel()
+    assert wait_until(server.all_idle, timeout=15)
+
+
+def test_deadline_cancels_and_frees_kv(server: RunningServer) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        server.generate(prompt="slow", max_tokens=1000, ignore_eos=True, timeout=0.3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(server.all_idle, timeout=15)
+
+
+def test_status_cli_json(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["status", "--address", server.address, "--json"]) == 0
+    workers = json.loads(capsys.readouterr().out)["workers"]
+    assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
+    for w in workers:
+        for key in ("id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total",
+                    "prompt_tokens_computed", "tokens_generated"):
+            assert key in w
+    assert next(w for w in workers if w["role"] == "decode")["kv_blocks_total"] == 1024
+
+
+def test_generate_cli(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["generate", "hello", "--raw", "--max-tokens", "5", "--address", server.address, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] in ("length", "stop") and len(out["token_ids"]) <= 5
+
+
+def test_health_and_reflection(server: RunningServer) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    h = health_pb2_grpc.HealthStub(server.channel)
+    assert h.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"), timeout=5).status == 1
+    r = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    resp = next(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    names = {s.name for s in resp.list_services_response.service}
+    assert "pdserve.v1.Generation" in names
+
+
+def test_everything_is_free_after_the_workload(server: RunningServer) -> None:
+    assert wait_until(server.all_idle, timeout=15)
+    for w in server.status():
+        assert w.kv_blocks_used == 0 and w.running == 0 and w.waiting == 0
+    time.sleep(0)
