@@ -1,0 +1,102 @@
+"""Decode scheduler lifecycles with fake token outputs (no model): each ends empty with no leak."""
+from __future__ import annotations
+
+from decode_worker.request import DecodeStatus
+from decode_worker.scheduler import DecodeScheduler
+from engine.block_allocator import BlockAllocator
+from engine.types import FinishReason, KVArrival, SamplingParams
+
+EOS = 2
+
+
+def _sched(blocks: int = 32, batch: int = 4) -> DecodeScheduler:
+    return DecodeScheduler(BlockAllocator(blocks, 4), batch, reserve_timeout_s=10)
+
+
+def _arrive(s: DecodeScheduler, rid: str, first: int = 7, seq: int = 0) -> None:
+    assert s.on_arrival(KVArrival(rid, 0, seq, 5, first, 0.0)) is not None
+    assert s.on_kv_landed(rid) is not None
+
+
+def _empty(s: DecodeScheduler) -> None:
+    s.allocator.check()
+    assert s.is_idle() and s.allocator.num_used == 0
+
+
+def test_join_run_finish_by_length_and_eos() -> None:
+    s = _sched()
+    assert s.reserve("a", 5, SamplingParams(max_tokens=3), (EOS,)).ok
+    assert s.reserve("b", 5, SamplingParams(max_tokens=10), (EOS,)).ok
+    _arrive(s, "a")
+    batch = s.schedule()
+    assert [r.request_id for r in batch] == ["a"]
+    ev = s.on_tokens(batch, [8])
+    assert ev[0].finish_reason is None
+    _arrive(s, "b", seq=1)  # joins the running batch mid-flight
+    batch = s.schedule()
+    assert [r.request_id for r in batch] == ["a", "b"]
+    ev = s.on_tokens(batch, [9, EOS])
+    assert [e.finish_reason for e in ev] == [FinishReason.LENGTH, FinishReason.STOP]
+    assert s.schedule() == []
+    _empty(s)
+
+
+def test_ignore_eos_and_stop_token_ids() -> None:
+    s = _sched()
+    s.reserve("a", 5, SamplingParams(max_tokens=5, ignore_eos=True, stop_token_ids=(42,)), (EOS,))
+    _arrive(s, "a")
+    assert s.on_tokens(s.schedule(), [EOS])[0].finish_reason is None
+    assert s.on_tokens(s.schedule(), [42])[0].finish_reason is FinishReason.STOP
+    _empty(s)
+
+
+def test_cancel_in_every_state_frees_blocks() -> None:
+    s = _sched()
+    for rid in ("reserved", "waiting", "ready", "running"):
+        assert s.reserve(rid, 5, SamplingParams(max_tokens=8), (EOS,)).ok
+    s.on_arrival(KVArrival("waiting", 0, 0, 5, 7, 0.0))
+    _arrive(s, "running", seq=1)
+    s.schedule()
+    _arrive(s, "ready", seq=2)
+    assert s.requests["ready"].status is DecodeStatus.READY
+    assert s.requests["running"].status is DecodeStatus.RUNNING
+    batch = s.schedule()
+    for rid in ("reserved", "waiting", "ready", "running"):
+        assert s.cancel(rid)
+    assert s.on_tokens(batch, [1] * len(batch)) == []  # tokens of cancelled requests are dropped
+    assert not s.cancel("running")  # second cancel is a no-op
+    _empty(s)
+
+
+def test_kv_arriving_after_cancel_is_ignored() -> None:
+    s = _sched()
+    s.reserve("a", 5, SamplingParams(max_tokens=8), (EOS,))
+    s.cancel("a")
+    assert s.on_arrival(KVArrival("a", 0, 0, 5, 7, 0.0)) is None
+    assert s.on_kv_landed("a") is None
+    _empty(s)
+
+
+def test_reservation_refused_when_full_and_expired_when_abandoned() -> None:
+    s = _sched(blocks=4)  # 16 tokens
+    assert s.reserve("a", 5, SamplingParams(max_tokens=8), (EOS,)).ok
+    r = s.reserve("b", 5, SamplingParams(max_tokens=8), (EOS,))
+    assert not r.ok and "KV cache full" in r.reason
+    assert not s.reserve("a", 1, SamplingParams(max_tokens=1), (EOS,)).ok  # duplicate id
+    ev = s.expire(now=s.requests["a"].created + 11)
+    assert [e.finish_reason for e in ev] == [FinishReason.ERROR]
+    _empty(s)
+
+
+def test_batch_is_capped_and_ready_requests_queue() -> None:
+    s = _sched(blocks=64, batch=2)
+    for i in range(4):
+        s.reserve(f"r{i}", 2, SamplingParams(max_tokens=2), (EOS,))
+        _arrive(s, f"r{i}", seq=i)
+    batch = s.schedule()
+    assert [r.request_id for r in batch] == ["r0", "r1"]
+    s.on_tokens(batch, [5, 5])  # both finish (max_tokens=2 with the first token)
+    batch = s.schedule()
+    assert [r.request_id for r in batch] == ["r2", "r3"]
+    s.on_tokens(batch, [5, 5])
+    _empty(s)

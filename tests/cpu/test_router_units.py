@@ -1,0 +1,110 @@
+"""Router pieces without workers: validation, UTF-8 field finding, detokenizer, stop strings, policy."""
+from __future__ import annotations
+
+import pytest
+
+from engine.tiny import tiny_tokenizer
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.config import LimitsConfig
+from router.detokenizer import IncrementalDetokenizer, StopMatcher
+from router.policy import LeastLoadedPolicy
+from router.validation import InvalidArgument, parse, validate
+
+TOK = tiny_tokenizer()
+LIMITS = LimitsConfig(max_prompt_tokens=100, max_new_tokens=50, default_max_tokens=20)
+
+
+def _v(**kw):  # type: ignore[no-untyped-def]
+    return validate(pb.GenerateRequest(**kw), TOK, LIMITS, max_model_len=120)
+
+
+def test_valid_request_defaults() -> None:
+    r = _v(prompt="hello")
+    assert r.prompt_ids == TOK("hello")["input_ids"]
+    assert r.sampling.max_tokens == 20 and r.sampling.greedy and r.sampling.top_p == 1.0
+    assert len(r.request_id) == 32
+    assert _v(prompt="x" * 95).sampling.max_tokens == 20
+    short_ctx = validate(pb.GenerateRequest(prompt="x" * 95), TOK, LIMITS, max_model_len=105)
+    assert short_ctx.sampling.max_tokens == 10  # default clipped to the context left
+
+
+def test_given_request_id_is_kept() -> None:
+    assert _v(prompt="hi", request_id="job-7:a").request_id == "job-7:a"
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(prompt="x" * 101), "prompt"),
+        (dict(prompt="x" * 90, max_tokens=40), "max_tokens"),
+        (dict(prompt="hi", max_tokens=51), "max_tokens"),
+        (dict(prompt="hi", temperature=float("nan")), "temperature"),
+        (dict(prompt="hi", stop_token_ids=[100000]), "stop_token_ids[0]"),
+        (dict(prompt="hi", stop=["a"] * 17), "stop"),
+        (dict(messages=[pb.ChatMessage(role="user", content="a"), pb.ChatMessage(role="bot", content="b")]),
+         "messages[1].role"),
+    ],
+)
+def test_invalid_names_field(kw: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        _v(**kw)
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize(
+    "msg, field",
+    [
+        (pb.GenerateRequest(prompt="zz"), "prompt"),
+        (pb.GenerateRequest(prompt="ok", request_id="zz"), "request_id"),
+        (pb.GenerateRequest(prompt="ok", stop=["a", "b", "zz"]), "stop[2]"),
+        (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="ok"),
+                                      pb.ChatMessage(role="user", content="zz")]), "messages[1].content"),
+    ],
+)
+def test_bad_utf8_is_located(msg: pb.GenerateRequest, field: str) -> None:
+    raw = msg.SerializeToString().replace(b"zz", b"\xc3\x28")
+    with pytest.raises(InvalidArgument) as e:
+        parse(raw)
+    assert e.value.field == field
+
+
+def test_garbage_bytes_are_invalid_not_a_crash() -> None:
+    with pytest.raises(InvalidArgument):
+        parse(b"\xff\xff\xff\xff")
+
+
+def test_incremental_detokenizer_equals_full_decode_on_multibyte_text() -> None:
+    text = "naïve café — 東京 ✓ done"
+    ids = TOK(text)["input_ids"]
+    d = IncrementalDetokenizer(TOK)
+    pieces = [d.add([i]) for i in ids] + [d.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)  # never half a character
+
+
+def test_stop_string_split_across_deltas() -> None:
+    m = StopMatcher(("STOP",))
+    out = m.add("hello S") + m.add("TO") + m.add("P and more")
+    assert m.matched == "STOP" and out + m.flush() == "hello "
+
+
+def test_stop_matcher_releases_all_text_without_a_match() -> None:
+    m = StopMatcher(("xyz",))
+    out = m.add("abc") + m.add("xy") + m.add("w")
+    assert m.matched is None and out + m.flush() == "abcxyw"
+
+
+def test_earliest_stop_string_wins() -> None:
+    m = StopMatcher(("bb", "a"))
+    assert m.add("xxbba") == "xxbb"[:2] and m.matched == "bb"
+
+
+def test_policy_prefers_least_loaded() -> None:
+    p = LeastLoadedPolicy(num_prefill=2, num_decode=3)
+    p.add(p.decode[0], 100)
+    p.add(p.decode[2], 10)
+    assert p.decode_order() == [1, 2, 0]
+    p.add(p.prefill[0], 500)
+    assert p.pick_prefill() == 1
+    p.remove(p.prefill[0], 500)
+    assert p.pick_prefill() == 0
