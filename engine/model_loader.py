@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from transformers.utils import logging as hf_logging
+
 from engine.config import ModelConfig
 from engine.tiny import EOS_ID, tiny_model, tiny_tokenizer
 
@@ -98,6 +100,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    hf_logging.disable_progress_bar()  # worker logs: one line per event, not progress bars
     dtype = getattr(torch, cfg.dtype)
     path = resolve_path(cfg)
     if path is None:
