@@ -1,20 +1,15 @@
 """Shared test machinery: a pdserve cluster + router on a background event loop, HF references."""
 from __future__ import annotations
 
-import asyncio
 import random
-import threading
 from functools import lru_cache
 from typing import Any
 
-import grpc
 import torch
 
+from cluster.background import BackgroundServer
 from cluster.config import PDServeConfig, parse_config
-from cluster.launcher import Cluster
 from engine.tiny import tiny_model, tiny_tokenizer
-from protos.pdserve.v1 import generation_pb2 as pb
-from protos.pdserve.v1 import generation_pb2_grpc as pbg
 
 WORDS = (
     "the a GPU cache token prefill decode batch router worker block tensor stream fast slow river "
@@ -37,39 +32,7 @@ def tiny_config(**sections: dict[str, Any]) -> PDServeConfig:
     return parse_config(data)
 
 
-class RunningServer:
-    """Cluster.start() + the router on its own thread's event loop; `address` is HOST:PORT."""
-
-    def __init__(self, cfg: PDServeConfig) -> None:
-        self.cfg = cfg
-        self.cluster = Cluster(cfg)
-        self.cluster.start()
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.server = self.cluster.make_router()
-        port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
-        self.address = f"127.0.0.1:{port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pbg.GenerationStub(self.channel)
-
-    def generate(self, timeout: float = 60, **fields: Any) -> pb.GenerateResponse:
-        return self.stub.Generate(pb.GenerateRequest(**fields), timeout=timeout)
-
-    def status(self) -> list[pb.WorkerStatus]:
-        return list(self.stub.Status(pb.StatusRequest(), timeout=30).workers)
-
-    def all_idle(self) -> bool:
-        import ray
-
-        return all(ray.get([w.check_idle.remote() for w in self.cluster.prefills + self.cluster.decodes], timeout=30))
-
-    def stop(self) -> None:
-        self.channel.close()
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.cluster.stop()
+RunningServer = BackgroundServer
 
 
 def wait_until(pred: Any, timeout: float = 15.0, interval: float = 0.05) -> bool:

@@ -33,7 +33,7 @@ def pair():
     pw.set_peers({1: dw})
     events = Events(dw)
     yield pw, dw, hub, events
-    events.stop = True
+    events.close()
     pw.shutdown()
     dw.shutdown()
 
@@ -43,7 +43,12 @@ class Events:
 
     def __init__(self, dw: DecodeWorker) -> None:
         self.dw, self.by_id, self.cv, self.stop = dw, defaultdict(list), threading.Condition(), False
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(5)  # a daemon thread alive at interpreter exit aborts the process
 
     def _pump(self) -> None:
         while not self.stop:
