@@ -10,6 +10,9 @@ class PrefillConfig(WorkerPlacement):
     max_batch_tokens: int = Field(
         2048, ge=16, description="Token budget of one prefill forward (prompts are packed up to it)."
     )
+    chunk_tokens: int = Field(
+        512, ge=16, description="Prompts longer than this are prefilled in chunks of this size."
+    )
     kv_blocks: int = Field(
         256, ge=1, description="Scratch KV blocks on a prefill worker (the batch being computed)."
     )

@@ -2,8 +2,9 @@
 
 A request here goes:
   1. prefill()   the router hands over the tokenized prompt and the decode rank that reserved room
-  2. the loop packs waiting prompts into one forward under `max_batch_tokens`
-  3. samples each first token and answers the router at once (TTFT does not wait for the handoff)
+  2. the loop packs waiting prompts into one forward under `max_batch_tokens`; prompts longer
+     than `chunk_tokens` go one chunk per step (their scratch KV grows chunk by chunk)
+  3. once a prompt's last chunk is computed, samples its first token and answers the router at once (TTFT does not wait for the handoff)
   4. copies the prompt's KV out of its scratch blocks (freed at once), posts the send to the decode
      worker over the transport and tells that worker (kv_incoming) which transfer carries it
   5. polls the sends to completion; a failed send is logged (the decode side fails the request)
@@ -26,7 +27,7 @@ from engine.sampler import sample
 from engine.transport import KVTransport, Transfer, TransferState, make_transport
 from engine.types import FinishReason, KVArrival, PrefillRequest, PrefillResult, WorkerStats
 from prefill_worker.config import PrefillConfig
-from prefill_worker.scheduler import PendingPrefill, PrefillScheduler
+from prefill_worker.scheduler import Chunk, PendingPrefill, PrefillScheduler
 
 log = logging.getLogger(__name__)
 BLOCK_SIZE = 16
@@ -55,7 +56,7 @@ class PrefillWorker:
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // BLOCK_SIZE))
         self.runner = ModelRunner(load_model(model_cfg), blocks, BLOCK_SIZE)
         self.allocator = BlockAllocator(blocks, BLOCK_SIZE)
-        self.scheduler = PrefillScheduler(cfg.max_batch_tokens)
+        self.scheduler = PrefillScheduler(cfg.max_batch_tokens, cfg.chunk_tokens)
         self.peers: dict[int, DecodePeer] = {}
         self.transport: KVTransport | None = None
         self._seq: dict[int, int] = {}  # decode rank → next transfer seq
@@ -109,14 +110,15 @@ class PrefillWorker:
         return waiter.result
 
     def cancel(self, request_id: str) -> bool:
-        with self._lock:
-            for p in self.scheduler.waiting:
+        with self._wake:
+            for p in [*self.scheduler.waiting, *self.scheduler.in_progress]:
                 if p.request.request_id == request_id:
                     p.cancelled = True
                     w = self._waiters.pop(request_id, None)
                     if w is not None:
                         w.result = self._error(p.request, "cancelled")
                         w.event.set()
+                    self._wake.notify()
                     return True
         return False
 
@@ -133,7 +135,7 @@ class PrefillWorker:
     def check_idle(self) -> bool:
         with self._lock:
             self.allocator.check()
-            return not self.scheduler.waiting and not self._sends and self.allocator.num_used == 0
+            return not self.scheduler.has_work() and not self._sends and self.allocator.num_used == 0
 
     def shutdown(self) -> None:
         with self._wake:
@@ -153,41 +155,62 @@ class PrefillWorker:
             with self._wake:
                 if self._stop:
                     return
-                if not self.scheduler.waiting:
+                if not self.scheduler.has_work():
                     self._wake.wait(0.001 if self._sends else 0.05)
-                batch = self.scheduler.next_batch(self.allocator.can_allocate)
-            if batch:
+                for p in self.scheduler.drop_cancelled():
+                    self.allocator.free(p.request.request_id)
+                chunks = self.scheduler.next_step(self._admit)
+            if chunks:
                 try:
-                    self._run(batch)
+                    self._run(chunks)
                 except Exception as e:  # noqa: BLE001 — never leave a caller waiting
-                    log.exception("prefill batch failed")
-                    self._answer_all(batch, f"prefill failed: {type(e).__name__}: {e}")
+                    log.exception("prefill step failed")
+                    with self._lock:
+                        failed = {c.pending.request.request_id: c.pending for c in chunks}
+                        self.scheduler.in_progress = [
+                            p for p in self.scheduler.in_progress if p.request.request_id not in failed
+                        ]
+                        for rid in failed:
+                            self.allocator.free(rid)
+                    self._answer_all(list(failed.values()), f"prefill failed: {type(e).__name__}: {e}")
             self._poll_sends()
 
-    def _run(self, batch: list[PendingPrefill]) -> None:
+    def _admit(self, p: PendingPrefill) -> bool:
+        """Reserve scratch blocks for the whole prompt (its chunks accumulate there)."""
+        return self.allocator.allocate(p.request.request_id, p.num_tokens) is not None
+
+    def _run(self, chunks: list[Chunk]) -> None:
         t0 = time.monotonic()
-        for p in batch:
-            self.allocator.allocate(p.request.request_id, p.num_tokens)
-        try:
-            seqs = [SeqInput(p.request.token_ids, 0, self.allocator.table(p.request.request_id)) for p in batch]
-            logits = self.runner.forward(seqs)  # [B, V]
-            self.prompt_tokens_computed += sum(p.num_tokens for p in batch)
-            firsts = sample(logits, [p.request.sampling for p in batch], [p.num_tokens for p in batch])
-            prefill_ms = (time.monotonic() - t0) * 1000
-            kvs = []
-            for p, seq in zip(batch, seqs):
-                kvs.append(self.runner.gather_kv(seq.block_table, p.num_tokens))  # [L, 2, n, KVH, D]
-        finally:
-            for p in batch:
-                self.allocator.free(p.request.request_id)
-        for p, first, kv in zip(batch, firsts, kvs):
+        for c in chunks:
+            if c.pending.started is None:
+                c.pending.started = t0
+        seqs = [
+            SeqInput(c.pending.request.token_ids[c.start : c.start + c.length], c.start,
+                     self.allocator.table(c.pending.request.request_id))
+            for c in chunks
+        ]
+        logits = self.runner.forward(seqs)  # [B, V]: each chunk's last position
+        self.prompt_tokens_computed += sum(c.length for c in chunks)
+        with self._lock:
+            done = self.scheduler.advance(chunks)
+        if not done:
+            return
+        rows = [i for i, c in enumerate(chunks) if c.completes]
+        firsts = sample(
+            logits[rows], [c.pending.request.sampling for c in chunks if c.completes],
+            [c.pending.num_tokens for c in chunks if c.completes],
+        )
+        for p, first in zip(done, firsts):
             req = p.request
+            kv = self.runner.gather_kv(self.allocator.table(req.request_id), p.num_tokens)  # [L, 2, n, KVH, D]
+            with self._lock:
+                self.allocator.free(req.request_id)
             finished = _first_token_finishes(req, first)
-            nbytes = 0
-            if finished is None:
-                nbytes = self._hand_off(req, first, kv)
+            nbytes = self._hand_off(req, first, kv) if finished is None else 0
+            assert p.started is not None
             result = PrefillResult(
-                req.request_id, first, finished, (t0 - p.enqueued) * 1000, prefill_ms, nbytes
+                req.request_id, first, finished, (p.started - p.enqueued) * 1000,
+                (time.monotonic() - p.started) * 1000, nbytes,
             )
             self._answer(req.request_id, result)
             self.requests_done += 1

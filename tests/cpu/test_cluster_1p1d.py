@@ -1,4 +1,8 @@
-"""End to end on a local Ray: gRPC router → prefill actor → gloo KV handoff → decode actor (tiny model)."""
+"""End to end on a local Ray: gRPC router → prefill actor → gloo KV handoff → decode actor (tiny model).
+
+The prefill worker here chunks prompts (64-token chunks, 256-token steps), so every equality below
+also covers chunked prefill; tests/cpu/test_cluster_2p2d.py runs whole-prompt prefill.
+"""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -19,7 +23,9 @@ MAX_NEW = 24
 @pytest.fixture(scope="module")
 def server():
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-test")
-    srv = RunningServer(tiny_config())
+    srv = RunningServer(
+        tiny_config(prefill={"chunk_tokens": 64, "max_batch_tokens": 256}, kv_cache={"num_blocks": 2048})
+    )
     yield srv
     srv.stop()
     ray.shutdown()
@@ -45,6 +51,27 @@ def test_sixteen_in_flight_each_equal_to_its_solo_run(server: RunningServer) -> 
         got = {p: list(f.result().token_ids) for p, f in futs.items()}
     assert got == solo
     assert solo[ps[3]] == hf_greedy(ps[3], 40, ignore_eos=True)
+
+
+def test_64_concurrent_mixed_lengths_each_equal_to_hf(server: RunningServer) -> None:
+    ps = prompts(64, seed=8)
+    with cf.ThreadPoolExecutor(64) as ex:
+        futs = [ex.submit(server.generate, prompt=p, max_tokens=20, timeout=120) for p in ps]
+        got = [list(f.result().token_ids) for f in futs]
+    assert got == [hf_greedy(p, 20) for p in ps]
+    assert wait_until(server.all_idle)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(server: RunningServer) -> None:
+    kw = dict(prompt="seeded in a crowd", max_tokens=16, temperature=0.8, top_k=40, seed=123, ignore_eos=True)
+    alone = list(server.generate(**kw).token_ids)
+    with cf.ThreadPoolExecutor(12) as ex:
+        crowd = [ex.submit(server.generate, prompt=p, max_tokens=30, temperature=1.0, ignore_eos=True)
+                 for p in prompts(11, seed=9)]
+        mine = ex.submit(server.generate, **kw)
+        assert list(mine.result().token_ids) == alone
+        for f in crowd:
+            f.result()
 
 
 def test_decode_never_recomputes_the_prompt(server: RunningServer) -> None:
@@ -176,7 +203,7 @@ def test_status_cli_json(server: RunningServer, capsys: pytest.CaptureFixture[st
         for key in ("id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total",
                     "prompt_tokens_computed", "tokens_generated"):
             assert key in w
-    assert next(w for w in workers if w["role"] == "decode")["kv_blocks_total"] == 1024
+    assert next(w for w in workers if w["role"] == "decode")["kv_blocks_total"] == 2048
 
 
 def test_generate_cli(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,10 +23,11 @@ from tests.cpu.harness import hf_greedy, prompts
 EOS = (2,)
 
 
-@pytest.fixture(scope="module")
-def pair():
+@pytest.fixture(scope="module", params=["whole", "chunked"])
+def pair(request):  # type: ignore[no-untyped-def]
     mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=10), FakeHub()
-    pw = PrefillWorker("p0", mc, PrefillConfig(), tc)
+    pcfg = PrefillConfig() if request.param == "whole" else PrefillConfig(chunk_tokens=16, max_batch_tokens=48)
+    pw = PrefillWorker("p0", mc, pcfg, tc)
     dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=512), DecodeConfig(), tc)
     pw.set_transport(FakeTransport(hub, 0, 2))
     dw.set_transport(FakeTransport(hub, 1, 2))
