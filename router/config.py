@@ -20,5 +20,11 @@ class LimitsConfig(Frozen):
     max_concurrent_requests: int = Field(
         256, ge=1, description="Requests in flight at once; beyond it RESOURCE_EXHAUSTED."
     )
+    max_queued_requests: int = Field(
+        64, ge=0, description="Requests waiting for KV room (FIFO); beyond it RESOURCE_EXHAUSTED at once."
+    )
+    queue_timeout_s: float = Field(
+        30.0, ge=0, description="Longest wait for KV room before RESOURCE_EXHAUSTED."
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline of one request inside pdserve.")
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request.")

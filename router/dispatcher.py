@@ -1,6 +1,8 @@
 """One request's trip through the workers, from the router's side.
 
-  1. reserve KV room on a decode worker (most room first); none has room → ResourceExhausted
+  1. reserve KV room on a decode worker (most room first); none has room → wait in a bounded FIFO
+     queue until a request finishes somewhere (limits.max_queued_requests, queue_timeout_s), then
+     ResourceExhausted
   2. prefill on the least-loaded prefill worker; its answer is the first token (TTFT)
   3. decode events arrive through one long-poll loop per decode worker, fanned out by request id
   4. every wait has the request's deadline; on any exit that is not a clean finish the request is
@@ -62,6 +64,10 @@ class Dispatcher:
         self.policy = LeastLoadedPolicy(len(prefills), len(decodes))
         self.streams: dict[str, asyncio.Queue[DecodeEvent]] = {}
         self.in_flight = 0
+        self.queued = 0
+        self._admission = asyncio.Lock()  # FIFO: asyncio locks wake waiters in order
+        self._capacity = asyncio.Condition()
+        self._capacity_gen = 0  # bumped whenever a request leaves a decode worker
         self._pollers: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -158,8 +164,53 @@ class Dispatcher:
                 self.policy.remove(self.policy.decode[d_idx], kv_tokens)
                 if not finished:  # client gone, deadline, stop string, error: free the KV everywhere
                     await self._cancel_everywhere(d_idx, p_used, req.request_id)
+                await self._capacity_changed()
+
+    async def _capacity_changed(self) -> None:
+        async with self._capacity:
+            self._capacity_gen += 1
+            self._capacity.notify_all()
 
     async def _reserve(self, req: ValidRequest, deadline: float) -> int:
+        """Reserve at once if nobody queues ahead; else wait FIFO for room, bounded in count and time."""
+        if self.queued == 0:
+            idx, reasons = await self._try_reserve(req, deadline)
+            if idx is not None:
+                return idx
+        else:
+            reasons = [f"{self.queued} requests already waiting for KV room"]
+        lim = self.limits
+        if self.queued >= lim.max_queued_requests or lim.queue_timeout_s == 0:
+            raise ResourceExhausted(
+                f"no decode worker has room and the wait queue is full (limits.max_queued_requests="
+                f"{lim.max_queued_requests}): " + "; ".join(reasons)
+            )
+        self.queued += 1
+        try:
+            give_up = min(deadline, time.monotonic() + lim.queue_timeout_s)
+            async with self._admission:
+                while True:
+                    gen = self._capacity_gen
+                    idx, reasons = await self._try_reserve(req, deadline)
+                    if idx is not None:
+                        return idx
+                    left = give_up - time.monotonic()
+                    if left <= 0:
+                        raise ResourceExhausted(
+                            f"no decode worker had room within limits.queue_timeout_s={lim.queue_timeout_s:g}s: "
+                            + "; ".join(reasons)
+                        )
+                    async with self._capacity:
+                        try:  # wake on a finish anywhere, or re-check every 0.5 s (expired reservations)
+                            await asyncio.wait_for(
+                                self._capacity.wait_for(lambda: self._capacity_gen != gen), timeout=min(0.5, left)
+                            )
+                        except asyncio.TimeoutError:
+                            pass
+        finally:
+            self.queued -= 1
+
+    async def _try_reserve(self, req: ValidRequest, deadline: float) -> tuple[int | None, list[str]]:
         reasons = []
         for i in self.policy.decode_order():
             d = self.decodes[i]
@@ -175,9 +226,9 @@ class Dispatcher:
                 reasons.append(f"decode rank {d.rank}: {e}")
                 continue
             if r.ok:
-                return i
+                return i, []
             reasons.append(f"decode rank {d.rank}: {r.reason}")
-        raise ResourceExhausted("no decode worker has room: " + "; ".join(reasons))
+        return None, reasons
 
     async def _wait(self, awaitable: Any, deadline: float, what: str) -> Any:
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import grpc
 import pytest
@@ -14,7 +15,10 @@ from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wa
 @pytest.fixture(scope="module")
 def server():
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-test")
-    cfg = tiny_config(prefill={"replicas": 2}, decode={"replicas": 2}, kv_cache={"num_blocks": 300})
+    cfg = tiny_config(
+        prefill={"replicas": 2}, decode={"replicas": 2}, kv_cache={"num_blocks": 300},
+        limits={"max_queued_requests": 4, "queue_timeout_s": 20},
+    )
     srv = RunningServer(cfg)
     yield srv
     srv.stop()
@@ -39,22 +43,33 @@ def test_2p2d_twenty_concurrent_equal_solo_and_use_every_worker(server: RunningS
     assert all(w.prompt_tokens_computed == 0 for w in status if w.role == "decode")
 
 
-def test_full_kv_is_pushed_back_with_resource_exhausted_then_freed(server: RunningServer) -> None:
+def _first(stream):  # type: ignore[no-untyped-def]
+    try:
+        return next(stream)
+    except grpc.RpcError as e:
+        return e
+
+
+def test_full_kv_queues_a_bounded_burst_and_refuses_the_rest(server: RunningServer) -> None:
     # each request needs ceil((~10 + 1000) / 16) = 64 blocks; 2 workers x 300 blocks hold 8 of them
     req = pb.GenerateRequest(prompt="fill the cache", max_tokens=1000, ignore_eos=True)
-    streams = [server.stub.GenerateStream(req, timeout=60) for _ in range(12)]
-    accepted, refused = [], []
-    for s in streams:
-        try:
-            next(s)
-            accepted.append(s)
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
-            assert "KV cache full" in e.details()
-            refused.append(s)
-    assert len(accepted) == 8 and len(refused) == 4
-    for s in accepted:
-        s.cancel()
+    streams = [server.stub.GenerateStream(req, timeout=60) for _ in range(14)]
+    with cf.ThreadPoolExecutor(len(streams)) as ex:
+        futs = [ex.submit(_first, s) for s in streams]
+        time.sleep(0.5)
+        answered = [f.result() for f in futs if f.done()]
+        accepted = [s for s, f in zip(streams, futs) if f.done() and not isinstance(f.result(), grpc.RpcError)]
+        refused = [r for r in answered if isinstance(r, grpc.RpcError)]
+        assert len(accepted) == 8 and len(refused) == 2
+        for e in refused:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "wait queue is full" in e.details() and "max_queued_requests=4" in e.details()
+        queued = [(s, f) for s, f in zip(streams, futs) if not f.done()]
+        assert len(queued) == 4  # waiting, not dropped
+        for s in accepted:
+            s.cancel()
+        for s, f in queued:  # room came back: the queued requests get their first token
+            assert not isinstance(f.result(timeout=20), grpc.RpcError)
+            s.cancel()
     assert wait_until(server.all_idle, timeout=20)
-    # room again: a new request goes through
     assert server.generate(prompt="after the burst", max_tokens=4).usage.completion_tokens >= 1

@@ -1,0 +1,125 @@
+"""The dispatcher with fake worker handles: admission queue, deadlines, cancellation (no Ray)."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams
+from router.config import LimitsConfig
+from router.dispatcher import DeadlineExceeded, DecodeWorkerRef, Dispatcher, ResourceExhausted
+from router.validation import ValidRequest
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *a: Any) -> Any:
+        return self.fn(*a)
+
+
+class FakeDecode:
+    def __init__(self, room: int) -> None:
+        self.room, self.held, self.cancelled = room, set(), []
+        self.events: asyncio.Queue[DecodeEvent] = asyncio.Queue()
+        self.reserve, self.cancel, self.poll = _Method(self._reserve), _Method(self._cancel), _Method(self._poll)
+
+    async def _reserve(self, rid: str, *_: Any) -> ReserveResult:
+        if len(self.held) >= self.room:
+            return ReserveResult(False, "KV cache full")
+        self.held.add(rid)
+        return ReserveResult(True)
+
+    async def _cancel(self, rid: str) -> bool:
+        self.cancelled.append(rid)
+        self.held.discard(rid)
+        return True
+
+    async def _poll(self, timeout: float) -> list[DecodeEvent]:
+        try:
+            return [await asyncio.wait_for(self.events.get(), timeout)]
+        except asyncio.TimeoutError:
+            return []
+
+
+class FakePrefill:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.prefill, self.cancel = _Method(self._prefill), _Method(self._cancel)
+
+    async def _prefill(self, req: Any, timeout: float) -> PrefillResult:
+        await asyncio.sleep(self.delay)
+        return PrefillResult(req.request_id, 5, None, 0.0, 1.0, 100)
+
+    async def _cancel(self, rid: str) -> bool:
+        return True
+
+
+def _req(rid: str) -> ValidRequest:
+    return ValidRequest(rid, [1, 2, 3], SamplingParams(max_tokens=4), ())
+
+
+async def _collect(d: Dispatcher, rid: str) -> list[int]:
+    return [t async for c in d.run(_req(rid)) for t in c.token_ids]
+
+
+def _finish(dec: FakeDecode, rid: str) -> None:
+    dec.held.discard(rid)
+    dec.events.put_nowait(DecodeEvent(rid, [6, 7, 8], FinishReason.LENGTH))
+
+
+def test_queued_request_runs_when_room_frees_and_times_out_otherwise() -> None:
+    async def main() -> None:
+        dec = FakeDecode(room=1)
+        d = Dispatcher([FakePrefill()], [DecodeWorkerRef(1, dec)], (2,),
+                       LimitsConfig(max_queued_requests=1, queue_timeout_s=0.3))
+        d.start()
+        first = asyncio.create_task(_collect(d, "a"))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(_collect(d, "b"))  # queued behind a
+        await asyncio.sleep(0.05)
+        with pytest.raises(ResourceExhausted, match="wait queue is full"):
+            await _collect(d, "c")  # the queue (1) is full
+        _finish(dec, "a")
+        assert await first == [5, 6, 7, 8]
+        await asyncio.sleep(0.05)
+        _finish(dec, "b")
+        assert await second == [5, 6, 7, 8]
+        dec.held.add("blocker")
+        with pytest.raises(ResourceExhausted, match="queue_timeout_s=0.3"):
+            await _collect(d, "d")
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_deadline_cancels_on_the_decode_worker() -> None:
+    async def main() -> None:
+        dec = FakeDecode(room=4)
+        d = Dispatcher([FakePrefill()], [DecodeWorkerRef(1, dec)], (2,), LimitsConfig(request_timeout_s=0.2))
+        d.start()
+        with pytest.raises(DeadlineExceeded):
+            await _collect(d, "slow")  # decode never answers
+        assert dec.cancelled == ["slow"] and not dec.held and d.in_flight == 0
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_client_going_away_mid_prefill_cancels_everywhere() -> None:
+    async def main() -> None:
+        dec = FakeDecode(room=4)
+        d = Dispatcher([FakePrefill(delay=1.0)], [DecodeWorkerRef(1, dec)], (2,), LimitsConfig())
+        d.start()
+        task = asyncio.create_task(_collect(d, "gone"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert dec.cancelled == ["gone"] and not dec.held and d.in_flight == 0 and not d.streams
+        await d.close()
+
+    asyncio.run(main())
