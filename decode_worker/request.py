@@ -24,6 +24,7 @@ class DecodeRequest:
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
     block_table: list[int]
+    prompt_ids: list[int] | None = None  # only when a repetition penalty needs them
     status: DecodeStatus = DecodeStatus.RESERVED
     output_ids: list[int] = field(default_factory=list)  # generated tokens, the prefill's first included
     arrival: KVArrival | None = None

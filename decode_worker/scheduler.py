@@ -15,7 +15,7 @@ from collections import deque
 
 from decode_worker.request import DecodeRequest, DecodeStatus
 from engine.block_allocator import BlockAllocator
-from engine.types import DecodeEvent, FinishReason, KVArrival, ReserveResult, SamplingParams
+from engine.types import DecodeEvent, FinishReason, KVArrival, ReserveResult, SamplingParams, TokenLogprob
 
 
 class DecodeScheduler:
@@ -30,7 +30,8 @@ class DecodeScheduler:
 
     # -- 1. reserve ---------------------------------------------------------------------------
     def reserve(
-        self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...]
+        self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...],
+        prompt_ids: list[int] | None = None,
     ) -> ReserveResult:
         if request_id in self.requests:
             return ReserveResult(False, f"request_id {request_id!r} is already in use")
@@ -43,7 +44,7 @@ class DecodeScheduler:
                 f"{self.allocator.num_free} of {self.allocator.num_blocks} free",
             )
         self.requests[request_id] = DecodeRequest(
-            request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks)
+            request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks), prompt_ids
         )
         return ReserveResult(True)
 
@@ -59,6 +60,7 @@ class DecodeScheduler:
 
     # -- 3. landed ----------------------------------------------------------------------------
     def on_kv_landed(self, request_id: str) -> DecodeRequest | None:
+        """The KV is in the request's blocks: append the prefill's first token, queue for the batch."""
         req = self.requests.get(request_id)
         if req is None or req.status is not DecodeStatus.WAITING_FOR_KV or req.arrival is None:
             return None
@@ -79,15 +81,18 @@ class DecodeScheduler:
         return [self.requests[rid] for rid in self.running]
 
     # -- 5. tokens ----------------------------------------------------------------------------
-    def on_tokens(self, batch: list[DecodeRequest], tokens: list[int]) -> list[DecodeEvent]:
+    def on_tokens(
+        self, batch: list[DecodeRequest], tokens: list[int], logprobs: list[TokenLogprob | None] | None = None
+    ) -> list[DecodeEvent]:
         events = []
-        for req, tok in zip(batch, tokens):
+        for i, (req, tok) in enumerate(zip(batch, tokens)):
             if req.status is not DecodeStatus.RUNNING:  # cancelled while the forward ran
                 continue
             req.output_ids.append(tok)
             self.tokens_generated += 1
             reason = req.check_finished()
-            events.append(DecodeEvent(req.request_id, [tok], reason))
+            lp = logprobs[i] if logprobs else None
+            events.append(DecodeEvent(req.request_id, [tok], reason, logprobs=[lp] if lp is not None else None))
             if reason is not None:
                 self._finish(req, reason)
         return events

@@ -27,7 +27,7 @@ from engine.block_allocator import BlockAllocator
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
-from engine.sampler import sample
+from engine.sampler import History, sample
 from engine.transport import KVTransport, make_transport
 from engine.types import DecodeEvent, FinishReason, KVArrival, ReserveResult, SamplingParams, WorkerStats
 
@@ -84,10 +84,11 @@ class DecodeWorker:
 
     # -- called by the router and the prefill workers ---------------------------------------------
     def reserve(
-        self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...]
+        self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...],
+        prompt_ids: list[int] | None = None,
     ) -> ReserveResult:
         with self._lock:
-            return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids)
+            return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids)
 
     def kv_incoming(self, arrival: KVArrival) -> None:
         with self._wake:
@@ -202,7 +203,8 @@ class DecodeWorker:
             if s.start_pos < r.num_prompt_tokens:
                 self.prompt_tokens_computed += s.num_new
         logits = self.runner.forward(seqs)  # [B, V]
-        tokens = sample(logits, [r.sampling for r in batch], [r.num_tokens for r in batch])
+        histories = [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch]
+        tokens, logprobs = sample(logits, [r.sampling for r in batch], [r.num_tokens for r in batch], histories)
         self.steps += 1
         with self._lock:
-            return self.scheduler.on_tokens(batch, tokens)
+            return self.scheduler.on_tokens(batch, tokens, logprobs)

@@ -21,10 +21,26 @@ class SamplingParams:
     max_tokens: int = 16
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt + output (HF semantics)
+    presence_penalty: float = 0.0  # over output (OpenAI semantics)
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob + top-N alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,7 @@ class PrefillResult:
     prefill_ms: float
     kv_bytes: int
     error: str | None = None
+    first_logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,7 @@ class DecodeEvent:
     error: str | None = None
     kv_transfer_ms: float | None = None
     kv_bytes: int | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

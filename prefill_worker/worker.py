@@ -23,7 +23,7 @@ from engine.block_allocator import BlockAllocator
 from engine.config import ModelConfig, TransportConfig
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
-from engine.sampler import sample
+from engine.sampler import History, sample
 from engine.transport import KVTransport, Transfer, TransferState, make_transport
 from engine.types import FinishReason, KVArrival, PrefillRequest, PrefillResult, WorkerStats
 from prefill_worker.config import PrefillConfig
@@ -196,11 +196,11 @@ class PrefillWorker:
         if not done:
             return
         rows = [i for i, c in enumerate(chunks) if c.completes]
-        firsts = sample(
-            logits[rows], [c.pending.request.sampling for c in chunks if c.completes],
-            [c.pending.num_tokens for c in chunks if c.completes],
+        firsts, lps = sample(
+            logits[rows], [p.request.sampling for p in done], [p.num_tokens for p in done],
+            [History(p.request.token_ids, ()) for p in done],
         )
-        for p, first in zip(done, firsts):
+        for p, first, lp in zip(done, firsts, lps):
             req = p.request
             kv = self.runner.gather_kv(self.allocator.table(req.request_id), p.num_tokens)  # [L, 2, n, KVH, D]
             with self._lock:
@@ -210,7 +210,7 @@ class PrefillWorker:
             assert p.started is not None
             result = PrefillResult(
                 req.request_id, first, finished, (p.started - p.enqueued) * 1000,
-                (time.monotonic() - p.started) * 1000, nbytes,
+                (time.monotonic() - p.started) * 1000, nbytes, first_logprob=lp,
             )
             self._answer(req.request_id, result)
             self.requests_done += 1

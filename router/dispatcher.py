@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.types import DecodeEvent, FinishReason, PrefillRequest, WorkerStats
+from engine.types import DecodeEvent, FinishReason, PrefillRequest, TokenLogprob, WorkerStats
 from router.config import LimitsConfig
 from router.policy import LeastLoadedPolicy
 from router.validation import ValidRequest
@@ -46,6 +46,7 @@ class TokenChunk:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -137,12 +138,13 @@ class Dispatcher:
                 raise WorkerFailure(f"prefill worker: {res.error}")
             t_first = time.monotonic()
             timings = {"queue_ms": res.queue_ms, "prefill_ms": res.prefill_ms, "ttft_ms": (t_first - t_accept) * 1000}
+            first_lp = [res.first_logprob] if res.first_logprob is not None else None
             if res.finished is not None:  # the first token ended it: nothing for decode to do
                 finished = True
                 await self._cancel_decode(d_idx, req.request_id)
-                yield TokenChunk([res.first_token], res.finished, _close(timings, t_first, t_accept))
+                yield TokenChunk([res.first_token], res.finished, _close(timings, t_first, t_accept), first_lp)
                 return
-            yield TokenChunk([res.first_token], None, timings)
+            yield TokenChunk([res.first_token], None, timings, first_lp)
             while True:
                 ev = await self._wait(queue.get(), deadline, "decode")
                 if ev.error is not None:
@@ -153,10 +155,10 @@ class Dispatcher:
                     timings["kv_transfer_bytes"] = float(ev.kv_bytes or 0)
                 if ev.finish_reason is not None:
                     finished = True
-                    yield TokenChunk(ev.token_ids, ev.finish_reason, _close(timings, t_first, t_accept))
+                    yield TokenChunk(ev.token_ids, ev.finish_reason, _close(timings, t_first, t_accept), ev.logprobs)
                     return
                 if ev.token_ids:
-                    yield TokenChunk(ev.token_ids)
+                    yield TokenChunk(ev.token_ids, logprobs=ev.logprobs)
         finally:
             self.streams.pop(req.request_id, None)
             self.in_flight -= 1
@@ -217,7 +219,8 @@ class Dispatcher:
             try:
                 r = await self._wait(
                     d.handle.reserve.remote(
-                        req.request_id, len(req.prompt_ids), req.sampling, self.eos_token_ids
+                        req.request_id, len(req.prompt_ids), req.sampling, self.eos_token_ids,
+                        req.prompt_ids if req.sampling.repetition_penalty != 1.0 else None,
                     ),
                     min(deadline, time.monotonic() + 10),
                     "reserve",

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.types import FinishReason
+from engine.types import FinishReason, TokenLogprob
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import LimitsConfig, ServerConfig
 from router.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -39,6 +39,7 @@ class GenerationService:
         async for msg in self._generate(req, context):
             text.append(msg.text)
             resp.token_ids.extend(msg.token_ids)
+            resp.logprobs.extend(msg.logprobs)
             if msg.finish_reason:
                 resp.finish_reason, resp.stop_reason = msg.finish_reason, msg.stop_reason
                 resp.usage.CopyFrom(msg.usage)
@@ -90,14 +91,21 @@ class GenerationService:
                     if stops.matched is not None:  # ends here, whatever the workers are doing
                         finish, stop_reason = FinishReason.STOP, stops.matched
                     n_out += len(ids)
+                    lps = [_logprob_pb(lp) for lp in chunk.logprobs or ()]
                     if finish is None:
                         if ids:
-                            yield pb.GenerateStreamResponse(request_id=req.request_id, text=text, token_ids=ids)
+                            yield pb.GenerateStreamResponse(
+                                request_id=req.request_id, text=text, token_ids=ids, logprobs=lps
+                            )
                         continue
                     if stops.matched is None:
                         text += stops.add(detok.flush())
+                        if stops.matched is not None:
+                            finish, stop_reason = FinishReason.STOP, stops.matched
                     text += stops.flush()
-                    yield self._last(req, text, ids, finish, stop_reason, n_out, chunk)
+                    last = self._last(req, text, ids, finish, stop_reason, n_out, chunk)
+                    last.logprobs.extend(lps)
+                    yield last
                     return  # leaving the generator early cancels the request on the workers
         except ResourceExhausted as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -123,6 +131,13 @@ class GenerationService:
                 ttft_ms=t.get("ttft_ms", 0.0), decode_ms=t.get("decode_ms", 0.0), total_ms=t.get("total_ms", 0.0),
             ),
         )
+
+
+def _logprob_pb(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob,
+        top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
 
 
 def _handlers(svc: GenerationService) -> grpc.GenericRpcHandler:

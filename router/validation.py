@@ -77,6 +77,19 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
     for i, s in enumerate(req.stop):
         if not s:
             raise InvalidArgument(f"stop[{i}]", "must not be empty")
+    min_p = _opt(req, "min_p", 0.0)
+    if not 0 <= min_p <= 1:
+        raise InvalidArgument("min_p", f"must be in [0, 1], got {min_p}")
+    rep = _opt(req, "repetition_penalty", 1.0)
+    if not 0 < rep <= 10:
+        raise InvalidArgument("repetition_penalty", f"must be in (0, 10] (1 = off), got {rep}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = _opt(req, name, 0.0)
+        if not -2 <= v <= 2:
+            raise InvalidArgument(name, f"must be in [-2, 2], got {v}")
+    logprobs = req.logprobs if req.HasField("logprobs") else None
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise InvalidArgument("logprobs", f"must be in [0, 20] (top alternatives per token), got {logprobs}")
     vocab = len(tokenizer)
     for i, t in enumerate(req.stop_token_ids):
         if t >= vocab:
@@ -89,8 +102,20 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         max_tokens=max_tokens,
         ignore_eos=req.ignore_eos,
         stop_token_ids=tuple(req.stop_token_ids),
+        min_p=min_p,
+        repetition_penalty=rep,
+        presence_penalty=_opt(req, "presence_penalty", 0.0),
+        frequency_penalty=_opt(req, "frequency_penalty", 0.0),
+        logprobs=logprobs,
     )
     return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop))
+
+
+def _opt(req: pb.GenerateRequest, name: str, default: float) -> float:
+    v = float(getattr(req, name)) if req.HasField(name) else default
+    if not math.isfinite(v):
+        raise InvalidArgument(name, f"must be a finite number, got {v}")
+    return v
 
 
 def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[no-untyped-def]

@@ -74,6 +74,29 @@ def test_seeded_sampling_does_not_depend_on_the_batch(server: RunningServer) -> 
             f.result()
 
 
+def test_repetition_penalty_equals_hf_generate(server: RunningServer) -> None:
+    from tests.cpu.harness import _tiny
+
+    model, tok = _tiny()
+    for p in prompts(4, seed=10):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        ref = model.generate(ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.3, pad_token_id=0)
+        got = server.generate(prompt=p, max_tokens=20, repetition_penalty=1.3)
+        assert list(got.token_ids) == ref[0, ids.shape[1]:].tolist()
+
+
+def test_logprobs_per_token_streamed_and_unary(server: RunningServer) -> None:
+    req = pb.GenerateRequest(prompt="log my probs", max_tokens=12, ignore_eos=True, logprobs=2)
+    resp = server.stub.Generate(req, timeout=30)
+    assert len(resp.logprobs) == len(resp.token_ids) == 12
+    for tid, lp in zip(resp.token_ids, resp.logprobs):
+        assert lp.token_id == tid and lp.logprob <= 0 and len(lp.top_logprobs) == 2
+        assert lp.top_logprobs[0].token_id == tid  # greedy picks the top token
+    streamed = [lp for m in server.stub.GenerateStream(req, timeout=30) for lp in m.logprobs]
+    assert [x.token_id for x in streamed] == list(resp.token_ids)
+    assert not server.generate(prompt="none", max_tokens=3).logprobs
+
+
 def test_decode_never_recomputes_the_prompt(server: RunningServer) -> None:
     server.generate(prompt="count the prompt tokens", max_tokens=8)
     decode = [w for w in server.status() if w.role == "decode"]
@@ -159,6 +182,11 @@ def test_seeded_sampling_is_reproducible(server: RunningServer) -> None:
         (dict(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "prompt"),
         (dict(prompt="hi", stop=[""]), "stop[0]"),
         (dict(prompt="hi", request_id="bad id with spaces"), "request_id"),
+        (dict(prompt="hi", min_p=1.5), "min_p"),
+        (dict(prompt="hi", repetition_penalty=0.0), "repetition_penalty"),
+        (dict(prompt="hi", presence_penalty=3.0), "presence_penalty"),
+        (dict(prompt="hi", frequency_penalty=-2.5), "frequency_penalty"),
+        (dict(prompt="hi", logprobs=21), "logprobs"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(server: RunningServer, fields: dict, field: str) -> None:

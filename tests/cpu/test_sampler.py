@@ -1,6 +1,6 @@
 import torch
 
-from engine.sampler import sample
+from engine.sampler import History, sample
 from engine.types import SamplingParams
 
 
@@ -11,30 +11,62 @@ def _logits() -> torch.Tensor:
 
 def test_greedy_is_argmax() -> None:
     x = _logits()
-    assert sample(x, [SamplingParams()] * 4, [0, 1, 2, 3]) == x.argmax(-1).tolist()
+    assert sample(x, [SamplingParams()] * 4, [0, 1, 2, 3])[0] == x.argmax(-1).tolist()
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy() -> None:
     x = _logits()
     k1 = SamplingParams(temperature=1.0, top_k=1)
     p0 = SamplingParams(temperature=1.0, top_p=1e-6)
-    assert sample(x, [k1] * 4, [0] * 4) == x.argmax(-1).tolist()
-    assert sample(x, [p0] * 4, [0] * 4) == x.argmax(-1).tolist()
+    assert sample(x, [k1] * 4, [0] * 4)[0] == x.argmax(-1).tolist()
+    assert sample(x, [p0] * 4, [0] * 4)[0] == x.argmax(-1).tolist()
 
 
 def test_seed_reproducible_and_independent_of_batch() -> None:
     x = _logits()
     p = SamplingParams(temperature=1.5, seed=42)
-    alone = sample(x[2:3], [p], [17])
+    alone = sample(x[2:3], [p], [17])[0]
     in_batch = sample(x, [SamplingParams(temperature=1.0), SamplingParams(), p, SamplingParams(temperature=2.0)],
-                      [3, 4, 17, 5])
+                      [3, 4, 17, 5])[0]
     assert in_batch[2] == alone[0]
-    draws = {tuple(sample(x, [SamplingParams(temperature=5.0, seed=s)] * 4, [1, 2, 3, 4])) for s in range(20)}
+    draws = {tuple(sample(x, [SamplingParams(temperature=5.0, seed=s)] * 4, [1, 2, 3, 4])[0]) for s in range(20)}
     assert len(draws) > 1  # different seeds really sample
 
 
 def test_top_k_restricts_support() -> None:
     x = _logits()[0:1]
     top3 = set(torch.topk(x[0], 3).indices.tolist())
-    got = {sample(x, [SamplingParams(temperature=10.0, top_k=3, seed=s)], [0])[0] for s in range(200)}
+    got = {sample(x, [SamplingParams(temperature=10.0, top_k=3, seed=s)], [0])[0][0] for s in range(200)}
     assert got <= top3 and len(got) > 1
+
+
+def test_logprobs_are_the_raw_distribution() -> None:
+    x = _logits()
+    toks, lps = sample(x, [SamplingParams(logprobs=3)] * 4, [0] * 4)
+    ref = torch.log_softmax(x, -1)
+    for i, lp in enumerate(lps):
+        assert lp is not None and lp.token_id == toks[i]
+        assert abs(lp.logprob - float(ref[i, toks[i]])) < 1e-6
+        assert [t for t, _ in lp.top] == torch.topk(ref[i], 3).indices.tolist()
+    _, none = sample(x, [SamplingParams()] * 4, [0] * 4)
+    assert none == [None] * 4
+
+
+def test_penalties_follow_hf_and_openai_semantics() -> None:
+    row = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    h = History(prompt=[0], output=[1, 3, 3])
+    # repetition 2: seen {0, 1, 3}: positive / 2, negative * 2 → [1, -4, 1, 0.25] → argmax ties → 0
+    t, _ = sample(row, [SamplingParams(repetition_penalty=2.0)], [0], [h])
+    assert t == [0]
+    # frequency 1: token 3 seen twice → 0.5 - 2; presence 1.5: tokens 1 and 3 minus 1.5 → 2 wins
+    t, _ = sample(row, [SamplingParams(presence_penalty=1.5, frequency_penalty=1.0)], [0], [h])
+    assert t == [0]
+    t, _ = sample(torch.tensor([[1.0, 1.2, 1.1]]), [SamplingParams(presence_penalty=0.5)], [0],
+                  [History([], [1])])
+    assert t == [2]
+
+
+def test_min_p_removes_the_tail() -> None:
+    x = torch.tensor([[5.0, 4.9, 0.0, -1.0]])
+    got = {sample(x, [SamplingParams(temperature=1.0, min_p=0.5, seed=s)], [0])[0][0] for s in range(100)}
+    assert got == {0, 1}
