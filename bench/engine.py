@@ -6,7 +6,7 @@ For each concurrency C it runs C streaming requests at once (fixed prompt length
 measures the aggregate decode rate over the window where all C are decoding together (from the
 last first-token to the first last-token). In the same run, with the cluster idle, it times the
 bare paged forward of the same model at batch C with the same context lengths, in this process with
-one torch thread (as a worker has). ratio = serving tok/s / bare tok/s: the share of the hardware's
+the decode worker's torch thread count, at the middle of the serving window's context lengths. ratio = serving tok/s / bare tok/s: the share of the hardware's
 decode rate the serving loop (scheduling, sampling, Ray, gRPC streaming) delivers.
 """
 from __future__ import annotations
@@ -72,6 +72,7 @@ def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], 
 
 
 def bare_rate(runner: ModelRunner, batch: int, prompt_len: int, steps: int) -> dict:
+    """Median time of `steps` decode forwards at batch `batch`, contexts from prompt_len on."""
     bs = runner.block_size
     per = -(-(prompt_len + steps + 1) // bs)
     tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
@@ -117,9 +118,12 @@ def main() -> None:
             rows.append(r)
     torch.set_num_threads(cfg.decode.torch_threads)
     model = load_model(cfg.model)
-    runner = ModelRunner(model, num_blocks=max(levels) * (-(-(a.prompt_tokens + a.bare_steps + 2) // 16)), block_size=16)
+    # the serving window sees contexts from ~prompt to prompt + max_tokens: time the bare forward
+    # around the middle of that range
+    mid = a.prompt_tokens + a.max_tokens // 2
+    runner = ModelRunner(model, num_blocks=max(levels) * (-(-(mid + a.bare_steps + 2) // 16)), block_size=16)
     for r in rows:
-        b = bare_rate(runner, r["concurrency"], a.prompt_tokens, a.bare_steps)
+        b = bare_rate(runner, r["concurrency"], mid, a.bare_steps)
         r["bare_forward_ms"] = b["forward_ms"]
         r["bare_tokens_per_s"] = b["tokens_per_s"]
         r["serving_over_bare"] = r["decode_tokens_per_s"] / b["tokens_per_s"]

@@ -7,7 +7,9 @@ Requests arrive as raw bytes so that bad UTF-8 is answered with INVALID_ARGUMENT
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from contextlib import aclosing
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +22,7 @@ from engine.types import FinishReason, TokenLogprob
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import LimitsConfig, ServerConfig
 from router.detokenizer import IncrementalDetokenizer, StopMatcher
+from router.metrics import RouterMetrics
 from router.dispatcher import DeadlineExceeded, Dispatcher, ResourceExhausted, TokenChunk, WorkerFailure
 from router.validation import InvalidArgument, ValidRequest, parse, validate
 
@@ -30,6 +33,7 @@ SERVICE = "pdserve.v1.Generation"
 class GenerationService:
     def __init__(self, dispatcher: Dispatcher, tokenizer: Any, limits: LimitsConfig, max_model_len: int) -> None:
         self.dispatcher, self.tokenizer, self.limits, self.max_model_len = dispatcher, tokenizer, limits, max_model_len
+        self.metrics = RouterMetrics()
 
     # -- RPCs ------------------------------------------------------------------------------------
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -69,8 +73,12 @@ class GenerationService:
         try:
             return validate(parse(raw), self.tokenizer, self.limits, self.max_model_len)
         except InvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise  # unreachable: abort raises
+
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str) -> None:
+        self.metrics.errors.labels(code.name).inc()
+        await context.abort(code, msg)
 
     async def _generate(
         self, req: ValidRequest, context: grpc.aio.ServicerContext
@@ -78,6 +86,7 @@ class GenerationService:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(req.stop)
         n_out = 0
+        last_at: float | None = None
         try:
             async with aclosing(self.dispatcher.run(req)) as chunks:
                 async for chunk in chunks:
@@ -91,6 +100,13 @@ class GenerationService:
                     if stops.matched is not None:  # ends here, whatever the workers are doing
                         finish, stop_reason = FinishReason.STOP, stops.matched
                     n_out += len(ids)
+                    now = time.monotonic()
+                    if ids and last_at is not None:
+                        gap = (now - last_at) / len(ids)
+                        for _ in ids:
+                            self.metrics.itl.observe(gap)
+                    if ids:
+                        last_at = now
                     lps = [_logprob_pb(lp) for lp in chunk.logprobs or ()]
                     if finish is None:
                         if ids:
@@ -104,18 +120,22 @@ class GenerationService:
                             finish, stop_reason = FinishReason.STOP, stops.matched
                     text += stops.flush()
                     last = self._last(req, text, ids, finish, stop_reason, n_out, chunk)
+                    self.metrics.observe_finish(finish.value, chunk.timings, n_out, len(req.prompt_ids))
                     last.logprobs.extend(lps)
                     yield last
                     return  # leaving the generator early cancels the request on the workers
         except ResourceExhausted as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except DeadlineExceeded as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except WorkerFailure as e:
             log.error("request %s failed: %s", req.request_id, e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            await self._abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except asyncio.CancelledError:
+            self.metrics.errors.labels("CANCELLED").inc()
+            raise
 
     def _last(
         self, req: ValidRequest, text: str, ids: list[int], finish: FinishReason, stop_reason: str, n_out: int,
@@ -177,12 +197,29 @@ class RouterServer:
         if self.port == 0:
             raise OSError(f"server.port: cannot listen on {self.cfg.host}:{self.cfg.port}")
         self.svc.dispatcher.start()
+        if self.cfg.metrics_port:
+            self.svc.metrics.serve(self.cfg.host, self.cfg.metrics_port)
+        self._refresh = asyncio.create_task(self._refresh_metrics())
         await self.server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
+    async def _refresh_metrics(self, every_s: float = 2.0) -> None:
+        """Pull worker stats into the gauges (and keep the router's own gauges current)."""
+        m, d = self.svc.metrics, self.svc.dispatcher
+        while True:
+            m.in_flight.set(d.in_flight)
+            m.queued.set(d.queued)
+            try:
+                m.set_workers(await d.stats())
+            except Exception as e:  # noqa: BLE001 — metrics must never take the router down
+                log.warning("worker stats refresh failed: %s", e)
+            await asyncio.sleep(every_s)
+
     async def stop(self) -> None:
+        self._refresh.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.cfg.grace_period_s)
         await self.svc.dispatcher.close()
+        self.svc.metrics.close()

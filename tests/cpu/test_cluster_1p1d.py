@@ -15,6 +15,7 @@ import ray
 
 from cluster.cli import main as cli_main
 from protos.pdserve.v1 import generation_pb2 as pb
+from engine.transport import free_port
 from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
 
 MAX_NEW = 24
@@ -24,7 +25,10 @@ MAX_NEW = 24
 def server():
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-test")
     srv = RunningServer(
-        tiny_config(prefill={"chunk_tokens": 64, "max_batch_tokens": 256}, kv_cache={"num_blocks": 2048})
+        tiny_config(
+            prefill={"chunk_tokens": 64, "max_batch_tokens": 256}, kv_cache={"num_blocks": 2048},
+            server={"metrics_port": free_port()},
+        )
     )
     yield srv
     srv.stop()
@@ -257,3 +261,39 @@ def test_everything_is_free_after_the_workload(server: RunningServer) -> None:
     for w in server.status():
         assert w.kv_blocks_used == 0 and w.running == 0 and w.waiting == 0
     time.sleep(0)
+
+
+def _scrape(server: RunningServer) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.cfg.server.metrics_port}/metrics", timeout=10).read()
+    out = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_endpoint_counts_requests(server: RunningServer) -> None:
+    before = _scrape(server)
+    for _ in range(3):
+        server.generate(prompt="measure me", max_tokens=6, ignore_eos=True)
+    with pytest.raises(grpc.RpcError):
+        server.generate(prompt="", max_tokens=6)
+    after = _scrape(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("pdserve_ttft_seconds_count") == 3
+    assert delta("pdserve_e2e_seconds_count") == 3
+    assert delta("pdserve_kv_transfer_seconds_count") == 3
+    assert delta("pdserve_kv_transfer_bytes_sum") > 0
+    assert delta("pdserve_tpot_seconds_count") == 3
+    assert delta("pdserve_itl_seconds_count") == 3 * 5
+    assert delta('pdserve_requests_total{finish_reason="length"}') == 3
+    assert delta("pdserve_generation_tokens_total") == 18
+    assert delta('pdserve_errors_total{code="INVALID_ARGUMENT"}') == 1
+    free = 'pdserve_worker_kv_blocks_free{role="decode",worker="decode-0"}'
+    assert wait_until(lambda: _scrape(server).get(free) == 2048, timeout=10)  # pulled every 2 s
