@@ -48,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--address", default=DEFAULT_ADDRESS)
     st.add_argument("--json", action="store_true")
 
+    from cluster.bench.command import add_parser as add_bench
+
+    add_bench(sub)
+
     pr = sub.add_parser("prepare", help="convert the embedded default model once (make install runs it)")
     pr.add_argument("--config", default=None)
 
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.cmd == "bench" else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"serve": _serve, "generate": _generate, "status": _status, "prepare": _prepare}[args.cmd](args)
+        return {"serve": _serve, "generate": _generate, "status": _status, "prepare": _prepare,
+                "bench": _bench}[args.cmd](args)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -169,6 +174,12 @@ def _status(args: argparse.Namespace) -> int:
     for w in workers:
         print("  ".join(f"{str(w[c]):>12}" for c in cols))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from cluster.bench.command import run
+
+    return run(args)
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -297,3 +297,17 @@ def test_metrics_endpoint_counts_requests(server: RunningServer) -> None:
     assert delta('pdserve_errors_total{code="INVALID_ARGUMENT"}') == 1
     free = 'pdserve_worker_kv_blocks_free{role="decode",worker="decode-0"}'
     assert wait_until(lambda: _scrape(server).get(free) == 2048, timeout=10)  # pulled every 2 s
+
+
+def test_bench_command_against_the_server(server: RunningServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run.json"
+    argv = ["bench", "--address", server.address, "--tokenizer", "tiny", "--workload", "fixed", "--input-len", "40",
+            "--output-len", "8", "--num-prompts", "6", "--rate", "20,inf", "--slo", "ttft:10000", "tpot:1000",
+            "--output", str(out), "--plot", str(tmp_path / "run.png"), "--quiet"]
+    assert cli_main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2
+    for r in runs:
+        assert r["completed"] == 6 and r["failed"] == 0 and r["total_output_tokens"] == 48
+        assert r["goodput"] > 0 and r["p99_ttft_ms"] >= r["median_ttft_ms"] > 0
+    assert (tmp_path / "run.png").stat().st_size > 10_000

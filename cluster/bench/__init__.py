@@ -1,0 +1,1 @@
+"""`pdserve bench`: a load generator and report, for pdserve (gRPC) and OpenAI-compatible servers."""
