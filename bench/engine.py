@@ -121,7 +121,9 @@ def main() -> None:
     # the serving window sees contexts from ~prompt to prompt + max_tokens: time the bare forward
     # around the middle of that range
     mid = a.prompt_tokens + a.max_tokens // 2
-    runner = ModelRunner(model, num_blocks=max(levels) * (-(-(mid + a.bare_steps + 2) // 16)), block_size=16)
+    runner = ModelRunner(
+        model, num_blocks=max(levels) * (-(-(mid + a.bare_steps + 2) // 16)), block_size=16, kernels=cfg.model.kernels
+    )
     for r in rows:
         b = bare_rate(runner, r["concurrency"], mid, a.bare_steps)
         r["bare_forward_ms"] = b["forward_ms"]

@@ -49,7 +49,7 @@ class DecodeWorker:
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
         self.model_cfg, self.transport_cfg = model_cfg, transport_cfg
-        self.runner = ModelRunner(load_model(model_cfg), kv_cfg.num_blocks, kv_cfg.block_size)
+        self.runner = ModelRunner(load_model(model_cfg), kv_cfg.num_blocks, kv_cfg.block_size, model_cfg.kernels)
         self.allocator = BlockAllocator(kv_cfg.num_blocks, kv_cfg.block_size)
         self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s)
         self.receiver: KVReceiver | None = None

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from engine.linear import Linear, default_backend, from_module
+
 
 @dataclass(frozen=True)
 class _Layer:
@@ -29,11 +31,10 @@ class _Layer:
 
     input_norm: torch.nn.Module
     post_norm: torch.nn.Module
-    w_qkv: torch.Tensor  # [(H + 2*KVH) * D, hidden]
-    b_qkv: torch.Tensor | None
-    o_proj: torch.nn.Module
-    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down_proj: torch.nn.Module
+    qkv: Linear  # weight [(H + 2*KVH) * D, hidden]
+    o_proj: Linear
+    gate_up: Linear  # weight [2 * intermediate, hidden]
+    down_proj: Linear
     act: torch.nn.Module
     scaling: float
 
@@ -69,7 +70,7 @@ class SeqInput:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int, kernels: str = "auto") -> None:
         cfg = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -90,6 +91,8 @@ class ModelRunner:
         self.kv_slots = self.kv.view(self.num_layers, 2, num_blocks * block_size, self.num_kv_heads, self.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        backend = default_backend(self.device) if kernels == "auto" else kernels
+        self.kernels = backend
         self.layers = []
         for layer in model.model.layers[: self.num_layers]:
             a, mlp = layer.self_attn, layer.mlp
@@ -98,9 +101,11 @@ class ModelRunner:
             if b_gu is not None:
                 raise NotImplementedError("MLP biases are not supported")
             self.layers.append(
-                _Layer(layer.input_layernorm, layer.post_attention_layernorm, w_qkv, b_qkv, a.o_proj, w_gu,
-                       mlp.down_proj, mlp.act_fn, a.scaling)
+                _Layer(layer.input_layernorm, layer.post_attention_layernorm, Linear(w_qkv, b_qkv, backend),
+                       from_module(a.o_proj, backend), Linear(w_gu, None, backend),
+                       from_module(mlp.down_proj, backend), mlp.act_fn, a.scaling)
             )
+        self.lm_head = from_module(model.lm_head, backend)
         self.tokens_forwarded = 0
 
     # -- KV hand-off ---------------------------------------------------------------------------
@@ -144,7 +149,7 @@ class ModelRunner:
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         for li, layer in enumerate(self.layers):
             residual = x
-            qkv = F.linear(layer.input_norm(x), layer.w_qkv, layer.b_qkv)  # [1, T, (H + 2*KVH) * D]
+            qkv = layer.qkv(layer.input_norm(x))  # [1, T, (H + 2*KVH) * D]
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(1, T, H, D).transpose(1, 2)  # [1, H, T, D]
             k = k.view(1, T, KVH, D).transpose(1, 2)  # [1, KVH, T, D]
@@ -158,13 +163,13 @@ class ModelRunner:
                 o = self._varlen_attention(li, seqs, q, k, v, layer.scaling)
             x = residual + layer.o_proj(o)  # o: [1, T, H*D]
             residual = x
-            gate, up = F.linear(layer.post_norm(x), layer.w_gate_up).chunk(2, dim=-1)  # [1, T, I] each
+            gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [1, T, I] each
             x = residual + layer.down_proj(layer.act(gate) * up)
         last = torch.tensor(
             list(_cumsum(s.num_new for s in seqs)), dtype=torch.long, device=dev
         ) - 1  # index of each sequence's last new token in the packed T axis
         h_last = lm.norm(x[0].index_select(0, last))  # [B, hidden]
-        return self.model.lm_head(h_last).float()  # [B, V]
+        return self.lm_head(h_last).float()  # [B, V]
 
     def _varlen_attention(
         self, li: int, seqs: list[SeqInput], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

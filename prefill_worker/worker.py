@@ -54,7 +54,7 @@ class PrefillWorker:
         self.worker_id, self.node = worker_id, node
         self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // BLOCK_SIZE))
-        self.runner = ModelRunner(load_model(model_cfg), blocks, BLOCK_SIZE)
+        self.runner = ModelRunner(load_model(model_cfg), blocks, BLOCK_SIZE, model_cfg.kernels)
         self.allocator = BlockAllocator(blocks, BLOCK_SIZE)
         self.scheduler = PrefillScheduler(cfg.max_batch_tokens, cfg.chunk_tokens)
         self.peers: dict[int, DecodePeer] = {}

@@ -114,7 +114,12 @@ async def _bench(args: argparse.Namespace, address: str, rates: list[float], slo
     from engine.model_loader import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(path=model_path))
-    specs = workloads.build(args.workload, args.num_prompts, tok, args.seed, args.input_len, args.output_len)
+
+    def specs_for(i: int) -> list:  # type: ignore[type-arg]
+        # new prompts for every rate: a server's prefix cache must not see a rerun of the last rate
+        return workloads.build(args.workload, args.num_prompts, tok, args.seed + 1000 * i, args.input_len,
+                               args.output_len)
+
     if args.backend == "openai":
         if not args.url:
             raise SystemExit("--url is required with --backend openai")
@@ -125,10 +130,10 @@ async def _bench(args: argparse.Namespace, address: str, rates: list[float], slo
         target = address
     runs = []
     try:
-        await warm_up(backend, specs[0])  # excluded from the figures
-        for rate in rates:
+        await warm_up(backend)  # excluded from the figures
+        for i, rate in enumerate(rates):
             records, duration = await run_rate(
-                backend, specs, rate, args.max_concurrency, args.seed, args.max_duration, not args.quiet
+                backend, specs_for(i), rate, args.max_concurrency, args.seed, args.max_duration, not args.quiet
             )
             r = report.summarize(records, duration, slo)
             r["request_rate"] = rate if math.isfinite(rate) else "inf"

@@ -44,7 +44,8 @@ async def run_rate(
     return records, time.perf_counter() - t0
 
 
-async def warm_up(backend: Backend, spec: RequestSpec) -> None:
-    rec = await backend.send(RequestSpec(spec.prompt, spec.input_len, 4))
+async def warm_up(backend: Backend) -> None:
+    """One short request outside the measured runs (its prompt is not in any workload)."""
+    rec = await backend.send(RequestSpec("Warm-up request: say hello.", 8, 4))
     if rec.error:
         raise RuntimeError(f"warm-up request failed: {rec.error}")

@@ -31,8 +31,9 @@ class RequestSpec:
 
 def lengths(name: str, n: int, seed: int, input_len: int, output_len: int) -> list[tuple[int, int]]:
     rng = random.Random(seed)
+    longs = set(rng.sample(range(n), round(0.2 * n))) if name == "prefill-heavy" else set()
     out = []
-    for _ in range(n):
+    for k in range(n):
         if name == "fixed":
             out.append((input_len, output_len))
         elif name == "chat":
@@ -40,7 +41,7 @@ def lengths(name: str, n: int, seed: int, input_len: int, output_len: int) -> li
             o = int(min(512, max(8, rng.lognormvariate(math.log(96), 0.6))))
             out.append((i, o))
         elif name == "prefill-heavy":
-            out.append((1024, 16) if rng.random() < 0.2 else (64, 64))
+            out.append((1024, 16) if k in longs else (64, 64))  # exactly 20% long, at seeded places
         elif name == "decode-heavy":
             out.append((32, 256))
         else:

@@ -30,7 +30,8 @@ def test_summary_fields_and_goodput() -> None:
 def test_workloads_have_the_promised_shapes() -> None:
     heavy = lengths("prefill-heavy", 1000, seed=0, input_len=0, output_len=0)
     longs = [x for x in heavy if x[0] == 1024]
-    assert 150 < len(longs) < 250 and all(o == 16 for _, o in longs)
+    assert len(longs) == 200 and all(o == 16 for _, o in longs)
+    assert sum(i == 1024 for i, _ in lengths("prefill-heavy", 24, 0, 0, 0)) == 5
     assert set(lengths("decode-heavy", 5, 0, 0, 0)) == {(32, 256)}
     tok = tiny_tokenizer()
     specs = build("fixed", 4, tok, seed=1, input_len=50, output_len=7)
