@@ -29,9 +29,9 @@ class ModelConfig(Frozen):
         2048, gt=0, description="Longest prompt + generation a request may have (tokens)."
     )
     seed: int = Field(0, description="Seed for the tiny test model's random weights.")
-    kernels: Literal["auto", "onednn", "torch"] = Field(
-        "auto", description="Linear-layer kernels: oneDNN packed weights (CPU, ~2.4x faster here) or "
-        "torch's F.linear; auto = onednn on CPU, torch on CUDA."
+    kernels: Literal["auto", "torch"] = Field(
+        "auto", description="auto: on CPU, oneDNN pre-packed linear layers and the fused paged decode-"
+        "attention kernel (each falls back if unavailable); torch: F.linear + gather/SDPA everywhere."
     )
 
 
