@@ -2,7 +2,7 @@
 //
 // Reads each sequence's K and V once, block by block through its block table, instead of first
 // gathering them into a padded [B, T, KVH, D] copy and running SDPA over it. For grouped-query
-// attention, the G query heads that share a kv head are scored against each K row together.
+// attention, each K/V row (all kv heads of one token) is read once for all query heads.
 //
 //   q:           [B, H, D]
 //   k_cache:     [num_blocks, block_size, KVH, D]   (v_cache the same)
@@ -32,48 +32,50 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const float sc = static_cast<float>(scale);
   const int64_t row = KVH * D;  // floats per cached token
 
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+  // One sequence per task; each cached K (then V) row [KVH, D] is read once, contiguously, and
+  // serves all H query heads (head h uses kv head h / G).
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(G * D);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / KVH, kvh = i % KVH;
+    std::vector<float> acc(H * D);
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t n = lens[b];
-      scores.assign(G * n, 0.f);
-      const float* qb = qp + (b * H + kvh * G) * D;  // the G heads of this kv head
-      // pass 1: scores[g, t] = q[g] . k[t] * scale
+      scores.assign(H * n, 0.f);
+      const float* qb = qp + b * H * D;
+      // pass 1: scores[h, t] = q[h] . k[t, h / G] * scale
       for (int64_t t = 0; t < n; ++t) {
         const int64_t blk = bt[b * max_blocks + t / bs];
-        const float* kt = kp + (blk * bs + t % bs) * row + kvh * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qb + g * D;
+        const float* krow = kp + (blk * bs + t % bs) * row;
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qh = qb + h * D;
+          const float* kt = krow + (h / G) * D;
           float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * kt[d];
-          scores[g * n + t] = s * sc;
+          for (int64_t d = 0; d < D; ++d) s += qh[d] * kt[d];
+          scores[h * n + t] = s * sc;
         }
       }
       // softmax per head
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * n;
+      for (int64_t h = 0; h < H; ++h) {
+        float* sh = scores.data() + h * n;
         float m = -INFINITY;
-        for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
+        for (int64_t t = 0; t < n; ++t) m = std::max(m, sh[t]);
         float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
+        for (int64_t t = 0; t < n; ++t) { sh[t] = std::exp(sh[t] - m); sum += sh[t]; }
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+        for (int64_t t = 0; t < n; ++t) sh[t] *= inv;
       }
-      // pass 2: out[g] = sum_t p[g, t] v[t]
+      // pass 2: out[h] = sum_t p[h, t] v[t, h / G]
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < n; ++t) {
         const int64_t blk = bt[b * max_blocks + t / bs];
-        const float* vt = vp + (blk * bs + t % bs) * row + kvh * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * n + t];
-          float* ag = acc.data() + g * D;
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * vt[d];
+        const float* vrow = vp + (blk * bs + t % bs) * row;
+        for (int64_t h = 0; h < H; ++h) {
+          const float p = scores[h * n + t];
+          const float* vt = vrow + (h / G) * D;
+          float* ah = acc.data() + h * D;
+          for (int64_t d = 0; d < D; ++d) ah[d] += p * vt[d];
         }
       }
-      for (int64_t g = 0; g < G; ++g)
-        std::copy(acc.begin() + g * D, acc.begin() + (g + 1) * D, op + (b * H + kvh * G + g) * D);
+      std::copy(acc.begin(), acc.end(), op + b * H * D);
     }
   });
   return out;
