@@ -11,7 +11,8 @@ class PrefillConfig(WorkerPlacement):
         2048, ge=16, description="Token budget of one prefill forward (prompts are packed up to it)."
     )
     chunk_tokens: int = Field(
-        512, ge=16, description="Prompts longer than this are prefilled in chunks of this size."
+        128, ge=16, description="Prompts longer than this are prefilled in chunks of this size (128 gave "
+        "short prompts half the TTFT of 512 behind 1024-token documents on a CPU)."
     )
     kv_blocks: int = Field(
         256, ge=1, description="Scratch KV blocks on a prefill worker (the batch being computed)."

@@ -26,7 +26,8 @@ EOS = (2,)
 @pytest.fixture(scope="module", params=["whole", "chunked"])
 def pair(request):  # type: ignore[no-untyped-def]
     mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=10), FakeHub()
-    pcfg = PrefillConfig() if request.param == "whole" else PrefillConfig(chunk_tokens=16, max_batch_tokens=48)
+    pcfg = (PrefillConfig(chunk_tokens=2048) if request.param == "whole"
+            else PrefillConfig(chunk_tokens=16, max_batch_tokens=48))
     pw = PrefillWorker("p0", mc, pcfg, tc)
     dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=512), DecodeConfig(), tc)
     pw.set_transport(FakeTransport(hub, 0, 2))
