@@ -69,9 +69,8 @@ class DecodeWorker:
         return self.worker_id
 
     def init_transport(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        backend = self.transport_cfg.resolve(self.model_cfg.device)
         self.set_transport(
-            make_transport(backend, rank, world_size, master_addr, master_port, self.transport_cfg.timeout_s)
+            make_transport(self.transport_cfg, self.model_cfg.device, rank, world_size, master_addr, master_port)
         )
 
     def set_transport(self, transport: KVTransport) -> None:

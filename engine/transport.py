@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from engine.config import TransportConfig
+
 
 class TransferState(enum.Enum):
     PENDING = "pending"
@@ -166,11 +168,13 @@ class TorchDistTransport(KVTransport):
 
 
 def make_transport(
-    backend: str, rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float
+    cfg: TransportConfig, device: str, rank: int, world_size: int, master_addr: str, master_port: int
 ) -> KVTransport:
+    """The torch.distributed world member for this worker: NCCL for CUDA tensors, gloo for CPU ones."""
+    backend = cfg.resolve(device)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"transport.backend: {backend!r} is not one of gloo, nccl")
-    return TorchDistTransport(backend, rank, world_size, master_addr, master_port, timeout_s)
+    return TorchDistTransport(backend, rank, world_size, master_addr, master_port, cfg.timeout_s)
 
 
 def free_port() -> int:
