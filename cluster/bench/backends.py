@@ -86,20 +86,22 @@ class GrpcBackend:
 class OpenAIBackend:
     """POST {url}/v1/completions with stream=true (vLLM, transformers serve, llama.cpp, ...)."""
 
-    def __init__(self, url: str, model: str, timeout_s: float = 600) -> None:
+    def __init__(self, url: str, model: str, timeout_s: float = 600, extras: bool = True) -> None:
         import httpx
 
         self.url = url.rstrip("/") + "/v1/completions"
         self.model = model
+        self.extras = extras  # vLLM's ignore_eos / min_tokens / stream_options (strict servers refuse them)
         self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1024))
 
     async def send(self, spec: RequestSpec) -> Record:
         rec = Record(spec.input_len, spec.output_len, sent=time.perf_counter())
-        body = {
+        body: dict[str, object] = {
             "model": self.model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
-            "stream": True, "ignore_eos": True, "min_tokens": spec.output_len,
-            "stream_options": {"include_usage": True},
+            "stream": True,
         }
+        if self.extras:
+            body.update(ignore_eos=True, min_tokens=spec.output_len, stream_options={"include_usage": True})
         try:
             async with self.client.stream("POST", self.url, json=body) as resp:
                 if resp.status_code != 200:

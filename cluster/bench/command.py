@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--backend", choices=("grpc", "openai"), default="grpc")
     b.add_argument("--url", help="base URL of an OpenAI-compatible server (openai backend)")
     b.add_argument("--model", default="smollm2", help="model name sent to an OpenAI server")
+    b.add_argument("--no-extras", action="store_true", help="openai backend: do not send vLLM's ignore_eos/"
+                   "min_tokens/stream_options (for strict servers; outputs may then stop early at EOS)")
     b.add_argument("--config", help="start pdserve from this YAML for the run (grpc backend)")
     b.add_argument("--tokenizer", default=None, help="model.path whose tokenizer cuts prompts (default: the "
                    "config's model, else 'default')")
@@ -123,7 +125,7 @@ async def _bench(args: argparse.Namespace, address: str, rates: list[float], slo
     if args.backend == "openai":
         if not args.url:
             raise SystemExit("--url is required with --backend openai")
-        backend: Any = OpenAIBackend(args.url, args.model)
+        backend: Any = OpenAIBackend(args.url, args.model, extras=not args.no_extras)
         target = args.url
     else:
         backend = GrpcBackend(address)
