@@ -70,6 +70,8 @@ class Dispatcher:
         self._capacity = asyncio.Condition()
         self._capacity_gen = 0  # bumped whenever a request leaves a decode worker
         self._pollers: list[asyncio.Task[None]] = []
+        self._placed: dict[str, int] = {}  # request id → decode index holding its KV
+        self.dead: set[int] = set()  # decode indexes whose actor is gone
         self._closing = False
 
     # -- decode event pump --------------------------------------------------------------------
@@ -84,6 +86,7 @@ class Dispatcher:
         await asyncio.gather(*self._pollers, return_exceptions=True)
 
     async def _poll(self, d: DecodeWorkerRef) -> None:
+        idx = self.decodes.index(d)
         failures = 0
         while not self._closing:
             try:
@@ -94,12 +97,22 @@ class Dispatcher:
             except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
                 failures += 1
                 log.error("polling decode rank %d failed (%d): %s", d.rank, failures, e)
+                if _actor_gone(e):  # fail its requests now instead of at their deadlines
+                    self._decode_lost(idx, f"decode worker rank {d.rank} is gone: {type(e).__name__}")
+                    return
                 await asyncio.sleep(min(1.0, 0.05 * failures))
                 continue
             for ev in events:
                 q = self.streams.get(ev.request_id)
                 if q is not None:
                     q.put_nowait(ev)
+
+    def _decode_lost(self, idx: int, why: str) -> None:
+        self.dead.add(idx)
+        for rid, where in list(self._placed.items()):
+            q = self.streams.get(rid)
+            if where == idx and q is not None:
+                q.put_nowait(DecodeEvent(rid, [], FinishReason.ERROR, why))
 
     # -- one request ----------------------------------------------------------------------------
     async def run(self, req: ValidRequest) -> AsyncIterator[TokenChunk]:
@@ -121,8 +134,8 @@ class Dispatcher:
         p_used: int | None = None
         finished = False
         try:
-            d_idx = await self._reserve(req, deadline)
-            self.policy.add(self.policy.decode[d_idx], kv_tokens)
+            d_idx = await self._reserve(req, deadline)  # counted in the policy from here on
+            self._placed[req.request_id] = d_idx
             p_idx = p_used = self.policy.pick_prefill()
             self.policy.add(self.policy.prefill[p_idx], n_prompt)
             preq = PrefillRequest(
@@ -161,6 +174,7 @@ class Dispatcher:
                     yield TokenChunk(ev.token_ids, logprobs=ev.logprobs)
         finally:
             self.streams.pop(req.request_id, None)
+            self._placed.pop(req.request_id, None)
             self.in_flight -= 1
             if d_idx is not None:
                 self.policy.remove(self.policy.decode[d_idx], kv_tokens)
@@ -216,6 +230,12 @@ class Dispatcher:
         reasons = []
         for i in self.policy.decode_order():
             d = self.decodes[i]
+            if i in self.dead:
+                reasons.append(f"decode rank {d.rank}: worker is gone")
+                continue
+            load = self.policy.decode[i]
+            kv_tokens = len(req.prompt_ids) + req.sampling.max_tokens
+            self.policy.add(load, kv_tokens)  # count it now: concurrent arrivals must see it
             try:
                 r = await self._wait(
                     d.handle.reserve.remote(
@@ -226,10 +246,15 @@ class Dispatcher:
                     "reserve",
                 )
             except (DeadlineExceeded, WorkerFailure) as e:
+                self.policy.remove(load, kv_tokens)
                 reasons.append(f"decode rank {d.rank}: {e}")
                 continue
+            except BaseException:
+                self.policy.remove(load, kv_tokens)
+                raise
             if r.ok:
                 return i, []
+            self.policy.remove(load, kv_tokens)
             reasons.append(f"decode rank {d.rank}: {r.reason}")
         return None, reasons
 
@@ -279,6 +304,12 @@ class Dispatcher:
                 continue
             out.append(r)
         return out
+
+
+def _actor_gone(e: BaseException) -> bool:
+    """Ray's errors for a dead actor, matched by name (the router does not import Ray)."""
+    return any(type(x).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError")
+               for x in (e, e.__cause__) if x is not None)
 
 
 def _remaining(deadline: float) -> float:

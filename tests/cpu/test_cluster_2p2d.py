@@ -74,3 +74,29 @@ def test_full_kv_queues_a_bounded_burst_and_refuses_the_rest(server: RunningServ
             s.cancel()
     assert wait_until(server.all_idle, timeout=20)
     assert server.generate(prompt="after the burst", max_tokens=4).usage.completion_tokens >= 1
+
+
+def test_a_dead_decode_worker_fails_its_requests_fast_and_the_rest_goes_on(server: RunningServer) -> None:
+    # runs last in this module: it kills decode-1
+    req = pb.GenerateRequest(prompt="long running", max_tokens=1000, ignore_eos=True)
+    streams = [server.stub.GenerateStream(req, timeout=60) for _ in range(2)]
+    for s in streams:
+        next(s)  # both running, one per decode worker (least loaded first)
+    ray.kill(server.cluster.decodes[1], no_restart=True)
+    t0 = time.monotonic()
+    outcomes = []
+    for s in streams:
+        try:
+            for _ in s:
+                if time.monotonic() - t0 > 5:
+                    s.cancel()
+                    break
+            outcomes.append("ok")
+        except grpc.RpcError as e:
+            outcomes.append(e.code())
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                assert "is gone" in e.details() and time.monotonic() - t0 < 10
+    assert grpc.StatusCode.UNAVAILABLE in outcomes
+    # new requests avoid the dead worker
+    for p in prompts(3, seed=12):
+        assert list(server.generate(prompt=p, max_tokens=8).token_ids) == hf_greedy(p, 8)

@@ -8,7 +8,7 @@ import pytest
 
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams
 from router.config import LimitsConfig
-from router.dispatcher import DeadlineExceeded, DecodeWorkerRef, Dispatcher, ResourceExhausted
+from router.dispatcher import DeadlineExceeded, DecodeWorkerRef, Dispatcher, ResourceExhausted, WorkerFailure
 from router.validation import ValidRequest
 
 
@@ -120,6 +120,39 @@ def test_client_going_away_mid_prefill_cancels_everywhere() -> None:
             await task
         await asyncio.sleep(0.05)
         assert dec.cancelled == ["gone"] and not dec.held and d.in_flight == 0 and not d.streams
+        await d.close()
+
+    asyncio.run(main())
+
+
+class ActorDiedError(RuntimeError):  # stands in for ray.exceptions.ActorDiedError (matched by name)
+    pass
+
+
+def test_dead_decode_worker_fails_its_requests_and_is_skipped() -> None:
+    async def main() -> None:
+        dead, alive = FakeDecode(room=4), FakeDecode(room=4)
+        d = Dispatcher([FakePrefill()], [DecodeWorkerRef(1, dead), DecodeWorkerRef(2, alive)], (2,),
+                       LimitsConfig(request_timeout_s=30))
+        d.start()
+        a = asyncio.create_task(_collect(d, "a"))
+        b = asyncio.create_task(_collect(d, "b"))  # concurrent arrivals spread over both workers
+        await asyncio.sleep(0.05)
+        assert dead.held == {"a"} and alive.held == {"b"}
+
+        async def died(timeout: float) -> list[DecodeEvent]:
+            raise ActorDiedError("The actor died unexpectedly")
+
+        dead.poll = _Method(died)
+        with pytest.raises(WorkerFailure, match="is gone"):
+            await asyncio.wait_for(a, 2)
+        _finish(alive, "b")
+        assert await b == [5, 6, 7, 8]
+        c = asyncio.create_task(_collect(d, "c"))
+        await asyncio.sleep(0.05)
+        assert "c" in alive.held and "c" not in dead.held
+        _finish(alive, "c")
+        await c
         await d.close()
 
     asyncio.run(main())
