@@ -156,7 +156,15 @@ class DecodeWorker:
             with self._lock:
                 batch = self.scheduler.schedule()
             if batch:
-                events += self._step(batch)
+                try:
+                    events += self._step(batch)
+                except Exception as e:  # noqa: BLE001 — end the batch's requests, keep the worker alive
+                    log.exception("decode step failed")
+                    with self._lock:
+                        for r in batch:
+                            ev = self.scheduler.fail(r.request_id, f"decode step failed: {type(e).__name__}: {e}")
+                            if ev is not None:
+                                events.append(ev)
             self._emit(events)
 
     def _drain_inbox(self) -> list[DecodeEvent]:

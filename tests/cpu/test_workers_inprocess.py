@@ -136,3 +136,25 @@ def test_receiver_times_out_a_transfer_that_never_comes() -> None:
     done, failed = r.poll()
     assert not done and [f.arrival.request_id for f in failed] == ["lost"]
     assert "timed out" in (failed[0].transfer.error or "")
+
+
+def test_a_failing_decode_step_ends_its_requests_with_an_error(pair) -> None:  # type: ignore[no-untyped-def]
+    pw, dw, hub, events = pair
+    real = dw.runner.forward
+
+    def broken(seqs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("simulated kernel failure")
+
+    dw.runner.forward = broken
+    try:
+        sp = SamplingParams(max_tokens=8, ignore_eos=True)
+        assert dw.reserve("boom", 3, sp, EOS).ok
+        assert pw.prefill(PrefillRequest("boom", [5, 6, 7], sp, EOS, 1)).error is None
+        evs = events.take("boom")
+        assert evs[-1].finish_reason is FinishReason.ERROR and "simulated kernel failure" in (evs[-1].error or "")
+    finally:
+        dw.runner.forward = real
+    time.sleep(0.1)
+    assert dw.check_idle()
+    toks, _ = _run(pair, "after-boom", [5, 6, 7], SamplingParams(max_tokens=4))  # the worker lives on
+    assert len(toks) == 4 or toks[-1] == 2
