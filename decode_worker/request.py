@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.transport import Transfer
-from engine.types import FinishReason, KVArrival, SamplingParams
+from engine.types import FinishReason, KVArrival, SamplingParams, finish_reason
 
 
 class DecodeStatus(enum.Enum):
@@ -42,11 +42,4 @@ class DecodeRequest:
 
     def check_finished(self) -> FinishReason | None:
         """Decide after appending a token whether the request is done."""
-        tok = self.output_ids[-1]
-        if tok in self.sampling.stop_token_ids:
-            return FinishReason.STOP
-        if not self.sampling.ignore_eos and tok in self.eos_token_ids:
-            return FinishReason.STOP
-        if len(self.output_ids) >= self.sampling.max_tokens:
-            return FinishReason.LENGTH
-        return None
+        return finish_reason(self.output_ids[-1], len(self.output_ids), self.sampling, self.eos_token_ids)

@@ -35,12 +35,6 @@ class BlockAllocator:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self._free)
-
-    def owners(self) -> list[str]:
-        return list(self._owned)
-
     def table(self, owner: str) -> list[int]:
         return self._owned[owner]
 

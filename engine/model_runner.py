@@ -17,6 +17,7 @@ once, the original modules left as views into them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -113,9 +114,6 @@ class ModelRunner:
         self.tokens_forwarded = 0
 
     # -- KV hand-off ---------------------------------------------------------------------------
-    def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.kv.element_size()
-
     def kv_shape(self, num_tokens: int) -> tuple[int, ...]:
         return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
 
@@ -142,14 +140,18 @@ class ModelRunner:
         pos = torch.tensor(
             [p for s in seqs for p in range(s.start_pos, s.context_len)], dtype=torch.long, device=dev
         )  # [T]
-        new_slots = torch.cat([self.slots(s.block_table, s.start_pos, s.context_len) for s in seqs])  # [T]
+        decode_only = all(s.num_new == 1 for s in seqs)
+        ctx = self._decode_context(seqs) if decode_only else None
+        if ctx is not None:  # one new token each, at position lens - 1: its slot from the block table
+            bs = self.block_size
+            new_slots = ctx[0].gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs  # [B]
+        else:
+            new_slots = torch.cat([self.slots(s.block_table, s.start_pos, s.context_len) for s in seqs])  # [T]
         T = ids.numel()
         self.tokens_forwarded += T
         lm = self.model.model
         x = lm.embed_tokens(ids).unsqueeze(0)  # [1, T, hidden]
         cos, sin = lm.rotary_emb(x, pos.unsqueeze(0))  # [1, T, head_dim]
-        decode_only = all(s.num_new == 1 for s in seqs)
-        ctx = self._decode_context(seqs) if decode_only else None
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         for li, layer in enumerate(self.layers):
             residual = x
@@ -170,7 +172,7 @@ class ModelRunner:
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [1, T, I] each
             x = residual + layer.down_proj(layer.act(gate) * up)
         last = torch.tensor(
-            list(_cumsum(s.num_new for s in seqs)), dtype=torch.long, device=dev
+            list(accumulate(s.num_new for s in seqs)), dtype=torch.long, device=dev
         ) - 1  # index of each sequence's last new token in the packed T axis
         h_last = lm.norm(x[0].index_select(0, last))  # [B, hidden]
         return self.lm_head(h_last).float()  # [B, V]
@@ -234,9 +236,3 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(qb, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.reshape(1, B, self.num_heads * self.head_dim)  # from [B, H, 1, D]
 
-
-def _cumsum(xs):  # type: ignore[no-untyped-def]
-    total = 0
-    for x in xs:
-        total += x
-        yield total

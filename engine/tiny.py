@@ -19,10 +19,8 @@ CHAT_TEMPLATE = (
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: 3 special tokens then one token per byte (vocab 259)."""
-    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
-    byte_chars.sort(key=lambda c: _byte_of(c))
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for c in byte_chars:
+    for c in _byte_chars():
         vocab[c] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -39,22 +37,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-_BYTE_TO_CHAR: dict[int, str] = {}
-
-
-def _byte_of(c: str) -> int:
-    if not _BYTE_TO_CHAR:
-        # GPT-2 byte-to-unicode table: printable bytes map to themselves, others shift past 255.
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-        cs = bs[:]
-        n = 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BYTE_TO_CHAR.update({b: chr(ch) for b, ch in zip(bs, cs)})
-    return next(b for b, ch in _BYTE_TO_CHAR.items() if ch == c)
+def _byte_chars() -> list[str]:
+    """The GPT-2 byte-level alphabet in byte order: printable bytes stand for themselves, the
+    others are shifted past 255 (the characters `pre_tokenizers.ByteLevel` produces)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 def tiny_config(vocab_size: int = 259) -> LlamaConfig:
@@ -80,10 +68,10 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCau
     """Seeded random Llama (~100k parameters). Same seed → same weights in every process."""
     cfg = tiny_config()
     cfg._attn_implementation = "sdpa"
-    devnull_state = torch.random.get_rng_state()
+    saved = torch.random.get_rng_state()  # build seeded without disturbing the caller's RNG
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
-    torch.random.set_rng_state(devnull_state)
+    torch.random.set_rng_state(saved)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = 0
     return model.to(dtype).eval()

@@ -36,6 +36,17 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+def finish_reason(token: int, num_generated: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...]) -> FinishReason | None:
+    """Whether the `num_generated`-th generated token (`token`) ends the request, and why."""
+    if token in sampling.stop_token_ids:
+        return FinishReason.STOP
+    if not sampling.ignore_eos and token in eos_token_ids:
+        return FinishReason.STOP
+    if num_generated >= sampling.max_tokens:
+        return FinishReason.LENGTH
+    return None
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int

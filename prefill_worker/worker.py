@@ -25,7 +25,7 @@ from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
 from engine.sampler import History, sample
 from engine.transport import KVTransport, Transfer, TransferState, make_transport
-from engine.types import FinishReason, KVArrival, PrefillRequest, PrefillResult, WorkerStats
+from engine.types import FinishReason, KVArrival, PrefillRequest, PrefillResult, WorkerStats, finish_reason
 from prefill_worker.config import PrefillConfig
 from prefill_worker.scheduler import Chunk, PendingPrefill, PrefillScheduler
 
@@ -204,7 +204,7 @@ class PrefillWorker:
             kv = self.runner.gather_kv(self.allocator.table(req.request_id), p.num_tokens)  # [L, 2, n, KVH, D]
             with self._lock:
                 self.allocator.free(req.request_id)
-            finished = _first_token_finishes(req, first)
+            finished = finish_reason(first, 1, req.sampling, req.eos_token_ids)
             nbytes = self._hand_off(req, first, kv) if finished is None else 0
             assert p.started is not None
             result = PrefillResult(
@@ -252,11 +252,3 @@ class PrefillWorker:
         for p in batch:
             self._answer(p.request.request_id, self._error(p.request, error))
 
-
-def _first_token_finishes(req: PrefillRequest, tok: int) -> FinishReason | None:
-    s = req.sampling
-    if tok in s.stop_token_ids or (not s.ignore_eos and tok in req.eos_token_ids):
-        return FinishReason.STOP
-    if s.max_tokens <= 1:
-        return FinishReason.LENGTH
-    return None
