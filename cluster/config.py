@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from decode_worker.config import DecodeConfig
+from decode_worker.config import AggregatedConfig, DecodeConfig
 from engine.config import Frozen, KVCacheConfig, ModelConfig, TransportConfig
 from prefill_worker.config import PrefillConfig
 from router.config import LimitsConfig, ServerConfig
@@ -33,12 +33,16 @@ class RayClusterConfig(Frozen):
 
 
 class PDServeConfig(Frozen):
-    mode: Literal["disaggregated"] = Field("disaggregated", description="Serving mode.")
+    mode: Literal["disaggregated", "aggregated"] = Field(
+        "disaggregated", description="disaggregated: prefill and decode workers, KV handed off between them; "
+        "aggregated: the `aggregated:` workers do both (the baseline; prefill:/decode: are then unused)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     prefill: PrefillConfig = Field(default_factory=PrefillConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    aggregated: AggregatedConfig = Field(default_factory=AggregatedConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cluster: RayClusterConfig = Field(default_factory=RayClusterConfig)
@@ -60,10 +64,15 @@ class PDServeConfig(Frozen):
         if self.transport.backend == "nccl" and m.device != "cuda":
             raise ValueError("transport.backend: nccl needs model.device: cuda (use gloo or auto on cpu)")
         if m.device == "cuda":
-            for role in ("prefill", "decode"):
+            for role in self.roles:
                 if getattr(self, role).num_gpus <= 0:
                     raise ValueError(f"{role}.num_gpus: must be > 0 with model.device: cuda")
         return self
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The YAML sections whose workers this mode starts."""
+        return ("aggregated",) if self.mode == "aggregated" else ("prefill", "decode")
 
 
 def _format(e: ValidationError) -> str:

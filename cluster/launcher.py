@@ -3,6 +3,8 @@
 Start-up order: Ray → actors (all load the model in parallel) → transport world (ranks: prefill
 0..P-1, decode P..P+D-1; rendezvous on prefill 0's node) → prefill workers learn their decode
 peers → the router. Stop: actors killed, Ray shut down if this process started it.
+mode: aggregated starts only the `aggregated:` workers (no transport); the router uses each one as
+its own prefill and decode worker.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import ray
 
 from cluster.config import PDServeConfig
+from decode_worker.aggregated import AggregatedWorker
 from decode_worker.worker import DecodeWorker
 from engine.model_loader import eos_token_ids, load_tokenizer, resolve_path
 from engine.transport import free_port
@@ -65,6 +68,10 @@ class Cluster:
         resolve_path(cfg.model)  # converts the default model once, here, before N workers race for it
         self._connect()
         self._check_resources()
+        if cfg.mode == "aggregated":
+            self._start_aggregated()
+            log.info("cluster up in %.1fs: %d aggregated workers", time.monotonic() - t0, len(self.decodes))
+            return
         name = cfg.cluster.name
         prefill_cls = ray.remote(PrefillWorker)
         decode_cls = ray.remote(DecodeWorker)
@@ -100,6 +107,20 @@ class Cluster:
             time.monotonic() - t0, P, len(self.decodes), len(set(self.nodes.values())),
         )
 
+    def _start_aggregated(self) -> None:
+        cfg = self.cfg
+        cls = ray.remote(AggregatedWorker)
+        for i in range(cfg.aggregated.replicas):
+            self.decodes.append(
+                cls.options(name=f"{cfg.cluster.name}-aggregated-{i}", **self._options(cfg.aggregated)).remote(
+                    f"aggregated-{i}", cfg.model, cfg.kv_cache, cfg.aggregated
+                )
+            )
+        self._get([w.ready.remote() for w in self.decodes], "workers to load the model")
+        infos = self._get([w.__ray_call__.remote(_node_info) for w in self.decodes], "node info")
+        self.nodes = {f"aggregated-{i}": node for i, (_, node) in enumerate(infos)}
+        self._get([w.start.remote() for w in self.decodes], "workers to start")
+
     def _connect(self) -> None:
         c = self.cfg.cluster
         address = c.address or os.environ.get("RAY_ADDRESS")
@@ -117,14 +138,14 @@ class Cluster:
     def _check_resources(self) -> None:
         total = ray.cluster_resources()
         need: dict[str, float] = {}
-        for role in ("prefill", "decode"):
+        for role in self.cfg.roles:
             p = getattr(self.cfg, role)
             for key, per in (("CPU", p.num_cpus), ("GPU", p.num_gpus), *p.resources.items()):
                 need[key] = need.get(key, 0.0) + per * p.replicas
         for key, amount in need.items():
             if amount > total.get(key, 0.0) + 1e-9:
                 raise StartupError(
-                    f"the Ray cluster has {total.get(key, 0.0):g} {key} but prefill + decode ask for {amount:g} "
+                    f"the Ray cluster has {total.get(key, 0.0):g} {key} but {' + '.join(self.cfg.roles)} ask for {amount:g} "
                     f"(replicas x num_cpus/num_gpus/resources); lower them or add nodes"
                 )
 
@@ -156,9 +177,15 @@ class Cluster:
         cfg = self.cfg
         tok = load_tokenizer(cfg.model)
         eos = eos_token_ids(cfg.model, tok)
-        P = len(self.prefills)
-        decodes = [DecodeWorkerRef(P + i, d) for i, d in enumerate(self.decodes)]
-        dispatcher = Dispatcher(self.prefills, decodes, eos, cfg.limits)
+        if cfg.mode == "aggregated":  # each worker prefills what it decodes
+            dispatcher = Dispatcher(
+                list(self.decodes), [DecodeWorkerRef(i, d) for i, d in enumerate(self.decodes)], eos, cfg.limits,
+                colocated=True,
+            )
+        else:
+            P = len(self.prefills)
+            decodes = [DecodeWorkerRef(P + i, d) for i, d in enumerate(self.decodes)]
+            dispatcher = Dispatcher(self.prefills, decodes, eos, cfg.limits)
         return RouterServer(GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len), cfg.server)
 
     # -- stop --------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The `decode:` section of the YAML."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from engine.config import WorkerPlacement
@@ -10,4 +12,18 @@ class DecodeConfig(WorkerPlacement):
     max_batch_size: int = Field(64, ge=1, description="Most requests in one decode step.")
     reserve_timeout_s: float = Field(
         120.0, gt=0, description="A reservation whose KV never arrives is freed after this long."
+    )
+
+
+class AggregatedConfig(DecodeConfig):
+    """The `aggregated:` section: workers that prefill and decode (mode: aggregated, the baseline)."""
+
+    max_batch_tokens: int = Field(
+        256, ge=16, description="Token budget of one step: decode rows (1 token each) + prompt chunks (Sarathi)."
+    )
+    chunk_tokens: int = Field(128, ge=16, description="Longest prompt chunk in one step.")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: requests join and leave every step, prompt chunks share "
+        "steps with decodes; static: a batch of up to max_batch_size requests is prefilled, then decoded "
+        "to the end before the next batch starts."
     )

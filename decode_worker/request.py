@@ -11,6 +11,7 @@ from engine.types import FinishReason, KVArrival, SamplingParams, finish_reason
 
 class DecodeStatus(enum.Enum):
     RESERVED = "reserved"  # blocks held, prefill not done yet
+    PREFILLING = "prefilling"  # aggregated mode: this worker computes the prompt into its blocks
     WAITING_FOR_KV = "waiting_for_kv"  # prefill done, receive posted (or queued behind earlier ones)
     READY = "ready"  # KV in the cache, waiting for a batch slot
     RUNNING = "running"  # in the decode batch

@@ -7,6 +7,8 @@ Lifecycle of a request on this worker (the router's id is the only key):
   4. schedule()     RUNNING         joins the batch at the next step (continuous batching)
   5. on_tokens()    FINISHED        EOS / stop id / max_tokens; leaves the batch, blocks freed
   cancel() or expire() end it from any state and free its blocks at once.
+In aggregated mode (decode_worker/aggregated.py) steps 2-3 are local: start_prefill() RESERVED →
+PREFILLING while this worker computes the prompt into the reserved blocks, on_prefilled() → READY.
 """
 from __future__ import annotations
 
@@ -67,6 +69,30 @@ class DecodeScheduler:
         req.output_ids.append(req.arrival.first_token)
         req.status = DecodeStatus.READY
         self.ready.append(request_id)
+        return req
+
+    # -- 2-3 in aggregated mode ----------------------------------------------------------------
+    def start_prefill(self, request_id: str) -> DecodeRequest | None:
+        """This worker computes the prompt itself; None unless the request is RESERVED here."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not DecodeStatus.RESERVED:
+            return None
+        req.status = DecodeStatus.PREFILLING
+        return req
+
+    def on_prefilled(self, request_id: str, first_token: int) -> DecodeRequest | None:
+        """The prompt's KV is in the blocks and its first token sampled: queue it for the batch, or
+        finish it at once if that token ends it (its finish_reason is then set). None if gone."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not DecodeStatus.PREFILLING:
+            return None
+        req.output_ids.append(first_token)
+        reason = req.check_finished()
+        if reason is not None:
+            self._finish(req, reason)
+        else:
+            req.status = DecodeStatus.READY
+            self.ready.append(request_id)
         return req
 
     # -- 4. schedule --------------------------------------------------------------------------

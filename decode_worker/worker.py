@@ -147,25 +147,33 @@ class DecodeWorker:
             with self._wake:
                 if self._stop:
                     return
-                idle = not self.scheduler.running and not self.scheduler.ready and not self._inbox
-                if idle:
+                if self._idle():
                     # wait for work; poll transfers in flight every millisecond
                     self._wake.wait(0.001 if self.receiver and self.receiver.pending() else 0.05)
                 events = self._drain_inbox() + self.scheduler.expire()
             events += self._land_transfers()
-            with self._lock:
-                batch = self.scheduler.schedule()
-            if batch:
-                try:
-                    events += self._step(batch)
-                except Exception as e:  # noqa: BLE001 — end the batch's requests, keep the worker alive
-                    log.exception("decode step failed")
-                    with self._lock:
-                        for r in batch:
-                            ev = self.scheduler.fail(r.request_id, f"decode step failed: {type(e).__name__}: {e}")
-                            if ev is not None:
-                                events.append(ev)
+            events += self._work()
             self._emit(events)
+
+    def _idle(self) -> bool:
+        return not self.scheduler.running and not self.scheduler.ready and not self._inbox
+
+    def _work(self) -> list[DecodeEvent]:
+        """One decode step over the running batch (continuous batching)."""
+        with self._lock:
+            batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        try:
+            return self._step(batch)
+        except Exception as e:  # noqa: BLE001 — end the batch's requests, keep the worker alive
+            log.exception("decode step failed")
+            return self._fail(batch, f"decode step failed: {type(e).__name__}: {e}")
+
+    def _fail(self, batch: list, error: str) -> list[DecodeEvent]:
+        with self._lock:
+            events = [self.scheduler.fail(r.request_id, error) for r in batch]
+        return [ev for ev in events if ev is not None]
 
     def _drain_inbox(self) -> list[DecodeEvent]:
         events: list[DecodeEvent] = []
@@ -205,11 +213,19 @@ class DecodeWorker:
         return events
 
     def _step(self, batch: list) -> list[DecodeEvent]:
+        logits = self.runner.forward(self._decode_inputs(batch))  # [B, V]
+        return self._sample_decode(batch, logits)
+
+    def _decode_inputs(self, batch: list) -> list[SeqInput]:
+        """One new token per running request: its last one, at position num_tokens - 1."""
         seqs = [SeqInput([r.last_token], r.num_tokens - 1, r.block_table) for r in batch]
         for s, r in zip(seqs, batch):
             if s.start_pos < r.num_prompt_tokens:
                 self.prompt_tokens_computed += s.num_new
-        logits = self.runner.forward(seqs)  # [B, V]
+        return seqs
+
+    def _sample_decode(self, batch: list, logits: torch.Tensor) -> list[DecodeEvent]:
+        """logits [B, V], one row per request of `batch` → next tokens → events."""
         histories = [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch]
         tokens, logprobs = sample(logits, [r.sampling for r in batch], [r.num_tokens for r in batch], histories)
         self.steps += 1

@@ -134,19 +134,27 @@ class ModelRunner:
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, seqs: list[SeqInput]) -> torch.Tensor:
-        """Compute the new tokens of every sequence; return the logits of each one's last token [B, V]."""
+        """Compute the new tokens of every sequence; return the logits of each one's last token [B, V].
+
+        Any mix works: decode rows (one new token) and prompt chunks may share a forward (Sarathi);
+        the decode rows should come first so they take the paged kernel."""
         dev = self.device
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)  # [T]
         pos = torch.tensor(
             [p for s in seqs for p in range(s.start_pos, s.context_len)], dtype=torch.long, device=dev
         )  # [T]
-        decode_only = all(s.num_new == 1 for s in seqs)
-        ctx = self._decode_context(seqs) if decode_only else None
+        # The leading run of one-token sequences (decode rows) goes through the paged decode path;
+        # the rest (prompts, chunks) through varlen attention. Mixed batches put decodes first.
+        nd = 0
+        while nd < len(seqs) and seqs[nd].num_new == 1:
+            nd += 1
+        ctx = self._decode_context(seqs[:nd]) if nd else None
+        slot_parts = []
         if ctx is not None:  # one new token each, at position lens - 1: its slot from the block table
             bs = self.block_size
-            new_slots = ctx[0].gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs  # [B]
-        else:
-            new_slots = torch.cat([self.slots(s.block_table, s.start_pos, s.context_len) for s in seqs])  # [T]
+            slot_parts.append(ctx[0].gather(1, (pos[:nd] // bs)[:, None]).squeeze(1) * bs + pos[:nd] % bs)  # [nd]
+        slot_parts += [self.slots(s.block_table, s.start_pos, s.context_len) for s in seqs[nd:]]
+        new_slots = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]  # [T]
         T = ids.numel()
         self.tokens_forwarded += T
         lm = self.model.model
@@ -163,10 +171,15 @@ class ModelRunner:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.kv_slots[li, 0].index_copy_(0, new_slots, k[0].transpose(0, 1))  # [T, KVH, D] into slots
             self.kv_slots[li, 1].index_copy_(0, new_slots, v[0].transpose(0, 1))
-            if ctx is not None:
-                o = self._decode_attention(li, q, ctx, layer.scaling)
-            else:
+            if nd == len(seqs):
+                o = self._decode_attention(li, q, ctx, layer.scaling)  # [1, T, H*D]
+            elif nd == 0:
                 o = self._varlen_attention(li, seqs, q, k, v, layer.scaling)
+            else:  # decode rows [0, nd) + prompt tokens [nd, T)
+                o = torch.cat([
+                    self._decode_attention(li, q[:, :, :nd], ctx, layer.scaling),
+                    self._varlen_attention(li, seqs[nd:], q[:, :, nd:], k[:, :, nd:], v[:, :, nd:], layer.scaling),
+                ], dim=1)
             x = residual + layer.o_proj(o)  # o: [1, T, H*D]
             residual = x
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [1, T, I] each

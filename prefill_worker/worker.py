@@ -27,7 +27,7 @@ from engine.sampler import History, sample
 from engine.transport import KVTransport, Transfer, TransferState, make_transport
 from engine.types import FinishReason, KVArrival, PrefillRequest, PrefillResult, WorkerStats, finish_reason
 from prefill_worker.config import PrefillConfig
-from prefill_worker.scheduler import Chunk, PendingPrefill, PrefillScheduler
+from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
 
 log = logging.getLogger(__name__)
 BLOCK_SIZE = 16

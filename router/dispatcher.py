@@ -7,7 +7,8 @@
   3. decode events arrive through one long-poll loop per decode worker, fanned out by request id
   4. every wait has the request's deadline; on any exit that is not a clean finish the request is
      cancelled on both workers so its KV comes back
-Workers are Ray actor handles (`handle.method.remote(...)` returns an awaitable); tests may pass
+With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
+goes to the worker that reserved. Workers are Ray actor handles (`handle.method.remote(...)` returns an awaitable); tests may pass
 anything with the same shape.
 """
 from __future__ import annotations
@@ -57,9 +58,13 @@ class DecodeWorkerRef:
 
 class Dispatcher:
     def __init__(
-        self, prefills: list[Any], decodes: list[DecodeWorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig
+        self, prefills: list[Any], decodes: list[DecodeWorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
+        colocated: bool = False,
     ) -> None:
+        if colocated and len(prefills) != len(decodes):
+            raise ValueError("colocated workers: prefills[i] must be decodes[i]")
         self.prefills, self.decodes = prefills, decodes
+        self.colocated = colocated
         self.eos_token_ids = eos_token_ids
         self.limits = limits
         self.policy = LeastLoadedPolicy(len(prefills), len(decodes))
@@ -136,7 +141,7 @@ class Dispatcher:
         try:
             d_idx = await self._reserve(req, deadline)  # counted in the policy from here on
             self._placed[req.request_id] = d_idx
-            p_idx = p_used = self.policy.pick_prefill()
+            p_idx = p_used = d_idx if self.colocated else self.policy.pick_prefill()
             self.policy.add(self.policy.prefill[p_idx], n_prompt)
             preq = PrefillRequest(
                 req.request_id, req.prompt_ids, req.sampling, self.eos_token_ids, self.decodes[d_idx].rank
@@ -280,7 +285,7 @@ class Dispatcher:
         # shielded: this runs while the handler is being cancelled (client went away)
         async def both() -> None:
             await self._cancel_decode(d_idx, rid)
-            if p_idx is not None:
+            if p_idx is not None and not self.colocated:  # colocated: the decode cancel ended both
                 try:
                     await asyncio.wait_for(self.prefills[p_idx].cancel.remote(rid), timeout=5)
                 except Exception as e:  # noqa: BLE001
@@ -293,7 +298,7 @@ class Dispatcher:
 
     # -- status ---------------------------------------------------------------------------------
     async def stats(self) -> list[WorkerStats]:
-        handles = list(self.prefills) + [d.handle for d in self.decodes]
+        handles = ([] if self.colocated else list(self.prefills)) + [d.handle for d in self.decodes]
         results = await asyncio.gather(
             *(asyncio.wait_for(h.stats.remote(), timeout=10) for h in handles), return_exceptions=True
         )

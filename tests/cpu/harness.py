@@ -17,7 +17,7 @@ WORDS = (
 ).split()
 
 
-def tiny_config(**sections: dict[str, Any]) -> PDServeConfig:
+def tiny_config(**sections: Any) -> PDServeConfig:
     data: dict[str, Any] = {
         "model": {"path": "tiny", "max_model_len": 2048},
         "server": {"port": 0},
@@ -28,7 +28,7 @@ def tiny_config(**sections: dict[str, Any]) -> PDServeConfig:
         "transport": {"timeout_s": 30},
     }
     for k, v in sections.items():
-        data[k] = {**data.get(k, {}), **v}
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
     return parse_config(data)
 
 

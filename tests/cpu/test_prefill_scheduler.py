@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from engine.block_allocator import BlockAllocator
 from engine.types import PrefillRequest, SamplingParams
-from prefill_worker.scheduler import PendingPrefill, PrefillScheduler
+from engine.prefill_scheduler import PendingPrefill, PrefillScheduler
 
 
 def _p(rid: str, n: int) -> PendingPrefill:

@@ -4,7 +4,8 @@ Each step packs up to `max_batch_tokens` prompt tokens. A prompt longer than `ch
 into chunks (Sarathi-Serve): one chunk per step, so prompts that arrive behind a huge one share the
 next step instead of waiting for the whole of it. Prompts already started go first (their scratch
 KV blocks are held), then waiting ones in arrival order while the budget and the KV scratch last.
-Pure bookkeeping over ints; the worker owns the model and the blocks.
+Pure bookkeeping over ints; the worker owns the model and the blocks. Shared by the prefill worker
+and the aggregated worker (which gives each step the budget its decode rows leave over).
 
     in_progress:  [ long prompt: computed=1024 of 3000 ] → next chunk of ≤ chunk_tokens
     waiting:      [ p1 (40) ][ p2 (900) ][ p3 (12) ] ...  → admitted FCFS while they fit
@@ -71,9 +72,10 @@ class PrefillScheduler:
         self.waiting = deque(p for p in self.waiting if not p.cancelled)
         return gone
 
-    def next_step(self, admit: Callable[[PendingPrefill], bool]) -> list[Chunk]:
-        """The chunks of the next forward. `admit(p)` reserves p's scratch blocks (False: no room)."""
-        budget = self.max_batch_tokens
+    def next_step(self, admit: Callable[[PendingPrefill], bool], budget: int | None = None) -> list[Chunk]:
+        """The chunks of the next forward. `admit(p)` reserves p's scratch blocks (False: no room);
+        `budget` caps this step's prompt tokens (default max_batch_tokens)."""
+        budget = self.max_batch_tokens if budget is None else min(budget, self.max_batch_tokens)
         chunks: list[Chunk] = []
         for p in self.in_progress:
             if budget <= 0:

@@ -1,0 +1,144 @@
+"""mode: aggregated, the baseline: one worker prefills and decodes (continuous Sarathi or static batches).
+
+In-process workers (no Ray) check tokens, mixing and the lifecycle; one Ray cluster checks the wiring.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+
+import pytest
+import ray
+
+from decode_worker.aggregated import AggregatedWorker
+from decode_worker.config import AggregatedConfig
+from engine.config import KVCacheConfig, ModelConfig
+from engine.tiny import tiny_tokenizer
+from engine.types import FinishReason, PrefillRequest, SamplingParams
+from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
+from tests.cpu.test_workers_inprocess import Events
+
+EOS = (2,)
+
+
+class Worker:
+    """An aggregated worker plus the router's part (reserve → prefill → poll)."""
+
+    def __init__(self, cfg: AggregatedConfig) -> None:
+        self.w = AggregatedWorker("a0", ModelConfig(path="tiny"), KVCacheConfig(num_blocks=512), cfg)
+        self.w.start()
+        self.events = Events(self.w)
+        self.tok = tiny_tokenizer()
+
+    def close(self) -> None:
+        self.events.close()
+        self.w.shutdown()
+
+    def run(self, rid: str, prompt: str, max_tokens: int, ignore_eos: bool = False) -> list[int]:
+        ids = self.tok(prompt)["input_ids"]
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+        assert self.w.reserve(rid, len(ids), sp, EOS).ok
+        res = self.w.prefill(PrefillRequest(rid, ids, sp, EOS, 0), timeout_s=60)
+        assert res.error is None, res.error
+        if res.finished is not None:
+            return [res.first_token]
+        return [res.first_token] + [t for e in self.events.take(rid, 60) for t in e.token_ids]
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def worker(request):  # type: ignore[no-untyped-def]
+    # a small step budget so long prompts go in chunks that share steps with running decodes
+    w = Worker(AggregatedConfig(batching=request.param, max_batch_tokens=48, chunk_tokens=32, max_batch_size=8))
+    yield w
+    w.close()
+
+
+def test_greedy_equals_hf_generate(worker: Worker) -> None:
+    for i, p in enumerate(prompts(8, seed=11)):
+        assert worker.run(f"g{i}", p, 12) == hf_greedy(p, 12), p
+    assert worker.w.check_idle()
+
+
+def test_concurrent_requests_equal_solo(worker: Worker) -> None:
+    ps = prompts(12, seed=12)  # more than max_batch_size: static runs two batches
+    with cf.ThreadPoolExecutor(len(ps)) as ex:
+        futs = {p: ex.submit(worker.run, f"c{i}", p, 20, True) for i, p in enumerate(ps)}
+        got = {p: f.result() for p, f in futs.items()}
+    assert got == {p: hf_greedy(p, 20, ignore_eos=True) for p in ps}
+    assert wait_until(worker.w.check_idle, 5)
+    s = worker.w.stats()
+    assert s.role == "aggregated" and s.prompt_tokens_computed > 0 and s.kv_blocks_used == 0
+
+
+def test_cancel_while_queued_or_prefilling_frees_its_blocks(worker: Worker) -> None:
+    w = worker.w
+    ids = tiny_tokenizer()(" ".join(["long prompt"] * 60))["input_ids"]
+    sp = SamplingParams(max_tokens=50, ignore_eos=True)
+    results = {}
+    threads = []
+    for i in range(3):
+        rid = f"x{i}"
+        assert w.reserve(rid, len(ids), sp, EOS).ok
+        t = threading.Thread(target=lambda r=rid: results.__setitem__(r, w.prefill(PrefillRequest(r, ids, sp, EOS, 0))))
+        t.start()
+        threads.append(t)
+    time.sleep(0.05)
+    for i in range(3):
+        w.cancel(f"x{i}")
+    for t in threads:
+        t.join(30)
+    assert all(not t.is_alive() for t in threads)
+    assert len(results) == 3  # every caller got an answer: tokens or "cancelled"
+    assert wait_until(w.check_idle, 10)
+    worker.events.by_id.clear()
+
+
+def test_prefill_without_reservation_is_refused(worker: Worker) -> None:
+    sp = SamplingParams(max_tokens=4)
+    res = worker.w.prefill(PrefillRequest("nobody", [5, 6, 7], sp, EOS, 0), timeout_s=5)
+    assert res.finished is FinishReason.ERROR and "reserve" in (res.error or "")
+
+
+def test_continuous_mixes_prompt_chunks_into_decode_steps() -> None:
+    """A long prompt arriving while another request decodes is computed in chunks alongside it, so the
+    running request keeps getting tokens (static batching would make it wait for its batch to end)."""
+    w = Worker(AggregatedConfig(batching="continuous", max_batch_tokens=48, chunk_tokens=32))
+    try:
+        tok = tiny_tokenizer()
+        sp_long = SamplingParams(max_tokens=200, ignore_eos=True)
+        a = tok("hello there")["input_ids"]
+        assert w.w.reserve("running", len(a), sp_long, EOS).ok
+        assert w.w.prefill(PrefillRequest("running", a, sp_long, EOS, 0)).error is None
+        steps0 = w.w.steps
+        b = tok(" ".join(["document"] * 40))["input_ids"]  # ~360 tokens = ~8 chunks of 32 + 16 decodes
+        sp = SamplingParams(max_tokens=4)
+        assert w.w.reserve("long", len(b), sp, EOS).ok
+        res = w.w.prefill(PrefillRequest("long", b, sp, EOS, 0))
+        assert res.error is None
+        assert w.w.steps - steps0 >= len(b) // 47  # decode steps ran while the prompt was chunked
+        got = [res.first_token] + [t for e in w.events.take("long") for t in e.token_ids]
+        assert got == hf_greedy(tok.decode(b), 4)
+        w.w.cancel("running")
+        assert wait_until(w.w.check_idle, 10)
+    finally:
+        w.close()
+
+
+# -- the Ray cluster in aggregated mode -------------------------------------------------------------
+def test_cluster_aggregated_mode_serves_through_the_router() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, namespace="pdserve-test")
+    srv = RunningServer(tiny_config(aggregated={"replicas": 2, "num_cpus": 0.5}, mode="aggregated"))
+    try:
+        ps = prompts(10, seed=13)
+        with cf.ThreadPoolExecutor(len(ps)) as ex:
+            futs = {p: ex.submit(srv.generate, prompt=p, max_tokens=16, ignore_eos=True) for p in ps}
+            got = {p: list(f.result().token_ids) for p, f in futs.items()}
+        assert got == {p: hf_greedy(p, 16, ignore_eos=True) for p in ps}
+        status = srv.status()
+        assert [w.role for w in status] == ["aggregated", "aggregated"]
+        assert all(w.prompt_tokens_computed > 0 and w.tokens_generated > 0 for w in status)
+        assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in srv.status()), 10)
+    finally:
+        srv.stop()
+        ray.shutdown()
