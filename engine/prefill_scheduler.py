@@ -1,14 +1,17 @@
 """Prefill admission: what goes into the next forward, under a token budget, in chunks.
 
-Each step packs up to `max_batch_tokens` prompt tokens. A prompt longer than `chunk_tokens` is cut
-into chunks (Sarathi-Serve): one chunk per step, so prompts that arrive behind a huge one share the
-next step instead of waiting for the whole of it. Prompts already started go first (their scratch
-KV blocks are held), then waiting ones in arrival order while the budget and the KV scratch last.
-Pure bookkeeping over ints; the worker owns the model and the blocks. Shared by the prefill worker
-and the aggregated worker (which gives each step the budget its decode rows leave over).
+Each step packs up to `max_batch_tokens` prompt tokens, in this order:
+  1. prompts that can finish in this step (remaining ≤ chunk_tokens), shortest first: a short
+     prompt arriving behind a long document gets its first token after one short step
+  2. one chunk of the oldest prompt that cannot finish in this step (started ones first), so long
+     prompts are served one after another rather than all slowed down together; when finishing
+     prompts already fill the step, it waits, at most MAX_DEFER steps in a row (no starvation)
+A prompt longer than `chunk_tokens` thus goes in chunks (Sarathi-Serve). Pure bookkeeping over
+ints; the worker owns the model and the blocks. Shared by the prefill worker and the aggregated
+worker (which gives each step the budget its decode rows leave over).
 
-    in_progress:  [ long prompt: computed=1024 of 3000 ] → next chunk of ≤ chunk_tokens
-    waiting:      [ p1 (40) ][ p2 (900) ][ p3 (12) ] ...  → admitted FCFS while they fit
+    in_progress:  [ doc A: computed=512 of 1024 ]            → its next chunk, when no short one waits
+    waiting:      [ p1 (40) ][ doc B (900) ][ p3 (12) ] ...  → p3, p1 first; doc B after doc A
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from engine.types import PrefillRequest
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the same prompt object moves between the queues
 class PendingPrefill:
     request: PrefillRequest
     enqueued: float = field(default_factory=time.monotonic)
@@ -48,10 +51,14 @@ class Chunk:
         return self.start + self.length == self.pending.num_tokens
 
 
+MAX_DEFER = 4  # steps in a row a long prompt's chunk may wait for prompts that finish
+
+
 class PrefillScheduler:
     def __init__(self, max_batch_tokens: int, chunk_tokens: int) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.chunk_tokens = min(chunk_tokens, max_batch_tokens)
+        self.deferred = 0  # steps the oldest unfinished prompt has been passed over
         self.waiting: deque[PendingPrefill] = deque()
         self.in_progress: list[PendingPrefill] = []
 
@@ -73,26 +80,36 @@ class PrefillScheduler:
         return gone
 
     def next_step(self, admit: Callable[[PendingPrefill], bool], budget: int | None = None) -> list[Chunk]:
-        """The chunks of the next forward. `admit(p)` reserves p's scratch blocks (False: no room);
-        `budget` caps this step's prompt tokens (default max_batch_tokens)."""
+        """The chunks of the next forward. `admit(p)` reserves p's scratch blocks (False: no room, it
+        waits); `budget` caps this step's prompt tokens (default max_batch_tokens)."""
         budget = self.max_batch_tokens if budget is None else min(budget, self.max_batch_tokens)
         chunks: list[Chunk] = []
-        for p in self.in_progress:
-            if budget <= 0:
-                break
-            n = min(p.remaining, self.chunk_tokens, budget)
-            chunks.append(Chunk(p, p.computed, n))
-            budget -= n
-        while self.waiting and budget > 0:
-            p = self.waiting[0]
-            if not admit(p):
-                break  # FCFS: no overtaking a prompt that waits for scratch room
-            self.waiting.popleft()
-            self.in_progress.append(p)
-            n = min(p.num_tokens, self.chunk_tokens, budget)
-            chunks.append(Chunk(p, 0, n))
-            budget -= n
+        for p in sorted([*self.in_progress, *self.waiting], key=lambda p: (p.remaining, p.enqueued)):
+            if p.remaining > min(self.chunk_tokens, budget):
+                break  # sorted: no later one finishes in this step either
+            if self._start(p, admit):
+                chunks.append(Chunk(p, p.computed, p.remaining))
+                budget -= p.remaining
+        taken = {id(c.pending) for c in chunks}
+        head = next((p for p in [*self.in_progress, *self.waiting] if id(p) not in taken), None)
+        if head is None or budget <= 0:
+            return chunks
+        if chunks and self.deferred < MAX_DEFER:
+            self.deferred += 1
+            return chunks
+        if self._start(head, admit):
+            chunks.append(Chunk(head, head.computed, min(head.remaining, self.chunk_tokens, budget)))
+            self.deferred = 0
         return chunks
+
+    def _start(self, p: PendingPrefill, admit: Callable[[PendingPrefill], bool]) -> bool:
+        if p in self.in_progress:
+            return True
+        if not admit(p):
+            return False
+        self.waiting.remove(p)
+        self.in_progress.append(p)
+        return True
 
     def advance(self, chunks: list[Chunk]) -> list[PendingPrefill]:
         """Record that `chunks` were computed; return the prompts now complete (they leave)."""

@@ -51,6 +51,11 @@ def summarize(records: list[Record], duration_s: float, slo: dict[str, float]) -
             key = r.error.split(":")[0]
             errors[key] = errors.get(key, 0) + 1
     out["errors"] = errors
+    # per request, in send order (like `vllm bench serve --save-detailed`), for digging into misses
+    out["input_lens"] = [r.input_len for r in records]
+    out["ttfts_ms"] = [round(r.ttft * 1000, 1) if r.ok else None for r in records]
+    out["tpots_ms"] = [round(t * 1000, 1) if r.ok and (t := r.tpot) is not None else None for r in records]
+    out["met_slo"] = [r.ok and _meets(r, slo) for r in records]
     return out
 
 
