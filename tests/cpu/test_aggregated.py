@@ -94,6 +94,16 @@ def test_cancel_while_queued_or_prefilling_frees_its_blocks(worker: Worker) -> N
     worker.events.by_id.clear()
 
 
+def test_prefill_past_its_deadline_ends_the_request_and_frees_its_blocks(worker: Worker) -> None:
+    ids = tiny_tokenizer()(" ".join(["slow"] * 150))["input_ids"]  # ~750 tokens: many chunks
+    sp = SamplingParams(max_tokens=8)
+    assert worker.w.reserve("late", len(ids), sp, EOS).ok
+    res = worker.w.prefill(PrefillRequest("late", ids, sp, EOS, 0), timeout_s=0.01)
+    assert res.finished is FinishReason.ERROR and "did not finish" in (res.error or "")
+    assert wait_until(worker.w.check_idle, 10)  # nobody had to cancel it
+    worker.events.by_id.clear()
+
+
 def test_prefill_without_reservation_is_refused(worker: Worker) -> None:
     sp = SamplingParams(max_tokens=4)
     res = worker.w.prefill(PrefillRequest("nobody", [5, 6, 7], sp, EOS, 0), timeout_s=5)
