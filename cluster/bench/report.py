@@ -85,6 +85,10 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PANELS = [("p99_ttft_ms", "p99 TTFT (ms)"), ("p99_tpot_ms", "p99 TPOT (ms)"), ("p99_itl_ms", "p99 ITL (ms)"),
+          ("goodput", "goodput (req/s meeting SLO)")]
+
+
 def plot(series: dict[str, list[dict[str, Any]]], path: str, title: str = "") -> None:
     """p99 TTFT, p99 TPOT and p99 ITL against request rate; one line per system."""
     import matplotlib
@@ -92,10 +96,11 @@ def plot(series: dict[str, list[dict[str, Any]]], path: str, title: str = "") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if all(len(runs) == 1 for runs in series.values()):  # one point each (a fixed concurrency): bars
+        _bars(plt, series, path, title)
+        return
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    panels = [("p99_ttft_ms", "p99 TTFT (ms)"), ("p99_tpot_ms", "p99 TPOT (ms)"), ("p99_itl_ms", "p99 ITL (ms)"),
-              ("goodput", "goodput (req/s meeting SLO)")]
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, PANELS):
         for name, runs in series.items():
             pts = sorted((r["request_rate"], r[key]) for r in runs if r.get(key) == r.get(key))
             if pts:
@@ -109,5 +114,27 @@ def plot(series: dict[str, list[dict[str, Any]]], path: str, title: str = "") ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(plt: Any, series: dict[str, list[dict[str, Any]]], path: str, title: str) -> None:
+    """One bar per system for output tokens/s and each latency panel (runs at one fixed load)."""
+    names = list(series)
+    panels = [("output_throughput", "output tokens/s"), *PANELS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(22, 4.8))
+    colors = [f"C{i}" for i in range(len(names))]
+    for ax, (key, label) in zip(axes, panels):
+        ax.bar(range(len(names)), [series[n][0].get(key, float("nan")) for n in names], color=colors)
+        ax.set_xticks([])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+        if key.endswith("_ms"):
+            ax.set_yscale("log")
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=c) for c in colors], names, loc="lower center",
+               ncol=min(len(names), 4), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
