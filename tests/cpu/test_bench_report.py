@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from cluster.bench.backends import Record
-from cluster.bench.report import summarize
+from cluster.bench.report import plot, summarize
 from cluster.bench.workloads import build, lengths
 from engine.tiny import tiny_tokenizer
 
@@ -25,6 +25,17 @@ def test_summary_fields_and_goodput() -> None:
     assert s["goodput"] == 1 / 4.0 and math.isclose(s["slo_attainment"], 100 / 3)
     for key in ("mean_ttft_ms", "p90_itl_ms", "p99_itl_ms", "median_e2el_ms", "p99_tpot_ms"):
         assert key in s
+    assert s["input_lens"] == [10, 10, 10] and s["met_slo"] == [True, False, False]
+    assert s["ttfts_ms"] == [100.0, 2000.0, None]
+
+
+def test_plots_curves_for_rate_sweeps_and_bars_for_one_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run = summarize([_rec(0.0, [0.1, 0.2, 0.3])], duration_s=1.0, slo={})
+    sweep = {"a": [{**run, "request_rate": 0.5}, {**run, "request_rate": 1.0}], "b": [{**run, "request_rate": 1.0}]}
+    plot(sweep, str(tmp_path / "sweep.png"), title="sweep")
+    plot({"a": [run], "b": [run]}, str(tmp_path / "bars.png"), title="one load")
+    for name in ("sweep.png", "bars.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_workloads_have_the_promised_shapes() -> None:
