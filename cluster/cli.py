@@ -99,8 +99,9 @@ async def _serve_async(cluster: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"pdserve: serving pdserve.v1.Generation on {server.cfg.host}:{port} "
-          f"({len(cluster.prefills)} prefill, {len(cluster.decodes)} decode); Ctrl-C stops", flush=True)
+    shape = (f"{len(cluster.decodes)} aggregated" if cluster.cfg.mode == "aggregated"
+             else f"{len(cluster.prefills)} prefill, {len(cluster.decodes)} decode")
+    print(f"pdserve: serving pdserve.v1.Generation on {server.cfg.host}:{port} ({shape}); Ctrl-C stops", flush=True)
     await stop.wait()
     print("pdserve: shutting down", flush=True)
     await server.stop()

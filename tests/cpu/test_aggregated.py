@@ -135,6 +135,29 @@ def test_continuous_mixes_prompt_chunks_into_decode_steps() -> None:
         w.close()
 
 
+def test_static_batching_makes_newcomers_wait_for_the_batch_to_end() -> None:
+    w = Worker(AggregatedConfig(batching="static", max_batch_size=4))
+    try:
+        tok = tiny_tokenizer()
+        a = tok("first batch")["input_ids"]
+        sp_a = SamplingParams(max_tokens=80, ignore_eos=True)
+        assert w.w.reserve("a", len(a), sp_a, EOS).ok
+        assert w.w.prefill(PrefillRequest("a", a, sp_a, EOS, 0)).error is None
+        b = tok("late arrival")["input_ids"]
+        sp_b = SamplingParams(max_tokens=4, ignore_eos=True)
+        assert w.w.reserve("b", len(b), sp_b, EOS).ok
+        res = w.w.prefill(PrefillRequest("b", b, sp_b, EOS, 0))
+        assert res.error is None
+        with w.w._lock:
+            assert "a" not in w.w.scheduler.requests  # b was prefilled only after a had finished
+        assert len([t for e in w.events.take("a") for t in e.token_ids]) == 79
+        assert [res.first_token] + [t for e in w.events.take("b") for t in e.token_ids] == hf_greedy(
+            "late arrival", 4, ignore_eos=True)
+        assert wait_until(w.w.check_idle, 10)
+    finally:
+        w.close()
+
+
 # -- the Ray cluster in aggregated mode -------------------------------------------------------------
 def test_cluster_aggregated_mode_serves_through_the_router() -> None:
     ray.init(num_cpus=2, include_dashboard=False, namespace="pdserve-test")

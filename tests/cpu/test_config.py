@@ -7,10 +7,16 @@ from cluster.config import ConfigError, load_config, parse_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "2p2d.yaml", "multi-gpu.yaml"])
-def test_shipped_examples_load(name: str) -> None:
-    cfg = load_config(ROOT / "deploy" / name)
-    assert cfg.prefill.replicas >= 1 and cfg.decode.replicas >= 1
+@pytest.mark.parametrize("path", sorted((ROOT / "deploy").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert all(getattr(cfg, role).replicas >= 1 for role in cfg.roles)
+
+
+def test_aggregated_mode_uses_its_own_section() -> None:
+    cfg = parse_config({"mode": "aggregated", "aggregated": {"replicas": 2, "batching": "static"}})
+    assert cfg.roles == ("aggregated",) and cfg.aggregated.batching == "static"
+    assert parse_config({}).roles == ("prefill", "decode")
 
 
 def test_defaults_and_frozen() -> None:
@@ -31,6 +37,9 @@ def test_defaults_and_frozen() -> None:
         ({"model": {"device": "cuda"}}, "num_gpus"),
         ({"prefill": {"replicaz": 2}}, "prefill.replicaz"),
         ({"limits": {"max_prompt_tokens": 5000}}, "limits.max_prompt_tokens"),
+        ({"mode": "mixed"}, "mode"),
+        ({"aggregated": {"batching": "dynamic"}}, "aggregated.batching"),
+        ({"mode": "aggregated", "model": {"device": "cuda"}}, "aggregated.num_gpus"),
     ],
 )
 def test_bad_values_name_the_field(data: dict, needle: str) -> None:
