@@ -3,7 +3,8 @@
   1. reserve KV room on a decode worker (most room first); none has room → wait in a bounded FIFO
      queue until a request finishes somewhere (limits.max_queued_requests, queue_timeout_s), then
      ResourceExhausted
-  2. prefill on the least-loaded prefill worker; its answer is the first token (TTFT)
+  2. prefill on the least-loaded prefill worker; its answer is the first token (TTFT); a prefill
+     worker found dead fails the request at hand (UNAVAILABLE) and is skipped from then on
   3. decode events arrive through one long-poll loop per decode worker, fanned out by request id
   4. every wait has the request's deadline; on any exit that is not a clean finish the request is
      cancelled on both workers so its KV comes back
@@ -77,6 +78,7 @@ class Dispatcher:
         self._pollers: list[asyncio.Task[None]] = []
         self._placed: dict[str, int] = {}  # request id → decode index holding its KV
         self.dead: set[int] = set()  # decode indexes whose actor is gone
+        self.dead_prefills: set[int] = set()  # prefill indexes whose actor is gone
         self._closing = False
 
     # -- decode event pump --------------------------------------------------------------------
@@ -141,7 +143,7 @@ class Dispatcher:
         try:
             d_idx = await self._reserve(req, deadline)  # counted in the policy from here on
             self._placed[req.request_id] = d_idx
-            p_idx = p_used = d_idx if self.colocated else self.policy.pick_prefill()
+            p_idx = p_used = d_idx if self.colocated else self._pick_prefill()
             self.policy.add(self.policy.prefill[p_idx], n_prompt)
             preq = PrefillRequest(
                 req.request_id, req.prompt_ids, req.sampling, self.eos_token_ids, self.decodes[d_idx].rank
@@ -150,6 +152,11 @@ class Dispatcher:
                 res = await self._wait(
                     self.prefills[p_idx].prefill.remote(preq, _remaining(deadline)), deadline, "prefill"
                 )
+            except WorkerFailure as e:
+                if _actor_gone(e) and not self.colocated:  # this request fails; later ones go elsewhere
+                    self.dead_prefills.add(p_idx)
+                    log.error("prefill worker %d is gone; routing around it", p_idx)
+                raise
             finally:
                 self.policy.remove(self.policy.prefill[p_idx], n_prompt)
             if res.error is not None:
@@ -186,6 +193,12 @@ class Dispatcher:
                 if not finished:  # client gone, deadline, stop string, error: free the KV everywhere
                     await self._cancel_everywhere(d_idx, p_used, req.request_id)
                 await self._capacity_changed()
+
+    def _pick_prefill(self) -> int:
+        idx = self.policy.pick_prefill(self.dead_prefills)
+        if idx is None:
+            raise WorkerFailure(f"all {len(self.prefills)} prefill workers are gone")
+        return idx
 
     async def _capacity_changed(self) -> None:
         async with self._capacity:

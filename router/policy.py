@@ -23,8 +23,10 @@ class LeastLoadedPolicy:
         """Decode workers to try, most room first (the first that reserves wins)."""
         return sorted(range(len(self.decode)), key=lambda i: (self.decode[i].tokens, self.decode[i].requests, i))
 
-    def pick_prefill(self) -> int:
-        return min(range(len(self.prefill)), key=lambda i: (self.prefill[i].tokens, self.prefill[i].requests, i))
+    def pick_prefill(self, exclude: set[int] | frozenset[int] = frozenset()) -> int | None:
+        """The prefill worker with the fewest prompt tokens queued, skipping `exclude`; None if none is left."""
+        live = [i for i in range(len(self.prefill)) if i not in exclude]
+        return min(live, key=lambda i: (self.prefill[i].tokens, self.prefill[i].requests, i), default=None)
 
     @staticmethod
     def add(load: Load, tokens: int) -> None:

@@ -76,6 +76,32 @@ def test_full_kv_queues_a_bounded_burst_and_refuses_the_rest(server: RunningServ
     assert server.generate(prompt="after the burst", max_tokens=4).usage.completion_tokens >= 1
 
 
+def _try(server: RunningServer, p: str):  # type: ignore[no-untyped-def]
+    try:
+        return list(server.generate(prompt=p, max_tokens=8).token_ids)
+    except grpc.RpcError as e:
+        return e
+
+
+def test_a_dead_prefill_worker_fails_one_request_and_is_skipped(server: RunningServer) -> None:
+    # kills prefill-1; the dead decode test after it needs only prefill-0
+    ray.kill(server.cluster.prefills[1], no_restart=True)
+    ps = prompts(4, seed=14)
+    failed = []
+    for _ in range(6):  # concurrent requests spread over both prefill workers until one meets the dead one
+        with cf.ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda p: _try(server, p), ps))
+        failed += [g for g in got if isinstance(g, grpc.RpcError)]
+        if failed:
+            break
+    assert failed and all(e.code() == grpc.StatusCode.UNAVAILABLE and "prefill" in e.details() for e in failed)
+    for _ in range(2):  # from then on every request goes to prefill-0
+        with cf.ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda p: _try(server, p), ps))
+        assert got == [hf_greedy(p, 8) for p in ps]
+    assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in server.status() if w.role == "decode"), 10)
+
+
 def test_a_dead_decode_worker_fails_its_requests_fast_and_the_rest_goes_on(server: RunningServer) -> None:
     # runs last in this module: it kills decode-1
     req = pb.GenerateRequest(prompt="long running", max_tokens=1000, ignore_eos=True)

@@ -108,3 +108,5 @@ def test_policy_prefers_least_loaded() -> None:
     assert p.pick_prefill() == 1
     p.remove(p.prefill[0], 500)
     assert p.pick_prefill() == 0
+    assert p.pick_prefill(exclude={0}) == 1  # a dead worker is skipped even when it is idlest
+    assert p.pick_prefill(exclude={0, 1}) is None
