@@ -55,6 +55,29 @@ def test_chunked_prefill_equals_hf(chunk: int) -> None:
     assert int(logits[0].argmax()) == _hf(p, 1)[0]
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_mixed_steps_decode_rows_plus_prompt_chunks_equal_hf(kernels: str) -> None:
+    """Sarathi steps: running sequences decode while another prompt is computed in chunks, all in one
+    forward per step (what the aggregated worker does); every sequence still equals generate."""
+    prompts = _prompts(4, seed=21)
+    runner = ModelRunner(MODEL, num_blocks=4 * 24, block_size=16, kernels=kernels)
+    tables = _tables(4, 24, 2)
+    out: list[list[int]] = [[int(runner.forward([SeqInput(prompts[i], 0, tables[i])])[0].argmax())] for i in range(3)]
+    late, computed, chunk = prompts[3], 0, 24
+    while any(len(o) < 12 for o in out) or computed < len(late):
+        running = [i for i, o in enumerate(out) if len(o) < 12]
+        rows = [SeqInput([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in running]
+        piece = late[computed : computed + chunk]
+        chunks = [SeqInput(piece, computed, tables[3])] if piece else []
+        logits = runner.forward(rows + chunks)  # decode rows first, then the prompt chunk
+        for i, row in zip(running, logits):
+            out[i].append(int(row.argmax()))
+        computed += len(piece)
+        if piece and computed == len(late):
+            out.append([int(logits[-1].argmax())])  # the late prompt joins the decode rows next step
+    assert [o[:12] for o in out] == [_hf(p, 12) for p in prompts]
+
+
 def test_kv_gather_scatter_round_trip_continues_decoding() -> None:
     p = _prompts(1, seed=9)[0]
     a = ModelRunner(MODEL, num_blocks=32, block_size=16)
