@@ -4,9 +4,11 @@ A request here goes:
   1. prefill()   the router hands over the tokenized prompt and the decode rank that reserved room
   2. the loop packs waiting prompts into one forward under `max_batch_tokens`; prompts longer
      than `chunk_tokens` go one chunk per step (their scratch KV grows chunk by chunk)
-  3. once a prompt's last chunk is computed, samples its first token and answers the router at once (TTFT does not wait for the handoff)
+  3. once a prompt's last chunk is computed, samples its first token
   4. copies the prompt's KV out of its scratch blocks (freed at once), posts the send to the decode
-     worker over the transport and tells that worker (kv_incoming) which transfer carries it
+     worker over the transport and tells that worker (kv_incoming) which transfer carries it; then
+     answers the router (TTFT includes the ~25 ms copy of a 1024-token prompt, not the transfer,
+     and a failure to post the send is the request's error, not a silent hang)
   5. polls the sends to completion; a failed send is logged (the decode side fails the request)
 """
 from __future__ import annotations
