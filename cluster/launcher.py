@@ -144,8 +144,9 @@ class Cluster:
                 need[key] = need.get(key, 0.0) + per * p.replicas
         for key, amount in need.items():
             if amount > total.get(key, 0.0) + 1e-9:
+                roles = " + ".join(self.cfg.roles)
                 raise StartupError(
-                    f"the Ray cluster has {total.get(key, 0.0):g} {key} but {' + '.join(self.cfg.roles)} ask for {amount:g} "
+                    f"the Ray cluster has {total.get(key, 0.0):g} {key} but {roles} ask for {amount:g} "
                     f"(replicas x num_cpus/num_gpus/resources); lower them or add nodes"
                 )
 

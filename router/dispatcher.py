@@ -9,8 +9,8 @@
   4. every wait has the request's deadline; on any exit that is not a clean finish the request is
      cancelled on both workers so its KV comes back
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
-goes to the worker that reserved. Workers are Ray actor handles (`handle.method.remote(...)` returns an awaitable); tests may pass
-anything with the same shape.
+goes to the worker that reserved. Workers are Ray actor handles (`handle.method.remote(...)`
+returns an awaitable); tests may pass anything with the same shape.
 """
 from __future__ import annotations
 
