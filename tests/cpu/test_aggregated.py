@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import threading
 import time
 
+import grpc
 import pytest
 import ray
 
@@ -16,6 +17,7 @@ from decode_worker.config import AggregatedConfig
 from engine.config import KVCacheConfig, ModelConfig
 from engine.tiny import tiny_tokenizer
 from engine.types import FinishReason, PrefillRequest, SamplingParams
+from protos.pdserve.v1 import generation_pb2 as pb
 from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
 from tests.cpu.test_workers_inprocess import Events
 
@@ -172,6 +174,27 @@ def test_cluster_aggregated_mode_serves_through_the_router() -> None:
         assert [w.role for w in status] == ["aggregated", "aggregated"]
         assert all(w.prompt_tokens_computed > 0 and w.tokens_generated > 0 for w in status)
         assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in srv.status()), 10)
+
+        # a worker dies: its requests end at once with UNAVAILABLE, new ones go to the other one
+        req = pb.GenerateRequest(prompt="long running", max_tokens=1000, ignore_eos=True)
+        streams = [srv.stub.GenerateStream(req, timeout=60) for _ in range(2)]
+        for st in streams:
+            next(st)  # both running, one per worker (most KV room first)
+        ray.kill(srv.cluster.decodes[1], no_restart=True)
+        t0, codes = time.monotonic(), []
+        for st in streams:
+            try:
+                for _ in st:
+                    if time.monotonic() - t0 > 5:  # the live worker's request: enough
+                        st.cancel()
+                        break
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                if e.code() is grpc.StatusCode.UNAVAILABLE:
+                    assert "is gone" in e.details() and time.monotonic() - t0 < 10
+        assert grpc.StatusCode.UNAVAILABLE in codes
+        for p in prompts(3, seed=15):
+            assert list(srv.generate(prompt=p, max_tokens=8).token_ids) == hf_greedy(p, 8)
     finally:
         srv.stop()
         ray.shutdown()
