@@ -26,7 +26,7 @@ from engine.config import KVCacheConfig, ModelConfig, TransportConfig
 from engine.model_runner import SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
 from engine.sampler import History, sample
-from engine.types import DecodeEvent, FinishReason, PrefillRequest, PrefillResult, TokenLogprob, WorkerStats
+from engine.types import DecodeEvent, PrefillRequest, PrefillResult, TokenLogprob, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,15 @@ class AggregatedWorker(DecodeWorker):
         pending = PendingPrefill(request)
         with self._wake:
             if rid in self._waiters:
-                return _error(request, "request_id already being prefilled")
+                return PrefillResult.failed(rid, "request_id already being prefilled")
             if self.scheduler.start_prefill(rid) is None:
-                return _error(request, "no KV reservation for this request on this worker (reserve first)")
+                return PrefillResult.failed(rid, "no KV reservation for this request on this worker (reserve first)")
             self._waiters[rid] = (done, box)
             self.prefills.add(pending)
             self._wake.notify()
         if not done.wait(timeout_s):
             self.cancel(rid)  # ends it here too: its blocks come back even if the router is gone
-            return _error(request, f"prefill did not finish within {timeout_s:.0f}s")
+            return PrefillResult.failed(rid, f"prefill did not finish within {timeout_s:.0f}s")
         return box[0]
 
     def cancel(self, request_id: str) -> bool:
@@ -75,7 +75,7 @@ class AggregatedWorker(DecodeWorker):
             for p in [*self.prefills.waiting, *self.prefills.in_progress]:
                 if p.request.request_id == request_id:
                     p.cancelled = True
-                    self._answer(request_id, _error(p.request, "cancelled"))
+                    self._answer(request_id, PrefillResult.failed(request_id, "cancelled"))
         return super().cancel(request_id)
 
     def stats(self) -> WorkerStats:
@@ -113,10 +113,10 @@ class AggregatedWorker(DecodeWorker):
             with self._lock:
                 ids = {c.pending.request.request_id for c in chunks}
                 self.prefills.in_progress = [p for p in self.prefills.in_progress if p.request.request_id not in ids]
-                for c in chunks:
-                    self.scheduler.fail(c.pending.request.request_id, error)
-            for c in chunks:
-                self._answer(c.pending.request.request_id, _error(c.pending.request, error))
+                for rid in ids:
+                    self.scheduler.fail(rid, error)
+            for rid in ids:
+                self._answer(rid, PrefillResult.failed(rid, error))
             return self._fail(batch, error)
 
     def _plan_static(self) -> tuple[list[DecodeRequest], list[Chunk]]:
@@ -175,7 +175,3 @@ class AggregatedWorker(DecodeWorker):
         if w is not None:
             w[1].append(result)
             w[0].set()
-
-
-def _error(request: PrefillRequest, msg: str) -> PrefillResult:
-    return PrefillResult(request.request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, msg)

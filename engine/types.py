@@ -74,6 +74,10 @@ class PrefillResult:
     error: str | None = None
     first_logprob: TokenLogprob | None = None
 
+    @classmethod
+    def failed(cls, request_id: str, error: str) -> "PrefillResult":
+        return cls(request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, error)
+
 
 @dataclass(frozen=True)
 class KVArrival:

@@ -27,7 +27,7 @@ from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
 from engine.sampler import History, sample
 from engine.transport import KVTransport, Transfer, TransferState, make_transport
-from engine.types import FinishReason, KVArrival, PrefillRequest, PrefillResult, WorkerStats, finish_reason
+from engine.types import KVArrival, PrefillRequest, PrefillResult, WorkerStats, finish_reason
 from prefill_worker.config import PrefillConfig
 from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
 
@@ -93,12 +93,12 @@ class PrefillWorker:
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
         """Block until the first token is sampled (or the deadline passes)."""
         if request.decode_rank not in self.peers:
-            return self._error(request, f"unknown decode rank {request.decode_rank}")
+            return PrefillResult.failed(request.request_id, f"unknown decode rank {request.decode_rank}")
         waiter = _Waiter(threading.Event())
         pending = PendingPrefill(request)
         with self._wake:
             if request.request_id in self._waiters:
-                return self._error(request, "request_id already being prefilled")
+                return PrefillResult.failed(request.request_id, "request_id already being prefilled")
             self._waiters[request.request_id] = waiter
             self.scheduler.add(pending)
             self._wake.notify()
@@ -106,7 +106,7 @@ class PrefillWorker:
             with self._lock:
                 pending.cancelled = True
                 self._waiters.pop(request.request_id, None)
-            return self._error(request, f"prefill did not finish within {timeout_s:.0f}s")
+            return PrefillResult.failed(request.request_id, f"prefill did not finish within {timeout_s:.0f}s")
         assert waiter.result is not None
         return waiter.result
 
@@ -117,7 +117,7 @@ class PrefillWorker:
                     p.cancelled = True
                     w = self._waiters.pop(request_id, None)
                     if w is not None:
-                        w.result = self._error(p.request, "cancelled")
+                        w.result = PrefillResult.failed(p.request.request_id, "cancelled")
                         w.event.set()
                     self._wake.notify()
                     return True
@@ -148,9 +148,6 @@ class PrefillWorker:
             self.transport.close()
 
     # -- the loop -------------------------------------------------------------------------------
-    def _error(self, request: PrefillRequest, msg: str) -> PrefillResult:
-        return PrefillResult(request.request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, msg)
-
     def _loop(self) -> None:
         while True:
             with self._wake:
@@ -252,5 +249,5 @@ class PrefillWorker:
 
     def _answer_all(self, batch: list[PendingPrefill], error: str) -> None:
         for p in batch:
-            self._answer(p.request.request_id, self._error(p.request, error))
+            self._answer(p.request.request_id, PrefillResult.failed(p.request.request_id, error))
 
