@@ -1,10 +1,12 @@
-"""Start (or join) Ray, place the prefill and decode actors, wire the KV transport between them.
+"""Start (or join) Ray, place the prefill and decode actors, wire the KV hand-off between them.
 
-Start-up order: Ray → actors (all load the model in parallel) → transport world (ranks: prefill
-0..P-1, decode P..P+D-1; rendezvous on prefill 0's node) → prefill workers learn their decode
-peers → the router. Stop: actors killed, Ray shut down if this process started it.
-mode: aggregated starts only the `aggregated:` workers (no transport); the router uses each one as
-its own prefill and decode worker.
+Start-up order: Ray → actors (all load the model in parallel) → step loops → hand-off wiring: each
+decode worker publishes its endpoint (shared cache handle, pair store), and every prefill-decode
+pair gets its backend (engine/kv_handoff `choose_backend`: a direct write within a node, else a
+per-pair NCCL/gloo communicator opened now, not on a request's first transfer) → the router.
+Workers are named by stable ids (prefill-0, decode-1, ...). Stop: actors killed, Ray shut down if
+this process started it. mode: aggregated starts only the `aggregated:` workers (no hand-off); the
+router uses each one as its own prefill and decode worker.
 """
 from __future__ import annotations
 
@@ -19,11 +21,10 @@ import ray
 from cluster.config import PDServeConfig
 from decode_worker.aggregated import AggregatedWorker
 from decode_worker.worker import DecodeWorker
+from engine.kv_handoff import DecodeEndpoint, WriteGrant, WriteIntent, WriteOutcome, choose_backend
 from engine.model_loader import eos_token_ids, load_tokenizer, resolve_path
-from engine.transport import free_port
-from engine.types import KVArrival
 from prefill_worker.worker import PrefillWorker
-from router.dispatcher import DecodeWorkerRef, Dispatcher
+from router.dispatcher import Dispatcher, WorkerRef
 from router.server import GenerationService, RouterServer
 
 log = logging.getLogger(__name__)
@@ -35,22 +36,21 @@ class StartupError(RuntimeError):
 
 @dataclass
 class RayDecodePeer:
-    """What a prefill worker holds to tell a decode worker that KV is on the way (fire and forget)."""
+    """A prefill worker's handle on a decode worker for the hand-off: each call awaits its answer."""
 
     handle: Any
 
-    def kv_incoming(self, arrival: KVArrival) -> None:
-        self.handle.kv_incoming.remote(arrival)
+    def begin_write(self, intent: WriteIntent, timeout_s: float) -> WriteGrant:
+        return ray.get(self.handle.begin_write.remote(intent), timeout=timeout_s)
+
+    def end_write(self, outcome: WriteOutcome, timeout_s: float) -> None:
+        ray.get(self.handle.end_write.remote(outcome), timeout=timeout_s)
 
 
 def _node_info(worker: Any) -> tuple[str, str]:  # runs inside the actor via __ray_call__
     ctx = ray.get_runtime_context()
     worker.node = ctx.get_node_id()[:12]
     return ray.util.get_node_ip_address(), worker.node
-
-
-def _pick_port(worker: Any) -> int:
-    return free_port()
 
 
 class Cluster:
@@ -78,7 +78,7 @@ class Cluster:
         for i in range(cfg.prefill.replicas):
             self.prefills.append(
                 prefill_cls.options(name=f"{name}-prefill-{i}", **self._options(cfg.prefill)).remote(
-                    f"prefill-{i}", cfg.model, cfg.prefill, cfg.transport
+                    f"prefill-{i}", cfg.model, cfg.prefill, cfg.transport, cfg.kv_cache.block_size
                 )
             )
         for i in range(cfg.decode.replicas):
@@ -92,20 +92,35 @@ class Cluster:
         infos = self._get([w.__ray_call__.remote(_node_info) for w in workers], "node info")
         ids = [f"prefill-{i}" for i in range(len(self.prefills))] + [f"decode-{i}" for i in range(len(self.decodes))]
         self.nodes = {wid: node for wid, (_, node) in zip(ids, infos)}
-        master_ip = infos[0][0]
-        port = self._get(workers[0].__ray_call__.remote(_pick_port), "a free port")
-        world = len(workers)
-        self._get(
-            [w.init_transport.remote(rank, world, master_ip, port) for rank, w in enumerate(workers)],
-            f"the {cfg.transport.resolve(cfg.model.device)} transport world of {world} workers",
-        )
-        P = len(self.prefills)
-        peers = {P + i: RayDecodePeer(d) for i, d in enumerate(self.decodes)}
-        self._get([p.set_peers.remote(peers) for p in self.prefills], "prefill peers")
+        self._get([w.start.remote() for w in workers], "workers to start")
+        hosts = [ip for ip, _ in infos[len(self.prefills):]]
+        endpoints = self._get([d.endpoint.remote(h) for d, h in zip(self.decodes, hosts)], "decode endpoints")
+        backends = self._wire(endpoints)
         log.info(
-            "cluster up in %.1fs: %d prefill + %d decode workers on %d node(s)",
-            time.monotonic() - t0, P, len(self.decodes), len(set(self.nodes.values())),
+            "cluster up in %.1fs: %d prefill + %d decode workers on %d node(s); hand-off: %s",
+            time.monotonic() - t0, len(self.prefills), len(self.decodes), len(set(self.nodes.values())),
+            ", ".join(sorted(set(backends))),
         )
+
+    def _wire(self, endpoints: list[DecodeEndpoint]) -> list[str]:
+        """Every prefill worker × every decode worker: pick the pair's backend, then both sides at once
+        (a two-sided pair opens its communicator here, both sides meeting on the decode's store)."""
+        cfg = self.cfg
+        calls, backends = [], []
+        for i, p in enumerate(self.prefills):
+            pid = f"prefill-{i}"
+            for ep, d in zip(endpoints, self.decodes):
+                try:
+                    backend = choose_backend(
+                        cfg.transport.backend, cfg.model.device, self.nodes[pid] == ep.node, ep.cache is not None
+                    )
+                except ValueError as e:
+                    self.stop()
+                    raise StartupError(f"{pid} → {ep.worker_id}: {e}") from None
+                backends.append(backend.value)
+                calls += [d.accept.remote(pid, backend), p.connect.remote(ep, RayDecodePeer(d), backend)]
+        self._get(calls, f"the hand-off links of {len(self.prefills)} x {len(self.decodes)} worker pairs")
+        return backends
 
     def _start_aggregated(self) -> None:
         cfg = self.cfg
@@ -179,14 +194,12 @@ class Cluster:
         tok = load_tokenizer(cfg.model)
         eos = eos_token_ids(cfg.model, tok)
         if cfg.mode == "aggregated":  # each worker prefills what it decodes
-            dispatcher = Dispatcher(
-                list(self.decodes), [DecodeWorkerRef(i, d) for i, d in enumerate(self.decodes)], eos, cfg.limits,
-                colocated=True,
-            )
+            workers = [WorkerRef(f"aggregated-{i}", d) for i, d in enumerate(self.decodes)]
+            dispatcher = Dispatcher(workers, workers, eos, cfg.limits, colocated=True)
         else:
-            P = len(self.prefills)
-            decodes = [DecodeWorkerRef(P + i, d) for i, d in enumerate(self.decodes)]
-            dispatcher = Dispatcher(self.prefills, decodes, eos, cfg.limits)
+            prefills = [WorkerRef(f"prefill-{i}", p) for i, p in enumerate(self.prefills)]
+            decodes = [WorkerRef(f"decode-{i}", d) for i, d in enumerate(self.decodes)]
+            dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits)
         return RouterServer(GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len), cfg.server)
 
     # -- stop --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 from decode_worker.config import AggregatedConfig
 from decode_worker.request import DecodeRequest
 from decode_worker.worker import DecodeWorker
-from engine.config import KVCacheConfig, ModelConfig, TransportConfig
+from engine.config import KVCacheConfig, ModelConfig
 from engine.model_runner import SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
 from engine.sampler import History, sample
@@ -38,17 +38,12 @@ class AggregatedWorker(DecodeWorker):
         self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: AggregatedConfig,
         node: str = "local",
     ) -> None:
-        super().__init__(worker_id, model_cfg, kv_cfg, cfg, TransportConfig(), node)
+        super().__init__(worker_id, model_cfg, kv_cfg, cfg, None, node)  # nothing is handed to it
         self.cfg = cfg
         self.prefills = PrefillScheduler(cfg.max_batch_tokens, cfg.chunk_tokens)
         self._waiters: dict[str, tuple[threading.Event, list[PrefillResult]]] = {}
         self._members: set[str] = set()  # static batching: the batch being served
         self.requests_prefilled = 0
-
-    def start(self) -> None:
-        """Start the loop (no transport: nothing leaves this worker)."""
-        self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
-        self._thread.start()
 
     # -- called by the router ---------------------------------------------------------------------
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:

@@ -5,15 +5,14 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.transport import Transfer
-from engine.types import FinishReason, KVArrival, SamplingParams, finish_reason
+from engine.types import FinishReason, SamplingParams, finish_reason
 
 
 class DecodeStatus(enum.Enum):
     RESERVED = "reserved"  # blocks held, prefill not done yet
     PREFILLING = "prefilling"  # aggregated mode: this worker computes the prompt into its blocks
-    WAITING_FOR_KV = "waiting_for_kv"  # prefill done, receive posted (or queued behind earlier ones)
-    READY = "ready"  # KV in the cache, waiting for a batch slot
+    WRITING = "writing"  # a prefill worker is writing its KV into the blocks (kv_handoff step 3-5)
+    READY = "ready"  # KV landed in the blocks, waiting for a batch slot
     RUNNING = "running"  # in the decode batch
     FINISHED = "finished"
 
@@ -28,9 +27,8 @@ class DecodeRequest:
     prompt_ids: list[int] | None = None  # only when a repetition penalty needs them
     status: DecodeStatus = DecodeStatus.RESERVED
     output_ids: list[int] = field(default_factory=list)  # generated tokens, the prefill's first included
-    arrival: KVArrival | None = None
-    transfer: Transfer | None = None
     finish_reason: FinishReason | None = None
+    cancelled: bool = False  # cancelled while WRITING: ends (and frees its blocks) once the write does
     created: float = field(default_factory=time.monotonic)
 
     @property

@@ -1,12 +1,14 @@
 """Decode-side bookkeeping: reservations, KV arrival, the running batch. No model, no tensors.
 
 Lifecycle of a request on this worker (the router's id is the only key):
-  1. reserve()      RESERVED        blocks for prompt + max_tokens are held, or the worker says no
-  2. on_arrival()   WAITING_FOR_KV  the prefill worker announced the transfer; receive is posted
-  3. on_kv_landed() READY           its KV sits in its blocks; first token known
-  4. schedule()     RUNNING         joins the batch at the next step (continuous batching)
-  5. on_tokens()    FINISHED        EOS / stop id / max_tokens; leaves the batch, blocks freed
-  cancel() or expire() end it from any state and free its blocks at once.
+  1. reserve()      RESERVED   blocks for prompt + max_tokens are held, or the worker says no
+  2. start_write()  WRITING    a prefill worker was granted the write of its KV into those blocks
+  3. on_kv_landed() READY      its KV sits in its blocks; first token known
+  4. schedule()     RUNNING    joins the batch at the next step (continuous batching)
+  5. on_tokens()    FINISHED   EOS / stop id / max_tokens; leaves the batch, blocks freed
+  cancel() or expire() end it from any state and free its blocks at once, except WRITING: a
+  cancelled request keeps its blocks until its write lands or fails (a freed block is never
+  written into), then write_ended() frees them.
 In aggregated mode (decode_worker/aggregated.py) steps 2-3 are local: start_prefill() RESERVED →
 PREFILLING while this worker computes the prompt into the reserved blocks, on_prefilled() → READY.
 """
@@ -17,11 +19,15 @@ from collections import deque
 
 from decode_worker.request import DecodeRequest, DecodeStatus
 from engine.block_allocator import BlockAllocator
-from engine.types import DecodeEvent, FinishReason, KVArrival, ReserveResult, SamplingParams, TokenLogprob
+from engine.kv_handoff.types import KVDestination
+from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, TokenLogprob
 
 
 class DecodeScheduler:
-    def __init__(self, allocator: BlockAllocator, max_batch_size: int, reserve_timeout_s: float) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, max_batch_size: int, reserve_timeout_s: float, worker_id: str = "decode"
+    ) -> None:
+        self.worker_id = worker_id
         self.allocator = allocator
         self.max_batch_size = max_batch_size
         self.reserve_timeout_s = reserve_timeout_s
@@ -48,28 +54,41 @@ class DecodeScheduler:
         self.requests[request_id] = DecodeRequest(
             request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks), prompt_ids
         )
-        return ReserveResult(True)
+        return ReserveResult(True, dest=KVDestination(self.worker_id, alloc.blocks))
 
-    # -- 2. arrival ---------------------------------------------------------------------------
-    def on_arrival(self, arrival: KVArrival) -> DecodeRequest | None:
-        """Mark the request as waiting for its KV; None if it is gone (cancelled or expired)."""
-        req = self.requests.get(arrival.request_id)
-        if req is None or req.status is not DecodeStatus.RESERVED:
+    # -- 2. write granted ---------------------------------------------------------------------
+    def start_write(self, request_id: str, num_tokens: int) -> DecodeRequest | None:
+        """RESERVED → WRITING: its blocks are now being written; None if it cannot be written."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not DecodeStatus.RESERVED or num_tokens != req.num_prompt_tokens:
             return None
-        req.arrival = arrival
-        req.status = DecodeStatus.WAITING_FOR_KV
+        req.status = DecodeStatus.WRITING
         return req
 
-    # -- 3. landed ----------------------------------------------------------------------------
-    def on_kv_landed(self, request_id: str) -> DecodeRequest | None:
-        """The KV is in the request's blocks: append the prefill's first token, queue for the batch."""
+    # -- 3. landed (or failed) ----------------------------------------------------------------
+    def on_kv_landed(self, request_id: str, first_token: int) -> DecodeRequest | None:
+        """The KV is in the request's blocks: append the prefill's first token, queue for the batch.
+        None if it was cancelled while being written (it ends now, its blocks come back)."""
         req = self.requests.get(request_id)
-        if req is None or req.status is not DecodeStatus.WAITING_FOR_KV or req.arrival is None:
+        if req is None or req.status is not DecodeStatus.WRITING:
             return None
-        req.output_ids.append(req.arrival.first_token)
+        if req.cancelled:
+            self._finish(req, FinishReason.CANCELLED)
+            return None
+        req.output_ids.append(first_token)
         req.status = DecodeStatus.READY
         self.ready.append(request_id)
         return req
+
+    def write_failed(self, request_id: str, error: str) -> DecodeEvent | None:
+        """The write failed or timed out: the request ends (an error event unless it was cancelled)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not DecodeStatus.WRITING:
+            return None
+        if req.cancelled:
+            self._finish(req, FinishReason.CANCELLED)
+            return None
+        return self.fail(request_id, error)
 
     # -- 2-3 in aggregated mode ----------------------------------------------------------------
     def start_prefill(self, request_id: str) -> DecodeRequest | None:
@@ -126,8 +145,11 @@ class DecodeScheduler:
     # -- ending -------------------------------------------------------------------------------
     def cancel(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
-        if req is None:
+        if req is None or req.cancelled:
             return False
+        if req.status is DecodeStatus.WRITING:  # its blocks are being written: keep them until that ends
+            req.cancelled = True
+            return True
         self._finish(req, FinishReason.CANCELLED)
         return True
 
@@ -165,7 +187,7 @@ class DecodeScheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.requests) - len(self.running)
+        return sum(1 for r in self.requests.values() if not r.cancelled) - len(self.running)
 
     def is_idle(self) -> bool:
         return not self.requests and not self.running and not self.ready

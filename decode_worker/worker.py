@@ -1,12 +1,15 @@
 """The decode worker: paged KV cache + continuous batching loop. Runs as a Ray actor (cluster/).
 
-A request here goes:
-  1. reserve()      the router asks for room for prompt + max_tokens before any prefill work
-  2. kv_incoming()  the prefill worker says its KV (and first token) is on the wire
-  3. the loop posts the receive, lands the KV in the reserved blocks, adds the request to the batch
+A request here goes (the hand-off's side of it is engine/kv_handoff, steps 1-6):
+  1. reserve()      the router asks for room for prompt + max_tokens before any prefill work; the
+                    answer names the blocks (a KVDestination)
+  2. begin_write()  a prefill worker asks to write the prompt's KV: granted if still reserved
+  3. end_write() or the pair's receive: the KV has landed in those blocks (or the write failed);
+                    the loop adds the request to the batch with its first token
   4. every step: one forward over all running requests, sample, emit DecodeEvents
   5. poll()         the router long-polls events and streams them to clients
   6. cancel()       from any state: the request leaves at the next step, its blocks are freed
+                    (while its KV is being written: once the write has ended)
 
 Public methods are called from Ray's threads; the loop thread alone touches the model and the cache.
 """
@@ -21,15 +24,17 @@ from typing import Any
 import torch
 
 from decode_worker.config import DecodeConfig
-from decode_worker.receiver import KVReceiver
 from decode_worker.scheduler import DecodeScheduler
 from engine.block_allocator import BlockAllocator
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
+from engine.kv_handoff import (
+    Backend, DecodeEndpoint, HandoffReceiver, PairChannel, TorchPairChannel, WriteGrant, WriteIntent, WriteOutcome,
+)
+from engine.kv_handoff import shared_cache
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
 from engine.sampler import History, sample
-from engine.transport import KVTransport, make_transport
-from engine.types import DecodeEvent, FinishReason, KVArrival, ReserveResult, SamplingParams, WorkerStats
+from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +48,27 @@ class DecodeWorker:
         model_cfg: ModelConfig,
         kv_cfg: KVCacheConfig,
         cfg: DecodeConfig,
-        transport_cfg: TransportConfig,
+        transport_cfg: TransportConfig | None,
         node: str = "local",
     ) -> None:
+        """transport_cfg None: nothing is ever handed to this worker (the aggregated worker)."""
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
         self.model_cfg, self.transport_cfg = model_cfg, transport_cfg
-        self.runner = ModelRunner(load_model(model_cfg), kv_cfg.num_blocks, kv_cfg.block_size, model_cfg.kernels)
+        model = load_model(model_cfg)
+        self.cache_handle: shared_cache.SharedCache | None = None
+        kv = None
+        if transport_cfg is not None and transport_cfg.backend in ("auto", "ipc"):  # prefill workers may write it
+            shape = ModelRunner.cache_shape(model.config, kv_cfg.num_blocks, kv_cfg.block_size)
+            kv, self.cache_handle = shared_cache.allocate(shape, model.dtype, model_cfg.device, worker_id)
+        self.runner = ModelRunner(model, kv_cfg.num_blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
         self.allocator = BlockAllocator(kv_cfg.num_blocks, kv_cfg.block_size)
-        self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s)
-        self.receiver: KVReceiver | None = None
+        self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id)
+        self.receiver = HandoffReceiver(
+            worker_id, self.runner.kv, kv_cfg.block_size, (transport_cfg or TransportConfig()).timeout_s
+        )
+        self._store: object = None  # the TCPStore two-sided pairs rendezvous on (made on first use)
         self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model: must stay 0
-        self.kv_bytes_received = 0
         self.steps = 0
         self._lock = threading.Lock()  # guards scheduler + inbox
         self._wake = threading.Condition(self._lock)
@@ -68,18 +82,29 @@ class DecodeWorker:
     def ready(self) -> str:
         return self.worker_id
 
-    def init_transport(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        self.set_transport(
-            make_transport(self.transport_cfg, self.model_cfg.device, rank, world_size, master_addr, master_port)
-        )
-
-    def set_transport(self, transport: KVTransport) -> None:
-        self.transport = transport
-        self.receiver = KVReceiver(
-            transport, self.runner.kv_shape, self.runner.dtype, str(self.runner.device), self.transport_cfg.timeout_s
-        )
+    def start(self) -> None:
+        """Start the step loop."""
         self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
         self._thread.start()
+
+    def endpoint(self, host: str) -> DecodeEndpoint:
+        """What prefill workers need to write here: the shared cache (ipc) and the pair store (nccl/gloo)."""
+        import torch.distributed as dist
+
+        if self._store is None:
+            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        port = int(self._store.port)  # type: ignore[attr-defined]
+        return DecodeEndpoint(self.worker_id, self.node, host, port, self.runner.block_size, self.cache_handle)
+
+    def accept(self, src: str, backend: Backend, channel: PairChannel | None = None) -> None:
+        """Take writes from prefill worker `src`. Two-sided: open the pair now (blocks until the prefill
+        worker opens its side; the launcher calls both at once)."""
+        if backend is not Backend.IPC and channel is None:
+            assert self._store is not None, "endpoint() first"
+            channel = TorchPairChannel(backend.value, self._store, f"{src}>{self.worker_id}", rank=1)
+        if channel is not None and channel.epoch < 0:
+            channel.open(0, self.receiver.timeout_s)
+        self.receiver.add_peer(src, backend, channel)
 
     # -- called by the router and the prefill workers ---------------------------------------------
     def reserve(
@@ -89,9 +114,24 @@ class DecodeWorker:
         with self._lock:
             return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids)
 
-    def kv_incoming(self, arrival: KVArrival) -> None:
+    def begin_write(self, intent: WriteIntent, timeout_s: float = 0.0) -> WriteGrant:
+        """kv_handoff step 3: may `intent.src_worker` write this request's KV now? (timeout_s: the
+        caller's; a local call answers at once)"""
         with self._wake:
-            self._inbox.append(("arrival", arrival))
+            req = self.scheduler.start_write(intent.request_id, intent.num_tokens)
+            if req is None:
+                return WriteGrant(False, f"request {intent.request_id!r} holds no reservation on {self.worker_id} "
+                                         "(cancelled, expired or already written)")
+            grant = self.receiver.begin(intent, tuple(req.block_table))
+            ev = None if grant.ok else self.scheduler.write_failed(intent.request_id, grant.reason)
+        if ev is not None:
+            self._emit([ev])
+        return grant
+
+    def end_write(self, outcome: WriteOutcome, timeout_s: float = 0.0) -> None:
+        """kv_handoff step 5: a direct write finished, or a write failed."""
+        self.receiver.end(outcome)
+        with self._wake:
             self._wake.notify()
 
     def cancel(self, request_id: str) -> bool:
@@ -116,8 +156,10 @@ class DecodeWorker:
                 self.role, self.worker_id, self.node, s.num_running, s.num_waiting,
                 self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
                 s.tokens_generated,
-                {"steps": self.steps, "kv_bytes_received": self.kv_bytes_received,
-                 "transfers_pending": self.receiver.pending() if self.receiver else 0},
+                {"steps": self.steps, "kv_bytes_received": self.receiver.bytes_received,
+                 "kv_bytes_placed": self.receiver.bytes_placed,
+                 "links": {src: b.value for src, b in self.receiver.peers.items()},
+                 "writes_pending": self.receiver.pending, "writes_failed": self.receiver.writes_failed},
             )
 
     def check_idle(self) -> bool:
@@ -132,8 +174,7 @@ class DecodeWorker:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if getattr(self, "transport", None) is not None:
-            self.transport.close()
+        self.receiver.close()
 
     # -- the loop -------------------------------------------------------------------------------
     def _emit(self, events: list[DecodeEvent]) -> None:
@@ -149,7 +190,7 @@ class DecodeWorker:
                     return
                 if self._idle():
                     # wait for work; poll transfers in flight every millisecond
-                    self._wake.wait(0.001 if self.receiver and self.receiver.pending() else 0.05)
+                    self._wake.wait(0.001 if self.receiver.pending else 0.05)
                 events = self._drain_inbox() + self.scheduler.expire()
             events += self._land_transfers()
             events += self._work()
@@ -179,35 +220,25 @@ class DecodeWorker:
         events: list[DecodeEvent] = []
         while self._inbox:
             kind, item = self._inbox.popleft()
-            if kind == "arrival":
-                assert self.receiver is not None
-                self.scheduler.on_arrival(item)
-                self.receiver.announce(item)  # received even if cancelled: keeps the pair in step
-            elif kind == "cancel":
+            if kind == "cancel":
                 if self.scheduler.cancel(item):
                     events.append(DecodeEvent(item, [], FinishReason.CANCELLED))
         return events
 
     def _land_transfers(self) -> list[DecodeEvent]:
-        if self.receiver is None:
+        """kv_handoff step 6: writes that landed join the batch; failed ones end their requests."""
+        if not self.receiver.pending:
             return []
-        done, failed = self.receiver.poll()
+        landed, failed = self.receiver.poll()
         events: list[DecodeEvent] = []
         with self._lock:
-            for landed in done:
-                a = landed.arrival
-                req = self.scheduler.requests.get(a.request_id)
-                if req is None:  # cancelled meanwhile: drop the data
-                    continue
-                self.runner.scatter_kv(req.block_table, landed.transfer.tensor)
-                nbytes = landed.transfer.tensor.numel() * landed.transfer.tensor.element_size()
-                self.kv_bytes_received += nbytes
-                if self.scheduler.on_kv_landed(a.request_id) is not None:
-                    ms = max(0.0, (time.time() - a.sent_at) * 1000)
-                    events.append(DecodeEvent(a.request_id, [], None, None, ms, nbytes))
-            for landed in failed:
-                log.error("KV transfer for %s failed: %s", landed.arrival.request_id, landed.transfer.error)
-                ev = self.scheduler.fail(landed.arrival.request_id, f"KV transfer failed: {landed.transfer.error}")
+            for h in landed:
+                if self.scheduler.on_kv_landed(h.request_id, h.intent.first_token) is not None:
+                    ms = max(0.0, (time.time() - h.intent.sent_at) * 1000)
+                    events.append(DecodeEvent(h.request_id, [], None, None, ms, h.nbytes))
+            for h in failed:
+                log.error("KV write of %s from %s failed: %s", h.request_id, h.intent.src_worker, h.error)
+                ev = self.scheduler.write_failed(h.request_id, f"KV hand-off failed: {h.error}")
                 if ev is not None:
                     events.append(ev)
         return events

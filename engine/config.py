@@ -43,15 +43,16 @@ class KVCacheConfig(Frozen):
 
 
 class TransportConfig(Frozen):
-    backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="KV handoff backend; auto = nccl for cuda, gloo for cpu."
+    backend: Literal["auto", "ipc", "nccl", "gloo"] = Field(
+        "auto", description="KV hand-off backend per prefill-decode pair. ipc: the prefill writes straight "
+        "into the decode worker's cache (CUDA IPC on GPU, shared memory on CPU; same node only); nccl / gloo: "
+        "a per-pair communicator (CUDA / CPU tensors, any nodes); auto: ipc when the pair shares a node, "
+        "else nccl on cuda and gloo on cpu."
     )
-    timeout_s: float = Field(60.0, gt=0, description="Deadline for one KV transfer.")
-
-    def resolve(self, device: str) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "nccl" if device == "cuda" else "gloo"
+    timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of one KV write, from its grant: a write that has not landed by "
+        "then fails its request (the blocks are freed only then); a direct write must start within half of it."
+    )
 
 
 class WorkerPlacement(Frozen):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,10 @@ class SeqInput:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, num_blocks: int, block_size: int, kernels: str = "auto") -> None:
+    def __init__(
+        self, model: PreTrainedModel, num_blocks: int, block_size: int, kernels: str = "auto",
+        kv: torch.Tensor | None = None,
+    ) -> None:
         cfg = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -85,11 +89,11 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # [L, 2, num_blocks, block_size, kv_heads, head_dim]
-        self.kv = torch.zeros(
-            self.num_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        # [L, 2, num_blocks, block_size, kv_heads, head_dim]; `kv` (e.g. a shared one) must have this shape
+        shape = self.cache_shape(cfg, num_blocks, block_size)
+        if kv is not None and (tuple(kv.shape) != shape or kv.dtype != self.dtype):
+            raise ValueError(f"kv cache {tuple(kv.shape)} {kv.dtype} does not match {shape} {self.dtype}")
+        self.kv = kv if kv is not None else torch.zeros(shape, dtype=self.dtype, device=self.device)
         # [L, 2, num_slots, kv_heads, head_dim] (a view)
         self.kv_slots = self.kv.view(self.num_layers, 2, num_blocks * block_size, self.num_kv_heads, self.head_dim)
         self.q_size = self.num_heads * self.head_dim
@@ -113,23 +117,19 @@ class ModelRunner:
         self.lm_head = from_module(model.lm_head, backend)
         self.tokens_forwarded = 0
 
-    # -- KV hand-off ---------------------------------------------------------------------------
-    def kv_shape(self, num_tokens: int) -> tuple[int, ...]:
-        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+    @staticmethod
+    def cache_shape(cfg: object, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """[L, 2, num_blocks, block_size, kv_heads, head_dim] for a model config."""
+        c: Any = cfg
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, head_dim)
 
+    # -- slots ----------------------------------------------------------------------------------
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Flat cache slots of positions [start, end) of a sequence → [end - start] long."""
         pos = torch.arange(start, end)
         table = torch.tensor(block_table, dtype=torch.long)
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
-
-    def gather_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
-        """Copy out positions [0, num_tokens) → contiguous [L, 2, n, kv_heads, head_dim]."""
-        return self.kv_slots.index_select(2, self.slots(block_table, 0, num_tokens)).contiguous()
-
-    def scatter_kv(self, block_table: list[int], kv: torch.Tensor) -> None:
-        """Write a [L, 2, n, kv_heads, head_dim] tensor into positions [0, n) of a sequence."""
-        self.kv_slots.index_copy_(2, self.slots(block_table, 0, kv.shape[2]), kv.to(self.device, self.dtype))
 
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.kv_handoff.types import KVDestination
+
 
 class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens reached
@@ -60,7 +62,7 @@ class PrefillRequest:
     token_ids: list[int]
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
-    decode_rank: int  # transport rank of the decode worker that reserved the KV
+    dest: KVDestination  # the decode worker that reserved the KV, and the blocks to write into
 
 
 @dataclass(frozen=True)
@@ -80,21 +82,10 @@ class PrefillResult:
 
 
 @dataclass(frozen=True)
-class KVArrival:
-    """Prefill → decode notice that the KV of `request_id` is on its way as transfer `seq`."""
-
-    request_id: str
-    src_rank: int
-    seq: int
-    num_tokens: int
-    first_token: int
-    sent_at: float  # time.time() on the prefill worker when the send was posted
-
-
-@dataclass(frozen=True)
 class ReserveResult:
     ok: bool
     reason: str = ""
+    dest: KVDestination | None = None  # set when ok: where the prompt's KV must be written
 
 
 @dataclass

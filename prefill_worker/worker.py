@@ -1,42 +1,40 @@
 """The prefill worker. Runs as a Ray actor (cluster/), one per GPU (or CPU slot).
 
 A request here goes:
-  1. prefill()   the router hands over the tokenized prompt and the decode rank that reserved room
+  1. prefill()   the router hands over the tokenized prompt and the destination (decode worker id
+                 and the block ids it reserved)
   2. the loop packs waiting prompts into one forward under `max_batch_tokens`; prompts longer
      than `chunk_tokens` go one chunk per step (their scratch KV grows chunk by chunk)
   3. once a prompt's last chunk is computed, samples its first token
-  4. copies the prompt's KV out of its scratch blocks (freed at once), posts the send to the decode
-     worker over the transport and tells that worker (kv_incoming) which transfer carries it; then
-     answers the router (TTFT includes the ~25 ms copy of a 1024-token prompt, not the transfer,
-     and a failure to post the send is the request's error, not a silent hang)
-  5. polls the sends to completion; a failed send is logged (the decode side fails the request)
+  4. hands a WriteJob to the link of that decode worker (engine/kv_handoff, steps 3-5) and goes on
+     with the next step; the link asks for the write, answers the router with the first token
+     once it is granted (or with the refusal as the error), writes the scratch blocks into the
+     reserved ones and frees the scratch blocks
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 
 from engine.block_allocator import BlockAllocator
 from engine.config import ModelConfig, TransportConfig
+from engine.kv_handoff import (
+    Backend, DecodeEndpoint, DecodePeer, HandoffSender, PairChannel, TorchPairChannel, WriteGrant, WriteJob,
+)
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
-from engine.sampler import History, sample
-from engine.transport import KVTransport, Transfer, TransferState, make_transport
-from engine.types import KVArrival, PrefillRequest, PrefillResult, WorkerStats, finish_reason
-from prefill_worker.config import PrefillConfig
 from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
+from engine.sampler import History, sample
+from engine.types import PrefillRequest, PrefillResult, TokenLogprob, WorkerStats, finish_reason
+from prefill_worker.config import PrefillConfig
 
 log = logging.getLogger(__name__)
-BLOCK_SIZE = 16
-
-
-class DecodePeer(Protocol):
-    def kv_incoming(self, arrival: KVArrival) -> Any: ...
 
 
 @dataclass
@@ -50,50 +48,54 @@ class PrefillWorker:
 
     def __init__(
         self, worker_id: str, model_cfg: ModelConfig, cfg: PrefillConfig, transport_cfg: TransportConfig,
-        node: str = "local",
+        block_size: int, node: str = "local",
     ) -> None:
+        """block_size: the decode workers' (kv_cache.block_size): blocks are copied whole between caches."""
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
         self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
-        blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // BLOCK_SIZE))
-        self.runner = ModelRunner(load_model(model_cfg), blocks, BLOCK_SIZE, model_cfg.kernels)
-        self.allocator = BlockAllocator(blocks, BLOCK_SIZE)
+        blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
+        self.runner = ModelRunner(load_model(model_cfg), blocks, block_size, model_cfg.kernels)
+        self.allocator = BlockAllocator(blocks, block_size)
         self.scheduler = PrefillScheduler(cfg.max_batch_tokens, cfg.chunk_tokens)
-        self.peers: dict[int, DecodePeer] = {}
-        self.transport: KVTransport | None = None
-        self._seq: dict[int, int] = {}  # decode rank → next transfer seq
-        self._sends: list[tuple[str, Transfer]] = []
+        self.sender = HandoffSender(worker_id, self.runner.kv, block_size, transport_cfg.timeout_s)
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
         self._thread: threading.Thread | None = None
         self.prompt_tokens_computed = 0
-        self.kv_bytes_sent = 0
         self.requests_done = 0
 
     # -- wiring ---------------------------------------------------------------------------------
     def ready(self) -> str:
         return self.worker_id
 
-    def init_transport(self, rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-        self.set_transport(
-            make_transport(self.transport_cfg, self.model_cfg.device, rank, world_size, master_addr, master_port)
-        )
-
-    def set_transport(self, transport: KVTransport) -> None:
-        self.transport = transport
+    def start(self) -> None:
+        """Start the step loop."""
         self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
         self._thread.start()
 
-    def set_peers(self, peers: dict[int, DecodePeer]) -> None:
-        self.peers = dict(peers)
+    def connect(
+        self, ep: DecodeEndpoint, peer: DecodePeer, backend: Backend, channel: PairChannel | None = None
+    ) -> None:
+        """Wire one decode worker. Two-sided: open the pair now (blocks until that worker accepts;
+        the launcher calls both at once)."""
+        if backend is not Backend.IPC and channel is None:
+            import torch.distributed as dist
+
+            store = dist.TCPStore(ep.host, ep.store_port, is_master=False,
+                                  timeout=datetime.timedelta(seconds=self.transport_cfg.timeout_s))
+            channel = TorchPairChannel(backend.value, store, f"{self.worker_id}>{ep.worker_id}", rank=0)
+        if channel is not None and channel.epoch < 0:
+            channel.open(0, self.transport_cfg.timeout_s)
+        self.sender.connect(ep.worker_id, peer, backend, ep.block_size, ep.cache, channel)
 
     # -- called by the router ---------------------------------------------------------------------
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
         """Block until the first token is sampled (or the deadline passes)."""
-        if request.decode_rank not in self.peers:
-            return PrefillResult.failed(request.request_id, f"unknown decode rank {request.decode_rank}")
+        if request.dest.worker_id not in self.sender.links:
+            return PrefillResult.failed(request.request_id, f"no hand-off link to decode worker {request.dest.worker_id}")
         waiter = _Waiter(threading.Event())
         pending = PendingPrefill(request)
         with self._wake:
@@ -129,14 +131,15 @@ class PrefillWorker:
                 self.role, self.worker_id, self.node, len(self._waiters), len(self.scheduler.waiting),
                 self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
                 self.requests_done,
-                {"kv_bytes_sent": self.kv_bytes_sent, "sends_pending": len(self._sends),
+                {"kv_bytes_sent": self.sender.bytes_sent, "writes_in_flight": self.sender.in_flight,
+                 "links": {dst: link.backend.value for dst, link in self.sender.links.items()},
                  "waiting_tokens": self.scheduler.waiting_tokens},
             )
 
     def check_idle(self) -> bool:
         with self._lock:
             self.allocator.check()
-            return not self.scheduler.has_work() and not self._sends and self.allocator.num_used == 0
+            return not self.scheduler.has_work() and not self.sender.in_flight and self.allocator.num_used == 0
 
     def shutdown(self) -> None:
         with self._wake:
@@ -144,8 +147,7 @@ class PrefillWorker:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self.transport is not None:
-            self.transport.close()
+        self.sender.close()
 
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -154,7 +156,7 @@ class PrefillWorker:
                 if self._stop:
                     return
                 if not self.scheduler.has_work():
-                    self._wake.wait(0.001 if self._sends else 0.05)
+                    self._wake.wait(0.05)
                 for p in self.scheduler.drop_cancelled():
                     self.allocator.free(p.request.request_id)
                 chunks = self.scheduler.next_step(self._admit)
@@ -171,11 +173,14 @@ class PrefillWorker:
                         for rid in failed:
                             self.allocator.free(rid)
                     self._answer_all(list(failed.values()), f"prefill failed: {type(e).__name__}: {e}")
-            self._poll_sends()
 
     def _admit(self, p: PendingPrefill) -> bool:
-        """Reserve scratch blocks for the whole prompt (its chunks accumulate there)."""
-        return self.allocator.allocate(p.request.request_id, p.num_tokens) is not None
+        """Reserve scratch blocks for the whole prompt (its chunks accumulate there); an id whose
+        previous KV is still being handed off waits for it."""
+        try:
+            return self.allocator.allocate(p.request.request_id, p.num_tokens) is not None
+        except KeyError:
+            return False
 
     def _run(self, chunks: list[Chunk]) -> None:
         t0 = time.monotonic()
@@ -199,46 +204,37 @@ class PrefillWorker:
             [History(p.request.token_ids, ()) for p in done],
         )
         for p, first, lp in zip(done, firsts, lps):
-            req = p.request
-            kv = self.runner.gather_kv(self.allocator.table(req.request_id), p.num_tokens)  # [L, 2, n, KVH, D]
-            with self._lock:
-                self.allocator.free(req.request_id)
-            finished = finish_reason(first, 1, req.sampling, req.eos_token_ids)
-            nbytes = self._hand_off(req, first, kv) if finished is None else 0
-            assert p.started is not None
-            result = PrefillResult(
-                req.request_id, first, finished, (p.started - p.enqueued) * 1000,
-                (time.monotonic() - p.started) * 1000, nbytes, first_logprob=lp,
-            )
-            self._answer(req.request_id, result)
-            self.requests_done += 1
+            self._prefilled(p, first, lp)
 
-    def _hand_off(self, req: PrefillRequest, first: int, kv: torch.Tensor) -> int:
-        assert self.transport is not None
-        dst = req.decode_rank
-        seq = self._seq.get(dst, 0)
-        self._seq[dst] = seq + 1
-        transfer = self.transport.send(dst, seq, kv)
-        self.peers[dst].kv_incoming(
-            KVArrival(req.request_id, self.transport.rank, seq, len(req.token_ids), first, time.time())
+    def _prefilled(self, p: PendingPrefill, first: int, lp: TokenLogprob | None) -> None:
+        """The prompt is computed: answer at once if its first token ends it, else hand its KV off
+        (the router is answered when the write is granted)."""
+        req = p.request
+        assert p.started is not None
+        result = PrefillResult(
+            req.request_id, first, finish_reason(first, 1, req.sampling, req.eos_token_ids),
+            (p.started - p.enqueued) * 1000, (time.monotonic() - p.started) * 1000, 0, first_logprob=lp,
         )
-        self._sends.append((req.request_id, transfer))
-        nbytes = kv.numel() * kv.element_size()
-        self.kv_bytes_sent += nbytes
-        return nbytes
+        self.requests_done += 1
+        if result.finished is not None:
+            self._release(req.request_id)
+            self._answer(req.request_id, result)
+            return
 
-    def _poll_sends(self) -> None:
-        still = []
-        for rid, t in self._sends:
-            state = t.poll()
-            if state is TransferState.PENDING and t.age > self.transport_cfg.timeout_s:
-                t.fail("timed out")
-                state = TransferState.FAILED
-            if state is TransferState.FAILED:
-                log.error("KV send for %s failed: %s", rid, t.error)
-            elif state is TransferState.PENDING:
-                still.append((rid, t))
-        self._sends = still
+        nbytes = self.allocator.blocks_for(p.num_tokens) * self.sender.block_bytes
+
+        def granted(grant: WriteGrant) -> None:
+            self._answer(req.request_id, dataclasses.replace(result, kv_bytes=nbytes) if grant.ok
+                         else PrefillResult.failed(req.request_id, f"KV hand-off refused: {grant.reason}"))
+
+        self.sender.submit(WriteJob(
+            req.request_id, req.dest, p.num_tokens, first, list(self.allocator.table(req.request_id)),
+            granted, lambda: self._release(req.request_id),
+        ))
+
+    def _release(self, request_id: str) -> None:
+        with self._lock:
+            self.allocator.free(request_id)
 
     def _answer(self, request_id: str, result: PrefillResult) -> None:
         with self._lock:
@@ -250,4 +246,3 @@ class PrefillWorker:
     def _answer_all(self, batch: list[PendingPrefill], error: str) -> None:
         for p in batch:
             self._answer(p.request.request_id, PrefillResult.failed(p.request.request_id, error))
-

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.kv_handoff.types import KVDestination
 from engine.types import DecodeEvent, FinishReason, PrefillRequest, TokenLogprob, WorkerStats
 from router.config import LimitsConfig
 from router.policy import LeastLoadedPolicy
@@ -52,14 +53,14 @@ class TokenChunk:
 
 
 @dataclass
-class DecodeWorkerRef:
-    rank: int  # transport rank
+class WorkerRef:
+    worker_id: str  # stable: the worker's name everywhere (hand-off, status, logs), not a position
     handle: Any
 
 
 class Dispatcher:
     def __init__(
-        self, prefills: list[Any], decodes: list[DecodeWorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
+        self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False,
     ) -> None:
         if colocated and len(prefills) != len(decodes):
@@ -77,8 +78,8 @@ class Dispatcher:
         self._capacity_gen = 0  # bumped whenever a request leaves a decode worker
         self._pollers: list[asyncio.Task[None]] = []
         self._placed: dict[str, int] = {}  # request id → decode index holding its KV
-        self.dead: set[int] = set()  # decode indexes whose actor is gone
-        self.dead_prefills: set[int] = set()  # prefill indexes whose actor is gone
+        self.dead: set[str] = set()  # decode worker ids whose actor is gone
+        self.dead_prefills: set[str] = set()  # prefill worker ids whose actor is gone
         self._closing = False
 
     # -- decode event pump --------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Dispatcher:
             t.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
 
-    async def _poll(self, d: DecodeWorkerRef) -> None:
+    async def _poll(self, d: WorkerRef) -> None:
         idx = self.decodes.index(d)
         failures = 0
         while not self._closing:
@@ -103,9 +104,9 @@ class Dispatcher:
                 raise
             except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
                 failures += 1
-                log.error("polling decode rank %d failed (%d): %s", d.rank, failures, e)
+                log.error("polling decode worker %s failed (%d): %s", d.worker_id, failures, e)
                 if _actor_gone(e):  # fail its requests now instead of at their deadlines
-                    self._decode_lost(idx, f"decode worker rank {d.rank} is gone: {type(e).__name__}")
+                    self._decode_lost(idx, f"decode worker {d.worker_id} is gone: {type(e).__name__}")
                     return
                 await asyncio.sleep(min(1.0, 0.05 * failures))
                 continue
@@ -115,7 +116,7 @@ class Dispatcher:
                     q.put_nowait(ev)
 
     def _decode_lost(self, idx: int, why: str) -> None:
-        self.dead.add(idx)
+        self.dead.add(self.decodes[idx].worker_id)
         for rid, where in list(self._placed.items()):
             q = self.streams.get(rid)
             if where == idx and q is not None:
@@ -141,21 +142,20 @@ class Dispatcher:
         p_used: int | None = None
         finished = False
         try:
-            d_idx = await self._reserve(req, deadline)  # counted in the policy from here on
+            d_idx, dest = await self._reserve(req, deadline)  # counted in the policy from here on
             self._placed[req.request_id] = d_idx
             p_idx = p_used = d_idx if self.colocated else self._pick_prefill()
             self.policy.add(self.policy.prefill[p_idx], n_prompt)
-            preq = PrefillRequest(
-                req.request_id, req.prompt_ids, req.sampling, self.eos_token_ids, self.decodes[d_idx].rank
-            )
+            preq = PrefillRequest(req.request_id, req.prompt_ids, req.sampling, self.eos_token_ids, dest)
+            prefill = self.prefills[p_idx]
             try:
                 res = await self._wait(
-                    self.prefills[p_idx].prefill.remote(preq, _remaining(deadline)), deadline, "prefill"
+                    prefill.handle.prefill.remote(preq, _remaining(deadline)), deadline, "prefill"
                 )
             except WorkerFailure as e:
                 if _actor_gone(e) and not self.colocated:  # this request fails; later ones go elsewhere
-                    self.dead_prefills.add(p_idx)
-                    log.error("prefill worker %d is gone; routing around it", p_idx)
+                    self.dead_prefills.add(prefill.worker_id)
+                    log.error("prefill worker %s is gone; routing around it", prefill.worker_id)
                 raise
             finally:
                 self.policy.remove(self.policy.prefill[p_idx], n_prompt)
@@ -195,7 +195,7 @@ class Dispatcher:
                 await self._capacity_changed()
 
     def _pick_prefill(self) -> int:
-        idx = self.policy.pick_prefill(self.dead_prefills)
+        idx = self.policy.pick_prefill({i for i, p in enumerate(self.prefills) if p.worker_id in self.dead_prefills})
         if idx is None:
             raise WorkerFailure(f"all {len(self.prefills)} prefill workers are gone")
         return idx
@@ -205,12 +205,12 @@ class Dispatcher:
             self._capacity_gen += 1
             self._capacity.notify_all()
 
-    async def _reserve(self, req: ValidRequest, deadline: float) -> int:
+    async def _reserve(self, req: ValidRequest, deadline: float) -> tuple[int, KVDestination]:
         """Reserve at once if nobody queues ahead; else wait FIFO for room, bounded in count and time."""
         if self.queued == 0:
-            idx, reasons = await self._try_reserve(req, deadline)
-            if idx is not None:
-                return idx
+            found, reasons = await self._try_reserve(req, deadline)
+            if found is not None:
+                return found
         else:
             reasons = [f"{self.queued} requests already waiting for KV room"]
         lim = self.limits
@@ -225,9 +225,9 @@ class Dispatcher:
             async with self._admission:
                 while True:
                     gen = self._capacity_gen
-                    idx, reasons = await self._try_reserve(req, deadline)
-                    if idx is not None:
-                        return idx
+                    found, reasons = await self._try_reserve(req, deadline)
+                    if found is not None:
+                        return found
                     left = give_up - time.monotonic()
                     if left <= 0:
                         raise ResourceExhausted(
@@ -244,12 +244,14 @@ class Dispatcher:
         finally:
             self.queued -= 1
 
-    async def _try_reserve(self, req: ValidRequest, deadline: float) -> tuple[int | None, list[str]]:
+    async def _try_reserve(
+        self, req: ValidRequest, deadline: float
+    ) -> tuple[tuple[int, KVDestination] | None, list[str]]:
         reasons = []
         for i in self.policy.decode_order():
             d = self.decodes[i]
-            if i in self.dead:
-                reasons.append(f"decode rank {d.rank}: worker is gone")
+            if d.worker_id in self.dead:
+                reasons.append(f"decode worker {d.worker_id}: worker is gone")
                 continue
             load = self.policy.decode[i]
             kv_tokens = len(req.prompt_ids) + req.sampling.max_tokens
@@ -265,15 +267,15 @@ class Dispatcher:
                 )
             except (DeadlineExceeded, WorkerFailure) as e:
                 self.policy.remove(load, kv_tokens)
-                reasons.append(f"decode rank {d.rank}: {e}")
+                reasons.append(f"decode worker {d.worker_id}: {e}")
                 continue
             except BaseException:
                 self.policy.remove(load, kv_tokens)
                 raise
             if r.ok:
-                return i, []
+                return (i, r.dest), []
             self.policy.remove(load, kv_tokens)
-            reasons.append(f"decode rank {d.rank}: {r.reason}")
+            reasons.append(f"decode worker {d.worker_id}: {r.reason}")
         return None, reasons
 
     async def _wait(self, awaitable: Any, deadline: float, what: str) -> Any:
@@ -292,7 +294,7 @@ class Dispatcher:
         try:
             await asyncio.wait_for(self.decodes[d_idx].handle.cancel.remote(rid), timeout=5)
         except Exception as e:  # noqa: BLE001
-            log.warning("cancel %s on decode rank %d failed: %s", rid, self.decodes[d_idx].rank, e)
+            log.warning("cancel %s on decode worker %s failed: %s", rid, self.decodes[d_idx].worker_id, e)
 
     async def _cancel_everywhere(self, d_idx: int, p_idx: int | None, rid: str) -> None:
         # shielded: this runs while the handler is being cancelled (client went away)
@@ -300,9 +302,9 @@ class Dispatcher:
             await self._cancel_decode(d_idx, rid)
             if p_idx is not None and not self.colocated:  # colocated: the decode cancel ended both
                 try:
-                    await asyncio.wait_for(self.prefills[p_idx].cancel.remote(rid), timeout=5)
+                    await asyncio.wait_for(self.prefills[p_idx].handle.cancel.remote(rid), timeout=5)
                 except Exception as e:  # noqa: BLE001
-                    log.warning("cancel %s on prefill %d failed: %s", rid, p_idx, e)
+                    log.warning("cancel %s on prefill worker %s failed: %s", rid, self.prefills[p_idx].worker_id, e)
 
         try:
             await asyncio.shield(asyncio.ensure_future(both()))
@@ -311,7 +313,7 @@ class Dispatcher:
 
     # -- status ---------------------------------------------------------------------------------
     async def stats(self) -> list[WorkerStats]:
-        handles = ([] if self.colocated else list(self.prefills)) + [d.handle for d in self.decodes]
+        handles = ([] if self.colocated else [p.handle for p in self.prefills]) + [d.handle for d in self.decodes]
         results = await asyncio.gather(
             *(asyncio.wait_for(h.stats.remote(), timeout=10) for h in handles), return_exceptions=True
         )

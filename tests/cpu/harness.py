@@ -35,6 +35,14 @@ def tiny_config(**sections: Any) -> PDServeConfig:
 RunningServer = BackgroundServer
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_until(pred: Any, timeout: float = 15.0, interval: float = 0.05) -> bool:
     import time
 

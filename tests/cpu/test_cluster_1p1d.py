@@ -15,8 +15,7 @@ import ray
 
 from cluster.cli import main as cli_main
 from protos.pdserve.v1 import generation_pb2 as pb
-from engine.transport import free_port
-from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
+from tests.cpu.harness import RunningServer, free_port, hf_greedy, prompts, tiny_config, wait_until
 
 MAX_NEW = 24
 
@@ -132,8 +131,9 @@ def test_timings_and_kv_bytes_are_reported(server: RunningServer) -> None:
     t = resp.timings
     assert 0 < t.ttft_ms <= t.total_ms
     assert t.prefill_ms > 0 and t.kv_transfer_ms > 0
-    # tiny model: 2 layers x (k, v) x 2 kv heads x 16 dims x 4 bytes = 512 bytes per prompt token
-    assert t.kv_transfer_bytes == 100 * 512
+    # tiny model: 2 layers x (k, v) x 2 kv heads x 16 dims x 4 bytes = 512 bytes per token; the
+    # hand-off writes whole 16-token blocks: 100 tokens → 7 blocks
+    assert t.kv_transfer_bytes == 7 * 16 * 512
 
 
 def test_chat_messages_use_the_chat_template(server: RunningServer) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from decode_worker.request import DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
 from engine.block_allocator import BlockAllocator
-from engine.types import FinishReason, KVArrival, SamplingParams
+from engine.types import FinishReason, SamplingParams
 
 EOS = 2
 
@@ -14,8 +14,8 @@ def _sched(blocks: int = 32, batch: int = 4) -> DecodeScheduler:
 
 
 def _arrive(s: DecodeScheduler, rid: str, first: int = 7, seq: int = 0) -> None:
-    assert s.on_arrival(KVArrival(rid, 0, seq, 5, first, 0.0)) is not None
-    assert s.on_kv_landed(rid) is not None
+    assert s.start_write(rid, s.requests[rid].num_prompt_tokens) is not None
+    assert s.on_kv_landed(rid, first) is not None
 
 
 def _empty(s: DecodeScheduler) -> None:
@@ -52,19 +52,46 @@ def test_ignore_eos_and_stop_token_ids() -> None:
 
 def test_cancel_in_every_state_frees_blocks() -> None:
     s = _sched()
-    for rid in ("reserved", "waiting", "ready", "running"):
+    for rid in ("reserved", "writing", "ready", "running"):
         assert s.reserve(rid, 5, SamplingParams(max_tokens=8), (EOS,)).ok
-    s.on_arrival(KVArrival("waiting", 0, 0, 5, 7, 0.0))
+    s.start_write("writing", 5)
     _arrive(s, "running", seq=1)
     s.schedule()
     _arrive(s, "ready", seq=2)
     assert s.requests["ready"].status is DecodeStatus.READY
     assert s.requests["running"].status is DecodeStatus.RUNNING
     batch = s.schedule()
-    for rid in ("reserved", "waiting", "ready", "running"):
+    for rid in ("reserved", "writing", "ready", "running"):
         assert s.cancel(rid)
     assert s.on_tokens(batch, [1] * len(batch)) == []  # tokens of cancelled requests are dropped
     assert not s.cancel("running")  # second cancel is a no-op
+    assert s.write_failed("writing", "aborted") is None  # the write ended: now its blocks come back
+    _empty(s)
+
+
+def test_cancel_while_writing_keeps_the_blocks_until_the_write_ends() -> None:
+    s = _sched(blocks=8)  # 32 tokens: one 13-token request fills 4 blocks
+    assert s.reserve("w", 5, SamplingParams(max_tokens=8), (EOS,)).ok
+    held = list(s.requests["w"].block_table)
+    assert s.start_write("w", 5) is not None
+    assert s.cancel("w")
+    assert s.allocator.num_used == len(held)  # a writer may still be copying into them
+    assert s.reserve("x", 5, SamplingParams(max_tokens=8), (EOS,)).ok
+    assert not set(s.requests["x"].block_table) & set(held)  # nobody else gets them meanwhile
+    assert s.on_kv_landed("w", 7) is None  # landed after the cancel: ends quietly, blocks back
+    assert s.allocator.num_used == len(s.requests["x"].block_table)
+    s.cancel("x")
+    _empty(s)
+
+
+def test_write_must_match_the_reserved_prompt() -> None:
+    s = _sched()
+    s.reserve("a", 5, SamplingParams(max_tokens=8), (EOS,))
+    assert s.start_write("a", 6) is None  # a writer with another prompt length is refused
+    assert s.start_write("a", 5) is not None
+    assert s.start_write("a", 5) is None  # granted once
+    ev = s.write_failed("a", "lost")
+    assert ev is not None and ev.finish_reason is FinishReason.ERROR
     _empty(s)
 
 
@@ -72,8 +99,8 @@ def test_kv_arriving_after_cancel_is_ignored() -> None:
     s = _sched()
     s.reserve("a", 5, SamplingParams(max_tokens=8), (EOS,))
     s.cancel("a")
-    assert s.on_arrival(KVArrival("a", 0, 0, 5, 7, 0.0)) is None
-    assert s.on_kv_landed("a") is None
+    assert s.start_write("a", 5) is None
+    assert s.on_kv_landed("a", 7) is None
     _empty(s)
 
 

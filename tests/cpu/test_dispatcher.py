@@ -8,7 +8,7 @@ import pytest
 
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams
 from router.config import LimitsConfig
-from router.dispatcher import DeadlineExceeded, DecodeWorkerRef, Dispatcher, ResourceExhausted, WorkerFailure
+from router.dispatcher import DeadlineExceeded, WorkerRef, Dispatcher, ResourceExhausted, WorkerFailure
 from router.validation import ValidRequest
 
 
@@ -73,7 +73,7 @@ def _finish(dec: FakeDecode, rid: str) -> None:
 def test_queued_request_runs_when_room_frees_and_times_out_otherwise() -> None:
     async def main() -> None:
         dec = FakeDecode(room=1)
-        d = Dispatcher([FakePrefill()], [DecodeWorkerRef(1, dec)], (2,),
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dec)], (2,),
                        LimitsConfig(max_queued_requests=1, queue_timeout_s=0.3))
         d.start()
         first = asyncio.create_task(_collect(d, "a"))
@@ -98,7 +98,7 @@ def test_queued_request_runs_when_room_frees_and_times_out_otherwise() -> None:
 def test_deadline_cancels_on_the_decode_worker() -> None:
     async def main() -> None:
         dec = FakeDecode(room=4)
-        d = Dispatcher([FakePrefill()], [DecodeWorkerRef(1, dec)], (2,), LimitsConfig(request_timeout_s=0.2))
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dec)], (2,), LimitsConfig(request_timeout_s=0.2))
         d.start()
         with pytest.raises(DeadlineExceeded):
             await _collect(d, "slow")  # decode never answers
@@ -111,7 +111,7 @@ def test_deadline_cancels_on_the_decode_worker() -> None:
 def test_client_going_away_mid_prefill_cancels_everywhere() -> None:
     async def main() -> None:
         dec = FakeDecode(room=4)
-        d = Dispatcher([FakePrefill(delay=1.0)], [DecodeWorkerRef(1, dec)], (2,), LimitsConfig())
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill(delay=1.0))], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
         d.start()
         task = asyncio.create_task(_collect(d, "gone"))
         await asyncio.sleep(0.1)
@@ -132,7 +132,7 @@ class ActorDiedError(RuntimeError):  # stands in for ray.exceptions.ActorDiedErr
 def test_dead_decode_worker_fails_its_requests_and_is_skipped() -> None:
     async def main() -> None:
         dead, alive = FakeDecode(room=4), FakeDecode(room=4)
-        d = Dispatcher([FakePrefill()], [DecodeWorkerRef(1, dead), DecodeWorkerRef(2, alive)], (2,),
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dead), WorkerRef("decode-2", alive)], (2,),
                        LimitsConfig(request_timeout_s=30))
         d.start()
         a = asyncio.create_task(_collect(d, "a"))

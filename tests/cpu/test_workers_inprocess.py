@@ -1,38 +1,65 @@
-"""Prefill and decode workers wired in one process over the fake transport (no Ray, no sockets)."""
+"""Prefill and decode workers wired in one process (no Ray): the hand-off over each backend.
+
+Backends: ipc (direct write into the decode worker's cache), the fake two-sided channel with NCCL's
+semantics (a send waits for its receive), and real gloo pairs over loopback.
+"""
 from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
 import time
 from collections import defaultdict
+from typing import Any
 
 import pytest
-import torch
 
 from decode_worker.config import DecodeConfig
-from decode_worker.receiver import KVReceiver
 from decode_worker.worker import DecodeWorker
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
-from engine.transport import FakeHub, FakeTransport
-from engine.types import FinishReason, KVArrival, PrefillRequest, SamplingParams
+from engine.kv_handoff import Backend, FakeHub, TransferError
+from engine.kv_handoff import sender as sender_mod
+from engine.tiny import tiny_tokenizer
+from engine.types import FinishReason, PrefillRequest, SamplingParams
 from prefill_worker.config import PrefillConfig
 from prefill_worker.worker import PrefillWorker
-from engine.tiny import tiny_tokenizer
 from tests.cpu.harness import hf_greedy, prompts
 
 EOS = (2,)
 
 
-@pytest.fixture(scope="module", params=["whole", "chunked"])
-def pair(request):  # type: ignore[no-untyped-def]
-    mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=10), FakeHub()
-    pcfg = (PrefillConfig(chunk_tokens=2048) if request.param == "whole"
-            else PrefillConfig(chunk_tokens=16, max_batch_tokens=48))
-    pw = PrefillWorker("p0", mc, pcfg, tc)
+def wire(pw: PrefillWorker, dw: DecodeWorker, kind: str, hub: FakeHub | None = None) -> None:
+    """What the launcher does for one pair, in-process: ipc | fake | gloo."""
+    ep = dw.endpoint("127.0.0.1")
+    if kind == "ipc":
+        dw.accept(pw.worker_id, Backend.IPC)
+        pw.connect(ep, dw, Backend.IPC)  # type: ignore[arg-type]
+    elif kind == "fake":
+        assert hub is not None
+        pair = f"{pw.worker_id}>{dw.worker_id}"
+        dw.accept(pw.worker_id, Backend.GLOO, hub.channel(pair, 1))
+        pw.connect(ep, dw, Backend.GLOO, hub.channel(pair, 0))  # type: ignore[arg-type]
+    else:  # both sides open the gloo pair at once, as the launcher's parallel calls do
+        t = threading.Thread(target=dw.accept, args=(pw.worker_id, Backend.GLOO))
+        t.start()
+        pw.connect(ep, dw, Backend.GLOO)  # type: ignore[arg-type]
+        t.join(10)
+
+
+def make_pair(kind: str, chunked: bool = False, timeout_s: float = 10) -> tuple[PrefillWorker, DecodeWorker, FakeHub]:
+    mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=timeout_s), FakeHub()
+    pcfg = PrefillConfig(chunk_tokens=16, max_batch_tokens=48) if chunked else PrefillConfig(chunk_tokens=2048)
+    pw = PrefillWorker("p0", mc, pcfg, tc, block_size=16)
     dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=512), DecodeConfig(), tc)
-    pw.set_transport(FakeTransport(hub, 0, 2))
-    dw.set_transport(FakeTransport(hub, 1, 2))
-    pw.set_peers({1: dw})
+    pw.start()
+    dw.start()
+    wire(pw, dw, kind, hub)
+    return pw, dw, hub
+
+
+@pytest.fixture(scope="module", params=["ipc-whole", "fake-chunked", "gloo-whole"])
+def pair(request):  # type: ignore[no-untyped-def]
+    kind, shape = request.param.split("-")
+    pw, dw, hub = make_pair(kind, chunked=shape == "chunked")
     events = Events(dw)
     yield pw, dw, hub, events
     events.close()
@@ -67,16 +94,31 @@ class Events:
             return self.by_id.pop(rid)
 
 
-def _run(pair, rid: str, ids: list[int], sp: SamplingParams) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
-    pw, dw, hub, events = pair
-    assert dw.reserve(rid, len(ids), sp, EOS).ok
-    res = pw.prefill(PrefillRequest(rid, ids, sp, EOS, 1))
-    assert res.error is None
+def _run(pair: Any, rid: str, ids: list[int], sp: SamplingParams) -> tuple[list[int], str]:
+    """The router's part for one request: reserve → prefill (with the destination) → events."""
+    pw, dw, _, events = pair
+    r = dw.reserve(rid, len(ids), sp, EOS)
+    assert r.ok and r.dest is not None and r.dest.worker_id == "d0"
+    res = pw.prefill(PrefillRequest(rid, ids, sp, EOS, r.dest))
+    if res.error is not None:
+        dw.cancel(rid)
+        return [], f"error: {res.error}"
     if res.finished is not None:
         dw.cancel(rid)
         return [res.first_token], res.finished.value
     evs = events.take(rid)
+    if evs[-1].error:
+        return [], f"error: {evs[-1].error}"
     return [res.first_token] + [t for e in evs for t in e.token_ids], evs[-1].finish_reason.value
+
+
+def _idle(*workers: Any) -> bool:
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        if all(w.check_idle() for w in workers):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def test_concurrent_requests_equal_hf(pair) -> None:  # type: ignore[no-untyped-def]
@@ -88,54 +130,18 @@ def test_concurrent_requests_equal_hf(pair) -> None:  # type: ignore[no-untyped-
         outs = list(ex.map(lambda ip: _run(pair, f"c{ip[0]}", tok(ip[1])["input_ids"], sp), enumerate(ps)))
     for p, (toks, _) in zip(ps, outs):
         assert toks == hf_greedy(p, 20)
-    assert dw.prompt_tokens_computed == 0 and hub.bytes_moved > 0
-    time.sleep(0.1)
-    assert dw.check_idle() and pw.check_idle()
+    assert dw.prompt_tokens_computed == 0
+    assert dw.receiver.bytes_received > 0 and pw.sender.bytes_sent == dw.receiver.bytes_received
+    assert _idle(dw, pw)
 
 
 def test_first_token_can_end_the_request_without_a_handoff(pair) -> None:  # type: ignore[no-untyped-def]
     pw, dw, hub, _ = pair
-    before = hub.bytes_moved
+    before = dw.receiver.bytes_received
     toks, reason = _run(pair, "one", [5, 6, 7], SamplingParams(max_tokens=1))
     assert len(toks) == 1 and reason == FinishReason.LENGTH.value
-    assert hub.bytes_moved == before
-    time.sleep(0.1)
-    assert dw.check_idle()
-
-
-def test_receiver_posts_in_sender_order_whatever_the_notice_order() -> None:
-    hub = FakeHub()
-    tx, rx = FakeTransport(hub, 0, 2), FakeTransport(hub, 1, 2)
-    posted: list[int] = []
-    real_recv = rx.recv
-
-    def spy(src, seq, shape, dtype, device):  # type: ignore[no-untyped-def]
-        posted.append(seq)
-        return real_recv(src, seq, shape, dtype, device)
-
-    rx.recv = spy  # type: ignore[method-assign]
-    r = KVReceiver(rx, lambda n: (n, 2), torch.float32, "cpu", timeout_s=5)
-    for seq in range(3):
-        tx.send(1, seq, torch.full((seq + 1, 2), float(seq)))
-    r.announce(KVArrival("c", 0, 2, 3, 0, 0.0))
-    r.announce(KVArrival("a", 0, 0, 1, 0, 0.0))
-    done, _ = r.poll()
-    assert posted == [0] and [d.arrival.request_id for d in done] == ["a"]  # seq 2 waits for seq 1
-    r.announce(KVArrival("b", 0, 1, 2, 0, 0.0))
-    done, failed = r.poll()
-    assert posted == [0, 1, 2] and not failed
-    assert sorted(d.arrival.request_id for d in done) == ["b", "c"]
-    assert all(float(d.transfer.tensor[0, 0]) == d.arrival.seq for d in done)
-
-
-def test_receiver_times_out_a_transfer_that_never_comes() -> None:
-    r = KVReceiver(FakeTransport(FakeHub(), 1, 2), lambda n: (n,), torch.float32, "cpu", timeout_s=0.05)
-    r.announce(KVArrival("lost", 0, 0, 4, 0, 0.0))
-    assert r.poll() == ([], [])
-    time.sleep(0.1)
-    done, failed = r.poll()
-    assert not done and [f.arrival.request_id for f in failed] == ["lost"]
-    assert "timed out" in (failed[0].transfer.error or "")
+    assert dw.receiver.bytes_received == before
+    assert _idle(dw, pw)
 
 
 def test_a_failing_decode_step_ends_its_requests_with_an_error(pair) -> None:  # type: ignore[no-untyped-def]
@@ -147,14 +153,142 @@ def test_a_failing_decode_step_ends_its_requests_with_an_error(pair) -> None:  #
 
     dw.runner.forward = broken
     try:
-        sp = SamplingParams(max_tokens=8, ignore_eos=True)
-        assert dw.reserve("boom", 3, sp, EOS).ok
-        assert pw.prefill(PrefillRequest("boom", [5, 6, 7], sp, EOS, 1)).error is None
-        evs = events.take("boom")
-        assert evs[-1].finish_reason is FinishReason.ERROR and "simulated kernel failure" in (evs[-1].error or "")
+        toks, reason = _run(pair, "boom", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+        assert reason.startswith("error") and "simulated kernel failure" in reason
     finally:
         dw.runner.forward = real
-    time.sleep(0.1)
-    assert dw.check_idle()
+    assert _idle(dw)
     toks, _ = _run(pair, "after-boom", [5, 6, 7], SamplingParams(max_tokens=4))  # the worker lives on
     assert len(toks) == 4 or toks[-1] == 2
+
+
+@pytest.mark.parametrize("kind", ["fake", "gloo"])
+def test_a_failed_send_fails_one_request_and_the_pair_serves_the_next(kind: str) -> None:
+    pw, dw, hub = make_pair(kind, timeout_s=3)
+    events = Events(dw)
+    try:
+        link = pw.sender.links["d0"]
+        assert link.channel is not None
+        real_send = link.channel.send
+        calls = []
+
+        def fail_once(t, timeout_s):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 1:
+                raise TransferError("injected: connection reset")
+            return real_send(t, timeout_s)
+
+        link.channel.send = fail_once  # type: ignore[method-assign]
+        tok = tiny_tokenizer()
+        p = prompts(3, seed=2)[2]
+        ids = tok(p)["input_ids"]
+        sp = SamplingParams(max_tokens=8)
+        t0 = time.monotonic()
+        toks, reason = _run((pw, dw, hub, events), "lost", ids, sp)
+        assert reason.startswith("error: KV hand-off failed")  # the sender's error, or the peer's view of it
+        assert time.monotonic() - t0 < 3  # failed at once, not at the transfer timeout
+        before = link.channel.epoch
+        toks, reason = _run((pw, dw, hub, events), "next", ids, sp)
+        assert toks == hf_greedy(p, 8), reason
+        assert link.channel.epoch > before  # the pair was re-opened under a new epoch
+        assert _idle(dw, pw)
+    finally:
+        events.close()
+        pw.shutdown()
+        dw.shutdown()
+
+
+def test_a_send_that_times_out_fails_its_request_and_the_next_succeeds() -> None:
+    pw, dw, hub = make_pair("fake", timeout_s=1.0)
+    events = Events(dw)
+    try:
+        link = pw.sender.links["d0"]
+        assert link.channel is not None
+        real_send, calls = link.channel.send, []
+
+        def stall_once(t, timeout_s):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 1:  # a lost transfer: nothing arrives, the sender gives up late
+                time.sleep(timeout_s + 0.3)
+                raise TransferError("injected: send timed out")
+            return real_send(t, timeout_s)
+
+        link.channel.send = stall_once  # type: ignore[method-assign]
+        sp = SamplingParams(max_tokens=6)
+        toks, reason = _run((pw, dw, hub, events), "slow", [5, 6, 7, 8], sp)
+        assert reason.startswith("error") and "timed out" in reason
+        toks, reason = _run((pw, dw, hub, events), "fine", [5, 6, 7, 8], sp)
+        assert reason in ("length", "stop") and len(toks) >= 1
+        assert _idle(dw, pw)
+    finally:
+        events.close()
+        pw.shutdown()
+        dw.shutdown()
+
+
+def test_fake_channel_has_nccl_semantics_send_before_announce_fails_not_hangs() -> None:
+    """The old order (send, then tell the decode worker) deadlocks under NCCL: the send waits for a
+    receive that is posted only after the notice. The fake reproduces it, as a failure within the
+    timeout instead of a hang."""
+    pw, dw, hub = make_pair("fake", timeout_s=1.0)
+    events = Events(dw)
+    try:
+        link = pw.sender.links["d0"]
+
+        def old_order(job):  # type: ignore[no-untyped-def]
+            import torch
+            from engine.kv_handoff import WriteIntent
+
+            idx = torch.tensor(job.src_blocks[: -(-job.num_tokens // 16)])
+            link.channel.send(pw.sender.cache.index_select(2, idx), pw.sender.timeout_s)  # 1. send ...
+            intent = WriteIntent(job.request_id, "p0", job.num_tokens, job.first_token, Backend.GLOO,
+                                 link.channel.epoch)
+            job.grant(dw.begin_write(intent))  # 2. ... then announce (never reached)
+
+        link._one = old_order  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        sp = SamplingParams(max_tokens=4)
+        r = dw.reserve("old", 3, sp, EOS)
+        res = pw.prefill(PrefillRequest("old", [5, 6, 7], sp, EOS, r.dest), timeout_s=10)
+        assert res.error is not None and "never posted its receive" in res.error
+        assert time.monotonic() - t0 < 5
+    finally:
+        dw.cancel("old")
+        events.close()
+        pw.shutdown()
+        dw.shutdown()
+
+
+def test_a_cancel_during_a_direct_write_never_frees_the_blocks_under_the_writer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    pw, dw, hub = make_pair("ipc")
+    events = Events(dw)
+    writing, release = threading.Event(), threading.Event()
+    real_copy = sender_mod.copy_blocks
+    written: list[int] = []
+
+    def slow_copy(dst, dst_blocks, src, src_blocks):  # type: ignore[no-untyped-def]
+        written.extend(dst_blocks)
+        writing.set()
+        assert release.wait(10)
+        real_copy(dst, dst_blocks, src, src_blocks)
+
+    monkeypatch.setattr(sender_mod, "copy_blocks", slow_copy)
+    try:
+        sp = SamplingParams(max_tokens=8)
+        r = dw.reserve("w", 40, sp, EOS)
+        res = pw.prefill(PrefillRequest("w", list(range(3, 43)), sp, EOS, r.dest))
+        assert res.error is None and writing.wait(10)
+        assert dw.cancel("w")  # the client went away while its KV is being written
+        time.sleep(0.2)  # the decode loop runs: the cancel must not free the blocks yet
+        assert dw.allocator.num_used == len(r.dest.block_ids)
+        other = dw.reserve("x", 16 * 505, SamplingParams(max_tokens=1), EOS)  # wants every free block
+        assert other.ok and not set(other.dest.block_ids) & set(written)
+        dw.cancel("x")
+        release.set()
+        assert _idle(dw, pw)  # the write ended: now the blocks are back
+        assert events.take("w")[-1].finish_reason is FinishReason.CANCELLED
+    finally:
+        release.set()
+        events.close()
+        pw.shutdown()
+        dw.shutdown()

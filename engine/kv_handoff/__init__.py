@@ -1,0 +1,45 @@
+"""The KV hand-off: how a prompt's KV gets from a prefill worker into a decode worker's blocks.
+
+The decode worker owns the blocks; the prefill worker writes into exactly those blocks. One request:
+
+  1. reserve      router → decode: blocks for prompt + max_tokens are held; the answer names them
+                  (`KVDestination`: decode worker id + block ids). Request: RESERVED.
+  2. prefill      router → prefill, with that destination. The prompt is computed into the
+                  prefill's scratch blocks and its first token sampled; the step loop hands a
+                  `WriteJob` to the link's transfer thread and goes on (sender.py).
+  3. begin_write  prefill → decode (awaited): "may I write request R now?" The decode worker
+                  answers with a grant if R is still RESERVED and moves it to WRITING; from here
+                  its blocks are not freed, not even by a cancel, until the write ends. A two-sided
+                  pair posts its receive before it answers, so the sender never waits on a receive
+                  that is not there (the NCCL deadlock of old). The router hears the first token
+                  once the grant (or its refusal, as the request's error) is in.
+  4. write        ipc:  the prefill copies its blocks straight into the granted blocks of the
+                        decode worker's cache (shared memory on CPU, CUDA IPC on GPU), opened once
+                        at start-up. Nothing runs on the decode side.
+                  nccl / gloo: the prefill sends the blocks on the pair's own communicator; the
+                        decode's receive thread takes them, the decode loop copies them into place.
+  5. end          ipc: end_write(ok) is the landing. Any backend: a failed write is reported
+                  with end_write(failed), which ends R at once; a two-sided pair is closed and
+                  re-opened under a new epoch at its next grant, so one failure costs one request.
+  6. landed       the decode loop sees LANDED (R joins the batch with its first token) or FAILED
+                  (R ends with an error). A write that neither lands nor fails within
+                  transport.timeout_s of its grant FAILS, and only then are its blocks freed; a
+                  direct write starts within half that time or not at all, so a freed block is
+                  never written into.
+
+Backends are chosen per pair at start-up (`choose_backend`); the state of a request's write is
+`HandoffStatus` (RESERVED → WRITING → LANDED | FAILED). Workers are known by stable ids.
+"""
+from engine.kv_handoff.channel import FakeHub, PairChannel, TorchPairChannel, TransferError
+from engine.kv_handoff.receiver import Handoff, HandoffReceiver
+from engine.kv_handoff.sender import DecodePeer, HandoffSender, WriteJob
+from engine.kv_handoff.shared_cache import SharedCache
+from engine.kv_handoff.types import (
+    Backend, DecodeEndpoint, HandoffStatus, KVDestination, WriteGrant, WriteIntent, WriteOutcome, choose_backend,
+)
+
+__all__ = [
+    "Backend", "DecodeEndpoint", "DecodePeer", "FakeHub", "Handoff", "HandoffReceiver", "HandoffSender",
+    "HandoffStatus", "KVDestination", "PairChannel", "SharedCache", "TorchPairChannel", "TransferError",
+    "WriteGrant", "WriteIntent", "WriteJob", "WriteOutcome", "choose_backend",
+]
