@@ -63,6 +63,8 @@ class PDServeConfig(Frozen):
             )
         if self.transport.backend == "nccl" and m.device != "cuda":
             raise ValueError("transport.backend: nccl needs model.device: cuda (use gloo or auto on cpu)")
+        if self.transport.backend == "gloo" and m.device == "cuda":
+            raise ValueError("transport.backend: gloo cannot move CUDA tensors (use auto, ipc or nccl on cuda)")
         if m.device == "cuda":
             for role in self.roles:
                 if getattr(self, role).num_gpus <= 0:

@@ -47,10 +47,15 @@ class RayDecodePeer:
         ray.get(self.handle.end_write.remote(outcome), timeout=timeout_s)
 
 
-def _node_info(worker: Any) -> tuple[str, str]:  # runs inside the actor via __ray_call__
+def _node_info(worker: Any) -> tuple[str, str, str]:  # runs inside the actor via __ray_call__
+    """(ip, node id, place): place is the node on CPU and node + GPU uuid on CUDA — the scope of a
+    direct write (Ray shows each actor only its own GPUs, so a peer GPU is reached over NCCL)."""
+    import torch
+
     ctx = ray.get_runtime_context()
     worker.node = ctx.get_node_id()[:12]
-    return ray.util.get_node_ip_address(), worker.node
+    gpu = str(torch.cuda.get_device_properties(0).uuid) if torch.cuda.is_available() else ""
+    return ray.util.get_node_ip_address(), worker.node, f"{worker.node}/{gpu}"
 
 
 class Cluster:
@@ -91,18 +96,19 @@ class Cluster:
         self._get([w.ready.remote() for w in workers], "workers to load the model")
         infos = self._get([w.__ray_call__.remote(_node_info) for w in workers], "node info")
         ids = [f"prefill-{i}" for i in range(len(self.prefills))] + [f"decode-{i}" for i in range(len(self.decodes))]
-        self.nodes = {wid: node for wid, (_, node) in zip(ids, infos)}
+        self.nodes = {wid: node for wid, (_, node, _) in zip(ids, infos)}
+        places = {wid: place for wid, (_, _, place) in zip(ids, infos)}
         self._get([w.start.remote() for w in workers], "workers to start")
-        hosts = [ip for ip, _ in infos[len(self.prefills):]]
+        hosts = [ip for ip, _, _ in infos[len(self.prefills):]]
         endpoints = self._get([d.endpoint.remote(h) for d, h in zip(self.decodes, hosts)], "decode endpoints")
-        backends = self._wire(endpoints)
+        backends = self._wire(endpoints, places)
         log.info(
             "cluster up in %.1fs: %d prefill + %d decode workers on %d node(s); hand-off: %s",
             time.monotonic() - t0, len(self.prefills), len(self.decodes), len(set(self.nodes.values())),
             ", ".join(sorted(set(backends))),
         )
 
-    def _wire(self, endpoints: list[DecodeEndpoint]) -> list[str]:
+    def _wire(self, endpoints: list[DecodeEndpoint], places: dict[str, str]) -> list[str]:
         """Every prefill worker × every decode worker: pick the pair's backend, then both sides at once
         (a two-sided pair opens its communicator here, both sides meeting on the decode's store)."""
         cfg = self.cfg
@@ -112,7 +118,8 @@ class Cluster:
             for ep, d in zip(endpoints, self.decodes):
                 try:
                     backend = choose_backend(
-                        cfg.transport.backend, cfg.model.device, self.nodes[pid] == ep.node, ep.cache is not None
+                        cfg.transport.backend, cfg.model.device, places[pid] == places[ep.worker_id],
+                        ep.cache is not None,
                     )
                 except ValueError as e:
                     self.stop()
@@ -133,7 +140,7 @@ class Cluster:
             )
         self._get([w.ready.remote() for w in self.decodes], "workers to load the model")
         infos = self._get([w.__ray_call__.remote(_node_info) for w in self.decodes], "node info")
-        self.nodes = {f"aggregated-{i}": node for i, (_, node) in enumerate(infos)}
+        self.nodes = {f"aggregated-{i}": node for i, (_, node, _) in enumerate(infos)}
         self._get([w.start.remote() for w in self.decodes], "workers to start")
 
     def _connect(self) -> None:

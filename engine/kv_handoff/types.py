@@ -21,16 +21,18 @@ class Backend(str, enum.Enum):
     GLOO = "gloo"  # two-sided, per-pair gloo group (CPU tensors, across nodes)
 
 
-def choose_backend(setting: str, device: str, same_node: bool, cache_shared: bool) -> Backend:
-    """`transport.backend` for one prefill-decode pair. auto: a direct write when both share a node
-    (and the decode cache is shared), else NCCL for CUDA and gloo for CPU."""
+def choose_backend(setting: str, device: str, same_place: bool, cache_shared: bool) -> Backend:
+    """`transport.backend` for one prefill-decode pair. auto: a direct write when both are in one
+    place (one node on CPU, one GPU on CUDA) and the decode cache is shared, else NCCL for CUDA and
+    gloo for CPU."""
     if setting == "auto":
-        if same_node and cache_shared:
+        if same_place and cache_shared:
             return Backend.IPC
         return Backend.NCCL if device == "cuda" else Backend.GLOO
     backend = Backend(setting)
-    if backend is Backend.IPC and not same_node:
-        raise ValueError("transport.backend: ipc needs every prefill worker on its decode workers' node (use auto)")
+    if backend is Backend.IPC and not same_place:
+        raise ValueError("transport.backend: ipc needs each prefill worker on its decode workers' node "
+                         "(on cuda: their GPU); use auto")
     if backend is Backend.IPC and not cache_shared:
         raise ValueError("transport.backend: ipc, but the decode worker could not share its KV cache")
     if backend is Backend.NCCL and device != "cuda":

@@ -36,6 +36,8 @@ def test_prefill_and_decode_land_on_their_nodes_and_outputs_match(nodes: tuple[s
         assert by_role == {("prefill", prefill_node[:12]), ("decode", decode_node[:12])}
         for p in prompts(6, seed=5):
             assert list(srv.generate(prompt=p, max_tokens=12).token_ids) == hf_greedy(p, 12)
+        links = ray.get([w.stats.remote() for w in srv.cluster.prefills])
+        assert all(s.extra["links"] == {"decode-0": "gloo"} for s in links)  # across nodes: a gloo pair each
     finally:
         srv.stop()
 

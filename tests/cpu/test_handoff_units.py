@@ -1,0 +1,102 @@
+"""The hand-off's parts alone: backend choice, the fake channel's NCCL semantics, block copies,
+the receiver's states and timeouts."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from engine.kv_handoff import Backend, FakeHub, HandoffReceiver, HandoffStatus, TransferError, WriteIntent, WriteOutcome
+from engine.kv_handoff.shared_cache import allocate, copy_blocks, open_cache
+from engine.kv_handoff.types import choose_backend
+
+
+def test_backend_choice() -> None:
+    assert choose_backend("auto", "cpu", True, True) is Backend.IPC
+    assert choose_backend("auto", "cpu", True, False) is Backend.GLOO  # cache could not be shared
+    assert choose_backend("auto", "cpu", False, True) is Backend.GLOO
+    assert choose_backend("auto", "cuda", False, True) is Backend.NCCL
+    assert choose_backend("auto", "cuda", True, True) is Backend.IPC
+    assert choose_backend("nccl", "cuda", True, True) is Backend.NCCL
+    with pytest.raises(ValueError, match="ipc needs"):
+        choose_backend("ipc", "cpu", False, True)
+    with pytest.raises(ValueError, match="gloo cannot move CUDA"):
+        choose_backend("gloo", "cuda", False, True)
+
+
+def test_fake_send_waits_for_the_receive_and_matches_in_posting_order() -> None:
+    hub = FakeHub()
+    tx, rx = hub.channel("p>d", 0), hub.channel("p>d", 1)
+    tx.open(0, 1)
+    rx.open(0, 1)
+    with pytest.raises(TransferError, match="never posted its receive"):
+        tx.send(torch.ones(2), 0.1)  # nothing posted: NCCL would block here
+    got: list[torch.Tensor] = []
+
+    def receive() -> None:
+        for _ in range(2):
+            buf = torch.zeros(2)
+            rx.recv(buf, 5)
+            got.append(buf)
+
+    t = threading.Thread(target=receive)
+    t.start()
+    tx.send(torch.full((2,), 1.0), 5)
+    tx.send(torch.full((2,), 2.0), 5)
+    t.join(5)
+    assert [float(g[0]) for g in got] == [1.0, 2.0]
+
+
+def test_closing_a_fake_pair_fails_its_posted_receive_at_once() -> None:
+    hub = FakeHub()
+    rx = hub.channel("p>d", 1)
+    rx.open(0, 1)
+    errors: list[str] = []
+
+    def receive() -> None:
+        try:
+            rx.recv(torch.zeros(2), 30)
+        except TransferError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=receive)
+    t.start()
+    time.sleep(0.05)
+    rx.close()
+    t.join(2)
+    assert not t.is_alive() and "closed" in errors[0]
+
+
+def test_shared_cache_is_written_through_a_second_mapping() -> None:
+    shape = (2, 2, 8, 4, 1, 2)  # [L, 2, blocks, block_size, kv_heads, head_dim]
+    owner, handle = allocate(shape, torch.float32, "cpu", "test")
+    assert handle is not None and float(owner.abs().sum()) == 0
+    peer = open_cache(handle)  # what a prefill worker on the node maps
+    src = torch.randn(shape)
+    copy_blocks(peer, [5, 6, 7, 1], src, [0, 1, 2, 3])  # runs: 5-7 ← 0-2, then 1 ← 3
+    assert torch.equal(owner[:, :, 5:8], src[:, :, 0:3]) and torch.equal(owner[:, :, 1], src[:, :, 3])
+    assert float(owner[:, :, [0, 2, 3, 4]].abs().sum()) == 0  # nothing else touched
+
+
+def _intent(rid: str, n: int = 8, backend: Backend = Backend.IPC) -> WriteIntent:
+    return WriteIntent(rid, "p0", n, 7, backend)
+
+
+def test_receiver_states_and_timeout() -> None:
+    rx = HandoffReceiver("d0", torch.zeros(1, 2, 8, 4, 1, 2), block_size=4, timeout_s=0.1)
+    assert not rx.begin(_intent("a"), (0, 1)).ok  # unknown peer
+    rx.add_peer("p0", Backend.IPC)
+    assert not rx.begin(_intent("a", backend=Backend.GLOO), (0, 1)).ok  # not this pair's backend
+    assert not rx.begin(_intent("a", n=9), (0, 1)).ok  # does not fit the reservation
+    assert rx.begin(_intent("a"), (0, 1, 2)).ok and rx.begin(_intent("b"), (3, 4)).ok
+    rx.end(WriteOutcome("a", "p0", True, nbytes=64))
+    rx.end(WriteOutcome("a", "p9", False, "not the writer"))  # ignored: another source
+    landed, failed = rx.poll()
+    assert [h.request_id for h in landed] == ["a"] and landed[0].block_ids == (0, 1) and not failed
+    time.sleep(0.15)
+    landed, failed = rx.poll()  # b never ended: failed by its timeout
+    assert not landed and [h.request_id for h in failed] == ["b"]
+    assert failed[0].status is HandoffStatus.FAILED and "did not land" in (failed[0].error or "")
+    assert rx.pending == 0 and rx.bytes_placed == 0

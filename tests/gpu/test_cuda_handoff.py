@@ -1,0 +1,114 @@
+"""The hand-off and the engine on one CUDA GPU: aggregated, 1P1D by direct write (CUDA IPC), 2P2D,
+and 1P1D forced to NCCL. Skipped without CUDA.
+
+NCCL refuses two ranks on one GPU ("Duplicate GPU detected"). For the NCCL test only, each worker
+process gets its own NCCL_HOSTID, so NCCL takes them for two hosts and talks over sockets: a way to
+run the NCCL code path on one GPU, not a production setting.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cfg(**sections: Any) -> Any:
+    from tests.cpu.harness import tiny_config
+
+    base: dict[str, Any] = {
+        "model": {"device": "cuda"},
+        "prefill": {"num_gpus": 0.25, "num_cpus": 1},
+        "decode": {"num_gpus": 0.25, "num_cpus": 1},
+        "aggregated": {"num_gpus": 0.5, "num_cpus": 1},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return tiny_config(**base)
+
+
+def _own_nccl_host(worker: Any) -> int:  # runs inside an actor (test only)
+    os.environ["NCCL_HOSTID"] = f"test-{os.getpid()}"
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def ray_up():  # type: ignore[no-untyped-def]
+    import ray
+
+    ray.init(include_dashboard=False, namespace="pdserve-gpu-test")
+    yield
+    ray.shutdown()
+
+
+def _check(cfg: Any, n: int = 16, nccl_hosts: bool = False) -> dict[str, Any]:
+    import ray
+
+    from cluster import launcher
+    from tests.cpu.harness import RunningServer, hf_greedy, prompts, wait_until
+
+    real_wire = launcher.Cluster._wire
+
+    def wire(self, endpoints, places):  # type: ignore[no-untyped-def]
+        if nccl_hosts:
+            ray.get([w.__ray_call__.remote(_own_nccl_host) for w in self.prefills + self.decodes])
+        return real_wire(self, endpoints, places)
+
+    launcher.Cluster._wire = wire  # type: ignore[method-assign]
+    try:
+        srv = RunningServer(cfg)
+    finally:
+        launcher.Cluster._wire = real_wire  # type: ignore[method-assign]
+    try:
+        ps = prompts(n, seed=7)
+        solo = [list(srv.generate(prompt=p, max_tokens=16).token_ids) for p in ps]
+        with cf.ThreadPoolExecutor(n) as ex:
+            crowd = list(ex.map(lambda p: list(srv.generate(prompt=p, max_tokens=16).token_ids), ps))
+        ref = [hf_greedy_cuda(p, 16) for p in ps]
+        assert solo == ref and crowd == ref
+        status = srv.status()
+        if cfg.mode == "disaggregated":
+            assert all(w.prompt_tokens_computed == 0 for w in status if w.role == "decode")
+        assert wait_until(srv.all_idle, 10)
+        stats = ray.get([w.stats.remote() for w in srv.cluster.prefills + srv.cluster.decodes])
+        return {s.id: s.extra for s in stats}
+    finally:
+        srv.stop()
+
+
+def hf_greedy_cuda(prompt: str, max_new_tokens: int) -> list[int]:
+    """HF generate on the same GPU (fp32): the oracle."""
+    from tests.cpu.harness import _tiny
+
+    model, tok = _tiny()
+    m = model.to("cuda")
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to("cuda")
+    with torch.inference_mode():
+        out = m.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_aggregated_on_one_gpu(ray_up: None) -> None:
+    _check(_cfg(mode="aggregated"))
+
+
+def test_1p1d_direct_write_on_one_gpu(ray_up: None) -> None:
+    extra = _check(_cfg())
+    assert extra["prefill-0"]["links"] == {"decode-0": "ipc"}
+    assert extra["decode-0"]["kv_bytes_placed"] == 0 and extra["decode-0"]["kv_bytes_received"] > 0
+
+
+def test_2p2d_on_one_gpu(ray_up: None) -> None:
+    extra = _check(_cfg(prefill={"replicas": 2}, decode={"replicas": 2}))
+    assert all(set(extra[f"prefill-{i}"]["links"].values()) == {"ipc"} for i in range(2))
+
+
+def test_1p1d_forced_to_nccl_on_one_gpu(ray_up: None) -> None:
+    extra = _check(_cfg(transport={"backend": "nccl"}), nccl_hosts=True)
+    assert extra["prefill-0"]["links"] == {"decode-0": "nccl"}
+    assert extra["decode-0"]["kv_bytes_placed"] > 0
