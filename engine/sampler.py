@@ -2,6 +2,8 @@
 
 Order per row: penalties on the raw logits → (greedy: argmax) → temperature → top-k → top-p →
 min-p → draw. Logprobs are the log-softmax of the raw logits, before any of that.
+No row can fail the batch: NaN logits never win, a temperature under GREEDY_BELOW is greedy, the
+draw runs in float64, and a row whose distribution still comes out non-finite takes its best token.
 A seeded request draws position `p`'s token from a generator seeded by (seed, p), so its output
 does not depend on which worker sampled it or what else was in the batch.
 """
@@ -32,6 +34,7 @@ def sample(
     histories: list[History | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] (float32); positions[i] = the position the sampled token will occupy."""
+    logits = logits.nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it)
     want_lp = [p.logprobs is not None for p in params]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None  # [B, V], raw distribution
     if any(p.penalized for p in params):
@@ -69,7 +72,14 @@ def _penalize(row: torch.Tensor, p: SamplingParams, h: History) -> None:
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, position: int) -> int:
-    x = logits / p.temperature  # [V]
+    try:
+        return _draw(logits, p, position)
+    except RuntimeError:  # e.g. multinomial on an all-zero row: this row only, never the batch
+        return int(logits.argmax())
+
+
+def _draw(logits: torch.Tensor, p: SamplingParams, position: int) -> int:
+    x = logits.double() / p.temperature  # [V]; float64: no overflow for any temperature >= GREEDY_BELOW
     if 0 < p.top_k < x.numel():
         kth = torch.topk(x, p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -83,6 +93,8 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, position: int) -> int:
     probs = torch.softmax(x, dim=-1)
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(logits.argmax())
     gen = None
     if p.seed is not None:
         gen = torch.Generator(device=probs.device)

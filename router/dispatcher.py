@@ -42,6 +42,10 @@ class DeadlineExceeded(RuntimeError):
     pass
 
 
+class AlreadyExists(RuntimeError):
+    pass
+
+
 @dataclass
 class TokenChunk:
     """What the router learned about a request since the last chunk."""
@@ -77,7 +81,9 @@ class Dispatcher:
         self._capacity = asyncio.Condition()
         self._capacity_gen = 0  # bumped whenever a request leaves a decode worker
         self._pollers: list[asyncio.Task[None]] = []
-        self._placed: dict[str, int] = {}  # request id → decode index holding its KV
+        self._placed: dict[str, int] = {}  # request key → decode index holding its KV
+        self.labels: set[str] = set()  # client request ids in flight (duplicates are refused)
+        self._cleanups: set[asyncio.Task[None]] = set()
         self.dead: set[str] = set()  # decode worker ids whose actor is gone
         self.dead_prefills: set[str] = set()  # prefill worker ids whose actor is gone
         self._closing = False
@@ -129,24 +135,26 @@ class Dispatcher:
                 f"{self.in_flight} requests in flight (limits.max_concurrent_requests="
                 f"{self.limits.max_concurrent_requests}); retry later"
             )
-        if req.request_id in self.streams:
-            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        if req.request_id in self.labels:  # refused before any worker sees it
+            raise AlreadyExists(f"request_id {req.request_id!r} is already in flight")
+        key = req.key
         t_accept = time.monotonic()
         deadline = t_accept + self.limits.request_timeout_s
         n_prompt = len(req.prompt_ids)
         kv_tokens = n_prompt + req.sampling.max_tokens
         self.in_flight += 1
         queue: asyncio.Queue[DecodeEvent] = asyncio.Queue()
-        self.streams[req.request_id] = queue
+        self.streams[key] = queue
+        self.labels.add(req.request_id)
         d_idx: int | None = None
         p_used: int | None = None
         finished = False
         try:
             d_idx, dest = await self._reserve(req, deadline)  # counted in the policy from here on
-            self._placed[req.request_id] = d_idx
+            self._placed[key] = d_idx
             p_idx = p_used = d_idx if self.colocated else self._pick_prefill()
             self.policy.add(self.policy.prefill[p_idx], n_prompt)
-            preq = PrefillRequest(req.request_id, req.prompt_ids, req.sampling, self.eos_token_ids, dest)
+            preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest)
             prefill = self.prefills[p_idx]
             try:
                 res = await self._wait(
@@ -166,7 +174,7 @@ class Dispatcher:
             first_lp = [res.first_logprob] if res.first_logprob is not None else None
             if res.finished is not None:  # the first token ended it: nothing for decode to do
                 finished = True
-                await self._cancel_decode(d_idx, req.request_id)
+                await self._cancel_decode(d_idx, key)
                 yield TokenChunk([res.first_token], res.finished, _close(timings, t_first, t_accept), first_lp)
                 return
             yield TokenChunk([res.first_token], None, timings, first_lp)
@@ -185,13 +193,14 @@ class Dispatcher:
                 if ev.token_ids:
                     yield TokenChunk(ev.token_ids, logprobs=ev.logprobs)
         finally:
-            self.streams.pop(req.request_id, None)
-            self._placed.pop(req.request_id, None)
+            self.streams.pop(key, None)
+            self._placed.pop(key, None)
+            self.labels.discard(req.request_id)
             self.in_flight -= 1
             if d_idx is not None:
                 self.policy.remove(self.policy.decode[d_idx], kv_tokens)
                 if not finished:  # client gone, deadline, stop string, error: free the KV everywhere
-                    await self._cancel_everywhere(d_idx, p_used, req.request_id)
+                    await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
 
     def _pick_prefill(self) -> int:
@@ -256,27 +265,41 @@ class Dispatcher:
             load = self.policy.decode[i]
             kv_tokens = len(req.prompt_ids) + req.sampling.max_tokens
             self.policy.add(load, kv_tokens)  # count it now: concurrent arrivals must see it
-            try:
-                r = await self._wait(
-                    d.handle.reserve.remote(
-                        req.request_id, len(req.prompt_ids), req.sampling, self.eos_token_ids,
-                        req.prompt_ids if req.sampling.repetition_penalty != 1.0 else None,
-                    ),
-                    min(deadline, time.monotonic() + 10),
-                    "reserve",
-                )
+            call = asyncio.ensure_future(d.handle.reserve.remote(
+                req.key, len(req.prompt_ids), req.sampling, self.eos_token_ids,
+                req.prompt_ids if req.sampling.repetition_penalty != 1.0 else None,
+            ))
+            try:  # shielded: if we stop waiting, the reservation may still be made; then undo it
+                r = await self._wait(asyncio.shield(call), min(deadline, time.monotonic() + 10), "reserve")
             except (DeadlineExceeded, WorkerFailure) as e:
                 self.policy.remove(load, kv_tokens)
+                self._undo_late_reserve(call, i, req.key)
                 reasons.append(f"decode worker {d.worker_id}: {e}")
                 continue
             except BaseException:
                 self.policy.remove(load, kv_tokens)
+                self._undo_late_reserve(call, i, req.key)
                 raise
             if r.ok:
                 return (i, r.dest), []
             self.policy.remove(load, kv_tokens)
             reasons.append(f"decode worker {d.worker_id}: {r.reason}")
         return None, reasons
+
+    def _undo_late_reserve(self, call: "asyncio.Future[Any]", d_idx: int, key: str) -> None:
+        """Nobody waits for this reservation any more: when it answers, cancel what it reserved."""
+        async def undo() -> None:
+            try:
+                r = await asyncio.wait_for(call, timeout=60)
+            except BaseException:  # noqa: BLE001 — failed or never answered: nothing was reserved
+                return
+            if getattr(r, "ok", False):
+                await self._cancel_decode(d_idx, key)
+                await self._capacity_changed()
+
+        task = asyncio.ensure_future(undo())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _wait(self, awaitable: Any, deadline: float, what: str) -> Any:
         try:

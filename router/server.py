@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,7 +24,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import LimitsConfig, ServerConfig
 from router.detokenizer import IncrementalDetokenizer, StopMatcher
 from router.metrics import RouterMetrics
-from router.dispatcher import DeadlineExceeded, Dispatcher, ResourceExhausted, TokenChunk, WorkerFailure
+from router.dispatcher import AlreadyExists, DeadlineExceeded, Dispatcher, ResourceExhausted, TokenChunk, WorkerFailure
 from router.validation import InvalidArgument, ValidRequest, parse, validate
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,11 @@ class GenerationService:
         async for msg in self._generate(req, context):
             yield msg
 
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+    async def Status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        try:
+            pb.StatusRequest.FromString(raw)
+        except DecodeError as e:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed StatusRequest: {e}")
         resp = pb.StatusResponse()
         for s in await self.dispatcher.stats():
             resp.workers.add(
@@ -131,11 +136,14 @@ class GenerationService:
         except WorkerFailure as e:
             log.error("request %s failed: %s", req.request_id, e)
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
-        except ValueError as e:
+        except AlreadyExists as e:
             await self._abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
         except asyncio.CancelledError:
             self.metrics.errors.labels("CANCELLED").inc()
             raise
+        except Exception as e:  # noqa: BLE001 — a bug must read as INTERNAL with a message, never UNKNOWN
+            log.exception("request %s hit an internal error", req.request_id)
+            await self._abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
     def _last(
         self, req: ValidRequest, text: str, ids: list[int], finish: FinishReason, stop_reason: str, n_out: int,
@@ -172,7 +180,7 @@ def _handlers(svc: GenerationService) -> grpc.GenericRpcHandler:
                 response_serializer=pb.GenerateStreamResponse.SerializeToString,
             ),
             "Status": grpc.unary_unary_rpc_method_handler(
-                svc.Status, request_deserializer=pb.StatusRequest.FromString,
+                svc.Status, request_deserializer=None,
                 response_serializer=pb.StatusResponse.SerializeToString,
             ),
         },

@@ -27,10 +27,11 @@ class InvalidArgument(ValueError):
 
 @dataclass(frozen=True)
 class ValidRequest:
-    request_id: str
+    request_id: str  # the client's label, echoed in responses; never a key inside pdserve
     prompt_ids: list[int]
     sampling: SamplingParams
     stop: tuple[str, ...]
+    key: str  # minted here for every request: the only id workers and the hand-off ever see
 
 
 def parse(raw: bytes) -> pb.GenerateRequest:
@@ -42,7 +43,8 @@ def parse(raw: bytes) -> pb.GenerateRequest:
 
 
 def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model_len: int) -> ValidRequest:  # type: ignore[no-untyped-def]
-    rid = req.request_id or uuid.uuid4().hex
+    key = uuid.uuid4().hex
+    rid = req.request_id or key
     if not _ID_RE.match(rid):
         raise InvalidArgument("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
     prompt_ids = _tokenize(req, tokenizer)
@@ -108,7 +110,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         frequency_penalty=_opt(req, "frequency_penalty", 0.0),
         logprobs=logprobs,
     )
-    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop))
+    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop), key)
 
 
 def _opt(req: pb.GenerateRequest, name: str, default: float) -> float:

@@ -1,4 +1,4 @@
-"""End to end on a local Ray: gRPC router → prefill actor → gloo KV handoff → decode actor (tiny model).
+"""End to end on a local Ray: gRPC router → prefill actor → KV hand-off (direct write) → decode actor (tiny model).
 
 The prefill worker here chunks prompts (64-token chunks, 256-token steps), so every equality below
 also covers chunked prefill; tests/cpu/test_cluster_2p2d.py runs whole-prompt prefill.
@@ -214,6 +214,53 @@ def test_non_utf8_stop_string_is_invalid_argument(server: RunningServer) -> None
         call(raw, timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("stop[1]:")
+
+
+def test_undecodable_status_request_is_invalid_argument(server: RunningServer) -> None:
+    call = server.channel.unary_unary("/pdserve.v1.Generation/Status")
+    with pytest.raises(grpc.RpcError) as e:
+        call(b"\xff\xff\xff\xff", timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("request:")
+
+
+def test_a_duplicate_in_flight_request_id_is_already_exists_at_once(server: RunningServer) -> None:
+    first = server.stub.GenerateStream(
+        pb.GenerateRequest(prompt="dup", request_id="dup-a", max_tokens=400, ignore_eos=True), timeout=60
+    )
+    next(first)  # in flight
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        server.generate(prompt="dup again", request_id="dup-a", max_tokens=4)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and time.monotonic() - t0 < 5
+    rest = list(first)  # the first is untouched
+    assert rest[-1].finish_reason == "length" and sum(len(m.token_ids) for m in rest) == 399
+    assert wait_until(server.all_idle, timeout=15)
+
+
+def test_reusing_an_id_right_after_its_cancel_gets_its_own_tokens(server: RunningServer) -> None:
+    for i in range(3):
+        stream = server.stub.GenerateStream(
+            pb.GenerateRequest(prompt="a long one " * 20, request_id="reuse", max_tokens=500, ignore_eos=True),
+            timeout=60,
+        )
+        next(stream)
+        stream.cancel()
+        p = prompts(3, seed=20 + i)[1]
+        resp = server.generate(prompt=p, request_id="reuse", max_tokens=8)  # at once, same id
+        assert list(resp.token_ids) == hf_greedy(p, 8) and resp.request_id == "reuse"
+    assert wait_until(server.all_idle, timeout=15)
+
+
+def test_extreme_sampling_values_never_fail_the_requests_batched_with_them(server: RunningServer) -> None:
+    ps = prompts(8, seed=31)
+    bad = [dict(temperature=1e-40), dict(temperature=3e38, top_k=3), dict(temperature=1e-30, top_p=0.1, seed=5)]
+    with cf.ThreadPoolExecutor(len(ps) + len(bad)) as ex:
+        normal = [ex.submit(server.generate, prompt=p, max_tokens=12) for p in ps]
+        odd = [ex.submit(server.generate, prompt="odd one", max_tokens=12, **b) for b in bad]
+        outs = [f.result() for f in normal]
+        assert all(len(f.result().token_ids) >= 1 for f in odd)
+    for p, o in zip(ps, outs):
+        assert list(o.token_ids) == hf_greedy(p, 12)
 
 
 def test_client_cancel_frees_kv_on_every_worker(server: RunningServer) -> None:

@@ -8,16 +8,18 @@ import pytest
 
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams
 from router.config import LimitsConfig
-from router.dispatcher import DeadlineExceeded, WorkerRef, Dispatcher, ResourceExhausted, WorkerFailure
+from router.dispatcher import AlreadyExists, DeadlineExceeded, WorkerRef, Dispatcher, ResourceExhausted, WorkerFailure
 from router.validation import ValidRequest
 
 
 class _Method:
+    """Like a Ray actor method: the call runs to its end whether or not the caller still waits."""
+
     def __init__(self, fn: Any) -> None:
         self.fn = fn
 
     def remote(self, *a: Any) -> Any:
-        return self.fn(*a)
+        return asyncio.shield(asyncio.ensure_future(self.fn(*a)))
 
 
 class FakeDecode:
@@ -57,12 +59,13 @@ class FakePrefill:
         return True
 
 
-def _req(rid: str) -> ValidRequest:
-    return ValidRequest(rid, [1, 2, 3], SamplingParams(max_tokens=4), ())
+def _req(rid: str, key: str | None = None) -> ValidRequest:
+    """The router mints `key` (what workers see); tests pick it: by default the client id itself."""
+    return ValidRequest(rid, [1, 2, 3], SamplingParams(max_tokens=4), (), key or rid)
 
 
-async def _collect(d: Dispatcher, rid: str) -> list[int]:
-    return [t async for c in d.run(_req(rid)) for t in c.token_ids]
+async def _collect(d: Dispatcher, rid: str, key: str | None = None) -> list[int]:
+    return [t async for c in d.run(_req(rid, key)) for t in c.token_ids]
 
 
 def _finish(dec: FakeDecode, rid: str) -> None:
@@ -153,6 +156,56 @@ def test_dead_decode_worker_fails_its_requests_and_is_skipped() -> None:
         assert "c" in alive.held and "c" not in dead.held
         _finish(alive, "c")
         await c
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_duplicate_in_flight_id_is_refused_at_once_and_never_reaches_a_worker() -> None:
+    async def main() -> None:
+        dec = FakeDecode(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill(delay=0.3))], [WorkerRef("decode-1", dec)], (2,),
+                       LimitsConfig())
+        d.start()
+        first = asyncio.create_task(_collect(d, "dup", key="k1"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(AlreadyExists, match="dup"):
+            await asyncio.wait_for(_collect(d, "dup", key="k2"), 0.1)  # at once, not after a queue wait
+        assert dec.held == {"k1"}  # the second never reserved anything
+        await asyncio.sleep(0.3)
+        _finish(dec, "k1")
+        assert await first == [5, 6, 7, 8]
+        third = asyncio.create_task(_collect(d, "dup", key="k3"))  # the id is free again once the first ended
+        await asyncio.sleep(0.05)
+        assert dec.held == {"k3"}
+        await asyncio.sleep(0.3)
+        _finish(dec, "k3")
+        assert await third == [5, 6, 7, 8]
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_reserve_that_answers_after_the_request_is_gone_is_cancelled() -> None:
+    """A client that leaves while its reservation is in flight must not leak the reservation."""
+    async def main() -> None:
+        dec = FakeDecode(room=4)
+        slow = dec._reserve
+
+        async def late_reserve(rid: str, *a: Any) -> ReserveResult:
+            await asyncio.sleep(0.2)
+            return await slow(rid, *a)
+
+        dec.reserve = _Method(late_reserve)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.start()
+        task = asyncio.create_task(_collect(d, "gone"))
+        await asyncio.sleep(0.05)
+        task.cancel()  # mid-reserve
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.4)
+        assert "gone" in dec.cancelled and not dec.held and d.in_flight == 0
         await d.close()
 
     asyncio.run(main())

@@ -70,3 +70,24 @@ def test_min_p_removes_the_tail() -> None:
     x = torch.tensor([[5.0, 4.9, 0.0, -1.0]])
     got = {sample(x, [SamplingParams(temperature=1.0, min_p=0.5, seed=s)], [0])[0][0] for s in range(100)}
     assert got == {0, 1}
+
+
+def test_values_that_overflow_sampling_do_not_fail_the_other_rows() -> None:
+    """A temperature of 1e-40 turns logits into ±inf (softmax NaN); others in the batch must not care."""
+    x = _logits()
+    normal = SamplingParams(temperature=0.8, seed=3)
+    alone = sample(x[1:2], [normal], [9])[0]
+    extreme = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-40, top_p=0.5, seed=1),
+               SamplingParams(temperature=3e38, top_k=5)]
+    for bad in extreme:
+        toks = sample(x[:2], [bad, normal], [9, 9])[0]
+        assert toks[1] == alone[0]
+        assert 0 <= toks[0] < x.shape[1]
+    assert sample(x[:1], [extreme[0]], [0])[0] == [int(x[0].argmax())]  # below 1e-5: greedy (documented)
+
+
+def test_non_finite_logits_fall_back_to_the_best_finite_token() -> None:
+    x = _logits()[:1].clone()
+    x[0, 7] = float("nan")
+    x[0, 3] = 50.0
+    assert sample(x, [SamplingParams(temperature=1.0, seed=0)], [0])[0] == [3]
