@@ -162,7 +162,8 @@ def _status(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.address) as ch:
         resp = pbg.GenerationStub(ch).Status(pb.StatusRequest(), timeout=30)
     workers = [
-        {"role": w.role, "id": w.id, "node": w.node, "running": w.running, "waiting": w.waiting,
+        {"role": w.role, "id": w.id, "state": w.state, "restarts": w.restarts, "node": w.node,
+         "running": w.running, "waiting": w.waiting,
          "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
          "prompt_tokens_computed": w.prompt_tokens_computed, "tokens_generated": w.tokens_generated}
         for w in resp.workers

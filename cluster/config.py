@@ -30,6 +30,14 @@ class RayClusterConfig(Frozen):
     name: str = Field("pdserve", pattern=r"^[a-z0-9-]{1,40}$", description="Prefix of actor names.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: the machine's).")
     startup_timeout_s: float = Field(300.0, gt=0, description="Deadline for all workers to be ready.")
+    max_restarts: int = Field(
+        3, ge=-1, description="Times Ray restarts a worker process that dies (-1: always); a restarted worker "
+        "reloads the model, is wired into the hand-off again and takes traffic. 0: a dead worker stays dead."
+    )
+    health_check_interval_s: float = Field(
+        1.0, gt=0, description="How often the router probes every worker (lost → its requests fail at once; "
+        "restarted → re-wired)."
+    )
 
 
 class PDServeConfig(Frozen):

@@ -63,7 +63,12 @@ class Cluster:
         self.cfg = cfg
         self.prefills: list[Any] = []
         self.decodes: list[Any] = []
-        self.nodes: dict[str, str] = {}  # actor name → node id
+        self.workers: dict[str, Any] = {}  # stable worker id → actor handle
+        self.boots: dict[str, str] = {}  # worker id → boot id of the process wired in
+        self.hosts: dict[str, str] = {}  # worker id → node IP
+        self.nodes: dict[str, str] = {}  # worker id → node id
+        self.places: dict[str, str] = {}  # worker id → node (+ GPU): the scope of a direct write
+        self.endpoints: dict[str, DecodeEndpoint] = {}  # decode worker id → its hand-off endpoint
         self._started_ray = False
 
     # -- start -----------------------------------------------------------------------------------
@@ -92,42 +97,73 @@ class Cluster:
                     f"decode-{i}", cfg.model, cfg.kv_cache, cfg.decode, cfg.transport
                 )
             )
-        workers = self.prefills + self.decodes
-        self._get([w.ready.remote() for w in workers], "workers to load the model")
-        infos = self._get([w.__ray_call__.remote(_node_info) for w in workers], "node info")
-        ids = [f"prefill-{i}" for i in range(len(self.prefills))] + [f"decode-{i}" for i in range(len(self.decodes))]
-        self.nodes = {wid: node for wid, (_, node, _) in zip(ids, infos)}
-        places = {wid: place for wid, (_, _, place) in zip(ids, infos)}
-        self._get([w.start.remote() for w in workers], "workers to start")
-        hosts = [ip for ip, _, _ in infos[len(self.prefills):]]
-        endpoints = self._get([d.endpoint.remote(h) for d, h in zip(self.decodes, hosts)], "decode endpoints")
-        backends = self._wire(endpoints, places)
+        self._register()
+        self._get([w.start.remote() for w in self.workers.values()], "workers to start")
+        self.endpoints = dict(zip(self.decode_ids, self._get(
+            [d.endpoint.remote(self.hosts[did]) for did, d in zip(self.decode_ids, self.decodes)], "decode endpoints"
+        )))
+        backends = self._wire([(pid, did) for pid in self.prefill_ids for did in self.decode_ids], at_start=True)
         log.info(
             "cluster up in %.1fs: %d prefill + %d decode workers on %d node(s); hand-off: %s",
             time.monotonic() - t0, len(self.prefills), len(self.decodes), len(set(self.nodes.values())),
             ", ".join(sorted(set(backends))),
         )
 
-    def _wire(self, endpoints: list[DecodeEndpoint], places: dict[str, str]) -> list[str]:
-        """Every prefill worker × every decode worker: pick the pair's backend, then both sides at once
-        (a two-sided pair opens its communicator here, both sides meeting on the decode's store)."""
+    def _register(self) -> None:
+        """Wait for every worker's model; note each one's boot id, node and place."""
+        self.workers = dict(zip(self.prefill_ids + self.decode_ids, self.prefills + self.decodes))
+        boots = self._get([w.ready.remote() for w in self.workers.values()], "workers to load the model")
+        infos = self._get([w.__ray_call__.remote(_node_info) for w in self.workers.values()], "node info")
+        for wid, boot, (ip, node, place) in zip(self.workers, boots, infos):
+            self.boots[wid], self.hosts[wid], self.nodes[wid], self.places[wid] = boot, ip, node, place
+
+    @property
+    def prefill_ids(self) -> list[str]:
+        return [f"prefill-{i}" for i in range(len(self.prefills))]
+
+    @property
+    def decode_ids(self) -> list[str]:
+        prefix = "aggregated" if self.cfg.mode == "aggregated" else "decode"
+        return [f"{prefix}-{i}" for i in range(len(self.decodes))]
+
+    def _wire(self, pairs: list[tuple[str, str]], at_start: bool = False) -> list[str]:
+        """Each (prefill, decode) pair: pick its backend, then call both sides at once (a two-sided
+        pair opens its communicator here, both meeting on the decode's store under a name that is
+        new for every incarnation of either side)."""
         cfg = self.cfg
         calls, backends = [], []
-        for i, p in enumerate(self.prefills):
-            pid = f"prefill-{i}"
-            for ep, d in zip(endpoints, self.decodes):
-                try:
-                    backend = choose_backend(
-                        cfg.transport.backend, cfg.model.device, places[pid] == places[ep.worker_id],
-                        ep.cache is not None,
-                    )
-                except ValueError as e:
+        for pid, did in pairs:
+            p, d, ep = self.workers[pid], self.workers[did], self.endpoints[did]
+            try:
+                backend = choose_backend(
+                    cfg.transport.backend, cfg.model.device, self.places[pid] == self.places[did], ep.cache is not None
+                )
+            except ValueError as e:
+                if at_start:
                     self.stop()
-                    raise StartupError(f"{pid} → {ep.worker_id}: {e}") from None
-                backends.append(backend.value)
-                calls += [d.accept.remote(pid, backend), p.connect.remote(ep, RayDecodePeer(d), backend)]
-        self._get(calls, f"the hand-off links of {len(self.prefills)} x {len(self.decodes)} worker pairs")
+                raise StartupError(f"{pid} → {did}: {e}") from None
+            backends.append(backend.value)
+            tag = f"{self.boots[pid]}.{self.boots[did]}"
+            calls += [d.accept.remote(pid, backend, tag=tag), p.connect.remote(ep, RayDecodePeer(d), backend, tag=tag)]
+        self._get(calls, f"the hand-off links of {len(pairs)} worker pairs", stop_on_error=at_start)
         return backends
+
+    def rewire(self, wid: str, boot: str, live: set[str]) -> None:
+        """Worker `wid` came back as a new process (boot id `boot`): start its loop and wire its pairs
+        with the `live` workers again. Raises StartupError if that fails (the caller retries)."""
+        h = self.workers[wid]
+        ip, node, place = self._get(h.__ray_call__.remote(_node_info), f"{wid}'s node", stop_on_error=False)
+        self.boots[wid], self.hosts[wid], self.nodes[wid], self.places[wid] = boot, ip, node, place
+        self._get(h.start.remote(), f"{wid} to start", stop_on_error=False)
+        if self.cfg.mode == "aggregated":
+            return
+        if wid in self.decode_ids:
+            self.endpoints[wid] = self._get(h.endpoint.remote(ip), f"{wid}'s endpoint", stop_on_error=False)
+            pairs = [(pid, wid) for pid in self.prefill_ids if pid in live]
+        else:
+            pairs = [(wid, did) for did in self.decode_ids if did in live]
+        self._wire(pairs)
+        log.info("%s re-wired after a restart (%d pairs)", wid, len(pairs))
 
     def _start_aggregated(self) -> None:
         cfg = self.cfg
@@ -138,9 +174,7 @@ class Cluster:
                     f"aggregated-{i}", cfg.model, cfg.kv_cache, cfg.aggregated
                 )
             )
-        self._get([w.ready.remote() for w in self.decodes], "workers to load the model")
-        infos = self._get([w.__ray_call__.remote(_node_info) for w in self.decodes], "node info")
-        self.nodes = {f"aggregated-{i}": node for i, (_, node, _) in enumerate(infos)}
+        self._register()
         self._get([w.start.remote() for w in self.decodes], "workers to start")
 
     def _connect(self) -> None:
@@ -172,27 +206,28 @@ class Cluster:
                     f"(replicas x num_cpus/num_gpus/resources); lower them or add nodes"
                 )
 
-    @staticmethod
-    def _options(p: Any) -> dict[str, Any]:
+    def _options(self, p: Any) -> dict[str, Any]:
         return {
             "num_cpus": p.num_cpus,
             "num_gpus": p.num_gpus,
             "resources": dict(p.resources),
             "max_concurrency": 1024,  # prefill() blocks per request; reserve/poll/stats run alongside
-            "max_restarts": 0,
+            "max_restarts": self.cfg.cluster.max_restarts,  # the supervisor re-wires a restarted worker
         }
 
-    def _get(self, refs: Any, what: str) -> Any:
+    def _get(self, refs: Any, what: str, stop_on_error: bool = True) -> Any:
         try:
             return ray.get(refs, timeout=self.cfg.cluster.startup_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            self.stop()
+            if stop_on_error:
+                self.stop()
             raise StartupError(
                 f"timed out after {self.cfg.cluster.startup_timeout_s:.0f}s waiting for {what} "
                 "(cluster.startup_timeout_s); are the requested resources free?"
             ) from None
         except ray.exceptions.RayError as e:
-            self.stop()
+            if stop_on_error:
+                self.stop()
             raise StartupError(f"failed while waiting for {what}: {e}") from None
 
     # -- the router --------------------------------------------------------------------------------
@@ -207,7 +242,11 @@ class Cluster:
             prefills = [WorkerRef(f"prefill-{i}", p) for i, p in enumerate(self.prefills)]
             decodes = [WorkerRef(f"decode-{i}", d) for i, d in enumerate(self.decodes)]
             dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits)
-        return RouterServer(GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len), cfg.server)
+        from cluster.supervisor import Supervisor
+
+        server = RouterServer(GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len), cfg.server)
+        server.background.append(Supervisor(self, dispatcher).run)
+        return server
 
     # -- stop --------------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 import time
 from collections import deque
 from typing import Any
@@ -54,6 +55,7 @@ class DecodeWorker:
         """transport_cfg None: nothing is ever handed to this worker (the aggregated worker)."""
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
+        self.boot_id = uuid.uuid4().hex[:12]
         self.model_cfg, self.transport_cfg = model_cfg, transport_cfg
         model = load_model(model_cfg)
         self.cache_handle: shared_cache.SharedCache | None = None
@@ -80,7 +82,8 @@ class DecodeWorker:
 
     # -- wiring ---------------------------------------------------------------------------------
     def ready(self) -> str:
-        return self.worker_id
+        """This process's boot id: it changes when Ray restarts the worker."""
+        return self.boot_id
 
     def start(self) -> None:
         """Start the step loop."""
@@ -96,12 +99,13 @@ class DecodeWorker:
         port = int(self._store.port)  # type: ignore[attr-defined]
         return DecodeEndpoint(self.worker_id, self.node, host, port, self.runner.block_size, self.cache_handle)
 
-    def accept(self, src: str, backend: Backend, channel: PairChannel | None = None) -> None:
-        """Take writes from prefill worker `src`. Two-sided: open the pair now (blocks until the prefill
-        worker opens its side; the launcher calls both at once)."""
+    def accept(self, src: str, backend: Backend, channel: PairChannel | None = None, tag: str = "") -> None:
+        """Take writes from prefill worker `src` (again, after either side restarted: writes still
+        open from its previous process fail). Two-sided: open the pair now (blocks until the prefill
+        worker opens its side; the launcher calls both at once under the same `tag`)."""
         if backend is not Backend.IPC and channel is None:
             assert self._store is not None, "endpoint() first"
-            channel = TorchPairChannel(backend.value, self._store, f"{src}>{self.worker_id}", rank=1)
+            channel = TorchPairChannel(backend.value, self._store, f"{src}>{self.worker_id}/{tag}", rank=1)
         if channel is not None and channel.epoch < 0:
             channel.open(0, self.receiver.timeout_s)
         self.receiver.add_peer(src, backend, channel)

@@ -116,3 +116,5 @@ class WorkerStats:
     prompt_tokens_computed: int
     tokens_generated: int
     extra: dict = field(default_factory=dict)
+    state: str = "serving"  # the router's view: serving | lost (unreachable, restarting or dead)
+    restarts: int = 0  # times the router saw it come back

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import uuid
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class PrefillWorker:
         """block_size: the decode workers' (kv_cache.block_size): blocks are copied whole between caches."""
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
+        self.boot_id = uuid.uuid4().hex[:12]
         self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
         self.runner = ModelRunner(load_model(model_cfg), blocks, block_size, model_cfg.kernels)
@@ -69,7 +71,8 @@ class PrefillWorker:
 
     # -- wiring ---------------------------------------------------------------------------------
     def ready(self) -> str:
-        return self.worker_id
+        """This process's boot id: it changes when Ray restarts the worker."""
+        return self.boot_id
 
     def start(self) -> None:
         """Start the step loop."""
@@ -77,16 +80,17 @@ class PrefillWorker:
         self._thread.start()
 
     def connect(
-        self, ep: DecodeEndpoint, peer: DecodePeer, backend: Backend, channel: PairChannel | None = None
+        self, ep: DecodeEndpoint, peer: DecodePeer, backend: Backend, channel: PairChannel | None = None,
+        tag: str = "",
     ) -> None:
-        """Wire one decode worker. Two-sided: open the pair now (blocks until that worker accepts;
-        the launcher calls both at once)."""
+        """Wire one decode worker (again, after either side restarted). Two-sided: open the pair now
+        (blocks until that worker accepts; the launcher calls both at once under the same `tag`)."""
         if backend is not Backend.IPC and channel is None:
             import torch.distributed as dist
 
             store = dist.TCPStore(ep.host, ep.store_port, is_master=False,
                                   timeout=datetime.timedelta(seconds=self.transport_cfg.timeout_s))
-            channel = TorchPairChannel(backend.value, store, f"{self.worker_id}>{ep.worker_id}", rank=0)
+            channel = TorchPairChannel(backend.value, store, f"{self.worker_id}>{ep.worker_id}/{tag}", rank=0)
         if channel is not None and channel.epoch < 0:
             channel.open(0, self.transport_cfg.timeout_s)
         self.sender.connect(ep.worker_id, peer, backend, ep.block_size, ep.cache, channel)

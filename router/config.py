@@ -10,7 +10,10 @@ class ServerConfig(Frozen):
     host: str = Field("127.0.0.1", description="gRPC listen address.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0 = off).")
-    grace_period_s: float = Field(5.0, ge=0, description="Shutdown grace for in-flight RPCs.")
+    grace_period_s: float = Field(
+        5.0, ge=0, description="On SIGTERM/SIGINT: health turns NOT_SERVING and new requests get UNAVAILABLE at "
+        "once; requests in flight may finish for this long, then end with UNAVAILABLE."
+    )
 
 
 class LimitsConfig(Frozen):

@@ -15,6 +15,7 @@ returns an awaitable); tests may pass anything with the same shape.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -80,10 +81,13 @@ class Dispatcher:
         self._admission = asyncio.Lock()  # FIFO: asyncio locks wake waiters in order
         self._capacity = asyncio.Condition()
         self._capacity_gen = 0  # bumped whenever a request leaves a decode worker
-        self._pollers: list[asyncio.Task[None]] = []
+        self._pollers: dict[str, asyncio.Task[None]] = {}  # decode worker id → its event pump
+        self.restarts: dict[str, int] = {}  # worker id → times it came back (revive)
         self._placed: dict[str, int] = {}  # request key → decode index holding its KV
         self.labels: set[str] = set()  # client request ids in flight (duplicates are refused)
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._aborted = asyncio.Event()  # set by abort_all(): every wait ends with WorkerFailure
+        self._abort_reason = ""
         self.dead: set[str] = set()  # decode worker ids whose actor is gone
         self.dead_prefills: set[str] = set()  # prefill worker ids whose actor is gone
         self._closing = False
@@ -91,13 +95,13 @@ class Dispatcher:
     # -- decode event pump --------------------------------------------------------------------
     def start(self) -> None:
         for d in self.decodes:
-            self._pollers.append(asyncio.create_task(self._poll(d)))
+            self._pollers[d.worker_id] = asyncio.create_task(self._poll(d))
 
     async def close(self) -> None:
         self._closing = True
-        for t in self._pollers:
+        for t in [*self._pollers.values(), *self._cleanups]:
             t.cancel()
-        await asyncio.gather(*self._pollers, return_exceptions=True)
+        await asyncio.gather(*self._pollers.values(), *self._cleanups, return_exceptions=True)
 
     async def _poll(self, d: WorkerRef) -> None:
         idx = self.decodes.index(d)
@@ -128,6 +132,37 @@ class Dispatcher:
             if where == idx and q is not None:
                 q.put_nowait(DecodeEvent(rid, [], FinishReason.ERROR, why))
 
+    # -- worker liveness (the supervisor in cluster/ calls these) ------------------------------
+    def mark_lost(self, worker_id: str, why: str) -> None:
+        """A worker is gone: its requests fail now (decode) and no new one is sent to it."""
+        for i, d in enumerate(self.decodes):
+            if d.worker_id == worker_id and worker_id not in self.dead:
+                log.error("%s", why)
+                self._decode_lost(i, why)
+        if not self.colocated and any(p.worker_id == worker_id for p in self.prefills):
+            self.dead_prefills.add(worker_id)
+
+    def revive(self, worker_id: str) -> None:
+        """A lost worker is back (restarted and re-wired): it takes traffic again."""
+        self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
+        self.dead.discard(worker_id)
+        self.dead_prefills.discard(worker_id)
+        for d in self.decodes:
+            t = self._pollers.get(d.worker_id)
+            if d.worker_id == worker_id and not self._closing and (t is None or t.done()):
+                self._pollers[worker_id] = asyncio.create_task(self._poll(d))
+
+    def abort_all(self, why: str) -> None:
+        """End every request in flight with `why` (UNAVAILABLE), whatever it waits for."""
+        self._abort_reason = why
+        self._aborted.set()
+
+    @property
+    def serving(self) -> bool:
+        """At least one decode worker (and, disaggregated, one prefill worker) is alive."""
+        decode_ok = any(d.worker_id not in self.dead for d in self.decodes)
+        return decode_ok and (self.colocated or any(p.worker_id not in self.dead_prefills for p in self.prefills))
+
     # -- one request ----------------------------------------------------------------------------
     async def run(self, req: ValidRequest) -> AsyncIterator[TokenChunk]:
         if self.in_flight >= self.limits.max_concurrent_requests:
@@ -135,6 +170,9 @@ class Dispatcher:
                 f"{self.in_flight} requests in flight (limits.max_concurrent_requests="
                 f"{self.limits.max_concurrent_requests}); retry later"
             )
+        if not self.serving:
+            raise WorkerFailure("no live decode worker" if all(d.worker_id in self.dead for d in self.decodes)
+                                else "no live prefill worker")
         if req.request_id in self.labels:  # refused before any worker sees it
             raise AlreadyExists(f"request_id {req.request_id!r} is already in flight")
         key = req.key
@@ -302,13 +340,26 @@ class Dispatcher:
         task.add_done_callback(self._cleanups.discard)
 
     async def _wait(self, awaitable: Any, deadline: float, what: str) -> Any:
+        """Every wait of a request: bounded by its deadline, and ended early by abort_all()."""
+        task = asyncio.ensure_future(awaitable)
+        aborted = asyncio.ensure_future(self._aborted.wait())
         try:
-            return await asyncio.wait_for(awaitable, timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError as e:
-            raise DeadlineExceeded(f"{what} did not answer before the request deadline") from e
+            done, _ = await asyncio.wait(
+                {task, aborted}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
         except asyncio.CancelledError:
+            task.cancel()
             raise
-        except (DeadlineExceeded, ResourceExhausted):
+        finally:
+            aborted.cancel()
+        if task not in done:
+            task.cancel()
+            if aborted in done:
+                raise WorkerFailure(self._abort_reason)
+            raise DeadlineExceeded(f"{what} did not answer before the request deadline")
+        try:
+            return task.result()
+        except (DeadlineExceeded, ResourceExhausted, asyncio.CancelledError):
             raise
         except Exception as e:  # noqa: BLE001 — Ray raises RayActorError, RayTaskError, ...
             raise WorkerFailure(f"{what} failed: {type(e).__name__}: {e}") from e
@@ -336,16 +387,22 @@ class Dispatcher:
 
     # -- status ---------------------------------------------------------------------------------
     async def stats(self) -> list[WorkerStats]:
-        handles = ([] if self.colocated else [p.handle for p in self.prefills]) + [d.handle for d in self.decodes]
+        """Every worker, the unreachable ones too (state 'lost'); a worker found gone is marked lost."""
+        refs = ([] if self.colocated else [("prefill", p) for p in self.prefills]) + [("decode", d) for d in self.decodes]
         results = await asyncio.gather(
-            *(asyncio.wait_for(h.stats.remote(), timeout=10) for h in handles), return_exceptions=True
+            *(asyncio.wait_for(w.handle.stats.remote(), timeout=10) for _, w in refs), return_exceptions=True
         )
         out = []
-        for h, r in zip(handles, results):
+        for (role, w), r in zip(refs, results):
+            lost = w.worker_id in self.dead or w.worker_id in self.dead_prefills
             if isinstance(r, BaseException):
-                log.warning("stats failed: %s", r)
-                continue
-            out.append(r)
+                if _actor_gone(r):
+                    self.mark_lost(w.worker_id, f"{role} worker {w.worker_id} is gone: {type(r).__name__}")
+                log.warning("stats of %s failed: %s", w.worker_id, r)
+                r = WorkerStats(role if not self.colocated else "aggregated", w.worker_id, "", 0, 0, 0, 0, 0, 0)
+                lost = True
+            out.append(dataclasses.replace(r, state="lost" if lost else "serving",
+                                           restarts=self.restarts.get(w.worker_id, 0)))
         return out
 
 

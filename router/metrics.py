@@ -46,6 +46,9 @@ class RouterMetrics:
         self.w_prompt = Gauge("pdserve_worker_prompt_tokens_computed", "Prompt tokens run through the model",
                               labels, registry=r)
         self.w_generated = Gauge("pdserve_worker_tokens_generated", "Tokens sampled", labels, registry=r)
+        self.w_up = Gauge("pdserve_worker_up", "1 while the worker serves, 0 while lost", labels, registry=r)
+        self.w_restarts = Gauge("pdserve_worker_restarts", "Times the worker came back after being lost",
+                                labels, registry=r)
 
     def serve(self, host: str, port: int) -> None:
         try:
@@ -83,3 +86,5 @@ class RouterMetrics:
             self.w_kv_free.labels(*lab).set(s.kv_blocks_total - s.kv_blocks_used)
             self.w_prompt.labels(*lab).set(s.prompt_tokens_computed)
             self.w_generated.labels(*lab).set(s.tokens_generated)
+            self.w_up.labels(*lab).set(1 if s.state == "serving" else 0)
+            self.w_restarts.labels(*lab).set(s.restarts)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -35,6 +35,7 @@ class GenerationService:
     def __init__(self, dispatcher: Dispatcher, tokenizer: Any, limits: LimitsConfig, max_model_len: int) -> None:
         self.dispatcher, self.tokenizer, self.limits, self.max_model_len = dispatcher, tokenizer, limits, max_model_len
         self.metrics = RouterMetrics()
+        self.draining = False  # set by RouterServer.stop(): new requests are refused
 
     # -- RPCs ------------------------------------------------------------------------------------
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -70,11 +71,15 @@ class GenerationService:
                 role=s.role, id=s.id, node=s.node, running=s.running, waiting=s.waiting,
                 kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                 prompt_tokens_computed=s.prompt_tokens_computed, tokens_generated=s.tokens_generated,
+                state=s.state, restarts=s.restarts,
             )
         return resp
 
     # -- the shared path ---------------------------------------------------------------------------
     async def _validate(self, raw: bytes, context: grpc.aio.ServicerContext) -> ValidRequest:
+        if self.draining:
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE,
+                              "server is shutting down; retry on another replica (or after its restart)")
         try:
             return validate(parse(raw), self.tokenizer, self.limits, self.max_model_len)
         except InvalidArgument as e:
@@ -193,6 +198,9 @@ class RouterServer:
     def __init__(self, svc: GenerationService, cfg: ServerConfig) -> None:
         self.svc, self.cfg = svc, cfg
         self.port = 0
+        self.draining = False
+        self.background: list[Callable[[], Awaitable[None]]] = []  # run while serving (the supervisor)
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
         """Bind and serve on the running event loop (grpc.aio servers belong to the loop that made them)."""
@@ -208,6 +216,7 @@ class RouterServer:
         if self.cfg.metrics_port:
             self.svc.metrics.serve(self.cfg.host, self.cfg.metrics_port)
         self._refresh = asyncio.create_task(self._refresh_metrics())
+        self._tasks = [asyncio.ensure_future(run()) for run in [*self.background, self._track_health]]
         await self.server.start()
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -220,14 +229,44 @@ class RouterServer:
             m.in_flight.set(d.in_flight)
             m.queued.set(d.queued)
             try:
-                m.set_workers(await d.stats())
+                m.set_workers(await d.stats())  # also finds workers that are gone
             except Exception as e:  # noqa: BLE001 — metrics must never take the router down
                 log.warning("worker stats refresh failed: %s", e)
             await asyncio.sleep(every_s)
 
+    async def _track_health(self, every_s: float = 0.2) -> None:
+        """SERVING while a request can be served (a live decode worker and, disaggregated, a live
+        prefill worker) and the server is not draining; else NOT_SERVING. Local state only: cheap."""
+        last = None
+        while True:
+            ok = self.svc.dispatcher.serving and not self.draining
+            if ok != last:
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in (SERVICE, ""):
+                    await self.health.set(name, status)
+                last = ok
+            await asyncio.sleep(every_s)
+
     async def stop(self) -> None:
+        """Drain: 1. NOT_SERVING, new requests UNAVAILABLE; 2. in-flight requests may finish within
+        server.grace_period_s; 3. the rest end with UNAVAILABLE (their KV freed on the workers);
+        4. the server and the pollers stop."""
+        self.draining = self.svc.draining = True
+        for name in (SERVICE, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        d = self.svc.dispatcher
+        end = time.monotonic() + self.cfg.grace_period_s
+        while d.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if d.in_flight:
+            log.warning("ending %d requests still in flight after server.grace_period_s", d.in_flight)
+            d.abort_all("server is shutting down (server.grace_period_s passed); retry")
+            end = time.monotonic() + 5  # their cancels reach the workers
+            while d.in_flight and time.monotonic() < end:
+                await asyncio.sleep(0.05)
         self._refresh.cancel()
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.cfg.grace_period_s)
-        await self.svc.dispatcher.close()
+        for t in self._tasks:
+            t.cancel()
+        await self.server.stop(1.0)
+        await d.close()
         self.svc.metrics.close()

@@ -90,6 +90,10 @@ class HandoffReceiver:
         opening on another thread: it is used only after the next grant)."""
         with self._lock:
             old = self._pairs.pop(src, None)
+            if src in self.peers:  # a new link from the same worker: its old process writes no more
+                for h in self._writes.values():
+                    if h.intent.src_worker == src and h.status is HandoffStatus.WRITING:
+                        h.status, h.error = HandoffStatus.FAILED, f"prefill worker {src} was re-connected"
             self.peers[src] = backend
             if backend is not Backend.IPC:
                 assert channel is not None, f"backend {backend.value} needs a channel"

@@ -139,7 +139,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prompt_tokens_computed", "tokens_generated")
+    __slots__ = ("role", "id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prompt_tokens_computed", "tokens_generated", "state", "restarts")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,8 @@ class WorkerStatus(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     id: str
     node: str
@@ -158,7 +160,9 @@ class WorkerStatus(_message.Message):
     kv_blocks_total: int
     prompt_tokens_computed: int
     tokens_generated: int
-    def __init__(self, role: _Optional[str] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    state: str
+    restarts: int
+    def __init__(self, role: _Optional[str] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("workers",)

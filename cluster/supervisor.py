@@ -1,0 +1,80 @@
+"""Keeps the router's view of the workers true: lost workers fail fast, restarted ones come back.
+
+Every `cluster.health_check_interval_s` the supervisor asks each worker for its boot id:
+  1. no answer (dead, or Ray is restarting it): the router marks it lost — a lost decode worker's
+     requests end with UNAVAILABLE at once, and no new request is sent to a lost worker;
+  2. a new boot id (Ray restarted it, `cluster.max_restarts`): it reloaded the model; the launcher
+     starts its loop and wires its hand-off pairs again (new pair names, so nothing of the old
+     process is reused), then the router sends it traffic again and counts the restart;
+  3. the same boot id after a lapse (it was only slow): it serves again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from cluster.launcher import Cluster, StartupError
+from router.dispatcher import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    def __init__(self, cluster: Cluster, dispatcher: Dispatcher) -> None:
+        self.cluster, self.dispatcher = cluster, dispatcher
+        self.interval_s = cluster.cfg.cluster.health_check_interval_s
+        self.lost: set[str] = set()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                log.warning("a worker check was cancelled from within (a dying worker's call)")
+            except Exception:  # noqa: BLE001 — the supervisor must outlive any one check
+                log.exception("worker check failed")
+
+    async def check(self) -> None:
+        ids = list(self.cluster.workers)
+        boots = await asyncio.gather(*(self._probe(self.cluster.workers[w]) for w in ids))
+        for wid, boot in zip(ids, boots):
+            if boot is None:  # 1.
+                if wid not in self.lost:
+                    log.warning("worker %s does not answer: lost", wid)
+                    self.lost.add(wid)
+                    self.dispatcher.mark_lost(wid, f"worker {wid} is gone (no answer to its health probe)")
+                continue
+            if boot != self.cluster.boots[wid]:  # 2.
+                log.warning("worker %s restarted (boot %s): re-wiring", wid, boot)
+                self.dispatcher.mark_lost(wid, f"worker {wid} restarted")
+                self.lost.add(wid)
+                live = {w for w in ids if w not in self.lost}
+                try:
+                    await asyncio.to_thread(self.cluster.rewire, wid, boot, live)
+                except StartupError as e:
+                    log.error("re-wiring %s failed (retried at the next check): %s", wid, e)
+                    continue
+            if wid in self.lost:  # 2. or 3.
+                self.lost.discard(wid)
+                self.dispatcher.revive(wid)
+                log.warning("worker %s serves again", wid)
+
+    async def _probe(self, handle: Any) -> str | None:
+        try:
+            return await asyncio.wait_for(handle.ready.remote(), timeout=max(2.0, 2 * self.interval_s))
+        except asyncio.CancelledError:
+            if _cancelled_from_outside():
+                raise
+            return None  # Ray cancels the calls of an actor that died: no answer
+        except Exception:  # noqa: BLE001 — any failure to answer is "not serving now"
+            return None
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether this task itself is being cancelled (the server stops), not an awaited call."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

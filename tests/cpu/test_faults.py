@@ -1,0 +1,114 @@
+"""Workers that die mid-load: in-flight requests end with an explicit status, the worker is
+restarted (cluster.max_restarts), re-wired into the hand-off, and serves again; with no live decode
+worker the server says NOT_SERVING and refuses at once."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.pdserve.v1 import generation_pb2 as pb
+from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-faults")
+    srv = RunningServer(tiny_config(cluster={"max_restarts": 2, "health_check_interval_s": 0.5}))
+    yield srv
+    srv.stop()
+    ray.shutdown()
+
+
+def _streams(srv: RunningServer, n: int) -> tuple[list[Any], list[threading.Thread]]:
+    """n long streams, each past its first token; a thread per stream records how it ended."""
+    ends: list[Any] = [None] * n
+    started = threading.Barrier(n + 1, timeout=60)
+
+    def one(i: int) -> None:
+        stream = srv.stub.GenerateStream(
+            pb.GenerateRequest(prompt=f"stream {i} " * 10, max_tokens=1000, ignore_eos=True), timeout=120
+        )
+        try:
+            try:
+                next(stream)
+            except grpc.RpcError:
+                started.abort()  # the test fails at once, not at the barrier's timeout
+                raise
+            started.wait()
+            for _ in stream:
+                pass
+            ends[i] = ("ok", time.monotonic())
+        except grpc.RpcError as e:
+            ends[i] = (e.code(), time.monotonic())
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    started.wait()
+    return ends, threads
+
+
+def _serves_again(srv: RunningServer, within_s: float) -> float:
+    """Seconds until a new request is served (and equals HF generate)."""
+    t0 = time.monotonic()
+    p = prompts(2, seed=40)[1]
+    while time.monotonic() - t0 < within_s:
+        try:
+            assert list(srv.generate(prompt=p, max_tokens=8, timeout=30).token_ids) == hf_greedy(p, 8)
+            return time.monotonic() - t0
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED), e
+            time.sleep(0.5)
+    raise AssertionError(f"not served again within {within_s}s")
+
+
+def _worker(srv: RunningServer, wid: str) -> Any:
+    return next(w for w in srv.status() if w.id == wid)
+
+
+def test_a_killed_decode_worker_fails_its_streams_fast_and_comes_back(server: RunningServer) -> None:
+    ends, threads = _streams(server, 6)
+    killed = time.monotonic()
+    ray.kill(server.cluster.workers["decode-0"], no_restart=False)  # Ray restarts it
+    for t in threads:
+        t.join(15)
+    assert all(e is not None and e[0] == grpc.StatusCode.UNAVAILABLE for e in ends), ends
+    assert max(e[1] for e in ends) - killed < 10
+    assert _serves_again(server, 60) < 60
+    w = _worker(server, "decode-0")
+    assert w.restarts == 1 and w.state == "serving"
+    assert wait_until(server.all_idle, 15)
+
+
+def test_a_killed_prefill_worker_comes_back_and_running_streams_go_on(server: RunningServer) -> None:
+    ends, threads = _streams(server, 4)  # all past prefill: decoding
+    ray.kill(server.cluster.workers["prefill-0"], no_restart=False)
+    assert _serves_again(server, 60) < 60
+    for t in threads:
+        t.join(60)
+    assert all(e is not None and e[0] == "ok" for e in ends), ends  # decode did not need the prefill
+    w = _worker(server, "prefill-0")
+    assert w.restarts == 1 and w.state == "serving"
+    assert wait_until(server.all_idle, 15)
+
+
+def test_health_is_not_serving_and_requests_fail_at_once_without_a_decode_worker(server: RunningServer) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel)
+
+    def status() -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+    assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5)
+    ray.kill(server.cluster.workers["decode-0"], no_restart=True)  # gone for good
+    assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        server.generate(prompt="anyone?", max_tokens=4)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 2
+    assert _worker(server, "decode-0").state == "lost"  # shown, not dropped
