@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.kv_handoff.types import KVDestination
-from engine.types import DecodeEvent, FinishReason, PrefillRequest, TokenLogprob, WorkerStats
+from engine.types import DecodeEvent, FinishReason, PrefillRequest, PrefillResult, TokenLogprob, WorkerStats
 from router.config import LimitsConfig
 from router.policy import LeastLoadedPolicy
 from router.validation import ValidRequest
@@ -190,21 +190,16 @@ class Dispatcher:
         try:
             d_idx, dest = await self._reserve(req, deadline)  # counted in the policy from here on
             self._placed[key] = d_idx
-            p_idx = p_used = d_idx if self.colocated else self._pick_prefill()
-            self.policy.add(self.policy.prefill[p_idx], n_prompt)
             preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest)
-            prefill = self.prefills[p_idx]
-            try:
-                res = await self._wait(
-                    prefill.handle.prefill.remote(preq, _remaining(deadline)), deadline, "prefill"
-                )
-            except WorkerFailure as e:
-                if _actor_gone(e) and not self.colocated:  # this request fails; later ones go elsewhere
-                    self.dead_prefills.add(prefill.worker_id)
-                    log.error("prefill worker %s is gone; routing around it", prefill.worker_id)
-                raise
-            finally:
-                self.policy.remove(self.policy.prefill[p_idx], n_prompt)
+            for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
+                p_idx = p_used = d_idx if self.colocated else self._pick_prefill()
+                try:
+                    res = await self._prefill(p_idx, preq, deadline)
+                    break
+                except WorkerFailure as e:
+                    if attempt == 2 or self.colocated or not _actor_gone(e) or not self.serving:
+                        raise
+                    log.warning("prefill of %s failed (%s); retrying on another prefill worker", key, e)
             if res.error is not None:
                 raise WorkerFailure(f"prefill worker: {res.error}")
             t_first = time.monotonic()
@@ -240,6 +235,19 @@ class Dispatcher:
                 if not finished:  # client gone, deadline, stop string, error: free the KV everywhere
                     await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
+
+    async def _prefill(self, p_idx: int, preq: PrefillRequest, deadline: float) -> PrefillResult:
+        prefill, n_prompt = self.prefills[p_idx], len(preq.token_ids)
+        self.policy.add(self.policy.prefill[p_idx], n_prompt)
+        try:
+            return await self._wait(prefill.handle.prefill.remote(preq, _remaining(deadline)), deadline, "prefill")
+        except WorkerFailure as e:
+            if _actor_gone(e) and not self.colocated:  # later requests go elsewhere
+                self.dead_prefills.add(prefill.worker_id)
+                log.error("prefill worker %s is gone; routing around it", prefill.worker_id)
+            raise
+        finally:
+            self.policy.remove(self.policy.prefill[p_idx], n_prompt)
 
     def _pick_prefill(self) -> int:
         idx = self.policy.pick_prefill({i for i, p in enumerate(self.prefills) if p.worker_id in self.dead_prefills})

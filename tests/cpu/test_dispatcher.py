@@ -209,3 +209,27 @@ def test_a_reserve_that_answers_after_the_request_is_gone_is_cancelled() -> None
         await d.close()
 
     asyncio.run(main())
+
+
+def test_a_prefill_worker_dying_before_the_first_token_is_retried_once_elsewhere() -> None:
+    async def main() -> None:
+        dec, dying, alive = FakeDecode(room=4), FakePrefill(), FakePrefill()
+
+        async def died(req: Any, timeout: float) -> PrefillResult:
+            raise ActorDiedError("The actor died unexpectedly")
+
+        dying.prefill = _Method(died)
+        d = Dispatcher([WorkerRef("prefill-0", dying), WorkerRef("prefill-1", alive)], [WorkerRef("decode-1", dec)],
+                       (2,), LimitsConfig())
+        d.start()
+        task = asyncio.create_task(_collect(d, "r"))
+        await asyncio.sleep(0.05)
+        _finish(dec, "r")
+        assert await task == [5, 6, 7, 8]  # served through prefill-1, same reservation
+        assert d.dead_prefills == {"prefill-0"}
+        with pytest.raises(WorkerFailure, match="prefill"):  # no third try: with prefill-1 dying too, it fails
+            alive.prefill = _Method(died)
+            await _collect(d, "s")
+        await d.close()
+
+    asyncio.run(main())
