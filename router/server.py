@@ -1,9 +1,10 @@
-"""The gRPC front door: pdserve.v1.Generation + grpc.health.v1 + server reflection.
+"""The router process's servers: the gRPC front door (pdserve.v1.Generation + grpc.health.v1 +
+reflection) and, beside it, the OpenAI-compatible HTTP front (router/http_api.py); one request
+path behind both (router/service.py).
 
-Requests arrive as raw bytes so that bad UTF-8 is answered with INVALID_ARGUMENT naming the field
-(protobuf's own parser would only say "bad UTF-8"). Errors map to gRPC codes:
-  InvalidArgument → INVALID_ARGUMENT, ResourceExhausted → RESOURCE_EXHAUSTED,
-  DeadlineExceeded → DEADLINE_EXCEEDED, WorkerFailure → UNAVAILABLE.
+gRPC requests arrive as raw bytes so that bad UTF-8 is answered with INVALID_ARGUMENT naming the
+field (protobuf's own parser would only say "bad UTF-8"). Errors are the service's `Refused` codes:
+INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, ALREADY_EXISTS, INTERNAL.
 """
 from __future__ import annotations
 
@@ -12,37 +13,34 @@ import logging
 import time
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.types import FinishReason, TokenLogprob
 from protos.pdserve.v1 import generation_pb2 as pb
-from router.config import LimitsConfig, ServerConfig
-from router.detokenizer import IncrementalDetokenizer, StopMatcher
-from router.metrics import RouterMetrics
-from router.dispatcher import AlreadyExists, DeadlineExceeded, Dispatcher, ResourceExhausted, TokenChunk, WorkerFailure
-from router.validation import InvalidArgument, ValidRequest, parse, validate
+from router.config import ServerConfig
+from router.service import GenerationService, Refused
+from router.validation import InvalidArgument, ValidRequest, parse
+
+__all__ = ["GenerationService", "GrpcFront", "RouterServer"]
 
 log = logging.getLogger(__name__)
 SERVICE = "pdserve.v1.Generation"
 
 
-class GenerationService:
-    def __init__(self, dispatcher: Dispatcher, tokenizer: Any, limits: LimitsConfig, max_model_len: int) -> None:
-        self.dispatcher, self.tokenizer, self.limits, self.max_model_len = dispatcher, tokenizer, limits, max_model_len
-        self.metrics = RouterMetrics()
-        self.draining = False  # set by RouterServer.stop(): new requests are refused
+class GrpcFront:
+    """pdserve.v1.Generation: raw request bytes in (so bad UTF-8 is INVALID_ARGUMENT naming the field)."""
 
-    # -- RPCs ------------------------------------------------------------------------------------
+    def __init__(self, svc: GenerationService) -> None:
+        self.svc = svc
+
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        req = await self._validate(raw, context)
+        req = await self._admit(raw, context)
         resp = pb.GenerateResponse(request_id=req.request_id)
         text: list[str] = []
-        async for msg in self._generate(req, context):
+        async for msg in self._stream(req, context):
             text.append(msg.text)
             resp.token_ids.extend(msg.token_ids)
             resp.logprobs.extend(msg.logprobs)
@@ -56,124 +54,40 @@ class GenerationService:
     async def GenerateStream(
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        req = await self._validate(raw, context)
-        async for msg in self._generate(req, context):
+        req = await self._admit(raw, context)
+        async for msg in self._stream(req, context):
             yield msg
 
     async def Status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         try:
             pb.StatusRequest.FromString(raw)
         except DecodeError as e:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed StatusRequest: {e}")
-        resp = pb.StatusResponse()
-        for s in await self.dispatcher.stats():
-            resp.workers.add(
-                role=s.role, id=s.id, node=s.node, running=s.running, waiting=s.waiting,
-                kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
-                prompt_tokens_computed=s.prompt_tokens_computed, tokens_generated=s.tokens_generated,
-                state=s.state, restarts=s.restarts,
-            )
-        return resp
+            r = self.svc.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed StatusRequest: {e}")
+            await context.abort(r.code, r.message)
+        return await self.svc.status()
 
-    # -- the shared path ---------------------------------------------------------------------------
-    async def _validate(self, raw: bytes, context: grpc.aio.ServicerContext) -> ValidRequest:
-        if self.draining:
-            await self._abort(context, grpc.StatusCode.UNAVAILABLE,
-                              "server is shutting down; retry on another replica (or after its restart)")
+    async def _admit(self, raw: bytes, context: grpc.aio.ServicerContext) -> ValidRequest:
         try:
-            return validate(parse(raw), self.tokenizer, self.limits, self.max_model_len)
-        except InvalidArgument as e:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            raise  # unreachable: abort raises
+            return self.svc.admit(parse(raw))
+        except InvalidArgument as e:  # undecodable bytes
+            r = self.svc.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
+        except Refused as e:
+            r = e
+        await context.abort(r.code, r.message)
+        raise AssertionError("unreachable: abort raises")
 
-    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str) -> None:
-        self.metrics.errors.labels(code.name).inc()
-        await context.abort(code, msg)
-
-    async def _generate(
+    async def _stream(
         self, req: ValidRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(req.stop)
-        n_out = 0
-        last_at: float | None = None
         try:
-            async with aclosing(self.dispatcher.run(req)) as chunks:
-                async for chunk in chunks:
-                    ids = list(chunk.token_ids)
-                    finish = chunk.finish_reason
-                    if finish is FinishReason.STOP and ids and ids[-1] in req.sampling.stop_token_ids:
-                        stop_reason = str(ids[-1])
-                    else:
-                        stop_reason = ""
-                    text = stops.add(detok.add(ids))
-                    if stops.matched is not None:  # ends here, whatever the workers are doing
-                        finish, stop_reason = FinishReason.STOP, stops.matched
-                    n_out += len(ids)
-                    now = time.monotonic()
-                    if ids and last_at is not None:
-                        gap = (now - last_at) / len(ids)
-                        for _ in ids:
-                            self.metrics.itl.observe(gap)
-                    if ids:
-                        last_at = now
-                    lps = [_logprob_pb(lp) for lp in chunk.logprobs or ()]
-                    if finish is None:
-                        if ids:
-                            yield pb.GenerateStreamResponse(
-                                request_id=req.request_id, text=text, token_ids=ids, logprobs=lps
-                            )
-                        continue
-                    if stops.matched is None:
-                        text += stops.add(detok.flush())
-                        if stops.matched is not None:
-                            finish, stop_reason = FinishReason.STOP, stops.matched
-                    text += stops.flush()
-                    last = self._last(req, text, ids, finish, stop_reason, n_out, chunk)
-                    self.metrics.observe_finish(finish.value, chunk.timings, n_out, len(req.prompt_ids))
-                    last.logprobs.extend(lps)
-                    yield last
-                    return  # leaving the generator early cancels the request on the workers
-        except ResourceExhausted as e:
-            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except DeadlineExceeded as e:
-            await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        except WorkerFailure as e:
-            log.error("request %s failed: %s", req.request_id, e)
-            await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
-        except AlreadyExists as e:
-            await self._abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
-        except asyncio.CancelledError:
-            self.metrics.errors.labels("CANCELLED").inc()
-            raise
-        except Exception as e:  # noqa: BLE001 — a bug must read as INTERNAL with a message, never UNKNOWN
-            log.exception("request %s hit an internal error", req.request_id)
-            await self._abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-
-    def _last(
-        self, req: ValidRequest, text: str, ids: list[int], finish: FinishReason, stop_reason: str, n_out: int,
-        chunk: TokenChunk,
-    ) -> pb.GenerateStreamResponse:
-        t = chunk.timings
-        return pb.GenerateStreamResponse(
-            request_id=req.request_id, text=text, token_ids=ids, finish_reason=finish.value, stop_reason=stop_reason,
-            usage=pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=n_out),
-            timings=pb.Timings(
-                queue_ms=t.get("queue_ms", 0.0), prefill_ms=t.get("prefill_ms", 0.0),
-                kv_transfer_ms=t.get("kv_transfer_ms", 0.0), kv_transfer_bytes=int(t.get("kv_transfer_bytes", 0)),
-                ttft_ms=t.get("ttft_ms", 0.0), decode_ms=t.get("decode_ms", 0.0), total_ms=t.get("total_ms", 0.0),
-            ),
-        )
+            async with aclosing(self.svc.stream(req)) as msgs:
+                async for msg in msgs:
+                    yield msg
+        except Refused as e:
+            await context.abort(e.code, e.message)
 
 
-def _logprob_pb(lp: TokenLogprob) -> pb.TokenLogprob:
-    return pb.TokenLogprob(
-        token_id=lp.token_id, logprob=lp.logprob,
-        top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-    )
-
-
-def _handlers(svc: GenerationService) -> grpc.GenericRpcHandler:
+def _handlers(svc: GrpcFront) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -205,7 +119,7 @@ class RouterServer:
     async def start(self) -> int:
         """Bind and serve on the running event loop (grpc.aio servers belong to the loop that made them)."""
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self.server.add_generic_rpc_handlers((_handlers(self.svc),))
+        self.server.add_generic_rpc_handlers((_handlers(GrpcFront(self.svc)),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
