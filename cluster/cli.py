@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from cluster import client
 from protos.pdserve.v1 import generation_pb2 as pb
 from protos.pdserve.v1 import generation_pb2_grpc as pbg
 
@@ -26,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, help="gRPC port (overrides server.port)")
     s.add_argument("--host", help="gRPC listen address (overrides server.host)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (overrides server.metrics_port)")
+    s.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port (overrides server.http_port)")
     s.add_argument("--address", help="Ray address to join (overrides cluster.address), e.g. auto")
 
     g = sub.add_parser("generate", help="send one request to a running pdserve")
     g.add_argument("prompt")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="router HOST:PORT")
+    g.add_argument("--ca-file", help="PEM CA that signed the server's certificate: speak TLS")
     g.add_argument("--raw", action="store_true", help="send a raw prompt (default: a chat user message)")
     g.add_argument("--system", help="system message (chat mode)")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     st = sub.add_parser("status", help="per-worker load of a running pdserve")
     st.add_argument("--address", default=DEFAULT_ADDRESS)
+    st.add_argument("--ca-file", help="PEM CA that signed the server's certificate: speak TLS")
     st.add_argument("--json", action="store_true")
 
     from cluster.bench.command import add_parser as add_bench
@@ -73,7 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(
             args.config,
-            {"server": {"port": args.port, "host": args.host, "metrics_port": args.metrics_port},
+            {"server": {"port": args.port, "host": args.host, "metrics_port": args.metrics_port,
+                        "http_port": args.http_port},
              "cluster": {"address": args.address}},
         )
     except ConfigError as e:
@@ -101,7 +106,9 @@ async def _serve_async(cluster: Any) -> None:
         loop.add_signal_handler(sig, stop.set)
     shape = (f"{len(cluster.decodes)} aggregated" if cluster.cfg.mode == "aggregated"
              else f"{len(cluster.prefills)} prefill, {len(cluster.decodes)} decode")
-    print(f"pdserve: serving pdserve.v1.Generation on {server.cfg.host}:{port} ({shape}); Ctrl-C stops", flush=True)
+    http = f", OpenAI HTTP on {server.cfg.host}:{server.http_port}/v1" if server.http_port else ""
+    print(f"pdserve: serving pdserve.v1.Generation on {server.cfg.host}:{port}{http} ({shape}); Ctrl-C stops",
+          flush=True)
     await stop.wait()
     print("pdserve: shutting down", flush=True)
     await server.stop()
@@ -125,18 +132,18 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
 
 def _generate(args: argparse.Namespace) -> int:
     req = build_request(args)
-    with grpc.insecure_channel(args.address) as ch:
+    with client.channel(args.address, args.ca_file) as ch:
         stub = pbg.GenerationStub(ch)
         if args.stream:
             last = None
-            for msg in stub.GenerateStream(req, timeout=args.timeout):
+            for msg in stub.GenerateStream(req, timeout=args.timeout, metadata=client.metadata()):
                 print(msg.text, end="", flush=True)
                 last = msg
             print()
             if last is not None:
                 _summary(last.finish_reason, last.usage, last.timings)
         else:
-            resp = stub.Generate(req, timeout=args.timeout)
+            resp = stub.Generate(req, timeout=args.timeout, metadata=client.metadata())
             if args.json:
                 from google.protobuf.json_format import MessageToDict
 
@@ -159,8 +166,8 @@ def _summary(finish: str, usage: pb.Usage, t: pb.Timings) -> None:
 
 # -- status -----------------------------------------------------------------------------------------
 def _status(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as ch:
-        resp = pbg.GenerationStub(ch).Status(pb.StatusRequest(), timeout=30)
+    with client.channel(args.address, args.ca_file) as ch:
+        resp = pbg.GenerationStub(ch).Status(pb.StatusRequest(), timeout=30, metadata=client.metadata())
     workers = [
         {"role": w.role, "id": w.id, "state": w.state, "restarts": w.restarts, "node": w.node,
          "running": w.running, "waiting": w.waiting,

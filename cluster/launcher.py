@@ -244,7 +244,8 @@ class Cluster:
             dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits)
         from cluster.supervisor import Supervisor
 
-        server = RouterServer(GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len), cfg.server)
+        name = cfg.server.served_model_name or os.path.basename(cfg.model.path.rstrip("/"))
+        server = RouterServer(GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len), cfg.server, name)
         server.background.append(Supervisor(self, dispatcher).run)
         return server
 

@@ -6,10 +6,44 @@ from pydantic import Field
 from engine.config import Frozen
 
 
+class TLSConfig(Frozen):
+    cert_file: str = Field(description="PEM certificate (chain) of the server, for gRPC and HTTP.")
+    key_file: str = Field(description="PEM private key of that certificate.")
+    client_ca_file: str | None = Field(
+        None, description="PEM CA bundle: set, clients must present a certificate it signed (mTLS)."
+    )
+
+
+class AuthConfig(Frozen):
+    tokens_file: str = Field(
+        description="Accepted bearer tokens, one per line; a line 'sha256:<hex>' holds a token's SHA-256 "
+        "instead of the token. Empty lines and lines starting with # are skipped."
+    )
+    open_health: bool = Field(
+        True, description="gRPC health, reflection, GET /health and the HTTP front's /metrics answer without a "
+        "token (false: they need one too)."
+    )
+
+
 class ServerConfig(Frozen):
-    host: str = Field("127.0.0.1", description="gRPC listen address.")
+    host: str = Field("127.0.0.1", description="Listen address of the gRPC and HTTP fronts.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0 = off).")
+    http_port: int | None = Field(
+        8000, ge=0, le=65535, description="OpenAI-compatible HTTP port (0 = pick a free one, null = off)."
+    )
+    served_model_name: str | None = Field(
+        None, description="The `model` the HTTP API answers to (default: the model.path's last part)."
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0 = off; no TLS, no auth: "
+                              "bind it where only your scraper reaches; the HTTP front serves /metrics too).")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request: HTTP body and gRPC message (bytes)."
+    )
+    max_streams_per_connection: int = Field(
+        128, ge=1, description="Most concurrent gRPC streams on one connection (HTTP/1.1 has one per connection)."
+    )
+    tls: TLSConfig | None = Field(None, description="Serve both fronts over TLS (and mTLS with client_ca_file).")
+    auth: AuthConfig | None = Field(None, description="Require a bearer token on both fronts.")
     grace_period_s: float = Field(
         5.0, ge=0, description="On SIGTERM/SIGINT: health turns NOT_SERVING and new requests get UNAVAILABLE at "
         "once; requests in flight may finish for this long, then end with UNAVAILABLE."

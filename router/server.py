@@ -9,7 +9,9 @@ INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, ALREADY_EX
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,9 +20,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+import uvicorn
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import ServerConfig
+from router.http_api import build_app
+from router.security import AuthInterceptor, TokenStore, grpc_credentials, uvicorn_ssl
 from router.service import GenerationService, Refused
 from router.validation import InvalidArgument, ValidRequest, parse
 
@@ -106,26 +111,47 @@ def _handlers(svc: GrpcFront) -> grpc.GenericRpcHandler:
     )
 
 
-class RouterServer:
-    """Owns the grpc.aio server and the dispatcher's pollers; start() returns the bound port."""
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: `pdserve serve` drains on SIGTERM itself."""
 
-    def __init__(self, svc: GenerationService, cfg: ServerConfig) -> None:
-        self.svc, self.cfg = svc, cfg
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+class RouterServer:
+    """Owns the gRPC server, the HTTP server and the dispatcher's pollers; start() returns the gRPC port."""
+
+    def __init__(self, svc: GenerationService, cfg: ServerConfig, model_name: str = "pdserve") -> None:
+        self.svc, self.cfg, self.model_name = svc, cfg, model_name
         self.port = 0
+        self.http_port: int | None = None
+        self._http: _Uvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
         self.draining = False
         self.background: list[Callable[[], Awaitable[None]]] = []  # run while serving (the supervisor)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
         """Bind and serve on the running event loop (grpc.aio servers belong to the loop that made them)."""
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        cfg = self.cfg
+        tokens = TokenStore(cfg.auth) if cfg.auth is not None else None
+        interceptors = [AuthInterceptor(tokens, lambda: self.svc.metrics.errors.labels("UNAUTHENTICATED").inc())
+                        ] if tokens is not None else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", cfg.max_body_bytes),
+            ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+        ])
         self.server.add_generic_rpc_handlers((_handlers(GrpcFront(self.svc)),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        where = f"{cfg.host}:{cfg.port}"
+        self.port = (self.server.add_secure_port(where, grpc_credentials(cfg.tls)) if cfg.tls is not None
+                     else self.server.add_insecure_port(where))
         if self.port == 0:
-            raise OSError(f"server.port: cannot listen on {self.cfg.host}:{self.cfg.port}")
+            raise OSError(f"server.port: cannot listen on {where}")
+        if cfg.http_port is not None:
+            await self._start_http(tokens)
         self.svc.dispatcher.start()
         if self.cfg.metrics_port:
             self.svc.metrics.serve(self.cfg.host, self.cfg.metrics_port)
@@ -135,6 +161,26 @@ class RouterServer:
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _start_http(self, tokens: TokenStore | None) -> None:
+        cfg = self.cfg
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.host, cfg.http_port or 0))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"server.http_port: cannot listen on {cfg.host}:{cfg.http_port}: {e}") from None
+        self.http_port = int(sock.getsockname()[1])
+        app = build_app(self.svc, self.model_name, tokens, cfg.max_body_bytes)
+        self._http = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1,
+                                             **uvicorn_ssl(cfg.tls)))
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():  # failed to start: say why
+                self._http_task.result()
+                raise OSError("server.http_port: the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
 
     async def _refresh_metrics(self, every_s: float = 2.0) -> None:
         """Pull worker stats into the gauges (and keep the router's own gauges current)."""
@@ -181,6 +227,9 @@ class RouterServer:
         self._refresh.cancel()
         for t in self._tasks:
             t.cancel()
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await asyncio.wait({self._http_task}, timeout=5)
         await self.server.stop(1.0)
         await d.close()
         self.svc.metrics.close()

@@ -121,8 +121,14 @@ def _opt(req: pb.GenerateRequest, name: str, default: float) -> float:
 
 
 def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
-    if req.prompt and req.messages:
-        raise InvalidArgument("prompt", "give either prompt or messages, not both")
+    if sum(map(bool, (req.prompt, req.messages, req.prompt_token_ids))) > 1:
+        raise InvalidArgument("prompt", "give one of prompt, messages or prompt_token_ids")
+    if req.prompt_token_ids:
+        vocab = len(tokenizer)
+        for i, t in enumerate(req.prompt_token_ids):
+            if t >= vocab:
+                raise InvalidArgument(f"prompt_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
+        return list(req.prompt_token_ids)
     if req.messages:
         msgs = []
         for i, m in enumerate(req.messages):

@@ -6,6 +6,7 @@ system is measured by the same client code.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -54,12 +55,12 @@ class Backend(Protocol):
 class GrpcBackend:
     """pdserve.v1.Generation/GenerateStream."""
 
-    def __init__(self, address: str, timeout_s: float = 600) -> None:
-        import grpc
-
+    def __init__(self, address: str, timeout_s: float = 600, ca_file: str | None = None) -> None:
+        from cluster import client
         from protos.pdserve.v1 import generation_pb2_grpc as pbg
 
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = client.aio_channel(address, ca_file)
+        self.metadata = client.metadata()
         self.stub = pbg.GenerationStub(self.channel)
         self.timeout_s = timeout_s
 
@@ -71,7 +72,7 @@ class GrpcBackend:
         rec = Record(spec.input_len, spec.output_len, sent=time.perf_counter())
         req = pb.GenerateRequest(prompt=spec.prompt, max_tokens=spec.output_len, ignore_eos=True)
         try:
-            async for msg in self.stub.GenerateStream(req, timeout=self.timeout_s):
+            async for msg in self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata):
                 now = time.perf_counter()
                 rec.token_times.extend([now] * len(msg.token_ids))
                 rec.text += msg.text
@@ -86,13 +87,18 @@ class GrpcBackend:
 class OpenAIBackend:
     """POST {url}/v1/completions with stream=true (vLLM, transformers serve, llama.cpp, ...)."""
 
-    def __init__(self, url: str, model: str, timeout_s: float = 600, extras: bool = True) -> None:
+    def __init__(self, url: str, model: str, timeout_s: float = 600, extras: bool = True,
+                 ca_file: str | None = None) -> None:
         import httpx
+
+        from cluster import client
 
         self.url = url.rstrip("/") + "/v1/completions"
         self.model = model
         self.extras = extras  # vLLM's ignore_eos / min_tokens / stream_options (strict servers refuse them)
-        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1024))
+        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1024),
+                                        headers=client.headers(),
+                                        verify=ssl.create_default_context(cafile=ca_file) if ca_file else True)
 
     async def send(self, spec: RequestSpec) -> Record:
         rec = Record(spec.input_len, spec.output_len, sent=time.perf_counter())

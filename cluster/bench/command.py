@@ -25,6 +25,8 @@ from cluster.bench.workloads import WORKLOADS
 def add_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="load-test a running server (or one started from --config)")
     b.add_argument("--address", default="127.0.0.1:50051", help="pdserve router HOST:PORT (grpc backend)")
+    b.add_argument("--ca-file", help="PEM CA of the server's certificate (TLS, both backends); the token, if "
+                   "any, comes from PDSERVE_TOKEN")
     b.add_argument("--backend", choices=("grpc", "openai"), default="grpc")
     b.add_argument("--url", help="base URL of an OpenAI-compatible server (openai backend)")
     b.add_argument("--model", default="smollm2", help="model name sent to an OpenAI server")
@@ -125,10 +127,10 @@ async def _bench(args: argparse.Namespace, address: str, rates: list[float], slo
     if args.backend == "openai":
         if not args.url:
             raise SystemExit("--url is required with --backend openai")
-        backend: Any = OpenAIBackend(args.url, args.model, extras=not args.no_extras)
+        backend: Any = OpenAIBackend(args.url, args.model, extras=not args.no_extras, ca_file=args.ca_file)
         target = args.url
     else:
-        backend = GrpcBackend(address)
+        backend = GrpcBackend(address, ca_file=args.ca_file)
         target = address
     runs = []
     try:

@@ -20,7 +20,7 @@ WORDS = (
 def tiny_config(**sections: Any) -> PDServeConfig:
     data: dict[str, Any] = {
         "model": {"path": "tiny", "max_model_len": 2048},
-        "server": {"port": 0},
+        "server": {"port": 0, "http_port": None},  # HTTP front: on in tests/cpu/test_http_api.py
         "prefill": {"num_cpus": 0.5},
         "decode": {"num_cpus": 0.5},
         "kv_cache": {"num_blocks": 1024, "block_size": 16},

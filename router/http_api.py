@@ -1,0 +1,193 @@
+"""The OpenAI-compatible HTTP front (Starlette on uvicorn), beside gRPC in the router process.
+
+  POST /v1/completions · POST /v1/chat/completions (stream: server-sent events ending `data: [DONE]`)
+  GET /v1/models · GET /health · GET /metrics
+Each request goes through the same path as a gRPC one (router/service.py): validation, limits,
+admission queue, cancellation, metrics. A client that disconnects mid-stream cancels the request on
+both workers. Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with
+400 / 401 / 404 / 409 / 429 / 503 / 504 (429 and 503 carry Retry-After).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from router.openai_requests import BadRequest, Options, chunk_obj, final_obj, parse_body, usage_obj
+from router.security import REFUSAL, TokenStore, bearer
+from router.service import GenerationService, Refused
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+    grpc.StatusCode.INTERNAL: (500, "server_error"),
+}
+OPEN_PATHS = ("/health", "/metrics")
+
+
+def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+          retry_after: bool = False) -> JSONResponse:
+    headers = {"Retry-After": "1"} if retry_after else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
+
+
+def refused(e: Refused) -> JSONResponse:
+    status, kind = HTTP_STATUS.get(e.code, (500, "server_error"))
+    return error(status, e.message, kind, e.field, e.code.name.lower(), retry_after=status in (429, 503))
+
+
+class Guard:
+    """Pure ASGI: the bearer token (if configured) and the body size limit, before any route runs."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenStore | None, max_body: int, svc: GenerationService) -> None:
+        self.app, self.tokens, self.max_body, self.svc = app, tokens, max_body, svc
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.tokens is not None and not (self.tokens.open_health and scope["path"] in OPEN_PATHS):
+            headers = dict(scope.get("headers") or [])
+            token = bearer(headers.get(b"authorization", b"").decode("latin-1"))
+            if not self.tokens.check(token):
+                self.svc.metrics.errors.labels("UNAUTHENTICATED").inc()
+                resp = error(401, REFUSAL, "authentication_error", code="invalid_api_key")
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return await resp(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return await _too_big(self.max_body)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max_body:
+                raise _TooBig()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooBig:
+            await _too_big(self.max_body)(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _too_big(limit: int) -> JSONResponse:
+    return error(413, f"request body exceeds server.max_body_bytes={limit}", "invalid_request_error",
+                 code="request_too_large")
+
+
+class OpenAIFront:
+    def __init__(self, svc: GenerationService, model: str) -> None:
+        self.svc, self.model = svc, model
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model, "object": "model", "created": 0, "owned_by": "pdserve"}]})
+
+    async def health(self, request: Request) -> Response:
+        ok = self.svc.dispatcher.serving and not self.svc.draining
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        try:
+            pbreq, opts = parse_body(await request.body(), chat, self.model)
+            req = self.svc.admit(pbreq)
+        except BadRequest as e:
+            self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
+            return error(e.status, e.message, "invalid_request_error", e.param, e.code)
+        except Refused as e:
+            return refused(e)
+        rid = ("chatcmpl-" if chat else "cmpl-") + req.key
+        stream = self.svc.stream(req)
+        if not opts.stream:
+            async with aclosing(stream) as msgs:
+                text, lps, last = [], [], None
+                try:
+                    async for msg in msgs:
+                        text.append(msg.text)
+                        lps.extend(msg.logprobs)
+                        last = msg
+                except Refused as e:
+                    return refused(e)
+            assert last is not None
+            return JSONResponse(final_obj(rid, self.model, opts, "".join(text), last.finish_reason, lps, last.usage))
+        try:  # the first message decides between a 200 stream and an error status
+            first = await anext(stream)
+        except Refused as e:
+            await stream.aclose()
+            return refused(e)
+        return StreamingResponse(self._sse(rid, opts, first, stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _sse(self, rid: str, opts: Options, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[str]:
+        """Events until [DONE]; a client that goes away closes this generator, which cancels the request."""
+        async with aclosing(stream) as msgs:  # type: ignore[type-var]
+            msg, n = first, 0
+            while True:
+                yield f"data: {json.dumps(chunk_obj(rid, self.model, opts, msg, n == 0))}\n\n"
+                n += 1
+                if msg.finish_reason:
+                    if opts.include_usage:
+                        yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if opts.chat
+                                                     else "text_completion", "created": int(time.time()),
+                                                     "model": self.model, "choices": [],
+                                                     "usage": usage_obj(msg.usage)}) + "\n\n"
+                    break
+                try:
+                    msg = await anext(msgs)
+                except Refused as e:  # mid-stream: the status is already 200; say it in the stream
+                    status, kind = HTTP_STATUS.get(e.code, (500, "server_error"))
+                    yield "data: " + json.dumps({"error": {"message": e.message, "type": kind, "param": None,
+                                                           "code": e.code.name.lower()}}) + "\n\n"
+                    break
+        yield "data: [DONE]\n\n"
+
+
+def build_app(svc: GenerationService, model: str, tokens: TokenStore | None, max_body: int) -> ASGIApp:
+    front = OpenAIFront(svc, model)
+    app = Starlette(routes=[
+        Route("/v1/completions", front.completions, methods=["POST"]),
+        Route("/v1/chat/completions", front.chat, methods=["POST"]),
+        Route("/v1/models", front.models, methods=["GET"]),
+        Route("/health", front.health, methods=["GET"]),
+        Route("/metrics", front.metrics, methods=["GET"]),
+    ], exception_handlers={404: _not_found, 405: _not_allowed})
+    return Guard(app, tokens, max_body, svc)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error(404, f"no route {request.url.path}", "invalid_request_error", code="not_found")
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return error(405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
+                 code="method_not_allowed")

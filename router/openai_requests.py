@@ -1,0 +1,197 @@
+"""OpenAI request bodies → pb.GenerateRequest, and pdserve answers → OpenAI response objects.
+
+The fields a user relies on are mapped one to one; `n` other than 1 and any field this module does
+not know are refused (400, `param` names it), never silently ignored. vLLM's extras (`top_k`,
+`min_p`, `repetition_penalty`, `ignore_eos`) are accepted as vLLM accepts them; `min_tokens` only
+where it changes nothing (0, or with ignore_eos: no early stop then).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from protos.pdserve.v1 import generation_pb2 as pb
+
+COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
+          "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
+          "min_tokens", "user"}
+COMPLETION = COMMON | {"prompt", "logprobs"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+@dataclass(frozen=True)
+class Options:
+    """What shapes the answer, beside the generation itself."""
+
+    chat: bool
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def parse_body(raw: bytes, chat: bool, model: str) -> tuple[pb.GenerateRequest, Options]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    unknown = sorted(set(body) - (CHAT if chat else COMPLETION))
+    if unknown:
+        raise BadRequest(f"unsupported field: {unknown[0]}", unknown[0], code="unsupported_parameter")
+    if body.get("model") != model:
+        raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves {model!r})",
+                         "model", 404, "model_not_found")
+    if _get(body, "n", int, 1) != 1:
+        raise BadRequest("only n=1 is supported", "n", code="unsupported_value")
+    req = pb.GenerateRequest()
+    if chat:
+        _messages(body, req)
+    else:
+        _prompt(body, req)
+    max_tokens = _get(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
+                      int, None)
+    if max_tokens is not None:
+        req.max_tokens = max_tokens
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        v = _get(body, name, float, None)
+        if v is not None:
+            setattr(req, name, v)
+    for name in ("top_k", "seed"):
+        v = _get(body, name, int, None)
+        if v is not None:
+            if name == "seed" and v < 0:
+                raise BadRequest("seed must be >= 0", "seed")
+            if name == "top_k" and v < 0:  # vLLM: -1 = off
+                v = 0 if v == -1 else v
+            setattr(req, name, v)
+    req.ignore_eos = _get(body, "ignore_eos", bool, False)
+    min_tokens = _get(body, "min_tokens", int, 0)
+    if min_tokens and not req.ignore_eos:
+        raise BadRequest("min_tokens is supported only as 0, or with ignore_eos: true", "min_tokens",
+                         code="unsupported_value")
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise BadRequest("stop must be a string or a list of strings", "stop")
+        req.stop.extend(stops)
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None:
+        req.logprobs = logprobs
+    stream = _get(body, "stream", bool, False)
+    opts = body.get("stream_options")
+    if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}):
+        raise BadRequest("stream_options takes only include_usage", "stream_options")
+    include_usage = bool(opts and _get(opts, "include_usage", bool, False))
+    _get(body, "user", str, None)
+    return req, Options(chat, stream, include_usage, logprobs is not None)
+
+
+def _prompt(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    if isinstance(p, str):
+        req.prompt = p
+    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p):
+        req.prompt_token_ids.extend(p)
+    else:
+        raise BadRequest("prompt must be a string, a list of token ids, or a list of one of these", "prompt")
+
+
+def _messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("messages must be a non-empty list", "messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest("each message needs a role and a content", f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise BadRequest("only text content parts are supported", f"messages[{i}].content")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise BadRequest("content must be a string or a list of text parts", f"messages[{i}].content")
+        req.messages.add(role=m["role"], content=content)
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    if chat:
+        if not _get(body, "logprobs", bool, False):
+            if body.get("top_logprobs") is not None:
+                raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+            return None
+        return _get(body, "top_logprobs", int, 0)
+    return _get(body, "logprobs", int, None)
+
+
+def _get(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    ok = isinstance(v, kind) and not (kind is not bool and isinstance(v, bool))
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v, ok = float(v), True
+    if not ok:
+        raise BadRequest(f"{name} must be {'a number' if kind is float else 'an integer' if kind is int else kind.__name__}",
+                         name, code="invalid_type")
+    return v
+
+
+# -- answers ------------------------------------------------------------------------------------------
+def _finish(reason: str) -> str | None:
+    return {"length": "length", "stop": "stop", "": None}.get(reason, reason)
+
+
+def chunk_obj(rid: str, model: str, opts: Options, msg: pb.GenerateStreamResponse, first: bool) -> dict[str, Any]:
+    """One SSE event of a stream."""
+    if opts.chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": msg.text} if first else {"content": msg.text}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": _finish(msg.finish_reason)}
+        if opts.logprobs:
+            choice["logprobs"] = {"content": [_chat_lp(lp) for lp in msg.logprobs]}
+        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                "choices": [choice]}
+    choice = {"index": 0, "text": msg.text, "finish_reason": _finish(msg.finish_reason),
+              "logprobs": _completion_lp(msg.logprobs) if opts.logprobs else None}
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def final_obj(rid: str, model: str, opts: Options, text: str, finish: str, lps: list[Any], usage: pb.Usage) -> dict[str, Any]:
+    u = usage_obj(usage)
+    if opts.chat:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": _finish(finish)}
+        if opts.logprobs:
+            choice["logprobs"] = {"content": [_chat_lp(lp) for lp in lps]}
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [choice], "usage": u}
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": _finish(finish),
+                         "logprobs": _completion_lp(lps) if opts.logprobs else None}], "usage": u}
+
+
+def usage_obj(u: pb.Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+def _chat_lp(lp: Any) -> dict[str, Any]:
+    return {"token": str(lp.token_id), "logprob": lp.logprob,
+            "top_logprobs": [{"token": str(t.token_id), "logprob": t.logprob} for t in lp.top_logprobs]}
+
+
+def _completion_lp(lps: list[Any]) -> dict[str, Any]:
+    return {"tokens": [str(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{str(t.token_id): t.logprob for t in lp.top_logprobs} for lp in lps]}

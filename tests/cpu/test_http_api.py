@@ -1,0 +1,129 @@
+"""The OpenAI-compatible HTTP front, driven by the official `openai` client and by raw HTTP."""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+
+from tests.cpu.harness import RunningServer, prompts, tiny_config, wait_until
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-http")
+    srv = RunningServer(tiny_config(server={"http_port": 0, "max_body_bytes": 65536}))
+    yield srv
+    srv.stop()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oai(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="unused", max_retries=0)
+
+
+def _url(server: RunningServer, path: str) -> str:
+    return f"http://127.0.0.1:{server.server.http_port}{path}"
+
+
+def test_completions_equal_the_grpc_answer_unary_and_streamed(server: RunningServer, oai: openai.OpenAI) -> None:
+    for p in prompts(4, seed=3):
+        want = server.generate(prompt=p, max_tokens=12)
+        r = oai.completions.create(model="tiny", prompt=p, max_tokens=12)
+        assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
+        assert r.choices[0].finish_reason == want.finish_reason
+        parts = list(oai.completions.create(model="tiny", prompt=p, max_tokens=12, stream=True))
+        assert "".join(c.choices[0].text for c in parts) == want.text
+        assert parts[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_chat_equals_the_grpc_answer_and_reports_usage_when_asked(server: RunningServer, oai: openai.OpenAI) -> None:
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a river"}]
+    want = server.stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in msgs], max_tokens=10),
+                                timeout=30)
+    r = oai.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=10)  # type: ignore[arg-type]
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    chunks = list(oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, stream=True,  # type: ignore[arg-type]
+                                              stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_sampling_fields_and_token_id_prompts(server: RunningServer, oai: openai.OpenAI) -> None:
+    a = oai.completions.create(model="tiny", prompt="seeded", max_tokens=8, temperature=0.9, top_p=0.9, seed=7,
+                               presence_penalty=0.5, frequency_penalty=0.2,
+                               extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1})
+    b = oai.completions.create(model="tiny", prompt="seeded", max_tokens=8, temperature=0.9, top_p=0.9, seed=7,
+                               presence_penalty=0.5, frequency_penalty=0.2,
+                               extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1})
+    assert a.choices[0].text == b.choices[0].text  # same seed, same tokens
+    ids = oai.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=4, logprobs=2)
+    assert ids.usage.prompt_tokens == 4 and len(ids.choices[0].logprobs.token_logprobs) == ids.usage.completion_tokens
+    r = oai.completions.create(model="tiny", prompt="stop here", max_tokens=40, stop=["e"], extra_body={"ignore_eos": True})
+    assert "e" not in r.choices[0].text
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "other", "prompt": "x"}, 404, "model"),
+    ({"model": "tiny"}, 400, "prompt"),
+])
+def test_refusals_in_openai_shape(server: RunningServer, body: dict, status: int, param: str) -> None:  # type: ignore[type-arg]
+    r = httpx.post(_url(server, "/v1/completions"), json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_models_and_health(server: RunningServer) -> None:
+    assert httpx.get(_url(server, "/v1/models")).json()["data"][0]["id"] == "tiny"
+    assert httpx.get(_url(server, "/health")).status_code == 200
+    assert "pdserve_requests_total" in httpx.get(_url(server, "/metrics")).text
+
+
+def test_a_stream_closed_by_the_client_frees_kv_on_both_workers(server: RunningServer) -> None:
+    body = {"model": "tiny", "prompt": "go on " * 20, "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", _url(server, "/v1/completions"), json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(ln.startswith("data: {") for ln in got)
+        assert any(w.kv_blocks_used > 0 for w in server.status() if w.role == "decode")
+    assert wait_until(server.all_idle, 10)  # the disconnect cancelled it on both workers
+
+
+def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: RunningServer) -> None:
+    rng = random.Random(5)
+    keys = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+            "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs"]
+    values = [None, 0, -1, 1, 3.5, 1e308, "tiny", "", "x" * 10, [], [1, 2], ["a"], {}, {"include_usage": True},
+              True, False, [{"role": "user", "content": "hi"}], [{"role": 5}]]
+    bodies: list[bytes] = [b"", b"{", b"[]", b"null", b"\xff\xfe", json.dumps("str").encode(), b'{"model": "tiny",}']
+    for _ in range(250):
+        body = {k: rng.choice(values) for k in rng.sample(keys, rng.randrange(1, 6))}
+        if rng.random() < 0.7:
+            body["model"] = "tiny"
+        bodies.append(json.dumps(body).encode())
+    bodies.append(json.dumps({"model": "tiny", "prompt": "y" * 200_000}).encode())  # over max_body_bytes
+    codes = []
+    with httpx.Client(timeout=60) as c:
+        for b in bodies:
+            path = rng.choice(["/v1/completions", "/v1/chat/completions"])
+            r = c.post(_url(server, path), content=b, headers={"content-type": "application/json"})
+            codes.append(r.status_code)
+            if r.status_code >= 400:
+                assert "error" in r.json()
+    assert all(200 <= c < 500 for c in codes), sorted(set(codes))
+    assert 413 in codes and 400 in codes
+    assert httpx.get(_url(server, "/health")).status_code == 200
+    assert wait_until(server.all_idle, 10)
