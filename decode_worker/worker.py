@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from decode_worker.config import DecodeConfig
+from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
 from engine.block_allocator import BlockAllocator
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
@@ -70,7 +71,9 @@ class DecodeWorker:
             worker_id, self.runner.kv, kv_cfg.block_size, (transport_cfg or TransportConfig()).timeout_s
         )
         self._store: object = None  # the TCPStore two-sided pairs rendezvous on (made on first use)
-        self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model: must stay 0
+        self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model: 0 unless recomputed
+        self.kv_recomputes = 0  # prompts whose failed hand-off was recomputed here (transport.on_failure)
+        self._recompute: deque[tuple[str, int]] = deque()  # (request key, first token) to recompute
         self.steps = 0
         self._lock = threading.Lock()  # guards scheduler + inbox
         self._wake = threading.Condition(self._lock)
@@ -161,6 +164,7 @@ class DecodeWorker:
                 self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
                 s.tokens_generated,
                 {"steps": self.steps, "kv_bytes_received": self.receiver.bytes_received,
+                 "kv_recomputes": self.kv_recomputes,
                  "kv_bytes_placed": self.receiver.bytes_placed,
                  "links": {src: b.value for src, b in self.receiver.peers.items()},
                  "writes_pending": self.receiver.pending, "writes_failed": self.receiver.writes_failed},
@@ -201,16 +205,44 @@ class DecodeWorker:
             self._emit(events)
 
     def _idle(self) -> bool:
-        return not self.scheduler.running and not self.scheduler.ready and not self._inbox
+        return not self.scheduler.running and not self.scheduler.ready and not self._inbox and not self._recompute
+
+    def _recomputable(self, req: DecodeRequest | None) -> bool:
+        return (self.transport_cfg is not None and self.transport_cfg.on_failure == "recompute" and req is not None
+                and not req.cancelled and req.prompt_ids is not None)
+
+    def _recompute_prompts(self) -> list[DecodeEvent]:
+        """transport.on_failure: recompute — the prompt's KV computed here, into its own blocks."""
+        events: list[DecodeEvent] = []
+        while self._recompute:
+            rid, first = self._recompute.popleft()
+            with self._lock:
+                req = self.scheduler.requests.get(rid)
+            if req is None or req.prompt_ids is None:
+                continue
+            try:
+                self.runner.forward([SeqInput(list(req.prompt_ids), 0, req.block_table)])  # KV only
+            except Exception as e:  # noqa: BLE001 — this request only
+                log.exception("recomputing %s failed", rid)
+                with self._lock:
+                    ev = self.scheduler.write_failed(rid, f"KV hand-off failed, and so did recomputing: {e}")
+                events += [ev] if ev is not None else []
+                continue
+            self.prompt_tokens_computed += len(req.prompt_ids)
+            self.kv_recomputes += 1
+            with self._lock:
+                self.scheduler.on_kv_landed(rid, first)  # cancelled meanwhile: ends here, blocks back
+        return events
 
     def _work(self) -> list[DecodeEvent]:
         """One decode step over the running batch (continuous batching)."""
+        events = self._recompute_prompts() if self._recompute else []
         with self._lock:
             batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return events
         try:
-            return self._step(batch)
+            return events + self._step(batch)
         except Exception as e:  # noqa: BLE001 — end the batch's requests, keep the worker alive
             log.exception("decode step failed")
             return self._fail(batch, f"decode step failed: {type(e).__name__}: {e}")
@@ -242,6 +274,10 @@ class DecodeWorker:
                     events.append(DecodeEvent(h.request_id, [], None, None, ms, h.nbytes))
             for h in failed:
                 log.error("KV write of %s from %s failed: %s", h.request_id, h.intent.src_worker, h.error)
+                req = self.scheduler.requests.get(h.request_id)
+                if self._recomputable(req):
+                    self._recompute.append((h.request_id, h.intent.first_token))
+                    continue
                 ev = self.scheduler.write_failed(h.request_id, f"KV hand-off failed: {h.error}")
                 if ev is not None:
                     events.append(ev)

@@ -53,6 +53,10 @@ class TransportConfig(Frozen):
         60.0, gt=0, description="Deadline of one KV write, from its grant: a write that has not landed by "
         "then fails its request (the blocks are freed only then); a direct write must start within half of it."
     )
+    on_failure: Literal["fail", "recompute"] = Field(
+        "fail", description="A KV write that fails after its grant: fail the request (UNAVAILABLE), or let the "
+        "decode worker compute the prompt's KV itself (counted as kv_recomputes) and go on."
+    )
 
 
 class WorkerPlacement(Frozen):

@@ -313,7 +313,7 @@ class Dispatcher:
             self.policy.add(load, kv_tokens)  # count it now: concurrent arrivals must see it
             call = asyncio.ensure_future(d.handle.reserve.remote(
                 req.key, len(req.prompt_ids), req.sampling, self.eos_token_ids,
-                req.prompt_ids if req.sampling.repetition_penalty != 1.0 else None,
+                req.prompt_ids,  # for a repetition penalty, and to recompute the KV if its hand-off fails
             ))
             try:  # shielded: if we stop waiting, the reservation may still be made; then undo it
                 r = await self._wait(asyncio.shield(call), min(deadline, time.monotonic() + 10), "reserve")

@@ -45,8 +45,10 @@ def wire(pw: PrefillWorker, dw: DecodeWorker, kind: str, hub: FakeHub | None = N
         t.join(10)
 
 
-def make_pair(kind: str, chunked: bool = False, timeout_s: float = 10) -> tuple[PrefillWorker, DecodeWorker, FakeHub]:
-    mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=timeout_s), FakeHub()
+def make_pair(
+    kind: str, chunked: bool = False, timeout_s: float = 10, on_failure: str = "fail"
+) -> tuple[PrefillWorker, DecodeWorker, FakeHub]:
+    mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=timeout_s, on_failure=on_failure), FakeHub()
     pcfg = PrefillConfig(chunk_tokens=16, max_batch_tokens=48) if chunked else PrefillConfig(chunk_tokens=2048)
     pw = PrefillWorker("p0", mc, pcfg, tc, block_size=16)
     dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=512), DecodeConfig(), tc)
@@ -97,8 +99,8 @@ class Events:
 def _run(pair: Any, rid: str, ids: list[int], sp: SamplingParams) -> tuple[list[int], str]:
     """The router's part for one request: reserve → prefill (with the destination) → events."""
     pw, dw, _, events = pair
-    r = dw.reserve(rid, len(ids), sp, EOS)
-    assert r.ok and r.dest is not None and r.dest.worker_id == "d0"
+    r = dw.reserve(rid, len(ids), sp, EOS, ids)
+    assert r.ok and r.dest is not None and r.dest.worker_id == dw.worker_id
     res = pw.prefill(PrefillRequest(rid, ids, sp, EOS, r.dest))
     if res.error is not None:
         dw.cancel(rid)
@@ -292,3 +294,61 @@ def test_a_cancel_during_a_direct_write_never_frees_the_blocks_under_the_writer(
         events.close()
         pw.shutdown()
         dw.shutdown()
+
+
+def test_a_failed_hand_off_is_recomputed_on_decode_when_configured() -> None:
+    pw, dw, hub = make_pair("fake", timeout_s=3, on_failure="recompute")
+    events = Events(dw)
+    try:
+        link = pw.sender.links["d0"]
+        assert link.channel is not None
+
+        def broken(t, timeout_s):  # type: ignore[no-untyped-def]
+            raise TransferError("injected: the network is down")
+
+        link.channel.send = broken  # type: ignore[method-assign]
+        tok = tiny_tokenizer()
+        p = prompts(4, seed=8)[3]
+        ids = tok(p)["input_ids"]
+        toks, reason = _run((pw, dw, hub, events), "re", ids, SamplingParams(max_tokens=10))
+        assert toks == hf_greedy(p, 10), reason  # the same tokens: the decode worker computed the prompt itself
+        assert dw.kv_recomputes == 1 and dw.prompt_tokens_computed == len(ids)
+        assert _idle(dw, pw)
+    finally:
+        events.close()
+        pw.shutdown()
+        dw.shutdown()
+
+
+def test_2p2d_over_the_fake_with_nccl_semantics_equals_hf() -> None:
+    """Every prefill worker writes to every decode worker over its own pair (4 pairs, fake NCCL)."""
+    mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=10), FakeHub()
+    pws = [PrefillWorker(f"p{i}", mc, PrefillConfig(chunk_tokens=32, max_batch_tokens=64), tc, block_size=16)
+           for i in range(2)]
+    dws = [DecodeWorker(f"d{i}", mc, KVCacheConfig(num_blocks=256), DecodeConfig(), tc) for i in range(2)]
+    for w in (*pws, *dws):
+        w.start()
+    for pw in pws:
+        for dw in dws:
+            wire(pw, dw, "fake", hub)
+    pumps = {dw.worker_id: Events(dw) for dw in dws}
+    try:
+        tok = tiny_tokenizer()
+        ps = prompts(12, seed=12)
+
+        def one(i: int) -> list[int]:
+            pw, dw = pws[i % 2], dws[(i // 2) % 2]  # all four pairs
+            return _run((pw, dw, hub, pumps[dw.worker_id]), f"x{i}", tok(ps[i])["input_ids"],
+                        SamplingParams(max_tokens=12))[0]
+
+        with cf.ThreadPoolExecutor(12) as ex:
+            outs = list(ex.map(one, range(12)))
+        assert outs == [hf_greedy(p, 12) for p in ps]
+        assert all(dw.prompt_tokens_computed == 0 for dw in dws)
+        assert hub.bytes_moved == sum(dw.receiver.bytes_received for dw in dws) > 0
+        assert _idle(*pws, *dws)
+    finally:
+        for e in pumps.values():
+            e.close()
+        for w in (*pws, *dws):
+            w.shutdown()
