@@ -6,7 +6,9 @@ Every `cluster.health_check_interval_s` the supervisor asks each worker for its 
   2. a new boot id (Ray restarted it, `cluster.max_restarts`): it reloaded the model; the launcher
      starts its loop and wires its hand-off pairs again (new pair names, so nothing of the old
      process is reused), then the router sends it traffic again and counts the restart;
-  3. the same boot id after a lapse (it was only slow): it serves again.
+  3. the same boot id while the router holds it lost (it was only slow, or a late error about its
+     old process marked it): it serves again. The probe is the judge: whatever marked a worker
+     lost, a worker that answers with its wired boot id is taken back within one interval.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Supervisor:
         ids = list(self.cluster.workers)
         boots = await asyncio.gather(*(self._probe(self.cluster.workers[w]) for w in ids))
         for wid, boot in zip(ids, boots):
+            restarted = False
             if boot is None:  # 1.
                 if wid not in self.lost:
                     log.warning("worker %s does not answer: lost", wid)
@@ -56,11 +59,13 @@ class Supervisor:
                 try:
                     await asyncio.to_thread(self.cluster.rewire, wid, boot, live)
                 except StartupError as e:
+                    self.cluster.boots[wid] = ""  # not wired: the next check tries again
                     log.error("re-wiring %s failed (retried at the next check): %s", wid, e)
                     continue
-            if wid in self.lost:  # 2. or 3.
+                restarted = True
+            if wid in self.lost or self.dispatcher.is_lost(wid):  # 2. or 3.
                 self.lost.discard(wid)
-                self.dispatcher.revive(wid)
+                self.dispatcher.revive(wid, restarted)
                 log.warning("worker %s serves again", wid)
 
     async def _probe(self, handle: Any) -> str | None:

@@ -69,11 +69,8 @@ class DecodeScheduler:
     def on_kv_landed(self, request_id: str, first_token: int) -> DecodeRequest | None:
         """The KV is in the request's blocks: append the prefill's first token, queue for the batch.
         None if it was cancelled while being written (it ends now, its blocks come back)."""
-        req = self.requests.get(request_id)
-        if req is None or req.status is not DecodeStatus.WRITING:
-            return None
-        if req.cancelled:
-            self._finish(req, FinishReason.CANCELLED)
+        req = self._write_ended(request_id)
+        if req is None:
             return None
         req.output_ids.append(first_token)
         req.status = DecodeStatus.READY
@@ -82,13 +79,17 @@ class DecodeScheduler:
 
     def write_failed(self, request_id: str, error: str) -> DecodeEvent | None:
         """The write failed or timed out: the request ends (an error event unless it was cancelled)."""
+        return self.fail(request_id, error) if self._write_ended(request_id) is not None else None
+
+    def _write_ended(self, request_id: str) -> DecodeRequest | None:
+        """The request whose write just ended, if it goes on; one cancelled meanwhile ends here."""
         req = self.requests.get(request_id)
         if req is None or req.status is not DecodeStatus.WRITING:
             return None
         if req.cancelled:
             self._finish(req, FinishReason.CANCELLED)
             return None
-        return self.fail(request_id, error)
+        return req
 
     # -- 2-3 in aggregated mode ----------------------------------------------------------------
     def start_prefill(self, request_id: str) -> DecodeRequest | None:

@@ -142,9 +142,10 @@ class Dispatcher:
         if not self.colocated and any(p.worker_id == worker_id for p in self.prefills):
             self.dead_prefills.add(worker_id)
 
-    def revive(self, worker_id: str) -> None:
-        """A lost worker is back (restarted and re-wired): it takes traffic again."""
-        self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
+    def revive(self, worker_id: str, restarted: bool) -> None:
+        """A lost worker is back (restarted and re-wired, or it was only unreachable): it takes traffic."""
+        if restarted:
+            self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
         self.dead.discard(worker_id)
         self.dead_prefills.discard(worker_id)
         for d in self.decodes:
@@ -156,6 +157,9 @@ class Dispatcher:
         """End every request in flight with `why` (UNAVAILABLE), whatever it waits for."""
         self._abort_reason = why
         self._aborted.set()
+
+    def is_lost(self, worker_id: str) -> bool:
+        return worker_id in self.dead or worker_id in self.dead_prefills
 
     @property
     def serving(self) -> bool:

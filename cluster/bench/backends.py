@@ -96,9 +96,13 @@ class OpenAIBackend:
         self.url = url.rstrip("/") + "/v1/completions"
         self.model = model
         self.extras = extras  # vLLM's ignore_eos / min_tokens / stream_options (strict servers refuse them)
+        verify: ssl.SSLContext | bool = True
+        if ca_file:
+            verify = ssl.create_default_context(cafile=ca_file)
+            if client.client_cert():
+                verify.load_cert_chain(*client.client_cert())  # type: ignore[misc]
         self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1024),
-                                        headers=client.headers(),
-                                        verify=ssl.create_default_context(cafile=ca_file) if ca_file else True)
+                                        headers=client.headers(), verify=verify)
 
     async def send(self, spec: RequestSpec) -> Record:
         rec = Record(spec.input_len, spec.output_len, sent=time.perf_counter())

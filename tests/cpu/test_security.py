@@ -134,3 +134,24 @@ def test_health_stays_open_without_a_token(server: RunningServer, pki: dict[str,
     with httpx.Client(verify=_ssl(pki), timeout=10) as c:
         assert c.get(f"https://localhost:{server.server.http_port}/health").status_code == 200
         assert c.get(f"https://localhost:{server.server.http_port}/v1/models").status_code == 401
+
+
+def test_the_cli_speaks_tls_with_a_token_and_a_client_cert(server: RunningServer, pki: dict[str, Any],
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from cluster.cli import main as cli_main
+
+    d = pki["dir"]
+    address = f"localhost:{server.server.port}"
+    monkeypatch.setenv("PDSERVE_CLIENT_CERT", str(d / "client.pem"))
+    monkeypatch.setenv("PDSERVE_CLIENT_KEY", str(d / "client.key"))
+    monkeypatch.delenv("PDSERVE_TOKEN", raising=False)
+    assert cli_main(["status", "--address", address, "--ca-file", str(d / "ca.pem"), "--json"]) == 1  # no token
+    monkeypatch.setenv("PDSERVE_TOKEN", TOKEN)
+    capsys.readouterr()
+    assert cli_main(["status", "--address", address, "--ca-file", str(d / "ca.pem"), "--json"]) == 0
+    assert {w["role"] for w in json.loads(capsys.readouterr().out)["workers"]} == {"prefill", "decode"}
+    assert cli_main(["generate", "hi", "--raw", "--max-tokens", "3", "--address", address,
+                     "--ca-file", str(d / "ca.pem"), "--json"]) == 0

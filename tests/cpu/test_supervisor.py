@@ -1,0 +1,61 @@
+"""The supervisor's verdicts with fake workers: a lost worker that answers is taken back, a new boot
+id is re-wired and counted as a restart, silence is lost."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cluster.supervisor import Supervisor
+from router.config import LimitsConfig
+from router.dispatcher import Dispatcher, WorkerRef
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *a: Any) -> Any:
+        return self.fn(*a)
+
+
+class FakeWorker:
+    def __init__(self, boot: str) -> None:
+        self.boot: str | None = boot
+        self.ready = _Method(self._ready)
+
+    async def _ready(self) -> str:
+        if self.boot is None:
+            await asyncio.sleep(10)  # no answer
+        return str(self.boot)
+
+
+class FakeCluster:
+    def __init__(self, workers: dict[str, FakeWorker]) -> None:
+        self.workers = workers
+        self.boots = {w: str(h.boot) for w, h in workers.items()}
+        self.rewired: list[tuple[str, str]] = []
+        self.cfg = type("C", (), {"cluster": type("CC", (), {"health_check_interval_s": 0.5})()})()
+
+    def rewire(self, wid: str, boot: str, live: set[str]) -> None:
+        self.boots[wid] = boot
+        self.rewired.append((wid, boot))
+
+
+def test_verdicts() -> None:
+    async def main() -> None:
+        p, d = FakeWorker("a"), FakeWorker("b")
+        cluster = FakeCluster({"prefill-0": p, "decode-0": d})
+        disp = Dispatcher([WorkerRef("prefill-0", p)], [WorkerRef("decode-0", d)], (2,), LimitsConfig())
+        sup = Supervisor(cluster, disp)  # type: ignore[arg-type]
+        disp.mark_lost("prefill-0", "a late error about its old process")  # it is fine, in fact
+        await sup.check()
+        assert not disp.is_lost("prefill-0") and disp.restarts.get("prefill-0", 0) == 0
+        p.boot = "a2"  # Ray restarted it
+        await sup.check()
+        assert cluster.rewired == [("prefill-0", "a2")] and disp.restarts["prefill-0"] == 1
+        assert not disp.is_lost("prefill-0")
+        d.boot = None  # silent
+        await sup.check()
+        assert disp.is_lost("decode-0") and not disp.serving
+
+    asyncio.run(main())
