@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.openai_requests import BadRequest, Options, chunk_obj, final_obj, parse_body, usage_obj
+from router.openai_requests import BadRequest, Options, chunk_obj, final_obj, parse_body, usage_obj, with_token_text
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 
@@ -100,6 +100,9 @@ class OpenAIFront:
     def __init__(self, svc: GenerationService, model: str) -> None:
         self.svc, self.model = svc, model
 
+    def _token_text(self, token_id: int) -> str:
+        return str(self.svc.tokenizer.decode([token_id]))
+
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
 
@@ -121,6 +124,7 @@ class OpenAIFront:
         try:
             pbreq, opts = parse_body(await request.body(), chat, self.model)
             req = self.svc.admit(pbreq)
+            opts = with_token_text(opts, self._token_text)
         except BadRequest as e:
             self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
             return error(e.status, e.message, "invalid_request_error", e.param, e.code)

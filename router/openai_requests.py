@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
@@ -35,6 +36,7 @@ class Options:
     stream: bool
     include_usage: bool
     logprobs: bool
+    token_text: Callable[[int], str] = str  # a token id's text, for logprobs (set by the front)
 
 
 def parse_body(raw: bytes, chat: bool, model: str) -> tuple[pb.GenerateRequest, Options]:
@@ -160,11 +162,11 @@ def chunk_obj(rid: str, model: str, opts: Options, msg: pb.GenerateStreamRespons
         delta: dict[str, Any] = {"role": "assistant", "content": msg.text} if first else {"content": msg.text}
         choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": _finish(msg.finish_reason)}
         if opts.logprobs:
-            choice["logprobs"] = {"content": [_chat_lp(lp) for lp in msg.logprobs]}
+            choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in msg.logprobs]}
         return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [choice]}
     choice = {"index": 0, "text": msg.text, "finish_reason": _finish(msg.finish_reason),
-              "logprobs": _completion_lp(msg.logprobs) if opts.logprobs else None}
+              "logprobs": _completion_lp(msg.logprobs, opts.token_text) if opts.logprobs else None}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
 
 
@@ -174,12 +176,13 @@ def final_obj(rid: str, model: str, opts: Options, text: str, finish: str, lps: 
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                   "finish_reason": _finish(finish)}
         if opts.logprobs:
-            choice["logprobs"] = {"content": [_chat_lp(lp) for lp in lps]}
+            choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in lps]}
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                 "choices": [choice], "usage": u}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": _finish(finish),
-                         "logprobs": _completion_lp(lps) if opts.logprobs else None}], "usage": u}
+                         "logprobs": _completion_lp(lps, opts.token_text) if opts.logprobs else None}],
+            "usage": u}
 
 
 def usage_obj(u: pb.Usage) -> dict[str, int]:
@@ -187,11 +190,16 @@ def usage_obj(u: pb.Usage) -> dict[str, int]:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
-def _chat_lp(lp: Any) -> dict[str, Any]:
-    return {"token": str(lp.token_id), "logprob": lp.logprob,
-            "top_logprobs": [{"token": str(t.token_id), "logprob": t.logprob} for t in lp.top_logprobs]}
+def _chat_lp(lp: Any, text: Callable[[int], str]) -> dict[str, Any]:
+    return {"token": text(lp.token_id), "logprob": lp.logprob, "bytes": list(text(lp.token_id).encode()),
+            "top_logprobs": [{"token": text(t.token_id), "logprob": t.logprob, "bytes": list(text(t.token_id).encode())}
+                             for t in lp.top_logprobs]}
 
 
-def _completion_lp(lps: list[Any]) -> dict[str, Any]:
-    return {"tokens": [str(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{str(t.token_id): t.logprob for t in lp.top_logprobs} for lp in lps]}
+def _completion_lp(lps: list[Any], text: Callable[[int], str]) -> dict[str, Any]:
+    return {"tokens": [text(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{text(t.token_id): t.logprob for t in lp.top_logprobs} for lp in lps]}
+
+
+def with_token_text(opts: Options, text: Callable[[int], str]) -> Options:
+    return replace(opts, token_text=text)

@@ -65,7 +65,18 @@ def test_sampling_fields_and_token_id_prompts(server: RunningServer, oai: openai
                                extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1})
     assert a.choices[0].text == b.choices[0].text  # same seed, same tokens
     ids = oai.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=4, logprobs=2)
-    assert ids.usage.prompt_tokens == 4 and len(ids.choices[0].logprobs.token_logprobs) == ids.usage.completion_tokens
+    lp = ids.choices[0].logprobs
+    assert ids.usage.prompt_tokens == 4 and len(lp.token_logprobs) == ids.usage.completion_tokens
+    from engine.tiny import tiny_tokenizer
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    want = server.stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7, 8], max_tokens=4), timeout=30)
+    tok = tiny_tokenizer()
+    assert lp.tokens == [tok.decode([t]) for t in want.token_ids]  # token texts, not ids
+    chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       logprobs=True, top_logprobs=2)
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 for c in chat.choices[0].logprobs.content)
     r = oai.completions.create(model="tiny", prompt="stop here", max_tokens=40, stop=["e"], extra_body={"ignore_eos": True})
     assert "e" not in r.choices[0].text
 
