@@ -1,6 +1,7 @@
 """The KV hand-off of one long prompt, backend by backend, through the whole cluster (same run).
 
     python bench/handoff.py --backends ipc,gloo --prompt-tokens 1000 --runs 7 --output bench/results/handoff.json
+    python bench/handoff.py --config deploy/1gpu.yaml --model-path /tmp/llama-1.1b --backends ipc   # on a GPU
 
 For each backend a 1P1D cluster is started with `transport.backend` forced, then one request at a
 time (max_tokens=2, so decode only admits it) reports `kv_transfer_ms`: from the prefill's
@@ -36,10 +37,10 @@ def prompt_of(tok: Any, n: int) -> str:
     return " ".join(words)
 
 
-def run_backend(config: str | None, backend: str, text: str, runs: int) -> dict[str, Any]:
+def run_backend(config: str | None, overrides: dict[str, Any], backend: str, text: str, runs: int) -> dict[str, Any]:
     import ray
 
-    cfg = load_config(config, {"transport": {"backend": backend}})
+    cfg = load_config(config, {**overrides, "transport": {"backend": backend}})
     with BackgroundServer(cfg) as srv:
         srv.generate(prompt="warm up", max_tokens=2)
         srv.generate(prompt=text, max_tokens=2, ignore_eos=True)  # first long one: page faults, allocations
@@ -63,14 +64,16 @@ def run_backend(config: str | None, backend: str, text: str, runs: int) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=None, help="YAML (default: all defaults, the embedded model, 1P1D)")
+    ap.add_argument("--model-path", default=None, help="override model.path (e.g. a bench/make_model.py folder)")
     ap.add_argument("--backends", default="ipc,gloo")
     ap.add_argument("--prompt-tokens", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
-    cfg = load_config(a.config)
+    overrides: dict[str, Any] = {"model": {"path": a.model_path}} if a.model_path else {}
+    cfg = load_config(a.config, overrides)
     text = prompt_of(load_tokenizer(cfg.model), a.prompt_tokens)
-    results = [run_backend(a.config, b, text, a.runs) for b in a.backends.split(",")]
+    results = [run_backend(a.config, overrides, b, text, a.runs) for b in a.backends.split(",")]
     for r in results:
         print(f"{r['backend']:5s} {r['prompt_tokens']} tokens, {r['kv_mb']:.1f} MB: hand-off median "
               f"{r['kv_transfer_ms_median']:.1f} ms (min {r['kv_transfer_ms_min']:.1f}), "

@@ -1,0 +1,73 @@
+"""A random-weight Llama of a named shape, saved as a local Hugging Face folder (no download).
+
+    python bench/make_model.py --shape 1.1b --out /tmp/llama-1.1b --device cuda --dtype bfloat16
+    python bench/make_model.py --shape 8b   --out /tmp/llama-8b   --device cuda --dtype bfloat16
+
+Every GPU figure in the README comes from such a folder, so it can be reproduced on any CUDA machine
+without a model hub: point `model.path` at it. Shapes: 1.1b (TinyLlama: hidden 2048, 22 layers, 32
+heads, 4 KV heads, MLP 5632), 8b (Llama-3-8B: 4096, 32, 32, 8, 14336), test (a few MB, for tests).
+The tokenizer is word-level over "t3" ... "t<vocab-1>" (whitespace-split), with a chat template, so
+prompts of any length are easy to make ("t5 t17 t9 ...").
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+SHAPES: dict[str, dict[str, int]] = {
+    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 intermediate_size=5632, vocab_size=32000),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256),
+    "test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512),
+}
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: eos is 2, as in the tiny model
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def build(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", seed: int = 0,
+          max_position: int = 8192) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    dims = SHAPES[shape]
+    cfg = LlamaConfig(**dims, max_position_embeddings=max_position, rope_theta=10000.0, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    vocab.update({f"t{i}": i for i in range(len(SPECIALS), dims["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                 eos_token="<|im_end|>", pad_token="<unk>")
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    t0 = time.monotonic()
+    path = build(a.shape, Path(a.out), a.device, a.dtype, a.seed)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 2**30
+    print(f"{a.shape}: {path} ({size:.2f} GiB) in {time.monotonic() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

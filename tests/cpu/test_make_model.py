@@ -1,0 +1,34 @@
+"""bench/make_model.py: a random-weight model folder pdserve loads like any checkpoint, and serves
+with greedy == HF generate (the test shape; the 1.1B and 8B shapes are the same code)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from make_model import build  # noqa: E402
+
+
+def test_a_built_model_loads_and_decodes_like_hf(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import ModelConfig
+    from engine.model_loader import load_model, load_tokenizer
+    from engine.model_runner import ModelRunner, SeqInput
+
+    path = build("test", tmp_path / "m", dtype="float32")
+    cfg = ModelConfig(path=str(path), max_model_len=512)
+    tok = load_tokenizer(cfg)
+    ids = tok("t5 t17 t9 t300 t42 t7")["input_ids"]
+    assert ids == [5, 17, 9, 300, 42, 7]
+    assert tok.apply_chat_template([{"role": "user", "content": "t5"}], add_generation_prompt=True, tokenize=True)
+    runner = ModelRunner(load_model(cfg), num_blocks=8, block_size=16)
+    toks = [int(runner.forward([SeqInput(ids, 0, list(range(8)))])[0].argmax())]
+    for _ in range(5):
+        toks.append(int(runner.forward([SeqInput([toks[-1]], len(ids) + len(toks) - 1, list(range(8)))])[0].argmax()))
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    with torch.inference_mode():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert toks == want[0, len(ids):].tolist()
