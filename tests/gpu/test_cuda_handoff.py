@@ -54,10 +54,10 @@ def _check(cfg: Any, n: int = 16, nccl_hosts: bool = False) -> dict[str, Any]:
 
     real_wire = launcher.Cluster._wire
 
-    def wire(self, endpoints, places):  # type: ignore[no-untyped-def]
-        if nccl_hosts:
+    def wire(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if nccl_hosts:  # before any pair opens its communicator
             ray.get([w.__ray_call__.remote(_own_nccl_host) for w in self.prefills + self.decodes])
-        return real_wire(self, endpoints, places)
+        return real_wire(self, *args, **kwargs)
 
     launcher.Cluster._wire = wire  # type: ignore[method-assign]
     try:
