@@ -50,7 +50,7 @@ def _check(cfg: Any, n: int = 16, nccl_hosts: bool = False) -> dict[str, Any]:
     import ray
 
     from cluster import launcher
-    from tests.cpu.harness import RunningServer, hf_greedy, prompts, wait_until
+    from tests.cpu.harness import RunningServer, prompts, wait_until
 
     real_wire = launcher.Cluster._wire
 
