@@ -3,11 +3,13 @@
   1. reserve KV room on a decode worker (most room first); none has room → wait in a bounded FIFO
      queue until a request finishes somewhere (limits.max_queued_requests, queue_timeout_s), then
      ResourceExhausted
-  2. prefill on the least-loaded prefill worker; its answer is the first token (TTFT); a prefill
-     worker found dead fails the request at hand (UNAVAILABLE) and is skipped from then on
-  3. decode events arrive through one long-poll loop per decode worker, fanned out by request id
-  4. every wait has the request's deadline; on any exit that is not a clean finish the request is
-     cancelled on both workers so its KV comes back
+  2. prefill on the least-loaded prefill worker, with the reservation's destination; its answer is
+     the first token (TTFT); a prefill worker found dead is skipped from then on and the request is
+     tried once more on another one (the same reservation)
+  3. decode events arrive through one long-poll loop per decode worker (router/liveness.py),
+     fanned out by the request's key (minted by the router; a client id is only a label)
+  4. every wait has the request's deadline (and ends early on abort_all, the drain); on any exit
+     that is not a clean finish the request is cancelled on both workers so its KV comes back
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
 goes to the worker that reserved. Workers are Ray actor handles (`handle.method.remote(...)`
 returns an awaitable); tests may pass anything with the same shape.
@@ -15,7 +17,6 @@ returns an awaitable); tests may pass anything with the same shape.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,8 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.kv_handoff.types import KVDestination
-from engine.types import DecodeEvent, FinishReason, PrefillRequest, PrefillResult, TokenLogprob, WorkerStats
+from engine.types import DecodeEvent, FinishReason, PrefillRequest, PrefillResult, TokenLogprob
 from router.config import LimitsConfig
+from router.liveness import WorkerLiveness, WorkerRef, _actor_gone
+
+__all__ = ["AlreadyExists", "DeadlineExceeded", "Dispatcher", "ResourceExhausted", "TokenChunk", "WorkerFailure",
+           "WorkerRef"]
 from router.policy import LeastLoadedPolicy
 from router.validation import ValidRequest
 
@@ -57,13 +62,7 @@ class TokenChunk:
     logprobs: list[TokenLogprob] | None = None
 
 
-@dataclass
-class WorkerRef:
-    worker_id: str  # stable: the worker's name everywhere (hand-off, status, logs), not a position
-    handle: Any
-
-
-class Dispatcher:
+class Dispatcher(WorkerLiveness):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False,
@@ -103,69 +102,10 @@ class Dispatcher:
             t.cancel()
         await asyncio.gather(*self._pollers.values(), *self._cleanups, return_exceptions=True)
 
-    async def _poll(self, d: WorkerRef) -> None:
-        idx = self.decodes.index(d)
-        failures = 0
-        while not self._closing:
-            try:
-                events = await asyncio.wait_for(d.handle.poll.remote(0.25), timeout=30)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
-                failures += 1
-                log.error("polling decode worker %s failed (%d): %s", d.worker_id, failures, e)
-                if _actor_gone(e):  # fail its requests now instead of at their deadlines
-                    self._decode_lost(idx, f"decode worker {d.worker_id} is gone: {type(e).__name__}")
-                    return
-                await asyncio.sleep(min(1.0, 0.05 * failures))
-                continue
-            for ev in events:
-                q = self.streams.get(ev.request_id)
-                if q is not None:
-                    q.put_nowait(ev)
-
-    def _decode_lost(self, idx: int, why: str) -> None:
-        self.dead.add(self.decodes[idx].worker_id)
-        for rid, where in list(self._placed.items()):
-            q = self.streams.get(rid)
-            if where == idx and q is not None:
-                q.put_nowait(DecodeEvent(rid, [], FinishReason.ERROR, why))
-
-    # -- worker liveness (the supervisor in cluster/ calls these) ------------------------------
-    def mark_lost(self, worker_id: str, why: str) -> None:
-        """A worker is gone: its requests fail now (decode) and no new one is sent to it."""
-        for i, d in enumerate(self.decodes):
-            if d.worker_id == worker_id and worker_id not in self.dead:
-                log.error("%s", why)
-                self._decode_lost(i, why)
-        if not self.colocated and any(p.worker_id == worker_id for p in self.prefills):
-            self.dead_prefills.add(worker_id)
-
-    def revive(self, worker_id: str, restarted: bool) -> None:
-        """A lost worker is back (restarted and re-wired, or it was only unreachable): it takes traffic."""
-        if restarted:
-            self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
-        self.dead.discard(worker_id)
-        self.dead_prefills.discard(worker_id)
-        for d in self.decodes:
-            t = self._pollers.get(d.worker_id)
-            if d.worker_id == worker_id and not self._closing and (t is None or t.done()):
-                self._pollers[worker_id] = asyncio.create_task(self._poll(d))
-
     def abort_all(self, why: str) -> None:
         """End every request in flight with `why` (UNAVAILABLE), whatever it waits for."""
         self._abort_reason = why
         self._aborted.set()
-
-    def is_lost(self, worker_id: str) -> bool:
-        return worker_id in self.dead or worker_id in self.dead_prefills
-
-    @property
-    def serving(self) -> bool:
-        """At least one decode worker (and, disaggregated, one prefill worker) is alive."""
-        decode_ok = any(d.worker_id not in self.dead for d in self.decodes)
-        return decode_ok and (self.colocated or any(p.worker_id not in self.dead_prefills for p in self.prefills))
 
     # -- one request ----------------------------------------------------------------------------
     async def run(self, req: ValidRequest) -> AsyncIterator[TokenChunk]:
@@ -396,33 +336,6 @@ class Dispatcher:
             await asyncio.shield(asyncio.ensure_future(both()))
         except asyncio.CancelledError:
             pass
-
-    # -- status ---------------------------------------------------------------------------------
-    async def stats(self) -> list[WorkerStats]:
-        """Every worker, the unreachable ones too (state 'lost'); a worker found gone is marked lost."""
-        refs = ([] if self.colocated else [("prefill", p) for p in self.prefills]) + [("decode", d) for d in self.decodes]
-        results = await asyncio.gather(
-            *(asyncio.wait_for(w.handle.stats.remote(), timeout=10) for _, w in refs), return_exceptions=True
-        )
-        out = []
-        for (role, w), r in zip(refs, results):
-            lost = w.worker_id in self.dead or w.worker_id in self.dead_prefills
-            if isinstance(r, BaseException):
-                if _actor_gone(r):
-                    self.mark_lost(w.worker_id, f"{role} worker {w.worker_id} is gone: {type(r).__name__}")
-                log.warning("stats of %s failed: %s", w.worker_id, r)
-                r = WorkerStats(role if not self.colocated else "aggregated", w.worker_id, "", 0, 0, 0, 0, 0, 0)
-                lost = True
-            out.append(dataclasses.replace(r, state="lost" if lost else "serving",
-                                           restarts=self.restarts.get(w.worker_id, 0)))
-        return out
-
-
-def _actor_gone(e: BaseException) -> bool:
-    """Ray's errors for a dead actor, matched by name (the router does not import Ray)."""
-    return any(type(x).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError")
-               for x in (e, e.__cause__) if x is not None)
-
 
 def _remaining(deadline: float) -> float:
     return max(0.1, deadline - time.monotonic())

@@ -218,7 +218,7 @@ def test_a_send_that_times_out_fails_its_request_and_the_next_succeeds() -> None
         link.channel.send = stall_once  # type: ignore[method-assign]
         sp = SamplingParams(max_tokens=6)
         toks, reason = _run((pw, dw, hub, events), "slow", [5, 6, 7, 8], sp)
-        assert reason.startswith("error") and "timed out" in reason
+        assert reason.startswith("error") and ("timed out" in reason or "did not land" in reason)
         toks, reason = _run((pw, dw, hub, events), "fine", [5, 6, 7, 8], sp)
         assert reason in ("length", "stop") and len(toks) >= 1
         assert _idle(dw, pw)

@@ -1,0 +1,123 @@
+"""Which workers the router may use: the decode event pumps, lost and revived workers, their stats.
+
+The dispatcher (router/dispatcher.py) is built on this. A decode worker's pump that finds the actor
+gone fails that worker's requests at once; the supervisor in cluster/ calls mark_lost() and revive();
+stats() reports every worker, the unreachable ones as `lost`. Workers are known by stable ids.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from engine.types import DecodeEvent, FinishReason, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRef:
+    worker_id: str  # stable: the worker's name everywhere (hand-off, status, logs), not a position
+    handle: Any
+
+
+class WorkerLiveness:
+    """Mixin of the Dispatcher: the state it reads is set up in Dispatcher.__init__."""
+
+    prefills: list[WorkerRef]
+    decodes: list[WorkerRef]
+    colocated: bool
+    streams: dict[str, "asyncio.Queue[DecodeEvent]"]
+    _placed: dict[str, int]
+    _pollers: dict[str, "asyncio.Task[None]"]
+    dead: set[str]
+    dead_prefills: set[str]
+    restarts: dict[str, int]
+    _closing: bool
+
+    async def _poll(self, d: WorkerRef) -> None:
+        idx = self.decodes.index(d)
+        failures = 0
+        while not self._closing:
+            try:
+                events = await asyncio.wait_for(d.handle.poll.remote(0.25), timeout=30)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
+                failures += 1
+                log.error("polling decode worker %s failed (%d): %s", d.worker_id, failures, e)
+                if _actor_gone(e):  # fail its requests now instead of at their deadlines
+                    self._decode_lost(idx, f"decode worker {d.worker_id} is gone: {type(e).__name__}")
+                    return
+                await asyncio.sleep(min(1.0, 0.05 * failures))
+                continue
+            for ev in events:
+                q = self.streams.get(ev.request_id)
+                if q is not None:
+                    q.put_nowait(ev)
+
+    def _decode_lost(self, idx: int, why: str) -> None:
+        self.dead.add(self.decodes[idx].worker_id)
+        for rid, where in list(self._placed.items()):
+            q = self.streams.get(rid)
+            if where == idx and q is not None:
+                q.put_nowait(DecodeEvent(rid, [], FinishReason.ERROR, why))
+
+    # -- worker liveness (the supervisor in cluster/ calls these) ------------------------------
+    def mark_lost(self, worker_id: str, why: str) -> None:
+        """A worker is gone: its requests fail now (decode) and no new one is sent to it."""
+        for i, d in enumerate(self.decodes):
+            if d.worker_id == worker_id and worker_id not in self.dead:
+                log.error("%s", why)
+                self._decode_lost(i, why)
+        if not self.colocated and any(p.worker_id == worker_id for p in self.prefills):
+            self.dead_prefills.add(worker_id)
+
+    def revive(self, worker_id: str, restarted: bool) -> None:
+        """A lost worker is back (restarted and re-wired, or it was only unreachable): it takes traffic."""
+        if restarted:
+            self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
+        self.dead.discard(worker_id)
+        self.dead_prefills.discard(worker_id)
+        for d in self.decodes:
+            t = self._pollers.get(d.worker_id)
+            if d.worker_id == worker_id and not self._closing and (t is None or t.done()):
+                self._pollers[worker_id] = asyncio.create_task(self._poll(d))
+
+    def is_lost(self, worker_id: str) -> bool:
+        return worker_id in self.dead or worker_id in self.dead_prefills
+
+    @property
+    def serving(self) -> bool:
+        """At least one decode worker (and, disaggregated, one prefill worker) is alive."""
+        decode_ok = any(d.worker_id not in self.dead for d in self.decodes)
+        return decode_ok and (self.colocated or any(p.worker_id not in self.dead_prefills for p in self.prefills))
+
+    async def stats(self) -> list[WorkerStats]:
+        """Every worker, the unreachable ones too (state 'lost'); a worker found gone is marked lost."""
+        refs = ([] if self.colocated else [("prefill", p) for p in self.prefills]) + [("decode", d) for d in self.decodes]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(w.handle.stats.remote(), timeout=10) for _, w in refs), return_exceptions=True
+        )
+        out = []
+        for (role, w), r in zip(refs, results):
+            lost = w.worker_id in self.dead or w.worker_id in self.dead_prefills
+            if isinstance(r, BaseException):
+                if _actor_gone(r):
+                    self.mark_lost(w.worker_id, f"{role} worker {w.worker_id} is gone: {type(r).__name__}")
+                log.warning("stats of %s failed: %s", w.worker_id, r)
+                r = WorkerStats(role if not self.colocated else "aggregated", w.worker_id, "", 0, 0, 0, 0, 0, 0)
+                lost = True
+            out.append(dataclasses.replace(r, state="lost" if lost else "serving",
+                                           restarts=self.restarts.get(w.worker_id, 0)))
+        return out
+
+
+
+def _actor_gone(e: BaseException) -> bool:
+    """Ray's errors for a dead actor, matched by name (the router does not import Ray)."""
+    return any(type(x).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError")
+               for x in (e, e.__cause__) if x is not None)
