@@ -9,6 +9,8 @@ import concurrent.futures as cf
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -43,6 +45,19 @@ def wire(pw: PrefillWorker, dw: DecodeWorker, kind: str, hub: FakeHub | None = N
         t.start()
         pw.connect(ep, dw, Backend.GLOO)  # type: ignore[arg-type]
         t.join(10)
+
+
+@contextmanager
+def running_pair(*args: Any, **kwargs: Any) -> Iterator[tuple[PrefillWorker, DecodeWorker, FakeHub, "Events"]]:
+    """make_pair() plus the router's event pump; everything stopped on the way out."""
+    pw, dw, hub = make_pair(*args, **kwargs)
+    events = Events(dw)
+    try:
+        yield pw, dw, hub, events
+    finally:
+        events.close()
+        pw.shutdown()
+        dw.shutdown()
 
 
 def make_pair(
@@ -166,9 +181,7 @@ def test_a_failing_decode_step_ends_its_requests_with_an_error(pair) -> None:  #
 
 @pytest.mark.parametrize("kind", ["fake", "gloo"])
 def test_a_failed_send_fails_one_request_and_the_pair_serves_the_next(kind: str) -> None:
-    pw, dw, hub = make_pair(kind, timeout_s=3)
-    events = Events(dw)
-    try:
+    with running_pair(kind, timeout_s=3) as (pw, dw, hub, events):
         link = pw.sender.links["d0"]
         assert link.channel is not None
         real_send = link.channel.send
@@ -194,16 +207,10 @@ def test_a_failed_send_fails_one_request_and_the_pair_serves_the_next(kind: str)
         assert toks == hf_greedy(p, 8), reason
         assert link.channel.epoch > before  # the pair was re-opened under a new epoch
         assert _idle(dw, pw)
-    finally:
-        events.close()
-        pw.shutdown()
-        dw.shutdown()
 
 
 def test_a_send_that_times_out_fails_its_request_and_the_next_succeeds() -> None:
-    pw, dw, hub = make_pair("fake", timeout_s=1.0)
-    events = Events(dw)
-    try:
+    with running_pair("fake", timeout_s=1.0) as (pw, dw, hub, events):
         link = pw.sender.links["d0"]
         assert link.channel is not None
         real_send, calls = link.channel.send, []
@@ -222,48 +229,38 @@ def test_a_send_that_times_out_fails_its_request_and_the_next_succeeds() -> None
         toks, reason = _run((pw, dw, hub, events), "fine", [5, 6, 7, 8], sp)
         assert reason in ("length", "stop") and len(toks) >= 1
         assert _idle(dw, pw)
-    finally:
-        events.close()
-        pw.shutdown()
-        dw.shutdown()
 
 
 def test_fake_channel_has_nccl_semantics_send_before_announce_fails_not_hangs() -> None:
     """The old order (send, then tell the decode worker) deadlocks under NCCL: the send waits for a
     receive that is posted only after the notice. The fake reproduces it, as a failure within the
     timeout instead of a hang."""
-    pw, dw, hub = make_pair("fake", timeout_s=1.0)
-    events = Events(dw)
-    try:
-        link = pw.sender.links["d0"]
+    with running_pair("fake", timeout_s=1.0) as (pw, dw, hub, events):
+        try:
+            link = pw.sender.links["d0"]
 
-        def old_order(job):  # type: ignore[no-untyped-def]
-            import torch
-            from engine.kv_handoff import WriteIntent
+            def old_order(job):  # type: ignore[no-untyped-def]
+                import torch
+                from engine.kv_handoff import WriteIntent
 
-            idx = torch.tensor(job.src_blocks[: -(-job.num_tokens // 16)])
-            link.channel.send(pw.sender.cache.index_select(2, idx), pw.sender.timeout_s)  # 1. send ...
-            intent = WriteIntent(job.request_id, "p0", job.num_tokens, job.first_token, Backend.GLOO,
-                                 link.channel.epoch)
-            job.grant(dw.begin_write(intent))  # 2. ... then announce (never reached)
+                idx = torch.tensor(job.src_blocks[: -(-job.num_tokens // 16)])
+                link.channel.send(pw.sender.cache.index_select(2, idx), pw.sender.timeout_s)  # 1. send ...
+                intent = WriteIntent(job.request_id, "p0", job.num_tokens, job.first_token, Backend.GLOO,
+                                     link.channel.epoch)
+                job.grant(dw.begin_write(intent))  # 2. ... then announce (never reached)
 
-        link._one = old_order  # type: ignore[method-assign]
-        t0 = time.monotonic()
-        sp = SamplingParams(max_tokens=4)
-        r = dw.reserve("old", 3, sp, EOS)
-        res = pw.prefill(PrefillRequest("old", [5, 6, 7], sp, EOS, r.dest), timeout_s=10)
-        assert res.error is not None and "never posted its receive" in res.error
-        assert time.monotonic() - t0 < 5
-    finally:
-        dw.cancel("old")
-        events.close()
-        pw.shutdown()
-        dw.shutdown()
+            link._one = old_order  # type: ignore[method-assign]
+            t0 = time.monotonic()
+            sp = SamplingParams(max_tokens=4)
+            r = dw.reserve("old", 3, sp, EOS)
+            res = pw.prefill(PrefillRequest("old", [5, 6, 7], sp, EOS, r.dest), timeout_s=10)
+            assert res.error is not None and "never posted its receive" in res.error
+            assert time.monotonic() - t0 < 5
+        finally:
+            dw.cancel("old")
 
 
 def test_a_cancel_during_a_direct_write_never_frees_the_blocks_under_the_writer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    pw, dw, hub = make_pair("ipc")
-    events = Events(dw)
     writing, release = threading.Event(), threading.Event()
     real_copy = sender_mod.copy_blocks
     written: list[int] = []
@@ -275,31 +272,27 @@ def test_a_cancel_during_a_direct_write_never_frees_the_blocks_under_the_writer(
         real_copy(dst, dst_blocks, src, src_blocks)
 
     monkeypatch.setattr(sender_mod, "copy_blocks", slow_copy)
-    try:
-        sp = SamplingParams(max_tokens=8)
-        r = dw.reserve("w", 40, sp, EOS)
-        res = pw.prefill(PrefillRequest("w", list(range(3, 43)), sp, EOS, r.dest))
-        assert res.error is None and writing.wait(10)
-        assert dw.cancel("w")  # the client went away while its KV is being written
-        time.sleep(0.2)  # the decode loop runs: the cancel must not free the blocks yet
-        assert dw.allocator.num_used == len(r.dest.block_ids)
-        other = dw.reserve("x", 16 * 505, SamplingParams(max_tokens=1), EOS)  # wants every free block
-        assert other.ok and not set(other.dest.block_ids) & set(written)
-        dw.cancel("x")
-        release.set()
-        assert _idle(dw, pw)  # the write ended: now the blocks are back
-        assert events.take("w")[-1].finish_reason is FinishReason.CANCELLED
-    finally:
-        release.set()
-        events.close()
-        pw.shutdown()
-        dw.shutdown()
+    with running_pair("ipc") as (pw, dw, hub, events):
+        try:
+            sp = SamplingParams(max_tokens=8)
+            r = dw.reserve("w", 40, sp, EOS)
+            res = pw.prefill(PrefillRequest("w", list(range(3, 43)), sp, EOS, r.dest))
+            assert res.error is None and writing.wait(10)
+            assert dw.cancel("w")  # the client went away while its KV is being written
+            time.sleep(0.2)  # the decode loop runs: the cancel must not free the blocks yet
+            assert dw.allocator.num_used == len(r.dest.block_ids)
+            other = dw.reserve("x", 16 * 505, SamplingParams(max_tokens=1), EOS)  # wants every free block
+            assert other.ok and not set(other.dest.block_ids) & set(written)
+            dw.cancel("x")
+            release.set()
+            assert _idle(dw, pw)  # the write ended: now the blocks are back
+            assert events.take("w")[-1].finish_reason is FinishReason.CANCELLED
+        finally:
+            release.set()  # never leave the writer blocked
 
 
 def test_a_failed_hand_off_is_recomputed_on_decode_when_configured() -> None:
-    pw, dw, hub = make_pair("fake", timeout_s=3, on_failure="recompute")
-    events = Events(dw)
-    try:
+    with running_pair("fake", timeout_s=3, on_failure="recompute") as (pw, dw, hub, events):
         link = pw.sender.links["d0"]
         assert link.channel is not None
 
@@ -314,10 +307,6 @@ def test_a_failed_hand_off_is_recomputed_on_decode_when_configured() -> None:
         assert toks == hf_greedy(p, 10), reason  # the same tokens: the decode worker computed the prompt itself
         assert dw.kv_recomputes == 1 and dw.prompt_tokens_computed == len(ids)
         assert _idle(dw, pw)
-    finally:
-        events.close()
-        pw.shutdown()
-        dw.shutdown()
 
 
 def test_2p2d_over_the_fake_with_nccl_semantics_equals_hf() -> None:
