@@ -1,0 +1,203 @@
+"""Paged attention for CUDA as three Triton kernels: no host work per call, no host sync.
+
+- `store_kv`: writes each new token's K and V into its cache slot (`slot < 0`: skipped — a padded
+  row of a CUDA-graph batch).
+- `paged_decode`: one new token per sequence; reads K/V in place through the block table. One
+  program per (sequence, KV head) computes that head's whole GQA group of query heads at once, so
+  each K/V element is read once per group.
+- `paged_prefill`: packed prompts and prompt chunks in one call per layer. One program per
+  (tile of BLOCK_M query tokens of one sequence, query head); keys are read from the cache
+  (already stored by `store_kv`), so a later chunk sees its earlier positions with the same code.
+
+Both attention kernels use an online softmax in fp32. In fp32 the dots are exact IEEE (no TF32),
+so a float32 model matches torch SDPA to rounding. Layouts (the runner's cache, one layer):
+    k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim], contiguous
+On a machine without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1): slow,
+but the same code — that is how the CPU test suite checks them against SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    D: tl.constexpr, KVH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)  # over kv_heads * head_dim
+    h, d = offs // D, offs % D
+    m = offs < tl.where(slot >= 0, KVH * D, 0)  # a negative slot stores nothing
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=m)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m)
+    tl.store(kc_ptr + slot * (KVH * D) + offs, k, mask=m)
+    tl.store(vc_ptr + slot * (KVH * D) + offs, v, mask=m)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _paged_decode(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale,
+    BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    ctx = tl.load(lens_ptr + b)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * G + g
+    gd_mask = (g < G)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)  # [G, D]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(0, ctx, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)  # positions of this key tile
+        live = n < ctx
+        blk = tl.load(bt_ptr + b * stride_btb + n // BS, mask=live, other=0).to(tl.int64)
+        row = (blk * BS + n % BS) * (KVH * D) + kvh * D  # [N] offset of (slot, kv head)
+        kv_mask = live[:, None] & (d < D)[None, :]
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE).to(tl.float32) * scale  # [G, N]
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(tl.float32)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context (a padded row) gives 0, not NaN
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=gd_mask)
+
+
+@triton.jit
+def _paged_prefill(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, start_ptr, tile_seq_ptr, tile_m0_ptr, o_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale,
+    BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // G
+    s_idx = tl.load(tile_seq_ptr + tile)
+    m0 = tl.load(tile_m0_ptr + tile)  # first query of this tile, counted within its sequence
+    q_off = tl.load(cu_q_ptr + s_idx)
+    n_new = tl.load(cu_q_ptr + s_idx + 1) - q_off
+    start = tl.load(start_ptr + s_idx)  # position of the sequence's first new token
+    ctx = start + n_new
+    mi = m0 + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q_live = mi < n_new
+    qd_mask = q_live[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + (q_off + mi)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=qd_mask, other=0.0)
+    qpos = start + mi  # [M]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = tl.minimum(ctx, start + m0 + BLOCK_M)  # causal: no key beyond the tile's last query
+    for k0 in range(0, end, BLOCK_N):
+        n = k0 + tl.arange(0, BLOCK_N)
+        live = n < end
+        blk = tl.load(bt_ptr + s_idx * stride_btb + n // BS, mask=live, other=0).to(tl.int64)
+        row = (blk * BS + n % BS) * (KVH * D) + kvh * D
+        kv_mask = live[:, None] & (d < D)[None, :]
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE).to(tl.float32) * scale  # [M, N]
+        s = tl.where((n[None, :] <= qpos[:, None]) & live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the sequence's end see no key
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(tl.float32)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + (q_off + mi)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=qd_mask)
+
+
+def _check_cache(k_cache: torch.Tensor) -> tuple[int, int, int]:
+    """(block_size, kv_heads, head_dim) of a [num_blocks, block_size, kv_heads, head_dim] cache."""
+    if not k_cache.is_contiguous():
+        raise ValueError("the KV cache must be contiguous [num_blocks, block_size, kv_heads, head_dim]")
+    _, bs, kvh, d = k_cache.shape
+    return bs, kvh, d
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k, v [T, kv_heads, head_dim] (any strides, last dim contiguous) → cache slots [T]; slot < 0 skipped."""
+    _, kvh, d = _check_cache(k_cache)
+    T = k.shape[0]
+    if T == 0:
+        return
+    _store_kv[(T,)](k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    D=d, KVH=kvh, BLOCK=triton.next_power_of_2(kvh * d))
+
+
+def _tiles(n: int, d: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(d))
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float, block_n: int = 64) -> torch.Tensor:
+    """q [B, heads, head_dim]; block_tables [B, W]; context_lens [B] → out [B, heads, head_dim].
+
+    A row with context length 0 (a padded row) gives zeros."""
+    bs, kvh, d = _check_cache(k_cache)
+    B, H, _ = q.shape
+    G = H // kvh
+    out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+    block_g, block_d = _tiles(G, d)
+    _paged_decode[(B, kvh)](
+        q, k_cache, v_cache, block_tables, context_lens, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
+        BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out
+
+
+def prefill_tiles(num_new: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """The (sequence index, first query within it) of every BLOCK_M tile of a packed prefill."""
+    seq, m0 = [], []
+    for i, n in enumerate(num_new):
+        for m in range(0, n, block_m):
+            seq.append(i)
+            m0.append(m)
+    return seq, m0
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  cu_q: torch.Tensor, start_pos: torch.Tensor, tile_seq: torch.Tensor, tile_m0: torch.Tensor,
+                  scale: float, block_m: int = 32, block_n: int = 32) -> torch.Tensor:
+    """q [T, heads, head_dim] packed; cu_q [B+1] offsets of each sequence's new tokens in T;
+    start_pos [B] position of each one's first new token; tile_* from `prefill_tiles(.., block_m)`.
+    Causal attention of every new token over its sequence's positions [0, own] → [T, heads, head_dim]."""
+    bs, kvh, d = _check_cache(k_cache)
+    T, H, _ = q.shape
+    out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
+    _, block_d = _tiles(1, d)
+    _paged_prefill[(tile_seq.numel(), H)](
+        q, k_cache, v_cache, block_tables, cu_q, start_pos, tile_seq, tile_m0, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
+        BS=bs, KVH=kvh, D=d, G=H // kvh, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out

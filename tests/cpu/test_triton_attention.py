@@ -1,0 +1,91 @@
+"""The CUDA attention kernels (engine/triton_attention.py), run by Triton's interpreter on CPU,
+against torch SDPA over the same paged cache: decode, packed prefill, later chunks, GQA, odd head
+dims, block sizes smaller and larger than a key tile, padded rows."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+tat = pytest.importorskip("engine.triton_attention")
+
+
+def _cache(nb: int, bs: int, kvh: int, d: int, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(nb, bs, kvh, d, generator=g).to(dtype), torch.randn(nb, bs, kvh, d, generator=g).to(dtype))
+
+
+def _gather(cache: torch.Tensor, table: list[int], n: int) -> torch.Tensor:
+    """[n, kv_heads, d]: positions [0, n) of a sequence through its block table."""
+    bs = cache.shape[1]
+    return torch.stack([cache[table[p // bs], p % bs] for p in range(n)])
+
+
+def _ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: list[int], scale: float) -> torch.Tensor:
+    """q [n, H, d] at positions qpos; k, v [ctx, KVH, d] → [n, H, d], causal by position, fp32."""
+    mask = torch.arange(k.shape[0])[None, :] <= torch.tensor(qpos)[:, None]
+    o = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1),
+                                       attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+CASES = [  # block_size, heads, kv_heads, head_dim, dtype, tolerance
+    (16, 4, 2, 32, torch.float32, 2e-5),
+    (4, 8, 2, 80, torch.float32, 2e-5),
+    (32, 6, 6, 16, torch.float32, 2e-5),
+    (16, 8, 1, 64, torch.float16, 1e-2),  # bf16: on a GPU only (tests/gpu); the interpreter's bf16 dot is wrong
+]
+
+
+@pytest.mark.parametrize("bs,H,KVH,D,dtype,tol", CASES)
+def test_paged_decode_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: torch.dtype, tol: float) -> None:
+    g = torch.Generator().manual_seed(bs * 100 + H)
+    kc, vc = _cache(40, bs, KVH, D, dtype, g)
+    lens = [1, bs, 3 * bs + 5, 70, 0]  # the last one: a padded row
+    tables = [torch.randperm(40, generator=g)[: -(-max(n, 1) // bs)].tolist() for n in lens]
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), H, D, generator=g).to(dtype)
+    scale = D ** -0.5
+    out = tat.paged_decode(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale, block_n=16)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+            continue
+        ref = _ref(q[i : i + 1], _gather(kc, tables[i], n), _gather(vc, tables[i], n), [n - 1], scale)
+        torch.testing.assert_close(out[i : i + 1].float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("bs,H,KVH,D,dtype,tol", CASES)
+def test_paged_prefill_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: torch.dtype, tol: float) -> None:
+    """Whole prompts (start 0) and later chunks (start > 0, earlier positions already cached)."""
+    g = torch.Generator().manual_seed(bs + H + D)
+    kc, vc = _cache(64, bs, KVH, D, dtype, g)
+    seqs = [(0, 1), (0, 37), (21, 16), (5, 3), (0, 9)]  # (start_pos, num_new)
+    tables = [torch.randperm(64, generator=g)[: -(-(s + n) // bs)].tolist() for s, n in seqs]
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    T = sum(n for _, n in seqs)
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    cu = torch.tensor([0] + [sum(n for _, n in seqs[: i + 1]) for i in range(len(seqs))], dtype=torch.int32)
+    ts, tm = tat.prefill_tiles([n for _, n in seqs], block_m=16)
+    out = tat.paged_prefill(q, kc, vc, bt, cu, torch.tensor([s for s, _ in seqs], dtype=torch.int32),
+                            torch.tensor(ts, dtype=torch.int32), torch.tensor(tm, dtype=torch.int32),
+                            D ** -0.5, block_m=16, block_n=16)
+    off = 0
+    for (s, n), table in zip(seqs, tables):
+        ref = _ref(q[off : off + n], _gather(kc, table, s + n), _gather(vc, table, s + n), list(range(s, s + n)), D ** -0.5)
+        torch.testing.assert_close(out[off : off + n].float(), ref, atol=tol, rtol=tol)
+        off += n
+
+
+def test_store_kv_writes_slots_and_skips_negative_ones() -> None:
+    g = torch.Generator().manual_seed(1)
+    kc, vc = torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)
+    qkv = torch.randn(5, 2 * 3, 16, generator=g)  # a fused projection: k and v are strided views of it
+    k, v = qkv[:, 2:4], qkv[:, 4:6]
+    slots = torch.tensor([3, 17, -1, 31, 0])
+    tat.store_kv(k, v, kc, vc, slots)
+    flat_k, flat_v = kc.view(32, 2, 16), vc.view(32, 2, 16)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(flat_k[s], k[t]) and torch.equal(flat_v[s], v[t])
+    written = {3, 17, 31, 0}
+    assert all(not flat_k[s].any() for s in range(32) if s not in written)  # the -1 row wrote nothing
