@@ -65,6 +65,8 @@ class DecodeWorker:
             shape = ModelRunner.cache_shape(model.config, kv_cfg.num_blocks, kv_cfg.block_size)
             kv, self.cache_handle = shared_cache.allocate(shape, model.dtype, model_cfg.device, worker_id)
         self.runner = ModelRunner(model, kv_cfg.num_blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
+        if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
+            self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
         self.allocator = BlockAllocator(kv_cfg.num_blocks, kv_cfg.block_size)
         self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id)
         self.receiver = HandoffReceiver(
@@ -167,7 +169,9 @@ class DecodeWorker:
                  "kv_recomputes": self.kv_recomputes,
                  "kv_bytes_placed": self.receiver.bytes_placed,
                  "links": {src: b.value for src, b in self.receiver.peers.items()},
-                 "writes_pending": self.receiver.pending, "writes_failed": self.receiver.writes_failed},
+                 "writes_pending": self.receiver.pending, "writes_failed": self.receiver.writes_failed,
+                 "attention": self.runner.attn.name,
+                 "graph_replays": self.runner.graphs.replays if self.runner.graphs is not None else 0},
             )
 
     def check_idle(self) -> bool:

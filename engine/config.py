@@ -29,9 +29,11 @@ class ModelConfig(Frozen):
         2048, gt=0, description="Longest prompt + generation a request may have (tokens)."
     )
     seed: int = Field(0, description="Seed for the tiny test model's random weights.")
-    kernels: Literal["auto", "torch"] = Field(
+    kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto: on CPU, oneDNN pre-packed linear layers and the fused paged decode-"
-        "attention kernel (each falls back if unavailable); torch: F.linear + gather/SDPA everywhere."
+        "attention kernel (each falls back if unavailable); on CUDA, the Triton paged-attention kernels. "
+        "torch: F.linear + gather/SDPA everywhere (the reference). triton: the Triton kernels (on CPU only "
+        "under TRITON_INTERPRET=1, for tests)."
     )
 
 

@@ -1,0 +1,200 @@
+"""Attention backends of the model runner: where new K/V go and how new tokens attend over the cache.
+
+The runner computes everything else (embeddings, projections, rotary, MLP) the same way on every
+device; a backend does two things:
+  1. `prepare(seqs)` → a `BatchMeta`: the forward's token ids, positions, cache slots and block
+     tables, moved to the device once (one host→device copy);
+  2. `attend(layer, q, k, v, meta, scale)`: store k, v at their slots, then attention of q over each
+     sequence's cache → o.
+Backends:
+  - `TorchAttention` (CPU, and CUDA without Triton): index_copy into the slots; decode rows through the
+    fused C++ kernel (CPU fp32) or a gather + SDPA; prompts and chunks through one SDPA per sequence.
+  - `TritonAttention` (CUDA): engine/triton_attention.py — one kernel per step and layer for the decode
+    rows, one for all prompt tokens, one to store; no host work or sync inside. Its decode-only
+    `BatchMeta` can live in persistent buffers, which is what the CUDA graphs replay (engine/cuda_graphs.py).
+Shapes: q [1, heads, T, head_dim], k and v [1, kv_heads, T, head_dim] → o [1, T, heads * head_dim].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engine.model_runner import SeqInput
+
+
+@dataclass
+class BatchMeta:
+    """One forward's inputs, on the runner's device. The first `num_decode` sequences have one new token."""
+
+    ids: torch.Tensor  # [T] token ids
+    pos: torch.Tensor  # [T] positions
+    slots: torch.Tensor  # [T] cache slot of each new token (< 0: a padded row, nothing stored)
+    last: torch.Tensor | None  # [B] index of each sequence's last new token in T; None: every token
+    num_decode: int
+    dec_tables: torch.Tensor | None = None  # [num_decode, W] block tables of the decode rows
+    dec_lens: torch.Tensor | None = None  # [num_decode] context lengths (0: a padded row)
+    prefill: list[SeqInput] = field(default_factory=list)  # the other sequences, in order
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific tensors
+
+
+def _upload(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Int64 host tensors → the same on `device`, through one copy."""
+    if device.type == "cpu":
+        return parts
+    flat = torch.cat([p.reshape(-1) for p in parts]).to(device, non_blocking=True)
+    out, off = [], 0
+    for p in parts:
+        out.append(flat[off : off + p.numel()].view(p.shape))
+        off += p.numel()
+    return out
+
+
+def _host_meta(seqs: list[SeqInput], block_size: int) -> tuple[int, list[torch.Tensor]]:
+    """(num_decode, [ids, pos, slots, last, dec_tables, dec_lens]) built on the host."""
+    nd = 0
+    while nd < len(seqs) and seqs[nd].num_new == 1:
+        nd += 1
+    ids = [t for s in seqs for t in s.token_ids]
+    pos = [p for s in seqs for p in range(s.start_pos, s.context_len)]
+    slots = [s.block_table[p // block_size] * block_size + p % block_size
+             for s in seqs for p in range(s.start_pos, s.context_len)]
+    last = [n - 1 for n in accumulate(s.num_new for s in seqs)]
+    width = max((-(-s.context_len // block_size) for s in seqs[:nd]), default=1)
+    tables = [s.block_table[: -(-s.context_len // block_size)] for s in seqs[:nd]]
+    dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(nd, width)
+    dec_lens = torch.tensor([s.context_len for s in seqs[:nd]], dtype=torch.long)
+    as_t = [torch.tensor(x, dtype=torch.long) for x in (ids, pos, slots, last)]
+    return nd, as_t + [dec_tables, dec_lens]
+
+
+class TorchAttention:
+    def __init__(self, kv: torch.Tensor, num_heads: int, paged: Any = None) -> None:
+        self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
+        L, _, nb, bs, kvh, d = kv.shape
+        self.kv_slots = kv.view(L, 2, nb * bs, kvh, d)  # [L, 2, num_slots, kv_heads, head_dim]
+        self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = bs, num_heads, kvh, d
+        self.paged = paged  # the fused C++ decode kernel, or None: gather + SDPA
+        self.name = "cpp" if paged is not None else "sdpa"
+
+    def prepare(self, seqs: list[SeqInput]) -> BatchMeta:
+        nd, parts = _host_meta(seqs, self.block_size)
+        dev = self.kv.device
+        ids, pos, slots, last, tables, lens = _upload(parts, dev)
+        meta = BatchMeta(ids, pos, slots, last, nd, tables, lens, list(seqs[nd:]))
+        if nd:  # padded keys of the gather path: [nd, 1, 1, W * block_size]
+            span = torch.arange(tables.shape[1] * self.block_size, device=dev)
+            meta.extra["mask"] = (span[None, :] < lens[:, None])[:, None, None, :]
+        return meta
+
+    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta,
+               scale: float) -> torch.Tensor:
+        self.kv_slots[li, 0].index_copy_(0, meta.slots, k[0].transpose(0, 1))  # [T, KVH, D] into slots
+        self.kv_slots[li, 1].index_copy_(0, meta.slots, v[0].transpose(0, 1))
+        nd = meta.num_decode
+        if not meta.prefill:
+            return self._decode(li, q, meta, scale)
+        if nd == 0:
+            return self._varlen(li, meta.prefill, q, k, v, scale)
+        return torch.cat([  # decode rows [0, nd) + prompt tokens [nd, T)
+            self._decode(li, q[:, :, :nd], meta, scale),
+            self._varlen(li, meta.prefill, q[:, :, nd:], k[:, :, nd:], v[:, :, nd:], scale),
+        ], dim=1)
+
+    def _slots(self, s: SeqInput, end: int) -> torch.Tensor:
+        pos = torch.arange(0, end)
+        table = torch.tensor(s.block_table, dtype=torch.long)
+        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.kv.device)
+
+    def _varlen(self, li: int, seqs: list[SeqInput], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """Packed prompts/chunks: one causal attention per sequence. q [1,H,T,D] → out [1,T,H*D]."""
+        outs = []
+        off = 0
+        for s in seqs:
+            n = s.num_new
+            qs = q[:, :, off : off + n]  # [1, H, n, D]
+            if s.start_pos == 0:  # whole prompt in this forward: keys are the fresh ones
+                ks, vs = k[:, :, off : off + n], v[:, :, off : off + n]
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=n > 1, scale=scale, enable_gqa=True)
+            else:  # a later chunk: read the earlier positions from the cache
+                idx = self._slots(s, s.context_len)
+                ks = self.kv_slots[li, 0].index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+                vs = self.kv_slots[li, 1].index_select(0, idx).transpose(0, 1).unsqueeze(0)
+                qpos = torch.arange(s.start_pos, s.context_len, device=q.device)
+                mask = torch.arange(s.context_len, device=q.device)[None, :] <= qpos[:, None]  # [n, ctx]
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+            outs.append(o)
+            off += n
+        o = torch.cat(outs, dim=2)  # [1, H, T, D]
+        return o.transpose(1, 2).reshape(1, q.shape[2], self.num_heads * self.head_dim)
+
+    def _decode(self, li: int, q: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
+        """One new token per sequence: attention over each one's blocks. q [1,H,B,D] → [1,B,H*D]."""
+        table, lens, mask = meta.dec_tables, meta.dec_lens, meta.extra["mask"]
+        assert table is not None and lens is not None
+        B, T = mask.shape[0], mask.shape[-1]
+        if self.paged is not None:  # fused kernel: reads K/V in place through the block table
+            qb = q[0].transpose(0, 1).contiguous()  # [B, H, D]
+            o = self.paged.paged_decode_attention(qb, self.kv[li, 0], self.kv[li, 1], table, lens, scale)
+            return o.reshape(1, B, self.num_heads * self.head_dim)
+        flat = table.reshape(-1)
+        # [B * max_blocks, bs, KVH, D] → [B, T, KVH, D] → [B, KVH, T, D]
+        ks = self.kv[li, 0].index_select(0, flat).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vs = self.kv[li, 1].index_select(0, flat).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qb = q[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        if B == 1:  # cut the padding: the same call as a batch-1 Hugging Face decode step
+            n = int(lens[0])
+            o = F.scaled_dot_product_attention(qb, ks[:, :, :n], vs[:, :, :n], scale=scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qb, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.reshape(1, B, self.num_heads * self.head_dim)  # from [B, H, 1, D]
+
+
+class TritonAttention:
+    name = "triton"
+
+    def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int = 32) -> None:
+        from engine import triton_attention  # imported only when selected: triton is a GPU-side dependency
+
+        self.ops = triton_attention
+        self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.block_size, self.num_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[5]
+        self.block_m = block_m
+
+    def prepare(self, seqs: list[SeqInput]) -> BatchMeta:
+        nd, parts = _host_meta(seqs, self.block_size)
+        pre = list(seqs[nd:])
+        if pre:  # packed prompt tokens: offsets, first positions, block tables, query tiles
+            bs = self.block_size
+            width = max(-(-s.context_len // bs) for s in pre)
+            tables = [s.block_table[: -(-s.context_len // bs)] for s in pre]
+            tile_seq, tile_m0 = self.ops.prefill_tiles([s.num_new for s in pre], self.block_m)
+            parts += [torch.tensor(x, dtype=torch.long) for x in (
+                [0] + list(accumulate(s.num_new for s in pre)), [s.start_pos for s in pre],
+                [t + [0] * (width - len(t)) for t in tables], tile_seq, tile_m0)]
+        up = _upload(parts, self.kv.device)
+        meta = BatchMeta(*up[:4], nd, up[4], up[5], pre)
+        if pre:
+            meta.extra.update(zip(("cu_q", "start", "tables", "tile_seq", "tile_m0"), up[6:]))
+        return meta
+
+    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta,
+               scale: float) -> torch.Tensor:
+        kc, vc = self.kv[li, 0], self.kv[li, 1]  # [num_blocks, block_size, kv_heads, head_dim] each
+        self.ops.store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), kc, vc, meta.slots)
+        qt = q[0].transpose(0, 1)  # [T, H, D]
+        nd, T = meta.num_decode, qt.shape[0]
+        outs = []
+        if nd:
+            outs.append(self.ops.paged_decode(qt[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale))
+        if meta.prefill:
+            x = meta.extra
+            outs.append(self.ops.paged_prefill(qt[nd:], kc, vc, x["tables"], x["cu_q"], x["start"],
+                                               x["tile_seq"], x["tile_m0"], scale, block_m=self.block_m))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, D]
+        return o.reshape(1, T, self.num_heads * self.head_dim)

@@ -1,0 +1,123 @@
+"""The decode step as CUDA graphs, one per batch bucket (nano-vllm's scheme).
+
+A decode step of B rows runs the same ~20 kernels per layer every time; launched one by one from
+Python they cost far more host time than the GPU needs for them. So:
+  1. At start-up: persistent device buffers for the inputs of the largest bucket (token ids,
+     positions, cache slots, context lengths, block tables). For each bucket, largest first: one
+     warm-up forward (Triton compiles its kernels), then one capture of the forward over the
+     bucket's slice of the buffers, all graphs sharing one memory pool.
+  2. Each decode step of B rows: the live rows and the padding rows up to the bucket (token 0,
+     slot -1 → nothing stored, context 0 → attention of nothing) are written into pinned host
+     staging and copied into the buffers in two copies; the bucket's graph is replayed; the
+     first B rows of its logits are the answer. No host sync inside the step.
+  3. More rows than the largest bucket, a row with more than one new token, or a context longer
+     than the buffers hold: the eager forward.
+Needs the Triton attention backend (its kernels take slot -1 and context 0 as padding and do no
+host work). With `capture=False` the same padded forward runs eagerly: that is how the CPU tests
+check the buffers and the padding under Triton's interpreter.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.attention import BatchMeta
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner, SeqInput
+
+
+def buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_batch (and max_batch itself)."""
+    out = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return out + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int, max_model_len: int, capture: bool) -> None:
+        if runner.attn.name != "triton":
+            raise ValueError(f"decode graphs need the triton attention backend, not {runner.attn.name}")
+        self.runner = runner
+        self.buckets = buckets(max_batch)
+        self.max_batch = max_batch
+        bs = runner.block_size
+        self.width = -(-max_model_len // bs)  # block-table columns: the longest context, in blocks
+        self.max_context = self.width * bs
+        dev = runner.device
+        pin = dev.type == "cuda"
+        # rows: token id, position, slot, context length; each row [max_batch], contiguous
+        self._cols = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
+        self._tables = torch.zeros(max_batch, self.width, dtype=torch.long, device=dev)  # [max_batch, W]
+        self._h_cols = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
+        self._h_tables = torch.zeros(max_batch, self.width, dtype=torch.long, pin_memory=pin)
+        self._copied = torch.cuda.Event() if pin else None  # the staging may be reused once this fires
+        self._meta = {b: self._bucket_meta(b) for b in self.buckets}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # [b, V] each: the graph's output buffer
+        self.replays = 0
+        if capture:
+            self._capture()
+
+    def _bucket_meta(self, b: int) -> BatchMeta:
+        return BatchMeta(self._cols[0, :b], self._cols[1, :b], self._cols[2, :b], None, b,
+                         self._tables[:b], self._cols[3, :b])
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        self._fill([], self.max_batch)  # every row padding: the warm-up forwards store nothing
+        for b in reversed(self.buckets):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream (Triton compiles here)
+                self.runner.run(self._meta[b])
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[b] = self.runner.run(self._meta[b])
+            pool = graph.pool() if pool is None else pool
+            self._graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def fits(self, seqs: list[SeqInput]) -> bool:
+        return (0 < len(seqs) <= self.max_batch and all(s.num_new == 1 for s in seqs)
+                and max(s.context_len for s in seqs) <= self.max_context)
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _fill(self, seqs: list[SeqInput], b: int) -> None:
+        """Rows [0, len(seqs)) live, [len(seqs), b) padding; host staging → device buffers."""
+        bs = self.runner.block_size
+        cols, tables = self._h_cols, self._h_tables
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the staging
+        n = len(seqs)
+        cols[:, :b] = 0
+        cols[2, n:b] = -1  # padding rows store nothing
+        tables[:b] = 0
+        for i, s in enumerate(seqs):
+            p = s.start_pos
+            nblk = -(-s.context_len // bs)
+            cols[0, i], cols[1, i] = s.token_ids[0], p
+            cols[2, i], cols[3, i] = s.block_table[p // bs] * bs + p % bs, s.context_len
+            tables[i, :nblk] = torch.tensor(s.block_table[:nblk], dtype=torch.long)
+        self._cols[:, :b].copy_(cols[:, :b], non_blocking=True)
+        self._tables[:b].copy_(tables[:b], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    @torch.inference_mode()
+    def run(self, seqs: list[SeqInput]) -> torch.Tensor:
+        """One decode step through the bucket's graph (or its padded eager forward) → logits [B, V].
+
+        The logits are a view of the graph's output: read them before the next step."""
+        b = self.bucket(len(seqs))
+        self._fill(seqs, b)
+        self.replays += 1
+        graph = self._graphs.get(b)
+        if graph is None:  # capture=False: the same padded forward, eagerly
+            return self.runner.run(self._meta[b])[: len(seqs)]
+        graph.replay()
+        return self._logits[b][: len(seqs)]

@@ -1,0 +1,70 @@
+"""The CUDA-graph decode path's buffers and padding (engine/cuda_graphs.py), run on CPU with the
+same Triton kernels under the interpreter and no capture: every step goes through the persistent
+buffers padded to its bucket; the tokens must equal HF generate and padding must store nothing."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.cuda_graphs import buckets  # noqa: E402
+from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
+from engine.tiny import tiny_model  # noqa: E402
+
+MODEL = tiny_model()
+
+
+def _hf(prompt: list[int], n: int) -> list[int]:
+    out = MODEL.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_buckets_are_nano_vllms() -> None:
+    assert buckets(1) == [1]
+    assert buckets(6) == [1, 2, 4, 6]
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback() -> None:
+    """6 sequences finishing at different steps: batches of 6 (> largest bucket 4: eager), 5, 3 (bucket 4,
+    one padding row), 2, 1 — each sequence == HF generate."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 259) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    lengths = [3, 5, 7, 8, 10, 12]  # tokens to generate per sequence
+    runner = ModelRunner(MODEL, num_blocks=64, block_size=8, kernels="triton")
+    runner.use_decode_graphs(max_batch=4, max_model_len=64, capture=False)
+    graphs = runner.graphs
+    assert graphs is not None
+    tables = [list(range(i * 8, i * 8 + 8))[::-1] for i in range(6)]  # reversed: not position order
+    out = [[int(r.argmax())] for r in runner.forward([SeqInput(p, 0, t) for p, t in zip(prompts, tables)])]
+    assert graphs.replays == 0  # prompts never take the graph path
+    seen_batches = []
+    while True:
+        live = [i for i in range(6) if len(out[i]) < lengths[i]]
+        if not live:
+            break
+        seen_batches.append(len(live))
+        rows = [SeqInput([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
+        logits = runner.forward(rows)
+        assert logits.shape == (len(live), MODEL.config.vocab_size)
+        for i, row in zip(live, logits):
+            out[i].append(int(row.argmax()))
+    assert [o for o in out] == [_hf(p, n) for p, n in zip(prompts, lengths)]
+    assert 6 in seen_batches and 3 in seen_batches  # the eager fallback and a padded bucket both ran
+    assert graphs.replays == sum(1 for b in seen_batches if b <= 4)
+
+
+def test_padding_rows_store_nothing_and_leave_other_blocks_alone() -> None:
+    runner = ModelRunner(MODEL, num_blocks=16, block_size=4, kernels="triton")
+    runner.use_decode_graphs(max_batch=8, max_model_len=32, capture=False)
+    runner.kv.normal_()  # any content: the step must change exactly the 3 rows' new slots
+    before = runner.kv.clone()
+    rows = [SeqInput([5], 6, [3, 9]), SeqInput([7], 0, [12]), SeqInput([9], 13, [0, 1, 2, 15])]
+    runner.forward(rows)  # bucket 4: one padding row
+    written = {9 * 4 + 2, 12 * 4 + 0, 15 * 4 + 1}
+    changed = (runner.kv != before).flatten(4).any(-1).any(0).any(0).flatten()  # [num_blocks * block_size]
+    assert set(changed.nonzero().flatten().tolist()) == written
