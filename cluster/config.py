@@ -64,7 +64,10 @@ class PDServeConfig(Frozen):
                 f"({m.max_model_len})"
             )
         kv_tokens = self.kv_cache.num_blocks * self.kv_cache.block_size
-        if kv_tokens < m.max_model_len:
+        if self.kv_cache.gpu_memory_utilization is not None:  # sized at start-up (engine/kv_budget.py)
+            if m.device != "cuda":
+                raise ValueError("kv_cache.gpu_memory_utilization: needs model.device: cuda (set kv_cache.num_blocks)")
+        elif kv_tokens < m.max_model_len:
             raise ValueError(
                 f"kv_cache.num_blocks: {self.kv_cache.num_blocks} blocks x {self.kv_cache.block_size} tokens = "
                 f"{kv_tokens} tokens cannot hold one request of model.max_model_len={m.max_model_len}"

@@ -27,6 +27,7 @@ import torch
 from decode_worker.config import DecodeConfig
 from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
+from engine import kv_budget
 from engine.block_allocator import BlockAllocator
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
 from engine.kv_handoff import (
@@ -59,15 +60,17 @@ class DecodeWorker:
         self.boot_id = uuid.uuid4().hex[:12]
         self.model_cfg, self.transport_cfg = model_cfg, transport_cfg
         model = load_model(model_cfg)
+        step_tokens = max(cfg.max_batch_size, getattr(cfg, "max_batch_tokens", 0))  # the largest forward here
+        blocks = kv_budget.num_blocks(kv_cfg, model, cfg.num_gpus, step_tokens, model_cfg.max_model_len)
         self.cache_handle: shared_cache.SharedCache | None = None
         kv = None
         if transport_cfg is not None and transport_cfg.backend in ("auto", "ipc"):  # prefill workers may write it
-            shape = ModelRunner.cache_shape(model.config, kv_cfg.num_blocks, kv_cfg.block_size)
+            shape = ModelRunner.cache_shape(model.config, blocks, kv_cfg.block_size)
             kv, self.cache_handle = shared_cache.allocate(shape, model.dtype, model_cfg.device, worker_id)
-        self.runner = ModelRunner(model, kv_cfg.num_blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
+        self.runner = ModelRunner(model, blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
         if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
             self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
-        self.allocator = BlockAllocator(kv_cfg.num_blocks, kv_cfg.block_size)
+        self.allocator = BlockAllocator(blocks, kv_cfg.block_size)
         self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id)
         self.receiver = HandoffReceiver(
             worker_id, self.runner.kv, kv_cfg.block_size, (transport_cfg or TransportConfig()).timeout_s

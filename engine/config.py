@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Frozen(BaseModel):
@@ -42,6 +42,17 @@ class KVCacheConfig(Frozen):
     num_blocks: int = Field(
         512, gt=0, description="KV blocks per decode worker (the paged cache size)."
     )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Instead of num_blocks (cuda only): the fraction of a GPU's memory a "
+        "decode worker may use in all (weights, activations, KV), times its num_gpus when that is under 1 "
+        "(two workers at 0.5 share one GPU); its KV cache gets the rest, sized at start-up."
+    )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "KVCacheConfig":
+        if self.gpu_memory_utilization is not None and "num_blocks" in self.model_fields_set:
+            raise ValueError("kv_cache: set num_blocks or gpu_memory_utilization, not both")
+        return self
 
 
 class TransportConfig(Frozen):

@@ -1,0 +1,62 @@
+"""How many KV blocks a worker gets: a fixed `kv_cache.num_blocks`, or what fits in its share of the GPU.
+
+With `kv_cache.gpu_memory_utilization: u`, a worker holding `g` of a GPU (its `num_gpus`, at most 1)
+may use `u * g` of that GPU's memory for everything of its own:
+  1. load the weights; run one forward of the largest step it will run (decode rows or prompt tokens)
+     to find its peak activations → `used` = torch's peak reserved bytes in this process;
+  2. KV gets `u * g * total - used`, never more than is free on the GPU right now;
+  3. blocks = that // bytes per block (all layers, K and V); too few for one request is an error
+     naming the field.
+Two workers on one GPU with num_gpus 0.5 each thus take half each. What the budget leaves out: the
+CUDA context and the CUDA-graph pool of each process (tens to hundreds of MB): keep u below ~0.9.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.config import KVCacheConfig
+
+GiB = 2**30
+
+
+def block_bytes(model_cfg: Any, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block: K and V of block_size tokens in every layer."""
+    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return model_cfg.num_hidden_layers * 2 * block_size * model_cfg.num_key_value_heads * head_dim * elem
+
+
+def blocks_for_memory(total: int, share: float, used: int, free: int, per_block: int, min_blocks: int) -> int:
+    """Blocks that fit in `share * total` bytes after `used`, and in `free`; at least `min_blocks`."""
+    budget = min(int(total * share) - used, free)
+    n = max(budget, 0) // per_block
+    if n < min_blocks:
+        raise ValueError(
+            f"kv_cache.gpu_memory_utilization: {share:.3f} of {total / GiB:.1f} GiB ({free / GiB:.1f} GiB free) "
+            f"leaves {max(budget, 0) / GiB:.2f} GiB for KV after {used / GiB:.2f} GiB of weights and activations: "
+            f"{n} blocks of {per_block / 2**20:.2f} MiB, fewer than the {min_blocks} one request of "
+            "model.max_model_len needs; raise it, or lower max_model_len / max_batch_size"
+        )
+    return n
+
+
+@torch.inference_mode()
+def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_tokens: int, max_model_len: int) -> int:
+    """kv_cfg.num_blocks, or (with gpu_memory_utilization) what fits in this worker's share of its GPU."""
+    if kv_cfg.gpu_memory_utilization is None:
+        return kv_cfg.num_blocks
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError("kv_cache.gpu_memory_utilization: needs model.device: cuda (set kv_cache.num_blocks)")
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros(1, profile_tokens, dtype=torch.long, device=device)
+    model(input_ids=ids, logits_to_keep=1)  # the peak of a step this size (HF's activations >= the runner's)
+    torch.cuda.synchronize(device)
+    used = torch.cuda.max_memory_reserved(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    per_block = block_bytes(model.config, kv_cfg.block_size, next(model.parameters()).dtype)
+    share = kv_cfg.gpu_memory_utilization * min(gpu_share, 1.0)
+    return blocks_for_memory(total, share, used, free, per_block, -(-max_model_len // kv_cfg.block_size))
