@@ -1,22 +1,26 @@
-"""Token sampling: penalties, greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Token sampling for a whole batch at once, on the logits' device: one host sync per step.
 
-Order per row: penalties on the raw logits → (greedy: argmax) → temperature → top-k → top-p →
-min-p → draw. Logprobs are the log-softmax of the raw logits, before any of that.
+Order (every row, as tensors [B, V]): penalties on the raw logits → greedy rows: argmax → the rest:
+temperature → top-k → top-p → min-p → draw. Logprobs are the log-softmax of the raw logits.
+The draw is an exponential race: token = argmax(p / E) with E ~ Exp(1) per token, which picks token
+i with probability p_i. E comes from a counter-based hash of (row key, token id), so a seeded
+request's row key (seed, position) gives the same token whatever else is in the batch and whichever
+worker samples it; unseeded rows get a fresh random key each step.
 No row can fail the batch: NaN logits never win, a temperature under GREEDY_BELOW is greedy, the
-draw runs in float64, and a row whose distribution still comes out non-finite takes its best token.
-A seeded request draws position `p`'s token from a generator seeded by (seed, p), so its output
-does not depend on which worker sampled it or what else was in the batch.
+logits are shifted by their max before the temperature divides them (no overflow for any
+temperature), and a row whose distribution still comes out non-finite takes its best raw token.
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from engine.types import SamplingParams, TokenLogprob
+from engine.types import GREEDY_BELOW, SamplingParams, TokenLogprob
 
-_MIX = 1_000_003
+_M32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,90 @@ class History:
     output: Sequence[int]
 
 
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2^32 for h < 2^32 without int64 overflow (16-bit halves of c)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """keys [B] (int64 < 2^32) → Exp(1) noise [B, V], a pure function of (key, token id)."""
+    tok = _fmix32(torch.arange(vocab, device=keys.device, dtype=torch.long) + 0x9E3779B9 & _M32)  # [V]
+    bits = _fmix32(_fmix32(keys)[:, None] ^ tok[None, :])  # [B, V]
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
+    return -torch.log(u)
+
+
+def _row_keys(params: list[SamplingParams], positions: list[int]) -> list[int]:
+    keys = []
+    for p, pos in zip(params, positions):
+        if p.seed is None:
+            keys.append(random.getrandbits(32))
+        else:  # (seed, position) → 32 bits; the hash mixes it further
+            keys.append((p.seed * 1_000_003 + pos * 0x9E3779B1) & _M32)
+    return keys
+
+
+def _penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[History | None]) -> torch.Tensor:
+    """Repetition (HF: over prompt + output), presence and frequency (OpenAI: over output) penalties."""
+    rows = [i for i, p in enumerate(params) if p.penalized and histories[i] is not None]
+    if not rows:
+        return logits
+    dev, V = logits.device, logits.shape[1]
+    hs = [histories[i] for i in rows]
+    width = max(1, max(len(h.prompt) + len(h.output) for h in hs if h is not None))
+    # every seen token id per row, padded with V (a dropped column): [R, width]
+    seen_ids = torch.full((len(rows), width), V, dtype=torch.long)
+    out_ids = torch.full((len(rows), width), V, dtype=torch.long)
+    for r, h in enumerate(hs):
+        assert h is not None
+        both = list(h.prompt) + list(h.output)
+        seen_ids[r, : len(both)] = torch.tensor(both, dtype=torch.long)
+        out_ids[r, : len(h.output)] = torch.tensor(list(h.output), dtype=torch.long)
+    seen_ids, out_ids = seen_ids.clamp(max=V).to(dev), out_ids.clamp(max=V).to(dev)
+    seen = torch.zeros(len(rows), V + 1, dtype=torch.bool, device=dev).scatter_(1, seen_ids, True)[:, :V]
+    counts = torch.zeros(len(rows), V + 1, device=dev).scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float))[:, :V]
+    rp, pres, freq = (torch.tensor([[getattr(params[i], f)] for i in rows], device=dev)
+                      for f in ("repetition_penalty", "presence_penalty", "frequency_penalty"))
+    idx = torch.tensor(rows, device=dev)
+    x = logits.index_select(0, idx)  # [R, V]
+    x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+    x = x - freq * counts - pres * (counts > 0).float()
+    return logits.index_copy(0, idx, x)
+
+
+def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on logits [B, V] → probabilities [B, V] (rows may be non-finite)."""
+    dev, V = x.device, x.shape[1]
+    temp = torch.tensor([[max(p.temperature, GREEDY_BELOW)] for p in params], device=dev)
+    x = (x - x.max(dim=-1, keepdim=True).values) / temp  # <= 0 everywhere: no overflow
+    top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    if any(top_k) or any(tp < 1.0 for tp in top_p):
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [B, V]
+        k = torch.tensor(top_k, device=dev)
+        kth = sorted_x.gather(1, (k - 1).clamp(min=0)[:, None])  # [B, 1]
+        keep_k = (k[:, None] == 0) | (sorted_x >= kth)
+        sorted_x = sorted_x.masked_fill(~keep_k, float("-inf"))
+        probs = torch.softmax(sorted_x, dim=-1)
+        tp = torch.tensor(top_p, device=dev)[:, None]
+        # keep the smallest prefix whose mass reaches top_p (always the best token); top_p 1: keep all
+        drop = (probs.cumsum(-1) - probs >= tp) & (tp < 1.0)
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+    probs = torch.softmax(x, dim=-1)
+    min_p = torch.tensor([[p.min_p] for p in params], device=dev)
+    return probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -34,69 +122,35 @@ def sample(
     histories: list[History | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] (float32); positions[i] = the position the sampled token will occupy."""
-    logits = logits.nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it)
-    want_lp = [p.logprobs is not None for p in params]
-    logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None  # [B, V], raw distribution
-    if any(p.penalized for p in params):
-        logits = logits.clone()
-        for i, p in enumerate(params):
-            h = histories[i] if histories else None
-            if p.penalized and h is not None:
-                _penalize(logits[i], p, h)
-    out = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not p.greedy:
-            out[i] = _sample_row(logits[i], p, positions[i])
-    lps: list[TokenLogprob | None] = [None] * len(params)
-    if logprobs is not None:
-        for i, p in enumerate(params):
-            if p.logprobs is not None:
-                row = logprobs[i]
-                top = torch.topk(row, p.logprobs) if p.logprobs > 0 else None
-                alts = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-                lps[i] = TokenLogprob(out[i], float(row[out[i]]), alts)
-    return out, lps
-
-
-def _penalize(row: torch.Tensor, p: SamplingParams, h: History) -> None:
-    """In place on one row [V]."""
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(h.prompt) | set(h.output)), dtype=torch.long, device=row.device)
-        if seen.numel():
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if h.output and (p.presence_penalty or p.frequency_penalty):
-        ids, counts = torch.unique(torch.tensor(list(h.output), dtype=torch.long), return_counts=True)
-        ids = ids.to(row.device)
-        row[ids] -= p.frequency_penalty * counts.to(row.device, row.dtype) + p.presence_penalty
-
-
-def _sample_row(logits: torch.Tensor, p: SamplingParams, position: int) -> int:
-    try:
-        return _draw(logits, p, position)
-    except RuntimeError:  # e.g. multinomial on an all-zero row: this row only, never the batch
-        return int(logits.argmax())
-
-
-def _draw(logits: torch.Tensor, p: SamplingParams, position: int) -> int:
-    x = logits.double() / p.temperature  # [V]; float64: no overflow for any temperature >= GREEDY_BELOW
-    if 0 < p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-        drop = probs.cumsum(-1) - probs >= p.top_p
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
-    probs = torch.softmax(x, dim=-1)
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-        return int(logits.argmax())
-    gen = None
-    if p.seed is not None:
-        gen = torch.Generator(device=probs.device)
-        gen.manual_seed((p.seed * _MIX + position) % (2**63))
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    logits = logits.float().nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it)
+    B, V = logits.shape
+    raw = logits
+    if any(p.penalized for p in params) and histories is not None:
+        logits = _penalize(logits, params, histories)
+    tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        idx = torch.tensor(drawn, device=logits.device)
+        sub = [params[i] for i in drawn]
+        probs = _filter(logits.index_select(0, idx), sub)  # [R, V]
+        keys = torch.tensor(_row_keys(sub, [positions[i] for i in drawn]), device=logits.device)
+        choice = (probs / _exponentials(keys, V)).argmax(dim=-1)  # [R]: the exponential race
+        ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        tokens = tokens.index_copy(0, idx, torch.where(ok, choice, tokens.index_select(0, idx)))
+    want = [p.logprobs for p in params]
+    if all(n is None for n in want):
+        return tokens.tolist(), [None] * B
+    lp = torch.log_softmax(raw, dim=-1)  # [B, V], the raw distribution
+    n_top = max(n or 0 for n in want)
+    top = torch.topk(lp, n_top) if n_top else None
+    chosen = lp.gather(1, tokens[:, None])[:, 0]
+    toks, chosen_l = tokens.tolist(), chosen.tolist()
+    top_i, top_v = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    lps: list[TokenLogprob | None] = []
+    for i, n in enumerate(want):
+        if n is None:
+            lps.append(None)
+        else:
+            alts = tuple(zip(top_i[i][:n], top_v[i][:n])) if n else ()
+            lps.append(TokenLogprob(toks[i], chosen_l[i], alts))
+    return toks, lps

@@ -91,3 +91,27 @@ def test_non_finite_logits_fall_back_to_the_best_finite_token() -> None:
     x[0, 7] = float("nan")
     x[0, 3] = 50.0
     assert sample(x, [SamplingParams(temperature=1.0, seed=0)], [0])[0] == [3]
+
+
+def test_the_draw_follows_the_filtered_distribution() -> None:
+    """20,000 seeded rows of one distribution, in one vectorized call: frequencies match softmax(x / T),
+    restricted by top-k / top-p / min-p exactly as documented."""
+    x = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 20_000
+    rows = x.expand(n, -1)
+
+    def freqs(p: SamplingParams) -> torch.Tensor:
+        ps = [SamplingParams(**{**p.__dict__, "seed": s}) for s in range(n)]
+        toks = sample(rows, ps, [7] * n)[0]
+        return torch.bincount(torch.tensor(toks), minlength=6).float() / n
+
+    for temp in (0.7, 1.0, 2.0):
+        want = torch.softmax(x / temp, -1)
+        assert (freqs(SamplingParams(temperature=temp)) - want).abs().max() < 0.015, temp
+    want = torch.softmax(x[:3], -1)
+    got = freqs(SamplingParams(temperature=1.0, top_k=3))
+    assert got[3:].sum() == 0 and (got[:3] - want).abs().max() < 0.015
+    p = torch.softmax(x, -1)  # top_p 0.8: the smallest prefix reaching 0.8 is tokens {0, 1, 2}
+    assert p[:2].sum() < 0.8 <= p[:3].sum()
+    got = freqs(SamplingParams(temperature=1.0, top_p=0.8))
+    assert got[3:].sum() == 0 and (got[:3] - p[:3] / p[:3].sum()).abs().max() < 0.015
