@@ -1,0 +1,44 @@
+#!/bin/sh
+# Every GPU check and figure of issues 9 and 10 on one CUDA machine, logs and JSON under $OUT.
+# Run from the project root after `sh bench/gpu_pack.sh` here, carrying .gpu:
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh tests      # tests/gpu (~3 min)
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh step       # 1.1B: floor / graphs / eager / HF at 1, 16, 64
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh step8b     # 8B: the same at 1, 64
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc
+set -u
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+model() {  # $1 shape → path
+  [ -f "/tmp/llama-$1/config.json" ] || python3 bench/make_model.py --shape "$1" --out "/tmp/llama-$1" \
+    --device cuda --dtype bfloat16 > "$OUT/make-$1.log" 2>&1
+  echo "/tmp/llama-$1"
+}
+yaml() {  # $1 model path, $2 mode (aggregated | disaggregated) → a config file
+  f="$OUT/serve-$2.yaml"
+  cat > "$f" <<YAML
+mode: $2
+model: {path: $1, dtype: bfloat16, device: cuda, max_model_len: 2048}
+prefill: {replicas: 1, num_gpus: 0.5, max_batch_tokens: 2048, chunk_tokens: 1024}
+decode: {replicas: 1, num_gpus: 0.5, max_batch_size: 64}
+aggregated: {replicas: 1, num_gpus: 1, max_batch_size: 64, max_batch_tokens: 2048, chunk_tokens: 1024}
+server: {http_port: null}
+YAML
+  echo "$f"
+}
+case "${1:-tests}" in
+  tests)   python3 -m pytest tests/gpu -q -rs 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
+  step)    python3 bench/gpu_step.py --model-path "$(model 1.1b)" --batches 1,16,64 --profile \
+             --output "$OUT/step-1.1b.json" 2>&1 | tee "$OUT/step-1.1b.log" | tail -8 ;;
+  step8b)  python3 bench/gpu_step.py --model-path "$(model 8b)" --batches 1,64 --no-hf \
+             --output "$OUT/step-8b.json" 2>&1 | tee "$OUT/step-8b.log" | tail -8 ;;
+  serve)   p=$(model 1.1b)
+           for m in aggregated disaggregated; do
+             python3 bench/engine.py --config "$(yaml "$p" $m)" --concurrency 1,16,64 --prompt-tokens 64 \
+               --max-tokens 128 --output "$OUT/serve-$m.json" 2>&1 | tee "$OUT/serve-$m.log" | grep -E "serving|bare"
+           done ;;
+  handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc \
+             --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8 ;;
+  *) echo "unknown check $1" >&2; exit 2 ;;
+esac

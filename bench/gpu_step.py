@@ -1,0 +1,153 @@
+"""The GPU decode step against its floor and against HF generate, same GPU, same run.
+
+    python bench/make_model.py --shape 1.1b --out /tmp/llama-1.1b --device cuda --dtype bfloat16
+    python bench/gpu_step.py --model-path /tmp/llama-1.1b --batches 1,16,64 --output $OUT/step-1.1b.json
+
+Per batch size B, contexts of --context tokens:
+  floor     the shape's linear layers + LM head on [B, hidden], replayed as one CUDA graph: the weights
+            read once per step (what no decode step can beat)
+  graphs    pdserve's decode step: ModelRunner (Triton attention) through its CUDA graph + the sampler
+  eager     the same step without graphs
+  hf        HF generate, per new token (time of 33 new tokens minus time of 1, over 32)
+Medians over --steps steps, timed with CUDA events after a warm-up. --profile writes a torch
+profile of one eager and one graph step per batch (top kernels by CUDA time) next to the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine.config import ModelConfig  # noqa: E402
+from engine.model_loader import load_model  # noqa: E402
+from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
+from engine.sampler import sample  # noqa: E402
+from engine.types import SamplingParams  # noqa: E402
+
+
+def _median_ms(fn, steps: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def floor_ms(runner: ModelRunner, batch: int, steps: int) -> float:
+    hidden = runner.model.config.hidden_size
+    inter = runner.layers[0].down_proj.weight.shape[1]
+    x = torch.randn(batch, hidden, dtype=runner.dtype, device=runner.device)
+
+    def linears() -> torch.Tensor:
+        h = x
+        for layer in runner.layers:
+            F.linear(h, layer.qkv.weight)
+            h = F.linear(h, layer.o_proj.weight[:, :hidden])
+            gu = F.linear(h, layer.gate_up.weight)
+            h = F.linear(gu[:, :inter], layer.down_proj.weight)
+        return F.linear(h, runner.lm_head.weight)
+
+    linears()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        linears()
+    graph.replay()
+    return _median_ms(graph.replay, steps)
+
+
+def step_ms(runner: ModelRunner, batch: int, context: int, steps: int, profile: Path | None) -> float:
+    bs = runner.block_size
+    per = -(-(context + steps + 8) // bs)
+    tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
+    params = [SamplingParams()] * batch
+    pos = [context]
+
+    def one() -> None:
+        seqs = [SeqInput([100 + i], pos[0], t) for i, t in enumerate(tables)]
+        sample(runner.forward(seqs), params, [pos[0] + 1] * batch)
+        pos[0] += 1
+
+    for _ in range(3):
+        one()
+    if profile is not None:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            one()
+            torch.cuda.synchronize()
+        profile.write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    pos[0] = context
+    return _median_ms(one, steps)
+
+
+def hf_ms(model: torch.nn.Module, batch: int, context: int) -> float:
+    ids = torch.randint(100, 1000, (batch, context), device="cuda")
+
+    def gen(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    gen(2)
+    return (gen(33) - gen(1)) / 32 * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--output", default="bench/results/gpu_step.json")
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    mcfg = ModelConfig(path=a.model_path, dtype=a.dtype, device="cuda", max_model_len=a.context + a.steps + 64)
+    model = load_model(mcfg)
+    bs = 16
+    blocks = max(batches) * -(-(a.context + a.steps + 8) // bs)
+    runner = ModelRunner(model, blocks, bs, "auto")
+    assert runner.attn.name == "triton", runner.attn.name
+    out_dir = Path(a.output).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for b in batches:
+        tag = Path(a.output).stem
+        row = {"batch": b, "floor_ms": floor_ms(runner, b, a.steps)}
+        runner.graphs = None
+        row["eager_ms"] = step_ms(runner, b, a.context, a.steps, out_dir / f"{tag}-eager-b{b}.txt" if a.profile else None)
+        t0 = time.perf_counter()
+        runner.use_decode_graphs(b, mcfg.max_model_len)
+        row["capture_s"] = time.perf_counter() - t0
+        row["graphs_ms"] = step_ms(runner, b, a.context, a.steps, out_dir / f"{tag}-graphs-b{b}.txt" if a.profile else None)
+        row["graphs_tok_s"] = b / row["graphs_ms"] * 1000
+        row["graphs_over_floor"] = row["graphs_ms"] / row["floor_ms"]
+        if not a.no_hf:
+            row["hf_ms"] = hf_ms(model, b, a.context)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        runner.graphs = None
+    out = {"model": a.model_path, "dtype": a.dtype, "context": a.context, "steps": a.steps,
+           "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    Path(a.output).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
