@@ -124,6 +124,8 @@ def main() -> None:
     runner = ModelRunner(
         model, num_blocks=max(levels) * (-(-(mid + a.bare_steps + 2) // 16)), block_size=16, kernels=cfg.model.kernels
     )
+    if runner.device.type == "cuda" and cfg.decode.cuda_graphs and runner.attn.name == "triton":
+        runner.use_decode_graphs(max(levels), cfg.model.max_model_len)  # as the decode worker does
     for r in rows:
         b = bare_rate(runner, r["concurrency"], mid, a.bare_steps)
         r["bare_forward_ms"] = b["forward_ms"]
