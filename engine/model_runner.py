@@ -102,8 +102,6 @@ class ModelRunner:
         if kv is not None and (tuple(kv.shape) != shape or kv.dtype != self.dtype):
             raise ValueError(f"kv cache {tuple(kv.shape)} {kv.dtype} does not match {shape} {self.dtype}")
         self.kv = kv if kv is not None else torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # [L, 2, num_slots, kv_heads, head_dim] (a view)
-        self.kv_slots = self.kv.view(self.num_layers, 2, num_blocks * block_size, self.num_kv_heads, self.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         backend = default_backend(self.device) if kernels != "torch" else "torch"
