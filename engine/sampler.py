@@ -45,11 +45,22 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+_token_hashes: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """keys [B] (int64 < 2^32) → Exp(1) noise [B, V], a pure function of (key, token id)."""
-    tok = _fmix32(torch.arange(vocab, device=keys.device, dtype=torch.long) + 0x9E3779B9 & _M32)  # [V]
-    bits = _fmix32(_fmix32(keys)[:, None] ^ tok[None, :])  # [B, V]
-    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
+    """keys [B] (int64 < 2^32) → Exp(1) noise [B, V], a pure function of (key, token id).
+
+    Row and token ids are each fully mixed once (the token side cached per vocabulary); their xor
+    gets one more multiply-xorshift round, so the [B, V] work is a handful of integer passes."""
+    tok = _token_hashes.get((vocab, keys.device))
+    if tok is None:
+        tok = _fmix32(torch.arange(vocab, device=keys.device, dtype=torch.long) + 0x9E3779B9 & _M32)  # [V]
+        _token_hashes[(vocab, keys.device)] = tok
+    h = _fmix32(keys)[:, None] ^ tok[None, :]  # [B, V]
+    h = _mul32(h, 0x2C1B3C6D)
+    h = h ^ (h >> 15)
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
     return -torch.log(u)
 
 
