@@ -1,172 +1,153 @@
-"""The aggregated worker (mode: aggregated): one worker prefills and decodes, no KV handoff.
+"""The aggregated worker (mode: aggregated): one worker prefills and decodes, no KV hand-off.
 
-The baseline disaggregation is measured against: the same engine, model runner and schedulers, with
-prompts computed on the worker that holds the request's KV. The router drives it through the same
-calls as a decode + prefill pair (reserve → prefill → poll), pointed at one actor.
+The baseline disaggregation is measured against: a BatchWorker (batch_worker.py) that computes its
+requests' prompts itself, into the blocks reserve() holds, with the same engine, schedulers and step
+shape (engine/step_loop.py). The router drives it through the same calls as a decode + prefill pair
+(reserve → prefill → poll), pointed at one actor.
 
 A request here goes:
   1. reserve()   blocks for prompt + max_tokens are held (as on a decode worker)
-  2. prefill()   the prompt joins the prefill queue; the call returns once its first token is sampled
+  2. prefill()   the prompt joins the prompt queue; the call returns once its first token is sampled
   3. each step (continuous batching, Sarathi-Serve): every running request decodes one token and
-     prompt chunks fill the rest of `max_batch_tokens`; all of it is one forward, decode rows first
+     prompt chunks fill the rest of `max_batch_tokens`; all of it is one forward, decode rows first,
+     and one sample() over the decode rows and the prompts that complete
   4. a prompt's last chunk samples its first token; the request joins the decode batch next step
 With `batching: static`, a batch of up to max_batch_size waiting prompts is prefilled, then decoded
 until every member has finished; requests arriving meanwhile wait for the next batch.
 """
 from __future__ import annotations
 
-import logging
-import threading
 import time
 
+import torch
+
+from decode_worker.batch_worker import BatchWorker
 from decode_worker.config import AggregatedConfig
 from decode_worker.request import DecodeRequest
-from decode_worker.worker import DecodeWorker
 from engine.config import KVCacheConfig, ModelConfig
-from engine.model_runner import SeqInput
-from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
+from engine.prefill_scheduler import Chunk, PendingPrefill
+from engine.prompt_queue import PromptQueue
 from engine.sampler import History, sample
-from engine.types import DecodeEvent, PrefillRequest, PrefillResult, TokenLogprob, WorkerStats
+from engine.step_loop import Step
+from engine.types import PrefillRequest, PrefillResult, TokenLogprob, WorkerStats
 
-log = logging.getLogger(__name__)
 
-
-class AggregatedWorker(DecodeWorker):
+class AggregatedWorker(BatchWorker):
     role = "aggregated"
 
     def __init__(
         self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: AggregatedConfig,
         node: str = "local",
     ) -> None:
-        super().__init__(worker_id, model_cfg, kv_cfg, cfg, None, node)  # nothing is handed to it
+        super().__init__(worker_id, model_cfg, kv_cfg, cfg, node,
+                         step_tokens=max(cfg.max_batch_size, cfg.max_batch_tokens), share_cache=False)
         self.cfg = cfg
-        self.prefills = PrefillScheduler(cfg.max_batch_tokens, cfg.chunk_tokens)
-        self._waiters: dict[str, tuple[threading.Event, list[PrefillResult]]] = {}
+        self.prompts = PromptQueue(cfg.max_batch_tokens, cfg.chunk_tokens)
         self._members: set[str] = set()  # static batching: the batch being served
         self.requests_prefilled = 0
 
     # -- called by the router ---------------------------------------------------------------------
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
-        """Compute the prompt into the blocks reserve() holds; block until its first token."""
+        """2. Compute the prompt into the blocks reserve() holds; block until its first token."""
         rid = request.request_id
-        done = threading.Event()
-        box: list[PrefillResult] = []
-        pending = PendingPrefill(request)
-        with self._wake:
-            if rid in self._waiters:
+        with self.lock:
+            if rid in self.prompts:
                 return PrefillResult.failed(rid, "request_id already being prefilled")
             if self.scheduler.start_prefill(rid) is None:
                 return PrefillResult.failed(rid, "no KV reservation for this request on this worker (reserve first)")
-            self._waiters[rid] = (done, box)
-            self.prefills.add(pending)
-            self._wake.notify()
-        if not done.wait(timeout_s):
+            waiter = self.prompts.submit(request)
+            self.nudge()
+        assert waiter is not None
+        result = self.prompts.wait(waiter, timeout_s)
+        if result is None:
             self.cancel(rid)  # ends it here too: its blocks come back even if the router is gone
             return PrefillResult.failed(rid, f"prefill did not finish within {timeout_s:.0f}s")
-        return box[0]
+        return result
 
     def cancel(self, request_id: str) -> bool:
-        with self._wake:  # the prompt stops being computed before the loop frees its blocks
-            for p in [*self.prefills.waiting, *self.prefills.in_progress]:
-                if p.request.request_id == request_id:
-                    p.cancelled = True
-                    self._answer(request_id, PrefillResult.failed(request_id, "cancelled"))
+        with self.lock:  # the prompt stops being computed before the loop frees its blocks
+            self.prompts.cancel(request_id)
         return super().cancel(request_id)
 
     def stats(self) -> WorkerStats:
         s = super().stats()  # prompt_tokens_computed: the prompts computed here
-        with self._lock:
-            s.extra.update(waiting_tokens=self.prefills.waiting_tokens, requests_prefilled=self.requests_prefilled)
+        with self.lock:
+            s.extra.update(waiting_tokens=self.prompts.scheduler.waiting_tokens,
+                           requests_prefilled=self.requests_prefilled)
         return s
 
     def check_idle(self) -> bool:
-        with self._lock:
-            busy = self.prefills.has_work()
+        with self.lock:
+            busy = self.prompts.scheduler.has_work()
         return not busy and super().check_idle()
 
     # -- the loop ---------------------------------------------------------------------------------
     def _idle(self) -> bool:
-        return super()._idle() and not self.prefills.has_work()
+        return super()._idle() and not self.prompts.scheduler.has_work()
 
-    def _work(self) -> list[DecodeEvent]:
-        with self._lock:
-            self.prefills.drop_cancelled()  # their blocks are freed by the decode scheduler's cancel
+    def _schedule(self) -> Step | None:
+        with self.lock:
+            self._emit(self._take_news())
+            self.prompts.scheduler.drop_cancelled()  # their blocks are freed by the decode scheduler's cancel
             if self.cfg.batching == "static":
                 batch, chunks = self._plan_static()
             else:
                 batch = self.scheduler.schedule()
-                chunks = self.prefills.next_step(lambda p: True, self.cfg.max_batch_tokens - len(batch))
+                chunks = self.prompts.scheduler.next_step(lambda p: True, self.cfg.max_batch_tokens - len(batch))
+            tables = [self.scheduler.requests[c.pending.request.request_id].block_table for c in chunks]
         if not batch and not chunks:  # e.g. a static batch whose last member is being cancelled
-            with self._wake:
-                self._wake.wait(0.001)
-            return []
-        try:
-            return self._mixed_step(batch, chunks)
-        except Exception as e:  # noqa: BLE001 — end what this step held, keep the worker alive
-            log.exception("aggregated step failed")
-            error = f"step failed: {type(e).__name__}: {e}"
-            with self._lock:
-                ids = {c.pending.request.request_id for c in chunks}
-                self.prefills.in_progress = [p for p in self.prefills.in_progress if p.request.request_id not in ids]
-                for rid in ids:
-                    self.scheduler.fail(rid, error)
-            for rid in ids:
-                self._answer(rid, PrefillResult.failed(rid, error))
-            return self._fail(batch, error)
+            return None
+        return Step(batch, chunks, self._decode_rows(batch) + PromptQueue.seqs(chunks, tables))
 
     def _plan_static(self) -> tuple[list[DecodeRequest], list[Chunk]]:
         """Static batching: close a batch from the queue head when none runs; prefill all of it, then
         decode all of it; nobody joins until every member has finished."""
+        waiting = self.prompts.scheduler.waiting
         self._members &= set(self.scheduler.requests)  # finished and cancelled members leave
         if not self._members:
-            self._members = {p.request.request_id for p in list(self.prefills.waiting)[: self.cfg.max_batch_size]}
-        chunks = self.prefills.next_step(lambda p: p.request.request_id in self._members)
-        if chunks or any(p.request.request_id in self._members for p in self.prefills.waiting):
+            self._members = {p.request.request_id for p in list(waiting)[: self.cfg.max_batch_size]}
+        chunks = self.prompts.scheduler.next_step(lambda p: p.request.request_id in self._members)
+        if chunks or any(p.request.request_id in self._members for p in waiting):
             return [], chunks  # the batch's prompts first
         return self.scheduler.schedule(), []
 
-    def _mixed_step(self, batch: list[DecodeRequest], chunks: list[Chunk]) -> list[DecodeEvent]:
-        """One forward: decode rows of `batch` first, then the prompt chunks."""
-        t0 = time.monotonic()
-        with self._lock:
-            tables = [self.scheduler.requests[c.pending.request.request_id].block_table for c in chunks]
-        seqs = self._decode_inputs(batch) + [
-            SeqInput(c.pending.request.token_ids[c.start : c.start + c.length], c.start, table)
-            for c, table in zip(chunks, tables)
-        ]
-        for c in chunks:
-            if c.pending.started is None:
-                c.pending.started = t0
-        logits = self.runner.forward(seqs)  # [len(batch) + len(chunks), V]
-        self.prompt_tokens_computed += sum(c.length for c in chunks)
-        events = self._sample_decode(batch, logits[: len(batch)]) if batch else []
-        with self._lock:
-            done = self.prefills.advance(chunks)
-        if done:
-            rows = [len(batch) + i for i, c in enumerate(chunks) if c.completes]
-            firsts, lps = sample(
-                logits[rows], [p.request.sampling for p in done], [p.num_tokens for p in done],
-                [History(p.request.token_ids, ()) for p in done],
-            )
-            for p, first, lp in zip(done, firsts, lps):
-                self._prefilled(p, first, lp)
-        return events
+    def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
+        """logits [decode rows + prompt rows, V]: one sample() for the decode rows and the prompts
+        that complete in this step."""
+        self.prompt_tokens_computed += sum(c.length for c in step.prompts)
+        with self.lock:
+            done = self.prompts.finish(step.prompts)
+        params, positions, histories = self._decode_sampling(step.decode)
+        for p, _ in done:
+            params.append(p.request.sampling)
+            positions.append(p.num_tokens)
+            histories.append(History(p.request.token_ids, ()))
+        rows = list(range(len(step.decode))) + [step.prompt_rows.start + i for _, i in done]
+        if not rows:  # only chunks that do not end their prompt
+            return
+        tokens, lps = sample(logits[rows], params, positions, histories)
+        n = len(step.decode)
+        if step.decode:
+            self._decoded(step.decode, tokens[:n], lps[:n])
+        for (p, _), first, lp in zip(done, tokens[n:], lps[n:]):
+            self._prefilled(p, first, lp)
 
     def _prefilled(self, p: PendingPrefill, first: int, lp: TokenLogprob | None) -> None:
         req = p.request
-        with self._lock:
+        with self.lock:
             dreq = self.scheduler.on_prefilled(req.request_id, first)
-        if dreq is None:  # cancelled while its last chunk ran
-            return
-        self.requests_prefilled += 1
-        assert p.started is not None
-        self._answer(req.request_id, PrefillResult(
-            req.request_id, first, dreq.finish_reason, (p.started - p.enqueued) * 1000,
-            (time.monotonic() - p.started) * 1000, 0, first_logprob=lp,
-        ))
+            if dreq is None:  # cancelled while its last chunk ran
+                return
+            self.requests_prefilled += 1
+            assert p.started is not None
+            self.prompts.answer(req.request_id, PrefillResult(
+                req.request_id, first, dreq.finish_reason, (p.started - p.enqueued) * 1000,
+                (time.monotonic() - p.started) * 1000, 0, first_logprob=lp,
+            ))
 
-    def _answer(self, request_id: str, result: PrefillResult) -> None:
-        w = self._waiters.pop(request_id, None)  # dict.pop is atomic; callers may hold the lock
-        if w is not None:
-            w[1].append(result)
-            w[0].set()
+    def _fail_step(self, step: Step, error: str) -> None:
+        with self.lock:
+            ids = self.prompts.drop(step.prompts)
+            for rid in ids:
+                self.prompts.answer(rid, PrefillResult.failed(rid, error))
+        self._fail_requests(ids + [r.request_id for r in step.decode], error)

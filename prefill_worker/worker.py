@@ -3,9 +3,10 @@
 A request here goes:
   1. prefill()   the router hands over the tokenized prompt and the destination (decode worker id
                  and the block ids it reserved)
-  2. the loop packs waiting prompts into one forward under `max_batch_tokens`; prompts longer
-     than `chunk_tokens` go one chunk per step (their scratch KV grows chunk by chunk)
-  3. once a prompt's last chunk is computed, samples its first token
+  2. schedule: the loop packs waiting prompts into one forward under `max_batch_tokens`; prompts
+     longer than `chunk_tokens` go one chunk per step (their scratch KV grows chunk by chunk)
+  3. run, postprocess: once a prompt's last chunk is computed, samples its first token
+     (schedule → run → postprocess is every worker's step: engine/step_loop.py)
   4. hands a WriteJob to the link of that decode worker (engine/kv_handoff, steps 3-5) and goes on
      with the next step; the link asks for the write, answers the router with the first token
      once it is granted (or with the refusal as the error), writes the scratch blocks into the
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import datetime
 import logging
-import threading
 import uuid
 import time
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
@@ -29,22 +28,18 @@ from engine.kv_handoff import (
     Backend, DecodeEndpoint, DecodePeer, HandoffSender, PairChannel, TorchPairChannel, WriteGrant, WriteJob,
 )
 from engine.model_loader import load_model
-from engine.model_runner import ModelRunner, SeqInput
-from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
+from engine.model_runner import ModelRunner
+from engine.prefill_scheduler import PendingPrefill
+from engine.prompt_queue import PromptQueue
 from engine.sampler import History, sample
+from engine.step_loop import Step, StepLoop
 from engine.types import PrefillRequest, PrefillResult, TokenLogprob, WorkerStats, finish_reason
 from prefill_worker.config import PrefillConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Waiter:
-    event: threading.Event
-    result: PrefillResult | None = None
-
-
-class PrefillWorker:
+class PrefillWorker(StepLoop):
     role = "prefill"
 
     def __init__(
@@ -52,20 +47,16 @@ class PrefillWorker:
         block_size: int, node: str = "local",
     ) -> None:
         """block_size: the decode workers' (kv_cache.block_size): blocks are copied whole between caches."""
+        super().__init__()
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
         self.boot_id = uuid.uuid4().hex[:12]
         self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
         self.runner = ModelRunner(load_model(model_cfg), blocks, block_size, model_cfg.kernels)
-        self.allocator = BlockAllocator(blocks, block_size)
-        self.scheduler = PrefillScheduler(cfg.max_batch_tokens, cfg.chunk_tokens)
+        self.allocator = BlockAllocator(blocks, block_size)  # scratch blocks, freed once handed off
+        self.prompts = PromptQueue(cfg.max_batch_tokens, cfg.chunk_tokens)
         self.sender = HandoffSender(worker_id, self.runner.kv, block_size, transport_cfg.timeout_s)
-        self._waiters: dict[str, _Waiter] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._stop = False
-        self._thread: threading.Thread | None = None
         self.prompt_tokens_computed = 0
         self.requests_done = 0
 
@@ -73,11 +64,6 @@ class PrefillWorker:
     def ready(self) -> str:
         """This process's boot id: it changes when Ray restarts the worker."""
         return self.boot_id
-
-    def start(self) -> None:
-        """Start the step loop."""
-        self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
-        self._thread.start()
 
     def connect(
         self, ep: DecodeEndpoint, peer: DecodePeer, backend: Backend, channel: PairChannel | None = None,
@@ -97,86 +83,62 @@ class PrefillWorker:
 
     # -- called by the router ---------------------------------------------------------------------
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
-        """Block until the first token is sampled (or the deadline passes)."""
+        """1. Block until the first token is sampled (or the deadline passes)."""
+        rid = request.request_id
         if request.dest.worker_id not in self.sender.links:
-            return PrefillResult.failed(request.request_id, f"no hand-off link to decode worker {request.dest.worker_id}")
-        waiter = _Waiter(threading.Event())
-        pending = PendingPrefill(request)
-        with self._wake:
-            if request.request_id in self._waiters:
-                return PrefillResult.failed(request.request_id, "request_id already being prefilled")
-            self._waiters[request.request_id] = waiter
-            self.scheduler.add(pending)
-            self._wake.notify()
-        if not waiter.event.wait(timeout_s):
-            with self._lock:
-                pending.cancelled = True
-                self._waiters.pop(request.request_id, None)
-            return PrefillResult.failed(request.request_id, f"prefill did not finish within {timeout_s:.0f}s")
-        assert waiter.result is not None
-        return waiter.result
+            return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}")
+        with self.lock:
+            waiter = self.prompts.submit(request)
+            if waiter is None:
+                return PrefillResult.failed(rid, "request_id already being prefilled")
+            self.nudge()
+        result = self.prompts.wait(waiter, timeout_s)
+        if result is None:
+            with self.lock:
+                self.prompts.cancel(rid)
+                self.prompts.forget(rid)
+            return PrefillResult.failed(rid, f"prefill did not finish within {timeout_s:.0f}s")
+        return result
 
     def cancel(self, request_id: str) -> bool:
-        with self._wake:
-            for p in [*self.scheduler.waiting, *self.scheduler.in_progress]:
-                if p.request.request_id == request_id:
-                    p.cancelled = True
-                    w = self._waiters.pop(request_id, None)
-                    if w is not None:
-                        w.result = PrefillResult.failed(p.request.request_id, "cancelled")
-                        w.event.set()
-                    self._wake.notify()
-                    return True
-        return False
+        with self.lock:
+            found = self.prompts.cancel(request_id)
+            self.nudge()
+        return found
 
     def stats(self) -> WorkerStats:
-        with self._lock:
+        with self.lock:
             return WorkerStats(
-                self.role, self.worker_id, self.node, len(self._waiters), len(self.scheduler.waiting),
-                self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
-                self.requests_done,
-                {"kv_bytes_sent": self.sender.bytes_sent, "writes_in_flight": self.sender.in_flight,
+                self.role, self.worker_id, self.node, self.prompts.num_waiting_callers,
+                len(self.prompts.scheduler.waiting), self.allocator.num_used, self.allocator.num_blocks,
+                self.prompt_tokens_computed, self.requests_done,
+                {"steps": self.steps, "kv_bytes_sent": self.sender.bytes_sent,
+                 "writes_in_flight": self.sender.in_flight,
                  "links": {dst: link.backend.value for dst, link in self.sender.links.items()},
-                 "waiting_tokens": self.scheduler.waiting_tokens},
+                 "waiting_tokens": self.prompts.scheduler.waiting_tokens},
             )
 
     def check_idle(self) -> bool:
-        with self._lock:
+        with self.lock:
             self.allocator.check()
-            return not self.scheduler.has_work() and not self.sender.in_flight and self.allocator.num_used == 0
+            return not self.prompts.scheduler.has_work() and not self.sender.in_flight and self.allocator.num_used == 0
 
     def shutdown(self) -> None:
-        with self._wake:
-            self._stop = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self.stop()
         self.sender.close()
 
     # -- the loop -------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                if self._stop:
-                    return
-                if not self.scheduler.has_work():
-                    self._wake.wait(0.05)
-                for p in self.scheduler.drop_cancelled():
-                    self.allocator.free(p.request.request_id)
-                chunks = self.scheduler.next_step(self._admit)
-            if chunks:
-                try:
-                    self._run(chunks)
-                except Exception as e:  # noqa: BLE001 — never leave a caller waiting
-                    log.exception("prefill step failed")
-                    with self._lock:
-                        failed = {c.pending.request.request_id: c.pending for c in chunks}
-                        self.scheduler.in_progress = [
-                            p for p in self.scheduler.in_progress if p.request.request_id not in failed
-                        ]
-                        for rid in failed:
-                            self.allocator.free(rid)
-                    self._answer_all(list(failed.values()), f"prefill failed: {type(e).__name__}: {e}")
+    def _idle(self) -> bool:
+        return not self.prompts.scheduler.has_work()
+
+    def _schedule(self) -> Step | None:
+        """2. Prompts (chunks) under the token budget, each admitted with scratch blocks for all of it."""
+        with self.lock:
+            for p in self.prompts.scheduler.drop_cancelled():
+                self.allocator.free(p.request.request_id)
+            chunks = self.prompts.scheduler.next_step(self._admit)
+            tables = [self.allocator.table(c.pending.request.request_id) for c in chunks]
+        return Step(prompts=chunks, seqs=PromptQueue.seqs(chunks, tables)) if chunks else None
 
     def _admit(self, p: PendingPrefill) -> bool:
         """Reserve scratch blocks for the whole prompt (its chunks accumulate there); an id whose
@@ -186,32 +148,28 @@ class PrefillWorker:
         except KeyError:
             return False
 
-    def _run(self, chunks: list[Chunk]) -> None:
-        t0 = time.monotonic()
-        for c in chunks:
-            if c.pending.started is None:
-                c.pending.started = t0
-        seqs = [
-            SeqInput(c.pending.request.token_ids[c.start : c.start + c.length], c.start,
-                     self.allocator.table(c.pending.request.request_id))
-            for c in chunks
-        ]
-        logits = self.runner.forward(seqs)  # [B, V]: each chunk's last position
-        self.prompt_tokens_computed += sum(c.length for c in chunks)
-        with self._lock:
-            done = self.scheduler.advance(chunks)
+    def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
+        """3. logits [chunks, V] (each chunk's last position): first tokens of the completed prompts."""
+        self.prompt_tokens_computed += sum(c.length for c in step.prompts)
+        with self.lock:
+            done = self.prompts.finish(step.prompts)
         if not done:
             return
-        rows = [i for i, c in enumerate(chunks) if c.completes]
         firsts, lps = sample(
-            logits[rows], [p.request.sampling for p in done], [p.num_tokens for p in done],
-            [History(p.request.token_ids, ()) for p in done],
+            logits[[i for _, i in done]], [p.request.sampling for p, _ in done], [p.num_tokens for p, _ in done],
+            [History(p.request.token_ids, ()) for p, _ in done],
         )
-        for p, first, lp in zip(done, firsts, lps):
+        for (p, _), first, lp in zip(done, firsts, lps):
             self._prefilled(p, first, lp)
 
+    def _fail_step(self, step: Step, error: str) -> None:
+        with self.lock:
+            for rid in self.prompts.drop(step.prompts):
+                self.allocator.free(rid)
+                self.prompts.answer(rid, PrefillResult.failed(rid, f"prefill {error}"))
+
     def _prefilled(self, p: PendingPrefill, first: int, lp: TokenLogprob | None) -> None:
-        """The prompt is computed: answer at once if its first token ends it, else hand its KV off
+        """4. The prompt is computed: answer at once if its first token ends it, else hand its KV off
         (the router is answered when the write is granted)."""
         req = p.request
         assert p.started is not None
@@ -237,16 +195,11 @@ class PrefillWorker:
         ))
 
     def _release(self, request_id: str) -> None:
-        with self._lock:
+        """The scratch blocks are free again (handed off, or not needed): a prompt may be waiting for them."""
+        with self.lock:
             self.allocator.free(request_id)
+            self.nudge()
 
     def _answer(self, request_id: str, result: PrefillResult) -> None:
-        with self._lock:
-            w = self._waiters.pop(request_id, None)
-        if w is not None:
-            w.result = result
-            w.event.set()
-
-    def _answer_all(self, batch: list[PendingPrefill], error: str) -> None:
-        for p in batch:
-            self._answer(p.request.request_id, PrefillResult.failed(p.request.request_id, error))
+        with self.lock:
+            self.prompts.answer(request_id, result)

@@ -150,7 +150,7 @@ def test_static_batching_makes_newcomers_wait_for_the_batch_to_end() -> None:
         assert w.w.reserve("b", len(b), sp_b, EOS).ok
         res = w.w.prefill(PrefillRequest("b", b, sp_b, EOS, 0))
         assert res.error is None
-        with w.w._lock:
+        with w.w.lock:
             assert "a" not in w.w.scheduler.requests  # b was prefilled only after a had finished
         assert len([t for e in w.events.take("a") for t in e.token_ids]) == 79
         assert [res.first_token] + [t for e in w.events.take("b") for t in e.token_ids] == hf_greedy(

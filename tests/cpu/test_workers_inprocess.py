@@ -179,6 +179,35 @@ def test_a_failing_decode_step_ends_its_requests_with_an_error(pair) -> None:  #
     assert len(toks) == 4 or toks[-1] == 2
 
 
+def test_a_prompt_waiting_for_scratch_blocks_waits_without_spinning_and_starts_once_they_free() -> None:
+    """The prefill loop used to re-schedule in a tight loop while no prompt could be admitted (its
+    scratch blocks still being handed off), taking a core from the sender thread that frees them."""
+    with running_pair("ipc") as (pw, dw, hub, events):
+        with pw.lock:  # every scratch block held, as by hand-offs in flight
+            assert pw.allocator.allocate("hog", pw.allocator.num_blocks * pw.allocator.block_size) is not None
+        calls = []
+        real_next_step = pw.prompts.scheduler.next_step
+
+        def counting(*a: Any, **kw: Any) -> Any:
+            calls.append(time.monotonic())
+            return real_next_step(*a, **kw)
+
+        pw.prompts.scheduler.next_step = counting  # type: ignore[method-assign]
+        ids = tiny_tokenizer()(prompts(1, seed=3)[0])["input_ids"]
+        sp = SamplingParams(max_tokens=6)
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(_run, (pw, dw, hub, events), "starved", ids, sp)
+            time.sleep(1.0)
+            assert not fut.done()
+            stalled_calls = len(calls)
+            pw._release("hog")  # what the sender does when a hand-off ends
+            released = time.monotonic()
+            toks, _ = fut.result(timeout=30)
+        assert stalled_calls <= 40, f"{stalled_calls} schedules in 1 s while nothing could be admitted"
+        assert calls[stalled_calls] - released < 0.02  # the release woke the loop
+        assert toks == hf_greedy(prompts(1, seed=3)[0], 6)
+
+
 @pytest.mark.parametrize("kind", ["fake", "gloo"])
 def test_a_failed_send_fails_one_request_and_the_pair_serves_the_next(kind: str) -> None:
     with running_pair(kind, timeout_s=3) as (pw, dw, hub, events):

@@ -1,0 +1,154 @@
+"""What the decode and aggregated workers share: the paged KV cache, the requests that hold it, and
+their decode rows (continuous batching). A StepLoop (engine/step_loop.py): the subclasses say how
+requests get their prompt's KV — handed off by a prefill worker (worker.py) or computed here
+(aggregated.py).
+
+A request here goes:
+  1. reserve()   the router asks for room for prompt + max_tokens before any prefill work; the
+                 answer names the blocks (a KVDestination)
+  2. the prompt's KV lands in those blocks (the subclass's part); the request is READY with its
+                 first token
+  3. every step: its decode row (its last token) joins the forward; the sampled token → DecodeEvent
+  4. poll()      the router long-polls events and streams them to clients
+  5. cancel()    from any state: the request leaves at the next step, its blocks are freed (while
+                 its KV is being written: once the write has ended)
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import deque
+import torch
+
+from decode_worker.config import DecodeConfig
+from decode_worker.request import DecodeRequest
+from decode_worker.scheduler import DecodeScheduler
+from engine import kv_budget
+from engine.block_allocator import BlockAllocator
+from engine.config import KVCacheConfig, ModelConfig
+from engine.kv_handoff import shared_cache
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner, SeqInput
+from engine.sampler import History
+from engine.step_loop import StepLoop
+from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, TokenLogprob, WorkerStats
+
+
+class BatchWorker(StepLoop):
+    role = "decode"
+
+    def __init__(
+        self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: DecodeConfig, node: str,
+        step_tokens: int, share_cache: bool,
+    ) -> None:
+        """step_tokens: the most tokens one forward here runs (sizes the memory profile);
+        share_cache: allocate the KV cache so prefill workers on this node can write into it."""
+        super().__init__()
+        torch.set_num_threads(cfg.torch_threads)
+        self.worker_id, self.node = worker_id, node
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.model_cfg = model_cfg
+        model = load_model(model_cfg)
+        blocks = kv_budget.num_blocks(kv_cfg, model, cfg.num_gpus, step_tokens, model_cfg.max_model_len)
+        self.cache_handle: shared_cache.SharedCache | None = None
+        kv = None
+        if share_cache:
+            shape = ModelRunner.cache_shape(model.config, blocks, kv_cfg.block_size)
+            kv, self.cache_handle = shared_cache.allocate(shape, model.dtype, model_cfg.device, worker_id)
+        self.runner = ModelRunner(model, blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
+        if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
+            self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
+        self.allocator = BlockAllocator(blocks, kv_cfg.block_size)
+        self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id)
+        self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model here
+        self._inbox: deque[str] = deque()  # request ids to cancel at the next step
+        self._events: list[DecodeEvent] = []
+        self._events_cv = threading.Condition()
+
+    # -- called by the router -------------------------------------------------------------------
+    def ready(self) -> str:
+        """This process's boot id: it changes when Ray restarts the worker."""
+        return self.boot_id
+
+    def reserve(
+        self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...],
+        prompt_ids: list[int] | None = None,
+    ) -> ReserveResult:
+        """1."""
+        with self.lock:
+            return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids)
+
+    def cancel(self, request_id: str) -> bool:
+        """5."""
+        with self.wake:
+            found = request_id in self.scheduler.requests
+            self._inbox.append(request_id)
+            self.nudge()
+        return found
+
+    def poll(self, timeout_s: float = 0.5) -> list[DecodeEvent]:
+        """4. Long-poll: the events since the last call, waiting up to timeout_s for one."""
+        with self._events_cv:
+            if not self._events:
+                self._events_cv.wait(timeout_s)
+            events, self._events = self._events, []
+        return events
+
+    def stats(self) -> WorkerStats:
+        with self.lock:
+            s = self.scheduler
+            return WorkerStats(
+                self.role, self.worker_id, self.node, s.num_running, s.num_waiting,
+                self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
+                s.tokens_generated, {"steps": self.steps, "attention": self.runner.attn.name,
+                                     "graph_replays": 0 if self.runner.graphs is None else self.runner.graphs.replays},
+            )
+
+    def check_idle(self) -> bool:
+        """True when no request is held and every block is free (integrity-checked)."""
+        with self.lock:
+            self.allocator.check()
+            return self.scheduler.is_idle() and self.allocator.num_used == 0
+
+    def shutdown(self) -> None:
+        self.stop()
+
+    # -- for the loop ---------------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return not self.scheduler.running and not self.scheduler.ready and not self._inbox
+
+    def _emit(self, events: list[DecodeEvent | None]) -> None:
+        events = [ev for ev in events if ev is not None]
+        if events:
+            with self._events_cv:
+                self._events.extend(events)  # type: ignore[arg-type]
+                self._events_cv.notify_all()
+
+    def _take_news(self) -> list[DecodeEvent]:
+        """Under `lock`, first thing each step: cancels, and reservations whose KV never came."""
+        events: list[DecodeEvent] = []
+        while self._inbox:
+            rid = self._inbox.popleft()
+            if self.scheduler.cancel(rid):
+                events.append(DecodeEvent(rid, [], FinishReason.CANCELLED))
+        return events + self.scheduler.expire()
+
+    def _decode_rows(self, batch: list[DecodeRequest]) -> list[SeqInput]:
+        """One new token per running request: its last one, at position num_tokens - 1."""
+        return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table) for r in batch]
+
+    @staticmethod
+    def _decode_sampling(batch: list[DecodeRequest]) -> tuple[list[SamplingParams], list[int], list[History | None]]:
+        """sample()'s arguments for the decode rows: params, the positions being sampled, histories."""
+        return ([r.sampling for r in batch], [r.num_tokens for r in batch],
+                [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch])
+
+    def _decoded(self, batch: list[DecodeRequest], tokens: list[int], lps: list[TokenLogprob | None]) -> None:
+        """Sampled tokens to their requests; finished ones leave and free their blocks."""
+        with self.lock:
+            events = self.scheduler.on_tokens(batch, tokens, lps)
+        self._emit(events)  # type: ignore[arg-type]
+
+    def _fail_requests(self, ids: list[str], error: str) -> None:
+        with self.lock:
+            self._emit([self.scheduler.fail(rid, error) for rid in ids])

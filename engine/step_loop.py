@@ -1,0 +1,121 @@
+"""One step shape for every worker: schedule → run → postprocess, on the worker's one loop thread.
+
+The prefill, decode and aggregated workers differ only in what they schedule and what they do with
+the logits. Each turn of the loop:
+  1. wait        while there is nothing to schedule (or the last turn found nothing runnable) and
+                 no news since: a caller that adds work calls nudge()
+  2. schedule()  take cancels and arrivals in, pick this step's rows: decode rows first (one token
+                 per running request, continuous batching), then prompt rows (chunks, Sarathi-Serve)
+  3. run         one forward over all rows (ModelRunner.forward: CUDA graphs when every row decodes
+                 and the batch fits a bucket) → logits [rows, V], one row per SeqInput
+  4. postprocess(step, logits)  sample; decode rows → tokens to their requests; completed prompts →
+                 first token (handed off by a prefill worker, decoded next step by an aggregated one)
+A step that raises fails the requests it held (fail_step) and the loop goes on: one bad step never
+leaves a caller waiting or stops the worker.
+
+Public methods of a worker run on Ray's threads and take `self.lock` for bookkeeping; only the loop
+thread touches the model and the KV cache.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.model_runner import ModelRunner, SeqInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """What one forward computes. Rows are `seqs`: the `decode` requests' rows first, one each,
+    then the `prompts`' rows, one each (each worker's own prompt kind: chunks, recomputes)."""
+
+    decode: list[Any] = field(default_factory=list)
+    prompts: list[Any] = field(default_factory=list)
+    seqs: list[SeqInput] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert len(self.seqs) == len(self.decode) + len(self.prompts), "one SeqInput per row"
+
+    @property
+    def prompt_rows(self) -> slice:
+        return slice(len(self.decode), len(self.seqs))
+
+
+class StepLoop(abc.ABC):
+    worker_id: str
+    runner: ModelRunner
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards the worker's bookkeeping (schedulers, queues, waiters)
+        self.wake = threading.Condition(self.lock)
+        self._news = False  # set by nudge(): something may be schedulable now
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # forwards run
+
+    # -- each worker's part ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _idle(self) -> bool:
+        """Called under `lock`: True when nothing can be scheduled until something changes."""
+
+    def _idle_wait_s(self) -> float:
+        """Longest idle wait; work that arrives through a method calls nudge() and ends it sooner."""
+        return 0.05
+
+    @abc.abstractmethod
+    def _schedule(self) -> Step | None:
+        """Step 2 (takes `lock` itself as needed): this step's rows, or None when none can run yet."""
+
+    @abc.abstractmethod
+    def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
+        """Step 4: logits [len(step.seqs), V] → tokens, events, answers."""
+
+    @abc.abstractmethod
+    def _fail_step(self, step: Step, error: str) -> None:
+        """The step raised: end (with `error`) every request it held."""
+
+    # -- the loop -------------------------------------------------------------------------------
+    def nudge(self) -> None:
+        """Caller holds `lock`: new work or a cancel; the loop looks at once."""
+        self._news = True
+        self.wake.notify()
+
+    def start(self) -> None:
+        """Start the step loop."""
+        self._thread = threading.Thread(target=self._loop, name=f"{self.worker_id}-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self._stop = True
+            self.wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        stalled = False  # the last turn found nothing runnable
+        while True:
+            with self.wake:  # 1. wait
+                if self._stop:
+                    return
+                if not self._news and (stalled or self._idle()):
+                    self.wake.wait(self._idle_wait_s())
+                self._news = False
+            step = self._schedule()  # 2
+            stalled = step is None
+            if step is None:
+                continue
+            try:
+                logits = self.runner.forward(step.seqs)  # 3. [rows, V]
+                self.steps += 1
+                self._postprocess(step, logits)  # 4
+            except Exception as e:  # noqa: BLE001 — end what this step held, keep the worker alive
+                log.exception("%s: step failed", self.worker_id)
+                self._fail_step(step, f"step failed: {type(e).__name__}: {e}")
