@@ -1,18 +1,20 @@
-"""Attention backends of the model runner: where new K/V go and how new tokens attend over the cache.
+"""Attention backends of the model runner: rotary, where new K/V go, how new tokens attend over the cache.
 
-The runner computes everything else (embeddings, projections, rotary, MLP) the same way on every
-device; a backend does two things:
+The runner computes everything else (embeddings, projections, norms, MLP); a backend does two things:
   1. `prepare(seqs)` → a `BatchMeta`: the forward's token ids, positions, cache slots and block
      tables, moved to the device once (one host→device copy);
-  2. `attend(layer, q, k, v, meta, scale)`: store k, v at their slots, then attention of q over each
-     sequence's cache → o.
+  2. `attend(layer, q, k, v, cos, sin, meta, scale)`: rotary on q and k, store k, v at their slots,
+     then attention of q over each sequence's cache → o.
 Backends:
-  - `TorchAttention` (CPU, and CUDA without Triton): index_copy into the slots; decode rows through the
-    fused C++ kernel (CPU fp32) or a gather + SDPA; prompts and chunks through one SDPA per sequence.
-  - `TritonAttention` (CUDA): engine/triton_attention.py — one kernel per step and layer for the decode
-    rows, one for all prompt tokens, one to store; no host work or sync inside. Its decode-only
-    `BatchMeta` can live in persistent buffers, which is what the CUDA graphs replay (engine/cuda_graphs.py).
-Shapes: q [1, heads, T, head_dim], k and v [1, kv_heads, T, head_dim] → o [1, T, heads * head_dim].
+  - `TorchAttention` (CPU, and CUDA without Triton): Hugging Face's rotary; index_copy into the slots;
+    decode rows through the fused C++ kernel (CPU fp32) or a gather + SDPA; prompts and chunks through
+    one SDPA per sequence.
+  - `TritonAttention` (CUDA): rotary + store in one kernel (engine/triton_fused.py), then
+    engine/triton_attention.py — one kernel per step and layer for the decode rows, one for all prompt
+    tokens; no host work or sync inside. Its decode-only `BatchMeta` can live in persistent buffers,
+    which is what the CUDA graphs replay (engine/cuda_graphs.py).
+Shapes: q [T, heads, head_dim], k and v [T, kv_heads, head_dim] (views into the fused projection,
+not yet rotated), cos and sin [T, head_dim] → o [T, heads * head_dim].
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 if TYPE_CHECKING:
     from engine.model_runner import SeqInput
@@ -91,19 +94,24 @@ class TorchAttention:
             meta.extra["mask"] = (span[None, :] < lens[:, None])[:, None, None, :]
         return meta
 
-    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta,
-               scale: float) -> torch.Tensor:
+    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
+        T = q.shape[0]
+        q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+        v = v.transpose(0, 1)[None]  # q [1, H, T, D]; k, v [1, KVH, T, D]
         self.kv_slots[li, 0].index_copy_(0, meta.slots, k[0].transpose(0, 1))  # [T, KVH, D] into slots
         self.kv_slots[li, 1].index_copy_(0, meta.slots, v[0].transpose(0, 1))
         nd = meta.num_decode
         if not meta.prefill:
-            return self._decode(li, q, meta, scale)
-        if nd == 0:
-            return self._varlen(li, meta.prefill, q, k, v, scale)
-        return torch.cat([  # decode rows [0, nd) + prompt tokens [nd, T)
-            self._decode(li, q[:, :, :nd], meta, scale),
-            self._varlen(li, meta.prefill, q[:, :, nd:], k[:, :, nd:], v[:, :, nd:], scale),
-        ], dim=1)
+            o = self._decode(li, q, meta, scale)
+        elif nd == 0:
+            o = self._varlen(li, meta.prefill, q, k, v, scale)
+        else:
+            o = torch.cat([  # decode rows [0, nd) + prompt tokens [nd, T)
+                self._decode(li, q[:, :, :nd], meta, scale),
+                self._varlen(li, meta.prefill, q[:, :, nd:], k[:, :, nd:], v[:, :, nd:], scale),
+            ], dim=1)
+        return o.reshape(T, self.num_heads * self.head_dim)  # from [1, T, H*D]
 
     def _slots(self, s: SeqInput, end: int) -> torch.Tensor:
         pos = torch.arange(0, end)
@@ -159,9 +167,9 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int = 32) -> None:
-        from engine import triton_attention  # imported only when selected: triton is a GPU-side dependency
+        from engine import triton_attention, triton_fused  # imported only when selected: triton is GPU-side
 
-        self.ops = triton_attention
+        self.ops, self.fused = triton_attention, triton_fused
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         self.block_size, self.num_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[5]
         self.block_m = block_m
@@ -183,11 +191,10 @@ class TritonAttention:
             meta.extra.update(zip(("cu_q", "start", "tables", "tile_seq", "tile_m0"), up[6:]))
         return meta
 
-    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta,
-               scale: float) -> torch.Tensor:
+    def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
         kc, vc = self.kv[li, 0], self.kv[li, 1]  # [num_blocks, block_size, kv_heads, head_dim] each
-        self.ops.store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), kc, vc, meta.slots)
-        qt = q[0].transpose(0, 1)  # [T, H, D]
+        qt = self.fused.rope_store(q, k, v, cos, sin, kc, vc, meta.slots)  # [T, H, D], rotated
         nd, T = meta.num_decode, qt.shape[0]
         outs = []
         if nd:
@@ -197,4 +204,4 @@ class TritonAttention:
             outs.append(self.ops.paged_prefill(qt[nd:], kc, vc, x["tables"], x["cu_q"], x["start"],
                                                x["tile_seq"], x["tile_m0"], scale, block_m=self.block_m))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, D]
-        return o.reshape(1, T, self.num_heads * self.head_dim)
+        return o.view(T, self.num_heads * self.head_dim)

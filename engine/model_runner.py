@@ -1,7 +1,7 @@
 """The model runner: owns the one KV tensor and runs Llama-family forwards over block tables.
 
 It reuses the Hugging Face module weights and numerics (norms, projections, rotary, MLP) and
-replaces only attention, which reads and writes the paged KV cache. Callers (the prefill and decode
+replaces attention, which reads and writes the paged KV cache. Callers (the prefill and decode
 schedulers) hand it `SeqInput`s: which new tokens to compute per sequence and where every position
 of that sequence lives in the cache (its slots). No Ray, no gRPC.
 
@@ -9,11 +9,14 @@ KV layout (one tensor for all layers):
     kv:       [num_layers, 2 (k|v), num_blocks, block_size, kv_heads, head_dim]
     kv_slots: the same memory as [num_layers, 2, num_slots, kv_heads, head_dim],
               slot = block * block_size + offset
-Attention is the one part that differs by device (engine/attention.py): on CPU a fused C++ decode
-kernel over the block tables (engine/csrc) and SDPA for prompts; on CUDA Triton kernels that read
-K/V in place with no host work (engine/triton_attention.py), which is what lets the decode step be
-captured as CUDA graphs (engine/cuda_graphs.py). The q/k/v and gate/up projections run as one
-matmul each (weights concatenated once, the original modules left as views into them).
+What differs by device is attention (engine/attention.py) and the small ops between the matmuls:
+on CPU a fused C++ decode kernel over the block tables (engine/csrc), SDPA for prompts, and the
+Hugging Face modules (TorchOps); on CUDA Triton kernels that read K/V in place with no host work
+(engine/triton_attention.py) and one kernel each for residual add + RMSNorm, rotary + KV store and
+SiLU * up (TritonOps, engine/triton_fused.py: ~10 kernels a layer where the modules launch ~35), which is what
+lets the decode step be captured as short CUDA graphs (engine/cuda_graphs.py). The q/k/v and
+gate/up projections run as one matmul each (weights concatenated once, the original modules left as
+views into them).
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from engine import paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
@@ -107,6 +109,9 @@ class ModelRunner:
         backend = default_backend(self.device) if kernels != "torch" else "torch"
         self.kernels = backend
         self.attn = self._attention_backend(kernels, backend)
+        self.ops: TorchOps | TritonOps = (
+            TritonOps() if self.attn.name == "triton" and TritonOps.fits(model) else TorchOps()
+        )
         self.layers = []
         for layer in model.model.layers[: self.num_layers]:
             a, mlp = layer.self_attn, layer.mlp
@@ -164,23 +169,61 @@ class ModelRunner:
         """The forward on prepared device inputs → logits [B, V] (float32). Pure tensor code: no host
         work or sync with the Triton backend, so a decode-only `meta` in fixed buffers can be captured
         as a CUDA graph (engine/cuda_graphs.py)."""
-        lm = self.model.model
+        lm, ops = self.model.model, self.ops
         T = meta.ids.shape[0]
-        x = lm.embed_tokens(meta.ids).unsqueeze(0)  # [1, T, hidden]
-        cos, sin = lm.rotary_emb(x, meta.pos.unsqueeze(0))  # [1, T, head_dim]
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
+        x = lm.embed_tokens(meta.ids)  # [T, hidden]
+        cos, sin = (t[0] for t in lm.rotary_emb(x, meta.pos.unsqueeze(0)))  # [T, D] each
+        residual: torch.Tensor | None = None  # the residual stream; x is the last sub-layer's output
         for li, layer in enumerate(self.layers):
-            residual = x
-            qkv = layer.qkv(layer.input_norm(x))  # [1, T, (H + 2*KVH) * D]
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(1, T, H, D).transpose(1, 2)  # [1, H, T, D]
-            k = k.view(1, T, KVH, D).transpose(1, 2)  # [1, KVH, T, D]
-            v = v.view(1, T, KVH, D).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            o = self.attn.attend(li, q, k, v, meta, layer.scaling)  # [1, T, H*D]
-            x = residual + layer.o_proj(o)
-            residual = x
-            gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [1, T, I] each
-            x = residual + layer.down_proj(layer.act(gate) * up)
-        h = x[0] if meta.last is None else x[0].index_select(0, meta.last)  # [B, hidden]
-        return self.lm_head(lm.norm(h)).float()  # [B, V]
+            h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
+            q, k, v = layer.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
+            o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), cos, sin, meta,
+                                 layer.scaling)  # [T, H*D]
+            h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
+            x = layer.down_proj(ops.act_mul(layer.act, layer.gate_up(h)))  # [T, hidden]
+        assert residual is not None
+        if meta.last is not None:  # only each sequence's last token is sampled
+            x, residual = x.index_select(0, meta.last), residual.index_select(0, meta.last)  # [B, hidden]
+        h, _ = ops.norm(lm.norm, x, residual)
+        return self.lm_head(h).float()  # [B, V]
+
+
+class TorchOps:
+    """The small ops of a layer as Hugging Face runs them (CPU; and any model the fused ones do not fit)."""
+
+    @staticmethod
+    def norm(module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(module(residual + x), residual + x); residual None: (module(x), x)."""
+        if residual is not None:
+            x = residual + x
+        return module(x), x
+
+    @staticmethod
+    def act_mul(act: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate | up) → act(gate) * up [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act(gate) * up
+
+
+class TritonOps:
+    """The same as one Triton kernel each (engine/triton_fused.py): residual add + RMSNorm, SiLU * up."""
+
+    def __init__(self) -> None:
+        from engine import triton_fused
+
+        self.fused = triton_fused
+
+    @staticmethod
+    def fits(model: PreTrainedModel) -> bool:
+        """RMSNorm layers (weight, variance_epsilon) and a SiLU MLP: what the kernels compute."""
+        layer = model.model.layers[0]
+        norms = [layer.input_layernorm, layer.post_attention_layernorm, model.model.norm]
+        return (getattr(model.config, "hidden_act", None) in ("silu", "swish")
+                and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms))
+
+    def norm(self, module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fused.add_rms_norm(x, residual, module.weight, module.variance_epsilon)
+
+    def act_mul(self, act: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.fused.silu_mul(gate_up)

@@ -1,13 +1,12 @@
-"""Paged attention for CUDA as three Triton kernels: no host work per call, no host sync.
+"""Paged attention for CUDA as two Triton kernels: no host work per call, no host sync. (New K and
+V reach their cache slots with the rotary, engine/triton_fused.py `rope_store`.)
 
-- `store_kv`: writes each new token's K and V into its cache slot (`slot < 0`: skipped — a padded
-  row of a CUDA-graph batch).
 - `paged_decode`: one new token per sequence; reads K/V in place through the block table. One
   program per (sequence, KV head) computes that head's whole GQA group of query heads at once, so
   each K/V element is read once per group.
 - `paged_prefill`: packed prompts and prompt chunks in one call per layer. One program per
   (tile of BLOCK_M query tokens of one sequence, query head); keys are read from the cache
-  (already stored by `store_kv`), so a later chunk sees its earlier positions with the same code.
+  (already stored), so a later chunk sees its earlier positions with the same code.
 
 Both attention kernels use an online softmax in fp32. In fp32 the dots are exact IEEE (no TF32),
 so a float32 model matches torch SDPA to rounding. Layouts (the runner's cache, one layer):
@@ -20,23 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _store_kv(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    D: tl.constexpr, KVH: tl.constexpr, BLOCK: tl.constexpr,
-):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    offs = tl.arange(0, BLOCK)  # over kv_heads * head_dim
-    h, d = offs // D, offs % D
-    m = offs < tl.where(slot >= 0, KVH * D, 0)  # a negative slot stores nothing
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=m)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m)
-    tl.store(kc_ptr + slot * (KVH * D) + offs, k, mask=m)
-    tl.store(vc_ptr + slot * (KVH * D) + offs, v, mask=m)
 
 
 @triton.jit
@@ -138,17 +120,6 @@ def _check_cache(k_cache: torch.Tensor) -> tuple[int, int, int]:
         raise ValueError("the KV cache must be contiguous [num_blocks, block_size, kv_heads, head_dim]")
     _, bs, kvh, d = k_cache.shape
     return bs, kvh, d
-
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """k, v [T, kv_heads, head_dim] (any strides, last dim contiguous) → cache slots [T]; slot < 0 skipped."""
-    _, kvh, d = _check_cache(k_cache)
-    T = k.shape[0]
-    if T == 0:
-        return
-    _store_kv[(T,)](k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    D=d, KVH=kvh, BLOCK=triton.next_power_of_2(kvh * d))
 
 
 def _tiles(n: int, d: int) -> tuple[int, int]:

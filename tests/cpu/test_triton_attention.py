@@ -74,18 +74,3 @@ def test_paged_prefill_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: to
         ref = _ref(q[off : off + n], _gather(kc, table, s + n), _gather(vc, table, s + n), list(range(s, s + n)), D ** -0.5)
         torch.testing.assert_close(out[off : off + n].float(), ref, atol=tol, rtol=tol)
         off += n
-
-
-def test_store_kv_writes_slots_and_skips_negative_ones() -> None:
-    g = torch.Generator().manual_seed(1)
-    kc, vc = torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)
-    qkv = torch.randn(5, 2 * 3, 16, generator=g)  # a fused projection: k and v are strided views of it
-    k, v = qkv[:, 2:4], qkv[:, 4:6]
-    slots = torch.tensor([3, 17, -1, 31, 0])
-    tat.store_kv(k, v, kc, vc, slots)
-    flat_k, flat_v = kc.view(32, 2, 16), vc.view(32, 2, 16)
-    for t, s in enumerate(slots.tolist()):
-        if s >= 0:
-            assert torch.equal(flat_k[s], k[t]) and torch.equal(flat_v[s], v[t])
-    written = {3, 17, 31, 0}
-    assert all(not flat_k[s].any() for s in range(32) if s not in written)  # the -1 row wrote nothing

@@ -1,4 +1,4 @@
-"""The CUDA engine: Triton attention, decode CUDA graphs, the device sampler, KV sized from memory.
+"""The CUDA engine: Triton attention and fused layer ops, decode CUDA graphs, the device sampler, KV sized from memory.
 Greedy == HF generate on CUDA (tiny model, fp32), solo and 32 at once, through the graphs and through
 the eager fallback; graphs == eager exactly in bf16; seeded sampling batch-independent. Skipped without CUDA."""
 from __future__ import annotations
@@ -91,3 +91,37 @@ def test_kv_sized_from_memory_fits_its_share() -> None:
     n = kv_budget.num_blocks(KVCacheConfig(gpu_memory_utilization=0.1), model, 0.5, 256, 2048)
     per = kv_budget.block_bytes(model.config, 16, torch.bfloat16)
     assert 2048 // 16 <= n and n * per <= 0.05 * total
+
+
+def test_fused_layer_ops_in_bf16_equal_the_hf_modules() -> None:
+    """engine/triton_fused.py compiled for this GPU, in bf16 (the interpreter cannot run bf16 dots, so
+    the CPU suite checks fp32/fp16 only): RMSNorm with the residual add, rotary + store, SiLU * up."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from engine import triton_fused as fused
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = torch.bfloat16
+    x, r = (torch.randn(64, 2048, device="cuda", generator=g).to(bf) for _ in range(2))
+    norm = LlamaRMSNorm(2048).to("cuda", bf)
+    norm.weight.data = (1 + 0.2 * torch.randn(2048, device="cuda", generator=g)).to(bf)
+    out, res = fused.add_rms_norm(x, r, norm.weight, norm.variance_epsilon)
+    assert torch.equal(res, r + x)
+    torch.testing.assert_close(out, norm(r + x), atol=2e-2, rtol=2e-2)
+
+    T, H, KVH, D = 64, 32, 4, 64
+    qkv = torch.randn(T, (H + 2 * KVH) * D, device="cuda", generator=g).to(bf)
+    q, k, v = qkv[:, : H * D].view(T, H, D), qkv[:, H * D : (H + KVH) * D].view(T, KVH, D), qkv[:, (H + KVH) * D :].view(T, KVH, D)
+    ang = torch.arange(T, device="cuda")[:, None] * (10000 ** (-torch.arange(0, D, 2, device="cuda") / D))[None, :]
+    emb = torch.cat([ang, ang], dim=-1)
+    cos, sin = emb.cos().to(bf), emb.sin().to(bf)
+    kc, vc = torch.zeros(8, 16, KVH, D, device="cuda", dtype=bf), torch.zeros(8, 16, KVH, D, device="cuda", dtype=bf)
+    slots = torch.arange(T, device="cuda")
+    q_out = fused.rope_store(q, k, v, cos, sin, kc, vc, slots)
+    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    assert torch.equal(q_out, q_ref[0].transpose(0, 1))  # the same rounding steps, elementwise: exact
+    assert torch.equal(kc.view(-1, KVH, D)[:T], k_ref[0].transpose(0, 1)) and torch.equal(vc.view(-1, KVH, D)[:T], v)
+
+    gate_up = torch.randn(T, 2 * 5632, device="cuda", generator=g).to(bf)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-2, rtol=1e-2)

@@ -1,0 +1,132 @@
+"""The small ops of a Llama layer fused into one Triton kernel each (the CUDA path's runner).
+
+Between its four matmuls a Hugging Face Llama layer launches ~30 small kernels (RMSNorm alone is
+seven: cast, pow, mean, add, rsqrt, mul, mul); at decode batch sizes each is a few microseconds of
+a mostly idle GPU, which is most of a decode step above its floor. Here each group is one kernel:
+  - `add_rms_norm`: residual add + RMSNorm (the residual stream is written once, the normed rows once)
+  - `rope_store`:  rotary on q and k + k, v into their cache slots (slot < 0: nothing stored)
+  - `silu_mul`:    SiLU(gate) * up from the fused gate|up projection
+Each rounds where Hugging Face rounds (every torch op on bf16/fp16 computes in fp32 and rounds its
+result to the model dtype), so outputs equal the modules' to within a reduction's ordering.
+Shapes are in each function's docstring; rows may be strided, the last dimension is contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm(
+    x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, stride_x, stride_r, N, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
+    if HAS_RES:  # h = x + residual, rounded as torch's add rounds; it is the new residual stream
+        x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32))
+        x = x.to(out_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * N + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    y = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)  # hidden.to(input_dtype)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    tl.store(out_ptr + row * N + offs, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotate(x_ptr, stride_h, t, stride_t, c, s, NH, D: tl.constexpr, HALF: tl.constexpr,
+            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x * cos + rotate_half(x) * sin for the [NH, D] heads of token t, rounded as HF rounds."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    m = (h < NH) & (d < D)
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    base = x_ptr + t * stride_t + h * stride_h
+    x = tl.load(base + d, mask=m, other=0.0)
+    xp = tl.load(base + partner, mask=m, other=0.0).to(tl.float32)
+    rot = tl.where(d < HALF, -xp, xp)
+    a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+    b = (rot * s).to(x.dtype).to(tl.float32)
+    return (a + b).to(x.dtype), h, d, m
+
+
+@triton.jit
+def _rope_store(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+    H, KVH, D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)[None, :]
+    c = tl.load(cos_ptr + t * stride_ct + dd, mask=dd < D, other=0.0).to(tl.float32)  # [1, D]
+    s = tl.load(sin_ptr + t * stride_ct + dd, mask=dd < D, other=0.0).to(tl.float32)
+    q, h, d, m = _rotate(q_ptr, stride_qh, t, stride_qt, c, s, H, D, HALF, BLOCK_H, BLOCK_D)
+    tl.store(qo_ptr + t * (H * D) + h * D + d, q, mask=m)
+    k, h, d, m = _rotate(k_ptr, stride_kh, t, stride_kt, c, s, KVH, D, HALF, BLOCK_KVH, BLOCK_D)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    m = (h < tl.where(slot >= 0, KVH, 0)) & (d < D)  # a padded row of a CUDA-graph batch stores nothing
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m, other=0.0)
+    tl.store(kc_ptr + slot * (KVH * D) + h * D + d, k, mask=m)
+    tl.store(vc_ptr + slot * (KVH * D) + h * D + d, v, mask=m)
+
+
+@triton.jit
+def _silu_mul(x_ptr, out_ptr, stride_x, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + N + offs, mask=m, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * N + offs, (act * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [T, N] → (RMSNorm(x + residual) * weight, x + residual), both [T, N]; residual None:
+    (RMSNorm(x) * weight, x)."""
+    T, N = x.shape
+    out = torch.empty(T, N, dtype=x.dtype, device=x.device)
+    res = torch.empty_like(out) if residual is not None else x
+    if T:
+        r = residual if residual is not None else x
+        _add_rms_norm[(T,)](x, r, weight, out, res, x.stride(0), r.stride(0), N, eps,
+                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N))
+    return out, res
+
+
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """q [T, H, D], k and v [T, KVH, D], cos and sin [T, D] (the model's rotary tables at each token's
+    position) → rotated q [T, H, D]; rotated k and v go to cache slots [T] of
+    k_cache, v_cache [num_blocks, block_size, KVH, D] (contiguous)."""
+    T, H, D = q.shape
+    KVH = k.shape[1]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and D % 2 == 0
+    q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if T:
+        _rope_store[(T,)](
+            q, k, v, cos, sin, q_out, k_cache, v_cache, slots,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            H, KVH, D=D, HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH),
+            BLOCK_D=triton.next_power_of_2(D),
+        )
+    return q_out
+
+
+def silu_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """gate_up [T, 2 * I] (gate | up) → SiLU(gate) * up [T, I]."""
+    T, two_i = gate_up.shape
+    n = two_i // 2
+    out = torch.empty(T, n, dtype=gate_up.dtype, device=gate_up.device)
+    if T:
+        _silu_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block)
+    return out
