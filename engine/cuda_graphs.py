@@ -51,6 +51,7 @@ class DecodeGraphs:
         self._tables = torch.zeros(max_batch, self.width, dtype=torch.long, device=dev)  # [max_batch, W]
         self._h_cols = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
         self._h_tables = torch.zeros(max_batch, self.width, dtype=torch.long, pin_memory=pin)
+        self._np_cols, self._np_tables = self._h_cols.numpy(), self._h_tables.numpy()
         self._copied = torch.cuda.Event() if pin else None  # the staging may be reused once this fires
         self._meta = {b: self._bucket_meta(b) for b in self.buckets}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -88,23 +89,28 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= n)
 
     def _fill(self, seqs: list[SeqInput], b: int) -> None:
-        """Rows [0, len(seqs)) live, [len(seqs), b) padding; host staging → device buffers."""
+        """Rows [0, len(seqs)) live, [len(seqs), b) padding; host staging → device buffers. The
+        staging is written through numpy views (one slice assignment per column and per block
+        table): torch element writes cost microseconds each, ~1.2 ms a step at 64 rows."""
         bs = self.runner.block_size
-        cols, tables = self._h_cols, self._h_tables
+        cols, tables = self._np_cols, self._np_tables  # views of the pinned staging
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has read the staging
         n = len(seqs)
-        cols[:, :b] = 0
+        pos = [s.start_pos for s in seqs]
+        cols[0, :n] = [s.token_ids[0] for s in seqs]
+        cols[1, :n] = pos
+        cols[2, :n] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        cols[3, :n] = [s.context_len for s in seqs]
+        cols[:2, n:b] = 0
         cols[2, n:b] = -1  # padding rows store nothing
+        cols[3, n:b] = 0  # and attend to nothing
         tables[:b] = 0
         for i, s in enumerate(seqs):
-            p = s.start_pos
             nblk = -(-s.context_len // bs)
-            cols[0, i], cols[1, i] = s.token_ids[0], p
-            cols[2, i], cols[3, i] = s.block_table[p // bs] * bs + p % bs, s.context_len
-            tables[i, :nblk] = torch.tensor(s.block_table[:nblk], dtype=torch.long)
-        self._cols[:, :b].copy_(cols[:, :b], non_blocking=True)
-        self._tables[:b].copy_(tables[:b], non_blocking=True)
+            tables[i, :nblk] = s.block_table[:nblk]
+        self._cols[:, :b].copy_(self._h_cols[:, :b], non_blocking=True)
+        self._tables[:b].copy_(self._h_tables[:b], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
