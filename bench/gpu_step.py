@@ -7,6 +7,7 @@ Per batch size B, contexts of --context tokens:
   floor     the shape's linear layers + LM head on [B, hidden], replayed as one CUDA graph: the weights
             read once per step (what no decode step can beat)
   graphs    pdserve's decode step: ModelRunner (Triton attention) through its CUDA graph + the sampler
+            (graphs_unsplit: the same with the decode kernel's keys not split, where they are split)
   eager     the same step without graphs
   hf        HF generate, per new token (time of 33 new tokens minus time of 1, over 32)
 Medians over --steps steps, timed with CUDA events after a warm-up. --profile writes a torch
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from engine import triton_attention as tat  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.model_loader import load_model  # noqa: E402
 from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
@@ -139,6 +141,12 @@ def main() -> None:
         row["graphs_ms"] = step_ms(runner, b, a.context, a.steps, out_dir / f"{tag}-graphs-b{b}.txt" if a.profile else None)
         row["graphs_tok_s"] = b / row["graphs_ms"] * 1000
         row["graphs_over_floor"] = row["graphs_ms"] / row["floor_ms"]
+        row["decode_splits"] = tat.decode_splits(b, runner.attn.num_kv_heads, runner.attn.num_sms)
+        if row["decode_splits"] > 1:  # the same graphs without splitting the keys: does splitting pay?
+            sms, runner.attn.num_sms = runner.attn.num_sms, 1
+            runner.use_decode_graphs(b, mcfg.max_model_len)
+            row["graphs_unsplit_ms"] = step_ms(runner, b, a.context, a.steps, None)
+            runner.attn.num_sms = sms
         if not a.no_hf:
             row["hf_ms"] = hf_ms(model, b, a.context)
         rows.append(row)

@@ -171,8 +171,10 @@ class TritonAttention:
 
         self.ops, self.fused = triton_attention, triton_fused
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
-        self.block_size, self.num_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[5]
+        self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[4], kv.shape[5]
         self.block_m = block_m
+        # the decode kernel splits a small batch's keys until every SM has a program (decode_splits)
+        self.num_sms = torch.cuda.get_device_properties(kv.device).multi_processor_count if kv.is_cuda else 1
 
     def prepare(self, seqs: list[SeqInput]) -> BatchMeta:
         nd, parts = _host_meta(seqs, self.block_size)
@@ -198,7 +200,8 @@ class TritonAttention:
         nd, T = meta.num_decode, qt.shape[0]
         outs = []
         if nd:
-            outs.append(self.ops.paged_decode(qt[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale))
+            splits = self.ops.decode_splits(nd, self.num_kv_heads, self.num_sms)
+            outs.append(self.ops.paged_decode(qt[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, splits=splits))
         if meta.prefill:
             x = meta.extra
             outs.append(self.ops.paged_prefill(qt[nd:], kc, vc, x["tables"], x["cu_q"], x["start"],

@@ -3,7 +3,9 @@ V reach their cache slots with the rotary, engine/triton_fused.py `rope_store`.)
 
 - `paged_decode`: one new token per sequence; reads K/V in place through the block table. One
   program per (sequence, KV head) computes that head's whole GQA group of query heads at once, so
-  each K/V element is read once per group.
+  each K/V element is read once per group. A small batch leaves most SMs idle (batch 1 of a model
+  with 4 KV heads: 4 programs), so its keys are split into runs, one program each, merged by their
+  log-sum-exp in a second kernel (flash-decoding; `decode_splits` picks how many).
 - `paged_prefill`: packed prompts and prompt chunks in one call per layer. One program per
   (tile of BLOCK_M query tokens of one sequence, query head); keys are read from the cache
   (already stored), so a later chunk sees its earlier positions with the same code.
@@ -31,14 +33,20 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _paged_decode(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
+    # this program's keys: one of SPLITS equal runs of whole BLOCK_N tiles (flash-decoding)
+    per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per
+    hi = tl.minimum(ctx, lo + per)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     heads = kvh * G + g
@@ -47,9 +55,9 @@ def _paged_decode(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, ctx, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)  # positions of this key tile
-        live = n < ctx
+        live = n < hi
         blk = tl.load(bt_ptr + b * stride_btb + n // BS, mask=live, other=0).to(tl.int64)
         row = (blk * BS + n % BS) * (KVH * D) + kvh * D  # [N] offset of (slot, kv head)
         kv_mask = live[:, None] & (d < D)[None, :]
@@ -63,8 +71,35 @@ def _paged_decode(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(tl.float32)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context (a padded row) gives 0, not NaN
-    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=gd_mask)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key (a padded row, an empty split): 0, not NaN
+    if SPLITS == 1:
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=gd_mask)
+    else:  # this split's normalized output and log-sum-exp, merged by _merge_splits
+        row_h = (b * (KVH * G) + heads) * SPLITS + split  # [G] index into [B, H, SPLITS]
+        tl.store(part_ptr + row_h[:, None] * D + d[None, :], out, mask=gd_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row_h, lse, mask=g < G)
+
+
+@triton.jit
+def _merge_splits(
+    part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, H,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, h] = Σ_s exp(lse_s − lse) · part_s over the splits that saw keys (none: 0)."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + bh * SPLITS + sp, mask=sp < SPLITS, other=float("-inf"))  # [S]
+    top = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)  # [S]
+    part = tl.load(part_ptr + (bh * SPLITS + sp)[:, None] * D + d[None, :],
+                   mask=(sp < SPLITS)[:, None] & (d < D)[None, :], other=0.0)  # [S, D]
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -126,22 +161,38 @@ def _tiles(n: int, d: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(n)), max(16, triton.next_power_of_2(d))
 
 
+def decode_splits(num_rows: int, kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """Key splits per (sequence, KV head) for a decode batch of `num_rows`: enough programs to give
+    every SM one (flash-decoding), at most `max_splits`; 1 once the batch alone fills the GPU."""
+    programs = max(1, num_rows * kv_heads)
+    return max(1, min(max_splits, -(-num_sms // programs)))
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, block_n: int = 64) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, block_n: int = 64, splits: int = 1) -> torch.Tensor:
     """q [B, heads, head_dim]; block_tables [B, W]; context_lens [B] → out [B, heads, head_dim].
 
-    A row with context length 0 (a padded row) gives zeros."""
+    `splits` > 1: each (sequence, KV head) is split into that many runs of keys, one program each,
+    then merged by their log-sum-exp (see `decode_splits`). A row with context length 0 (a padded
+    row) gives zeros."""
     bs, kvh, d = _check_cache(k_cache)
     B, H, _ = q.shape
     G = H // kvh
     out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
     block_g, block_d = _tiles(G, d)
-    _paged_decode[(B, kvh)](
-        q, k_cache, v_cache, block_tables, context_lens, out,
+    part = lse = out  # unused when splits == 1
+    if splits > 1:
+        part = torch.empty(B, H, splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    _paged_decode[(B, kvh, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
-        BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
+        BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
         IEEE=q.dtype == torch.float32,
     )
+    if splits > 1:
+        _merge_splits[(B * H,)](part, lse, out, out.stride(0), out.stride(1), H, D=d, SPLITS=splits,
+                                BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d)
     return out
 
 

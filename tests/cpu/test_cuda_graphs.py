@@ -29,13 +29,15 @@ def test_buckets_are_nano_vllms() -> None:
     assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback() -> None:
+@pytest.mark.parametrize("num_sms", [1, 16])  # 16: small batches split their keys (flash-decoding)
+def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback(num_sms: int) -> None:
     """6 sequences finishing at different steps: batches of 6 (> largest bucket 4: eager), 5, 3 (bucket 4,
     one padding row), 2, 1 — each sequence == HF generate."""
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 259) for _ in range(rng.randint(1, 40))] for _ in range(6)]
     lengths = [3, 5, 7, 8, 10, 12]  # tokens to generate per sequence
     runner = ModelRunner(MODEL, num_blocks=64, block_size=8, kernels="triton")
+    runner.attn.num_sms = num_sms  # type: ignore[union-attr]
     runner.use_decode_graphs(max_batch=4, max_model_len=64, capture=False)
     graphs = runner.graphs
     assert graphs is not None

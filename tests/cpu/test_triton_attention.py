@@ -34,8 +34,10 @@ CASES = [  # block_size, heads, kv_heads, head_dim, dtype, tolerance
 ]
 
 
+@pytest.mark.parametrize("splits", [1, 3, 8])  # 8: more splits than some contexts have key tiles
 @pytest.mark.parametrize("bs,H,KVH,D,dtype,tol", CASES)
-def test_paged_decode_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: torch.dtype, tol: float) -> None:
+def test_paged_decode_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: torch.dtype, tol: float,
+                                   splits: int) -> None:
     g = torch.Generator().manual_seed(bs * 100 + H)
     kc, vc = _cache(40, bs, KVH, D, dtype, g)
     lens = [1, bs, 3 * bs + 5, 70, 0]  # the last one: a padded row
@@ -44,13 +46,20 @@ def test_paged_decode_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: tor
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(len(lens), H, D, generator=g).to(dtype)
     scale = D ** -0.5
-    out = tat.paged_decode(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale, block_n=16)
+    out = tat.paged_decode(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale, block_n=16, splits=splits)
     for i, n in enumerate(lens):
         if n == 0:
             assert torch.equal(out[i], torch.zeros_like(out[i]))
             continue
         ref = _ref(q[i : i + 1], _gather(kc, tables[i], n), _gather(vc, tables[i], n), [n - 1], scale)
         torch.testing.assert_close(out[i : i + 1].float(), ref, atol=tol, rtol=tol)
+
+
+def test_decode_splits_fill_the_sms_and_stop_splitting_once_the_batch_does() -> None:
+    assert tat.decode_splits(1, 4, 132) == 16  # 4 programs: split, capped at 16
+    assert tat.decode_splits(4, 4, 132) == 9  # 16 programs × 9 ≥ 132
+    assert tat.decode_splits(33, 4, 132) == 1  # 132 programs already
+    assert tat.decode_splits(64, 8, 132) == 1
 
 
 @pytest.mark.parametrize("bs,H,KVH,D,dtype,tol", CASES)
