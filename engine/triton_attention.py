@@ -32,12 +32,23 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _wide(blk, OFF64: tl.constexpr):
+    """Block ids as the type of the cache offsets computed from them: int32 unless one layer's cache has
+    2**31 elements or more. (int64 offsets cost a [N, D] tile of 64-bit addresses twice: 230 registers
+    a thread in the decode kernel of the 1.1B shape, 128 with int32 — cuobjdump of the sm_90 cubin.)"""
+    if OFF64:
+        return blk.to(tl.int64)
+    else:
+        return blk
+
+
+@triton.jit
 def _paged_decode(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, OFF64: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -58,7 +69,7 @@ def _paged_decode(
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)  # positions of this key tile
         live = n < hi
-        blk = tl.load(bt_ptr + b * stride_btb + n // BS, mask=live, other=0).to(tl.int64)
+        blk = _wide(tl.load(bt_ptr + b * stride_btb + n // BS, mask=live, other=0), OFF64)
         row = (blk * BS + n % BS) * (KVH * D) + kvh * D  # [N] offset of (slot, kv head)
         kv_mask = live[:, None] & (d < D)[None, :]
         k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
@@ -108,6 +119,7 @@ def _paged_prefill(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    OFF64: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -131,7 +143,7 @@ def _paged_prefill(
     for k0 in range(0, end, BLOCK_N):
         n = k0 + tl.arange(0, BLOCK_N)
         live = n < end
-        blk = tl.load(bt_ptr + s_idx * stride_btb + n // BS, mask=live, other=0).to(tl.int64)
+        blk = _wide(tl.load(bt_ptr + s_idx * stride_btb + n // BS, mask=live, other=0), OFF64)
         row = (blk * BS + n % BS) * (KVH * D) + kvh * D
         kv_mask = live[:, None] & (d < D)[None, :]
         k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
@@ -155,6 +167,11 @@ def _check_cache(k_cache: torch.Tensor) -> tuple[int, int, int]:
         raise ValueError("the KV cache must be contiguous [num_blocks, block_size, kv_heads, head_dim]")
     _, bs, kvh, d = k_cache.shape
     return bs, kvh, d
+
+
+def _off64(k_cache: torch.Tensor) -> bool:
+    """Whether offsets into one layer's cache need 64 bits."""
+    return k_cache.numel() >= 2**31
 
 
 def _tiles(n: int, d: int) -> tuple[int, int]:
@@ -188,7 +205,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
         BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache),
     )
     if splits > 1:
         _merge_splits[(B * H,)](part, lse, out, out.stride(0), out.stride(1), H, D=d, SPLITS=splits,
@@ -220,6 +237,6 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, block_tables, cu_q, start_pos, tile_seq, tile_m0, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
         BS=bs, KVH=kvh, D=d, G=H // kvh, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache),
     )
     return out

@@ -1,0 +1,160 @@
+"""Compile every Triton kernel of the CUDA path for a real GPU target, on a machine without one.
+
+Triton's interpreter (how the CPU suite runs the kernels) checks what they compute, not whether
+they compile: shapes `tl.dot` refuses, a type that changes across a loop, registers or shared
+memory over the limit only show up in the compiler. Here each kernel's launch wrapper is called with
+empty CPU tensors of the shapes a model gives it, the launch is recorded instead of run, and the
+recorded signature + constexprs are compiled by Triton to a cubin for sm_90 (H100; `--sm 80` for
+A100) — the same compiler and ptxas the GPU uses, no driver needed. Each compile prints one JSON
+line with the cubin's registers a thread and its spill stack (cuobjdump, shipped with Triton).
+
+    TRITON_INTERPRET=0 python -m tests.cpu.sm90_compile [--sm 90,80] [--shapes test,1.1b,8b]
+Run by tests/cpu/test_triton_compile.py in a subprocess (the interpreter must be off when the kernels
+are defined).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from bench.make_model import SHAPES
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+         torch.int64: "i64"}
+SHAPES_ = {**SHAPES, "smollm2-135m": dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                           intermediate_size=1536)}
+
+
+class _Recorder:
+    """Stands in for a JITFunction: `rec[grid](*args, **constexprs)` records the launch, runs nothing."""
+
+    def __init__(self, fn: Any, seen: list[tuple[Any, tuple, dict]]) -> None:
+        self.fn, self.seen = fn, seen
+
+    def __getitem__(self, grid: object) -> Any:
+        return lambda *args, **kwargs: self.seen.append((self.fn, args, kwargs))
+
+
+def _signature(fn: Any, args: tuple, kwargs: dict) -> tuple[dict[str, str], dict[tuple[int, ...], Any]]:
+    sig: dict[str, str] = {}
+    constexprs: dict[tuple[int, ...], Any] = {}
+    free = iter(args)
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            constexprs[(i,)] = kwargs[p.name]
+            continue
+        a = next(free)
+        if isinstance(a, torch.Tensor):
+            sig[p.name] = "*" + TYPES[a.dtype]
+        elif isinstance(a, bool):
+            sig[p.name] = "i1"
+        elif isinstance(a, int):
+            sig[p.name] = "i32" if -(2**31) <= a < 2**31 else "i64"
+        else:
+            sig[p.name] = "fp32"
+    return sig, constexprs
+
+
+def launches(shape_names: list[str]) -> list[tuple[Any, tuple, dict]]:
+    """The kernel launches the runner makes for these model shapes, fp32 and bf16, and once with
+    64-bit cache offsets (a cache of 2**31 elements or more)."""
+    from engine import triton_attention as ta
+    from engine import triton_fused as tf
+
+    seen: list[tuple[Any, tuple, dict]] = []
+    for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
+                      (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_silu_mul")]:
+        setattr(mod, name, _Recorder(getattr(mod, name), seen))
+    B, T, nb, bs = 3, 40, 8, 16
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    runs = [(SHAPES_[n], dt, False) for n in shape_names for dt in (torch.float32, torch.bfloat16)]
+    runs.append((SHAPES_[shape_names[-1]], torch.bfloat16, True))
+    off64 = ta._off64
+    for s, dt, wide in runs:
+        ta._off64 = (lambda kc: True) if wide else off64
+        H, KVH, hid, inter = (s["num_attention_heads"], s["num_key_value_heads"], s["hidden_size"],
+                              s["intermediate_size"])
+        D = hid // H
+        kc = torch.empty(nb, bs, KVH, D, dtype=dt)
+        tables = torch.zeros(B, 4, dtype=torch.int32)
+        lens = torch.ones(B, dtype=torch.int32)
+        q = torch.empty(B, (H + 2 * KVH) * D, dtype=dt)[:, : H * D].view(B, H, D)
+        for splits in (1, 4, 16):
+            ta.paged_decode(q, kc, kc, tables, lens, 0.125, splits=splits)
+        seq, m0 = ta.prefill_tiles([T], 32)
+        ta.paged_prefill(torch.empty(T, H, D, dtype=dt), kc, kc, tables[:1], i32([0, T]), i32([0]), i32(seq),
+                         i32(m0), 0.125)
+        x = torch.empty(T, hid, dtype=dt)
+        tf.add_rms_norm(x, None, torch.empty(hid, dtype=dt), 1e-5)
+        tf.add_rms_norm(x, x, torch.empty(hid, dtype=dt), 1e-5)
+        qkv = torch.empty(T, (H + 2 * KVH) * D, dtype=dt)
+        qv, kv, vv = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+        cs = torch.empty(T, D, dtype=dt)
+        tf.rope_store(qv.view(T, H, D), kv.view(T, KVH, D), vv.view(T, KVH, D), cs, cs, kc, kc,
+                      torch.zeros(T, dtype=torch.int64))
+        tf.silu_mul(torch.empty(T, 2 * inter, dtype=dt))
+    ta._off64 = off64
+    return seen
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    """Registers a thread and spill stack bytes of a cubin's kernel (cuobjdump -res-usage)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2))} if m else {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sm", default="90", help="compute capabilities, comma-separated")
+    ap.add_argument("--shapes", default="test,smollm2-135m,1.1b,8b", help=f"of {sorted(SHAPES_)}")
+    a = ap.parse_args()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    done: set[str] = set()
+    failed = 0
+    for fn, args, kwargs in launches(a.shapes.split(",")):
+        sig, constexprs = _signature(fn, args, kwargs)
+        for cc in [int(c) for c in a.sm.split(",")]:
+            key = json.dumps([fn.__name__, sig, sorted((k[0], v) for k, v in constexprs.items()), cc], default=str)
+            if key in done:
+                continue
+            done.add(key)
+            t0 = time.perf_counter()
+            rec: dict[str, Any] = {"kernel": fn.__name__, "sm": cc, "sig": sig,
+                                   "constexprs": {fn.params[k[0]].name: v for k, v in constexprs.items()}}
+            try:
+                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                   target=GPUTarget("cuda", cc, 32))
+                rec.update(ok=True, shared_bytes=k.metadata.shared, num_warps=k.metadata.num_warps,
+                           **_resources(k.asm["cubin"]))
+            except Exception as e:  # noqa: BLE001 — reported, the test names the failing kernel
+                failed += 1
+                rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+            rec["seconds"] = round(time.perf_counter() - t0, 2)
+            print(json.dumps(rec, default=str), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run with TRITON_INTERPRET=0: the interpreter replaces the kernels this compiles")
+    sys.exit(main())
