@@ -32,14 +32,15 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _wide(blk, OFF64: tl.constexpr):
-    """Block ids as the type of the cache offsets computed from them: int32 unless one layer's cache has
-    2**31 elements or more. (int64 offsets cost a [N, D] tile of 64-bit addresses twice: 230 registers
-    a thread in the decode kernel of the 1.1B shape, 128 with int32 — cuobjdump of the sm_90 cubin.)"""
+def _wide(x, OFF64: tl.constexpr):
+    """Block ids and positions as the type of the cache offsets computed from them: int32 unless one
+    layer's cache has 2**31 elements or more. (int64 offsets cost a [N, D] tile of 64-bit addresses
+    for K and one for V: 230 registers a thread in the bf16 decode kernel of the 1.1B shape, 128 with
+    int32; the 8B shape's spilled — cuobjdump of the sm_90 cubins, tests/cpu/sm90_compile.py.)"""
     if OFF64:
-        return blk.to(tl.int64)
+        return x.to(tl.int64)
     else:
-        return blk
+        return x.to(tl.int32)
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def _paged_decode(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.load(lens_ptr + b)
+    ctx = _wide(tl.load(lens_ptr + b), OFF64)
     # this program's keys: one of SPLITS equal runs of whole BLOCK_N tiles (flash-decoding)
     per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * per
@@ -125,10 +126,10 @@ def _paged_prefill(
     h = tl.program_id(1)
     kvh = h // G
     s_idx = tl.load(tile_seq_ptr + tile)
-    m0 = tl.load(tile_m0_ptr + tile)  # first query of this tile, counted within its sequence
+    m0 = _wide(tl.load(tile_m0_ptr + tile), OFF64)  # first query of this tile, counted within its sequence
     q_off = tl.load(cu_q_ptr + s_idx)
-    n_new = tl.load(cu_q_ptr + s_idx + 1) - q_off
-    start = tl.load(start_ptr + s_idx)  # position of the sequence's first new token
+    n_new = _wide(tl.load(cu_q_ptr + s_idx + 1) - q_off, OFF64)
+    start = _wide(tl.load(start_ptr + s_idx), OFF64)  # position of the sequence's first new token
     ctx = start + n_new
     mi = m0 + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)

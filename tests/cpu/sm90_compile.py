@@ -2,13 +2,13 @@
 
 Triton's interpreter (how the CPU suite runs the kernels) checks what they compute, not whether
 they compile: shapes `tl.dot` refuses, a type that changes across a loop, registers or shared
-memory over the limit only show up in the compiler. Here each kernel's launch wrapper is called with
-empty CPU tensors of the shapes a model gives it, the launch is recorded instead of run, and the
+memory over the limit only show up in the compiler. Here a one-layer ModelRunner of each model shape
+runs its forwards on CPU with every kernel launch recorded instead of run, and each distinct
 recorded signature + constexprs are compiled by Triton to a cubin for sm_90 (H100; `--sm 80` for
 A100) — the same compiler and ptxas the GPU uses, no driver needed. Each compile prints one JSON
 line with the cubin's registers a thread and its spill stack (cuobjdump, shipped with Triton).
 
-    TRITON_INTERPRET=0 python -m tests.cpu.sm90_compile [--sm 90,80] [--shapes test,1.1b,8b]
+    TRITON_INTERPRET=0 python -m tests.cpu.sm90_compile [--sm 90,80] [--runs test:float32,8b:bfloat16]
 Run by tests/cpu/test_triton_compile.py in a subprocess (the interpreter must be off when the kernels
 are defined).
 """
@@ -30,8 +30,8 @@ from bench.make_model import SHAPES
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
          torch.int64: "i64"}
-SHAPES_ = {**SHAPES, "smollm2-135m": dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                                           intermediate_size=1536)}
+SHAPES_ = {**SHAPES, "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                           num_key_value_heads=3, intermediate_size=1536, vocab_size=49152)}
 
 
 class _Recorder:
@@ -65,44 +65,38 @@ def _signature(fn: Any, args: tuple, kwargs: dict) -> tuple[dict[str, str], dict
     return sig, constexprs
 
 
-def launches(shape_names: list[str]) -> list[tuple[Any, tuple, dict]]:
-    """The kernel launches the runner makes for these model shapes, fp32 and bf16, and once with
-    64-bit cache offsets (a cache of 2**31 elements or more)."""
+def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tuple[Any, tuple, dict]]:
+    """The kernel launches a ModelRunner makes on an H100 (`num_sms`) for one layer of each (model
+    shape, dtype) of `runs`: a packed prefill with a later chunk, a mixed step, a decode step of every graph bucket up to
+    64 (each its own flash-decoding split), and once more with 64-bit cache offsets (a cache of 2**31
+    elements or more)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from engine import triton_attention as ta
     from engine import triton_fused as tf
+    from engine.cuda_graphs import buckets
+    from engine.model_runner import ModelRunner, SeqInput
 
     seen: list[tuple[Any, tuple, dict]] = []
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
                       (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_silu_mul")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
-    B, T, nb, bs = 3, 40, 8, 16
-    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-    runs = [(SHAPES_[n], dt, False) for n in shape_names for dt in (torch.float32, torch.bfloat16)]
-    runs.append((SHAPES_[shape_names[-1]], torch.bfloat16, True))
     off64 = ta._off64
-    for s, dt, wide in runs:
+    bs = 16
+    for name, dt, wide in [(n, dt, False) for n, dt in runs] + [(*runs[-1], True)]:
         ta._off64 = (lambda kc: True) if wide else off64
-        H, KVH, hid, inter = (s["num_attention_heads"], s["num_key_value_heads"], s["hidden_size"],
-                              s["intermediate_size"])
-        D = hid // H
-        kc = torch.empty(nb, bs, KVH, D, dtype=dt)
-        tables = torch.zeros(B, 4, dtype=torch.int32)
-        lens = torch.ones(B, dtype=torch.int32)
-        q = torch.empty(B, (H + 2 * KVH) * D, dtype=dt)[:, : H * D].view(B, H, D)
-        for splits in (1, 4, 16):
-            ta.paged_decode(q, kc, kc, tables, lens, 0.125, splits=splits)
-        seq, m0 = ta.prefill_tiles([T], 32)
-        ta.paged_prefill(torch.empty(T, H, D, dtype=dt), kc, kc, tables[:1], i32([0, T]), i32([0]), i32(seq),
-                         i32(m0), 0.125)
-        x = torch.empty(T, hid, dtype=dt)
-        tf.add_rms_norm(x, None, torch.empty(hid, dtype=dt), 1e-5)
-        tf.add_rms_norm(x, x, torch.empty(hid, dtype=dt), 1e-5)
-        qkv = torch.empty(T, (H + 2 * KVH) * D, dtype=dt)
-        qv, kv, vv = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
-        cs = torch.empty(T, D, dtype=dt)
-        tf.rope_store(qv.view(T, H, D), kv.view(T, KVH, D), vv.view(T, KVH, D), cs, cs, kc, kc,
-                      torch.zeros(T, dtype=torch.int64))
-        tf.silu_mul(torch.empty(T, 2 * inter, dtype=dt))
+        # one layer, a small MLP and vocabulary: what the kernels see (head and hidden sizes) is the shape's
+        dims = {**SHAPES_[name], "num_hidden_layers": 1, "intermediate_size": 256, "vocab_size": 512}
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**dims)).to(dt)
+        runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton")
+        runner.attn.num_sms = num_sms  # type: ignore[union-attr]
+        runner.use_decode_graphs(max_batch=64, max_model_len=256, capture=False)
+        table = list(range(16))
+        runner.forward([SeqInput(list(range(3, 43)), 0, table), SeqInput(list(range(3, 23)), 16, table)])
+        runner.forward([SeqInput([5], 30, table), SeqInput(list(range(3, 13)), 0, table)])  # decode + prompt
+        for b in buckets(64):
+            runner.forward([SeqInput([5], 30 + i, table) for i in range(b)])
     ta._off64 = off64
     return seen
 
@@ -123,7 +117,8 @@ def _resources(cubin: bytes) -> dict[str, int]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sm", default="90", help="compute capabilities, comma-separated")
-    ap.add_argument("--shapes", default="test,smollm2-135m,1.1b,8b", help=f"of {sorted(SHAPES_)}")
+    ap.add_argument("--runs", default=",".join(f"{n}:{d}" for n in SHAPES_ for d in ("float32", "bfloat16")),
+                    help=f"shape:dtype, comma-separated; shapes {sorted(SHAPES_)}")
     a = ap.parse_args()
     import triton
     from triton.backends.compiler import GPUTarget
@@ -131,7 +126,7 @@ def main() -> int:
 
     done: set[str] = set()
     failed = 0
-    for fn, args, kwargs in launches(a.shapes.split(",")):
+    for fn, args, kwargs in launches([(r.split(":")[0], getattr(torch, r.split(":")[1])) for r in a.runs.split(",")]):
         sig, constexprs = _signature(fn, args, kwargs)
         for cc in [int(c) for c in a.sm.split(",")]:
             key = json.dumps([fn.__name__, sig, sorted((k[0], v) for k, v in constexprs.items()), cc], default=str)

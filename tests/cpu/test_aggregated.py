@@ -106,6 +106,35 @@ def test_prefill_past_its_deadline_ends_the_request_and_frees_its_blocks(worker:
     worker.events.by_id.clear()
 
 
+def test_prefill_whose_deadline_passes_between_last_chunk_and_first_token_leaves_no_waiter(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller gives up after the prompt's last chunk ran but before its first token is answered:
+    the id must not stay 'being prefilled' (a retry under it would be refused forever)."""
+    w = worker.w
+    reached, gave_up = threading.Event(), threading.Event()
+    prefilled = w._prefilled
+
+    def late(*args: object) -> None:  # the first token is sampled; its answer waits for the deadline
+        reached.set()
+        gave_up.wait(10)
+        prefilled(*args)
+
+    monkeypatch.setattr(w, "_prefilled", late)
+    ids = tiny_tokenizer()("the first token comes late")["input_ids"]
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert w.reserve("race", len(ids), sp, EOS).ok
+    res = w.prefill(PrefillRequest("race", ids, sp, EOS, 0), timeout_s=2)
+    gave_up.set()
+    assert reached.is_set() and res.finished is FinishReason.ERROR and "did not finish" in (res.error or "")
+    monkeypatch.undo()
+    assert wait_until(w.check_idle, 10)
+    assert "race" not in w.prompts and w.prompts.num_waiting_callers == 0
+    worker.events.by_id.clear()  # the timed-out request's events
+    assert worker.run("race", "the first token comes late", 4, True) == hf_greedy("the first token comes late", 4, True)
+    worker.events.by_id.clear()
+
+
 def test_prefill_without_reservation_is_refused(worker: Worker) -> None:
     sp = SamplingParams(max_tokens=4)
     res = worker.w.prefill(PrefillRequest("nobody", [5, 6, 7], sp, EOS, 0), timeout_s=5)

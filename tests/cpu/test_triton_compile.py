@@ -1,5 +1,5 @@
 """Every Triton kernel of the CUDA path compiles for sm_90 (H100) at the launches the runner makes for
-the test, 1.1B and 8B shapes, fp32 and bf16 — checked here, without a GPU, by Triton's own compiler
+the tiny test shape in fp32 (the GPU tests') and the 1.1B and 8B shapes in bf16 — checked here, without a GPU, by Triton's own compiler
 and ptxas (tests/cpu/sm90_compile.py). The interpreter the other tests use cannot see a kernel that
 fails to compile, nor one that spills registers to local memory."""
 import json
@@ -22,7 +22,8 @@ def _has_ptxas() -> bool:
 @pytest.mark.skipif(not _has_ptxas(), reason="this Triton build has no NVIDIA backend")
 def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", "90", "--shapes", "test,1.1b,8b"],
+    p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", "90", "--runs",
+                        "test:float32,1.1b:bfloat16,8b:bfloat16"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     failed = [f"{r['kernel']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]
@@ -30,6 +31,7 @@ def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     assert {r["kernel"] for r in recs} == KERNELS
     assert {r["constexprs"].get("OFF64") for r in recs if r["kernel"] == "_paged_decode"} == {False, True}
+    assert {r["constexprs"].get("SPLITS") for r in recs if r["kernel"] == "_paged_decode"} >= {1, 2, 16}
     # bf16 is what a GPU serves; with 32-bit cache offsets no kernel of these shapes spills
     spills = [(r["kernel"], r["constexprs"], r["stack_bytes"]) for r in recs
               if "*bf16" in r["sig"].values() and not r["constexprs"].get("OFF64") and r.get("stack_bytes")]
