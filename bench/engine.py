@@ -2,7 +2,8 @@
 
     python bench/engine.py --config deploy/local.yaml --concurrency 1,8,32,64 --output bench/results/engine.json
 
-For each concurrency C it runs C streaming requests at once (fixed prompt length, ignore_eos) and
+For each concurrency C it runs C streaming requests at once (fixed prompt length, ignore_eos; the
+clients are asyncio streams in a process of their own, as a router's clients would be) and
 measures the aggregate decode rate over the window where all C are decoding together (from the
 last first-token to the first last-token). In the same run, with the cluster idle, it times the
 bare paged forward of the same model at batch C with the same context lengths, in this process with
@@ -12,15 +13,18 @@ decode rate the serving loop (scheduling, sampling, Ray, gRPC streaming) deliver
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing as mp
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -34,29 +38,44 @@ from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
 from protos.pdserve.v1 import generation_pb2 as pb  # noqa: E402
 
 
+def _stream_clients(address: str, texts: list[str], max_tokens: int, out: "mp.Queue[Any]") -> None:
+    """In its own process (the router's must not share a GIL with 64 clients): one asyncio gRPC
+    stream per text, all at once; puts (arrival times of every token per stream, t0, error | None)."""
+    import grpc
+
+    from protos.pdserve.v1 import generation_pb2_grpc as pbg
+
+    async def run() -> tuple[list[list[float]], float, str | None]:
+        arrivals: list[list[float]] = [[] for _ in texts]
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = pbg.GenerationStub(ch)
+
+            async def one(i: int) -> None:
+                req = pb.GenerateRequest(prompt=texts[i], max_tokens=max_tokens, ignore_eos=True)
+                async for msg in stub.GenerateStream(req, timeout=900):
+                    now = time.perf_counter()
+                    arrivals[i].extend([now] * len(msg.token_ids))
+
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(one(i) for i in range(len(texts))), return_exceptions=True)
+        errors = [str(r) for r in res if isinstance(r, BaseException)]
+        return arrivals, t0, errors[0] if errors else None
+
+    out.put(asyncio.run(run()))
+
+
 def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], tok, max_tokens: int) -> dict:  # type: ignore[no-untyped-def]
-    arrivals: list[list[float]] = [[] for _ in range(conc)]
-    errors: list[str] = []
-
-    def one(i: int) -> None:
-        text = tok.decode(prompt_ids[i % len(prompt_ids)])
-        try:
-            for msg in srv.stub.GenerateStream(
-                pb.GenerateRequest(prompt=text, max_tokens=max_tokens, ignore_eos=True), timeout=900
-            ):
-                now = time.perf_counter()
-                arrivals[i].extend([now] * len(msg.token_ids))
-        except Exception as e:  # noqa: BLE001
-            errors.append(str(e))
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(conc)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(errors[0])
+    texts = [tok.decode(prompt_ids[i % len(prompt_ids)]) for i in range(conc)]
+    cpu0 = _cpu_s()
+    ctx = mp.get_context("spawn")
+    out: "mp.Queue[Any]" = ctx.Queue()
+    proc = ctx.Process(target=_stream_clients, args=(srv.address, texts, max_tokens, out), daemon=True)
+    proc.start()
+    arrivals, t0, error = out.get(timeout=1800)
+    router_cpu = _cpu_s() - cpu0
+    proc.join(60)
+    if error:
+        raise RuntimeError(error)
     start = max(a[0] for a in arrivals)  # every request has its first token: batch is full
     end = min(a[-1] for a in arrivals)  # the first request finishes: batch shrinks
     tokens = sum(sum(1 for x in a if start < x <= end) for a in arrivals)
@@ -67,8 +86,15 @@ def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], 
         "window_s": end - start,
         "median_itl_ms": statistics.median(itl) * 1000 if itl else float("nan"),
         "mean_ttft_ms": statistics.mean(a[0] - t0 for a in arrivals) * 1000,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": max(a[-1] for a in arrivals) - t0,
+        # CPU time of this process (the router's event loop; its clients run elsewhere) per token streamed
+        "router_cpu_us_per_token": router_cpu / sum(len(a) for a in arrivals) * 1e6,
     }
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def bare_rate(runner: ModelRunner, batch: int, prompt_len: int, steps: int) -> dict:
@@ -78,11 +104,11 @@ def bare_rate(runner: ModelRunner, batch: int, prompt_len: int, steps: int) -> d
     tables = [list(range(i * per, (i + 1) * per)) for i in range(batch)]
     rng = random.Random(0)
     # context as in serving: prompt KV present (random values do not change the cost), then decode
-    seqs = [SeqInput([rng.randrange(100, 1000)], prompt_len, t) for t in tables]
+    seqs = [SeqInput([rng.randrange(3, min(1000, runner.vocab_size))], prompt_len, t) for t in tables]
     runner.forward(seqs)  # warm-up
     times = []
     for s in range(steps):
-        seqs = [SeqInput([rng.randrange(100, 1000)], prompt_len + s, t) for t in tables]
+        seqs = [SeqInput([rng.randrange(3, min(1000, runner.vocab_size))], prompt_len + s, t) for t in tables]
         t0 = time.perf_counter()
         logits = runner.forward(seqs)
         logits.argmax(-1).tolist()
@@ -107,14 +133,18 @@ def main() -> None:
                                  "limits": {"max_concurrent_requests": max(256, max(levels))}})
     tok = load_tokenizer(cfg.model)
     rng = random.Random(1)
-    prompt_ids = [[rng.randrange(1000, 20000) for _ in range(a.prompt_tokens)] for _ in range(8)]
+    # ordinary tokens that survive decode → re-encode with the same count; the tiny test model's
+    # byte-level vocabulary (259): printable ASCII bytes (ids 35..128)
+    lo, hi = (1000, min(20000, len(tok))) if len(tok) > 2000 else (35, 129)
+    prompt_ids = [[rng.randrange(lo, hi) for _ in range(a.prompt_tokens)] for _ in range(8)]
     # a decoded-then-retokenized prompt may change length a little; report what was sent
     rows = []
     with BackgroundServer(cfg) as srv:
         srv.generate(prompt="warm up", max_tokens=8)
         for c in levels:
             r = serving_rate(srv, c, prompt_ids, tok, a.max_tokens)
-            print(f"serving  C={c:3d}: {r['decode_tokens_per_s']:7.1f} tok/s  itl {r['median_itl_ms']:.1f} ms", flush=True)
+            print(f"serving  C={c:3d}: {r['decode_tokens_per_s']:7.1f} tok/s  itl {r['median_itl_ms']:.1f} ms"
+                  f"  router {r['router_cpu_us_per_token']:.0f} µs CPU/token", flush=True)
             rows.append(r)
     torch.set_num_threads(cfg.decode.torch_threads)
     model = load_model(cfg.model)

@@ -156,9 +156,11 @@ class Dispatcher(WorkerLiveness):
                 return
             yield TokenChunk([res.first_token], None, timings, first_lp)
             while True:
-                ev = await self._wait(queue.get(), deadline, "decode")
+                ev = await self._next_event(queue, deadline)
                 if ev.error is not None:
                     finished = True  # the worker already dropped it
+                    if ev.token_ids:  # what it sampled before the error still reaches the client
+                        yield TokenChunk(ev.token_ids, logprobs=ev.logprobs)
                     raise WorkerFailure(f"decode worker: {ev.error}")
                 if ev.kv_transfer_ms is not None:
                     timings["kv_transfer_ms"] = ev.kv_transfer_ms
@@ -179,6 +181,23 @@ class Dispatcher(WorkerLiveness):
                 if not finished:  # client gone, deadline, stop string, error: free the KV everywhere
                     await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
+
+    async def _next_event(self, queue: "asyncio.Queue[DecodeEvent]", deadline: float) -> DecodeEvent:
+        """The request's next decode event, with every event already queued behind it merged in: a
+        router that falls behind a fast decode worker sends fewer, longer chunks (one detokenize,
+        one message for several tokens) instead of falling further behind. Waits as `_wait` does."""
+        if queue.empty():
+            first = await self._wait(queue.get(), deadline, "decode")
+        elif self._aborted.is_set():
+            raise WorkerFailure(self._abort_reason)
+        elif time.monotonic() >= deadline:
+            raise DeadlineExceeded("decode did not answer before the request deadline")
+        else:
+            first = queue.get_nowait()
+        events = [first]
+        while not queue.empty() and events[-1].finish_reason is None and events[-1].error is None:
+            events.append(queue.get_nowait())
+        return first if len(events) == 1 else _merged(events)
 
     async def _prefill(self, p_idx: int, preq: PrefillRequest, deadline: float) -> PrefillResult:
         prefill, n_prompt = self.prefills[p_idx], len(preq.token_ids)
@@ -336,6 +355,18 @@ class Dispatcher(WorkerLiveness):
             await asyncio.shield(asyncio.ensure_future(both()))
         except asyncio.CancelledError:
             pass
+
+def _merged(events: list[DecodeEvent]) -> DecodeEvent:
+    """Consecutive events of one request as one: tokens (and logprobs) in order, the last's ending."""
+    last = events[-1]
+    lps = [lp for e in events for lp in e.logprobs or ()]
+    return DecodeEvent(
+        last.request_id, [t for e in events for t in e.token_ids], last.finish_reason, last.error,
+        next((e.kv_transfer_ms for e in events if e.kv_transfer_ms is not None), None),
+        next((e.kv_bytes for e in events if e.kv_bytes is not None), None),
+        lps if any(e.logprobs is not None for e in events) else None,
+    )
+
 
 def _remaining(deadline: float) -> float:
     return max(0.1, deadline - time.monotonic())

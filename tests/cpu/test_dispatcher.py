@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams
+from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams, TokenLogprob
 from router.config import LimitsConfig
 from router.dispatcher import AlreadyExists, DeadlineExceeded, WorkerRef, Dispatcher, ResourceExhausted, WorkerFailure
 from router.validation import ValidRequest
@@ -230,6 +230,54 @@ def test_a_prefill_worker_dying_before_the_first_token_is_retried_once_elsewhere
         with pytest.raises(WorkerFailure, match="prefill"):  # no third try: with prefill-1 dying too, it fails
             alive.prefill = _Method(died)
             await _collect(d, "s")
+        await d.close()
+
+    asyncio.run(main())
+
+
+class FakeDecodeBatch(FakeDecode):
+    """poll() answers with every event waiting, as a decode worker's poll does."""
+
+    async def _poll(self, timeout: float) -> list[DecodeEvent]:
+        first = await super()._poll(timeout)
+        rest = []
+        while not self.events.empty():
+            rest.append(self.events.get_nowait())
+        return first + rest
+
+
+def test_decode_events_waiting_for_a_request_reach_it_as_one_chunk_in_order() -> None:
+    """A router behind its decode worker merges what is queued: one chunk (one detokenize, one message)
+    with the tokens and logprobs in order and the last event's finish."""
+    async def main() -> None:
+        dec = FakeDecodeBatch(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill(delay=0.2))], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.start()
+        lp = lambda t: TokenLogprob(t, -0.5)  # noqa: E731
+        for ids in ([6], [7, 8], [9]):  # all sent while the prompt is still prefilling
+            dec.events.put_nowait(DecodeEvent("a", ids, logprobs=[lp(t) for t in ids]))
+        dec.events.put_nowait(DecodeEvent("a", [10], FinishReason.LENGTH, logprobs=[lp(10)]))
+        chunks = [c async for c in d.run(_req("a"))]
+        assert [c.token_ids for c in chunks] == [[5], [6, 7, 8, 9, 10]]
+        assert chunks[1].finish_reason is FinishReason.LENGTH
+        assert [x.token_id for x in chunks[1].logprobs or []] == [6, 7, 8, 9, 10]
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_tokens_merged_ahead_of_a_decode_error_are_streamed_before_the_failure() -> None:
+    async def main() -> None:
+        dec = FakeDecodeBatch(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill(delay=0.2))], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.start()
+        dec.events.put_nowait(DecodeEvent("b", [6, 7]))
+        dec.events.put_nowait(DecodeEvent("b", [], error="step failed: boom"))
+        got: list[list[int]] = []
+        with pytest.raises(WorkerFailure, match="boom"):
+            async for c in d.run(_req("b")):
+                got.append(c.token_ids)
+        assert got == [[5], [6, 7]] and "b" not in dec.cancelled  # the worker already dropped it
         await d.close()
 
     asyncio.run(main())
