@@ -40,13 +40,15 @@ from protos.pdserve.v1 import generation_pb2 as pb  # noqa: E402
 
 def _stream_clients(address: str, texts: list[str], max_tokens: int, out: "mp.Queue[Any]") -> None:
     """In its own process (the router's must not share a GIL with 64 clients): one asyncio gRPC
-    stream per text, all at once; puts (arrival times of every token per stream, t0, error | None)."""
+    stream per text, all at once; puts (arrival times of every token per stream, t0, error | None,
+    messages received)."""
     import grpc
 
     from protos.pdserve.v1 import generation_pb2_grpc as pbg
 
-    async def run() -> tuple[list[list[float]], float, str | None]:
+    async def run() -> tuple[list[list[float]], float, str | None, int]:
         arrivals: list[list[float]] = [[] for _ in texts]
+        messages = [0] * len(texts)
         async with grpc.aio.insecure_channel(address) as ch:
             stub = pbg.GenerationStub(ch)
 
@@ -55,11 +57,12 @@ def _stream_clients(address: str, texts: list[str], max_tokens: int, out: "mp.Qu
                 async for msg in stub.GenerateStream(req, timeout=900):
                     now = time.perf_counter()
                     arrivals[i].extend([now] * len(msg.token_ids))
+                    messages[i] += 1
 
             t0 = time.perf_counter()
             res = await asyncio.gather(*(one(i) for i in range(len(texts))), return_exceptions=True)
         errors = [str(r) for r in res if isinstance(r, BaseException)]
-        return arrivals, t0, errors[0] if errors else None
+        return arrivals, t0, errors[0] if errors else None, sum(messages)
 
     out.put(asyncio.run(run()))
 
@@ -71,7 +74,7 @@ def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], 
     out: "mp.Queue[Any]" = ctx.Queue()
     proc = ctx.Process(target=_stream_clients, args=(srv.address, texts, max_tokens, out), daemon=True)
     proc.start()
-    arrivals, t0, error = out.get(timeout=1800)
+    arrivals, t0, error, messages = out.get(timeout=1800)
     router_cpu = _cpu_s() - cpu0
     proc.join(60)
     if error:
@@ -89,6 +92,7 @@ def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], 
         "wall_s": max(a[-1] for a in arrivals) - t0,
         # CPU time of this process (the router's event loop; its clients run elsewhere) per token streamed
         "router_cpu_us_per_token": router_cpu / sum(len(a) for a in arrivals) * 1e6,
+        "tokens_per_message": sum(len(a) for a in arrivals) / messages,  # > 1: the router merged events
     }
 
 
@@ -144,7 +148,8 @@ def main() -> None:
         for c in levels:
             r = serving_rate(srv, c, prompt_ids, tok, a.max_tokens)
             print(f"serving  C={c:3d}: {r['decode_tokens_per_s']:7.1f} tok/s  itl {r['median_itl_ms']:.1f} ms"
-                  f"  router {r['router_cpu_us_per_token']:.0f} µs CPU/token", flush=True)
+                  f"  router {r['router_cpu_us_per_token']:.0f} µs CPU/token, {r['tokens_per_message']:.2f} tokens/message",
+                  flush=True)
             rows.append(r)
     torch.set_num_threads(cfg.decode.torch_threads)
     model = load_model(cfg.model)

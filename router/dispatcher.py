@@ -7,7 +7,8 @@
      the first token (TTFT); a prefill worker found dead is skipped from then on and the request is
      tried once more on another one (the same reservation)
   3. decode events arrive through one long-poll loop per decode worker (router/liveness.py),
-     fanned out by the request's key (minted by the router; a client id is only a label)
+     fanned out by the request's key (minted by the router; a client id is only a label) into its
+     inbox (router/event_inbox.py: what waits is merged into one chunk)
   4. every wait has the request's deadline (and ends early on abort_all, the drain); on any exit
      that is not a clean finish the request is cancelled on both workers so its KV comes back
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
@@ -24,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.kv_handoff.types import KVDestination
-from engine.types import DecodeEvent, FinishReason, PrefillRequest, PrefillResult, TokenLogprob
+from engine.types import FinishReason, PrefillRequest, PrefillResult, TokenLogprob
 from router.config import LimitsConfig
+from router.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, WorkerFailure
+from router.event_inbox import EventInbox
 from router.liveness import WorkerLiveness, WorkerRef, _actor_gone
 
 __all__ = ["AlreadyExists", "DeadlineExceeded", "Dispatcher", "ResourceExhausted", "TokenChunk", "WorkerFailure",
@@ -34,22 +37,6 @@ from router.policy import LeastLoadedPolicy
 from router.validation import ValidRequest
 
 log = logging.getLogger(__name__)
-
-
-class ResourceExhausted(RuntimeError):
-    pass
-
-
-class WorkerFailure(RuntimeError):
-    pass
-
-
-class DeadlineExceeded(RuntimeError):
-    pass
-
-
-class AlreadyExists(RuntimeError):
-    pass
 
 
 @dataclass
@@ -74,7 +61,7 @@ class Dispatcher(WorkerLiveness):
         self.eos_token_ids = eos_token_ids
         self.limits = limits
         self.policy = LeastLoadedPolicy(len(prefills), len(decodes))
-        self.streams: dict[str, asyncio.Queue[DecodeEvent]] = {}
+        self.streams: dict[str, EventInbox] = {}  # request key → its decode events
         self.in_flight = 0
         self.queued = 0
         self._admission = asyncio.Lock()  # FIFO: asyncio locks wake waiters in order
@@ -106,6 +93,8 @@ class Dispatcher(WorkerLiveness):
         """End every request in flight with `why` (UNAVAILABLE), whatever it waits for."""
         self._abort_reason = why
         self._aborted.set()
+        for inbox in self.streams.values():
+            inbox.fail(why)
 
     # -- one request ----------------------------------------------------------------------------
     async def run(self, req: ValidRequest) -> AsyncIterator[TokenChunk]:
@@ -125,8 +114,9 @@ class Dispatcher(WorkerLiveness):
         n_prompt = len(req.prompt_ids)
         kv_tokens = n_prompt + req.sampling.max_tokens
         self.in_flight += 1
-        queue: asyncio.Queue[DecodeEvent] = asyncio.Queue()
-        self.streams[key] = queue
+        inbox = self.streams[key] = EventInbox()
+        if self._aborted.is_set():
+            inbox.fail(self._abort_reason)
         self.labels.add(req.request_id)
         d_idx: int | None = None
         p_used: int | None = None
@@ -156,7 +146,7 @@ class Dispatcher(WorkerLiveness):
                 return
             yield TokenChunk([res.first_token], None, timings, first_lp)
             while True:
-                ev = await self._next_event(queue, deadline)
+                ev = await inbox.take(deadline)
                 if ev.error is not None:
                     finished = True  # the worker already dropped it
                     if ev.token_ids:  # what it sampled before the error still reaches the client
@@ -181,23 +171,6 @@ class Dispatcher(WorkerLiveness):
                 if not finished:  # client gone, deadline, stop string, error: free the KV everywhere
                     await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
-
-    async def _next_event(self, queue: "asyncio.Queue[DecodeEvent]", deadline: float) -> DecodeEvent:
-        """The request's next decode event, with every event already queued behind it merged in: a
-        router that falls behind a fast decode worker sends fewer, longer chunks (one detokenize,
-        one message for several tokens) instead of falling further behind. Waits as `_wait` does."""
-        if queue.empty():
-            first = await self._wait(queue.get(), deadline, "decode")
-        elif self._aborted.is_set():
-            raise WorkerFailure(self._abort_reason)
-        elif time.monotonic() >= deadline:
-            raise DeadlineExceeded("decode did not answer before the request deadline")
-        else:
-            first = queue.get_nowait()
-        events = [first]
-        while not queue.empty() and events[-1].finish_reason is None and events[-1].error is None:
-            events.append(queue.get_nowait())
-        return first if len(events) == 1 else _merged(events)
 
     async def _prefill(self, p_idx: int, preq: PrefillRequest, deadline: float) -> PrefillResult:
         prefill, n_prompt = self.prefills[p_idx], len(preq.token_ids)
@@ -355,18 +328,6 @@ class Dispatcher(WorkerLiveness):
             await asyncio.shield(asyncio.ensure_future(both()))
         except asyncio.CancelledError:
             pass
-
-def _merged(events: list[DecodeEvent]) -> DecodeEvent:
-    """Consecutive events of one request as one: tokens (and logprobs) in order, the last's ending."""
-    last = events[-1]
-    lps = [lp for e in events for lp in e.logprobs or ()]
-    return DecodeEvent(
-        last.request_id, [t for e in events for t in e.token_ids], last.finish_reason, last.error,
-        next((e.kv_transfer_ms for e in events if e.kv_transfer_ms is not None), None),
-        next((e.kv_bytes for e in events if e.kv_bytes is not None), None),
-        lps if any(e.logprobs is not None for e in events) else None,
-    )
-
 
 def _remaining(deadline: float) -> float:
     return max(0.1, deadline - time.monotonic())

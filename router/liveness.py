@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.types import DecodeEvent, FinishReason, WorkerStats
+from router.event_inbox import EventInbox
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class WorkerLiveness:
     prefills: list[WorkerRef]
     decodes: list[WorkerRef]
     colocated: bool
-    streams: dict[str, "asyncio.Queue[DecodeEvent]"]
+    streams: dict[str, EventInbox]
     _placed: dict[str, int]
     _pollers: dict[str, "asyncio.Task[None]"]
     dead: set[str]
@@ -55,16 +56,16 @@ class WorkerLiveness:
                 await asyncio.sleep(min(1.0, 0.05 * failures))
                 continue
             for ev in events:
-                q = self.streams.get(ev.request_id)
-                if q is not None:
-                    q.put_nowait(ev)
+                inbox = self.streams.get(ev.request_id)
+                if inbox is not None:
+                    inbox.put(ev)
 
     def _decode_lost(self, idx: int, why: str) -> None:
         self.dead.add(self.decodes[idx].worker_id)
         for rid, where in list(self._placed.items()):
-            q = self.streams.get(rid)
-            if where == idx and q is not None:
-                q.put_nowait(DecodeEvent(rid, [], FinishReason.ERROR, why))
+            inbox = self.streams.get(rid)
+            if where == idx and inbox is not None:
+                inbox.put(DecodeEvent(rid, [], FinishReason.ERROR, why))
 
     # -- worker liveness (the supervisor in cluster/ calls these) ------------------------------
     def mark_lost(self, worker_id: str, why: str) -> None:

@@ -281,3 +281,21 @@ def test_tokens_merged_ahead_of_a_decode_error_are_streamed_before_the_failure()
         await d.close()
 
     asyncio.run(main())
+
+
+def test_abort_all_ends_a_request_waiting_for_decode_events_and_frees_its_kv() -> None:
+    async def main() -> None:
+        dec = FakeDecode(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.start()
+        task = asyncio.create_task(_collect(d, "waiting"))
+        await asyncio.sleep(0.1)  # past its first token, waiting for the decode worker
+        d.abort_all("server is shutting down")
+        with pytest.raises(WorkerFailure, match="shutting down"):
+            await task
+        with pytest.raises(WorkerFailure, match="shutting down"):  # and so does one that starts later
+            await _collect(d, "late")
+        assert dec.cancelled == ["waiting", "late"] and not dec.held and d.in_flight == 0 and not d.streams
+        await d.close()
+
+    asyncio.run(main())
