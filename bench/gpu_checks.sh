@@ -5,7 +5,7 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step       # 1.1B: floor / graphs / eager / HF at 1, 16, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step8b     # 8B: the same at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D
-#     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU)
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
@@ -38,7 +38,7 @@ case "${1:-tests}" in
              python3 bench/engine.py --config "$(yaml "$p" $m)" --concurrency 1,16,64 --prompt-tokens 64 \
                --max-tokens 128 --output "$OUT/serve-$m.json" 2>&1 | tee "$OUT/serve-$m.log" | grep -E "serving|bare"
            done ;;
-  handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc \
+  handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
              --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8 ;;
   *) echo "unknown check $1" >&2; exit 2 ;;
 esac

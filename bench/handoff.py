@@ -1,17 +1,20 @@
 """The KV hand-off of one long prompt, backend by backend, through the whole cluster (same run).
 
     python bench/handoff.py --backends ipc,gloo --prompt-tokens 1000 --runs 7 --output bench/results/handoff.json
-    python bench/handoff.py --config deploy/1gpu.yaml --model-path /tmp/llama-1.1b --backends ipc   # on a GPU
+    python bench/handoff.py --config deploy/1gpu.yaml --model-path /tmp/llama-1.1b --backends ipc,nccl   # on a GPU
 
 For each backend a 1P1D cluster is started with `transport.backend` forced, then one request at a
 time (max_tokens=2, so decode only admits it) reports `kv_transfer_ms`: from the prefill's
 begin_write to the decode loop seeing the KV landed (the grant round trip, the copy or send, and
 for two-sided backends the receive and the decode-side copy into the blocks). The decode worker's
 `kv_bytes_placed` says how many bytes it copied into its own cache (0 for a direct write).
+NCCL on a one-GPU machine runs with an NCCL_HOSTID per worker (tests/gpu/nccl_one_gpu.py, test-only):
+NCCL then talks over loopback sockets, so that figure is a socket figure, marked so in the output.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -41,7 +44,10 @@ def run_backend(config: str | None, overrides: dict[str, Any], backend: str, tex
     import ray
 
     cfg = load_config(config, {**overrides, "transport": {"backend": backend}})
-    with BackgroundServer(cfg) as srv:
+    sockets = backend == "nccl" and _one_gpu(cfg.model.device)
+    if sockets:
+        from tests.gpu.nccl_one_gpu import own_nccl_hosts
+    with own_nccl_hosts() if sockets else contextlib.nullcontext(), BackgroundServer(cfg) as srv:
         srv.generate(prompt="warm up", max_tokens=2)
         srv.generate(prompt=text, max_tokens=2, ignore_eos=True)  # first long one: page faults, allocations
         rows = []
@@ -54,11 +60,17 @@ def run_backend(config: str | None, overrides: dict[str, Any], backend: str, tex
     ms = [r["kv_transfer_ms"] for r in rows]
     mb = rows[0]["kv_bytes"] / 1e6
     return {
-        "backend": backend, "links": stats[0].extra["links"], "prompt_tokens": rows[0]["prompt_tokens"],
+        "backend": backend, "over_sockets_one_gpu": sockets, "links": stats[0].extra["links"], "prompt_tokens": rows[0]["prompt_tokens"],
         "kv_mb": mb, "kv_transfer_ms_median": statistics.median(ms), "kv_transfer_ms_min": min(ms),
         "gb_per_s_median": mb / statistics.median(ms), "decode_kv_bytes_placed": stats[0].extra["kv_bytes_placed"],
         "decode_prompt_tokens_computed": stats[0].prompt_tokens_computed, "rows": rows,
     }
+
+
+def _one_gpu(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") and torch.cuda.device_count() == 1
 
 
 def main() -> None:
@@ -77,7 +89,8 @@ def main() -> None:
     for r in results:
         print(f"{r['backend']:5s} {r['prompt_tokens']} tokens, {r['kv_mb']:.1f} MB: hand-off median "
               f"{r['kv_transfer_ms_median']:.1f} ms (min {r['kv_transfer_ms_min']:.1f}), "
-              f"{r['gb_per_s_median']:.2f} GB/s; decode copied {r['decode_kv_bytes_placed'] / 1e6:.1f} MB itself")
+              f"{r['gb_per_s_median']:.2f} GB/s; decode copied {r['decode_kv_bytes_placed'] / 1e6:.1f} MB itself"
+              + (" (NCCL over loopback sockets: one GPU, test-only setting)" if r["over_sockets_one_gpu"] else ""))
     if len(results) > 1:
         print(f"{results[0]['backend']} / {results[1]['backend']}: "
               f"{results[0]['kv_transfer_ms_median'] / results[1]['kv_transfer_ms_median']:.2f}")

@@ -2,13 +2,13 @@
 and 1P1D forced to NCCL. Skipped without CUDA.
 
 NCCL refuses two ranks on one GPU ("Duplicate GPU detected"). For the NCCL test only, each worker
-process gets its own NCCL_HOSTID, so NCCL takes them for two hosts and talks over sockets: a way to
-run the NCCL code path on one GPU, not a production setting.
+process gets its own NCCL_HOSTID (tests/gpu/nccl_one_gpu.py), so NCCL takes them for two hosts and
+talks over sockets: a way to run the NCCL code path on one GPU, not a production setting.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
+import contextlib
 from typing import Any
 
 import pytest
@@ -31,12 +31,6 @@ def _cfg(**sections: Any) -> Any:
     return tiny_config(**base)
 
 
-def _own_nccl_host(worker: Any) -> int:  # runs inside an actor (test only)
-    os.environ["NCCL_HOSTID"] = f"test-{os.getpid()}"
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    return os.getpid()
-
-
 @pytest.fixture(scope="module")
 def ray_up():  # type: ignore[no-untyped-def]
     import ray
@@ -49,21 +43,11 @@ def ray_up():  # type: ignore[no-untyped-def]
 def _check(cfg: Any, n: int = 16, nccl_hosts: bool = False) -> dict[str, Any]:
     import ray
 
-    from cluster import launcher
     from tests.cpu.harness import RunningServer, prompts, wait_until
+    from tests.gpu.nccl_one_gpu import own_nccl_hosts
 
-    real_wire = launcher.Cluster._wire
-
-    def wire(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if nccl_hosts:  # before any pair opens its communicator
-            ray.get([w.__ray_call__.remote(_own_nccl_host) for w in self.prefills + self.decodes])
-        return real_wire(self, *args, **kwargs)
-
-    launcher.Cluster._wire = wire  # type: ignore[method-assign]
-    try:
+    with own_nccl_hosts() if nccl_hosts else contextlib.nullcontext():
         srv = RunningServer(cfg)
-    finally:
-        launcher.Cluster._wire = real_wire  # type: ignore[method-assign]
     try:
         ps = prompts(n, seed=7)
         solo = [list(srv.generate(prompt=p, max_tokens=16).token_ids) for p in ps]
