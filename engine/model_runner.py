@@ -165,6 +165,18 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, max_batch, max_model_len,
                                    self.device.type == "cuda" if capture is None else capture)
 
+    def device_ok(self) -> bool:
+        """Whether the device still runs work. After a failed step: an out-of-memory leaves the CUDA
+        context usable, but a kernel fault (illegal address, ECC error, ...) is sticky — every later
+        call on this process fails with it."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return torch.ones(1, device=self.device).add_(1).item() == 2.0
+        except RuntimeError:  # torch.AcceleratorError is one
+            return False
+
     def run(self, meta: BatchMeta) -> torch.Tensor:
         """The forward on prepared device inputs → logits [B, V] (float32). Pure tensor code: no host
         work or sync with the Triton backend, so a decode-only `meta` in fixed buffers can be captured

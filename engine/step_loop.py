@@ -11,7 +11,9 @@ the logits. Each turn of the loop:
   4. postprocess(step, logits)  sample; decode rows → tokens to their requests; completed prompts →
                  first token (handed off by a prefill worker, decoded next step by an aggregated one)
 A step that raises fails the requests it held (fail_step) and the loop goes on: one bad step never
-leaves a caller waiting or stops the worker.
+leaves a caller waiting or stops the worker — unless the device itself is broken (a CUDA kernel
+fault is sticky: every later step would fail too). Then the process exits, so that Ray restarts it
+(cluster.max_restarts) and the router fails its other requests at once instead of feeding it more.
 
 Public methods of a worker run on Ray's threads and take `self.lock` for bookkeeping; only the loop
 thread touches the model and the KV cache.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,7 @@ import torch
 from engine.model_runner import ModelRunner, SeqInput
 
 log = logging.getLogger(__name__)
+DEVICE_LOST_EXIT = 70  # the worker process's exit status when its device is broken (EX_SOFTWARE)
 
 
 @dataclass
@@ -119,3 +123,12 @@ class StepLoop(abc.ABC):
             except Exception as e:  # noqa: BLE001 — end what this step held, keep the worker alive
                 log.exception("%s: step failed", self.worker_id)
                 self._fail_step(step, f"step failed: {type(e).__name__}: {e}")
+                if not self.runner.device_ok():
+                    self._device_lost(f"{type(e).__name__}: {e}")
+
+    def _device_lost(self, error: str) -> None:
+        """The device no longer runs work: end this process (Ray restarts it with a fresh context)."""
+        log.critical("%s: the device is broken after a failed step (%s); exiting so the worker restarts",
+                     self.worker_id, error)
+        logging.shutdown()
+        os._exit(DEVICE_LOST_EXIT)

@@ -98,6 +98,27 @@ def test_a_killed_prefill_worker_comes_back_and_running_streams_go_on(server: Ru
     assert wait_until(server.all_idle, 15)
 
 
+def _break_the_device(worker: Any) -> None:  # runs inside the worker: as after a CUDA kernel fault
+    def forward(seqs: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    worker.runner.forward = forward  # every step fails from now on
+    worker.runner.device_ok = lambda: False
+
+
+def test_a_worker_whose_device_breaks_exits_and_is_restarted(server: RunningServer) -> None:
+    ends, threads = _streams(server, 3)  # decoding on decode-0
+    restarts = _worker(server, "decode-0").restarts
+    ray.get(server.cluster.workers["decode-0"].__ray_call__.remote(_break_the_device))
+    for t in threads:
+        t.join(15)
+    assert all(e is not None and e[0] == grpc.StatusCode.UNAVAILABLE for e in ends), ends
+    assert _serves_again(server, 60) < 60  # a fresh process: not a worker that fails every step
+    w = _worker(server, "decode-0")
+    assert w.restarts == restarts + 1 and w.state == "serving"
+    assert wait_until(server.all_idle, 15)
+
+
 def test_health_is_not_serving_and_requests_fail_at_once_without_a_decode_worker(server: RunningServer) -> None:
     health = health_pb2_grpc.HealthStub(server.channel)
 
