@@ -148,10 +148,22 @@ class Cluster:
         self._get(calls, f"the hand-off links of {len(pairs)} worker pairs", stop_on_error=at_start)
         return backends
 
+    def forget(self, wid: str, live: set[str]) -> None:
+        """Decode worker `wid` is gone: the `live` prefill workers drop their links to it now (its
+        cache, which each one on its node maps, and its pair channels), whether or not it comes back."""
+        if self.cfg.mode == "aggregated" or wid not in self.decode_ids:
+            return
+        calls = [self.workers[pid].disconnect.remote(wid) for pid in self.prefill_ids if pid in live]
+        try:  # bounded: a prefill worker that does not answer is the supervisor's next finding
+            ray.get(calls, timeout=10)
+        except ray.exceptions.RayError as e:
+            log.warning("dropping the links to %s: %s", wid, e)
+
     def rewire(self, wid: str, boot: str, live: set[str]) -> None:
         """Worker `wid` came back as a new process (boot id `boot`): start its loop and wire its pairs
         with the `live` workers again. Raises StartupError if that fails (the caller retries)."""
         h = self.workers[wid]
+        self.forget(wid, live)  # before anything of the new process is wired
         ip, node, place = self._get(h.__ray_call__.remote(_node_info), f"{wid}'s node", stop_on_error=False)
         self.boots[wid], self.hosts[wid], self.nodes[wid], self.places[wid] = boot, ip, node, place
         self._get(h.start.remote(), f"{wid} to start", stop_on_error=False)

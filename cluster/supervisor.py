@@ -2,7 +2,8 @@
 
 Every `cluster.health_check_interval_s` the supervisor asks each worker for its boot id:
   1. no answer (dead, or Ray is restarting it): the router marks it lost — a lost decode worker's
-     requests end with UNAVAILABLE at once, and no new request is sent to a lost worker;
+     requests end with UNAVAILABLE at once, no new request is sent to a lost worker, and the prefill
+     workers drop their links to a lost decode worker (letting go of its KV cache's memory);
   2. a new boot id (Ray restarted it, `cluster.max_restarts`): it reloaded the model; the launcher
      starts its loop and wires its hand-off pairs again (new pair names, so nothing of the old
      process is reused), then the router sends it traffic again and counts the restart;
@@ -50,6 +51,7 @@ class Supervisor:
                     log.warning("worker %s does not answer: lost", wid)
                     self.lost.add(wid)
                     self.dispatcher.mark_lost(wid, f"worker {wid} is gone (no answer to its health probe)")
+                    await asyncio.to_thread(self.cluster.forget, wid, {w for w in ids if w not in self.lost})
                 continue
             if boot != self.cluster.boots[wid]:  # 2.
                 log.warning("worker %s restarted (boot %s): re-wiring", wid, boot)

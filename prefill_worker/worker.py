@@ -81,6 +81,11 @@ class PrefillWorker(StepLoop):
             channel.open(0, self.transport_cfg.timeout_s)
         self.sender.connect(ep.worker_id, peer, backend, ep.block_size, ep.cache, channel)
 
+    def disconnect(self, dst: str) -> bool:
+        """Decode worker `dst` is gone: stop writing to it and let go of its cache and channel now,
+        not when (if ever) it is re-wired. Its prefills still waiting here fail at their hand-off."""
+        return self.sender.disconnect(dst, f"decode worker {dst} is gone")
+
     # -- called by the router ---------------------------------------------------------------------
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
         """1. Block until the first token is sampled (or the deadline passes)."""

@@ -68,6 +68,23 @@ class _Link:
         self.thread = threading.Thread(target=self._loop, name=f"handoff-{sender.worker_id}>{dst}", daemon=True)
         self.thread.start()
 
+    def stop(self, why: str) -> None:
+        """No more writes on this link: the queued ones fail now with `why`, the one in progress (if
+        any) ends on its own (its channel closed under it, a two-sided one fails at once), then the
+        thread ends and lets go of the peer's cache."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.grant(WriteGrant(False, why))
+                job.done()
+                self.sender.finished(job)
+        self.jobs.put(None)
+        if self.channel is not None:
+            self.channel.close()  # aborts: safe from this thread, and with a dead peer
+
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
             try:
@@ -155,11 +172,19 @@ class HandoffSender:
             raise ValueError(f"decode worker {dst} shares no KV cache to write into")
         if backend is not Backend.IPC and channel is None:
             raise ValueError(f"backend {backend.value} to {dst} needs a pair channel")
-        old = self.links.pop(dst, None)
-        if old is not None:
-            old.jobs.put(None)
+        self.disconnect(dst, f"decode worker {dst} was re-connected")  # its previous process's link
         opened = open_cache(cache) if backend is Backend.IPC and cache is not None else None
         self.links[dst] = _Link(self, dst, peer, backend, opened, channel)
+
+    def disconnect(self, dst: str, why: str) -> bool:
+        """Drop the link to decode worker `dst` (it is gone, or being re-wired): writes queued on it
+        fail with `why`, its channel is closed, and this process lets go of that worker's cache (a
+        whole KV cache of memory, on a GPU too) once the write in progress ends. False: no link."""
+        link = self.links.pop(dst, None)
+        if link is None:
+            return False
+        link.stop(why)
+        return True
 
     def submit(self, job: WriteJob) -> None:
         link = self.links.get(job.dest.worker_id)

@@ -26,7 +26,8 @@ def server():  # type: ignore[no-untyped-def]
 
 
 def _streams(srv: RunningServer, n: int) -> tuple[list[Any], list[threading.Thread]]:
-    """n long streams, each past its first token; a thread per stream records how it ended."""
+    """n long streams, each decoding (past its second token: the first comes with the prefill,
+    possibly while its KV is still being written); a thread per stream records how it ended."""
     ends: list[Any] = [None] * n
     started = threading.Barrier(n + 1, timeout=60)
 
@@ -36,6 +37,7 @@ def _streams(srv: RunningServer, n: int) -> tuple[list[Any], list[threading.Thre
         )
         try:
             try:
+                next(stream)
                 next(stream)
             except grpc.RpcError:
                 started.abort()  # the test fails at once, not at the barrier's timeout
@@ -84,6 +86,9 @@ def test_a_killed_decode_worker_fails_its_streams_fast_and_comes_back(server: Ru
     w = _worker(server, "decode-0")
     assert w.restarts == 1 and w.state == "serving"
     assert wait_until(server.all_idle, 15)
+    # the prefill worker maps the new process's cache, and no longer the dead one's
+    prefill = server.cluster.workers["prefill-0"]
+    assert wait_until(lambda: ray.get(prefill.__ray_call__.remote(_maps_kv_of, "decode-0")) == 1, 10)
 
 
 def test_a_killed_prefill_worker_comes_back_and_running_streams_go_on(server: RunningServer) -> None:
@@ -109,7 +114,10 @@ def _break_the_device(worker: Any) -> None:  # runs inside the worker: as after 
 def test_a_worker_whose_device_breaks_exits_and_is_restarted(server: RunningServer) -> None:
     ends, threads = _streams(server, 3)  # decoding on decode-0
     restarts = _worker(server, "decode-0").restarts
-    ray.get(server.cluster.workers["decode-0"].__ray_call__.remote(_break_the_device))
+    try:
+        ray.get(server.cluster.workers["decode-0"].__ray_call__.remote(_break_the_device))
+    except ray.exceptions.RayError:  # the worker may exit before this call's answer leaves it
+        pass
     for t in threads:
         t.join(15)
     assert all(e is not None and e[0] == grpc.StatusCode.UNAVAILABLE for e in ends), ends
@@ -126,6 +134,7 @@ def test_health_is_not_serving_and_requests_fail_at_once_without_a_decode_worker
         return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
     assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5)
+    assert ray.get(server.cluster.workers["prefill-0"].__ray_call__.remote(_maps_kv_of, "decode-0")) > 0
     ray.kill(server.cluster.workers["decode-0"], no_restart=True)  # gone for good
     assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
     t0 = time.monotonic()
@@ -133,3 +142,12 @@ def test_health_is_not_serving_and_requests_fail_at_once_without_a_decode_worker
         server.generate(prompt="anyone?", max_tokens=4)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 2
     assert _worker(server, "decode-0").state == "lost"  # shown, not dropped
+    # the prefill worker let go of the dead worker's KV cache (it mapped it for direct writes)
+    prefill = server.cluster.workers["prefill-0"]
+    assert wait_until(lambda: ray.get(prefill.__ray_call__.remote(_maps_kv_of, "decode-0")) == 0, 10)
+    assert ray.get(prefill.stats.remote()).extra["links"] == {}
+
+
+def _maps_kv_of(worker: Any, wid: str) -> int:  # runs inside a worker: its mappings of `wid`'s cache
+    with open("/proc/self/maps") as f:
+        return sum(f"pdserve-kv-{wid}" in line for line in f)

@@ -370,3 +370,55 @@ def test_2p2d_over_the_fake_with_nccl_semantics_equals_hf() -> None:
             e.close()
         for w in (*pws, *dws):
             w.shutdown()
+
+
+def test_disconnecting_a_gone_decode_worker_fails_its_queued_writes_and_ends_the_link() -> None:
+    """What the supervisor has a prefill worker do when a decode worker is lost: the write queued
+    behind the one in progress fails at once (not at a timeout), the link's thread ends (letting go
+    of the decode worker's cache), and new prompts for that worker fail up front."""
+    with running_pair("ipc") as (pw, dw, hub, events):
+        link = pw.sender.links["d0"]
+        gate, entered = threading.Event(), threading.Event()
+
+        class HeldPeer:  # the decode worker, answering the first grant only once the gate opens
+            def begin_write(self, intent, timeout_s):  # type: ignore[no-untyped-def]
+                entered.set()
+                gate.wait(10)
+                return dw.begin_write(intent, timeout_s)
+
+            def end_write(self, outcome, timeout_s):  # type: ignore[no-untyped-def]
+                return dw.end_write(outcome, timeout_s)
+
+        link.peer = HeldPeer()
+        sp = SamplingParams(max_tokens=4, ignore_eos=True)
+        with cf.ThreadPoolExecutor(2) as ex:
+            futs = {}
+            for rid, ids in (("held", [5, 6, 7]), ("queued", [8, 9, 10])):
+                r = dw.reserve(rid, len(ids), sp, EOS, ids)
+                futs[rid] = ex.submit(pw.prefill, PrefillRequest(rid, ids, sp, EOS, r.dest))
+                if rid == "held":
+                    assert entered.wait(10)  # the link's thread is busy with "held"
+            assert _wait(lambda: link.jobs.qsize() == 1)
+            t0 = time.monotonic()
+            assert pw.disconnect("d0") and "d0" not in pw.sender.links
+            queued = futs["queued"].result(5)
+            assert queued.error is not None and "d0 is gone" in queued.error
+            assert time.monotonic() - t0 < 1
+            gate.set()  # the write in progress ends on its own; then the thread is gone
+            assert futs["held"].result(10).error is None
+            link.thread.join(5)
+            assert not link.thread.is_alive()
+        late = pw.prefill(PrefillRequest("late", [5, 6], sp, EOS, r.dest))
+        assert late.error is not None and "no hand-off link" in late.error
+        for rid in ("held", "queued", "late"):
+            dw.cancel(rid)
+        assert _idle(dw, pw)
+
+
+def _wait(cond: Any, timeout: float = 5) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
