@@ -1,5 +1,5 @@
 """The supervisor's verdicts with fake workers: a lost worker that answers is taken back, a new boot
-id is re-wired and counted as a restart, silence is lost."""
+id is re-wired and counted as a restart, silence is lost (and the live workers drop their links to it)."""
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +34,11 @@ class FakeCluster:
         self.workers = workers
         self.boots = {w: str(h.boot) for w, h in workers.items()}
         self.rewired: list[tuple[str, str]] = []
+        self.forgotten: list[tuple[str, set[str]]] = []
         self.cfg = type("C", (), {"cluster": type("CC", (), {"health_check_interval_s": 0.5})()})()
+
+    def forget(self, wid: str, live: set[str]) -> None:
+        self.forgotten.append((wid, live))
 
     def rewire(self, wid: str, boot: str, live: set[str]) -> None:
         self.boots[wid] = boot
@@ -54,8 +58,12 @@ def test_verdicts() -> None:
         await sup.check()
         assert cluster.rewired == [("prefill-0", "a2")] and disp.restarts["prefill-0"] == 1
         assert not disp.is_lost("prefill-0")
+        assert cluster.forgotten == []
         d.boot = None  # silent
         await sup.check()
         assert disp.is_lost("decode-0") and not disp.serving
+        assert cluster.forgotten == [("decode-0", {"prefill-0"})]  # the live workers let go of it, once
+        await sup.check()
+        assert len(cluster.forgotten) == 1
 
     asyncio.run(main())
