@@ -69,6 +69,7 @@ class Cluster:
         self.nodes: dict[str, str] = {}  # worker id → node id
         self.places: dict[str, str] = {}  # worker id → node (+ GPU): the scope of a direct write
         self.endpoints: dict[str, DecodeEndpoint] = {}  # decode worker id → its hand-off endpoint
+        self._wirings = 0  # wire() calls so far: part of every pair's name, so no name is used twice
         self._started_ray = False
 
     # -- start -----------------------------------------------------------------------------------
@@ -132,6 +133,7 @@ class Cluster:
         new for every incarnation of either side)."""
         cfg = self.cfg
         calls, backends = [], []
+        self._wirings += 1
         for pid, did in pairs:
             p, d, ep = self.workers[pid], self.workers[did], self.endpoints[did]
             try:
@@ -143,7 +145,7 @@ class Cluster:
                     self.stop()
                 raise StartupError(f"{pid} → {did}: {e}") from None
             backends.append(backend.value)
-            tag = f"{self.boots[pid]}.{self.boots[did]}"
+            tag = f"{self.boots[pid]}.{self.boots[did]}.{self._wirings}"
             calls += [d.accept.remote(pid, backend, tag=tag), p.connect.remote(ep, RayDecodePeer(d), backend, tag=tag)]
         self._get(calls, f"the hand-off links of {len(pairs)} worker pairs", stop_on_error=at_start)
         return backends
@@ -171,11 +173,19 @@ class Cluster:
             return
         if wid in self.decode_ids:
             self.endpoints[wid] = self._get(h.endpoint.remote(ip), f"{wid}'s endpoint", stop_on_error=False)
+        self.reconnect(wid, live)
+        log.info("%s re-wired after a restart", wid)
+
+    def reconnect(self, wid: str, live: set[str]) -> None:
+        """Wire worker `wid`'s pairs with the `live` workers again: after a restart (rewire), or when a
+        decode worker found lost, whose links were dropped (forget), answers again as the same process."""
+        if self.cfg.mode == "aggregated":
+            return
+        if wid in self.decode_ids:
             pairs = [(pid, wid) for pid in self.prefill_ids if pid in live]
         else:
             pairs = [(wid, did) for did in self.decode_ids if did in live]
         self._wire(pairs)
-        log.info("%s re-wired after a restart (%d pairs)", wid, len(pairs))
 
     def _start_aggregated(self) -> None:
         cfg = self.cfg

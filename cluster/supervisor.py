@@ -8,8 +8,9 @@ Every `cluster.health_check_interval_s` the supervisor asks each worker for its 
      starts its loop and wires its hand-off pairs again (new pair names, so nothing of the old
      process is reused), then the router sends it traffic again and counts the restart;
   3. the same boot id while the router holds it lost (it was only slow, or a late error about its
-     old process marked it): it serves again. The probe is the judge: whatever marked a worker
-     lost, a worker that answers with its wired boot id is taken back within one interval.
+     old process marked it): it serves again — wired again first if its links were dropped in 1.
+     The probe is the judge: whatever marked a worker lost, a worker that answers with its wired
+     boot id is taken back within one interval.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Supervisor:
         self.cluster, self.dispatcher = cluster, dispatcher
         self.interval_s = cluster.cfg.cluster.health_check_interval_s
         self.lost: set[str] = set()
+        self.forgotten: set[str] = set()  # lost decode workers whose links the prefill workers dropped
 
     async def run(self) -> None:
         while True:
@@ -52,6 +54,7 @@ class Supervisor:
                     self.lost.add(wid)
                     self.dispatcher.mark_lost(wid, f"worker {wid} is gone (no answer to its health probe)")
                     await asyncio.to_thread(self.cluster.forget, wid, {w for w in ids if w not in self.lost})
+                    self.forgotten.add(wid)
                 continue
             if boot != self.cluster.boots[wid]:  # 2.
                 log.warning("worker %s restarted (boot %s): re-wiring", wid, boot)
@@ -65,6 +68,14 @@ class Supervisor:
                     log.error("re-wiring %s failed (retried at the next check): %s", wid, e)
                     continue
                 restarted = True
+                self.forgotten.discard(wid)
+            elif wid in self.forgotten:  # 3., but the prefill workers dropped their links to it
+                try:
+                    await asyncio.to_thread(self.cluster.reconnect, wid, {w for w in ids if w not in self.lost})
+                except StartupError as e:
+                    log.error("re-connecting %s failed (retried at the next check): %s", wid, e)
+                    continue
+                self.forgotten.discard(wid)
             if wid in self.lost or self.dispatcher.is_lost(wid):  # 2. or 3.
                 self.lost.discard(wid)
                 self.dispatcher.revive(wid, restarted)

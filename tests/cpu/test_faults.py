@@ -12,6 +12,7 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.supervisor import Supervisor
 from protos.pdserve.v1 import generation_pb2 as pb
 from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
 
@@ -124,6 +125,31 @@ def test_a_worker_whose_device_breaks_exits_and_is_restarted(server: RunningServ
     assert _serves_again(server, 60) < 60  # a fresh process: not a worker that fails every step
     w = _worker(server, "decode-0")
     assert w.restarts == restarts + 1 and w.state == "serving"
+    assert wait_until(server.all_idle, 15)
+
+
+def test_a_decode_worker_that_only_looked_lost_is_wired_again_and_serves(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decode, prefill = server.cluster.workers["decode-0"], server.cluster.workers["prefill-0"]
+    restarts = _worker(server, "decode-0").restarts
+    silent = threading.Event()  # while set, decode-0's health probes get no answer (it lives on)
+    real_probe = Supervisor._probe
+
+    async def probe(self: Supervisor, handle: Any) -> str | None:
+        if handle is decode and silent.is_set():
+            return None
+        return await real_probe(self, handle)
+
+    monkeypatch.setattr(Supervisor, "_probe", probe)
+    silent.set()
+    assert wait_until(lambda: _worker(server, "decode-0").state == "lost", 10)
+    assert wait_until(lambda: ray.get(prefill.stats.remote()).extra["links"] == {}, 10)  # dropped
+    silent.clear()  # it answers again: the same process
+    assert _serves_again(server, 30) < 30  # wired again
+    w = _worker(server, "decode-0")
+    assert w.state == "serving" and w.restarts == restarts
+    assert ray.get(prefill.stats.remote()).extra["links"] == {"decode-0": "ipc"}
     assert wait_until(server.all_idle, 15)
 
 

@@ -35,10 +35,14 @@ class FakeCluster:
         self.boots = {w: str(h.boot) for w, h in workers.items()}
         self.rewired: list[tuple[str, str]] = []
         self.forgotten: list[tuple[str, set[str]]] = []
+        self.reconnected: list[str] = []
         self.cfg = type("C", (), {"cluster": type("CC", (), {"health_check_interval_s": 0.5})()})()
 
     def forget(self, wid: str, live: set[str]) -> None:
         self.forgotten.append((wid, live))
+
+    def reconnect(self, wid: str, live: set[str]) -> None:
+        self.reconnected.append(wid)
 
     def rewire(self, wid: str, boot: str, live: set[str]) -> None:
         self.boots[wid] = boot
@@ -65,5 +69,12 @@ def test_verdicts() -> None:
         assert cluster.forgotten == [("decode-0", {"prefill-0"})]  # the live workers let go of it, once
         await sup.check()
         assert len(cluster.forgotten) == 1
+        d.boot = "b"  # it was only slow: the same process answers again, and is wired again first
+        await sup.check()
+        assert cluster.reconnected == ["decode-0"] and not disp.is_lost("decode-0") and disp.serving
+        assert disp.restarts.get("decode-0", 0) == 0
+        await sup.check()
+        assert cluster.reconnected == ["decode-0"]  # once
+        assert cluster.rewired == [("prefill-0", "a2")]  # and nothing else was re-wired
 
     asyncio.run(main())
