@@ -174,27 +174,30 @@ class HandoffSender:
             raise ValueError(f"backend {backend.value} to {dst} needs a pair channel")
         self.disconnect(dst, f"decode worker {dst} was re-connected")  # its previous process's link
         opened = open_cache(cache) if backend is Backend.IPC and cache is not None else None
-        self.links[dst] = _Link(self, dst, peer, backend, opened, channel)
+        link = _Link(self, dst, peer, backend, opened, channel)
+        with self._lock:
+            self.links[dst] = link
 
     def disconnect(self, dst: str, why: str) -> bool:
         """Drop the link to decode worker `dst` (it is gone, or being re-wired): writes queued on it
         fail with `why`, its channel is closed, and this process lets go of that worker's cache (a
         whole KV cache of memory, on a GPU too) once the write in progress ends. False: no link."""
-        link = self.links.pop(dst, None)
+        with self._lock:
+            link = self.links.pop(dst, None)
         if link is None:
             return False
         link.stop(why)
         return True
 
     def submit(self, job: WriteJob) -> None:
-        link = self.links.get(job.dest.worker_id)
+        with self._lock:  # never onto a link that disconnect() has taken away (its thread may be gone)
+            link = self.links.get(job.dest.worker_id)
+            if link is not None:
+                self._in_flight += 1
+                link.jobs.put(job)
         if link is None:
             job.grant(WriteGrant(False, f"no hand-off link to decode worker {job.dest.worker_id}"))
             job.done()
-            return
-        with self._lock:
-            self._in_flight += 1
-        link.jobs.put(job)
 
     def finished(self, job: WriteJob) -> None:
         with self._lock:

@@ -422,3 +422,29 @@ def _wait(cond: Any, timeout: float = 5) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_a_write_submitted_while_its_link_is_dropped_is_answered() -> None:
+    """submit() looks its link up, disconnect() takes that link away and ends its thread, then
+    submit() queues the job: nothing would ever answer it (the prefill waits out its deadline, its
+    scratch blocks stay taken). The lookup and the queueing are one step against disconnect()."""
+    from engine.kv_handoff import KVDestination
+    from engine.kv_handoff.sender import WriteJob
+
+    with running_pair("ipc") as (pw, dw, hub, events):
+        sender = pw.sender
+
+        class RacingLinks(dict):  # type: ignore[type-arg]
+            def get(self, key, default=None):  # type: ignore[no-untyped-def]
+                link = super().get(key, default)
+                t = threading.Thread(target=sender.disconnect, args=(key, "decode worker d0 is gone"))
+                t.start()
+                t.join(0.3)  # the drop runs between the lookup and the queueing (if nothing orders them)
+                return link
+
+        sender.links = RacingLinks(sender.links)
+        granted, done = [], threading.Event()
+        job = WriteJob("race", KVDestination("d0", (0,)), 4, 5, [0], granted.append, done.set)
+        sender.submit(job)
+        assert done.wait(3) and len(granted) == 1 and not granted[0].ok, granted
+        assert _wait(lambda: sender.in_flight == 0)
