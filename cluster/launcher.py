@@ -130,7 +130,7 @@ class Cluster:
     def _wire(self, pairs: list[tuple[str, str]], at_start: bool = False) -> list[str]:
         """Each (prefill, decode) pair: pick its backend, then call both sides at once (a two-sided
         pair opens its communicator here, both meeting on the decode's store under a name that is
-        new for every incarnation of either side)."""
+        new for every wiring: both sides' boot ids and this wiring's number)."""
         cfg = self.cfg
         calls, backends = [], []
         self._wirings += 1
