@@ -1,4 +1,5 @@
-"""The CUDA engine: Triton attention and fused layer ops, decode CUDA graphs, the device sampler, KV sized from memory.
+"""The CUDA engine: Triton attention and fused layer ops, decode CUDA graphs, the device sampler, KV sized from memory,
+the device probe after a kernel fault.
 Greedy == HF generate on CUDA (tiny model, fp32), solo and 32 at once, through the graphs and through
 the eager fallback; graphs == eager exactly in bf16; seeded sampling batch-independent. Skipped without CUDA."""
 from __future__ import annotations
@@ -125,3 +126,37 @@ def test_fused_layer_ops_in_bf16_equal_the_hf_modules() -> None:
     gate_up = torch.randn(T, 2 * 5632, device="cuda", generator=g).to(bf)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-2, rtol=1e-2)
+
+
+_STICKY_FAULT = """
+import torch, triton, triton.language as tl
+from engine.model_runner import ModelRunner
+
+@triton.jit
+def _poke(p):
+    tl.store(p + (1 << 40), 1.0)  # far outside any allocation: an illegal address
+
+class Runner:
+    device = torch.device("cuda")
+
+before = ModelRunner.device_ok(Runner())
+try:
+    _poke[(1,)](torch.zeros(1, device="cuda"))
+    torch.cuda.synchronize()
+except Exception as e:
+    print("fault:", type(e).__name__, str(e).splitlines()[0])
+print("device_ok", before, ModelRunner.device_ok(Runner()))
+"""
+
+
+def test_device_ok_tells_a_sticky_kernel_fault() -> None:
+    """What makes a worker exit for a restart (engine/step_loop.py): after an illegal memory access
+    every CUDA call of the process fails, and device_ok() says so (in a subprocess: the fault
+    would poison this one's context)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-c", _STICKY_FAULT], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.stdout.strip().splitlines()[-1] == "device_ok True False", p.stdout + p.stderr[-2000:]
