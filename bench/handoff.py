@@ -8,8 +8,9 @@ time (max_tokens=2, so decode only admits it) reports `kv_transfer_ms`: from the
 begin_write to the decode loop seeing the KV landed (the grant round trip, the copy or send, and
 for two-sided backends the receive and the decode-side copy into the blocks). The decode worker's
 `kv_bytes_placed` says how many bytes it copied into its own cache (0 for a direct write).
-NCCL on a one-GPU machine runs with an NCCL_HOSTID per worker (tests/gpu/nccl_one_gpu.py, test-only):
-NCCL then talks over loopback sockets, so that figure is a socket figure, marked so in the output.
+NCCL where both workers may share a GPU (one GPU, or fractional num_gpus) runs with an NCCL_HOSTID per
+worker (tests/gpu/nccl_one_gpu.py, test-only): NCCL then talks over loopback sockets, so that figure
+is a socket figure, marked so in the output.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def run_backend(config: str | None, overrides: dict[str, Any], backend: str, tex
     import ray
 
     cfg = load_config(config, {**overrides, "transport": {"backend": backend}})
-    sockets = backend == "nccl" and _one_gpu(cfg.model.device)
+    sockets = backend == "nccl" and _may_share_a_gpu(cfg)
     if sockets:
         from tests.gpu.nccl_one_gpu import own_nccl_hosts
     with own_nccl_hosts() if sockets else contextlib.nullcontext(), BackgroundServer(cfg) as srv:
@@ -60,17 +61,22 @@ def run_backend(config: str | None, overrides: dict[str, Any], backend: str, tex
     ms = [r["kv_transfer_ms"] for r in rows]
     mb = rows[0]["kv_bytes"] / 1e6
     return {
-        "backend": backend, "over_sockets_one_gpu": sockets, "links": stats[0].extra["links"], "prompt_tokens": rows[0]["prompt_tokens"],
+        "backend": backend, "nccl_over_sockets": sockets, "links": stats[0].extra["links"],
+        "prompt_tokens": rows[0]["prompt_tokens"],
         "kv_mb": mb, "kv_transfer_ms_median": statistics.median(ms), "kv_transfer_ms_min": min(ms),
         "gb_per_s_median": mb / statistics.median(ms), "decode_kv_bytes_placed": stats[0].extra["kv_bytes_placed"],
         "decode_prompt_tokens_computed": stats[0].prompt_tokens_computed, "rows": rows,
     }
 
 
-def _one_gpu(device: str) -> bool:
+def _may_share_a_gpu(cfg: Any) -> bool:
+    """Whether the pair's two ranks can land on one GPU (NCCL refuses that): one GPU in the machine,
+    or fractional num_gpus (e.g. deploy/1gpu.yaml's 0.5 each)."""
     import torch
 
-    return device.startswith("cuda") and torch.cuda.device_count() == 1
+    if cfg.model.device != "cuda":
+        return False
+    return torch.cuda.device_count() == 1 or cfg.prefill.num_gpus < 1 or cfg.decode.num_gpus < 1
 
 
 def main() -> None:
@@ -90,7 +96,7 @@ def main() -> None:
         print(f"{r['backend']:5s} {r['prompt_tokens']} tokens, {r['kv_mb']:.1f} MB: hand-off median "
               f"{r['kv_transfer_ms_median']:.1f} ms (min {r['kv_transfer_ms_min']:.1f}), "
               f"{r['gb_per_s_median']:.2f} GB/s; decode copied {r['decode_kv_bytes_placed'] / 1e6:.1f} MB itself"
-              + (" (NCCL over loopback sockets: one GPU, test-only setting)" if r["over_sockets_one_gpu"] else ""))
+              + (" (NCCL over loopback sockets: a shared GPU, test-only setting)" if r["nccl_over_sockets"] else ""))
     if len(results) > 1:
         print(f"{results[0]['backend']} / {results[1]['backend']}: "
               f"{results[0]['kv_transfer_ms_median'] / results[1]['kv_transfer_ms_median']:.2f}")
