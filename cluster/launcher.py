@@ -150,16 +150,18 @@ class Cluster:
         self._get(calls, f"the hand-off links of {len(pairs)} worker pairs", stop_on_error=at_start)
         return backends
 
-    def forget(self, wid: str, live: set[str]) -> None:
+    def forget(self, wid: str, live: set[str]) -> bool:
         """Decode worker `wid` is gone: the `live` prefill workers drop their links to it now (its
-        cache, which each one on its node maps, and its pair channels), whether or not it comes back."""
+        cache, which each one on its node maps, and its pair channels), whether or not it comes back.
+        False when `wid` has no such links (a prefill or aggregated worker): nothing was dropped."""
         if self.cfg.mode == "aggregated" or wid not in self.decode_ids:
-            return
+            return False
         calls = [self.workers[pid].disconnect.remote(wid) for pid in self.prefill_ids if pid in live]
         try:  # bounded: a prefill worker that does not answer is the supervisor's next finding
             ray.get(calls, timeout=10)
         except ray.exceptions.RayError as e:
             log.warning("dropping the links to %s: %s", wid, e)
+        return True
 
     def rewire(self, wid: str, boot: str, live: set[str]) -> None:
         """Worker `wid` came back as a new process (boot id `boot`): start its loop and wire its pairs

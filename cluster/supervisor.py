@@ -53,8 +53,8 @@ class Supervisor:
                     log.warning("worker %s does not answer: lost", wid)
                     self.lost.add(wid)
                     self.dispatcher.mark_lost(wid, f"worker {wid} is gone (no answer to its health probe)")
-                    await asyncio.to_thread(self.cluster.forget, wid, {w for w in ids if w not in self.lost})
-                    self.forgotten.add(wid)
+                    if await asyncio.to_thread(self.cluster.forget, wid, {w for w in ids if w not in self.lost}):
+                        self.forgotten.add(wid)
                 continue
             if boot != self.cluster.boots[wid]:  # 2.
                 log.warning("worker %s restarted (boot %s): re-wiring", wid, boot)

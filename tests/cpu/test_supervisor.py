@@ -38,8 +38,9 @@ class FakeCluster:
         self.reconnected: list[str] = []
         self.cfg = type("C", (), {"cluster": type("CC", (), {"health_check_interval_s": 0.5})()})()
 
-    def forget(self, wid: str, live: set[str]) -> None:
+    def forget(self, wid: str, live: set[str]) -> bool:
         self.forgotten.append((wid, live))
+        return wid.startswith("decode")
 
     def reconnect(self, wid: str, live: set[str]) -> None:
         self.reconnected.append(wid)
@@ -76,5 +77,11 @@ def test_verdicts() -> None:
         await sup.check()
         assert cluster.reconnected == ["decode-0"]  # once
         assert cluster.rewired == [("prefill-0", "a2")]  # and nothing else was re-wired
+        p.boot = None  # a slow prefill worker: no links of its own were dropped ...
+        await sup.check()
+        assert disp.is_lost("prefill-0") and cluster.forgotten[-1][0] == "prefill-0"
+        p.boot = "a2"
+        await sup.check()  # ... so it serves again as it is: re-wiring would fail its writes in flight
+        assert not disp.is_lost("prefill-0") and cluster.reconnected == ["decode-0"]
 
     asyncio.run(main())
