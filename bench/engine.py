@@ -8,7 +8,9 @@ measures the aggregate decode rate over the window where all C are decoding toge
 last first-token to the first last-token). In the same run, with the cluster idle, it times the
 bare paged forward of the same model at batch C with the same context lengths, in this process with
 the decode worker's torch thread count, at the middle of the serving window's context lengths. ratio = serving tok/s / bare tok/s: the share of the hardware's
-decode rate the serving loop (scheduling, sampling, Ray, gRPC streaming) delivers.
+decode rate the serving loop (scheduling, sampling, Ray, gRPC streaming) delivers. Requests are
+greedy unless --temperature / --top-p say otherwise (the bare forward never samples, so the ratio
+then also shows what the draw costs).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
 from protos.pdserve.v1 import generation_pb2 as pb  # noqa: E402
 
 
-def _stream_clients(address: str, texts: list[str], max_tokens: int, out: "mp.Queue[Any]") -> None:
+def _stream_clients(address: str, texts: list[str], max_tokens: int, sampling: dict[str, float],
+                    out: "mp.Queue[Any]") -> None:
     """In its own process (the router's must not share a GIL with 64 clients): one asyncio gRPC
     stream per text, all at once; puts (arrival times of every token per stream, t0, error | None,
     messages received)."""
@@ -53,7 +56,7 @@ def _stream_clients(address: str, texts: list[str], max_tokens: int, out: "mp.Qu
             stub = pbg.GenerationStub(ch)
 
             async def one(i: int) -> None:
-                req = pb.GenerateRequest(prompt=texts[i], max_tokens=max_tokens, ignore_eos=True)
+                req = pb.GenerateRequest(prompt=texts[i], max_tokens=max_tokens, ignore_eos=True, **sampling)
                 async for msg in stub.GenerateStream(req, timeout=900):
                     now = time.perf_counter()
                     arrivals[i].extend([now] * len(msg.token_ids))
@@ -67,12 +70,13 @@ def _stream_clients(address: str, texts: list[str], max_tokens: int, out: "mp.Qu
     out.put(asyncio.run(run()))
 
 
-def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], tok, max_tokens: int) -> dict:  # type: ignore[no-untyped-def]
+def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], tok, max_tokens: int,  # type: ignore[no-untyped-def]
+                 sampling: dict[str, float]) -> dict:
     texts = [tok.decode(prompt_ids[i % len(prompt_ids)]) for i in range(conc)]
     cpu0 = _cpu_s()
     ctx = mp.get_context("spawn")
     out: "mp.Queue[Any]" = ctx.Queue()
-    proc = ctx.Process(target=_stream_clients, args=(srv.address, texts, max_tokens, out), daemon=True)
+    proc = ctx.Process(target=_stream_clients, args=(srv.address, texts, max_tokens, sampling, out), daemon=True)
     proc.start()
     arrivals, t0, error, messages = out.get(timeout=1800)
     router_cpu = _cpu_s() - cpu0
@@ -128,9 +132,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--bare-steps", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.0, help="every request's; 0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--output", default="bench/results/engine.json")
     a = ap.parse_args()
     levels = [int(x) for x in a.concurrency.split(",")]
+    sampling = {"temperature": a.temperature, "top_p": a.top_p}
     # room for every request at the highest concurrency, so the run measures decode, not admission
     need = max(levels) * -(-(a.prompt_tokens + 16 + a.max_tokens) // 16)
     cfg = load_config(a.config, {"server": {"port": 0}, "kv_cache": {"num_blocks": need},
@@ -146,7 +153,7 @@ def main() -> None:
     with BackgroundServer(cfg) as srv:
         srv.generate(prompt="warm up", max_tokens=8)
         for c in levels:
-            r = serving_rate(srv, c, prompt_ids, tok, a.max_tokens)
+            r = serving_rate(srv, c, prompt_ids, tok, a.max_tokens, sampling)
             print(f"serving  C={c:3d}: {r['decode_tokens_per_s']:7.1f} tok/s  itl {r['median_itl_ms']:.1f} ms"
                   f"  router {r['router_cpu_us_per_token']:.0f} µs CPU/token, {r['tokens_per_message']:.2f} tokens/message",
                   flush=True)
@@ -173,7 +180,7 @@ def main() -> None:
         r["speedup_vs_c1"] = r["decode_tokens_per_s"] / base if base else None
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {"git": rev, "config": a.config, "model": cfg.model.path, "prompt_tokens": a.prompt_tokens,
-           "max_tokens": a.max_tokens, "machine": f"{os.cpu_count()} cpus", "runs": rows}
+           "max_tokens": a.max_tokens, "sampling": sampling, "machine": f"{os.cpu_count()} cpus", "runs": rows}
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(out, indent=2))
     print(json.dumps(rows, indent=1))

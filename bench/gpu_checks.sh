@@ -5,7 +5,9 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step       # 1.1B: floor / graphs / eager / HF at 1, 16, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step8b     # 8B: the same at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D
-#     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU)
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
+#                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
@@ -39,6 +41,9 @@ case "${1:-tests}" in
                --max-tokens 128 --output "$OUT/serve-$m.json" 2>&1 | tee "$OUT/serve-$m.log" | grep -E "serving|bare"
            done ;;
   handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
-             --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8 ;;
+             --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8
+           python3 bench/ipc_lifetime.py --gib 4 --output "$OUT/ipc-lifetime.json" 2>&1 | tee "$OUT/ipc-lifetime.log" | tail -3 ;;
+  sampler) python3 bench/sampler.py --device cuda --vocab 32000,128256 --batch 1,64 \
+             --output "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -6 ;;
   *) echo "unknown check $1" >&2; exit 2 ;;
 esac

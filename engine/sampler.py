@@ -1,9 +1,9 @@
-"""Token sampling for a whole batch at once, on the logits' device: one host sync per step.
+"""Token sampling for a whole batch at once, on the logits' device: one host sync per step (up to
+two more when a row has top-k or top-p, engine/race.py).
 
 Order (every row, as tensors [B, V]): penalties on the raw logits → greedy rows: argmax → the rest:
-temperature → top-k → top-p → min-p → draw. Logprobs are the log-softmax of the raw logits.
-The draw is an exponential race: token = argmax(p / E) with E ~ Exp(1) per token, which picks token
-i with probability p_i. E comes from a counter-based hash of (row key, token id), so a seeded
+temperature → top-k → top-p → min-p → draw (engine/race.py). Logprobs are the log-softmax of the raw
+logits. The draw is an exponential race whose noise is a hash of (row key, token id), so a seeded
 request's row key (seed, position) gives the same token whatever else is in the batch and whichever
 worker samples it; unseeded rows get a fresh random key each step.
 No row can fail the batch: NaN logits never win, a temperature under GREEDY_BELOW is greedy, the
@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.types import GREEDY_BELOW, SamplingParams, TokenLogprob
-
-_M32 = 0xFFFFFFFF
+from engine.race import M32, draw, take_rows
+from engine.types import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -31,46 +30,13 @@ class History:
     output: Sequence[int]
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2^32 for h < 2^32 without int64 overflow (16-bit halves of c)."""
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-_token_hashes: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _exponentials(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """keys [B] (int64 < 2^32) → Exp(1) noise [B, V], a pure function of (key, token id).
-
-    Row and token ids are each fully mixed once (the token side cached per vocabulary); their xor
-    gets one more multiply-xorshift round, so the [B, V] work is a handful of integer passes."""
-    tok = _token_hashes.get((vocab, keys.device))
-    if tok is None:
-        tok = _fmix32(torch.arange(vocab, device=keys.device, dtype=torch.long) + 0x9E3779B9 & _M32)  # [V]
-        _token_hashes[(vocab, keys.device)] = tok
-    h = _fmix32(keys)[:, None] ^ tok[None, :]  # [B, V]
-    h = _mul32(h, 0x2C1B3C6D)
-    h = h ^ (h >> 15)
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
-    return -torch.log(u)
-
-
 def _row_keys(params: list[SamplingParams], positions: list[int]) -> list[int]:
     keys = []
     for p, pos in zip(params, positions):
         if p.seed is None:
             keys.append(random.getrandbits(32))
         else:  # (seed, position) → 32 bits; the hash mixes it further
-            keys.append((p.seed * 1_000_003 + pos * 0x9E3779B1) & _M32)
+            keys.append((p.seed * 1_000_003 + pos * 0x9E3779B1) & M32)
     return keys
 
 
@@ -102,30 +68,6 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], histories: lis
     return logits.index_copy(0, idx, x)
 
 
-def _filter(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on logits [B, V] → probabilities [B, V] (rows may be non-finite)."""
-    dev, V = x.device, x.shape[1]
-    temp = torch.tensor([[max(p.temperature, GREEDY_BELOW)] for p in params], device=dev)
-    x = (x - x.max(dim=-1, keepdim=True).values) / temp  # <= 0 everywhere: no overflow
-    top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
-    top_p = [p.top_p for p in params]
-    if any(top_k) or any(tp < 1.0 for tp in top_p):
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [B, V]
-        k = torch.tensor(top_k, device=dev)
-        kth = sorted_x.gather(1, (k - 1).clamp(min=0)[:, None])  # [B, 1]
-        keep_k = (k[:, None] == 0) | (sorted_x >= kth)
-        sorted_x = sorted_x.masked_fill(~keep_k, float("-inf"))
-        probs = torch.softmax(sorted_x, dim=-1)
-        tp = torch.tensor(top_p, device=dev)[:, None]
-        # keep the smallest prefix whose mass reaches top_p (always the best token); top_p 1: keep all
-        drop = (probs.cumsum(-1) - probs >= tp) & (tp < 1.0)
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
-    probs = torch.softmax(x, dim=-1)
-    min_p = torch.tensor([[p.min_p] for p in params], device=dev)
-    return probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-
-
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -143,10 +85,8 @@ def sample(
     if drawn:
         idx = torch.tensor(drawn, device=logits.device)
         sub = [params[i] for i in drawn]
-        probs = _filter(logits.index_select(0, idx), sub)  # [R, V]
         keys = torch.tensor(_row_keys(sub, [positions[i] for i in drawn]), device=logits.device)
-        choice = (probs / _exponentials(keys, V)).argmax(dim=-1)  # [R]: the exponential race
-        ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        choice, ok = draw(take_rows(logits, drawn), sub, keys)  # [R]
         tokens = tokens.index_copy(0, idx, torch.where(ok, choice, tokens.index_select(0, idx)))
     want = [p.logprobs for p in params]
     if all(n is None for n in want):

@@ -1,5 +1,6 @@
 import torch
 
+from engine import race, sampler
 from engine.sampler import History, sample
 from engine.types import SamplingParams
 
@@ -115,3 +116,49 @@ def test_the_draw_follows_the_filtered_distribution() -> None:
     assert p[:2].sum() < 0.8 <= p[:3].sum()
     got = freqs(SamplingParams(temperature=1.0, top_p=0.8))
     assert got[3:].sum() == 0 and (got[:3] - p[:3] / p[:3].sum()).abs().max() < 0.015
+
+
+def test_noise_for_given_token_ids_is_the_full_rows_noise() -> None:
+    """Way 1 relies on it: a token's noise depends on (row key, token id) only."""
+    keys = torch.tensor([0, 7, 2**32 - 1])
+    full = race.exponentials(keys, 1000)  # [3, 1000]
+    ids = torch.randint(0, 1000, (3, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(race.exponentials(keys, 1000, ids), full.gather(1, ids))
+    assert bool((full > 0).all()) and abs(float(full.mean()) - 1.0) < 0.05  # Exp(1)
+
+
+def _mixed_batch(n: int, vocab: int) -> tuple[torch.Tensor, list[SamplingParams]]:
+    """Peaked and flat rows under every kind of truncation; some keep more than the candidates."""
+    g = torch.Generator().manual_seed(3)
+    scale = torch.tensor([[5.0], [0.05], [1.0], [2.0]]).repeat(n // 4, 1)
+    logits = torch.randn(n, vocab, generator=g) * scale
+    params = [SamplingParams(temperature=(0.5, 1.0, 2.0)[i % 3], top_k=(0, 5, 64, 100, 0, 0)[i % 6],
+                             top_p=(1.0, 0.5, 0.9, 0.99, 0.9, 1.0, 0.3)[i % 7], min_p=(0.0, 0.05)[i % 2],
+                             seed=i) for i in range(n)]
+    return logits, params
+
+
+def test_every_way_draws_what_a_sort_of_the_whole_vocabulary_draws(monkeypatch) -> None:
+    monkeypatch.setattr(race, "CANDIDATES", 64)
+    monkeypatch.setattr(race, "RACERS", 2)
+    n, vocab = 336, 3000
+    logits, params = _mixed_batch(n, vocab)
+    keys = torch.tensor(sampler._row_keys(params, list(range(n))))
+    x = race._scaled(logits, params)
+    racing = [i for i, p in enumerate(params) if p.top_k == 0]
+    _, _, found = race._nucleus(x[racing], [params[i] for i in racing], keys[racing])
+    assert 0 < int(found.sum()) < len(racing)  # way 2 and its fall-back to a sort both run
+    assert any(0 < p.top_k <= 64 for p in params) and any(p.top_k > 64 for p in params)  # way 1, way 3
+    want, _ = race._race(race._filter_sorted(x, params), keys, vocab)  # every row sorted whole
+    got, _ = sample(logits, params, list(range(n)))
+    assert got == want.tolist()
+    alone = [sample(logits[i:i + 1], [params[i]], [i])[0][0] for i in range(0, n, 5)]
+    assert alone == got[::5]  # and alone a row draws what it draws in the crowd
+
+
+def test_top_k_keeps_the_ties_of_its_kth_token_beyond_the_candidates(monkeypatch) -> None:
+    monkeypatch.setattr(race, "CANDIDATES", 16)
+    x = torch.full((1, 200), -5.0)
+    x[0, 100:120] = 3.0  # 20 tokens tie for best; top_k 5 keeps all of them
+    got = {sample(x, [SamplingParams(temperature=1.0, top_k=5, seed=s)], [0])[0][0] for s in range(400)}
+    assert got == set(range(100, 120))

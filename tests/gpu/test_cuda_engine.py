@@ -1,7 +1,8 @@
 """The CUDA engine: Triton attention and fused layer ops, decode CUDA graphs, the device sampler, KV sized from memory,
 the device probe after a kernel fault.
 Greedy == HF generate on CUDA (tiny model, fp32), solo and 32 at once, through the graphs and through
-the eager fallback; graphs == eager exactly in bf16; seeded sampling batch-independent. Skipped without CUDA."""
+the eager fallback; graphs == eager exactly in bf16; seeded sampling batch-independent; every way of the draw
+== a whole sort. Skipped without CUDA."""
 from __future__ import annotations
 
 import random
@@ -81,6 +82,25 @@ def test_seeded_sampling_on_cuda_is_batch_independent() -> None:
     assert crowd[3] == alone[0]
     cpu = sample(x[3:4].cpu(), [p], [11])[0]
     assert cpu == alone  # the same draw on CPU and GPU: the noise is a hash, not a device RNG
+
+
+def test_every_way_of_the_draw_on_cuda_draws_what_a_sort_draws_and_what_cpu_draws(monkeypatch) -> None:
+    """engine/race.py's three ways (top-k candidates, the nucleus race walk, the whole sort) on CUDA:
+    the same tokens as sorting every row on CUDA, and as the same batch on CPU."""
+    from engine import race
+    from engine.sampler import _row_keys, sample
+    from tests.cpu.test_sampler import _mixed_batch
+
+    monkeypatch.setattr(race, "CANDIDATES", 64)
+    monkeypatch.setattr(race, "RACERS", 2)
+    n, vocab = 336, 3000
+    logits, params = _mixed_batch(n, vocab)
+    gpu = logits.cuda()
+    keys = torch.tensor(_row_keys(params, list(range(n))), device="cuda")
+    want, _ = race._race(race._filter_sorted(race._scaled(gpu, params), params), keys, vocab)
+    got, _ = sample(gpu, params, list(range(n)))
+    assert got == want.tolist()
+    assert got == sample(logits, params, list(range(n)))[0]
 
 
 def test_kv_sized_from_memory_fits_its_share() -> None:
