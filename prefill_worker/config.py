@@ -15,5 +15,10 @@ class PrefillConfig(WorkerPlacement):
         "short prompts half the TTFT of 512 behind 1024-token documents on a CPU)."
     )
     kv_blocks: int = Field(
-        256, ge=1, description="Scratch KV blocks on a prefill worker (the batch being computed)."
+        256, ge=1, description="Scratch KV blocks on a prefill worker: the prompts being computed and "
+        "handed off; the rest keeps earlier prompts' KV for reuse (prefix_cache)."
+    )
+    prefix_cache: bool = Field(
+        True, description="Keep handed-off prompts' full KV blocks in the scratch blocks and compute only "
+        "what a new prompt does not share with them (engine/prefix_cache.py)."
     )

@@ -22,7 +22,6 @@ import dataclasses
 
 import torch
 
-from engine.block_allocator import BlockAllocator
 from engine.config import ModelConfig, TransportConfig
 from engine.kv_handoff import (
     Backend, DecodeEndpoint, DecodePeer, HandoffSender, PairChannel, TorchPairChannel, WriteGrant, WriteJob,
@@ -30,6 +29,7 @@ from engine.kv_handoff import (
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
 from engine.prefill_scheduler import PendingPrefill
+from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
 from engine.sampler import History, sample
 from engine.step_loop import Step, StepLoop
@@ -54,7 +54,8 @@ class PrefillWorker(StepLoop):
         self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
         self.runner = ModelRunner(load_model(model_cfg), blocks, block_size, model_cfg.kernels)
-        self.allocator = BlockAllocator(blocks, block_size)  # scratch blocks, freed once handed off
+        # scratch blocks: a prompt's are released once handed off, its full ones kept for reuse
+        self.allocator = PrefixCache(blocks, block_size, enabled=cfg.prefix_cache)
         self.prompts = PromptQueue(cfg.max_batch_tokens, cfg.chunk_tokens)
         self.sender = HandoffSender(worker_id, self.runner.kv, block_size, transport_cfg.timeout_s)
         self.prompt_tokens_computed = 0
@@ -120,7 +121,9 @@ class PrefillWorker(StepLoop):
                 {"steps": self.steps, "kv_bytes_sent": self.sender.bytes_sent,
                  "writes_in_flight": self.sender.in_flight,
                  "links": {dst: link.backend.value for dst, link in self.sender.links.items()},
-                 "waiting_tokens": self.prompts.scheduler.waiting_tokens},
+                 "waiting_tokens": self.prompts.scheduler.waiting_tokens,
+                 "prefix_hit_tokens": self.allocator.hit_tokens, "prefix_query_tokens": self.allocator.query_tokens,
+                 "prefix_cached_blocks": self.allocator.num_cached},
             )
 
     def check_idle(self) -> bool:
@@ -140,18 +143,23 @@ class PrefillWorker(StepLoop):
         """2. Prompts (chunks) under the token budget, each admitted with scratch blocks for all of it."""
         with self.lock:
             for p in self.prompts.scheduler.drop_cancelled():
-                self.allocator.free(p.request.request_id)
+                self.allocator.release(p.request.request_id, p.computed)
             chunks = self.prompts.scheduler.next_step(self._admit)
             tables = [self.allocator.table(c.pending.request.request_id) for c in chunks]
         return Step(prompts=chunks, seqs=PromptQueue.seqs(chunks, tables)) if chunks else None
 
     def _admit(self, p: PendingPrefill) -> bool:
-        """Reserve scratch blocks for the whole prompt (its chunks accumulate there); an id whose
-        previous KV is still being handed off waits for it."""
+        """Hold scratch blocks for the whole prompt (its chunks accumulate there), its longest cached
+        prefix among them: computing starts after it. An id whose previous KV is still being handed
+        off waits for it."""
         try:
-            return self.allocator.allocate(p.request.request_id, p.num_tokens) is not None
+            cached = self.allocator.allocate(p.request.request_id, p.request.token_ids)
         except KeyError:
             return False
+        if cached is None:
+            return False
+        p.computed = cached
+        return True
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
         """3. logits [chunks, V] (each chunk's last position): first tokens of the completed prompts."""
@@ -170,7 +178,7 @@ class PrefillWorker(StepLoop):
     def _fail_step(self, step: Step, error: str) -> None:
         with self.lock:
             for rid in self.prompts.drop(step.prompts):
-                self.allocator.free(rid)
+                self.allocator.release(rid)
                 self.prompts.answer(rid, PrefillResult.failed(rid, f"prefill {error}"))
 
     def _prefilled(self, p: PendingPrefill, first: int, lp: TokenLogprob | None) -> None:
@@ -184,7 +192,7 @@ class PrefillWorker(StepLoop):
         )
         self.requests_done += 1
         if result.finished is not None:
-            self._release(req.request_id)
+            self._release(req.request_id, p.num_tokens)
             self._answer(req.request_id, result)
             return
 
@@ -196,13 +204,14 @@ class PrefillWorker(StepLoop):
 
         self.sender.submit(WriteJob(
             req.request_id, req.dest, p.num_tokens, first, list(self.allocator.table(req.request_id)),
-            granted, lambda: self._release(req.request_id),
+            granted, lambda: self._release(req.request_id, p.num_tokens),
         ))
 
-    def _release(self, request_id: str) -> None:
-        """The scratch blocks are free again (handed off, or not needed): a prompt may be waiting for them."""
+    def _release(self, request_id: str, computed: int) -> None:
+        """The scratch blocks are free again (handed off, or not needed; the full ones of its
+        `computed` prompt tokens cached): a prompt may be waiting for them."""
         with self.lock:
-            self.allocator.free(request_id)
+            self.allocator.release(request_id, computed)
             self.nudge()
 
     def _answer(self, request_id: str, result: PrefillResult) -> None:

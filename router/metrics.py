@@ -46,6 +46,10 @@ class RouterMetrics:
         self.w_prompt = Gauge("pdserve_worker_prompt_tokens_computed", "Prompt tokens run through the model",
                               labels, registry=r)
         self.w_generated = Gauge("pdserve_worker_tokens_generated", "Tokens sampled", labels, registry=r)
+        self.w_prefix_hits = Gauge("pdserve_worker_prefix_cache_hit_tokens",
+                                   "Prompt tokens whose KV a prefill worker found cached (not computed)", labels, registry=r)
+        self.w_prefix_queries = Gauge("pdserve_worker_prefix_cache_query_tokens",
+                                      "Prompt tokens a prefill worker looked up in its prefix cache", labels, registry=r)
         self.w_up = Gauge("pdserve_worker_up", "1 while the worker serves, 0 while lost", labels, registry=r)
         self.w_restarts = Gauge("pdserve_worker_restarts", "Times the worker came back after being lost",
                                 labels, registry=r)
@@ -86,5 +90,8 @@ class RouterMetrics:
             self.w_kv_free.labels(*lab).set(s.kv_blocks_total - s.kv_blocks_used)
             self.w_prompt.labels(*lab).set(s.prompt_tokens_computed)
             self.w_generated.labels(*lab).set(s.tokens_generated)
+            if "prefix_hit_tokens" in s.extra:
+                self.w_prefix_hits.labels(*lab).set(s.extra["prefix_hit_tokens"])
+                self.w_prefix_queries.labels(*lab).set(s.extra["prefix_query_tokens"])
             self.w_up.labels(*lab).set(1 if s.state == "serving" else 0)
             self.w_restarts.labels(*lab).set(s.restarts)

@@ -329,10 +329,20 @@ def _scrape(server: RunningServer) -> dict[str, float]:
     return out
 
 
+def _fresh_scrape(server: RunningServer) -> dict[str, float]:
+    """A scrape whose worker gauges (pulled every 2 s) have caught up with the workers."""
+    live = next(w.prompt_tokens_computed for w in server.status() if w.id == "prefill-0")
+    key = 'pdserve_worker_prompt_tokens_computed{role="prefill",worker="prefill-0"}'
+    assert wait_until(lambda: _scrape(server).get(key) == live, timeout=10)
+    return _scrape(server)
+
+
 def test_metrics_endpoint_counts_requests(server: RunningServer) -> None:
-    before = _scrape(server)
+    before = _fresh_scrape(server)
+    prompt = "measure me: the metrics test's prompt, 52 bytes long"  # 3 whole blocks + 4 tokens
+    assert len(prompt) == 52
     for _ in range(3):
-        server.generate(prompt="measure me", max_tokens=6, ignore_eos=True)
+        server.generate(prompt=prompt, max_tokens=6, ignore_eos=True)
     with pytest.raises(grpc.RpcError):
         server.generate(prompt="", max_tokens=6)
     after = _scrape(server)
@@ -351,6 +361,11 @@ def test_metrics_endpoint_counts_requests(server: RunningServer) -> None:
     assert delta('pdserve_errors_total{code="INVALID_ARGUMENT"}') == 1
     free = 'pdserve_worker_kv_blocks_free{role="decode",worker="decode-0"}'
     assert wait_until(lambda: _scrape(server).get(free) == 2048, timeout=10)  # pulled every 2 s
+    hits = 'pdserve_worker_prefix_cache_hit_tokens{role="prefill",worker="prefill-0"}'
+    queried = 'pdserve_worker_prefix_cache_query_tokens{role="prefill",worker="prefill-0"}'
+    # the 2nd and 3rd found the 1st's 3 whole blocks (the one with the last token is always computed)
+    assert wait_until(lambda: _scrape(server).get(hits, 0) - before.get(hits, 0) == 2 * 48, timeout=10)
+    assert _scrape(server)[queried] - before.get(queried, 0) == 3 * 52
 
 
 def test_bench_command_against_the_server(server: RunningServer, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -152,6 +152,25 @@ def test_concurrent_requests_equal_hf(pair) -> None:  # type: ignore[no-untyped-
     assert _idle(dw, pw)
 
 
+def test_a_prompt_sharing_a_prefix_with_an_earlier_one_computes_only_the_rest_and_equals_hf(pair) -> None:  # type: ignore[no-untyped-def]
+    """The prefill worker's prefix cache: the second prompt's first 5 blocks (80 tokens) are the
+    first's; it computes only its own tokens — in one go or in chunks after the cached ones — and
+    the tokens are still HF's."""
+    pw, dw, hub, _ = pair
+    tok = tiny_tokenizer()
+    system = "You are a terse assistant. Answer in one line. Context: the river runs past the old mill. "
+    first, second = system + "Where is the mill?", system[:80] + "Who built the mill, and when?"
+    sp = SamplingParams(max_tokens=12)
+    assert _run(pair, "pfx-a", tok(first)["input_ids"], sp)[0] == hf_greedy(first, 12)
+    hits, computed = pw.allocator.hit_tokens, pw.prompt_tokens_computed
+    ids = tok(second)["input_ids"]
+    assert _run(pair, "pfx-b", ids, sp)[0] == hf_greedy(second, 12)
+    assert pw.allocator.hit_tokens - hits == 80
+    assert pw.prompt_tokens_computed - computed == len(ids) - 80
+    assert _idle(dw, pw)
+    pw.allocator.check()
+
+
 def test_first_token_can_end_the_request_without_a_handoff(pair) -> None:  # type: ignore[no-untyped-def]
     pw, dw, hub, _ = pair
     before = dw.receiver.bytes_received
@@ -184,7 +203,7 @@ def test_a_prompt_waiting_for_scratch_blocks_waits_without_spinning_and_starts_o
     scratch blocks still being handed off), taking a core from the sender thread that frees them."""
     with running_pair("ipc") as (pw, dw, hub, events):
         with pw.lock:  # every scratch block held, as by hand-offs in flight
-            assert pw.allocator.allocate("hog", pw.allocator.num_blocks * pw.allocator.block_size) is not None
+            assert pw.allocator.allocate("hog", [0] * pw.allocator.num_blocks * pw.allocator.block_size) is not None
         calls = []
         real_next_step = pw.prompts.scheduler.next_step
 
@@ -200,7 +219,7 @@ def test_a_prompt_waiting_for_scratch_blocks_waits_without_spinning_and_starts_o
             time.sleep(1.0)
             assert not fut.done()
             stalled_calls = len(calls)
-            pw._release("hog")  # what the sender does when a hand-off ends
+            pw._release("hog", 0)  # what the sender does when a hand-off ends
             released = time.monotonic()
             toks, _ = fut.result(timeout=30)
         assert stalled_calls <= 40, f"{stalled_calls} schedules in 1 s while nothing could be admitted"

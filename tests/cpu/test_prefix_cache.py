@@ -1,0 +1,107 @@
+import random
+
+import pytest
+
+from engine.prefix_cache import PrefixCache, block_digests
+
+BS = 4
+
+
+def test_a_prompt_reuses_the_whole_blocks_it_shares_and_never_the_last_tokens_block() -> None:
+    c = PrefixCache(16, BS)
+    a = list(range(10))  # blocks [0-3] [4-7], partial [8 9]
+    assert c.allocate("a", a) == 0
+    c.release("a", computed=10)
+    assert c.num_cached == 2 and c.num_used == 0
+    assert c.allocate("b", a[:8] + [99, 98, 97]) == 8  # both full blocks
+    assert c.table("b")[:2] == [0, 1]
+    assert c.allocate("c", a[:8]) == 4  # exactly two blocks: the second holds the last token
+    assert c.allocate("d", [7] + a[1:10]) == 0  # a different first token: nothing after it matches
+    c.check()
+
+
+def test_a_shared_block_stays_held_until_its_last_holder_releases_it() -> None:
+    c = PrefixCache(8, BS)
+    c.allocate("a", list(range(9)))
+    c.release("a", 9)
+    c.allocate("b", list(range(9)))
+    c.allocate("c", list(range(9)))
+    assert c.table("b")[:2] == c.table("c")[:2] == [0, 1]
+    c.release("b", 9)
+    assert c.num_cached == 0 and c.num_used == 3  # blocks 0, 1 (still c's) + c's own for its last token
+    c.check()
+    c.release("c", 9)
+    assert c.num_used == 0 and c.num_cached == 2
+    c.check()
+
+
+def test_room_comes_from_free_blocks_then_from_the_least_recently_used_cached_tail() -> None:
+    c = PrefixCache(6, BS)
+    c.allocate("a", list(range(12)))  # 3 blocks
+    c.release("a", 12)
+    c.allocate("b", list(range(100, 109)))  # 3 blocks: the free ones
+    assert c.num_cached == 3
+    c.release("b", 0)  # nothing computed: freed, not cached
+    assert c.allocate("x", list(range(200, 213))) is not None  # 4 blocks: 3 free + 1 evicted from a
+    assert c.num_cached == 2
+    c.release("x", 0)
+    assert c.allocate("again", list(range(12)) + [5]) == 8  # a's first two blocks survived: its last went first
+    c.check()
+
+
+def test_no_room_changes_nothing() -> None:
+    c = PrefixCache(4, BS)
+    c.allocate("a", list(range(8)))
+    c.release("a", 8)
+    c.allocate("hold", list(range(9)))  # its 2 cached blocks + 1 fresh: 1 block left
+    before = (c.num_used, c.num_cached, c.hit_tokens)
+    assert c.allocate("big", list(range(50, 60))) is None  # needs 3
+    assert (c.num_used, c.num_cached, c.hit_tokens) == before
+    c.check()
+
+
+def test_only_computed_whole_blocks_are_kept_and_duplicates_are_freed() -> None:
+    c = PrefixCache(16, BS)
+    c.allocate("a", list(range(12)))
+    c.allocate("twin", list(range(12)))  # computed side by side: the same prefix twice
+    c.release("a", computed=5)  # a cancelled prompt: block 0 done, block 1 half
+    assert c.num_cached == 1
+    c.release("twin", computed=12)
+    assert c.num_cached == 3  # its block 0 is a duplicate of a's: freed; blocks 1, 2 kept
+    assert c.allocate("b", list(range(12)) + [1]) == 12
+    c.check()
+
+
+def test_disabled_keeps_nothing() -> None:
+    c = PrefixCache(8, BS, enabled=False)
+    c.allocate("a", list(range(9)))
+    c.release("a", 9)
+    assert c.num_cached == 0 and c.allocate("b", list(range(9))) == 0
+
+
+def test_digests_cover_the_whole_prefix() -> None:
+    one, two = block_digests([1, 2, 3, 4, 5, 6, 7, 8], BS), block_digests([9, 2, 3, 4, 5, 6, 7, 8], BS)
+    assert len(one) == 2 and one[0] != two[0] and one[1] != two[1]  # same second block, other prefix
+    assert block_digests([1, 2, 3], BS) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_traffic_keeps_every_block_accounted_for(seed: int) -> None:
+    rng = random.Random(seed)
+    c = PrefixCache(40, BS)
+    stems = [[rng.randrange(50) for _ in range(rng.randrange(4, 30))] for _ in range(5)]
+    live: dict[str, list[int]] = {}
+    for i in range(400):
+        if live and (rng.random() < 0.5 or len(live) > 6):
+            owner = rng.choice(sorted(live))
+            c.release(owner, rng.choice([0, len(live[owner]), rng.randrange(len(live[owner]) + 1)]))
+            del live[owner]
+        else:
+            tokens = rng.choice(stems)[: rng.randrange(1, 30)] + [rng.randrange(50) for _ in range(rng.randrange(3))]
+            got = c.allocate(f"r{i}", tokens)
+            if got is not None:
+                assert got % BS == 0 and got < len(tokens)
+                assert len(c.table(f"r{i}")) == -(-len(tokens) // BS)
+                live[f"r{i}"] = tokens
+        c.check()
+    assert c.hit_tokens > 0
