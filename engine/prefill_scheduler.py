@@ -29,6 +29,7 @@ class PendingPrefill:
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # first chunk's forward start
     computed: int = 0  # prompt tokens whose KV is in the scratch cache
+    cached: int = 0  # of those, found in the prefix cache at admission (not computed here)
     cancelled: bool = False
 
     @property

@@ -78,6 +78,7 @@ class PrefillResult:
     kv_bytes: int
     error: str | None = None
     first_logprob: TokenLogprob | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV the prefill worker found in its prefix cache
 
     @classmethod
     def failed(cls, request_id: str, error: str) -> "PrefillResult":

@@ -158,7 +158,7 @@ class PrefillWorker(StepLoop):
             return False
         if cached is None:
             return False
-        p.computed = cached
+        p.computed = p.cached = cached
         return True
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
@@ -189,6 +189,7 @@ class PrefillWorker(StepLoop):
         result = PrefillResult(
             req.request_id, first, finish_reason(first, 1, req.sampling, req.eos_token_ids),
             (p.started - p.enqueued) * 1000, (time.monotonic() - p.started) * 1000, 0, first_logprob=lp,
+            cached_tokens=p.cached,
         )
         self.requests_done += 1
         if result.finished is not None:

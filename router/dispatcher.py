@@ -137,7 +137,8 @@ class Dispatcher(WorkerLiveness):
             if res.error is not None:
                 raise WorkerFailure(f"prefill worker: {res.error}")
             t_first = time.monotonic()
-            timings = {"queue_ms": res.queue_ms, "prefill_ms": res.prefill_ms, "ttft_ms": (t_first - t_accept) * 1000}
+            timings = {"queue_ms": res.queue_ms, "prefill_ms": res.prefill_ms, "ttft_ms": (t_first - t_accept) * 1000,
+                       "cached_tokens": float(res.cached_tokens)}
             first_lp = [res.first_logprob] if res.first_logprob is not None else None
             if res.finished is not None:  # the first token ended it: nothing for decode to do
                 finished = True

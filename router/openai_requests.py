@@ -185,9 +185,10 @@ def final_obj(rid: str, model: str, opts: Options, text: str, finish: str, lps: 
             "usage": u}
 
 
-def usage_obj(u: pb.Usage) -> dict[str, int]:
+def usage_obj(u: pb.Usage) -> dict[str, Any]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 def _chat_lp(lp: Any, text: Callable[[int], str]) -> dict[str, Any]:

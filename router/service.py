@@ -131,7 +131,8 @@ class GenerationService:
         t = chunk.timings
         return pb.GenerateStreamResponse(
             request_id=req.request_id, text=text, token_ids=ids, finish_reason=finish.value, stop_reason=stop_reason,
-            usage=pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=n_out),
+            usage=pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=n_out,
+                           cached_tokens=int(t.get("cached_tokens", 0))),
             timings=pb.Timings(
                 queue_ms=t.get("queue_ms", 0.0), prefill_ms=t.get("prefill_ms", 0.0),
                 kv_transfer_ms=t.get("kv_transfer_ms", 0.0), kv_transfer_bytes=int(t.get("kv_transfer_bytes", 0)),

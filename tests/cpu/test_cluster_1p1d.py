@@ -341,8 +341,8 @@ def test_metrics_endpoint_counts_requests(server: RunningServer) -> None:
     before = _fresh_scrape(server)
     prompt = "measure me: the metrics test's prompt, 52 bytes long"  # 3 whole blocks + 4 tokens
     assert len(prompt) == 52
-    for _ in range(3):
-        server.generate(prompt=prompt, max_tokens=6, ignore_eos=True)
+    cached = [server.generate(prompt=prompt, max_tokens=6, ignore_eos=True).usage.cached_tokens for _ in range(3)]
+    assert cached == [0, 48, 48]  # the client is told what was reused
     with pytest.raises(grpc.RpcError):
         server.generate(prompt="", max_tokens=6)
     after = _scrape(server)

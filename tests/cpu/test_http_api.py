@@ -35,6 +35,8 @@ def test_completions_equal_the_grpc_answer_unary_and_streamed(server: RunningSer
         want = server.generate(prompt=p, max_tokens=12)
         r = oai.completions.create(model="tiny", prompt=p, max_tokens=12)
         assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
+        # the gRPC call just computed this prompt: its whole blocks but the last token's are reused
+        assert r.usage.prompt_tokens_details.cached_tokens == (r.usage.prompt_tokens - 1) // 16 * 16
         assert r.choices[0].finish_reason == want.finish_reason
         parts = list(oai.completions.create(model="tiny", prompt=p, max_tokens=12, stream=True))
         assert "".join(c.choices[0].text for c in parts) == want.text
