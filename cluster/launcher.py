@@ -25,6 +25,7 @@ from engine.kv_handoff import DecodeEndpoint, WriteGrant, WriteIntent, WriteOutc
 from engine.model_loader import eos_token_ids, load_tokenizer, resolve_path
 from prefill_worker.worker import PrefillWorker
 from router.dispatcher import Dispatcher, WorkerRef
+from router.prefix_affinity import PrefixAffinity
 from router.server import GenerationService, RouterServer
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,8 @@ class Cluster:
         else:
             prefills = [WorkerRef(f"prefill-{i}", p) for i, p in enumerate(self.prefills)]
             decodes = [WorkerRef(f"decode-{i}", d) for i, d in enumerate(self.decodes)]
-            dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits)
+            affinity = PrefixAffinity(cfg.kv_cache.block_size) if cfg.prefill.prefix_cache else None
+            dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits, affinity=affinity)
         from cluster.supervisor import Supervisor
 
         name = cfg.server.served_model_name or os.path.basename(cfg.model.path.rstrip("/"))

@@ -34,6 +34,7 @@ from router.liveness import WorkerLiveness, WorkerRef, _actor_gone
 __all__ = ["AlreadyExists", "DeadlineExceeded", "Dispatcher", "ResourceExhausted", "TokenChunk", "WorkerFailure",
            "WorkerRef"]
 from router.policy import LeastLoadedPolicy
+from router.prefix_affinity import PrefixAffinity
 from router.validation import ValidRequest
 
 log = logging.getLogger(__name__)
@@ -52,15 +53,16 @@ class TokenChunk:
 class Dispatcher(WorkerLiveness):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
-        colocated: bool = False,
+        colocated: bool = False, affinity: PrefixAffinity | None = None,
     ) -> None:
+        """affinity: send a prompt where its prefix was sent before (prefill workers' prefix caches)."""
         if colocated and len(prefills) != len(decodes):
             raise ValueError("colocated workers: prefills[i] must be decodes[i]")
         self.prefills, self.decodes = prefills, decodes
         self.colocated = colocated
         self.eos_token_ids = eos_token_ids
         self.limits = limits
-        self.policy = LeastLoadedPolicy(len(prefills), len(decodes))
+        self.policy = LeastLoadedPolicy(len(prefills), len(decodes), affinity)
         self.streams: dict[str, EventInbox] = {}  # request key → its decode events
         self.in_flight = 0
         self.queued = 0
@@ -126,9 +128,10 @@ class Dispatcher(WorkerLiveness):
             self._placed[key] = d_idx
             preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest)
             for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
-                p_idx = p_used = d_idx if self.colocated else self._pick_prefill()
+                p_idx, work = (d_idx, n_prompt) if self.colocated else self._pick_prefill(req.prompt_ids)
+                p_used = p_idx
                 try:
-                    res = await self._prefill(p_idx, preq, deadline)
+                    res = await self._prefill(p_idx, preq, work, deadline)
                     break
                 except WorkerFailure as e:
                     if attempt == 2 or self.colocated or not _actor_gone(e) or not self.serving:
@@ -173,9 +176,10 @@ class Dispatcher(WorkerLiveness):
                     await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
 
-    async def _prefill(self, p_idx: int, preq: PrefillRequest, deadline: float) -> PrefillResult:
-        prefill, n_prompt = self.prefills[p_idx], len(preq.token_ids)
-        self.policy.add(self.policy.prefill[p_idx], n_prompt)
+    async def _prefill(self, p_idx: int, preq: PrefillRequest, work: int, deadline: float) -> PrefillResult:
+        """work: the prompt tokens the worker will compute (its load meanwhile)."""
+        prefill = self.prefills[p_idx]
+        self.policy.add(self.policy.prefill[p_idx], work)
         try:
             return await self._wait(prefill.handle.prefill.remote(preq, _remaining(deadline)), deadline, "prefill")
         except WorkerFailure as e:
@@ -184,13 +188,15 @@ class Dispatcher(WorkerLiveness):
                 log.error("prefill worker %s is gone; routing around it", prefill.worker_id)
             raise
         finally:
-            self.policy.remove(self.policy.prefill[p_idx], n_prompt)
+            self.policy.remove(self.policy.prefill[p_idx], work)
 
-    def _pick_prefill(self) -> int:
-        idx = self.policy.pick_prefill({i for i, p in enumerate(self.prefills) if p.worker_id in self.dead_prefills})
-        if idx is None:
+    def _pick_prefill(self, prompt: list[int]) -> tuple[int, int]:
+        """(prefill worker index, the prompt tokens it will compute)."""
+        pick = self.policy.pick_prefill({i for i, p in enumerate(self.prefills) if p.worker_id in self.dead_prefills},
+                                        prompt)
+        if pick is None:
             raise WorkerFailure(f"all {len(self.prefills)} prefill workers are gone")
-        return idx
+        return pick
 
     async def _capacity_changed(self) -> None:
         async with self._capacity:

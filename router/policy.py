@@ -1,11 +1,16 @@
 """Routing policy: which decode worker reserves the KV, which prefill worker runs the prompt.
 
 Pure over the router's own load counters, so it is testable without workers. Decode: fewest tokens
-reserved through this router (ties: fewest requests); prefill: fewest prompt tokens queued.
+reserved through this router (ties: fewest requests); prefill: least work for this prompt — prompt
+tokens queued there plus the prompt's own, less the prefix that worker holds when the router last
+sent it there (router/prefix_affinity.py; off when None).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from router.prefix_affinity import PrefixAffinity
 
 
 @dataclass
@@ -15,18 +20,32 @@ class Load:
 
 
 class LeastLoadedPolicy:
-    def __init__(self, num_prefill: int, num_decode: int) -> None:
+    def __init__(self, num_prefill: int, num_decode: int, affinity: PrefixAffinity | None = None) -> None:
         self.prefill = [Load() for _ in range(num_prefill)]
         self.decode = [Load() for _ in range(num_decode)]
+        self.affinity = affinity
 
     def decode_order(self) -> list[int]:
         """Decode workers to try, most room first (the first that reserves wins)."""
         return sorted(range(len(self.decode)), key=lambda i: (self.decode[i].tokens, self.decode[i].requests, i))
 
-    def pick_prefill(self, exclude: set[int] | frozenset[int] = frozenset()) -> int | None:
-        """The prefill worker with the fewest prompt tokens queued, skipping `exclude`; None if none is left."""
+    def pick_prefill(self, exclude: set[int] | frozenset[int] = frozenset(),
+                     prompt: Sequence[int] = ()) -> tuple[int, int] | None:
+        """(the prefill worker with the least work for `prompt`, the prompt tokens it will compute:
+        its load while the prompt is there), skipping `exclude`; None if none is left."""
         live = [i for i in range(len(self.prefill)) if i not in exclude]
-        return min(live, key=lambda i: (self.prefill[i].tokens, self.prefill[i].requests, i), default=None)
+        if not live:
+            return None
+        digests = self.affinity.digests(prompt) if self.affinity is not None and len(live) > 1 else []
+        holder, reused = self.affinity.holder(digests) if digests and self.affinity is not None else (None, 0)
+
+        def compute(i: int) -> int:
+            return len(prompt) - (reused if i == holder else 0)
+
+        pick = min(live, key=lambda i: (self.prefill[i].tokens + compute(i), self.prefill[i].requests, i))
+        if digests and self.affinity is not None:
+            self.affinity.record(digests, pick)
+        return pick, compute(pick)
 
     @staticmethod
     def add(load: Load, tokens: int) -> None:

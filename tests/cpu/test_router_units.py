@@ -8,6 +8,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import LimitsConfig
 from router.detokenizer import IncrementalDetokenizer, StopMatcher
 from router.policy import LeastLoadedPolicy
+from router.prefix_affinity import PrefixAffinity
 from router.validation import InvalidArgument, parse, validate
 
 TOK = tiny_tokenizer()
@@ -105,8 +106,33 @@ def test_policy_prefers_least_loaded() -> None:
     p.add(p.decode[2], 10)
     assert p.decode_order() == [1, 2, 0]
     p.add(p.prefill[0], 500)
-    assert p.pick_prefill() == 1
+    assert p.pick_prefill() == (1, 0)
     p.remove(p.prefill[0], 500)
-    assert p.pick_prefill() == 0
-    assert p.pick_prefill(exclude={0}) == 1  # a dead worker is skipped even when it is idlest
+    assert p.pick_prefill(prompt=[1, 2, 3]) == (0, 3)
+    assert p.pick_prefill(exclude={0}) == (1, 0)  # a dead worker is skipped even when it is idlest
     assert p.pick_prefill(exclude={0, 1}) is None
+
+
+def test_a_prompt_goes_where_its_prefix_was_sent_unless_that_costs_more_than_it_saves() -> None:
+    p = LeastLoadedPolicy(num_prefill=2, num_decode=1, affinity=PrefixAffinity(block_size=16))
+    system = list(range(100, 164))  # 4 blocks
+    p.add(p.prefill[0], 40)
+    assert p.pick_prefill(prompt=system + [1, 2, 3]) == (1, 67)  # nobody holds it: the idler one
+    p.add(p.prefill[1], 60)  # worker 1 (holding the 64-token prefix) has more queued now
+    assert p.pick_prefill(prompt=system + [4, 5]) == (1, 2)  # 60 + 66 - 64 < 40 + 66: it computes 2
+    assert p.pick_prefill(prompt=[7] + system) == (0, 65)  # same tokens, other start: no prefix shared
+    p.add(p.prefill[1], 100)
+    assert p.pick_prefill(prompt=system + [6]) == (0, 65)  # 160 queued there outweighs the 64 saved
+    # ...and worker 0 now holds it: the record follows the last pick
+    assert p.affinity is not None and p.affinity.holder(p.affinity.digests(system + [6])) == (0, 64)
+    assert p.pick_prefill(exclude={0}, prompt=system + [6]) == (1, 65)  # a dead holder is skipped
+
+
+def test_affinity_forgets_the_least_recently_used_prefixes() -> None:
+    a = PrefixAffinity(block_size=2, capacity=4)
+    a.record(a.digests([1, 2, 3, 4, 5]), 0)  # 2 digests
+    a.record(a.digests([9, 9, 9, 9, 9]), 1)  # 2 more
+    a.record(a.digests([1, 2, 7]), 0)  # touches [1, 2]
+    a.record(a.digests([5, 5, 5]), 1)  # evicts the oldest: [1 2 3 4]'s second digest
+    assert a.holder(a.digests([1, 2, 3, 4, 5])) == (0, 2)
+    assert a.holder(a.digests([8, 8, 8])) == (None, 0)
