@@ -1,5 +1,6 @@
 """The hand-off and the engine on one CUDA GPU: aggregated, 1P1D by direct write (CUDA IPC), 2P2D,
-and 1P1D forced to NCCL. Skipped without CUDA.
+and 1P1D forced to NCCL; each sends every prompt twice, so the second time the prefill prefix
+cache supplies its whole blocks (== HF generate either way). Skipped without CUDA.
 
 NCCL refuses two ranks on one GPU ("Duplicate GPU detected"). For the NCCL test only, each worker
 process gets its own NCCL_HOSTID (tests/gpu/nccl_one_gpu.py), so NCCL takes them for two hosts and
@@ -60,6 +61,8 @@ def _check(cfg: Any, n: int = 16, nccl_hosts: bool = False) -> dict[str, Any]:
             assert all(w.prompt_tokens_computed == 0 for w in status if w.role == "decode")
         assert wait_until(srv.all_idle, 10)
         stats = ray.get([w.stats.remote() for w in srv.cluster.prefills + srv.cluster.decodes])
+        if cfg.mode == "disaggregated":  # the crowd's prompts were the solo ones: their prefixes reused
+            assert sum(s.extra["prefix_hit_tokens"] for s in stats if s.role == "prefill") > 0
         return {s.id: s.extra for s in stats}
     finally:
         srv.stop()
