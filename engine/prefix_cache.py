@@ -28,9 +28,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 
-def block_digests(tokens: Sequence[int], block_size: int) -> list[bytes]:
-    """The chained digest of every full block of `tokens`: digest i covers tokens [0, (i+1) × block_size)."""
-    out, prev = [], b""
+def block_digests(tokens: Sequence[int], block_size: int, salt: str = "") -> list[bytes]:
+    """The chained digest of every full block of `tokens`: digest i covers tokens [0, (i+1) × block_size)
+    (and the salt: prompts with different salts share nothing)."""
+    out, prev = [], hashlib.sha256(salt.encode()).digest() if salt else b""
     for i in range(len(tokens) // block_size):
         prev = hashlib.sha256(prev + array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()).digest()
         out.append(prev)
@@ -68,11 +69,12 @@ class PrefixCache:
         return self._owned[owner][0]
 
     # -- changes ------------------------------------------------------------------------------
-    def allocate(self, owner: str, tokens: Sequence[int]) -> int | None:
-        """1. Hold blocks for all of `tokens`; → tokens whose KV is already there, None if no room."""
+    def allocate(self, owner: str, tokens: Sequence[int], salt: str = "") -> int | None:
+        """1. Hold blocks for all of `tokens`; → tokens whose KV is already there, None if no room.
+        Only blocks cached under the same `salt` are reused."""
         if owner in self._owned:
             raise KeyError(f"{owner} already holds blocks")
-        digests = block_digests(tokens, self.block_size) if self.enabled else []
+        digests = block_digests(tokens, self.block_size, salt) if self.enabled else []
         hit: list[int] = []
         for d in digests[: (len(tokens) - 1) // self.block_size]:
             b = self._block_of.get(d)

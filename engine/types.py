@@ -66,6 +66,7 @@ class PrefillRequest:
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
     dest: KVDestination  # the decode worker that reserved the KV, and the blocks to write into
+    cache_salt: str = ""  # prefix-cached KV is reused only between requests with the same salt
 
 
 @dataclass(frozen=True)

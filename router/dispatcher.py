@@ -126,9 +126,9 @@ class Dispatcher(WorkerLiveness):
         try:
             d_idx, dest = await self._reserve(req, deadline)  # counted in the policy from here on
             self._placed[key] = d_idx
-            preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest)
+            preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest, req.cache_salt)
             for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
-                p_idx, work = (d_idx, n_prompt) if self.colocated else self._pick_prefill(req.prompt_ids)
+                p_idx, work = (d_idx, n_prompt) if self.colocated else self._pick_prefill(req.prompt_ids, req.cache_salt)
                 p_used = p_idx
                 try:
                     res = await self._prefill(p_idx, preq, work, deadline)
@@ -190,10 +190,10 @@ class Dispatcher(WorkerLiveness):
         finally:
             self.policy.remove(self.policy.prefill[p_idx], work)
 
-    def _pick_prefill(self, prompt: list[int]) -> tuple[int, int]:
+    def _pick_prefill(self, prompt: list[int], salt: str) -> tuple[int, int]:
         """(prefill worker index, the prompt tokens it will compute)."""
         pick = self.policy.pick_prefill({i for i, p in enumerate(self.prefills) if p.worker_id in self.dead_prefills},
-                                        prompt)
+                                        prompt, salt)
         if pick is None:
             raise WorkerFailure(f"all {len(self.prefills)} prefill workers are gone")
         return pick

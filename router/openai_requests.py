@@ -17,7 +17,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-          "min_tokens", "user"}
+          "min_tokens", "user", "cache_salt"}
 COMPLETION = COMMON | {"prompt", "logprobs"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 
@@ -95,6 +95,7 @@ def parse_body(raw: bytes, chat: bool, model: str) -> tuple[pb.GenerateRequest, 
         raise BadRequest("stream_options takes only include_usage", "stream_options")
     include_usage = bool(opts and _get(opts, "include_usage", bool, False))
     _get(body, "user", str, None)
+    req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
     return req, Options(chat, stream, include_usage, logprobs is not None)
 
 

@@ -30,13 +30,13 @@ class LeastLoadedPolicy:
         return sorted(range(len(self.decode)), key=lambda i: (self.decode[i].tokens, self.decode[i].requests, i))
 
     def pick_prefill(self, exclude: set[int] | frozenset[int] = frozenset(),
-                     prompt: Sequence[int] = ()) -> tuple[int, int] | None:
+                     prompt: Sequence[int] = (), salt: str = "") -> tuple[int, int] | None:
         """(the prefill worker with the least work for `prompt`, the prompt tokens it will compute:
         its load while the prompt is there), skipping `exclude`; None if none is left."""
         live = [i for i in range(len(self.prefill)) if i not in exclude]
         if not live:
             return None
-        digests = self.affinity.digests(prompt) if self.affinity is not None and len(live) > 1 else []
+        digests = self.affinity.digests(prompt, salt) if self.affinity is not None and len(live) > 1 else []
         holder, reused = self.affinity.holder(digests) if digests and self.affinity is not None else (None, 0)
 
         def compute(i: int) -> int:

@@ -20,9 +20,9 @@ class PrefixAffinity:
         self.block_size, self.capacity = block_size, capacity
         self._where: OrderedDict[bytes, int] = OrderedDict()  # digest → prefill worker index
 
-    def digests(self, prompt: Sequence[int]) -> list[bytes]:
+    def digests(self, prompt: Sequence[int], salt: str = "") -> list[bytes]:
         """The digests a prefill worker can reuse for `prompt` (never the block of its last token)."""
-        return block_digests(prompt[: (len(prompt) - 1) // self.block_size * self.block_size], self.block_size)
+        return block_digests(prompt[: (len(prompt) - 1) // self.block_size * self.block_size], self.block_size, salt)
 
     def holder(self, digests: list[bytes]) -> tuple[int | None, int]:
         """(the worker last sent this prompt's longest remembered prefix, that prefix's tokens)."""

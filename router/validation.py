@@ -17,6 +17,7 @@ from router.config import LimitsConfig
 
 ROLES = ("system", "user", "assistant", "tool")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_SALT_CHARS = 256
 
 
 class InvalidArgument(ValueError):
@@ -32,6 +33,7 @@ class ValidRequest:
     sampling: SamplingParams
     stop: tuple[str, ...]
     key: str  # minted here for every request: the only id workers and the hand-off ever see
+    cache_salt: str = ""  # prefix-cached KV is shared only with requests of the same salt
 
 
 def parse(raw: bytes) -> pb.GenerateRequest:
@@ -110,7 +112,9 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         frequency_penalty=_opt(req, "frequency_penalty", 0.0),
         logprobs=logprobs,
     )
-    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop), key)
+    if len(req.cache_salt) > MAX_SALT_CHARS:
+        raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")
+    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop), key, req.cache_salt)
 
 
 def _opt(req: pb.GenerateRequest, name: str, default: float) -> float:
@@ -149,7 +153,7 @@ def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[
 
 
 # -- locating bad UTF-8 in the raw wire bytes (protobuf only says "bad UTF-8") -------------------
-_STRING_FIELDS = {1: "request_id", 2: "prompt", 9: "stop"}
+_STRING_FIELDS = {1: "request_id", 2: "prompt", 9: "stop", 18: "cache_salt"}
 _MESSAGE_FIELDS = {3: "messages"}
 _CHAT_FIELDS = {1: "role", 2: "content"}
 

@@ -368,6 +368,17 @@ def test_metrics_endpoint_counts_requests(server: RunningServer) -> None:
     assert _scrape(server)[queried] - before.get(queried, 0) == 3 * 52
 
 
+def test_a_cache_salt_keeps_tenants_prefixes_apart(server: RunningServer) -> None:
+    prompt = "cache salt test: forty bytes of prompt.."  # 2 whole blocks + 8 tokens
+    assert len(prompt) == 40
+    got = [server.generate(prompt=prompt, max_tokens=2, cache_salt=s).usage.cached_tokens
+           for s in ("", "tenant-a", "tenant-a", "tenant-b", "")]
+    assert got == [0, 0, 32, 0, 32]
+    with pytest.raises(grpc.RpcError) as e:
+        server.generate(prompt=prompt, max_tokens=2, cache_salt="x" * 257)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in e.value.details()
+
+
 def test_bench_command_against_the_server(server: RunningServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run.json"
     argv = ["bench", "--address", server.address, "--tokenizer", "tiny", "--workload", "fixed", "--input-len", "40",

@@ -37,6 +37,8 @@ def test_completions_equal_the_grpc_answer_unary_and_streamed(server: RunningSer
         assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
         # the gRPC call just computed this prompt: its whole blocks but the last token's are reused
         assert r.usage.prompt_tokens_details.cached_tokens == (r.usage.prompt_tokens - 1) // 16 * 16
+        salted = oai.completions.create(model="tiny", prompt=p, max_tokens=12, extra_body={"cache_salt": "t1"})
+        assert salted.usage.prompt_tokens_details.cached_tokens == 0 and salted.choices[0].text == want.text
         assert r.choices[0].finish_reason == want.finish_reason
         parts = list(oai.completions.create(model="tiny", prompt=p, max_tokens=12, stream=True))
         assert "".join(c.choices[0].text for c in parts) == want.text

@@ -105,3 +105,13 @@ def test_random_traffic_keeps_every_block_accounted_for(seed: int) -> None:
                 live[f"r{i}"] = tokens
         c.check()
     assert c.hit_tokens > 0
+
+
+def test_a_salt_keeps_prefixes_apart() -> None:
+    c = PrefixCache(16, BS)
+    c.allocate("a", list(range(9)), salt="tenant-a")
+    c.release("a", 9)
+    assert c.allocate("plain", list(range(9))) == 0
+    assert c.allocate("b", list(range(9)), salt="tenant-b") == 0
+    assert c.allocate("a2", list(range(9)), salt="tenant-a") == 8
+    c.check()
