@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 
@@ -130,8 +130,8 @@ class PrefixCache:
         if len(every) != self.num_blocks or set(every) != set(range(self.num_blocks)):
             raise AssertionError(f"prefix cache corrupt: {len(self._free)} free + {len(self._refs)} held + "
                                  f"{len(self._cached)} cached != {self.num_blocks}")
-        held = [b for table, _ in self._owned.values() for b in table]
-        if any(held.count(b) != n for b, n in self._refs.items()) or set(held) != set(self._refs):
+        held = Counter(b for table, _ in self._owned.values() for b in table)
+        if held != Counter(self._refs):
             raise AssertionError("prefix cache corrupt: reference counts disagree with the tables")
         if any(self._block_of.get(d) != b for b, d in self._digest_of.items()) or len(self._block_of) != len(self._digest_of):
             raise AssertionError("prefix cache corrupt: digest maps disagree")
