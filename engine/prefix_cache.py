@@ -14,9 +14,11 @@ A block is, at any time, exactly one of:
   1. allocate(owner, tokens): the longest cached prefix of whole blocks (never the block holding
      the last token: at least one token is computed, to sample from) is held again; fresh blocks
      for the rest come from the free ones, then from evicting cached ones. Returns how many prompt
-     tokens are already there.
-  2. the owner computes its other tokens into its fresh blocks only (a held block is never written)
-  3. release(owner, computed): its full blocks among the first `computed` tokens are cached (unless
+     tokens are already there — or None, to wait: no room, or another prompt is computing this
+     one's next block right now (found cached a step later instead of computed twice)
+  2. the owner computes its other tokens into its fresh blocks only (a held block is never written);
+     commit(owner, computed) after each step makes its whole computed blocks findable at once
+  3. release(owner, computed): as commit, then the blocks are let go: findable ones cached (unless
      the same prefix already is), the rest freed
 Pure bookkeeping over ints; no tensors.
 """
@@ -49,6 +51,7 @@ class PrefixCache:
         self._block_of: dict[bytes, int] = {}  # digest → the block holding that prefix's last block
         self._digest_of: dict[int, bytes] = {}
         self._owned: dict[str, tuple[list[int], list[bytes]]] = {}  # owner → (table, its full blocks' digests)
+        self._computing: dict[bytes, str] = {}  # digest of a block being computed → its owner
         self.hit_tokens = 0  # prompt tokens found cached
         self.query_tokens = 0  # prompt tokens looked up
 
@@ -76,11 +79,14 @@ class PrefixCache:
             raise KeyError(f"{owner} already holds blocks")
         digests = block_digests(tokens, self.block_size, salt) if self.enabled else []
         hit: list[int] = []
-        for d in digests[: (len(tokens) - 1) // self.block_size]:
+        reusable = digests[: (len(tokens) - 1) // self.block_size]
+        for d in reusable:
             b = self._block_of.get(d)
             if b is None:
                 break
             hit.append(b)
+        if len(hit) < len(reusable) and reusable[len(hit)] in self._computing:
+            return None  # its owner is computing it: wait for it rather than compute it again
         need = self.blocks_for(len(tokens)) - len(hit)
         if need > len(self._free) + len(self._cached) - sum(1 for b in hit if b in self._cached):
             return None
@@ -89,23 +95,39 @@ class PrefixCache:
             self._refs[b] = self._refs.get(b, 0) + 1
         fresh = [self._take() for _ in range(need)]
         self._owned[owner] = (hit + fresh, digests)
+        for d in digests[len(hit):]:
+            self._computing.setdefault(d, owner)
         self.hit_tokens += len(hit) * self.block_size
         self.query_tokens += len(tokens)
         return len(hit) * self.block_size
 
+    def commit(self, owner: str, computed: int) -> None:
+        """2. The owner's first `computed` prompt tokens have their KV: its whole blocks among them
+        are findable from now on (a block is registered once; the same prefix twice: the first).
+        Unknown owner: no-op."""
+        if owner not in self._owned:
+            return
+        table, digests = self._owned[owner]
+        for i in range(min(computed // self.block_size, len(digests))):
+            b, d = table[i], digests[i]
+            if self._computing.get(d) == owner:
+                del self._computing[d]
+            if b not in self._digest_of and d not in self._block_of:
+                self._block_of[d] = b
+                self._digest_of[b] = d
+
     def release(self, owner: str, computed: int = 0) -> int:
-        """3. The owner is done with its blocks; those of its first `computed` prompt tokens that are
-        full are cached. Unknown owner: no-op. → blocks it held."""
-        entry = self._owned.pop(owner, None)
-        if entry is None:
+        """3. commit(owner, computed), then the owner lets go of its blocks: findable ones are
+        cached, the rest freed. Unknown owner: no-op. → blocks it held."""
+        if owner not in self._owned:
             return 0
-        table, digests = entry
+        self.commit(owner, computed)
+        table, digests = self._owned.pop(owner)
+        for d in digests:
+            if self._computing.get(d) == owner:
+                del self._computing[d]
         for i in reversed(range(len(table))):  # later blocks first: they are evicted first
             b = table[i]
-            if (i + 1) * self.block_size <= computed and i < len(digests) and b not in self._digest_of \
-                    and digests[i] not in self._block_of:
-                self._block_of[digests[i]] = b
-                self._digest_of[b] = digests[i]
             self._refs[b] -= 1
             if self._refs[b] == 0:
                 del self._refs[b]
@@ -137,3 +159,5 @@ class PrefixCache:
             raise AssertionError("prefix cache corrupt: digest maps disagree")
         if any(b not in self._digest_of for b in self._cached):
             raise AssertionError("prefix cache corrupt: a cached block without its digest")
+        if any(owner not in self._owned for owner in self._computing.values()):
+            raise AssertionError("prefix cache corrupt: a block being computed by an owner that left")

@@ -165,6 +165,8 @@ class PrefillWorker(StepLoop):
         """3. logits [chunks, V] (each chunk's last position): first tokens of the completed prompts."""
         self.prompt_tokens_computed += sum(c.length for c in step.prompts)
         with self.lock:
+            for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
+                self.allocator.commit(c.pending.request.request_id, c.start + c.length)
             done = self.prompts.finish(step.prompts)
         if not done:
             return

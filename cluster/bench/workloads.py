@@ -9,6 +9,7 @@ at exact token lengths with the served model's tokenizer, so runs are reproducib
 | chat          | log-normal, median 128 (8..1024)       | log-normal, median 96 (8..512) |
 | prefill-heavy | 80%: 64, 20%: 1024 (long documents)    | 80%: 64, 20%: 16             |
 | decode-heavy  | 32                                     | 256                          |
+| shared-prefix | 1024 shared by all (a system prompt) + 64 of its own | 64              |
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 CORPUS = Path(__file__).with_name("corpus.txt")
-WORKLOADS = ("fixed", "chat", "prefill-heavy", "decode-heavy")
+WORKLOADS = ("fixed", "chat", "prefill-heavy", "decode-heavy", "shared-prefix")
+SHARED_PREFIX = 1024  # tokens of the shared-prefix workload's common start
 
 
 @dataclass(frozen=True)
@@ -44,21 +46,26 @@ def lengths(name: str, n: int, seed: int, input_len: int, output_len: int) -> li
             out.append((1024, 16) if k in longs else (64, 64))  # exactly 20% long, at seeded places
         elif name == "decode-heavy":
             out.append((32, 256))
+        elif name == "shared-prefix":
+            out.append((SHARED_PREFIX + 64, 64))
         else:
             raise ValueError(f"--workload: {name!r} is not one of {', '.join(WORKLOADS)}")
     return out
 
 
 def build(name: str, n: int, tokenizer: Any, seed: int = 0, input_len: int = 128, output_len: int = 64) -> list[RequestSpec]:
-    """n requests; each prompt is `input_len` tokens of corpus text starting at a random offset."""
+    """n requests; each prompt is `input_len` tokens of corpus text starting at a random offset
+    (shared-prefix: the corpus's first SHARED_PREFIX tokens, then its own at a random offset)."""
     ids = tokenizer(CORPUS.read_text())["input_ids"]
     rng = random.Random(seed + 1)
+    shared = (ids * (SHARED_PREFIX // len(ids) + 1))[:SHARED_PREFIX] if name == "shared-prefix" else []
     specs = []
     for i_len, o_len in lengths(name, n, seed, input_len, output_len):
-        reps = -(-(i_len + 1) // len(ids)) + 1
+        own = i_len - len(shared)
+        reps = -(-(own + 1) // len(ids)) + 1
         pool = ids * reps
         start = rng.randrange(0, len(ids))
-        piece = pool[start : start + i_len]
+        piece = shared + pool[start : start + own]
         text = tokenizer.decode(piece)
         real = len(tokenizer(text)["input_ids"])  # decode → encode may merge differently at the edges
         specs.append(RequestSpec(text, real, o_len))

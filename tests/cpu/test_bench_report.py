@@ -48,3 +48,6 @@ def test_workloads_have_the_promised_shapes() -> None:
     specs = build("fixed", 4, tok, seed=1, input_len=50, output_len=7)
     assert all(abs(s.input_len - 50) <= 2 and s.output_len == 7 for s in specs)
     assert len({s.prompt for s in specs}) > 1  # different corpus offsets
+    shared = build("shared-prefix", 3, tok, seed=2)
+    assert len({s.prompt[:1000] for s in shared}) == 1 and len({s.prompt for s in shared}) == 3
+    assert all(abs(s.input_len - 1088) <= 2 and s.output_len == 64 for s in shared)

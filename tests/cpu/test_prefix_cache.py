@@ -60,15 +60,18 @@ def test_no_room_changes_nothing() -> None:
     c.check()
 
 
-def test_only_computed_whole_blocks_are_kept_and_duplicates_are_freed() -> None:
+def test_a_prompt_waits_for_the_one_computing_its_prefix_and_finds_each_block_once_computed() -> None:
     c = PrefixCache(16, BS)
     c.allocate("a", list(range(12)))
-    c.allocate("twin", list(range(12)))  # computed side by side: the same prefix twice
-    c.release("a", computed=5)  # a cancelled prompt: block 0 done, block 1 half
-    assert c.num_cached == 1
-    c.release("twin", computed=12)
-    assert c.num_cached == 3  # its block 0 is a duplicate of a's: freed; blocks 1, 2 kept
-    assert c.allocate("b", list(range(12)) + [1]) == 12
+    assert c.allocate("twin", list(range(12)) + [5]) is None  # a is computing its first block: wait
+    assert c.allocate("other", [7] * 12) == 0  # nothing shared: no wait
+    c.commit("a", 8)  # a step computed a's first 8 tokens: blocks 0, 1 findable while a still holds them
+    assert c.num_cached == 0 and c.allocate("twin", list(range(12)) + [5]) is None  # block 2 still computing
+    c.release("a", computed=9)  # cancelled with block 2 half done: block 2 is freed, not kept
+    assert c.num_cached == 2
+    assert c.allocate("twin", list(range(12)) + [5]) == 8
+    c.release("twin", 13)
+    assert c.num_cached == 3 and c.allocate("late", list(range(12)) + [6]) == 12
     c.check()
 
 
@@ -92,7 +95,10 @@ def test_random_traffic_keeps_every_block_accounted_for(seed: int) -> None:
     stems = [[rng.randrange(50) for _ in range(rng.randrange(4, 30))] for _ in range(5)]
     live: dict[str, list[int]] = {}
     for i in range(400):
-        if live and (rng.random() < 0.5 or len(live) > 6):
+        if live and rng.random() < 0.2:  # a step computed part of a prompt
+            owner = rng.choice(sorted(live))
+            c.commit(owner, rng.randrange(len(live[owner]) + 1))
+        elif live and (rng.random() < 0.5 or len(live) > 6):
             owner = rng.choice(sorted(live))
             c.release(owner, rng.choice([0, len(live[owner]), rng.randrange(len(live[owner]) + 1)]))
             del live[owner]
