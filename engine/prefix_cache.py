@@ -73,8 +73,9 @@ class PrefixCache:
 
     # -- changes ------------------------------------------------------------------------------
     def allocate(self, owner: str, tokens: Sequence[int], salt: str = "") -> int | None:
-        """1. Hold blocks for all of `tokens`; → tokens whose KV is already there, None if no room.
-        Only blocks cached under the same `salt` are reused."""
+        """1. Hold blocks for all of `tokens`; → tokens whose KV is already there, or None to wait
+        (no room, or another prompt is computing the next block). Only blocks cached under the
+        same `salt` are reused."""
         if owner in self._owned:
             raise KeyError(f"{owner} already holds blocks")
         digests = block_digests(tokens, self.block_size, salt) if self.enabled else []
