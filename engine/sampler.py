@@ -1,5 +1,5 @@
 """Token sampling for a whole batch at once, on the logits' device: one host sync per step (up to
-two more when a row has top-k or top-p, engine/race.py).
+three more when a row is not greedy: which rows fall back to a sort, engine/race.py).
 
 Order (every row, as tensors [B, V]): penalties on the raw logits → greedy rows: argmax → the rest:
 temperature → top-k → top-p → min-p → draw (engine/race.py). Logprobs are the log-softmax of the raw
