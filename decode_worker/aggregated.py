@@ -6,7 +6,8 @@ shape (engine/step_loop.py). The router drives it through the same calls as a de
 (reserve → prefill → poll), pointed at one actor.
 
 A request here goes:
-  1. reserve()   blocks for prompt + max_tokens are held (as on a decode worker)
+  1. reserve()   blocks for the prompt are held (as on a decode worker; it grows, or is preempted
+                 and recomputed, as there)
   2. prefill()   the prompt joins the prompt queue; the call returns once its first token is sampled
   3. each step (continuous batching, Sarathi-Serve): every running request decodes one token and
      prompt chunks fill the rest of `max_batch_tokens`; all of it is one forward, decode rows first,
@@ -40,7 +41,7 @@ class AggregatedWorker(BatchWorker):
         node: str = "local",
     ) -> None:
         super().__init__(worker_id, model_cfg, kv_cfg, cfg, node,
-                         step_tokens=max(cfg.max_batch_size, cfg.max_batch_tokens), share_cache=False)
+                         step_tokens=max(cfg.max_batch_size + cfg.max_recompute_tokens, cfg.max_batch_tokens), share_cache=False)
         self.cfg = cfg
         self.prompts = PromptQueue(cfg.max_batch_tokens, cfg.chunk_tokens)
         self._members: set[str] = set()  # static batching: the batch being served
@@ -91,13 +92,17 @@ class AggregatedWorker(BatchWorker):
             self.prompts.scheduler.drop_cancelled()  # their blocks are freed by the decode scheduler's cancel
             if self.cfg.batching == "static":
                 batch, chunks = self._plan_static()
+                recomputes, rows = self._recompute_rows(self.cfg.max_recompute_tokens)
             else:
                 batch = self.scheduler.schedule()
-                chunks = self.prompts.scheduler.next_step(lambda p: True, self.cfg.max_batch_tokens - len(batch))
+                left = self.cfg.max_batch_tokens - len(batch)
+                recomputes, rows = self._recompute_rows(min(self.cfg.max_recompute_tokens, left))
+                left -= sum(c.length for c in recomputes)
+                chunks = self.prompts.scheduler.next_step(lambda p: True, left)
             tables = [self.scheduler.requests[c.pending.request.request_id].block_table for c in chunks]
-        if not batch and not chunks:  # e.g. a static batch whose last member is being cancelled
+        if not batch and not chunks and not recomputes:  # e.g. a static batch whose last member is being cancelled
             return None
-        return Step(batch, chunks, self._decode_rows(batch) + PromptQueue.seqs(chunks, tables))
+        return Step(batch, chunks, self._decode_rows(batch) + PromptQueue.seqs(chunks, tables) + rows, recomputes)
 
     def _plan_static(self) -> tuple[list[DecodeRequest], list[Chunk]]:
         """Static batching: close a batch from the queue head when none runs; prefill all of it, then
@@ -112,9 +117,10 @@ class AggregatedWorker(BatchWorker):
         return self.scheduler.schedule(), []
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
-        """logits [decode rows + prompt rows, V]: one sample() for the decode rows and the prompts
-        that complete in this step."""
+        """logits [decode rows + prompt rows + recompute rows, V]: one sample() for the decode rows
+        and the prompts that complete in this step."""
         self.prompt_tokens_computed += sum(c.length for c in step.prompts)
+        self._recomputed(step.recomputes)
         with self.lock:
             done = self.prompts.finish(step.prompts)
         params, positions, histories = self._decode_sampling(step.decode)
@@ -150,4 +156,5 @@ class AggregatedWorker(BatchWorker):
             ids = self.prompts.drop(step.prompts)
             for rid in ids:
                 self.prompts.answer(rid, PrefillResult.failed(rid, error))
-        self._fail_requests(ids + [r.request_id for r in step.decode], error)
+        self._fail_requests(ids + [r.request_id for r in step.decode] + [c.request.request_id for c in step.recomputes],
+                            error)

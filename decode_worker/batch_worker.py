@@ -4,11 +4,13 @@ requests get their prompt's KV — handed off by a prefill worker (worker.py) or
 (aggregated.py).
 
 A request here goes:
-  1. reserve()   the router asks for room for prompt + max_tokens before any prefill work; the
-                 answer names the blocks (a KVDestination)
+  1. reserve()   the router asks for room for the prompt (kv_cache.allocation: upfront, prompt +
+                 max_tokens) before any prefill work; the answer names the blocks (a KVDestination)
   2. the prompt's KV lands in those blocks (the subclass's part); the request is READY with its
                  first token
-  3. every step: its decode row (its last token) joins the forward; the sampled token → DecodeEvent
+  3. every step: its decode row (its last token) joins the forward; the sampled token → DecodeEvent.
+                 When the cache runs out, the newest requests are preempted and later resumed: their
+                 KV is computed again here in chunks (recompute rows) before they decode on
   4. poll()      the router long-polls events and streams them to clients
   5. cancel()    from any state: the request leaves at the next step, its blocks are freed (while
                  its KV is being written: once the write has ended)
@@ -22,7 +24,7 @@ import torch
 
 from decode_worker.config import DecodeConfig
 from decode_worker.request import DecodeRequest
-from decode_worker.scheduler import DecodeScheduler
+from decode_worker.scheduler import DecodeScheduler, Recompute
 from engine import kv_budget
 from engine.block_allocator import BlockAllocator
 from engine.config import KVCacheConfig, ModelConfig
@@ -59,8 +61,10 @@ class BatchWorker(StepLoop):
         if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
             self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
         self.allocator = BlockAllocator(blocks, kv_cfg.block_size)
-        self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id)
-        self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model here
+        self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id,
+                                         kv_cfg.allocation == "on_demand", kv_cfg.watermark)
+        self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model here (recomputes too)
+        self.recomputed_tokens = 0  # KV of preempted requests (and failed hand-offs) computed again here
         self._inbox: deque[str] = deque()  # request ids to cancel at the next step
         self._events: list[DecodeEvent] = []
         self._events_cv = threading.Condition()
@@ -101,7 +105,9 @@ class BatchWorker(StepLoop):
                 self.role, self.worker_id, self.node, s.num_running, s.num_waiting,
                 self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
                 s.tokens_generated, {"steps": self.steps, "attention": self.runner.attn.name,
-                                     "graph_replays": 0 if self.runner.graphs is None else self.runner.graphs.replays},
+                                     "graph_replays": 0 if self.runner.graphs is None else self.runner.graphs.replays,
+                                     "preemptions": s.preemptions, "preempted": len(s.preempted),
+                                     "recomputed_tokens": self.recomputed_tokens},
             )
 
     def check_idle(self) -> bool:
@@ -115,7 +121,8 @@ class BatchWorker(StepLoop):
 
     # -- for the loop ---------------------------------------------------------------------------
     def _idle(self) -> bool:
-        return not self.scheduler.running and not self.scheduler.ready and not self._inbox
+        s = self.scheduler
+        return not s.running and not s.ready and not s.preempted and not s.recomputing and not self._inbox
 
     def _emit(self, events: list[DecodeEvent | None]) -> None:
         events = [ev for ev in events if ev is not None]
@@ -142,6 +149,21 @@ class BatchWorker(StepLoop):
         """sample()'s arguments for the decode rows: params, the positions being sampled, histories."""
         return ([r.sampling for r in batch], [r.num_tokens for r in batch],
                 [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch])
+
+    def _recompute_rows(self, budget: int) -> tuple[list[Recompute], list[SeqInput]]:
+        """Under `lock`: resume preempted requests that fit now, and this step's chunks (at most
+        `budget` tokens) of the KV being computed again, with their rows."""
+        self.scheduler.resume()
+        chunks = self.scheduler.recompute_chunks(budget)
+        return chunks, [SeqInput(c.request.recompute_ids()[c.start : c.start + c.length], c.start,
+                                 c.request.block_table) for c in chunks]
+
+    def _recomputed(self, chunks: list[Recompute]) -> None:
+        n = sum(c.length for c in chunks)
+        self.prompt_tokens_computed += n
+        self.recomputed_tokens += n
+        with self.lock:
+            self.scheduler.on_recomputed(chunks)
 
     def _decoded(self, batch: list[DecodeRequest], tokens: list[int], lps: list[TokenLogprob | None]) -> None:
         """Sampled tokens to their requests; finished ones leave and free their blocks."""

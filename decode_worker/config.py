@@ -13,6 +13,10 @@ class DecodeConfig(WorkerPlacement):
     reserve_timeout_s: float = Field(
         120.0, gt=0, description="A reservation whose KV never arrives is freed after this long."
     )
+    max_recompute_tokens: int = Field(
+        256, ge=16, description="Most tokens of preempted requests' KV (kv_cache.allocation: on_demand) or of a "
+        "failed hand-off (transport.on_failure: recompute) computed again in one step, beside its decode rows."
+    )
     cuda_graphs: bool = Field(
         True, description="On cuda with the triton kernels: decode steps of up to max_batch_size rows replay "
         "CUDA graphs captured at start-up, one per batch bucket (1, 2, 4, 8, then every 16); false: eager."

@@ -14,6 +14,8 @@ class DecodeStatus(enum.Enum):
     WRITING = "writing"  # a prefill worker is writing its KV into the blocks (kv_handoff step 3-5)
     READY = "ready"  # KV landed in the blocks, waiting for a batch slot
     RUNNING = "running"  # in the decode batch
+    PREEMPTED = "preempted"  # its blocks were taken back (the cache ran out); output kept, waits for room
+    RECOMPUTING = "recomputing"  # blocks again; this worker computes its KV (prompt + output) anew
     FINISHED = "finished"
 
 
@@ -24,12 +26,19 @@ class DecodeRequest:
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
     block_table: list[int]
-    prompt_ids: list[int] | None = None  # only when a repetition penalty needs them
+    prompt_ids: list[int] | None = None  # for a repetition penalty, and to recompute its KV (preemption)
     status: DecodeStatus = DecodeStatus.RESERVED
     output_ids: list[int] = field(default_factory=list)  # generated tokens, the prefill's first included
     finish_reason: FinishReason | None = None
     cancelled: bool = False  # cancelled while WRITING: ends (and frees its blocks) once the write does
     created: float = field(default_factory=time.monotonic)
+    recomputed: int = 0  # RECOMPUTING: tokens of recompute_ids() whose KV is computed again so far
+
+    def recompute_ids(self) -> list[int]:
+        """The tokens whose KV it holds when it runs: the prompt and every output but the last (that
+        one is fed by its next decode step)."""
+        assert self.prompt_ids is not None, "a request without its prompt ids cannot be recomputed"
+        return [*self.prompt_ids, *self.output_ids[:-1]]
 
     @property
     def num_tokens(self) -> int:

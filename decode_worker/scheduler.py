@@ -1,21 +1,33 @@
 """Decode-side bookkeeping: reservations, KV arrival, the running batch. No model, no tensors.
 
 Lifecycle of a request on this worker (the router's id is the only key):
-  1. reserve()      RESERVED   blocks for prompt + max_tokens are held, or the worker says no
+  1. reserve()      RESERVED   its prompt's blocks are held (upfront: prompt + max_tokens), or the
+                               worker says no
   2. start_write()  WRITING    a prefill worker was granted the write of its KV into those blocks
   3. on_kv_landed() READY      its KV sits in its blocks; first token known
-  4. schedule()     RUNNING    joins the batch at the next step (continuous batching)
+  4. schedule()     RUNNING    joins the batch at the next step (continuous batching); each step
+                               first gives every running request the slot of the token it feeds
   5. on_tokens()    FINISHED   EOS / stop id / max_tokens; leaves the batch, blocks freed
   cancel() or expire() end it from any state and free its blocks at once, except WRITING: a
   cancelled request keeps its blocks until its write lands or fails (a freed block is never
   written into), then write_ended() frees them.
 In aggregated mode (decode_worker/aggregated.py) steps 2-3 are local: start_prefill() RESERVED →
 PREFILLING while this worker computes the prompt into the reserved blocks, on_prefilled() → READY.
+
+Preemption (kv_cache.allocation: on_demand), vLLM's recompute kind: when step 4 finds no free block
+for a running request's next token, the newest request holding blocks (READY before RUNNING, by
+arrival) gives its blocks back → PREEMPTED, output kept. No new reservation is taken while any waits;
+resume() gives the oldest its blocks again when they fit → RECOMPUTING: the worker computes the KV
+of its prompt and output in chunks (recompute_chunks / on_recomputed) → READY, and it goes on where
+it stopped (same positions, same seeded draws). A failed hand-off with transport.on_failure:
+recompute goes WRITING → RECOMPUTING the same way (recompute_write).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from decode_worker.request import DecodeRequest, DecodeStatus
 from engine.block_allocator import BlockAllocator
@@ -23,18 +35,36 @@ from engine.kv_handoff.types import KVDestination
 from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, TokenLogprob
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """Tokens [start, start + length) of `request.recompute_ids()`, computed again in one step."""
+
+    request: DecodeRequest
+    start: int
+    length: int
+
+
 class DecodeScheduler:
     def __init__(
-        self, allocator: BlockAllocator, max_batch_size: int, reserve_timeout_s: float, worker_id: str = "decode"
+        self, allocator: BlockAllocator, max_batch_size: int, reserve_timeout_s: float, worker_id: str = "decode",
+        on_demand: bool = False, watermark: float = 0.0,
     ) -> None:
+        """on_demand: hold a request's prompt blocks only and add blocks as it grows (preempting when
+        the cache runs out); else hold prompt + max_tokens from the start. watermark: on_demand, the
+        fraction of all blocks a new reservation must leave free (room for running requests to grow)."""
         self.worker_id = worker_id
         self.allocator = allocator
         self.max_batch_size = max_batch_size
         self.reserve_timeout_s = reserve_timeout_s
+        self.on_demand = on_demand
+        self.watermark_blocks = math.ceil(watermark * allocator.num_blocks) if on_demand else 0
         self.requests: dict[str, DecodeRequest] = {}
         self.ready: deque[str] = deque()
-        self.running: list[str] = []
+        self.running: list[str] = []  # in arrival order: the newest is preempted first
+        self.preempted: list[str] = []  # in arrival order: the oldest resumes first
+        self.recomputing: list[str] = []
         self.tokens_generated = 0
+        self.preemptions = 0
 
     # -- 1. reserve ---------------------------------------------------------------------------
     def reserve(
@@ -43,13 +73,20 @@ class DecodeScheduler:
     ) -> ReserveResult:
         if request_id in self.requests:
             return ReserveResult(False, f"request_id {request_id!r} is already in use")
-        need = num_prompt_tokens + sampling.max_tokens
-        alloc = self.allocator.allocate(request_id, need)
+        if prompt_ids is not None and len(prompt_ids) != num_prompt_tokens:
+            return ReserveResult(False, f"prompt_ids: {len(prompt_ids)} ids for {num_prompt_tokens} prompt tokens")
+        if self.on_demand and self.preempted:
+            return ReserveResult(False, f"KV cache full: {len(self.preempted)} preempted requests wait for room first")
+        # on demand, a request whose KV can be recomputed (its prompt ids are known) grows; others hold it all
+        need = num_prompt_tokens + (0 if self.on_demand and prompt_ids is not None else sampling.max_tokens)
+        short = self.allocator.blocks_for(need) + self.watermark_blocks - self.allocator.num_free
+        alloc = self.allocator.allocate(request_id, need) if short <= 0 else None
         if alloc is None:
             return ReserveResult(
                 False,
-                f"KV cache full: needs {self.allocator.blocks_for(need)} blocks, "
-                f"{self.allocator.num_free} of {self.allocator.num_blocks} free",
+                f"KV cache full: needs {self.allocator.blocks_for(need)} blocks"
+                + (f" (+{self.watermark_blocks} kept free to grow into)" if self.watermark_blocks else "")
+                + f", {self.allocator.num_free} of {self.allocator.num_blocks} free",
             )
         self.requests[request_id] = DecodeRequest(
             request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks), prompt_ids
@@ -75,6 +112,19 @@ class DecodeScheduler:
         req.output_ids.append(first_token)
         req.status = DecodeStatus.READY
         self.ready.append(request_id)
+        return req
+
+    def recompute_write(self, request_id: str, first_token: int) -> DecodeRequest | None:
+        """The write failed, and this worker will compute the prompt's KV itself into the same
+        blocks (transport.on_failure: recompute): WRITING → RECOMPUTING. None if it cannot be (gone,
+        cancelled meanwhile — it ends here —, or no prompt ids)."""
+        req = self._write_ended(request_id)
+        if req is None:
+            return None
+        if req.prompt_ids is None:
+            return None
+        req.output_ids.append(first_token)
+        self._start_recompute(req)
         return req
 
     def write_failed(self, request_id: str, error: str) -> DecodeEvent | None:
@@ -117,14 +167,96 @@ class DecodeScheduler:
 
     # -- 4. schedule --------------------------------------------------------------------------
     def schedule(self) -> list[DecodeRequest]:
-        """The batch of this step: everything running, topped up from READY in arrival order."""
+        """The batch of this step: everything running, topped up from READY in arrival order; each
+        has a slot for the token it feeds (on_demand: a block more when it needs one, preempting
+        the newest requests while none is free)."""
         while self.ready and len(self.running) < self.max_batch_size:
             rid = self.ready.popleft()
             req = self.requests.get(rid)
             if req is not None and req.status is DecodeStatus.READY:
                 req.status = DecodeStatus.RUNNING
-                self.running.append(rid)
+                self._insert_by_arrival(self.running, req)
+        for rid in list(self.running):  # oldest first: it may take the blocks of newer ones
+            req = self.requests[rid]
+            while req.status is DecodeStatus.RUNNING:
+                new = self.allocator.grow(rid, req.num_tokens)
+                if new is not None:
+                    req.block_table.extend(new)
+                    break
+                self._preempt(self._victim())
         return [self.requests[rid] for rid in self.running]
+
+    def _victim(self) -> DecodeRequest:
+        """The newest request by arrival among the READY and RUNNING ones (whose blocks nobody is
+        writing into) that can be recomputed — never one older than the running request asking for
+        a block (only such a one asks: the others hold prompt + max_tokens)."""
+        held = [self.requests[rid] for rid in (*self.ready, *self.running)]
+        return max((r for r in held if r.status in (DecodeStatus.READY, DecodeStatus.RUNNING)
+                    and r.prompt_ids is not None), key=lambda r: r.created)
+
+    def _preempt(self, req: DecodeRequest) -> None:
+        """Give its blocks back; it keeps its output and resumes (recomputed) when room returns."""
+        assert req.prompt_ids is not None, "on_demand reservations carry their prompt ids"
+        self.allocator.free(req.request_id)
+        req.block_table = []
+        if req.request_id in self.running:
+            self.running.remove(req.request_id)
+        if req.request_id in self.ready:
+            self.ready.remove(req.request_id)
+        req.status = DecodeStatus.PREEMPTED
+        self.preemptions += 1
+        self._insert_by_arrival(self.preempted, req)
+
+    def resume(self) -> list[DecodeRequest]:
+        """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit and leave
+        the watermark free; the requests resumed."""
+        resumed = []
+        while self.preempted:
+            req = self.requests[self.preempted[0]]
+            if self.allocator.blocks_for(req.num_tokens) + self.watermark_blocks > self.allocator.num_free:
+                break
+            alloc = self.allocator.allocate(req.request_id, req.num_tokens)
+            assert alloc is not None
+            req.block_table = list(alloc.blocks)
+            self.preempted.pop(0)
+            self._start_recompute(req)
+            resumed.append(req)
+        return resumed
+
+    def recompute_chunks(self, budget: int) -> list[Recompute]:
+        """This step's share of the recomputing requests' KV: at most `budget` tokens, oldest first."""
+        chunks = []
+        for rid in self.recomputing:
+            if budget <= 0:
+                break
+            req = self.requests[rid]
+            n = min(budget, len(req.recompute_ids()) - req.recomputed)
+            chunks.append(Recompute(req, req.recomputed, n))
+            budget -= n
+        return chunks
+
+    def on_recomputed(self, chunks: list[Recompute]) -> None:
+        """The chunks' KV is computed: a request whose KV is whole again is READY, ahead of new ones."""
+        for c in chunks:
+            req = c.request
+            if req.status is not DecodeStatus.RECOMPUTING:  # cancelled meanwhile
+                continue
+            req.recomputed = c.start + c.length
+            if req.recomputed == len(req.recompute_ids()):
+                self.recomputing.remove(req.request_id)
+                req.status = DecodeStatus.READY
+                self.ready.appendleft(req.request_id)
+
+    def _start_recompute(self, req: DecodeRequest) -> None:
+        req.status = DecodeStatus.RECOMPUTING
+        req.recomputed = 0
+        self._insert_by_arrival(self.recomputing, req)
+
+    def _insert_by_arrival(self, ids: list[str], req: DecodeRequest) -> None:
+        i = len(ids)
+        while i > 0 and self.requests[ids[i - 1]].created > req.created:
+            i -= 1
+        ids.insert(i, req.request_id)
 
     # -- 5. tokens ----------------------------------------------------------------------------
     def on_tokens(
@@ -175,10 +307,9 @@ class DecodeScheduler:
         req.status = DecodeStatus.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
-        if req.request_id in self.running:
-            self.running.remove(req.request_id)
-        if req.request_id in self.ready:
-            self.ready.remove(req.request_id)
+        for queue in (self.running, self.ready, self.preempted, self.recomputing):
+            if req.request_id in queue:
+                queue.remove(req.request_id)
         self.allocator.free(req.request_id)
 
     # -- introspection ------------------------------------------------------------------------
@@ -191,4 +322,4 @@ class DecodeScheduler:
         return sum(1 for r in self.requests.values() if not r.cancelled) - len(self.running)
 
     def is_idle(self) -> bool:
-        return not self.requests and not self.running and not self.ready
+        return not self.requests and not self.running and not self.ready and not self.preempted and not self.recomputing

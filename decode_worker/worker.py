@@ -6,26 +6,23 @@ The hand-off's side of a request here (engine/kv_handoff, steps 1-6):
   2. begin_write()  a prefill worker asks to write the prompt's KV: granted if still reserved
   3. end_write() or the pair's receive: the KV has landed in those blocks (or the write failed)
   4. schedule, first thing each step: landed writes join the batch with their first token; failed
-     ones end their request (or, with transport.on_failure: recompute, the prompt is computed here
-     as a step of its own)
+     ones end their request (or, with transport.on_failure: recompute, the prompt's KV is computed
+     here, in chunks beside the decode rows, as for a preempted request)
 Then it decodes as every BatchWorker does: schedule → run → postprocess (engine/step_loop.py).
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 
 import torch
 
 from decode_worker.batch_worker import BatchWorker
 from decode_worker.config import DecodeConfig
-from decode_worker.request import DecodeRequest
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
 from engine.kv_handoff import (
     Backend, DecodeEndpoint, HandoffReceiver, PairChannel, TorchPairChannel, WriteGrant, WriteIntent, WriteOutcome,
 )
-from engine.model_runner import SeqInput
 from engine.sampler import sample
 from engine.step_loop import Step
 from engine.types import DecodeEvent, WorkerStats
@@ -40,13 +37,13 @@ class DecodeWorker(BatchWorker):
         self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: DecodeConfig,
         transport_cfg: TransportConfig, node: str = "local",
     ) -> None:
-        super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=cfg.max_batch_size,
+        super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=cfg.max_batch_size + cfg.max_recompute_tokens,
                          share_cache=transport_cfg.backend in ("auto", "ipc"))  # prefill workers may write it
+        self.cfg = cfg
         self.transport_cfg = transport_cfg
         self.receiver = HandoffReceiver(worker_id, self.runner.kv, kv_cfg.block_size, transport_cfg.timeout_s)
         self._store: object = None  # the TCPStore two-sided pairs rendezvous on (made on first use)
         self.kv_recomputes = 0  # prompts whose failed hand-off was recomputed here (transport.on_failure)
-        self._recompute: deque[tuple[str, int]] = deque()  # (request id, first token) to recompute
 
     # -- wiring ---------------------------------------------------------------------------------
     def endpoint(self, host: str) -> DecodeEndpoint:
@@ -104,9 +101,6 @@ class DecodeWorker(BatchWorker):
         self.receiver.close()
 
     # -- the loop -------------------------------------------------------------------------------
-    def _idle(self) -> bool:
-        return super()._idle() and not self._recompute
-
     def _idle_wait_s(self) -> float:
         return 0.001 if self.receiver.pending else 0.05  # writes in flight are polled every millisecond
 
@@ -115,30 +109,23 @@ class DecodeWorker(BatchWorker):
             events = self._take_news()
         events += self._land_writes()
         self._emit(events)
-        while self._recompute:  # a step of its own: its failure is that request's alone
-            rid, first = self._recompute.popleft()
-            with self.lock:
-                req = self.scheduler.requests.get(rid)
-            if req is not None and req.prompt_ids is not None:  # transport.on_failure: recompute
-                return Step(prompts=[(req, first)], seqs=[SeqInput(list(req.prompt_ids), 0, req.block_table)])
         with self.lock:
             batch = self.scheduler.schedule()
-        return Step(decode=batch, seqs=self._decode_rows(batch)) if batch else None
+            recomputes, rows = self._recompute_rows(self.cfg.max_recompute_tokens)
+        if not batch and not recomputes:
+            return None
+        return Step(decode=batch, seqs=self._decode_rows(batch) + rows, recomputes=recomputes)
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
+        """logits [decode rows + recompute rows, V]: the decode rows are sampled."""
         if step.decode:
-            self._decoded(step.decode, *sample(logits, *self._decode_sampling(step.decode)))  # logits [B, V]
-        for req, first in step.prompts:  # recomputed: the first token is the prefill worker's
-            self.prompt_tokens_computed += len(req.prompt_ids)
-            self.kv_recomputes += 1
-            with self.lock:
-                self.scheduler.on_kv_landed(req.request_id, first)  # cancelled meanwhile: ends here, blocks back
+            n = len(step.decode)
+            self._decoded(step.decode, *sample(logits[:n], *self._decode_sampling(step.decode)))
+        self._recomputed(step.recomputes)
 
     def _fail_step(self, step: Step, error: str) -> None:
-        self._fail_requests([r.request_id for r in step.decode], f"decode {error}")
-        with self.lock:
-            self._emit([self.scheduler.write_failed(req.request_id, f"KV hand-off failed, and so did recomputing: "
-                                                                    f"{error}") for req, _ in step.prompts])
+        self._fail_requests([r.request_id for r in step.decode] + [c.request.request_id for c in step.recomputes],
+                            f"decode {error}")
 
     def _land_writes(self) -> list[DecodeEvent]:
         """Step 4: writes that landed join the batch; failed ones end their requests (or recompute)."""
@@ -153,14 +140,11 @@ class DecodeWorker(BatchWorker):
                     events.append(DecodeEvent(h.request_id, [], None, None, ms, h.nbytes))
             for h in failed:
                 log.error("KV write of %s from %s failed: %s", h.request_id, h.intent.src_worker, h.error)
-                if self._recomputable(self.scheduler.requests.get(h.request_id)):
-                    self._recompute.append((h.request_id, h.intent.first_token))
+                if (self.transport_cfg.on_failure == "recompute"
+                        and self.scheduler.recompute_write(h.request_id, h.intent.first_token) is not None):
+                    self.kv_recomputes += 1
                     continue
                 ev = self.scheduler.write_failed(h.request_id, f"KV hand-off failed: {h.error}")
                 if ev is not None:
                     events.append(ev)
         return events
-
-    def _recomputable(self, req: DecodeRequest | None) -> bool:
-        return (self.transport_cfg.on_failure == "recompute" and req is not None and not req.cancelled
-                and req.prompt_ids is not None)

@@ -1,7 +1,8 @@
 """Pure-Python KV block allocator: ints only, no tensors, testable alone.
 
 A request owns a list of block ids; slot `s` of the KV tensor is block `s // block_size`, offset
-`s % block_size`. Allocation is all-or-nothing: `allocate` returns None when the blocks are not there.
+`s % block_size`. Allocation is all-or-nothing: `allocate` (and `grow`, which adds blocks to an owner's)
+returns None when the blocks are not there.
 """
 from __future__ import annotations
 
@@ -49,6 +50,17 @@ class BlockAllocator:
         blocks = [self._free.pop() for _ in range(n)]
         self._owned[owner] = blocks
         return Allocation(owner, tuple(blocks))
+
+    def grow(self, owner: str, num_tokens: int) -> list[int] | None:
+        """Add blocks so the owner's hold `num_tokens` tokens: the new block ids (maybe none), or
+        None (and no change) if they do not fit."""
+        blocks = self._owned[owner]
+        n = self.blocks_for(num_tokens) - len(blocks)
+        if n > len(self._free):
+            return None
+        new = [self._free.pop() for _ in range(max(n, 0))]
+        blocks.extend(new)
+        return new
 
     def free(self, owner: str) -> int:
         """Return the owner's blocks; freeing an unknown owner is a no-op (returns 0)."""

@@ -48,6 +48,17 @@ class KVCacheConfig(Frozen):
         "(two workers at 0.5 share one GPU); its KV cache gets the rest, sized at start-up."
     )
 
+    allocation: Literal["on_demand", "upfront"] = Field(
+        "on_demand", description="on_demand: a decode worker holds a request's prompt blocks and adds one as "
+        "its output grows; when none is free, the newest requests are preempted and their KV computed again "
+        "on that worker once room returns (vLLM's recompute preemption). upfront: prompt + max_tokens are "
+        "held from admission: never preempts, admits fewer (a request's max_tokens, not its answer, counts)."
+    )
+    watermark: float = Field(
+        0.01, ge=0, lt=1, description="on_demand: a new request is admitted only if this fraction of the "
+        "blocks stays free after its prompt's (room for the running requests to grow into)."
+    )
+
     @model_validator(mode="after")
     def _one_size(self) -> "KVCacheConfig":
         if self.gpu_memory_utilization is not None and "num_blocks" in self.model_fields_set:

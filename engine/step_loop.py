@@ -5,7 +5,8 @@ the logits. Each turn of the loop:
   1. wait        while there is nothing to schedule (or the last turn found nothing runnable) and
                  no news since: a caller that adds work calls nudge()
   2. schedule()  take cancels and arrivals in, pick this step's rows: decode rows first (one token
-                 per running request, continuous batching), then prompt rows (chunks, Sarathi-Serve)
+                 per running request, continuous batching), then prompt rows (chunks, Sarathi-Serve),
+                 then chunks of preempted requests' KV being computed again
   3. run         one forward over all rows (ModelRunner.forward: CUDA graphs when every row decodes
                  and the batch fits a bucket) → logits [rows, V], one row per SeqInput
   4. postprocess(step, logits)  sample; decode rows → tokens to their requests; completed prompts →
@@ -38,18 +39,20 @@ DEVICE_LOST_EXIT = 70  # the worker process's exit status when its device is bro
 @dataclass
 class Step:
     """What one forward computes. Rows are `seqs`: the `decode` requests' rows first, one each,
-    then the `prompts`' rows, one each (each worker's own prompt kind: chunks, recomputes)."""
+    then the `prompts`' rows (prompt chunks), then the `recomputes`' rows (KV computed again on a
+    decode or aggregated worker; their logits are not used), one each."""
 
     decode: list[Any] = field(default_factory=list)
     prompts: list[Any] = field(default_factory=list)
     seqs: list[SeqInput] = field(default_factory=list)
+    recomputes: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        assert len(self.seqs) == len(self.decode) + len(self.prompts), "one SeqInput per row"
+        assert len(self.seqs) == len(self.decode) + len(self.prompts) + len(self.recomputes), "one SeqInput per row"
 
     @property
     def prompt_rows(self) -> slice:
-        return slice(len(self.decode), len(self.seqs))
+        return slice(len(self.decode), len(self.decode) + len(self.prompts))
 
 
 class StepLoop(abc.ABC):

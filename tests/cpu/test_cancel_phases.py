@@ -61,12 +61,15 @@ def test_cancels_and_deadlines_at_random_moments_leave_nothing_behind(server: Ru
 
 
 def test_a_request_cancelled_while_queued_for_kv_room_leaves_nothing(server: RunningServer) -> None:
-    big = server.stub.GenerateStream(pb.GenerateRequest(prompt="b" * 1000, max_tokens=1000, ignore_eos=True), timeout=60)
-    next(big)  # holds 125 of 160 blocks
+    bigs = [server.stub.GenerateStream(pb.GenerateRequest(prompt=c * 1000, max_tokens=1000, ignore_eos=True),
+                                       timeout=60) for c in "bc"]
+    for big in bigs:
+        next(big)  # each holds its prompt's 63 blocks (and grows) of 160
     waiting = server.stub.GenerateStream(pb.GenerateRequest(prompt="w" * 800, max_tokens=800, ignore_eos=True),
                                          timeout=60)
     assert wait_until(lambda: server.server.svc.dispatcher.queued == 1, 5)  # queued for KV room
     waiting.cancel()
     assert wait_until(lambda: server.server.svc.dispatcher.queued == 0, 1)
-    big.cancel()
+    for big in bigs:
+        big.cancel()
     assert wait_until(server.all_idle, timeout=1.0, interval=0.02)

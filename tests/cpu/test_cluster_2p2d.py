@@ -17,7 +17,7 @@ def server():
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-test")
     cfg = tiny_config(
         prefill={"replicas": 2, "chunk_tokens": 2048},  # whole-prompt prefill (1P1D tests chunking)
-        decode={"replicas": 2}, kv_cache={"num_blocks": 300},
+        decode={"replicas": 2}, kv_cache={"num_blocks": 300, "allocation": "upfront"},  # max_tokens counts
         limits={"max_queued_requests": 4, "queue_timeout_s": 20},
     )
     srv = RunningServer(cfg)

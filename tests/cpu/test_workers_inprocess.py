@@ -300,7 +300,7 @@ def test_fake_channel_has_nccl_semantics_send_before_announce_fails_not_hangs() 
             link._one = old_order  # type: ignore[method-assign]
             t0 = time.monotonic()
             sp = SamplingParams(max_tokens=4)
-            r = dw.reserve("old", 3, sp, EOS)
+            r = dw.reserve("old", 3, sp, EOS, [5, 6, 7])
             res = pw.prefill(PrefillRequest("old", [5, 6, 7], sp, EOS, r.dest), timeout_s=10)
             assert res.error is not None and "never posted its receive" in res.error
             assert time.monotonic() - t0 < 5
@@ -323,13 +323,14 @@ def test_a_cancel_during_a_direct_write_never_frees_the_blocks_under_the_writer(
     with running_pair("ipc") as (pw, dw, hub, events):
         try:
             sp = SamplingParams(max_tokens=8)
-            r = dw.reserve("w", 40, sp, EOS)
+            r = dw.reserve("w", 40, sp, EOS, list(range(3, 43)))
             res = pw.prefill(PrefillRequest("w", list(range(3, 43)), sp, EOS, r.dest))
             assert res.error is None and writing.wait(10)
             assert dw.cancel("w")  # the client went away while its KV is being written
             time.sleep(0.2)  # the decode loop runs: the cancel must not free the blocks yet
             assert dw.allocator.num_used == len(r.dest.block_ids)
-            other = dw.reserve("x", 16 * 505, SamplingParams(max_tokens=1), EOS)  # wants every free block
+            n = 16 * (dw.allocator.num_free - dw.scheduler.watermark_blocks)  # every block it may take
+            other = dw.reserve("x", n, SamplingParams(max_tokens=1), EOS, [9] * n)
             assert other.ok and not set(other.dest.block_ids) & set(written)
             dw.cancel("x")
             release.set()

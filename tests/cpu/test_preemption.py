@@ -1,0 +1,284 @@
+"""KV on demand (kv_cache.allocation: on_demand): a decode worker holds a request's prompt blocks,
+adds one as its output grows, and when none is free preempts the newest request and later
+recomputes its KV. The scheduler alone (no model), then decode and aggregated workers on the tiny
+model: through preemptions the tokens are HF generate's, seeded draws are the ones drawn alone."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import time
+
+import pytest
+
+from decode_worker.aggregated import AggregatedWorker
+from decode_worker.config import AggregatedConfig, DecodeConfig
+from decode_worker.request import DecodeStatus
+from decode_worker.scheduler import DecodeScheduler
+from decode_worker.worker import DecodeWorker
+from engine.block_allocator import BlockAllocator
+from engine.config import KVCacheConfig, ModelConfig, TransportConfig
+from engine.kv_handoff import FakeHub
+from engine.tiny import tiny_tokenizer
+from engine.types import FinishReason, PrefillRequest, SamplingParams
+from prefill_worker.config import PrefillConfig
+from prefill_worker.worker import PrefillWorker
+from tests.cpu.harness import hf_greedy, prompts
+from tests.cpu.test_workers_inprocess import EOS, Events, _idle, wire
+
+BS = 4  # tokens per block in the scheduler tests
+
+
+def _sched(blocks: int, batch: int = 8, watermark: float = 0.0) -> DecodeScheduler:
+    return DecodeScheduler(BlockAllocator(blocks, BS), batch, 10, on_demand=True, watermark=watermark)
+
+
+def _arrive(s: DecodeScheduler, rid: str, n_prompt: int, max_tokens: int, first: int = 7) -> None:
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    assert s.reserve(rid, n_prompt, sp, EOS, list(range(10, 10 + n_prompt))).ok
+    assert s.start_write(rid, n_prompt) is not None
+    assert s.on_kv_landed(rid, first) is not None
+
+
+def _step(s: DecodeScheduler, tok: int = 5) -> list[str]:
+    """One decode step with every row sampling `tok`; recomputes done at once. The ids that ran."""
+    s.resume()
+    chunks = s.recompute_chunks(10_000)
+    batch = s.schedule()
+    for r in batch:  # the invariant the model runner relies on: a slot for the token it feeds
+        assert len(r.block_table) * BS >= r.num_tokens, r.request_id
+    s.on_tokens(batch, [tok] * len(batch))
+    s.on_recomputed(chunks)
+    s.allocator.check()
+    return [r.request_id for r in batch]
+
+
+def test_on_demand_holds_the_prompt_and_grows_a_block_at_a_time() -> None:
+    s = _sched(32)
+    _arrive(s, "a", 5, 20)  # 5 prompt tokens: 2 blocks, not ceil(25 / 4) = 7
+    assert len(s.requests["a"].block_table) == 2
+    sizes = []
+    for _ in range(9):
+        _step(s)
+        sizes.append(len(s.requests["a"].block_table))
+    # step k feeds position 4 + k (the first token at 5): a block more when it reaches 8, then 12
+    assert sizes == [2, 2, 2, 3, 3, 3, 3, 4, 4]
+    upfront = DecodeScheduler(BlockAllocator(32, BS), 8, 10)
+    assert upfront.reserve("a", 5, SamplingParams(max_tokens=20), EOS, list(range(5))).dest.block_ids == tuple(range(7))
+
+
+def test_the_newest_is_preempted_resumed_when_room_returns_and_goes_on_where_it_stopped() -> None:
+    s = _sched(6)  # 24 tokens
+    _arrive(s, "old", 4, 12)  # 1 block each to start
+    _arrive(s, "new", 4, 12)
+    held_before = None
+    while s.requests["new"].status is not DecodeStatus.PREEMPTED:
+        held_before = list(s.requests["new"].output_ids)
+        _step(s)
+    new = s.requests["new"]
+    assert s.preemptions == 1 and new.block_table == [] and "new" not in s.running
+    assert len(new.output_ids) == len(held_before)  # what it had sampled is kept
+    assert s.requests["old"].status is DecodeStatus.RUNNING  # the older one is never the victim
+    refused = s.reserve("later", 1, SamplingParams(max_tokens=1), EOS, [1])
+    assert not refused.ok and "preempted requests wait" in refused.reason  # it resumes before anyone new
+    while "old" in s.requests:
+        assert "new" not in _step(s)
+    assert _step(s) == []  # this step resumes it and recomputes its KV; it decodes from the next
+    assert new.status is DecodeStatus.READY and len(new.block_table) * BS >= new.num_tokens
+    while "new" in s.requests:
+        _step(s)
+    assert len(new.output_ids) == 12 and new.finish_reason is FinishReason.LENGTH
+    assert s.is_idle() and s.allocator.num_used == 0
+
+
+def test_recompute_covers_prompt_and_output_but_the_last_token_in_chunks() -> None:
+    s = _sched(8)
+    _arrive(s, "a", 6, 30)
+    _arrive(s, "b", 6, 30)
+    while not s.preempted:
+        _step(s, tok=40 + len(s.running))
+    b = s.requests[s.preempted[0]]
+    s.cancel("a" if b.request_id == "b" else "b")  # room for it again
+    assert s.resume() == [b] and b.status is DecodeStatus.RECOMPUTING
+    ids = b.recompute_ids()
+    assert ids == [*b.prompt_ids, *b.output_ids[:-1]] and len(ids) == b.num_tokens - 1
+    seen = []
+    while b.status is DecodeStatus.RECOMPUTING:
+        chunks = s.recompute_chunks(5)
+        assert sum(c.length for c in chunks) <= 5
+        seen += [(c.start, c.length) for c in chunks]
+        s.on_recomputed(chunks)
+    assert [st for st, _ in seen] == list(range(0, len(ids), 5)) and sum(n for _, n in seen) == len(ids)
+    assert b.status is DecodeStatus.READY and s.ready[0] == b.request_id  # ahead of newer arrivals
+
+
+def test_cancel_while_preempted_or_recomputing_leaves_nothing() -> None:
+    for when in (DecodeStatus.PREEMPTED, DecodeStatus.RECOMPUTING):
+        s = _sched(6)
+        _arrive(s, "old", 4, 40)
+        _arrive(s, "new", 4, 40)
+        while s.requests["new"].status is not DecodeStatus.PREEMPTED:
+            _step(s)
+        if when is DecodeStatus.RECOMPUTING:
+            s.cancel("old")
+            s.resume()
+        assert s.requests["new"].status is when
+        s.cancel("new")
+        s.cancel("old")
+        s.allocator.check()
+        assert s.is_idle() and s.allocator.num_used == 0, when
+
+
+def test_the_watermark_keeps_room_to_grow_into() -> None:
+    s = _sched(10, watermark=0.2)  # 2 blocks kept free
+    sp = SamplingParams(max_tokens=8)
+    assert s.reserve("a", 24, sp, EOS, [1] * 24).ok  # 6 blocks, 4 left
+    r = s.reserve("b", 9, sp, EOS, [1] * 9)  # 3 blocks would leave 1 < 2
+    assert not r.ok and "+2 kept free" in r.reason
+    assert s.reserve("c", 8, sp, EOS, [1] * 8).ok  # 2 blocks leave 2
+
+
+def test_a_request_without_prompt_ids_holds_all_it_may_need_and_is_never_preempted() -> None:
+    s = _sched(10)
+    assert s.reserve("plain", 4, SamplingParams(max_tokens=20, ignore_eos=True), EOS).ok  # 6 blocks of 10
+    assert s.start_write("plain", 4) and s.on_kv_landed("plain", 7)
+    _arrive(s, "ids", 4, 30)
+    while "plain" in s.requests:
+        _step(s)
+        assert s.requests["plain"].status is DecodeStatus.RUNNING if "plain" in s.requests else True
+    assert s.preemptions >= 1  # "ids" gave way (itself the newest that can be recomputed)
+    while s.requests:
+        _step(s)
+    assert s.allocator.num_used == 0
+
+
+def test_random_traffic_every_request_ends_with_all_its_tokens_and_no_block_leaks() -> None:
+    rng = random.Random(3)
+    s = _sched(40, batch=6, watermark=0.05)
+    lengths: dict[str, int] = {}
+    cancelled: set[str] = set()
+    finished: dict[str, int] = {}
+    n = 0
+    for step in range(3000):
+        if n < 60 and rng.random() < 0.3:
+            rid, p, m = f"r{n}", rng.randint(1, 30), rng.randint(2, 40)  # 1: ends with the prefill
+            sp = SamplingParams(max_tokens=m, ignore_eos=True)
+            if s.reserve(rid, p, sp, EOS, [3] * p).ok:
+                lengths[rid] = m
+                n += 1
+                assert s.start_write(rid, p) and s.on_kv_landed(rid, 7)
+        if s.requests and rng.random() < 0.02:
+            victim = rng.choice(sorted(s.requests))
+            s.cancel(victim)
+            cancelled.add(victim)
+        before = {rid: r for rid, r in s.requests.items()}
+        _step(s)
+        for rid, r in before.items():
+            if rid not in s.requests and rid not in cancelled:
+                finished[rid] = len(r.output_ids)
+        if n == 60 and not s.requests:
+            break
+    assert n == 60 and not s.requests, (n, len(s.requests))
+    assert s.preemptions > 0  # the cache was too small for all of them at once
+    assert finished == {rid: m for rid, m in lengths.items() if rid not in cancelled}
+    assert s.is_idle() and s.allocator.num_used == 0
+
+
+# -- workers on the tiny model -----------------------------------------------------------------
+SMALL = KVCacheConfig(num_blocks=20, block_size=16)  # 320 tokens for 6 requests of ~80 each
+
+
+def _texts(seed: int) -> list[str]:
+    return prompts(9, seed, min_words=4, max_words=6)[2:8]  # 6 prompts of 20-45 tokens
+
+
+def _run_when_room(pair, rid: str, ids: list[int], sp: SamplingParams) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
+    """The router's part (tests/cpu/test_workers_inprocess._run), waiting as its queue does while
+    the decode worker has no room."""
+    pw, dw, _, events = pair
+    for _ in range(1200):
+        r = dw.reserve(rid, len(ids), sp, EOS, ids)
+        if r.ok:
+            break
+        assert "KV cache full" in r.reason, r.reason
+        time.sleep(0.05)
+    res = pw.prefill(PrefillRequest(rid, ids, sp, EOS, r.dest))
+    assert res.error is None and res.finished is None, res
+    evs = events.take(rid, 120)
+    assert not evs[-1].error, evs[-1].error
+    return [res.first_token] + [t for e in evs for t in e.token_ids], evs[-1].finish_reason.value
+
+
+@pytest.fixture(scope="module")
+def small_pair():  # type: ignore[no-untyped-def]
+    mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=10), FakeHub()
+    pw = PrefillWorker("p0", mc, PrefillConfig(chunk_tokens=2048), tc, block_size=16)
+    dw = DecodeWorker("d0", mc, SMALL, DecodeConfig(max_recompute_tokens=32), tc)
+    pw.start()
+    dw.start()
+    wire(pw, dw, "ipc", hub)
+    events = Events(dw)
+    yield pw, dw, hub, events
+    events.close()
+    pw.shutdown()
+    dw.shutdown()
+
+
+def _crowd(pair, texts: list[str], sp: SamplingParams) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    tok = tiny_tokenizer()
+    with cf.ThreadPoolExecutor(len(texts)) as ex:
+        futs = [ex.submit(_run_when_room, pair, f"c{i}-{sp.seed}-{len(texts)}", tok(t)["input_ids"], sp)
+                for i, t in enumerate(texts)]
+        out = []
+        for f in futs:
+            toks, reason = f.result(timeout=120)
+            assert reason in ("length", "stop"), reason
+            out.append(toks)
+    return out
+
+
+def test_decode_worker_preempts_and_recomputes_tokens_equal_hf_generate(small_pair) -> None:  # type: ignore[no-untyped-def]
+    dw = small_pair[1]
+    texts = _texts(21)
+    before = dw.scheduler.preemptions
+    got = _crowd(small_pair, texts, SamplingParams(max_tokens=48, ignore_eos=True))
+    assert dw.scheduler.preemptions > before and dw.recomputed_tokens > 0  # the cache was too small
+    assert got == [hf_greedy(t, 48, ignore_eos=True) for t in texts]
+    assert _idle(dw, small_pair[0])
+
+
+def test_seeded_draws_through_preemption_are_the_ones_drawn_alone(small_pair) -> None:  # type: ignore[no-untyped-def]
+    dw = small_pair[1]
+    texts = _texts(22)
+    sp = SamplingParams(temperature=0.9, top_p=0.95, seed=5, max_tokens=48, ignore_eos=True)
+    alone = [_crowd(small_pair, [t], sp)[0] for t in texts]
+    before = dw.scheduler.preemptions
+    assert _crowd(small_pair, texts, sp) == alone
+    assert dw.scheduler.preemptions > before
+    assert _idle(dw, small_pair[0])
+
+
+def test_aggregated_worker_preempts_and_recomputes_tokens_equal_hf_generate() -> None:
+    w = AggregatedWorker("a0", ModelConfig(path="tiny"), SMALL,
+                         AggregatedConfig(max_batch_tokens=64, chunk_tokens=32, max_recompute_tokens=32))
+    w.start()
+    events = Events(w)
+    tok = tiny_tokenizer()
+    texts = _texts(23)
+    sp = SamplingParams(max_tokens=48, ignore_eos=True)
+
+    def one(i: int) -> list[int]:
+        rid, ids = f"a{i}", tok(texts[i])["input_ids"]
+        assert w.reserve(rid, len(ids), sp, EOS, ids).ok
+        res = w.prefill(PrefillRequest(rid, ids, sp, EOS, None), timeout_s=60)  # type: ignore[arg-type]
+        assert res.error is None, res.error
+        return [res.first_token] + [t for e in events.take(rid, 60) for t in e.token_ids]
+
+    try:
+        with cf.ThreadPoolExecutor(len(texts)) as ex:
+            got = list(ex.map(one, range(len(texts))))
+        assert w.scheduler.preemptions > 0
+        assert got == [hf_greedy(t, 48, ignore_eos=True) for t in texts]
+        assert _idle(w)
+    finally:
+        events.close()
+        w.shutdown()
