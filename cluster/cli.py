@@ -172,7 +172,8 @@ def _status(args: argparse.Namespace) -> int:
         {"role": w.role, "id": w.id, "state": w.state, "restarts": w.restarts, "node": w.node,
          "running": w.running, "waiting": w.waiting,
          "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
-         "prompt_tokens_computed": w.prompt_tokens_computed, "tokens_generated": w.tokens_generated}
+         "prompt_tokens_computed": w.prompt_tokens_computed, "tokens_generated": w.tokens_generated,
+         "preemptions": w.preemptions, "recomputed_tokens": w.recomputed_tokens}
         for w in resp.workers
     ]
     if args.json:

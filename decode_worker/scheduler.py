@@ -79,8 +79,7 @@ class DecodeScheduler:
             return ReserveResult(False, f"KV cache full: {len(self.preempted)} preempted requests wait for room first")
         # on demand, a request whose KV can be recomputed (its prompt ids are known) grows; others hold it all
         need = num_prompt_tokens + (0 if self.on_demand and prompt_ids is not None else sampling.max_tokens)
-        short = self.allocator.blocks_for(need) + self.watermark_blocks - self.allocator.num_free
-        alloc = self.allocator.allocate(request_id, need) if short <= 0 else None
+        alloc = self.allocator.allocate(request_id, need) if self._fits(self.allocator.blocks_for(need)) else None
         if alloc is None:
             return ReserveResult(
                 False,
@@ -208,12 +207,12 @@ class DecodeScheduler:
         self._insert_by_arrival(self.preempted, req)
 
     def resume(self) -> list[DecodeRequest]:
-        """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit and leave
-        the watermark free; the requests resumed."""
+        """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit (_fits);
+        the requests resumed."""
         resumed = []
         while self.preempted:
             req = self.requests[self.preempted[0]]
-            if self.allocator.blocks_for(req.num_tokens) + self.watermark_blocks > self.allocator.num_free:
+            if not self._fits(self.allocator.blocks_for(req.num_tokens)):
                 break
             alloc = self.allocator.allocate(req.request_id, req.num_tokens)
             assert alloc is not None
@@ -246,6 +245,12 @@ class DecodeScheduler:
                 self.recomputing.remove(req.request_id)
                 req.status = DecodeStatus.READY
                 self.ready.appendleft(req.request_id)
+
+    def _fits(self, n_blocks: int) -> bool:
+        """n_blocks can be taken and leave the watermark free — or the cache is empty (a request as
+        long as the whole cache must not wait for ever)."""
+        free = self.allocator.num_free
+        return n_blocks <= free and (n_blocks + self.watermark_blocks <= free or self.allocator.num_used == 0)
 
     def _start_recompute(self, req: DecodeRequest) -> None:
         req.status = DecodeStatus.RECOMPUTING

@@ -50,6 +50,10 @@ class RouterMetrics:
                                    "Prompt tokens whose KV a prefill worker found cached (not computed)", labels, registry=r)
         self.w_prefix_queries = Gauge("pdserve_worker_prefix_cache_query_tokens",
                                       "Prompt tokens a prefill worker looked up in its prefix cache", labels, registry=r)
+        self.w_preemptions = Gauge("pdserve_worker_preemptions", "Requests whose KV a decode worker took back "
+                                   "when its cache was full (recomputed when room returned)", labels, registry=r)
+        self.w_recomputed = Gauge("pdserve_worker_recomputed_tokens", "Tokens whose KV a decode worker computed "
+                                  "again (preempted requests, failed hand-offs)", labels, registry=r)
         self.w_up = Gauge("pdserve_worker_up", "1 while the worker serves, 0 while lost", labels, registry=r)
         self.w_restarts = Gauge("pdserve_worker_restarts", "Times the worker came back after being lost",
                                 labels, registry=r)
@@ -93,5 +97,8 @@ class RouterMetrics:
             if "prefix_hit_tokens" in s.extra:
                 self.w_prefix_hits.labels(*lab).set(s.extra["prefix_hit_tokens"])
                 self.w_prefix_queries.labels(*lab).set(s.extra["prefix_query_tokens"])
+            if "preemptions" in s.extra:
+                self.w_preemptions.labels(*lab).set(s.extra["preemptions"])
+                self.w_recomputed.labels(*lab).set(s.extra["recomputed_tokens"])
             self.w_up.labels(*lab).set(1 if s.state == "serving" else 0)
             self.w_restarts.labels(*lab).set(s.restarts)

@@ -60,7 +60,8 @@ class GenerationService:
                 role=s.role, id=s.id, node=s.node, running=s.running, waiting=s.waiting,
                 kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                 prompt_tokens_computed=s.prompt_tokens_computed, tokens_generated=s.tokens_generated,
-                state=s.state, restarts=s.restarts,
+                state=s.state, restarts=s.restarts, preemptions=s.extra.get("preemptions", 0),
+                recomputed_tokens=s.extra.get("recomputed_tokens", 0),
             )
         return resp
 

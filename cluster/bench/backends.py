@@ -1,7 +1,10 @@
 """How the load generator talks to a server: pdserve's gRPC stream or an OpenAI /v1/completions stream.
 
 Both record, per request, when it was sent, when each token arrived, and how it ended, so every
-system is measured by the same client code.
+system is measured by the same client code. With `max_tokens` (--max-tokens) a request asks for that
+many tokens but its answer is the workload's length: the client closes the stream once it has them,
+as a user whose answer ended early (EOS, a stop string) would — the server had to admit it for
+max_tokens.
 """
 from __future__ import annotations
 
@@ -55,7 +58,8 @@ class Backend(Protocol):
 class GrpcBackend:
     """pdserve.v1.Generation/GenerateStream."""
 
-    def __init__(self, address: str, timeout_s: float = 600, ca_file: str | None = None) -> None:
+    def __init__(self, address: str, timeout_s: float = 600, ca_file: str | None = None,
+                 max_tokens: int | None = None) -> None:
         from cluster import client
         from protos.pdserve.v1 import generation_pb2_grpc as pbg
 
@@ -63,6 +67,7 @@ class GrpcBackend:
         self.metadata = client.metadata()
         self.stub = pbg.GenerationStub(self.channel)
         self.timeout_s = timeout_s
+        self.max_tokens = max_tokens
 
     async def send(self, spec: RequestSpec) -> Record:
         import grpc
@@ -70,12 +75,18 @@ class GrpcBackend:
         from protos.pdserve.v1 import generation_pb2 as pb
 
         rec = Record(spec.input_len, spec.output_len, sent=time.perf_counter())
-        req = pb.GenerateRequest(prompt=spec.prompt, max_tokens=spec.output_len, ignore_eos=True)
+        req = pb.GenerateRequest(prompt=spec.prompt, max_tokens=max(spec.output_len, self.max_tokens or 0),
+                                 ignore_eos=True)
+        call = self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata)
         try:
-            async for msg in self.stub.GenerateStream(req, timeout=self.timeout_s, metadata=self.metadata):
+            async for msg in call:
                 now = time.perf_counter()
                 rec.token_times.extend([now] * len(msg.token_ids))
                 rec.text += msg.text
+                if len(rec.token_times) >= spec.output_len and self.max_tokens:  # the answer is whole
+                    del rec.token_times[spec.output_len:]
+                    call.cancel()
+                    break
         except grpc.RpcError as e:
             rec.error = f"{e.code().name}: {e.details()}"
         return rec
@@ -88,7 +99,7 @@ class OpenAIBackend:
     """POST {url}/v1/completions with stream=true (vLLM, transformers serve, llama.cpp, ...)."""
 
     def __init__(self, url: str, model: str, timeout_s: float = 600, extras: bool = True,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, max_tokens: int | None = None) -> None:
         import httpx
 
         from cluster import client
@@ -96,6 +107,7 @@ class OpenAIBackend:
         self.url = url.rstrip("/") + "/v1/completions"
         self.model = model
         self.extras = extras  # vLLM's ignore_eos / min_tokens / stream_options (strict servers refuse them)
+        self.max_tokens = max_tokens
         verify: ssl.SSLContext | bool = True
         if ca_file:
             verify = ssl.create_default_context(cafile=ca_file)
@@ -107,7 +119,8 @@ class OpenAIBackend:
     async def send(self, spec: RequestSpec) -> Record:
         rec = Record(spec.input_len, spec.output_len, sent=time.perf_counter())
         body: dict[str, object] = {
-            "model": self.model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
+            "model": self.model, "prompt": spec.prompt, "max_tokens": max(spec.output_len, self.max_tokens or 0),
+            "temperature": 0.0,
             "stream": True,
         }
         if self.extras:
@@ -131,6 +144,8 @@ class OpenAIBackend:
                     if text:  # an event with text is what a user sees arrive
                         rec.token_times.append(now)
                         rec.text += text
+                        if self.max_tokens and len(rec.token_times) >= spec.output_len:
+                            break  # the answer is whole: closing the stream ends the request
         except Exception as e:  # noqa: BLE001 — any transport failure is a failed request
             rec.error = f"{type(e).__name__}: {e}"
         return rec

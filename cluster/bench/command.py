@@ -38,6 +38,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--workload", choices=WORKLOADS, default="chat")
     b.add_argument("--input-len", type=int, default=128, help="fixed workload: prompt tokens")
     b.add_argument("--output-len", type=int, default=64, help="fixed workload: output tokens")
+    b.add_argument("--max-tokens", type=int, default=None, help="ask for this many tokens per request, but stop "
+                   "reading (closing the stream) at the workload's output length: answers shorter than the cap")
     b.add_argument("--num-prompts", type=int, default=32, help="requests per rate")
     b.add_argument("--rate", default="inf", help="comma-separated request rates (req/s); inf = all at once")
     b.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
@@ -93,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         address = server.address
     try:
         out = asyncio.run(_bench(args, address, rates, slo, model_path or "default"))
+        if server is not None:  # what the workers did over the whole run (warm-up included)
+            out["workers"] = [{"id": w.id, "role": w.role, "prompt_tokens_computed": w.prompt_tokens_computed,
+                               "tokens_generated": w.tokens_generated, "preemptions": w.preemptions,
+                               "recomputed_tokens": w.recomputed_tokens} for w in server.status()]
     finally:
         if server is not None:
             server.stop()
@@ -127,10 +133,11 @@ async def _bench(args: argparse.Namespace, address: str, rates: list[float], slo
     if args.backend == "openai":
         if not args.url:
             raise SystemExit("--url is required with --backend openai")
-        backend: Any = OpenAIBackend(args.url, args.model, extras=not args.no_extras, ca_file=args.ca_file)
+        backend: Any = OpenAIBackend(args.url, args.model, extras=not args.no_extras, ca_file=args.ca_file,
+                                     max_tokens=args.max_tokens)
         target = args.url
     else:
-        backend = GrpcBackend(address, ca_file=args.ca_file)
+        backend = GrpcBackend(address, ca_file=args.ca_file, max_tokens=args.max_tokens)
         target = address
     runs = []
     try:
@@ -153,6 +160,7 @@ async def _bench(args: argparse.Namespace, address: str, rates: list[float], slo
     return {
         "label": args.label or (f"pdserve {args.config}" if args.config else f"{args.backend} {target}"),
         "backend": args.backend, "target": target, "workload": args.workload, "num_prompts": args.num_prompts,
-        "max_concurrency": args.max_concurrency, "seed": args.seed, "slo": slo, "git": rev,
+        "max_concurrency": args.max_concurrency, "max_tokens": args.max_tokens, "seed": args.seed, "slo": slo,
+        "git": rev,
         "config": args.config, "runs": runs,
     }

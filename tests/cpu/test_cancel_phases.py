@@ -73,3 +73,26 @@ def test_a_request_cancelled_while_queued_for_kv_room_leaves_nothing(server: Run
     for big in bigs:
         big.cancel()
     assert wait_until(server.all_idle, timeout=1.0, interval=0.02)
+
+
+def test_requests_beyond_the_cache_are_preempted_recomputed_and_equal_hf_generate(server: RunningServer) -> None:
+    """2 prompts of 400 tokens growing by 900 need 2 x 82 blocks of the 160 (the first's 900 decode
+    steps overlap the second's prefill whatever the timing): the newer gives way and is recomputed;
+    both answers are still HF generate's, and status/metrics say what happened."""
+    from router.metrics import RouterMetrics
+    from tests.cpu.harness import hf_greedy, prompts
+
+    texts = [p[:400] for p in prompts(8, seed=5, min_words=80, max_words=90)[2:4]]
+    before = {w.id: w.preemptions for w in server.status()}
+    with cf.ThreadPoolExecutor(len(texts)) as ex:
+        got = list(ex.map(lambda p: list(server.generate(prompt=p, max_tokens=900, ignore_eos=True,
+                                                         timeout=120).token_ids), texts))
+    status = {w.id: w for w in server.status()}
+    assert status["decode-0"].preemptions > before["decode-0"] and status["decode-0"].recomputed_tokens > 0
+    assert got == [hf_greedy(p, 900, ignore_eos=True) for p in texts]
+    assert wait_until(server.all_idle, timeout=5)
+    m = RouterMetrics()  # the gauges a scrape shows, from the worker's stats
+    m.set_workers([ray.get(server.cluster.decodes[0].stats.remote(), timeout=30)])
+    lab = {"role": "decode", "worker": "decode-0"}
+    assert m.registry.get_sample_value("pdserve_worker_preemptions", lab) == status["decode-0"].preemptions
+    assert m.registry.get_sample_value("pdserve_worker_recomputed_tokens", lab) == status["decode-0"].recomputed_tokens

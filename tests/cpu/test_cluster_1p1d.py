@@ -391,3 +391,17 @@ def test_bench_command_against_the_server(server: RunningServer, tmp_path) -> No
         assert r["completed"] == 6 and r["failed"] == 0 and r["total_output_tokens"] == 48
         assert r["goodput"] > 0 and r["p99_ttft_ms"] >= r["median_ttft_ms"] > 0
     assert (tmp_path / "run.png").stat().st_size > 10_000
+
+
+def test_bench_max_tokens_asks_for_more_and_closes_each_stream_at_its_answer(server: RunningServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "cap.json"
+    generated = lambda: sum(w.tokens_generated for w in server.status() if w.role == "decode")  # noqa: E731
+    before = generated()
+    argv = ["bench", "--address", server.address, "--tokenizer", "tiny", "--workload", "fixed", "--input-len", "40",
+            "--output-len", "8", "--max-tokens", "1000", "--num-prompts", "4", "--rate", "inf", "--output", str(out),
+            "--quiet"]
+    assert cli_main(argv) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["completed"] == 4 and run["total_output_tokens"] == 4 * 8
+    assert wait_until(server.all_idle, timeout=10)
+    assert generated() - before < 4 * 200  # the streams were closed, the requests ended: not 4 x 1000

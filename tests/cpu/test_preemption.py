@@ -282,3 +282,20 @@ def test_aggregated_worker_preempts_and_recomputes_tokens_equal_hf_generate() ->
     finally:
         events.close()
         w.shutdown()
+
+
+def test_the_watermark_never_keeps_out_a_request_that_fits_an_empty_cache() -> None:
+    """A request as long as the whole cache (kv tokens == max_model_len is allowed) must be admitted,
+    and resumed after a preemption, when nothing else holds blocks: else it waits for ever."""
+    s = _sched(8, watermark=0.25)  # 2 blocks kept free while others hold blocks
+    assert s.reserve("whole", 30, SamplingParams(max_tokens=2), EOS, [1] * 30).ok  # 8 of 8 blocks, none held
+    s.cancel("whole")
+    _arrive(s, "big", 4, 28)  # 32 tokens: the whole cache
+    while s.requests["big"].num_tokens < 28:
+        _step(s)
+    s._preempt(s.requests["big"])  # as if an older request had needed its blocks and then finished
+    for _ in range(10):
+        if "big" not in s.requests:
+            break
+        _step(s)
+    assert "big" not in s.requests and s.allocator.num_used == 0  # resumed and finished

@@ -145,7 +145,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prompt_tokens_computed", "tokens_generated", "state", "restarts")
+    __slots__ = ("role", "id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prompt_tokens_computed", "tokens_generated", "state", "restarts", "preemptions", "recomputed_tokens")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,8 @@ class WorkerStatus(_message.Message):
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     role: str
     id: str
     node: str
@@ -168,7 +170,9 @@ class WorkerStatus(_message.Message):
     tokens_generated: int
     state: str
     restarts: int
-    def __init__(self, role: _Optional[str] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
+    preemptions: int
+    recomputed_tokens: int
+    def __init__(self, role: _Optional[str] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., preemptions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("workers",)
