@@ -82,6 +82,17 @@ class BatchWorker(StepLoop):
         with self.lock:
             return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids)
 
+    def adopt(
+        self, request_id: str, prompt_ids: list[int], output_ids: list[int], sampling: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+    ) -> ReserveResult:
+        """A request whose decode worker was lost goes on here: its KV is recomputed from its prompt
+        and the tokens streamed so far (as after a preemption), then it decodes on."""
+        with self.wake:
+            r = self.scheduler.adopt(request_id, prompt_ids, output_ids, sampling, eos_token_ids)
+            self.nudge()
+        return r
+
     def cancel(self, request_id: str) -> bool:
         """5."""
         with self.wake:

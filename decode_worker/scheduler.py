@@ -75,7 +75,9 @@ class DecodeScheduler:
             return ReserveResult(False, f"request_id {request_id!r} is already in use")
         if prompt_ids is not None and len(prompt_ids) != num_prompt_tokens:
             return ReserveResult(False, f"prompt_ids: {len(prompt_ids)} ids for {num_prompt_tokens} prompt tokens")
-        if self.on_demand and self.preempted:
+        if (never := self._never_fits(num_prompt_tokens, sampling)) is not None:
+            return never
+        if self.preempted:  # preempted here, or moved here from a lost worker: they go first
             return ReserveResult(False, f"KV cache full: {len(self.preempted)} preempted requests wait for room first")
         # on demand, a request whose KV can be recomputed (its prompt ids are known) grows; others hold it all
         need = num_prompt_tokens + (0 if self.on_demand and prompt_ids is not None else sampling.max_tokens)
@@ -202,9 +204,32 @@ class DecodeScheduler:
             self.running.remove(req.request_id)
         if req.request_id in self.ready:
             self.ready.remove(req.request_id)
-        req.status = DecodeStatus.PREEMPTED
         self.preemptions += 1
+        self._preempt_queue(req)
+
+    def _preempt_queue(self, req: DecodeRequest) -> None:
+        req.status = DecodeStatus.PREEMPTED
         self._insert_by_arrival(self.preempted, req)
+
+    def adopt(
+        self, request_id: str, prompt_ids: list[int], output_ids: list[int], sampling: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+    ) -> ReserveResult:
+        """A request moved here mid-stream (its decode worker was lost): it joins as if preempted
+        here — its KV is recomputed from its prompt and the tokens it has streamed (the last one is
+        fed next), ahead of any new reservation — and decodes on from there."""
+        if request_id in self.requests:
+            return ReserveResult(False, f"request_id {request_id!r} is already in use")
+        if not output_ids or len(output_ids) >= sampling.max_tokens:
+            return ReserveResult(False, f"output_ids: {len(output_ids)} tokens of max_tokens={sampling.max_tokens}: "
+                                        "nothing to go on with")
+        if (never := self._never_fits(len(prompt_ids), sampling)) is not None:
+            return never
+        req = DecodeRequest(request_id, len(prompt_ids), sampling, eos_token_ids, [], list(prompt_ids),
+                            output_ids=list(output_ids))
+        self.requests[request_id] = req
+        self._preempt_queue(req)
+        return ReserveResult(True)
 
     def resume(self) -> list[DecodeRequest]:
         """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit (_fits);
@@ -212,9 +237,9 @@ class DecodeScheduler:
         resumed = []
         while self.preempted:
             req = self.requests[self.preempted[0]]
-            if not self._fits(self.allocator.blocks_for(req.num_tokens)):
+            if not self._fits(self.allocator.blocks_for(self._holds(req))):
                 break
-            alloc = self.allocator.allocate(req.request_id, req.num_tokens)
+            alloc = self.allocator.allocate(req.request_id, self._holds(req))
             assert alloc is not None
             req.block_table = list(alloc.blocks)
             self.preempted.pop(0)
@@ -245,6 +270,18 @@ class DecodeScheduler:
                 self.recomputing.remove(req.request_id)
                 req.status = DecodeStatus.READY
                 self.ready.appendleft(req.request_id)
+
+    def _never_fits(self, num_prompt_tokens: int, sampling: SamplingParams) -> ReserveResult | None:
+        """A refusal if prompt + max_tokens is more than the whole cache (it could never finish)."""
+        n = num_prompt_tokens + sampling.max_tokens
+        if self.allocator.blocks_for(n) <= self.allocator.num_blocks:
+            return None
+        return ReserveResult(False, f"prompt + max_tokens = {n} tokens never fit this worker's KV cache "
+                                    f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
+
+    def _holds(self, req: DecodeRequest) -> int:
+        """Tokens of KV a resumed request holds: what it has (on_demand), or all it may need (upfront)."""
+        return req.num_tokens if self.on_demand else req.num_prompt_tokens + req.sampling.max_tokens
 
     def _fits(self, n_blocks: int) -> bool:
         """n_blocks can be taken and leave the watermark free — or the cache is empty (a request as

@@ -13,8 +13,10 @@ the logits. Each turn of the loop:
                  first token (handed off by a prefill worker, decoded next step by an aggregated one)
 A step that raises fails the requests it held (fail_step) and the loop goes on: one bad step never
 leaves a caller waiting or stops the worker — unless the device itself is broken (a CUDA kernel
-fault is sticky: every later step would fail too). Then the process exits, so that Ray restarts it
-(cluster.max_restarts) and the router fails its other requests at once instead of feeding it more.
+fault is sticky: every later step would fail too). Then the process exits at once, failing nothing
+itself: Ray restarts it (cluster.max_restarts) and the router, finding the worker gone, moves its
+decoding requests to a live decode worker (limits.max_migrations) or fails them, instead of
+feeding it more.
 
 Public methods of a worker run on Ray's threads and take `self.lock` for bookkeeping; only the loop
 thread touches the model and the KV cache.
@@ -125,9 +127,9 @@ class StepLoop(abc.ABC):
                 self._postprocess(step, logits)  # 4
             except Exception as e:  # noqa: BLE001 — end what this step held, keep the worker alive
                 log.exception("%s: step failed", self.worker_id)
-                self._fail_step(step, f"step failed: {type(e).__name__}: {e}")
-                if not self.runner.device_ok():
+                if not self.runner.device_ok():  # not the step's fault: its requests may go on elsewhere
                     self._device_lost(f"{type(e).__name__}: {e}")
+                self._fail_step(step, f"step failed: {type(e).__name__}: {e}")
 
     def _device_lost(self, error: str) -> None:
         """The device no longer runs work: end this process (Ray restarts it with a fresh context)."""

@@ -104,6 +104,7 @@ class DecodeEvent:
     kv_transfer_ms: float | None = None
     kv_bytes: int | None = None
     logprobs: list[TokenLogprob] | None = None
+    lost: bool = False  # made by the router: the request's decode worker was lost (it may move elsewhere)
 
 
 @dataclass(frozen=True)

@@ -64,4 +64,10 @@ class LimitsConfig(Frozen):
         30.0, ge=0, description="Longest wait for KV room before RESOURCE_EXHAUSTED."
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline of one request inside pdserve.")
+    max_migrations: int = Field(
+        1, ge=0, description="Times one request may move to another decode worker (or the same one, restarted) "
+        "when its decode worker is lost mid-stream: its KV is recomputed there from the prompt and the tokens "
+        "streamed so far and the stream goes on; it waits up to queue_timeout_s for one. 0: the request fails "
+        "(UNAVAILABLE)."
+    )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request.")

@@ -11,6 +11,10 @@
      inbox (router/event_inbox.py: what waits is merged into one chunk)
   4. every wait has the request's deadline (and ends early on abort_all, the drain); on any exit
      that is not a clean finish the request is cancelled on both workers so its KV comes back
+  5. a decode worker lost mid-stream (its pump found it gone, or the supervisor marked it lost):
+     the request moves to a live decode worker — the same one once restarted — which recomputes
+     its KV from the prompt and the tokens streamed so far and goes on, at most
+     limits.max_migrations times (router/migration.py)
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
 goes to the worker that reserved. Workers are Ray actor handles (`handle.method.remote(...)`
 returns an awaitable); tests may pass anything with the same shape.
@@ -30,6 +34,7 @@ from router.config import LimitsConfig
 from router.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, WorkerFailure
 from router.event_inbox import EventInbox
 from router.liveness import WorkerLiveness, WorkerRef, _actor_gone
+from router.migration import RequestMigration
 
 __all__ = ["AlreadyExists", "DeadlineExceeded", "Dispatcher", "ResourceExhausted", "TokenChunk", "WorkerFailure",
            "WorkerRef"]
@@ -50,7 +55,7 @@ class TokenChunk:
     logprobs: list[TokenLogprob] | None = None
 
 
-class Dispatcher(WorkerLiveness):
+class Dispatcher(WorkerLiveness, RequestMigration):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False, affinity: PrefixAffinity | None = None,
@@ -71,6 +76,7 @@ class Dispatcher(WorkerLiveness):
         self._capacity_gen = 0  # bumped whenever a request leaves a decode worker
         self._pollers: dict[str, asyncio.Task[None]] = {}  # decode worker id → its event pump
         self.restarts: dict[str, int] = {}  # worker id → times it came back (revive)
+        self.revivals: dict[str, int] = {}  # worker id → times revived (restarted or only looked lost)
         self._placed: dict[str, int] = {}  # request key → decode index holding its KV
         self.labels: set[str] = set()  # client request ids in flight (duplicates are refused)
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -78,6 +84,7 @@ class Dispatcher(WorkerLiveness):
         self._abort_reason = ""
         self.dead: set[str] = set()  # decode worker ids whose actor is gone
         self.dead_prefills: set[str] = set()  # prefill worker ids whose actor is gone
+        self.migrations = 0  # requests moved to another decode worker mid-stream (step 5)
         self._closing = False
 
     # -- decode event pump --------------------------------------------------------------------
@@ -149,12 +156,22 @@ class Dispatcher(WorkerLiveness):
                 yield TokenChunk([res.first_token], res.finished, _close(timings, t_first, t_accept), first_lp)
                 return
             yield TokenChunk([res.first_token], None, timings, first_lp)
+            out_ids = [res.first_token]  # what the client has: where a moved request goes on from
             while True:
                 ev = await inbox.take(deadline)
                 if ev.error is not None:
-                    finished = True  # the worker already dropped it
                     if ev.token_ids:  # what it sampled before the error still reaches the client
+                        out_ids += ev.token_ids
                         yield TokenChunk(ev.token_ids, logprobs=ev.logprobs)
+                    if ev.lost and timings.get("migrations", 0) < self.limits.max_migrations:
+                        try:
+                            d_idx = await self._migrate(req, d_idx, out_ids, deadline, ev.error)
+                        except WorkerFailure:
+                            finished = True  # nothing holds it: the lost worker was told to cancel it
+                            raise
+                        timings["migrations"] = timings.get("migrations", 0) + 1
+                        continue
+                    finished = True  # the worker already dropped it
                     raise WorkerFailure(f"decode worker: {ev.error}")
                 if ev.kv_transfer_ms is not None:
                     timings["kv_transfer_ms"] = ev.kv_transfer_ms
@@ -164,6 +181,7 @@ class Dispatcher(WorkerLiveness):
                     yield TokenChunk(ev.token_ids, ev.finish_reason, _close(timings, t_first, t_accept), ev.logprobs)
                     return
                 if ev.token_ids:
+                    out_ids += ev.token_ids
                     yield TokenChunk(ev.token_ids, logprobs=ev.logprobs)
         finally:
             self.streams.pop(key, None)

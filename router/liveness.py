@@ -36,12 +36,14 @@ class WorkerLiveness:
     dead: set[str]
     dead_prefills: set[str]
     restarts: dict[str, int]
+    revivals: dict[str, int]  # worker id → times revived: an answer from before a revival is stale
     _closing: bool
 
     async def _poll(self, d: WorkerRef) -> None:
         idx = self.decodes.index(d)
         failures = 0
         while not self._closing:
+            asked = self.revivals.get(d.worker_id, 0)
             try:
                 events = await asyncio.wait_for(d.handle.poll.remote(0.25), timeout=30)
                 failures = 0
@@ -50,14 +52,14 @@ class WorkerLiveness:
             except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
                 failures += 1
                 log.error("polling decode worker %s failed (%d): %s", d.worker_id, failures, e)
-                if _actor_gone(e):  # fail its requests now instead of at their deadlines
+                if _actor_gone(e) and self.revivals.get(d.worker_id, 0) == asked:  # not about a revived one
                     self._decode_lost(idx, f"decode worker {d.worker_id} is gone: {type(e).__name__}")
                     return
                 await asyncio.sleep(min(1.0, 0.05 * failures))
                 continue
             for ev in events:
                 inbox = self.streams.get(ev.request_id)
-                if inbox is not None:
+                if inbox is not None and self._placed.get(ev.request_id) == idx:  # not one moved away
                     inbox.put(ev)
 
     def _decode_lost(self, idx: int, why: str) -> None:
@@ -65,7 +67,7 @@ class WorkerLiveness:
         for rid, where in list(self._placed.items()):
             inbox = self.streams.get(rid)
             if where == idx and inbox is not None:
-                inbox.put(DecodeEvent(rid, [], FinishReason.ERROR, why))
+                inbox.put(DecodeEvent(rid, [], FinishReason.ERROR, why, lost=True))
 
     # -- worker liveness (the supervisor in cluster/ calls these) ------------------------------
     def mark_lost(self, worker_id: str, why: str) -> None:
@@ -81,6 +83,7 @@ class WorkerLiveness:
         """A lost worker is back (restarted and re-wired, or it was only unreachable): it takes traffic."""
         if restarted:
             self.restarts[worker_id] = self.restarts.get(worker_id, 0) + 1
+        self.revivals[worker_id] = self.revivals.get(worker_id, 0) + 1
         self.dead.discard(worker_id)
         self.dead_prefills.discard(worker_id)
         for d in self.decodes:
@@ -100,6 +103,7 @@ class WorkerLiveness:
     async def stats(self) -> list[WorkerStats]:
         """Every worker, the unreachable ones too (state 'lost'); a worker found gone is marked lost."""
         refs = ([] if self.colocated else [("prefill", p) for p in self.prefills]) + [("decode", d) for d in self.decodes]
+        asked = {w.worker_id: self.revivals.get(w.worker_id, 0) for _, w in refs}
         results = await asyncio.gather(
             *(asyncio.wait_for(w.handle.stats.remote(), timeout=10) for _, w in refs), return_exceptions=True
         )
@@ -107,7 +111,7 @@ class WorkerLiveness:
         for (role, w), r in zip(refs, results):
             lost = w.worker_id in self.dead or w.worker_id in self.dead_prefills
             if isinstance(r, BaseException):
-                if _actor_gone(r):
+                if _actor_gone(r) and self.revivals.get(w.worker_id, 0) == asked[w.worker_id]:  # not stale
                     self.mark_lost(w.worker_id, f"{role} worker {w.worker_id} is gone: {type(r).__name__}")
                 log.warning("stats of %s failed: %s", w.worker_id, r)
                 r = WorkerStats(role if not self.colocated else "aggregated", w.worker_id, "", 0, 0, 0, 0, 0, 0)

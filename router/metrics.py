@@ -36,6 +36,9 @@ class RouterMetrics:
         self.errors = Counter("pdserve_errors_total", "Requests that ended with a gRPC error", ["code"], registry=r)
         self.prompt_tokens = Counter("pdserve_prompt_tokens_total", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("pdserve_generation_tokens_total", "Tokens generated", registry=r)
+        self.migrations = Counter("pdserve_request_migrations_total", "Requests moved to another decode worker "
+                                  "mid-stream (theirs was lost)", registry=r)
+        self._migrations_seen = 0
         self.in_flight = Gauge("pdserve_requests_in_flight", "Requests inside pdserve now", registry=r)
         self.queued = Gauge("pdserve_requests_queued", "Requests waiting for KV room", registry=r)
         labels = ["role", "worker"]
@@ -84,6 +87,12 @@ class RouterMetrics:
             self.kv_bytes.observe(timings["kv_transfer_bytes"])
         if n_out > 1 and "decode_ms" in timings:
             self.tpot.observe(timings["decode_ms"] / 1000 / (n_out - 1))
+
+    def count_migrations(self, total: int) -> None:
+        """The dispatcher's running count → the counter."""
+        if total > self._migrations_seen:
+            self.migrations.inc(total - self._migrations_seen)
+            self._migrations_seen = total
 
     def set_workers(self, stats: list[WorkerStats]) -> None:
         for s in stats:

@@ -8,7 +8,6 @@ import concurrent.futures as cf
 import threading
 import time
 
-import grpc
 import pytest
 import ray
 
@@ -204,24 +203,16 @@ def test_cluster_aggregated_mode_serves_through_the_router() -> None:
         assert all(w.prompt_tokens_computed > 0 and w.tokens_generated > 0 for w in status)
         assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in srv.status()), 10)
 
-        # a worker dies: its requests end at once with UNAVAILABLE, new ones go to the other one
-        req = pb.GenerateRequest(prompt="long running", max_tokens=1000, ignore_eos=True)
+        # a worker dies: its request moves to the other one and goes on there; new ones go there
+        req = pb.GenerateRequest(prompt="long running", max_tokens=300, ignore_eos=True)
         streams = [srv.stub.GenerateStream(req, timeout=60) for _ in range(2)]
-        for st in streams:
-            next(st)  # both running, one per worker (most KV room first)
+        got_tokens = [list(next(st).token_ids) for st in streams]  # both running, one per worker
         ray.kill(srv.cluster.decodes[1], no_restart=True)
-        t0, codes = time.monotonic(), []
-        for st in streams:
-            try:
-                for _ in st:
-                    if time.monotonic() - t0 > 5:  # the live worker's request: enough
-                        st.cancel()
-                        break
-            except grpc.RpcError as e:
-                codes.append(e.code())
-                if e.code() is grpc.StatusCode.UNAVAILABLE:
-                    assert "is gone" in e.details() and time.monotonic() - t0 < 10
-        assert grpc.StatusCode.UNAVAILABLE in codes
+        for toks, st in zip(got_tokens, streams):
+            for msg in st:
+                toks += msg.token_ids
+        assert got_tokens == [hf_greedy("long running", 300, ignore_eos=True)] * 2  # unbroken answers
+        assert srv.server.svc.dispatcher.migrations == 1
         for p in prompts(3, seed=15):
             assert list(srv.generate(prompt=p, max_tokens=8).token_ids) == hf_greedy(p, 8)
     finally:

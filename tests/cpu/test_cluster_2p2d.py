@@ -95,27 +95,17 @@ def test_a_dead_prefill_worker_costs_no_request_and_is_skipped(server: RunningSe
     assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in server.status() if w.role == "decode"), 10)
 
 
-def test_a_dead_decode_worker_fails_its_requests_fast_and_the_rest_goes_on(server: RunningServer) -> None:
+def test_a_dead_decode_workers_request_moves_to_the_other_and_goes_on(server: RunningServer) -> None:
     # runs last in this module: it kills decode-1
-    req = pb.GenerateRequest(prompt="long running", max_tokens=1000, ignore_eos=True)
+    req = pb.GenerateRequest(prompt="long running", max_tokens=300, ignore_eos=True)
     streams = [server.stub.GenerateStream(req, timeout=60) for _ in range(2)]
-    for s in streams:
-        next(s)  # both running, one per decode worker (least loaded first)
+    got = [list(next(s).token_ids) for s in streams]  # both running, one per decode worker (least loaded first)
     ray.kill(server.cluster.decodes[1], no_restart=True)
-    t0 = time.monotonic()
-    outcomes = []
-    for s in streams:
-        try:
-            for _ in s:
-                if time.monotonic() - t0 > 5:
-                    s.cancel()
-                    break
-            outcomes.append("ok")
-        except grpc.RpcError as e:
-            outcomes.append(e.code())
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                assert "is gone" in e.details() and time.monotonic() - t0 < 10
-    assert grpc.StatusCode.UNAVAILABLE in outcomes
+    for toks, s in zip(got, streams):
+        for msg in s:
+            toks += msg.token_ids
+    assert got == [hf_greedy("long running", 300, ignore_eos=True)] * 2  # one unbroken answer each
+    assert server.server.svc.dispatcher.migrations == 1
     # new requests avoid the dead worker
     for p in prompts(3, seed=12):
         assert list(server.generate(prompt=p, max_tokens=8).token_ids) == hf_greedy(p, 8)

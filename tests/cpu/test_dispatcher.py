@@ -27,6 +27,14 @@ class FakeDecode:
         self.room, self.held, self.cancelled = room, set(), []
         self.events: asyncio.Queue[DecodeEvent] = asyncio.Queue()
         self.reserve, self.cancel, self.poll = _Method(self._reserve), _Method(self._cancel), _Method(self._poll)
+        self.adopt, self.adopted = _Method(self._adopt), []
+
+    async def _adopt(self, rid: str, prompt_ids: list[int], output_ids: list[int], *_: Any) -> ReserveResult:
+        if rid in self.held:
+            return ReserveResult(False, "already in use")
+        self.held.add(rid)
+        self.adopted.append((rid, list(output_ids)))
+        return ReserveResult(True)
 
     async def _reserve(self, rid: str, *_: Any) -> ReserveResult:
         if len(self.held) >= self.room:
@@ -136,7 +144,7 @@ def test_dead_decode_worker_fails_its_requests_and_is_skipped() -> None:
     async def main() -> None:
         dead, alive = FakeDecode(room=4), FakeDecode(room=4)
         d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dead), WorkerRef("decode-2", alive)], (2,),
-                       LimitsConfig(request_timeout_s=30))
+                       LimitsConfig(request_timeout_s=30, max_migrations=0))  # moving on: the tests below
         d.start()
         a = asyncio.create_task(_collect(d, "a"))
         b = asyncio.create_task(_collect(d, "b"))  # concurrent arrivals spread over both workers
@@ -296,6 +304,92 @@ def test_abort_all_ends_a_request_waiting_for_decode_events_and_frees_its_kv() -
         with pytest.raises(WorkerFailure, match="shutting down"):  # and so does one that starts later
             await _collect(d, "late")
         assert dec.cancelled == ["waiting", "late"] and not dec.held and d.in_flight == 0 and not d.streams
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_decode_worker_is_lost_moves_on_with_the_tokens_it_streamed() -> None:
+    async def main() -> None:
+        lost, other = FakeDecode(room=4), FakeDecode(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", lost), WorkerRef("decode-2", other)],
+                       (2,), LimitsConfig(request_timeout_s=30))
+        d.start()
+        a = asyncio.create_task(_collect(d, "a"))
+        await asyncio.sleep(0.05)
+        assert lost.held == {"a"}
+        lost.events.put_nowait(DecodeEvent("a", [6]))  # streamed before the worker was lost
+        await asyncio.sleep(0.1)
+        d.mark_lost("decode-1", "decode worker decode-1 stopped answering")  # it may still be alive
+        await asyncio.sleep(0.2)
+        assert other.adopted == [("a", [5, 6])]  # the first token (prefill's) and the streamed one
+        assert "a" in lost.cancelled  # told to stop, in case it lives on
+        lost.events.put_nowait(DecodeEvent("a", [99]))  # a late event of the old worker: dropped
+        await asyncio.sleep(0.1)
+        other.events.put_nowait(DecodeEvent("a", [7, 8], FinishReason.LENGTH))
+        assert await asyncio.wait_for(a, 2) == [5, 6, 7, 8]
+        assert d.migrations == 1
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_moves_at_most_max_migrations_times_and_waits_bounded_for_a_worker() -> None:
+    async def main() -> None:
+        one, two = FakeDecode(room=4), FakeDecode(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", one), WorkerRef("decode-2", two)],
+                       (2,), LimitsConfig(request_timeout_s=30, queue_timeout_s=0.5))
+        d.start()
+        a = asyncio.create_task(_collect(d, "a"))
+        await asyncio.sleep(0.05)
+        d.mark_lost("decode-1", "decode-1 lost")
+        await asyncio.sleep(0.2)
+        assert two.adopted == [("a", [5])]
+        d.mark_lost("decode-2", "decode-2 lost")  # a second loss: max_migrations=1 is spent
+        with pytest.raises(WorkerFailure, match="decode-2 lost"):
+            await asyncio.wait_for(a, 2)
+        d.revive("decode-1", restarted=True)
+        b = asyncio.create_task(_collect(d, "b"))
+        await asyncio.sleep(0.05)
+        d.mark_lost("decode-1", "decode-1 lost again")  # and no live worker to move to
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(WorkerFailure, match="no decode worker took the request on within"):
+            await asyncio.wait_for(b, 3)
+        assert asyncio.get_running_loop().time() - t0 < 1.5  # queue_timeout_s bounds the wait
+        await d.close()
+
+    asyncio.run(main())
+
+
+class ActorUnavailableError(RuntimeError):  # ray.exceptions.ActorUnavailableError, matched by name
+    pass
+
+
+def test_a_stats_answer_from_before_a_revive_does_not_mark_the_worker_lost_again() -> None:
+    """Found by the device-fault test: a stats call made while decode-0 restarted answered 'the
+    actor is restarting' just after the supervisor had revived it — and marked the new process
+    lost, failing the requests that had just moved onto it."""
+    async def main() -> None:
+        dec, pre = FakeDecode(room=4), FakePrefill()
+        gate = asyncio.Event()
+
+        async def stale_stats() -> Any:
+            await gate.wait()
+            raise ActorUnavailableError("The actor is temporarily unavailable: The actor is restarting.")
+
+        async def fine_stats() -> Any:
+            from engine.types import WorkerStats
+            return WorkerStats("prefill", "prefill-0", "n", 0, 0, 0, 1, 0, 0)
+
+        dec.stats, pre.stats = _Method(stale_stats), _Method(fine_stats)  # type: ignore[attr-defined]
+        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.mark_lost("decode-1", "decode-1 lost")
+        pending = asyncio.create_task(d.stats())  # asked while it restarts
+        await asyncio.sleep(0.01)
+        d.revive("decode-1", restarted=True)  # back before that call answers
+        gate.set()
+        await pending
+        assert not d.is_lost("decode-1")
         await d.close()
 
     asyncio.run(main())

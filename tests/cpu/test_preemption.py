@@ -91,7 +91,7 @@ def test_the_newest_is_preempted_resumed_when_room_returns_and_goes_on_where_it_
 
 
 def test_recompute_covers_prompt_and_output_but_the_last_token_in_chunks() -> None:
-    s = _sched(8)
+    s = _sched(10)
     _arrive(s, "a", 6, 30)
     _arrive(s, "b", 6, 30)
     while not s.preempted:
@@ -114,8 +114,8 @@ def test_recompute_covers_prompt_and_output_but_the_last_token_in_chunks() -> No
 def test_cancel_while_preempted_or_recomputing_leaves_nothing() -> None:
     for when in (DecodeStatus.PREEMPTED, DecodeStatus.RECOMPUTING):
         s = _sched(6)
-        _arrive(s, "old", 4, 40)
-        _arrive(s, "new", 4, 40)
+        _arrive(s, "old", 4, 16)
+        _arrive(s, "new", 4, 16)
         while s.requests["new"].status is not DecodeStatus.PREEMPTED:
             _step(s)
         if when is DecodeStatus.RECOMPUTING:
@@ -299,3 +299,64 @@ def test_the_watermark_never_keeps_out_a_request_that_fits_an_empty_cache() -> N
             break
         _step(s)
     assert "big" not in s.requests and s.allocator.num_used == 0  # resumed and finished
+
+
+# -- moving a request from a lost decode worker (adopt) ------------------------------------------
+def test_an_adopted_request_is_recomputed_first_and_goes_on_from_its_tokens() -> None:
+    s = _sched(16)
+    sp = SamplingParams(max_tokens=10, ignore_eos=True)
+    assert not s.adopt("a", [1, 2, 3], [], sp, EOS).ok  # nothing streamed: nothing to go on from
+    assert not s.adopt("a", [1, 2, 3], [4] * 10, sp, EOS).ok  # already done
+    assert not s.adopt("a", [1] * 60, [4], SamplingParams(max_tokens=10), EOS).ok  # never fits 16 x 4
+    assert s.adopt("a", [1, 2, 3], [4, 5, 6], sp, EOS).ok
+    assert not s.adopt("a", [1, 2, 3], [4, 5, 6], sp, EOS).ok  # once
+    assert not s.reserve("new", 2, sp, EOS, [1, 2]).ok  # it goes first
+    assert s.resume() == [s.requests["a"]] and s.requests["a"].recompute_ids() == [1, 2, 3, 4, 5]
+    s.on_recomputed(s.recompute_chunks(100))
+    batch = s.schedule()
+    assert [r.request_id for r in batch] == ["a"] and batch[0].num_tokens - 1 == 5  # feeds 6 at position 5
+    while s.requests:
+        _step(s)
+    assert s.allocator.num_used == 0 and s.reserve("new", 2, sp, EOS, [1, 2]).ok
+
+
+def test_upfront_adoption_holds_prompt_and_max_tokens() -> None:
+    s = DecodeScheduler(BlockAllocator(16, BS), 8, 10)
+    assert s.adopt("a", [1, 2, 3], [4], SamplingParams(max_tokens=13), EOS).ok
+    s.resume()
+    assert len(s.requests["a"].block_table) == 4  # (3 + 13) / 4
+
+
+def test_a_request_moved_between_aggregated_workers_mid_stream_equals_hf_generate() -> None:
+    """What the router does when a decode worker is lost: the tokens the client has go to another
+    worker, which recomputes the KV and decodes on; the whole answer is HF generate's."""
+    workers = [AggregatedWorker(f"a{i}", ModelConfig(path="tiny"), KVCacheConfig(num_blocks=64),
+                                AggregatedConfig(max_recompute_tokens=16)) for i in range(2)]
+    for w in workers:
+        w.start()
+    events = [Events(w) for w in workers]
+    text = _texts(24)[3]
+    ids = tiny_tokenizer()(text)["input_ids"]
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    try:
+        assert workers[0].reserve("m", len(ids), sp, EOS, ids).ok
+        res = workers[0].prefill(PrefillRequest("m", ids, sp, EOS, None), timeout_s=60)  # type: ignore[arg-type]
+        streamed = [res.first_token]
+        for _ in range(400):  # let it stream a dozen tokens
+            with events[0].cv:
+                got = [t for e in events[0].by_id["m"] for t in e.token_ids]
+            if len(got) >= 12:
+                break
+            time.sleep(0.01)
+        streamed += got  # what the client has; the worker is "lost" now
+        workers[0].cancel("m")
+        assert workers[1].adopt("m", ids, streamed, sp, EOS).ok
+        rest = [t for e in events[1].take("m", 60) for t in e.token_ids]
+        assert streamed + rest == hf_greedy(text, 40, ignore_eos=True)
+        assert workers[1].recomputed_tokens == len(ids) + len(streamed) - 1
+        assert _idle(*workers)
+    finally:
+        for e in events:
+            e.close()
+        for w in workers:
+            w.shutdown()
