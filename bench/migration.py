@@ -5,14 +5,16 @@
 Starts pdserve from the YAML in-process, then twice sends `--streams` greedy streams at once (corpus
 prompts of ~100 tokens, ignore_eos): first undisturbed (the reference tokens), then killing
 decode-0 (Ray restarts it) once every stream has `--kill-after` tokens. Reports per run: streams
-completed, streams whose tokens equal the reference, and for the streams that were moving when
-decode-0 died, the stall (their longest gap between two tokens) against the same streams'
-median inter-token gap; the router's migration count. Writes --output JSON.
+completed, streams whose tokens equal the reference, how many were on decode-0, and for every
+stream that stalled after the kill (a gap over 5x its median: the moved ones, and those whose
+worker recomputed the moved ones' KV) its longest gap, its median gap, and when it resumed after
+the kill; the router's migration count. Writes --output JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -55,16 +57,17 @@ def run_streams(srv: Any, prompts: list[str], max_tokens: int, kill_after: int |
             time.sleep(0.005)
         placed = dict(srv.server.svc.dispatcher._placed)  # request key -> decode index (for the report)
         killed_at = time.monotonic()
+        print(f"killing decode-0 at {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d}", file=sys.stderr)
         ray.kill(srv.cluster.workers["decode-0"], no_restart=False)
     for t in threads:
         t.join(600)
     out: dict[str, Any] = {"status": status, "tokens": tokens}
     if killed_at is not None:
         moved = [i for i in range(n) if any(t > killed_at for t in times[i])
-                 and _stall(times[i]) > 5 * _median_gap(times[i])]
+                 and _stall(times[i]) > 5 * _median_gap(times[i])]  # the moved ones and those sharing their new worker
         out.update(
             placed_on_decode_0=sum(1 for v in placed.values() if v == 0),
-            moved_streams=len(moved),
+            stalled_streams=len(moved),
             stall_s=[round(_stall(times[i]), 3) for i in moved],
             median_gap_ms=[round(_median_gap(times[i]) * 1000, 1) for i in moved],
             resumed_after_kill_s=[round(next(t for t in times[i] if t > killed_at + _stall(times[i]) * 0.5)
@@ -90,6 +93,7 @@ def main() -> int:
     ap.add_argument("--kill-after", type=int, default=32, help="kill decode-0 once every stream has this many tokens")
     ap.add_argument("--output", default="bench/results/migration.json")
     args = ap.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.WARNING)  # the router's moves
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from cluster.background import BackgroundServer
     from cluster.bench import workloads
