@@ -15,12 +15,13 @@ In aggregated mode (decode_worker/aggregated.py) steps 2-3 are local: start_pref
 PREFILLING while this worker computes the prompt into the reserved blocks, on_prefilled() → READY.
 
 Preemption (kv_cache.allocation: on_demand), vLLM's recompute kind: when step 4 finds no free block
-for a running request's next token, the newest request holding blocks (READY before RUNNING, by
-arrival) gives its blocks back → PREEMPTED, output kept. No new reservation is taken while any waits;
+for a running request's next token, the newest request by arrival among the READY and RUNNING ones
+gives its blocks back → PREEMPTED, output kept. No new reservation is taken while any waits;
 resume() gives the oldest its blocks again when they fit → RECOMPUTING: the worker computes the KV
 of its prompt and output in chunks (recompute_chunks / on_recomputed) → READY, and it goes on where
-it stopped (same positions, same seeded draws). A failed hand-off with transport.on_failure:
-recompute goes WRITING → RECOMPUTING the same way (recompute_write).
+it stopped (same positions, same seeded draws). The same path serves a failed hand-off with
+transport.on_failure: recompute (recompute_write: WRITING → RECOMPUTING) and a request moved here
+from a lost decode worker (adopt: → PREEMPTED, with the tokens it has streamed).
 """
 from __future__ import annotations
 

@@ -101,11 +101,13 @@ def test_a_dead_decode_workers_request_moves_to_the_other_and_goes_on(server: Ru
     streams = [server.stub.GenerateStream(req, timeout=60) for _ in range(2)]
     got = [list(next(s).token_ids) for s in streams]  # both running, one per decode worker (least loaded first)
     ray.kill(server.cluster.decodes[1], no_restart=True)
+    moves = []
     for toks, s in zip(got, streams):
         for msg in s:
             toks += msg.token_ids
+        moves.append(msg.timings.migrations)  # the last message's
     assert got == [hf_greedy("long running", 300, ignore_eos=True)] * 2  # one unbroken answer each
-    assert server.server.svc.dispatcher.migrations == 1
+    assert sorted(moves) == [0, 1] and server.server.svc.dispatcher.migrations == 1
     # new requests avoid the dead worker
     for p in prompts(3, seed=12):
         assert list(server.generate(prompt=p, max_tokens=8).token_ids) == hf_greedy(p, 8)
