@@ -112,6 +112,8 @@ def main() -> int:
     ap.add_argument("--cancels", type=int, default=500, help="cancellations + deadlines")
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-blocks", type=int, default=1024, help="decode KV blocks of 16 tokens (128: the fewest "
+                    "for the tiny model's 2048-token context; requests then grow into each other: preemptions)")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     srv = None
@@ -120,7 +122,7 @@ def main() -> int:
         from cluster.config import parse_config
 
         srv = BackgroundServer(parse_config({
-            "model": {"path": "tiny"}, "server": {"port": 0}, "kv_cache": {"num_blocks": 1024},
+            "model": {"path": "tiny"}, "server": {"port": 0}, "kv_cache": {"num_blocks": a.kv_blocks},
             "prefill": {"num_cpus": 0.5}, "decode": {"num_cpus": 0.5}, "limits": {"max_prompt_tokens": 1024},
         }))
         address = srv.address
@@ -148,12 +150,13 @@ def main() -> int:
     workers = list(stub.Status(pb.StatusRequest(), timeout=30).workers)
     blocks = {w.id: w.kv_blocks_used for w in workers}
     busy = {w.id: w.running + w.waiting for w in workers}
+    preemptions = {w.id: w.preemptions for w in workers if w.role != "prefill"}
     unexpected = {k: {c: n for c, n in cnt.items() if c not in ALLOWED} for k, cnt in by_kind.items()}
     unexpected = {k: v for k, v in unexpected.items() if v}
     ok = healthy and not unexpected and not any(blocks.values()) and not any(busy.values())
     report = {"address": address, "wall_s": round(wall, 1), "sent": len(kinds),
               "codes": {k: dict(v) for k, v in by_kind.items()}, "unexpected": unexpected, "healthy": healthy,
-              "kv_blocks_used": blocks, "requests_busy": busy, "promises_kept": ok}
+              "kv_blocks_used": blocks, "requests_busy": busy, "preemptions": preemptions, "promises_kept": ok}
     print(json.dumps(report, indent=2))
     if a.output:
         Path(a.output).write_text(json.dumps(report, indent=2))
