@@ -99,3 +99,45 @@ def test_1p1d_forced_to_nccl_on_one_gpu(ray_up: None) -> None:
     extra = _check(_cfg(transport={"backend": "nccl"}), nccl_hosts=True)
     assert extra["prefill-0"]["links"] == {"decode-0": "nccl"}
     assert extra["decode-0"]["kv_bytes_placed"] > 0
+
+
+def test_preemption_and_a_killed_decode_worker_keep_the_tokens_on_cuda(ray_up: None) -> None:
+    """On-demand KV on CUDA (graph steps, then mixed eager steps with recompute rows): two streams
+    that outgrow a 64-block cache together — the newer is preempted and recomputed — and then the
+    decode worker killed under them (Ray restarts it; it adopts both and recomputes their KV). Each
+    time the tokens are the ones each prompt gets alone."""
+    import threading
+
+    import ray
+
+    from protos.pdserve.v1 import generation_pb2 as pb
+    from tests.cpu.harness import RunningServer, prompts, wait_until
+
+    cfg = _cfg(model={"max_model_len": 1024}, kv_cache={"num_blocks": 64},
+               limits={"max_prompt_tokens": 512}, cluster={"max_restarts": 2, "health_check_interval_s": 0.5})
+    srv = RunningServer(cfg)
+    try:
+        ps = [p[:400] for p in prompts(6, seed=5, min_words=80, max_words=90)[2:4]]
+        gen = lambda p: list(srv.generate(prompt=p, max_tokens=300, ignore_eos=True, timeout=120).token_ids)  # noqa: E731
+        alone = [gen(p) for p in ps]
+        with cf.ThreadPoolExecutor(2) as ex:
+            assert list(ex.map(gen, ps)) == alone  # 2 x 700 tokens > 1024: a preemption
+        assert sum(w.preemptions for w in srv.status() if w.role == "decode") > 0
+
+        got: list[list[int]] = [[], []]
+
+        def stream(i: int) -> None:
+            for msg in srv.stub.GenerateStream(pb.GenerateRequest(prompt=ps[i], max_tokens=300, ignore_eos=True),
+                                               timeout=120):
+                got[i] += msg.token_ids
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: min(len(g) for g in got) >= 50, 60)
+        ray.kill(srv.cluster.workers["decode-0"], no_restart=False)
+        for t in threads:
+            t.join(120)
+        assert got == alone and srv.server.svc.dispatcher.migrations >= 2
+    finally:
+        srv.stop()
