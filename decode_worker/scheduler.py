@@ -178,9 +178,10 @@ class DecodeScheduler:
             if req is not None and req.status is DecodeStatus.READY:
                 req.status = DecodeStatus.RUNNING
                 self._insert_by_arrival(self.running, req)
+        bs = self.allocator.block_size
         for rid in list(self.running):  # oldest first: it may take the blocks of newer ones
             req = self.requests[rid]
-            while req.status is DecodeStatus.RUNNING:
+            while req.status is DecodeStatus.RUNNING and len(req.block_table) * bs < req.num_tokens:
                 new = self.allocator.grow(rid, req.num_tokens)
                 if new is not None:
                     req.block_table.extend(new)
