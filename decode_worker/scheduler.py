@@ -13,39 +13,22 @@ Lifecycle of a request on this worker (the router's id is the only key):
   written into), then write_ended() frees them.
 In aggregated mode (decode_worker/aggregated.py) steps 2-3 are local: start_prefill() RESERVED →
 PREFILLING while this worker computes the prompt into the reserved blocks, on_prefilled() → READY.
-
-Preemption (kv_cache.allocation: on_demand), vLLM's recompute kind: when step 4 finds no free block
-for a running request's next token, the newest request by arrival among the READY and RUNNING ones
-gives its blocks back → PREEMPTED, output kept. No new reservation is taken while any waits;
-resume() gives the oldest its blocks again when they fit → RECOMPUTING: the worker computes the KV
-of its prompt and output in chunks (recompute_chunks / on_recomputed) → READY, and it goes on where
-it stopped (same positions, same seeded draws). The same path serves a failed hand-off with
-transport.on_failure: recompute (recompute_write: WRITING → RECOMPUTING) and a request moved here
-from a lost decode worker (adopt: → PREEMPTED, with the tokens it has streamed).
+Preemption, resume and recompute: decode_worker/preemption.py.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 
+from decode_worker.preemption import Preemption
 from decode_worker.request import DecodeRequest, DecodeStatus
 from engine.block_allocator import BlockAllocator
 from engine.kv_handoff.types import KVDestination
 from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, TokenLogprob
 
 
-@dataclass(frozen=True)
-class Recompute:
-    """Tokens [start, start + length) of `request.recompute_ids()`, computed again in one step."""
-
-    request: DecodeRequest
-    start: int
-    length: int
-
-
-class DecodeScheduler:
+class DecodeScheduler(Preemption):
     def __init__(
         self, allocator: BlockAllocator, max_batch_size: int, reserve_timeout_s: float, worker_id: str = "decode",
         on_demand: bool = False, watermark: float = 0.0,
@@ -188,119 +171,6 @@ class DecodeScheduler:
                     break
                 self._preempt(self._victim())
         return [self.requests[rid] for rid in self.running]
-
-    def _victim(self) -> DecodeRequest:
-        """The newest request by arrival among the READY and RUNNING ones (whose blocks nobody is
-        writing into) that can be recomputed — never one older than the running request asking for
-        a block (only such a one asks: the others hold prompt + max_tokens)."""
-        held = [self.requests[rid] for rid in (*self.ready, *self.running)]
-        return max((r for r in held if r.status in (DecodeStatus.READY, DecodeStatus.RUNNING)
-                    and r.prompt_ids is not None), key=lambda r: r.created)
-
-    def _preempt(self, req: DecodeRequest) -> None:
-        """Give its blocks back; it keeps its output and resumes (recomputed) when room returns."""
-        assert req.prompt_ids is not None, "on_demand reservations carry their prompt ids"
-        self.allocator.free(req.request_id)
-        req.block_table = []
-        if req.request_id in self.running:
-            self.running.remove(req.request_id)
-        if req.request_id in self.ready:
-            self.ready.remove(req.request_id)
-        self.preemptions += 1
-        self._preempt_queue(req)
-
-    def _preempt_queue(self, req: DecodeRequest) -> None:
-        req.status = DecodeStatus.PREEMPTED
-        self._insert_by_arrival(self.preempted, req)
-
-    def adopt(
-        self, request_id: str, prompt_ids: list[int], output_ids: list[int], sampling: SamplingParams,
-        eos_token_ids: tuple[int, ...],
-    ) -> ReserveResult:
-        """A request moved here mid-stream (its decode worker was lost): it joins as if preempted
-        here — its KV is recomputed from its prompt and the tokens it has streamed (the last one is
-        fed next), ahead of any new reservation — and decodes on from there."""
-        if request_id in self.requests:
-            return ReserveResult(False, f"request_id {request_id!r} is already in use")
-        if not output_ids or len(output_ids) >= sampling.max_tokens:
-            return ReserveResult(False, f"output_ids: {len(output_ids)} tokens of max_tokens={sampling.max_tokens}: "
-                                        "nothing to go on with")
-        if (never := self._never_fits(len(prompt_ids), sampling)) is not None:
-            return never
-        req = DecodeRequest(request_id, len(prompt_ids), sampling, eos_token_ids, [], list(prompt_ids),
-                            output_ids=list(output_ids))
-        self.requests[request_id] = req
-        self._preempt_queue(req)
-        return ReserveResult(True)
-
-    def resume(self) -> list[DecodeRequest]:
-        """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit (_fits);
-        the requests resumed."""
-        resumed = []
-        while self.preempted:
-            req = self.requests[self.preempted[0]]
-            if not self._fits(self.allocator.blocks_for(self._holds(req))):
-                break
-            alloc = self.allocator.allocate(req.request_id, self._holds(req))
-            assert alloc is not None
-            req.block_table = list(alloc.blocks)
-            self.preempted.pop(0)
-            self._start_recompute(req)
-            resumed.append(req)
-        return resumed
-
-    def recompute_chunks(self, budget: int) -> list[Recompute]:
-        """This step's share of the recomputing requests' KV: at most `budget` tokens, oldest first."""
-        chunks = []
-        for rid in self.recomputing:
-            if budget <= 0:
-                break
-            req = self.requests[rid]
-            n = min(budget, len(req.recompute_ids()) - req.recomputed)
-            chunks.append(Recompute(req, req.recomputed, n))
-            budget -= n
-        return chunks
-
-    def on_recomputed(self, chunks: list[Recompute]) -> None:
-        """The chunks' KV is computed: a request whose KV is whole again is READY, ahead of new ones."""
-        for c in chunks:
-            req = c.request
-            if req.status is not DecodeStatus.RECOMPUTING:  # cancelled meanwhile
-                continue
-            req.recomputed = c.start + c.length
-            if req.recomputed == len(req.recompute_ids()):
-                self.recomputing.remove(req.request_id)
-                req.status = DecodeStatus.READY
-                self.ready.appendleft(req.request_id)
-
-    def _never_fits(self, num_prompt_tokens: int, sampling: SamplingParams) -> ReserveResult | None:
-        """A refusal if prompt + max_tokens is more than the whole cache (it could never finish)."""
-        n = num_prompt_tokens + sampling.max_tokens
-        if self.allocator.blocks_for(n) <= self.allocator.num_blocks:
-            return None
-        return ReserveResult(False, f"prompt + max_tokens = {n} tokens never fit this worker's KV cache "
-                                    f"({self.allocator.num_blocks} blocks of {self.allocator.block_size})")
-
-    def _holds(self, req: DecodeRequest) -> int:
-        """Tokens of KV a resumed request holds: what it has (on_demand), or all it may need (upfront)."""
-        return req.num_tokens if self.on_demand else req.num_prompt_tokens + req.sampling.max_tokens
-
-    def _fits(self, n_blocks: int) -> bool:
-        """n_blocks can be taken and leave the watermark free — or the cache is empty (a request as
-        long as the whole cache must not wait for ever)."""
-        free = self.allocator.num_free
-        return n_blocks <= free and (n_blocks + self.watermark_blocks <= free or self.allocator.num_used == 0)
-
-    def _start_recompute(self, req: DecodeRequest) -> None:
-        req.status = DecodeStatus.RECOMPUTING
-        req.recomputed = 0
-        self._insert_by_arrival(self.recomputing, req)
-
-    def _insert_by_arrival(self, ids: list[str], req: DecodeRequest) -> None:
-        i = len(ids)
-        while i > 0 and self.requests[ids[i - 1]].created > req.created:
-            i -= 1
-        ids.insert(i, req.request_id)
 
     # -- 5. tokens ----------------------------------------------------------------------------
     def on_tokens(
