@@ -80,10 +80,11 @@ class PrefillResult:
     error: str | None = None
     first_logprob: TokenLogprob | None = None
     cached_tokens: int = 0  # prompt tokens whose KV the prefill worker found in its prefix cache
+    handoff_failed: bool = False  # the error is the decode side's (refused, or no link): another may take it
 
     @classmethod
-    def failed(cls, request_id: str, error: str) -> "PrefillResult":
-        return cls(request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, error)
+    def failed(cls, request_id: str, error: str, handoff: bool = False) -> "PrefillResult":
+        return cls(request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, error, handoff_failed=handoff)
 
 
 @dataclass(frozen=True)

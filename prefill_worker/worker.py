@@ -92,7 +92,7 @@ class PrefillWorker(StepLoop):
         """1. Block until the first token is sampled (or the deadline passes)."""
         rid = request.request_id
         if request.dest.worker_id not in self.sender.links:
-            return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}")
+            return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
         with self.lock:
             waiter = self.prompts.submit(request)
             if waiter is None:
@@ -203,7 +203,7 @@ class PrefillWorker(StepLoop):
 
         def granted(grant: WriteGrant) -> None:
             self._answer(req.request_id, dataclasses.replace(result, kv_bytes=nbytes) if grant.ok
-                         else PrefillResult.failed(req.request_id, f"KV hand-off refused: {grant.reason}"))
+                         else PrefillResult.failed(req.request_id, f"KV hand-off refused: {grant.reason}", handoff=True))
 
         self.sender.submit(WriteJob(
             req.request_id, req.dest, p.num_tokens, first, list(self.allocator.table(req.request_id)),

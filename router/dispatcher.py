@@ -2,10 +2,11 @@
 
   1. reserve KV room on a decode worker (most room first); none has room → wait in a bounded FIFO
      queue until a request finishes somewhere (limits.max_queued_requests, queue_timeout_s), then
-     ResourceExhausted
+     ResourceExhausted (router/admission.py)
   2. prefill on the least-loaded prefill worker, with the reservation's destination; its answer is
      the first token (TTFT); a prefill worker found dead is skipped from then on and the request is
-     tried once more on another one (the same reservation)
+     tried once more on another one (the same reservation); a hand-off the decode side failed (its
+     worker lost) starts again from 1 on another decode worker (counted as a migration)
   3. decode events arrive through one long-poll loop per decode worker (router/liveness.py),
      fanned out by the request's key (minted by the router; a client id is only a label) into its
      inbox (router/event_inbox.py: what waits is merged into one chunk)
@@ -28,8 +29,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.kv_handoff.types import KVDestination
 from engine.types import FinishReason, PrefillRequest, PrefillResult, TokenLogprob
+from router.admission import KVAdmission
 from router.config import LimitsConfig
 from router.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, WorkerFailure
 from router.event_inbox import EventInbox
@@ -43,6 +44,7 @@ from router.prefix_affinity import PrefixAffinity
 from router.validation import ValidRequest
 
 log = logging.getLogger(__name__)
+DUPLICATE_GRACE_TURNS = 5  # x 10 ms: how long a request id still in flight is waited for before ALREADY_EXISTS
 
 
 @dataclass
@@ -55,7 +57,7 @@ class TokenChunk:
     logprobs: list[TokenLogprob] | None = None
 
 
-class Dispatcher(WorkerLiveness, RequestMigration):
+class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False, affinity: PrefixAffinity | None = None,
@@ -115,7 +117,11 @@ class Dispatcher(WorkerLiveness, RequestMigration):
         if not self.serving:
             raise WorkerFailure("no live decode worker" if all(d.worker_id in self.dead for d in self.decodes)
                                 else "no live prefill worker")
-        if req.request_id in self.labels:  # refused before any worker sees it
+        for _ in range(DUPLICATE_GRACE_TURNS):  # one cancelled just now may still be leaving
+            if req.request_id not in self.labels:
+                break
+            await asyncio.sleep(0.01)
+        else:  # refused before any worker sees it
             raise AlreadyExists(f"request_id {req.request_id!r} is already in flight")
         key = req.key
         t_accept = time.monotonic()
@@ -130,25 +136,46 @@ class Dispatcher(WorkerLiveness, RequestMigration):
         d_idx: int | None = None
         p_used: int | None = None
         finished = False
+        moves = 0  # hand-offs the decode side failed (its worker lost): reserved and prefilled again
+        failed_on: set[int] = set()  # decode workers that failed this request's hand-off
         try:
-            d_idx, dest = await self._reserve(req, deadline)  # counted in the policy from here on
-            self._placed[key] = d_idx
-            preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest, req.cache_salt)
-            for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
-                p_idx, work = (d_idx, n_prompt) if self.colocated else self._pick_prefill(req.prompt_ids, req.cache_salt)
-                p_used = p_idx
-                try:
-                    res = await self._prefill(p_idx, preq, work, deadline)
+            while True:
+                d_idx, dest = await self._reserve(req, deadline, failed_on)  # counted in the policy from here on
+                self._placed[key] = d_idx
+                preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest, req.cache_salt)
+                for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
+                    p_idx, work = (d_idx, n_prompt) if self.colocated else self._pick_prefill(req.prompt_ids,
+                                                                                              req.cache_salt)
+                    p_used = p_idx
+                    try:
+                        res = await self._prefill(p_idx, preq, work, deadline)
+                        break
+                    except WorkerFailure as e:
+                        if attempt == 2 or self.colocated or not _actor_gone(e) or not self.serving:
+                            raise
+                        log.warning("prefill of %s failed (%s); retrying on another prefill worker", key, e)
+                if res.error is None or not res.handoff_failed or moves >= self.limits.max_migrations:
                     break
-                except WorkerFailure as e:
-                    if attempt == 2 or self.colocated or not _actor_gone(e) or not self.serving:
-                        raise
-                    log.warning("prefill of %s failed (%s); retrying on another prefill worker", key, e)
+                # the decode side failed the hand-off (its worker lost, its reservation gone): the
+                # request starts again on a decode worker with room (the prompt's KV is mostly in
+                # the prefill worker's prefix cache now); the old reservation is let go
+                log.warning("hand-off of %s to decode worker %s failed (%s); reserving again", key,
+                            self.decodes[d_idx].worker_id, res.error)
+                moves += 1
+                failed_on.add(d_idx)
+                self.policy.remove(self.policy.decode[d_idx], kv_tokens)
+                self._in_background(self._cancel_decode(d_idx, key))
+                d_idx = None
+                inbox = self.streams[key] = EventInbox()  # not the lost worker's event
+                if self._aborted.is_set():
+                    inbox.fail(self._abort_reason)
             if res.error is not None:
                 raise WorkerFailure(f"prefill worker: {res.error}")
             t_first = time.monotonic()
             timings = {"queue_ms": res.queue_ms, "prefill_ms": res.prefill_ms, "ttft_ms": (t_first - t_accept) * 1000,
                        "cached_tokens": float(res.cached_tokens)}
+            if moves:
+                timings["migrations"] = moves
             first_lp = [res.first_logprob] if res.first_logprob is not None else None
             if res.finished is not None:  # the first token ended it: nothing for decode to do
                 finished = True
@@ -216,95 +243,9 @@ class Dispatcher(WorkerLiveness, RequestMigration):
             raise WorkerFailure(f"all {len(self.prefills)} prefill workers are gone")
         return pick
 
-    async def _capacity_changed(self) -> None:
-        async with self._capacity:
-            self._capacity_gen += 1
-            self._capacity.notify_all()
-
-    async def _reserve(self, req: ValidRequest, deadline: float) -> tuple[int, KVDestination]:
-        """Reserve at once if nobody queues ahead; else wait FIFO for room, bounded in count and time."""
-        if self.queued == 0:
-            found, reasons = await self._try_reserve(req, deadline)
-            if found is not None:
-                return found
-        else:
-            reasons = [f"{self.queued} requests already waiting for KV room"]
-        lim = self.limits
-        if self.queued >= lim.max_queued_requests or lim.queue_timeout_s == 0:
-            raise ResourceExhausted(
-                f"no decode worker has room and the wait queue is full (limits.max_queued_requests="
-                f"{lim.max_queued_requests}): " + "; ".join(reasons)
-            )
-        self.queued += 1
-        try:
-            give_up = min(deadline, time.monotonic() + lim.queue_timeout_s)
-            async with self._admission:
-                while True:
-                    gen = self._capacity_gen
-                    found, reasons = await self._try_reserve(req, deadline)
-                    if found is not None:
-                        return found
-                    left = give_up - time.monotonic()
-                    if left <= 0:
-                        raise ResourceExhausted(
-                            f"no decode worker had room within limits.queue_timeout_s={lim.queue_timeout_s:g}s: "
-                            + "; ".join(reasons)
-                        )
-                    async with self._capacity:
-                        try:  # wake on a finish anywhere, or re-check every 0.5 s (expired reservations)
-                            await asyncio.wait_for(
-                                self._capacity.wait_for(lambda: self._capacity_gen != gen), timeout=min(0.5, left)
-                            )
-                        except asyncio.TimeoutError:
-                            pass
-        finally:
-            self.queued -= 1
-
-    async def _try_reserve(
-        self, req: ValidRequest, deadline: float
-    ) -> tuple[tuple[int, KVDestination] | None, list[str]]:
-        reasons = []
-        for i in self.policy.decode_order():
-            d = self.decodes[i]
-            if d.worker_id in self.dead:
-                reasons.append(f"decode worker {d.worker_id}: worker is gone")
-                continue
-            load = self.policy.decode[i]
-            kv_tokens = len(req.prompt_ids) + req.sampling.max_tokens
-            self.policy.add(load, kv_tokens)  # count it now: concurrent arrivals must see it
-            call = asyncio.ensure_future(d.handle.reserve.remote(
-                req.key, len(req.prompt_ids), req.sampling, self.eos_token_ids,
-                req.prompt_ids,  # for a repetition penalty, and to recompute the KV if its hand-off fails
-            ))
-            try:  # shielded: if we stop waiting, the reservation may still be made; then undo it
-                r = await self._wait(asyncio.shield(call), min(deadline, time.monotonic() + 10), "reserve")
-            except (DeadlineExceeded, WorkerFailure) as e:
-                self.policy.remove(load, kv_tokens)
-                self._undo_late_reserve(call, i, req.key)
-                reasons.append(f"decode worker {d.worker_id}: {e}")
-                continue
-            except BaseException:
-                self.policy.remove(load, kv_tokens)
-                self._undo_late_reserve(call, i, req.key)
-                raise
-            if r.ok:
-                return (i, r.dest), []
-            self.policy.remove(load, kv_tokens)
-            reasons.append(f"decode worker {d.worker_id}: {r.reason}")
-        return None, reasons
-
-    def _undo_late_reserve(self, call: "asyncio.Future[Any]", d_idx: int, key: str) -> None:
-        """Nobody waits for this reservation any more: when it answers, cancel what it reserved."""
-        async def undo() -> None:
-            try:
-                r = await asyncio.wait_for(call, timeout=60)
-            except BaseException:  # noqa: BLE001 — failed or never answered: nothing was reserved
-                return
-            if getattr(r, "ok", False):
-                await self._cancel_decode(d_idx, key)
-                await self._capacity_changed()
-
-        task = asyncio.ensure_future(undo())
+    def _in_background(self, work: Any) -> None:
+        """Run a cleanup coroutine without waiting for it (close() cancels what is left)."""
+        task = asyncio.ensure_future(work)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 

@@ -393,3 +393,88 @@ def test_a_stats_answer_from_before_a_revive_does_not_mark_the_worker_lost_again
         await d.close()
 
     asyncio.run(main())
+
+
+def test_a_hand_off_the_decode_side_failed_is_reserved_and_prefilled_again_elsewhere() -> None:
+    """The decode worker holding a request's reservation is lost before the KV lands: the prefill
+    says so (handoff_failed), and the request starts again on another decode worker — once per
+    limits.max_migrations; any other prefill error fails it."""
+    async def main() -> None:
+        for handoff, max_migrations, ends in ((True, 1, "tokens"), (False, 1, "error"), (True, 0, "error")):
+            lost, other = FakeDecode(room=4), FakeDecode(room=4)
+            pre = FakePrefill()
+            answers = [PrefillResult.failed("a", "KV hand-off refused: decode-1 is gone", handoff=handoff)]
+            real = pre._prefill
+
+            async def prefill(req: Any, timeout: float) -> PrefillResult:
+                return answers.pop(0) if answers else await real(req, timeout)
+
+            pre.prefill = _Method(prefill)
+            d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", lost), WorkerRef("decode-2", other)],
+                           (2,), LimitsConfig(request_timeout_s=30, max_migrations=max_migrations))
+            d.start()
+            a = asyncio.create_task(_collect(d, "a"))
+            await asyncio.sleep(0.1)
+            if ends == "tokens":
+                assert "a" in lost.cancelled and "a" in other.held  # let go there, reserved here
+                _finish(other, "a")
+                assert await asyncio.wait_for(a, 2) == [5, 6, 7, 8]
+            else:
+                with pytest.raises(WorkerFailure, match="hand-off refused"):
+                    await asyncio.wait_for(a, 2)
+                assert not other.held
+            assert d.policy.decode[0].tokens == 0 and d.policy.decode[1].tokens == 0  # loads not leaked
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_an_id_reused_while_its_cancelled_request_is_still_leaving_is_served() -> None:
+    """A client cancels and at once sends the same id again: the new call can reach the router
+    before the old one's cancellation does (seen in the 1P1D cluster test). It waits a moment for
+    the id instead of being refused."""
+    async def main() -> None:
+        dec = FakeDecode(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.start()
+        first = asyncio.create_task(_collect(d, "id", key="k1"))
+        await asyncio.sleep(0.05)  # decoding
+        second = asyncio.create_task(_collect(d, "id", key="k2"))  # the same id, before the cancel lands
+        await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.sleep(0.1)
+        assert "k2" in dec.held and "k1" not in dec.held
+        _finish(dec, "k2")
+        assert await asyncio.wait_for(second, 2) == [5, 6, 7, 8]
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_tokens_the_adopting_worker_sends_before_its_adopt_answer_arrives_reach_the_client() -> None:
+    """Found in a full-suite run: the adopting worker recomputed and sent its first token before the
+    router had read its answer to `adopt`; the pump dropped that token as one from a worker the
+    request is not placed on, and the client's answer lacked one token."""
+    async def main() -> None:
+        lost, other = FakeDecode(room=4), FakeDecode(room=4)
+        real_adopt = other._adopt
+
+        async def slow_adopt(rid: str, *a: Any) -> ReserveResult:
+            r = await real_adopt(rid, *a)
+            other.events.put_nowait(DecodeEvent(rid, [6]))  # decoding already
+            await asyncio.sleep(0.3)  # the answer is slow to come back
+            return r
+
+        other.adopt = _Method(slow_adopt)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", lost), WorkerRef("decode-2", other)],
+                       (2,), LimitsConfig(request_timeout_s=30))
+        d.start()
+        a = asyncio.create_task(_collect(d, "a"))
+        await asyncio.sleep(0.05)
+        d.mark_lost("decode-1", "decode-1 lost")
+        await asyncio.sleep(0.5)
+        other.events.put_nowait(DecodeEvent("a", [7, 8], FinishReason.LENGTH))
+        assert await asyncio.wait_for(a, 2) == [5, 6, 7, 8]
+        await d.close()
+
+    asyncio.run(main())

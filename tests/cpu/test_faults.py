@@ -19,7 +19,13 @@ from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wa
 
 @pytest.fixture(scope="module")
 def server():  # type: ignore[no-untyped-def]
-    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-faults")
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-faults")
+    except Exception as e:  # noqa: BLE001 — Ray's own start-up; seen twice in ~10 full runs, right after
+        if "timed out during startup" not in str(e):  # test_drain's separate `pdserve serve` stopped its Ray
+            raise
+        ray.shutdown()
+        ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-faults")
     srv = RunningServer(tiny_config(cluster={"max_restarts": 2, "health_check_interval_s": 0.5}))
     yield srv
     srv.stop()
