@@ -23,8 +23,8 @@ from collections import deque
 import torch
 
 from decode_worker.config import DecodeConfig
-from decode_worker.request import DecodeRequest
 from decode_worker.preemption import Recompute
+from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
 from engine import kv_budget
 from engine.block_allocator import BlockAllocator
