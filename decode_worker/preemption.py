@@ -109,7 +109,7 @@ class Preemption:
             if budget <= 0:
                 break
             req = self.requests[rid]
-            n = min(budget, len(req.recompute_ids()) - req.recomputed)
+            n = min(budget, req.num_tokens - 1 - req.recomputed)  # len(recompute_ids()), not built
             chunks.append(Recompute(req, req.recomputed, n))
             budget -= n
         return chunks
@@ -121,7 +121,7 @@ class Preemption:
             if req.status is not DecodeStatus.RECOMPUTING:  # cancelled meanwhile
                 continue
             req.recomputed = c.start + c.length
-            if req.recomputed == len(req.recompute_ids()):
+            if req.recomputed == req.num_tokens - 1:
                 self.recomputing.remove(req.request_id)
                 req.status = DecodeStatus.READY
                 self.ready.appendleft(req.request_id)
