@@ -262,7 +262,8 @@ class Cluster:
         eos = eos_token_ids(cfg.model, tok)
         if cfg.mode == "aggregated":  # each worker prefills what it decodes
             workers = [WorkerRef(f"aggregated-{i}", d) for i, d in enumerate(self.decodes)]
-            dispatcher = Dispatcher(workers, workers, eos, cfg.limits, colocated=True)
+            affinity = PrefixAffinity(cfg.kv_cache.block_size) if cfg.kv_cache.prefix_cache else None
+            dispatcher = Dispatcher(workers, workers, eos, cfg.limits, colocated=True, affinity=affinity)
         else:
             prefills = [WorkerRef(f"prefill-{i}", p) for i, p in enumerate(self.prefills)]
             decodes = [WorkerRef(f"decode-{i}", d) for i, d in enumerate(self.decodes)]

@@ -8,7 +8,9 @@ shape (engine/step_loop.py). The router drives it through the same calls as a de
 A request here goes:
   1. reserve()   blocks for the prompt are held (as on a decode worker; it grows, or is preempted
                  and recomputed, as there)
-  2. prefill()   the prompt joins the prompt queue; the call returns once its first token is sampled
+  2. prefill()   the prompt joins the prompt queue; the call returns once its first token is sampled.
+                 When its first chunk is admitted, the head of its blocks becomes the longest
+                 cached prefix of its prompt (kv_cache.prefix_cache), and computing starts after it
   3. each step (continuous batching, Sarathi-Serve): every running request decodes one token and
      prompt chunks fill the rest of `max_batch_tokens`; all of it is one forward, decode rows first,
      and one sample() over the decode rows and the prompts that complete
@@ -98,7 +100,7 @@ class AggregatedWorker(BatchWorker):
                 left = self.cfg.max_batch_tokens - len(batch)
                 recomputes, rows = self._recompute_rows(min(self.cfg.max_recompute_tokens, left))
                 left -= sum(c.length for c in recomputes)
-                chunks = self.prompts.scheduler.next_step(lambda p: True, left)
+                chunks = self.prompts.scheduler.next_step(self._admit, left)
             tables = [self.scheduler.requests[c.pending.request.request_id].block_table for c in chunks]
         if not batch and not chunks and not recomputes:  # e.g. a static batch whose last member is being cancelled
             return None
@@ -111,10 +113,19 @@ class AggregatedWorker(BatchWorker):
         self._members &= set(self.scheduler.requests)  # finished and cancelled members leave
         if not self._members:
             self._members = {p.request.request_id for p in list(waiting)[: self.cfg.max_batch_size]}
-        chunks = self.prompts.scheduler.next_step(lambda p: p.request.request_id in self._members)
+        chunks = self.prompts.scheduler.next_step(lambda p: p.request.request_id in self._members and self._admit(p))
         if chunks or any(p.request.request_id in self._members for p in waiting):
             return [], chunks  # the batch's prompts first
         return self.scheduler.schedule(), []
+
+    def _admit(self, p: PendingPrefill) -> bool:
+        """Its prompt starts after the longest cached prefix (held at the head of its blocks); False:
+        wait a step for the block another prompt is computing."""
+        cached = self.scheduler.share_prefix(p.request.request_id)
+        if cached is None:
+            return False
+        p.computed = p.cached = cached
+        return True
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
         """logits [decode rows + prompt rows + recompute rows, V]: one sample() for the decode rows
@@ -122,6 +133,8 @@ class AggregatedWorker(BatchWorker):
         self.prompt_tokens_computed += sum(c.length for c in step.prompts)
         self._recomputed(step.recomputes)
         with self.lock:
+            for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
+                self.allocator.commit(c.pending.request.request_id, c.start + c.length)
             done = self.prompts.finish(step.prompts)
         params, positions, histories = self._decode_sampling(step.decode)
         for p, _ in done:
@@ -148,7 +161,7 @@ class AggregatedWorker(BatchWorker):
             assert p.started is not None
             self.prompts.answer(req.request_id, PrefillResult(
                 req.request_id, first, dreq.finish_reason, (p.started - p.enqueued) * 1000,
-                (time.monotonic() - p.started) * 1000, 0, first_logprob=lp,
+                (time.monotonic() - p.started) * 1000, 0, first_logprob=lp, cached_tokens=p.cached,
             ))
 
     def _fail_step(self, step: Step, error: str) -> None:

@@ -27,11 +27,11 @@ from decode_worker.preemption import Recompute
 from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
 from engine import kv_budget
-from engine.block_allocator import BlockAllocator
 from engine.config import KVCacheConfig, ModelConfig
 from engine.kv_handoff import shared_cache
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
+from engine.prefix_cache import PrefixCache
 from engine.sampler import History
 from engine.step_loop import StepLoop
 from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, TokenLogprob, WorkerStats
@@ -61,7 +61,7 @@ class BatchWorker(StepLoop):
         self.runner = ModelRunner(model, blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
         if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
             self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
-        self.allocator = BlockAllocator(blocks, kv_cfg.block_size)
+        self.allocator = PrefixCache(blocks, kv_cfg.block_size, enabled=kv_cfg.prefix_cache)
         self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id,
                                          kv_cfg.allocation == "on_demand", kv_cfg.watermark)
         self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model here (recomputes too)
@@ -77,20 +77,20 @@ class BatchWorker(StepLoop):
 
     def reserve(
         self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...],
-        prompt_ids: list[int] | None = None,
+        prompt_ids: list[int] | None = None, cache_salt: str = "",
     ) -> ReserveResult:
         """1."""
         with self.lock:
-            return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids)
+            return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids, cache_salt)
 
     def adopt(
         self, request_id: str, prompt_ids: list[int], output_ids: list[int], sampling: SamplingParams,
-        eos_token_ids: tuple[int, ...],
+        eos_token_ids: tuple[int, ...], cache_salt: str = "",
     ) -> ReserveResult:
         """A request whose decode worker was lost goes on here: its KV is recomputed from its prompt
         and the tokens streamed so far (as after a preemption), then it decodes on."""
         with self.wake:
-            r = self.scheduler.adopt(request_id, prompt_ids, output_ids, sampling, eos_token_ids)
+            r = self.scheduler.adopt(request_id, prompt_ids, output_ids, sampling, eos_token_ids, cache_salt)
             self.nudge()
         return r
 
@@ -119,7 +119,10 @@ class BatchWorker(StepLoop):
                 s.tokens_generated, {"steps": self.steps, "attention": self.runner.attn.name,
                                      "graph_replays": 0 if self.runner.graphs is None else self.runner.graphs.replays,
                                      "preemptions": s.preemptions, "preempted": len(s.preempted),
-                                     "recomputed_tokens": self.recomputed_tokens},
+                                     "recomputed_tokens": self.recomputed_tokens,
+                                     "prefix_hit_tokens": self.allocator.hit_tokens,
+                                     "prefix_query_tokens": self.allocator.query_tokens,
+                                     "prefix_cached_blocks": self.allocator.num_cached},
             )
 
     def check_idle(self) -> bool:

@@ -3,11 +3,13 @@ of DecodeScheduler (scheduler.py), which owns the state it reads.
 
   1. schedule() finds no free block for a running request's next token: the newest request by
      arrival among the READY and RUNNING ones gives its blocks back → PREEMPTED (_preempt), its
-     output kept; no new reservation is taken while any waits
-  2. resume(): the oldest gets its blocks again when they fit (_fits) → RECOMPUTING
-  3. recompute_chunks() / on_recomputed(): the worker computes the KV of its prompt and output in
-     chunks beside its decode rows → READY, ahead of newer ones; it goes on where it stopped (same
-     positions, same seeded draws)
+     output kept; its KV stays cached until the room is taken; no new reservation is taken while
+     any waits
+  2. resume(): the oldest gets its blocks again when they fit (_fits) → RECOMPUTING; what is still
+     cached of its KV (engine/prefix_cache.py) is held again, not computed
+  3. recompute_chunks() / on_recomputed(): the worker computes the rest of the KV of its prompt and
+     output in chunks beside its decode rows → READY, ahead of newer ones; it goes on where it
+     stopped (same positions, same seeded draws)
 The same path serves a failed hand-off with transport.on_failure: recompute (recompute_write:
 WRITING → RECOMPUTING) and a request moved here from a lost decode worker (adopt: → PREEMPTED, with
 the tokens it has streamed).
@@ -18,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from decode_worker.request import DecodeRequest, DecodeStatus
-from engine.block_allocator import BlockAllocator
+from engine.prefix_cache import PrefixCache
 from engine.types import ReserveResult, SamplingParams
 
 
@@ -32,7 +34,7 @@ class Recompute:
 
 
 class Preemption:
-    allocator: BlockAllocator
+    allocator: PrefixCache
     on_demand: bool
     watermark_blocks: int
     requests: dict[str, DecodeRequest]
@@ -53,7 +55,7 @@ class Preemption:
     def _preempt(self, req: DecodeRequest) -> None:
         """Give its blocks back; it keeps its output and resumes (recomputed) when room returns."""
         assert req.prompt_ids is not None, "on_demand reservations carry their prompt ids"
-        self.allocator.free(req.request_id)
+        self._let_go(req, self._kv_tokens(req))
         req.block_table = []
         if req.request_id in self.running:
             self.running.remove(req.request_id)
@@ -68,7 +70,7 @@ class Preemption:
 
     def adopt(
         self, request_id: str, prompt_ids: list[int], output_ids: list[int], sampling: SamplingParams,
-        eos_token_ids: tuple[int, ...],
+        eos_token_ids: tuple[int, ...], cache_salt: str = "",
     ) -> ReserveResult:
         """A request moved here mid-stream (its decode worker was lost): it joins as if preempted
         here — its KV is recomputed from its prompt and the tokens it has streamed (the last one is
@@ -81,24 +83,26 @@ class Preemption:
         if (never := self._never_fits(len(prompt_ids), sampling)) is not None:
             return never
         req = DecodeRequest(request_id, len(prompt_ids), sampling, eos_token_ids, [], list(prompt_ids),
-                            output_ids=list(output_ids))
+                            output_ids=list(output_ids), cache_salt=cache_salt)
         self.requests[request_id] = req
         self._preempt_queue(req)
         return ReserveResult(True)
 
     def resume(self) -> list[DecodeRequest]:
-        """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit (_fits);
-        the requests resumed."""
+        """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit (_fits),
+        the cached head of its KV held again; the requests resumed."""
         resumed = []
         while self.preempted:
             req = self.requests[self.preempted[0]]
             if not self._fits(self.allocator.blocks_for(self._holds(req))):
                 break
-            alloc = self.allocator.allocate(req.request_id, self._holds(req))
-            assert alloc is not None
-            req.block_table = list(alloc.blocks)
+            assert req.prompt_ids is not None and req.cache_salt is not None  # only such ones are preempted or adopted
+            cached = self.allocator.allocate_prompt(req.request_id, req.recompute_ids(), req.cache_salt, self._holds(req))
+            if cached is None:  # its next block is being computed by another request: next step
+                break
+            req.block_table = list(self.allocator.table(req.request_id))
             self.preempted.pop(0)
-            self._start_recompute(req)
+            self._start_recompute(req, cached)
             resumed.append(req)
         return resumed
 
@@ -121,15 +125,33 @@ class Preemption:
             if req.status is not DecodeStatus.RECOMPUTING:  # cancelled meanwhile
                 continue
             req.recomputed = c.start + c.length
+            self.allocator.commit(req.request_id, req.recomputed, req.recompute_ids())
             if req.recomputed == req.num_tokens - 1:
                 self.recomputing.remove(req.request_id)
                 req.status = DecodeStatus.READY
                 self.ready.appendleft(req.request_id)
 
-    def _start_recompute(self, req: DecodeRequest) -> None:
+    def _start_recompute(self, req: DecodeRequest, cached: int = 0) -> None:
+        """cached: tokens of recompute_ids() whose KV is in its blocks already."""
         req.status = DecodeStatus.RECOMPUTING
-        req.recomputed = 0
+        req.recomputed = cached
         self._insert_by_arrival(self.recomputing, req)
+
+    @staticmethod
+    def _kv_tokens(req: DecodeRequest) -> int:
+        """Tokens (of prompt + output) whose KV is complete in its blocks right now, between steps."""
+        if req.status in (DecodeStatus.READY, DecodeStatus.RUNNING):
+            return req.num_tokens - 1  # the last one is fed next
+        if req.status is DecodeStatus.PREFILLING and req.output_ids:  # its first token ends it at once
+            return req.num_prompt_tokens
+        if req.status is DecodeStatus.RECOMPUTING:
+            return req.recomputed
+        return 0  # RESERVED, WRITING; PREFILLING: the worker commits each computed chunk itself
+
+    def _let_go(self, req: DecodeRequest, kv_tokens: int) -> None:
+        """Free its blocks, the whole ones of its first `kv_tokens` tokens cached for reuse."""
+        cacheable = kv_tokens > 0 and req.cache_salt is not None and req.prompt_ids is not None
+        self.allocator.release(req.request_id, kv_tokens if cacheable else 0, req.recompute_ids() if cacheable else None)
 
     def _insert_by_arrival(self, ids: list[str], req: DecodeRequest) -> None:
         i = len(ids)

@@ -33,6 +33,7 @@ class DecodeRequest:
     cancelled: bool = False  # cancelled while WRITING: ends (and frees its blocks) once the write does
     created: float = field(default_factory=time.monotonic)
     recomputed: int = 0  # RECOMPUTING: tokens of recompute_ids() whose KV is computed again so far
+    cache_salt: str | None = None  # its KV blocks are shared only under this salt; None: never shared
 
     def recompute_ids(self) -> list[int]:
         """The tokens whose KV it holds when it runs: the prompt and every output but the last (that

@@ -10,9 +10,11 @@ Lifecycle of a request on this worker (the router's id is the only key):
   5. on_tokens()    FINISHED   EOS / stop id / max_tokens; leaves the batch, blocks freed
   cancel() or expire() end it from any state and free its blocks at once, except WRITING: a
   cancelled request keeps its blocks until its write lands or fails (a freed block is never
-  written into), then write_ended() frees them.
+  written into), then write_ended() frees them. Blocks let go of whose KV is complete stay cached
+  for reuse (engine/prefix_cache.py: prompt and output, under the request's cache salt).
 In aggregated mode (decode_worker/aggregated.py) steps 2-3 are local: start_prefill() RESERVED →
-PREFILLING while this worker computes the prompt into the reserved blocks, on_prefilled() → READY.
+PREFILLING while this worker computes the prompt into the reserved blocks — after the longest cached
+prefix, which share_prefix() puts at the head of its table —, on_prefilled() → READY.
 Preemption, resume and recompute: decode_worker/preemption.py.
 """
 from __future__ import annotations
@@ -23,14 +25,14 @@ from collections import deque
 
 from decode_worker.preemption import Preemption
 from decode_worker.request import DecodeRequest, DecodeStatus
-from engine.block_allocator import BlockAllocator
 from engine.kv_handoff.types import KVDestination
+from engine.prefix_cache import PrefixCache
 from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, TokenLogprob
 
 
 class DecodeScheduler(Preemption):
     def __init__(
-        self, allocator: BlockAllocator, max_batch_size: int, reserve_timeout_s: float, worker_id: str = "decode",
+        self, allocator: PrefixCache, max_batch_size: int, reserve_timeout_s: float, worker_id: str = "decode",
         on_demand: bool = False, watermark: float = 0.0,
     ) -> None:
         """on_demand: hold a request's prompt blocks only and add blocks as it grows (preempting when
@@ -53,7 +55,7 @@ class DecodeScheduler(Preemption):
     # -- 1. reserve ---------------------------------------------------------------------------
     def reserve(
         self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...],
-        prompt_ids: list[int] | None = None,
+        prompt_ids: list[int] | None = None, cache_salt: str = "",
     ) -> ReserveResult:
         if request_id in self.requests:
             return ReserveResult(False, f"request_id {request_id!r} is already in use")
@@ -74,8 +76,11 @@ class DecodeScheduler(Preemption):
                 + f", {self.allocator.num_free} of {self.allocator.num_blocks} free",
             )
         self.requests[request_id] = DecodeRequest(
-            request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks), prompt_ids
+            request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks), prompt_ids,
+            cache_salt=None if prompt_ids is None else cache_salt,
         )
+        if prompt_ids is not None:
+            self.allocator.track(request_id, prompt_ids, cache_salt)
         return ReserveResult(True, dest=KVDestination(self.worker_id, alloc.blocks))
 
     # -- 2. write granted ---------------------------------------------------------------------
@@ -134,6 +139,18 @@ class DecodeScheduler(Preemption):
             return None
         req.status = DecodeStatus.PREFILLING
         return req
+
+    def share_prefix(self, request_id: str) -> int | None:
+        """PREFILLING, its prompt admitted to a step: the head of its table becomes the longest cached
+        prefix of its prompt. → prompt tokens whose KV is there already (computing starts after
+        them), or None: wait a step (another prompt is computing the block that comes next)."""
+        req = self.requests.get(request_id)
+        if req is None or req.cache_salt is None or req.prompt_ids is None:
+            return 0
+        cached = self.allocator.share_prefix(request_id, req.prompt_ids, req.cache_salt)
+        if cached:
+            req.block_table[: self.allocator.blocks_for(cached)] = self.allocator.table(request_id)[: self.allocator.blocks_for(cached)]
+        return cached
 
     def on_prefilled(self, request_id: str, first_token: int) -> DecodeRequest | None:
         """The prompt's KV is in the blocks and its first token sampled: queue it for the batch, or
@@ -211,20 +228,21 @@ class DecodeScheduler(Preemption):
         return events
 
     def fail(self, request_id: str, error: str) -> DecodeEvent | None:
+        """End it with an error; none of its KV is kept (its step may have failed half-way)."""
         req = self.requests.get(request_id)
         if req is None:
             return None
-        self._finish(req, FinishReason.ERROR)
+        self._finish(req, FinishReason.ERROR, keep_kv=False)
         return DecodeEvent(request_id, [], FinishReason.ERROR, error)
 
-    def _finish(self, req: DecodeRequest, reason: FinishReason) -> None:
+    def _finish(self, req: DecodeRequest, reason: FinishReason, keep_kv: bool = True) -> None:
+        self._let_go(req, self._kv_tokens(req) if keep_kv else 0)
         req.status = DecodeStatus.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)
         for queue in (self.running, self.ready, self.preempted, self.recomputing):
             if req.request_id in queue:
                 queue.remove(req.request_id)
-        self.allocator.free(req.request_id)
 
     # -- introspection ------------------------------------------------------------------------
     @property

@@ -58,6 +58,12 @@ class KVCacheConfig(Frozen):
         0.01, ge=0, lt=1, description="on_demand: a new request is admitted only if this fraction of the "
         "blocks stays free after its prompt's (room for the running requests to grow into)."
     )
+    prefix_cache: bool = Field(
+        True, description="Keep the KV blocks of finished and preempted requests (prompt and output) until "
+        "their room is needed, found by an exact prefix: an aggregated worker computes a prompt from after "
+        "its longest cached prefix, and a resumed or moved request recomputes only what was evicted. Shared "
+        "only between requests of the same cache_salt."
+    )
 
     @model_validator(mode="after")
     def _one_size(self) -> "KVCacheConfig":

@@ -1,164 +1,146 @@
-"""A prefill worker's scratch blocks, with the prompt KV of finished requests kept for reuse.
+"""A KV block allocator that keeps the KV of finished requests for reuse: automatic prefix caching.
 
-A prompt's KV over its first n full blocks depends only on those n × block_size tokens, so a prompt
-that starts like an earlier one (a system prompt, a few-shot preamble, a conversation so far) needs
-only its remaining tokens computed. Blocks are found by a digest of every token from the start of
-the prompt to the end of the block (sha256, chained block by block): equal digests mean equal
-prefixes, never merely similar ones.
+A sequence's KV over its first n full blocks depends only on those n × block_size tokens, so a prompt
+that starts like an earlier sequence (a system prompt, a few-shot preamble, a conversation so far, a
+preempted request's own prompt and output) needs only its remaining tokens computed. Blocks are found
+by a digest of every token from the start of the sequence to the end of the block (sha256, chained
+block by block, seeded by the request's cache salt): equal digests mean equal prefixes, never merely
+similar ones. The blocks' states (free, held, cached) are the BlockAllocator's (block_allocator.py).
 
-A block is, at any time, exactly one of:
-    free       holds nothing
-    held       in a running request's table (ref count > 0); cached ones may be in several tables
-    cached     held by no request, kept with its digest until its room is needed (LRU; a prompt's
-               later blocks are evicted before its earlier ones)
-  1. allocate(owner, tokens): the longest cached prefix of whole blocks (never the block holding
-     the last token: at least one token is computed, to sample from) is held again; fresh blocks
-     for the rest come from the free ones, then from evicting cached ones. Returns how many prompt
-     tokens are already there — or None, to wait: no room, or another prompt is computing this
-     one's next block right now (found cached a step later instead of computed twice)
-  2. the owner computes its other tokens into its fresh blocks only (a held block is never written);
-     commit(owner, computed) after each step makes its whole computed blocks findable at once
-  3. release(owner, computed): as commit, then the blocks are let go: findable ones cached (unless
-     the same prefix already is), the rest freed
+  1. allocate_prompt(owner, tokens) — prefill worker, resumed request: hold the longest cached
+     prefix of whole blocks (never the block of the last token: at least one token is computed, to
+     sample from), fresh blocks for the rest. share_prefix(owner, tokens) — an owner that holds fresh
+     blocks already (aggregated worker, at the prompt's admission): its first blocks become the
+     cached ones. Both return the tokens already there — or None, to wait: no room, or another
+     prompt is computing this one's next block right now (found cached a step later, not computed twice)
+  2. the owner computes its other tokens into its fresh blocks only (a shared block is never
+     written); commit(owner, computed) after each step makes its whole computed blocks findable
+  3. release(owner, computed): commit, then let go — findable blocks cached, the rest freed. An
+     owner's sequence may grow past its prompt (a decode worker's output): commit and release then
+     take the tokens whose KV is there
 Pure bookkeeping over ints; no tensors.
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.block_allocator import BlockAllocator
 
 
-def block_digests(tokens: Sequence[int], block_size: int, salt: str = "") -> list[bytes]:
+def block_digests(tokens: Sequence[int], block_size: int, salt: str = "", prev: list[bytes] | None = None) -> list[bytes]:
     """The chained digest of every full block of `tokens`: digest i covers tokens [0, (i+1) × block_size)
-    (and the salt: prompts with different salts share nothing)."""
-    out, prev = [], hashlib.sha256(salt.encode()).digest() if salt else b""
-    for i in range(len(tokens) // block_size):
-        prev = hashlib.sha256(prev + array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()).digest()
-        out.append(prev)
+    (and the salt: sequences with different salts share nothing). `prev`: the digests of its first
+    blocks, already known (extended, not recomputed)."""
+    out = list(prev or [])
+    last = out[-1] if out else hashlib.sha256(salt.encode()).digest() if salt else b""
+    for i in range(len(out), len(tokens) // block_size):
+        last = hashlib.sha256(last + array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()).digest()
+        out.append(last)
     return out
 
 
-class PrefixCache:
+@dataclass
+class _Sequence:
+    tokens: Sequence[int]  # what it was admitted with (commit may be given a longer sequence)
+    salt: str
+    digests: list[bytes] = field(default_factory=list)  # of its full blocks, as far as known
+
+
+class PrefixCache(BlockAllocator):
     def __init__(self, num_blocks: int, block_size: int, enabled: bool = True) -> None:
-        if num_blocks <= 0 or block_size <= 0:
-            raise ValueError("num_blocks and block_size must be positive")
-        self.num_blocks, self.block_size, self.enabled = num_blocks, block_size, enabled
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
-        self._refs: dict[int, int] = {}  # held blocks → how many tables hold them
-        self._cached: OrderedDict[int, None] = OrderedDict()  # cached blocks, least recently used first
-        self._block_of: dict[bytes, int] = {}  # digest → the block holding that prefix's last block
-        self._digest_of: dict[int, bytes] = {}
-        self._owned: dict[str, tuple[list[int], list[bytes]]] = {}  # owner → (table, its full blocks' digests)
+        super().__init__(num_blocks, block_size)
+        self.enabled = enabled
+        self._seqs: dict[str, _Sequence] = {}  # owners whose blocks may be registered
         self._computing: dict[bytes, str] = {}  # digest of a block being computed → its owner
         self.hit_tokens = 0  # prompt tokens found cached
         self.query_tokens = 0  # prompt tokens looked up
 
-    # -- queries ------------------------------------------------------------------------------
-    @property
-    def num_used(self) -> int:
-        """Blocks held by requests (cached blocks are room: they go when it is needed)."""
-        return len(self._refs)
-
-    @property
-    def num_cached(self) -> int:
-        return len(self._cached)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def table(self, owner: str) -> list[int]:
-        return self._owned[owner][0]
-
-    # -- changes ------------------------------------------------------------------------------
-    def allocate(self, owner: str, tokens: Sequence[int], salt: str = "") -> int | None:
-        """1. Hold blocks for all of `tokens`; → tokens whose KV is already there, or None to wait
-        (no room, or another prompt is computing the next block). Only blocks cached under the
-        same `salt` are reused."""
+    # -- 1. admission -------------------------------------------------------------------------
+    def allocate_prompt(self, owner: str, tokens: Sequence[int], salt: str = "", num_tokens: int = 0) -> int | None:
+        """Hold blocks for all of `tokens` (or `num_tokens`, if more), its longest cached prefix among
+        them; → tokens whose KV is already there, or None to wait (no room, or another owner is
+        computing the next block). Only blocks cached under the same `salt` are reused."""
         if owner in self._owned:
             raise KeyError(f"{owner} already holds blocks")
-        digests = block_digests(tokens, self.block_size, salt) if self.enabled else []
-        hit: list[int] = []
-        reusable = digests[: (len(tokens) - 1) // self.block_size]
-        for d in reusable:
-            b = self._block_of.get(d)
-            if b is None:
-                break
-            hit.append(b)
-        if len(hit) < len(reusable) and reusable[len(hit)] in self._computing:
-            return None  # its owner is computing it: wait for it rather than compute it again
-        need = self.blocks_for(len(tokens)) - len(hit)
-        if need > len(self._free) + len(self._cached) - sum(1 for b in hit if b in self._cached):
+        found = self._lookup(tokens, salt)
+        if found is None:
             return None
-        for b in hit:
-            self._cached.pop(b, None)
-            self._refs[b] = self._refs.get(b, 0) + 1
-        fresh = [self._take() for _ in range(need)]
-        self._owned[owner] = (hit + fresh, digests)
-        for d in digests[len(hit):]:
-            self._computing.setdefault(d, owner)
-        self.hit_tokens += len(hit) * self.block_size
+        digests, hit = found
+        if self.allocate(owner, max(len(tokens), num_tokens), hit) is None:
+            return None
+        return self._admitted(owner, tokens, salt, digests, len(hit))
+
+    def share_prefix(self, owner: str, tokens: Sequence[int], salt: str = "") -> int | None:
+        """The owner holds blocks for `tokens` already: its first ones become the longest cached
+        prefix (its fresh ones there are freed); → tokens whose KV is already there, or None to wait."""
+        found = self._lookup(tokens, salt)
+        if found is None:
+            return None
+        digests, hit = found
+        self.share_head(owner, hit)
+        return self._admitted(owner, tokens, salt, digests, len(hit))
+
+    def track(self, owner: str, tokens: Sequence[int], salt: str) -> None:
+        """An owner that holds fresh blocks (nothing looked up) whose KV may be registered later."""
+        if self.enabled:
+            self._seqs[owner] = _Sequence(tokens, salt)
+
+    def _lookup(self, tokens: Sequence[int], salt: str) -> tuple[list[bytes], list[int]] | None:
+        """(digests of the full blocks of `tokens`, the cached blocks of its reusable prefix), or None
+        when the block after that prefix is being computed by another owner right now."""
+        digests = block_digests(tokens, self.block_size, salt) if self.enabled else []
+        reusable = digests[: (len(tokens) - 1) // self.block_size]
+        hit = self.find(reusable)
+        if len(hit) < len(reusable) and reusable[len(hit)] in self._computing:
+            return None
+        return digests, hit
+
+    def _admitted(self, owner: str, tokens: Sequence[int], salt: str, digests: list[bytes], hits: int) -> int:
+        if self.enabled:
+            self._seqs[owner] = _Sequence(tokens, salt, digests)
+            for d in digests[hits:]:
+                self._computing.setdefault(d, owner)
+        self.hit_tokens += hits * self.block_size
         self.query_tokens += len(tokens)
-        return len(hit) * self.block_size
+        return hits * self.block_size
 
-    def commit(self, owner: str, computed: int) -> None:
-        """2. The owner's first `computed` prompt tokens have their KV: its whole blocks among them
-        are findable from now on (a block is registered once; the same prefix twice: the first).
-        Unknown owner: no-op."""
-        if owner not in self._owned:
+    # -- 2. computed ----------------------------------------------------------------------------
+    def commit(self, owner: str, computed: int, tokens: Sequence[int] | None = None) -> None:
+        """The owner's first `computed` tokens (of `tokens`, default those it was admitted with) have
+        their KV: its whole blocks among them are findable from now on. Untracked owner: no-op."""
+        seq = self._seqs.get(owner)
+        if seq is None:
             return
-        table, digests = self._owned[owner]
-        for i in range(min(computed // self.block_size, len(digests))):
-            b, d = table[i], digests[i]
+        tokens = seq.tokens if tokens is None else tokens
+        n = min(computed, len(tokens)) // self.block_size
+        if n > len(seq.digests):
+            seq.digests = block_digests(tokens[: n * self.block_size], self.block_size, seq.salt, seq.digests)
+        table = self._owned[owner]
+        for i in range(min(n, len(table))):
+            d = seq.digests[i]
             if self._computing.get(d) == owner:
                 del self._computing[d]
-            if b not in self._digest_of and d not in self._block_of:
-                self._block_of[d] = b
-                self._digest_of[b] = d
+            self.register(table[i], d)
 
-    def release(self, owner: str, computed: int = 0) -> int:
-        """3. commit(owner, computed), then the owner lets go of its blocks: findable ones are
-        cached, the rest freed. Unknown owner: no-op. → blocks it held."""
-        if owner not in self._owned:
-            return 0
-        self.commit(owner, computed)
-        table, digests = self._owned.pop(owner)
-        for d in digests:
-            if self._computing.get(d) == owner:
-                del self._computing[d]
-        for i in reversed(range(len(table))):  # later blocks first: they are evicted first
-            b = table[i]
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                del self._refs[b]
-                if b in self._digest_of:
-                    self._cached[b] = None
-                else:
-                    self._free.append(b)
-        return len(table)
+    # -- 3. let go ------------------------------------------------------------------------------
+    def release(self, owner: str, computed: int = 0, tokens: Sequence[int] | None = None) -> int:
+        """commit(owner, computed, tokens), then free(owner). → blocks it held."""
+        self.commit(owner, computed, tokens)
+        return self.free(owner)
 
-    def _take(self) -> int:
-        if self._free:
-            b = self._free.pop()
-        else:
-            b, _ = self._cached.popitem(last=False)  # least recently used
-            del self._block_of[self._digest_of.pop(b)]
-        self._refs[b] = 1
-        return b
+    def free(self, owner: str) -> int:
+        """Let go of the owner's blocks without registering more of them."""
+        seq = self._seqs.pop(owner, None)
+        if seq is not None:
+            for d in seq.digests:
+                if self._computing.get(d) == owner:
+                    del self._computing[d]
+        return super().free(owner)
 
     def check(self) -> None:
-        """Integrity: every block is exactly one of free, held, cached; digests map both ways."""
-        every = self._free + list(self._refs) + list(self._cached)
-        if len(every) != self.num_blocks or set(every) != set(range(self.num_blocks)):
-            raise AssertionError(f"prefix cache corrupt: {len(self._free)} free + {len(self._refs)} held + "
-                                 f"{len(self._cached)} cached != {self.num_blocks}")
-        held = Counter(b for table, _ in self._owned.values() for b in table)
-        if held != Counter(self._refs):
-            raise AssertionError("prefix cache corrupt: reference counts disagree with the tables")
-        if any(self._block_of.get(d) != b for b, d in self._digest_of.items()) or len(self._block_of) != len(self._digest_of):
-            raise AssertionError("prefix cache corrupt: digest maps disagree")
-        if any(b not in self._digest_of for b in self._cached):
-            raise AssertionError("prefix cache corrupt: a cached block without its digest")
-        if any(owner not in self._owned for owner in self._computing.values()):
-            raise AssertionError("prefix cache corrupt: a block being computed by an owner that left")
+        super().check()
+        if any(owner not in self._owned for owner in [*self._seqs, *self._computing.values()]):
+            raise AssertionError("prefix cache corrupt: a sequence of an owner that holds no blocks")

@@ -153,7 +153,7 @@ class PrefillWorker(StepLoop):
         prefix among them: computing starts after it. An id whose previous KV is still being handed
         off waits for it."""
         try:
-            cached = self.allocator.allocate(p.request.request_id, p.request.token_ids, p.request.cache_salt)
+            cached = self.allocator.allocate_prompt(p.request.request_id, p.request.token_ids, p.request.cache_salt)
         except KeyError:
             return False
         if cached is None:

@@ -60,7 +60,7 @@ class RequestMigration:
                     continue
                 self._placed[key] = i  # before asking: it may send tokens before its answer is read
                 call = asyncio.ensure_future(d.handle.adopt.remote(
-                    key, req.prompt_ids, out_ids, req.sampling, self.eos_token_ids))
+                    key, req.prompt_ids, out_ids, req.sampling, self.eos_token_ids, req.cache_salt))
                 try:
                     r = await self._wait(asyncio.shield(call), min(deadline, time.monotonic() + 10), "adopt")
                 except (DeadlineExceeded, WorkerFailure) as e:

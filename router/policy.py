@@ -3,7 +3,9 @@
 Pure over the router's own load counters, so it is testable without workers. Decode: fewest tokens
 reserved through this router (ties: fewest requests); prefill: least work for this prompt — prompt
 tokens queued there plus the prompt's own, less the prefix that worker holds when the router last
-sent it there (router/prefix_affinity.py; off when None).
+sent it there (router/prefix_affinity.py; off when None). Aggregated workers, which compute their
+prompts after the longest prefix they hold, are ordered the same way: decode_order(prompt) reserved
+tokens less the prefix held, placed() after one reserves.
 """
 from __future__ import annotations
 
@@ -25,9 +27,18 @@ class LeastLoadedPolicy:
         self.decode = [Load() for _ in range(num_decode)]
         self.affinity = affinity
 
-    def decode_order(self) -> list[int]:
-        """Decode workers to try, most room first (the first that reserves wins)."""
-        return sorted(range(len(self.decode)), key=lambda i: (self.decode[i].tokens, self.decode[i].requests, i))
+    def decode_order(self, prompt: Sequence[int] = (), salt: str = "") -> list[int]:
+        """Decode workers to try, most room first (the first that reserves wins); given the prompt
+        (aggregated workers), less the prefix of it a worker holds."""
+        digests = self.affinity.digests(prompt, salt) if self.affinity is not None and len(self.decode) > 1 else []
+        holder, reused = self.affinity.holder(digests) if digests and self.affinity is not None else (None, 0)
+        return sorted(range(len(self.decode)), key=lambda i: (
+            self.decode[i].tokens - (reused if i == holder else 0), self.decode[i].requests, i))
+
+    def placed(self, prompt: Sequence[int], salt: str, decode: int) -> None:
+        """An aggregated worker reserved for `prompt`: it will hold its prefix."""
+        if self.affinity is not None and len(self.decode) > 1:
+            self.affinity.record(self.affinity.digests(prompt, salt), decode)
 
     def pick_prefill(self, exclude: set[int] | frozenset[int] = frozenset(),
                      prompt: Sequence[int] = (), salt: str = "") -> tuple[int, int] | None:

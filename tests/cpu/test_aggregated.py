@@ -7,9 +7,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
+from typing import Any
 
 import pytest
 import ray
+import torch
 
 from decode_worker.aggregated import AggregatedWorker
 from decode_worker.config import AggregatedConfig
@@ -17,7 +19,7 @@ from engine.config import KVCacheConfig, ModelConfig
 from engine.tiny import tiny_tokenizer
 from engine.types import FinishReason, PrefillRequest, SamplingParams
 from protos.pdserve.v1 import generation_pb2 as pb
-from tests.cpu.harness import RunningServer, hf_greedy, prompts, tiny_config, wait_until
+from tests.cpu.harness import RunningServer, _tiny, hf_greedy, prompts, tiny_config, wait_until
 from tests.cpu.test_workers_inprocess import Events
 
 EOS = (2,)
@@ -31,17 +33,22 @@ class Worker:
         self.w.start()
         self.events = Events(self.w)
         self.tok = tiny_tokenizer()
+        self.cached: dict[str, int] = {}  # request id → prompt tokens found in the prefix cache
 
     def close(self) -> None:
         self.events.close()
         self.w.shutdown()
 
     def run(self, rid: str, prompt: str, max_tokens: int, ignore_eos: bool = False) -> list[int]:
-        ids = self.tok(prompt)["input_ids"]
+        return self.run_ids(rid, self.tok(prompt)["input_ids"], max_tokens, ignore_eos)
+
+    def run_ids(self, rid: str, ids: list[int], max_tokens: int, ignore_eos: bool = False, salt: str = "") -> list[int]:
+        """As the router: reserve with the prompt ids (its KV may be recomputed, cached, shared)."""
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
-        assert self.w.reserve(rid, len(ids), sp, EOS).ok
-        res = self.w.prefill(PrefillRequest(rid, ids, sp, EOS, 0), timeout_s=60)
+        assert self.w.reserve(rid, len(ids), sp, EOS, list(ids), salt).ok
+        res = self.w.prefill(PrefillRequest(rid, ids, sp, EOS, 0, cache_salt=salt), timeout_s=60)
         assert res.error is None, res.error
+        self.cached[rid] = res.cached_tokens
         if res.finished is not None:
             return [res.first_token]
         return [res.first_token] + [t for e in self.events.take(rid, 60) for t in e.token_ids]
@@ -70,6 +77,81 @@ def test_concurrent_requests_equal_solo(worker: Worker) -> None:
     assert wait_until(worker.w.check_idle, 5)
     s = worker.w.stats()
     assert s.role == "aggregated" and s.prompt_tokens_computed > 0 and s.kv_blocks_used == 0
+
+
+def hf_greedy_ids(ids: list[int], max_new_tokens: int) -> list[int]:
+    model, _ = _tiny()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                             eos_token_id=model.generation_config.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+SYSTEM = "You are a terse assistant. Answer in one line. Context: the river runs past the old mill. "  # 90 bytes
+
+
+def test_a_prompt_sharing_a_prefix_computes_only_the_rest_and_equals_hf(worker: Worker) -> None:
+    """kv_cache.prefix_cache: the second prompt's first 5 blocks (80 tokens) are the first's KV,
+    held again; it computes only its own tokens."""
+    w = worker.w
+    first, second = SYSTEM + "Where is the mill?", SYSTEM[:80] + "Who built the mill, and when?"
+    assert worker.run("pfx-a", first, 12) == hf_greedy(first, 12)
+    hits, computed = w.allocator.hit_tokens, w.prompt_tokens_computed
+    assert worker.run("pfx-b", second, 12) == hf_greedy(second, 12)
+    assert worker.cached["pfx-b"] == w.allocator.hit_tokens - hits == 80
+    assert w.prompt_tokens_computed - computed == len(worker.tok(second)["input_ids"]) - 80
+    assert wait_until(w.check_idle, 5) and w.allocator.num_cached > 0  # kept, but held by nobody
+    worker.events.by_id.clear()
+
+
+def test_a_burst_sharing_a_system_prompt_computes_it_once() -> None:
+    """Six prompts in one step's queue behind one 96-token system prompt: one computes it, the others
+    wait a step for its blocks instead of computing them too."""
+    w = Worker(AggregatedConfig(max_batch_tokens=1024, chunk_tokens=512))  # all six fit one step
+    system = ("A system prompt nobody has sent yet. " * 3)[:96] + "\n"  # 97 bytes: 6 whole blocks
+    ps = [system + q for q in ("Where is it?", "Who made it?", "How old is it?", "Is it open?",
+                               "Can I visit?", "Why a mill?")]
+    schedule, gathered = w.w._schedule, threading.Event()
+
+    def first_step_sees_them_all() -> Any:
+        if not gathered.is_set():
+            gathered.set()
+            wait_until(lambda: len(w.w.prompts.scheduler.waiting) == len(ps), 10)
+        return schedule()
+
+    w.w._schedule = first_step_sees_them_all  # type: ignore[method-assign]
+    try:
+        with cf.ThreadPoolExecutor(len(ps)) as ex:
+            got = list(ex.map(lambda ip: w.run(f"burst{ip[0]}", ip[1], 8), enumerate(ps)))
+        assert got == [hf_greedy(p, 8) for p in ps]
+        assert w.w.allocator.hit_tokens == 5 * 96
+        assert w.w.prompt_tokens_computed == sum(len(w.tok(p)["input_ids"]) for p in ps) - 5 * 96
+        assert wait_until(w.w.check_idle, 5)
+    finally:
+        w.close()
+
+
+def test_the_next_turn_reuses_the_kv_of_the_previous_answer(worker: Worker) -> None:
+    """Output blocks are cached too: a conversation's next prompt (prompt + answer + more) finds the
+    KV of all of it but the answer's last token (never fed), in whole blocks."""
+    ids1 = worker.tok(SYSTEM + "Tell me about the mill.")["input_ids"]
+    out1 = worker.run_ids("turn1", ids1, 30, ignore_eos=True)
+    ids2 = ids1 + out1 + worker.tok(" And then?")["input_ids"]
+    assert worker.run_ids("turn2", ids2, 10) == hf_greedy_ids(ids2, 10)
+    assert worker.cached["turn2"] == (len(ids1) + len(out1) - 1) // 16 * 16 > len(ids1) // 16 * 16
+    assert wait_until(worker.w.check_idle, 5)
+    worker.events.by_id.clear()
+
+
+def test_prompts_share_cached_kv_only_under_the_same_cache_salt(worker: Worker) -> None:
+    ids = worker.tok("Salted prompt " * 7)["input_ids"]  # 98 bytes: 6 whole blocks before its last token's
+    worker.run_ids("salt-a", ids, 4, salt="tenant-a")
+    worker.run_ids("salt-b", ids, 4, salt="tenant-b")
+    worker.run_ids("salt-none", ids, 4)
+    worker.run_ids("salt-a2", ids, 4, salt="tenant-a")
+    assert [worker.cached[k] for k in ("salt-a", "salt-b", "salt-none", "salt-a2")] == [0, 0, 0, 96]
+    assert wait_until(worker.w.check_idle, 5)
+    worker.events.by_id.clear()
 
 
 def test_cancel_while_queued_or_prefilling_frees_its_blocks(worker: Worker) -> None:
@@ -201,6 +283,22 @@ def test_cluster_aggregated_mode_serves_through_the_router() -> None:
         status = srv.status()
         assert [w.role for w in status] == ["aggregated", "aggregated"]
         assert all(w.prompt_tokens_computed > 0 and w.tokens_generated > 0 for w in status)
+        assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in srv.status()), 10)
+
+        # a prompt sharing a cached prefix goes to the worker that holds it (when as busy as the
+        # other: by load alone the tie goes to worker 0), which computes only the rest
+        busy = pb.GenerateRequest(prompt="keep busy", max_tokens=1000, ignore_eos=True)
+        busy0 = srv.stub.GenerateStream(busy, timeout=60)
+        next(busy0)  # on worker 0 (both idle)
+        system = "Shared instructions for every request of this test, long enough for five blocks. "  # 84 bytes
+        first = srv.generate(prompt=system + "First?", max_tokens=4)  # on worker 1, the idler
+        busy1 = srv.stub.GenerateStream(busy, timeout=60)
+        next(busy1)  # on worker 1: both as busy now
+        again = [srv.generate(prompt=system + f"Question {i}?", max_tokens=4) for i in range(3)]
+        busy0.cancel()
+        busy1.cancel()
+        assert first.usage.cached_tokens == 0 and [r.usage.cached_tokens for r in again] == [80] * 3
+        assert [list(r.token_ids) for r in again] == [hf_greedy(system + f"Question {i}?", 4) for i in range(3)]
         assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in srv.status()), 10)
 
         # a worker dies: its request moves to the other one and goes on there; new ones go there

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from decode_worker.request import DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
-from engine.block_allocator import BlockAllocator
+from engine.prefix_cache import PrefixCache
 from engine.types import FinishReason, SamplingParams
 
 EOS = 2
 
 
 def _sched(blocks: int = 32, batch: int = 4) -> DecodeScheduler:
-    return DecodeScheduler(BlockAllocator(blocks, 4), batch, reserve_timeout_s=10)
+    return DecodeScheduler(PrefixCache(blocks, 4), batch, reserve_timeout_s=10)
 
 
 def _arrive(s: DecodeScheduler, rid: str, first: int = 7, seq: int = 0) -> None:

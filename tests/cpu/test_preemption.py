@@ -15,7 +15,7 @@ from decode_worker.config import AggregatedConfig, DecodeConfig
 from decode_worker.request import DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
 from decode_worker.worker import DecodeWorker
-from engine.block_allocator import BlockAllocator
+from engine.prefix_cache import PrefixCache, block_digests
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
 from engine.kv_handoff import FakeHub
 from engine.tiny import tiny_tokenizer
@@ -28,8 +28,8 @@ from tests.cpu.test_workers_inprocess import EOS, Events, _idle, wire
 BS = 4  # tokens per block in the scheduler tests
 
 
-def _sched(blocks: int, batch: int = 8, watermark: float = 0.0) -> DecodeScheduler:
-    return DecodeScheduler(BlockAllocator(blocks, BS), batch, 10, on_demand=True, watermark=watermark)
+def _sched(blocks: int, batch: int = 8, watermark: float = 0.0, prefix_cache: bool = True) -> DecodeScheduler:
+    return DecodeScheduler(PrefixCache(blocks, BS, prefix_cache), batch, 10, on_demand=True, watermark=watermark)
 
 
 def _arrive(s: DecodeScheduler, rid: str, n_prompt: int, max_tokens: int, first: int = 7) -> None:
@@ -62,7 +62,7 @@ def test_on_demand_holds_the_prompt_and_grows_a_block_at_a_time() -> None:
         sizes.append(len(s.requests["a"].block_table))
     # step k feeds position 4 + k (the first token at 5): a block more when it reaches 8, then 12
     assert sizes == [2, 2, 2, 3, 3, 3, 3, 4, 4]
-    upfront = DecodeScheduler(BlockAllocator(32, BS), 8, 10)
+    upfront = DecodeScheduler(PrefixCache(32, BS), 8, 10)
     assert upfront.reserve("a", 5, SamplingParams(max_tokens=20), EOS, list(range(5))).dest.block_ids == tuple(range(7))
 
 
@@ -91,7 +91,7 @@ def test_the_newest_is_preempted_resumed_when_room_returns_and_goes_on_where_it_
 
 
 def test_recompute_covers_prompt_and_output_but_the_last_token_in_chunks() -> None:
-    s = _sched(10)
+    s = _sched(10, prefix_cache=False)  # (with it, what is still cached is not recomputed: below)
     _arrive(s, "a", 6, 30)
     _arrive(s, "b", 6, 30)
     while not s.preempted:
@@ -109,6 +109,34 @@ def test_recompute_covers_prompt_and_output_but_the_last_token_in_chunks() -> No
         s.on_recomputed(chunks)
     assert [st for st, _ in seen] == list(range(0, len(ids), 5)) and sum(n for _, n in seen) == len(ids)
     assert b.status is DecodeStatus.READY and s.ready[0] == b.request_id  # ahead of newer arrivals
+
+
+def test_a_resumed_request_holds_what_is_still_cached_of_its_kv_and_recomputes_the_rest() -> None:
+    """kv_cache.prefix_cache: a victim's whole blocks stay cached (its later ones evicted first as
+    the others grow); on resume it holds the surviving head again and recomputes after it."""
+    s = _sched(10)
+    _arrive(s, "a", 6, 30)
+    _arrive(s, "b", 6, 30)
+    while not s.preempted:
+        _step(s, tok=40 + len(s.running))
+    b = s.requests[s.preempted[0]]
+    kept = s.allocator.num_cached
+    assert kept > 0
+    _step(s)  # the other one runs on (it may take a cached block)
+    s.cancel("a" if b.request_id == "b" else "b")
+    ids = b.recompute_ids()
+    head = s.allocator.find(block_digests(ids, BS)[: (len(ids) - 1) // BS])  # not the block of its last token
+    assert head  # its first blocks survived
+    assert s.resume() == [b] and b.status is DecodeStatus.RECOMPUTING
+    assert b.recomputed == len(head) * BS and b.block_table[: len(head)] == head
+    chunks = s.recompute_chunks(10_000)
+    assert [(c.start, c.length) for c in chunks] == [(len(head) * BS, b.num_tokens - 1 - len(head) * BS)]
+    s.on_recomputed(chunks)
+    assert b.status is DecodeStatus.READY
+    while b.request_id in s.requests:
+        _step(s)
+    assert len(b.output_ids) == 30 and s.is_idle() and s.allocator.num_used == 0
+    s.allocator.check()
 
 
 def test_cancel_while_preempted_or_recomputing_leaves_nothing() -> None:
@@ -321,7 +349,7 @@ def test_an_adopted_request_is_recomputed_first_and_goes_on_from_its_tokens() ->
 
 
 def test_upfront_adoption_holds_prompt_and_max_tokens() -> None:
-    s = DecodeScheduler(BlockAllocator(16, BS), 8, 10)
+    s = DecodeScheduler(PrefixCache(16, BS), 8, 10)
     assert s.adopt("a", [1, 2, 3], [4], SamplingParams(max_tokens=13), EOS).ok
     s.resume()
     assert len(s.requests["a"].block_table) == 4  # (3 + 13) / 4

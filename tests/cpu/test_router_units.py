@@ -128,6 +128,20 @@ def test_a_prompt_goes_where_its_prefix_was_sent_unless_that_costs_more_than_it_
     assert p.pick_prefill(exclude={0}, prompt=system + [6]) == (1, 65)  # a dead holder is skipped
 
 
+def test_an_aggregated_prompt_goes_to_the_worker_holding_its_prefix_unless_it_is_much_busier() -> None:
+    p = LeastLoadedPolicy(num_prefill=2, num_decode=2, affinity=PrefixAffinity(block_size=16))
+    system = list(range(100, 164))  # 4 blocks
+    p.add(p.decode[0], 10)
+    assert p.decode_order(system + [1]) == [1, 0]  # nobody holds it: the idler one
+    p.placed(system + [1], "", 1)
+    p.add(p.decode[1], 50)
+    assert p.decode_order(system + [2]) == [1, 0]  # 50 - 64 < 10: its prefix is there
+    assert p.decode_order(system + [2], salt="other") == [0, 1]  # another salt shares nothing
+    assert p.decode_order() == [0, 1]  # no prompt (a moved request): room only
+    p.add(p.decode[1], 100)
+    assert p.decode_order(system + [2]) == [0, 1]  # 150 - 64 > 10
+
+
 def test_affinity_forgets_the_least_recently_used_prefixes() -> None:
     a = PrefixAffinity(block_size=2, capacity=4)
     a.record(a.digests([1, 2, 3, 4, 5]), 0)  # 2 digests

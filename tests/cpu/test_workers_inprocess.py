@@ -203,7 +203,7 @@ def test_a_prompt_waiting_for_scratch_blocks_waits_without_spinning_and_starts_o
     scratch blocks still being handed off), taking a core from the sender thread that frees them."""
     with running_pair("ipc") as (pw, dw, hub, events):
         with pw.lock:  # every scratch block held, as by hand-offs in flight
-            assert pw.allocator.allocate("hog", [0] * pw.allocator.num_blocks * pw.allocator.block_size) is not None
+            assert pw.allocator.allocate("hog", pw.allocator.num_blocks * pw.allocator.block_size) is not None
         calls = []
         real_next_step = pw.prompts.scheduler.next_step
 
