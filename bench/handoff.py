@@ -52,8 +52,8 @@ def run_backend(config: str | None, overrides: dict[str, Any], backend: str, tex
         srv.generate(prompt="warm up", max_tokens=2)
         srv.generate(prompt=text, max_tokens=2, ignore_eos=True)  # first long one: page faults, allocations
         rows = []
-        for _ in range(runs):
-            r = srv.generate(prompt=text, max_tokens=2, ignore_eos=True, timeout=300)
+        for i in range(runs):  # each its own cache_salt: the whole prompt is computed and handed off each time
+            r = srv.generate(prompt=text, max_tokens=2, ignore_eos=True, timeout=300, cache_salt=f"handoff-{i}")
             rows.append({"kv_transfer_ms": r.timings.kv_transfer_ms, "kv_bytes": r.timings.kv_transfer_bytes,
                          "prefill_ms": r.timings.prefill_ms, "ttft_ms": r.timings.ttft_ms,
                          "prompt_tokens": r.usage.prompt_tokens})

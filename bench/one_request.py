@@ -32,13 +32,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-repeat", type=int, default=1, help="repeat the prompt to lengthen it")
+    ap.add_argument("--reuse-prefix", action="store_true",
+                    help="let the runs share cached KV (default: each run its own cache_salt, a cold prompt)")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     stub = pbg.GenerationStub(grpc.insecure_channel(a.address))
     req = pb.GenerateRequest(prompt=" ".join([PROMPT] * a.prompt_repeat), max_tokens=a.max_tokens, ignore_eos=True)
     stub.Generate(pb.GenerateRequest(prompt="warm up", max_tokens=4), timeout=120)  # warm-up excluded
     rows = []
-    for _ in range(a.runs):
+    for i in range(a.runs):
+        req.cache_salt = "" if a.reuse_prefix else f"one-request-{i}"
         t0 = time.perf_counter()
         first = None
         n = 0

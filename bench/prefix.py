@@ -1,11 +1,12 @@
-"""TTFT of prompts that share a long prefix (a system prompt), with the prefill prefix cache on and off.
+"""TTFT of prompts that share a long prefix (a system prompt), with the prefix caches on and off.
 
     python bench/prefix.py --config deploy/local.yaml --output bench/results/prefix.json
 
-One cluster per setting (`prefill.prefix_cache` true / false, same run): every request is the same
-~1000-token system prompt (this repository's README, cut) + a question of its own, max_tokens 8,
-one at a time (TTFT without queueing), then --concurrency at once. Reports median client TTFT and
-the server's prefill time, and the prefill worker's prompt tokens computed.
+One cluster per setting (`prefill.prefix_cache` and `kv_cache.prefix_cache` both true / both false,
+same run): every request is the same ~1000-token system prompt (this repository's README, cut) + a
+question of its own, max_tokens 8, one at a time (TTFT without queueing), then --concurrency at
+once. Reports median client TTFT and the server's prefill time, the prompt tokens computed (prefill
+or aggregated workers) and the KV bytes handed off to decode workers.
 """
 from __future__ import annotations
 
@@ -43,19 +44,23 @@ def one(srv: BackgroundServer, prompt: str) -> dict[str, float]:
         last = msg
     assert first is not None and last is not None
     return {"ttft_ms": (first - t0) * 1000, "prefill_ms": last.timings.prefill_ms,
-            "prompt_tokens": last.usage.prompt_tokens}
+            "prompt_tokens": last.usage.prompt_tokens, "kv_bytes": last.timings.kv_transfer_bytes}
 
 
 def run(config: str, prefix_cache: bool, system: str, n: int, concurrency: int) -> dict[str, Any]:
     cfg = load_config(config, {"server": {"port": 0, "http_port": None},
-                               "prefill": {"prefix_cache": prefix_cache}})
+                               "prefill": {"prefix_cache": prefix_cache}, "kv_cache": {"prefix_cache": prefix_cache}})
+
+    def computed_so_far(srv: BackgroundServer) -> int:
+        return sum(w.prompt_tokens_computed for w in srv.status() if w.role in ("prefill", "aggregated"))
+
     with BackgroundServer(cfg) as srv:
         srv.generate(prompt="warm up", max_tokens=4)
-        computed0 = sum(w.prompt_tokens_computed for w in srv.status() if w.role == "prefill")
+        computed0 = computed_so_far(srv)
         solo = [one(srv, system + QUESTIONS[i]) for i in range(n)]
         with ThreadPoolExecutor(concurrency) as ex:
             crowd = list(ex.map(lambda q: one(srv, system + q), QUESTIONS[n:n + concurrency]))
-        computed = sum(w.prompt_tokens_computed for w in srv.status() if w.role == "prefill") - computed0
+        computed = computed_so_far(srv) - computed0
     return {
         "prefix_cache": prefix_cache,
         "prompt_tokens": solo[0]["prompt_tokens"],
@@ -66,6 +71,7 @@ def run(config: str, prefix_cache: bool, system: str, n: int, concurrency: int) 
         f"c{concurrency}_max_ttft_ms": max(r["ttft_ms"] for r in crowd),
         "prefill_tokens_computed": computed,
         "prompt_tokens_sent": sum(r["prompt_tokens"] for r in solo + crowd),
+        "kv_mb_handed_off": sum(r["kv_bytes"] for r in solo + crowd) / 1e6,
     }
 
 

@@ -42,10 +42,11 @@ class BatchWorker(StepLoop):
 
     def __init__(
         self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: DecodeConfig, node: str,
-        step_tokens: int, share_cache: bool,
+        step_tokens: int, share_cache: bool, share_on_reserve: bool = False,
     ) -> None:
         """step_tokens: the most tokens one forward here runs (sizes the memory profile);
-        share_cache: allocate the KV cache so prefill workers on this node can write into it."""
+        share_cache: allocate the KV cache so prefill workers on this node can write into it;
+        share_on_reserve: a reservation holds the blocks of its prompt's cached prefix (scheduler.py)."""
         super().__init__()
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
@@ -63,7 +64,7 @@ class BatchWorker(StepLoop):
             self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
         self.allocator = PrefixCache(blocks, kv_cfg.block_size, enabled=kv_cfg.prefix_cache)
         self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id,
-                                         kv_cfg.allocation == "on_demand", kv_cfg.watermark)
+                                         kv_cfg.allocation == "on_demand", kv_cfg.watermark, share_on_reserve)
         self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model here (recomputes too)
         self.recomputed_tokens = 0  # KV of preempted requests (and failed hand-offs) computed again here
         self._inbox: deque[str] = deque()  # request ids to cancel at the next step

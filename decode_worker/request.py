@@ -34,6 +34,7 @@ class DecodeRequest:
     created: float = field(default_factory=time.monotonic)
     recomputed: int = 0  # RECOMPUTING: tokens of recompute_ids() whose KV is computed again so far
     cache_salt: str | None = None  # its KV blocks are shared only under this salt; None: never shared
+    shared_tokens: int = 0  # of its prompt, the tokens whose KV it found cached here at reserve (never written)
 
     def recompute_ids(self) -> list[int]:
         """The tokens whose KV it holds when it runs: the prompt and every output but the last (that

@@ -33,16 +33,19 @@ from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParam
 class DecodeScheduler(Preemption):
     def __init__(
         self, allocator: PrefixCache, max_batch_size: int, reserve_timeout_s: float, worker_id: str = "decode",
-        on_demand: bool = False, watermark: float = 0.0,
+        on_demand: bool = False, watermark: float = 0.0, share_on_reserve: bool = False,
     ) -> None:
         """on_demand: hold a request's prompt blocks only and add blocks as it grows (preempting when
         the cache runs out); else hold prompt + max_tokens from the start. watermark: on_demand, the
-        fraction of all blocks a new reservation must leave free (room for running requests to grow)."""
+        fraction of all blocks a new reservation must leave free (room for running requests to grow).
+        share_on_reserve (a decode worker): a reservation holds the blocks of its prompt's longest
+        cached prefix (they are not written); else prompts share at their admission (share_prefix)."""
         self.worker_id = worker_id
         self.allocator = allocator
         self.max_batch_size = max_batch_size
         self.reserve_timeout_s = reserve_timeout_s
         self.on_demand = on_demand
+        self.share_on_reserve = share_on_reserve
         self.watermark_blocks = math.ceil(watermark * allocator.num_blocks) if on_demand else 0
         self.requests: dict[str, DecodeRequest] = {}
         self.ready: deque[str] = deque()
@@ -67,21 +70,31 @@ class DecodeScheduler(Preemption):
             return ReserveResult(False, f"KV cache full: {len(self.preempted)} preempted requests wait for room first")
         # on demand, a request whose KV can be recomputed (its prompt ids are known) grows; others hold it all
         need = num_prompt_tokens + (0 if self.on_demand and prompt_ids is not None else sampling.max_tokens)
-        alloc = self.allocator.allocate(request_id, need) if self._fits(self.allocator.blocks_for(need)) else None
-        if alloc is None:
+        shared = self._hold(request_id, need, prompt_ids, cache_salt) if self._fits(self.allocator.blocks_for(need)) else None
+        if shared is None:
             return ReserveResult(
                 False,
                 f"KV cache full: needs {self.allocator.blocks_for(need)} blocks"
                 + (f" (+{self.watermark_blocks} kept free to grow into)" if self.watermark_blocks else "")
                 + f", {self.allocator.num_free} of {self.allocator.num_blocks} free",
             )
-        self.requests[request_id] = DecodeRequest(
-            request_id, num_prompt_tokens, sampling, eos_token_ids, list(alloc.blocks), prompt_ids,
-            cache_salt=None if prompt_ids is None else cache_salt,
+        req = self.requests[request_id] = DecodeRequest(
+            request_id, num_prompt_tokens, sampling, eos_token_ids, list(self.allocator.table(request_id)), prompt_ids,
+            cache_salt=None if prompt_ids is None else cache_salt, shared_tokens=shared,
         )
-        if prompt_ids is not None:
+        return ReserveResult(True, dest=KVDestination(self.worker_id, tuple(req.block_table),
+                                                      shared // self.allocator.block_size))
+
+    def _hold(self, request_id: str, need: int, prompt_ids: list[int] | None, cache_salt: str) -> int | None:
+        """Blocks for `need` tokens (share_on_reserve: the prompt's longest cached prefix first); →
+        the prompt tokens whose KV they hold already, or None: no room."""
+        if prompt_ids is not None and self.share_on_reserve:
+            return self.allocator.allocate_prompt(request_id, prompt_ids, cache_salt, need, wait=False)
+        if self.allocator.allocate(request_id, need) is None:
+            return None
+        if prompt_ids is not None:  # its blocks may be cached once computed
             self.allocator.track(request_id, prompt_ids, cache_salt)
-        return ReserveResult(True, dest=KVDestination(self.worker_id, alloc.blocks))
+        return 0
 
     # -- 2. write granted ---------------------------------------------------------------------
     def start_write(self, request_id: str, num_tokens: int) -> DecodeRequest | None:
@@ -102,6 +115,7 @@ class DecodeScheduler(Preemption):
         req.output_ids.append(first_token)
         req.status = DecodeStatus.READY
         self.ready.append(request_id)
+        self.allocator.commit(request_id, req.num_prompt_tokens)  # its prompt's blocks may be shared from now on
         return req
 
     def recompute_write(self, request_id: str, first_token: int) -> DecodeRequest | None:
@@ -114,7 +128,7 @@ class DecodeScheduler(Preemption):
         if req.prompt_ids is None:
             return None
         req.output_ids.append(first_token)
-        self._start_recompute(req)
+        self._start_recompute(req, req.shared_tokens)  # the shared blocks hold their KV (and are never written)
         return req
 
     def write_failed(self, request_id: str, error: str) -> DecodeEvent | None:

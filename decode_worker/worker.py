@@ -2,7 +2,9 @@
 prefill workers. Runs as a Ray actor (cluster/).
 
 The hand-off's side of a request here (engine/kv_handoff, steps 1-6):
-  1. reserve()      the answer names the reserved blocks (batch_worker.py)
+  1. reserve()      the answer names the reserved blocks (batch_worker.py); the first of them may
+                    be this worker's cached KV of the prompt's prefix (kv_cache.prefix_cache), shared
+                    with other requests and not written
   2. begin_write()  a prefill worker asks to write the prompt's KV: granted if still reserved
   3. end_write() or the pair's receive: the KV has landed in those blocks (or the write failed)
   4. schedule, first thing each step: landed writes join the batch with their first token; failed
@@ -38,7 +40,8 @@ class DecodeWorker(BatchWorker):
         transport_cfg: TransportConfig, node: str = "local",
     ) -> None:
         super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=cfg.max_batch_size + cfg.max_recompute_tokens,
-                         share_cache=transport_cfg.backend in ("auto", "ipc"))  # prefill workers may write it
+                         share_cache=transport_cfg.backend in ("auto", "ipc"),  # prefill workers may write it
+                         share_on_reserve=True)
         self.cfg = cfg
         self.transport_cfg = transport_cfg
         self.receiver = HandoffReceiver(worker_id, self.runner.kv, kv_cfg.block_size, transport_cfg.timeout_s)
@@ -75,7 +78,7 @@ class DecodeWorker(BatchWorker):
             if req is None:
                 return WriteGrant(False, f"request {intent.request_id!r} holds no reservation on {self.worker_id} "
                                          "(cancelled, expired or already written)")
-            grant = self.receiver.begin(intent, tuple(req.block_table))
+            grant = self.receiver.begin(intent, tuple(req.block_table), req.shared_tokens // self.allocator.block_size)
             ev = None if grant.ok else self.scheduler.write_failed(intent.request_id, grant.reason)
         self._emit([ev])
         return grant

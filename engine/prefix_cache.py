@@ -59,19 +59,23 @@ class PrefixCache(BlockAllocator):
         self.query_tokens = 0  # prompt tokens looked up
 
     # -- 1. admission -------------------------------------------------------------------------
-    def allocate_prompt(self, owner: str, tokens: Sequence[int], salt: str = "", num_tokens: int = 0) -> int | None:
+    def allocate_prompt(
+        self, owner: str, tokens: Sequence[int], salt: str = "", num_tokens: int = 0, wait: bool = True,
+    ) -> int | None:
         """Hold blocks for all of `tokens` (or `num_tokens`, if more), its longest cached prefix among
         them; → tokens whose KV is already there, or None to wait (no room, or another owner is
-        computing the next block). Only blocks cached under the same `salt` are reused."""
+        computing the next block). Only blocks cached under the same `salt` are reused. wait=False
+        (a decode worker's reservation): never wait for a block being computed, and make nobody
+        wait for this owner's."""
         if owner in self._owned:
             raise KeyError(f"{owner} already holds blocks")
-        found = self._lookup(tokens, salt)
+        found = self._lookup(tokens, salt, wait)
         if found is None:
             return None
         digests, hit = found
         if self.allocate(owner, max(len(tokens), num_tokens), hit) is None:
             return None
-        return self._admitted(owner, tokens, salt, digests, len(hit))
+        return self._admitted(owner, tokens, salt, digests, len(hit), wait)
 
     def share_prefix(self, owner: str, tokens: Sequence[int], salt: str = "") -> int | None:
         """The owner holds blocks for `tokens` already: its first ones become the longest cached
@@ -88,20 +92,21 @@ class PrefixCache(BlockAllocator):
         if self.enabled:
             self._seqs[owner] = _Sequence(tokens, salt)
 
-    def _lookup(self, tokens: Sequence[int], salt: str) -> tuple[list[bytes], list[int]] | None:
+    def _lookup(self, tokens: Sequence[int], salt: str, wait: bool = True) -> tuple[list[bytes], list[int]] | None:
         """(digests of the full blocks of `tokens`, the cached blocks of its reusable prefix), or None
-        when the block after that prefix is being computed by another owner right now."""
+        (if `wait`) when the block after that prefix is being computed by another owner right now."""
         digests = block_digests(tokens, self.block_size, salt) if self.enabled else []
         reusable = digests[: (len(tokens) - 1) // self.block_size]
         hit = self.find(reusable)
-        if len(hit) < len(reusable) and reusable[len(hit)] in self._computing:
+        if wait and len(hit) < len(reusable) and reusable[len(hit)] in self._computing:
             return None
         return digests, hit
 
-    def _admitted(self, owner: str, tokens: Sequence[int], salt: str, digests: list[bytes], hits: int) -> int:
+    def _admitted(self, owner: str, tokens: Sequence[int], salt: str, digests: list[bytes], hits: int,
+                  mark: bool = True) -> int:
         if self.enabled:
             self._seqs[owner] = _Sequence(tokens, salt, digests)
-            for d in digests[hits:]:
+            for d in digests[hits:] if mark else ():
                 self._computing.setdefault(d, owner)
         self.hit_tokens += hits * self.block_size
         self.query_tokens += len(tokens)

@@ -199,7 +199,7 @@ class PrefillWorker(StepLoop):
             self._answer(req.request_id, result)
             return
 
-        nbytes = self.allocator.blocks_for(p.num_tokens) * self.sender.block_bytes
+        nbytes = (self.allocator.blocks_for(p.num_tokens) - req.dest.shared_blocks) * self.sender.block_bytes
 
         def granted(grant: WriteGrant) -> None:
             self._answer(req.request_id, dataclasses.replace(result, kv_bytes=nbytes) if grant.ok

@@ -2,8 +2,10 @@
 
 The decode worker owns the blocks; the prefill worker writes into exactly those blocks. One request:
 
-  1. reserve      router → decode: blocks for prompt + max_tokens are held; the answer names them
-                  (`KVDestination`: decode worker id + block ids). Request: RESERVED.
+  1. reserve      router → decode: blocks for the prompt are held; the answer names them
+                  (`KVDestination`: decode worker id + block ids). The first `shared_blocks` of
+                  them may hold the prompt's prefix already (the decode worker's prefix cache:
+                  engine/prefix_cache.py); those are shared and never written. Request: RESERVED.
   2. prefill      router → prefill, with that destination. The prompt is computed into the
                   prefill's scratch blocks and its first token sampled; the step loop hands a
                   `WriteJob` to the link's transfer thread and goes on (sender.py).
@@ -13,7 +15,8 @@ The decode worker owns the blocks; the prefill worker writes into exactly those 
                   pair posts its receive before it answers, so the sender never waits on a receive
                   that is not there (the NCCL deadlock of old). The router hears the first token
                   once the grant (or its refusal, as the request's error) is in.
-  4. write        ipc:  the prefill copies its blocks straight into the granted blocks of the
+  4. write        the blocks from `first_block` (= shared_blocks, checked at the grant) on only.
+                  ipc:  the prefill copies its blocks straight into the granted blocks of the
                         decode worker's cache (shared memory on CPU, CUDA IPC on GPU), opened once
                         at start-up. Nothing runs on the decode side.
                   nccl / gloo: the prefill sends the blocks on the pair's own communicator; the

@@ -103,8 +103,10 @@ class HandoffReceiver:
             old.channel.close()
 
     # -- steps 3 and 5, called by the prefill worker ------------------------------------------------
-    def begin(self, intent: WriteIntent, block_ids: tuple[int, ...]) -> WriteGrant:
-        """Grant the write: the request is WRITING from here until it lands, fails or times out."""
+    def begin(self, intent: WriteIntent, block_ids: tuple[int, ...], shared_blocks: int = 0) -> WriteGrant:
+        """Grant the write of the prompt's blocks after the first `shared_blocks` of `block_ids`
+        (those hold its prefix here already): the request is WRITING from here until it lands,
+        fails or times out."""
         with self._lock:
             backend = self.peers.get(intent.src_worker)
             if backend is None:
@@ -115,7 +117,10 @@ class HandoffReceiver:
             nb = -(-intent.num_tokens // self.block_size)
             if nb > len(block_ids):
                 return WriteGrant(False, f"{intent.num_tokens} tokens do not fit the {len(block_ids)} blocks reserved")
-            h = Handoff(intent, block_ids[:nb])
+            if intent.first_block != shared_blocks:  # a shared block is never written
+                return WriteGrant(False, f"the write starts at block {intent.first_block}, but the first "
+                                         f"{shared_blocks} blocks reserved hold the prefix already")
+            h = Handoff(intent, block_ids[shared_blocks:nb])
             self._writes[intent.request_id] = h
             pair = self._pairs.get(intent.src_worker)
             if pair is None:

@@ -100,7 +100,8 @@ class _Link:
         s = self.sender
         t0 = time.monotonic()
         epoch = self.channel.epoch if self.channel is not None else 0
-        intent = WriteIntent(job.request_id, s.worker_id, job.num_tokens, job.first_token, self.backend, epoch, time.time())
+        intent = WriteIntent(job.request_id, s.worker_id, job.num_tokens, job.first_token, self.backend, epoch,
+                             time.time(), job.dest.shared_blocks)
         # 3. ask to write: the decode worker moves the request RESERVED → WRITING (or says why not)
         try:
             grant = self.peer.begin_write(intent, s.timeout_s)
@@ -130,10 +131,10 @@ class _Link:
 
     def _write(self, job: WriteJob, grant: WriteGrant, t0: float) -> int:
         s = self.sender
-        nb = -(-job.num_tokens // s.block_size)
-        dst_blocks, src_blocks = list(job.dest.block_ids[:nb]), job.src_blocks[:nb]
-        if len(dst_blocks) < nb:
+        nb, first = -(-job.num_tokens // s.block_size), job.dest.shared_blocks  # the blocks before `first` are there
+        if len(job.dest.block_ids) < nb:
             raise TransferError(f"{len(job.dest.block_ids)} destination blocks for {job.num_tokens} tokens")
+        dst_blocks, src_blocks = list(job.dest.block_ids[first:nb]), job.src_blocks[first:nb]
         if self.backend is Backend.IPC:
             assert self.cache is not None
             # the decode worker frees a WRITING request's blocks timeout_s after granting: start well before
@@ -142,7 +143,7 @@ class _Link:
             copy_blocks(self.cache, dst_blocks, s.cache, src_blocks)
             if self.cache.is_cuda:
                 torch.cuda.current_stream().synchronize()  # landed means readable by the decode worker
-            return nb * s.block_bytes
+            return len(dst_blocks) * s.block_bytes
         assert self.channel is not None
         if self.channel.epoch != grant.epoch:  # first write after a failure: re-open the pair
             self.channel.open(grant.epoch, s.timeout_s)

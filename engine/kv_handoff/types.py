@@ -44,10 +44,13 @@ def choose_backend(setting: str, device: str, same_place: bool, cache_shared: bo
 
 @dataclass(frozen=True)
 class KVDestination:
-    """Step 1's answer: which decode worker reserved, and the blocks the prompt's KV must go to."""
+    """Step 1's answer: which decode worker reserved, and the blocks the prompt's KV must go to —
+    except the first `shared_blocks`, which hold this prompt's prefix there already (cached KV of
+    an earlier request, shared: never written)."""
 
     worker_id: str
     block_ids: tuple[int, ...]
+    shared_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class WriteIntent:
     backend: Backend
     epoch: int = 0  # the pair channel's generation (two-sided backends); bumped after a failure
     sent_at: float = 0.0  # time.time() on the prefill worker
+    first_block: int = 0  # the prompt's blocks from this one on are written (the destination's shared_blocks)
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,28 @@ def test_batch_is_capped_and_ready_requests_queue() -> None:
     assert [r.request_id for r in batch] == ["r2", "r3"]
     s.on_tokens(batch, [5, 5])
     _empty(s)
+
+
+def test_a_reservation_holds_the_cached_prefix_of_its_prompt_which_is_never_written_or_recomputed() -> None:
+    """share_on_reserve (a decode worker): the prompt's whole blocks are findable once its KV has
+    landed; a later reservation with the same prefix holds those blocks (the destination says how
+    many: the prefill writes after them) and a failed write recomputes after them too."""
+    s = DecodeScheduler(PrefixCache(32, 4), 8, reserve_timeout_s=10, on_demand=True, share_on_reserve=True)
+    sp = SamplingParams(max_tokens=8)
+    prompt = list(range(10, 23))  # 13 tokens: 3 whole blocks, a 4th with its last token
+    first = s.reserve("a", 13, sp, (2,), prompt)
+    assert first.dest is not None and first.dest.shared_blocks == 0
+    assert s.reserve("early", 13, sp, (2,), prompt).dest.shared_blocks == 0  # a's KV has not landed yet
+    s.start_write("a", 13)
+    s.on_kv_landed("a", 5)
+    second = s.reserve("b", 13, sp, (2,), prompt[:12] + [99])
+    assert second.dest is not None and second.dest.shared_blocks == 3
+    assert second.dest.block_ids[:3] == first.dest.block_ids[:3] and second.dest.block_ids[3] != first.dest.block_ids[3]
+    assert s.reserve("other", 13, sp, (2,), prompt, cache_salt="t2").dest.shared_blocks == 0  # another salt
+    s.start_write("b", 13)
+    b = s.recompute_write("b", 6)  # its write failed: computed here, after the shared blocks
+    assert b is not None and b.recomputed == 12 and [(c.start, c.length) for c in s.recompute_chunks(100)] == [(12, 1)]
+    for rid in ("a", "early", "b", "other"):
+        s.cancel(rid)
+    s.allocator.check()
+    assert s.is_idle() and s.allocator.num_used == 0

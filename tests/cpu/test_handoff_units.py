@@ -84,6 +84,20 @@ def _intent(rid: str, n: int = 8, backend: Backend = Backend.IPC) -> WriteIntent
     return WriteIntent(rid, "p0", n, 7, backend)
 
 
+def test_a_grant_never_covers_the_blocks_that_hold_the_prefix_already() -> None:
+    """The first shared_blocks of a destination are the decode worker's cached prefix, held by other
+    requests too: the write must start after them, and the receiver expects only the rest."""
+    rx = HandoffReceiver("d0", torch.zeros(1, 2, 8, 4, 1, 2), block_size=4, timeout_s=5)
+    rx.add_peer("p0", Backend.IPC)
+    refused = rx.begin(_intent("a", n=12), (5, 6, 1), shared_blocks=2)  # a writer that would start at 0
+    assert not refused.ok and "hold the prefix already" in refused.reason
+    shared = WriteIntent("b", "p0", 12, 7, Backend.IPC, first_block=2)
+    assert rx.begin(shared, (5, 6, 1), shared_blocks=2).ok
+    rx.end(WriteOutcome("b", "p0", True, nbytes=16))
+    landed, _ = rx.poll()
+    assert [h.block_ids for h in landed] == [(1,)]
+
+
 def test_receiver_states_and_timeout() -> None:
     rx = HandoffReceiver("d0", torch.zeros(1, 2, 8, 4, 1, 2), block_size=4, timeout_s=0.1)
     assert not rx.begin(_intent("a"), (0, 1)).ok  # unknown peer

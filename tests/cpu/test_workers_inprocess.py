@@ -163,10 +163,14 @@ def test_a_prompt_sharing_a_prefix_with_an_earlier_one_computes_only_the_rest_an
     sp = SamplingParams(max_tokens=12)
     assert _run(pair, "pfx-a", tok(first)["input_ids"], sp)[0] == hf_greedy(first, 12)
     hits, computed = pw.allocator.hit_tokens, pw.prompt_tokens_computed
+    received, shared = dw.receiver.bytes_received, dw.allocator.hit_tokens
     ids = tok(second)["input_ids"]
     assert _run(pair, "pfx-b", ids, sp)[0] == hf_greedy(second, 12)
     assert pw.allocator.hit_tokens - hits == 80
     assert pw.prompt_tokens_computed - computed == len(ids) - 80
+    # the decode worker kept the first prompt's blocks: the second holds them, only the rest is sent
+    assert dw.allocator.hit_tokens - shared == 80
+    assert dw.receiver.bytes_received - received == (-(-len(ids) // 16) - 5) * pw.sender.block_bytes
     assert _idle(dw, pw)
     pw.allocator.check()
 
