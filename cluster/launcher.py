@@ -260,15 +260,15 @@ class Cluster:
         cfg = self.cfg
         tok = load_tokenizer(cfg.model)
         eos = eos_token_ids(cfg.model, tok)
+        kept = PrefixAffinity(cfg.kv_cache.block_size) if cfg.kv_cache.prefix_cache else None  # decode side
         if cfg.mode == "aggregated":  # each worker prefills what it decodes
             workers = [WorkerRef(f"aggregated-{i}", d) for i, d in enumerate(self.decodes)]
-            affinity = PrefixAffinity(cfg.kv_cache.block_size) if cfg.kv_cache.prefix_cache else None
-            dispatcher = Dispatcher(workers, workers, eos, cfg.limits, colocated=True, affinity=affinity)
+            dispatcher = Dispatcher(workers, workers, eos, cfg.limits, colocated=True, decode_affinity=kept)
         else:
             prefills = [WorkerRef(f"prefill-{i}", p) for i, p in enumerate(self.prefills)]
             decodes = [WorkerRef(f"decode-{i}", d) for i, d in enumerate(self.decodes)]
             affinity = PrefixAffinity(cfg.kv_cache.block_size) if cfg.prefill.prefix_cache else None
-            dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits, affinity=affinity)
+            dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits, affinity=affinity, decode_affinity=kept)
         from cluster.supervisor import Supervisor
 
         name = cfg.server.served_model_name or os.path.basename(cfg.model.path.rstrip("/"))

@@ -1,8 +1,8 @@
 """Step 1 of a request's trip (router/dispatcher.py): KV room on a decode worker before any prefill work.
 
-  1. no request queues ahead: ask the decode workers, most room first (router/policy.py; aggregated
-     workers: the one holding the prompt's prefix counts it as room), to reserve; the first that
-     says yes holds it (its answer names the blocks the prefill writes into)
+  1. no request queues ahead: ask the decode workers, most room first (router/policy.py: the prefix
+     of the prompt a worker holds counts as room there), to reserve; the first that says yes holds
+     it (its answer names the blocks the prefill writes into)
   2. none has room, or others queue: wait in one FIFO queue (at most limits.max_queued_requests),
      woken when a request leaves a decode worker, or every 0.5 s (reservations expire on their own),
      until limits.queue_timeout_s or the request's deadline: then ResourceExhausted naming why
@@ -28,7 +28,6 @@ class KVAdmission:
     decodes: list[WorkerRef]
     dead: set[str]
     limits: LimitsConfig
-    colocated: bool
     eos_token_ids: tuple[int, ...]
     policy: LeastLoadedPolicy
     queued: int
@@ -87,8 +86,7 @@ class KVAdmission:
     ) -> tuple[tuple[int, KVDestination] | None, list[str]]:
         reasons = []
         live = [i for i, d in enumerate(self.decodes) if d.worker_id not in self.dead]
-        order = self.policy.decode_order(req.prompt_ids, req.cache_salt) if self.colocated else self.policy.decode_order()
-        for i in order:
+        for i in self.policy.decode_order(req.prompt_ids, req.cache_salt):
             d = self.decodes[i]
             if d.worker_id in self.dead:
                 reasons.append(f"decode worker {d.worker_id}: worker is gone")
@@ -116,8 +114,7 @@ class KVAdmission:
                 self._undo_late_reserve(call, i, req.key)
                 raise
             if r.ok:
-                if self.colocated:  # it computes the prompt: its prefix will be there
-                    self.policy.placed(req.prompt_ids, req.cache_salt, i)
+                self.policy.placed(req.prompt_ids, req.cache_salt, i)  # its prefix will be there
                 return (i, r.dest), []
             self.policy.remove(load, kv_tokens)
             reasons.append(f"decode worker {d.worker_id}: {r.reason}")

@@ -60,16 +60,17 @@ class TokenChunk:
 class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
-        colocated: bool = False, affinity: PrefixAffinity | None = None,
+        colocated: bool = False, affinity: PrefixAffinity | None = None, decode_affinity: PrefixAffinity | None = None,
     ) -> None:
-        """affinity: send a prompt where its prefix was sent before (prefill workers' prefix caches)."""
+        """affinity: send a prompt where its prefix was sent before (prefill workers' prefix caches);
+        decode_affinity: the same for decode (or aggregated) workers' reservations."""
         if colocated and len(prefills) != len(decodes):
             raise ValueError("colocated workers: prefills[i] must be decodes[i]")
         self.prefills, self.decodes = prefills, decodes
         self.colocated = colocated
         self.eos_token_ids = eos_token_ids
         self.limits = limits
-        self.policy = LeastLoadedPolicy(len(prefills), len(decodes), affinity)
+        self.policy = LeastLoadedPolicy(len(prefills), len(decodes), affinity, decode_affinity)
         self.streams: dict[str, EventInbox] = {}  # request key → its decode events
         self.in_flight = 0
         self.queued = 0

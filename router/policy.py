@@ -3,9 +3,10 @@
 Pure over the router's own load counters, so it is testable without workers. Decode: fewest tokens
 reserved through this router (ties: fewest requests); prefill: least work for this prompt — prompt
 tokens queued there plus the prompt's own, less the prefix that worker holds when the router last
-sent it there (router/prefix_affinity.py; off when None). Aggregated workers, which compute their
-prompts after the longest prefix they hold, are ordered the same way: decode_order(prompt) reserved
-tokens less the prefix held, placed() after one reserves.
+sent it there (router/prefix_affinity.py; off when None). Decode workers holding a prompt's prefix
+share those blocks (and are handed off only the rest); aggregated ones compute only the rest: given
+the prompt, decode_order() counts reserved tokens less the prefix a worker holds (decode_affinity,
+its own record: placed() after one reserves).
 """
 from __future__ import annotations
 
@@ -22,23 +23,27 @@ class Load:
 
 
 class LeastLoadedPolicy:
-    def __init__(self, num_prefill: int, num_decode: int, affinity: PrefixAffinity | None = None) -> None:
+    def __init__(
+        self, num_prefill: int, num_decode: int, affinity: PrefixAffinity | None = None,
+        decode_affinity: PrefixAffinity | None = None,
+    ) -> None:
         self.prefill = [Load() for _ in range(num_prefill)]
         self.decode = [Load() for _ in range(num_decode)]
-        self.affinity = affinity
+        self.affinity, self.decode_affinity = affinity, decode_affinity
 
     def decode_order(self, prompt: Sequence[int] = (), salt: str = "") -> list[int]:
-        """Decode workers to try, most room first (the first that reserves wins); given the prompt
-        (aggregated workers), less the prefix of it a worker holds."""
-        digests = self.affinity.digests(prompt, salt) if self.affinity is not None and len(self.decode) > 1 else []
-        holder, reused = self.affinity.holder(digests) if digests and self.affinity is not None else (None, 0)
+        """Decode workers to try, most room first (the first that reserves wins); given the prompt,
+        less the prefix of it a worker holds."""
+        aff = self.decode_affinity
+        digests = aff.digests(prompt, salt) if aff is not None and len(self.decode) > 1 else []
+        holder, reused = aff.holder(digests) if digests and aff is not None else (None, 0)
         return sorted(range(len(self.decode)), key=lambda i: (
             self.decode[i].tokens - (reused if i == holder else 0), self.decode[i].requests, i))
 
     def placed(self, prompt: Sequence[int], salt: str, decode: int) -> None:
-        """An aggregated worker reserved for `prompt`: it will hold its prefix."""
-        if self.affinity is not None and len(self.decode) > 1:
-            self.affinity.record(self.affinity.digests(prompt, salt), decode)
+        """Decode worker `decode` reserved for `prompt`: it will hold its prefix."""
+        if self.decode_affinity is not None and len(self.decode) > 1:
+            self.decode_affinity.record(self.decode_affinity.digests(prompt, salt), decode)
 
     def pick_prefill(self, exclude: set[int] | frozenset[int] = frozenset(),
                      prompt: Sequence[int] = (), salt: str = "") -> tuple[int, int] | None:

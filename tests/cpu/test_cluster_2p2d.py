@@ -83,6 +83,27 @@ def _try(server: RunningServer, p: str):  # type: ignore[no-untyped-def]
         return e
 
 
+def test_a_prompt_goes_to_the_decode_worker_holding_its_prefix_and_only_the_rest_is_handed_off(
+    server: RunningServer,
+) -> None:
+    """kv_cache.prefix_cache: decode-1 keeps the first prompt's blocks; with both decode workers as
+    busy (by load alone the tie goes to decode-0), the next prompt sharing that prefix goes to
+    decode-1, holds those blocks and is handed off only its last one."""
+    busy = pb.GenerateRequest(prompt="keep busy", max_tokens=1000, ignore_eos=True)
+    busy0 = server.stub.GenerateStream(busy, timeout=60)
+    next(busy0)  # on decode-0 (both idle)
+    system = "Shared instructions for every request of this test, long enough for five blocks. "  # 84 bytes
+    first = server.generate(prompt=system + "First?", max_tokens=4)  # on decode-1, the idler: 6 blocks sent
+    busy1 = server.stub.GenerateStream(busy, timeout=60)
+    next(busy1)  # on decode-1: both as busy now
+    again = server.generate(prompt=system + "Again?", max_tokens=4)
+    busy0.cancel()
+    busy1.cancel()
+    assert list(again.token_ids) == hf_greedy(system + "Again?", 4)
+    assert first.timings.kv_transfer_bytes == 6 * again.timings.kv_transfer_bytes > 0
+    assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in server.status()), 10)
+
+
 def test_a_dead_prefill_worker_costs_no_request_and_is_skipped(server: RunningServer) -> None:
     # kills prefill-1 for good; the dead decode test after it needs only prefill-0
     ray.kill(server.cluster.prefills[1], no_restart=True)

@@ -128,8 +128,9 @@ def test_a_prompt_goes_where_its_prefix_was_sent_unless_that_costs_more_than_it_
     assert p.pick_prefill(exclude={0}, prompt=system + [6]) == (1, 65)  # a dead holder is skipped
 
 
-def test_an_aggregated_prompt_goes_to_the_worker_holding_its_prefix_unless_it_is_much_busier() -> None:
-    p = LeastLoadedPolicy(num_prefill=2, num_decode=2, affinity=PrefixAffinity(block_size=16))
+def test_a_reservation_goes_to_the_worker_holding_the_prefix_unless_it_is_much_busier() -> None:
+    """Decode and aggregated workers alike (decode_affinity: its own record, not the prefill side's)."""
+    p = LeastLoadedPolicy(num_prefill=2, num_decode=2, decode_affinity=PrefixAffinity(block_size=16))
     system = list(range(100, 164))  # 4 blocks
     p.add(p.decode[0], 10)
     assert p.decode_order(system + [1]) == [1, 0]  # nobody holds it: the idler one
@@ -140,6 +141,17 @@ def test_an_aggregated_prompt_goes_to_the_worker_holding_its_prefix_unless_it_is
     assert p.decode_order() == [0, 1]  # no prompt (a moved request): room only
     p.add(p.decode[1], 100)
     assert p.decode_order(system + [2]) == [0, 1]  # 150 - 64 > 10
+    assert p.pick_prefill(prompt=system + [2]) == (0, 65)  # the prefill side has no record of it
+
+
+def test_prefill_and_decode_affinity_are_kept_apart() -> None:
+    p = LeastLoadedPolicy(num_prefill=2, num_decode=2, affinity=PrefixAffinity(16), decode_affinity=PrefixAffinity(16))
+    system = list(range(100, 164))
+    assert p.pick_prefill(prompt=system + [1]) == (0, 65)
+    p.placed(system + [1], "", 1)
+    p.add(p.prefill[0], 30)
+    p.add(p.decode[1], 30)
+    assert p.pick_prefill(prompt=system + [2]) == (0, 1) and p.decode_order(system + [2]) == [1, 0]
 
 
 def test_affinity_forgets_the_least_recently_used_prefixes() -> None:
