@@ -58,6 +58,11 @@ class BlockAllocator:
     def table(self, owner: str) -> list[int]:
         return self._owned[owner]
 
+    def writable(self, block: int) -> bool:
+        """May its owner write into `block`? Only if it alone holds it and it is not registered (a
+        shared or findable block's KV is final)."""
+        return self._refs.get(block) == 1 and block not in self._digest_of
+
     def find(self, digests: Sequence[bytes]) -> list[int]:
         """The registered blocks of the longest run of `digests` from the first (held or cached)."""
         hit: list[int] = []

@@ -44,8 +44,11 @@ def _step(s: DecodeScheduler, tok: int = 5) -> list[str]:
     s.resume()
     chunks = s.recompute_chunks(10_000)
     batch = s.schedule()
-    for r in batch:  # the invariant the model runner relies on: a slot for the token it feeds
-        assert len(r.block_table) * BS >= r.num_tokens, r.request_id
+    for r in batch:  # the invariants the model runner relies on: a slot for the token it feeds, in a block
+        assert len(r.block_table) * BS >= r.num_tokens, r.request_id  # nobody else reads or finds
+        assert s.allocator.writable(r.block_table[(r.num_tokens - 1) // BS]), r.request_id
+    for c in chunks:  # a recompute writes only blocks of its own
+        assert all(s.allocator.writable(c.request.block_table[p // BS]) for p in range(c.start, c.start + c.length))
     s.on_tokens(batch, [tok] * len(batch))
     s.on_recomputed(chunks)
     s.allocator.check()
@@ -179,9 +182,13 @@ def test_a_request_without_prompt_ids_holds_all_it_may_need_and_is_never_preempt
     assert s.allocator.num_used == 0
 
 
-def test_random_traffic_every_request_ends_with_all_its_tokens_and_no_block_leaks() -> None:
+@pytest.mark.parametrize("share_on_reserve", [False, True])
+def test_random_traffic_every_request_ends_with_all_its_tokens_and_no_block_leaks(share_on_reserve: bool) -> None:
+    """Prompts cut from three stems share prefixes: cached blocks are shared at resume (and, as on a
+    decode worker, at reservation); every step checks that no row writes a shared or findable block."""
     rng = random.Random(3)
-    s = _sched(40, batch=6, watermark=0.05)
+    s = DecodeScheduler(PrefixCache(40, BS), 6, 10, on_demand=True, watermark=0.05, share_on_reserve=share_on_reserve)
+    stems = [[3] * 30, list(range(40, 70)), [5, 6] * 15]
     lengths: dict[str, int] = {}
     cancelled: set[str] = set()
     finished: dict[str, int] = {}
@@ -190,7 +197,10 @@ def test_random_traffic_every_request_ends_with_all_its_tokens_and_no_block_leak
         if n < 60 and rng.random() < 0.3:
             rid, p, m = f"r{n}", rng.randint(1, 30), rng.randint(2, 40)  # 1: ends with the prefill
             sp = SamplingParams(max_tokens=m, ignore_eos=True)
-            if s.reserve(rid, p, sp, EOS, [3] * p).ok:
+            r = s.reserve(rid, p, sp, EOS, rng.choice(stems)[:p])
+            if r.ok:
+                assert r.dest is not None  # the prefill writes the blocks after the shared ones: its own
+                assert all(s.allocator.writable(b) for b in r.dest.block_ids[r.dest.shared_blocks:-(-p // BS)])
                 lengths[rid] = m
                 n += 1
                 assert s.start_write(rid, p) and s.on_kv_landed(rid, 7)
@@ -207,6 +217,7 @@ def test_random_traffic_every_request_ends_with_all_its_tokens_and_no_block_leak
             break
     assert n == 60 and not s.requests, (n, len(s.requests))
     assert s.preemptions > 0  # the cache was too small for all of them at once
+    assert s.allocator.hit_tokens > 0  # and cached blocks were shared
     assert finished == {rid: m for rid, m in lengths.items() if rid not in cancelled}
     assert s.is_idle() and s.allocator.num_used == 0
 
