@@ -45,14 +45,17 @@ class RouterMetrics:
         self.w_running = Gauge("pdserve_worker_running_requests", "Requests running on a worker", labels, registry=r)
         self.w_waiting = Gauge("pdserve_worker_waiting_requests", "Requests waiting on a worker", labels, registry=r)
         self.w_kv_used = Gauge("pdserve_worker_kv_blocks_used", "KV blocks in use", labels, registry=r)
-        self.w_kv_free = Gauge("pdserve_worker_kv_blocks_free", "KV blocks free", labels, registry=r)
+        self.w_kv_free = Gauge("pdserve_worker_kv_blocks_free", "KV blocks free (cached ones included)", labels, registry=r)
+        self.w_kv_cached = Gauge("pdserve_worker_kv_blocks_cached", "Free KV blocks that keep earlier requests' KV "
+                                 "for reuse (prefix cache; evicted when their room is needed)", labels, registry=r)
         self.w_prompt = Gauge("pdserve_worker_prompt_tokens_computed", "Prompt tokens run through the model",
                               labels, registry=r)
         self.w_generated = Gauge("pdserve_worker_tokens_generated", "Tokens sampled", labels, registry=r)
         self.w_prefix_hits = Gauge("pdserve_worker_prefix_cache_hit_tokens",
-                                   "Prompt tokens whose KV a prefill worker found cached (not computed)", labels, registry=r)
+                                   "Prompt tokens whose KV a worker found in its prefix cache (not computed, "
+                                   "not handed off, not recomputed)", labels, registry=r)
         self.w_prefix_queries = Gauge("pdserve_worker_prefix_cache_query_tokens",
-                                      "Prompt tokens a prefill worker looked up in its prefix cache", labels, registry=r)
+                                      "Prompt tokens a worker looked up in its prefix cache", labels, registry=r)
         self.w_preemptions = Gauge("pdserve_worker_preemptions", "Requests whose KV a decode worker took back "
                                    "when its cache was full (recomputed when room returned)", labels, registry=r)
         self.w_recomputed = Gauge("pdserve_worker_recomputed_tokens", "Tokens whose KV a decode worker computed "
@@ -106,6 +109,7 @@ class RouterMetrics:
             if "prefix_hit_tokens" in s.extra:
                 self.w_prefix_hits.labels(*lab).set(s.extra["prefix_hit_tokens"])
                 self.w_prefix_queries.labels(*lab).set(s.extra["prefix_query_tokens"])
+                self.w_kv_cached.labels(*lab).set(s.extra["prefix_cached_blocks"])
             if "preemptions" in s.extra:
                 self.w_preemptions.labels(*lab).set(s.extra["preemptions"])
                 self.w_recomputed.labels(*lab).set(s.extra["recomputed_tokens"])

@@ -366,6 +366,10 @@ def test_metrics_endpoint_counts_requests(server: RunningServer) -> None:
     # the 2nd and 3rd found the 1st's 3 whole blocks (the one with the last token is always computed)
     assert wait_until(lambda: _scrape(server).get(hits, 0) - before.get(hits, 0) == 2 * 48, timeout=10)
     assert _scrape(server)[queried] - before.get(queried, 0) == 3 * 52
+    # ...and so did their reservations on the decode worker (those blocks were not handed off again)
+    d_hits = 'pdserve_worker_prefix_cache_hit_tokens{role="decode",worker="decode-0"}'
+    assert _scrape(server)[d_hits] - before.get(d_hits, 0) == 2 * 48
+    assert _scrape(server)['pdserve_worker_kv_blocks_cached{role="decode",worker="decode-0"}'] >= 3
 
 
 def test_a_cache_salt_keeps_tenants_prefixes_apart(server: RunningServer) -> None:
