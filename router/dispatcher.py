@@ -17,7 +17,8 @@
      its KV from the prompt and the tokens streamed so far and goes on, at most
      limits.max_migrations times (router/migration.py)
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
-goes to the worker that reserved. Workers are Ray actor handles (`handle.method.remote(...)`
+goes to the worker that reserved; a worker lost before the first token starts the request again
+from 1 on another one (the same one once restarted), counted as a migration. Workers are Ray actor handles (`handle.method.remote(...)`
 returns an awaitable); tests may pass anything with the same shape.
 """
 from __future__ import annotations
@@ -137,8 +138,8 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
         d_idx: int | None = None
         p_used: int | None = None
         finished = False
-        moves = 0  # hand-offs the decode side failed (its worker lost): reserved and prefilled again
-        failed_on: set[int] = set()  # decode workers that failed this request's hand-off
+        moves = 0  # prefills whose reservation was lost (hand-off failed on decode, aggregated worker gone): again
+        failed_on: set[int] = set()  # decode (or aggregated) workers that lost this request's reservation
         try:
             while True:
                 d_idx, dest = await self._reserve(req, deadline, failed_on)  # counted in the policy from here on
@@ -152,15 +153,20 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                         res = await self._prefill(p_idx, preq, work, deadline)
                         break
                     except WorkerFailure as e:
+                        if self.colocated and _actor_gone(e):  # its reservation went with it: start again
+                            res = PrefillResult.failed(key, f"aggregated worker {self.decodes[d_idx].worker_id} "
+                                                            f"is gone: {e}", handoff=True)
+                            break
                         if attempt == 2 or self.colocated or not _actor_gone(e) or not self.serving:
                             raise
                         log.warning("prefill of %s failed (%s); retrying on another prefill worker", key, e)
                 if res.error is None or not res.handoff_failed or moves >= self.limits.max_migrations:
                     break
-                # the decode side failed the hand-off (its worker lost, its reservation gone): the
-                # request starts again on a decode worker with room (the prompt's KV is mostly in
-                # the prefill worker's prefix cache now); the old reservation is let go
-                log.warning("hand-off of %s to decode worker %s failed (%s); reserving again", key,
+                # the decode side failed the hand-off (its worker lost, its reservation gone; or the
+                # aggregated worker computing the prompt was lost): the request starts again on a
+                # worker with room (the prompt's KV is mostly in the prefill worker's prefix cache
+                # now); the old reservation is let go
+                log.warning("prefill of %s for decode worker %s failed (%s); reserving again", key,
                             self.decodes[d_idx].worker_id, res.error)
                 moves += 1
                 failed_on.add(d_idx)

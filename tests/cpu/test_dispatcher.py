@@ -429,6 +429,47 @@ def test_a_hand_off_the_decode_side_failed_is_reserved_and_prefilled_again_elsew
     asyncio.run(main())
 
 
+class FakeAggregated(FakeDecode):
+    """Reserves, computes the prompt (prefill) and decodes: one worker."""
+
+    def __init__(self, room: int, dies_in_prefill: bool = False) -> None:
+        super().__init__(room)
+        self.dies_in_prefill, self.prefilled = dies_in_prefill, []
+        self.prefill = _Method(self._prefill)
+
+    async def _prefill(self, req: Any, timeout: float) -> PrefillResult:
+        if self.dies_in_prefill:
+            raise ActorDiedError("The actor died unexpectedly")
+        self.prefilled.append(req.request_id)
+        return PrefillResult(req.request_id, 5, None, 0.0, 1.0, 0)
+
+
+def test_an_aggregated_worker_lost_while_computing_the_prompt_costs_no_request() -> None:
+    """mode: aggregated — the worker that reserved dies before the first token: the request starts
+    again on the other worker (once per limits.max_migrations; 0: the old UNAVAILABLE)."""
+    async def main() -> None:
+        for max_migrations in (1, 0):
+            lost, other = FakeAggregated(room=4, dies_in_prefill=True), FakeAggregated(room=4)
+            workers = [WorkerRef("aggregated-0", lost), WorkerRef("aggregated-1", other)]
+            d = Dispatcher(workers, workers, (2,), LimitsConfig(request_timeout_s=30, max_migrations=max_migrations),
+                           colocated=True)
+            d.start()
+            run = d.run(_req("a"))
+            if max_migrations == 0:
+                with pytest.raises(WorkerFailure, match="aggregated-0 is gone"):
+                    await asyncio.wait_for(run.__anext__(), 2)
+            else:
+                first = await asyncio.wait_for(run.__anext__(), 2)
+                assert first.token_ids == [5] and first.timings["migrations"] == 1
+                assert other.prefilled == ["a"] and "a" in lost.cancelled
+                _finish(other, "a")
+                assert [t async for c in run for t in c.token_ids] == [6, 7, 8]
+            assert d.policy.decode[0].tokens == 0 and d.policy.decode[1].tokens == 0  # loads not leaked
+            await d.close()
+
+    asyncio.run(main())
+
+
 def test_an_id_reused_while_its_cancelled_request_is_still_leaving_is_served() -> None:
     """A client cancels and at once sends the same id again: the new call can reach the router
     before the old one's cancellation does (seen in the 1P1D cluster test). It waits a moment for
