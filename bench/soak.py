@@ -2,12 +2,15 @@
 
     python bench/soak.py --requests 5000 --cancels 500 --output bench/results/soak.json
 
-Starts the tiny model 1P1D in-process (or targets --address), then sends, from 16 threads:
-fuzzed requests (random bytes, bit-flipped valid requests, valid shapes with extreme or wrong
-values, duplicate request ids), normal requests, and requests that are cancelled or run out of
-time at random moments. At the end it checks the promises: every answer is OK, INVALID_ARGUMENT,
-RESOURCE_EXHAUSTED, ALREADY_EXISTS, CANCELLED or DEADLINE_EXCEEDED; health is SERVING; no KV block
-is used and no request is running on any worker. Exit status 1 if a promise is broken.
+Starts the tiny model 1P1D (or --mode aggregated, two workers) in-process (or targets --address),
+then sends, from 16 threads: fuzzed requests (random bytes, bit-flipped valid requests, valid shapes
+with extreme or wrong values, duplicate request ids), normal requests, and requests that are
+cancelled or run out of time at random moments; half the valid prompts start with one shared
+preamble (under one of two cache salts), so cached KV blocks are shared all the while. At the end
+it checks the promises: every answer is OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ALREADY_EXISTS,
+CANCELLED or DEADLINE_EXCEEDED; health is SERVING; no KV block is used and no request is running on
+any worker; in-process, every worker's block accounting passes its integrity check. Exit status 1
+if a promise is broken.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from protos.pdserve.v1 import generation_pb2_grpc as pbg  # noqa: E402
 
 ALLOWED = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "ALREADY_EXISTS", "CANCELLED", "DEADLINE_EXCEEDED"}
 WORDS = "the a cache token prefill decode batch river cloud seven quiet paper light".split()
+SHARED = " ".join(WORDS * 4)  # ~250 tokens: whole blocks many prompts start with
 EXTREME = [0.0, -1.0, 1e-40, 1e-6, 0.5, 1.0, 2.0, 1e30, 3.4e38, float("inf"), float("nan")]
 
 
@@ -77,6 +81,8 @@ def valid(rng: random.Random) -> pb.GenerateRequest:
     req = pb.GenerateRequest(prompt=" ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 60))),
                              max_tokens=rng.randrange(1, 48))
     if rng.random() < 0.5:
+        req.prompt, req.cache_salt = SHARED + " " + req.prompt, rng.choice(["", "tenant-b"])
+    if rng.random() < 0.5:
         req.temperature, req.seed = rng.uniform(0.1, 1.5), rng.randrange(1000)
     if rng.random() < 0.2:
         req.request_id = f"dup-{rng.randrange(5)}"  # clashes with another in flight now and then
@@ -104,6 +110,16 @@ def one(stub: Any, raw_call: Any, rng: random.Random, kind: str) -> str:
         return e.code().name
 
 
+def prefix_hits(srv: Any) -> dict[str, int] | None:
+    """Prompt tokens each in-process worker found in its prefix cache (not computed / not handed off)."""
+    if srv is None:
+        return None
+    import ray
+
+    stats = ray.get([w.stats.remote() for w in srv.cluster.prefills + srv.cluster.decodes], timeout=30)
+    return {s.id: s.extra.get("prefix_hit_tokens", 0) for s in stats}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--address", default=None, help="a running pdserve; default: start the tiny model here")
@@ -114,6 +130,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-blocks", type=int, default=1024, help="decode KV blocks of 16 tokens (128: the fewest "
                     "for the tiny model's 2048-token context; requests then grow into each other: preemptions)")
+    ap.add_argument("--mode", choices=["disaggregated", "aggregated"], default="disaggregated")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     srv = None
@@ -121,9 +138,11 @@ def main() -> int:
         from cluster.background import BackgroundServer
         from cluster.config import parse_config
 
+        workers: dict[str, Any] = ({"aggregated": {"replicas": 2, "num_cpus": 0.5}} if a.mode == "aggregated"
+                                   else {"prefill": {"num_cpus": 0.5}, "decode": {"num_cpus": 0.5}})
         srv = BackgroundServer(parse_config({
-            "model": {"path": "tiny"}, "server": {"port": 0}, "kv_cache": {"num_blocks": a.kv_blocks},
-            "prefill": {"num_cpus": 0.5}, "decode": {"num_cpus": 0.5}, "limits": {"max_prompt_tokens": 1024},
+            "model": {"path": "tiny"}, "mode": a.mode, "server": {"port": 0}, "kv_cache": {"num_blocks": a.kv_blocks},
+            "limits": {"max_prompt_tokens": 1024}, **workers,
         }))
         address = srv.address
     else:
@@ -153,10 +172,12 @@ def main() -> int:
     preemptions = {w.id: w.preemptions for w in workers if w.role != "prefill"}
     unexpected = {k: {c: n for c, n in cnt.items() if c not in ALLOWED} for k, cnt in by_kind.items()}
     unexpected = {k: v for k, v in unexpected.items() if v}
-    ok = healthy and not unexpected and not any(blocks.values()) and not any(busy.values())
-    report = {"address": address, "wall_s": round(wall, 1), "sent": len(kinds),
+    accounted = srv.all_idle() if srv is not None else None  # every allocator's integrity check
+    ok = healthy and not unexpected and not any(blocks.values()) and not any(busy.values()) and accounted is not False
+    report = {"address": address, "mode": a.mode, "wall_s": round(wall, 1), "sent": len(kinds),
               "codes": {k: dict(v) for k, v in by_kind.items()}, "unexpected": unexpected, "healthy": healthy,
-              "kv_blocks_used": blocks, "requests_busy": busy, "preemptions": preemptions, "promises_kept": ok}
+              "kv_blocks_used": blocks, "requests_busy": busy, "preemptions": preemptions,
+              "prefix_hit_tokens": prefix_hits(srv), "blocks_accounted": accounted, "promises_kept": ok}
     print(json.dumps(report, indent=2))
     if a.output:
         Path(a.output).write_text(json.dumps(report, indent=2))

@@ -90,7 +90,10 @@ class AggregatedWorker(BatchWorker):
 
     def _schedule(self) -> Step | None:
         with self.lock:
-            self._emit(self._take_news())
+            news = self._take_news()
+            for ev in news:  # a request that ends here (cancel, expiry) takes its prompt along, even one
+                self.prompts.cancel(ev.request_id)  # queued after the cancel was (the calls race)
+            self._emit(news)
             self.prompts.scheduler.drop_cancelled()  # their blocks are freed by the decode scheduler's cancel
             if self.cfg.batching == "static":
                 batch, chunks = self._plan_static()

@@ -8,8 +8,8 @@ offset `s % block_size`. A block is, at any time, exactly one of:
                (engine/prefix_cache.py): kept for reuse until its room is needed
 Room (`num_free`) is the free blocks and the cached ones. Allocation is all-or-nothing: `allocate`
 and `grow` return None when the blocks are not there; a fresh block is a free one, else the least
-recently cached one, evicted (an owner's later blocks are cached behind its earlier ones, so a
-prefix is evicted from its end).
+recently cached one, evicted (an owner's blocks are cached last block first, so a prefix is
+evicted from its end).
 """
 from __future__ import annotations
 

@@ -61,8 +61,9 @@ class KVCacheConfig(Frozen):
     prefix_cache: bool = Field(
         True, description="Keep the KV blocks of finished and preempted requests (prompt and output) until "
         "their room is needed, found by an exact prefix: an aggregated worker computes a prompt from after "
-        "its longest cached prefix, and a resumed or moved request recomputes only what was evicted. Shared "
-        "only between requests of the same cache_salt."
+        "its longest cached prefix, a decode worker's reservation holds them (the prefill hands off only the "
+        "rest), and a resumed or moved request recomputes only what was evicted. Shared only between "
+        "requests of the same cache_salt."
     )
 
     @model_validator(mode="after")

@@ -13,10 +13,11 @@ the logits. Each turn of the loop:
                  first token (handed off by a prefill worker, decoded next step by an aggregated one)
 A step that raises fails the requests it held (fail_step) and the loop goes on: one bad step never
 leaves a caller waiting or stops the worker — unless the device itself is broken (a CUDA kernel
-fault is sticky: every later step would fail too). Then the process exits at once, failing nothing
+fault is sticky: every later step would fail too), or schedule() raised (the worker's bookkeeping
+is in a state nothing planned for: a bug). Then the process exits at once, failing nothing
 itself: Ray restarts it (cluster.max_restarts) and the router, finding the worker gone, moves its
-decoding requests to a live decode worker (limits.max_migrations) or fails them, instead of
-feeding it more.
+decoding requests to a live decode worker (limits.max_migrations) or fails them, instead of a loop
+thread that died silently and callers that wait for ever.
 
 Public methods of a worker run on Ray's threads and take `self.lock` for bookkeeping; only the loop
 thread touches the model and the KV cache.
@@ -36,6 +37,7 @@ from engine.model_runner import ModelRunner, SeqInput
 
 log = logging.getLogger(__name__)
 DEVICE_LOST_EXIT = 70  # the worker process's exit status when its device is broken (EX_SOFTWARE)
+LOOP_BROKEN_EXIT = 71  # ... when its schedule() raised (EX_OSERR: the worker's own state is unusable)
 
 
 @dataclass
@@ -117,7 +119,12 @@ class StepLoop(abc.ABC):
                 if not self._news and (stalled or self._idle()):
                     self.wake.wait(self._idle_wait_s())
                 self._news = False
-            step = self._schedule()  # 2
+            try:
+                step = self._schedule()  # 2
+            except Exception as e:  # noqa: BLE001 — nothing to fail it on: the state itself is wrong
+                log.exception("%s: schedule failed", self.worker_id)
+                self._exit(LOOP_BROKEN_EXIT, f"its schedule() raised {type(e).__name__}: {e}")
+                return
             stalled = step is None
             if step is None:
                 continue
@@ -133,7 +140,9 @@ class StepLoop(abc.ABC):
 
     def _device_lost(self, error: str) -> None:
         """The device no longer runs work: end this process (Ray restarts it with a fresh context)."""
-        log.critical("%s: the device is broken after a failed step (%s); exiting so the worker restarts",
-                     self.worker_id, error)
+        self._exit(DEVICE_LOST_EXIT, f"the device is broken after a failed step ({error})")
+
+    def _exit(self, status: int, why: str) -> None:
+        log.critical("%s: %s; exiting so the worker restarts", self.worker_id, why)
         logging.shutdown()
-        os._exit(DEVICE_LOST_EXIT)
+        os._exit(status)

@@ -222,6 +222,33 @@ def test_prefill_without_reservation_is_refused(worker: Worker) -> None:
     assert res.finished is FinishReason.ERROR and "reserve" in (res.error or "")
 
 
+def test_a_cancel_that_reaches_the_worker_before_its_prefill_call_ends_the_prompt_too() -> None:
+    """Found by `bench/soak.py --mode aggregated`: the router's cancel (its deadline passed) reached
+    the worker before the prefill call it raced with; the prompt was queued for a request the next
+    step ended, and that step's look-up of its blocks killed the worker's loop (every later request
+    hung). Now the prompt ends with the request: its caller is told, the loop goes on."""
+    w = AggregatedWorker("a0", ModelConfig(path="tiny"), KVCacheConfig(num_blocks=64), AggregatedConfig())
+    events = Events(w)
+    try:
+        ids = tiny_tokenizer()("raced")["input_ids"]
+        sp = SamplingParams(max_tokens=4, ignore_eos=True)
+        assert w.reserve("r", len(ids), sp, EOS, ids).ok
+        w.cancel("r")  # to be taken at the next step: the loop is not running yet
+        with cf.ThreadPoolExecutor(1) as ex:
+            call = ex.submit(w.prefill, PrefillRequest("r", ids, sp, EOS, 0), 10)
+            assert wait_until(lambda: "r" in w.prompts, 5)  # queued behind the cancel
+            w.start()
+            res = call.result(15)
+        assert res.finished is FinishReason.ERROR and res.error == "cancelled"
+        assert wait_until(w.check_idle, 5)
+        assert w.reserve("next", len(ids), sp, EOS, ids).ok  # the loop lives on
+        assert w.prefill(PrefillRequest("next", ids, sp, EOS, 0), 10).error is None
+        assert len([t for e in events.take("next", 10) for t in e.token_ids]) == 3
+    finally:
+        events.close()
+        w.shutdown()
+
+
 def test_continuous_mixes_prompt_chunks_into_decode_steps() -> None:
     """A long prompt arriving while another request decodes is computed in chunks alongside it, so the
     running request keeps getting tokens (static batching would make it wait for its batch to end)."""

@@ -147,6 +147,31 @@ def test_a_worker_whose_device_breaks_exits_is_restarted_and_its_streams_go_on(s
     assert wait_until(server.all_idle, 15)
 
 
+def _break_the_bookkeeping(worker: Any) -> None:  # runs inside the worker: as a scheduler bug would
+    def schedule() -> Any:
+        raise KeyError("a request its scheduler does not know")
+
+    worker._schedule = schedule
+
+
+def test_a_worker_whose_schedule_raises_exits_is_restarted_and_its_streams_go_on(server: RunningServer) -> None:
+    """Its loop thread used to die on its own, leaving the process up, the health probe answered and
+    every caller waiting until its deadline (seen with an aggregated worker under bench/soak.py)."""
+    ends, threads = _streams(server, 3)  # decoding on decode-0
+    restarts = _worker(server, "decode-0").restarts
+    try:
+        ray.get(server.cluster.workers["decode-0"].__ray_call__.remote(_break_the_bookkeeping))
+    except ray.exceptions.RayError:
+        pass
+    for t in threads:
+        t.join(90)
+    assert all(e is not None and e[0] == "ok" and len(e[2]) == STREAM_TOKENS for e in ends), [e[:2] for e in ends]
+    assert _serves_again(server, 60) < 60
+    w = _worker(server, "decode-0")
+    assert w.restarts == restarts + 1 and w.state == "serving"
+    assert wait_until(server.all_idle, 15)
+
+
 def test_a_decode_worker_that_only_looked_lost_is_wired_again_and_serves(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
