@@ -26,7 +26,7 @@ def server():  # type: ignore[no-untyped-def]
             raise
         ray.shutdown()
         ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-faults")
-    srv = RunningServer(tiny_config(cluster={"max_restarts": 2, "health_check_interval_s": 0.5}))
+    srv = RunningServer(tiny_config(cluster={"max_restarts": 3, "health_check_interval_s": 0.5}))  # decode-0 restarts 3 times
     yield srv
     srv.stop()
     ray.shutdown()
