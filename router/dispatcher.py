@@ -18,8 +18,8 @@
      limits.max_migrations times (router/migration.py)
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
 goes to the worker that reserved; a worker lost before the first token starts the request again
-from 1 on another one (the same one once restarted), counted as a migration. Workers are Ray actor handles (`handle.method.remote(...)`
-returns an awaitable); tests may pass anything with the same shape.
+from 1 on another one (the same one once restarted), counted as a migration. Workers are Ray actor
+handles (`handle.method.remote(...)` returns an awaitable); tests may pass anything with the same shape.
 """
 from __future__ import annotations
 
