@@ -5,10 +5,13 @@ new part.
 
     python bench/multi_turn.py --config deploy/aggregated.yaml --output bench/results/multi_turn_aggregated.json
 
-One cluster per setting (both prefix caches on / both off, same run): --conversations at once, each
---turns turns one after another (a closed loop: the next question is asked when the answer is in),
-greedy answers of --max-tokens. Reports median TTFT of the first turns and of the later ones, the
-prompt tokens the workers computed, the prompt tokens found cached, and the KV handed off.
+One cluster per setting (both prefix caches on / both off, same run; with --local-prefill N, also
+both on with decode.local_prefill_max_tokens: N, where a turn whose part not cached on its decode
+worker is at most N tokens is computed there): --conversations at once, each --turns turns one
+after another (a closed loop: the next question is asked when the answer is in), greedy answers of
+--max-tokens. Reports median TTFT of the first turns and of the later ones, the prompt tokens the
+workers computed (decode workers' included), the prompt tokens found cached, the KV handed off and
+the turns computed on their decode worker.
 """
 from __future__ import annotations
 
@@ -49,16 +52,21 @@ def conversation(srv: BackgroundServer, c: int, turns: int, max_tokens: int) -> 
         assert first is not None and last is not None
         messages.append(pb.ChatMessage(role="assistant", content=text))
         rows.append({"turn": t + 1, "ttft_ms": (first - t0) * 1000, "prompt_tokens": last.usage.prompt_tokens,
-                     "cached_tokens": last.usage.cached_tokens, "kv_bytes": last.timings.kv_transfer_bytes})
+                     "cached_tokens": last.usage.cached_tokens, "kv_bytes": last.timings.kv_transfer_bytes,
+                     "local_prefill": last.timings.local_prefill})
     return rows
 
 
-def run(config: str, prefix_cache: bool, conversations: int, turns: int, max_tokens: int) -> dict[str, Any]:
-    cfg = load_config(config, {"server": {"port": 0, "http_port": None},
-                               "prefill": {"prefix_cache": prefix_cache}, "kv_cache": {"prefix_cache": prefix_cache}})
+def run(config: str, prefix_cache: bool, conversations: int, turns: int, max_tokens: int,
+        local_prefill: int = 0) -> dict[str, Any]:
+    over: dict[str, Any] = {"server": {"port": 0, "http_port": None},
+                            "prefill": {"prefix_cache": prefix_cache}, "kv_cache": {"prefix_cache": prefix_cache}}
+    if local_prefill:
+        over["decode"] = {"local_prefill_max_tokens": local_prefill}
+    cfg = load_config(config, over)
 
     def computed(srv: BackgroundServer) -> int:
-        return sum(w.prompt_tokens_computed for w in srv.status() if w.role in ("prefill", "aggregated"))
+        return sum(w.prompt_tokens_computed for w in srv.status())
 
     with BackgroundServer(cfg) as srv:
         srv.generate(prompt="warm up", max_tokens=4)
@@ -69,7 +77,7 @@ def run(config: str, prefix_cache: bool, conversations: int, turns: int, max_tok
         done = computed(srv) - before
     later = [r for r in rows if r["turn"] > 1]
     return {
-        "prefix_cache": prefix_cache, "conversations": conversations, "turns": turns, "max_tokens": max_tokens,
+        "prefix_cache": prefix_cache, "local_prefill_max_tokens": local_prefill, "conversations": conversations, "turns": turns, "max_tokens": max_tokens,
         "first_turn_median_ttft_ms": statistics.median(r["ttft_ms"] for r in rows if r["turn"] == 1),
         "later_turns_median_ttft_ms": statistics.median(r["ttft_ms"] for r in later),
         "later_turns_max_ttft_ms": max(r["ttft_ms"] for r in later),
@@ -77,6 +85,7 @@ def run(config: str, prefix_cache: bool, conversations: int, turns: int, max_tok
         "prompt_tokens_computed": done,
         "cached_tokens_reported": sum(r["cached_tokens"] for r in rows),
         "kv_mb_handed_off": sum(r["kv_bytes"] for r in rows) / 1e6,
+        "turns_computed_on_decode": sum(bool(r["local_prefill"]) for r in rows),
         "rows": rows,
     }
 
@@ -87,11 +96,14 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--local-prefill", type=int, default=0, metavar="N",
+                    help="also run with decode.local_prefill_max_tokens: N (disaggregated configs)")
     ap.add_argument("--output")
     a = ap.parse_args()
     runs = []
-    for on in (True, False):
-        r = run(a.config, on, a.conversations, a.turns, a.max_tokens)
+    settings = [(True, 0)] + ([(True, a.local_prefill)] if a.local_prefill else []) + [(False, 0)]
+    for on, local in settings:
+        r = run(a.config, on, a.conversations, a.turns, a.max_tokens, local)
         print(json.dumps({k: v for k, v in r.items() if k != "rows"}), flush=True)
         runs.append(r)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

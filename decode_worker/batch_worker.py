@@ -1,13 +1,16 @@
-"""What the decode and aggregated workers share: the paged KV cache, the requests that hold it, and
-their decode rows (continuous batching). A StepLoop (engine/step_loop.py): the subclasses say how
-requests get their prompt's KV — handed off by a prefill worker (worker.py) or computed here
-(aggregated.py).
+"""What the decode and aggregated workers share: the paged KV cache, the requests that hold it, their
+decode rows (continuous batching), and prompts computed here. A StepLoop (engine/step_loop.py): the
+subclasses say how requests get their prompt's KV — handed off by a prefill worker (worker.py), or
+computed here (aggregated.py always; a decode worker when the router sends it a prompt whose
+uncached part is short: decode.local_prefill_max_tokens).
 
 A request here goes:
   1. reserve()   the router asks for room for the prompt (kv_cache.allocation: upfront, prompt +
                  max_tokens) before any prefill work; the answer names the blocks (a KVDestination)
-  2. the prompt's KV lands in those blocks (the subclass's part); the request is READY with its
-                 first token
+  2. the prompt's KV lands in those blocks — written by a prefill worker (worker.py), or computed
+                 here: prefill() queues the prompt and returns once its first token is sampled;
+                 its chunks share steps with the decode rows (Sarathi-Serve), after the prompt's
+                 longest cached prefix. The request is READY with its first token
   3. every step: its decode row (its last token) joins the forward; the sampled token → DecodeEvent.
                  When the cache runs out, the newest requests are preempted and later resumed: their
                  KV is computed again here in chunks (recompute rows) before they decode on
@@ -22,7 +25,9 @@ import uuid
 from collections import deque
 import torch
 
-from decode_worker.config import DecodeConfig
+import time
+
+from decode_worker.config import BatchConfig
 from decode_worker.preemption import Recompute
 from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
@@ -31,21 +36,26 @@ from engine.config import KVCacheConfig, ModelConfig
 from engine.kv_handoff import shared_cache
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
+from engine.prefill_scheduler import Chunk, PendingPrefill
 from engine.prefix_cache import PrefixCache
-from engine.sampler import History
-from engine.step_loop import StepLoop
-from engine.types import DecodeEvent, FinishReason, ReserveResult, SamplingParams, TokenLogprob, WorkerStats
+from engine.prompt_queue import PromptQueue
+from engine.sampler import History, sample
+from engine.step_loop import Step, StepLoop
+from engine.types import (
+    DecodeEvent, FinishReason, PrefillRequest, PrefillResult, ReserveResult, SamplingParams, TokenLogprob, WorkerStats,
+)
 
 
 class BatchWorker(StepLoop):
     role = "decode"
 
     def __init__(
-        self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: DecodeConfig, node: str,
-        step_tokens: int, share_cache: bool, share_on_reserve: bool = False,
+        self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: BatchConfig, node: str,
+        step_tokens: int, share_cache: bool, prompt_tokens: tuple[int, int], share_on_reserve: bool = False,
     ) -> None:
         """step_tokens: the most tokens one forward here runs (sizes the memory profile);
         share_cache: allocate the KV cache so prefill workers on this node can write into it;
+        prompt_tokens: (most prompt tokens in one step, longest chunk) of the prompts computed here;
         share_on_reserve: a reservation holds the blocks of its prompt's cached prefix (scheduler.py)."""
         super().__init__()
         torch.set_num_threads(cfg.torch_threads)
@@ -67,6 +77,8 @@ class BatchWorker(StepLoop):
                                          kv_cfg.allocation == "on_demand", kv_cfg.watermark, share_on_reserve)
         self.prompt_tokens_computed = 0  # tokens at prompt positions run through the model here (recomputes too)
         self.recomputed_tokens = 0  # KV of preempted requests (and failed hand-offs) computed again here
+        self.prompts = PromptQueue(*prompt_tokens)  # prompts computed here (2.)
+        self.requests_prefilled = 0  # prompts whose first token was sampled here
         self._inbox: deque[str] = deque()  # request ids to cancel at the next step
         self._events: list[DecodeEvent] = []
         self._events_cv = threading.Condition()
@@ -95,9 +107,27 @@ class BatchWorker(StepLoop):
             self.nudge()
         return r
 
+    def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
+        """2. Compute the prompt into the blocks reserve() holds; block until its first token."""
+        rid = request.request_id
+        with self.lock:
+            if rid in self.prompts:
+                return PrefillResult.failed(rid, "request_id already being prefilled")
+            if self.scheduler.start_prefill(rid) is None:
+                return PrefillResult.failed(rid, "no KV reservation for this request on this worker (reserve first)")
+            waiter = self.prompts.submit(request)
+            self.nudge()
+        assert waiter is not None
+        result = self.prompts.wait(waiter, timeout_s)
+        if result is None:
+            self.cancel(rid)  # ends it here too: its blocks come back even if the router is gone
+            return PrefillResult.failed(rid, f"prefill did not finish within {timeout_s:.0f}s")
+        return result
+
     def cancel(self, request_id: str) -> bool:
         """5."""
         with self.wake:
+            self.prompts.cancel(request_id)  # its prompt stops being computed before the loop frees its blocks
             found = request_id in self.scheduler.requests
             self._inbox.append(request_id)
             self.nudge()
@@ -123,14 +153,17 @@ class BatchWorker(StepLoop):
                                      "recomputed_tokens": self.recomputed_tokens,
                                      "prefix_hit_tokens": self.allocator.hit_tokens,
                                      "prefix_query_tokens": self.allocator.query_tokens,
-                                     "prefix_cached_blocks": self.allocator.num_cached},
+                                     "prefix_cached_blocks": self.allocator.num_cached,
+                                     "requests_prefilled": self.requests_prefilled,
+                                     "waiting_tokens": self.prompts.scheduler.waiting_tokens},
             )
 
     def check_idle(self) -> bool:
         """True when no request is held and every block is free (integrity-checked)."""
         with self.lock:
             self.allocator.check()
-            return self.scheduler.is_idle() and self.allocator.num_used == 0
+            return (self.scheduler.is_idle() and self.allocator.num_used == 0
+                    and not self.prompts.scheduler.has_work())
 
     def shutdown(self) -> None:
         self.stop()
@@ -138,7 +171,8 @@ class BatchWorker(StepLoop):
     # -- for the loop ---------------------------------------------------------------------------
     def _idle(self) -> bool:
         s = self.scheduler
-        return not s.running and not s.ready and not s.preempted and not s.recomputing and not self._inbox
+        return (not s.running and not s.ready and not s.preempted and not s.recomputing and not self._inbox
+                and not self.prompts.scheduler.has_work())
 
     def _emit(self, events: list[DecodeEvent | None]) -> None:
         events = [ev for ev in events if ev is not None]
@@ -148,13 +182,35 @@ class BatchWorker(StepLoop):
                 self._events_cv.notify_all()
 
     def _take_news(self) -> list[DecodeEvent]:
-        """Under `lock`, first thing each step: cancels, and reservations whose KV never came."""
+        """Under `lock`, first thing each step: cancels, and reservations whose KV never came. A
+        request that ends here takes its prompt along, even one queued after the cancel was (the
+        calls race)."""
         events: list[DecodeEvent] = []
         while self._inbox:
             rid = self._inbox.popleft()
             if self.scheduler.cancel(rid):
                 events.append(DecodeEvent(rid, [], FinishReason.CANCELLED))
-        return events + self.scheduler.expire()
+        events += self.scheduler.expire()
+        for ev in events:
+            self.prompts.cancel(ev.request_id)
+        self.prompts.scheduler.drop_cancelled()  # their blocks are freed by the decode scheduler's cancel
+        return events
+
+    def _prompt_chunks(self, budget: int) -> tuple[list[Chunk], list[SeqInput]]:
+        """Under `lock`: this step's chunks (at most `budget` tokens) of the prompts computed here,
+        with their rows."""
+        chunks = self.prompts.scheduler.next_step(self._admit, budget)
+        tables = [self.scheduler.requests[c.pending.request.request_id].block_table for c in chunks]
+        return chunks, PromptQueue.seqs(chunks, tables)
+
+    def _admit(self, p: PendingPrefill) -> bool:
+        """Its prompt starts after the longest cached prefix (held at the head of its blocks); False:
+        wait a step for the block another prompt is computing."""
+        cached = self.scheduler.share_prefix(p.request.request_id)
+        if cached is None:
+            return False
+        p.computed = p.cached = cached
+        return True
 
     def _decode_rows(self, batch: list[DecodeRequest]) -> list[SeqInput]:
         """One new token per running request: its last one, at position num_tokens - 1."""
@@ -186,6 +242,51 @@ class BatchWorker(StepLoop):
         with self.lock:
             events = self.scheduler.on_tokens(batch, tokens, lps)
         self._emit(events)  # type: ignore[arg-type]
+
+    def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
+        """logits [decode rows + prompt rows + recompute rows, V]: one sample() for the decode rows
+        and the prompts that complete in this step."""
+        self.prompt_tokens_computed += sum(c.length for c in step.prompts)
+        self._recomputed(step.recomputes)
+        with self.lock:
+            for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
+                self.allocator.commit(c.pending.request.request_id, c.start + c.length)
+            done = self.prompts.finish(step.prompts)
+        params, positions, histories = self._decode_sampling(step.decode)
+        for p, _ in done:
+            params.append(p.request.sampling)
+            positions.append(p.num_tokens)
+            histories.append(History(p.request.token_ids, ()))
+        rows = list(range(len(step.decode))) + [step.prompt_rows.start + i for _, i in done]
+        if not rows:  # only chunks that do not end their prompt
+            return
+        tokens, lps = sample(logits[rows], params, positions, histories)
+        n = len(step.decode)
+        if step.decode:
+            self._decoded(step.decode, tokens[:n], lps[:n])
+        for (p, _), first, lp in zip(done, tokens[n:], lps[n:]):
+            self._prefilled(p, first, lp)
+
+    def _prefilled(self, p: PendingPrefill, first: int, lp: TokenLogprob | None) -> None:
+        req = p.request
+        with self.lock:
+            dreq = self.scheduler.on_prefilled(req.request_id, first)
+            if dreq is None:  # cancelled while its last chunk ran
+                return
+            self.requests_prefilled += 1
+            assert p.started is not None
+            self.prompts.answer(req.request_id, PrefillResult(
+                req.request_id, first, dreq.finish_reason, (p.started - p.enqueued) * 1000,
+                (time.monotonic() - p.started) * 1000, 0, first_logprob=lp, cached_tokens=p.cached,
+            ))
+
+    def _fail_step(self, step: Step, error: str) -> None:
+        with self.lock:
+            ids = self.prompts.drop(step.prompts)
+            for rid in ids:
+                self.prompts.answer(rid, PrefillResult.failed(rid, error))
+        self._fail_requests(ids + [r.request_id for r in step.decode] + [c.request.request_id for c in step.recomputes],
+                            error)
 
     def _fail_requests(self, ids: list[str], error: str) -> None:
         with self.lock:

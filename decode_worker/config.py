@@ -1,4 +1,4 @@
-"""The `decode:` section of the YAML."""
+"""The `decode:` and `aggregated:` sections of the YAML."""
 from __future__ import annotations
 
 from typing import Literal
@@ -8,14 +8,17 @@ from pydantic import Field
 from engine.config import WorkerPlacement
 
 
-class DecodeConfig(WorkerPlacement):
+class BatchConfig(WorkerPlacement):
+    """What decode and aggregated workers share (decode_worker/batch_worker.py)."""
+
     max_batch_size: int = Field(64, ge=1, description="Most requests in one decode step.")
     reserve_timeout_s: float = Field(
         120.0, gt=0, description="A reservation whose KV never arrives is freed after this long."
     )
     max_recompute_tokens: int = Field(
         256, ge=16, description="Most tokens of preempted requests' KV (kv_cache.allocation: on_demand) or of a "
-        "failed hand-off (transport.on_failure: recompute) computed again in one step, beside its decode rows."
+        "failed hand-off (transport.on_failure: recompute) computed again in one step, beside its decode rows; "
+        "on a decode worker, prompts computed there (local_prefill_max_tokens) share it."
     )
     cuda_graphs: bool = Field(
         True, description="On cuda with the triton kernels: decode steps of up to max_batch_size rows replay "
@@ -23,7 +26,18 @@ class DecodeConfig(WorkerPlacement):
     )
 
 
-class AggregatedConfig(DecodeConfig):
+class DecodeConfig(BatchConfig):
+    """The `decode:` section: workers whose prompts' KV a prefill worker writes."""
+
+    local_prefill_max_tokens: int = Field(
+        0, ge=0, description="A prompt whose tokens not cached on the decode worker that reserved for it are at "
+        "most this many is computed there, beside its decode rows, instead of on a prefill worker: no prefill "
+        "queue, no KV transfer (a chat's next turn, whose history is cached there; a short prompt). Counts "
+        "against max_recompute_tokens per step. 0: every prompt goes to a prefill worker."
+    )
+
+
+class AggregatedConfig(BatchConfig):
     """The `aggregated:` section: workers that prefill and decode (mode: aggregated, the baseline)."""
 
     max_batch_tokens: int = Field(

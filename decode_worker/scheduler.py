@@ -12,9 +12,10 @@ Lifecycle of a request on this worker (the router's id is the only key):
   cancelled request keeps its blocks until its write lands or fails (a freed block is never
   written into), then write_ended() frees them. Blocks let go of whose KV is complete stay cached
   for reuse (engine/prefix_cache.py: prompt and output, under the request's cache salt).
-In aggregated mode (decode_worker/aggregated.py) steps 2-3 are local: start_prefill() RESERVED →
-PREFILLING while this worker computes the prompt into the reserved blocks — after the longest cached
-prefix, which share_prefix() puts at the head of its table —, on_prefilled() → READY.
+When the worker computes the prompt itself (decode_worker/aggregated.py; a decode worker's local
+prefill) steps 2-3 are local: start_prefill() RESERVED → PREFILLING while this worker computes the
+prompt into the reserved blocks — after the longest cached prefix, which share_prefix() puts at the
+head of its table (or reserve() did: share_on_reserve) —, on_prefilled() → READY.
 Preemption, resume and recompute: decode_worker/preemption.py.
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ class DecodeScheduler(Preemption):
             cache_salt=None if prompt_ids is None else cache_salt, shared_tokens=shared,
         )
         return ReserveResult(True, dest=KVDestination(self.worker_id, tuple(req.block_table),
-                                                      shared // self.allocator.block_size))
+                                                      shared // self.allocator.block_size, shared))
 
     def _hold(self, request_id: str, need: int, prompt_ids: list[int] | None, cache_salt: str) -> int | None:
         """Blocks for `need` tokens (share_on_reserve: the prompt's longest cached prefix first); →
@@ -145,7 +146,7 @@ class DecodeScheduler(Preemption):
             return None
         return req
 
-    # -- 2-3 in aggregated mode ----------------------------------------------------------------
+    # -- 2-3 computed here (aggregated; a decode worker's local prefill) -----------------------
     def start_prefill(self, request_id: str) -> DecodeRequest | None:
         """This worker computes the prompt itself; None unless the request is RESERVED here."""
         req = self.requests.get(request_id)
@@ -161,6 +162,8 @@ class DecodeScheduler(Preemption):
         req = self.requests.get(request_id)
         if req is None or req.cache_salt is None or req.prompt_ids is None:
             return 0
+        if self.share_on_reserve:  # its reservation holds them already
+            return req.shared_tokens
         cached = self.allocator.share_prefix(request_id, req.prompt_ids, req.cache_salt)
         if cached:
             req.block_table[: self.allocator.blocks_for(cached)] = self.allocator.table(request_id)[: self.allocator.blocks_for(cached)]

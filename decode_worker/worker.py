@@ -11,13 +11,15 @@ The hand-off's side of a request here (engine/kv_handoff, steps 1-6):
      ones end their request (or, with transport.on_failure: recompute, the prompt's KV is computed
      here, in chunks beside the decode rows, as for a preempted request)
 Then it decodes as every BatchWorker does: schedule → run → postprocess (engine/step_loop.py).
+A prompt whose part not cached here is at most decode.local_prefill_max_tokens long skips steps 2-3:
+the router calls prefill() here instead of on a prefill worker, and this worker computes it in
+chunks beside its decode rows (batch_worker.py), sharing max_recompute_tokens with recomputes —
+no prefill queue, no transfer: a multi-turn chat's next turn, whose history is cached here.
 """
 from __future__ import annotations
 
 import logging
 import time
-
-import torch
 
 from decode_worker.batch_worker import BatchWorker
 from decode_worker.config import DecodeConfig
@@ -25,7 +27,6 @@ from engine.config import KVCacheConfig, ModelConfig, TransportConfig
 from engine.kv_handoff import (
     Backend, DecodeEndpoint, HandoffReceiver, PairChannel, TorchPairChannel, WriteGrant, WriteIntent, WriteOutcome,
 )
-from engine.sampler import sample
 from engine.step_loop import Step
 from engine.types import DecodeEvent, WorkerStats
 
@@ -41,7 +42,7 @@ class DecodeWorker(BatchWorker):
     ) -> None:
         super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=cfg.max_batch_size + cfg.max_recompute_tokens,
                          share_cache=transport_cfg.backend in ("auto", "ipc"),  # prefill workers may write it
-                         share_on_reserve=True)
+                         prompt_tokens=(cfg.max_recompute_tokens, cfg.max_recompute_tokens), share_on_reserve=True)
         self.cfg = cfg
         self.transport_cfg = transport_cfg
         self.receiver = HandoffReceiver(worker_id, self.runner.kv, kv_cfg.block_size, transport_cfg.timeout_s)
@@ -114,21 +115,15 @@ class DecodeWorker(BatchWorker):
         self._emit(events)
         with self.lock:
             batch = self.scheduler.schedule()
-            recomputes, rows = self._recompute_rows(self.cfg.max_recompute_tokens)
-        if not batch and not recomputes:
+            budget = self.cfg.max_recompute_tokens  # prompt tokens computed here in one step
+            recomputes, rows = self._recompute_rows(budget)
+            chunks, prompt_rows = self._prompt_chunks(budget - sum(c.length for c in recomputes))
+        if not batch and not chunks and not recomputes:
             return None
-        return Step(decode=batch, seqs=self._decode_rows(batch) + rows, recomputes=recomputes)
-
-    def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
-        """logits [decode rows + recompute rows, V]: the decode rows are sampled."""
-        if step.decode:
-            n = len(step.decode)
-            self._decoded(step.decode, *sample(logits[:n], *self._decode_sampling(step.decode)))
-        self._recomputed(step.recomputes)
+        return Step(batch, chunks, self._decode_rows(batch) + prompt_rows + rows, recomputes)
 
     def _fail_step(self, step: Step, error: str) -> None:
-        self._fail_requests([r.request_id for r in step.decode] + [c.request.request_id for c in step.recomputes],
-                            f"decode {error}")
+        super()._fail_step(step, f"decode {error}")
 
     def _land_writes(self) -> list[DecodeEvent]:
         """Step 4: writes that landed join the batch; failed ones end their requests (or recompute)."""

@@ -6,7 +6,9 @@
   2. prefill on the least-loaded prefill worker, with the reservation's destination; its answer is
      the first token (TTFT); a prefill worker found dead is skipped from then on and the request is
      tried once more on another one (the same reservation); a hand-off the decode side failed (its
-     worker lost) starts again from 1 on another decode worker (counted as a migration)
+     worker lost) starts again from 1 on another decode worker (counted as a migration). A prompt
+     whose part not cached on that decode worker is at most `local_prefill_tokens` long (the
+     reservation says how much is) is computed there instead: no prefill queue, no transfer
   3. decode events arrive through one long-poll loop per decode worker (router/liveness.py),
      fanned out by the request's key (minted by the router; a client id is only a label) into its
      inbox (router/event_inbox.py: what waits is merged into one chunk)
@@ -17,7 +19,8 @@
      its KV from the prompt and the tokens streamed so far and goes on, at most
      limits.max_migrations times (router/migration.py)
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
-goes to the worker that reserved; a worker lost before the first token starts the request again
+always goes to the worker that reserved; a worker lost before the first token (there, or on a
+decode worker computing a prompt itself) starts the request again
 from 1 on another one (the same one once restarted), counted as a migration. Workers are Ray actor
 handles (`handle.method.remote(...)` returns an awaitable); tests may pass anything with the same shape.
 """
@@ -30,6 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.kv_handoff.types import KVDestination
 from engine.types import FinishReason, PrefillRequest, PrefillResult, TokenLogprob
 from router.admission import KVAdmission
 from router.config import LimitsConfig
@@ -62,13 +66,17 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False, affinity: PrefixAffinity | None = None, decode_affinity: PrefixAffinity | None = None,
+        local_prefill_tokens: int = 0,
     ) -> None:
         """affinity: send a prompt where its prefix was sent before (prefill workers' prefix caches);
-        decode_affinity: the same for decode (or aggregated) workers' reservations."""
+        decode_affinity: the same for decode (or aggregated) workers' reservations;
+        local_prefill_tokens: decode.local_prefill_max_tokens (step 2)."""
         if colocated and len(prefills) != len(decodes):
             raise ValueError("colocated workers: prefills[i] must be decodes[i]")
         self.prefills, self.decodes = prefills, decodes
         self.colocated = colocated
+        self.local_prefill_tokens = local_prefill_tokens
+        self.local_prefills = 0  # prompts computed by the decode worker that reserved (step 2)
         self.eos_token_ids = eos_token_ids
         self.limits = limits
         self.policy = LeastLoadedPolicy(len(prefills), len(decodes), affinity, decode_affinity)
@@ -145,19 +153,24 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                 d_idx, dest = await self._reserve(req, deadline, failed_on)  # counted in the policy from here on
                 self._placed[key] = d_idx
                 preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest, req.cache_salt)
+                here = self.colocated or self._computes_here(dest, n_prompt)  # the decode worker computes it
+                self.local_prefills += here and not self.colocated
                 for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
-                    p_idx, work = (d_idx, n_prompt) if self.colocated else self._pick_prefill(req.prompt_ids,
-                                                                                              req.cache_salt)
+                    if here:
+                        p_idx, work = (d_idx, n_prompt) if self.colocated else (None, 0)
+                    else:
+                        p_idx, work = self._pick_prefill(req.prompt_ids, req.cache_salt)
                     p_used = p_idx
                     try:
-                        res = await self._prefill(p_idx, preq, work, deadline)
+                        res = await self._prefill(p_idx, d_idx, preq, work, deadline)
                         break
                     except WorkerFailure as e:
-                        if self.colocated and _actor_gone(e):  # its reservation went with it: start again
-                            res = PrefillResult.failed(key, f"aggregated worker {self.decodes[d_idx].worker_id} "
+                        if here and _actor_gone(e):  # its reservation went with it: start again
+                            role = "aggregated" if self.colocated else "decode"
+                            res = PrefillResult.failed(key, f"{role} worker {self.decodes[d_idx].worker_id} "
                                                             f"is gone: {e}", handoff=True)
                             break
-                        if attempt == 2 or self.colocated or not _actor_gone(e) or not self.serving:
+                        if attempt == 2 or here or not _actor_gone(e) or not self.serving:
                             raise
                         log.warning("prefill of %s failed (%s); retrying on another prefill worker", key, e)
                 if res.error is None or not res.handoff_failed or moves >= self.limits.max_migrations:
@@ -183,6 +196,8 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                        "cached_tokens": float(res.cached_tokens)}
             if moves:
                 timings["migrations"] = moves
+            if here and not self.colocated:
+                timings["local_prefill"] = 1.0
             first_lp = [res.first_logprob] if res.first_logprob is not None else None
             if res.finished is not None:  # the first token ended it: nothing for decode to do
                 finished = True
@@ -228,19 +243,31 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                     await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
 
-    async def _prefill(self, p_idx: int, preq: PrefillRequest, work: int, deadline: float) -> PrefillResult:
-        """work: the prompt tokens the worker will compute (its load meanwhile)."""
-        prefill = self.prefills[p_idx]
-        self.policy.add(self.policy.prefill[p_idx], work)
+    def _computes_here(self, dest: KVDestination | None, n_prompt: int) -> bool:
+        """Step 2: is the prompt's part not cached on the decode worker that reserved short enough
+        for that worker to compute it itself?"""
+        if self.local_prefill_tokens <= 0:
+            return False
+        cached = dest.shared_tokens if dest is not None else 0
+        return n_prompt - cached <= self.local_prefill_tokens
+
+    async def _prefill(self, p_idx: int | None, d_idx: int, preq: PrefillRequest, work: int, deadline: float
+                       ) -> PrefillResult:
+        """On prefill worker p_idx (None: on decode worker d_idx itself); work: the prompt tokens the
+        prefill worker will compute (its load meanwhile)."""
+        worker = self.prefills[p_idx] if p_idx is not None else self.decodes[d_idx]
+        if p_idx is not None:
+            self.policy.add(self.policy.prefill[p_idx], work)
         try:
-            return await self._wait(prefill.handle.prefill.remote(preq, _remaining(deadline)), deadline, "prefill")
+            return await self._wait(worker.handle.prefill.remote(preq, _remaining(deadline)), deadline, "prefill")
         except WorkerFailure as e:
-            if _actor_gone(e) and not self.colocated:  # later requests go elsewhere
-                self.dead_prefills.add(prefill.worker_id)
-                log.error("prefill worker %s is gone; routing around it", prefill.worker_id)
+            if _actor_gone(e) and p_idx is not None and not self.colocated:  # later requests go elsewhere
+                self.dead_prefills.add(worker.worker_id)
+                log.error("prefill worker %s is gone; routing around it", worker.worker_id)
             raise
         finally:
-            self.policy.remove(self.policy.prefill[p_idx], work)
+            if p_idx is not None:
+                self.policy.remove(self.policy.prefill[p_idx], work)
 
     def _pick_prefill(self, prompt: list[int], salt: str) -> tuple[int, int]:
         """(prefill worker index, the prompt tokens it will compute)."""

@@ -38,7 +38,10 @@ class RouterMetrics:
         self.generation_tokens = Counter("pdserve_generation_tokens_total", "Tokens generated", registry=r)
         self.migrations = Counter("pdserve_request_migrations_total", "Requests moved to another decode worker "
                                   "mid-stream (theirs was lost)", registry=r)
-        self._migrations_seen = 0
+        self.local_prefills = Counter("pdserve_local_prefills_total", "Prompts computed by the decode worker that "
+                                      "reserved for them (decode.local_prefill_max_tokens): no prefill worker, no "
+                                      "KV transfer", registry=r)
+        self._seen = {self.migrations: 0, self.local_prefills: 0}
         self.in_flight = Gauge("pdserve_requests_in_flight", "Requests inside pdserve now", registry=r)
         self.queued = Gauge("pdserve_requests_queued", "Requests waiting for KV room", registry=r)
         labels = ["role", "worker"]
@@ -91,11 +94,12 @@ class RouterMetrics:
         if n_out > 1 and "decode_ms" in timings:
             self.tpot.observe(timings["decode_ms"] / 1000 / (n_out - 1))
 
-    def count_migrations(self, total: int) -> None:
-        """The dispatcher's running count → the counter."""
-        if total > self._migrations_seen:
-            self.migrations.inc(total - self._migrations_seen)
-            self._migrations_seen = total
+    def count(self, migrations: int, local_prefills: int) -> None:
+        """The dispatcher's running counts → the counters."""
+        for counter, total in ((self.migrations, migrations), (self.local_prefills, local_prefills)):
+            if total > self._seen[counter]:
+                counter.inc(total - self._seen[counter])
+                self._seen[counter] = total
 
     def set_workers(self, stats: list[WorkerStats]) -> None:
         for s in stats:

@@ -188,7 +188,7 @@ class RouterServer:
         while True:
             m.in_flight.set(d.in_flight)
             m.queued.set(d.queued)
-            m.count_migrations(d.migrations)
+            m.count(d.migrations, d.local_prefills)
             try:
                 m.set_workers(await d.stats())  # also finds workers that are gone
             except Exception as e:  # noqa: BLE001 — metrics must never take the router down

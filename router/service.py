@@ -138,7 +138,7 @@ class GenerationService:
                 queue_ms=t.get("queue_ms", 0.0), prefill_ms=t.get("prefill_ms", 0.0),
                 kv_transfer_ms=t.get("kv_transfer_ms", 0.0), kv_transfer_bytes=int(t.get("kv_transfer_bytes", 0)),
                 ttft_ms=t.get("ttft_ms", 0.0), decode_ms=t.get("decode_ms", 0.0), total_ms=t.get("total_ms", 0.0),
-                migrations=int(t.get("migrations", 0)),
+                migrations=int(t.get("migrations", 0)), local_prefill=bool(t.get("local_prefill", 0)),
             ),
         )
 

@@ -46,11 +46,12 @@ def choose_backend(setting: str, device: str, same_place: bool, cache_shared: bo
 class KVDestination:
     """Step 1's answer: which decode worker reserved, and the blocks the prompt's KV must go to —
     except the first `shared_blocks`, which hold this prompt's prefix there already (cached KV of
-    an earlier request, shared: never written)."""
+    an earlier request, shared: never written) — `shared_tokens` of the prompt."""
 
     worker_id: str
     block_ids: tuple[int, ...]
     shared_blocks: int = 0
+    shared_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,13 @@ def _tiny() -> tuple[Any, Any]:
 
 def hf_greedy(prompt: str, max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
     """Hugging Face generate(do_sample=False) on the tiny model: the oracle."""
-    model, tok = _tiny()
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    return hf_greedy_ids(_tiny()[1](prompt)["input_ids"], max_new_tokens, ignore_eos)
+
+
+def hf_greedy_ids(prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """hf_greedy() of a prompt given as token ids."""
+    model, _ = _tiny()
+    ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         out = model.generate(
             ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,

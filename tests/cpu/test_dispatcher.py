@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from engine.kv_handoff.types import KVDestination
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams, TokenLogprob
 from router.config import LimitsConfig
 from router.dispatcher import AlreadyExists, DeadlineExceeded, WorkerRef, Dispatcher, ResourceExhausted, WorkerFailure
@@ -466,6 +467,73 @@ def test_an_aggregated_worker_lost_while_computing_the_prompt_costs_no_request()
                 assert [t async for c in run for t in c.token_ids] == [6, 7, 8]
             assert d.policy.decode[0].tokens == 0 and d.policy.decode[1].tokens == 0  # loads not leaked
             await d.close()
+
+    asyncio.run(main())
+
+
+class CountingPrefill(FakePrefill):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def _prefill(self, req: Any, timeout: float) -> PrefillResult:
+        self.calls.append(req.request_id)
+        return await super()._prefill(req, timeout)
+
+
+class CachingDecode(FakeAggregated):
+    """A decode worker whose reservations find `cached` prompt tokens in its prefix cache."""
+
+    def __init__(self, room: int, cached: int, dies_in_prefill: bool = False) -> None:
+        super().__init__(room, dies_in_prefill)
+        self.cached = cached
+
+    async def _reserve(self, rid: str, *_: Any) -> ReserveResult:
+        r = await super()._reserve(rid)
+        return ReserveResult(r.ok, r.reason, KVDestination("decode", (), self.cached // 16, self.cached) if r.ok else None)
+
+
+def _long_req(rid: str, n: int) -> ValidRequest:
+    return ValidRequest(rid, list(range(3, 3 + n)), SamplingParams(max_tokens=4), (), rid)
+
+
+def test_a_prompt_whose_uncached_part_is_short_is_computed_by_the_decode_worker_that_reserved() -> None:
+    """local_prefill_tokens=32: 100 prompt tokens with 80 cached on the decode worker → 20 to
+    compute, there; with 64 cached → 36, on the prefill worker; 0 (off) → always the prefill worker."""
+    async def main() -> None:
+        for limit, cached, here in ((32, 80, True), (32, 64, False), (0, 96, False)):
+            pre, dec = CountingPrefill(), CachingDecode(room=4, cached=cached)
+            d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-0", dec)], (2,), LimitsConfig(),
+                           local_prefill_tokens=limit)
+            d.start()
+            run = d.run(_long_req("a", 100))
+            first = await asyncio.wait_for(run.__anext__(), 2)
+            assert first.token_ids == [5]
+            assert (dec.prefilled, pre.calls) == ((["a"], []) if here else ([], ["a"]))
+            assert first.timings.get("local_prefill", 0.0) == float(here) and d.local_prefills == int(here)
+            _finish(dec, "a")
+            assert [t async for c in run for t in c.token_ids] == [6, 7, 8]
+            assert d.policy.decode[0].tokens == 0 and d.policy.prefill[0].tokens == 0
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_decode_worker_lost_while_computing_a_prompt_itself_costs_no_request() -> None:
+    async def main() -> None:
+        lost, other = CachingDecode(room=4, cached=96, dies_in_prefill=True), CachingDecode(room=4, cached=96)
+        pre = CountingPrefill()
+        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-0", lost), WorkerRef("decode-1", other)],
+                       (2,), LimitsConfig(request_timeout_s=30), local_prefill_tokens=16)
+        d.start()
+        run = d.run(_long_req("a", 100))
+        first = await asyncio.wait_for(run.__anext__(), 2)
+        assert first.token_ids == [5] and first.timings["migrations"] == 1
+        assert other.prefilled == ["a"] and "a" in lost.cancelled and pre.calls == []
+        _finish(other, "a")
+        assert [t async for c in run for t in c.token_ids] == [6, 7, 8]
+        assert d.policy.decode[0].tokens == 0 and d.policy.decode[1].tokens == 0
+        await d.close()
 
     asyncio.run(main())
 
