@@ -4,13 +4,14 @@ worker that kept the KV of that answer computes (aggregated) or is handed (disag
 new part.
 
     python bench/multi_turn.py --config deploy/aggregated.yaml --output bench/results/multi_turn_aggregated.json
+    python bench/multi_turn.py --config deploy/local.yaml --local-prefill 64 --output bench/results/multi_turn_1p1d.json
 
 One cluster per setting (both prefix caches on / both off, same run; with --local-prefill N, also
 both on with decode.local_prefill_max_tokens: N, where a turn whose part not cached on its decode
 worker is at most N tokens is computed there): --conversations at once, each --turns turns one
 after another (a closed loop: the next question is asked when the answer is in), greedy answers of
---max-tokens. Reports median TTFT of the first turns and of the later ones, the prompt tokens the
-workers computed (decode workers' included), the prompt tokens found cached, the KV handed off and
+--max-tokens. Reports median TTFT of the first turns and of the later ones, the time per output
+token of the turns (median, max), the prompt tokens the workers computed (decode workers' included), the prompt tokens found cached, the KV handed off and
 the turns computed on their decode worker.
 """
 from __future__ import annotations
@@ -43,17 +44,20 @@ def conversation(srv: BackgroundServer, c: int, turns: int, max_tokens: int) -> 
     rows = []
     for t in range(turns):
         messages.append(pb.ChatMessage(role="user", content=QUESTIONS[(c + t) % len(QUESTIONS)]))
-        t0, first, text, last = time.perf_counter(), None, "", None
+        t0, first, text, last, n = time.perf_counter(), None, "", None, 0
         for msg in srv.stub.GenerateStream(pb.GenerateRequest(messages=messages, max_tokens=max_tokens), timeout=600):
             if first is None and msg.token_ids:
                 first = time.perf_counter()
             text += msg.text
+            n += len(msg.token_ids)
             last = msg
+        t_end = time.perf_counter()
         assert first is not None and last is not None
         messages.append(pb.ChatMessage(role="assistant", content=text))
         rows.append({"turn": t + 1, "ttft_ms": (first - t0) * 1000, "prompt_tokens": last.usage.prompt_tokens,
                      "cached_tokens": last.usage.cached_tokens, "kv_bytes": last.timings.kv_transfer_bytes,
-                     "local_prefill": last.timings.local_prefill})
+                     "local_prefill": last.timings.local_prefill,
+                     "tpot_ms": (t_end - first) * 1000 / max(1, n - 1)})
     return rows
 
 
@@ -81,6 +85,8 @@ def run(config: str, prefix_cache: bool, conversations: int, turns: int, max_tok
         "first_turn_median_ttft_ms": statistics.median(r["ttft_ms"] for r in rows if r["turn"] == 1),
         "later_turns_median_ttft_ms": statistics.median(r["ttft_ms"] for r in later),
         "later_turns_max_ttft_ms": max(r["ttft_ms"] for r in later),
+        "median_tpot_ms": statistics.median(r["tpot_ms"] for r in rows),
+        "max_tpot_ms": max(r["tpot_ms"] for r in rows),
         "prompt_tokens_sent": sum(r["prompt_tokens"] for r in rows),
         "prompt_tokens_computed": done,
         "cached_tokens_reported": sum(r["cached_tokens"] for r in rows),
