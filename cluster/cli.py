@@ -173,7 +173,9 @@ def _status(args: argparse.Namespace) -> int:
          "running": w.running, "waiting": w.waiting,
          "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
          "prompt_tokens_computed": w.prompt_tokens_computed, "tokens_generated": w.tokens_generated,
-         "preemptions": w.preemptions, "recomputed_tokens": w.recomputed_tokens}
+         "preemptions": w.preemptions, "recomputed_tokens": w.recomputed_tokens,
+         "kv_blocks_cached": w.kv_blocks_cached, "prefix_hit_tokens": w.prefix_hit_tokens,
+         "requests_prefilled": w.requests_prefilled}
         for w in resp.workers
     ]
     if args.json:

@@ -123,7 +123,7 @@ class PrefillWorker(StepLoop):
                  "links": {dst: link.backend.value for dst, link in self.sender.links.items()},
                  "waiting_tokens": self.prompts.scheduler.waiting_tokens,
                  "prefix_hit_tokens": self.allocator.hit_tokens, "prefix_query_tokens": self.allocator.query_tokens,
-                 "prefix_cached_blocks": self.allocator.num_cached},
+                 "prefix_cached_blocks": self.allocator.num_cached, "requests_prefilled": self.requests_done},
             )
 
     def check_idle(self) -> bool:

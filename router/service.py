@@ -62,6 +62,9 @@ class GenerationService:
                 prompt_tokens_computed=s.prompt_tokens_computed, tokens_generated=s.tokens_generated,
                 state=s.state, restarts=s.restarts, preemptions=s.extra.get("preemptions", 0),
                 recomputed_tokens=s.extra.get("recomputed_tokens", 0),
+                kv_blocks_cached=s.extra.get("prefix_cached_blocks", 0),
+                prefix_hit_tokens=s.extra.get("prefix_hit_tokens", 0),
+                requests_prefilled=s.extra.get("requests_prefilled", 0),
             )
         return resp
 

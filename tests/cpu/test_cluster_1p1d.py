@@ -287,8 +287,11 @@ def test_status_cli_json(server: RunningServer, capsys: pytest.CaptureFixture[st
     assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
     for w in workers:
         for key in ("id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total",
-                    "prompt_tokens_computed", "tokens_generated"):
+                    "prompt_tokens_computed", "tokens_generated", "kv_blocks_cached", "prefix_hit_tokens",
+                    "requests_prefilled"):
             assert key in w
+    prefill = next(w for w in workers if w["role"] == "prefill")
+    assert prefill["requests_prefilled"] == prefill["tokens_generated"] > 0
     assert next(w for w in workers if w["role"] == "decode")["kv_blocks_total"] == 2048
 
 

@@ -180,9 +180,11 @@ def test_the_router_sends_a_chats_next_turn_to_its_decode_worker_and_a_new_long_
     assert list(r2.token_ids) == hf_greedy_ids(ids2, 20, ignore_eos=True)
     assert r2.timings.local_prefill and r2.timings.kv_transfer_bytes == 0
     assert r2.usage.cached_tokens == (len(ids1) + 19) // 16 * 16
-    after = {w.id: w.prompt_tokens_computed for w in server.status()}
-    assert after["prefill-0"] == before["prefill-0"]
-    assert after["decode-0"] - before["decode-0"] == len(ids2) - r2.usage.cached_tokens
+    status = {w.id: w for w in server.status()}
+    assert status["prefill-0"].prompt_tokens_computed == before["prefill-0"]
+    assert status["decode-0"].prompt_tokens_computed - before["decode-0"] == len(ids2) - r2.usage.cached_tokens
+    assert status["decode-0"].requests_prefilled == 1 and status["prefill-0"].requests_prefilled == 1
+    assert status["decode-0"].prefix_hit_tokens >= r2.usage.cached_tokens and status["decode-0"].kv_blocks_cached > 0
     assert server.server.svc.dispatcher.local_prefills == 1
     registry = server.server.svc.metrics.registry  # refreshed every 2 s
     assert wait_until(lambda: registry.get_sample_value("pdserve_local_prefills_total") == 1, 5)

@@ -1,6 +1,7 @@
 """The hand-off and the engine on one CUDA GPU: aggregated, 1P1D by direct write (CUDA IPC), 2P2D,
-and 1P1D forced to NCCL; each sends every prompt twice, so the second time the prefill prefix
-cache supplies its whole blocks (== HF generate either way). Skipped without CUDA.
+and 1P1D forced to NCCL, each sending every prompt twice, so the second time the prefill prefix
+cache supplies its whole blocks (== HF generate either way); and 1P1D with short prompts computed
+on decode. Skipped without CUDA.
 
 NCCL refuses two ranks on one GPU ("Duplicate GPU detected"). For the NCCL test only, each worker
 process gets its own NCCL_HOSTID (tests/gpu/nccl_one_gpu.py), so NCCL takes them for two hosts and
@@ -99,6 +100,25 @@ def test_1p1d_forced_to_nccl_on_one_gpu(ray_up: None) -> None:
     extra = _check(_cfg(transport={"backend": "nccl"}), nccl_hosts=True)
     assert extra["prefill-0"]["links"] == {"decode-0": "nccl"}
     assert extra["decode-0"]["kv_bytes_placed"] > 0
+
+
+def test_1p1d_with_short_prompts_computed_on_decode_on_one_gpu(ray_up: None) -> None:
+    """decode.local_prefill_max_tokens on CUDA: prompts of at most 48 tokens are computed by the
+    decode worker (prompt chunks in its eager mixed steps), longer ones handed off; 16 at once,
+    every stream == HF generate on the GPU."""
+    from tests.cpu.harness import RunningServer, prompts, wait_until
+
+    srv = RunningServer(_cfg(decode={"local_prefill_max_tokens": 48}))
+    try:
+        ps = prompts(16, seed=7)
+        with cf.ThreadPoolExecutor(16) as ex:
+            rs = list(ex.map(lambda p: srv.generate(prompt=p, max_tokens=16), ps))
+        assert [list(r.token_ids) for r in rs] == [hf_greedy_cuda(p, 16) for p in ps]
+        local = [r.timings.local_prefill for r in rs]
+        assert any(local) and not all(local), local
+        assert wait_until(srv.all_idle, 10)
+    finally:
+        srv.stop()
 
 
 def test_preemption_and_a_killed_decode_worker_keep_the_tokens_on_cuda(ray_up: None) -> None:

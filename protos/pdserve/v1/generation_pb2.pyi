@@ -149,7 +149,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prompt_tokens_computed", "tokens_generated", "state", "restarts", "preemptions", "recomputed_tokens")
+    __slots__ = ("role", "id", "node", "running", "waiting", "kv_blocks_used", "kv_blocks_total", "prompt_tokens_computed", "tokens_generated", "state", "restarts", "preemptions", "recomputed_tokens", "kv_blocks_cached", "prefix_hit_tokens", "requests_prefilled")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,9 @@ class WorkerStatus(_message.Message):
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PREFILLED_FIELD_NUMBER: _ClassVar[int]
     role: str
     id: str
     node: str
@@ -176,7 +179,10 @@ class WorkerStatus(_message.Message):
     restarts: int
     preemptions: int
     recomputed_tokens: int
-    def __init__(self, role: _Optional[str] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., preemptions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ...) -> None: ...
+    kv_blocks_cached: int
+    prefix_hit_tokens: int
+    requests_prefilled: int
+    def __init__(self, role: _Optional[str] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., preemptions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., requests_prefilled: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("workers",)
