@@ -2,7 +2,8 @@
 
     python bench/soak.py --requests 5000 --cancels 500 --output bench/results/soak.json
 
-Starts the tiny model 1P1D (or --mode aggregated, two workers) in-process (or targets --address),
+Starts the tiny model 1P1D (or --mode aggregated, two workers; --local-prefill N: 1P1D whose decode
+worker computes prompts with at most N uncached tokens itself) in-process (or targets --address),
 then sends, from 16 threads: fuzzed requests (random bytes, bit-flipped valid requests, valid shapes
 with extreme or wrong values, duplicate request ids), normal requests, and requests that are
 cancelled or run out of time at random moments; half the valid prompts start with one shared
@@ -131,6 +132,9 @@ def main() -> int:
     ap.add_argument("--kv-blocks", type=int, default=1024, help="decode KV blocks of 16 tokens (128: the fewest "
                     "for the tiny model's 2048-token context; requests then grow into each other: preemptions)")
     ap.add_argument("--mode", choices=["disaggregated", "aggregated"], default="disaggregated")
+    ap.add_argument("--local-prefill", type=int, default=0, metavar="N",
+                    help="decode.local_prefill_max_tokens: prompts with at most N tokens not cached on their decode "
+                    "worker are computed there (disaggregated)")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     srv = None
@@ -139,7 +143,8 @@ def main() -> int:
         from cluster.config import parse_config
 
         workers: dict[str, Any] = ({"aggregated": {"replicas": 2, "num_cpus": 0.5}} if a.mode == "aggregated"
-                                   else {"prefill": {"num_cpus": 0.5}, "decode": {"num_cpus": 0.5}})
+                                   else {"prefill": {"num_cpus": 0.5},
+                                         "decode": {"num_cpus": 0.5, "local_prefill_max_tokens": a.local_prefill}})
         srv = BackgroundServer(parse_config({
             "model": {"path": "tiny"}, "mode": a.mode, "server": {"port": 0}, "kv_cache": {"num_blocks": a.kv_blocks},
             "limits": {"max_prompt_tokens": 1024}, **workers,
@@ -170,6 +175,7 @@ def main() -> int:
     blocks = {w.id: w.kv_blocks_used for w in workers}
     busy = {w.id: w.running + w.waiting for w in workers}
     preemptions = {w.id: w.preemptions for w in workers if w.role != "prefill"}
+    prefilled = {w.id: w.requests_prefilled for w in workers}
     unexpected = {k: {c: n for c, n in cnt.items() if c not in ALLOWED} for k, cnt in by_kind.items()}
     unexpected = {k: v for k, v in unexpected.items() if v}
     accounted = srv.all_idle() if srv is not None else None  # every allocator's integrity check
@@ -177,6 +183,7 @@ def main() -> int:
     report = {"address": address, "mode": a.mode, "wall_s": round(wall, 1), "sent": len(kinds),
               "codes": {k: dict(v) for k, v in by_kind.items()}, "unexpected": unexpected, "healthy": healthy,
               "kv_blocks_used": blocks, "requests_busy": busy, "preemptions": preemptions,
+              "requests_prefilled": prefilled, "local_prefill_max_tokens": a.local_prefill,
               "prefix_hit_tokens": prefix_hits(srv), "blocks_accounted": accounted, "promises_kept": ok}
     print(json.dumps(report, indent=2))
     if a.output:
