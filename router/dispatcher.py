@@ -8,7 +8,8 @@
      tried once more on another one (the same reservation); a hand-off the decode side failed (its
      worker lost) starts again from 1 on another decode worker (counted as a migration). A prompt
      whose part not cached on that decode worker is at most `local_prefill_tokens` long (the
-     reservation says how much is) is computed there instead: no prefill queue, no transfer
+     reservation says how much is) is computed there instead: no prefill queue, no transfer; so is
+     every prompt while no prefill worker is alive (slower decode steps rather than refusals)
   3. decode events arrive through one long-poll loop per decode worker (router/liveness.py),
      fanned out by the request's key (minted by the router; a client id is only a label) into its
      inbox (router/event_inbox.py: what waits is merged into one chunk)
@@ -125,8 +126,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                 f"{self.limits.max_concurrent_requests}); retry later"
             )
         if not self.serving:
-            raise WorkerFailure("no live decode worker" if all(d.worker_id in self.dead for d in self.decodes)
-                                else "no live prefill worker")
+            raise WorkerFailure("no live decode worker")
         for _ in range(DUPLICATE_GRACE_TURNS):  # one cancelled just now may still be leaving
             if req.request_id not in self.labels:
                 break
@@ -153,9 +153,8 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                 d_idx, dest = await self._reserve(req, deadline, failed_on)  # counted in the policy from here on
                 self._placed[key] = d_idx
                 preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest, req.cache_salt)
-                here = self.colocated or self._computes_here(dest, n_prompt)  # the decode worker computes it
-                self.local_prefills += here and not self.colocated
                 for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
+                    here = self.colocated or self._computes_here(dest, n_prompt)  # the decode worker computes it
                     if here:
                         p_idx, work = (d_idx, n_prompt) if self.colocated else (None, 0)
                     else:
@@ -170,9 +169,10 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                             res = PrefillResult.failed(key, f"{role} worker {self.decodes[d_idx].worker_id} "
                                                             f"is gone: {e}", handoff=True)
                             break
-                        if attempt == 2 or here or not _actor_gone(e) or not self.serving:
+                        if attempt == 2 or here or not _actor_gone(e):
                             raise
-                        log.warning("prefill of %s failed (%s); retrying on another prefill worker", key, e)
+                        log.warning("prefill of %s failed (%s); retrying on another prefill worker (or, none "
+                                    "left, on its decode worker)", key, e)
                 if res.error is None or not res.handoff_failed or moves >= self.limits.max_migrations:
                     break
                 # the decode side failed the hand-off (its worker lost, its reservation gone; or the
@@ -198,6 +198,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                 timings["migrations"] = moves
             if here and not self.colocated:
                 timings["local_prefill"] = 1.0
+                self.local_prefills += 1
             first_lp = [res.first_logprob] if res.first_logprob is not None else None
             if res.finished is not None:  # the first token ended it: nothing for decode to do
                 finished = True
@@ -245,7 +246,9 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
 
     def _computes_here(self, dest: KVDestination | None, n_prompt: int) -> bool:
         """Step 2: is the prompt's part not cached on the decode worker that reserved short enough
-        for that worker to compute it itself?"""
+        for that worker to compute it itself — or is no prefill worker left to compute it?"""
+        if self.prefill_lost:
+            return True
         if self.local_prefill_tokens <= 0:
             return False
         cached = dest.shared_tokens if dest is not None else 0

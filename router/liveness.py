@@ -96,9 +96,14 @@ class WorkerLiveness:
 
     @property
     def serving(self) -> bool:
-        """At least one decode worker (and, disaggregated, one prefill worker) is alive."""
-        decode_ok = any(d.worker_id not in self.dead for d in self.decodes)
-        return decode_ok and (self.colocated or any(p.worker_id not in self.dead_prefills for p in self.prefills))
+        """At least one decode worker is alive (with no live prefill worker, decode workers compute
+        the prompts themselves: router/dispatcher.py, step 2)."""
+        return any(d.worker_id not in self.dead for d in self.decodes)
+
+    @property
+    def prefill_lost(self) -> bool:
+        """Disaggregated, and every prefill worker is gone."""
+        return not self.colocated and all(p.worker_id in self.dead_prefills for p in self.prefills)
 
     async def stats(self) -> list[WorkerStats]:
         """Every worker, the unreachable ones too (state 'lost'); a worker found gone is marked lost."""

@@ -221,8 +221,9 @@ def test_a_reserve_that_answers_after_the_request_is_gone_is_cancelled() -> None
 
 
 def test_a_prefill_worker_dying_before_the_first_token_is_retried_once_elsewhere() -> None:
+    """... on the other prefill worker; with none left, on the decode worker that reserved."""
     async def main() -> None:
-        dec, dying, alive = FakeDecode(room=4), FakePrefill(), FakePrefill()
+        dec, dying, alive = FakeAggregated(room=4), FakePrefill(), FakePrefill()
 
         async def died(req: Any, timeout: float) -> PrefillResult:
             raise ActorDiedError("The actor died unexpectedly")
@@ -235,10 +236,17 @@ def test_a_prefill_worker_dying_before_the_first_token_is_retried_once_elsewhere
         await asyncio.sleep(0.05)
         _finish(dec, "r")
         assert await task == [5, 6, 7, 8]  # served through prefill-1, same reservation
-        assert d.dead_prefills == {"prefill-0"}
-        with pytest.raises(WorkerFailure, match="prefill"):  # no third try: with prefill-1 dying too, it fails
-            alive.prefill = _Method(died)
-            await _collect(d, "s")
+        assert d.dead_prefills == {"prefill-0"} and dec.prefilled == []
+        alive.prefill = _Method(died)  # prefill-1 dies too: the decode worker computes the prompt
+        task = asyncio.create_task(_collect(d, "s"))
+        await asyncio.sleep(0.05)
+        _finish(dec, "s")
+        assert await task == [5, 6, 7, 8] and dec.prefilled == ["s"] and d.local_prefills == 1
+        assert d.dead_prefills == {"prefill-0", "prefill-1"} and d.serving
+        d.mark_lost("decode-1", "gone")  # without a decode worker nothing is served
+        assert not d.serving
+        with pytest.raises(WorkerFailure, match="no live decode worker"):
+            await _collect(d, "t")
         await d.close()
 
     asyncio.run(main())

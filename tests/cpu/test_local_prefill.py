@@ -188,3 +188,21 @@ def test_the_router_sends_a_chats_next_turn_to_its_decode_worker_and_a_new_long_
     assert server.server.svc.dispatcher.local_prefills == 1
     registry = server.server.svc.metrics.registry  # refreshed every 2 s
     assert wait_until(lambda: registry.get_sample_value("pdserve_local_prefills_total") == 1, 5)
+
+
+def test_with_its_prefill_worker_gone_for_good_the_decode_worker_computes_every_prompt(server: RunningServer) -> None:
+    """The last test of this module: prefill-0 is killed for good. Health stays SERVING, and a
+    prompt of ~400 new tokens — far above local_prefill_max_tokens — is computed by the decode
+    worker: HF's tokens, not UNAVAILABLE."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ray.kill(server.cluster.workers["prefill-0"], no_restart=True)
+    assert wait_until(lambda: next(w for w in server.status() if w.id == "prefill-0").state == "lost", 15)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    text = prompts(6, seed=11, min_words=60, max_words=70)[5][:400]
+    r = server.generate(prompt=text, max_tokens=12, ignore_eos=True)
+    assert list(r.token_ids) == hf_greedy_ids(tiny_tokenizer()(text)["input_ids"], 12, ignore_eos=True)
+    assert r.timings.local_prefill and r.usage.cached_tokens == 0
+    decode = server.cluster.workers["decode-0"]
+    assert wait_until(lambda: ray.get(decode.check_idle.remote(), timeout=10), 10)
