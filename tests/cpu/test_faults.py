@@ -113,12 +113,14 @@ def test_a_killed_decode_worker_comes_back_and_its_streams_go_on_there(server: R
 def test_a_killed_prefill_worker_comes_back_and_running_streams_go_on(server: RunningServer) -> None:
     ends, threads = _streams(server, 4)  # all past prefill: decoding
     ray.kill(server.cluster.workers["prefill-0"], no_restart=False)
-    assert _serves_again(server, 60) < 60
+    assert _serves_again(server, 60) < 60  # meanwhile, the decode worker computes the prompts itself
     for t in threads:
         t.join(60)
     assert all(e is not None and e[0] == "ok" for e in ends), ends  # decode did not need the prefill
-    w = _worker(server, "prefill-0")
-    assert w.restarts == 1 and w.state == "serving"
+    assert wait_until(lambda: (w := _worker(server, "prefill-0")).restarts == 1 and w.state == "serving", 60)
+    p = prompts(3, seed=41)[2]
+    r = server.generate(prompt=p, max_tokens=8, timeout=30)
+    assert list(r.token_ids) == hf_greedy(p, 8) and not r.timings.local_prefill  # through prefill-0 again
     assert wait_until(server.all_idle, 15)
 
 
