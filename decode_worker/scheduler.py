@@ -176,6 +176,7 @@ class DecodeScheduler(Preemption):
         if req is None or req.status is not DecodeStatus.PREFILLING:
             return None
         req.output_ids.append(first_token)
+        self.tokens_generated += 1  # sampled here (a handed-off request's first token counts on its prefill worker)
         reason = req.check_finished()
         if reason is not None:
             self._finish(req, reason)

@@ -84,8 +84,9 @@ def test_a_chats_next_turn_is_computed_on_decode_after_its_cached_history_and_eq
         assert out1 == hf_greedy_ids(ids1, 24, ignore_eos=True)
         ids2 = ids1 + out1 + tok(" And the quiet river?")["input_ids"]
         computed, received, steps = dw.prompt_tokens_computed, dw.receiver.bytes_received, dw.steps
-        hits, queried = dw.allocator.hit_tokens, dw.allocator.query_tokens
+        hits, queried, generated = dw.allocator.hit_tokens, dw.allocator.query_tokens, dw.stats().tokens_generated
         out2, cached = _local(dw, events, "turn-2", ids2, sp)
+        assert dw.stats().tokens_generated - generated == 24  # its first token too: it was sampled here
         assert (dw.allocator.hit_tokens - hits, dw.allocator.query_tokens - queried) == (cached, len(ids2))  # once
         assert out2 == hf_greedy_ids(ids2, 24, ignore_eos=True)
         assert cached == (len(ids1) + 24 - 1) // BS * BS  # turn 1's KV: its prompt and all its answer but the last
