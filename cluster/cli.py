@@ -157,8 +157,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _summary(finish: str, usage: pb.Usage, t: pb.Timings) -> None:
     tps = usage.completion_tokens / (t.total_ms / 1000) if t.total_ms else 0.0
     kv = f"kv_transfer={t.kv_transfer_ms:.1f}ms/{t.kv_transfer_bytes / 1e6:.2f}MB " if t.kv_transfer_bytes else ""
+    kv += "prefill=on-decode " if t.local_prefill else ""
+    cached = f" cached={usage.cached_tokens}" if usage.cached_tokens else ""
     print(
-        f"[finish={finish} prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
+        f"[finish={finish} prompt={usage.prompt_tokens}{cached} completion={usage.completion_tokens} "
         f"ttft={t.ttft_ms:.0f}ms {kv}total={t.total_ms:.0f}ms {tps:.1f} tok/s]",
         file=sys.stderr,
     )

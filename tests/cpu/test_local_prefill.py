@@ -207,3 +207,16 @@ def test_with_its_prefill_worker_gone_for_good_the_decode_worker_computes_every_
     assert r.timings.local_prefill and r.usage.cached_tokens == 0
     decode = server.cluster.workers["decode-0"]
     assert wait_until(lambda: ray.get(decode.check_idle.remote(), timeout=10), 10)
+
+
+def test_the_generate_summary_says_where_the_prompt_was_computed(capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import _summary
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    _summary("stop", pb.Usage(prompt_tokens=90, completion_tokens=20, cached_tokens=64),
+             pb.Timings(ttft_ms=50, total_ms=500, local_prefill=True))
+    _summary("stop", pb.Usage(prompt_tokens=90, completion_tokens=20),
+             pb.Timings(ttft_ms=50, total_ms=500, kv_transfer_ms=3, kv_transfer_bytes=2_000_000))
+    here, there = capsys.readouterr().err.splitlines()
+    assert "prompt=90 cached=64" in here and "prefill=on-decode" in here and "kv_transfer" not in here
+    assert "kv_transfer=3.0ms/2.00MB" in there and "on-decode" not in there and "cached" not in there
