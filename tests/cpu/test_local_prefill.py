@@ -192,7 +192,7 @@ def test_the_router_sends_a_chats_next_turn_to_its_decode_worker_and_a_new_long_
 
 
 def test_with_its_prefill_worker_gone_for_good_the_decode_worker_computes_every_prompt(server: RunningServer) -> None:
-    """The last test of this module: prefill-0 is killed for good. Health stays SERVING, and a
+    """The last cluster test of this module: prefill-0 is killed for good. Health stays SERVING, and a
     prompt of ~400 new tokens — far above local_prefill_max_tokens — is computed by the decode
     worker: HF's tokens, not UNAVAILABLE."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
