@@ -21,11 +21,11 @@ A request here goes:
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import deque
-import torch
 
-import time
+import torch
 
 from decode_worker.config import BatchConfig
 from decode_worker.preemption import Recompute

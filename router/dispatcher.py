@@ -21,9 +21,9 @@
      limits.max_migrations times (router/migration.py)
 With colocated=True (mode: aggregated) prefills[i] and decodes[i] are the same worker, and step 2
 always goes to the worker that reserved; a worker lost before the first token (there, or on a
-decode worker computing a prompt itself) starts the request again
-from 1 on another one (the same one once restarted), counted as a migration. Workers are Ray actor
-handles (`handle.method.remote(...)` returns an awaitable); tests may pass anything with the same shape.
+decode worker computing a prompt itself) starts the request again from 1 on another one (the same
+one once restarted), counted as a migration. Workers are Ray actor handles
+(`handle.method.remote(...)` returns an awaitable); tests may pass anything with the same shape.
 """
 from __future__ import annotations
 
@@ -190,7 +190,8 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                 if self._aborted.is_set():
                     inbox.fail(self._abort_reason)
             if res.error is not None:
-                raise WorkerFailure(f"prefill worker: {res.error}")
+                where = f"prefill on {self.decodes[d_idx].worker_id}" if here else "prefill worker"
+                raise WorkerFailure(f"{where}: {res.error}")
             t_first = time.monotonic()
             timings = {"queue_ms": res.queue_ms, "prefill_ms": res.prefill_ms, "ttft_ms": (t_first - t_accept) * 1000,
                        "cached_tokens": float(res.cached_tokens)}
