@@ -228,7 +228,8 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                     timings["kv_transfer_ms"] = ev.kv_transfer_ms
                     timings["kv_transfer_bytes"] = float(ev.kv_bytes or 0)
                 if ev.finish_reason is not None:
-                    finished = True
+                    finished = True  # its worker keeps the KV of prompt and answer: credit it there
+                    self.policy.placed([*req.prompt_ids, *out_ids, *ev.token_ids], req.cache_salt, d_idx)
                     yield TokenChunk(ev.token_ids, ev.finish_reason, _close(timings, t_first, t_accept), ev.logprobs)
                     return
                 if ev.token_ids:

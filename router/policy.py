@@ -6,7 +6,8 @@ tokens queued there plus the prompt's own, less the prefix that worker holds whe
 sent it there (router/prefix_affinity.py; off when None). Decode workers holding a prompt's prefix
 share those blocks (and are handed off only the rest); aggregated ones compute only the rest: given
 the prompt, decode_order() counts reserved tokens less the prefix a worker holds (decode_affinity,
-its own record: placed() after one reserves).
+its own record: placed() after one reserves, and again with the answer when the request finishes
+there — that worker keeps the KV of both, which a conversation's next turn starts with).
 """
 from __future__ import annotations
 

@@ -546,6 +546,35 @@ def test_a_decode_worker_lost_while_computing_a_prompt_itself_costs_no_request()
     asyncio.run(main())
 
 
+def test_a_finished_answer_is_credited_to_its_decode_worker_for_the_next_turn() -> None:
+    """A decode worker keeps a finished request's prompt *and* answer KV (kv_cache.prefix_cache):
+    the router's record of where prefixes are covers the answer too, so the next turn (prompt,
+    answer, question) counts all of it as room there (and can be computed there)."""
+    from router.prefix_affinity import PrefixAffinity
+
+    async def main() -> None:
+        dec0, dec1 = FakeDecode(room=4), FakeDecode(room=4)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-0", dec0), WorkerRef("decode-1", dec1)],
+                       (2,), LimitsConfig(), decode_affinity=PrefixAffinity(16))
+        d.start()
+        prompt, answer = list(range(3, 43)), list(range(100, 140))  # 40 + 40 tokens
+        run = d.run(ValidRequest("a", prompt, SamplingParams(max_tokens=41), (), "a"))
+        assert (await asyncio.wait_for(run.__anext__(), 2)).token_ids == [5]
+        held = "decode-0" if "a" in dec0.held else "decode-1"
+        where = dec0 if held == "decode-0" else dec1
+        where.held.discard("a")
+        where.events.put_nowait(DecodeEvent("a", answer, FinishReason.LENGTH))
+        assert [t async for c in run for t in c.token_ids] == answer
+        aff = d.policy.decode_affinity
+        assert aff is not None
+        nxt = [*prompt, 5, *answer, 7, 8, 9]  # the first token, the answer, a question
+        holder, reused = aff.holder(aff.digests(nxt))
+        assert (d.decodes[holder].worker_id, reused) == (held, 80)  # 5 blocks: prompt, first token, answer
+        await d.close()
+
+    asyncio.run(main())
+
+
 def test_an_id_reused_while_its_cancelled_request_is_still_leaving_is_served() -> None:
     """A client cancels and at once sends the same id again: the new call can reach the router
     before the old one's cancellation does (seen in the 1P1D cluster test). It waits a moment for
