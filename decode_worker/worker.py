@@ -14,7 +14,8 @@ Then it decodes as every BatchWorker does: schedule → run → postprocess (eng
 A prompt whose part not cached here is at most decode.local_prefill_max_tokens long skips steps 2-3:
 the router calls prefill() here instead of on a prefill worker, and this worker computes it in
 chunks beside its decode rows (batch_worker.py), sharing max_recompute_tokens with recomputes —
-no prefill queue, no transfer: a multi-turn chat's next turn, whose history is cached here.
+no prefill queue, no transfer: a multi-turn chat's next turn, whose history is cached here. So does
+every prompt while no prefill worker is alive (router/dispatcher.py, step 2).
 """
 from __future__ import annotations
 
