@@ -11,8 +11,9 @@ both on with decode.local_prefill_max_tokens: N, where a turn whose part not cac
 worker is at most N tokens is computed there): --conversations at once, each --turns turns one
 after another (a closed loop: the next question is asked when the answer is in), greedy answers of
 --max-tokens. Reports median TTFT of the first turns and of the later ones, the time per output
-token of the turns (median, max), the prompt tokens the workers computed (decode workers' included), the prompt tokens found cached, the KV handed off and
-the turns computed on their decode worker.
+token of the turns (median, max), the prompt tokens the workers computed (decode workers'
+included), the prompt tokens found cached, the KV handed off and the turns computed on their
+decode worker.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def run(config: str, prefix_cache: bool, conversations: int, turns: int, max_tok
         done = computed(srv) - before
     later = [r for r in rows if r["turn"] > 1]
     return {
-        "prefix_cache": prefix_cache, "local_prefill_max_tokens": local_prefill, "conversations": conversations, "turns": turns, "max_tokens": max_tokens,
+        "prefix_cache": prefix_cache, "local_prefill_max_tokens": local_prefill, "conversations": conversations,
+        "turns": turns, "max_tokens": max_tokens,
         "first_turn_median_ttft_ms": statistics.median(r["ttft_ms"] for r in rows if r["turn"] == 1),
         "later_turns_median_ttft_ms": statistics.median(r["ttft_ms"] for r in later),
         "later_turns_max_ttft_ms": max(r["ttft_ms"] for r in later),

@@ -498,7 +498,8 @@ class CachingDecode(FakeAggregated):
 
     async def _reserve(self, rid: str, *_: Any) -> ReserveResult:
         r = await super()._reserve(rid)
-        return ReserveResult(r.ok, r.reason, KVDestination("decode", (), self.cached // 16, self.cached) if r.ok else None)
+        dest = KVDestination("decode", (), self.cached // 16, self.cached) if r.ok else None
+        return ReserveResult(r.ok, r.reason, dest)
 
 
 def _long_req(rid: str, n: int) -> ValidRequest:
@@ -554,8 +555,9 @@ def test_a_finished_answer_is_credited_to_its_decode_worker_for_the_next_turn() 
 
     async def main() -> None:
         dec0, dec1 = FakeDecode(room=4), FakeDecode(room=4)
-        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-0", dec0), WorkerRef("decode-1", dec1)],
-                       (2,), LimitsConfig(), decode_affinity=PrefixAffinity(16))
+        decodes = [WorkerRef("decode-0", dec0), WorkerRef("decode-1", dec1)]
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], decodes, (2,), LimitsConfig(),
+                       decode_affinity=PrefixAffinity(16))
         d.start()
         prompt, answer = list(range(3, 43)), list(range(100, 140))  # 40 + 40 tokens
         run = d.run(ValidRequest("a", prompt, SamplingParams(max_tokens=41), (), "a"))

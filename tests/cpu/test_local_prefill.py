@@ -26,10 +26,11 @@ BS = 16
 
 
 @contextmanager
-def pair(max_recompute_tokens: int = 256) -> Iterator[tuple[PrefillWorker, DecodeWorker, Events]]:
+def pair(max_recompute_tokens: int = 256,
+         allocation: str = "on_demand") -> Iterator[tuple[PrefillWorker, DecodeWorker, Events]]:
     mc, tc = ModelConfig(path="tiny"), TransportConfig(timeout_s=10)
     pw = PrefillWorker("p0", mc, PrefillConfig(chunk_tokens=2048), tc, block_size=BS)
-    dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=256, block_size=BS),
+    dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=256, block_size=BS, allocation=allocation),
                       DecodeConfig(max_recompute_tokens=max_recompute_tokens), tc)
     pw.start()
     dw.start()
@@ -71,14 +72,15 @@ def _local(dw: DecodeWorker, events: Events, rid: str, ids: list[int], sp: Sampl
     return _tokens(dw, events, rid, res.first_token), r.dest.shared_tokens
 
 
-def test_a_chats_next_turn_is_computed_on_decode_after_its_cached_history_and_equals_hf() -> None:
+@pytest.mark.parametrize("allocation", ["on_demand", "upfront"])
+def test_a_chats_next_turn_is_computed_on_decode_after_its_cached_history_and_equals_hf(allocation: str) -> None:
     """Turn 1 is handed off; the decode worker keeps its prompt's and answer's KV. Turn 2 (turn 1,
     its answer, a new question) finds all of that cached there but the last partial block, and the
     decode worker computes only the rest — in 16-token chunks beside nothing else — with no byte
-    received: HF generate's tokens."""
+    received: HF generate's tokens. Whether requests grow (on_demand) or hold max_tokens upfront."""
     tok = tiny_tokenizer()
     sp = SamplingParams(max_tokens=24, ignore_eos=True)
-    with pair(max_recompute_tokens=16) as (pw, dw, events):
+    with pair(max_recompute_tokens=16, allocation=allocation) as (pw, dw, events):
         ids1 = tok(prompts(6, seed=3, min_words=20, max_words=30)[3])["input_ids"]
         out1 = _handed_off(pw, dw, events, "turn-1", ids1, sp)
         assert out1 == hf_greedy_ids(ids1, 24, ignore_eos=True)
@@ -109,7 +111,8 @@ def test_prompts_computed_on_decode_share_steps_with_running_decodes_and_all_equ
             near = [ex.submit(_local, dw, events, f"l{i}", tok(t)["input_ids"], sp) for i, t in enumerate(texts[4:])]
             got = [f.result(60) for f in far] + [f.result(60)[0] for f in near]
         assert got == [hf_greedy_ids(tok(t)["input_ids"], 40, ignore_eos=True) for t in texts]
-        assert dw.requests_prefilled == 4 and pw.prompt_tokens_computed == sum(len(tok(t)["input_ids"]) for t in texts[:4])
+        assert dw.requests_prefilled == 4
+        assert pw.prompt_tokens_computed == sum(len(tok(t)["input_ids"]) for t in texts[:4])
         assert _idle(dw, pw)
 
 
