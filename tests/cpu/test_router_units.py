@@ -162,3 +162,18 @@ def test_affinity_forgets_the_least_recently_used_prefixes() -> None:
     a.record(a.digests([5, 5, 5]), 1)  # evicts the oldest: [1 2 3 4]'s second digest
     assert a.holder(a.digests([1, 2, 3, 4, 5])) == (0, 2)
     assert a.holder(a.digests([8, 8, 8])) == (None, 0)
+
+
+def test_every_metric_the_grafana_dashboard_plots_is_one_the_router_exports() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from router.metrics import RouterMetrics
+
+    dash = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/pdserve-dashboard.json").read_text())
+    plotted = {re.sub(r"_bucket$", "", m) for p in dash["panels"] for t in p.get("targets", [])
+               for m in re.findall(r"pdserve_[a-z0-9_]+", t["expr"])}
+    families = list(RouterMetrics().registry.collect())  # a labelled family has no sample until used
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    assert len(plotted) > 20 and plotted <= exported, plotted - exported
