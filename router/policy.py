@@ -41,10 +41,11 @@ class LeastLoadedPolicy:
         return sorted(range(len(self.decode)), key=lambda i: (
             self.decode[i].tokens - (reused if i == holder else 0), self.decode[i].requests, i))
 
-    def placed(self, prompt: Sequence[int], salt: str, decode: int) -> None:
-        """Decode worker `decode` reserved for `prompt`: it will hold its prefix."""
+    def placed(self, tokens: Sequence[int], salt: str, decode: int) -> None:
+        """Decode worker `decode` holds the KV of `tokens`' prefix: a prompt it reserved for, or a
+        finished request's prompt and answer."""
         if self.decode_affinity is not None and len(self.decode) > 1:
-            self.decode_affinity.record(self.decode_affinity.digests(prompt, salt), decode)
+            self.decode_affinity.record(self.decode_affinity.digests(tokens, salt), decode)
 
     def pick_prefill(self, exclude: set[int] | frozenset[int] = frozenset(),
                      prompt: Sequence[int] = (), salt: str = "") -> tuple[int, int] | None:
