@@ -73,13 +73,15 @@ def _stream_clients(address: str, texts: list[str], max_tokens: int, sampling: d
 def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], tok, max_tokens: int,  # type: ignore[no-untyped-def]
                  sampling: dict[str, float]) -> dict:
     texts = [tok.decode(prompt_ids[i % len(prompt_ids)]) for i in range(conc)]
-    cpu0 = _cpu_s()
+    cpu0, threads0, loops0, wall0 = _cpu_s(), _thread_cpu(), _decode_loops(srv), time.perf_counter()
     ctx = mp.get_context("spawn")
     out: "mp.Queue[Any]" = ctx.Queue()
     proc = ctx.Process(target=_stream_clients, args=(srv.address, texts, max_tokens, sampling, out), daemon=True)
     proc.start()
     arrivals, t0, error, messages = out.get(timeout=1800)
     router_cpu = _cpu_s() - cpu0
+    threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu().items()}
+    loops, wall = _decode_loops(srv), time.perf_counter() - wall0
     proc.join(60)
     if error:
         raise RuntimeError(error)
@@ -97,12 +99,54 @@ def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], 
         # CPU time of this process (the router's event loop; its clients run elsewhere) per token streamed
         "router_cpu_us_per_token": router_cpu / sum(len(a) for a in arrivals) * 1e6,
         "tokens_per_message": sum(len(a) for a in arrivals) / messages,  # > 1: the router merged events
+        # where that CPU went: the router's event loop, gRPC's poller, Ray's threads (Linux only)
+        "router_cpu_us_per_token_by_thread": {k: round(v / sum(len(a) for a in arrivals) * 1e6, 1)
+                                              for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v > 0},
+        # the decode workers' loop threads, per step on average over the run: where a step's time goes
+        "worker_step_ms": _per_step(loops0, loops, wall),
     }
+
+
+def _decode_loops(srv: BackgroundServer) -> list[tuple[int, dict[str, float]]]:
+    """(steps, seconds in each part of the loop) of every decode (or aggregated) worker."""
+    import ray
+
+    return [(s.extra["steps"], s.extra["loop_s"]) for s in ray.get([w.stats.remote() for w in srv.cluster.decodes])]
+
+
+def _per_step(before: list[tuple[int, dict[str, float]]], after: list[tuple[int, dict[str, float]]],
+              wall: float) -> dict[str, float]:
+    steps = sum(a[0] - b[0] for a, b in zip(after, before))
+    if steps <= 0:
+        return {}
+    out = {k: sum(a[1][k] - b[1][k] for a, b in zip(after, before)) / steps * 1000 for k in after[0][1]}
+    out["other"] = wall * len(after) / steps * 1000 - sum(out.values())  # between the parts: the lock
+    out["steps"] = steps
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def _cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each of this process's threads, by name (threads of one name summed); {} off Linux."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            stat = Path(f"/proc/self/task/{t}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
 
 
 def bare_rate(runner: ModelRunner, batch: int, prompt_len: int, steps: int) -> dict:
@@ -154,9 +198,11 @@ def main() -> None:
         srv.generate(prompt="warm up", max_tokens=8)
         for c in levels:
             r = serving_rate(srv, c, prompt_ids, tok, a.max_tokens, sampling)
+            threads = ", ".join(f"{k} {v:.0f}" for k, v in list(r["router_cpu_us_per_token_by_thread"].items())[:4])
             print(f"serving  C={c:3d}: {r['decode_tokens_per_s']:7.1f} tok/s  itl {r['median_itl_ms']:.1f} ms"
-                  f"  router {r['router_cpu_us_per_token']:.0f} µs CPU/token, {r['tokens_per_message']:.2f} tokens/message",
-                  flush=True)
+                  f"  router {r['router_cpu_us_per_token']:.0f} µs CPU/token ({threads}),"
+                  f" {r['tokens_per_message']:.2f} tokens/message\n"
+                  f"         decode workers' loop per step (ms): {r['worker_step_ms']}", flush=True)
             rows.append(r)
     torch.set_num_threads(cfg.decode.torch_threads)
     model = load_model(cfg.model)

@@ -2,14 +2,22 @@
 that answers each poll with one token for every request (no Ray, no gRPC, no model).
 
     python bench/router_path.py [--streams 64] [--tokens 300]
+    python bench/router_path.py --full [--workers 2] [--step-ms 4] [--output bench/results/router_path.json]
 
 bench/engine.py measures the whole serving path (its `router_cpu_us_per_token` adds Ray's poll
 calls and gRPC's ~50 µs a message); this isolates what pdserve's own router code costs per token.
+
+--full: the router process as a GPU machine runs it, without a GPU: the real RouterServer (gRPC,
+Ray event pumps) over Ray actors that stand in for aggregated workers and give every request they
+hold one token each `--step-ms` (no model: a 1.1B shape's decode step on an H100 is ~4 ms at batch
+64), streams from asyncio gRPC clients in a process of their own. Reports the tokens/s the
+clients received against the workers' pace and the router process's CPU per token, by thread.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,9 +91,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=300)
+    ap.add_argument("--full", action="store_true", help="through Ray and gRPC (paced fake workers)")
+    ap.add_argument("--workers", type=int, default=2, help="--full: fake aggregated workers")
+    ap.add_argument("--step-ms", type=float, default=4.0, help="--full: each worker's step time")
+    ap.add_argument("--output", default="", help="--full: write the result as JSON here")
     a = ap.parse_args()
-    us = asyncio.run(run(a.streams, a.tokens))
-    print(f"{a.streams} streams: {us:.1f} µs of router CPU per token (dispatcher + service; no Ray, no gRPC)")
+    if not a.full:
+        us = asyncio.run(run(a.streams, a.tokens))
+        print(f"{a.streams} streams: {us:.1f} µs of router CPU per token (dispatcher + service; no Ray, no gRPC)")
+        return
+    from bench.router_full import run_full
+
+    r = run_full(a.streams, a.tokens, a.workers, a.step_ms)
+    print(f"{a.streams} streams over {a.workers} workers at {a.step_ms:g} ms a step: offered "
+          f"{r['offered_tokens_per_s']:.0f} tok/s, received {r['received_tokens_per_s']:.0f} "
+          f"({r['received_over_offered']:.0%}), router {r['router_cpu_us_per_token']:.0f} µs CPU/token, "
+          f"{r['tokens_per_message']:.2f} tokens/message; by thread {r['router_cpu_us_per_token_by_thread']}")
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(json.dumps(r, indent=2))
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ class BatchWorker(StepLoop):
             return WorkerStats(
                 self.role, self.worker_id, self.node, s.num_running, s.num_waiting,
                 self.allocator.num_used, self.allocator.num_blocks, self.prompt_tokens_computed,
-                s.tokens_generated, {"steps": self.steps, "attention": self.runner.attn.name,
+                s.tokens_generated, {"steps": self.steps, "loop_s": dict(self.loop_s),
+                                     "attention": self.runner.attn.name,
                                      "graph_replays": 0 if self.runner.graphs is None else self.runner.graphs.replays,
                                      "preemptions": s.preemptions, "preempted": len(s.preempted),
                                      "recomputed_tokens": self.recomputed_tokens,

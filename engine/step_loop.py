@@ -28,6 +28,7 @@ import abc
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,9 @@ class StepLoop(abc.ABC):
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # forwards run
+        # seconds the loop thread spent in each part of its turns (stats: where a step's time goes;
+        # on CUDA "run" is mostly launching, and the wait for the device lands in postprocess's sampling)
+        self.loop_s = {"idle": 0.0, "schedule": 0.0, "run": 0.0, "postprocess": 0.0}
 
     # -- each worker's part ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -117,8 +121,11 @@ class StepLoop(abc.ABC):
                 if self._stop:
                     return
                 if not self._news and (stalled or self._idle()):
+                    t = time.perf_counter()
                     self.wake.wait(self._idle_wait_s())
+                    self.loop_s["idle"] += time.perf_counter() - t
                 self._news = False
+            t0 = time.perf_counter()
             try:
                 step = self._schedule()  # 2
             except Exception as e:  # noqa: BLE001 — nothing to fail it on: the state itself is wrong
@@ -126,12 +133,17 @@ class StepLoop(abc.ABC):
                 self._exit(LOOP_BROKEN_EXIT, f"its schedule() raised {type(e).__name__}: {e}")
                 return
             stalled = step is None
+            t1 = time.perf_counter()
+            self.loop_s["schedule"] += t1 - t0
             if step is None:
                 continue
             try:
                 logits = self.runner.forward(step.seqs)  # 3. [rows, V]
                 self.steps += 1
+                t2 = time.perf_counter()
+                self.loop_s["run"] += t2 - t1
                 self._postprocess(step, logits)  # 4
+                self.loop_s["postprocess"] += time.perf_counter() - t2
             except Exception as e:  # noqa: BLE001 — end what this step held, keep the worker alive
                 log.exception("%s: step failed", self.worker_id)
                 if not self.runner.device_ok():  # not the step's fault: its requests may go on elsewhere

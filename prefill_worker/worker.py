@@ -118,7 +118,7 @@ class PrefillWorker(StepLoop):
                 self.role, self.worker_id, self.node, self.prompts.num_waiting_callers,
                 len(self.prompts.scheduler.waiting), self.allocator.num_used, self.allocator.num_blocks,
                 self.prompt_tokens_computed, self.requests_done,
-                {"steps": self.steps, "kv_bytes_sent": self.sender.bytes_sent,
+                {"steps": self.steps, "loop_s": dict(self.loop_s), "kv_bytes_sent": self.sender.bytes_sent,
                  "writes_in_flight": self.sender.in_flight,
                  "links": {dst: link.backend.value for dst, link in self.sender.links.items()},
                  "waiting_tokens": self.prompts.scheduler.waiting_tokens,

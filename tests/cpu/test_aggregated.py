@@ -79,6 +79,19 @@ def test_concurrent_requests_equal_solo(worker: Worker) -> None:
     assert s.role == "aggregated" and s.prompt_tokens_computed > 0 and s.kv_blocks_used == 0
 
 
+def test_stats_say_where_the_loop_time_went(worker: Worker) -> None:
+    """bench/engine.py reads these to split a serving step into schedule, run (the forward),
+    postprocess (sampling, events) and idle."""
+    before = worker.w.stats().extra
+    worker.run("loop-time", "where does the time go", 16, ignore_eos=True)
+    after = worker.w.stats().extra
+    spent = {k: after["loop_s"][k] - before["loop_s"][k] for k in after["loop_s"]}
+    assert set(spent) == {"idle", "schedule", "run", "postprocess"}
+    assert after["steps"] - before["steps"] >= 16  # one prompt step (or more chunks) + 15 decode steps
+    assert spent["run"] > 0 and spent["postprocess"] > 0 and spent["schedule"] > 0
+    assert all(v >= 0 for v in spent.values())
+
+
 def hf_greedy_ids(ids: list[int], max_new_tokens: int) -> list[int]:
     model, _ = _tiny()
     with torch.inference_mode():
