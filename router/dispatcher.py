@@ -186,6 +186,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                 self.policy.remove(self.policy.decode[d_idx], kv_tokens)
                 self._in_background(self._cancel_decode(d_idx, key))
                 d_idx = None
+                inbox.close()
                 inbox = self.streams[key] = EventInbox()  # not the lost worker's event
                 if self._aborted.is_set():
                     inbox.fail(self._abort_reason)
@@ -236,6 +237,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                     out_ids += ev.token_ids
                     yield TokenChunk(ev.token_ids, logprobs=ev.logprobs)
         finally:
+            inbox.close()  # the one this request used last
             self.streams.pop(key, None)
             self._placed.pop(key, None)
             self.labels.discard(req.request_id)

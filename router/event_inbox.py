@@ -3,8 +3,8 @@ request's coroutine (router/dispatcher.py).
 
 take() returns every event waiting, merged into one: a router behind a fast decode worker sends
 fewer, longer chunks (one detokenize, one message for several tokens) instead of falling further
-behind. Waiting costs one future and one timer — no tasks — because this runs once per token
-streamed.
+behind. Waiting costs one future — no tasks, and one deadline timer for the request's whole life
+(close() cancels it), not one per wait — because this runs once per message streamed.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class EventInbox:
         self._events: list[DecodeEvent] = []
         self._waiter: asyncio.Future[None] | None = None
         self._failure: str | None = None
+        self._timer: asyncio.TimerHandle | None = None  # wakes take() at its deadline
+        self._timer_for: float | None = None  # ... that deadline
 
     def put(self, event: DecodeEvent) -> None:
         """From the event pump (or a lost worker's error)."""
@@ -30,6 +32,12 @@ class EventInbox:
         """The router stops serving (abort_all): take() raises WorkerFailure(why) from now on."""
         self._failure = why
         self._wake()
+
+    def close(self) -> None:
+        """The request is done with this inbox: its deadline timer goes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_for = None
 
     def _wake(self) -> None:
         w = self._waiter
@@ -49,12 +57,13 @@ class EventInbox:
                 raise DeadlineExceeded("decode did not answer before the request deadline")
             if self._events:
                 return self._merge()
+            if self._timer_for != deadline:
+                self.close()
+                self._timer, self._timer_for = loop.call_later(left, self._wake), deadline
             self._waiter = fut = loop.create_future()
-            timer = loop.call_later(left, self._wake)
             try:
                 await fut
             finally:
-                timer.cancel()
                 self._waiter = None
 
     def _merge(self) -> DecodeEvent:

@@ -6,7 +6,7 @@ import pytest
 from engine.tiny import tiny_tokenizer
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import LimitsConfig
-from router.detokenizer import IncrementalDetokenizer, StopMatcher
+from router.detokenizer import IncrementalDetokenizer, StopMatcher, text_decoder
 from router.policy import LeastLoadedPolicy
 from router.prefix_affinity import PrefixAffinity
 from router.validation import InvalidArgument, parse, validate
@@ -81,6 +81,36 @@ def test_incremental_detokenizer_equals_full_decode_on_multibyte_text() -> None:
     pieces = [d.add([i]) for i in ids] + [d.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)  # never half a character
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_text_decoder_gives_what_the_tokenizer_decode_gives(which: str) -> None:
+    """The detokenizer's direct call into the Rust tokenizer: the same text as transformers' decode,
+    special tokens skipped, partial characters included, for every window the detokenizer decodes."""
+    import random
+
+    from engine.config import ModelConfig
+    from engine.model_loader import load_tokenizer
+
+    tok = TOK if which == "tiny" else load_tokenizer(ModelConfig(path="default"))
+    decode = text_decoder(tok)
+    ids = tok("<|im_start|>user\nnaïve café — 東京 ✓ 😀 done.<|im_end|>\n  spaces  and tabs\t!")["input_ids"]
+    rng = random.Random(0)
+    ids += [rng.randrange(len(tok)) for _ in range(200)]  # any token, special ones included
+    for a in range(0, len(ids), 7):
+        for b in (a, a + 1, a + 2, a + 9, len(ids)):
+            assert decode(ids[a:b]) == tok.decode(ids[a:b], skip_special_tokens=True)
+
+
+def test_text_decoder_lets_transformers_clean_up_spaces_when_the_tokenizer_asks() -> None:
+    class CleaningUp:
+        clean_up_tokenization_spaces = True
+        backend_tokenizer = TOK.backend_tokenizer
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return "cleaned"
+
+    assert text_decoder(CleaningUp())([5, 6]) == "cleaned"
 
 
 def test_stop_string_split_across_deltas() -> None:
@@ -177,3 +207,33 @@ def test_every_metric_the_grafana_dashboard_plots_is_one_the_router_exports() ->
     families = list(RouterMetrics().registry.collect())  # a labelled family has no sample until used
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     assert len(plotted) > 20 and plotted <= exported, plotted - exported
+
+
+def test_event_inbox_merges_waiting_events_and_keeps_one_deadline_timer() -> None:
+    import asyncio
+    import time
+
+    from engine.types import DecodeEvent, FinishReason
+    from router.errors import DeadlineExceeded
+    from router.event_inbox import EventInbox
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        inbox = EventInbox()
+        deadline = time.monotonic() + 0.3
+        loop.call_soon(inbox.put, DecodeEvent("r", [5]))
+        assert (await inbox.take(deadline)).token_ids == [5]  # waited for it
+        timer = inbox._timer
+        assert timer is not None and not timer.cancelled()
+        for t, end in ((6, None), (7, FinishReason.LENGTH), (8, None)):
+            inbox.put(DecodeEvent("r", [t], end))
+        merged = await inbox.take(deadline)  # what was waiting, up to the one that ends it
+        assert merged.token_ids == [6, 7] and merged.finish_reason is FinishReason.LENGTH
+        assert (await inbox.take(deadline)).token_ids == [8]
+        with pytest.raises(DeadlineExceeded):  # the same timer wakes the wait at the deadline
+            await inbox.take(deadline)
+        assert time.monotonic() >= deadline and inbox._timer is timer
+        inbox.close()
+        assert timer.cancelled() and inbox._timer is None
+
+    asyncio.run(run())
