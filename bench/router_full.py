@@ -3,8 +3,8 @@
 The real RouterServer (gRPC front, dispatcher, Ray event pumps) over Ray actors that stand in for
 aggregated workers: each gives every request it holds one token per `step_ms` from a thread of its
 own, as a decode worker's step loop would, and answers the router's calls as the real worker does
-(reserve, prefill → first token, cancel, poll, stats). No model, so what is measured is the router
-and Ray: the tokens/s the clients receive against the pace the workers set, and the router
+(reserve, prefill → first token, cancel, the event stream or poll, stats). No model, so what is
+measured is the router and Ray: the tokens/s the clients receive against the pace the workers set, and the router
 process's CPU per token, by thread.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from bench.engine import _stream_clients, _thread_cpu
+from engine.event_stream import EventStream
 from engine.tiny import tiny_tokenizer
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, WorkerStats
 from router.config import LimitsConfig, ServerConfig
@@ -38,6 +39,7 @@ class PacedWorker:
         self.cv = threading.Condition()
         self.held: dict[str, int] = {}  # request id → tokens given
         self.events: list[DecodeEvent] = []
+        self.stream: EventStream | None = None
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
@@ -70,6 +72,17 @@ class PacedWorker:
     def cancel(self, request_id: str) -> bool:
         with self.cv:
             return self.held.pop(request_id, None) is not None
+
+    def open_event_stream(self) -> tuple[str, int, str]:
+        """As BatchWorker's: the events go to the router over a socket (engine/event_stream.py)."""
+        with self.cv:
+            if self.stream is None:
+                self.stream = EventStream(self.poll, self._put_back)
+            return self.stream.host, self.stream.port, self.stream.secret
+
+    def _put_back(self, events: list[DecodeEvent]) -> None:
+        with self.cv:
+            self.events[:0] = events
 
     def poll(self, timeout_s: float = 0.5) -> list[DecodeEvent]:
         with self.cv:

@@ -33,6 +33,7 @@ from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
 from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
+from engine.event_stream import EventStream
 from engine.kv_handoff import shared_cache
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
@@ -82,6 +83,7 @@ class BatchWorker(StepLoop):
         self._inbox: deque[str] = deque()  # request ids to cancel at the next step
         self._events: list[DecodeEvent] = []
         self._events_cv = threading.Condition()
+        self._stream: EventStream | None = None  # opened by the router (engine/event_stream.py)
 
     # -- called by the router -------------------------------------------------------------------
     def ready(self) -> str:
@@ -141,6 +143,19 @@ class BatchWorker(StepLoop):
             events, self._events = self._events, []
         return events
 
+    def open_event_stream(self) -> tuple[str, int, str]:
+        """4, pushed: (host, port, secret) of the socket that carries this worker's events to the
+        router instead of poll() (engine/event_stream.py)."""
+        with self._events_cv:
+            if self._stream is None:
+                self._stream = EventStream(self.poll, self._put_back)
+            return self._stream.host, self._stream.port, self._stream.secret
+
+    def _put_back(self, events: list[DecodeEvent]) -> None:
+        with self._events_cv:
+            self._events[:0] = events
+            self._events_cv.notify_all()
+
     def stats(self) -> WorkerStats:
         with self.lock:
             s = self.scheduler
@@ -156,7 +171,8 @@ class BatchWorker(StepLoop):
                                      "prefix_query_tokens": self.allocator.query_tokens,
                                      "prefix_cached_blocks": self.allocator.num_cached,
                                      "requests_prefilled": self.requests_prefilled,
-                                     "waiting_tokens": self.prompts.scheduler.waiting_tokens},
+                                     "waiting_tokens": self.prompts.scheduler.waiting_tokens,
+                                     "event_frames": 0 if self._stream is None else self._stream.frames_sent},
             )
 
     def check_idle(self) -> bool:
@@ -168,6 +184,8 @@ class BatchWorker(StepLoop):
 
     def shutdown(self) -> None:
         self.stop()
+        if self._stream is not None:
+            self._stream.close()
 
     # -- for the loop ---------------------------------------------------------------------------
     def _idle(self) -> bool:

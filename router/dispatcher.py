@@ -103,7 +103,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
     # -- decode event pump --------------------------------------------------------------------
     def start(self) -> None:
         for d in self.decodes:
-            self._pollers[d.worker_id] = asyncio.create_task(self._poll(d))
+            self._pollers[d.worker_id] = asyncio.create_task(self._pump(d))
 
     async def close(self) -> None:
         self._closing = True

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Any
 
+from engine.event_stream import decode as decode_events
 from engine.types import DecodeEvent, FinishReason, WorkerStats
 from router.event_inbox import EventInbox
 
@@ -39,6 +41,62 @@ class WorkerLiveness:
     revivals: dict[str, int]  # worker id → times revived: an answer from before a revival is stale
     _closing: bool
 
+    async def _pump(self, d: WorkerRef) -> None:
+        """A decode worker's events to its requests' inboxes: pushed over the worker's event stream
+        (engine/event_stream.py, steps 1-5) where it has one, else long-polled through Ray."""
+        idx = self.decodes.index(d)
+        if getattr(d.handle, "open_event_stream", None) is None:  # a stand-in without one (tests)
+            return await self._poll(d)
+        failures = unreachable = 0
+        while not self._closing:
+            asked = self.revivals.get(d.worker_id, 0)
+            writer = None
+            try:
+                host, port, secret = await asyncio.wait_for(d.handle.open_event_stream.remote(), timeout=30)  # 1
+                try:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
+                except OSError as e:  # e.g. a firewall between the nodes: Ray's own channel still works
+                    unreachable += 1
+                    if unreachable >= 3:
+                        log.warning("decode worker %s: its event stream at %s:%d cannot be reached (%s); "
+                                    "polling it through Ray instead", d.worker_id, host, port, e)
+                        return await self._poll(d)
+                    raise
+                writer.write(secret.encode() + b"\n")  # 2
+                while True:
+                    async with asyncio.timeout(30):  # heartbeats come every HEARTBEAT_S
+                        (n,) = struct.unpack(">I", await reader.readexactly(4))
+                        body = await reader.readexactly(n)
+                    failures = unreachable = 0
+                    self._deliver(idx, decode_events(body))  # 3
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
+                failures += 1
+                why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                if not _actor_gone(e):  # 5. the connection ended: is the worker still there?
+                    try:
+                        await asyncio.wait_for(d.handle.ready.remote(), timeout=10)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e2:  # noqa: BLE001
+                        e, why = e2, f"{type(e2).__name__}: {e2}"
+                if _actor_gone(e) and self.revivals.get(d.worker_id, 0) == asked:  # not about a revived one
+                    self._decode_lost(idx, f"decode worker {d.worker_id} is gone: {type(e).__name__}")
+                    return
+                log.warning("event stream of decode worker %s ended (%d): %s; reconnecting", d.worker_id,
+                            failures, why)
+                await asyncio.sleep(min(1.0, 0.05 * failures))
+            finally:
+                if writer is not None:
+                    writer.close()
+
+    def _deliver(self, idx: int, events: list[DecodeEvent]) -> None:
+        for ev in events:
+            inbox = self.streams.get(ev.request_id)
+            if inbox is not None and self._placed.get(ev.request_id) == idx:  # not one moved away
+                inbox.put(ev)
+
     async def _poll(self, d: WorkerRef) -> None:
         idx = self.decodes.index(d)
         failures = 0
@@ -57,10 +115,7 @@ class WorkerLiveness:
                     return
                 await asyncio.sleep(min(1.0, 0.05 * failures))
                 continue
-            for ev in events:
-                inbox = self.streams.get(ev.request_id)
-                if inbox is not None and self._placed.get(ev.request_id) == idx:  # not one moved away
-                    inbox.put(ev)
+            self._deliver(idx, events)
 
     def _decode_lost(self, idx: int, why: str) -> None:
         self.dead.add(self.decodes[idx].worker_id)
@@ -89,7 +144,7 @@ class WorkerLiveness:
         for d in self.decodes:
             t = self._pollers.get(d.worker_id)
             if d.worker_id == worker_id and not self._closing and (t is None or t.done()):
-                self._pollers[worker_id] = asyncio.create_task(self._poll(d))
+                self._pollers[worker_id] = asyncio.create_task(self._pump(d))
 
     def is_lost(self, worker_id: str) -> bool:
         return worker_id in self.dead or worker_id in self.dead_prefills

@@ -324,6 +324,8 @@ def test_cluster_aggregated_mode_serves_through_the_router() -> None:
         assert [w.role for w in status] == ["aggregated", "aggregated"]
         assert all(w.prompt_tokens_computed > 0 and w.tokens_generated > 0 for w in status)
         assert wait_until(lambda: all(w.kv_blocks_used == 0 for w in srv.status()), 10)
+        # the tokens came over each worker's event stream, not through Ray (engine/event_stream.py)
+        assert all(s.extra["event_frames"] > 0 for s in ray.get([w.stats.remote() for w in srv.cluster.decodes]))
 
         # a prompt sharing a cached prefix goes to the worker that holds it (when as busy as the
         # other: by load alone the tie goes to worker 0), which computes only the rest
