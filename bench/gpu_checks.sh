@@ -4,7 +4,7 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh tests      # tests/gpu (~3 min)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step       # 1.1B: floor / graphs / eager / HF at 1, 16, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step8b     # 8B: the same at 1, 64
-#     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D; the router alone at 32k tok/s
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
@@ -38,8 +38,10 @@ case "${1:-tests}" in
   serve)   p=$(model 1.1b)
            for m in aggregated disaggregated; do
              python3 bench/engine.py --config "$(yaml "$p" $m)" --concurrency 1,16,64 --prompt-tokens 64 \
-               --max-tokens 128 --output "$OUT/serve-$m.json" 2>&1 | tee "$OUT/serve-$m.log" | grep -E "serving|bare"
-           done ;;
+               --max-tokens 128 --output "$OUT/serve-$m.json" 2>&1 | tee "$OUT/serve-$m.log" | grep -E "serving|bare|loop per"
+           done
+           python3 bench/router_path.py --full --streams 64 --tokens 1000 --workers 1 --step-ms 2 \
+             --output "$OUT/router-full.json" 2>&1 | tee "$OUT/router-full.log" | grep "streams over" ;;
   handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
              --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8
            python3 bench/ipc_lifetime.py --gib 4 --output "$OUT/ipc-lifetime.json" 2>&1 | tee "$OUT/ipc-lifetime.log" | tail -3 ;;

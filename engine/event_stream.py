@@ -1,9 +1,11 @@
 """A decode (or aggregated) worker's events, pushed to the router over one TCP connection.
 
-Ray actor calls cost ~0.3 ms of the router's Python thread and ~0.4 ms of the worker's per call
-(bench/ray_poll.py); a worker at a GPU's pace emits a batch of events every few milliseconds, and
-the worker's share is GIL time taken from its step loop. So, as vLLM and SGLang do between their
-engine and API processes, the events go over a plain socket, the way in set up through Ray:
+A Ray actor call per step (the router's long poll) cost, with 64 events, ~0.25 ms of the router's
+event loop, ~0.3 ms of its Ray I/O thread and ~0.45 ms of the worker's Python threads — GIL time
+taken from its step loop — and 1.2 ms from call to answer; this stream costs ~0.05 ms on each side
+and 0.07 ms (`python bench/ray_poll.py`). A worker at a GPU's pace emits a batch every few ms.
+So, as vLLM and SGLang do between their engine and API processes, the events go over a plain
+socket, the way in set up through Ray:
 
   1. the router calls `open_event_stream()` on the worker (a Ray call): the worker starts listening
      on its node's address, once, and answers (host, port, secret)
@@ -12,7 +14,8 @@ engine and API processes, the events go over a plain socket, the way in set up t
   3. the worker's sender thread takes what its steps emitted and writes it as one frame (4-byte
      length, then JSON: never pickle, the router must not run what a socket sends it); with nothing
      to send it writes an empty frame every `HEARTBEAT_S`, so either side finds a dead peer
-  4. a frame that could not be written is put back, in order, for the next connection
+  4. events taken after the router hung up (its close is looked for before each write), or in a
+     frame that could not be written, are put back, in order, for the next connection
   5. the router reads frames until the connection ends, then asks the worker through Ray whether it
      is alive: gone → its requests fail or move (router/liveness.py); alive → again from 1
 """
