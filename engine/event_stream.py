@@ -84,11 +84,19 @@ class EventStream:
         self.port = int(self._sock.getsockname()[1])
         self._closed = False
         self.frames_sent = 0
+        self._conn: socket.socket | None = None  # the router's connection being served
         threading.Thread(target=self._serve, name="event-stream", daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening and end the router's connection (it then asks Ray whether this worker lives)."""
         self._closed = True
         self._sock.close()
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
 
     def _serve(self) -> None:
         while not self._closed:
@@ -98,7 +106,11 @@ class EventStream:
                 return  # closed
             with conn:
                 if self._admit(conn):
-                    self._send(conn)
+                    self._conn = conn
+                    try:
+                        self._send(conn)
+                    finally:
+                        self._conn = None
 
     def _admit(self, conn: socket.socket) -> bool:
         """2. The secret, on a line of its own, within 10 s."""
