@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from bench.engine import _stream_clients, _thread_cpu
-from engine.event_stream import EventStream
+from engine.event_stream import EventOutbox
 from engine.tiny import tiny_tokenizer
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, WorkerStats
 from router.config import LimitsConfig, ServerConfig
@@ -38,8 +38,7 @@ class PacedWorker:
         self.name, self.step_s, self.tokens = name, step_ms / 1000, tokens
         self.cv = threading.Condition()
         self.held: dict[str, int] = {}  # request id → tokens given
-        self.events: list[DecodeEvent] = []
-        self.stream: EventStream | None = None
+        self.outbox = EventOutbox()
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
@@ -47,16 +46,15 @@ class PacedWorker:
         while True:
             next_at += self.step_s
             time.sleep(max(0.0, next_at - time.monotonic()))
+            events = []
             with self.cv:
                 for rid in list(self.held):
                     self.held[rid] += 1
                     done = self.held[rid] >= self.tokens
-                    self.events.append(DecodeEvent(rid, [40 + self.held[rid] % 50],
-                                                   FinishReason.LENGTH if done else None))
+                    events.append(DecodeEvent(rid, [40 + self.held[rid] % 50], FinishReason.LENGTH if done else None))
                     if done:
                         del self.held[rid]
-                if self.events:
-                    self.cv.notify_all()
+            self.outbox.emit(events)
 
     def ready(self) -> str:
         return self.name
@@ -74,22 +72,10 @@ class PacedWorker:
             return self.held.pop(request_id, None) is not None
 
     def open_event_stream(self) -> tuple[str, int, str]:
-        """As BatchWorker's: the events go to the router over a socket (engine/event_stream.py)."""
-        with self.cv:
-            if self.stream is None:
-                self.stream = EventStream(self.poll, self._put_back)
-            return self.stream.host, self.stream.port, self.stream.secret
-
-    def _put_back(self, events: list[DecodeEvent]) -> None:
-        with self.cv:
-            self.events[:0] = events
+        return self.outbox.open_stream()  # as BatchWorker's: events over a socket (engine/event_stream.py)
 
     def poll(self, timeout_s: float = 0.5) -> list[DecodeEvent]:
-        with self.cv:
-            if not self.events:
-                self.cv.wait(timeout_s)
-            events, self.events = self.events, []
-        return events
+        return self.outbox.poll(timeout_s)
 
     def stats(self) -> WorkerStats:
         with self.cv:

@@ -20,7 +20,6 @@ A request here goes:
 """
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections import deque
@@ -33,7 +32,7 @@ from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
 from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
-from engine.event_stream import EventStream
+from engine.event_stream import EventOutbox
 from engine.kv_handoff import shared_cache
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
@@ -81,9 +80,7 @@ class BatchWorker(StepLoop):
         self.prompts = PromptQueue(*prompt_tokens)  # prompts computed here (2.)
         self.requests_prefilled = 0  # prompts whose first token was sampled here
         self._inbox: deque[str] = deque()  # request ids to cancel at the next step
-        self._events: list[DecodeEvent] = []
-        self._events_cv = threading.Condition()
-        self._stream: EventStream | None = None  # opened by the router (engine/event_stream.py)
+        self.outbox = EventOutbox()  # this worker's events to the router (engine/event_stream.py)
 
     # -- called by the router -------------------------------------------------------------------
     def ready(self) -> str:
@@ -137,24 +134,12 @@ class BatchWorker(StepLoop):
 
     def poll(self, timeout_s: float = 0.5) -> list[DecodeEvent]:
         """4. Long-poll: the events since the last call, waiting up to timeout_s for one."""
-        with self._events_cv:
-            if not self._events:
-                self._events_cv.wait(timeout_s)
-            events, self._events = self._events, []
-        return events
+        return self.outbox.poll(timeout_s)
 
     def open_event_stream(self) -> tuple[str, int, str]:
         """4, pushed: (host, port, secret) of the socket that carries this worker's events to the
         router instead of poll() (engine/event_stream.py)."""
-        with self._events_cv:
-            if self._stream is None:
-                self._stream = EventStream(self.poll, self._put_back)
-            return self._stream.host, self._stream.port, self._stream.secret
-
-    def _put_back(self, events: list[DecodeEvent]) -> None:
-        with self._events_cv:
-            self._events[:0] = events
-            self._events_cv.notify_all()
+        return self.outbox.open_stream()
 
     def stats(self) -> WorkerStats:
         with self.lock:
@@ -172,7 +157,7 @@ class BatchWorker(StepLoop):
                                      "prefix_cached_blocks": self.allocator.num_cached,
                                      "requests_prefilled": self.requests_prefilled,
                                      "waiting_tokens": self.prompts.scheduler.waiting_tokens,
-                                     "event_frames": 0 if self._stream is None else self._stream.frames_sent},
+                                     "event_frames": self.outbox.frames_sent},
             )
 
     def check_idle(self) -> bool:
@@ -184,8 +169,7 @@ class BatchWorker(StepLoop):
 
     def shutdown(self) -> None:
         self.stop()
-        if self._stream is not None:
-            self._stream.close()
+        self.outbox.close()
 
     # -- for the loop ---------------------------------------------------------------------------
     def _idle(self) -> bool:
@@ -194,11 +178,7 @@ class BatchWorker(StepLoop):
                 and not self.prompts.scheduler.has_work())
 
     def _emit(self, events: list[DecodeEvent | None]) -> None:
-        events = [ev for ev in events if ev is not None]
-        if events:
-            with self._events_cv:
-                self._events.extend(events)  # type: ignore[arg-type]
-                self._events_cv.notify_all()
+        self.outbox.emit(events)
 
     def _take_news(self) -> list[DecodeEvent]:
         """Under `lock`, first thing each step: cancels, and reservations whose KV never came. A

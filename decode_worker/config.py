@@ -35,6 +35,13 @@ class DecodeConfig(BatchConfig):
         "queue, no KV transfer (a chat's next turn, whose history is cached there; a short prompt). Counts "
         "against max_recompute_tokens per step. 0: every prompt goes to a prefill worker."
     )
+    local_prefill_queue_tokens: int = Field(
+        0, ge=0, description="While every live prefill worker has at least this many prompt tokens in hand "
+        "(queued or being computed, counted by the router), a new prompt of any length is computed by the decode "
+        "worker that reserved for it instead (Dynamo's conditional disaggregation: under a burst of long "
+        "prompts TTFT stops waiting for the prefill backlog; the decode batch's steps carry the prompt's chunks). "
+        "0: off."
+    )
 
 
 class AggregatedConfig(BatchConfig):

@@ -71,6 +71,52 @@ def node_address() -> str:
     return "127.0.0.1"
 
 
+class EventOutbox:
+    """A worker's events on their way to the router: its step loop emits them; the router takes
+    them by `poll()` through Ray, or they go over the event stream once the router opened it."""
+
+    def __init__(self) -> None:
+        self._events: list[DecodeEvent] = []
+        self._cv = threading.Condition()
+        self.stream: EventStream | None = None
+
+    def emit(self, events: list[DecodeEvent | None]) -> None:
+        events = [ev for ev in events if ev is not None]
+        if events:
+            with self._cv:
+                self._events.extend(events)  # type: ignore[arg-type]
+                self._cv.notify_all()
+
+    def poll(self, timeout_s: float) -> list[DecodeEvent]:
+        """The events since the last call, waiting up to timeout_s for one."""
+        with self._cv:
+            if not self._events:
+                self._cv.wait(timeout_s)
+            events, self._events = self._events, []
+        return events
+
+    def put_back(self, events: list[DecodeEvent]) -> None:
+        """Events that did not reach the router go first next time, in their order."""
+        with self._cv:
+            self._events[:0] = events
+            self._cv.notify_all()
+
+    def open_stream(self) -> tuple[str, int, str]:
+        """Step 1: (host, port, secret), listening from the first call on."""
+        with self._cv:
+            if self.stream is None:
+                self.stream = EventStream(self.poll, self.put_back)
+            return self.stream.host, self.stream.port, self.stream.secret
+
+    @property
+    def frames_sent(self) -> int:
+        return 0 if self.stream is None else self.stream.frames_sent
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
 class EventStream:
     """Worker side (steps 1-4): `take(timeout_s)` returns the events emitted since it was last
     called (waiting up to timeout_s); `put_back(events)` returns unsent ones to the front."""

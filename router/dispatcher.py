@@ -9,10 +9,14 @@
      worker lost) starts again from 1 on another decode worker (counted as a migration). A prompt
      whose part not cached on that decode worker is at most `local_prefill_tokens` long (the
      reservation says how much is) is computed there instead: no prefill queue, no transfer; so is
-     every prompt while no prefill worker is alive (slower decode steps rather than refusals)
-  3. decode events arrive through one long-poll loop per decode worker (router/liveness.py),
-     fanned out by the request's key (minted by the router; a client id is only a label) into its
-     inbox (router/event_inbox.py: what waits is merged into one chunk)
+     every prompt while every live prefill worker has `local_prefill_queue_tokens` prompt tokens or
+     more in hand from this router (Dynamo's conditional disaggregation: a backlog there costs more
+     TTFT than the prompt costs the decode batch), and while no prefill worker is alive (slower
+     decode steps rather than refusals)
+  3. decode events arrive over each decode worker's event stream (engine/event_stream.py; long-
+     polled through Ray where it cannot be reached: router/liveness.py), fanned out by the
+     request's key (minted by the router; a client id is only a label) into its inbox
+     (router/event_inbox.py: what waits is merged into one chunk)
   4. every wait has the request's deadline (and ends early on abort_all, the drain); on any exit
      that is not a clean finish the request is cancelled on both workers so its KV comes back
   5. a decode worker lost mid-stream (its pump found it gone, or the supervisor marked it lost):
@@ -67,16 +71,17 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False, affinity: PrefixAffinity | None = None, decode_affinity: PrefixAffinity | None = None,
-        local_prefill_tokens: int = 0,
+        local_prefill_tokens: int = 0, local_prefill_queue_tokens: int = 0,
     ) -> None:
         """affinity: send a prompt where its prefix was sent before (prefill workers' prefix caches);
         decode_affinity: the same for decode (or aggregated) workers' reservations;
-        local_prefill_tokens: decode.local_prefill_max_tokens (step 2)."""
+        local_prefill_tokens: decode.local_prefill_max_tokens, local_prefill_queue_tokens:
+        decode.local_prefill_queue_tokens (step 2)."""
         if colocated and len(prefills) != len(decodes):
             raise ValueError("colocated workers: prefills[i] must be decodes[i]")
         self.prefills, self.decodes = prefills, decodes
         self.colocated = colocated
-        self.local_prefill_tokens = local_prefill_tokens
+        self.local_prefill_tokens, self.local_prefill_queue_tokens = local_prefill_tokens, local_prefill_queue_tokens
         self.local_prefills = 0  # prompts computed by the decode worker that reserved (step 2)
         self.eos_token_ids = eos_token_ids
         self.limits = limits
@@ -250,8 +255,12 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
 
     def _computes_here(self, dest: KVDestination | None, n_prompt: int) -> bool:
         """Step 2: is the prompt's part not cached on the decode worker that reserved short enough
-        for that worker to compute it itself — or is no prefill worker left to compute it?"""
+        for that worker to compute it itself, is every prefill worker backed up, or is none left?"""
         if self.prefill_lost:
+            return True
+        if self.local_prefill_queue_tokens > 0 and min(
+                (self.policy.prefill[i].tokens for i, p in enumerate(self.prefills)
+                 if p.worker_id not in self.dead_prefills), default=0) >= self.local_prefill_queue_tokens:
             return True
         if self.local_prefill_tokens <= 0:
             return False

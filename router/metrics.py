@@ -40,7 +40,8 @@ class RouterMetrics:
                                   "mid-stream (theirs was lost)", registry=r)
         self.local_prefills = Counter("pdserve_local_prefills_total", "Prompts computed by the decode worker that "
                                       "reserved for them (a short uncached rest: decode.local_prefill_max_tokens; "
-                                      "or no prefill worker alive): no prefill worker, no KV transfer", registry=r)
+                                      "every prefill worker backed up: decode.local_prefill_queue_tokens; or no "
+                                      "prefill worker alive): no prefill worker, no KV transfer", registry=r)
         self._seen = {self.migrations: 0, self.local_prefills: 0}
         self.in_flight = Gauge("pdserve_requests_in_flight", "Requests inside pdserve now", registry=r)
         self.queued = Gauge("pdserve_requests_queued", "Requests waiting for KV room", registry=r)

@@ -528,6 +528,48 @@ def test_a_prompt_whose_uncached_part_is_short_is_computed_by_the_decode_worker_
     asyncio.run(main())
 
 
+def test_while_every_prefill_worker_is_backed_up_prompts_of_any_length_are_computed_on_decode() -> None:
+    """local_prefill_queue_tokens=150: two 100-token prompts in hand at the prefill worker (200 ≥ 150)
+    → the third is computed by its decode worker; when one is done (100 < 150) prompts go to the
+    prefill worker again. With the rule off (0), the third waits in the prefill queue."""
+    class SlowPrefill(CountingPrefill):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = asyncio.Event()
+
+        async def _prefill(self, req: Any, timeout: float) -> PrefillResult:
+            self.calls.append(req.request_id)
+            await self.go.wait()
+            return PrefillResult(req.request_id, 5, None, 0.0, 1.0, 100)
+
+    async def main() -> None:
+        for backlog, third_here in ((150, True), (0, False)):
+            pre, dec = SlowPrefill(), CachingDecode(room=8, cached=0)
+            d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-0", dec)], (2,), LimitsConfig(),
+                           local_prefill_queue_tokens=backlog)
+            d.start()
+            runs = {rid: d.run(_long_req(rid, 100)) for rid in "abcd"}
+            firsts = {rid: asyncio.ensure_future(runs[rid].__anext__()) for rid in "ab"}
+            await asyncio.sleep(0.1)
+            assert pre.calls == ["a", "b"] and d.policy.prefill[0].tokens == 200
+            firsts["c"] = asyncio.ensure_future(runs["c"].__anext__())
+            await asyncio.sleep(0.1)
+            assert (dec.prefilled, pre.calls) == ((["c"], ["a", "b"]) if third_here else ([], ["a", "b", "c"]))
+            pre.go.set()
+            for rid in "abc":
+                first = await asyncio.wait_for(firsts[rid], 2)
+                assert first.timings.get("local_prefill", 0.0) == float(third_here and rid == "c")
+            first = await asyncio.wait_for(runs["d"].__anext__(), 2)  # nothing in hand there now
+            assert "d" in pre.calls and "d" not in dec.prefilled
+            for rid in "abcd":
+                _finish(dec, rid)
+                assert [t async for c in runs[rid] for t in c.token_ids] == [6, 7, 8]
+            assert d.policy.prefill[0].tokens == 0 and d.local_prefills == int(third_here)
+            await d.close()
+
+    asyncio.run(main())
+
+
 def test_a_decode_worker_lost_while_computing_a_prompt_itself_costs_no_request() -> None:
     async def main() -> None:
         lost, other = CachingDecode(room=4, cached=96, dies_in_prefill=True), CachingDecode(room=4, cached=96)

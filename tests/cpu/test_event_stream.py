@@ -5,41 +5,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import threading
 import time
 
 import pytest
 
-from engine.event_stream import EventStream, decode, encode
+from engine.event_stream import EventOutbox, EventStream, decode, encode
 from engine.types import DecodeEvent, FinishReason, SamplingParams, TokenLogprob
 from router.config import LimitsConfig
 from router.dispatcher import Dispatcher, WorkerFailure, WorkerRef
 from router.validation import ValidRequest
 from tests.cpu.test_dispatcher import FakeDecode, FakePrefill, _Method
-
-
-class Events:
-    """A worker's event list, as BatchWorker keeps it (poll / put back)."""
-
-    def __init__(self) -> None:
-        self.cv = threading.Condition()
-        self.events: list[DecodeEvent] = []
-
-    def emit(self, *events: DecodeEvent) -> None:
-        with self.cv:
-            self.events.extend(events)
-            self.cv.notify_all()
-
-    def take(self, timeout_s: float) -> list[DecodeEvent]:
-        with self.cv:
-            if not self.events:
-                self.cv.wait(timeout_s)
-            out, self.events = self.events, []
-        return out
-
-    def put_back(self, events: list[DecodeEvent]) -> None:
-        with self.cv:
-            self.events[:0] = events
 
 
 def _connect(stream: EventStream, secret: str) -> socket.socket:
@@ -92,12 +67,12 @@ def test_frames_carry_every_field_of_an_event() -> None:
 
 
 def test_events_reach_the_router_in_order_and_an_idle_stream_carries_heartbeats() -> None:
-    ev = Events()
-    stream = EventStream(ev.take, ev.put_back, host="127.0.0.1")
+    ev = EventOutbox()
+    stream = EventStream(ev.poll, ev.put_back, host="127.0.0.1")
     try:
         c = _connect(stream, stream.secret)
         for i in range(50):
-            ev.emit(DecodeEvent("r", [i]))
+            ev.emit([DecodeEvent("r", [i])])
         assert _tokens(c, 50) == list(range(50))
         t0 = time.monotonic()
         assert _frame(c) == []  # nothing to say: an empty frame within a heartbeat
@@ -108,11 +83,11 @@ def test_events_reach_the_router_in_order_and_an_idle_stream_carries_heartbeats(
 
 
 def test_a_connection_without_the_secret_gets_nothing() -> None:
-    ev = Events()
-    stream = EventStream(ev.take, ev.put_back, host="127.0.0.1")
+    ev = EventOutbox()
+    stream = EventStream(ev.poll, ev.put_back, host="127.0.0.1")
     try:
         bad = _connect(stream, "0" * len(stream.secret))
-        ev.emit(DecodeEvent("r", [1]))
+        ev.emit([DecodeEvent("r", [1])])
         assert _frame(bad) is None  # closed without a frame
         good = _connect(stream, stream.secret)
         assert _tokens(good, 1) == [1]  # the event waited for the router
@@ -122,16 +97,16 @@ def test_a_connection_without_the_secret_gets_nothing() -> None:
 
 
 def test_events_emitted_after_the_router_hung_up_wait_for_its_next_connection() -> None:
-    ev = Events()
-    stream = EventStream(ev.take, ev.put_back, host="127.0.0.1")
+    ev = EventOutbox()
+    stream = EventStream(ev.poll, ev.put_back, host="127.0.0.1")
     try:
         first = _connect(stream, stream.secret)
-        ev.emit(DecodeEvent("r", [0]))
+        ev.emit([DecodeEvent("r", [0])])
         assert _tokens(first, 1) == [0]
         first.close()
         time.sleep(0.05)
         for i in range(1, 20):
-            ev.emit(DecodeEvent("r", [i]))
+            ev.emit([DecodeEvent("r", [i])])
             time.sleep(0.001)
         second = _connect(stream, stream.secret)
         assert _tokens(second, 19) == list(range(1, 20))  # none lost, in order
@@ -146,20 +121,20 @@ class StreamingDecode(FakeDecode):
 
     def __init__(self, reachable: bool = True) -> None:
         super().__init__(room=8)
-        self.out = Events()
+        self.out = EventOutbox()
         self.stream: EventStream | None = None
         self.reachable, self.gone, self.polls = reachable, False, 0
         self.open_event_stream, self.ready = _Method(self._open), _Method(self._ready)
         self.poll = _Method(self._poll_out)
 
     def emit(self, ev: DecodeEvent) -> None:
-        self.out.emit(ev)
+        self.out.emit([ev])
 
     async def _open(self) -> tuple[str, int, str]:
         if self.gone:
             raise ActorDiedError("the actor died")
         if self.stream is None or self.stream._closed:  # a new one after close(), as after a restart
-            self.stream = EventStream(self.out.take, self.out.put_back, host="127.0.0.1")
+            self.stream = EventStream(self.out.poll, self.out.put_back, host="127.0.0.1")
         if not self.reachable:
             with socket.socket() as s:  # a port nothing listens on
                 s.bind(("127.0.0.1", 0))
@@ -173,7 +148,7 @@ class StreamingDecode(FakeDecode):
 
     async def _poll_out(self, timeout: float) -> list[DecodeEvent]:
         self.polls += 1
-        return await asyncio.get_running_loop().run_in_executor(None, self.out.take, min(timeout, 0.05))
+        return await asyncio.get_running_loop().run_in_executor(None, self.out.poll, min(timeout, 0.05))
 
 
 class ActorDiedError(Exception):
