@@ -17,7 +17,8 @@ socket, the way in set up through Ray:
   4. events taken after the router hung up (its close is looked for before each write), or in a
      frame that could not be written, are put back, in order, for the next connection
   5. the router reads frames until the connection ends, then asks the worker through Ray whether it
-     is alive: gone → its requests fail or move (router/liveness.py); alive → again from 1
+     is alive: gone → its requests fail or move (router/liveness.py); alive → again from 1, and
+     after three tries that brought no frame it long-polls the worker through Ray instead
 """
 from __future__ import annotations
 

@@ -51,23 +51,16 @@ class WorkerLiveness:
         while not self._closing:
             asked = self.revivals.get(d.worker_id, 0)
             writer = None
+            framed = False  # this attempt got a frame (a heartbeat comes within HEARTBEAT_S)
             try:
                 host, port, secret = await asyncio.wait_for(d.handle.open_event_stream.remote(), timeout=30)  # 1
-                try:
-                    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
-                except OSError as e:  # e.g. a firewall between the nodes: Ray's own channel still works
-                    unreachable += 1
-                    if unreachable >= 3:
-                        log.warning("decode worker %s: its event stream at %s:%d cannot be reached (%s); "
-                                    "polling it through Ray instead", d.worker_id, host, port, e)
-                        return await self._poll(d)
-                    raise
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
                 writer.write(secret.encode() + b"\n")  # 2
                 while True:
                     async with asyncio.timeout(30):  # heartbeats come every HEARTBEAT_S
                         (n,) = struct.unpack(">I", await reader.readexactly(4))
                         body = await reader.readexactly(n)
-                    failures = unreachable = 0
+                    framed, failures, unreachable = True, 0, 0
                     self._deliver(idx, decode_events(body))  # 3
             except asyncio.CancelledError:
                 raise
@@ -84,6 +77,11 @@ class WorkerLiveness:
                 if _actor_gone(e) and self.revivals.get(d.worker_id, 0) == asked:  # not about a revived one
                     self._decode_lost(idx, f"decode worker {d.worker_id} is gone: {type(e).__name__}")
                     return
+                unreachable += not framed
+                if unreachable >= 3:  # no socket it can open, a firewall between the nodes, ...: Ray works
+                    log.warning("decode worker %s: no event stream from it (%s); polling it through Ray instead",
+                                d.worker_id, why)
+                    return await self._poll(d)
                 log.warning("event stream of decode worker %s ended (%d): %s; reconnecting", d.worker_id,
                             failures, why)
                 await asyncio.sleep(min(1.0, 0.05 * failures))

@@ -123,7 +123,7 @@ class StreamingDecode(FakeDecode):
         super().__init__(room=8)
         self.out = EventOutbox()
         self.stream: EventStream | None = None
-        self.reachable, self.gone, self.polls = reachable, False, 0
+        self.reachable, self.gone, self.polls, self.cannot_listen = reachable, False, 0, False
         self.open_event_stream, self.ready = _Method(self._open), _Method(self._ready)
         self.poll = _Method(self._poll_out)
 
@@ -133,6 +133,8 @@ class StreamingDecode(FakeDecode):
     async def _open(self) -> tuple[str, int, str]:
         if self.gone:
             raise ActorDiedError("the actor died")
+        if self.cannot_listen:
+            raise OSError("Cannot assign requested address")
         if self.stream is None or self.stream._closed:  # a new one after close(), as after a restart
             self.stream = EventStream(self.out.poll, self.out.put_back, host="127.0.0.1")
         if not self.reachable:
@@ -188,9 +190,11 @@ def test_the_router_reads_events_from_the_stream_and_reconnects_when_it_breaks()
     asyncio.run(main())
 
 
-def test_a_stream_that_cannot_be_reached_falls_back_to_polling_through_ray() -> None:
+@pytest.mark.parametrize("why", ["unreachable", "cannot listen"])
+def test_a_stream_that_cannot_be_reached_falls_back_to_polling_through_ray(why: str) -> None:
     async def main() -> None:
-        dec = StreamingDecode(reachable=False)
+        dec = StreamingDecode(reachable=why != "unreachable")
+        dec.cannot_listen = why == "cannot listen"
         d = _dispatcher(dec)
         d.start()
         run = asyncio.create_task(_run(d, "r", 4))
@@ -201,7 +205,8 @@ def test_a_stream_that_cannot_be_reached_falls_back_to_polling_through_ray() -> 
         assert await asyncio.wait_for(run, 10) == [5, 100, 101, 102]
         assert dec.polls > 0
         await d.close()
-        dec.stream.close()
+        if dec.stream is not None:
+            dec.stream.close()
 
     asyncio.run(main())
 
