@@ -10,7 +10,9 @@ bare paged forward of the same model at batch C with the same context lengths, i
 the decode worker's torch thread count, at the middle of the serving window's context lengths. ratio = serving tok/s / bare tok/s: the share of the hardware's
 decode rate the serving loop (scheduling, sampling, Ray, gRPC streaming) delivers. Requests are
 greedy unless --temperature / --top-p say otherwise (the bare forward never samples, so the ratio
-then also shows what the draw costs).
+then also shows what the draw costs). Where the serving rate goes: the router process's CPU per
+token by thread, and the decode workers' loop per step (schedule, run, postprocess, idle: their
+`loop_s` stats over the run, the clients' start included in idle).
 """
 from __future__ import annotations
 
