@@ -64,6 +64,11 @@ class RouterMetrics:
                                    "when its cache was full (recomputed when room returned)", labels, registry=r)
         self.w_recomputed = Gauge("pdserve_worker_recomputed_tokens", "Tokens whose KV a decode worker computed "
                                   "again (preempted requests, failed hand-offs)", labels, registry=r)
+        self.w_steps = Gauge("pdserve_worker_steps", "Forwards a worker's step loop has run", labels, registry=r)
+        self.w_loop = Gauge("pdserve_worker_loop_seconds", "Seconds a worker's step loop spent in each part of its "
+                            "turns (idle, schedule, run: the forward, postprocess: sampling and events; on CUDA the "
+                            "wait for the device is in postprocess); rate over rate(pdserve_worker_steps): per step",
+                            [*labels, "part"], registry=r)
         self.w_up = Gauge("pdserve_worker_up", "1 while the worker serves, 0 while lost", labels, registry=r)
         self.w_restarts = Gauge("pdserve_worker_restarts", "Times the worker came back after being lost",
                                 labels, registry=r)
@@ -118,5 +123,9 @@ class RouterMetrics:
             if "preemptions" in s.extra:
                 self.w_preemptions.labels(*lab).set(s.extra["preemptions"])
                 self.w_recomputed.labels(*lab).set(s.extra["recomputed_tokens"])
+            if "loop_s" in s.extra:
+                self.w_steps.labels(*lab).set(s.extra["steps"])
+                for part, seconds in s.extra["loop_s"].items():
+                    self.w_loop.labels(*lab, part).set(seconds)
             self.w_up.labels(*lab).set(1 if s.state == "serving" else 0)
             self.w_restarts.labels(*lab).set(s.restarts)

@@ -209,6 +209,21 @@ def test_every_metric_the_grafana_dashboard_plots_is_one_the_router_exports() ->
     assert len(plotted) > 20 and plotted <= exported, plotted - exported
 
 
+def test_worker_loop_time_is_exported_per_part() -> None:
+    from engine.types import WorkerStats
+    from router.metrics import RouterMetrics
+
+    m = RouterMetrics()
+    loop = {"idle": 1.5, "schedule": 0.25, "run": 4.0, "postprocess": 0.5}
+    m.set_workers([WorkerStats("decode", "decode-0", "n", 1, 0, 2, 10, 0, 9, {"steps": 40, "loop_s": loop}),
+                   WorkerStats("prefill", "prefill-0", "n", 0, 0, 0, 10, 5, 1, {})])  # e.g. a lost one's
+    lab = {"role": "decode", "worker": "decode-0"}
+    assert m.registry.get_sample_value("pdserve_worker_steps", lab) == 40
+    assert {part: m.registry.get_sample_value("pdserve_worker_loop_seconds", {**lab, "part": part})
+            for part in loop} == loop
+    assert m.registry.get_sample_value("pdserve_worker_steps", {"role": "prefill", "worker": "prefill-0"}) is None
+
+
 def test_event_inbox_merges_waiting_events_and_keeps_one_deadline_timer() -> None:
     import asyncio
     import time
