@@ -15,9 +15,7 @@ import argparse
 import asyncio
 import json
 import os
-import struct
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 
-from engine.event_stream import EventStream, decode  # noqa: E402
+from engine.event_stream import ACK, ACK_EVERY, HEADER, EventBatch, EventOutbox, decode  # noqa: E402
 from engine.types import DecodeEvent  # noqa: E402
 
 
@@ -45,34 +43,41 @@ def _thread_cpu() -> dict[str, float]:
     return out
 
 
+class _Budgeted(EventOutbox):
+    """An outbox whose next `budget` frames are the same `events`; then only heartbeats."""
+
+    def __init__(self, events: list[DecodeEvent]) -> None:
+        super().__init__()
+        self.events, self.budget = events, 0
+
+    def take(self, timeout_s: float) -> tuple[int, list[DecodeEvent]]:
+        with self._cv:
+            if self.budget <= 0:
+                self._cv.wait(timeout_s)
+                return self._seq, []
+            self.budget -= 1
+            self._pending = list(self.events)
+            return self._frame_pending()
+
+
 @ray.remote(num_cpus=0, max_concurrency=4)
 class StandIn:
     """Every poll (or stream frame) has the same `n` events; `budget` frames, then the stream idles."""
 
     def __init__(self, n: int) -> None:
         self.events = [DecodeEvent(f"req-{i:04d}-0123456789ab", [1234 + i]) for i in range(n)]
-        self.cv = threading.Condition()
-        self.budget = 0
-        self.stream: EventStream | None = None
+        self.outbox = _Budgeted(self.events)
+        self.cv = self.outbox._cv
 
-    def poll(self, timeout_s: float) -> list[DecodeEvent]:
-        return list(self.events)
+    def poll(self, timeout_s: float, log: str = "", acked: int = 0) -> EventBatch:
+        return EventBatch(self.outbox.log, acked + 1, list(self.events))
 
-    def _take(self, timeout_s: float) -> list[DecodeEvent]:
-        with self.cv:
-            if self.budget <= 0:
-                self.cv.wait(timeout_s)
-                return []
-            self.budget -= 1
-            return list(self.events)
-
-    def open_event_stream(self) -> tuple[str, int, str]:
-        self.stream = self.stream or EventStream(self._take, lambda events: None)
-        return self.stream.host, self.stream.port, self.stream.secret
+    def open_event_stream(self) -> tuple[str, int, str, str]:
+        return self.outbox.open_stream()
 
     def send(self, frames: int) -> None:
         with self.cv:
-            self.budget = frames
+            self.outbox.budget = frames
             self.cv.notify_all()
 
     def cpu(self) -> dict[str, float]:
@@ -84,26 +89,32 @@ def _per_step(a: dict[str, float], b: dict[str, float], steps: int) -> dict[str,
 
 
 async def _ray_polls(w: Any, steps: int) -> tuple[float, int]:
-    t0, n = time.perf_counter(), 0
+    t0, n, log, acked = time.perf_counter(), 0, "", 0
     for _ in range(steps):
-        n += len(await asyncio.wait_for(w.poll.remote(0.25), timeout=30))
+        batch = await asyncio.wait_for(w.poll.remote(0.25, log, acked), timeout=30)
+        log, acked = batch.log, batch.seq
+        n += len(batch.events)
     return time.perf_counter() - t0, n
 
 
 async def _stream_frames(w: Any, steps: int) -> tuple[float, int]:
-    host, port, secret = await w.open_event_stream.remote()
+    host, port, secret, log = await w.open_event_stream.remote()
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(secret.encode() + b"\n")
+    writer.write(f"{secret} {log} 0\n".encode())
     await asyncio.sleep(0.3)  # connected and idle
     t0, n = time.perf_counter(), 0
     await w.send.remote(steps)
     got = 0
+    acked = 0
     while got < steps:
-        (size,) = struct.unpack(">I", await reader.readexactly(4))
+        size, seq = HEADER.unpack(await reader.readexactly(HEADER.size))
         events = decode(await reader.readexactly(size))
         if events:
             got += 1
             n += len(events)
+        if seq - acked >= ACK_EVERY or not events:  # as the router acknowledges
+            writer.write(ACK.pack(seq))
+            acked = seq
     writer.close()
     return time.perf_counter() - t0, n
 

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from bench.engine import _stream_clients, _thread_cpu
-from engine.event_stream import EventOutbox
+from engine.event_stream import EventBatch, EventOutbox
 from engine.tiny import tiny_tokenizer
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, WorkerStats
 from router.config import LimitsConfig, ServerConfig
@@ -71,11 +71,11 @@ class PacedWorker:
         with self.cv:
             return self.held.pop(request_id, None) is not None
 
-    def open_event_stream(self) -> tuple[str, int, str]:
+    def open_event_stream(self) -> tuple[str, int, str, str]:
         return self.outbox.open_stream()  # as BatchWorker's: events over a socket (engine/event_stream.py)
 
-    def poll(self, timeout_s: float = 0.5) -> list[DecodeEvent]:
-        return self.outbox.poll(timeout_s)
+    def poll(self, timeout_s: float = 0.5, log: str = "", acked: int = 0) -> EventBatch:
+        return self.outbox.poll(timeout_s, log, acked)
 
     def stats(self) -> WorkerStats:
         with self.cv:

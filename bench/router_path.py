@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.event_stream import EventBatch  # noqa: E402
 from engine.tiny import tiny_tokenizer  # noqa: E402
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams  # noqa: E402
 from router.config import LimitsConfig  # noqa: E402
@@ -60,14 +61,14 @@ class FakeWorker:
         self.started.append(req.request_id)
         return PrefillResult(req.request_id, 5, None, 0.0, 1.0, 100)
 
-    async def _poll(self, timeout: float) -> list[DecodeEvent]:
+    async def _poll(self, timeout: float, *_: Any) -> EventBatch:
         await asyncio.sleep(0)
         if len(self.started) < self.streams or self.step >= self.tokens:
             await asyncio.sleep(0.001)
-            return []
+            return EventBatch("paced", self.step, [])
         self.step += 1
         end = FinishReason.LENGTH if self.step == self.tokens else None
-        return [DecodeEvent(rid, [40 + self.step % 50], end) for rid in self.started]
+        return EventBatch("paced", self.step, [DecodeEvent(rid, [40 + self.step % 50], end) for rid in self.started])
 
 
 async def run(streams: int, tokens: int) -> float:

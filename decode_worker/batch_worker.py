@@ -32,7 +32,7 @@ from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
 from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
-from engine.event_stream import EventOutbox
+from engine.event_stream import EventBatch, EventOutbox
 from engine.kv_handoff import shared_cache
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
@@ -132,13 +132,14 @@ class BatchWorker(StepLoop):
             self.nudge()
         return found
 
-    def poll(self, timeout_s: float = 0.5) -> list[DecodeEvent]:
-        """4. Long-poll: the events since the last call, waiting up to timeout_s for one."""
-        return self.outbox.poll(timeout_s)
+    def poll(self, timeout_s: float = 0.5, log: str = "", acked: int = 0) -> EventBatch:
+        """4. Long-poll: the events of every frame after `acked` of `log` (the router's last), waiting
+        up to timeout_s for one (engine/event_stream.py, step 5)."""
+        return self.outbox.poll(timeout_s, log, acked)
 
-    def open_event_stream(self) -> tuple[str, int, str]:
-        """4, pushed: (host, port, secret) of the socket that carries this worker's events to the
-        router instead of poll() (engine/event_stream.py)."""
+    def open_event_stream(self) -> tuple[str, int, str, str]:
+        """4, pushed: (host, port, secret, log) of the socket that carries this worker's events to
+        the router instead of poll() (engine/event_stream.py)."""
         return self.outbox.open_stream()
 
     def stats(self) -> WorkerStats:

@@ -95,6 +95,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
         self._pollers: dict[str, asyncio.Task[None]] = {}  # decode worker id → its event pump
         self.restarts: dict[str, int] = {}  # worker id → times it came back (revive)
         self.revivals: dict[str, int] = {}  # worker id → times revived (restarted or only looked lost)
+        self.delivered: dict[str, tuple[str, int]] = {}  # decode worker id → (its event log, last frame delivered)
         self._placed: dict[str, int] = {}  # request key → decode index holding its KV
         self.labels: set[str] = set()  # client request ids in flight (duplicates are refused)
         self._cleanups: set[asyncio.Task[None]] = set()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import struct
 from dataclasses import dataclass
 from typing import Any
 
+from engine.event_stream import ACK, ACK_EVERY, HEADER
 from engine.event_stream import decode as decode_events
 from engine.types import DecodeEvent, FinishReason, WorkerStats
 from router.event_inbox import EventInbox
@@ -39,6 +39,7 @@ class WorkerLiveness:
     dead_prefills: set[str]
     restarts: dict[str, int]
     revivals: dict[str, int]  # worker id → times revived: an answer from before a revival is stale
+    delivered: dict[str, tuple[str, int]]  # decode worker id → (its event log, last frame delivered)
     _closing: bool
 
     async def _pump(self, d: WorkerRef) -> None:
@@ -53,15 +54,25 @@ class WorkerLiveness:
             writer = None
             framed = False  # this attempt got a frame (a heartbeat comes within HEARTBEAT_S)
             try:
-                host, port, secret = await asyncio.wait_for(d.handle.open_event_stream.remote(), timeout=30)  # 1
+                host, port, secret, log_ = await asyncio.wait_for(d.handle.open_event_stream.remote(),  # 1
+                                                                  timeout=30)
+                if self.delivered.get(d.worker_id, ("",))[0] != log_:  # a log new to this router: none of it seen
+                    self.delivered[d.worker_id] = (log_, 0)
+                last = acked = self.delivered[d.worker_id][1]
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=10)
-                writer.write(secret.encode() + b"\n")  # 2
+                writer.write(f"{secret} {log_} {last}\n".encode())  # 2
                 while True:
                     async with asyncio.timeout(30):  # heartbeats come every HEARTBEAT_S
-                        (n,) = struct.unpack(">I", await reader.readexactly(4))
+                        n, seq = HEADER.unpack(await reader.readexactly(HEADER.size))
                         body = await reader.readexactly(n)
                     framed, failures, unreachable = True, 0, 0
-                    self._deliver(idx, decode_events(body))  # 3
+                    if seq > last:  # 3. not one delivered before the connection broke
+                        self._deliver(idx, decode_events(body))
+                        last = seq
+                        self.delivered[d.worker_id] = (log_, seq)
+                    if seq > acked and (seq - acked >= ACK_EVERY or body == b"[]"):  # 4 (on a heartbeat)
+                        writer.write(ACK.pack(seq))
+                        acked = seq
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 — a dead worker must not kill the pump
@@ -101,7 +112,8 @@ class WorkerLiveness:
         while not self._closing:
             asked = self.revivals.get(d.worker_id, 0)
             try:
-                events = await asyncio.wait_for(d.handle.poll.remote(0.25), timeout=30)
+                log_, last = self.delivered.get(d.worker_id, ("", 0))
+                batch = await asyncio.wait_for(d.handle.poll.remote(0.25, log_, last), timeout=30)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -113,7 +125,8 @@ class WorkerLiveness:
                     return
                 await asyncio.sleep(min(1.0, 0.05 * failures))
                 continue
-            self._deliver(idx, events)
+            self._deliver(idx, batch.events)  # every frame after `last`, of the log it names
+            self.delivered[d.worker_id] = (batch.log, batch.seq)
 
     def _decode_lost(self, idx: int, why: str) -> None:
         self.dead.add(self.decodes[idx].worker_id)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from engine.event_stream import EventBatch
 from engine.kv_handoff.types import KVDestination
 from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, SamplingParams, TokenLogprob
 from router.config import LimitsConfig
@@ -48,11 +49,11 @@ class FakeDecode:
         self.held.discard(rid)
         return True
 
-    async def _poll(self, timeout: float) -> list[DecodeEvent]:
+    async def _poll(self, timeout: float, *_: Any) -> EventBatch:
         try:
-            return [await asyncio.wait_for(self.events.get(), timeout)]
+            return EventBatch("fake", 0, [await asyncio.wait_for(self.events.get(), timeout)])
         except asyncio.TimeoutError:
-            return []
+            return EventBatch("fake", 0, [])
 
 
 class FakePrefill:
@@ -152,7 +153,7 @@ def test_dead_decode_worker_fails_its_requests_and_is_skipped() -> None:
         await asyncio.sleep(0.05)
         assert dead.held == {"a"} and alive.held == {"b"}
 
-        async def died(timeout: float) -> list[DecodeEvent]:
+        async def died(*_: Any) -> EventBatch:
             raise ActorDiedError("The actor died unexpectedly")
 
         dead.poll = _Method(died)
@@ -255,12 +256,12 @@ def test_a_prefill_worker_dying_before_the_first_token_is_retried_once_elsewhere
 class FakeDecodeBatch(FakeDecode):
     """poll() answers with every event waiting, as a decode worker's poll does."""
 
-    async def _poll(self, timeout: float) -> list[DecodeEvent]:
+    async def _poll(self, timeout: float, *_: Any) -> EventBatch:
         first = await super()._poll(timeout)
         rest = []
         while not self.events.empty():
             rest.append(self.events.get_nowait())
-        return first + rest
+        return EventBatch("fake", 0, first.events + rest)
 
 
 def test_decode_events_waiting_for_a_request_reach_it_as_one_chunk_in_order() -> None:

@@ -97,10 +97,12 @@ class Events:
         self.thread.join(5)  # a daemon thread alive at interpreter exit aborts the process
 
     def _pump(self) -> None:
+        log, acked = "", 0
         while not self.stop:
-            evs = self.dw.poll(0.05)
+            batch = self.dw.poll(0.05, log, acked)
+            log, acked = batch.log, batch.seq
             with self.cv:
-                for ev in evs:
+                for ev in batch.events:
                     self.by_id[ev.request_id].append(ev)
                 self.cv.notify_all()
 
