@@ -3,7 +3,8 @@
   POST /v1/completions · POST /v1/chat/completions (stream: server-sent events ending `data: [DONE]`)
   GET /v1/models · GET /health · GET /metrics
 Each request goes through the same path as a gRPC one (router/service.py): validation, limits,
-admission queue, cancellation, metrics. A client that disconnects mid-stream cancels the request on
+admission queue, cancellation, metrics; `n` > 1 and a batch of prompts are one such request per
+choice, merged into one answer (router/choices.py). A client that disconnects mid-stream cancels the request on
 both workers. Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with
 400 / 401 / 404 / 409 / 429 / 503 / 504 (429 and 503 carry Retry-After).
 """
@@ -23,7 +24,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.openai_requests import BadRequest, Options, chunk_obj, final_obj, parse_body, usage_obj, with_token_text
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.choices import fan_out, merged
+from router.openai_requests import (BadRequest, Choice, Options, chunk_obj, final_obj, parse_body, total_usage,
+                                     usage_obj, with_token_text)
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 
@@ -122,52 +126,58 @@ class OpenAIFront:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         try:
-            pbreq, opts = parse_body(await request.body(), chat, self.model)
-            req = self.svc.admit(pbreq)
+            pbreqs, opts = parse_body(await request.body(), chat, self.model, self.svc.limits.max_choices)
+            reqs = [child for r in pbreqs for child in fan_out(self.svc.admit(r), opts.n)]  # choice p * n + i
             opts = with_token_text(opts, self._token_text)
         except BadRequest as e:
             self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
             return error(e.status, e.message, "invalid_request_error", e.param, e.code)
         except Refused as e:
             return refused(e)
-        rid = ("chatcmpl-" if chat else "cmpl-") + req.key
-        stream = self.svc.stream(req)
+        rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].key
+        stream = merged([self.svc.stream(r) for r in reqs])
         if not opts.stream:
+            choices = [Choice() for _ in reqs]
             async with aclosing(stream) as msgs:
-                text, lps, last = [], [], None
                 try:
-                    async for msg in msgs:
-                        text.append(msg.text)
-                        lps.extend(msg.logprobs)
-                        last = msg
+                    async for i, msg in msgs:
+                        c = choices[i]
+                        c.text += msg.text
+                        c.logprobs.extend(msg.logprobs)
+                        c.finish, c.usage = msg.finish_reason, msg.usage
                 except Refused as e:
                     return refused(e)
-            assert last is not None
-            return JSONResponse(final_obj(rid, self.model, opts, "".join(text), last.finish_reason, lps, last.usage))
+            return JSONResponse(final_obj(rid, self.model, opts, choices))
         try:  # the first message decides between a 200 stream and an error status
             first = await anext(stream)
         except Refused as e:
             await stream.aclose()
             return refused(e)
-        return StreamingResponse(self._sse(rid, opts, first, stream), media_type="text/event-stream",
+        return StreamingResponse(self._sse(rid, opts, first, stream, len(reqs)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _sse(self, rid: str, opts: Options, first: Any, stream: AsyncIterator[Any]) -> AsyncIterator[str]:
-        """Events until [DONE]; a client that goes away closes this generator, which cancels the request."""
+    async def _sse(self, rid: str, opts: Options, first: tuple[int, Any],
+                   stream: AsyncIterator[tuple[int, Any]], choices: int) -> AsyncIterator[str]:
+        """Events until [DONE]; a client that goes away closes this generator, which cancels every
+        choice's request."""
+        started: set[int] = set()
+        usages: list[pb.Usage | None] = [None] * choices
         async with aclosing(stream) as msgs:  # type: ignore[type-var]
-            msg, n = first, 0
+            (i, msg) = first
             while True:
-                yield f"data: {json.dumps(chunk_obj(rid, self.model, opts, msg, n == 0))}\n\n"
-                n += 1
+                yield f"data: {json.dumps(chunk_obj(rid, self.model, opts, i, msg, i not in started))}\n\n"
+                started.add(i)
                 if msg.finish_reason:
-                    if opts.include_usage:
-                        yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if opts.chat
-                                                     else "text_completion", "created": int(time.time()),
-                                                     "model": self.model, "choices": [],
-                                                     "usage": usage_obj(msg.usage)}) + "\n\n"
-                    break
+                    usages[i] = msg.usage
+                    if all(u is not None for u in usages):
+                        if opts.include_usage:
+                            yield "data: " + json.dumps({
+                                "id": rid, "object": "chat.completion.chunk" if opts.chat else "text_completion",
+                                "created": int(time.time()), "model": self.model, "choices": [],
+                                "usage": usage_obj(total_usage(usages, opts.n))}) + "\n\n"
+                        break
                 try:
-                    msg = await anext(msgs)
+                    i, msg = await anext(msgs)
                 except Refused as e:  # mid-stream: the status is already 200; say it in the stream
                     status, kind = HTTP_STATUS.get(e.code, (500, "server_error"))
                     yield "data: " + json.dumps({"error": {"message": e.message, "type": kind, "param": None,

@@ -1,7 +1,8 @@
 """OpenAI request bodies → pb.GenerateRequest, and pdserve answers → OpenAI response objects.
 
-The fields a user relies on are mapped one to one; `n` other than 1 and any field this module does
-not know are refused (400, `param` names it), never silently ignored. vLLM's extras (`top_k`,
+The fields a user relies on are mapped one to one; any field this module does not know is refused
+(400, `param` names it), never silently ignored. `n` and a /v1/completions batch of prompts become
+one request per choice (router/choices.py), up to `limits.max_choices`. vLLM's extras (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`) are accepted as vLLM accepts them; `min_tokens` only
 where it changes nothing (0, or with ignore_eos: no early stop then).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
@@ -36,10 +37,12 @@ class Options:
     stream: bool
     include_usage: bool
     logprobs: bool
+    n: int = 1  # choices per prompt
     token_text: Callable[[int], str] = str  # a token id's text, for logprobs (set by the front)
 
 
-def parse_body(raw: bytes, chat: bool, model: str) -> tuple[pb.GenerateRequest, Options]:
+def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[list[pb.GenerateRequest], Options]:
+    """One request per prompt (chat: one), the same fields each; choice `p * n + i` is prompt p's i-th."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -52,13 +55,18 @@ def parse_body(raw: bytes, chat: bool, model: str) -> tuple[pb.GenerateRequest, 
     if body.get("model") != model:
         raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves {model!r})",
                          "model", 404, "model_not_found")
-    if _get(body, "n", int, 1) != 1:
-        raise BadRequest("only n=1 is supported", "n", code="unsupported_value")
+    n = _get(body, "n", int, 1)
+    if n < 1:
+        raise BadRequest("n must be >= 1", "n")
     req = pb.GenerateRequest()
     if chat:
         _messages(body, req)
+        prompts: list[str | list[int]] = []
     else:
-        _prompt(body, req)
+        prompts = _prompts(body)
+    if max(1, len(prompts)) * n > max_choices:
+        raise BadRequest(f"{max(1, len(prompts))} prompt(s) × n={n} exceeds limits.max_choices={max_choices}",
+                         "n" if n > 1 else "prompt")
     max_tokens = _get(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                       int, None)
     if max_tokens is not None:
@@ -96,19 +104,32 @@ def parse_body(raw: bytes, chat: bool, model: str) -> tuple[pb.GenerateRequest, 
     include_usage = bool(opts and _get(opts, "include_usage", bool, False))
     _get(body, "user", str, None)
     req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
-    return req, Options(chat, stream, include_usage, logprobs is not None)
+    reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
+    return reqs, Options(chat, stream, include_usage, logprobs is not None, n)
 
 
-def _prompt(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    """A string, a list of token ids, or a batch: a list of either."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one
+    if isinstance(p, str) or _token_ids(p):
+        return [p]  # type: ignore[list-item]
+    if isinstance(p, list) and p and all(isinstance(q, str) or _token_ids(q) for q in p):
+        return p
+    raise BadRequest("prompt must be a string, a list of token ids, or a list of these", "prompt")
+
+
+def _token_ids(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p)
+
+
+def _with_prompt(base: pb.GenerateRequest, p: str | list[int]) -> pb.GenerateRequest:
+    req = pb.GenerateRequest()
+    req.CopyFrom(base)
     if isinstance(p, str):
         req.prompt = p
-    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p):
-        req.prompt_token_ids.extend(p)
     else:
-        raise BadRequest("prompt must be a string, a list of token ids, or a list of one of these", "prompt")
+        req.prompt_token_ids.extend(p)
+    return req
 
 
 def _messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:
@@ -157,33 +178,62 @@ def _finish(reason: str) -> str | None:
     return {"length": "length", "stop": "stop", "": None}.get(reason, reason)
 
 
-def chunk_obj(rid: str, model: str, opts: Options, msg: pb.GenerateStreamResponse, first: bool) -> dict[str, Any]:
-    """One SSE event of a stream."""
+def chunk_obj(rid: str, model: str, opts: Options, index: int, msg: pb.GenerateStreamResponse,
+              first: bool) -> dict[str, Any]:
+    """One SSE event of a stream: a message of choice `index` (`first`: that choice's first)."""
     if opts.chat:
         delta: dict[str, Any] = {"role": "assistant", "content": msg.text} if first else {"content": msg.text}
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": _finish(msg.finish_reason)}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": _finish(msg.finish_reason)}
         if opts.logprobs:
             choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in msg.logprobs]}
         return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [choice]}
-    choice = {"index": 0, "text": msg.text, "finish_reason": _finish(msg.finish_reason),
+    choice = {"index": index, "text": msg.text, "finish_reason": _finish(msg.finish_reason),
               "logprobs": _completion_lp(msg.logprobs, opts.token_text) if opts.logprobs else None}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
 
 
-def final_obj(rid: str, model: str, opts: Options, text: str, finish: str, lps: list[Any], usage: pb.Usage) -> dict[str, Any]:
-    u = usage_obj(usage)
+@dataclass
+class Choice:
+    """One choice's answer, gathered from its messages."""
+
+    text: str = ""
+    finish: str = ""
+    logprobs: list[Any] = field(default_factory=list)
+    usage: pb.Usage | None = None  # from its last message
+
+
+def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dict[str, Any]:
+    u = usage_obj(total_usage([c.usage for c in choices], opts.n))
     if opts.chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": _finish(finish)}
-        if opts.logprobs:
-            choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in lps]}
+        out = []
+        for i, c in enumerate(choices):
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": c.text},
+                                      "finish_reason": _finish(c.finish)}
+            if opts.logprobs:
+                choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in c.logprobs]}
+            out.append(choice)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [choice], "usage": u}
+                "choices": out, "usage": u}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": _finish(finish),
-                         "logprobs": _completion_lp(lps, opts.token_text) if opts.logprobs else None}],
+            "choices": [{"index": i, "text": c.text, "finish_reason": _finish(c.finish),
+                         "logprobs": _completion_lp(c.logprobs, opts.token_text) if opts.logprobs else None}
+                        for i, c in enumerate(choices)],
             "usage": u}
+
+
+def total_usage(usages: list[pb.Usage | None], n: int) -> pb.Usage:
+    """Of every choice: the prompt's tokens (and its cached ones) once per prompt — its first choice's
+    — and every choice's completion tokens."""
+    total = pb.Usage()
+    for i, u in enumerate(usages):
+        if u is None:
+            continue
+        if i % n == 0:
+            total.prompt_tokens += u.prompt_tokens
+            total.cached_tokens += u.cached_tokens
+        total.completion_tokens += u.completion_tokens
+    return total
 
 
 def usage_obj(u: pb.Usage) -> dict[str, Any]:

@@ -85,7 +85,10 @@ def test_sampling_fields_and_token_id_prompts(server: RunningServer, oai: openai
 
 
 @pytest.mark.parametrize("body, status, param", [
-    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "n": 65}, 400, "n"),  # limits.max_choices
+    ({"model": "tiny", "prompt": ["x"] * 65}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ["x", 5]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
@@ -98,6 +101,51 @@ def test_refusals_in_openai_shape(server: RunningServer, body: dict, status: int
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_n_choices_and_prompt_batches_are_requests_of_their_own(server: RunningServer, oai: openai.OpenAI) -> None:
+    p, q = prompts(2, seed=11)
+    want = {x: server.generate(prompt=x, max_tokens=10) for x in (p, q)}
+    r = oai.completions.create(model="tiny", prompt=p, max_tokens=10, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2] and {c.text for c in r.choices} == {want[p].text}  # greedy
+    assert r.usage.prompt_tokens == want[p].usage.prompt_tokens
+    assert r.usage.completion_tokens == 3 * len(want[p].token_ids)  # the prompt once, every choice's answer
+    batch = oai.completions.create(model="tiny", prompt=[p, q], max_tokens=10, n=2)
+    assert [c.text for c in batch.choices] == [want[p].text] * 2 + [want[q].text] * 2  # prompt j's i-th: j * n + i
+    assert batch.usage.prompt_tokens == r.usage.prompt_tokens + oai.completions.create(
+        model="tiny", prompt=q, max_tokens=1).usage.prompt_tokens
+    sampled = dict(model="tiny", prompt=p, max_tokens=10, temperature=1.0)
+    seeded = oai.completions.create(n=3, seed=40, **sampled)  # type: ignore[arg-type]
+    alone = [oai.completions.create(seed=40 + i, **sampled).choices[0].text for i in range(3)]  # type: ignore[arg-type]
+    assert [c.text for c in seeded.choices] == alone  # choice i draws as seed + i does alone
+    parts = list(oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=10,
+                                             n=2, stream=True, stream_options={"include_usage": True}))
+    chat = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=10)
+    for i in range(2):
+        mine = [c.choices[0] for c in parts if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and all(c.delta.role is None for c in mine[1:])
+        assert "".join(c.delta.content or "" for c in mine) == chat.choices[0].message.content
+        assert [c.finish_reason for c in mine][-1] == chat.choices[0].finish_reason
+    assert parts[-1].usage.completion_tokens == 2 * chat.usage.completion_tokens
+    assert wait_until(server.all_idle, 10)
+
+
+def test_a_client_gone_mid_stream_cancels_every_choice(server: RunningServer) -> None:
+    def decode(field: str) -> int:
+        return sum(getattr(w, field) for w in server.status() if w.role == "decode")
+
+    before = decode("tokens_generated")
+    body = {"model": "tiny", "prompt": "go on " * 20, "max_tokens": 1000, "stream": True, "ignore_eos": True, "n": 3}
+    with httpx.stream("POST", _url(server, "/v1/completions"), json=body, timeout=60) as r:
+        seen: set[int] = set()
+        for ln in r.iter_lines():  # until all three decode at once
+            if ln.startswith("data: {"):
+                seen.add(json.loads(ln[6:])["choices"][0]["index"])
+                if seen == {0, 1, 2} and decode("running") == 3:
+                    break
+        assert seen == {0, 1, 2}
+    assert wait_until(server.all_idle, 10)  # the disconnect cancelled all three on both workers
+    assert decode("tokens_generated") - before < 3 * 999  # cut short, not run to their end
 
 
 def test_models_and_health(server: RunningServer) -> None:
