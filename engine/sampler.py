@@ -1,8 +1,8 @@
 """Token sampling for a whole batch at once, on the logits' device: one host sync per step (up to
 three more when a row is not greedy: which rows fall back to a sort, engine/race.py).
 
-Order (every row, as tensors [B, V]): penalties on the raw logits → greedy rows: argmax → the rest:
-temperature → top-k → top-p → min-p → draw (engine/race.py). Logprobs are the log-softmax of the raw
+Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → greedy rows:
+argmax → the rest: temperature → top-k → top-p → min-p → draw (engine/race.py). Logprobs are the log-softmax of the raw
 logits. The draw is an exponential race whose noise is a hash of (row key, token id), so a seeded
 request's row key (seed, position) gives the same token whatever else is in the batch and whichever
 worker samples it; unseeded rows get a fresh random key each step.
@@ -68,6 +68,20 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], histories: lis
     return logits.index_copy(0, idx, x)
 
 
+def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI's logit_bias: each listed token's logit plus its bias (-100 all but bans it, +100 all
+    but forces it). An id past the logits' width (a tokenizer longer than the model's vocabulary)
+    is skipped: it cannot be drawn anyway."""
+    V = logits.shape[1]
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias if t < V]
+    if not entries:
+        return logits
+    rows, toks, biases = zip(*entries)
+    dev = logits.device
+    return logits.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
+                            torch.tensor(biases, device=dev, dtype=logits.dtype), accumulate=True)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -80,6 +94,8 @@ def sample(
     raw = logits
     if any(p.penalized for p in params) and histories is not None:
         logits = _penalize(logits, params, histories)
+    if any(p.logit_bias for p in params):
+        logits = _bias(logits, params)
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:

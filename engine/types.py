@@ -31,6 +31,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # over output (OpenAI semantics)
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; N: the chosen token's logprob + top-N alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
 
     @property
     def greedy(self) -> bool:

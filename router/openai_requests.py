@@ -18,7 +18,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-          "min_tokens", "user", "cache_salt"}
+          "min_tokens", "user", "cache_salt", "logit_bias"}
 COMPLETION = COMMON | {"prompt", "logprobs"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 
@@ -94,6 +94,14 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise BadRequest("stop must be a string or a list of strings", "stop")
         req.stop.extend(stops)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise BadRequest("logit_bias must map token ids to numbers", "logit_bias")
+        for k, v in bias.items():
+            if not k.isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise BadRequest(f"logit_bias[{k!r}]: keys are token ids, values numbers in [-100, 100]", "logit_bias")
+            req.logit_bias[int(k)] = float(v)
     logprobs = _logprobs(body, chat)
     if logprobs is not None:
         req.logprobs = logprobs

@@ -98,6 +98,13 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
     for i, t in enumerate(req.stop_token_ids):
         if t >= vocab:
             raise InvalidArgument(f"stop_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
+    if len(req.logit_bias) > limits.max_logit_bias:
+        raise InvalidArgument("logit_bias", f"at most {limits.max_logit_bias} entries, got {len(req.logit_bias)}")
+    for t, b in req.logit_bias.items():
+        if t >= vocab:
+            raise InvalidArgument(f"logit_bias[{t}]", f"{t} is outside the vocabulary (size {vocab})")
+        if not -100 <= b <= 100:  # NaN fails this too
+            raise InvalidArgument(f"logit_bias[{t}]", f"must be in [-100, 100], got {b}")
     sampling = SamplingParams(
         temperature=temperature,
         top_p=top_p,
@@ -111,6 +118,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         presence_penalty=_opt(req, "presence_penalty", 0.0),
         frequency_penalty=_opt(req, "frequency_penalty", 0.0),
         logprobs=logprobs,
+        logit_bias=tuple(sorted(req.logit_bias.items())),
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")

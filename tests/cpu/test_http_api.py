@@ -84,12 +84,30 @@ def test_sampling_fields_and_token_id_prompts(server: RunningServer, oai: openai
     assert "e" not in r.choices[0].text
 
 
+def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:
+    plain = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True)
+    banned = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True, logit_bias={plain.token_ids[0]: -100.0})
+    assert banned.token_ids[0] != plain.token_ids[0]
+    r = oai.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=5, temperature=1.0, logit_bias={"42": 100},
+                               logprobs=0, extra_body={"ignore_eos": True})
+    from engine.tiny import tiny_tokenizer
+
+    assert r.choices[0].logprobs.tokens == [tiny_tokenizer().decode([42])] * 5
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    forced = server.stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_tokens=5, temperature=1.0,
+                                                     logit_bias={42: 100.0}, ignore_eos=True), timeout=30)
+    assert list(forced.token_ids) == [42] * 5
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "tiny", "prompt": "x", "n": 65}, 400, "n"),  # limits.max_choices
     ({"model": "tiny", "prompt": ["x"] * 65}, 400, "prompt"),
     ({"model": "tiny", "prompt": ["x", 5]}, 400, "prompt"),
-    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias[999999]"),
     ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),

@@ -29,6 +29,11 @@ def test_valid_request_defaults() -> None:
     assert short_ctx.sampling.max_tokens == 10  # default clipped to the context left
 
 
+def test_logit_bias_reaches_the_sampling_params_in_token_order() -> None:
+    assert _v(prompt="hi", logit_bias={9: -100.0, 3: 2.5}).sampling.logit_bias == ((3, 2.5), (9, -100.0))
+    assert _v(prompt="hi").sampling.logit_bias == ()
+
+
 def test_given_request_id_is_kept() -> None:
     assert _v(prompt="hi", request_id="job-7:a").request_id == "job-7:a"
 
@@ -42,6 +47,10 @@ def test_given_request_id_is_kept() -> None:
         (dict(prompt="hi", temperature=float("nan")), "temperature"),
         (dict(prompt="hi", stop_token_ids=[100000]), "stop_token_ids[0]"),
         (dict(prompt="hi", stop=["a"] * 17), "stop"),
+        (dict(prompt="hi", logit_bias={100000: 1.0}), "logit_bias[100000]"),
+        (dict(prompt="hi", logit_bias={5: 101.0}), "logit_bias[5]"),
+        (dict(prompt="hi", logit_bias={5: float("nan")}), "logit_bias[5]"),
+        (dict(prompt="hi", logit_bias={i: 1.0 for i in range(301)}), "logit_bias"),
         (dict(messages=[pb.ChatMessage(role="user", content="a"), pb.ChatMessage(role="bot", content="b")]),
          "messages[1].role"),
     ],

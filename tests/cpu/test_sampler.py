@@ -162,3 +162,19 @@ def test_top_k_keeps_the_ties_of_its_kth_token_beyond_the_candidates(monkeypatch
     x[0, 100:120] = 3.0  # 20 tokens tie for best; top_k 5 keeps all of them
     got = {sample(x, [SamplingParams(temperature=1.0, top_k=5, seed=s)], [0])[0][0] for s in range(400)}
     assert got == set(range(100, 120))
+
+
+def test_logit_bias_bans_and_forces_tokens_of_its_own_row_only() -> None:
+    x = _logits()
+    best = x.argmax(-1).tolist()
+    ban = SamplingParams(logit_bias=((best[0], -100.0),))  # greedy: the runner-up instead
+    force = SamplingParams(temperature=1.0, seed=3, logit_bias=((7, 100.0), (8, -5.0)))
+    hot = SamplingParams(temperature=2.0, seed=4, logit_bias=((best[3], -100.0), (1000, 100.0)))  # 1000: past V
+    toks, lps = sample(x, [ban, force, SamplingParams(logprobs=1), hot], [0, 1, 2, 3])
+    assert toks[0] == x[0].clone().index_fill_(0, torch.tensor([best[0]]), float("-inf")).argmax().item()
+    assert toks[1] == 7 and toks[2] == best[2] and toks[3] != best[3]
+    alone = sample(x[2:3], [SamplingParams(logprobs=1)], [2])[1][0]
+    assert lps[2] == alone  # another row's bias changes nothing of this one
+    draws = {sample(x[3:4], [SamplingParams(temperature=2.0, seed=s, logit_bias=((best[3], -100.0),))], [0])[0][0]
+             for s in range(100)}
+    assert best[3] not in draws and len(draws) > 5  # banned, and the rest still drawn from
