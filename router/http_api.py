@@ -10,6 +10,7 @@ both workers. Errors are OpenAI's shape, {"error": {"message", "type", "param", 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -138,15 +139,13 @@ class OpenAIFront:
         stream = merged([self.svc.stream(r) for r in reqs])
         if not opts.stream:
             choices = [Choice() for _ in reqs]
-            async with aclosing(stream) as msgs:
-                try:
-                    async for i, msg in msgs:
-                        c = choices[i]
-                        c.text += msg.text
-                        c.logprobs.extend(msg.logprobs)
-                        c.finish, c.usage = msg.finish_reason, msg.usage
-                except Refused as e:
-                    return refused(e)
+            answer = asyncio.ensure_future(_gather(stream, choices))
+            if not await _answered_before_the_client_left(answer, request):
+                return Response(status_code=499)  # nobody reads it; the requests are cancelled
+            try:
+                answer.result()
+            except Refused as e:
+                return refused(e)
             return JSONResponse(final_obj(rid, self.model, opts, choices))
         try:  # the first message decides between a 200 stream and an error status
             first = await anext(stream)
@@ -184,6 +183,34 @@ class OpenAIFront:
                                                            "code": e.code.name.lower()}}) + "\n\n"
                     break
         yield "data: [DONE]\n\n"
+
+
+async def _gather(stream: AsyncIterator[tuple[int, Any]], choices: list[Choice]) -> None:
+    async with aclosing(stream) as msgs:  # type: ignore[type-var]
+        async for i, msg in msgs:
+            c = choices[i]
+            c.text += msg.text
+            c.logprobs.extend(msg.logprobs)
+            c.finish, c.usage = msg.finish_reason, msg.usage
+
+
+async def _answered_before_the_client_left(answer: "asyncio.Future[None]", request: Request) -> bool:
+    """Waits for `answer`; a client that disconnects first cancels it (closing its streams cancels
+    every choice's request on the workers), as a stream's disconnect does. The body has been read,
+    so the next ASGI message is the disconnect."""
+    async def client_left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+        await asyncio.gather(answer, gone, return_exceptions=True)
+    return not answer.cancelled()
 
 
 def build_app(svc: GenerationService, model: str, tokens: TokenStore | None, max_body: int) -> ASGIApp:

@@ -166,6 +166,18 @@ def test_a_client_gone_mid_stream_cancels_every_choice(server: RunningServer) ->
     assert decode("tokens_generated") - before < 3 * 999  # cut short, not run to their end
 
 
+def test_a_client_gone_before_a_unary_answer_cancels_its_requests(server: RunningServer) -> None:
+    def decoded() -> int:
+        return sum(w.tokens_generated for w in server.status() if w.role == "decode")
+
+    before = decoded()
+    body = {"model": "tiny", "prompt": "wait for it " * 10, "max_tokens": 1000, "ignore_eos": True, "n": 2}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up long before 2 x 1000 tokens
+        httpx.post(_url(server, "/v1/completions"), json=body, timeout=0.3)
+    assert wait_until(server.all_idle, 10)
+    assert decoded() - before < 2 * 999  # cancelled when the client left, not run to the end
+
+
 def test_models_and_health(server: RunningServer) -> None:
     assert httpx.get(_url(server, "/v1/models")).json()["data"][0]["id"] == "tiny"
     assert httpx.get(_url(server, "/health")).status_code == 200
