@@ -285,52 +285,44 @@ def test_a_frame_read_but_not_delivered_when_the_connection_broke_comes_again(mo
 
     monkeypatch.setattr(liveness, "decode_events", breaks_once)
 
-    async def main() -> None:
-        dec = StreamingDecode()
-        d = _dispatcher(dec)
-        d.start()
-        run = asyncio.create_task(_run(d, "r", 4))
-        await asyncio.sleep(0.2)
-        dec.emit(DecodeEvent("r", [100]))
-        await asyncio.sleep(0.2)
-        dec.emit(DecodeEvent("r", [101]))
-        dec.emit(DecodeEvent("r", [102], FinishReason.LENGTH))
-        assert await asyncio.wait_for(run, 10) == [5, 100, 101, 102]
-        assert broke and dec.polls == 0
-        await d.close()
-        dec.stream.close()
-
-    asyncio.run(main())
+    dec = StreamingDecode()
+    assert asyncio.run(_four_tokens(dec, gap_s=0.2)) == [5, 100, 101, 102]
+    assert broke and dec.polls == 0
 
 
 def test_events_of_a_poll_whose_answer_was_lost_come_with_the_next_poll() -> None:
     """Polling through Ray: the worker handed events over but the answer never reached the router
     (its call timed out): they come with the next poll, once."""
-    async def main() -> None:
-        dec = StreamingDecode(reachable=False)
-        lost = []
-        answer = dec.poll.fn
+    dec = StreamingDecode(reachable=False)
+    lost = []
+    answer = dec.poll.fn
 
-        async def loses_one(*args: object) -> object:
-            got = await answer(*args)
-            if not lost and (getattr(got, "events", got)):
-                lost.append(got)
-                raise TimeoutError("no answer within 30 s")
-            return got
+    async def loses_one(*args: object) -> EventBatch:
+        got = await answer(*args)
+        if not lost and got.events:
+            lost.append(got)
+            raise TimeoutError("no answer within 30 s")
+        return got
 
-        dec.poll = _Method(loses_one)
-        d = _dispatcher(dec)
-        d.start()
+    dec.poll = _Method(loses_one)
+    assert asyncio.run(_four_tokens(dec, gap_s=0.5)) == [5, 100, 101, 102]
+    assert lost and dec.polls > 1
+
+
+async def _four_tokens(dec: StreamingDecode, gap_s: float) -> list[int]:
+    """A request of four tokens through a dispatcher over `dec`: the prefill's, then 100; gap_s
+    later 101 and 102, the last."""
+    d = _dispatcher(dec)
+    d.start()
+    try:
         run = asyncio.create_task(_run(d, "r", 4))
         await asyncio.sleep(0.2)
         dec.emit(DecodeEvent("r", [100]))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(gap_s)
         dec.emit(DecodeEvent("r", [101]))
         dec.emit(DecodeEvent("r", [102], FinishReason.LENGTH))
-        assert await asyncio.wait_for(run, 10) == [5, 100, 101, 102]
-        assert lost and dec.polls > 1
+        return await asyncio.wait_for(run, 10)
+    finally:
         await d.close()
         if dec.stream is not None:
             dec.stream.close()
-
-    asyncio.run(main())
