@@ -48,7 +48,7 @@ def fuzzed(rng: random.Random) -> bytes:
             b[rng.randrange(len(b))] = rng.randrange(256)
         return bytes(b)
     req = valid(rng)
-    f = rng.randrange(12)
+    f = rng.randrange(13)
     if f == 0:
         req.temperature = rng.choice(EXTREME)
     elif f == 1:
@@ -73,8 +73,11 @@ def fuzzed(rng: random.Random) -> bytes:
     elif f == 10:
         req.ClearField("prompt")
         req.messages.add(role=rng.choice(["user", "system", "robot", ""]), content="hi")
-    else:
+    elif f == 11:
         req.stop_token_ids.extend([rng.choice([0, 2, 10**9])])
+    else:
+        for _ in range(rng.choice([1, 3, 400])):
+            req.logit_bias[rng.choice([0, 2, 7, 255, 10**9])] = rng.choice(EXTREME + [-100.0, -1e9])
     return req.SerializeToString()
 
 
@@ -85,6 +88,9 @@ def valid(rng: random.Random) -> pb.GenerateRequest:
         req.prompt, req.cache_salt = SHARED + " " + req.prompt, rng.choice(["", "tenant-b"])
     if rng.random() < 0.5:
         req.temperature, req.seed = rng.uniform(0.1, 1.5), rng.randrange(1000)
+    if rng.random() < 0.1:  # a banned and a favoured token, sharing steps with requests without
+        req.logit_bias[rng.randrange(256)] = -100.0
+        req.logit_bias[rng.randrange(256)] = rng.uniform(-5, 5)
     if rng.random() < 0.2:
         req.request_id = f"dup-{rng.randrange(5)}"  # clashes with another in flight now and then
     return req
