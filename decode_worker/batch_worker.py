@@ -43,6 +43,7 @@ from engine.sampler import History, sample
 from engine.step_loop import Step, StepLoop
 from engine.types import (
     DecodeEvent, FinishReason, PrefillRequest, PrefillResult, ReserveResult, SamplingParams, TokenLogprob, WorkerStats,
+    banned_now,
 )
 
 
@@ -217,10 +218,13 @@ class BatchWorker(StepLoop):
         return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table) for r in batch]
 
     @staticmethod
-    def _decode_sampling(batch: list[DecodeRequest]) -> tuple[list[SamplingParams], list[int], list[History | None]]:
-        """sample()'s arguments for the decode rows: params, the positions being sampled, histories."""
+    def _decode_sampling(batch: list[DecodeRequest]) -> tuple[list[SamplingParams], list[int], list[History | None],
+                                                               list[tuple[int, ...]]]:
+        """sample()'s arguments for the decode rows: params, the positions being sampled, histories,
+        banned tokens."""
         return ([r.sampling for r in batch], [r.num_tokens for r in batch],
-                [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch])
+                [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch],
+                [banned_now(r.sampling, len(r.output_ids), r.eos_token_ids) for r in batch])
 
     def _recompute_rows(self, budget: int) -> tuple[list[Recompute], list[SeqInput]]:
         """Under `lock`: resume preempted requests that fit now, and this step's chunks (at most
@@ -252,15 +256,16 @@ class BatchWorker(StepLoop):
             for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
                 self.allocator.commit(c.pending.request.request_id, c.start + c.length)
             done = self.prompts.finish(step.prompts)
-        params, positions, histories = self._decode_sampling(step.decode)
+        params, positions, histories, banned = self._decode_sampling(step.decode)
         for p, _ in done:
             params.append(p.request.sampling)
             positions.append(p.num_tokens)
             histories.append(History(p.request.token_ids, ()))
+            banned.append(banned_now(p.request.sampling, 0, p.request.eos_token_ids))
         rows = list(range(len(step.decode))) + [step.prompt_rows.start + i for _, i in done]
         if not rows:  # only chunks that do not end their prompt
             return
-        tokens, lps = sample(logits[rows], params, positions, histories)
+        tokens, lps = sample(logits[rows], params, positions, histories, banned)
         n = len(step.decode)
         if step.decode:
             self._decoded(step.decode, tokens[:n], lps[:n])

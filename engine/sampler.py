@@ -1,8 +1,9 @@
 """Token sampling for a whole batch at once, on the logits' device: one host sync per step (up to
 three more when a row is not greedy: which rows fall back to a sort, engine/race.py).
 
-Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → greedy rows:
-argmax → the rest: temperature → top-k → top-p → min-p → draw (engine/race.py). Logprobs are the log-softmax of the raw
+Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → banned tokens
+(min_tokens) → greedy rows: argmax → the rest: temperature → top-k → top-p → min-p → draw
+(engine/race.py). Logprobs are the log-softmax of the raw
 logits. The draw is an exponential race whose noise is a hash of (row key, token id), so a seeded
 request's row key (seed, position) gives the same token whatever else is in the batch and whichever
 worker samples it; unseeded rows get a fresh random key each step.
@@ -82,13 +83,27 @@ def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
                             torch.tensor(biases, device=dev, dtype=logits.dtype), accumulate=True)
 
 
+def _ban(logits: torch.Tensor, banned: list[Sequence[int]]) -> torch.Tensor:
+    """Each row's banned token ids (min_tokens: EOS and stop ids) get -inf."""
+    V = logits.shape[1]
+    entries = [(i, t) for i, ids in enumerate(banned) for t in ids if t < V]
+    if not entries:
+        return logits
+    rows, toks = zip(*entries)
+    dev = logits.device
+    return logits.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
+                            torch.tensor(float("-inf"), device=dev))
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     positions: list[int],
     histories: list[History | None] | None = None,
+    banned: list[Sequence[int]] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [B, V] (float32); positions[i] = the position the sampled token will occupy."""
+    """logits [B, V] (float32); positions[i] = the position the sampled token will occupy;
+    banned[i]: token ids row i may not take (engine/types.py `banned_now`)."""
     logits = logits.float().nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it)
     B, V = logits.shape
     raw = logits
@@ -96,6 +111,8 @@ def sample(
         logits = _penalize(logits, params, histories)
     if any(p.logit_bias for p in params):
         logits = _bias(logits, params)
+    if banned is not None and any(banned):
+        logits = _ban(logits, banned)
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:

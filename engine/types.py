@@ -32,6 +32,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; N: the chosen token's logprob + top-N alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
+    min_tokens: int = 0  # before this many tokens, EOS and stop token ids are not drawn (stop strings not matched)
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +41,14 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def banned_now(sampling: SamplingParams, num_generated: int, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
+    """What a request's next token may not be: before its `min_tokens`, its stop token ids and
+    (unless it ignores EOS) EOS."""
+    if num_generated >= sampling.min_tokens:
+        return ()
+    return sampling.stop_token_ids + (() if sampling.ignore_eos else eos_token_ids)
 
 
 def finish_reason(token: int, num_generated: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...]) -> FinishReason | None:

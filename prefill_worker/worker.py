@@ -33,7 +33,7 @@ from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
 from engine.sampler import History, sample
 from engine.step_loop import Step, StepLoop
-from engine.types import PrefillRequest, PrefillResult, TokenLogprob, WorkerStats, finish_reason
+from engine.types import PrefillRequest, PrefillResult, TokenLogprob, WorkerStats, banned_now, finish_reason
 from prefill_worker.config import PrefillConfig
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class PrefillWorker(StepLoop):
         firsts, lps = sample(
             logits[[i for _, i in done]], [p.request.sampling for p, _ in done], [p.num_tokens for p, _ in done],
             [History(p.request.token_ids, ()) for p, _ in done],
+            [banned_now(p.request.sampling, 0, p.request.eos_token_ids) for p, _ in done],
         )
         for (p, _), first, lp in zip(done, firsts, lps):
             self._prefilled(p, first, lp)

@@ -54,13 +54,19 @@ class StopMatcher:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
         self.released = 0
+        self.floor = 0  # no stop string may start before this (the text of the first min_tokens tokens)
         self.matched: str | None = None
 
-    def add(self, delta: str) -> str:
+    def add(self, delta: str, armed: bool = True) -> str:
+        """`armed` False: the text of tokens within the request's min_tokens, where (as in vLLM) no
+        stop string may start; it is released at once."""
         if self.matched is not None:
             return ""
-        start = max(0, len(self.text) - self.hold)
+        start = max(self.floor, len(self.text) - self.hold)
         self.text += delta
+        if not armed:
+            self.floor = len(self.text)
+            return self._release(len(self.text))
         if self.stops:
             hit = None
             for s in self.stops:

@@ -3,8 +3,7 @@
 The fields a user relies on are mapped one to one; any field this module does not know is refused
 (400, `param` names it), never silently ignored. `n` and a /v1/completions batch of prompts become
 one request per choice (router/choices.py), up to `limits.max_choices`. vLLM's extras (`top_k`,
-`min_p`, `repetition_penalty`, `ignore_eos`) are accepted as vLLM accepts them; `min_tokens` only
-where it changes nothing (0, or with ignore_eos: no early stop then).
+`min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`) are accepted as vLLM accepts them.
 """
 from __future__ import annotations
 
@@ -84,10 +83,9 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
                 v = 0 if v == -1 else v
             setattr(req, name, v)
     req.ignore_eos = _get(body, "ignore_eos", bool, False)
-    min_tokens = _get(body, "min_tokens", int, 0)
-    if min_tokens and not req.ignore_eos:
-        raise BadRequest("min_tokens is supported only as 0, or with ignore_eos: true", "min_tokens",
-                         code="unsupported_value")
+    min_tokens = _get(body, "min_tokens", int, None)
+    if min_tokens is not None:
+        req.min_tokens = min_tokens
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop

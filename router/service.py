@@ -84,7 +84,9 @@ class GenerationService:
                         stop_reason = str(ids[-1])
                     else:
                         stop_reason = ""
-                    text = stops.add(detok.add(ids))
+                    quiet = max(0, min(len(ids), req.sampling.min_tokens - n_out))  # tokens within min_tokens
+                    text = stops.add(detok.add(ids[:quiet]), armed=False) if quiet else ""
+                    text += stops.add(detok.add(ids[quiet:])) if quiet < len(ids) else ""
                     if stops.matched is not None:  # ends here, whatever the workers are doing
                         finish, stop_reason = FinishReason.STOP, stops.matched
                     n_out += len(ids)
@@ -103,7 +105,7 @@ class GenerationService:
                             )
                         continue
                     if stops.matched is None:
-                        text += stops.add(detok.flush())
+                        text += stops.add(detok.flush(), armed=n_out > req.sampling.min_tokens)
                         if stops.matched is not None:
                             finish, stop_reason = FinishReason.STOP, stops.matched
                     text += stops.flush()

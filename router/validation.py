@@ -98,6 +98,9 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
     for i, t in enumerate(req.stop_token_ids):
         if t >= vocab:
             raise InvalidArgument(f"stop_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
+    min_tokens = req.min_tokens if req.HasField("min_tokens") else 0
+    if not 0 <= min_tokens <= max_tokens:
+        raise InvalidArgument("min_tokens", f"must be in [0, max_tokens={max_tokens}], got {min_tokens}")
     if len(req.logit_bias) > limits.max_logit_bias:
         raise InvalidArgument("logit_bias", f"at most {limits.max_logit_bias} entries, got {len(req.logit_bias)}")
     for t, b in req.logit_bias.items():
@@ -119,6 +122,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         frequency_penalty=_opt(req, "frequency_penalty", 0.0),
         logprobs=logprobs,
         logit_bias=tuple(sorted(req.logit_bias.items())),
+        min_tokens=min_tokens,
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")

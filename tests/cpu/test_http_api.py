@@ -100,6 +100,25 @@ def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningSe
     assert list(forced.token_ids) == [42] * 5
 
 
+def test_min_tokens_holds_off_stop_ids_and_stop_strings(server: RunningServer, oai: openai.OpenAI) -> None:
+    plain = server.generate(prompt_token_ids=[9, 8, 7], max_tokens=8, ignore_eos=True)
+    t = list(plain.token_ids)
+    first = server.generate(prompt_token_ids=[9, 8, 7], max_tokens=8, stop_token_ids=[t[0]])
+    assert list(first.token_ids) == [t[0]] and first.finish_reason == "stop"
+    held = server.generate(prompt_token_ids=[9, 8, 7], max_tokens=8, stop_token_ids=[t[0], t[2]], min_tokens=4)
+    ids = list(held.token_ids)
+    assert len(ids) >= 4 and not {t[0], t[2]} & set(ids[:4])  # banned on the prefill worker's token and decode's
+    from engine.tiny import tiny_tokenizer
+
+    word = tiny_tokenizer().decode([t[1]])
+    cut = oai.completions.create(model="tiny", prompt=[9, 8, 7], max_tokens=8, stop=[word],
+                                 extra_body={"ignore_eos": True})
+    late = oai.completions.create(model="tiny", prompt=[9, 8, 7], max_tokens=8, stop=[word],
+                                  extra_body={"ignore_eos": True, "min_tokens": 3})
+    assert cut.choices[0].text == tiny_tokenizer().decode(t[:1]) and cut.choices[0].finish_reason == "stop"
+    assert late.choices[0].text.startswith(tiny_tokenizer().decode(t[:3]))  # not cut within its first 3 tokens
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "tiny", "prompt": "x", "n": 65}, 400, "n"),  # limits.max_choices

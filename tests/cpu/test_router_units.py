@@ -48,6 +48,8 @@ def test_given_request_id_is_kept() -> None:
         (dict(prompt="hi", stop_token_ids=[100000]), "stop_token_ids[0]"),
         (dict(prompt="hi", stop=["a"] * 17), "stop"),
         (dict(prompt="hi", logit_bias={100000: 1.0}), "logit_bias[100000]"),
+        (dict(prompt="hi", max_tokens=5, min_tokens=6), "min_tokens"),
+        (dict(prompt="hi", min_tokens=-1), "min_tokens"),
         (dict(prompt="hi", logit_bias={5: 101.0}), "logit_bias[5]"),
         (dict(prompt="hi", logit_bias={5: float("nan")}), "logit_bias[5]"),
         (dict(prompt="hi", logit_bias={i: 1.0 for i in range(301)}), "logit_bias"),
@@ -137,6 +139,14 @@ def test_stop_matcher_releases_all_text_without_a_match() -> None:
 def test_earliest_stop_string_wins() -> None:
     m = StopMatcher(("bb", "a"))
     assert m.add("xxbba") == "xxbb"[:2] and m.matched == "bb"
+
+
+def test_no_stop_string_starts_in_the_text_of_the_first_min_tokens() -> None:
+    m = StopMatcher(("ab",))
+    assert m.add("xab", armed=False) == "xab" and m.matched is None  # all released at once
+    assert m.add("a", armed=False) == "a"
+    assert m.add("b") == "" and m.matched is None  # "ab" would start in the quiet text
+    assert m.add("cab") == "bc" and m.matched == "ab"  # the held "b", then up to the match
 
 
 def test_policy_prefers_least_loaded() -> None:

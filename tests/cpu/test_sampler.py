@@ -178,3 +178,25 @@ def test_logit_bias_bans_and_forces_tokens_of_its_own_row_only() -> None:
     draws = {sample(x[3:4], [SamplingParams(temperature=2.0, seed=s, logit_bias=((best[3], -100.0),))], [0])[0][0]
              for s in range(100)}
     assert best[3] not in draws and len(draws) > 5  # banned, and the rest still drawn from
+
+
+def test_banned_tokens_are_never_taken_and_only_in_their_row() -> None:
+    x = _logits()
+    best = x.argmax(-1).tolist()
+    top2 = torch.topk(x[1], 2).indices.tolist()
+    banned = [(best[0],), top2, (), (best[3], 1000)]  # 1000: past V, skipped
+    params = [SamplingParams(), SamplingParams(), SamplingParams(), SamplingParams(temperature=3.0, seed=1)]
+    toks, _ = sample(x, params, [0, 1, 2, 3], banned=banned)
+    assert toks[0] != best[0] and toks[1] not in top2 and toks[2] == best[2]
+    draws = {sample(x[3:4], [SamplingParams(temperature=3.0, seed=s)], [0], banned=[(best[3],)])[0][0]
+             for s in range(100)}
+    assert best[3] not in draws and len(draws) > 5
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
+    from engine.types import banned_now
+
+    s = SamplingParams(max_tokens=10, min_tokens=3, stop_token_ids=(7,))
+    assert [banned_now(s, n, (2,)) for n in (0, 2, 3)] == [(7, 2), (7, 2), ()]
+    assert banned_now(SamplingParams(min_tokens=3, ignore_eos=True), 0, (2,)) == ()
+    assert banned_now(SamplingParams(), 0, (2,)) == ()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc8\x05\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\x05min_p\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x11 \x03(\r\x12\x12\n\ncache_salt\x18\x12 \x01(\t\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.pdserve.v1.GenerateRequest.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nmigrations\x18\x08 \x01(\r\x12\x15\n\rlocal_prefill\x18\t \x01(\x08\"\xe7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\xed\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\x0f\n\rStatusRequest\"\xe5\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x1e\n\x16prompt_tokens_computed\x18\x08 \x01(\x04\x12\x18\n\x10tokens_generated\x18\t \x01(\x04\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x13\n\x0bpreemptions\x18\x0c \x01(\x04\x12\x19\n\x11recomputed_tokens\x18\r \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x0e \x01(\r\x12\x19\n\x11prefix_hit_tokens\x18\x0f \x01(\x04\x12\x1a\n\x12requests_prefilled\x18\x10 \x01(\x04\";\n\x0eStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus2\xe9\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.pdserve.v1.GenerateRequest\x1a\".pdserve.v1.GenerateStreamResponse0\x01\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf0\x05\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\x05min_p\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x11 \x03(\r\x12\x12\n\ncache_salt\x18\x12 \x01(\t\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.pdserve.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x14 \x01(\x05H\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\r\n\x0b_min_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nmigrations\x18\x08 \x01(\r\x12\x15\n\rlocal_prefill\x18\t \x01(\x08\"\xe7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\xed\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\x0f\n\rStatusRequest\"\xe5\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x1e\n\x16prompt_tokens_computed\x18\x08 \x01(\x04\x12\x18\n\x10tokens_generated\x18\t \x01(\x04\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x13\n\x0bpreemptions\x18\x0c \x01(\x04\x12\x19\n\x11recomputed_tokens\x18\r \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x0e \x01(\r\x12\x19\n\x11prefix_hit_tokens\x18\x0f \x01(\x04\x12\x1a\n\x12requests_prefilled\x18\x10 \x01(\x04\";\n\x0eStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus2\xe9\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.pdserve.v1.GenerateRequest\x1a\".pdserve.v1.GenerateStreamResponse0\x01\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_GENERATEREQUEST']._serialized_start=90
-  _globals['_GENERATEREQUEST']._serialized_end=802
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=605
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=653
-  _globals['_TOPLOGPROB']._serialized_start=804
-  _globals['_TOPLOGPROB']._serialized_end=851
-  _globals['_TOKENLOGPROB']._serialized_start=853
-  _globals['_TOKENLOGPROB']._serialized_end=948
-  _globals['_USAGE']._serialized_start=950
-  _globals['_USAGE']._serialized_end=1030
-  _globals['_TIMINGS']._serialized_start=1033
-  _globals['_TIMINGS']._serialized_end=1228
-  _globals['_GENERATERESPONSE']._serialized_start=1231
-  _globals['_GENERATERESPONSE']._serialized_end=1462
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1465
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1702
-  _globals['_STATUSREQUEST']._serialized_start=1704
-  _globals['_STATUSREQUEST']._serialized_end=1719
-  _globals['_WORKERSTATUS']._serialized_start=1722
-  _globals['_WORKERSTATUS']._serialized_end=2079
-  _globals['_STATUSRESPONSE']._serialized_start=2081
-  _globals['_STATUSRESPONSE']._serialized_end=2140
-  _globals['_GENERATION']._serialized_start=2143
-  _globals['_GENERATION']._serialized_end=2376
+  _globals['_GENERATEREQUEST']._serialized_end=842
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=630
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=678
+  _globals['_TOPLOGPROB']._serialized_start=844
+  _globals['_TOPLOGPROB']._serialized_end=891
+  _globals['_TOKENLOGPROB']._serialized_start=893
+  _globals['_TOKENLOGPROB']._serialized_end=988
+  _globals['_USAGE']._serialized_start=990
+  _globals['_USAGE']._serialized_end=1070
+  _globals['_TIMINGS']._serialized_start=1073
+  _globals['_TIMINGS']._serialized_end=1268
+  _globals['_GENERATERESPONSE']._serialized_start=1271
+  _globals['_GENERATERESPONSE']._serialized_end=1502
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1505
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1742
+  _globals['_STATUSREQUEST']._serialized_start=1744
+  _globals['_STATUSREQUEST']._serialized_end=1759
+  _globals['_WORKERSTATUS']._serialized_start=1762
+  _globals['_WORKERSTATUS']._serialized_end=2119
+  _globals['_STATUSRESPONSE']._serialized_start=2121
+  _globals['_STATUSRESPONSE']._serialized_end=2180
+  _globals['_GENERATION']._serialized_start=2183
+  _globals['_GENERATION']._serialized_end=2416
 # @@protoc_insertion_point(module_scope)
