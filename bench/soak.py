@@ -48,7 +48,7 @@ def fuzzed(rng: random.Random) -> bytes:
             b[rng.randrange(len(b))] = rng.randrange(256)
         return bytes(b)
     req = valid(rng)
-    f = rng.randrange(13)
+    f = rng.randrange(14)
     if f == 0:
         req.temperature = rng.choice(EXTREME)
     elif f == 1:
@@ -75,6 +75,8 @@ def fuzzed(rng: random.Random) -> bytes:
         req.messages.add(role=rng.choice(["user", "system", "robot", ""]), content="hi")
     elif f == 11:
         req.stop_token_ids.extend([rng.choice([0, 2, 10**9])])
+    elif f == 12:
+        req.min_tokens = rng.choice([-1, 0, 1, req.max_tokens, req.max_tokens + 1, 10**6])
     else:
         for _ in range(rng.choice([1, 3, 400])):
             req.logit_bias[rng.choice([0, 2, 7, 255, 10**9])] = rng.choice(EXTREME + [-100.0, -1e9])
@@ -91,6 +93,9 @@ def valid(rng: random.Random) -> pb.GenerateRequest:
     if rng.random() < 0.1:  # a banned and a favoured token, sharing steps with requests without
         req.logit_bias[rng.randrange(256)] = -100.0
         req.logit_bias[rng.randrange(256)] = rng.uniform(-5, 5)
+    if rng.random() < 0.1:  # EOS, stop ids and stop strings held off for a while
+        req.min_tokens = rng.randrange(req.max_tokens + 1)
+        req.stop.append(rng.choice(WORDS))
     if rng.random() < 0.2:
         req.request_id = f"dup-{rng.randrange(5)}"  # clashes with another in flight now and then
     return req
