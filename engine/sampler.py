@@ -3,10 +3,10 @@ three more when a row is not greedy: which rows fall back to a sort, engine/race
 
 Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → banned tokens
 (min_tokens) → greedy rows: argmax → the rest: temperature → top-k → top-p → min-p → draw
-(engine/race.py). Logprobs are the log-softmax of the raw
-logits. The draw is an exponential race whose noise is a hash of (row key, token id), so a seeded
-request's row key (seed, position) gives the same token whatever else is in the batch and whichever
-worker samples it; unseeded rows get a fresh random key each step.
+(engine/race.py). Logprobs are the log-softmax of the raw logits. The draw is an exponential race
+whose noise is a hash of (row key, token id), so a seeded request's row key (seed, position) gives
+the same token whatever else is in the batch and whichever worker samples it; unseeded rows get a
+fresh random key each step.
 No row can fail the batch: NaN logits never win, a temperature under GREEDY_BELOW is greedy, the
 logits are shifted by their max before the temperature divides them (no overflow for any
 temperature), and a row whose distribution still comes out non-finite takes its best raw token.

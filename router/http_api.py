@@ -4,9 +4,10 @@
   GET /v1/models · GET /health · GET /metrics
 Each request goes through the same path as a gRPC one (router/service.py): validation, limits,
 admission queue, cancellation, metrics; `n` > 1 and a batch of prompts are one such request per
-choice, merged into one answer (router/choices.py). A client that disconnects mid-stream cancels the request on
-both workers. Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with
-400 / 401 / 404 / 409 / 429 / 503 / 504 (429 and 503 carry Retry-After).
+choice, merged into one answer (router/choices.py). A client that disconnects, mid-stream or before
+a unary answer, cancels its requests on both workers. Errors are OpenAI's shape, {"error":
+{"message", "type", "param", "code"}}, with 400 / 401 / 404 / 409 / 429 / 503 / 504 (429 and 503
+carry Retry-After).
 """
 from __future__ import annotations
 

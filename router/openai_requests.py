@@ -69,7 +69,8 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     max_tokens = _get(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                       int, None)
     if max_tokens is not None:
-        req.max_tokens = max_tokens
+        _set(req, "max_tokens", max_tokens, "max_completion_tokens" if chat and "max_completion_tokens" in body
+             else "max_tokens")
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         v = _get(body, name, float, None)
         if v is not None:
@@ -81,11 +82,11 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
                 raise BadRequest("seed must be >= 0", "seed")
             if name == "top_k" and v < 0:  # vLLM: -1 = off
                 v = 0 if v == -1 else v
-            setattr(req, name, v)
+            _set(req, name, v)
     req.ignore_eos = _get(body, "ignore_eos", bool, False)
     min_tokens = _get(body, "min_tokens", int, None)
     if min_tokens is not None:
-        req.min_tokens = min_tokens
+        _set(req, "min_tokens", min_tokens)
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -97,12 +98,13 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
         if not isinstance(bias, dict):
             raise BadRequest("logit_bias must map token ids to numbers", "logit_bias")
         for k, v in bias.items():
-            if not k.isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            if (not (k.isascii() and k.isdigit() and int(k) < 2**32) or isinstance(v, bool)
+                    or not isinstance(v, (int, float)) or not -100 <= v <= 100):
                 raise BadRequest(f"logit_bias[{k!r}]: keys are token ids, values numbers in [-100, 100]", "logit_bias")
             req.logit_bias[int(k)] = float(v)
     logprobs = _logprobs(body, chat)
     if logprobs is not None:
-        req.logprobs = logprobs
+        _set(req, "logprobs", logprobs, "top_logprobs" if chat else "logprobs")
     stream = _get(body, "stream", bool, False)
     opts = body.get("stream_options")
     if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}):
@@ -164,6 +166,14 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
             return None
         return _get(body, "top_logprobs", int, 0)
     return _get(body, "logprobs", int, None)
+
+
+def _set(req: pb.GenerateRequest, field: str, value: int, param: str | None = None) -> None:
+    """An integer into its wire field; one past the field's range (int32, uint64) is a 400, not a crash."""
+    try:
+        setattr(req, field, value)
+    except ValueError:
+        raise BadRequest(f"{param or field} is out of range: {value}", param or field) from None
 
 
 def _get(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:

@@ -127,6 +127,13 @@ def test_min_tokens_holds_off_stop_ids_and_stop_strings(server: RunningServer, o
     ({"model": "tiny", "prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias[999999]"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # a digit to isdigit()
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"99999999999999": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10**20}, 400, "max_tokens"),  # past the wire's int32
+    ({"model": "tiny", "prompt": "x", "seed": 10**30}, 400, "seed"),
+    ({"model": "tiny", "prompt": "x", "top_k": 10**12}, 400, "top_k"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 10**12}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "min_tokens": 10**12}, 400, "min_tokens"),
     ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
@@ -216,9 +223,9 @@ def test_a_stream_closed_by_the_client_frees_kv_on_both_workers(server: RunningS
 def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: RunningServer) -> None:
     rng = random.Random(5)
     keys = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-            "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs"]
-    values = [None, 0, -1, 1, 3.5, 1e308, "tiny", "", "x" * 10, [], [1, 2], ["a"], {}, {"include_usage": True},
-              True, False, [{"role": "user", "content": "hi"}], [{"role": 5}]]
+            "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs", "logit_bias"]
+    values = [None, 0, -1, 1, 3.5, 1e308, 10**20, "tiny", "", "x" * 10, [], [1, 2], ["a"], {}, {"include_usage": True},
+              True, False, [{"role": "user", "content": "hi"}], [{"role": 5}], {"\u00b2": 1}, {"7": -100}]
     bodies: list[bytes] = [b"", b"{", b"[]", b"null", b"\xff\xfe", json.dumps("str").encode(), b'{"model": "tiny",}']
     for _ in range(250):
         body = {k: rng.choice(values) for k in rng.sample(keys, rng.randrange(1, 6))}
