@@ -32,6 +32,7 @@ from router.openai_requests import (BadRequest, Choice, Options, chunk_obj, fina
                                      usage_obj, with_token_text)
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
+from router.validation import ValidRequest
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -129,7 +130,8 @@ class OpenAIFront:
     async def _generate(self, request: Request, chat: bool) -> Response:
         try:
             pbreqs, opts = parse_body(await request.body(), chat, self.model, self.svc.limits.max_choices)
-            reqs = [child for r in pbreqs for child in fan_out(self.svc.admit(r), opts.n)]  # choice p * n + i
+            reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
+                    for child in fan_out(self._admit(r, p, len(pbreqs)), opts.n)]
             opts = with_token_text(opts, self._token_text)
         except BadRequest as e:
             self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
@@ -155,6 +157,15 @@ class OpenAIFront:
             return refused(e)
         return StreamingResponse(self._sse(rid, opts, first, stream, len(reqs)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    def _admit(self, req: pb.GenerateRequest, p: int, prompts: int) -> ValidRequest:
+        """Prompt p of a batch of `prompts`; a refusal about a batch's prompt names it: prompt[p]."""
+        try:
+            return self.svc.admit(req)
+        except Refused as e:
+            if prompts > 1 and e.field == "prompt":
+                raise Refused(e.code, f"prompt[{p}]: {e.message}", f"prompt[{p}]") from None
+            raise
 
     async def _sse(self, rid: str, opts: Options, first: tuple[int, Any],
                    stream: AsyncIterator[tuple[int, Any]], choices: int) -> AsyncIterator[str]:

@@ -124,6 +124,7 @@ def test_min_tokens_holds_off_stop_ids_and_stop_strings(server: RunningServer, o
     ({"model": "tiny", "prompt": "x", "n": 65}, 400, "n"),  # limits.max_choices
     ({"model": "tiny", "prompt": ["x"] * 65}, 400, "prompt"),
     ({"model": "tiny", "prompt": ["x", 5]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ["x", "y" * 5000]}, 400, "prompt[1]"),  # past limits.max_prompt_tokens
     ({"model": "tiny", "prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias[999999]"),
