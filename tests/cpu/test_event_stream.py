@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -59,6 +60,18 @@ def _tokens(c: socket.socket, want: int, within_s: float = 5) -> list[int]:
     return got
 
 
+Served = tuple[EventOutbox, EventStream]
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    """A worker's outbox and its event stream on loopback (steps 1-4), closed after the test."""
+    ev = EventOutbox()
+    stream = EventStream(ev, host="127.0.0.1")
+    yield ev, stream
+    stream.close()
+
+
 def test_frames_carry_every_field_of_an_event() -> None:
     events = [
         DecodeEvent("a", [1, 2]),
@@ -72,64 +85,52 @@ def test_frames_carry_every_field_of_an_event() -> None:
     assert decode(frame[HEADER.size:]) == events
 
 
-def test_events_reach_the_router_in_order_and_an_idle_stream_carries_heartbeats() -> None:
-    ev = EventOutbox()
-    stream = EventStream(ev, host="127.0.0.1")
-    try:
-        c = _connect(stream, ev.secret)
-        for i in range(50):
-            ev.emit([DecodeEvent("r", [i])])
-        assert _tokens(c, 50) == list(range(50))
-        t0 = time.monotonic()
-        assert _frame(c) == []  # nothing to say: an empty frame within a heartbeat
-        assert time.monotonic() - t0 < 2
-        c.close()
-    finally:
-        stream.close()
+def test_events_reach_the_router_in_order_and_an_idle_stream_carries_heartbeats(served: Served) -> None:
+    ev, stream = served
+    c = _connect(stream, ev.secret)
+    for i in range(50):
+        ev.emit([DecodeEvent("r", [i])])
+    assert _tokens(c, 50) == list(range(50))
+    t0 = time.monotonic()
+    assert _frame(c) == []  # nothing to say: an empty frame within a heartbeat
+    assert time.monotonic() - t0 < 2
+    c.close()
 
 
-def test_a_connection_without_the_secret_gets_nothing() -> None:
-    ev = EventOutbox()
-    stream = EventStream(ev, host="127.0.0.1")
-    try:
-        bad = _connect(stream, "0" * len(ev.secret))
-        ev.emit([DecodeEvent("r", [1])])
-        assert _frame(bad) is None  # closed without a frame
-        good = _connect(stream, ev.secret)
-        assert _tokens(good, 1) == [1]  # the event waited for the router
-        good.close()
-    finally:
-        stream.close()
+def test_a_connection_without_the_secret_gets_nothing(served: Served) -> None:
+    ev, stream = served
+    bad = _connect(stream, "0" * len(ev.secret))
+    ev.emit([DecodeEvent("r", [1])])
+    assert _frame(bad) is None  # closed without a frame
+    good = _connect(stream, ev.secret)
+    assert _tokens(good, 1) == [1]  # the event waited for the router
+    good.close()
 
 
-def test_frames_the_router_did_not_acknowledge_come_again_on_its_next_connection() -> None:
-    ev = EventOutbox()
-    stream = EventStream(ev, host="127.0.0.1")
-    try:
-        first = _connect(stream, ev.secret)
-        ev.emit([DecodeEvent("r", [0])])
-        assert _numbered(first) == (1, [DecodeEvent("r", [0])])
-        for i in range(1, 4):
-            ev.emit([DecodeEvent("r", [i])])
-            time.sleep(0.01)  # one frame each, written before the router hangs up unread
-        first.close()
-        time.sleep(0.05)
-        for i in range(4, 20):
-            ev.emit([DecodeEvent("r", [i])])
-            time.sleep(0.001)
-        second = _connect(stream, ev.secret, ev.log, 1)  # the router delivered frame 1
-        assert _tokens(second, 19) == list(range(1, 20))  # none lost, none twice, in order
-        second.close()
-        third = _connect(stream, ev.secret, ev.log, 1)  # nothing acknowledged past 1: all of that again
-        assert _tokens(third, 19) == list(range(1, 20))
-        third.sendall(ACK.pack(ev.unacked()[-1][0]))  # 4. acknowledged: forgotten
-        end = time.monotonic() + 5
-        while ev.unacked() and time.monotonic() < end:
-            time.sleep(0.01)
-        assert ev.unacked() == []
-        third.close()
-    finally:
-        stream.close()
+def test_frames_the_router_did_not_acknowledge_come_again_on_its_next_connection(served: Served) -> None:
+    ev, stream = served
+    first = _connect(stream, ev.secret)
+    ev.emit([DecodeEvent("r", [0])])
+    assert _numbered(first) == (1, [DecodeEvent("r", [0])])
+    for i in range(1, 4):
+        ev.emit([DecodeEvent("r", [i])])
+        time.sleep(0.01)  # one frame each, written before the router hangs up unread
+    first.close()
+    time.sleep(0.05)
+    for i in range(4, 20):
+        ev.emit([DecodeEvent("r", [i])])
+        time.sleep(0.001)
+    second = _connect(stream, ev.secret, ev.log, 1)  # the router delivered frame 1
+    assert _tokens(second, 19) == list(range(1, 20))  # none lost, none twice, in order
+    second.close()
+    third = _connect(stream, ev.secret, ev.log, 1)  # nothing acknowledged past 1: all of that again
+    assert _tokens(third, 19) == list(range(1, 20))
+    third.sendall(ACK.pack(ev.unacked()[-1][0]))  # 4. acknowledged: forgotten
+    end = time.monotonic() + 5
+    while ev.unacked() and time.monotonic() < end:
+        time.sleep(0.01)
+    assert ev.unacked() == []
+    third.close()
 
 
 def test_a_poll_answers_every_frame_after_the_routers_last_of_its_log() -> None:
