@@ -38,6 +38,21 @@ def _add_rms_norm(
 
 
 @triton.jit
+def _rounded(v, dtype: tl.constexpr):
+    """fp32 v rounded to dtype (to nearest, ties to even) and widened back, as torch rounds an op's
+    result. bf16 by integer arithmetic: compiled for an H100, `v.to(bf16).to(fp32)` followed by an add
+    was folded into one unrounded fma, and rotary drifted a bf16 ulp from HF in 17 % of elements
+    (and Triton's interpreter truncates on that cast).
+    (A NaN whose payload sits in the low 16 bits becomes inf; rotary inputs are finite.)"""
+    if dtype == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotate(x_ptr, stride_h, t, stride_t, c, s, NH, D: tl.constexpr, HALF: tl.constexpr,
             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """x * cos + rotate_half(x) * sin for the [NH, D] heads of token t, rounded as HF rounds."""
@@ -49,9 +64,9 @@ def _rotate(x_ptr, stride_h, t, stride_t, c, s, NH, D: tl.constexpr, HALF: tl.co
     x = tl.load(base + d, mask=m, other=0.0)
     xp = tl.load(base + partner, mask=m, other=0.0).to(tl.float32)
     rot = tl.where(d < HALF, -xp, xp)
-    a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
-    b = (rot * s).to(x.dtype).to(tl.float32)
-    return (a + b).to(x.dtype), h, d, m
+    a = _rounded(x.to(tl.float32) * c, x.dtype)
+    b = _rounded(rot * s, x.dtype)
+    return _rounded(a + b, x.dtype).to(x.dtype), h, d, m  # already representable: the cast is exact
 
 
 @triton.jit

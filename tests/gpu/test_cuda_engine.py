@@ -169,14 +169,18 @@ print("device_ok", before, ModelRunner.device_ok(Runner()))
 """
 
 
-def test_device_ok_tells_a_sticky_kernel_fault() -> None:
+def test_device_ok_tells_a_sticky_kernel_fault(tmp_path) -> None:
     """What makes a worker exit for a restart (engine/step_loop.py): after an illegal memory access
     every CUDA call of the process fails, and device_ok() says so (in a subprocess: the fault
-    would poison this one's context)."""
+    would poison this one's context; from a file, since Triton reads a kernel's source)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    p = subprocess.run([sys.executable, "-c", _STICKY_FAULT], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[2])
-    assert p.stdout.strip().splitlines()[-1] == "device_ok True False", p.stdout + p.stderr[-2000:]
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "sticky_fault.py"
+    script.write_text(_STICKY_FAULT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert p.stdout.strip().splitlines()[-1:] == ["device_ok True False"], p.stdout + p.stderr[-2000:]
