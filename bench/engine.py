@@ -205,6 +205,9 @@ def main() -> None:
                   f"  router {r['router_cpu_us_per_token']:.0f} µs CPU/token ({threads}),"
                   f" {r['tokens_per_message']:.2f} tokens/message\n"
                   f"         decode workers' loop per step (ms): {r['worker_step_ms']}", flush=True)
+            if not r["window_s"] > 0:
+                print(f"         no moment had all {c} decoding (the first finished before the last began): "
+                      "raise --max-tokens", flush=True)
             rows.append(r)
     torch.set_num_threads(cfg.decode.torch_threads)
     model = load_model(cfg.model)

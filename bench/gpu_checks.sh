@@ -5,6 +5,7 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step       # 1.1B: floor / graphs / eager / HF at 1, 16, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step8b     # 8B: the same at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D; the router alone at 32k tok/s
+#                                                           # (OVERLAP=false: every decode step completes before the next, to compare)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
@@ -18,13 +19,13 @@ model() {  # $1 shape → path
   echo "/tmp/llama-$1"
 }
 yaml() {  # $1 model path, $2 mode (aggregated | disaggregated) → a config file
-  f="$OUT/serve-$2.yaml"
+  f="$OUT/serve-$2${OVERLAP:+-overlap-$OVERLAP}.yaml"
   cat > "$f" <<YAML
 mode: $2
 model: {path: $1, dtype: bfloat16, device: cuda, max_model_len: 2048}
 prefill: {replicas: 1, num_gpus: 0.5, max_batch_tokens: 2048, chunk_tokens: 1024}
-decode: {replicas: 1, num_gpus: 0.5, max_batch_size: 64}
-aggregated: {replicas: 1, num_gpus: 1, max_batch_size: 64, max_batch_tokens: 2048, chunk_tokens: 1024}
+decode: {replicas: 1, num_gpus: 0.5, max_batch_size: 64, overlap_steps: ${OVERLAP:-true}}
+aggregated: {replicas: 1, num_gpus: 1, max_batch_size: 64, max_batch_tokens: 2048, chunk_tokens: 1024, overlap_steps: ${OVERLAP:-true}}
 server: {http_port: null}
 YAML
   echo "$f"
@@ -38,7 +39,7 @@ case "${1:-tests}" in
   serve)   p=$(model 1.1b)
            for m in aggregated disaggregated; do
              python3 bench/engine.py --config "$(yaml "$p" $m)" --concurrency 1,16,64 --prompt-tokens 64 \
-               --max-tokens 128 --output "$OUT/serve-$m.json" 2>&1 | tee "$OUT/serve-$m.log" | grep -E "serving|bare|loop per"
+               --max-tokens 512 --output "$OUT/serve-$m${OVERLAP:+-overlap-$OVERLAP}.json" 2>&1 | tee "$OUT/serve-$m${OVERLAP:+-overlap-$OVERLAP}.log" | grep -E "serving|bare|loop per|no moment"
            done
            python3 bench/router_path.py --full --streams 64 --tokens 1000 --workers 1 --step-ms 2 \
              --output "$OUT/router-full.json" 2>&1 | tee "$OUT/router-full.log" | grep "streams over" ;;

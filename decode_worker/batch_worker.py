@@ -28,7 +28,7 @@ import torch
 
 from decode_worker.config import BatchConfig
 from decode_worker.preemption import Recompute
-from decode_worker.request import DecodeRequest
+from decode_worker.request import DecodeRequest, DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
 from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
@@ -39,12 +39,15 @@ from engine.model_runner import ModelRunner, SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
-from engine.sampler import History, sample
-from engine.step_loop import Step, StepLoop
+from engine.sampler import History, plain, sample, sample_plain
+from engine.step_loop import InFlight, Step, StepLoop
 from engine.types import (
     DecodeEvent, FinishReason, PrefillRequest, PrefillResult, ReserveResult, SamplingParams, TokenLogprob, WorkerStats,
     banned_now,
 )
+
+
+MAX_FOLLOWS = 64  # steps that follow one in flight before a complete turn (engine/step_loop.py)
 
 
 class BatchWorker(StepLoop):
@@ -82,6 +85,8 @@ class BatchWorker(StepLoop):
         self.requests_prefilled = 0  # prompts whose first token was sampled here
         self._inbox: deque[str] = deque()  # request ids to cancel at the next step
         self.outbox = EventOutbox()  # this worker's events to the router (engine/event_stream.py)
+        self._follows = 0  # steps in a row that followed one in flight
+        self.overlap_steps = cfg.overlap_steps
 
     # -- called by the router -------------------------------------------------------------------
     def ready(self) -> str:
@@ -159,7 +164,8 @@ class BatchWorker(StepLoop):
                                      "prefix_cached_blocks": self.allocator.num_cached,
                                      "requests_prefilled": self.requests_prefilled,
                                      "waiting_tokens": self.prompts.scheduler.waiting_tokens,
-                                     "event_frames": self.outbox.frames_sent},
+                                     "event_frames": self.outbox.frames_sent,
+                                     "steps_overlapped": self.steps_overlapped},
             )
 
     def check_idle(self) -> bool:
@@ -284,6 +290,61 @@ class BatchWorker(StepLoop):
                 req.request_id, first, dreq.finish_reason, (p.started - p.enqueued) * 1000,
                 (time.monotonic() - p.started) * 1000, 0, first_logprob=lp, cached_tokens=p.cached,
             ))
+
+    # -- steps in flight (engine/step_loop.py) ---------------------------------------------------
+    def _may_launch(self, step: Step) -> bool:
+        """A decode-only step through the CUDA graphs whose rows are all plain greedy."""
+        g = self.runner.graphs
+        return (self.overlap_steps and g is not None and bool(step.decode) and not step.prompts and not step.recomputes
+                and g.fits(step.seqs) and all(plain(r.sampling, len(r.output_ids)) for r in step.decode))
+
+    def _quiet(self) -> bool:
+        """Under `lock`: nothing but the running batch to attend to (no cancel, arrival, preempted
+        request or prompt); a step may then follow the one in flight."""
+        s = self.scheduler
+        return (not self._inbox and not s.ready and not s.preempted and not s.recomputing
+                and not self.prompts.scheduler.has_work())
+
+    def _follow(self, prev: InFlight) -> Step | None:
+        """prev's rows that go on, each fed the token prev draws for it, at the position that token
+        takes: while quiet, each has a block for it, all stay plain, and for at most
+        MAX_FOLLOWS steps in a row (a complete turn then runs the rest: reservations expire there)."""
+        step = self._fed(prev) if self._follows < MAX_FOLLOWS else None
+        self._follows = self._follows + 1 if step is not None else 0
+        return step
+
+    def _fed(self, prev: InFlight) -> Step | None:
+        bs, rows, seqs = self.allocator.block_size, [], []
+        with self.lock:
+            if not self._quiet():
+                return None
+            for i, r in enumerate(prev.step.decode):
+                if r.status is not DecodeStatus.RUNNING or len(r.output_ids) + 1 >= r.sampling.max_tokens:
+                    continue  # ended, or prev's token is its last
+                pos = r.num_tokens  # where prev's token goes
+                if len(r.block_table) * bs <= pos or not plain(r.sampling, len(r.output_ids) + 1):
+                    return None  # it needs a block (schedule() grows it), or is past plain
+                rows.append(r)
+                seqs.append(SeqInput([i], pos, r.block_table))
+        g = self.runner.graphs
+        if not rows or g is None or not g.fits(seqs):
+            return None
+        return Step(rows, [], seqs, [])
+
+    def _launch(self, step: Step, prev: InFlight | None) -> InFlight:
+        logits = self.runner.forward(step.seqs, None if prev is None else prev.sampled.tokens)  # [rows, V]
+        return InFlight(step, sample_plain(logits, [r.sampling for r in step.decode]))
+
+    def _complete(self, f: InFlight, behind: bool) -> None:
+        tokens, lps = f.sampled.collect()  # waits for f's forward (and so for every step before it)
+        with self.lock:
+            self.scheduler.release_held()  # their last step has run
+            self.scheduler.hold_kv = behind  # the step behind writes into the blocks of f's rows
+            try:
+                events = self.scheduler.on_tokens(f.step.decode, tokens, lps)
+            finally:
+                self.scheduler.hold_kv = False
+        self._emit(events)  # type: ignore[arg-type]
 
     def _fail_step(self, step: Step, error: str) -> None:
         with self.lock:

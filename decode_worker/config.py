@@ -24,6 +24,12 @@ class BatchConfig(WorkerPlacement):
         True, description="On cuda with the triton kernels: decode steps of up to max_batch_size rows replay "
         "CUDA graphs captured at start-up, one per batch bucket (1, 2, 4, 8, then every 16); false: eager."
     )
+    overlap_steps: bool = Field(
+        True, description="With cuda_graphs: while every row is plain greedy and nothing else waits, a decode step "
+        "is queued behind the one in flight (each row fed its token on the device) before the host reads the first "
+        "one's tokens, so scheduling, input copies and bookkeeping overlap the forward. false: each step completes "
+        "before the next is scheduled."
+    )
 
 
 class DecodeConfig(BatchConfig):

@@ -43,6 +43,8 @@ class Preemption:
     preempted: list[str]
     recomputing: list[str]
     preemptions: int
+    hold_kv: bool
+    held: list[tuple[DecodeRequest, int]]
 
     def _victim(self) -> DecodeRequest:
         """The newest request by arrival among the READY and RUNNING ones (whose blocks nobody is
@@ -149,9 +151,20 @@ class Preemption:
         return 0  # RESERVED, WRITING; PREFILLING: the worker commits each computed chunk itself
 
     def _let_go(self, req: DecodeRequest, kv_tokens: int) -> None:
-        """Free its blocks, the whole ones of its first `kv_tokens` tokens cached for reuse."""
+        """Free its blocks, the whole ones of its first `kv_tokens` tokens cached for reuse — or,
+        while `hold_kv` (a step that may still write into them is in flight), once release_held()
+        says that step has run."""
+        if self.hold_kv:
+            self.held.append((req, kv_tokens))
+            return
         cacheable = kv_tokens > 0 and req.cache_salt is not None and req.prompt_ids is not None
         self.allocator.release(req.request_id, kv_tokens if cacheable else 0, req.recompute_ids() if cacheable else None)
+
+    def release_held(self) -> None:
+        """The step in flight when they ended has run: free the blocks of the requests held."""
+        held, self.held = self.held, []
+        for req, kv_tokens in held:
+            self._let_go(req, kv_tokens)
 
     def _insert_by_arrival(self, ids: list[str], req: DecodeRequest) -> None:
         i = len(ids)

@@ -55,6 +55,8 @@ class DecodeScheduler(Preemption):
         self.recomputing: list[str] = []
         self.tokens_generated = 0
         self.preemptions = 0
+        self.hold_kv = False  # set by the worker while a step that may write a finishing request's blocks is in flight
+        self.held: list[tuple[DecodeRequest, int]] = []  # (request, kv tokens) ended while hold_kv: freed by release_held()
 
     # -- 1. reserve ---------------------------------------------------------------------------
     def reserve(

@@ -109,6 +109,9 @@ class DecodeWorker(BatchWorker):
     def _idle_wait_s(self) -> float:
         return 0.001 if self.receiver.pending else 0.05  # writes in flight are polled every millisecond
 
+    def _quiet(self) -> bool:
+        return super()._quiet() and not self.receiver.pending  # a landing write joins at a complete turn
+
     def _schedule(self) -> Step | None:
         with self.lock:
             events = self._take_news()

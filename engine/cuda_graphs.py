@@ -9,7 +9,8 @@ Python they cost far more host time than the GPU needs for them. So:
   2. Each decode step of B rows: the live rows and the padding rows up to the bucket (token 0,
      slot -1 → nothing stored, context 0 → attention of nothing) are written into pinned host
      staging and copied into the buffers in two copies; the bucket's graph is replayed; the
-     first B rows of its logits are the answer. No host sync inside the step.
+     first B rows of its logits are the answer. No host sync inside the step. A step that follows
+     one still in flight takes its token ids from that step's sampled tokens on the device.
   3. More rows than the largest bucket, a row with more than one new token, or a context longer
      than the buffers hold: the eager forward.
 Needs the Triton attention backend (its kernels take slot -1 and context 0 as padding and do no
@@ -115,12 +116,18 @@ class DecodeGraphs:
             self._copied.record()
 
     @torch.inference_mode()
-    def run(self, seqs: list[SeqInput]) -> torch.Tensor:
+    def run(self, seqs: list[SeqInput], feed: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step through the bucket's graph (or its padded eager forward) → logits [B, V].
+        feed: the previous step's sampled tokens, still on the device ([B'], engine/step_loop.py, a
+        step in flight); each row's token_ids[0] is then the row of `feed` its token is, and the
+        device gathers them after the copy: the host never waits for them.
 
-        The logits are a view of the graph's output: read them before the next step."""
+        The logits are a view of the graph's output: queue what reads them before the next step."""
         b = self.bucket(len(seqs))
         self._fill(seqs, b)
+        if feed is not None:
+            n = len(seqs)
+            self._cols[0, :n] = feed.index_select(0, self._cols[0, :n])
         self.replays += 1
         graph = self._graphs.get(b)
         if graph is None:  # capture=False: the same padded forward, eagerly

@@ -145,14 +145,17 @@ class ModelRunner:
 
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, seqs: list[SeqInput]) -> torch.Tensor:
+    def forward(self, seqs: list[SeqInput], feed: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the new tokens of every sequence; return the logits of each one's last token [B, V].
 
         Any mix works: decode rows (one new token) and prompt chunks may share a forward (Sarathi);
-        the decode rows should come first so they take the paged decode kernel."""
+        the decode rows should come first so they take the paged decode kernel. feed: decode rows
+        whose token is a row of this device tensor (DecodeGraphs.run; only through the graphs)."""
         if self.graphs is not None and self.graphs.fits(seqs):
             self.tokens_forwarded += len(seqs)
-            return self.graphs.run(seqs)
+            return self.graphs.run(seqs, feed)
+        if feed is not None:
+            raise ValueError("a fed decode step runs only through the decode graphs (graphs.fits)")
         meta = self.attn.prepare(seqs)
         self.tokens_forwarded += meta.ids.numel()
         return self.run(meta)

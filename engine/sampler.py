@@ -13,9 +13,11 @@ temperature), and a row whose distribution still comes out non-finite takes its 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -121,20 +123,77 @@ def sample(
         keys = torch.tensor(_row_keys(sub, [positions[i] for i in drawn]), device=logits.device)
         choice, ok = draw(take_rows(logits, drawn), sub, keys)  # [R]
         tokens = tokens.index_copy(0, idx, torch.where(ok, choice, tokens.index_select(0, idx)))
-    want = [p.logprobs for p in params]
-    if all(n is None for n in want):
-        return tokens.tolist(), [None] * B
-    lp = torch.log_softmax(raw, dim=-1)  # [B, V], the raw distribution
-    n_top = max(n or 0 for n in want)
-    top = torch.topk(lp, n_top) if n_top else None
-    chosen = lp.gather(1, tokens[:, None])[:, 0]
-    toks, chosen_l = tokens.tolist(), chosen.tolist()
-    top_i, top_v = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
-    lps: list[TokenLogprob | None] = []
-    for i, n in enumerate(want):
-        if n is None:
-            lps.append(None)
-        else:
-            alts = tuple(zip(top_i[i][:n], top_v[i][:n])) if n else ()
-            lps.append(TokenLogprob(toks[i], chosen_l[i], alts))
-    return toks, lps
+    return Sampled.of(raw, tokens, [p.logprobs for p in params]).collect()
+
+
+def plain(sampling: SamplingParams, num_generated: int) -> bool:
+    """Whether a row's next token (after `num_generated`) is its raw argmax: greedy, no penalty, no
+    bias, past its min_tokens — what sample_plain() draws with no host work at all."""
+    return (sampling.greedy and not sampling.penalized and not sampling.logit_bias
+            and num_generated >= sampling.min_tokens)
+
+
+def sample_plain(logits: torch.Tensor, params: list[SamplingParams]) -> Sampled:
+    """sample() for rows that are all plain(): every tensor op is queued on the device and nothing
+    waits for it, so the caller can queue the next forward before collect() (engine/step_loop.py,
+    a step in flight). logits [B, V] may be overwritten once this returns (a CUDA graph's output)."""
+    raw = logits.float().nan_to_num(nan=float("-inf"))  # a new tensor: the logits' buffer is free again
+    return Sampled.of(raw, raw.argmax(dim=-1), [p.logprobs for p in params]).staged()
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A batch's draw on the device: tokens [B] and, for the rows that asked for logprobs, the
+    chosen token's and the top alternatives' (all queued before the host reads any of them)."""
+
+    tokens: torch.Tensor  # [B] int64, on the device (a step that follows feeds on it)
+    want: list[int | None]  # per row: how many alternatives; None: no logprobs
+    chosen: torch.Tensor | None = None  # [B] the chosen tokens' logprobs
+    top: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, n], [B, n]) ids, logprobs
+    host: tuple[torch.Tensor, ...] = ()  # staged(): pinned host copies of the tensors above, being made
+    copied: Any = None  # staged(): the CUDA event recorded after those copies
+
+    @staticmethod
+    def of(raw: torch.Tensor, tokens: torch.Tensor, want: list[int | None]) -> Sampled:
+        """raw [B, V]: the logits logprobs are taken from (the raw distribution)."""
+        if all(n is None for n in want):
+            return Sampled(tokens, want)
+        lp = torch.log_softmax(raw, dim=-1)  # [B, V]
+        n_top = max(n or 0 for n in want)
+        top = torch.topk(lp, n_top) if n_top else None
+        return Sampled(tokens, want, lp.gather(1, tokens[:, None])[:, 0],
+                       (top.indices, top.values) if top is not None else None)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.tokens, *([self.chosen] if self.chosen is not None else []), *(self.top or ())]
+
+    def staged(self) -> Sampled:
+        """On CUDA: the same, with copies to pinned host memory queued and an event after them, so
+        that collect() waits for this draw only — reading a device tensor (tolist) would wait for
+        everything queued on the stream, the next step's forward included."""
+        if self.tokens.device.type != "cuda":
+            return self
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                     for t in self._tensors())
+        copied = torch.cuda.Event()
+        copied.record()
+        return dataclasses.replace(self, host=host, copied=copied)
+
+    def collect(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The host's copy (waits for the draw): tokens, and each row's logprob or None."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        src = [t.tolist() for t in (self.host or self._tensors())]
+        toks = src[0]
+        if self.chosen is None:
+            return toks, [None] * len(toks)
+        chosen_l = src[1]
+        top_i, top_v = (src[2], src[3]) if self.top is not None else ([], [])
+        lps: list[TokenLogprob | None] = []
+        for i, n in enumerate(self.want):
+            if n is None:
+                lps.append(None)
+            else:
+                alts = tuple(zip(top_i[i][:n], top_v[i][:n])) if n else ()
+                lps.append(TokenLogprob(toks[i], chosen_l[i], alts))
+        return toks, lps

@@ -11,6 +11,13 @@ the logits. Each turn of the loop:
                  and the batch fits a bucket) → logits [rows, V], one row per SeqInput
   4. postprocess(step, logits)  sample; decode rows → tokens to their requests; completed prompts →
                  first token (handed off by a prefill worker, decoded next step by an aggregated one)
+A step in flight (a worker that says a step may be, _launch): its forward and sampling are queued
+on the device and the loop goes on before the host has its tokens. The next turn asks the worker
+for a step that follows it (_follow: the same rows, each fed its token on the device); if there is
+one, it is queued behind, and only then does the host wait for the first one's tokens and
+postprocess them (_complete) — so the host's schedule, input copy and bookkeeping overlap the
+device's forward instead of leaving it idle (vLLM's async scheduling, SGLang's overlap scheduler).
+Anything else (news, a prompt, a row that is not plain greedy) completes the step in flight first.
 A step that raises fails the requests it held (fail_step) and the loop goes on: one bad step never
 leaves a caller waiting or stops the worker — unless the device itself is broken (a CUDA kernel
 fault is sticky: every later step would fail too), or schedule() raised (the worker's bookkeeping
@@ -39,6 +46,14 @@ from engine.model_runner import ModelRunner, SeqInput
 log = logging.getLogger(__name__)
 DEVICE_LOST_EXIT = 70  # the worker process's exit status when its device is broken (EX_SOFTWARE)
 LOOP_BROKEN_EXIT = 71  # ... when its schedule() raised (EX_OSERR: the worker's own state is unusable)
+
+
+@dataclass
+class InFlight:
+    """A launched step whose tokens the host has not read yet; `sampled`: the worker's handle."""
+
+    step: Step
+    sampled: Any
 
 
 @dataclass
@@ -74,6 +89,8 @@ class StepLoop(abc.ABC):
         # seconds the loop thread spent in each part of its turns (stats: where a step's time goes;
         # on CUDA "run" is mostly launching, and the wait for the device lands in postprocess's sampling)
         self.loop_s = {"idle": 0.0, "schedule": 0.0, "run": 0.0, "postprocess": 0.0}
+        self._inflight: InFlight | None = None  # only the loop thread touches it
+        self.steps_overlapped = 0  # steps launched behind one still in flight
 
     # -- each worker's part ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -95,6 +112,25 @@ class StepLoop(abc.ABC):
     @abc.abstractmethod
     def _fail_step(self, step: Step, error: str) -> None:
         """The step raised: end (with `error`) every request it held."""
+
+    # -- steps in flight (a worker that overlaps host and device overrides these) ------------------
+    def _may_launch(self, step: Step) -> bool:
+        """Whether `step` (just scheduled, nothing in flight) may be launched and left in flight."""
+        return False
+
+    def _follow(self, prev: InFlight) -> Step | None:
+        """Under no lock held: the step that follows `prev` while it is in flight (its rows fed from
+        prev's tokens on the device), or None: complete prev first, then schedule as usual."""
+        return None
+
+    def _launch(self, step: Step, prev: InFlight | None) -> InFlight:
+        """Queue step's forward and sampling on the device (fed from prev when step follows it)."""
+        raise NotImplementedError
+
+    def _complete(self, f: InFlight, behind: bool) -> None:
+        """Wait for f's tokens and postprocess them (step 4 of a step that was in flight). behind:
+        the step after f is in flight, and may still write into the blocks of f's rows."""
+        raise NotImplementedError
 
     # -- the loop -------------------------------------------------------------------------------
     def nudge(self) -> None:
@@ -120,14 +156,20 @@ class StepLoop(abc.ABC):
             with self.wake:  # 1. wait
                 if self._stop:
                     return
-                if not self._news and (stalled or self._idle()):
+                if self._inflight is None and not self._news and (stalled or self._idle()):
                     t = time.perf_counter()
                     self.wake.wait(self._idle_wait_s())
                     self.loop_s["idle"] += time.perf_counter() - t
                 self._news = False
             t0 = time.perf_counter()
+            prev, step = self._inflight, None
             try:
-                step = self._schedule()  # 2
+                if prev is not None:
+                    step = self._follow(prev)
+                if step is None:
+                    self._drain()
+                    t0 = time.perf_counter()
+                    step = self._schedule()  # 2
             except Exception as e:  # noqa: BLE001 — nothing to fail it on: the state itself is wrong
                 log.exception("%s: schedule failed", self.worker_id)
                 self._exit(LOOP_BROKEN_EXIT, f"its schedule() raised {type(e).__name__}: {e}")
@@ -138,6 +180,14 @@ class StepLoop(abc.ABC):
             if step is None:
                 continue
             try:
+                if self._inflight is not None or self._may_launch(step):  # 3, left in flight
+                    f = self._launch(step, self._inflight)
+                    self.steps += 1
+                    self.steps_overlapped += self._inflight is not None
+                    self.loop_s["run"] += time.perf_counter() - t1
+                    self._drain(behind=True)  # 4 of the step before, while this one runs
+                    self._inflight = f
+                    continue
                 logits = self.runner.forward(step.seqs)  # 3. [rows, V]
                 self.steps += 1
                 t2 = time.perf_counter()
@@ -145,10 +195,27 @@ class StepLoop(abc.ABC):
                 self._postprocess(step, logits)  # 4
                 self.loop_s["postprocess"] += time.perf_counter() - t2
             except Exception as e:  # noqa: BLE001 — end what this step held, keep the worker alive
-                log.exception("%s: step failed", self.worker_id)
-                if not self.runner.device_ok():  # not the step's fault: its requests may go on elsewhere
-                    self._device_lost(f"{type(e).__name__}: {e}")
-                self._fail_step(step, f"step failed: {type(e).__name__}: {e}")
+                self._drain()
+                self._step_failed(step, e)
+
+    def _drain(self, behind: bool = False) -> None:
+        """Complete the step in flight, if any (4); a failure ends its requests only. behind: a
+        later step was launched after it and is in flight now."""
+        f, self._inflight = self._inflight, None
+        if f is None:
+            return
+        t = time.perf_counter()
+        try:
+            self._complete(f, behind)
+        except Exception as e:  # noqa: BLE001
+            self._step_failed(f.step, e)
+        self.loop_s["postprocess"] += time.perf_counter() - t
+
+    def _step_failed(self, step: Step, e: Exception) -> None:
+        log.exception("%s: step failed", self.worker_id, exc_info=e)
+        if not self.runner.device_ok():  # not the step's fault: its requests may go on elsewhere
+            self._device_lost(f"{type(e).__name__}: {e}")
+        self._fail_step(step, f"step failed: {type(e).__name__}: {e}")
 
     def _device_lost(self, error: str) -> None:
         """The device no longer runs work: end this process (Ray restarts it with a fresh context)."""

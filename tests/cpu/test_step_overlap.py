@@ -1,0 +1,183 @@
+"""Steps in flight (engine/step_loop.py): a decode step through the CUDA-graph buffers is queued with
+its sampling and the host goes on; the next step follows it with each row's token fed on the device.
+On CPU the graph path runs its padded forward eagerly under Triton's interpreter (capture=False),
+the same buffers and feed as on a GPU. The tokens must equal HF generate; a request that ends while
+the step behind it is in flight keeps its blocks until that step has run; news (a cancel, an
+arrival) completes the step in flight first; and every block comes back."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from decode_worker.aggregated import AggregatedWorker  # noqa: E402
+from decode_worker.config import AggregatedConfig  # noqa: E402
+from engine.config import KVCacheConfig, ModelConfig  # noqa: E402
+from engine.sampler import Sampled, plain, sample, sample_plain  # noqa: E402
+from engine.step_loop import InFlight  # noqa: E402
+from engine.tiny import tiny_tokenizer  # noqa: E402
+from engine.types import FinishReason, PrefillRequest, SamplingParams  # noqa: E402
+from tests.cpu.harness import hf_greedy_ids, prompts, wait_until  # noqa: E402
+from tests.cpu.test_workers_inprocess import Events  # noqa: E402
+
+EOS = (2,)
+
+
+@pytest.fixture(scope="module")
+def worker():  # type: ignore[no-untyped-def]
+    w = AggregatedWorker("a0", ModelConfig(path="tiny", kernels="triton"), KVCacheConfig(num_blocks=256),
+                         AggregatedConfig(max_batch_size=4))
+    w.runner.use_decode_graphs(4, 2048, capture=False)  # what a CUDA worker does, uncaptured
+    seen: list[str] = []  # what the hold rule forbids, as it happened
+    complete = w._complete
+
+    def checked(f: InFlight, behind: bool) -> None:
+        for r in f.step.decode:  # each row's blocks are still its own while its step runs
+            if r.request_id not in w.allocator._owned:
+                seen.append(f"{r.request_id}: blocks freed while a step writing them was in flight")
+        complete(f, behind)
+
+    w._complete = checked  # type: ignore[method-assign]
+    w.start()
+    events = Events(w)
+    yield w, events, seen
+    events.close()
+    w.shutdown()
+
+
+def _ids(i: int) -> list[int]:
+    return tiny_tokenizer()(prompts(8, seed=3)[i])["input_ids"][:40]
+
+
+RESULTS: dict[str, list[int]] = {}  # request id → its first token, once its prefill answered
+
+
+def _submit(w: AggregatedWorker, rid: str, ids: list[int], sp: SamplingParams) -> threading.Thread:
+    """The router's part: reserve, then prefill on a thread of its own (it returns with the first token)."""
+    assert w.reserve(rid, len(ids), sp, EOS, list(ids)).ok
+
+    def go() -> None:
+        res = w.prefill(PrefillRequest(rid, ids, sp, EOS, 0), timeout_s=120)
+        assert res.error is None, res.error
+        RESULTS[rid] = [res.first_token]
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t
+
+
+def _tokens(events: Events, rid: str) -> tuple[list[int], FinishReason | None]:
+    evs = events.take(rid, 120)
+    return RESULTS.pop(rid) + [t for e in evs for t in e.token_ids], evs[-1].finish_reason
+
+
+def test_steps_in_flight_decode_like_hf_and_keep_an_ended_requests_blocks(worker) -> None:  # type: ignore[no-untyped-def]
+    """Four requests ending at different steps: by length (3, 9, 24) and by a stop token met while
+    the step behind it runs (it comes back once that step has run)."""
+    w, events, seen = worker
+    before = w.steps_overlapped
+    ids = [_ids(i) for i in range(4)]
+    want = [hf_greedy_ids(p, 24, ignore_eos=True) for p in ids]
+    end = next(i for i, t in enumerate(want[3]) if i >= 5 and want[3].index(t) == i) + 1
+    stop = want[3][end - 1]  # request 3 stops at the first token it has not made before, from its 6th on
+    sps = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 9, 24)]
+    sps.append(SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=(stop,)))
+    threads = [_submit(w, f"a{i}", p, sp) for i, (p, sp) in enumerate(zip(ids, sps))]
+    for t in threads:
+        t.join(120)
+    got = [_tokens(events, f"a{i}") for i in range(4)]
+    assert [g[0] for g in got] == [want[0][:3], want[1][:9], want[2], want[3][:end]]
+    assert [g[1] for g in got] == [FinishReason.LENGTH] * 3 + [FinishReason.STOP]
+    assert w.steps_overlapped > before + 10  # most steps followed one in flight
+    assert seen == []
+    assert wait_until(w.check_idle, 10)  # every block back, none held
+
+
+def test_a_cancel_or_an_arrival_completes_the_step_in_flight_first(worker) -> None:  # type: ignore[no-untyped-def]
+    """A request cancelled mid-stream stops (its blocks back at once, nothing in flight writes
+    them); one arriving mid-stream joins; the others' tokens are unchanged."""
+    w, events, seen = worker
+    ids = [_ids(i) for i in range(4, 7)]
+    want = [hf_greedy_ids(p, 40, ignore_eos=True) for p in ids]
+    sp = SamplingParams(max_tokens=40, ignore_eos=True)
+    threads = [_submit(w, f"b{i}", ids[i], sp) for i in range(2)]
+    for t in threads:
+        t.join(120)
+    assert wait_until(lambda: len(events.by_id["b0"]) >= 5, 60)
+    w.cancel("b1")
+    late = _submit(w, "b2", ids[2], sp)
+    late.join(120)
+    b0, b2 = _tokens(events, "b0"), _tokens(events, "b2")
+    b1 = _tokens(events, "b1")
+    assert b0 == (want[0], FinishReason.LENGTH) and b2 == (want[2], FinishReason.LENGTH)
+    assert b1[1] is FinishReason.CANCELLED and b1[0] == want[1][: len(b1[0])] and len(b1[0]) < 40
+    assert seen == []
+    assert wait_until(w.check_idle, 10)
+
+
+def test_a_row_that_is_not_plain_greedy_runs_a_complete_turn(worker) -> None:  # type: ignore[no-untyped-def]
+    """Sampling with a temperature (or penalties, bias, min_tokens) needs the host: no step follows
+    one in flight while such a row runs; plain greedy rows beside it still decode like HF."""
+    w, events, seen = worker
+    ids = [_ids(7), _ids(1)]
+    before = w.steps_overlapped
+    drawn = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    ts = [_submit(w, "c0", ids[0], drawn), _submit(w, "c1", ids[1], SamplingParams(max_tokens=12, ignore_eos=True))]
+    for t in ts:
+        t.join(120)
+    _tokens(events, "c0")
+    assert _tokens(events, "c1") == (hf_greedy_ids(ids[1], 12, ignore_eos=True), FinishReason.LENGTH)
+    assert w.steps_overlapped == before
+    assert wait_until(w.check_idle, 10)
+
+
+def test_sample_plain_equals_sample_with_logprobs() -> None:
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    logits[2, 7] = float("nan")
+    params = [SamplingParams(), SamplingParams(logprobs=3), SamplingParams(logprobs=0), SamplingParams(), SamplingParams(logprobs=1)]
+    assert all(plain(p, 0) for p in params)
+    want = sample(logits.clone(), params, [0] * 5)
+    got = sample_plain(logits, params)
+    assert isinstance(got, Sampled)
+    logits[:] = 0  # the buffer may be overwritten once sample_plain returns (a graph's output)
+    assert got.collect() == want
+
+
+def test_plain_is_greedy_with_nothing_the_host_must_add() -> None:
+    assert plain(SamplingParams(min_tokens=3), 3) and not plain(SamplingParams(min_tokens=3), 2)
+    assert not plain(SamplingParams(temperature=0.5), 0)
+    assert not plain(SamplingParams(repetition_penalty=1.2), 0)
+    assert not plain(SamplingParams(logit_bias={5: 1.0}), 0)
+
+
+def test_held_blocks_come_back_only_when_released() -> None:
+    """The scheduler's side of the rule: while hold_kv, an ended request's blocks stay taken."""
+    from decode_worker.scheduler import DecodeScheduler
+    from engine.prefix_cache import PrefixCache
+
+    s = DecodeScheduler(PrefixCache(16, 4), max_batch_size=4, reserve_timeout_s=10)
+    sp = SamplingParams(max_tokens=2)
+    assert s.reserve("r", 4, sp, EOS).ok and s.start_write("r", 4) is not None
+    s.on_kv_landed("r", 7)
+    batch = s.schedule()
+    s.hold_kv = True
+    s.on_tokens(batch, [8])
+    s.hold_kv = False
+    assert "r" not in s.requests and s.allocator.num_used == 2  # ended, its blocks held
+    s.release_held()
+    assert s.allocator.num_used == 0 and s.held == []
+
+
+def test_overlap_steps_false_completes_every_step(worker) -> None:  # type: ignore[no-untyped-def]
+    w, events, _ = worker
+    w.overlap_steps = False
+    try:
+        before, ids = w.steps_overlapped, _ids(5)
+        _submit(w, "d0", ids, SamplingParams(max_tokens=10, ignore_eos=True)).join(120)
+        assert _tokens(events, "d0") == (hf_greedy_ids(ids, 10, ignore_eos=True), FinishReason.LENGTH)
+        assert w.steps_overlapped == before
+    finally:
+        w.overlap_steps = True
