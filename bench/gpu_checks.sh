@@ -6,6 +6,7 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step8b     # 8B: the same at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D; the router alone at 32k tok/s
 #                                                           # (OVERLAP=false: every decode step completes before the next, to compare)
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh host       # 1.1B, one worker in-process: a decode step's host parts, steps in flight on/off
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
@@ -43,6 +44,10 @@ case "${1:-tests}" in
            done
            python3 bench/router_path.py --full --streams 64 --tokens 1000 --workers 1 --step-ms 2 \
              --output "$OUT/router-full.json" 2>&1 | tee "$OUT/router-full.log" | grep "streams over" ;;
+  host)    p=$(model 1.1b)
+           for b in 16 64; do for o in "" --no-overlap; do
+             python3 bench/step_host.py --model-path "$p" --batch $b $o --output "$OUT/host-b$b$o.json" 2>&1 | tail -1
+           done; done | tee "$OUT/host.log" ;;
   handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
              --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8
            python3 bench/ipc_lifetime.py --gib 4 --output "$OUT/ipc-lifetime.json" 2>&1 | tee "$OUT/ipc-lifetime.log" | tail -3 ;;

@@ -1,0 +1,107 @@
+"""Where a decode step's time goes on the worker's host: an aggregated worker in this process (no Ray,
+no router), B greedy streams of 64-token prompts decoding together, timers around each part of
+the loop. Without a GPU it runs the tiny model on CPU (the parts' costs, not the device's).
+
+    python bench/step_host.py --model-path /tmp/llama-1.1b --batch 64 [--no-overlap] [--output F.json]
+
+Prints one JSON line: step_ms (wall per step while all B decode), the loop's parts per step in µs
+(schedule, run, postprocess; `engine/step_loop.py`), the timed pieces inside them (fill: the graph
+inputs; replay; sample_wait: the host waiting for a plain draw; on_tokens; emit), and how many
+steps followed one in flight (`decode.overlap_steps`).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine package, not bench/engine.py
+
+from decode_worker.aggregated import AggregatedWorker  # noqa: E402
+from decode_worker.config import AggregatedConfig  # noqa: E402
+from engine import sampler  # noqa: E402
+from engine.config import KVCacheConfig, ModelConfig  # noqa: E402
+from engine.types import PrefillRequest, SamplingParams  # noqa: E402
+
+PARTS: collections.Counter[str] = collections.Counter()  # seconds per timed piece
+
+
+def timed(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    def g(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            PARTS[name] += time.perf_counter() - t
+    return g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-path", default="tiny")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=1.0, help="how long to measure, all B decoding")
+    ap.add_argument("--no-overlap", action="store_true", help="decode.overlap_steps: false")
+    ap.add_argument("--output")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    w = AggregatedWorker(
+        "a0", ModelConfig(path=a.model_path, dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu"),
+        KVCacheConfig(gpu_memory_utilization=0.5) if cuda else KVCacheConfig(num_blocks=8192),
+        AggregatedConfig(num_gpus=1 if cuda else 0, max_batch_size=a.batch, max_batch_tokens=4096, chunk_tokens=2048,
+                         overlap_steps=not a.no_overlap))
+    if w.runner.graphs is not None:
+        w.runner.graphs._fill = timed("fill", w.runner.graphs._fill)  # type: ignore[method-assign]
+    w.scheduler.on_tokens = timed("on_tokens", w.scheduler.on_tokens)  # type: ignore[method-assign]
+    w._emit = timed("emit", w._emit)  # type: ignore[method-assign]
+    collect = sampler.Sampled.collect
+    sampler.Sampled.collect = timed("sample_wait", collect)  # type: ignore[method-assign]
+    w.start()
+    stop = threading.Event()
+
+    def drain() -> None:  # the router's part: take the events (acknowledged), so the outbox stays small
+        log, acked = "", 0
+        while not stop.is_set():
+            b = w.poll(0.05, log, acked)
+            log, acked = b.log, b.seq
+    pump = threading.Thread(target=drain, daemon=True)
+    pump.start()
+    vocab = w.runner.vocab_size
+    sp = SamplingParams(max_tokens=1500, ignore_eos=True)  # greedy; outlasts the measurement
+    callers = []
+    for i in range(a.batch):
+        ids = [5 + (i * 7 + j) % (vocab - 5) for j in range(64)]
+        assert w.reserve(f"r{i}", len(ids), sp, (2,), ids).ok
+        t = threading.Thread(target=w.prefill, args=(PrefillRequest(f"r{i}", ids, sp, (2,), 0), 300))
+        t.start()
+        callers.append(t)
+    for t in callers:
+        t.join()
+    time.sleep(0.3)
+    s0, l0, p0, o0 = w.steps, dict(w.loop_s), dict(PARTS), w.steps_overlapped
+    time.sleep(a.seconds)
+    s1, l1, p1, o1 = w.steps, dict(w.loop_s), dict(PARTS), w.steps_overlapped
+    n = max(1, s1 - s0)
+    out = {"batch": a.batch, "running": w.scheduler.num_running, "steps": s1 - s0,
+           "step_ms": a.seconds * 1000 / n, "overlapped": o1 - o0, "device": "cuda" if cuda else "cpu",
+           "loop_us": {k: round((l1[k] - l0[k]) / n * 1e6, 1) for k in l1},
+           "parts_us": {k: round((p1[k] - p0.get(k, 0.0)) / n * 1e6, 1) for k in p1}}
+    print(json.dumps(out))
+    if a.output:
+        with open(a.output, "w") as f:
+            json.dump(out, f, indent=1)
+    stop.set()
+    pump.join(2)
+    w.shutdown()
+
+
+if __name__ == "__main__":
+    main()
