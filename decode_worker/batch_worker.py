@@ -192,6 +192,7 @@ class BatchWorker(StepLoop):
         """Under `lock`, first thing each step: cancels, and reservations whose KV never came. A
         request that ends here takes its prompt along, even one queued after the cancel was (the
         calls race)."""
+        self.scheduler.release_held()  # nothing is in flight at a complete turn (even after a step that failed)
         events: list[DecodeEvent] = []
         while self._inbox:
             rid = self._inbox.popleft()

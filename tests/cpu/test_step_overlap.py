@@ -181,3 +181,19 @@ def test_overlap_steps_false_completes_every_step(worker) -> None:  # type: igno
         assert w.steps_overlapped == before
     finally:
         w.overlap_steps = True
+
+
+def test_blocks_held_past_a_failed_step_come_back_at_the_next_complete_turn(worker) -> None:  # type: ignore[no-untyped-def]
+    """Held blocks are freed when the step behind completes — or, if that step failed before it
+    could, at the next complete turn (nothing is in flight then)."""
+    w, _, _ = worker
+    s = w.scheduler
+    with w.lock:
+        assert s.reserve("h", 4, SamplingParams(max_tokens=4), EOS).ok
+        s.hold_kv = True
+        s.cancel("h")
+        s.hold_kv = False
+        assert s.held and w.allocator.num_used > 0
+    w.cancel("nobody")  # news: the loop runs a complete turn
+    assert wait_until(lambda: not s.held, 10)
+    assert wait_until(w.check_idle, 10)
