@@ -262,7 +262,7 @@ class BatchWorker(StepLoop):
         with self.lock:
             for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
                 self.allocator.commit(c.pending.request.request_id, c.start + c.length)
-            done = self.prompts.finish(step.prompts)
+            done = self.prompts.finish(step.prompts, {i - step.prompt_rows.start: lps for i, lps in step.scores.items()})
         params, positions, histories, banned = self._decode_sampling(step.decode)
         for p, _ in done:
             params.append(p.request.sampling)
@@ -290,6 +290,7 @@ class BatchWorker(StepLoop):
             self.prompts.answer(req.request_id, PrefillResult(
                 req.request_id, first, dreq.finish_reason, (p.started - p.enqueued) * 1000,
                 (time.monotonic() - p.started) * 1000, 0, first_logprob=lp, cached_tokens=p.cached,
+                prompt_logprobs=p.scored(),
             ))
 
     # -- steps in flight (engine/step_loop.py) ---------------------------------------------------

@@ -15,7 +15,8 @@ Lifecycle of a request on this worker (the router's id is the only key):
 When the worker computes the prompt itself (decode_worker/aggregated.py; a decode worker's local
 prefill) steps 2-3 are local: start_prefill() RESERVED → PREFILLING while this worker computes the
 prompt into the reserved blocks — after the longest cached prefix, which share_prefix() puts at the
-head of its table (or reserve() did: share_on_reserve) —, on_prefilled() → READY.
+head of its table (or reserve() did: share_on_reserve) —, on_prefilled() → READY. A request that
+asks for prompt logprobs shares no cached prefix: each of its prompt positions is computed.
 Preemption, resume and recompute: decode_worker/preemption.py.
 """
 from __future__ import annotations
@@ -73,7 +74,9 @@ class DecodeScheduler(Preemption):
             return ReserveResult(False, f"KV cache full: {len(self.preempted)} preempted requests wait for room first")
         # on demand, a request whose KV can be recomputed (its prompt ids are known) grows; others hold it all
         need = num_prompt_tokens + (0 if self.on_demand and prompt_ids is not None else sampling.max_tokens)
-        shared = self._hold(request_id, need, prompt_ids, cache_salt) if self._fits(self.allocator.blocks_for(need)) else None
+        reuse = sampling.prompt_logprobs is None  # else every prompt position is computed (scored), none shared
+        fits = self._fits(self.allocator.blocks_for(need))
+        shared = self._hold(request_id, need, prompt_ids, cache_salt, reuse) if fits else None
         if shared is None:
             return ReserveResult(
                 False,
@@ -88,11 +91,12 @@ class DecodeScheduler(Preemption):
         return ReserveResult(True, dest=KVDestination(self.worker_id, tuple(req.block_table),
                                                       shared // self.allocator.block_size, shared))
 
-    def _hold(self, request_id: str, need: int, prompt_ids: list[int] | None, cache_salt: str) -> int | None:
-        """Blocks for `need` tokens (share_on_reserve: the prompt's longest cached prefix first); →
-        the prompt tokens whose KV they hold already, or None: no room."""
+    def _hold(self, request_id: str, need: int, prompt_ids: list[int] | None, cache_salt: str, reuse: bool,
+              ) -> int | None:
+        """Blocks for `need` tokens (share_on_reserve and reuse: the prompt's longest cached prefix
+        first); → the prompt tokens whose KV they hold already, or None: no room."""
         if prompt_ids is not None and self.share_on_reserve:
-            return self.allocator.allocate_prompt(request_id, prompt_ids, cache_salt, need, wait=False)
+            return self.allocator.allocate_prompt(request_id, prompt_ids, cache_salt, need, wait=False, reuse=reuse)
         if self.allocator.allocate(request_id, need) is None:
             return None
         if prompt_ids is not None:  # its blocks may be cached once computed
@@ -166,7 +170,8 @@ class DecodeScheduler(Preemption):
             return 0
         if self.share_on_reserve:  # its reservation holds them already
             return req.shared_tokens
-        cached = self.allocator.share_prefix(request_id, req.prompt_ids, req.cache_salt)
+        cached = self.allocator.share_prefix(request_id, req.prompt_ids, req.cache_salt,
+                                             reuse=req.sampling.prompt_logprobs is None)
         if cached:
             req.block_table[: self.allocator.blocks_for(cached)] = self.allocator.table(request_id)[: self.allocator.blocks_for(cached)]
         return cached

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from engine import paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.linear import Linear, default_backend, from_module
+from engine.types import TokenLogprob
 
 if TYPE_CHECKING:
     from engine.cuda_graphs import DecodeGraphs
@@ -64,11 +65,16 @@ def _fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | Non
     return w, b
 
 
+SCORE_ROWS = 256  # prompt positions whose log-softmax over the vocabulary is taken at once (bounds its memory)
+
+
 @dataclass(frozen=True)
 class SeqInput:
     token_ids: list[int]  # the new tokens to compute this forward
     start_pos: int  # position of token_ids[0]; positions < start_pos are already in the cache
     block_table: list[int]  # the sequence's KV blocks, in position order
+    scored: tuple[int, ...] = ()  # prompt logprobs: the token after each of its first len(scored) new tokens
+    top: int = 0  # ... and how many top alternatives each of those positions reports
 
     @property
     def num_new(self) -> int:
@@ -145,20 +151,28 @@ class ModelRunner:
 
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, seqs: list[SeqInput], feed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, seqs: list[SeqInput], feed: torch.Tensor | None = None,
+                scores: dict[int, list[TokenLogprob]] | None = None) -> torch.Tensor:
         """Compute the new tokens of every sequence; return the logits of each one's last token [B, V].
 
         Any mix works: decode rows (one new token) and prompt chunks may share a forward (Sarathi);
         the decode rows should come first so they take the paged decode kernel. feed: decode rows
-        whose token is a row of this device tensor (DecodeGraphs.run; only through the graphs)."""
-        if self.graphs is not None and self.graphs.fits(seqs):
+        whose token is a row of this device tensor (DecodeGraphs.run; only through the graphs).
+        scores: filled with the prompt logprobs of each sequence i that has `scored` tokens (one per
+        scored position, in order; the caller's to keep)."""
+        scoring = scores is not None and any(s.scored for s in seqs)
+        if self.graphs is not None and not scoring and self.graphs.fits(seqs):
             self.tokens_forwarded += len(seqs)
             return self.graphs.run(seqs, feed)
         if feed is not None:
             raise ValueError("a fed decode step runs only through the decode graphs (graphs.fits)")
         meta = self.attn.prepare(seqs)
         self.tokens_forwarded += meta.ids.numel()
-        return self.run(meta)
+        x, residual = self.hidden(meta)
+        if scoring:
+            assert scores is not None
+            scores.update(self._score(seqs, x, residual))
+        return self.logits(x, residual, meta.last)
 
     def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
         """Run decode steps of up to `max_batch` rows through CUDA graphs (engine/cuda_graphs.py);
@@ -186,6 +200,11 @@ class ModelRunner:
         """The forward on prepared device inputs → logits [B, V] (float32). Pure tensor code: no host
         work or sync with the Triton backend, so a decode-only `meta` in fixed buffers can be captured
         as a CUDA graph (engine/cuda_graphs.py)."""
+        return self.logits(*self.hidden(meta), meta.last)
+
+    def hidden(self, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers → (x, residual) [T, hidden] each: the last sub-layer's output and the
+        residual stream it adds to (the final norm is logits()')."""
         lm, ops = self.model.model, self.ops
         T = meta.ids.shape[0]
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
@@ -200,10 +219,36 @@ class ModelRunner:
             h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
             x = layer.down_proj(ops.act_mul(layer.act, layer.gate_up(h)))  # [T, hidden]
         assert residual is not None
-        if meta.last is not None:  # only each sequence's last token is sampled
-            x, residual = x.index_select(0, meta.last), residual.index_select(0, meta.last)  # [B, hidden]
-        h, _ = ops.norm(lm.norm, x, residual)
+        return x, residual
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """x, residual [T, hidden] → the logits [B, V] (float32) of token rows `rows` [B] (None: all)."""
+        if rows is not None:  # only each sequence's last token is sampled
+            x, residual = x.index_select(0, rows), residual.index_select(0, rows)  # [B, hidden]
+        h, _ = self.ops.norm(self.model.model.norm, x, residual)
         return self.lm_head(h).float()  # [B, V]
+
+    def _score(self, seqs: list[SeqInput], x: torch.Tensor, residual: torch.Tensor) -> dict[int, list[TokenLogprob]]:
+        """Prompt logprobs: for each sequence i with `scored` tokens, at each of its first
+        len(scored) positions, the log-softmax of the next token (the one scored) and of the `top`
+        best, as TokenLogprobs. x, residual [T, hidden] are read, not written."""
+        out: dict[int, list[TokenLogprob]] = {}
+        row = 0  # the sequence's first token row in T
+        for i, s in enumerate(seqs):
+            lps: list[TokenLogprob] = []
+            for a in range(0, len(s.scored), SCORE_ROWS):
+                n = min(SCORE_ROWS, len(s.scored) - a)
+                idx = torch.arange(row + a, row + a + n, device=x.device)
+                lp = torch.log_softmax(self.logits(x, residual, idx), dim=-1)  # [n, V]
+                nxt = s.scored[a : a + n]
+                chosen = lp.gather(1, torch.tensor(nxt, device=lp.device)[:, None])[:, 0].tolist()  # [n]
+                top_v, top_i = torch.topk(lp, s.top) if s.top else (lp[:, :0], lp[:, :0].long())  # [n, top]
+                lps += [TokenLogprob(t, c, tuple(zip(ti, tv)))
+                        for t, c, ti, tv in zip(nxt, chosen, top_i.tolist(), top_v.tolist())]
+            if s.scored:
+                out[i] = lps
+            row += s.num_new
+        return out
 
 
 class TorchOps:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.types import PrefillRequest
+from engine.types import PrefillRequest, TokenLogprob
 
 
 @dataclass(eq=False)  # identity: the same prompt object moves between the queues
@@ -31,6 +31,7 @@ class PendingPrefill:
     computed: int = 0  # prompt tokens whose KV is in the scratch cache
     cached: int = 0  # of those, found in the prefix cache at admission (not computed here)
     cancelled: bool = False
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # asked for: of prompt tokens 1..computed
 
     @property
     def num_tokens(self) -> int:
@@ -39,6 +40,10 @@ class PendingPrefill:
     @property
     def remaining(self) -> int:
         return self.num_tokens - self.computed
+
+    def scored(self) -> tuple[TokenLogprob, ...] | None:
+        """Its prompt logprobs once every chunk ran (prompt tokens 1..), or None when not asked for."""
+        return tuple(self.prompt_logprobs) if self.request.sampling.prompt_logprobs is not None else None
 
 
 @dataclass(frozen=True)

@@ -61,15 +61,17 @@ class PrefixCache(BlockAllocator):
     # -- 1. admission -------------------------------------------------------------------------
     def allocate_prompt(
         self, owner: str, tokens: Sequence[int], salt: str = "", num_tokens: int = 0, wait: bool = True,
+        reuse: bool = True,
     ) -> int | None:
         """Hold blocks for all of `tokens` (or `num_tokens`, if more), its longest cached prefix among
         them; → tokens whose KV is already there, or None to wait (no room, or another owner is
         computing the next block). Only blocks cached under the same `salt` are reused. wait=False
         (a decode worker's reservation): never wait for a block being computed, and make nobody
-        wait for this owner's."""
+        wait for this owner's. reuse=False (a prompt whose every position is computed: prompt
+        logprobs): nothing is looked up, but its blocks are findable once computed, as any."""
         if owner in self._owned:
             raise KeyError(f"{owner} already holds blocks")
-        found = self._lookup(tokens, salt, wait)
+        found = self._lookup(tokens, salt, wait, reuse)
         if found is None:
             return None
         digests, hit = found
@@ -77,10 +79,11 @@ class PrefixCache(BlockAllocator):
             return None
         return self._admitted(owner, tokens, salt, digests, len(hit), wait)
 
-    def share_prefix(self, owner: str, tokens: Sequence[int], salt: str = "") -> int | None:
+    def share_prefix(self, owner: str, tokens: Sequence[int], salt: str = "", reuse: bool = True) -> int | None:
         """The owner holds blocks for `tokens` already: its first ones become the longest cached
-        prefix (its fresh ones there are freed); → tokens whose KV is already there, or None to wait."""
-        found = self._lookup(tokens, salt)
+        prefix (its fresh ones there are freed); → tokens whose KV is already there, or None to wait.
+        reuse=False: as allocate_prompt's."""
+        found = self._lookup(tokens, salt, reuse=reuse)
         if found is None:
             return None
         digests, hit = found
@@ -92,11 +95,12 @@ class PrefixCache(BlockAllocator):
         if self.enabled:
             self._seqs[owner] = _Sequence(tokens, salt)
 
-    def _lookup(self, tokens: Sequence[int], salt: str, wait: bool = True) -> tuple[list[bytes], list[int]] | None:
+    def _lookup(self, tokens: Sequence[int], salt: str, wait: bool = True, reuse: bool = True,
+                ) -> tuple[list[bytes], list[int]] | None:
         """(digests of the full blocks of `tokens`, the cached blocks of its reusable prefix), or None
         (if `wait`) when the block after that prefix is being computed by another owner right now."""
         digests = block_digests(tokens, self.block_size, salt) if self.enabled else []
-        reusable = digests[: (len(tokens) - 1) // self.block_size]
+        reusable = digests[: (len(tokens) - 1) // self.block_size] if reuse else []
         hit = self.find(reusable)
         if wait and len(hit) < len(reusable) and reusable[len(hit)] in self._computing:
             return None

@@ -3,8 +3,9 @@ plus the callers blocked in `prefill()` until their prompt's first token.
 
   1. submit()    the caller's prompt joins the queue; the caller then waits in wait()
   2. each step:  the worker's schedule() takes chunks from `scheduler` (engine/prefill_scheduler.py)
-  3. finish()    after the forward: record the chunks computed, return the prompts now complete
-                 with the logits rows to sample their first tokens from
+  3. finish()    after the forward: record the chunks computed (and the logprobs of their
+                 positions, for a prompt that asked: SamplingParams.prompt_logprobs), return the
+                 prompts now complete with the logits rows to sample their first tokens from
   4. answer()    the first token (or the error) goes back to the waiting caller
 Every method but wait() is called under the worker's lock.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from engine.model_runner import SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill, PrefillScheduler
-from engine.types import PrefillRequest, PrefillResult
+from engine.types import PrefillRequest, PrefillResult, TokenLogprob
 
 
 @dataclass
@@ -71,17 +72,27 @@ class PromptQueue:
     @staticmethod
     def seqs(chunks: list[Chunk], tables: list[list[int]]) -> list[SeqInput]:
         """2. One SeqInput per chunk: its prompt tokens, from its start, over its block table (a
-        prompt's first chunk starts its prefill clock)."""
+        prompt's first chunk starts its prefill clock). A prompt that asked for prompt logprobs has
+        the token after each of its positions scored (the last position's is the first generated one:
+        not a prompt token)."""
         now = time.monotonic()
         for c in chunks:
             if c.pending.started is None:
                 c.pending.started = now
-        return [SeqInput(c.pending.request.token_ids[c.start : c.start + c.length], c.start, table)
-                for c, table in zip(chunks, tables)]
+        out = []
+        for c, table in zip(chunks, tables):
+            ids, top = c.pending.request.token_ids, c.pending.request.sampling.prompt_logprobs
+            scored = tuple(ids[c.start + 1 : c.start + c.length + 1]) if top is not None else ()
+            out.append(SeqInput(ids[c.start : c.start + c.length], c.start, table, scored, top or 0))
+        return out
 
-    def finish(self, chunks: list[Chunk]) -> list[tuple[PendingPrefill, int]]:
-        """3. The chunks were computed: (prompt, index of its chunk in `chunks`) for each prompt
-        whose last chunk this was (they leave the queue)."""
+    def finish(self, chunks: list[Chunk], scores: dict[int, list[TokenLogprob]] | None = None,
+               ) -> list[tuple[PendingPrefill, int]]:
+        """3. The chunks were computed (scores: the prompt logprobs of chunk i's positions, from
+        ModelRunner.forward): (prompt, index of its chunk in `chunks`) for each prompt whose last
+        chunk this was (they leave the queue)."""
+        for i, lps in (scores or {}).items():
+            chunks[i].pending.prompt_logprobs += lps
         rows = {id(c.pending): i for i, c in enumerate(chunks) if c.completes}
         return [(p, rows[id(p)]) for p in self.scheduler.advance(chunks)]
 

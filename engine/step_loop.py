@@ -66,6 +66,7 @@ class Step:
     prompts: list[Any] = field(default_factory=list)
     seqs: list[SeqInput] = field(default_factory=list)
     recomputes: list[Any] = field(default_factory=list)
+    scores: dict[int, list[Any]] = field(default_factory=dict)  # filled by the forward: row → its prompt logprobs
 
     def __post_init__(self) -> None:
         assert len(self.seqs) == len(self.decode) + len(self.prompts) + len(self.recomputes), "one SeqInput per row"
@@ -188,7 +189,7 @@ class StepLoop(abc.ABC):
                     self._drain(behind=True)  # 4 of the step before, while this one runs
                     self._inflight = f
                     continue
-                logits = self.runner.forward(step.seqs)  # 3. [rows, V]
+                logits = self.runner.forward(step.seqs, scores=step.scores)  # 3. [rows, V]
                 self.steps += 1
                 t2 = time.perf_counter()
                 self.loop_s["run"] += t2 - t1

@@ -33,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; N: the chosen token's logprob + top-N alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
     min_tokens: int = 0  # before this many tokens, EOS and stop token ids are not drawn (stop strings not matched)
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob (but the first's) + top-N
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +92,7 @@ class PrefillResult:
     first_logprob: TokenLogprob | None = None
     cached_tokens: int = 0  # prompt tokens whose KV the prefill worker found in its prefix cache
     handoff_failed: bool = False  # the error is the decode side's (refused, or no link): another may take it
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # asked for: prompt tokens 1.. (token 0 has none)
 
     @classmethod
     def failed(cls, request_id: str, error: str, handoff: bool = False) -> "PrefillResult":

@@ -150,10 +150,12 @@ class PrefillWorker(StepLoop):
 
     def _admit(self, p: PendingPrefill) -> bool:
         """Hold scratch blocks for the whole prompt (its chunks accumulate there), its longest cached
-        prefix among them: computing starts after it. An id whose previous KV is still being handed
-        off waits for it."""
+        prefix among them: computing starts after it (none for a prompt that asked for prompt
+        logprobs: each position is computed). An id whose previous KV is still being handed off
+        waits for it."""
         try:
-            cached = self.allocator.allocate_prompt(p.request.request_id, p.request.token_ids, p.request.cache_salt)
+            cached = self.allocator.allocate_prompt(p.request.request_id, p.request.token_ids, p.request.cache_salt,
+                                                    reuse=p.request.sampling.prompt_logprobs is None)
         except KeyError:
             return False
         if cached is None:
@@ -167,7 +169,7 @@ class PrefillWorker(StepLoop):
         with self.lock:
             for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
                 self.allocator.commit(c.pending.request.request_id, c.start + c.length)
-            done = self.prompts.finish(step.prompts)
+            done = self.prompts.finish(step.prompts, step.scores)
         if not done:
             return
         firsts, lps = sample(
@@ -192,7 +194,7 @@ class PrefillWorker(StepLoop):
         result = PrefillResult(
             req.request_id, first, finish_reason(first, 1, req.sampling, req.eos_token_ids),
             (p.started - p.enqueued) * 1000, (time.monotonic() - p.started) * 1000, 0, first_logprob=lp,
-            cached_tokens=p.cached,
+            cached_tokens=p.cached, prompt_logprobs=p.scored(),
         )
         self.requests_done += 1
         if result.finished is not None:

@@ -125,7 +125,7 @@ def test_a_killed_prefill_worker_comes_back_and_running_streams_go_on(server: Ru
 
 
 def _break_the_device(worker: Any) -> None:  # runs inside the worker: as after a CUDA kernel fault
-    def forward(seqs: Any) -> Any:
+    def forward(seqs: Any, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     worker.runner.forward = forward  # every step fails from now on

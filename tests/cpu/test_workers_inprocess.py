@@ -190,7 +190,7 @@ def test_a_failing_decode_step_ends_its_requests_with_an_error(pair) -> None:  #
     pw, dw, hub, events = pair
     real = dw.runner.forward
 
-    def broken(seqs):  # type: ignore[no-untyped-def]
+    def broken(seqs, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("simulated kernel failure")
 
     dw.runner.forward = broken
