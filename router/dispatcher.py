@@ -65,6 +65,7 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     timings: dict[str, float] = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the first chunk's, when asked for: prompt tokens 1..
 
 
 class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
@@ -211,9 +212,10 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
             if res.finished is not None:  # the first token ended it: nothing for decode to do
                 finished = True
                 await self._cancel_decode(d_idx, key)
-                yield TokenChunk([res.first_token], res.finished, _close(timings, t_first, t_accept), first_lp)
+                yield TokenChunk([res.first_token], res.finished, _close(timings, t_first, t_accept), first_lp,
+                                 res.prompt_logprobs)
                 return
-            yield TokenChunk([res.first_token], None, timings, first_lp)
+            yield TokenChunk([res.first_token], None, timings, first_lp, res.prompt_logprobs)
             out_ids = [res.first_token]  # what the client has: where a moved request goes on from
             while True:
                 ev = await inbox.take(deadline)

@@ -28,8 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.choices import fan_out, merged
-from router.openai_requests import (BadRequest, Choice, Options, chunk_obj, final_obj, parse_body, total_usage,
-                                     usage_obj, with_token_text)
+from router.openai_requests import (BadRequest, Choice, Options, Prompt, chunk_obj, final_obj, parse_body,
+                                     total_usage, usage_obj, with_prompts, with_token_text)
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.validation import ValidRequest
@@ -133,6 +133,10 @@ class OpenAIFront:
             reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
                     for child in fan_out(self._admit(r, p, len(pbreqs)), opts.n)]
             opts = with_token_text(opts, self._token_text)
+            if opts.echo:
+                opts = with_prompts(opts, [Prompt(p.prompt or self.svc.tokenizer.decode(list(p.prompt_token_ids)),
+                                                  r.prompt_ids[0]) for p, r in zip(pbreqs, reqs[::opts.n])
+                                           for _ in range(opts.n)])
         except BadRequest as e:
             self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
             return error(e.status, e.message, "invalid_request_error", e.param, e.code)
@@ -203,6 +207,7 @@ async def _gather(stream: AsyncIterator[tuple[int, Any]], choices: list[Choice])
             c = choices[i]
             c.text += msg.text
             c.logprobs.extend(msg.logprobs)
+            c.prompt_logprobs.extend(msg.prompt_logprobs)
             c.finish, c.usage = msg.finish_reason, msg.usage
 
 

@@ -4,6 +4,8 @@ The fields a user relies on are mapped one to one; any field this module does no
 (400, `param` names it), never silently ignored. `n` and a /v1/completions batch of prompts become
 one request per choice (router/choices.py), up to `limits.max_choices`. vLLM's extras (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`) are accepted as vLLM accepts them.
+/v1/completions' `echo` puts the prompt before the answer, and with `logprobs` its tokens' logprobs
+before the answer's (the first prompt token's is null): what lm-eval's loglikelihood tasks read.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
           "min_tokens", "user", "cache_salt", "logit_bias"}
-COMPLETION = COMMON | {"prompt", "logprobs"}
+COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 
 
@@ -38,6 +40,16 @@ class Options:
     logprobs: bool
     n: int = 1  # choices per prompt
     token_text: Callable[[int], str] = str  # a token id's text, for logprobs (set by the front)
+    echo: bool = False  # completions: the prompt goes before each choice's text (and logprobs)
+    prompts: tuple[Prompt, ...] = ()  # echo: choice i's prompt (set by the front, once tokenized)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What `echo` puts before a choice: the prompt's text and its first token (which has no logprob)."""
+
+    text: str
+    first_id: int
 
 
 def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[list[pb.GenerateRequest], Options]:
@@ -105,6 +117,9 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     logprobs = _logprobs(body, chat)
     if logprobs is not None:
         _set(req, "logprobs", logprobs, "top_logprobs" if chat else "logprobs")
+    echo = not chat and _get(body, "echo", bool, False)
+    if echo and logprobs is not None:
+        req.prompt_logprobs = req.logprobs
     stream = _get(body, "stream", bool, False)
     opts = body.get("stream_options")
     if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}):
@@ -113,7 +128,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     _get(body, "user", str, None)
     req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
-    return reqs, Options(chat, stream, include_usage, logprobs is not None, n)
+    return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo)
 
 
 def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
@@ -204,8 +219,10 @@ def chunk_obj(rid: str, model: str, opts: Options, index: int, msg: pb.GenerateS
             choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in msg.logprobs]}
         return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                 "choices": [choice]}
-    choice = {"index": index, "text": msg.text, "finish_reason": _finish(msg.finish_reason),
-              "logprobs": _completion_lp(msg.logprobs, opts.token_text) if opts.logprobs else None}
+    echo = opts.prompts[index] if opts.echo and first else None
+    choice = {"index": index, "text": (echo.text if echo else "") + msg.text, "finish_reason": _finish(msg.finish_reason),
+              "logprobs": _completion_lp(msg.logprobs, opts.token_text, echo, msg.prompt_logprobs)
+              if opts.logprobs else None}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
 
 
@@ -217,6 +234,7 @@ class Choice:
     finish: str = ""
     logprobs: list[Any] = field(default_factory=list)
     usage: pb.Usage | None = None  # from its last message
+    prompt_logprobs: list[Any] = field(default_factory=list)  # from its first message, when asked for
 
 
 def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dict[str, Any]:
@@ -232,8 +250,10 @@ def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dic
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                 "choices": out, "usage": u}
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": c.text, "finish_reason": _finish(c.finish),
-                         "logprobs": _completion_lp(c.logprobs, opts.token_text) if opts.logprobs else None}
+            "choices": [{"index": i, "text": (opts.prompts[i].text if opts.echo else "") + c.text,
+                         "finish_reason": _finish(c.finish),
+                         "logprobs": _completion_lp(c.logprobs, opts.token_text, opts.prompts[i] if opts.echo else None,
+                                                    c.prompt_logprobs) if opts.logprobs else None}
                         for i, c in enumerate(choices)],
             "usage": u}
 
@@ -264,10 +284,22 @@ def _chat_lp(lp: Any, text: Callable[[int], str]) -> dict[str, Any]:
                              for t in lp.top_logprobs]}
 
 
-def _completion_lp(lps: list[Any], text: Callable[[int], str]) -> dict[str, Any]:
-    return {"tokens": [text(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{text(t.token_id): t.logprob for t in lp.top_logprobs} for lp in lps]}
+def _completion_lp(lps: list[Any], text: Callable[[int], str], echo: Prompt | None = None,
+                   prompt_lps: list[Any] | None = None) -> dict[str, Any]:
+    """The legacy shape, one entry per token; echo: the prompt's tokens first, its first one null."""
+    if echo is None:
+        first, head, scored = [], [], lps
+    else:
+        first, head, scored = [text(echo.first_id)], [None], [*(prompt_lps or ()), *lps]
+    return {"tokens": first + [text(lp.token_id) for lp in scored],
+            "token_logprobs": head + [lp.logprob for lp in scored],
+            "top_logprobs": head + [{text(t.token_id): t.logprob for t in lp.top_logprobs} for lp in scored]}
 
 
 def with_token_text(opts: Options, text: Callable[[int], str]) -> Options:
     return replace(opts, token_text=text)
+
+
+def with_prompts(opts: Options, prompts: list[Prompt]) -> Options:
+    """echo: choice i's prompt, once the front has tokenized it."""
+    return replace(opts, prompts=tuple(prompts))

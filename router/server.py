@@ -49,6 +49,7 @@ class GrpcFront:
             text.append(msg.text)
             resp.token_ids.extend(msg.token_ids)
             resp.logprobs.extend(msg.logprobs)
+            resp.prompt_logprobs.extend(msg.prompt_logprobs)
             if msg.finish_reason:
                 resp.finish_reason, resp.stop_reason = msg.finish_reason, msg.stop_reason
                 resp.usage.CopyFrom(msg.usage)

@@ -98,10 +98,11 @@ class GenerationService:
                     if ids:
                         last_at = now
                     lps = [_logprob_pb(lp) for lp in chunk.logprobs or ()]
+                    plps = [_logprob_pb(lp) for lp in chunk.prompt_logprobs or ()]  # the first chunk's
                     if finish is None:
                         if ids:
                             yield pb.GenerateStreamResponse(
-                                request_id=req.request_id, text=text, token_ids=ids, logprobs=lps
+                                request_id=req.request_id, text=text, token_ids=ids, logprobs=lps, prompt_logprobs=plps
                             )
                         continue
                     if stops.matched is None:
@@ -112,6 +113,7 @@ class GenerationService:
                     last = self._last(req, text, ids, finish, stop_reason, n_out, chunk)
                     self.metrics.observe_finish(finish.value, chunk.timings, n_out, len(req.prompt_ids))
                     last.logprobs.extend(lps)
+                    last.prompt_logprobs.extend(plps)
                     yield last
                     return  # leaving the generator early cancels the request on the workers
         except ResourceExhausted as e:

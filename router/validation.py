@@ -18,6 +18,7 @@ from router.config import LimitsConfig
 ROLES = ("system", "user", "assistant", "tool")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_SALT_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (logprobs, prompt_logprobs), as OpenAI allows
 
 
 class InvalidArgument(ValueError):
@@ -92,8 +93,12 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         if not -2 <= v <= 2:
             raise InvalidArgument(name, f"must be in [-2, 2], got {v}")
     logprobs = req.logprobs if req.HasField("logprobs") else None
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise InvalidArgument("logprobs", f"must be in [0, 20] (top alternatives per token), got {logprobs}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}] (top alternatives per token), got {logprobs}")
+    prompt_logprobs = req.prompt_logprobs if req.HasField("prompt_logprobs") else None
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("prompt_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}] (top alternatives per prompt "
+                                                 f"token), got {prompt_logprobs}")
     vocab = len(tokenizer)
     for i, t in enumerate(req.stop_token_ids):
         if t >= vocab:
@@ -123,6 +128,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         logprobs=logprobs,
         logit_bias=tuple(sorted(req.logit_bias.items())),
         min_tokens=min_tokens,
+        prompt_logprobs=prompt_logprobs,
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")

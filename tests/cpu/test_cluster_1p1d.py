@@ -100,6 +100,29 @@ def test_logprobs_per_token_streamed_and_unary(server: RunningServer) -> None:
     assert not server.generate(prompt="none", max_tokens=3).logprobs
 
 
+def test_prompt_logprobs_equal_hf_on_the_first_message_only(server: RunningServer) -> None:
+    import torch
+
+    from tests.cpu.harness import _tiny
+
+    model, tok = _tiny()
+    p = "score every word of this prompt, twice: score every word of this prompt"
+    server.generate(prompt=p, max_tokens=2)  # its prefix is cached now: a scored request computes it again
+    ids = tok(p)["input_ids"]
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [P, V]
+    req = pb.GenerateRequest(prompt=p, max_tokens=4, prompt_logprobs=2, ignore_eos=True)
+    resp = server.stub.Generate(req, timeout=30)
+    assert [lp.token_id for lp in resp.prompt_logprobs] == ids[1:] and resp.usage.cached_tokens == 0
+    for j, lp in enumerate(resp.prompt_logprobs):
+        assert lp.logprob == pytest.approx(float(ref[j, ids[j + 1]]), abs=1e-4)
+        assert [t.token_id for t in lp.top_logprobs] == torch.topk(ref[j], 2).indices.tolist()
+    msgs = list(server.stub.GenerateStream(req, timeout=30))
+    assert [len(m.prompt_logprobs) for m in msgs] == [len(ids) - 1] + [0] * (len(msgs) - 1)
+    assert list(msgs[0].prompt_logprobs) == list(resp.prompt_logprobs)
+    assert not server.generate(prompt=p, max_tokens=2).prompt_logprobs
+
+
 def test_decode_never_recomputes_the_prompt(server: RunningServer) -> None:
     server.generate(prompt="count the prompt tokens", max_tokens=8)
     decode = [w for w in server.status() if w.role == "decode"]
@@ -198,6 +221,7 @@ def test_seeded_sampling_is_reproducible(server: RunningServer) -> None:
         (dict(prompt="hi", presence_penalty=3.0), "presence_penalty"),
         (dict(prompt="hi", frequency_penalty=-2.5), "frequency_penalty"),
         (dict(prompt="hi", logprobs=21), "logprobs"),
+        (dict(prompt="hi", prompt_logprobs=-1), "prompt_logprobs"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(server: RunningServer, fields: dict, field: str) -> None:

@@ -84,6 +84,33 @@ def test_sampling_fields_and_token_id_prompts(server: RunningServer, oai: openai
     assert "e" not in r.choices[0].text
 
 
+def test_echo_puts_the_prompt_and_its_logprobs_before_the_answer(server: RunningServer, oai: openai.OpenAI) -> None:
+    """lm-eval's loglikelihood request: token-id prompts, echo, logprobs 1, max_tokens 1."""
+    from engine.tiny import tiny_tokenizer
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    tok = tiny_tokenizer()
+    batch = [[5, 6, 7, 8, 9], [40, 41, 42]]
+    r = oai.completions.create(model="tiny", prompt=batch, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    for ids, c in zip(batch, sorted(r.choices, key=lambda c: c.index)):
+        want = server.stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=1, prompt_logprobs=1,
+                                                       logprobs=1), timeout=30)
+        lp = c.logprobs
+        assert c.text == tok.decode(ids) + want.text
+        assert lp.tokens == [tok.decode([t]) for t in ids + list(want.token_ids)]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in [*want.prompt_logprobs, *want.logprobs]])
+        assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    plain = oai.completions.create(model="tiny", prompt="echo me", max_tokens=3, echo=True)
+    streamed = list(oai.completions.create(model="tiny", prompt="echo me", max_tokens=3, echo=True, stream=True))
+    assert plain.choices[0].text.startswith("echo me") and plain.choices[0].logprobs is None
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+    two = oai.completions.create(model="tiny", prompt="echo me", max_tokens=3, echo=True, n=2, logprobs=0)
+    for c in two.choices:  # each choice echoes its prompt: every prompt token, then its own
+        assert c.text == plain.choices[0].text
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == plain.usage.total_tokens
+
+
 def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:
     plain = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True)
     banned = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True, logit_bias={plain.token_ids[0]: -100.0})
@@ -224,7 +251,7 @@ def test_a_stream_closed_by_the_client_frees_kv_on_both_workers(server: RunningS
 def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: RunningServer) -> None:
     rng = random.Random(5)
     keys = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-            "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs", "logit_bias"]
+            "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs", "logit_bias", "echo"]
     values = [None, 0, -1, 1, 3.5, 1e308, 10**20, "tiny", "", "x" * 10, [], [1, 2], ["a"], {}, {"include_usage": True},
               True, False, [{"role": "user", "content": "hi"}], [{"role": 5}], {"\u00b2": 1}, {"7": -100}]
     bodies: list[bytes] = [b"", b"{", b"[]", b"null", b"\xff\xfe", json.dumps("str").encode(), b'{"model": "tiny",}']
