@@ -6,7 +6,8 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh step8b     # 8B: the same at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D; the router alone at 32k tok/s
 #                                                           # (OVERLAP=false: every decode step completes before the next, to compare)
-#     . .gpu/setup.sh && sh bench/gpu_checks.sh host       # 1.1B, one worker in-process: a decode step's host parts, steps in flight on/off
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh host       # 1.1B, one worker in-process: a decode step's host parts, steps in flight on/off,
+#                                                           # drawn rows (temperature 0.8, top-p 0.95), and a torch profile of the loop at 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
@@ -47,7 +48,12 @@ case "${1:-tests}" in
   host)    p=$(model 1.1b)
            for b in 16 64; do for o in "" --no-overlap; do
              python3 bench/step_host.py --model-path "$p" --batch $b $o --output "$OUT/host-b$b$o.json" 2>&1 | tail -1
-           done; done | tee "$OUT/host.log" ;;
+           done; done | tee "$OUT/host.log"
+           python3 bench/step_host.py --model-path "$p" --batch 64 --temperature 0.8 --top-p 0.95 \
+             --output "$OUT/host-b64-drawn.json" 2>&1 | tail -1 | tee -a "$OUT/host.log"
+           python3 bench/step_host.py --model-path "$p" --batch 64 --seconds 0.3 --profile "$OUT/host-b64-profile.txt" \
+             2>&1 | tail -1 | tee -a "$OUT/host.log"
+           grep -A 25 "by device time" "$OUT/host-b64-profile.txt" ;;
   handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
              --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8
            python3 bench/ipc_lifetime.py --gib 4 --output "$OUT/ipc-lifetime.json" 2>&1 | tee "$OUT/ipc-lifetime.log" | tail -3 ;;

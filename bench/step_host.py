@@ -2,12 +2,16 @@
 no router), B greedy streams of 64-token prompts decoding together, timers around each part of
 the loop. Without a GPU it runs the tiny model on CPU (the parts' costs, not the device's).
 
-    python bench/step_host.py --model-path /tmp/llama-1.1b --batch 64 [--no-overlap] [--output F.json]
+    python bench/step_host.py --model-path /tmp/llama-1.1b --batch 64 [--no-overlap] [--temperature 0.8 --top-p 0.95]
+                              [--output F.json] [--profile F.txt]
 
 Prints one JSON line: step_ms (wall per step while all B decode), the loop's parts per step in µs
 (schedule, run, postprocess; `engine/step_loop.py`), the timed pieces inside them (fill: the graph
 inputs; replay; sample_wait: the host waiting for a plain draw; on_tokens; emit), and how many
-steps followed one in flight (`decode.overlap_steps`).
+steps followed one in flight (`decode.overlap_steps`). --profile: a torch profile of the measured
+window (host and device), its top entries by self CPU time and by device time, to F.txt, and
+its Chrome trace beside it (F.json): where a served step's time goes, which the step's parts alone
+do not say.
 """
 from __future__ import annotations
 
@@ -50,7 +54,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=1.0, help="how long to measure, all B decoding")
     ap.add_argument("--no-overlap", action="store_true", help="decode.overlap_steps: false")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: every stream draws (seeded)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--output")
+    ap.add_argument("--profile", help="write a torch profile of the measured window here")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     w = AggregatedWorker(
@@ -64,6 +71,10 @@ def main() -> None:
     w._emit = timed("emit", w._emit)  # type: ignore[method-assign]
     collect = sampler.Sampled.collect
     sampler.Sampled.collect = timed("sample_wait", collect)  # type: ignore[method-assign]
+    prof = LoopProfile(cuda) if a.profile else None
+    if prof is not None:  # the profiler records the thread that starts it: the worker's loop starts it
+        w._schedule = prof.hooked(w._schedule)  # type: ignore[method-assign]
+        w._follow = prof.hooked(w._follow)  # type: ignore[method-assign]
     w.start()
     stop = threading.Event()
 
@@ -75,7 +86,8 @@ def main() -> None:
     pump = threading.Thread(target=drain, daemon=True)
     pump.start()
     vocab = w.runner.vocab_size
-    sp = SamplingParams(max_tokens=1500, ignore_eos=True)  # greedy; outlasts the measurement
+    sp = SamplingParams(max_tokens=1500, ignore_eos=True, temperature=a.temperature, top_p=a.top_p,
+                        seed=1 if a.temperature > 0 else None)  # outlasts the measurement
     callers = []
     for i in range(a.batch):
         ids = [5 + (i * 7 + j) % (vocab - 5) for j in range(64)]
@@ -86,9 +98,14 @@ def main() -> None:
     for t in callers:
         t.join()
     time.sleep(0.3)
+    if prof is not None:
+        prof.want("start")
     s0, l0, p0, o0 = w.steps, dict(w.loop_s), dict(PARTS), w.steps_overlapped
     time.sleep(a.seconds)
     s1, l1, p1, o1 = w.steps, dict(w.loop_s), dict(PARTS), w.steps_overlapped
+    if prof is not None:
+        prof.want("stop")
+        _write_profile(prof.result(), Path(a.profile), cuda)
     n = max(1, s1 - s0)
     out = {"batch": a.batch, "running": w.scheduler.num_running, "steps": s1 - s0,
            "step_ms": a.seconds * 1000 / n, "overlapped": o1 - o0, "device": "cuda" if cuda else "cpu",
@@ -101,6 +118,46 @@ def main() -> None:
     stop.set()
     pump.join(2)
     w.shutdown()
+
+
+class LoopProfile:
+    """A torch profile started and stopped on the worker's loop thread (at the next turn after
+    want()): CPU ops are recorded on the thread that runs the profiler."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self._want, self._prof = cuda, "", None
+        self._done = threading.Event()
+
+    def want(self, what: str) -> None:
+        self._want = what
+
+    def hooked(self, f: Callable[..., Any]) -> Callable[..., Any]:
+        def g(*a: Any, **k: Any) -> Any:
+            if self._want == "start" and self._prof is None:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+                self._prof = profile(activities=acts)
+                self._prof.start()
+            elif self._want == "stop" and self._prof is not None and not self._done.is_set():
+                self._prof.stop()
+                self._done.set()
+            return f(*a, **k)
+        return g
+
+    def result(self, timeout_s: float = 30.0) -> Any:
+        if not self._done.wait(timeout_s):
+            raise TimeoutError("the worker's loop did not turn to stop the profile")
+        return self._prof
+
+
+def _write_profile(prof: Any, path: Path, cuda: bool) -> None:
+    avg = prof.key_averages()
+    parts = ["by self CPU time:\n" + avg.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if cuda:
+        parts.append("by device time:\n" + avg.table(sort_by="self_cuda_time_total", row_limit=40))
+    path.write_text("\n\n".join(parts))
+    prof.export_chrome_trace(str(path.with_suffix(".json")))
 
 
 if __name__ == "__main__":
