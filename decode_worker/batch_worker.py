@@ -295,7 +295,8 @@ class BatchWorker(StepLoop):
 
     # -- steps in flight (engine/step_loop.py) ---------------------------------------------------
     def _may_launch(self, step: Step) -> bool:
-        """A decode-only step through the CUDA graphs whose rows are all plain greedy."""
+        """A decode-only step through the CUDA graphs whose rows are all plain (greedy or drawn, with
+        nothing the host adds: sampler.plain)."""
         g = self.runner.graphs
         return (self.overlap_steps and g is not None and bool(step.decode) and not step.prompts and not step.recomputes
                 and g.fits(step.seqs) and all(plain(r.sampling, len(r.output_ids)) for r in step.decode))
@@ -335,7 +336,8 @@ class BatchWorker(StepLoop):
 
     def _launch(self, step: Step, prev: InFlight | None) -> InFlight:
         logits = self.runner.forward(step.seqs, None if prev is None else prev.sampled.tokens)  # [rows, V]
-        return InFlight(step, sample_plain(logits, [r.sampling for r in step.decode]))
+        return InFlight(step, sample_plain(logits, [r.sampling for r in step.decode],
+                                           [s.context_len for s in step.seqs]))  # where each token goes
 
     def _complete(self, f: InFlight, behind: bool) -> None:
         tokens, lps = f.sampled.collect()  # waits for f's forward (and so for every step before it)

@@ -25,7 +25,8 @@ class BatchConfig(WorkerPlacement):
         "CUDA graphs captured at start-up, one per batch bucket (1, 2, 4, 8, then every 16); false: eager."
     )
     overlap_steps: bool = Field(
-        True, description="With cuda_graphs: while every row is plain greedy and nothing else waits, a decode step "
+        True, description="With cuda_graphs: while every row is plain (greedy or drawn; no penalty, bias or pending "
+        "min_tokens) and nothing else waits, a decode step "
         "is queued behind the one in flight (each row fed its token on the device) before the host reads the first "
         "one's tokens, so scheduling, input copies and bookkeeping overlap the forward. false: each step completes "
         "before the next is scheduled."

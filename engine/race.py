@@ -14,6 +14,9 @@ token as sorting its whole vocabulary (_filter_sorted, the reference and the fal
    walked racers is kept (about (1 - top_p)^RACERS of top-p rows) or whose top-p is too flat to
    check cheaply (more than HEAD tokens above its lowest racer): sorted whole.
 Up to three host syncs when a row takes way 1 or 2 (which rows fall through to 3), none otherwise.
+draw_sorted() takes way 3 for every row — the same tokens with no host sync at all, what a decode
+step left in flight draws (engine/sampler.py sample_plain); parameters reach the device through
+pinned copies (on_device), which do not wait for the work queued before them.
 """
 from __future__ import annotations
 
@@ -25,6 +28,15 @@ M32 = 0xFFFFFFFF
 CANDIDATES = 256  # the largest top_k raced among its best tokens (CANDIDATES + 1 of them) without a sort
 RACERS = 8  # racers a row walks looking for the first one it keeps
 HEAD = 16384  # the most tokens above a row's lowest racer that way 2 gathers; more: sorted whole
+
+
+def on_device(values: list, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
+    """A host list → a tensor on `device` (dtype inferred) without waiting for the device: on CUDA a
+    pinned copy queued on the stream, where a pageable one waits for all the work queued before it
+    (a step in flight's forward, engine/step_loop.py)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
@@ -70,13 +82,13 @@ def exponentials(keys: torch.Tensor, vocab: int, ids: torch.Tensor | None = None
 
 def _scaled(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits [R, V] → (logits - row max) / temperature: <= 0 everywhere, 0 at the best (no overflow)."""
-    temp = torch.tensor([[max(p.temperature, GREEDY_BELOW)] for p in params], device=x.device)
+    temp = on_device([[max(p.temperature, GREEDY_BELOW)] for p in params], x.device)
     return (x - x.max(dim=-1, keepdim=True).values).div_(temp)
 
 
 def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """probs [R, N], any positive scale per row: drop what is below min_p × the row's best."""
-    min_p = torch.tensor([[p.min_p] for p in params], device=probs.device)
+    min_p = on_device([[p.min_p] for p in params], probs.device)
     return probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
 
 
@@ -84,7 +96,7 @@ def take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """t[rows] along dim 0, without a copy when rows are all of t's rows in order."""
     if rows == list(range(t.shape[0])):
         return t
-    return t.index_select(0, torch.tensor(rows, device=t.device))
+    return t.index_select(0, on_device(rows, t.device))
 
 
 def _race(probs: torch.Tensor, keys: torch.Tensor, vocab: int, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,12 +117,12 @@ def _filter_sorted(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     top_p = [p.top_p for p in params]
     if any(top_k) or any(tp < 1.0 for tp in top_p):
         sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [R, V]
-        k = torch.tensor(top_k, device=x.device)
+        k = on_device(top_k, x.device)
         kth = sorted_x.gather(1, (k - 1).clamp(min=0)[:, None])  # [R, 1]
         keep_k = (k[:, None] == 0) | (sorted_x >= kth)
         sorted_x = sorted_x.masked_fill(~keep_k, float("-inf"))
         probs = torch.softmax(sorted_x, dim=-1)
-        tp = torch.tensor(top_p, device=x.device)[:, None]
+        tp = on_device(top_p, x.device)[:, None]
         # keep the smallest prefix whose mass reaches top_p (always the best token); top_p 1: keep all
         drop = (probs.cumsum(-1) - probs >= tp) & (tp < 1.0)
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
@@ -126,11 +138,11 @@ def _top_k(x: torch.Tensor, params: list[SamplingParams], keys: torch.Tensor) ->
     V = x.shape[1]
     K = min(V, CANDIDATES + 1)  # one more than any k, to see whether the k-th token ties beyond
     vals, ids = torch.topk(x, K, dim=-1)  # [R, K], best first
-    k = torch.tensor([min(p.top_k, K) for p in params], device=x.device)  # [R]
+    k = on_device([min(p.top_k, K) for p in params], x.device)  # [R]
     kth = vals.gather(1, (k - 1)[:, None])  # [R, 1]
     e = vals.exp().masked_fill(vals < kth, 0.0)  # [R, K]: the top-k, ties with the k-th included
     probs = e / e.sum(-1, keepdim=True)
-    tp = torch.tensor([[p.top_p] for p in params], device=x.device)  # [R, 1]
+    tp = on_device([[p.top_p] for p in params], x.device)  # [R, 1]
     drop = (probs.cumsum(-1) - probs >= tp) & (tp < 1.0)  # [R, K]
     fits = (vals[:, -1] < kth[:, 0]) | (K == V)
     token, ok = _race(_min_p(probs.masked_fill(drop, 0.0), params), keys, V, ids)
@@ -153,7 +165,7 @@ def _nucleus(x: torch.Tensor, params: list[SamplingParams], keys: torch.Tensor) 
     noise = exponentials(keys, V)  # [R, V]
     racers = torch.topk(torch.div(e, noise, out=noise), M, dim=-1).indices  # [R, M], race order
     rx = x.gather(1, racers)  # [R, M]
-    kept = e.gather(1, racers) >= torch.tensor([[p.min_p] for p in params], device=x.device)  # [R, M]
+    kept = e.gather(1, racers) >= on_device([[p.min_p] for p in params], x.device)  # [R, M]
     if any(p.top_p < 1.0 for p in params):
         head = x > rx.min(dim=-1, keepdim=True).values  # [R, V]: tokens above the lowest racer
         small = head.sum(-1) <= HEAD  # [R]
@@ -161,10 +173,16 @@ def _nucleus(x: torch.Tensor, params: list[SamplingParams], keys: torch.Tensor) 
         vals, mass = x[rows, cols], e[rows, cols]  # [N]
         above = torch.stack([torch.zeros(R, device=x.device).index_add_(0, rows, mass * (vals > rx[rows, m]))
                              for m in range(M)], dim=-1)  # [R, M]: the mass above each racer
-        tp = torch.tensor([[p.top_p] for p in params], device=x.device)  # [R, 1]
+        tp = on_device([[p.top_p] for p in params], x.device)  # [R, 1]
         kept &= (tp >= 1.0) | ((above < tp * total[:, None]) & small[:, None])
     first = kept.to(torch.int8).argmax(dim=-1)  # [R]: the first kept racer (0 if none)
     return racers.gather(1, first[:, None])[:, 0], torch.isfinite(total), kept.any(dim=-1)
+
+
+def draw_sorted(logits: torch.Tensor, params: list[SamplingParams], keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """draw() by way 3 for every row: the same (token [R], ok [R]), queued on the device with no host
+    sync (a sort of each row with top-k or top-p; temperature and min-p alone need none)."""
+    return _race(_filter_sorted(_scaled(logits, params), params), keys, logits.shape[1])
 
 
 def draw(logits: torch.Tensor, params: list[SamplingParams], keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,13 +198,13 @@ def draw(logits: torch.Tensor, params: list[SamplingParams], keys: torch.Tensor)
     for rows, way in ((by_top_k, _top_k), (by_race, _nucleus)):
         if rows:
             t, o, done = way(take_rows(x, rows), [params[i] for i in rows], take_rows(keys, rows))
-            idx = torch.tensor(rows, device=logits.device)
+            idx = on_device(rows, logits.device)
             token.index_copy_(0, idx, t)
             ok.index_copy_(0, idx, o)
             whole += [i for i, d in zip(rows, done.tolist()) if not d]
     if whole:  # way 3
         t, o = _race(_filter_sorted(take_rows(x, whole), [params[i] for i in whole]), take_rows(keys, whole), V)
-        idx = torch.tensor(whole, device=logits.device)
+        idx = on_device(whole, logits.device)
         token.index_copy_(0, idx, t)
         ok.index_copy_(0, idx, o)
     return token, ok

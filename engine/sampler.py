@@ -1,5 +1,6 @@
 """Token sampling for a whole batch at once, on the logits' device: one host sync per step (up to
-three more when a row is not greedy: which rows fall back to a sort, engine/race.py).
+three more when a row is not greedy: which rows fall back to a sort, engine/race.py); none before
+the host reads the tokens for a batch of plain() rows (sample_plain: a step in flight).
 
 Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → banned tokens
 (min_tokens) → greedy rows: argmax → the rest: temperature → top-k → top-p → min-p → draw
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.race import M32, draw, take_rows
+from engine.race import M32, draw, draw_sorted, on_device, take_rows
 from engine.types import SamplingParams, TokenLogprob
+
+Drawer = Callable[[torch.Tensor, list[SamplingParams], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -118,27 +121,40 @@ def sample(
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
-        idx = torch.tensor(drawn, device=logits.device)
-        sub = [params[i] for i in drawn]
-        keys = torch.tensor(_row_keys(sub, [positions[i] for i in drawn]), device=logits.device)
-        choice, ok = draw(take_rows(logits, drawn), sub, keys)  # [R]
-        tokens = tokens.index_copy(0, idx, torch.where(ok, choice, tokens.index_select(0, idx)))
+        tokens = _drawn(logits, tokens, params, positions, drawn, draw)
     return Sampled.of(raw, tokens, [p.logprobs for p in params]).collect()
 
 
+def _drawn(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], positions: list[int],
+           drawn: list[int], how: Drawer) -> torch.Tensor:
+    """tokens [B] with rows `drawn` drawn from logits [B, V] (`how`: race.draw or race.draw_sorted);
+    a row whose distribution came out empty or non-finite keeps its token (the best raw one)."""
+    idx = on_device(drawn, logits.device)
+    sub = [params[i] for i in drawn]
+    keys = on_device(_row_keys(sub, [positions[i] for i in drawn]), logits.device)
+    choice, ok = how(take_rows(logits, drawn), sub, keys)  # [R]
+    return tokens.index_copy(0, idx, torch.where(ok, choice, tokens.index_select(0, idx)))
+
+
 def plain(sampling: SamplingParams, num_generated: int) -> bool:
-    """Whether a row's next token (after `num_generated`) is its raw argmax: greedy, no penalty, no
-    bias, past its min_tokens — what sample_plain() draws with no host work at all."""
-    return (sampling.greedy and not sampling.penalized and not sampling.logit_bias
-            and num_generated >= sampling.min_tokens)
+    """Whether a row's next token (after `num_generated`) needs nothing from the host but its
+    parameters: no penalty, no bias, past its min_tokens (greedy or drawn) — what sample_plain()
+    draws with no host sync."""
+    return not sampling.penalized and not sampling.logit_bias and num_generated >= sampling.min_tokens
 
 
-def sample_plain(logits: torch.Tensor, params: list[SamplingParams]) -> Sampled:
+def sample_plain(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> Sampled:
     """sample() for rows that are all plain(): every tensor op is queued on the device and nothing
     waits for it, so the caller can queue the next forward before collect() (engine/step_loop.py,
-    a step in flight). logits [B, V] may be overwritten once this returns (a CUDA graph's output)."""
+    a step in flight). Greedy rows take their argmax; drawn rows draw as sample() does (the same
+    tokens, by race.draw_sorted). logits [B, V] may be overwritten once this returns (a CUDA graph's
+    output); positions[i]: the position row i's token will occupy (a seeded row's key)."""
     raw = logits.float().nan_to_num(nan=float("-inf"))  # a new tensor: the logits' buffer is free again
-    return Sampled.of(raw, raw.argmax(dim=-1), [p.logprobs for p in params]).staged()
+    tokens = raw.argmax(dim=-1)  # [B]
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        tokens = _drawn(raw, tokens, params, positions, drawn, draw_sorted)
+    return Sampled.of(raw, tokens, [p.logprobs for p in params]).staged()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ for a step that follows it (_follow: the same rows, each fed its token on the de
 one, it is queued behind, and only then does the host wait for the first one's tokens and
 postprocess them (_complete) — so the host's schedule, input copy and bookkeeping overlap the
 device's forward instead of leaving it idle (vLLM's async scheduling, SGLang's overlap scheduler).
-Anything else (news, a prompt, a row that is not plain greedy) completes the step in flight first.
+Anything else (news, a prompt, a row that is not plain: sampler.plain) completes the step in flight first.
 A step that raises fails the requests it held (fail_step) and the loop goes on: one bad step never
 leaves a caller waiting or stops the worker — unless the device itself is broken (a CUDA kernel
 fault is sticky: every later step would fail too), or schedule() raised (the worker's bookkeeping

@@ -149,9 +149,10 @@ def test_every_way_draws_what_a_sort_of_the_whole_vocabulary_draws(monkeypatch) 
     _, _, found = race._nucleus(x[racing], [params[i] for i in racing], keys[racing])
     assert 0 < int(found.sum()) < len(racing)  # way 2 and its fall-back to a sort both run
     assert any(0 < p.top_k <= 64 for p in params) and any(p.top_k > 64 for p in params)  # way 1, way 3
-    want, _ = race._race(race._filter_sorted(x, params), keys, vocab)  # every row sorted whole
+    want, _ = race.draw_sorted(logits, params, keys)  # every row sorted whole (a step in flight's draw)
     got, _ = sample(logits, params, list(range(n)))
     assert got == want.tolist()
+    assert sampler.sample_plain(logits, params, list(range(n))).collect()[0] == got
     alone = [sample(logits[i:i + 1], [params[i]], [i])[0][0] for i in range(0, n, 5)]
     assert alone == got[::5]  # and alone a row draws what it draws in the crowd
 

@@ -118,14 +118,14 @@ def test_a_cancel_or_an_arrival_completes_the_step_in_flight_first(worker) -> No
     assert wait_until(w.check_idle, 10)
 
 
-def test_a_row_that_is_not_plain_greedy_runs_a_complete_turn(worker) -> None:  # type: ignore[no-untyped-def]
-    """Sampling with a temperature (or penalties, bias, min_tokens) needs the host: no step follows
-    one in flight while such a row runs; plain greedy rows beside it still decode like HF."""
+def test_a_row_that_is_not_plain_runs_a_complete_turn(worker) -> None:  # type: ignore[no-untyped-def]
+    """Penalties (or a bias, or min_tokens) need the host's history: no step follows one in flight
+    while such a row runs; plain greedy rows beside it still decode like HF."""
     w, events, seen = worker
     ids = [_ids(7), _ids(1)]
     before = w.steps_overlapped
-    drawn = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
-    ts = [_submit(w, "c0", ids[0], drawn), _submit(w, "c1", ids[1], SamplingParams(max_tokens=12, ignore_eos=True))]
+    penalized = SamplingParams(max_tokens=12, repetition_penalty=1.3, ignore_eos=True)
+    ts = [_submit(w, "c0", ids[0], penalized), _submit(w, "c1", ids[1], SamplingParams(max_tokens=12, ignore_eos=True))]
     for t in ts:
         t.join(120)
     _tokens(events, "c0")
@@ -134,21 +134,52 @@ def test_a_row_that_is_not_plain_greedy_runs_a_complete_turn(worker) -> None:  #
     assert wait_until(w.check_idle, 10)
 
 
+def test_drawn_rows_follow_in_flight_and_draw_what_complete_turns_draw(worker) -> None:  # type: ignore[no-untyped-def]
+    """Seeded rows with a temperature, top-k, top-p and min-p: steps follow one in flight (the
+    draw needs no host sync), and each row's tokens are those it draws with every step completed."""
+    w, events, seen = worker
+    ids = [_ids(i) for i in (2, 3, 5)]
+    sps = [SamplingParams(max_tokens=16, temperature=0.8, seed=11, ignore_eos=True),
+           SamplingParams(max_tokens=16, temperature=1.2, top_k=20, top_p=0.9, seed=12, ignore_eos=True, logprobs=2),
+           SamplingParams(max_tokens=16, temperature=0.7, top_p=0.8, min_p=0.05, seed=13, ignore_eos=True)]
+
+    def run(tag: str) -> list[tuple[list[int], FinishReason | None]]:
+        ts = [_submit(w, f"{tag}{i}", p, sp) for i, (p, sp) in enumerate(zip(ids, sps))]
+        for t in ts:
+            t.join(120)
+        return [_tokens(events, f"{tag}{i}") for i in range(len(ids))]
+
+    before = w.steps_overlapped
+    flying = run("d")
+    assert w.steps_overlapped > before + 5
+    w.overlap_steps = False
+    try:
+        completed = run("e")
+    finally:
+        w.overlap_steps = True
+    assert flying == completed and all(r == FinishReason.LENGTH and len(t) == 16 for t, r in flying)
+    assert seen == []
+    assert wait_until(w.check_idle, 10)
+
+
 def test_sample_plain_equals_sample_with_logprobs() -> None:
-    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(0))
     logits[2, 7] = float("nan")
-    params = [SamplingParams(), SamplingParams(logprobs=3), SamplingParams(logprobs=0), SamplingParams(), SamplingParams(logprobs=1)]
+    logits[6] = float("nan")  # a drawn row with nothing finite: its best raw token, as sample() gives
+    params = [SamplingParams(), SamplingParams(logprobs=3), SamplingParams(logprobs=0), SamplingParams(),
+              SamplingParams(logprobs=1), SamplingParams(temperature=0.9, seed=4, logprobs=2),
+              SamplingParams(temperature=1.5, top_k=5, top_p=0.7, min_p=0.1, seed=5)]
     assert all(plain(p, 0) for p in params)
-    want = sample(logits.clone(), params, [0] * 5)
-    got = sample_plain(logits, params)
+    want = sample(logits.clone(), params, list(range(7)))
+    got = sample_plain(logits, params, list(range(7)))
     assert isinstance(got, Sampled)
     logits[:] = 0  # the buffer may be overwritten once sample_plain returns (a graph's output)
     assert got.collect() == want
 
 
-def test_plain_is_greedy_with_nothing_the_host_must_add() -> None:
+def test_plain_is_a_row_with_nothing_the_host_must_add() -> None:
     assert plain(SamplingParams(min_tokens=3), 3) and not plain(SamplingParams(min_tokens=3), 2)
-    assert not plain(SamplingParams(temperature=0.5), 0)
+    assert plain(SamplingParams(temperature=0.5, top_p=0.9, top_k=40, min_p=0.1, seed=1), 0)
     assert not plain(SamplingParams(repetition_penalty=1.2), 0)
     assert not plain(SamplingParams(logit_bias={5: 1.0}), 0)
 

@@ -103,6 +103,26 @@ def test_every_way_of_the_draw_on_cuda_draws_what_a_sort_draws_and_what_cpu_draw
     assert got == sample(logits, params, list(range(n)))[0]
 
 
+def test_a_step_in_flights_draw_never_waits_for_the_device_and_draws_what_sample_draws() -> None:
+    """sample_plain() (engine/sampler.py) for greedy and drawn rows: no synchronizing call at all (torch's
+    sync debug mode raises on one), so a forward queued before it is not waited for; the same
+    tokens and logprobs as sample()."""
+    from engine.sampler import sample, sample_plain
+    from tests.cpu.test_sampler import _mixed_batch
+
+    logits, params = _mixed_batch(64, 32000)
+    params[::4] = [type(params[0])(logprobs=2)] * len(params[::4])  # greedy rows among them
+    gpu = logits.cuda()
+    sample_plain(gpu, params, list(range(64))).collect()  # warm-up: the token hashes, the pinned pool
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        queued = sample_plain(gpu, params, list(range(64)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert queued.collect() == sample(gpu, params, list(range(64)))
+
+
 def test_kv_sized_from_memory_fits_its_share() -> None:
     from engine import kv_budget
     from engine.config import KVCacheConfig
