@@ -1,6 +1,7 @@
 """One request at a time against a running pdserve: TTFT, KV handoff time/bytes, decode tokens/s.
 
     python bench/one_request.py --address 127.0.0.1:50051 --runs 5 --max-tokens 128 --output one.json
+    (--prompt-logprobs N: each prompt token's logprob and top-N too, what `echo` costs)
 """
 from __future__ import annotations
 
@@ -34,10 +35,13 @@ def main() -> None:
     ap.add_argument("--prompt-repeat", type=int, default=1, help="repeat the prompt to lengthen it")
     ap.add_argument("--reuse-prefix", action="store_true",
                     help="let the runs share cached KV (default: each run its own cache_salt, a cold prompt)")
+    ap.add_argument("--prompt-logprobs", type=int, default=None, help="ask for prompt logprobs with top-N")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     stub = pbg.GenerationStub(grpc.insecure_channel(a.address))
     req = pb.GenerateRequest(prompt=" ".join([PROMPT] * a.prompt_repeat), max_tokens=a.max_tokens, ignore_eos=True)
+    if a.prompt_logprobs is not None:
+        req.prompt_logprobs = a.prompt_logprobs
     stub.Generate(pb.GenerateRequest(prompt="warm up", max_tokens=4), timeout=120)  # warm-up excluded
     rows = []
     for i in range(a.runs):
@@ -66,7 +70,8 @@ def main() -> None:
         })
     summary = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"address": a.address, "runs": a.runs, "git": rev, "median": summary, "rows": rows}
+    out = {"address": a.address, "runs": a.runs, "git": rev, "prompt_logprobs": a.prompt_logprobs,
+           "median": summary, "rows": rows}
     print(json.dumps(out["median"], indent=2))
     if a.output:
         Path(a.output).write_text(json.dumps(out, indent=2))
