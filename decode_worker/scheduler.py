@@ -74,9 +74,8 @@ class DecodeScheduler(Preemption):
             return ReserveResult(False, f"KV cache full: {len(self.preempted)} preempted requests wait for room first")
         # on demand, a request whose KV can be recomputed (its prompt ids are known) grows; others hold it all
         need = num_prompt_tokens + (0 if self.on_demand and prompt_ids is not None else sampling.max_tokens)
-        reuse = sampling.prompt_logprobs is None  # else every prompt position is computed (scored), none shared
         fits = self._fits(self.allocator.blocks_for(need))
-        shared = self._hold(request_id, need, prompt_ids, cache_salt, reuse) if fits else None
+        shared = self._hold(request_id, need, prompt_ids, cache_salt, sampling.reuses_prefix) if fits else None
         if shared is None:
             return ReserveResult(
                 False,
@@ -171,7 +170,7 @@ class DecodeScheduler(Preemption):
         if self.share_on_reserve:  # its reservation holds them already
             return req.shared_tokens
         cached = self.allocator.share_prefix(request_id, req.prompt_ids, req.cache_salt,
-                                             reuse=req.sampling.prompt_logprobs is None)
+                                             reuse=req.sampling.reuses_prefix)
         if cached:
             req.block_table[: self.allocator.blocks_for(cached)] = self.allocator.table(request_id)[: self.allocator.blocks_for(cached)]
         return cached

@@ -40,6 +40,12 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     @property
+    def reuses_prefix(self) -> bool:
+        """Whether its prompt may start after a cached prefix: not when its prompt logprobs are asked
+        for (every position is then computed, to be scored)."""
+        return self.prompt_logprobs is None
+
+    @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 

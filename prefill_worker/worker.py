@@ -155,7 +155,7 @@ class PrefillWorker(StepLoop):
         waits for it."""
         try:
             cached = self.allocator.allocate_prompt(p.request.request_id, p.request.token_ids, p.request.cache_salt,
-                                                    reuse=p.request.sampling.prompt_logprobs is None)
+                                                    reuse=p.request.sampling.reuses_prefix)
         except KeyError:
             return False
         if cached is None:
