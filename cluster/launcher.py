@@ -21,7 +21,7 @@ import ray
 from cluster.config import PDServeConfig
 from decode_worker.aggregated import AggregatedWorker
 from decode_worker.worker import DecodeWorker
-from engine.kv_handoff import DecodeEndpoint, WriteGrant, WriteIntent, WriteOutcome, choose_backend
+from engine.kv_handoff import DecodeEndpoint, SocketPeer, WriteGrant, WriteIntent, WriteOutcome, choose_backend
 from engine.model_loader import eos_token_ids, load_tokenizer, resolve_path
 from prefill_worker.worker import PrefillWorker
 from router.dispatcher import Dispatcher, WorkerRef
@@ -37,7 +37,8 @@ class StartupError(RuntimeError):
 
 @dataclass
 class RayDecodePeer:
-    """A prefill worker's handle on a decode worker for the hand-off: each call awaits its answer."""
+    """A prefill worker's handle on a decode worker for the hand-off through Ray: each call awaits its
+    answer. Behind a SocketPeer, it carries the calls the decode worker's control socket cannot."""
 
     handle: Any
 
@@ -147,7 +148,8 @@ class Cluster:
                 raise StartupError(f"{pid} → {did}: {e}") from None
             backends.append(backend.value)
             tag = f"{self.boots[pid]}.{self.boots[did]}.{self._wirings}"
-            calls += [d.accept.remote(pid, backend, tag=tag), p.connect.remote(ep, RayDecodePeer(d), backend, tag=tag)]
+            peer = RayDecodePeer(d) if ep.control is None else SocketPeer(ep.control, RayDecodePeer(d))
+            calls += [d.accept.remote(pid, backend, tag=tag), p.connect.remote(ep, peer, backend, tag=tag)]
         self._get(calls, f"the hand-off links of {len(pairs)} worker pairs", stop_on_error=at_start)
         return backends
 

@@ -7,6 +7,8 @@ The hand-off's side of a request here (engine/kv_handoff, steps 1-6):
                     with other requests and not written
   2. begin_write()  a prefill worker asks to write the prompt's KV: granted if still reserved
   3. end_write() or the pair's receive: the KV has landed in those blocks (or the write failed)
+     (both calls come over this worker's control socket, engine/kv_handoff/control.py; through Ray
+     where the prefill worker cannot reach it)
   4. schedule, first thing each step: landed writes join the batch with their first token; failed
      ones end their request (or, with transport.on_failure: recompute, the prompt's KV is computed
      here, in chunks beside the decode rows, as for a preempted request)
@@ -26,7 +28,8 @@ from decode_worker.batch_worker import BatchWorker
 from decode_worker.config import DecodeConfig
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
 from engine.kv_handoff import (
-    Backend, DecodeEndpoint, HandoffReceiver, PairChannel, TorchPairChannel, WriteGrant, WriteIntent, WriteOutcome,
+    Backend, ControlServer, DecodeEndpoint, HandoffReceiver, PairChannel, TorchPairChannel, WriteGrant, WriteIntent,
+    WriteOutcome,
 )
 from engine.step_loop import Step
 from engine.types import DecodeEvent, WorkerStats
@@ -46,19 +49,25 @@ class DecodeWorker(BatchWorker):
                          prompt_tokens=(cfg.max_recompute_tokens, cfg.max_recompute_tokens), share_on_reserve=True)
         self.cfg = cfg
         self.transport_cfg = transport_cfg
-        self.receiver = HandoffReceiver(worker_id, self.runner.kv, kv_cfg.block_size, transport_cfg.timeout_s)
+        self.receiver = HandoffReceiver(worker_id, self.runner.kv, kv_cfg.block_size, transport_cfg.timeout_s,
+                                        on_change=self._write_ended)
         self._store: object = None  # the TCPStore two-sided pairs rendezvous on (made on first use)
+        self.control: ControlServer | None = None  # steps 2 and 3 over a socket (made on first use)
         self.kv_recomputes = 0  # prompts whose failed hand-off was recomputed here (transport.on_failure)
 
     # -- wiring ---------------------------------------------------------------------------------
     def endpoint(self, host: str) -> DecodeEndpoint:
-        """What prefill workers need to write here: the shared cache (ipc) and the pair store (nccl/gloo)."""
+        """What prefill workers need to write here: the shared cache (ipc), the pair store (nccl/gloo),
+        and where to ask (the control socket)."""
         import torch.distributed as dist
 
         if self._store is None:
             self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        if self.control is None:
+            self.control = ControlServer(self, host)
         port = int(self._store.port)  # type: ignore[attr-defined]
-        return DecodeEndpoint(self.worker_id, self.node, host, port, self.runner.block_size, self.cache_handle)
+        return DecodeEndpoint(self.worker_id, self.node, host, port, self.runner.block_size, self.cache_handle,
+                              self.control.address)
 
     def accept(self, src: str, backend: Backend, channel: PairChannel | None = None, tag: str = "") -> None:
         """Take writes from prefill worker `src` (again, after either side restarted: writes still
@@ -87,7 +96,10 @@ class DecodeWorker(BatchWorker):
 
     def end_write(self, outcome: WriteOutcome, timeout_s: float = 0.0) -> None:
         """Step 3: a direct write finished, or a write failed."""
-        self.receiver.end(outcome)
+        self.receiver.end(outcome)  # → _write_ended
+
+    def _write_ended(self) -> None:
+        """A write landed or failed (a call, or a pair's receive thread): step 4 at once."""
         with self.lock:
             self.nudge()
 
@@ -98,12 +110,15 @@ class DecodeWorker(BatchWorker):
             kv_bytes_placed=self.receiver.bytes_placed,
             links={src: b.value for src, b in self.receiver.peers.items()},
             writes_pending=self.receiver.pending, writes_failed=self.receiver.writes_failed,
+            handoff_socket_calls=0 if self.control is None else self.control.calls,
         )
         return s
 
     def shutdown(self) -> None:
         super().shutdown()
         self.receiver.close()
+        if self.control is not None:
+            self.control.close()
 
     # -- the loop -------------------------------------------------------------------------------
     def _idle_wait_s(self) -> float:

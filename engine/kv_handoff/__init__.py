@@ -30,19 +30,23 @@ The decode worker owns the blocks; the prefill worker writes into exactly those 
                   direct write starts within half that time or not at all, so a freed block is
                   never written into.
 
+Steps 3 and 5 are calls from the prefill worker's link thread to the decode worker: over a socket
+of their own (control.py: ~0.1 ms each way), through Ray where none can be made (~1.2 ms).
 Backends are chosen per pair at start-up (`choose_backend`); the state of a request's write is
 `HandoffStatus` (RESERVED → WRITING → LANDED | FAILED). Workers are known by stable ids.
 """
 from engine.kv_handoff.channel import FakeHub, PairChannel, TorchPairChannel, TransferError
+from engine.kv_handoff.control import ControlServer, SocketPeer
 from engine.kv_handoff.receiver import Handoff, HandoffReceiver
 from engine.kv_handoff.sender import DecodePeer, HandoffSender, WriteJob
 from engine.kv_handoff.shared_cache import SharedCache
 from engine.kv_handoff.types import (
-    Backend, DecodeEndpoint, HandoffStatus, KVDestination, WriteGrant, WriteIntent, WriteOutcome, choose_backend,
+    Backend, ControlAddress, DecodeEndpoint, HandoffStatus, KVDestination, WriteGrant, WriteIntent, WriteOutcome,
+    choose_backend,
 )
 
 __all__ = [
-    "Backend", "DecodeEndpoint", "DecodePeer", "FakeHub", "Handoff", "HandoffReceiver", "HandoffSender",
-    "HandoffStatus", "KVDestination", "PairChannel", "SharedCache", "TorchPairChannel", "TransferError",
-    "WriteGrant", "WriteIntent", "WriteJob", "WriteOutcome", "choose_backend",
+    "Backend", "ControlAddress", "ControlServer", "DecodeEndpoint", "DecodePeer", "FakeHub", "Handoff",
+    "HandoffReceiver", "HandoffSender", "HandoffStatus", "KVDestination", "PairChannel", "SharedCache", "SocketPeer",
+    "TorchPairChannel", "TransferError", "WriteGrant", "WriteIntent", "WriteJob", "WriteOutcome", "choose_backend",
 ]

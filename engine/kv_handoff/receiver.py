@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,8 +72,14 @@ class _PairRecv:
 
 
 class HandoffReceiver:
-    def __init__(self, worker_id: str, cache: torch.Tensor, block_size: int, timeout_s: float) -> None:
+    def __init__(
+        self, worker_id: str, cache: torch.Tensor, block_size: int, timeout_s: float,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        """on_change: a write landed or failed (called from the thread that saw it, no lock held):
+        the decode loop should poll() now, not at the end of its idle sleep."""
         self.worker_id, self.cache, self.block_size, self.timeout_s = worker_id, cache, block_size, timeout_s
+        self.on_change = on_change
         self.peers: dict[str, Backend] = {}
         self._pairs: dict[str, _PairRecv] = {}
         self._writes: dict[str, Handoff] = {}  # request id → its write, WRITING until poll() reports it
@@ -140,19 +147,23 @@ class HandoffReceiver:
                 return
             if outcome.ok:
                 h.status, h.nbytes = HandoffStatus.LANDED, outcome.nbytes
-                return
-            h.status, h.error = HandoffStatus.FAILED, outcome.error or "write failed"
-            pair = self._pairs.get(outcome.src_worker)
+                pair = None
+            else:
+                h.status, h.error = HandoffStatus.FAILED, outcome.error or "write failed"
+                pair = self._pairs.get(outcome.src_worker)
         if pair is not None and not pair.broken:
             pair.broken = True
             pair.channel.close()  # aborts a receive still posted for it; the next grant re-opens
+        self.on_change()
 
     def received(self, h: Handoff, payload: torch.Tensor) -> None:
         with self._lock:
-            if h.status is HandoffStatus.WRITING:
-                h.payload = payload
-                h.nbytes = payload.numel() * payload.element_size()
-                h.status = HandoffStatus.LANDED
+            if h.status is not HandoffStatus.WRITING:
+                return
+            h.payload = payload
+            h.nbytes = payload.numel() * payload.element_size()
+            h.status = HandoffStatus.LANDED
+        self.on_change()
 
     # -- the decode loop ---------------------------------------------------------------------------
     def poll(self) -> tuple[list[Handoff], list[Handoff]]:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class DecodePeer(Protocol):
-    """How a prefill worker calls a decode worker (a Ray actor proxy, or the worker itself in tests).
-    Each call returns the decode worker's answer or raises within `timeout_s`."""
+    """How a prefill worker calls a decode worker (control.py's SocketPeer, a Ray actor proxy, or the
+    worker itself in tests). Each call returns the decode worker's answer or raises within `timeout_s`."""
 
     def begin_write(self, intent: WriteIntent, timeout_s: float) -> WriteGrant: ...
 
@@ -95,6 +95,9 @@ class _Link:
             finally:
                 job.done()
                 self.sender.finished(job)
+        close = getattr(self.peer, "close", None)  # a SocketPeer's connection (control.py)
+        if close is not None:
+            close()
 
     def _one(self, job: WriteJob) -> None:
         s = self.sender

@@ -55,6 +55,15 @@ class KVDestination:
 
 
 @dataclass(frozen=True)
+class ControlAddress:
+    """Where a decode worker answers steps 3 and 5 over a socket (engine/kv_handoff/control.py)."""
+
+    host: str
+    port: int
+    secret: str  # a connection's first frame must carry it
+
+
+@dataclass(frozen=True)
 class DecodeEndpoint:
     """Published once by each decode worker at start-up (and again after a restart)."""
 
@@ -64,6 +73,7 @@ class DecodeEndpoint:
     store_port: int
     block_size: int
     cache: Any = None  # a SharedCache handle when its KV cache can be written directly, else None
+    control: ControlAddress | None = None  # steps 3 and 5 over a socket; None: through Ray
 
 
 @dataclass(frozen=True)

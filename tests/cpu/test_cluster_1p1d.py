@@ -160,10 +160,13 @@ def test_timings_and_kv_bytes_are_reported(server: RunningServer) -> None:
 
 
 def test_one_node_hands_off_by_direct_write_and_decode_copies_nothing(server: RunningServer) -> None:
+    before = ray.get(server.cluster.decodes[0].stats.remote()).extra["handoff_socket_calls"]
     server.generate(prompt="y" * 300, max_tokens=3, ignore_eos=True)
     p, d = ray.get([server.cluster.prefills[0].stats.remote(), server.cluster.decodes[0].stats.remote()])
     assert p.extra["links"] == {"decode-0": "ipc"} and d.extra["links"] == {"prefill-0": "ipc"}
     assert d.extra["kv_bytes_received"] > 0 and d.extra["kv_bytes_placed"] == 0
+    # the grant and the landing came over the decode worker's control socket, not through Ray
+    assert d.extra["handoff_socket_calls"] - before == 2
 
 
 def test_chat_messages_use_the_chat_template(server: RunningServer) -> None:

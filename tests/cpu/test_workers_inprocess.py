@@ -18,7 +18,7 @@ import pytest
 from decode_worker.config import DecodeConfig
 from decode_worker.worker import DecodeWorker
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
-from engine.kv_handoff import Backend, FakeHub, TransferError
+from engine.kv_handoff import Backend, FakeHub, SocketPeer, TransferError
 from engine.kv_handoff import sender as sender_mod
 from engine.tiny import tiny_tokenizer
 from engine.types import FinishReason, PrefillRequest, SamplingParams
@@ -30,20 +30,23 @@ EOS = (2,)
 
 
 def wire(pw: PrefillWorker, dw: DecodeWorker, kind: str, hub: FakeHub | None = None) -> None:
-    """What the launcher does for one pair, in-process: ipc | fake | gloo."""
+    """What the launcher does for one pair, in-process: ipc | fake | gloo. The prefill worker calls
+    the decode worker over its control socket, with the worker itself behind it (Ray's place)."""
     ep = dw.endpoint("127.0.0.1")
+    assert ep.control is not None
+    peer = SocketPeer(ep.control, dw)
     if kind == "ipc":
         dw.accept(pw.worker_id, Backend.IPC)
-        pw.connect(ep, dw, Backend.IPC)  # type: ignore[arg-type]
+        pw.connect(ep, peer, Backend.IPC)
     elif kind == "fake":
         assert hub is not None
         pair = f"{pw.worker_id}>{dw.worker_id}"
         dw.accept(pw.worker_id, Backend.GLOO, hub.channel(pair, 1))
-        pw.connect(ep, dw, Backend.GLOO, hub.channel(pair, 0))  # type: ignore[arg-type]
+        pw.connect(ep, peer, Backend.GLOO, hub.channel(pair, 0))
     else:  # both sides open the gloo pair at once, as the launcher's parallel calls do
         t = threading.Thread(target=dw.accept, args=(pw.worker_id, Backend.GLOO))
         t.start()
-        pw.connect(ep, dw, Backend.GLOO)  # type: ignore[arg-type]
+        pw.connect(ep, peer, Backend.GLOO)
         t.join(10)
 
 
@@ -151,6 +154,9 @@ def test_concurrent_requests_equal_hf(pair) -> None:  # type: ignore[no-untyped-
         assert toks == hf_greedy(p, 20)
     assert dw.prompt_tokens_computed == 0
     assert dw.receiver.bytes_received > 0 and pw.sender.bytes_sent == dw.receiver.bytes_received
+    peer = pw.sender.links["d0"].peer  # every grant was asked for over the control socket
+    assert isinstance(peer, SocketPeer) and peer.socket_calls >= 12 and peer.fallback_calls == 0
+    assert dw.control is not None and dw.control.calls == peer.socket_calls
     assert _idle(dw, pw)
 
 
@@ -184,6 +190,26 @@ def test_first_token_can_end_the_request_without_a_handoff(pair) -> None:  # typ
     assert len(toks) == 1 and reason == FinishReason.LENGTH.value
     assert dw.receiver.bytes_received == before
     assert _idle(dw, pw)
+
+
+@pytest.mark.parametrize("kind", ["ipc", "fake", "gloo"])
+def test_a_write_landing_on_an_idle_decode_worker_wakes_its_loop(kind: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An idle decode loop sleeps until something nudges it. A two-sided write used to land without
+    a nudge, so its request waited out the sleep (up to 50 ms per hand-off on an idle worker,
+    `bench/handoff.py`: 40 ms for a 10-token prompt over gloo). Here the sleep is a minute: the
+    request must still finish at once."""
+    monkeypatch.setattr(DecodeWorker, "_idle_wait_s", lambda self: 60.0)
+    with running_pair(kind) as p:
+        pw, dw, _, events = p
+        assert _idle(dw, pw)
+        time.sleep(0.1)  # the decode loop is asleep now, for a minute
+        ids = [5, 6, 7, 8, 9]
+        r = dw.reserve("idle", len(ids), SamplingParams(max_tokens=3), EOS, ids)
+        assert r.ok and r.dest is not None
+        res = pw.prefill(PrefillRequest("idle", ids, SamplingParams(max_tokens=3), EOS, r.dest))
+        assert res.error is None
+        evs = events.take("idle", timeout=20)
+        assert evs[-1].finish_reason is FinishReason.LENGTH, evs[-1]
 
 
 def test_a_failing_decode_step_ends_its_requests_with_an_error(pair) -> None:  # type: ignore[no-untyped-def]
