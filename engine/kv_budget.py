@@ -3,7 +3,9 @@
 With `kv_cache.gpu_memory_utilization: u`, a worker holding `g` of a GPU (its `num_gpus`, at most 1)
 may use `u * g` of that GPU's memory for everything of its own:
   1. load the weights; run one forward of the largest step it will run (decode rows or prompt tokens)
-     to find its peak activations → `used` = torch's peak reserved bytes in this process;
+     to find its peak activations, then what prompt logprobs take beside that step's hidden states
+     (the LM head and log-softmax of SCORE_ROWS positions in fp32: [256, vocab] twice, 256 MB at a
+     128k vocabulary) → `used` = torch's peak reserved bytes in this process (`profile_peak`);
   2. KV gets `u * g * total - used`, never more than is free on the GPU right now;
   3. blocks = that // bytes per block (all layers, K and V); too few for one request is an error
      naming the field.
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.config import KVCacheConfig
+from engine.model_runner import SCORE_ROWS
 
 GiB = 2**30
 
@@ -50,13 +53,26 @@ def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_toke
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError("kv_cache.gpu_memory_utilization: needs model.device: cuda (set kv_cache.num_blocks)")
-    torch.cuda.reset_peak_memory_stats(device)
-    ids = torch.zeros(1, profile_tokens, dtype=torch.long, device=device)
-    model(input_ids=ids, logits_to_keep=1)  # the peak of a step this size (HF's activations >= the runner's)
-    torch.cuda.synchronize(device)
-    used = torch.cuda.max_memory_reserved(device)
+    used = profile_peak(model, profile_tokens)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     per_block = block_bytes(model.config, kv_cfg.block_size, next(model.parameters()).dtype)
     share = kv_cfg.gpu_memory_utilization * min(gpu_share, 1.0)
     return blocks_for_memory(total, share, used, free, per_block, -(-max_model_len // kv_cfg.block_size))
+
+
+@torch.inference_mode()
+def profile_peak(model: Any, profile_tokens: int) -> int:
+    """Step 1 on a CUDA model: torch's peak reserved bytes over a forward of `profile_tokens` and the
+    scoring of prompt logprobs beside that step's hidden states (ModelRunner._score's shapes)."""
+    device = next(model.parameters()).device
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros(1, profile_tokens, dtype=torch.long, device=device)
+    model(input_ids=ids, logits_to_keep=1)  # the peak of a step this size (HF's activations >= the runner's)
+    hidden = torch.zeros(2, profile_tokens, model.config.hidden_size, dtype=model.dtype, device=device)  # x, residual
+    rows = hidden[0, : min(SCORE_ROWS, profile_tokens)]  # [n, hidden]
+    lp = torch.log_softmax(model.lm_head(rows).float(), dim=-1)  # [n, V] fp32, beside its fp32 logits
+    torch.topk(lp, min(20, lp.shape[-1]))
+    del hidden, rows, lp
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_reserved(device))

@@ -134,6 +134,23 @@ def test_kv_sized_from_memory_fits_its_share() -> None:
     assert 2048 // 16 <= n and n * per <= 0.05 * total
 
 
+def test_the_memory_profile_counts_what_prompt_logprobs_take() -> None:
+    """A request with prompt logprobs takes the log-softmax of 256 positions over the vocabulary in
+    fp32 beside its logits: with a large vocabulary that is most of a step's peak, and the KV budget
+    must leave room for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine import kv_budget
+    from engine.model_runner import SCORE_ROWS
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    weights = torch.cuda.memory_allocated()
+    peak = kv_budget.profile_peak(model, 512)
+    assert peak - weights >= 2 * SCORE_ROWS * cfg.vocab_size * 4, (peak - weights) / 2**20
+
+
 def test_fused_layer_ops_in_bf16_equal_the_hf_modules() -> None:
     """engine/triton_fused.py compiled for this GPU, in bf16 (the interpreter cannot run bf16 dots, so
     the CPU suite checks fp32/fp16 only): RMSNorm with the residual add, rotary + store, SiLU * up."""
