@@ -9,6 +9,7 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh host       # 1.1B, one worker in-process: a decode step's host parts, steps in flight on/off,
 #                                                           # drawn rows (temperature 0.8, top-p 0.95), and a torch profile of the loop at 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
+#                                                           # the protocol alone (a 16-token prompt) both ways;
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
 set -u
@@ -56,6 +57,8 @@ case "${1:-tests}" in
            grep -A 25 "by device time" "$OUT/host-b64-profile.txt" ;;
   handoff) python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
              --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8
+           python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
+             --prompt-tokens 16 --runs 15 --output "$OUT/handoff-protocol.json" 2>&1 | tee -a "$OUT/handoff.log" | grep median
            python3 bench/ipc_lifetime.py --gib 4 --output "$OUT/ipc-lifetime.json" 2>&1 | tee "$OUT/ipc-lifetime.log" | tail -3 ;;
   sampler) python3 bench/sampler.py --device cuda --vocab 32000,128256 --batch 1,64 \
              --output "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -6 ;;
