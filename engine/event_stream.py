@@ -185,6 +185,10 @@ class EventStream:
     def close(self) -> None:
         """Stop listening and end the router's connection (it then asks Ray whether this worker lives)."""
         self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress (close alone does not)
+        except OSError:
+            pass  # not listening any more
         self._sock.close()
         conn = self._conn
         if conn is not None:

@@ -88,6 +88,10 @@ class ControlServer:
 
     def close(self) -> None:
         self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress (close alone does not)
+        except OSError:
+            pass  # not listening any more
         self._sock.close()
         with self._lock:
             conns = list(self._conns)
