@@ -70,3 +70,38 @@ def test_padding_rows_store_nothing_and_leave_other_blocks_alone() -> None:
     written = {9 * 4 + 2, 12 * 4 + 0, 15 * 4 + 1}
     changed = (runner.kv != before).flatten(4).any(-1).any(0).any(0).flatten()  # [num_blocks * block_size]
     assert set(changed.nonzero().flatten().tolist()) == written
+
+
+def test_the_buffers_hold_every_rows_inputs_as_rows_change_requests_and_tables_change() -> None:
+    """Block tables are written into the staging only when a row's table changed: after each step
+    the device buffers must still hold, for every live row, its token, position, slot, context and
+    its table up to its context — through a table that grows, one changed in place (a shared prefix
+    block swapped in), rows taken over by other requests, a batch that shrinks and grows again,
+    and a table longer than its context (upfront allocation) whose context crosses into its blocks."""
+    runner = ModelRunner(MODEL, num_blocks=64, block_size=4, kernels="triton")
+    runner.use_decode_graphs(max_batch=8, max_model_len=64, capture=False)
+    g = runner.graphs
+    assert g is not None
+    a, b, c, d = [3, 7], [9, 1, 4], [20, 21, 22, 23, 24], [30]
+
+    def check(rows: list[SeqInput]) -> None:
+        n = g.bucket(len(rows))
+        g._fill(rows, n)
+        cols, tables = g._cols.tolist(), g._tables
+        for i, s in enumerate(rows):
+            p = s.start_pos
+            assert [cols[0][i], cols[1][i], cols[2][i], cols[3][i]] == [
+                s.token_ids[0], p, s.block_table[p // 4] * 4 + p % 4, s.context_len]
+            nblk = -(-s.context_len // 4)
+            assert tables[i, :nblk].tolist() == s.block_table[:nblk], (i, s)
+        assert cols[2][len(rows):n] == [-1] * (n - len(rows)) and cols[3][len(rows):n] == [0] * (n - len(rows))
+
+    check([SeqInput([5], 7, a), SeqInput([6], 8, b), SeqInput([8], 3, c)])
+    a.append(11)  # a's next token starts a block
+    check([SeqInput([5], 8, a), SeqInput([6], 9, b), SeqInput([8], 4, c)])
+    b[0] = 40  # changed in place (the same list object)
+    check([SeqInput([5], 9, a), SeqInput([6], 10, b), SeqInput([8], 5, c)])
+    check([SeqInput([6], 10, b), SeqInput([8], 6, c)])  # a ended: b and c moved up a row
+    check([SeqInput([1], 0, d), SeqInput([6], 11, b), SeqInput([8], 7, c), SeqInput([5], 9, a)])
+    check([SeqInput([8], 8, c), SeqInput([1], 1, d)])  # c's context reaches its third block
+    check([SeqInput([8], 16, c), SeqInput([1], 2, d)])  # ... and its fifth, written once, never rewritten
