@@ -3,7 +3,13 @@ no router), B greedy streams of 64-token prompts decoding together, timers aroun
 the loop. Without a GPU it runs the tiny model on CPU (the parts' costs, not the device's).
 
     python bench/step_host.py --model-path /tmp/llama-1.1b --batch 64 [--no-overlap] [--temperature 0.8 --top-p 0.95]
-                              [--output F.json] [--profile F.txt]
+                              [--stagger] [--output F.json] [--profile F.txt]
+    python bench/step_host.py --uncaptured --batch 16 --stagger --seconds 20   # no GPU: the graph path's decisions
+
+--stagger: prompt i has 64 + i % block_size tokens, so the rows start blocks at different steps, as
+a served batch's rows (joined at different times) do; without it they all start one every
+block_size steps. --uncaptured: on CPU, the CUDA-graph path run eagerly under Triton's interpreter
+(slow: for the loop's decisions, e.g. how many steps follow one in flight, not for its timings).
 
 Prints one JSON line: step_ms (wall per step while all B decode), the loop's parts per step in µs
 (schedule, run, postprocess; `engine/step_loop.py`), the timed pieces inside them (fill: the graph
@@ -18,9 +24,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import threading
 import time
+
+if "--uncaptured" in sys.argv:  # Triton reads it when first imported (below, through the engine)
+    os.environ["TRITON_INTERPRET"] = "1"
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,13 +68,18 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--output")
     ap.add_argument("--profile", help="write a torch profile of the measured window here")
+    ap.add_argument("--stagger", action="store_true", help="prompt i has 64 + i %% block_size tokens")
+    ap.add_argument("--uncaptured", action="store_true", help="CPU: the graph path, eagerly, under Triton's interpreter")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     w = AggregatedWorker(
-        "a0", ModelConfig(path=a.model_path, dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu"),
+        "a0", ModelConfig(path=a.model_path, dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu",
+                          kernels="triton" if a.uncaptured else "auto"),
         KVCacheConfig(gpu_memory_utilization=0.5) if cuda else KVCacheConfig(num_blocks=8192),
         AggregatedConfig(num_gpus=1 if cuda else 0, max_batch_size=a.batch, max_batch_tokens=4096, chunk_tokens=2048,
                          overlap_steps=not a.no_overlap))
+    if a.uncaptured and not cuda:
+        w.runner.use_decode_graphs(a.batch, w.model_cfg.max_model_len, capture=False)
     if w.runner.graphs is not None:
         w.runner.graphs._fill = timed("fill", w.runner.graphs._fill)  # type: ignore[method-assign]
     w.scheduler.on_tokens = timed("on_tokens", w.scheduler.on_tokens)  # type: ignore[method-assign]
@@ -90,7 +105,7 @@ def main() -> None:
                         seed=1 if a.temperature > 0 else None)  # outlasts the measurement
     callers = []
     for i in range(a.batch):
-        ids = [5 + (i * 7 + j) % (vocab - 5) for j in range(64)]
+        ids = [5 + (i * 7 + j) % (vocab - 5) for j in range(64 + (i % w.allocator.block_size if a.stagger else 0))]
         assert w.reserve(f"r{i}", len(ids), sp, (2,), ids).ok
         t = threading.Thread(target=w.prefill, args=(PrefillRequest(f"r{i}", ids, sp, (2,), 0), 300))
         t.start()
@@ -107,7 +122,7 @@ def main() -> None:
         prof.want("stop")
         _write_profile(prof.result(), Path(a.profile), cuda)
     n = max(1, s1 - s0)
-    out = {"batch": a.batch, "running": w.scheduler.num_running, "steps": s1 - s0,
+    out = {"batch": a.batch, "stagger": a.stagger, "running": w.scheduler.num_running, "steps": s1 - s0,
            "step_ms": a.seconds * 1000 / n, "overlapped": o1 - o0, "device": "cuda" if cuda else "cpu",
            "loop_us": {k: round((l1[k] - l0[k]) / n * 1e6, 1) for k in l1},
            "parts_us": {k: round((p1[k] - p0.get(k, 0.0)) / n * 1e6, 1) for k in p1}}

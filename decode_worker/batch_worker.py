@@ -310,7 +310,8 @@ class BatchWorker(StepLoop):
 
     def _follow(self, prev: InFlight) -> Step | None:
         """prev's rows that go on, each fed the token prev draws for it, at the position that token
-        takes: while quiet, each has a block for it, all stay plain, and for at most
+        takes: while quiet, all stay plain, each has a block for it (a row whose token starts a
+        block gets one here; none free: None, and schedule() preempts for it), and for at most
         MAX_FOLLOWS steps in a row (a complete turn then runs the rest: reservations expire there)."""
         step = self._fed(prev) if self._follows < MAX_FOLLOWS else None
         self._follows = self._follows + 1 if step is not None else 0
@@ -318,20 +319,25 @@ class BatchWorker(StepLoop):
 
     def _fed(self, prev: InFlight) -> Step | None:
         bs, rows, seqs = self.allocator.block_size, [], []
+        g = self.runner.graphs
         with self.lock:
             if not self._quiet():
                 return None
             for i, r in enumerate(prev.step.decode):
                 if r.status is not DecodeStatus.RUNNING or len(r.output_ids) + 1 >= r.sampling.max_tokens:
                     continue  # ended, or prev's token is its last
-                pos = r.num_tokens  # where prev's token goes
-                if len(r.block_table) * bs <= pos or not plain(r.sampling, len(r.output_ids) + 1):
-                    return None  # it needs a block (schedule() grows it), or is past plain
+                if not plain(r.sampling, len(r.output_ids) + 1):
+                    return None
                 rows.append(r)
-                seqs.append(SeqInput([i], pos, r.block_table))
-        g = self.runner.graphs
-        if not rows or g is None or not g.fits(seqs):
-            return None
+                seqs.append(SeqInput([i], r.num_tokens, r.block_table))  # prev's token goes at num_tokens
+            if not rows or g is None or not g.fits(seqs):
+                return None
+            for r in rows:  # every ~block_size steps a row's token starts a block: it takes a free one
+                if len(r.block_table) * bs <= r.num_tokens:
+                    new = self.allocator.grow(r.request_id, r.num_tokens + 1)
+                    if new is None:
+                        return None
+                    r.block_table.extend(new)
         return Step(rows, [], seqs, [])
 
     def _launch(self, step: Step, prev: InFlight | None) -> InFlight:

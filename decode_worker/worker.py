@@ -121,11 +121,8 @@ class DecodeWorker(BatchWorker):
             self.control.close()
 
     # -- the loop -------------------------------------------------------------------------------
-    def _idle_wait_s(self) -> float:
-        return 0.001 if self.receiver.pending else 0.05  # writes in flight are polled every millisecond
-
     def _quiet(self) -> bool:
-        return super()._quiet() and not self.receiver.pending  # a landing write joins at a complete turn
+        return super()._quiet() and not self.receiver.has_news()  # a landed write joins at a complete turn
 
     def _schedule(self) -> Step | None:
         with self.lock:

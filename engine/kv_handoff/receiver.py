@@ -196,7 +196,16 @@ class HandoffReceiver:
 
     @property
     def pending(self) -> int:
+        """Writes granted and not yet reported by poll()."""
         return len(self._writes)
+
+    def has_news(self) -> bool:
+        """Whether poll() has something to report: a write landed, failed or is past its timeout.
+        (A write still being written needs nothing of the decode loop until then.)"""
+        now = time.monotonic()
+        with self._lock:
+            return any(h.status is not HandoffStatus.WRITING or now - h.granted > self.timeout_s
+                       for h in self._writes.values())
 
     def close(self) -> None:
         for pair in self._pairs.values():

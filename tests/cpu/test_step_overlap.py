@@ -14,10 +14,12 @@ import torch
 pytest.importorskip("triton")
 
 from decode_worker.aggregated import AggregatedWorker  # noqa: E402
-from decode_worker.config import AggregatedConfig  # noqa: E402
-from engine.config import KVCacheConfig, ModelConfig  # noqa: E402
+from decode_worker.config import AggregatedConfig, DecodeConfig  # noqa: E402
+from decode_worker.worker import DecodeWorker  # noqa: E402
+from engine.config import KVCacheConfig, ModelConfig, TransportConfig  # noqa: E402
+from engine.kv_handoff import Backend, WriteIntent, WriteOutcome  # noqa: E402
 from engine.sampler import Sampled, plain, sample, sample_plain  # noqa: E402
-from engine.step_loop import InFlight  # noqa: E402
+from engine.step_loop import InFlight, Step  # noqa: E402
 from engine.tiny import tiny_tokenizer  # noqa: E402
 from engine.types import FinishReason, PrefillRequest, SamplingParams  # noqa: E402
 from tests.cpu.harness import hf_greedy_ids, prompts, wait_until  # noqa: E402
@@ -228,3 +230,80 @@ def test_blocks_held_past_a_failed_step_come_back_at_the_next_complete_turn(work
     w.cancel("nobody")  # news: the loop runs a complete turn
     assert wait_until(lambda: not s.held, 10)
     assert wait_until(w.check_idle, 10)
+
+
+def test_a_row_crossing_into_a_new_block_still_follows_in_flight(worker) -> None:  # type: ignore[no-untyped-def]
+    """One request of 40 prompt tokens and 40 generated: its tokens go to positions 40..79, and those
+    at 48 and 64 start a block. The step feeding each is given its block while the one before is in
+    flight, so every decode step but the first follows one (before: each crossing cost a complete
+    turn — at 64 streams whose positions differ, nearly every step). Tokens == HF generate."""
+    w, events, seen = worker
+    ids = _ids(6)
+    assert len(ids) == 40
+    steps, overlapped = w.steps, w.steps_overlapped
+    _submit(w, "g0", ids, SamplingParams(max_tokens=40, ignore_eos=True)).join(120)
+    assert _tokens(events, "g0") == (hf_greedy_ids(ids, 40, ignore_eos=True), FinishReason.LENGTH)
+    assert w.steps - steps == 40  # the prompt, then 39 decode steps
+    assert w.steps_overlapped - overlapped == 38  # all but the first decode step
+    assert seen == []
+    assert wait_until(w.check_idle, 10)
+
+
+def _running(w: AggregatedWorker, rid: str, prompt_len: int) -> Step:
+    """A request decoding on an unstarted worker (the test is its loop): its first step, as launched."""
+    s = w.scheduler
+    assert w.reserve(rid, prompt_len, SamplingParams(max_tokens=8, ignore_eos=True), EOS,
+                     list(range(3, 3 + prompt_len))).ok
+    assert s.start_prefill(rid) is not None and s.on_prefilled(rid, 5) is not None
+    batch = s.schedule()
+    return Step(batch, [], w._decode_rows(batch), [])
+
+
+def test_a_step_that_follows_grows_the_block_its_row_needs_or_runs_a_complete_turn() -> None:
+    w = AggregatedWorker("g1", ModelConfig(path="tiny", kernels="triton"),
+                         KVCacheConfig(num_blocks=3, block_size=16, watermark=0.0), AggregatedConfig(max_batch_size=4))
+    w.runner.use_decode_graphs(4, 2048, capture=False)
+    first = _running(w, "r", 15)  # 15 prompt tokens + the first: one full block; its next token starts a second
+    req = first.decode[0]
+    assert len(req.block_table) == 1 and first.seqs[0].start_pos == 15
+    nxt = w._follow(InFlight(first, None))
+    assert nxt is not None and nxt.decode == [req] and nxt.seqs[0].start_pos == 16
+    assert len(req.block_table) == 2 and w.allocator.num_used == 2
+    other = _running(w, "o", 15)  # takes the last free block
+    assert w.allocator.num_free == 0
+    full = Step([req], [], [nxt.seqs[0]], [])
+    req.output_ids += [5] * 16  # its next token starts a third block; none is free
+    assert w._follow(InFlight(full, None)) is None  # a complete turn: schedule() preempts for it
+    assert len(req.block_table) == 2 and w.allocator.num_free == 0
+    assert other.decode[0].block_table and w.steps_overlapped == 0
+
+
+def test_a_write_still_being_written_does_not_stop_steps_following_in_flight() -> None:
+    """A decode worker whose batch decodes in flight while another request's KV is being written:
+    the write needs nothing of the loop until it lands (its landing nudges the loop), so steps go on
+    following one in flight meanwhile (before: none did while any write was pending — on a decode
+    worker taking hand-offs all the time, most steps). Once it ends, it is handled."""
+    dw = DecodeWorker("d9", ModelConfig(path="tiny", kernels="triton"), KVCacheConfig(num_blocks=64),
+                      DecodeConfig(max_batch_size=4), TransportConfig(timeout_s=60))
+    dw.runner.use_decode_graphs(4, 2048, capture=False)
+    dw.receiver.add_peer("p0", Backend.IPC)
+    dw.start()
+    events = Events(dw)
+    try:
+        ids = _ids(4)
+        sp = SamplingParams(max_tokens=60, ignore_eos=True)
+        _submit(dw, "w0", ids, sp).join(120)  # computed by the decode worker itself; it decodes on
+        assert wait_until(lambda: len(events.by_id["w0"]) >= 3, 60)
+        assert dw.reserve("w1", 20, sp, EOS, list(range(3, 23))).ok
+        assert dw.begin_write(WriteIntent("w1", "p0", 20, 7, Backend.IPC)).ok
+        overlapped = dw.steps_overlapped
+        assert wait_until(lambda: dw.steps_overlapped >= overlapped + 10, 60)
+        assert dw.receiver.pending == 1  # still being written all along
+        dw.end_write(WriteOutcome("w1", "p0", False, "the writer gave up"))
+        w1 = events.take("w1", 30)
+        assert w1[-1].finish_reason is FinishReason.ERROR and "the writer gave up" in (w1[-1].error or "")
+        assert _tokens(events, "w0") == (hf_greedy_ids(ids, 60, ignore_eos=True), FinishReason.LENGTH)
+        assert wait_until(dw.check_idle, 10)
+    finally:
+        events.close()
+        dw.shutdown()
