@@ -12,7 +12,8 @@ decode rate the serving loop (scheduling, sampling, Ray, gRPC streaming) deliver
 greedy unless --temperature / --top-p say otherwise (the bare forward never samples, so the ratio
 then also shows what the draw costs). Where the serving rate goes: the router process's CPU per
 token by thread, and the decode workers' loop per step (schedule, run, postprocess, idle: their
-`loop_s` stats over the run, the clients' start included in idle).
+`loop_s` stats over the run, the clients' start included in idle; `overlapped`: the steps that
+followed one in flight, decode.overlap_steps).
 """
 from __future__ import annotations
 
@@ -109,21 +110,26 @@ def serving_rate(srv: BackgroundServer, conc: int, prompt_ids: list[list[int]], 
     }
 
 
-def _decode_loops(srv: BackgroundServer) -> list[tuple[int, dict[str, float]]]:
-    """(steps, seconds in each part of the loop) of every decode (or aggregated) worker."""
+Loops = list[tuple[int, dict[str, float], int]]
+
+
+def _decode_loops(srv: BackgroundServer) -> Loops:
+    """(steps, seconds in each part of the loop, steps that followed one in flight) of every decode
+    (or aggregated) worker."""
     import ray
 
-    return [(s.extra["steps"], s.extra["loop_s"]) for s in ray.get([w.stats.remote() for w in srv.cluster.decodes])]
+    return [(s.extra["steps"], s.extra["loop_s"], s.extra["steps_overlapped"])
+            for s in ray.get([w.stats.remote() for w in srv.cluster.decodes])]
 
 
-def _per_step(before: list[tuple[int, dict[str, float]]], after: list[tuple[int, dict[str, float]]],
-              wall: float) -> dict[str, float]:
+def _per_step(before: Loops, after: Loops, wall: float) -> dict[str, float]:
     steps = sum(a[0] - b[0] for a, b in zip(after, before))
     if steps <= 0:
         return {}
     out = {k: sum(a[1][k] - b[1][k] for a, b in zip(after, before)) / steps * 1000 for k in after[0][1]}
     out["other"] = wall * len(after) / steps * 1000 - sum(out.values())  # between the parts: the lock
     out["steps"] = steps
+    out["overlapped"] = sum(a[2] - b[2] for a, b in zip(after, before))  # decode.overlap_steps at work
     return {k: round(v, 3) for k, v in out.items()}
 
 

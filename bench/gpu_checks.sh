@@ -7,7 +7,8 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D; the router alone at 32k tok/s
 #                                                           # (OVERLAP=false: every decode step completes before the next, to compare)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh host       # 1.1B, one worker in-process: a decode step's host parts, steps in flight on/off,
-#                                                           # drawn rows (temperature 0.8, top-p 0.95), and a torch profile of the loop at 64
+#                                                           # drawn rows (temperature 0.8, top-p 0.95), rows starting blocks at different
+#                                                           # steps (--stagger, as served), and a torch profile of the loop at 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
 #                                                           # the protocol alone (a 16-token prompt) both ways;
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
@@ -52,6 +53,8 @@ case "${1:-tests}" in
            done; done | tee "$OUT/host.log"
            python3 bench/step_host.py --model-path "$p" --batch 64 --temperature 0.8 --top-p 0.95 \
              --output "$OUT/host-b64-drawn.json" 2>&1 | tail -1 | tee -a "$OUT/host.log"
+           python3 bench/step_host.py --model-path "$p" --batch 64 --stagger \
+             --output "$OUT/host-b64-stagger.json" 2>&1 | tail -1 | tee -a "$OUT/host.log"
            python3 bench/step_host.py --model-path "$p" --batch 64 --seconds 0.3 --profile "$OUT/host-b64-profile.txt" \
              2>&1 | tail -1 | tee -a "$OUT/host.log"
            grep -A 25 "by device time" "$OUT/host-b64-profile.txt" ;;

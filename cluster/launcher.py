@@ -272,7 +272,8 @@ class Cluster:
             affinity = PrefixAffinity(cfg.kv_cache.block_size) if cfg.prefill.prefix_cache else None
             dispatcher = Dispatcher(prefills, decodes, eos, cfg.limits, affinity=affinity, decode_affinity=kept,
                                     local_prefill_tokens=cfg.decode.local_prefill_max_tokens,
-                                    local_prefill_queue_tokens=cfg.decode.local_prefill_queue_tokens)
+                                    local_prefill_queue_tokens=cfg.decode.local_prefill_queue_tokens,
+                                    overlap_reserve=cfg.prefill.overlap_reserve)
         from cluster.supervisor import Supervisor
 
         name = cfg.server.served_model_name or os.path.basename(cfg.model.path.rstrip("/"))

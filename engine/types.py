@@ -82,7 +82,8 @@ class PrefillRequest:
     token_ids: list[int]
     sampling: SamplingParams
     eos_token_ids: tuple[int, ...]
-    dest: KVDestination  # the decode worker that reserved the KV, and the blocks to write into
+    dest: KVDestination | None  # the decode worker that reserved the KV and the blocks to write into (None: sent
+    #                             later by the prefill worker's destine(), router/dispatcher.py step 2)
     cache_salt: str = ""  # prefix-cached KV is reused only between requests with the same salt
 
 

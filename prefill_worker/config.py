@@ -22,3 +22,8 @@ class PrefillConfig(WorkerPlacement):
         True, description="Keep handed-off prompts' full KV blocks in the scratch blocks and compute only "
         "what a new prompt does not share with them (engine/prefix_cache.py)."
     )
+    overlap_reserve: bool = Field(
+        True, description="The router sends a prompt here while the decode worker reserves its KV (the "
+        "destination follows: router/dispatcher.py, step 2), not after: TTFT loses a round trip where the "
+        "prompt's compute does not share CPUs with the router and Ray (a GPU host). false: after."
+    )

@@ -2,7 +2,10 @@
 
 A request here goes:
   1. prefill()   the router hands over the tokenized prompt and the destination (decode worker id
-                 and the block ids it reserved)
+                 and the block ids it reserved) — or the prompt alone, the destination following
+                 by destine() once the reservation is made (the router reserves while the prompt
+                 computes: router/dispatcher.py, step 2); a prompt computed before its destination
+                 came waits for it, holding its scratch blocks
   2. schedule: the loop packs waiting prompts into one forward under `max_batch_tokens`; prompts
      longer than `chunk_tokens` go one chunk per step (their scratch KV grows chunk by chunk)
   3. run, postprocess: once a prompt's last chunk is computed, samples its first token
@@ -11,20 +14,24 @@ A request here goes:
      with the next step; the link asks for the write, answers the router with the first token
      once it is granted (or with the refusal as the error), writes the scratch blocks into the
      reserved ones and frees the scratch blocks
+A destination that comes for no prompt here (cancelled, its deadline passed) is dropped after
+transport.timeout_s.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
-import uuid
 import time
-import dataclasses
+import uuid
+from dataclasses import dataclass
 
 import torch
 
 from engine.config import ModelConfig, TransportConfig
 from engine.kv_handoff import (
-    Backend, DecodeEndpoint, DecodePeer, HandoffSender, PairChannel, TorchPairChannel, WriteGrant, WriteJob,
+    Backend, DecodeEndpoint, DecodePeer, HandoffSender, KVDestination, PairChannel, TorchPairChannel, WriteGrant,
+    WriteJob,
 )
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner
@@ -37,6 +44,15 @@ from engine.types import PrefillRequest, PrefillResult, TokenLogprob, WorkerStat
 from prefill_worker.config import PrefillConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Parked:
+    """A prompt computed before its destination came (step 1's destine)."""
+
+    pending: PendingPrefill
+    first: int
+    result: PrefillResult
 
 
 class PrefillWorker(StepLoop):
@@ -60,6 +76,8 @@ class PrefillWorker(StepLoop):
         self.sender = HandoffSender(worker_id, self.runner.kv, block_size, transport_cfg.timeout_s)
         self.prompt_tokens_computed = 0
         self.requests_done = 0
+        self._dests: dict[str, tuple[KVDestination, float]] = {}  # request id → (its destination, when it came)
+        self._parked: dict[str, _Parked] = {}  # request id → its prompt, computed, waiting for its destination
 
     # -- wiring ---------------------------------------------------------------------------------
     def ready(self) -> str:
@@ -91,26 +109,46 @@ class PrefillWorker(StepLoop):
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
         """1. Block until the first token is sampled (or the deadline passes)."""
         rid = request.request_id
-        if request.dest.worker_id not in self.sender.links:
+        if request.dest is not None and request.dest.worker_id not in self.sender.links:
             return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
         with self.lock:
+            if rid in self._parked:
+                return PrefillResult.failed(rid, "request_id already being prefilled")
             waiter = self.prompts.submit(request)
             if waiter is None:
                 return PrefillResult.failed(rid, "request_id already being prefilled")
             self.nudge()
         result = self.prompts.wait(waiter, timeout_s)
         if result is None:
+            self.cancel(rid)
             with self.lock:
-                self.prompts.cancel(rid)
                 self.prompts.forget(rid)
             return PrefillResult.failed(rid, f"prefill did not finish within {timeout_s:.0f}s")
         return result
 
+    def destine(self, request_id: str, dest: KVDestination) -> None:
+        """1, the destination of a prompt sent without one: its hand-off starts once the prompt is
+        computed (at once if it is already)."""
+        now = time.monotonic()
+        with self.lock:
+            parked = self._parked.pop(request_id, None)
+            if parked is None:
+                for rid in [r for r, (_, t) in self._dests.items() if now - t > self.transport_cfg.timeout_s]:
+                    del self._dests[rid]  # no prompt came for it
+                self._dests[request_id] = (dest, now)
+                return
+        self._hand_off(parked, dest)
+
     def cancel(self, request_id: str) -> bool:
         with self.lock:
             found = self.prompts.cancel(request_id)
+            self._dests.pop(request_id, None)
+            parked = self._parked.pop(request_id, None)
+            if parked is not None:
+                self.allocator.release(request_id, parked.pending.num_tokens)
+                self.prompts.answer(request_id, PrefillResult.failed(request_id, "cancelled"))
             self.nudge()
-        return found
+        return found or parked is not None
 
     def stats(self) -> WorkerStats:
         with self.lock:
@@ -198,20 +236,30 @@ class PrefillWorker(StepLoop):
         )
         self.requests_done += 1
         if result.finished is not None:
+            with self.lock:
+                self._dests.pop(req.request_id, None)
             self._release(req.request_id, p.num_tokens)
             self._answer(req.request_id, result)
             return
+        parked = _Parked(p, first, result)
+        with self.lock:
+            dest = req.dest if req.dest is not None else self._dests.pop(req.request_id, (None, 0.0))[0]
+            if dest is None:  # its reservation is still being made: destine() hands it off
+                self._parked[req.request_id] = parked
+                return
+        self._hand_off(parked, dest)
 
-        nbytes = (self.allocator.blocks_for(p.num_tokens) - req.dest.shared_blocks) * self.sender.block_bytes
+    def _hand_off(self, parked: _Parked, dest: KVDestination) -> None:
+        """4, to `dest`; the router is answered when the write is granted (or refused)."""
+        p, rid = parked.pending, parked.pending.request.request_id
+        nbytes = (self.allocator.blocks_for(p.num_tokens) - dest.shared_blocks) * self.sender.block_bytes
 
         def granted(grant: WriteGrant) -> None:
-            self._answer(req.request_id, dataclasses.replace(result, kv_bytes=nbytes) if grant.ok
-                         else PrefillResult.failed(req.request_id, f"KV hand-off refused: {grant.reason}", handoff=True))
+            self._answer(rid, dataclasses.replace(parked.result, kv_bytes=nbytes) if grant.ok
+                         else PrefillResult.failed(rid, f"KV hand-off refused: {grant.reason}", handoff=True))
 
-        self.sender.submit(WriteJob(
-            req.request_id, req.dest, p.num_tokens, first, list(self.allocator.table(req.request_id)),
-            granted, lambda: self._release(req.request_id, p.num_tokens),
-        ))
+        self.sender.submit(WriteJob(rid, dest, p.num_tokens, parked.first, list(self.allocator.table(rid)),
+                                    granted, lambda: self._release(rid, p.num_tokens)))
 
     def _release(self, request_id: str, computed: int) -> None:
         """The scratch blocks are free again (handed off, or not needed; the full ones of its

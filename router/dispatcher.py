@@ -4,7 +4,11 @@
      queue until a request finishes somewhere (limits.max_queued_requests, queue_timeout_s), then
      ResourceExhausted (router/admission.py)
   2. prefill on the least-loaded prefill worker, with the reservation's destination; its answer is
-     the first token (TTFT); a prefill worker found dead is skipped from then on and the request is
+     the first token (TTFT). Where nothing about the choice needs the reservation (no request
+     waits for KV room, `local_prefill_tokens` is off, a first try), the prompt is sent at once,
+     beside step 1 (`overlap_reserve`), and the destination follows by the prefill worker's destine() as soon as the
+     reservation is made: the prompt computes meanwhile, and TTFT loses one round trip (a
+     reservation that fails cancels the prompt). A prefill worker found dead is skipped from then on and the request is
      tried once more on another one (the same reservation); a hand-off the decode side failed (its
      worker lost) starts again from 1 on another decode worker (counted as a migration). A prompt
      whose part not cached on that decode worker is at most `local_prefill_tokens` long (the
@@ -72,18 +76,19 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False, affinity: PrefixAffinity | None = None, decode_affinity: PrefixAffinity | None = None,
-        local_prefill_tokens: int = 0, local_prefill_queue_tokens: int = 0,
+        local_prefill_tokens: int = 0, local_prefill_queue_tokens: int = 0, overlap_reserve: bool = True,
     ) -> None:
         """affinity: send a prompt where its prefix was sent before (prefill workers' prefix caches);
         decode_affinity: the same for decode (or aggregated) workers' reservations;
         local_prefill_tokens: decode.local_prefill_max_tokens, local_prefill_queue_tokens:
-        decode.local_prefill_queue_tokens (step 2)."""
+        decode.local_prefill_queue_tokens (step 2); overlap_reserve: prefill.overlap_reserve (step 2)."""
         if colocated and len(prefills) != len(decodes):
             raise ValueError("colocated workers: prefills[i] must be decodes[i]")
         self.prefills, self.decodes = prefills, decodes
         self.colocated = colocated
         self.local_prefill_tokens, self.local_prefill_queue_tokens = local_prefill_tokens, local_prefill_queue_tokens
         self.local_prefills = 0  # prompts computed by the decode worker that reserved (step 2)
+        self.overlap_reserve = overlap_reserve
         self.eos_token_ids = eos_token_ids
         self.limits = limits
         self.policy = LeastLoadedPolicy(len(prefills), len(decodes), affinity, decode_affinity)
@@ -157,18 +162,36 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
         failed_on: set[int] = set()  # decode (or aggregated) workers that lost this request's reservation
         try:
             while True:
-                d_idx, dest = await self._reserve(req, deadline, failed_on)  # counted in the policy from here on
+                early: tuple[int, Any] | None = None  # (prefill worker, its prefill call): sent before the reservation
+                if self._prefill_early(moves, n_prompt):
+                    p_idx, work = self._pick_prefill(req.prompt_ids, req.cache_salt)
+                    p_used = p_idx
+                    early = p_idx, asyncio.ensure_future(self._prefill(
+                        p_idx, None, PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, None,
+                                                 req.cache_salt), work, deadline))
+                try:
+                    d_idx, dest = await self._reserve(req, deadline, failed_on)  # counted in the policy from here on
+                except BaseException:
+                    if early is not None:  # the prompt needs a destination it will not get
+                        early[1].cancel()
+                        self._in_background(self._cancel_prefill(early[0], key))
+                    raise
                 self._placed[key] = d_idx
                 preq = PrefillRequest(key, req.prompt_ids, req.sampling, self.eos_token_ids, dest, req.cache_salt)
                 for attempt in (1, 2):  # a prefill worker that dies before the first token: once more elsewhere
-                    here = self.colocated or self._computes_here(dest, n_prompt)  # the decode worker computes it
-                    if here:
-                        p_idx, work = (d_idx, n_prompt) if self.colocated else (None, 0)
+                    if early is not None:
+                        (p_idx, call), early, here = early, None, False
+                        self._in_background(self._destine(p_idx, key, dest))
                     else:
-                        p_idx, work = self._pick_prefill(req.prompt_ids, req.cache_salt)
+                        here = self.colocated or self._computes_here(dest, n_prompt)  # the decode worker computes it
+                        if here:
+                            p_idx, work = (d_idx, n_prompt) if self.colocated else (None, 0)
+                        else:
+                            p_idx, work = self._pick_prefill(req.prompt_ids, req.cache_salt)
+                        call = self._prefill(p_idx, d_idx, preq, work, deadline)
                     p_used = p_idx
                     try:
-                        res = await self._prefill(p_idx, d_idx, preq, work, deadline)
+                        res = await call
                         break
                     except WorkerFailure as e:
                         if here and _actor_gone(e):  # its reservation went with it: start again
@@ -256,6 +279,27 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                     await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
 
+    def _prefill_early(self, moves: int, n_prompt: int) -> bool:
+        """Step 2 beside step 1: does nothing about the prefill depend on the reservation, and is
+        one likely at once (nobody waits for KV room)?"""
+        return (self.overlap_reserve and not self.colocated and moves == 0 and self.local_prefill_tokens <= 0
+                and self.queued == 0 and not self._computes_here(None, n_prompt))
+
+    async def _destine(self, p_idx: int, key: str, dest: KVDestination) -> None:
+        """Step 2's destination, for a prompt sent before it (its prefill call fails if the worker is gone)."""
+        worker = self.prefills[p_idx]
+        try:
+            await asyncio.wait_for(worker.handle.destine.remote(key, dest), timeout=self.limits.request_timeout_s)
+        except Exception as e:  # noqa: BLE001
+            log.warning("destination of %s to prefill worker %s failed: %s", key, worker.worker_id, e)
+
+    async def _cancel_prefill(self, p_idx: int, key: str) -> None:
+        worker = self.prefills[p_idx]
+        try:
+            await asyncio.wait_for(worker.handle.cancel.remote(key), timeout=5)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cancel %s on prefill worker %s failed: %s", key, worker.worker_id, e)
+
     def _computes_here(self, dest: KVDestination | None, n_prompt: int) -> bool:
         """Step 2: is the prompt's part not cached on the decode worker that reserved short enough
         for that worker to compute it itself, is every prefill worker backed up, or is none left?"""
@@ -270,11 +314,12 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
         cached = dest.shared_tokens if dest is not None else 0
         return n_prompt - cached <= self.local_prefill_tokens
 
-    async def _prefill(self, p_idx: int | None, d_idx: int, preq: PrefillRequest, work: int, deadline: float
+    async def _prefill(self, p_idx: int | None, d_idx: int | None, preq: PrefillRequest, work: int, deadline: float
                        ) -> PrefillResult:
         """On prefill worker p_idx (None: on decode worker d_idx itself); work: the prompt tokens the
         prefill worker will compute (its load meanwhile)."""
-        worker = self.prefills[p_idx] if p_idx is not None else self.decodes[d_idx]
+        assert p_idx is not None or d_idx is not None
+        worker = self.prefills[p_idx] if p_idx is not None else self.decodes[d_idx]  # type: ignore[index]
         if p_idx is not None:
             self.policy.add(self.policy.prefill[p_idx], work)
         try:
@@ -338,10 +383,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
         async def both() -> None:
             await self._cancel_decode(d_idx, rid)
             if p_idx is not None and not self.colocated:  # colocated: the decode cancel ended both
-                try:
-                    await asyncio.wait_for(self.prefills[p_idx].handle.cancel.remote(rid), timeout=5)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("cancel %s on prefill worker %s failed: %s", rid, self.prefills[p_idx].worker_id, e)
+                await self._cancel_prefill(p_idx, rid)
 
         try:
             await asyncio.shield(asyncio.ensure_future(both()))

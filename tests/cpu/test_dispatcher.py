@@ -42,7 +42,7 @@ class FakeDecode:
         if len(self.held) >= self.room:
             return ReserveResult(False, "KV cache full")
         self.held.add(rid)
-        return ReserveResult(True)
+        return ReserveResult(True, dest=KVDestination("decode", ()))
 
     async def _cancel(self, rid: str) -> bool:
         self.cancelled.append(rid)
@@ -57,15 +57,38 @@ class FakeDecode:
 
 
 class FakePrefill:
+    """Answers after `delay`, and only once the prompt has a destination (sent with it, or by destine)."""
+
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
-        self.prefill, self.cancel = _Method(self._prefill), _Method(self._cancel)
+        self.prefill, self.cancel, self.destine = _Method(self._prefill), _Method(self._cancel), _Method(self._destine)
+        self.dests: dict[str, asyncio.Future[Any]] = {}
+        self.sent_without: list[str] = []  # prompts sent before their reservation
+        self.cancelled: list[str] = []
+
+    def _dest(self, rid: str) -> asyncio.Future[Any]:
+        """rid's destination, pending or come (a request tried again gets a fresh one)."""
+        f = self.dests.get(rid)
+        if f is None or f.done():
+            f = self.dests[rid] = asyncio.get_running_loop().create_future()
+        return f
 
     async def _prefill(self, req: Any, timeout: float) -> PrefillResult:
+        if req.dest is None:
+            self.sent_without.append(req.request_id)
+            dest = self.dests[req.request_id] = self.dests.get(req.request_id) or self._dest(req.request_id)
+        else:
+            dest = self._dest(req.request_id)
+            dest.set_result(req.dest)
         await asyncio.sleep(self.delay)
+        await asyncio.wait_for(asyncio.shield(dest), timeout)
         return PrefillResult(req.request_id, 5, None, 0.0, 1.0, 100)
 
+    async def _destine(self, rid: str, dest: Any) -> None:
+        self._dest(rid).set_result(dest)
+
     async def _cancel(self, rid: str) -> bool:
+        self.cancelled.append(rid)
         return True
 
 
@@ -666,6 +689,96 @@ def test_tokens_the_adopting_worker_sends_before_its_adopt_answer_arrives_reach_
         await asyncio.sleep(0.5)
         other.events.put_nowait(DecodeEvent("a", [7, 8], FinishReason.LENGTH))
         assert await asyncio.wait_for(a, 2) == [5, 6, 7, 8]
+        await d.close()
+
+    asyncio.run(main())
+
+
+class SlowDecode(FakeDecode):
+    """Reservations take `delay` to answer; `order` records when each call began and ended."""
+
+    def __init__(self, room: int, delay: float, order: list[str]) -> None:
+        super().__init__(room)
+        self.delay, self.order = delay, order
+
+    async def _reserve(self, rid: str, *_: Any) -> ReserveResult:
+        self.order.append("reserve")
+        await asyncio.sleep(self.delay)
+        r = await super()._reserve(rid)
+        self.order.append("reserved")
+        return r
+
+
+def test_the_prompt_is_sent_while_its_reservation_is_made_and_gets_its_destination_after() -> None:
+    """Step 2 beside step 1: the prompt is on the prefill worker before the reservation answers,
+    its destination follows by destine(), and the first token comes after max(reserve, prefill),
+    not their sum. While a request waits for KV room, a new prompt waits for its reservation."""
+    async def main() -> None:
+        order: list[str] = []
+        dec, pre = SlowDecode(room=1, delay=0.3, order=order), FakePrefill(delay=0.3)
+        prefill = pre._prefill
+
+        async def recorded(req: Any, timeout: float) -> PrefillResult:
+            order.append("prefill")
+            return await prefill(req, timeout)
+
+        pre.prefill = _Method(recorded)
+        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.start()
+        t0 = asyncio.get_running_loop().time()
+        it = d.run(_req("a"))
+        first = await it.__anext__()
+        ttft = asyncio.get_running_loop().time() - t0
+        assert first.token_ids == [5] and pre.sent_without == ["a"]
+        assert order == ["reserve", "prefill", "reserved"] and ttft < 0.5  # serial: 0.6 s
+        assert pre.dests["a"].result() == KVDestination("decode", ())
+        queued = asyncio.create_task(_collect(d, "b"))  # no room until a finishes: it queues
+        await asyncio.sleep(0.35)
+        assert d.queued == 1
+        third = asyncio.create_task(_collect(d, "c"))  # someone waits for room: c is not sent early
+        await asyncio.sleep(0.05)
+        _finish(dec, "a")
+        assert [t async for c in it for t in c.token_ids] == [6, 7, 8]
+        await asyncio.sleep(0.4)
+        _finish(dec, "b")
+        assert await queued == [5, 6, 7, 8]
+        await asyncio.sleep(0.4)
+        _finish(dec, "c")
+        assert await third == [5, 6, 7, 8]
+        assert pre.sent_without == ["a", "b"]  # b was sent early (nobody queued yet), c was not
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_a_reservation_that_fails_cancels_the_prompt_sent_beside_it() -> None:
+    async def main() -> None:
+        dec, pre = FakeDecode(room=0), FakePrefill(delay=5)
+        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,),
+                       LimitsConfig(max_queued_requests=0))
+        d.start()
+        with pytest.raises(ResourceExhausted):
+            await _collect(d, "full")
+        await asyncio.sleep(0.05)
+        assert pre.sent_without == ["full"] and pre.cancelled == ["full"]
+        assert d.in_flight == 0 and d.policy.prefill[0].tokens == 0
+        await d.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("why", ["local_prefill_tokens", "overlap_reserve off"])
+def test_the_prompt_waits_for_its_reservation_when_its_placement_needs_it_or_when_told(why: str) -> None:
+    """local_prefill_tokens > 0: where the prompt goes depends on what the reservation found cached."""
+    async def main() -> None:
+        dec, pre = FakeDecode(room=4), FakePrefill()
+        kw: dict[str, Any] = {"local_prefill_tokens": 1} if why == "local_prefill_tokens" else {"overlap_reserve": False}
+        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,), LimitsConfig(), **kw)
+        d.start()
+        task = asyncio.create_task(_collect(d, "r"))
+        await asyncio.sleep(0.05)
+        _finish(dec, "r")
+        assert await task == [5, 6, 7, 8] and pre.sent_without == []
         await d.close()
 
     asyncio.run(main())

@@ -18,7 +18,7 @@ import pytest
 from decode_worker.config import DecodeConfig
 from decode_worker.worker import DecodeWorker
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig
-from engine.kv_handoff import Backend, FakeHub, SocketPeer, TransferError
+from engine.kv_handoff import Backend, FakeHub, KVDestination, SocketPeer, TransferError
 from engine.kv_handoff import sender as sender_mod
 from engine.tiny import tiny_tokenizer
 from engine.types import FinishReason, PrefillRequest, SamplingParams
@@ -190,6 +190,61 @@ def test_first_token_can_end_the_request_without_a_handoff(pair) -> None:  # typ
     assert len(toks) == 1 and reason == FinishReason.LENGTH.value
     assert dw.receiver.bytes_received == before
     assert _idle(dw, pw)
+
+
+def test_a_prompt_sent_before_its_reservation_is_handed_off_once_its_destination_comes(pair) -> None:  # type: ignore[no-untyped-def]
+    """The router reserves while the prompt computes (router/dispatcher.py, step 2): the prompt
+    comes with no destination and waits, computed, for destine(); a destination may also come
+    before the prompt is computed, or before the prompt itself. Tokens == HF generate."""
+    pw, dw, _, events = pair
+    tok = tiny_tokenizer()
+    sp = SamplingParams(max_tokens=12)
+    ps = [tok(p)["input_ids"] for p in prompts(3, seed=11)]
+    want = [hf_greedy(p, 12) for p in prompts(3, seed=11)]
+    for i, ids in enumerate(ps):
+        rid = f"late{i}"
+        with cf.ThreadPoolExecutor(1) as ex:
+            if i == 2:  # the destination first
+                r = dw.reserve(rid, len(ids), sp, EOS, ids)
+                pw.destine(rid, r.dest)
+            answer = ex.submit(pw.prefill, PrefillRequest(rid, ids, sp, EOS, None))
+            if i == 0:  # the prompt computed first
+                assert _wait_for(lambda: rid in pw._parked)
+                assert not answer.done() and pw.allocator.num_used > 0  # its scratch KV waits with it
+            if i < 2:
+                r = dw.reserve(rid, len(ids), sp, EOS, ids)
+                pw.destine(rid, r.dest)
+            res = answer.result(30)
+        assert res.error is None, res.error
+        evs = events.take(rid)
+        assert [res.first_token] + [t for e in evs for t in e.token_ids] == want[i]
+    assert _idle(pw, dw) and not pw._parked and not pw._dests
+
+
+def test_a_prompt_waiting_for_its_destination_is_cancelled_with_its_scratch_blocks(pair) -> None:  # type: ignore[no-untyped-def]
+    """The reservation failed (the router cancels the prompt), or the caller's deadline passed:
+    the prompt's caller is answered and its scratch blocks come back."""
+    pw, dw, _, _ = pair
+    ids = tiny_tokenizer()(prompts(1, seed=12)[0])["input_ids"]
+    sp = SamplingParams(max_tokens=4)
+    with cf.ThreadPoolExecutor(1) as ex:
+        answer = ex.submit(pw.prefill, PrefillRequest("nodest", ids, sp, EOS, None))
+        assert _wait_for(lambda: "nodest" in pw._parked)
+        assert pw.cancel("nodest")
+        assert answer.result(10).error == "cancelled"
+    late = pw.prefill(PrefillRequest("slow", ids, sp, EOS, None), timeout_s=0.5)
+    assert (late.error or "").startswith("prefill did not finish within")
+    pw.destine("slow", KVDestination(dw.worker_id, ()))  # too late: no prompt takes it
+    assert _idle(pw, dw) and not pw._parked
+
+
+def _wait_for(cond: Any, timeout: float = 10) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.mark.parametrize("kind", ["ipc", "fake", "gloo"])
