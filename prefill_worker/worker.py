@@ -14,8 +14,9 @@ A request here goes:
      with the next step; the link asks for the write, answers the router with the first token
      once it is granted (or with the refusal as the error), writes the scratch blocks into the
      reserved ones and frees the scratch blocks
-A destination that comes for no prompt here (cancelled, its deadline passed) is dropped after
-transport.timeout_s.
+The router's calls may run in any order (the actor serves them on many threads): a destination
+that comes before its prompt waits for it, and so does a cancel (the prompt is then refused when it
+comes); either is dropped after transport.timeout_s if no prompt comes.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class PrefillWorker(StepLoop):
         self.requests_done = 0
         self._dests: dict[str, tuple[KVDestination, float]] = {}  # request id → (its destination, when it came)
         self._parked: dict[str, _Parked] = {}  # request id → its prompt, computed, waiting for its destination
+        self._cancelled: dict[str, float] = {}  # request id → when a cancel came for a prompt not here (yet)
 
     # -- wiring ---------------------------------------------------------------------------------
     def ready(self) -> str:
@@ -112,6 +114,8 @@ class PrefillWorker(StepLoop):
         if request.dest is not None and request.dest.worker_id not in self.sender.links:
             return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
         with self.lock:
+            if self._cancelled.pop(rid, None) is not None:  # its cancel ran first
+                return PrefillResult.failed(rid, "cancelled")
             if rid in self._parked:
                 return PrefillResult.failed(rid, "request_id already being prefilled")
             waiter = self.prompts.submit(request)
@@ -133,13 +137,16 @@ class PrefillWorker(StepLoop):
         with self.lock:
             parked = self._parked.pop(request_id, None)
             if parked is None:
-                for rid in [r for r, (_, t) in self._dests.items() if now - t > self.transport_cfg.timeout_s]:
-                    del self._dests[rid]  # no prompt came for it
+                self._dests = {r: (d, t) for r, (d, t) in self._dests.items()
+                               if now - t <= self.transport_cfg.timeout_s}  # those no prompt came for go
                 self._dests[request_id] = (dest, now)
                 return
         self._hand_off(parked, dest)
 
     def cancel(self, request_id: str) -> bool:
+        """Stop the prompt (computing, or computed and waiting for its destination) and answer its
+        caller 'cancelled'; a prompt not here yet is refused when it comes."""
+        now = time.monotonic()
         with self.lock:
             found = self.prompts.cancel(request_id)
             self._dests.pop(request_id, None)
@@ -147,6 +154,9 @@ class PrefillWorker(StepLoop):
             if parked is not None:
                 self.allocator.release(request_id, parked.pending.num_tokens)
                 self.prompts.answer(request_id, PrefillResult.failed(request_id, "cancelled"))
+            elif not found and request_id not in self.prompts:
+                self._cancelled = {r: t for r, t in self._cancelled.items() if now - t <= self.transport_cfg.timeout_s}
+                self._cancelled[request_id] = now
             self.nudge()
         return found or parked is not None
 

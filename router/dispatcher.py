@@ -6,9 +6,10 @@
   2. prefill on the least-loaded prefill worker, with the reservation's destination; its answer is
      the first token (TTFT). Where nothing about the choice needs the reservation (no request
      waits for KV room, `local_prefill_tokens` is off, a first try), the prompt is sent at once,
-     beside step 1 (`overlap_reserve`), and the destination follows by the prefill worker's destine() as soon as the
-     reservation is made: the prompt computes meanwhile, and TTFT loses one round trip (a
-     reservation that fails cancels the prompt). A prefill worker found dead is skipped from then on and the request is
+     beside step 1 (`overlap_reserve`), and the destination follows by the prefill worker's
+     destine() as soon as the reservation is made: the prompt computes meanwhile, and TTFT loses
+     one round trip (a reservation that fails cancels the prompt). A prefill worker found dead
+     is skipped from then on and the request is
      tried once more on another one (the same reservation); a hand-off the decode side failed (its
      worker lost) starts again from 1 on another decode worker (counted as a migration). A prompt
      whose part not cached on that decode worker is at most `local_prefill_tokens` long (the
@@ -174,6 +175,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                 except BaseException:
                     if early is not None:  # the prompt needs a destination it will not get
                         early[1].cancel()
+                        early[1].add_done_callback(lambda t: t.cancelled() or t.exception())  # seen, not logged
                         self._in_background(self._cancel_prefill(early[0], key))
                     raise
                 self._placed[key] = d_idx

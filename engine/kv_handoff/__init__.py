@@ -6,9 +6,11 @@ The decode worker owns the blocks; the prefill worker writes into exactly those 
                   (`KVDestination`: decode worker id + block ids). The first `shared_blocks` of
                   them may hold the prompt's prefix already (the decode worker's prefix cache:
                   engine/prefix_cache.py); those are shared and never written. Request: RESERVED.
-  2. prefill      router → prefill, with that destination. The prompt is computed into the
-                  prefill's scratch blocks and its first token sampled; the step loop hands a
-                  `WriteJob` to the link's transfer thread and goes on (sender.py).
+  2. prefill      router → prefill, with that destination — or sent beside step 1, and the
+                  destination after it by destine() (prefill.overlap_reserve). The prompt is
+                  computed into the prefill's scratch blocks and its first token sampled; once
+                  it has its destination the step loop hands a `WriteJob` to the link's
+                  transfer thread and goes on (sender.py).
   3. begin_write  prefill → decode (awaited): "may I write request R now?" The decode worker
                   answers with a grant if R is still RESERVED and moves it to WRITING; from here
                   its blocks are not freed, not even by a cancel, until the write ends. A two-sided

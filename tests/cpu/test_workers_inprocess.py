@@ -209,7 +209,7 @@ def test_a_prompt_sent_before_its_reservation_is_handed_off_once_its_destination
                 pw.destine(rid, r.dest)
             answer = ex.submit(pw.prefill, PrefillRequest(rid, ids, sp, EOS, None))
             if i == 0:  # the prompt computed first
-                assert _wait_for(lambda: rid in pw._parked)
+                assert _wait(lambda: rid in pw._parked, 10)
                 assert not answer.done() and pw.allocator.num_used > 0  # its scratch KV waits with it
             if i < 2:
                 r = dw.reserve(rid, len(ids), sp, EOS, ids)
@@ -222,29 +222,23 @@ def test_a_prompt_sent_before_its_reservation_is_handed_off_once_its_destination
 
 
 def test_a_prompt_waiting_for_its_destination_is_cancelled_with_its_scratch_blocks(pair) -> None:  # type: ignore[no-untyped-def]
-    """The reservation failed (the router cancels the prompt), or the caller's deadline passed:
-    the prompt's caller is answered and its scratch blocks come back."""
+    """The reservation failed (the router cancels the prompt; its cancel may even run before the
+    prompt comes), or the caller's deadline passed: the prompt's caller is answered and its scratch
+    blocks come back."""
     pw, dw, _, _ = pair
     ids = tiny_tokenizer()(prompts(1, seed=12)[0])["input_ids"]
     sp = SamplingParams(max_tokens=4)
     with cf.ThreadPoolExecutor(1) as ex:
         answer = ex.submit(pw.prefill, PrefillRequest("nodest", ids, sp, EOS, None))
-        assert _wait_for(lambda: "nodest" in pw._parked)
+        assert _wait(lambda: "nodest" in pw._parked, 10)
         assert pw.cancel("nodest")
         assert answer.result(10).error == "cancelled"
+    assert not pw.cancel("early")  # the router's cancel ran before its prompt (the actor's threads race)
+    assert pw.prefill(PrefillRequest("early", ids, sp, EOS, None), timeout_s=30).error == "cancelled"
     late = pw.prefill(PrefillRequest("slow", ids, sp, EOS, None), timeout_s=0.5)
     assert (late.error or "").startswith("prefill did not finish within")
     pw.destine("slow", KVDestination(dw.worker_id, ()))  # too late: no prompt takes it
     assert _idle(pw, dw) and not pw._parked
-
-
-def _wait_for(cond: Any, timeout: float = 10) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.mark.parametrize("kind", ["ipc", "fake", "gloo"])
