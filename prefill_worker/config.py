@@ -23,7 +23,8 @@ class PrefillConfig(WorkerPlacement):
         "what a new prompt does not share with them (engine/prefix_cache.py)."
     )
     overlap_reserve: bool = Field(
-        True, description="The router sends a prompt here while the decode worker reserves its KV (the "
-        "destination follows: router/dispatcher.py, step 2), not after: TTFT loses a round trip where the "
-        "prompt's compute does not share CPUs with the router and Ray (a GPU host). false: after."
+        False, description="The router sends a prompt here while the decode worker reserves its KV (the "
+        "destination follows: router/dispatcher.py, step 2), not after: TTFT should lose a round trip where "
+        "the prompt's compute does not share CPUs with the router and Ray (a GPU host). Off by default: "
+        "unmeasured on a GPU, and a burst over a full cache left scratch blocks held (see the README)."
     )

@@ -154,7 +154,7 @@ class PrefillWorker(StepLoop):
             if parked is not None:
                 self.allocator.release(request_id, parked.pending.num_tokens)
                 self.prompts.answer(request_id, PrefillResult.failed(request_id, "cancelled"))
-            elif not found and request_id not in self.prompts:
+            elif not found:  # not here yet, or its first token being sampled right now: refused when it comes
                 self._cancelled = {r: t for r, t in self._cancelled.items() if now - t <= self.transport_cfg.timeout_s}
                 self._cancelled[request_id] = now
             self.nudge()
@@ -245,11 +245,13 @@ class PrefillWorker(StepLoop):
             cached_tokens=p.cached, prompt_logprobs=p.scored(),
         )
         self.requests_done += 1
-        if result.finished is not None:
-            with self.lock:
+        with self.lock:
+            cancelled = self._cancelled.pop(req.request_id, None) is not None and req.dest is None
+            if cancelled or result.finished is not None:
                 self._dests.pop(req.request_id, None)
+        if cancelled or result.finished is not None:  # a prompt sent without a destination has none coming
             self._release(req.request_id, p.num_tokens)
-            self._answer(req.request_id, result)
+            self._answer(req.request_id, result if not cancelled else PrefillResult.failed(req.request_id, "cancelled"))
             return
         parked = _Parked(p, first, result)
         with self.lock:

@@ -77,7 +77,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False, affinity: PrefixAffinity | None = None, decode_affinity: PrefixAffinity | None = None,
-        local_prefill_tokens: int = 0, local_prefill_queue_tokens: int = 0, overlap_reserve: bool = True,
+        local_prefill_tokens: int = 0, local_prefill_queue_tokens: int = 0, overlap_reserve: bool = False,
     ) -> None:
         """affinity: send a prompt where its prefix was sent before (prefill workers' prefix caches);
         decode_affinity: the same for decode (or aggregated) workers' reservations;

@@ -723,7 +723,8 @@ def test_the_prompt_is_sent_while_its_reservation_is_made_and_gets_its_destinati
             return await prefill(req, timeout)
 
         pre.prefill = _Method(recorded)
-        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,), LimitsConfig(),
+                       overlap_reserve=True)
         d.start()
         t0 = asyncio.get_running_loop().time()
         it = d.run(_req("a"))
@@ -755,7 +756,7 @@ def test_a_reservation_that_fails_cancels_the_prompt_sent_beside_it() -> None:
     async def main() -> None:
         dec, pre = FakeDecode(room=0), FakePrefill(delay=5)
         d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,),
-                       LimitsConfig(max_queued_requests=0))
+                       LimitsConfig(max_queued_requests=0), overlap_reserve=True)
         d.start()
         with pytest.raises(ResourceExhausted):
             await _collect(d, "full")
@@ -772,7 +773,8 @@ def test_the_prompt_waits_for_its_reservation_when_its_placement_needs_it_or_whe
     """local_prefill_tokens > 0: where the prompt goes depends on what the reservation found cached."""
     async def main() -> None:
         dec, pre = FakeDecode(room=4), FakePrefill()
-        kw: dict[str, Any] = {"local_prefill_tokens": 1} if why == "local_prefill_tokens" else {"overlap_reserve": False}
+        kw: dict[str, Any] = ({"local_prefill_tokens": 1, "overlap_reserve": True} if why == "local_prefill_tokens"
+                              else {"overlap_reserve": False})
         d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,), LimitsConfig(), **kw)
         d.start()
         task = asyncio.create_task(_collect(d, "r"))
