@@ -40,6 +40,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from engine.sockets import shut_down
 from engine.types import DecodeEvent, FinishReason, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -185,17 +186,11 @@ class EventStream:
     def close(self) -> None:
         """Stop listening and end the router's connection (it then asks Ray whether this worker lives)."""
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress (close alone does not)
-        except OSError:
-            pass  # not listening any more
+        shut_down(self._sock)  # wakes the accept() in progress (close alone does not)
         self._sock.close()
         conn = self._conn
         if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already gone
+            shut_down(conn)
 
     def _serve(self) -> None:
         while not self._closed:

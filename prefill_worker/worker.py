@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,6 +57,30 @@ class _Parked:
     result: PrefillResult
 
 
+class _Recent:
+    """Request ids noted with a value, each forgotten `ttl_s` after it was noted (kept in the order
+    noted, so forgetting looks only at the oldest)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._d: dict[str, tuple[Any, float]] = {}  # request id → (value, when noted)
+
+    def put(self, request_id: str, value: Any) -> None:
+        now = time.monotonic()
+        while self._d and now - next(iter(self._d.values()))[1] > self.ttl_s:
+            del self._d[next(iter(self._d))]
+        self._d.pop(request_id, None)  # noted again: it moves to the end
+        self._d[request_id] = (value, now)
+
+    def pop(self, request_id: str) -> Any:
+        """Its value (None if not noted), forgotten."""
+        v = self._d.pop(request_id, None)
+        return None if v is None else v[0]
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 class PrefillWorker(StepLoop):
     role = "prefill"
 
@@ -77,9 +102,9 @@ class PrefillWorker(StepLoop):
         self.sender = HandoffSender(worker_id, self.runner.kv, block_size, transport_cfg.timeout_s)
         self.prompt_tokens_computed = 0
         self.requests_done = 0
-        self._dests: dict[str, tuple[KVDestination, float]] = {}  # request id → (its destination, when it came)
+        self._dests = _Recent(transport_cfg.timeout_s)  # request id → its destination, come before its prompt was computed
         self._parked: dict[str, _Parked] = {}  # request id → its prompt, computed, waiting for its destination
-        self._cancelled: dict[str, float] = {}  # request id → when a cancel came for a prompt not here (yet)
+        self._cancelled = _Recent(transport_cfg.timeout_s)  # request ids cancelled while their prompt was not here
 
     # -- wiring ---------------------------------------------------------------------------------
     def ready(self) -> str:
@@ -114,7 +139,7 @@ class PrefillWorker(StepLoop):
         if request.dest is not None and request.dest.worker_id not in self.sender.links:
             return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
         with self.lock:
-            if self._cancelled.pop(rid, None) is not None:  # its cancel ran first
+            if self._cancelled.pop(rid):  # its cancel ran first
                 return PrefillResult.failed(rid, "cancelled")
             if rid in self._parked:
                 return PrefillResult.failed(rid, "request_id already being prefilled")
@@ -133,30 +158,25 @@ class PrefillWorker(StepLoop):
     def destine(self, request_id: str, dest: KVDestination) -> None:
         """1, the destination of a prompt sent without one: its hand-off starts once the prompt is
         computed (at once if it is already)."""
-        now = time.monotonic()
         with self.lock:
             parked = self._parked.pop(request_id, None)
             if parked is None:
-                self._dests = {r: (d, t) for r, (d, t) in self._dests.items()
-                               if now - t <= self.transport_cfg.timeout_s}  # those no prompt came for go
-                self._dests[request_id] = (dest, now)
+                self._dests.put(request_id, dest)
                 return
         self._hand_off(parked, dest)
 
     def cancel(self, request_id: str) -> bool:
         """Stop the prompt (computing, or computed and waiting for its destination) and answer its
         caller 'cancelled'; a prompt not here yet is refused when it comes."""
-        now = time.monotonic()
         with self.lock:
             found = self.prompts.cancel(request_id)
-            self._dests.pop(request_id, None)
+            self._dests.pop(request_id)
             parked = self._parked.pop(request_id, None)
             if parked is not None:
                 self.allocator.release(request_id, parked.pending.num_tokens)
                 self.prompts.answer(request_id, PrefillResult.failed(request_id, "cancelled"))
             elif not found:  # not here yet, or its first token being sampled right now: refused when it comes
-                self._cancelled = {r: t for r, t in self._cancelled.items() if now - t <= self.transport_cfg.timeout_s}
-                self._cancelled[request_id] = now
+                self._cancelled.put(request_id, True)
             self.nudge()
         return found or parked is not None
 
@@ -245,20 +265,17 @@ class PrefillWorker(StepLoop):
             cached_tokens=p.cached, prompt_logprobs=p.scored(),
         )
         self.requests_done += 1
-        with self.lock:
-            cancelled = self._cancelled.pop(req.request_id, None) is not None and req.dest is None
-            if cancelled or result.finished is not None:
-                self._dests.pop(req.request_id, None)
-        if cancelled or result.finished is not None:  # a prompt sent without a destination has none coming
-            self._release(req.request_id, p.num_tokens)
-            self._answer(req.request_id, result if not cancelled else PrefillResult.failed(req.request_id, "cancelled"))
-            return
         parked = _Parked(p, first, result)
         with self.lock:
-            dest = req.dest if req.dest is not None else self._dests.pop(req.request_id, (None, 0.0))[0]
-            if dest is None:  # its reservation is still being made: destine() hands it off
+            cancelled = bool(self._cancelled.pop(req.request_id)) and req.dest is None  # none is coming
+            dest = req.dest if req.dest is not None else self._dests.pop(req.request_id)
+            if not cancelled and result.finished is None and dest is None:  # destine() hands it off
                 self._parked[req.request_id] = parked
                 return
+        if cancelled or result.finished is not None:
+            self._release(req.request_id, p.num_tokens)
+            self._answer(req.request_id, PrefillResult.failed(req.request_id, "cancelled") if cancelled else result)
+            return
         self._hand_off(parked, dest)
 
     def _hand_off(self, parked: _Parked, dest: KVDestination) -> None:

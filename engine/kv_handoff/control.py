@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from engine.kv_handoff.types import Backend, ControlAddress, WriteGrant, WriteIntent, WriteOutcome
+from engine.sockets import shut_down
 
 log = logging.getLogger(__name__)
 LENGTH = struct.Struct(">I")
@@ -88,18 +89,12 @@ class ControlServer:
 
     def close(self) -> None:
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in progress (close alone does not)
-        except OSError:
-            pass  # not listening any more
+        shut_down(self._sock)  # wakes the accept() in progress (close alone does not)
         self._sock.close()
         with self._lock:
             conns = list(self._conns)
         for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already gone
+            shut_down(c)
 
     def _accept(self) -> None:
         while not self._closed:
