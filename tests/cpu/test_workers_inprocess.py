@@ -235,6 +235,17 @@ def test_a_prompt_waiting_for_its_destination_is_cancelled_with_its_scratch_bloc
         assert answer.result(10).error == "cancelled"
     assert not pw.cancel("early")  # the router's cancel ran before its prompt (the actor's threads race)
     assert pw.prefill(PrefillRequest("early", ids, sp, EOS, None), timeout_s=30).error == "cancelled"
+    prefilled = pw._prefilled
+
+    def cancelled_meanwhile(p: Any, *a: Any) -> None:  # the cancel lands while the first token is sampled
+        pw.cancel(p.request.request_id)
+        prefilled(p, *a)
+
+    pw._prefilled = cancelled_meanwhile  # type: ignore[method-assign]
+    try:
+        assert pw.prefill(PrefillRequest("mid", ids, sp, EOS, None), timeout_s=10).error == "cancelled"
+    finally:
+        del pw._prefilled
     late = pw.prefill(PrefillRequest("slow", ids, sp, EOS, None), timeout_s=0.5)
     assert (late.error or "").startswith("prefill did not finish within")
     pw.destine("slow", KVDestination(dw.worker_id, ()))  # too late: no prompt takes it
