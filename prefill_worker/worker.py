@@ -267,7 +267,8 @@ class PrefillWorker(StepLoop):
         self.requests_done += 1
         parked = _Parked(p, first, result)
         with self.lock:
-            cancelled = bool(self._cancelled.pop(req.request_id)) and req.dest is None  # none is coming
+            tombstone = bool(self._cancelled.pop(req.request_id))  # cancelled while its first token was sampled
+            cancelled = p.cancelled or (tombstone and req.dest is None)  # p.cancelled: while its last chunk ran
             dest = req.dest if req.dest is not None else self._dests.pop(req.request_id)
             if not cancelled and result.finished is None and dest is None:  # destine() hands it off
                 self._parked[req.request_id] = parked

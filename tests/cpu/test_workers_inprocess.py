@@ -246,6 +246,18 @@ def test_a_prompt_waiting_for_its_destination_is_cancelled_with_its_scratch_bloc
         assert pw.prefill(PrefillRequest("mid", ids, sp, EOS, None), timeout_s=10).error == "cancelled"
     finally:
         del pw._prefilled
+    forward = pw.runner.forward
+
+    def cancelled_in_forward(*a: Any, **k: Any) -> Any:  # the cancel lands while its forward runs
+        pw.cancel("fwd")
+        return forward(*a, **k)
+
+    pw.runner.forward = cancelled_in_forward  # type: ignore[method-assign]
+    try:
+        assert pw.prefill(PrefillRequest("fwd", ids, sp, EOS, None), timeout_s=10).error == "cancelled"
+        assert _wait(lambda: pw.allocator.num_used == 0, 5) and not pw._parked  # not parked for a destination
+    finally:
+        del pw.runner.forward
     late = pw.prefill(PrefillRequest("slow", ids, sp, EOS, None), timeout_s=0.5)
     assert (late.error or "").startswith("prefill did not finish within")
     pw.destine("slow", KVDestination(dw.worker_id, ()))  # too late: no prompt takes it
