@@ -146,6 +146,8 @@ def main() -> int:
     ap.add_argument("--local-prefill", type=int, default=0, metavar="N",
                     help="decode.local_prefill_max_tokens: prompts with at most N tokens not cached on their decode "
                     "worker are computed there (disaggregated)")
+    ap.add_argument("--overlap-reserve", action="store_true", help="prefill.overlap_reserve: the prompt is sent "
+                    "while its decode worker reserves")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     srv = None
@@ -154,7 +156,7 @@ def main() -> int:
         from cluster.config import parse_config
 
         workers: dict[str, Any] = ({"aggregated": {"replicas": 2, "num_cpus": 0.5}} if a.mode == "aggregated"
-                                   else {"prefill": {"num_cpus": 0.5},
+                                   else {"prefill": {"num_cpus": 0.5, "overlap_reserve": a.overlap_reserve},
                                          "decode": {"num_cpus": 0.5, "local_prefill_max_tokens": a.local_prefill}})
         srv = BackgroundServer(parse_config({
             "model": {"path": "tiny"}, "mode": a.mode, "server": {"port": 0}, "kv_cache": {"num_blocks": a.kv_blocks},
@@ -195,6 +197,7 @@ def main() -> int:
               "codes": {k: dict(v) for k, v in by_kind.items()}, "unexpected": unexpected, "healthy": healthy,
               "kv_blocks_used": blocks, "requests_busy": busy, "preemptions": preemptions,
               "requests_prefilled": prefilled, "local_prefill_max_tokens": a.local_prefill,
+              "overlap_reserve": a.overlap_reserve,
               "prefix_hit_tokens": prefix_hits(srv), "blocks_accounted": accounted, "promises_kept": ok}
     print(json.dumps(report, indent=2))
     if a.output:
