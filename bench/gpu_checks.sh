@@ -10,7 +10,8 @@
 #                                                           # drawn rows (temperature 0.8, top-p 0.95), rows starting blocks at different
 #                                                           # steps (--stagger, as served), and a torch profile of the loop at 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
-#                                                           # the protocol alone (a 16-token prompt) both ways;
+#                                                           # the protocol alone (a 16-token prompt) both ways; TTFT with
+#                                                           # prefill.overlap_reserve on and off (ipc, twice each, alternating);
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
 set -u
@@ -62,6 +63,11 @@ case "${1:-tests}" in
              --prompt-tokens 1000 --output "$OUT/handoff-1.1b.json" 2>&1 | tee "$OUT/handoff.log" | tail -8
            python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc,nccl \
              --prompt-tokens 16 --runs 15 --output "$OUT/handoff-protocol.json" 2>&1 | tee -a "$OUT/handoff.log" | grep median
+           for r in 1 2; do for o in on off; do  # TTFT with the prompt sent beside its reservation, and not
+             f=""; [ $o = on ] && f=--overlap-reserve
+             python3 bench/handoff.py --config deploy/1gpu.yaml --model-path "$(model 1.1b)" --backends ipc \
+               --prompt-tokens 16 --runs 15 $f --output "$OUT/handoff-overlap-reserve-$o-$r.json" 2>&1 | tail -1
+           done; done | tee -a "$OUT/handoff.log"
            python3 bench/ipc_lifetime.py --gib 4 --output "$OUT/ipc-lifetime.json" 2>&1 | tee "$OUT/ipc-lifetime.log" | tail -3 ;;
   sampler) python3 bench/sampler.py --device cuda --vocab 32000,128256 --batch 1,64 \
              --output "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -6 ;;

@@ -2,6 +2,7 @@
 
     python bench/handoff.py --backends ipc,gloo --prompt-tokens 1000 --runs 7 --output bench/results/handoff.json
     python bench/handoff.py --config deploy/1gpu.yaml --model-path /tmp/llama-1.1b --backends ipc,nccl   # on a GPU
+    python bench/handoff.py ... --prompt-tokens 16 --overlap-reserve   # the prompt sent beside its reservation
 
 For each backend a 1P1D cluster is started with `transport.backend` forced, then one request at a
 time (max_tokens=2, so decode only admits it) reports `kv_transfer_ms`: from the prefill's
@@ -65,6 +66,9 @@ def run_backend(config: str | None, overrides: dict[str, Any], backend: str, tex
         "prompt_tokens": rows[0]["prompt_tokens"],
         "kv_mb": mb, "kv_transfer_ms_median": statistics.median(ms), "kv_transfer_ms_min": min(ms),
         "gb_per_s_median": mb / statistics.median(ms), "decode_kv_bytes_placed": stats[0].extra["kv_bytes_placed"],
+        "ttft_ms_median": statistics.median(r["ttft_ms"] for r in rows),
+        "ttft_less_prefill_ms_median": statistics.median(r["ttft_ms"] - r["prefill_ms"] for r in rows),
+        "overlap_reserve": cfg.prefill.overlap_reserve,
         "decode_prompt_tokens_computed": stats[0].prompt_tokens_computed, "rows": rows,
     }
 
@@ -86,16 +90,22 @@ def main() -> None:
     ap.add_argument("--backends", default="ipc,gloo")
     ap.add_argument("--prompt-tokens", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--overlap-reserve", action="store_true",
+                    help="prefill.overlap_reserve: the prompt is sent while its decode worker reserves")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     overrides: dict[str, Any] = {"model": {"path": a.model_path}} if a.model_path else {}
+    if a.overlap_reserve:
+        overrides["prefill"] = {"overlap_reserve": True}
     cfg = load_config(a.config, overrides)
     text = prompt_of(load_tokenizer(cfg.model), a.prompt_tokens)
     results = [run_backend(a.config, overrides, b, text, a.runs) for b in a.backends.split(",")]
     for r in results:
         print(f"{r['backend']:5s} {r['prompt_tokens']} tokens, {r['kv_mb']:.1f} MB: hand-off median "
               f"{r['kv_transfer_ms_median']:.1f} ms (min {r['kv_transfer_ms_min']:.1f}), "
-              f"{r['gb_per_s_median']:.2f} GB/s; decode copied {r['decode_kv_bytes_placed'] / 1e6:.1f} MB itself"
+              f"{r['gb_per_s_median']:.2f} GB/s; decode copied {r['decode_kv_bytes_placed'] / 1e6:.1f} MB itself; "
+              f"TTFT median {r['ttft_ms_median']:.1f} ms, less prefill {r['ttft_less_prefill_ms_median']:.1f} ms"
+              + (" (prompt sent beside its reservation)" if r["overlap_reserve"] else "")
               + (" (NCCL over loopback sockets: a shared GPU, test-only setting)" if r["nccl_over_sockets"] else ""))
     if len(results) > 1:
         print(f"{results[0]['backend']} / {results[1]['backend']}: "
