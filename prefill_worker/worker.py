@@ -187,7 +187,7 @@ class PrefillWorker(StepLoop):
                 len(self.prompts.scheduler.waiting), self.allocator.num_used, self.allocator.num_blocks,
                 self.prompt_tokens_computed, self.requests_done,
                 {"steps": self.steps, "loop_s": dict(self.loop_s), "kv_bytes_sent": self.sender.bytes_sent,
-                 "writes_in_flight": self.sender.in_flight,
+                 "writes_in_flight": self.sender.in_flight, "parked": len(self._parked),
                  "links": {dst: link.backend.value for dst, link in self.sender.links.items()},
                  "waiting_tokens": self.prompts.scheduler.waiting_tokens,
                  "prefix_hit_tokens": self.allocator.hit_tokens, "prefix_query_tokens": self.allocator.query_tokens,

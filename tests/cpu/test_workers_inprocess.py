@@ -211,6 +211,7 @@ def test_a_prompt_sent_before_its_reservation_is_handed_off_once_its_destination
             if i == 0:  # the prompt computed first
                 assert _wait(lambda: rid in pw._parked, 10)
                 assert not answer.done() and pw.allocator.num_used > 0  # its scratch KV waits with it
+                assert pw.stats().extra["parked"] == 1
             if i < 2:
                 r = dw.reserve(rid, len(ids), sp, EOS, ids)
                 pw.destine(rid, r.dest)
