@@ -13,18 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-def text_decoder(tokenizer) -> Callable[[list[int]], str]:  # type: ignore[no-untyped-def]
-    """ids → text, skipping special tokens: the same text as `tokenizer.decode(ids, skip_special_tokens=True)`."""
+def text_decoder(tokenizer, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:  # type: ignore[no-untyped-def]
+    """ids → text: the same text as `tokenizer.decode(ids, skip_special_tokens=...)`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and callable(getattr(backend, "decode", None)) \
             and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer) -> None:  # type: ignore[no-untyped-def]
-        self.decode = text_decoder(tokenizer)
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:  # type: ignore[no-untyped-def]
+        self.decode = text_decoder(tokenizer, skip_special_tokens)
         self.ids: list[int] = []
         self._prefix = 0  # start of the window decoded for context
         self._read = 0  # tokens already turned into text
@@ -47,10 +47,11 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Accumulates text; returns what is safe to release and whether a stop string matched."""
+    """Accumulates text; returns what is safe to release and whether a stop string matched (the text
+    ends before it, or with it: `include`)."""
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
+    def __init__(self, stops: tuple[str, ...], include: bool = False) -> None:
+        self.stops, self.include = stops, include
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
         self.released = 0
@@ -74,7 +75,7 @@ class StopMatcher:
                 if i != -1 and (hit is None or i < hit[0]):
                     hit = (i, s)
             if hit is not None:
-                self.text = self.text[: hit[0]]
+                self.text = self.text[: hit[0] + (len(hit[1]) if self.include else 0)]
                 self.matched = hit[1]
                 return self._release(len(self.text))
         return self._release(len(self.text) - self.hold)

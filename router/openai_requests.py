@@ -19,7 +19,8 @@ from protos.pdserve.v1 import generation_pb2 as pb
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
-          "min_tokens", "user", "cache_salt", "logit_bias"}
+          "min_tokens", "user", "cache_salt", "logit_bias", "stop_token_ids", "include_stop_str_in_output",
+          "skip_special_tokens"}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 
@@ -105,6 +106,16 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise BadRequest("stop must be a string or a list of strings", "stop")
         req.stop.extend(stops)
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_ids):
+            raise BadRequest("stop_token_ids must be a list of token ids", "stop_token_ids")
+        req.stop_token_ids.extend(stop_ids)
+    req.include_stop_str_in_output = _get(body, "include_stop_str_in_output", bool, False)
+    skip = _get(body, "skip_special_tokens", bool, None)
+    if skip is not None:
+        req.skip_special_tokens = skip
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):

@@ -71,8 +71,8 @@ class GenerationService:
     async def stream(self, req: ValidRequest) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Deltas of one request; the last carries finish_reason, usage and timings. Raises Refused.
         Closing the iterator early (client gone) cancels the request on the workers."""
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(req.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens)
+        stops = StopMatcher(req.stop, req.include_stop_str)
         n_out = 0
         last_at: float | None = None
         try:
@@ -84,9 +84,11 @@ class GenerationService:
                         stop_reason = str(ids[-1])
                     else:
                         stop_reason = ""
-                    quiet = max(0, min(len(ids), req.sampling.min_tokens - n_out))  # tokens within min_tokens
-                    text = stops.add(detok.add(ids[:quiet]), armed=False) if quiet else ""
-                    text += stops.add(detok.add(ids[quiet:])) if quiet < len(ids) else ""
+                    # the EOS or stop token id that ended it has no text (as vLLM), unless asked for
+                    shown = ids[:-1] if finish is FinishReason.STOP and ids and not req.include_stop_str else ids
+                    quiet = max(0, min(len(shown), req.sampling.min_tokens - n_out))  # tokens within min_tokens
+                    text = stops.add(detok.add(shown[:quiet]), armed=False) if quiet else ""
+                    text += stops.add(detok.add(shown[quiet:])) if quiet < len(shown) else ""
                     if stops.matched is not None:  # ends here, whatever the workers are doing
                         finish, stop_reason = FinishReason.STOP, stops.matched
                     n_out += len(ids)

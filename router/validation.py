@@ -35,6 +35,8 @@ class ValidRequest:
     stop: tuple[str, ...]
     key: str  # minted here for every request: the only id workers and the hand-off ever see
     cache_salt: str = ""  # prefix-cached KV is shared only with requests of the same salt
+    include_stop_str: bool = False  # the stop string (or stop token's text) that ended it stays in the text
+    skip_special_tokens: bool = True  # special tokens have no text
 
 
 def parse(raw: bytes) -> pb.GenerateRequest:
@@ -132,7 +134,9 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")
-    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop), key, req.cache_salt)
+    skip = req.skip_special_tokens if req.HasField("skip_special_tokens") else True
+    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop), key, req.cache_salt,
+                        req.include_stop_str_in_output, skip)
 
 
 def _opt(req: pb.GenerateRequest, name: str, default: float) -> float:

@@ -191,6 +191,13 @@ def test_stop_string_and_stop_token(server: RunningServer) -> None:
     by_id = server.generate(prompt="a stop test", max_tokens=30, ignore_eos=True, stop_token_ids=[tok])
     assert by_id.finish_reason == "stop"
     assert list(by_id.token_ids) == list(full.token_ids[: list(full.token_ids).index(tok) + 1])
+    from engine.tiny import tiny_tokenizer
+
+    before = tiny_tokenizer().decode(by_id.token_ids[:-1], skip_special_tokens=True)
+    assert by_id.text == before  # the stop token's text is left out (vLLM), unless asked for:
+    kept = server.generate(prompt="a stop test", max_tokens=30, ignore_eos=True, stop_token_ids=[tok],
+                           include_stop_str_in_output=True)
+    assert kept.text == tiny_tokenizer().decode(by_id.token_ids, skip_special_tokens=True) != before
     assert wait_until(server.all_idle)
 
 

@@ -146,7 +146,42 @@ def test_min_tokens_holds_off_stop_ids_and_stop_strings(server: RunningServer, o
     assert late.choices[0].text.startswith(tiny_tokenizer().decode(t[:3]))  # not cut within its first 3 tokens
 
 
+def test_vllm_stop_and_special_token_fields_shape_the_text(server: RunningServer, oai: openai.OpenAI) -> None:
+    """vLLM's stop_token_ids, include_stop_str_in_output and skip_special_tokens: the token (or
+    string) that ended the answer has no text unless asked for; special tokens have none unless
+    asked for."""
+    from engine.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    t = list(server.generate(prompt_token_ids=[9, 8, 7], max_tokens=8, ignore_eos=True).token_ids)
+    i = next(i for i in range(1, len(t)) if t[i] not in t[:i])  # the first token not seen before it
+    kw: dict = dict(model="tiny", prompt=[9, 8, 7], max_tokens=8)  # type: ignore[type-arg]
+    cut = oai.completions.create(**kw, extra_body={"ignore_eos": True, "stop_token_ids": [t[i]]}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == tok.decode(t[:i], skip_special_tokens=True)
+    kept = oai.completions.create(**kw, extra_body={"ignore_eos": True, "stop_token_ids": [t[i]],
+                                                    "include_stop_str_in_output": True}).choices[0]
+    assert kept.text == tok.decode(t[: i + 1], skip_special_tokens=True) != cut.text
+    word = tok.decode([t[1]])
+    by_word = oai.completions.create(**kw, stop=[word], extra_body={"ignore_eos": True}).choices[0]
+    with_word = oai.completions.create(**kw, stop=[word], extra_body={"ignore_eos": True,
+                                                                      "include_stop_str_in_output": True}).choices[0]
+    assert by_word.finish_reason == with_word.finish_reason == "stop" and with_word.text == by_word.text + word
+    eos = tok.eos_token_id  # forced first: the prefill worker's token ends the answer
+    forced = dict(kw, logit_bias={str(eos): 100})
+    assert oai.completions.create(**forced).choices[0].text == ""
+    assert oai.completions.create(**forced, extra_body={"skip_special_tokens": False}).choices[0].text == ""
+    shown = oai.completions.create(**forced, extra_body={"skip_special_tokens": False,
+                                                         "include_stop_str_in_output": True}).choices[0]
+    assert shown.finish_reason == "stop" and shown.text == tok.decode([eos]) == "<|im_end|>"
+    assert oai.completions.create(**forced, extra_body={"include_stop_str_in_output": True}).choices[0].text == ""
+
+
 @pytest.mark.parametrize("body, status, param", [
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": [1, -2]}, 400, "stop_token_ids"),
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": 5}, 400, "stop_token_ids"),
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": [999999]}, 400, "stop_token_ids[0]"),
+    ({"model": "tiny", "prompt": "x", "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
+    ({"model": "tiny", "prompt": "x", "include_stop_str_in_output": 1}, 400, "include_stop_str_in_output"),
     ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "tiny", "prompt": "x", "n": 65}, 400, "n"),  # limits.max_choices
     ({"model": "tiny", "prompt": ["x"] * 65}, 400, "prompt"),

@@ -130,6 +130,20 @@ def test_stop_string_split_across_deltas() -> None:
     assert m.matched == "STOP" and out + m.flush() == "hello "
 
 
+def test_stop_string_kept_in_the_text_when_asked() -> None:
+    m = StopMatcher(("STOP", "ST"), include=True)
+    out = m.add("hello S") + m.add("TO") + m.add("P and more")
+    assert m.matched == "ST" and out + m.flush() == "hello ST"  # the earliest match, ending the text
+
+
+def test_detokenizer_keeps_special_tokens_text_when_asked() -> None:
+    ids = TOK("hi<|im_end|> there")["input_ids"]
+    assert "".join([IncrementalDetokenizer(TOK).add(ids)]) == TOK.decode(ids, skip_special_tokens=True)
+    d = IncrementalDetokenizer(TOK, skip_special_tokens=False)
+    text = "".join([d.add([i]) for i in ids] + [d.flush()])
+    assert text == TOK.decode(ids) and "<|im_end|>" in text
+
+
 def test_stop_matcher_releases_all_text_without_a_match() -> None:
     m = StopMatcher(("xyz",))
     out = m.add("abc") + m.add("xy") + m.add("w")
