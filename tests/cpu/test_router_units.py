@@ -138,7 +138,8 @@ def test_stop_string_kept_in_the_text_when_asked() -> None:
 
 def test_detokenizer_keeps_special_tokens_text_when_asked() -> None:
     ids = TOK("hi<|im_end|> there")["input_ids"]
-    assert "".join([IncrementalDetokenizer(TOK).add(ids)]) == TOK.decode(ids, skip_special_tokens=True)
+    skipped = IncrementalDetokenizer(TOK)
+    assert skipped.add(ids) + skipped.flush() == TOK.decode(ids, skip_special_tokens=True)
     d = IncrementalDetokenizer(TOK, skip_special_tokens=False)
     text = "".join([d.add([i]) for i in ids] + [d.flush()])
     assert text == TOK.decode(ids) and "<|im_end|>" in text
