@@ -163,7 +163,10 @@ def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[
             msgs.append({"role": m.role, "content": m.content})
         if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidArgument("messages", "this model has no chat template; send a raw prompt")
-        enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        try:  # the template is the checkpoint's code: it may raise on what it does not take
+            enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # noqa: BLE001 - jinja's raise_exception, undefined names, type errors
+            raise InvalidArgument("messages", f"the model's chat template refused them: {e}") from None
         ids = enc["input_ids"] if not isinstance(enc, list) else enc
         return list(ids)
     if not req.prompt:

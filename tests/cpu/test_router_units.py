@@ -63,6 +63,18 @@ def test_invalid_names_field(kw: dict, field: str) -> None:
     assert e.value.field == field
 
 
+def test_a_chat_template_that_refuses_the_messages_is_a_bad_request_naming_them() -> None:
+    """Real checkpoints' templates raise on what they do not take (Llama 2, Mistral, Gemma: "roles
+    must alternate"); that used to escape validation as an unexpected error (gRPC UNKNOWN, HTTP 500)."""
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with "
+                         "the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    req = pb.GenerateRequest(messages=[pb.ChatMessage(role="system", content="be brief")])
+    with pytest.raises(InvalidArgument) as e:
+        validate(req, tok, LIMITS, max_model_len=120)
+    assert e.value.field == "messages" and "Conversation must start with the user" in str(e.value)
+
+
 @pytest.mark.parametrize(
     "msg, field",
     [
