@@ -1,5 +1,13 @@
-"""How a request's trip through the workers can fail; the fronts map each to a status."""
+"""How a request can fail — its fields, or its trip through the workers; the fronts map each to a status."""
 from __future__ import annotations
+
+
+class InvalidArgument(ValueError):
+    """A field of the request is bad: `field` names it (`stop[2]`, `messages[1].role`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class ResourceExhausted(RuntimeError):

@@ -134,9 +134,8 @@ class OpenAIFront:
                     for child in fan_out(self._admit(r, p, len(pbreqs)), opts.n)]
             opts = with_token_text(opts, self._token_text)
             if opts.echo:
-                opts = with_prompts(opts, [Prompt(p.prompt or self.svc.tokenizer.decode(list(p.prompt_token_ids)),
-                                                  r.prompt_ids[0]) for p, r in zip(pbreqs, reqs[::opts.n])
-                                           for _ in range(opts.n)])
+                opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
+                                           for p, r in zip(pbreqs, reqs[::opts.n]) for _ in range(opts.n)])
         except BadRequest as e:
             self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
             return error(e.status, e.message, "invalid_request_error", e.param, e.code)
@@ -161,6 +160,12 @@ class OpenAIFront:
             return refused(e)
         return StreamingResponse(self._sse(rid, opts, first, stream, len(reqs)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    def _prompt_text(self, req: pb.GenerateRequest, valid: ValidRequest) -> str:
+        """What echo puts before the answer: the prompt as sent, or the tokens kept of it (truncated)."""
+        if req.prompt and not req.HasField("truncate_prompt_tokens"):
+            return req.prompt
+        return self.svc.tokenizer.decode(valid.prompt_ids)
 
     def _admit(self, req: pb.GenerateRequest, p: int, prompts: int) -> ValidRequest:
         """Prompt p of a batch of `prompts`; a refusal about a batch's prompt names it: prompt[p]."""

@@ -20,9 +20,10 @@ from protos.pdserve.v1 import generation_pb2 as pb
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
           "min_tokens", "user", "cache_salt", "logit_bias", "stop_token_ids", "include_stop_str_in_output",
-          "skip_special_tokens"}
+          "skip_special_tokens", "truncate_prompt_tokens"}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
-CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
+                 "continue_final_message", "chat_template_kwargs"}
 
 
 class BadRequest(ValueError):
@@ -73,6 +74,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     req = pb.GenerateRequest()
     if chat:
         _messages(body, req)
+        _template_options(body, req)
         prompts: list[str | list[int]] = []
     else:
         prompts = _prompts(body)
@@ -113,6 +115,9 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
             raise BadRequest("stop_token_ids must be a list of token ids", "stop_token_ids")
         req.stop_token_ids.extend(stop_ids)
     req.include_stop_str_in_output = _get(body, "include_stop_str_in_output", bool, False)
+    truncate = _get(body, "truncate_prompt_tokens", int, None)
+    if truncate is not None:
+        _set(req, "truncate_prompt_tokens", truncate)
     skip = _get(body, "skip_special_tokens", bool, None)
     if skip is not None:
         req.skip_special_tokens = skip
@@ -182,6 +187,19 @@ def _messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:
         if not isinstance(content, str):
             raise BadRequest("content must be a string or a list of text parts", f"messages[{i}].content")
         req.messages.add(role=m["role"], content=content)
+
+
+def _template_options(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+    """vLLM's chat template options; router/chat.py checks how they combine."""
+    gen = _get(body, "add_generation_prompt", bool, None)
+    if gen is not None:
+        req.add_generation_prompt = gen
+    req.continue_final_message = _get(body, "continue_final_message", bool, False)
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
+        req.chat_template_kwargs.update(kwargs)
 
 
 def _logprobs(body: dict[str, Any], chat: bool) -> int | None:

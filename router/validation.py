@@ -13,18 +13,13 @@ from google.protobuf.message import DecodeError
 
 from engine.types import SamplingParams
 from protos.pdserve.v1 import generation_pb2 as pb
+from router.chat import chat_prompt_ids
 from router.config import LimitsConfig
+from router.errors import InvalidArgument
 
-ROLES = ("system", "user", "assistant", "tool")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_SALT_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (logprobs, prompt_logprobs), as OpenAI allows
-
-
-class InvalidArgument(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -52,7 +47,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
     rid = req.request_id or key
     if not _ID_RE.match(rid):
         raise InvalidArgument("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
-    prompt_ids = _tokenize(req, tokenizer)
+    prompt_ids = _truncate(req, _tokenize(req, tokenizer), limits, max_model_len)
     n = len(prompt_ids)
     if n > limits.max_prompt_tokens:
         raise InvalidArgument("prompt", f"{n} tokens exceeds limits.max_prompt_tokens={limits.max_prompt_tokens}")
@@ -146,6 +141,21 @@ def _opt(req: pb.GenerateRequest, name: str, default: float) -> float:
     return v
 
 
+def _truncate(req: pb.GenerateRequest, ids: list[int], limits: LimitsConfig, max_model_len: int) -> list[int]:
+    """truncate_prompt_tokens: the prompt's last N tokens; -1: as many as fit beside max_tokens (or
+    limits.default_max_tokens) in the context and limits.max_prompt_tokens."""
+    if not req.HasField("truncate_prompt_tokens"):
+        return ids
+    keep = req.truncate_prompt_tokens
+    if keep == -1:
+        room = req.max_tokens if req.HasField("max_tokens") and req.max_tokens > 0 else limits.default_max_tokens
+        keep = max(1, min(limits.max_prompt_tokens, max_model_len - room))
+    elif keep < 1:
+        raise InvalidArgument("truncate_prompt_tokens", f"must be >= 1 (the prompt's last N tokens) or -1 "
+                                                        f"(as many as fit), got {keep}")
+    return ids[-keep:]
+
+
 def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
     if sum(map(bool, (req.prompt, req.messages, req.prompt_token_ids))) > 1:
         raise InvalidArgument("prompt", "give one of prompt, messages or prompt_token_ids")
@@ -156,19 +166,7 @@ def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[
                 raise InvalidArgument(f"prompt_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
         return list(req.prompt_token_ids)
     if req.messages:
-        msgs = []
-        for i, m in enumerate(req.messages):
-            if m.role not in ROLES:
-                raise InvalidArgument(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(ROLES)}")
-            msgs.append({"role": m.role, "content": m.content})
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise InvalidArgument("messages", "this model has no chat template; send a raw prompt")
-        try:  # the template is the checkpoint's code: it may raise on what it does not take
-            enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # noqa: BLE001 - jinja's raise_exception, undefined names, type errors
-            raise InvalidArgument("messages", f"the model's chat template refused them: {e}") from None
-        ids = enc["input_ids"] if not isinstance(enc, list) else enc
-        return list(ids)
+        return chat_prompt_ids(req, tokenizer)
     if not req.prompt:
         raise InvalidArgument("prompt", "must not be empty (or give messages)")
     ids = tokenizer(req.prompt)["input_ids"]

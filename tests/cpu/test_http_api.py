@@ -9,6 +9,7 @@ import openai
 import pytest
 import ray
 
+from engine.tiny import tiny_tokenizer
 from tests.cpu.harness import RunningServer, prompts, tiny_config, wait_until
 
 
@@ -176,12 +177,46 @@ def test_vllm_stop_and_special_token_fields_shape_the_text(server: RunningServer
     assert oai.completions.create(**forced, extra_body={"include_stop_str_in_output": True}).choices[0].text == ""
 
 
+def test_vllm_chat_template_and_truncation_fields(server: RunningServer, oai: openai.OpenAI) -> None:
+    """add_generation_prompt, continue_final_message, chat_template_kwargs, truncate_prompt_tokens: a
+    client written for vLLM sent them and got 400 unsupported_parameter."""
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    msgs = [{"role": "user", "content": "name a river"}, {"role": "assistant", "content": "The river"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=8)
+    cont = oai.chat.completions.create(**kw, extra_body={"continue_final_message": True,  # type: ignore[call-overload]
+                                                         "add_generation_prompt": False})
+    want = server.stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in msgs], max_tokens=8,
+                                                   continue_final_message=True), timeout=30)
+    assert cont.choices[0].message.content == want.text
+    tok = tiny_tokenizer()
+    left_open = tok.apply_chat_template(msgs, continue_final_message=True)["input_ids"]
+    closed = tok.apply_chat_template(msgs)["input_ids"]  # ... The river<|im_end|>\n
+    assert cont.usage.prompt_tokens == len(left_open) == len(closed) - 2
+    with_kwargs = oai.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # type: ignore[call-overload]
+    assert with_kwargs.choices[0].message.content == oai.chat.completions.create(**kw).choices[0].message.content  # type: ignore[call-overload]
+    r = httpx.post(_url(server, "/v1/chat/completions"), timeout=30,
+                   json={**kw, "chat_template_kwargs": {"chat_template": "{{ 'mine' }}"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs.chat_template", r.text
+    p = "the quick brown fox jumps over the lazy dog"
+    ids = tok(p)["input_ids"]
+    cut = oai.completions.create(model="tiny", prompt=p, max_tokens=6, echo=True, logprobs=0,
+                                 extra_body={"truncate_prompt_tokens": 5, "ignore_eos": True})
+    assert cut.usage.prompt_tokens == 5
+    assert cut.choices[0].text.startswith(tok.decode(ids[-5:])) and len(cut.choices[0].logprobs.tokens) == 5 + 6
+    assert cut.choices[0].text == tok.decode(ids[-5:]) + server.generate(prompt_token_ids=ids[-5:], max_tokens=6,
+                                                                                  ignore_eos=True).text
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "tiny", "prompt": "x", "stop_token_ids": [1, -2]}, 400, "stop_token_ids"),
     ({"model": "tiny", "prompt": "x", "stop_token_ids": 5}, 400, "stop_token_ids"),
     ({"model": "tiny", "prompt": "x", "stop_token_ids": [999999]}, 400, "stop_token_ids[0]"),
     ({"model": "tiny", "prompt": "x", "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
     ({"model": "tiny", "prompt": "x", "include_stop_str_in_output": 1}, 400, "include_stop_str_in_output"),
+    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 10**12}, 400, "truncate_prompt_tokens"),
+    ({"model": "tiny", "prompt": "x", "add_generation_prompt": False}, 400, "add_generation_prompt"),  # chat only
     ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "tiny", "prompt": "x", "n": 65}, 400, "n"),  # limits.max_choices
     ({"model": "tiny", "prompt": ["x"] * 65}, 400, "prompt"),
@@ -286,9 +321,11 @@ def test_a_stream_closed_by_the_client_frees_kv_on_both_workers(server: RunningS
 def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: RunningServer) -> None:
     rng = random.Random(5)
     keys = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-            "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs", "logit_bias", "echo"]
+            "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs", "logit_bias", "echo",
+            "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "truncate_prompt_tokens"]
     values = [None, 0, -1, 1, 3.5, 1e308, 10**20, "tiny", "", "x" * 10, [], [1, 2], ["a"], {}, {"include_usage": True},
-              True, False, [{"role": "user", "content": "hi"}], [{"role": 5}], {"\u00b2": 1}, {"7": -100}]
+              True, False, [{"role": "user", "content": "hi"}], [{"role": 5}], {"\u00b2": 1}, {"7": -100},
+              {"enable_thinking": True}, {"tokenize": False}, [{"role": "assistant", "content": "so"}]]
     bodies: list[bytes] = [b"", b"{", b"[]", b"null", b"\xff\xfe", json.dumps("str").encode(), b'{"model": "tiny",}']
     for _ in range(250):
         body = {k: rng.choice(values) for k in rng.sample(keys, rng.randrange(1, 6))}

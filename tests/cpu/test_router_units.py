@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import struct_pb2
 
 from engine.tiny import tiny_tokenizer
 from protos.pdserve.v1 import generation_pb2 as pb
@@ -73,6 +74,49 @@ def test_a_chat_template_that_refuses_the_messages_is_a_bad_request_naming_them(
     with pytest.raises(InvalidArgument) as e:
         validate(req, tok, LIMITS, max_model_len=120)
     assert e.value.field == "messages" and "Conversation must start with the user" in str(e.value)
+
+
+def _chat(*msgs: tuple[str, str], **kw):  # type: ignore[no-untyped-def]
+    return _v(messages=[pb.ChatMessage(role=r, content=c) for r, c in msgs], **kw)
+
+
+def test_the_chat_template_opens_the_answer_or_continues_the_last_message_as_asked() -> None:
+    user = ("user", "hi")
+    assert TOK.decode(_chat(user).prompt_ids).endswith("<|im_start|>assistant\n")  # default: a new turn
+    assert TOK.decode(_chat(user, add_generation_prompt=False).prompt_ids).endswith("hi<|im_end|>\n")
+    cont = _chat(user, ("assistant", "The answer is"), continue_final_message=True).prompt_ids
+    assert TOK.decode(cont).endswith("<|im_start|>assistant\nThe answer is")  # left open
+    with pytest.raises(InvalidArgument) as e:
+        _chat(user, ("assistant", "x"), continue_final_message=True, add_generation_prompt=True)
+    assert e.value.field == "continue_final_message"
+
+
+def test_chat_template_kwargs_reach_the_template_but_not_its_own_arguments() -> None:
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking %}<think>{% endif %}{% for i in range(n) %}!{% endfor %}")
+    kw = struct_pb2.Struct()
+    kw.update({"enable_thinking": True, "n": 3})  # a Struct's numbers are floats: range() needs 3, not 3.0
+    req = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="q")], chat_template_kwargs=kw)
+    assert tok.decode(validate(req, tok, LIMITS, max_model_len=120).prompt_ids) == "q<think>!!!"
+    for own in ("chat_template", "tokenize", "messages", "add_generation_prompt"):
+        bad = struct_pb2.Struct()
+        bad.update({own: "{{ 'x' }}"})
+        with pytest.raises(InvalidArgument) as e:
+            validate(pb.GenerateRequest(messages=req.messages, chat_template_kwargs=bad), tok, LIMITS, 120)
+        assert e.value.field == f"chat_template_kwargs.{own}"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens() -> None:
+    ids = TOK("abcdefgh")["input_ids"]
+    assert _v(prompt="abcdefgh", truncate_prompt_tokens=3).prompt_ids == ids[-3:]
+    assert _v(prompt="abcdefgh", truncate_prompt_tokens=30).prompt_ids == ids
+    long = _v(prompt="x" * 200, max_tokens=30, truncate_prompt_tokens=-1)  # as many as fit: 120 - 30, limit 100
+    assert len(long.prompt_ids) == 90 and long.sampling.max_tokens == 30
+    assert len(_v(prompt="x" * 200, truncate_prompt_tokens=-1).prompt_ids) == 100  # default 20 leaves 100
+    with pytest.raises(InvalidArgument) as e:
+        _v(prompt="hi", truncate_prompt_tokens=0)
+    assert e.value.field == "truncate_prompt_tokens"
 
 
 @pytest.mark.parametrize(

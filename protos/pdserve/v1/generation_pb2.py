@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x80\x07\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\x05min_p\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x11 \x03(\r\x12\x12\n\ncache_salt\x18\x12 \x01(\t\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.pdserve.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x14 \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x16 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x17 \x01(\x08H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nmigrations\x18\x08 \x01(\r\x12\x15\n\rlocal_prefill\x18\t \x01(\x08\"\x9a\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\xa0\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\x0f\n\rStatusRequest\"\xe5\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x1e\n\x16prompt_tokens_computed\x18\x08 \x01(\x04\x12\x18\n\x10tokens_generated\x18\t \x01(\x04\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x13\n\x0bpreemptions\x18\x0c \x01(\x04\x12\x19\n\x11recomputed_tokens\x18\r \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x0e \x01(\r\x12\x19\n\x11prefix_hit_tokens\x18\x0f \x01(\x04\x12\x1a\n\x12requests_prefilled\x18\x10 \x01(\x04\";\n\x0eStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus2\xe9\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.pdserve.v1.GenerateRequest\x1a\".pdserve.v1.GenerateStreamResponse0\x01\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/generation.proto\x12\npdserve.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd5\x08\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\x05min_p\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x11 \x03(\r\x12\x12\n\ncache_salt\x18\x12 \x01(\t\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.pdserve.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x14 \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x15 \x01(\x05H\x0b\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x16 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x17 \x01(\x08H\x0c\x88\x01\x01\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x18 \x01(\x08H\r\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x19 \x01(\x08\x12\x35\n\x14\x63hat_template_kwargs\x18\x1a \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x16truncate_prompt_tokens\x18\x1b \x01(\x05H\x0e\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x18\n\x16_add_generation_promptB\x19\n\x17_truncate_prompt_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc3\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nmigrations\x18\x08 \x01(\r\x12\x15\n\rlocal_prefill\x18\t \x01(\x08\"\x9a\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\xa0\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\x0f\n\rStatusRequest\"\xe5\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x1e\n\x16prompt_tokens_computed\x18\x08 \x01(\x04\x12\x18\n\x10tokens_generated\x18\t \x01(\x04\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x13\n\x0bpreemptions\x18\x0c \x01(\x04\x12\x19\n\x11recomputed_tokens\x18\r \x01(\x04\x12\x18\n\x10kv_blocks_cached\x18\x0e \x01(\r\x12\x19\n\x11prefix_hit_tokens\x18\x0f \x01(\x04\x12\x1a\n\x12requests_prefilled\x18\x10 \x01(\x04\";\n\x0eStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus2\xe9\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.pdserve.v1.GenerateRequest\x1a\".pdserve.v1.GenerateStreamResponse0\x01\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_CHATMESSAGE']._serialized_start=43
-  _globals['_CHATMESSAGE']._serialized_end=87
-  _globals['_GENERATEREQUEST']._serialized_start=90
-  _globals['_GENERATEREQUEST']._serialized_end=986
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=730
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=778
-  _globals['_TOPLOGPROB']._serialized_start=988
-  _globals['_TOPLOGPROB']._serialized_end=1035
-  _globals['_TOKENLOGPROB']._serialized_start=1037
-  _globals['_TOKENLOGPROB']._serialized_end=1132
-  _globals['_USAGE']._serialized_start=1134
-  _globals['_USAGE']._serialized_end=1214
-  _globals['_TIMINGS']._serialized_start=1217
-  _globals['_TIMINGS']._serialized_end=1412
-  _globals['_GENERATERESPONSE']._serialized_start=1415
-  _globals['_GENERATERESPONSE']._serialized_end=1697
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1700
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1988
-  _globals['_STATUSREQUEST']._serialized_start=1990
-  _globals['_STATUSREQUEST']._serialized_end=2005
-  _globals['_WORKERSTATUS']._serialized_start=2008
-  _globals['_WORKERSTATUS']._serialized_end=2365
-  _globals['_STATUSRESPONSE']._serialized_start=2367
-  _globals['_STATUSRESPONSE']._serialized_end=2426
-  _globals['_GENERATION']._serialized_start=2429
-  _globals['_GENERATION']._serialized_end=2662
+  _globals['_CHATMESSAGE']._serialized_start=73
+  _globals['_CHATMESSAGE']._serialized_end=117
+  _globals['_GENERATEREQUEST']._serialized_start=120
+  _globals['_GENERATEREQUEST']._serialized_end=1229
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=920
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=968
+  _globals['_TOPLOGPROB']._serialized_start=1231
+  _globals['_TOPLOGPROB']._serialized_end=1278
+  _globals['_TOKENLOGPROB']._serialized_start=1280
+  _globals['_TOKENLOGPROB']._serialized_end=1375
+  _globals['_USAGE']._serialized_start=1377
+  _globals['_USAGE']._serialized_end=1457
+  _globals['_TIMINGS']._serialized_start=1460
+  _globals['_TIMINGS']._serialized_end=1655
+  _globals['_GENERATERESPONSE']._serialized_start=1658
+  _globals['_GENERATERESPONSE']._serialized_end=1940
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1943
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2231
+  _globals['_STATUSREQUEST']._serialized_start=2233
+  _globals['_STATUSREQUEST']._serialized_end=2248
+  _globals['_WORKERSTATUS']._serialized_start=2251
+  _globals['_WORKERSTATUS']._serialized_end=2608
+  _globals['_STATUSRESPONSE']._serialized_start=2610
+  _globals['_STATUSRESPONSE']._serialized_end=2669
+  _globals['_GENERATION']._serialized_start=2672
+  _globals['_GENERATION']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)

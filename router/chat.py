@@ -1,0 +1,70 @@
+"""Chat messages → prompt token ids, by the model's chat template (vLLM's request semantics).
+
+  1. every message's role is one the API knows (ROLES);
+  2. the template's variables: the messages, whether the prompt ends by opening the assistant's
+     turn (`add_generation_prompt`, default true) or leaves the last message open for the answer to
+     continue (`continue_final_message`), and the request's `chat_template_kwargs` (e.g.
+     `enable_thinking`), which may not override `apply_chat_template`'s own arguments (a
+     `chat_template` among them would run the client's template);
+  3. the template renders: it is the checkpoint's code, and what it raises (Llama 2's "roles must
+     alternate") is the request's error, naming `messages`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from google.protobuf import json_format
+
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.errors import InvalidArgument
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_prompt_ids(req: pb.GenerateRequest, tokenizer: Any) -> list[int]:
+    msgs = []
+    for i, m in enumerate(req.messages):  # 1.
+        if m.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role", f"{m.role!r} is not one of {', '.join(ROLES)}")
+        msgs.append({"role": m.role, "content": m.content})
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidArgument("messages", "this model has no chat template; send a raw prompt")
+    cont = req.continue_final_message  # 2.
+    gen = req.add_generation_prompt if req.HasField("add_generation_prompt") else not cont
+    if gen and cont:
+        raise InvalidArgument("continue_final_message", "needs add_generation_prompt false (the answer continues "
+                                                         "the last message, not a new turn)")
+    kwargs = template_kwargs(req, tokenizer)
+    try:  # 3.
+        enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, continue_final_message=cont,
+                                            tokenize=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - jinja's raise_exception, undefined names, type errors
+        raise InvalidArgument("messages", f"the model's chat template refused them: {e}") from None
+    ids = enc["input_ids"] if not isinstance(enc, list) else enc
+    return list(ids)
+
+
+def template_kwargs(req: pb.GenerateRequest, tokenizer: Any) -> dict[str, Any]:
+    """The request's extra template variables; JSON numbers come as floats through a Struct, so a
+    whole one is given back as an int (a template's `range(n)` takes no float)."""
+    if not req.HasField("chat_template_kwargs"):
+        return {}
+    kwargs = {k: _whole(v) for k, v in json_format.MessageToDict(req.chat_template_kwargs).items()}
+    own = {name for name, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD} | {"messages", "conversation"}
+    for k in sorted(kwargs):
+        if k in own:
+            raise InvalidArgument(f"chat_template_kwargs.{k}", "is an argument of the chat template's rendering, "
+                                                               "not a variable a request may set")
+    return kwargs
+
+
+def _whole(v: Any) -> Any:
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_whole(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _whole(x) for k, x in v.items()}
+    return v
