@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP front (Starlette on uvicorn), beside gRPC in the router process.
 
   POST /v1/completions · POST /v1/chat/completions (stream: server-sent events ending `data: [DONE]`)
-  GET /v1/models · GET /health · GET /metrics
+  GET /v1/models · POST /tokenize · POST /detokenize (router/tokenize_api.py) · GET /health · GET /metrics
 Each request goes through the same path as a gRPC one (router/service.py): validation, limits,
 admission queue, cancellation, metrics; `n` > 1 and a batch of prompts are one such request per
 choice, merged into one answer (router/choices.py). A client that disconnects, mid-stream or before
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -32,6 +32,7 @@ from router.openai_requests import (BadRequest, Choice, Options, Prompt, chunk_o
                                      total_usage, usage_obj, with_prompts, with_token_text)
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
+from router.tokenize_api import detokenize, tokenize
 from router.validation import ValidRequest
 
 HTTP_STATUS = {
@@ -118,7 +119,21 @@ class OpenAIFront:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": 0, "owned_by": "pdserve"}]})
+            {"id": self.model, "object": "model", "created": 0, "owned_by": "pdserve",
+             "max_model_len": self.svc.max_model_len}]})
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._tool(request, lambda raw: tokenize(raw, self.model, self.svc.tokenizer, self.svc.max_model_len))
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._tool(request, lambda raw: detokenize(raw, self.model, self.svc.tokenizer))
+
+    async def _tool(self, request: Request, answer: Callable[[bytes], dict[str, Any]]) -> Response:
+        try:
+            return JSONResponse(answer(await request.body()))
+        except BadRequest as e:
+            self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
+            return error(e.status, e.message, "invalid_request_error", e.param, e.code)
 
     async def health(self, request: Request) -> Response:
         ok = self.svc.dispatcher.serving and not self.svc.draining
@@ -241,6 +256,8 @@ def build_app(svc: GenerationService, model: str, tokens: TokenStore | None, max
         Route("/v1/completions", front.completions, methods=["POST"]),
         Route("/v1/chat/completions", front.chat, methods=["POST"]),
         Route("/v1/models", front.models, methods=["GET"]),
+        Route("/tokenize", front.tokenize, methods=["POST"]),
+        Route("/detokenize", front.detokenize, methods=["POST"]),
         Route("/health", front.health, methods=["GET"]),
         Route("/metrics", front.metrics, methods=["GET"]),
     ], exception_handlers={404: _not_found, 405: _not_allowed})

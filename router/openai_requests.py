@@ -73,8 +73,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
         raise BadRequest("n must be >= 1", "n")
     req = pb.GenerateRequest()
     if chat:
-        _messages(body, req)
-        _template_options(body, req)
+        chat_messages(body, req)
         prompts: list[str | list[int]] = []
     else:
         prompts = _prompts(body)
@@ -169,6 +168,12 @@ def _with_prompt(base: pb.GenerateRequest, p: str | list[int]) -> pb.GenerateReq
     else:
         req.prompt_token_ids.extend(p)
     return req
+
+
+def chat_messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+    """`messages` and the chat template's options into `req` (/v1/chat/completions, /tokenize)."""
+    _messages(body, req)
+    _template_options(body, req)
 
 
 def _messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:

@@ -208,6 +208,36 @@ def test_vllm_chat_template_and_truncation_fields(server: RunningServer, oai: op
                                                                                   ignore_eos=True).text
 
 
+def test_tokenize_and_detokenize_use_the_served_tokenizer_and_chat_template(server: RunningServer,
+                                                                            oai: openai.OpenAI) -> None:
+    tok = tiny_tokenizer()
+    r = httpx.post(_url(server, "/tokenize"), json={"model": "tiny", "prompt": "héllo"}, timeout=30).json()
+    assert r["tokens"] == tok("héllo")["input_ids"] and r["count"] == len(r["tokens"]) and r["token_strs"] is None
+    assert r["max_model_len"] == httpx.get(_url(server, "/v1/models")).json()["data"][0]["max_model_len"] > 0
+    msgs = [{"role": "user", "content": "name a river"}]
+    chat = httpx.post(_url(server, "/tokenize"), json={"messages": msgs, "return_token_strs": True}, timeout=30).json()
+    assert chat["count"] == oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=1).usage.prompt_tokens  # type: ignore[arg-type]
+    assert chat["token_strs"] == tok.convert_ids_to_tokens(chat["tokens"])
+    open_ = httpx.post(_url(server, "/tokenize"), json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert open_["count"] == chat["count"] - len(tok("<|im_start|>assistant\n")["input_ids"])
+    back = httpx.post(_url(server, "/detokenize"), json={"model": "tiny", "tokens": r["tokens"]}, timeout=30).json()
+    assert back == {"prompt": "héllo"}
+    for path, body, status, param in [
+        ("/tokenize", {"prompt": "x", "max_tokens": 3}, 400, "max_tokens"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
+        ("/tokenize", {"messages": msgs, "chat_template_kwargs": {"tokenize": False}}, 400,
+         "chat_template_kwargs.tokenize"),
+        ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+        ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
+        ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens[1]"),
+        ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ]:
+        bad = httpx.post(_url(server, path), json=body, timeout=30)
+        assert bad.status_code == status and bad.json()["error"]["param"] == param, (path, body, bad.text)
+    assert httpx.post(_url(server, "/tokenize"), content=b"{", timeout=30).status_code == 400
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "tiny", "prompt": "x", "stop_token_ids": [1, -2]}, 400, "stop_token_ids"),
     ({"model": "tiny", "prompt": "x", "stop_token_ids": 5}, 400, "stop_token_ids"),
@@ -322,7 +352,8 @@ def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: Runni
     rng = random.Random(5)
     keys = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
             "logprobs", "top_k", "ignore_eos", "stream_options", "bogus", "min_tokens", "top_logprobs", "logit_bias", "echo",
-            "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "truncate_prompt_tokens"]
+            "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "truncate_prompt_tokens",
+            "tokens", "add_special_tokens", "return_token_strs"]
     values = [None, 0, -1, 1, 3.5, 1e308, 10**20, "tiny", "", "x" * 10, [], [1, 2], ["a"], {}, {"include_usage": True},
               True, False, [{"role": "user", "content": "hi"}], [{"role": 5}], {"\u00b2": 1}, {"7": -100},
               {"enable_thinking": True}, {"tokenize": False}, [{"role": "assistant", "content": "so"}]]
@@ -336,7 +367,7 @@ def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: Runni
     codes = []
     with httpx.Client(timeout=60) as c:
         for b in bodies:
-            path = rng.choice(["/v1/completions", "/v1/chat/completions"])
+            path = rng.choice(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
             r = c.post(_url(server, path), content=b, headers={"content-type": "application/json"})
             codes.append(r.status_code)
             if r.status_code >= 400:

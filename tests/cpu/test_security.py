@@ -134,6 +134,7 @@ def test_health_stays_open_without_a_token(server: RunningServer, pki: dict[str,
     with httpx.Client(verify=_ssl(pki), timeout=10) as c:
         assert c.get(f"https://localhost:{server.server.http_port}/health").status_code == 200
         assert c.get(f"https://localhost:{server.server.http_port}/v1/models").status_code == 401
+        assert c.post(f"https://localhost:{server.server.http_port}/tokenize", json={"prompt": "x"}).status_code == 401
 
 
 def test_the_cli_speaks_tls_with_a_token_and_a_client_cert(server: RunningServer, pki: dict[str, Any],
