@@ -173,7 +173,8 @@ class OpenAIFront:
         except Refused as e:
             await stream.aclose()
             return refused(e)
-        return StreamingResponse(self._sse(rid, opts, first, stream, len(reqs)), media_type="text/event-stream",
+        return StreamingResponse(self._sse(rid, opts, first, stream, [len(r.prompt_ids) for r in reqs]),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     def _prompt_text(self, req: pb.GenerateRequest, valid: ValidRequest) -> str:
@@ -192,15 +193,22 @@ class OpenAIFront:
             raise
 
     async def _sse(self, rid: str, opts: Options, first: tuple[int, Any],
-                   stream: AsyncIterator[tuple[int, Any]], choices: int) -> AsyncIterator[str]:
+                   stream: AsyncIterator[tuple[int, Any]], prompt_tokens: list[int]) -> AsyncIterator[str]:
         """Events until [DONE]; a client that goes away closes this generator, which cancels every
-        choice's request."""
+        choice's request. prompt_tokens: choice i's prompt length."""
         started: set[int] = set()
-        usages: list[pb.Usage | None] = [None] * choices
+        usages: list[pb.Usage | None] = [None] * len(prompt_tokens)
+        made = [0] * len(prompt_tokens)  # choice i's tokens so far
         async with aclosing(stream) as msgs:  # type: ignore[type-var]
             (i, msg) = first
             while True:
-                yield f"data: {json.dumps(chunk_obj(rid, self.model, opts, i, msg, i not in started))}\n\n"
+                chunk = chunk_obj(rid, self.model, opts, i, msg, i not in started)
+                if opts.continuous_usage:  # the last message carries the choice's usage, cached tokens too
+                    made[i] += len(msg.token_ids)
+                    chunk["usage"] = usage_obj(msg.usage) if msg.finish_reason else {
+                        "prompt_tokens": prompt_tokens[i], "completion_tokens": made[i],
+                        "total_tokens": prompt_tokens[i] + made[i]}
+                yield f"data: {json.dumps(chunk)}\n\n"
                 started.add(i)
                 if msg.finish_reason:
                     usages[i] = msg.usage

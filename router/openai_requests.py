@@ -44,6 +44,7 @@ class Options:
     token_text: Callable[[int], str] = str  # a token id's text, for logprobs (set by the front)
     echo: bool = False  # completions: the prompt goes before each choice's text (and logprobs)
     prompts: tuple[Prompt, ...] = ()  # echo: choice i's prompt (set by the front, once tokenized)
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,14 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
         req.prompt_logprobs = req.logprobs
     stream = _get(body, "stream", bool, False)
     opts = body.get("stream_options")
-    if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}):
-        raise BadRequest("stream_options takes only include_usage", "stream_options")
+    if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}):
+        raise BadRequest("stream_options takes include_usage and continuous_usage_stats", "stream_options")
     include_usage = bool(opts and _get(opts, "include_usage", bool, False))
+    continuous = bool(opts and _get(opts, "continuous_usage_stats", bool, False))
     _get(body, "user", str, None)
     req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
-    return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo)
+    return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous)
 
 
 def _prompts(body: dict[str, Any]) -> list[str | list[int]]:

@@ -208,6 +208,23 @@ def test_vllm_chat_template_and_truncation_fields(server: RunningServer, oai: op
                                                                                   ignore_eos=True).text
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server: RunningServer, oai: openai.OpenAI) -> None:
+    p = "the quick brown fox"
+    parts = list(oai.completions.create(model="tiny", prompt=p, max_tokens=8, n=2, stream=True,
+                                        extra_body={"ignore_eos": True},
+                                        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    n_prompt = len(tiny_tokenizer()(p)["input_ids"])
+    for i in range(2):
+        mine = [c for c in parts if c.choices and c.choices[0].index == i]
+        made = [c.usage.completion_tokens for c in mine]
+        assert made == sorted(made) and made[-1] == 8 and made[0] >= 1  # grows to the answer's length
+        assert all(c.usage.prompt_tokens == n_prompt and c.usage.total_tokens == n_prompt + c.usage.completion_tokens
+                   for c in mine)
+    assert parts[-1].usage.completion_tokens == 16 and not parts[-1].choices  # the total, as without it
+    plain = list(oai.completions.create(model="tiny", prompt=p, max_tokens=4, stream=True))
+    assert all(c.usage is None for c in plain)
+
+
 def test_tokenize_and_detokenize_use_the_served_tokenizer_and_chat_template(server: RunningServer,
                                                                             oai: openai.OpenAI) -> None:
     tok = tiny_tokenizer()
@@ -245,6 +262,7 @@ def test_tokenize_and_detokenize_use_the_served_tokenizer_and_chat_template(serv
     ({"model": "tiny", "prompt": "x", "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
     ({"model": "tiny", "prompt": "x", "include_stop_str_in_output": 1}, 400, "include_stop_str_in_output"),
     ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"continuous_usage_stats": 1}}, 400, "continuous_usage_stats"),
     ({"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 10**12}, 400, "truncate_prompt_tokens"),
     ({"model": "tiny", "prompt": "x", "add_generation_prompt": False}, 400, "add_generation_prompt"),  # chat only
     ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
