@@ -241,10 +241,12 @@ class ModelRunner:
                 idx = torch.arange(row + a, row + a + n, device=x.device)
                 lp = torch.log_softmax(self.logits(x, residual, idx), dim=-1)  # [n, V]
                 nxt = s.scored[a : a + n]
-                chosen = lp.gather(1, torch.tensor(nxt, device=lp.device)[:, None])[:, 0].tolist()  # [n]
+                chosen = lp.gather(1, torch.tensor(nxt, device=lp.device)[:, None])  # [n, 1]
+                rank = (lp > chosen).sum(1) + 1  # [n]
                 top_v, top_i = torch.topk(lp, s.top) if s.top else (lp[:, :0], lp[:, :0].long())  # [n, top]
-                lps += [TokenLogprob(t, c, tuple(zip(ti, tv)))
-                        for t, c, ti, tv in zip(nxt, chosen, top_i.tolist(), top_v.tolist())]
+                lps += [TokenLogprob(t, c, tuple(zip(ti, tv)), r)
+                        for t, c, ti, tv, r in zip(nxt, chosen[:, 0].tolist(), top_i.tolist(), top_v.tolist(),
+                                                   rank.tolist())]
             if s.scored:
                 out[i] = lps
             row += s.num_new

@@ -2,7 +2,7 @@
 three more when a row is not greedy: which rows fall back to a sort, engine/race.py); none before
 the host reads the tokens for a batch of plain() rows (sample_plain: a step in flight).
 
-Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → banned tokens
+Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → allowed_token_ids → banned tokens
 (min_tokens) → greedy rows: argmax → the rest: temperature → top-k → top-p → min-p → draw
 (engine/race.py). Logprobs are the log-softmax of the raw logits. The draw is an exponential race
 whose noise is a hash of (row key, token id), so a seeded request's row key (seed, position) gives
@@ -88,6 +88,19 @@ def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
                             torch.tensor(biases, device=dev, dtype=logits.dtype), accumulate=True)
 
 
+def _allow(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """vLLM's allowed_token_ids: a row that lists them may take only those (the others get -inf)."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    V, dev = logits.shape[1], logits.device
+    entries = [(r, t) for r, i in enumerate(rows) for t in params[i].allowed_token_ids if t < V]
+    keep = torch.full((len(rows), V), float("-inf"), device=dev, dtype=logits.dtype)  # [R, V]
+    if entries:
+        r, t = zip(*entries)
+        keep.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)), torch.tensor(0.0, device=dev))
+    idx = torch.tensor(rows, device=dev)
+    return logits.index_copy(0, idx, logits.index_select(0, idx) + keep)
+
+
 def _ban(logits: torch.Tensor, banned: list[Sequence[int]]) -> torch.Tensor:
     """Each row's banned token ids (min_tokens: EOS and stop ids) get -inf."""
     V = logits.shape[1]
@@ -116,6 +129,8 @@ def sample(
         logits = _penalize(logits, params, histories)
     if any(p.logit_bias for p in params):
         logits = _bias(logits, params)
+    if any(p.allowed_token_ids for p in params):
+        logits = _allow(logits, params)
     if banned is not None and any(banned):
         logits = _ban(logits, banned)
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
@@ -140,7 +155,8 @@ def plain(sampling: SamplingParams, num_generated: int) -> bool:
     """Whether a row's next token (after `num_generated`) needs nothing from the host but its
     parameters: no penalty, no bias, past its min_tokens (greedy or drawn) — what sample_plain()
     draws with no host sync."""
-    return not sampling.penalized and not sampling.logit_bias and num_generated >= sampling.min_tokens
+    return (not sampling.penalized and not sampling.logit_bias and not sampling.allowed_token_ids
+            and num_generated >= sampling.min_tokens)
 
 
 def sample_plain(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> Sampled:

@@ -34,6 +34,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
     min_tokens: int = 0  # before this many tokens, EOS and stop token ids are not drawn (stop strings not matched)
     prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob (but the first's) + top-N
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: () any token; else only these may be drawn
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +75,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # prompt tokens: 1 + how many tokens the model found likelier
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.choices import fan_out, merged
-from router.openai_requests import (BadRequest, Choice, Options, Prompt, chunk_obj, final_obj, parse_body,
-                                     total_usage, usage_obj, with_prompts, with_token_text)
+from router.openai_answers import Choice, chunk_obj, final_obj, total_usage, usage_obj
+from router.openai_requests import BadRequest, Options, Prompt, parse_body, with_prompts, with_token_text
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize

@@ -1,4 +1,4 @@
-"""OpenAI request bodies → pb.GenerateRequest, and pdserve answers → OpenAI response objects.
+"""OpenAI request bodies → pb.GenerateRequest (the answers' shapes: router/openai_answers.py).
 
 The fields a user relies on are mapped one to one; any field this module does not know is refused
 (400, `param` names it), never silently ignored. `n` and a /v1/completions batch of prompts become
@@ -10,9 +10,8 @@ before the answer's (the first prompt token's is null): what lm-eval's loglikeli
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
@@ -20,7 +19,8 @@ from protos.pdserve.v1 import generation_pb2 as pb
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
           "min_tokens", "user", "cache_salt", "logit_bias", "stop_token_ids", "include_stop_str_in_output",
-          "skip_special_tokens", "truncate_prompt_tokens"}
+          "skip_special_tokens", "truncate_prompt_tokens", "prompt_logprobs",
+          "allowed_token_ids"}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
                  "continue_final_message", "chat_template_kwargs"}
@@ -45,6 +45,7 @@ class Options:
     echo: bool = False  # completions: the prompt goes before each choice's text (and logprobs)
     prompts: tuple[Prompt, ...] = ()  # echo: choice i's prompt (set by the front, once tokenized)
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs: the choice (chat: the answer) carries them
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,12 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_ids):
             raise BadRequest("stop_token_ids must be a list of token ids", "stop_token_ids")
         req.stop_token_ids.extend(stop_ids)
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None:
+        if not isinstance(allowed, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in allowed):
+            raise BadRequest("allowed_token_ids must be a list of token ids", "allowed_token_ids")
+        req.allowed_token_ids.extend(allowed)
     req.include_stop_str_in_output = _get(body, "include_stop_str_in_output", bool, False)
     truncate = _get(body, "truncate_prompt_tokens", int, None)
     if truncate is not None:
@@ -137,6 +144,14 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     if echo and logprobs is not None:
         req.prompt_logprobs = req.logprobs
     stream = _get(body, "stream", bool, False)
+    scored = _get(body, "prompt_logprobs", int, None)  # vLLM's: per prompt position, a dict of token → logprob, rank
+    if scored is not None:
+        if stream:
+            raise BadRequest("prompt_logprobs is not available with stream (as in vLLM)", "prompt_logprobs")
+        if req.HasField("prompt_logprobs") and req.prompt_logprobs != scored:
+            raise BadRequest(f"prompt_logprobs={scored} differs from echo's logprobs={req.prompt_logprobs}",
+                             "prompt_logprobs")
+        _set(req, "prompt_logprobs", scored)
     opts = body.get("stream_options")
     if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}):
         raise BadRequest("stream_options takes include_usage and continuous_usage_stats", "stream_options")
@@ -145,7 +160,8 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     _get(body, "user", str, None)
     req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
-    return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous)
+    return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous,
+                         prompt_logprobs=scored is not None)
 
 
 def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
@@ -238,98 +254,6 @@ def _get(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
         raise BadRequest(f"{name} must be {'a number' if kind is float else 'an integer' if kind is int else kind.__name__}",
                          name, code="invalid_type")
     return v
-
-
-# -- answers ------------------------------------------------------------------------------------------
-def _finish(reason: str) -> str | None:
-    return {"length": "length", "stop": "stop", "": None}.get(reason, reason)
-
-
-def chunk_obj(rid: str, model: str, opts: Options, index: int, msg: pb.GenerateStreamResponse,
-              first: bool) -> dict[str, Any]:
-    """One SSE event of a stream: a message of choice `index` (`first`: that choice's first)."""
-    if opts.chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": msg.text} if first else {"content": msg.text}
-        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": _finish(msg.finish_reason)}
-        if opts.logprobs:
-            choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in msg.logprobs]}
-        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                "choices": [choice]}
-    echo = opts.prompts[index] if opts.echo and first else None
-    choice = {"index": index, "text": (echo.text if echo else "") + msg.text, "finish_reason": _finish(msg.finish_reason),
-              "logprobs": _completion_lp(msg.logprobs, opts.token_text, echo, msg.prompt_logprobs)
-              if opts.logprobs else None}
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
-
-
-@dataclass
-class Choice:
-    """One choice's answer, gathered from its messages."""
-
-    text: str = ""
-    finish: str = ""
-    logprobs: list[Any] = field(default_factory=list)
-    usage: pb.Usage | None = None  # from its last message
-    prompt_logprobs: list[Any] = field(default_factory=list)  # from its first message, when asked for
-
-
-def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dict[str, Any]:
-    u = usage_obj(total_usage([c.usage for c in choices], opts.n))
-    if opts.chat:
-        out = []
-        for i, c in enumerate(choices):
-            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": c.text},
-                                      "finish_reason": _finish(c.finish)}
-            if opts.logprobs:
-                choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in c.logprobs]}
-            out.append(choice)
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": out, "usage": u}
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": (opts.prompts[i].text if opts.echo else "") + c.text,
-                         "finish_reason": _finish(c.finish),
-                         "logprobs": _completion_lp(c.logprobs, opts.token_text, opts.prompts[i] if opts.echo else None,
-                                                    c.prompt_logprobs) if opts.logprobs else None}
-                        for i, c in enumerate(choices)],
-            "usage": u}
-
-
-def total_usage(usages: list[pb.Usage | None], n: int) -> pb.Usage:
-    """Of every choice: the prompt's tokens (and its cached ones) once per prompt — its first choice's
-    — and every choice's completion tokens."""
-    total = pb.Usage()
-    for i, u in enumerate(usages):
-        if u is None:
-            continue
-        if i % n == 0:
-            total.prompt_tokens += u.prompt_tokens
-            total.cached_tokens += u.cached_tokens
-        total.completion_tokens += u.completion_tokens
-    return total
-
-
-def usage_obj(u: pb.Usage) -> dict[str, Any]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-
-
-def _chat_lp(lp: Any, text: Callable[[int], str]) -> dict[str, Any]:
-    return {"token": text(lp.token_id), "logprob": lp.logprob, "bytes": list(text(lp.token_id).encode()),
-            "top_logprobs": [{"token": text(t.token_id), "logprob": t.logprob, "bytes": list(text(t.token_id).encode())}
-                             for t in lp.top_logprobs]}
-
-
-def _completion_lp(lps: list[Any], text: Callable[[int], str], echo: Prompt | None = None,
-                   prompt_lps: list[Any] | None = None) -> dict[str, Any]:
-    """The legacy shape, one entry per token; echo: the prompt's tokens first, its first one null."""
-    if echo is None:
-        first, head, scored = [], [], lps
-    else:
-        first, head, scored = [text(echo.first_id)], [None], [*(prompt_lps or ()), *lps]
-    return {"tokens": first + [text(lp.token_id) for lp in scored],
-            "token_logprobs": head + [lp.logprob for lp in scored],
-            "top_logprobs": head + [{text(t.token_id): t.logprob for t in lp.top_logprobs} for lp in scored]}
 
 
 def with_token_text(opts: Options, text: Callable[[int], str]) -> Options:

@@ -155,5 +155,5 @@ class GenerationService:
 def _logprob_pb(lp: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(
         token_id=lp.token_id, logprob=lp.logprob,
-        top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top], rank=lp.rank,
     )

@@ -100,6 +100,9 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
     for i, t in enumerate(req.stop_token_ids):
         if t >= vocab:
             raise InvalidArgument(f"stop_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
+    for i, t in enumerate(req.allowed_token_ids):
+        if t >= vocab:
+            raise InvalidArgument(f"allowed_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
     min_tokens = req.min_tokens if req.HasField("min_tokens") else 0
     if not 0 <= min_tokens <= max_tokens:
         raise InvalidArgument("min_tokens", f"must be in [0, max_tokens={max_tokens}], got {min_tokens}")
@@ -126,6 +129,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         logit_bias=tuple(sorted(req.logit_bias.items())),
         min_tokens=min_tokens,
         prompt_logprobs=prompt_logprobs,
+        allowed_token_ids=tuple(sorted(set(req.allowed_token_ids))),
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")

@@ -112,6 +112,56 @@ def test_echo_puts_the_prompt_and_its_logprobs_before_the_answer(server: Running
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == plain.usage.total_tokens
 
 
+def test_vllm_prompt_logprobs_give_each_prompt_position_its_token_and_top_n_with_ranks(
+        server: RunningServer, oai: openai.OpenAI) -> None:
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    tok, ids = tiny_tokenizer(), [5, 6, 7, 8, 9, 10]
+    want = server.stub.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=2, prompt_logprobs=2), timeout=30)
+    assert all(lp.HasField("rank") and lp.rank >= 1 for lp in want.prompt_logprobs)  # gRPC carries the rank too
+    r = httpx.post(_url(server, "/v1/completions"), timeout=30,
+                   json={"model": "tiny", "prompt": ids, "max_tokens": 2, "n": 2, "prompt_logprobs": 2}).json()
+    for c in r["choices"]:
+        got = c["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(ids)
+        for pos, lp in zip(got[1:], want.prompt_logprobs):
+            assert list(pos)[0] == str(lp.token_id)  # the prompt's token first, then the top 2
+            assert pos[str(lp.token_id)] == {"logprob": pytest.approx(lp.logprob), "rank": lp.rank,
+                                             "decoded_token": tok.decode([lp.token_id])}
+            for rank, top in enumerate(lp.top_logprobs, 1):
+                assert pos[str(top.token_id)]["logprob"] == pytest.approx(top.logprob)
+                assert pos[str(top.token_id)]["rank"] == (lp.rank if top.token_id == lp.token_id else rank)
+            assert len(pos) == 3 - (lp.rank <= 2)
+        assert c["logprobs"] is None
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(_url(server, "/v1/chat/completions"), timeout=30,
+                      json={"model": "tiny", "messages": msgs, "max_tokens": 2, "prompt_logprobs": 0}).json()
+    n_prompt = chat["usage"]["prompt_tokens"]
+    assert len(chat["prompt_logprobs"]) == n_prompt and all(len(p) == 1 for p in chat["prompt_logprobs"][1:])
+    for body, param in [({"prompt": ids, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+                        ({"prompt": ids, "prompt_logprobs": 1, "echo": True, "logprobs": 2}, "prompt_logprobs"),
+                        ({"prompt": ids, "prompt_logprobs": 21}, "prompt_logprobs"),
+                        ({"prompt": ids, "prompt_logprobs": -1}, "prompt_logprobs")]:
+        bad = httpx.post(_url(server, "/v1/completions"), json={"model": "tiny", **body}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (body, bad.text)
+
+
+def test_allowed_token_ids_hold_on_the_prefill_and_the_decode_worker(server: RunningServer, oai: openai.OpenAI) -> None:
+    tok = tiny_tokenizer()
+    allowed = sorted({t for t in tok("abc xyz")["input_ids"]})
+    for temperature in (0.0, 1.0):
+        r = oai.completions.create(model="tiny", prompt="spell it", max_tokens=12, temperature=temperature, seed=5,
+                                   extra_body={"allowed_token_ids": allowed})
+        assert r.usage.completion_tokens == 12 and set(tok(r.choices[0].text)["input_ids"]) <= set(allowed)
+    free = server.generate(prompt="spell it", max_tokens=12, ignore_eos=True)
+    assert not set(free.token_ids) <= set(allowed)  # without it the answer leaves the set
+    got = server.generate(prompt="spell it", max_tokens=12, allowed_token_ids=allowed)
+    assert set(got.token_ids) <= set(allowed) and len(got.token_ids) == 12  # EOS not listed: never drawn
+    bad = httpx.post(_url(server, "/v1/completions"), timeout=30,
+                     json={"model": "tiny", "prompt": "x", "allowed_token_ids": [1, "a"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "allowed_token_ids"
+
+
 def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:
     plain = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True)
     banned = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True, logit_bias={plain.token_ids[0]: -100.0})

@@ -42,6 +42,8 @@ def _check(ids: list[int], got: tuple[TokenLogprob, ...] | list[TokenLogprob] | 
     for j, lp in enumerate(got):
         assert lp.token_id == ids[j + 1]
         assert lp.logprob == pytest.approx(float(ref[j, ids[j + 1]]), abs=1e-4)
+        likelier = ref[j] - ref[j, ids[j + 1]]  # [V]: > 0 where HF found a token likelier
+        assert int((likelier > 1e-4).sum()) + 1 <= lp.rank <= int((likelier > -1e-4).sum())  # type: ignore[operator]
         want = torch.topk(ref[j], top)
         assert [t for t, _ in lp.top] == want.indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(want.values.tolist(), abs=1e-4)

@@ -47,6 +47,7 @@ def test_given_request_id_is_kept() -> None:
         (dict(prompt="hi", max_tokens=51), "max_tokens"),
         (dict(prompt="hi", temperature=float("nan")), "temperature"),
         (dict(prompt="hi", stop_token_ids=[100000]), "stop_token_ids[0]"),
+        (dict(prompt="hi", allowed_token_ids=[5, 100000]), "allowed_token_ids[1]"),
         (dict(prompt="hi", stop=["a"] * 17), "stop"),
         (dict(prompt="hi", logit_bias={100000: 1.0}), "logit_bias[100000]"),
         (dict(prompt="hi", max_tokens=5, min_tokens=6), "min_tokens"),

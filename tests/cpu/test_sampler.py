@@ -181,6 +181,21 @@ def test_logit_bias_bans_and_forces_tokens_of_its_own_row_only() -> None:
     assert best[3] not in draws and len(draws) > 5  # banned, and the rest still drawn from
 
 
+def test_allowed_token_ids_are_the_only_ones_a_row_takes_and_only_in_its_row() -> None:
+    x = _logits()
+    best = x.argmax(-1).tolist()
+    few = (3, 50, 99, 1000)  # 1000: past V, skipped
+    params = [SamplingParams(allowed_token_ids=few), SamplingParams(), SamplingParams(logprobs=1),
+              SamplingParams(temperature=3.0, seed=1, allowed_token_ids=few)]
+    toks, lps = sample(x, params, [0, 1, 2, 3])
+    assert toks[0] == max(few[:3], key=lambda t: x[0, t].item()) and toks[1:3] == best[1:3]
+    assert lps[2] == sample(x[2:3], [SamplingParams(logprobs=1)], [2])[1][0]  # the raw distribution, as alone
+    draws = {sample(x[3:4], [SamplingParams(temperature=3.0, seed=s, allowed_token_ids=few)], [0])[0][0]
+             for s in range(100)}
+    assert draws == set(few[:3])  # each allowed one is drawn, nothing else
+    assert not sampler.plain(params[0], 5) and sampler.plain(params[1], 5)  # masked on the host's path
+
+
 def test_banned_tokens_are_never_taken_and_only_in_their_row() -> None:
     x = _logits()
     best = x.argmax(-1).tolist()
