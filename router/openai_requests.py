@@ -58,12 +58,7 @@ class Prompt:
 
 def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[list[pb.GenerateRequest], Options]:
     """One request per prompt (chat: one), the same fields each; choice `p * n + i` is prompt p's i-th."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    body = json_object(raw)
     unknown = sorted(set(body) - (CHAT if chat else COMPLETION))
     if unknown:
         raise BadRequest(f"unsupported field: {unknown[0]}", unknown[0], code="unsupported_parameter")
@@ -109,18 +104,8 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise BadRequest("stop must be a string or a list of strings", "stop")
         req.stop.extend(stops)
-    stop_ids = body.get("stop_token_ids")
-    if stop_ids is not None:
-        if not isinstance(stop_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in stop_ids):
-            raise BadRequest("stop_token_ids must be a list of token ids", "stop_token_ids")
-        req.stop_token_ids.extend(stop_ids)
-    allowed = body.get("allowed_token_ids")
-    if allowed is not None:
-        if not isinstance(allowed, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in allowed):
-            raise BadRequest("allowed_token_ids must be a list of token ids", "allowed_token_ids")
-        req.allowed_token_ids.extend(allowed)
+    req.stop_token_ids.extend(token_id_list(body, "stop_token_ids"))
+    req.allowed_token_ids.extend(token_id_list(body, "allowed_token_ids"))
     req.include_stop_str_in_output = _get(body, "include_stop_str_in_output", bool, False)
     truncate = _get(body, "truncate_prompt_tokens", int, None)
     if truncate is not None:
@@ -162,6 +147,29 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
     return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous,
                          prompt_logprobs=scored is not None)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # json's decoder recurses per level of nesting
+        raise BadRequest("the body is nested too deeply", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def token_id_list(body: dict[str, Any], name: str) -> list[int]:
+    """A field that is a list of token ids (each fits the wire's uint32); absent: []."""
+    ids = body.get(name)
+    if ids is None:
+        return []
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
+                                            for t in ids):
+        raise BadRequest(f"{name} must be a list of token ids", name)
+    return ids
 
 
 def _prompts(body: dict[str, Any]) -> list[str | list[int]]:

@@ -8,13 +8,12 @@ the other routes.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.chat import chat_prompt_ids
 from router.errors import InvalidArgument
-from router.openai_requests import BadRequest, chat_messages
+from router.openai_requests import BadRequest, chat_messages, json_object, token_id_list
 
 TOKENIZE_PROMPT = {"model", "prompt", "add_special_tokens", "return_token_strs"}
 TOKENIZE_CHAT = {"model", "messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
@@ -45,23 +44,18 @@ def tokenize(raw: bytes, model: str, tokenizer: Any, max_model_len: int) -> dict
 def detokenize(raw: bytes, model: str, tokenizer: Any) -> dict[str, Any]:
     body = _body(raw, model)
     _known(body, DETOKENIZE)
-    ids = body.get("tokens")
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if "tokens" not in body:
         raise BadRequest("tokens must be a list of token ids", "tokens")
+    ids = token_id_list(body, "tokens")
     vocab = len(tokenizer)
     for i, t in enumerate(ids):
-        if not 0 <= t < vocab:
+        if t >= vocab:
             raise BadRequest(f"{t} is outside the vocabulary (size {vocab})", f"tokens[{i}]")
     return {"prompt": tokenizer.decode(ids)}
 
 
 def _body(raw: bytes, model: str) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    body = json_object(raw)
     if body.get("model", model) != model:  # vLLM: model is optional here
         raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves {model!r})",
                          "model", 404, "model_not_found")

@@ -425,7 +425,8 @@ def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: Runni
     values = [None, 0, -1, 1, 3.5, 1e308, 10**20, "tiny", "", "x" * 10, [], [1, 2], ["a"], {}, {"include_usage": True},
               True, False, [{"role": "user", "content": "hi"}], [{"role": 5}], {"\u00b2": 1}, {"7": -100},
               {"enable_thinking": True}, {"tokenize": False}, [{"role": "assistant", "content": "so"}]]
-    bodies: list[bytes] = [b"", b"{", b"[]", b"null", b"\xff\xfe", json.dumps("str").encode(), b'{"model": "tiny",}']
+    bodies: list[bytes] = [b"", b"{", b"[]", b"null", b"\xff\xfe", json.dumps("str").encode(), b'{"model": "tiny",}',
+                           b"[" * 5000, b'{"model": "tiny", "prompt": ' + b"[" * 5000]  # json.loads: RecursionError
     for _ in range(250):
         body = {k: rng.choice(values) for k in rng.sample(keys, rng.randrange(1, 6))}
         if rng.random() < 0.7:
