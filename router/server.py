@@ -24,10 +24,11 @@ import uvicorn
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import ServerConfig
+from router.errors import InvalidArgument
 from router.http_api import build_app
 from router.security import AuthInterceptor, TokenStore, grpc_credentials, uvicorn_ssl
 from router.service import GenerationService, Refused
-from router.validation import InvalidArgument, ValidRequest, parse
+from router.validation import ValidRequest, parse
 
 __all__ = ["GenerationService", "GrpcFront", "RouterServer"]
 

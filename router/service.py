@@ -19,8 +19,9 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from router.config import LimitsConfig
 from router.detokenizer import IncrementalDetokenizer, StopMatcher
 from router.dispatcher import AlreadyExists, DeadlineExceeded, Dispatcher, ResourceExhausted, TokenChunk, WorkerFailure
+from router.errors import InvalidArgument
 from router.metrics import RouterMetrics
-from router.validation import InvalidArgument, ValidRequest, validate
+from router.validation import ValidRequest, validate
 
 log = logging.getLogger(__name__)
 
