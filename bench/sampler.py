@@ -3,7 +3,9 @@
     python bench/sampler.py --logits default --output bench/results/sampler.json   # CPU, this machine
     python bench/sampler.py --device cuda --vocab 32000,128256 --batch 1,64        # on a GPU
 
-Logits [B, V], every row of one kind: greedy, temperature 0.8, top-p 0.95, top-k 50, seeded.
+Logits [B, V], every row of one kind: greedy, temperature 0.8, top-p 0.95, top-k 50, seeded; with
+--logits default also `structured`: greedy rows each held to a JSON schema, midway through a string
+value (the grammar's mask is computed on the host each step, engine/structured.py).
 --logits default: real next-token distributions — the embedded model's logits at B positions of
 this repository's README (its nucleus at top_p 0.95: median ~50 tokens, some thousands);
 gaussian: N(0, 3²) per token (vocabulary sizes from --vocab). On CUDA each call ends with the host
@@ -33,17 +35,35 @@ KINDS = {
 }
 
 
-def time_call(logits: torch.Tensor, params: SamplingParams, runs: int) -> float:
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "tags": {"type": "array", "items": {"type": "string"}}},
+          "required": ["name", "age", "tags"]}
+
+
+def time_call(logits: torch.Tensor, params: SamplingParams, runs: int, guides: list | None = None) -> float:  # type: ignore[type-arg]
     """Median ms of sample() over `runs` calls after one warm-up."""
     rows = [params] * logits.shape[0]
     positions = list(range(logits.shape[0]))
-    sample(logits, rows, positions)
+    sample(logits, rows, positions, guides=guides)
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        sample(logits, rows, positions)
+        sample(logits, rows, positions, guides=guides)
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def structured_guides(tokenizer, batch: int, vocab: int) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """`batch` Guides of SCHEMA, each having followed `{"name": "Jo` (a mask does not move a Guide)."""
+    from engine.structured import Guides, grammar_text
+
+    guides = Guides(lambda: tokenizer, vocab)
+    grammar = grammar_text("json_schema", json.dumps(SCHEMA))
+    out = [guides.new(grammar) for _ in range(batch)]
+    for g in out:
+        g.follow(tokenizer('{"name":"Jo')["input_ids"])
+        assert not g.complete, g.error
+    return out
 
 
 def readme_logits(batch: int) -> torch.Tensor:
@@ -59,6 +79,14 @@ def readme_logits(batch: int) -> torch.Tensor:
     with torch.no_grad():
         logits = model(ids).logits[0]  # [T, V]
     return logits[torch.linspace(0, logits.shape[0] - 1, batch).long()]
+
+
+def default_tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    from engine.model_loader import default_model_dir
+
+    return AutoTokenizer.from_pretrained(default_model_dir())
 
 
 def main() -> None:
@@ -81,6 +109,9 @@ def main() -> None:
                 logits = (torch.randn(batch, vocab, generator=g) * 3).to(args.device)
             row = {"vocab": vocab, "batch": batch}
             row.update({f"{kind}_ms": round(time_call(logits, p, args.runs), 3) for kind, p in KINDS.items()})
+            if args.logits == "default":
+                row["structured_ms"] = round(time_call(logits, KINDS["greedy"], args.runs,
+                                                       structured_guides(default_tokenizer(), batch, vocab)), 3)
             print(json.dumps(row), flush=True)
             results.append(row)
     out = {"device": args.device, "logits": args.logits, "torch_threads": torch.get_num_threads(), "runs": args.runs, "results": results}

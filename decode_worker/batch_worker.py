@@ -34,13 +34,14 @@ from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
 from engine.event_stream import EventBatch, EventOutbox
 from engine.kv_handoff import shared_cache
-from engine.model_loader import load_model
+from engine.model_loader import load_model, load_tokenizer
 from engine.model_runner import ModelRunner, SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
 from engine.sampler import History, plain, sample, sample_plain
 from engine.step_loop import InFlight, Step, StepLoop
+from engine.structured import Guide, Guides
 from engine.types import (
     DecodeEvent, FinishReason, PrefillRequest, PrefillResult, ReserveResult, SamplingParams, TokenLogprob, WorkerStats,
     banned_now,
@@ -87,6 +88,7 @@ class BatchWorker(StepLoop):
         self.outbox = EventOutbox()  # this worker's events to the router (engine/event_stream.py)
         self._follows = 0  # steps in a row that followed one in flight
         self.overlap_steps = cfg.overlap_steps
+        self.guides = Guides(lambda: load_tokenizer(model_cfg), model.config.vocab_size)  # structured outputs
 
     # -- called by the router -------------------------------------------------------------------
     def ready(self) -> str:
@@ -97,7 +99,9 @@ class BatchWorker(StepLoop):
         self, request_id: str, num_prompt_tokens: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...],
         prompt_ids: list[int] | None = None, cache_salt: str = "",
     ) -> ReserveResult:
-        """1."""
+        """1. A grammar (structured output) is compiled here, before its first step needs it."""
+        if sampling.grammar and (error := self.guides.prepare(sampling.grammar)):
+            return ReserveResult(False, f"structured output: {error}")
         with self.lock:
             return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids, cache_salt)
 
@@ -107,6 +111,8 @@ class BatchWorker(StepLoop):
     ) -> ReserveResult:
         """A request whose decode worker was lost goes on here: its KV is recomputed from its prompt
         and the tokens streamed so far (as after a preemption), then it decodes on."""
+        if sampling.grammar and (error := self.guides.prepare(sampling.grammar)):
+            return ReserveResult(False, f"structured output: {error}")
         with self.wake:
             r = self.scheduler.adopt(request_id, prompt_ids, output_ids, sampling, eos_token_ids, cache_salt)
             self.nudge()
@@ -224,14 +230,22 @@ class BatchWorker(StepLoop):
         """One new token per running request: its last one, at position num_tokens - 1."""
         return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table) for r in batch]
 
-    @staticmethod
-    def _decode_sampling(batch: list[DecodeRequest]) -> tuple[list[SamplingParams], list[int], list[History | None],
-                                                               list[tuple[int, ...]]]:
+    def _decode_sampling(self, batch: list[DecodeRequest]) -> tuple[list[SamplingParams], list[int], list[History | None],
+                                                                    list[tuple[int, ...]], list[Guide | None]]:
         """sample()'s arguments for the decode rows: params, the positions being sampled, histories,
-        banned tokens."""
+        banned tokens, guides."""
         return ([r.sampling for r in batch], [r.num_tokens for r in batch],
                 [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch],
-                [banned_now(r.sampling, len(r.output_ids), r.eos_token_ids) for r in batch])
+                [banned_now(r.sampling, len(r.output_ids), r.eos_token_ids) for r in batch],
+                [self._guide(r) for r in batch])
+
+    def _guide(self, r: DecodeRequest) -> Guide | None:
+        """A structured output's Guide, made at its first sampling here, having followed its output."""
+        if r.sampling.grammar and r.guide is None:
+            r.guide = self.guides.new(r.sampling.grammar)  # compiled at reserve: a copy
+        if r.guide is not None:
+            r.guide.follow(r.output_ids)
+        return r.guide
 
     def _recompute_rows(self, budget: int) -> tuple[list[Recompute], list[SeqInput]]:
         """Under `lock`: resume preempted requests that fit now, and this step's chunks (at most
@@ -263,16 +277,18 @@ class BatchWorker(StepLoop):
             for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
                 self.allocator.commit(c.pending.request.request_id, c.start + c.length)
             done = self.prompts.finish(step.prompts, {i - step.prompt_rows.start: lps for i, lps in step.scores.items()})
-        params, positions, histories, banned = self._decode_sampling(step.decode)
+        params, positions, histories, banned, guides = self._decode_sampling(step.decode)
         for p, _ in done:
             params.append(p.request.sampling)
             positions.append(p.num_tokens)
             histories.append(History(p.request.token_ids, ()))
             banned.append(banned_now(p.request.sampling, 0, p.request.eos_token_ids))
+            r = self.scheduler.requests.get(p.request.request_id)
+            guides.append(None if r is None else self._guide(r))
         rows = list(range(len(step.decode))) + [step.prompt_rows.start + i for _, i in done]
         if not rows:  # only chunks that do not end their prompt
             return
-        tokens, lps = sample(logits[rows], params, positions, histories, banned)
+        tokens, lps = sample(logits[rows], params, positions, histories, banned, guides)
         n = len(step.decode)
         if step.decode:
             self._decoded(step.decode, tokens[:n], lps[:n])

@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.structured import Guide
 from engine.types import FinishReason, SamplingParams, finish_reason
 
 
@@ -35,6 +36,7 @@ class DecodeRequest:
     recomputed: int = 0  # RECOMPUTING: tokens of recompute_ids() whose KV is computed again so far
     cache_salt: str | None = None  # its KV blocks are shared only under this salt; None: never shared
     shared_tokens: int = 0  # of its prompt, the tokens whose KV it found cached here at reserve (never written)
+    guide: Guide | None = None  # structured output: its place in its grammar (made at its first sampling here)
 
     def recompute_ids(self) -> list[int]:
         """The tokens whose KV it holds when it runs: the prompt and every output but the last (that
@@ -51,5 +53,11 @@ class DecodeRequest:
         return self.output_ids[-1]
 
     def check_finished(self) -> FinishReason | None:
-        """Decide after appending a token whether the request is done."""
-        return finish_reason(self.output_ids[-1], len(self.output_ids), self.sampling, self.eos_token_ids)
+        """Decide after appending a token whether the request is done (structured output: also once
+        its grammar takes nothing more)."""
+        reason = finish_reason(self.output_ids[-1], len(self.output_ids), self.sampling, self.eos_token_ids)
+        if reason is None and self.guide is not None:
+            self.guide.follow(self.output_ids)
+            if self.guide.complete:
+                return FinishReason.STOP
+        return reason

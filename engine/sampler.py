@@ -2,8 +2,8 @@
 three more when a row is not greedy: which rows fall back to a sort, engine/race.py); none before
 the host reads the tokens for a batch of plain() rows (sample_plain: a step in flight).
 
-Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → allowed_token_ids → banned tokens
-(min_tokens) → greedy rows: argmax → the rest: temperature → top-k → top-p → min-p → draw
+Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → allowed_token_ids → the
+grammar's mask (structured outputs, engine/structured.py) → banned tokens (min_tokens) → greedy rows: argmax → the rest: temperature → top-k → top-p → min-p → draw
 (engine/race.py). Logprobs are the log-softmax of the raw logits. The draw is an exponential race
 whose noise is a hash of (row key, token id), so a seeded request's row key (seed, position) gives
 the same token whatever else is in the batch and whichever worker samples it; unseeded rows get a
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.race import M32, draw, draw_sorted, on_device, take_rows
+from engine.structured import Guide, mask_logits
 from engine.types import SamplingParams, TokenLogprob
 
 Drawer = Callable[[torch.Tensor, list[SamplingParams], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -119,9 +120,11 @@ def sample(
     positions: list[int],
     histories: list[History | None] | None = None,
     banned: list[Sequence[int]] | None = None,
+    guides: Sequence[Guide | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] (float32); positions[i] = the position the sampled token will occupy;
-    banned[i]: token ids row i may not take (engine/types.py `banned_now`)."""
+    banned[i]: token ids row i may not take (engine/types.py `banned_now`); guides[i]: row i's place
+    in its grammar (structured output), having followed every token before this one."""
     logits = logits.float().nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it)
     B, V = logits.shape
     raw = logits
@@ -131,6 +134,8 @@ def sample(
         logits = _bias(logits, params)
     if any(p.allowed_token_ids for p in params):
         logits = _allow(logits, params)
+    if guides is not None and any(g is not None for g in guides):
+        logits = mask_logits(logits, guides)
     if banned is not None and any(banned):
         logits = _ban(logits, banned)
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
@@ -153,10 +158,10 @@ def _drawn(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingPara
 
 def plain(sampling: SamplingParams, num_generated: int) -> bool:
     """Whether a row's next token (after `num_generated`) needs nothing from the host but its
-    parameters: no penalty, no bias, past its min_tokens (greedy or drawn) — what sample_plain()
-    draws with no host sync."""
+    parameters: no penalty, no bias, no grammar, past its min_tokens (greedy or drawn) — what
+    sample_plain() draws with no host sync."""
     return (not sampling.penalized and not sampling.logit_bias and not sampling.allowed_token_ids
-            and num_generated >= sampling.min_tokens)
+            and not sampling.grammar and num_generated >= sampling.min_tokens)
 
 
 def sample_plain(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> Sampled:

@@ -35,6 +35,7 @@ class SamplingParams:
     min_tokens: int = 0  # before this many tokens, EOS and stop token ids are not drawn (stop strings not matched)
     prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob (but the first's) + top-N
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: () any token; else only these may be drawn
+    grammar: str = ""  # structured output: the grammar the answer must match (engine/structured.py); "": free text
 
     @property
     def greedy(self) -> bool:

@@ -35,14 +35,17 @@ from engine.kv_handoff import (
     Backend, DecodeEndpoint, DecodePeer, HandoffSender, KVDestination, PairChannel, TorchPairChannel, WriteGrant,
     WriteJob,
 )
-from engine.model_loader import load_model
+from engine.model_loader import load_model, load_tokenizer
 from engine.model_runner import ModelRunner
 from engine.prefill_scheduler import PendingPrefill
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
 from engine.sampler import History, sample
 from engine.step_loop import Step, StepLoop
-from engine.types import PrefillRequest, PrefillResult, TokenLogprob, WorkerStats, banned_now, finish_reason
+from engine.structured import Guide, Guides
+from engine.types import (
+    FinishReason, PrefillRequest, PrefillResult, TokenLogprob, WorkerStats, banned_now, finish_reason,
+)
 from prefill_worker.config import PrefillConfig
 
 log = logging.getLogger(__name__)
@@ -95,7 +98,9 @@ class PrefillWorker(StepLoop):
         self.boot_id = uuid.uuid4().hex[:12]
         self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
-        self.runner = ModelRunner(load_model(model_cfg), blocks, block_size, model_cfg.kernels)
+        model = load_model(model_cfg)
+        self.runner = ModelRunner(model, blocks, block_size, model_cfg.kernels)
+        self.guides = Guides(lambda: load_tokenizer(model_cfg), model.config.vocab_size)  # structured outputs
         # scratch blocks: a prompt's are released once handed off, its full ones kept for reuse
         self.allocator = PrefixCache(blocks, block_size, enabled=cfg.prefix_cache)
         self.prompts = PromptQueue(cfg.max_batch_tokens, cfg.chunk_tokens)
@@ -134,8 +139,11 @@ class PrefillWorker(StepLoop):
 
     # -- called by the router ---------------------------------------------------------------------
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
-        """1. Block until the first token is sampled (or the deadline passes)."""
+        """1. Block until the first token is sampled (or the deadline passes). A grammar (structured
+        output) is compiled here, before the step that samples with it."""
         rid = request.request_id
+        if request.sampling.grammar and (error := self.guides.prepare(request.sampling.grammar)):
+            return PrefillResult.failed(rid, f"structured output: {error}")
         if request.dest is not None and request.dest.worker_id not in self.sender.links:
             return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
         with self.lock:
@@ -240,13 +248,15 @@ class PrefillWorker(StepLoop):
             done = self.prompts.finish(step.prompts, step.scores)
         if not done:
             return
+        guides = [self.guides.new(p.request.sampling.grammar) if p.request.sampling.grammar else None
+                  for p, _ in done]
         firsts, lps = sample(
             logits[[i for _, i in done]], [p.request.sampling for p, _ in done], [p.num_tokens for p, _ in done],
             [History(p.request.token_ids, ()) for p, _ in done],
-            [banned_now(p.request.sampling, 0, p.request.eos_token_ids) for p, _ in done],
+            [banned_now(p.request.sampling, 0, p.request.eos_token_ids) for p, _ in done], guides,
         )
-        for (p, _), first, lp in zip(done, firsts, lps):
-            self._prefilled(p, first, lp)
+        for (p, _), first, lp, guide in zip(done, firsts, lps, guides):
+            self._prefilled(p, first, lp, guide)
 
     def _fail_step(self, step: Step, error: str) -> None:
         with self.lock:
@@ -254,13 +264,17 @@ class PrefillWorker(StepLoop):
                 self.allocator.release(rid)
                 self.prompts.answer(rid, PrefillResult.failed(rid, f"prefill {error}"))
 
-    def _prefilled(self, p: PendingPrefill, first: int, lp: TokenLogprob | None) -> None:
-        """4. The prompt is computed: answer at once if its first token ends it, else hand its KV off
-        (the router is answered when the write is granted)."""
+    def _prefilled(self, p: PendingPrefill, first: int, lp: TokenLogprob | None, guide: Guide | None = None) -> None:
+        """4. The prompt is computed: answer at once if its first token ends it (or its grammar:
+        `guide`), else hand its KV off (the router is answered when the write is granted)."""
         req = p.request
         assert p.started is not None
+        finished = finish_reason(first, 1, req.sampling, req.eos_token_ids)
+        if finished is None and guide is not None:
+            guide.follow([first])
+            finished = FinishReason.STOP if guide.complete else None
         result = PrefillResult(
-            req.request_id, first, finish_reason(first, 1, req.sampling, req.eos_token_ids),
+            req.request_id, first, finished,
             (p.started - p.enqueued) * 1000, (time.monotonic() - p.started) * 1000, 0, first_logprob=lp,
             cached_tokens=p.cached, prompt_logprobs=p.scored(),
         )

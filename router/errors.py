@@ -10,6 +10,14 @@ class InvalidArgument(ValueError):
         self.field = field
 
 
+class BadRequest(ValueError):
+    """An HTTP body the OpenAI front refuses: HTTP `status`, `param` names the field (OpenAI's error object)."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
 class ResourceExhausted(RuntimeError):
     """No room for it (KV, the admission queue, the in-flight limit)."""
 

@@ -28,8 +28,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.choices import fan_out, merged
+from router.errors import BadRequest
 from router.openai_answers import Choice, chunk_obj, final_obj, total_usage, usage_obj
-from router.openai_requests import BadRequest, Options, Prompt, parse_body, with_prompts, with_token_text
+from router.openai_requests import Options, Prompt, parse_body, with_prompts, with_token_text
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize
@@ -146,7 +147,7 @@ class OpenAIFront:
         try:
             pbreqs, opts = parse_body(await request.body(), chat, self.model, self.svc.limits.max_choices)
             reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
-                    for child in fan_out(self._admit(r, p, len(pbreqs)), opts.n)]
+                    for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
             opts = with_token_text(opts, self._token_text)
             if opts.echo:
                 opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
@@ -183,13 +184,16 @@ class OpenAIFront:
             return req.prompt
         return self.svc.tokenizer.decode(valid.prompt_ids)
 
-    def _admit(self, req: pb.GenerateRequest, p: int, prompts: int) -> ValidRequest:
-        """Prompt p of a batch of `prompts`; a refusal about a batch's prompt names it: prompt[p]."""
+    def _admit(self, req: pb.GenerateRequest, p: int, prompts: int, structured: str) -> ValidRequest:
+        """Prompt p of a batch of `prompts`; a refusal about a batch's prompt names it: prompt[p]; one
+        about the structured output names the HTTP field it came from (`structured`)."""
         try:
             return self.svc.admit(req)
         except Refused as e:
             if prompts > 1 and e.field == "prompt":
                 raise Refused(e.code, f"prompt[{p}]: {e.message}", f"prompt[{p}]") from None
+            if structured and e.field and e.field.startswith("structured"):
+                raise Refused(e.code, e.message.replace(e.field, structured, 1), structured) from None
             raise
 
     async def _sse(self, rid: str, opts: Options, first: tuple[int, Any],

@@ -15,21 +15,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
+from router.errors import BadRequest
+from router.structured import HTTP_FIELDS, from_http
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
           "min_tokens", "user", "cache_salt", "logit_bias", "stop_token_ids", "include_stop_str_in_output",
           "skip_special_tokens", "truncate_prompt_tokens", "prompt_logprobs",
-          "allowed_token_ids"}
+          "allowed_token_ids", *HTTP_FIELDS}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
                  "continue_final_message", "chat_template_kwargs"}
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
 
 
 @dataclass(frozen=True)
@@ -46,6 +42,7 @@ class Options:
     prompts: tuple[Prompt, ...] = ()  # echo: choice i's prompt (set by the front, once tokenized)
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs: the choice (chat: the answer) carries them
+    structured_param: str = ""  # the HTTP field the structured output came from (a refusal of it names it)
 
 
 @dataclass(frozen=True)
@@ -106,6 +103,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
         req.stop.extend(stops)
     req.stop_token_ids.extend(token_id_list(body, "stop_token_ids"))
     req.allowed_token_ids.extend(token_id_list(body, "allowed_token_ids"))
+    structured = from_http(body, req)
     req.include_stop_str_in_output = _get(body, "include_stop_str_in_output", bool, False)
     truncate = _get(body, "truncate_prompt_tokens", int, None)
     if truncate is not None:
@@ -146,7 +144,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
     return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous,
-                         prompt_logprobs=scored is not None)
+                         prompt_logprobs=scored is not None, structured_param=structured or "")
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

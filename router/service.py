@@ -85,8 +85,11 @@ class GenerationService:
                         stop_reason = str(ids[-1])
                     else:
                         stop_reason = ""
-                    # the EOS or stop token id that ended it has no text (as vLLM), unless asked for
-                    shown = ids[:-1] if finish is FinishReason.STOP and ids and not req.include_stop_str else ids
+                    # the EOS or stop token id that ended it has no text (as vLLM), unless asked for; a
+                    # token that completed a structured output's grammar is part of the answer
+                    ended_by = (finish is FinishReason.STOP and bool(ids) and (ids[-1] in req.sampling.stop_token_ids or (
+                        not req.sampling.ignore_eos and ids[-1] in self.dispatcher.eos_token_ids)))
+                    shown = ids[:-1] if ended_by and not req.include_stop_str else ids
                     quiet = max(0, min(len(shown), req.sampling.min_tokens - n_out))  # tokens within min_tokens
                     text = stops.add(detok.add(shown[:quiet]), armed=False) if quiet else ""
                     text += stops.add(detok.add(shown[quiet:])) if quiet < len(shown) else ""

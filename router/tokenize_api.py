@@ -12,8 +12,8 @@ from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.chat import chat_prompt_ids
-from router.errors import InvalidArgument
-from router.openai_requests import BadRequest, chat_messages, json_object, token_id_list
+from router.errors import BadRequest, InvalidArgument
+from router.openai_requests import chat_messages, json_object, token_id_list
 
 TOKENIZE_PROMPT = {"model", "prompt", "add_special_tokens", "return_token_strs"}
 TOKENIZE_CHAT = {"model", "messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",

@@ -16,6 +16,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from router.chat import chat_prompt_ids
 from router.config import LimitsConfig
 from router.errors import InvalidArgument
+from router.structured import grammar_of
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_SALT_CHARS = 256
@@ -130,6 +131,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         min_tokens=min_tokens,
         prompt_logprobs=prompt_logprobs,
         allowed_token_ids=tuple(sorted(set(req.allowed_token_ids))),
+        grammar=grammar_of(req, tokenizer),
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")

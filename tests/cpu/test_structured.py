@@ -1,0 +1,174 @@
+"""Structured outputs without workers: the grammar's mask in the sampler, a Guide's replay, the
+router's checks and the HTTP fields that carry them (end to end: test_http_api.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.sampler import sample
+from engine.structured import Guide, Guides, grammar_text
+from engine.tiny import tiny_model, tiny_tokenizer
+from engine.types import SamplingParams
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.config import LimitsConfig
+from router.errors import BadRequest
+from router.openai_requests import parse_body
+from router.validation import InvalidArgument, validate
+
+TOK = tiny_tokenizer()
+V = 259
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["color", "ok", "n"], "additionalProperties": False}
+
+
+def _guides() -> Guides:
+    return Guides(tiny_tokenizer, V)
+
+
+def _generate(params: SamplingParams, guide: Guide | None, prompt: str = "hello", steps: int = 80) -> list[int]:
+    """The tiny model's answer token by token, `guide` following it as a worker's does (None: free)."""
+    model, ids, out = tiny_model(), TOK(prompt)["input_ids"], []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out])).logits[0, -1:]
+        out.append(sample(logits, [params], [len(ids) + len(out)], guides=[guide])[0][0])
+        if guide is not None:
+            guide.follow(out)
+            if guide.complete:
+                break
+        if out[-1] == 2:  # EOS
+            break
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_schema_guided_answer_is_json_the_schema_accepts(temperature: float) -> None:
+    grammar = grammar_text("json_schema", json.dumps(SCHEMA))
+    params = SamplingParams(temperature=temperature, seed=3, grammar=grammar)
+    out = _generate(params, _guides().new(grammar))
+    doc = json.loads(TOK.decode(out))
+    assert set(doc) == {"color", "ok", "n"} and doc["color"] in ("red", "green") and isinstance(doc["ok"], bool)
+    assert 0 <= doc["n"] <= 99
+    free = _generate(SamplingParams(temperature=temperature, seed=3), None, steps=len(out))
+    assert free != out  # the tiny random model does not write JSON by itself: the mask did it
+
+
+def test_the_mask_touches_only_its_row_and_leaves_what_the_grammar_allows() -> None:
+    x = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
+    guide = _guides().new(grammar_text("choice", ["yes", "no"]))
+    tokens, _ = sample(x, [SamplingParams(), SamplingParams(), SamplingParams(temperature=2.0, seed=1)], [0, 0, 0],
+                       guides=[None, guide, None])
+    assert tokens[0] == int(x[0].argmax())  # rows without a guide unchanged
+    yes, no = TOK("y")["input_ids"][0], TOK("n")["input_ids"][0]
+    assert tokens[1] == (yes if x[1, yes] > x[1, no] else no)  # the better of the two first letters
+    drawn = {sample(x[1:2], [SamplingParams(temperature=5.0, seed=s)], [0], guides=[guide])[0][0] for s in range(40)}
+    assert drawn == {yes, no}  # drawn rows too: only what the grammar allows, both of it
+
+
+def test_a_guide_is_a_function_of_the_tokens_it_followed() -> None:
+    """A moved or preempted request's Guide replays its output at once: the same place as one that
+    followed it step by step (the next masks agree, and it completes at the same token)."""
+    grammar = grammar_text("regex", r"(ab|cd)+!")
+    guides = _guides()
+    out = TOK("abcdab!")["input_ids"]
+    stepwise, replayed = guides.new(grammar), guides.new(grammar)
+    x = torch.zeros(1, V)
+    for i in range(1, len(out)):
+        stepwise.follow(out[:i])
+        replayed_now = guides.new(grammar)
+        replayed_now.follow(out[:i])
+        a = sample(x, [SamplingParams(logprobs=0)], [0], guides=[stepwise])[1][0]
+        b = sample(x, [SamplingParams(logprobs=0)], [0], guides=[replayed_now])[1][0]
+        assert a is not None and b is not None and a.token_id == b.token_id
+        assert not stepwise.complete
+    replayed.follow(out)
+    stepwise.follow(out)
+    assert replayed.complete and stepwise.complete and not replayed.error
+
+
+def test_a_token_the_grammar_refuses_ends_it_in_error() -> None:
+    guide = _guides().new(grammar_text("choice", ["yes"]))
+    guide.follow(TOK("x")["input_ids"])
+    assert guide.complete and guide.error
+
+
+LIMITS = LimitsConfig(max_prompt_tokens=100, max_new_tokens=50, default_max_tokens=20)
+
+
+def _v(**structured):  # type: ignore[no-untyped-def]
+    return validate(pb.GenerateRequest(prompt="hi", structured=pb.StructuredOutput(**structured)), TOK, LIMITS, 120)
+
+
+@pytest.mark.parametrize("structured, field", [
+    (dict(json_schema='{"type": "nonsense"}'), "structured.json_schema"),
+    (dict(json_schema="[1"), "structured.json_schema"),
+    (dict(json_schema="[1]"), "structured.json_schema"),
+    (dict(regex="(a"), "structured.regex"),
+    (dict(regex=""), "structured.regex"),
+    (dict(grammar="start: undefined_rule"), "structured.grammar"),
+    (dict(grammar='start: "a" <|no_such_token|>'), "structured.grammar"),
+    (dict(choice=pb.Choices()), "structured.choice"),
+    (dict(choice=pb.Choices(choices=["a", ""])), "structured.choice[1]"),
+    (dict(json_object=False), "structured.json_object"),
+    (dict(), "structured"),
+])
+def test_a_bad_structured_output_is_refused_naming_its_field(structured: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        _v(**structured)
+    assert e.value.field == field
+
+
+def test_structured_output_refuses_allowed_token_ids_beside_it() -> None:
+    req = pb.GenerateRequest(prompt="hi", allowed_token_ids=[5], structured=pb.StructuredOutput(regex="a+"))
+    with pytest.raises(InvalidArgument) as e:
+        validate(req, TOK, LIMITS, 120)
+    assert e.value.field == "allowed_token_ids"
+
+
+def test_each_kind_becomes_the_grammar_the_workers_get() -> None:
+    assert _v(regex="a+").sampling.grammar == grammar_text("regex", "a+")
+    assert _v(choice=pb.Choices(choices=['say "hi"', "x|y"])).sampling.grammar == grammar_text(
+        "choice", ['say "hi"', "x|y"])
+    assert validate(pb.GenerateRequest(prompt="hi"), TOK, LIMITS, 120).sampling.grammar == ""
+
+
+def _http(**fields):  # type: ignore[no-untyped-def]
+    reqs, opts = parse_body(json.dumps({"model": "m", "prompt": "hi", **fields}).encode(), False, "m", 8)
+    return reqs[0], opts
+
+
+def test_the_http_fields_map_to_the_wire() -> None:
+    req, opts = _http(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    assert json.loads(req.structured.json_schema) == SCHEMA and opts.structured_param == "response_format.json_schema.schema"
+    req, _ = _http(response_format={"type": "json_object"})
+    assert req.structured.json_object
+    req, opts = _http(response_format={"type": "text"})
+    assert not req.HasField("structured") and opts.structured_param == ""
+    req, opts = _http(structured_outputs={"choice": ["a", "b"]})
+    assert list(req.structured.choice.choices) == ["a", "b"] and opts.structured_param == "structured_outputs.choice"
+    req, _ = _http(structured_outputs={"json": json.dumps(SCHEMA)})
+    assert json.loads(req.structured.json_schema) == SCHEMA
+    req, opts = _http(guided_regex="a+")
+    assert req.structured.regex == "a+" and opts.structured_param == "guided_regex"
+    req, _ = _http(guided_grammar='start: "a"')
+    assert req.structured.grammar == 'start: "a"'
+
+
+@pytest.mark.parametrize("fields, param", [
+    (dict(response_format={"type": "xml"}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format.json_schema.schema"),
+    (dict(response_format={"type": "json_object"}, guided_regex="a"), "guided_regex"),
+    (dict(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
+    (dict(structured_outputs={"structural_tag": "a"}), "structured_outputs.structural_tag"),
+    (dict(structured_outputs="a+"), "structured_outputs"),
+    (dict(guided_choice="a"), "guided_choice"),
+    (dict(guided_json=[1]), "guided_json"),
+    (dict(guided_regex=5), "guided_regex"),
+])
+def test_bad_http_structured_fields_are_refused_naming_them(fields: dict, param: str) -> None:
+    with pytest.raises(BadRequest) as e:
+        _http(**fields)
+    assert e.value.param == param
