@@ -48,7 +48,7 @@ def fuzzed(rng: random.Random) -> bytes:
             b[rng.randrange(len(b))] = rng.randrange(256)
         return bytes(b)
     req = valid(rng)
-    f = rng.randrange(14)
+    f = rng.randrange(15)
     if f == 0:
         req.temperature = rng.choice(EXTREME)
     elif f == 1:
@@ -77,6 +77,16 @@ def fuzzed(rng: random.Random) -> bytes:
         req.stop_token_ids.extend([rng.choice([0, 2, 10**9])])
     elif f == 12:
         req.min_tokens = rng.choice([-1, 0, 1, req.max_tokens, req.max_tokens + 1, 10**6])
+    elif f == 13:  # structured outputs, broken and odd
+        s = req.structured
+        rng.choice([lambda: setattr(s, "regex", rng.choice(["(a", "", "[z-a]", "a{99999}", ".*"])),
+                    lambda: setattr(s, "json_schema", rng.choice(["", "[1", "{\"type\": 5}", "{" * 3000,
+                                                                  '{"$ref": "#/nope"}', '{"type": "string"}'])),
+                    lambda: setattr(s, "grammar", rng.choice(["start: x", "start: start", 'start: "a"+'])),
+                    lambda: s.choice.choices.extend(rng.choice([[""], ["a"] * 300, ["\u0000", "é"]])),
+                    lambda: setattr(s, "json_object", rng.random() < 0.5)])()
+        if rng.random() < 0.3:
+            req.allowed_token_ids.append(rng.randrange(256))
     else:
         for _ in range(rng.choice([1, 3, 400])):
             req.logit_bias[rng.choice([0, 2, 7, 255, 10**9])] = rng.choice(EXTREME + [-100.0, -1e9])
@@ -96,6 +106,11 @@ def valid(rng: random.Random) -> pb.GenerateRequest:
     if rng.random() < 0.1:  # EOS, stop ids and stop strings held off for a while
         req.min_tokens = rng.randrange(req.max_tokens + 1)
         req.stop.append(rng.choice(WORDS))
+    if rng.random() < 0.1:  # held to a grammar, sharing steps with free rows
+        rng.choice([lambda: setattr(req.structured, "regex", "[a-z ]{1,30}\\."),
+                    lambda: req.structured.choice.choices.extend(["yes", "no", "not sure"]),
+                    lambda: setattr(req.structured, "json_schema", '{"type": "object", "properties": '
+                                    '{"w": {"enum": ["the", "cat"]}, "n": {"type": "integer"}}}')])()
     if rng.random() < 0.2:
         req.request_id = f"dup-{rng.randrange(5)}"  # clashes with another in flight now and then
     return req

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--timeout", type=float, default=300.0, help="client deadline in seconds")
     g.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    held = g.add_mutually_exclusive_group()  # structured outputs: what the answer must match
+    held.add_argument("--json-schema", help="the answer is JSON this schema accepts (JSON text, or @FILE)")
+    held.add_argument("--regex", help="the whole answer matches this regular expression")
+    held.add_argument("--choice", action="append", help="the answer is one of these strings (repeatable)")
 
     st = sub.add_parser("status", help="per-worker load of a running pdserve")
     st.add_argument("--address", default=DEFAULT_ADDRESS)
@@ -127,6 +132,13 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
                          ("top_p", args.top_p), ("top_k", args.top_k), ("seed", args.seed)):
         if value is not None:
             setattr(req, field, value)
+    if args.json_schema:
+        schema = args.json_schema
+        req.structured.json_schema = Path(schema[1:]).read_text() if schema.startswith("@") else schema
+    elif args.regex:
+        req.structured.regex = args.regex
+    elif args.choice:
+        req.structured.choice.choices.extend(args.choice)
     return req
 
 

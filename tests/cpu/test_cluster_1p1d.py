@@ -333,6 +333,14 @@ def test_generate_cli(server: RunningServer, capsys: pytest.CaptureFixture[str])
     assert cli_main(["generate", "hello", "--raw", "--max-tokens", "5", "--address", server.address, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["finish_reason"] in ("length", "stop") and len(out["token_ids"]) <= 5
+    for held, ok in ((["--choice", "alpha", "--choice", "beta"], lambda t: t in ("alpha", "beta")),
+                     (["--regex", "[xyz]{4}"], lambda t: len(t) == 4 and set(t) <= set("xyz")),
+                     (["--json-schema", '{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+                                        '"required": ["ok"], "additionalProperties": false}'],
+                      lambda t: isinstance(json.loads(t)["ok"], bool))):
+        assert cli_main(["generate", "hello", "--max-tokens", "40", "--address", server.address, "--json", *held]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert ok(out["text"]) and out["finish_reason"] == "stop", (held, out["text"])
 
 
 def test_health_and_reflection(server: RunningServer) -> None:

@@ -16,6 +16,7 @@ from router.config import LimitsConfig
 from router.errors import BadRequest
 from router.openai_requests import parse_body
 from router.validation import InvalidArgument, validate
+from tests.cpu.harness import wait_until
 
 TOK = tiny_tokenizer()
 V = 259
@@ -172,3 +173,36 @@ def test_bad_http_structured_fields_are_refused_naming_them(fields: dict, param:
     with pytest.raises(BadRequest) as e:
         _http(**fields)
     assert e.value.param == param
+
+
+def test_a_guided_request_moved_midway_goes_on_to_the_same_answer() -> None:
+    """On an aggregated worker (in-process): a guided greedy answer; then the same request adopted
+    with its first tokens (as after its decode worker was lost) — its new Guide replays them, and the
+    rest is the same, ending where the grammar does."""
+    from decode_worker.aggregated import AggregatedWorker
+    from decode_worker.config import AggregatedConfig
+    from engine.config import KVCacheConfig, ModelConfig
+    from engine.types import PrefillRequest
+    from tests.cpu.test_workers_inprocess import Events
+
+    w = AggregatedWorker("a0", ModelConfig(path="tiny"), KVCacheConfig(num_blocks=64),
+                         AggregatedConfig(max_batch_tokens=64, chunk_tokens=64, max_batch_size=4))
+    w.start()
+    events = Events(w)
+    try:
+        ids = TOK("answer in JSON")["input_ids"]
+        sp = SamplingParams(max_tokens=60, grammar=grammar_text("json_schema", json.dumps(SCHEMA)))
+        assert w.reserve("r1", len(ids), sp, (2,), ids).ok
+        res = w.prefill(PrefillRequest("r1", ids, sp, (2,), None), timeout_s=60)
+        assert res.error is None and res.finished is None
+        evs = events.take("r1", 60)
+        whole = [res.first_token] + [t for e in evs for t in e.token_ids]
+        assert evs[-1].finish_reason is not None and evs[-1].finish_reason.value == "stop"
+        doc = json.loads(TOK.decode(whole))
+        assert set(doc) == {"color", "ok", "n"}
+        assert w.adopt("r2", ids, whole[:9], sp, (2,)).ok  # moved with 9 tokens streamed: `{"color":`
+        assert whole[:9] + [t for e in events.take("r2", 60) for t in e.token_ids] == whole
+        assert wait_until(w.check_idle, 5)
+    finally:
+        events.close()
+        w.shutdown()

@@ -84,6 +84,30 @@ def test_seeded_sampling_on_cuda_is_batch_independent() -> None:
     assert cpu == alone  # the same draw on CPU and GPU: the noise is a hash, not a device RNG
 
 
+def test_a_grammars_mask_on_cuda_draws_what_it_draws_on_cpu() -> None:
+    """Structured outputs: the same rows (guided and not, greedy and seeded) give the same tokens on
+    CUDA as on CPU, and a guided row only what its grammar allows."""
+    import json
+
+    from engine.sampler import sample
+    from engine.structured import Guides, grammar_text
+    from engine.tiny import tiny_tokenizer
+    from engine.types import SamplingParams
+
+    tok = tiny_tokenizer()
+    guides = Guides(tiny_tokenizer, 259)
+    grammar = grammar_text("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}))
+    gs = [guides.new(grammar) if i % 2 else None for i in range(8)]
+    for g in gs:
+        if g is not None:
+            g.follow(tok('{"a":"x')["input_ids"])
+    params = [SamplingParams(temperature=0.0 if i % 4 < 2 else 1.0, seed=i) for i in range(8)]
+    x = torch.randn(8, 259, generator=torch.Generator().manual_seed(2)) * 3
+    on_cpu = sample(x, params, list(range(8)), guides=gs)[0]
+    assert sample(x.cuda(), params, list(range(8)), guides=gs)[0] == on_cpu
+    assert all(g.matcher.validate_tokens([t]) == 1 for t, g in zip(on_cpu, gs) if g is not None)
+
+
 def test_every_way_of_the_draw_on_cuda_draws_what_a_sort_draws_and_what_cpu_draws(monkeypatch) -> None:
     """engine/race.py's three ways (top-k candidates, the nucleus race walk, the whole sort) on CUDA:
     the same tokens as sorting every row on CUDA, and as the same batch on CPU."""
