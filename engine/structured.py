@@ -149,5 +149,7 @@ def mask_logits(logits: torch.Tensor, guides: Sequence[Guide | None]) -> torch.T
         table = _BITS[dev] = ((torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1).bool()
     as_bytes = bits.view(torch.uint8).reshape(-1).to(dev).int()  # [R * W * 4]
     allowed = table.index_select(0, as_bytes).reshape(len(rows), words * 32)[:, :V]  # [R, V]
+    if len(rows) == B:  # every row guided: no rows to pick out and put back
+        return logits.masked_fill(~allowed, float("-inf"))
     idx = torch.tensor(rows, device=dev)
-    return logits.index_copy(0, idx, torch.where(allowed, logits.index_select(0, idx), float("-inf")))
+    return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill(~allowed, float("-inf")))
