@@ -2,9 +2,9 @@
 three more when a row is not greedy: which rows fall back to a sort, engine/race.py); none before
 the host reads the tokens for a batch of plain() rows (sample_plain: a step in flight).
 
-Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → allowed_token_ids → the
-grammar's mask (structured outputs, engine/structured.py) → banned tokens (min_tokens) → greedy rows: argmax → the rest: temperature → top-k → top-p → min-p → draw
-(engine/race.py). Logprobs are the log-softmax of the raw logits. The draw is an exponential race
+Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → allowed_token_ids →
+the grammar's mask (structured outputs, engine/structured.py) → banned tokens (min_tokens) → greedy
+rows: argmax → the rest: temperature → top-k → top-p → min-p → draw (engine/race.py). Logprobs are the log-softmax of the raw logits. The draw is an exponential race
 whose noise is a hash of (row key, token id), so a seeded request's row key (seed, position) gives
 the same token whatever else is in the batch and whichever worker samples it; unseeded rows get a
 fresh random key each step.
