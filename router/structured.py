@@ -82,7 +82,7 @@ def from_http(body: dict[str, Any], req: pb.GenerateRequest) -> str | None:
     refusal of it names), or None when the answer is free text."""
     given = [name for name in HTTP_FIELDS if body.get(name) is not None]
     if len(given) > 1:
-        raise _bad(f"give one of {', '.join(given)}", given[1])
+        raise BadRequest(f"give one of {', '.join(given)}", given[1])
     if not given:
         return None
     name, value = given[0], body[given[0]]
@@ -90,14 +90,14 @@ def from_http(body: dict[str, Any], req: pb.GenerateRequest) -> str | None:
         return _response_format(value, req)
     if name == "structured_outputs":
         if not isinstance(value, dict):
-            raise _bad("structured_outputs must be an object", name)
+            raise BadRequest("structured_outputs must be an object", name)
         keys = [k for k in value if value[k] is not None and value[k] is not False]
         unknown = [k for k in keys if k not in _KINDS]
         if unknown:
-            raise _bad(f"structured_outputs.{unknown[0]} is not supported (json, json_object, regex, choice, grammar)",
+            raise BadRequest(f"structured_outputs.{unknown[0]} is not supported (json, json_object, regex, choice, grammar)",
                        f"structured_outputs.{unknown[0]}", code="unsupported_parameter")
         if len(keys) != 1:
-            raise _bad("structured_outputs takes one of json, json_object, regex, choice, grammar", name)
+            raise BadRequest("structured_outputs takes one of json, json_object, regex, choice, grammar", name)
         _set(req, _KINDS[keys[0]], value[keys[0]], f"{name}.{keys[0]}")
         return f"{name}.{keys[0]}"
     _set(req, _KINDS[name.removeprefix("guided_")], value, name)
@@ -106,7 +106,7 @@ def from_http(body: dict[str, Any], req: pb.GenerateRequest) -> str | None:
 
 def _response_format(value: Any, req: pb.GenerateRequest) -> str | None:
     if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-        raise _bad("response_format.type must be text, json_object or json_schema", "response_format")
+        raise BadRequest("response_format.type must be text, json_object or json_schema", "response_format")
     if value["type"] == "text":
         return None
     if value["type"] == "json_object":
@@ -114,9 +114,9 @@ def _response_format(value: Any, req: pb.GenerateRequest) -> str | None:
         return "response_format"
     spec = value.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-        raise _bad("response_format.json_schema.schema must be a JSON schema (an object)",
-                   "response_format.json_schema.schema")
-    req.structured.json_schema = json.dumps(spec["schema"])
+        raise BadRequest("response_format.json_schema.schema must be a JSON schema (an object)",
+                         "response_format.json_schema.schema")
+    _set(req, "json_schema", spec["schema"], "response_format.json_schema.schema")
     return "response_format.json_schema.schema"
 
 
@@ -128,20 +128,16 @@ def _set(req: pb.GenerateRequest, kind: str, value: Any, param: str) -> None:
         elif isinstance(value, dict):
             s.json_schema = json.dumps(value)
         else:
-            raise _bad(f"{param} must be a JSON schema (an object, or its JSON text)", param)
+            raise BadRequest(f"{param} must be a JSON schema (an object, or its JSON text)", param)
     elif kind == "json_object":
         if value is not True:
-            raise _bad(f"{param} must be true", param)
+            raise BadRequest(f"{param} must be true", param)
         s.json_object = True
     elif kind == "choice":
         if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-            raise _bad(f"{param} must be a list of strings", param)
+            raise BadRequest(f"{param} must be a list of strings", param)
         s.choice.choices.extend(value)
     else:
         if not isinstance(value, str):
-            raise _bad(f"{param} must be a string", param)
+            raise BadRequest(f"{param} must be a string", param)
         setattr(s, kind, value)
-
-
-def _bad(message: str, param: str, code: str = "invalid_value") -> BadRequest:
-    return BadRequest(message, param, code=code)
