@@ -94,8 +94,8 @@ def from_http(body: dict[str, Any], req: pb.GenerateRequest) -> str | None:
         keys = [k for k in value if value[k] is not None and value[k] is not False]
         unknown = [k for k in keys if k not in _KINDS]
         if unknown:
-            raise BadRequest(f"structured_outputs.{unknown[0]} is not supported (json, json_object, regex, choice, grammar)",
-                       f"structured_outputs.{unknown[0]}", code="unsupported_parameter")
+            raise BadRequest(f"structured_outputs.{unknown[0]} is not supported (json, json_object, regex, choice, "
+                             "grammar)", f"structured_outputs.{unknown[0]}", code="unsupported_parameter")
         if len(keys) != 1:
             raise BadRequest("structured_outputs takes one of json, json_object, regex, choice, grammar", name)
         _set(req, _KINDS[keys[0]], value[keys[0]], f"{name}.{keys[0]}")
