@@ -1,6 +1,8 @@
 """The `server:` and `limits:` sections of the YAML (owned by the router)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from engine.config import Frozen
@@ -41,6 +43,12 @@ class ServerConfig(Frozen):
     )
     max_streams_per_connection: int = Field(
         128, ge=1, description="Most concurrent gRPC streams on one connection (HTTP/1.1 has one per connection)."
+    )
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None, description="How the HTTP front reads tool calls out of a chat answer when tool_choice is \"auto\" "
+        "(the default when a request has tools): hermes = <tool_call>{\"name\", \"arguments\"}</tool_call> blocks "
+        "(Hermes 2 Pro / 3, Qwen 2.5 / 3). null: \"auto\" is refused (400); a named function, \"required\" and "
+        "\"none\" need no parser."
     )
     tls: TLSConfig | None = Field(None, description="Serve both fronts over TLS (and mTLS with client_ca_file).")
     auth: AuthConfig | None = Field(None, description="Require a bearer token on both fronts.")

@@ -31,6 +31,7 @@ from router.choices import fan_out, merged
 from router.errors import BadRequest
 from router.openai_answers import Choice, chunk_obj, final_obj, total_usage, usage_obj
 from router.openai_requests import Options, Prompt, parse_body, with_prompts, with_token_text
+from router.tool_calls import reader
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize
@@ -106,8 +107,8 @@ def _too_big(limit: int) -> JSONResponse:
 
 
 class OpenAIFront:
-    def __init__(self, svc: GenerationService, model: str) -> None:
-        self.svc, self.model = svc, model
+    def __init__(self, svc: GenerationService, model: str, tool_parser: str | None = None) -> None:
+        self.svc, self.model, self.tool_parser = svc, model, tool_parser
 
     def _token_text(self, token_id: int) -> str:
         return str(self.svc.tokenizer.decode([token_id]))
@@ -145,7 +146,8 @@ class OpenAIFront:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         try:
-            pbreqs, opts = parse_body(await request.body(), chat, self.model, self.svc.limits.max_choices)
+            pbreqs, opts = parse_body(await request.body(), chat, self.model, self.svc.limits.max_choices,
+                                      self.tool_parser)
             reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
                     for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
             opts = with_token_text(opts, self._token_text)
@@ -203,10 +205,11 @@ class OpenAIFront:
         started: set[int] = set()
         usages: list[pb.Usage | None] = [None] * len(prompt_tokens)
         made = [0] * len(prompt_tokens)  # choice i's tokens so far
+        tools = [reader(opts.tools) if opts.tools else None for _ in prompt_tokens]  # choice i's tool calls
         async with aclosing(stream) as msgs:  # type: ignore[type-var]
             (i, msg) = first
             while True:
-                chunk = chunk_obj(rid, self.model, opts, i, msg, i not in started)
+                chunk = chunk_obj(rid, self.model, opts, i, msg, i not in started, tools[i])
                 if opts.continuous_usage:  # the last message carries the choice's usage, cached tokens too
                     made[i] += len(msg.token_ids)
                     chunk["usage"] = usage_obj(msg.usage) if msg.finish_reason else {
@@ -262,8 +265,9 @@ async def _answered_before_the_client_left(answer: "asyncio.Future[None]", reque
     return not answer.cancelled()
 
 
-def build_app(svc: GenerationService, model: str, tokens: TokenStore | None, max_body: int) -> ASGIApp:
-    front = OpenAIFront(svc, model)
+def build_app(svc: GenerationService, model: str, tokens: TokenStore | None, max_body: int,
+              tool_parser: str | None = None) -> ASGIApp:
+    front = OpenAIFront(svc, model, tool_parser)
     app = Starlette(routes=[
         Route("/v1/completions", front.completions, methods=["POST"]),
         Route("/v1/chat/completions", front.chat, methods=["POST"]),

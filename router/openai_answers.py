@@ -10,6 +10,7 @@ from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.openai_requests import Options, Prompt
+from router.tool_calls import Delta, Reader, whole
 
 
 def _finish(reason: str) -> str | None:
@@ -17,11 +18,22 @@ def _finish(reason: str) -> str | None:
 
 
 def chunk_obj(rid: str, model: str, opts: Options, index: int, msg: pb.GenerateStreamResponse,
-              first: bool) -> dict[str, Any]:
-    """One SSE event of a stream: a message of choice `index` (`first`: that choice's first)."""
+              first: bool, tools: Reader | None = None) -> dict[str, Any]:
+    """One SSE event of a stream: a message of choice `index` (`first`: that choice's first);
+    `tools`: that choice's reader of tool calls (chat with tool_choice)."""
     if opts.chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": msg.text} if first else {"content": msg.text}
-        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": _finish(msg.finish_reason)}
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        finish = msg.finish_reason
+        if tools is None:
+            delta["content"] = msg.text
+        else:
+            d = tools.feed(msg.text) + (tools.end() if finish else Delta())
+            finish = tools.finish_reason(finish) if finish else finish
+            if d.content or not d.calls or first:
+                delta["content"] = d.content or (None if d.calls else "")
+            if d.calls:
+                delta["tool_calls"] = d.calls
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": _finish(finish)}
         if opts.logprobs:
             choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in msg.logprobs]}
         return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
@@ -49,8 +61,13 @@ def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dic
     if opts.chat:
         out = []
         for i, c in enumerate(choices):
-            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": c.text},
-                                      "finish_reason": _finish(c.finish)}
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            finish = c.finish
+            if opts.tools is not None:
+                message["content"], calls, finish = whole(opts.tools, c.text, c.finish)
+                if calls:
+                    message["tool_calls"] = calls
+            choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": _finish(finish)}
             if opts.logprobs:
                 choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in c.logprobs]}
             out.append(choice)

@@ -17,6 +17,7 @@ from typing import Any
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.errors import BadRequest
 from router.structured import HTTP_FIELDS, from_http
+from router.tools import ToolMode, message_tool_fields, tool_mode, tools_from_http
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
@@ -25,7 +26,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "s
           "allowed_token_ids", *HTTP_FIELDS}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
-                 "continue_final_message", "chat_template_kwargs"}
+                 "continue_final_message", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Options:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage so far in every chunk
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs: the choice (chat: the answer) carries them
     structured_param: str = ""  # the HTTP field the structured output came from (a refusal of it names it)
+    tools: ToolMode | None = None  # chat: how the answer becomes tool_calls (router/tool_calls.py); None: text
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,10 @@ class Prompt:
     first_id: int
 
 
-def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[list[pb.GenerateRequest], Options]:
-    """One request per prompt (chat: one), the same fields each; choice `p * n + i` is prompt p's i-th."""
+def parse_body(raw: bytes, chat: bool, model: str, max_choices: int,
+               tool_parser: str | None = None) -> tuple[list[pb.GenerateRequest], Options]:
+    """One request per prompt (chat: one), the same fields each; choice `p * n + i` is prompt p's i-th.
+    tool_parser: server.tool_call_parser (what tool_choice "auto" needs)."""
     body = json_object(raw)
     unknown = sorted(set(body) - (CHAT if chat else COMPLETION))
     if unknown:
@@ -111,6 +115,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     skip = _get(body, "skip_special_tokens", bool, None)
     if skip is not None:
         req.skip_special_tokens = skip
+    tools = tool_mode(body, req, structured, tool_parser) if chat else None
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):
@@ -144,7 +149,8 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int) -> tuple[li
     req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
     return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous,
-                         prompt_logprobs=scored is not None, structured_param=structured or "")
+                         prompt_logprobs=scored is not None,
+                         structured_param=structured or (tools.param if tools else ""), tools=tools)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -195,8 +201,9 @@ def _with_prompt(base: pb.GenerateRequest, p: str | list[int]) -> pb.GenerateReq
 
 
 def chat_messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:
-    """`messages` and the chat template's options into `req` (/v1/chat/completions, /tokenize)."""
+    """`messages`, `tools` and the chat template's options into `req` (/v1/chat/completions, /tokenize)."""
     _messages(body, req)
+    tools_from_http(body, req)
     _template_options(body, req)
 
 
@@ -208,6 +215,8 @@ def _messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest("each message needs a role and a content", f"messages[{i}]")
         content = m.get("content")
+        if content is None and m.get("tool_calls"):  # an assistant's turn that only called tools
+            content = ""
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
                        for c in content):
@@ -215,7 +224,7 @@ def _messages(body: dict[str, Any], req: pb.GenerateRequest) -> None:
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
             raise BadRequest("content must be a string or a list of text parts", f"messages[{i}].content")
-        req.messages.add(role=m["role"], content=content)
+        message_tool_fields(m, i, req.messages.add(role=m["role"], content=content))
 
 
 def _template_options(body: dict[str, Any], req: pb.GenerateRequest) -> None:

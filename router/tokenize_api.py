@@ -17,7 +17,7 @@ from router.openai_requests import chat_messages, json_object, token_id_list
 
 TOKENIZE_PROMPT = {"model", "prompt", "add_special_tokens", "return_token_strs"}
 TOKENIZE_CHAT = {"model", "messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-                 "return_token_strs"}
+                 "tools", "return_token_strs"}
 DETOKENIZE = {"model", "tokens"}
 
 

@@ -171,6 +171,8 @@ def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[
             if t >= vocab:
                 raise InvalidArgument(f"prompt_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
         return list(req.prompt_token_ids)
+    if req.tools and not req.messages:
+        raise InvalidArgument("tools", "need messages (a chat template renders them)")
     if req.messages:
         return chat_prompt_ids(req, tokenizer)
     if not req.prompt:

@@ -17,7 +17,7 @@ from tests.cpu.harness import RunningServer, prompts, tiny_config, wait_until
 @pytest.fixture(scope="module")
 def server():  # type: ignore[no-untyped-def]
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-http")
-    srv = RunningServer(tiny_config(server={"http_port": 0, "max_body_bytes": 65536}))
+    srv = RunningServer(tiny_config(server={"http_port": 0, "max_body_bytes": 65536, "tool_call_parser": "hermes"}))
     yield srv
     srv.stop()
     ray.shutdown()
@@ -197,6 +197,79 @@ def test_structured_outputs_hold_through_the_prefill_and_the_decode_worker(serve
                                                               "json_schema": {"name": "x", "schema": {"type": "nope"}}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format.json_schema.schema", bad.text
     assert "nope" in bad.json()["error"]["message"]
+
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}, "days": {"type": "integer",
+                                                                                     "minimum": 1, "maximum": 9}},
+           "required": ["city", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "forecast", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def _calls(message_or_chunks) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def]
+    """(name, arguments) of a unary message's tool calls, or of a stream's deltas merged by index."""
+    if isinstance(message_or_chunks, list):
+        merged: dict[int, list] = {}
+        for chunk in message_or_chunks:
+            for d in chunk.choices[0].delta.tool_calls or []:
+                if d.index not in merged:
+                    assert d.id and d.function.name  # a call's first delta names it
+                    merged[d.index] = [d.function.name, ""]
+                merged[d.index][1] += d.function.arguments or ""
+        return [(name, json.loads(args)) for name, args in merged.values()]
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message_or_chunks.tool_calls or []]
+
+
+def test_tool_choice_required_and_named_hold_the_answer_to_the_tools(oai: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "weather?"}]
+    named = {"type": "function", "function": {"name": "forecast"}}
+    for temperature in (0.0, 1.0):
+        for choice in ("required", named):
+            kw = dict(model="tiny", messages=msgs, tools=TOOLS, tool_choice=choice, max_tokens=80, temperature=temperature,
+                      seed=5)
+            r = oai.chat.completions.create(**kw)  # type: ignore[call-overload]
+            calls = _calls(r.choices[0].message)
+            assert calls and r.choices[0].message.content is None
+            for name, args in calls:
+                assert name in ("forecast", "ping")
+                if name == "forecast":
+                    assert args["city"] in ("Oslo", "Lima") and 1 <= args["days"] <= 9 and set(args) == {"city", "days"}
+            if choice == named:
+                assert [n for n, _ in calls] == ["forecast"] and r.choices[0].finish_reason == "stop"  # OpenAI's
+            else:
+                assert r.choices[0].finish_reason == "tool_calls"
+            chunks = list(oai.chat.completions.create(stream=True, **kw))  # type: ignore[call-overload]
+            assert _calls(chunks) == calls and chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    one = oai.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+                                      parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=1)
+    assert len(one.choices[0].message.tool_calls or []) == 1
+
+
+def test_tool_choice_auto_reads_hermes_blocks_out_of_the_text(server: RunningServer, oai: openai.OpenAI) -> None:
+    """The tiny model writes no tool call by itself: a regex makes it write one (after some text),
+    and the hermes parser reads it, streamed or not; multi-turn tool messages are taken."""
+    forced = {"structured_outputs": {"regex": r'On it\. <tool_call>\{"name": "forecast", "arguments": '
+                                              r'\{"city": "(Oslo|Lima)", "days": [1-9]\}\}</tool_call>'}}
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_0", "type": "function", "function": {"name": "ping", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_0", "content": "pong"}]
+    kw = dict(model="tiny", messages=msgs, tools=TOOLS, max_tokens=100, temperature=1.0, seed=2, extra_body=forced)
+    r = oai.chat.completions.create(**kw)  # type: ignore[call-overload]
+    m = r.choices[0].message
+    assert m.content == "On it." and r.choices[0].finish_reason == "tool_calls"
+    [(name, args)] = _calls(m)
+    assert name == "forecast" and args["city"] in ("Oslo", "Lima")
+    chunks = list(oai.chat.completions.create(stream=True, **kw))  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "On it."
+    assert _calls(chunks) == _calls(m) and chunks[-1].choices[0].finish_reason == "tool_calls"
+    free = oai.chat.completions.create(model="tiny", messages=msgs[:1], tools=TOOLS, max_tokens=20)  # type: ignore[arg-type]
+    plain = oai.chat.completions.create(model="tiny", messages=msgs[:1], max_tokens=20)  # type: ignore[arg-type]
+    assert free.choices[0].message.tool_calls is None and free.choices[0].finish_reason == plain.choices[0].finish_reason
+    bad = httpx.post(_url(server, "/v1/chat/completions"), timeout=30, json={
+        "model": "tiny", "messages": msgs[:1], "tools": TOOLS, "tool_choice": {"type": "function",
+                                                                              "function": {"name": "nope"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice.function.name"
 
 
 def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:

@@ -1,0 +1,191 @@
+"""Tool calling, the answer side: a chat answer's text → `content` and `tool_calls`, as it streams.
+
+One reader per choice (`reader(mode)`, the request side being router/tools.py): `feed` takes each
+message's text and gives what can be said of it now, `end` the rest once the answer ends. A unary
+answer is its text fed whole (`whole`), so a stream and a unary answer carry the same calls.
+  - named: the text is the function's arguments; they stream as they are made, in call 0;
+  - required: the text is a JSON list of {"name", "parameters"}; a call goes out whole once its
+    object closes;
+  - auto, `hermes` (Hermes 2 Pro / 3, Qwen 2.5 / 3): `<tool_call>{"name", "arguments"}</tool_call>`
+    blocks; the text around them streams as content (a tail that may open a block is held back, as
+    is whitespace until more text follows it: whitespace beside calls is dropped); a block goes
+    out whole once closed, or unclosed at the end; one that does not parse, or names no tool in
+    the request, stays content; text before a block loses its trailing whitespace.
+    `parallel_tool_calls: false` keeps the first call.
+finish_reason "stop" becomes "tool_calls" when calls were made (not for a named function: OpenAI's).
+Text that could not be read as calls (an answer cut by `length` mid-call) is given as content.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.tools import ToolMode
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass
+class Delta:
+    content: str = ""
+    calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's tool_call deltas, each with its index
+
+    def __add__(self, other: Delta) -> Delta:
+        return Delta(self.content + other.content, self.calls + other.calls)
+
+
+class Reader:
+    def __init__(self, mode: ToolMode) -> None:
+        self.mode = mode
+        self.made = 0  # calls given so far
+
+    def feed(self, text: str) -> Delta:
+        raise NotImplementedError
+
+    def end(self) -> Delta:
+        raise NotImplementedError
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if reason == "stop" and self.made and self.mode.kind != "named" else reason
+
+    def _call(self, name: str, arguments: str) -> list[dict[str, Any]]:
+        """A new call, whole (or its head, for a named function's arguments to follow); none past
+        the first with parallel_tool_calls false."""
+        if self.made and not self.mode.parallel:
+            return []
+        self.made += 1
+        return [{"index": self.made - 1, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": name, "arguments": arguments}}]
+
+
+class Named(Reader):
+    def feed(self, text: str) -> Delta:
+        if not text:
+            return Delta()
+        if not self.made:
+            return Delta(calls=self._call(self.mode.name, text))
+        return Delta(calls=[{"index": 0, "function": {"arguments": text}}])
+
+    def end(self) -> Delta:
+        return Delta() if self.made else Delta(calls=self._call(self.mode.name, ""))
+
+
+class Required(Reader):
+    """Scans the JSON list as it comes: a call's object is whole when its braces close at depth 1."""
+
+    def __init__(self, mode: ToolMode) -> None:
+        super().__init__(mode)
+        self.text, self.pos, self.depth, self.start = "", 0, 0, -1
+        self.in_string = self.escaped = False
+
+    def feed(self, text: str) -> Delta:
+        self.text += text
+        out = Delta()
+        for self.pos in range(self.pos, len(self.text)):
+            ch = self.text[self.pos]
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "[{":
+                self.depth += 1
+                if self.depth == 2:
+                    self.start = self.pos
+            elif ch in "]}":
+                self.depth -= 1
+                if self.depth == 1:
+                    out += self._element(self.text[self.start:self.pos + 1])
+                    self.start = -1
+        self.pos = len(self.text)
+        return out
+
+    def _element(self, raw: str) -> Delta:
+        try:
+            call = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError):
+            return Delta(content=raw)
+        if not isinstance(call, dict) or call.get("name") not in self.mode.names:
+            return Delta(content=raw)
+        return Delta(calls=self._call(call["name"], json.dumps(call.get("parameters", {}), ensure_ascii=False)))
+
+    def end(self) -> Delta:
+        if not self.made:
+            return Delta(content=self.text)
+        return Delta(content=self.text[self.start:]) if self.start >= 0 else Delta()  # cut mid-call
+
+
+class Hermes(Reader):
+    def __init__(self, mode: ToolMode) -> None:
+        super().__init__(mode)
+        self.held = ""  # text not given yet: a tail that may open a block, trailing whitespace, or a block's inside
+        self.inside = False
+
+    def feed(self, text: str) -> Delta:
+        self.held += text
+        out = Delta()
+        while True:
+            if self.inside:
+                j = self.held.find(CLOSE)
+                if j < 0:
+                    return out
+                out += self._block(self.held[:j])
+                self.held, self.inside = self.held[j + len(CLOSE):], False
+                continue
+            i = self.held.find(OPEN)
+            if i >= 0:
+                out += self._content(self.held[:i].rstrip())
+                self.held, self.inside = self.held[i + len(OPEN):], True
+                continue
+            keep = next((k for k in range(min(len(OPEN) - 1, len(self.held)), 0, -1)
+                         if self.held.endswith(OPEN[:k])), 0)
+            cut = len(self.held) - keep
+            said = self.held[:cut]
+            stripped = said.rstrip()
+            out += self._content(stripped)
+            self.held = said[len(stripped):] + self.held[cut:]
+            return out
+
+    def _content(self, text: str) -> Delta:
+        """Text outside blocks; whitespace alone is held (`feed` keeps it) until text follows it."""
+        return Delta(content=text) if text.strip() else Delta()
+
+    def _block(self, inside: str) -> Delta:
+        try:
+            call = json.loads(inside)
+        except (json.JSONDecodeError, RecursionError):
+            call = None
+        if not isinstance(call, dict) or call.get("name") not in self.mode.names:
+            return Delta(content=OPEN + inside + CLOSE)
+        args = call.get("arguments", call.get("parameters", {}))
+        return Delta(calls=self._call(call["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+
+    def end(self) -> Delta:
+        if self.inside:  # a block the answer did not close
+            out, self.inside = self._block(self.held), False
+            if out.calls:
+                return out
+            return Delta(content=out.content.removesuffix(CLOSE))
+        return Delta(content=self.held) if not self.made or self.held.strip() else Delta()
+
+
+_READERS = {"named": Named, "required": Required}
+_PARSERS = {"hermes": Hermes}
+
+
+def reader(mode: ToolMode) -> Reader:
+    return _PARSERS[mode.parser](mode) if mode.kind == "auto" else _READERS[mode.kind](mode)
+
+
+def whole(mode: ToolMode, text: str, finish: str) -> tuple[str | None, list[dict[str, Any]], str]:
+    """A unary answer: its content (None when it is only calls), its calls merged, its finish_reason."""
+    r = reader(mode)
+    d = r.feed(text) + r.end()
+    calls: list[dict[str, Any]] = []
+    for c in d.calls:
+        if c["index"] < len(calls):
+            calls[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
+        else:
+            calls.append({k: v for k, v in c.items() if k != "index"})
+    return (d.content or None) if calls else d.content, calls, r.finish_reason(finish)

@@ -1,0 +1,181 @@
+"""Tool calling, the request side: `tools` for the chat template, `tool_choice` for the answer.
+
+  1. `tools` (OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}]
+     on HTTP, `GenerateRequest.tools` on gRPC) are checked — names [A-Za-z0-9_-]{1,64} and unique,
+     parameters a JSON schema object — and given to the model's chat template (router/chat.py);
+  2. on HTTP, `tool_choice` says what the answer is (default "auto" with tools, "none" without):
+     - "none": free text; the template still shows the tools;
+     - {"type": "function", "function": {"name": F}}: F's arguments, held to F's `parameters` by a
+       grammar (structured outputs), whatever the template or the model knows of tools;
+     - "required": a JSON list of one or more {"name", "parameters"} calls (exactly one with
+       `parallel_tool_calls: false`), held to a grammar made of every tool's schema;
+     - "auto": free text that `server.tool_call_parser` reads calls from (without one: 400, as vLLM);
+  3. router/tool_calls.py reads the answer's text into `tool_calls` as it streams.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.errors import BadRequest, InvalidArgument
+
+PARSERS = ("hermes",)  # server.tool_call_parser's choices (router/tool_calls.py)
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    """How a chat answer becomes tool calls (router/tool_calls.py reads it)."""
+
+    kind: Literal["named", "required", "auto"]
+    names: tuple[str, ...]  # the request's tools
+    name: str = ""  # named: the function
+    parser: str = ""  # auto: server.tool_call_parser
+    parallel: bool = True  # parallel_tool_calls: false keeps the first call only
+    param: str = "tools"  # the HTTP field a refusal of its grammar names
+
+
+def template_tools(req: pb.GenerateRequest) -> list[dict[str, Any]]:
+    """`req.tools` as the chat template reads them (OpenAI's shape), or InvalidArgument naming one."""
+    if req.tools and not req.messages:
+        raise InvalidArgument("tools", "need messages (a chat template renders them)")
+    seen: set[str] = set()
+    out = []
+    for i, t in enumerate(req.tools):
+        if not NAME.fullmatch(t.name):
+            raise InvalidArgument(f"tools[{i}].name", f"{t.name!r} must be 1-64 of A-Z, a-z, 0-9, _ and -")
+        if t.name in seen:
+            raise InvalidArgument(f"tools[{i}].name", f"{t.name!r} is given twice")
+        seen.add(t.name)
+        fn: dict[str, Any] = {"name": t.name}
+        if t.description:
+            fn["description"] = t.description
+        fn["parameters"] = parameters(t, f"tools[{i}].parameters")
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def parameters(t: pb.Tool, field: str) -> dict[str, Any]:
+    if not t.parameters:
+        return dict(NO_ARGUMENTS)
+    try:
+        schema = json.loads(t.parameters)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InvalidArgument(field, f"not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument(field, "must be a JSON schema (an object)")
+    return schema
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+def tools_from_http(body: dict[str, Any], req: pb.GenerateRequest) -> None:
+    """`tools` into `req.tools` (chat completions and /tokenize)."""
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise BadRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}}", "tools")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise BadRequest("each tool must be {\"type\": \"function\", \"function\": {...}}", f"tools[{i}]")
+        unknown = sorted(set(fn) - {"name", "description", "parameters", "strict"})
+        if unknown:
+            raise BadRequest(f"unsupported field: {unknown[0]}", f"tools[{i}].function.{unknown[0]}",
+                             code="unsupported_parameter")
+        name, desc, params = fn.get("name"), fn.get("description") or "", fn.get("parameters")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise BadRequest("name must be 1-64 of A-Z, a-z, 0-9, _ and -", f"tools[{i}].function.name")
+        if not isinstance(desc, str):
+            raise BadRequest("description must be a string", f"tools[{i}].function.description")
+        if params is not None and not isinstance(params, dict):
+            raise BadRequest("parameters must be a JSON schema (an object)", f"tools[{i}].function.parameters")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise BadRequest("strict must be a boolean", f"tools[{i}].function.strict")
+        req.tools.add(name=name, description=desc, parameters=json.dumps(params) if params is not None else "")
+
+
+def tool_mode(body: dict[str, Any], req: pb.GenerateRequest, structured: str | None,
+              parser: str | None) -> ToolMode | None:
+    """`tool_choice` (and `parallel_tool_calls`): None for free text, else how the answer becomes
+    calls; a named function or "required" sets `req.structured` (so no other structured output)."""
+    choice = body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise BadRequest("parallel_tool_calls must be a boolean", "parallel_tool_calls", code="invalid_type")
+    names = tuple(t.name for t in req.tools)
+    if not names:
+        if choice not in (None, "none"):
+            raise BadRequest("tool_choice needs tools", "tool_choice")
+        return None
+    if choice is None:
+        choice = "auto"
+    if choice == "none":
+        return None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRequest("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+                             "{\"name\": ...}}", "tool_choice")
+        if fn["name"] not in names:
+            raise BadRequest(f"tool_choice names {fn['name']!r}, which is not among tools", "tool_choice.function.name")
+        kind, name = "named", fn["name"]
+    elif choice in ("required", "auto"):
+        kind, name = choice, ""
+    else:
+        raise BadRequest("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+                         "{\"name\": ...}}", "tool_choice")
+    if kind == "auto":
+        if parser is None:
+            raise BadRequest("tool_choice \"auto\" needs server.tool_call_parser, which this server does not set; "
+                             "send \"required\", a named function or \"none\"", "tool_choice")
+        if not req.HasField("skip_special_tokens"):
+            req.skip_special_tokens = False  # a parser's markers (<tool_call>) may be special tokens
+        return ToolMode("auto", names, parser=parser, parallel=parallel is not False)
+    if structured:
+        raise BadRequest(f"tool_choice {kind!r} holds the answer to the tools' schemas; it cannot be combined "
+                         f"with {structured}", structured.split(".")[0])
+    i = names.index(name) if name else 0
+    req.structured.json_schema = json.dumps(
+        parameters(req.tools[i], "tools") if kind == "named" else _calls_schema(req.tools, parallel is not False))
+    return ToolMode(kind, names, name=name, parallel=parallel is not False,
+                    param=f"tools[{i}].function.parameters" if kind == "named" else "tools")
+
+
+def _calls_schema(tools: Any, parallel: bool) -> dict[str, Any]:
+    """"required": a list of calls, each one tool's name and its arguments (vLLM's shape)."""
+    calls = [{"type": "object", "properties": {"name": {"const": t.name},
+                                              "parameters": parameters(t, f"tools[{i}].function.parameters")},
+              "required": ["name", "parameters"], "additionalProperties": False}
+             for i, t in enumerate(tools)]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def message_tool_fields(m: dict[str, Any], i: int, msg: pb.ChatMessage) -> None:
+    """An HTTP message's `tool_calls` (assistant), `tool_call_id` (tool) and `name` into `msg`."""
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant" or not isinstance(calls, list):
+            raise BadRequest("tool_calls is a list, on assistant messages", f"messages[{i}].tool_calls")
+        for j, c in enumerate(calls):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                    or not isinstance(fn.get("arguments", ""), str) or not isinstance(c.get("id", ""), str)):
+                raise BadRequest("each tool call is {\"id\", \"type\": \"function\", \"function\": {\"name\", "
+                                 "\"arguments\": JSON text}}", f"messages[{i}].tool_calls[{j}]")
+            msg.tool_calls.add(id=c.get("id", ""), name=fn["name"], arguments=fn.get("arguments", ""))
+    for key in ("tool_call_id", "name"):
+        v = m.get(key)
+        if v is not None:
+            if not isinstance(v, str):
+                raise BadRequest(f"{key} must be a string", f"messages[{i}].{key}")
+            setattr(msg, key, v)
+    if m["role"] == "tool" and not msg.tool_call_id:
+        raise BadRequest("a tool message needs the tool_call_id it answers", f"messages[{i}].tool_call_id")

@@ -1,0 +1,212 @@
+"""Tool calling: the request side (router/tools.py: tools, tool_choice, tool messages, the chat
+template) and the answer side (router/tool_calls.py: text → content and tool_calls, streamed and whole)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from engine.structured import grammar_error, grammar_text
+from engine.tiny import tiny_tokenizer
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.chat import chat_prompt_ids
+from router.config import LimitsConfig
+from router.errors import BadRequest, InvalidArgument
+from router.openai_requests import parse_body
+from router.structured import _llguidance_tokenizer
+from router.tool_calls import Delta, reader, whole
+from router.tools import ToolMode
+from router.validation import validate
+
+TOK = tiny_tokenizer()
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+           "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "ping"}}]
+MSGS = [{"role": "user", "content": "weather in Paris?"}]
+AUTO = ToolMode("auto", ("get_weather", "ping"), parser="hermes")
+CALLS = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n')
+
+
+def _streamed(mode: ToolMode, text: str, step: int) -> tuple[str, list[dict[str, Any]]]:
+    """`text` fed `step` characters at a time: the content and the call deltas merged by index."""
+    r = reader(mode)
+    d = Delta()
+    for i in range(0, len(text), step):
+        d += r.feed(text[i:i + step])
+    d += r.end()
+    calls: list[dict[str, Any]] = []
+    for c in d.calls:
+        if c["index"] == len(calls):
+            assert c["id"].startswith("call_") and c["type"] == "function"  # a call's first delta names it
+            calls.append({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+        else:
+            assert "id" not in c and "name" not in c["function"]
+            calls[c["index"]]["arguments"] += c["function"]["arguments"]
+    return d.content, calls
+
+
+def _names_args(calls: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 11, 1000])
+def test_hermes_blocks_become_calls_however_the_text_is_cut(step: int) -> None:
+    content, calls, finish = whole(AUTO, CALLS, "stop")
+    assert content == "Let me look." and finish == "tool_calls"
+    assert _names_args(calls) == [("get_weather", '{"city": "Paris"}'), ("ping", "{}")]
+    assert len({c["id"] for c in calls}) == 2
+    got_content, got_calls = _streamed(AUTO, CALLS, step)
+    assert got_content == content and [(c["name"], c["arguments"]) for c in got_calls] == _names_args(calls)
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    ("Hello there\n", "Hello there\n", [], "stop"),  # no block: the text as it is
+    ("Hello <tool_c", "Hello <tool_c", [], "stop"),  # a tail that only looked like a block's start
+    ('<tool_call>{"name": "nope", "arguments": {}}</tool_call>',  # not a tool of the request
+     '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', [], "stop"),
+    ("<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", [], "stop"),
+    ('<tool_call>{"name": "ping", "arguments": {"a": [1]}}', None, [("ping", '{"a": [1]}')], "tool_calls"),  # unclosed
+    ('<tool_call>{"name": "ping", "argu', '<tool_call>{"name": "ping", "argu', [], "length"),  # cut
+    ('<tool_call>{"name": "ping", "parameters": {"x": "é"}}</tool_call>', None, [("ping", '{"x": "é"}')],
+     "tool_calls"),
+])
+def test_hermes_edges(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    got = whole(AUTO, text, "length" if finish == "length" else "stop")
+    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
+    streamed_content, streamed_calls = _streamed(AUTO, text, 3)
+    assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    _, calls, _ = whole(ToolMode("auto", AUTO.names, parser="hermes", parallel=False), CALLS, "stop")
+    assert _names_args(calls) == [("get_weather", '{"city": "Paris"}')]
+
+
+def test_required_calls_go_out_whole_as_each_object_closes() -> None:
+    mode = ToolMode("required", AUTO.names)
+    text = '[{"name": "get_weather", "parameters": {"city": "a]}\\"{"}}, {"name": "ping", "parameters": {}}]'
+    r = reader(mode)
+    cut = text.index("}, {") + 1
+    first = r.feed(text[:cut])  # the first object has closed: its call is out before the rest exists
+    assert _names_args(first.calls) == [("get_weather", '{"city": "a]}\\"{"}')]
+    rest = r.feed(text[cut:]) + r.end()
+    assert _names_args(rest.calls) == [("ping", "{}")] and r.finish_reason("stop") == "tool_calls"
+    for step in (1, 4, 100):
+        assert [(c["name"], c["arguments"]) for c in _streamed(mode, text, step)[1]] == _names_args(first.calls + rest.calls)
+    content, calls, finish = whole(mode, text[:30], "length")  # cut before any call closed: the text is kept
+    assert (content, calls, finish) == (text[:30], [], "length")
+
+
+def test_a_named_function_streams_its_arguments_as_made() -> None:
+    mode = ToolMode("named", AUTO.names, name="get_weather")
+    r = reader(mode)
+    head, tail = r.feed('{"city": '), r.feed('"Oslo"}')
+    assert head.calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": '} and head.calls[0]["id"]
+    assert tail.calls == [{"index": 0, "function": {"arguments": '"Oslo"}'}}] and r.end().calls == []
+    assert r.finish_reason("stop") == "stop"  # as OpenAI answers a forced function
+    content, calls, finish = whole(mode, '{"city": "Oslo"}', "stop")
+    assert content is None and finish == "stop" and _names_args(calls) == [("get_weather", '{"city": "Oslo"}')]
+
+
+# -- the request side ------------------------------------------------------------------------------
+def _chat(parser: str | None = "hermes", **fields: Any) -> tuple[pb.GenerateRequest, Any]:
+    body = {"model": "m", "messages": MSGS, **fields}
+    reqs, opts = parse_body(json.dumps(body).encode(), True, "m", 8, parser)
+    return reqs[0], opts
+
+
+def test_tool_choice_sets_what_the_answer_is() -> None:
+    req, opts = _chat(tools=TOOLS)  # default with tools: auto, read by the parser
+    assert opts.tools == ToolMode("auto", ("get_weather", "ping"), parser="hermes")
+    assert [t.name for t in req.tools] == ["get_weather", "ping"] and json.loads(req.tools[0].parameters) == WEATHER
+    assert req.tools[1].parameters == "" and not req.HasField("structured")
+    assert req.HasField("skip_special_tokens") and not req.skip_special_tokens  # the parser's markers are kept
+    req, opts = _chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert json.loads(req.structured.json_schema) == WEATHER and opts.tools.kind == "named"
+    assert opts.structured_param == "tools[0].function.parameters"
+    req, opts = _chat(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    schema = json.loads(req.structured.json_schema)
+    assert schema["maxItems"] == 1 and [c["properties"]["name"] for c in schema["items"]["anyOf"]] == [
+        {"const": "get_weather"}, {"const": "ping"}]
+    req, opts = _chat(tools=TOOLS, tool_choice="none")
+    assert opts.tools is None and len(req.tools) == 2 and not req.HasField("structured")  # the template still sees them
+    req, opts = _chat(parser=None, tools=TOOLS, tool_choice="required")
+    assert opts.tools.kind == "required"
+
+
+def test_the_grammars_of_tool_choice_compile_and_hold_the_tools_schemas() -> None:
+    ll = _llguidance_tokenizer(TOK)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}},
+                   {"type": "function", "function": {"name": "ping"}}):
+        req, _ = _chat(tools=TOOLS, tool_choice=choice)
+        assert grammar_error(grammar_text("json_schema", req.structured.json_schema), ll) == ""
+
+
+@pytest.mark.parametrize("fields, parser, param", [
+    (dict(tools=TOOLS), None, "tool_choice"),  # auto needs a parser
+    (dict(tool_choice="required"), "hermes", "tool_choice"),  # no tools
+    (dict(tools=TOOLS, tool_choice="sometimes"), "hermes", "tool_choice"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "hermes",
+     "tool_choice.function.name"),
+    (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "hermes", "response_format"),
+    (dict(tools=TOOLS, parallel_tool_calls="yes"), "hermes", "parallel_tool_calls"),
+    (dict(tools={"get_weather": {}}), "hermes", "tools"),
+    (dict(tools=[{"type": "code_interpreter"}]), "hermes", "tools[0]"),
+    (dict(tools=[{"type": "function", "function": {"name": "has space"}}]), "hermes", "tools[0].function.name"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]), "hermes",
+     "tools[0].function.parameters"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "returns": {}}}]), "hermes", "tools[0].function.returns"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": {}}}]}]),
+     "hermes", "messages[0].tool_calls[0]"),
+    (dict(messages=[{"role": "user", "content": "x", "tool_calls": []}]), "hermes", "messages[0].tool_calls"),
+    (dict(messages=[{"role": "tool", "content": "22 C"}]), "hermes", "messages[0].tool_call_id"),
+])
+def test_bad_tool_fields_are_refused_naming_them(fields: dict[str, Any], parser: str | None, param: str) -> None:
+    with pytest.raises(BadRequest) as e:
+        _chat(parser, **fields)
+    assert e.value.param == param, e.value.message
+
+
+TEMPLATE = (  # a Hermes-style template: tools in the system turn, calls and results as their own turns
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters | tojson }};"
+    "{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}[{{ c.id }} {{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %}"
+    "{% if m.tool_call_id %}(for {{ m.tool_call_id }}){% endif %}{% endfor %}<assistant>")
+
+
+def test_tools_calls_and_results_reach_the_chat_template() -> None:
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    req, _ = _chat(tools=TOOLS, messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}])
+    text = tok.decode(chat_prompt_ids(req, tok))
+    assert text == ('<tools>get_weather:' + json.dumps(WEATHER) + ';ping:{"type": "object", "properties": {}, '
+                    '"additionalProperties": false};</tools><user>weather?<assistant>[call_1 get_weather Oslo]'
+                    '<tool>-3 C(for call_1)<assistant>')
+
+
+@pytest.mark.parametrize("tools, field", [
+    ([pb.Tool(name="a b")], "tools[0].name"),
+    ([pb.Tool(name="f"), pb.Tool(name="f")], "tools[1].name"),
+    ([pb.Tool(name="f", parameters="{")], "tools[0].parameters"),
+    ([pb.Tool(name="f", parameters="[]")], "tools[0].parameters"),
+])
+def test_grpc_tools_are_checked_naming_the_field(tools: list[pb.Tool], field: str) -> None:
+    req = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], tools=tools)
+    with pytest.raises(InvalidArgument) as e:
+        validate(req, TOK, LimitsConfig(), 4096)
+    assert e.value.field == field
+
+
+def test_grpc_tools_need_messages() -> None:
+    with pytest.raises(InvalidArgument) as e:
+        validate(pb.GenerateRequest(prompt="x", tools=[pb.Tool(name="f")]), TOK, LimitsConfig(), 4096)
+    assert e.value.field == "tools"
