@@ -44,11 +44,17 @@ class ServerConfig(Frozen):
     max_streams_per_connection: int = Field(
         128, ge=1, description="Most concurrent gRPC streams on one connection (HTTP/1.1 has one per connection)."
     )
-    tool_call_parser: Literal["hermes"] | None = Field(
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = Field(
         None, description="How the HTTP front reads tool calls out of a chat answer when tool_choice is \"auto\" "
         "(the default when a request has tools): hermes = <tool_call>{\"name\", \"arguments\"}</tool_call> blocks "
-        "(Hermes 2 Pro / 3, Qwen 2.5 / 3). null: \"auto\" is refused (400); a named function, \"required\" and "
+        "(Hermes 2 Pro / 3, Qwen 2.5 / 3); llama3_json = an answer that is {\"name\", \"parameters\"} objects, "
+        "maybe after <|python_tag|> (Llama 3.1 and later). null: \"auto\" is refused (400); a named function, \"required\" and "
         "\"none\" need no parser."
+    )
+    reasoning_parser: Literal["think"] | None = Field(
+        None, description="Split a reasoning model's thinking out of chat answers: think = the <think> ... </think> "
+        "block DeepSeek R1 and Qwen 3 write (or their template opens in the prompt) goes to the message's reasoning "
+        "(and reasoning_content), the rest to content. null: answers are content as written."
     )
     tls: TLSConfig | None = Field(None, description="Serve both fronts over TLS (and mTLS with client_ca_file).")
     auth: AuthConfig | None = Field(None, description="Require a bearer token on both fronts.")

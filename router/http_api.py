@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -29,9 +30,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.choices import fan_out, merged
 from router.errors import BadRequest
-from router.openai_answers import Choice, chunk_obj, final_obj, total_usage, usage_obj
+from router.openai_answers import Choice, chat_split, chunk_obj, final_obj, total_usage, usage_obj
 from router.openai_requests import Options, Prompt, parse_body, with_prompts, with_token_text
-from router.tool_calls import reader
+from router.reasoning import prompt_opens_thinking
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize
@@ -107,8 +108,10 @@ def _too_big(limit: int) -> JSONResponse:
 
 
 class OpenAIFront:
-    def __init__(self, svc: GenerationService, model: str, tool_parser: str | None = None) -> None:
-        self.svc, self.model, self.tool_parser = svc, model, tool_parser
+    def __init__(self, svc: GenerationService, model: str, tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
+        self.svc, self.model = svc, model
+        self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
 
     def _token_text(self, token_id: int) -> str:
         return str(self.svc.tokenizer.decode([token_id]))
@@ -147,10 +150,12 @@ class OpenAIFront:
     async def _generate(self, request: Request, chat: bool) -> Response:
         try:
             pbreqs, opts = parse_body(await request.body(), chat, self.model, self.svc.limits.max_choices,
-                                      self.tool_parser)
+                                      self.tool_parser, self.reasoning_parser)
             reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
                     for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
             opts = with_token_text(opts, self._token_text)
+            if opts.reasoning and not pbreqs[0].HasField("structured"):  # a grammar starts at the first token
+                opts = replace(opts, thinking=prompt_opens_thinking(reqs[0].prompt_ids, self.svc.tokenizer))
             if opts.echo:
                 opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
                                            for p, r in zip(pbreqs, reqs[::opts.n]) for _ in range(opts.n)])
@@ -205,11 +210,11 @@ class OpenAIFront:
         started: set[int] = set()
         usages: list[pb.Usage | None] = [None] * len(prompt_tokens)
         made = [0] * len(prompt_tokens)  # choice i's tokens so far
-        tools = [reader(opts.tools) if opts.tools else None for _ in prompt_tokens]  # choice i's tool calls
+        splits = [chat_split(opts) for _ in prompt_tokens]  # choice i's thinking and tool calls
         async with aclosing(stream) as msgs:  # type: ignore[type-var]
             (i, msg) = first
             while True:
-                chunk = chunk_obj(rid, self.model, opts, i, msg, i not in started, tools[i])
+                chunk = chunk_obj(rid, self.model, opts, i, msg, i not in started, splits[i])
                 if opts.continuous_usage:  # the last message carries the choice's usage, cached tokens too
                     made[i] += len(msg.token_ids)
                     chunk["usage"] = usage_obj(msg.usage) if msg.finish_reason else {
@@ -266,8 +271,8 @@ async def _answered_before_the_client_left(answer: "asyncio.Future[None]", reque
 
 
 def build_app(svc: GenerationService, model: str, tokens: TokenStore | None, max_body: int,
-              tool_parser: str | None = None) -> ASGIApp:
-    front = OpenAIFront(svc, model, tool_parser)
+              tool_parser: str | None = None, reasoning_parser: str | None = None) -> ASGIApp:
+    front = OpenAIFront(svc, model, tool_parser, reasoning_parser)
     app = Starlette(routes=[
         Route("/v1/completions", front.completions, methods=["POST"]),
         Route("/v1/chat/completions", front.chat, methods=["POST"]),

@@ -10,27 +10,54 @@ from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.openai_requests import Options, Prompt
-from router.tool_calls import Delta, Reader, whole
+from router.reasoning import Thinking
+from router.tool_calls import Delta, Reader, merged, reader
 
 
 def _finish(reason: str) -> str | None:
     return {"length": "length", "stop": "stop", "": None}.get(reason, reason)
 
 
+class ChatSplit:
+    """One chat choice's text → its thinking (router/reasoning.py), then of the rest its content and
+    tool calls (router/tool_calls.py), as the text comes; a unary answer's text is fed whole."""
+
+    def __init__(self, opts: Options) -> None:
+        self.thinking = Thinking(opts.thinking) if opts.reasoning else None
+        self.tools: Reader | None = reader(opts.tools) if opts.tools else None
+        self.include_reasoning = opts.include_reasoning
+
+    def feed(self, text: str, finish: str) -> tuple[str, Delta, str]:
+        """→ (reasoning, content and calls, finish_reason); `finish` set: the answer's last text."""
+        reasoning, content = self.thinking.feed(text) if self.thinking else ("", text)
+        if finish and self.thinking:
+            more = self.thinking.end()
+            reasoning, content = reasoning + more[0], content + more[1]
+        if self.tools is None:
+            return reasoning if self.include_reasoning else "", Delta(content), finish
+        d = self.tools.feed(content) + (self.tools.end() if finish else Delta())
+        return reasoning if self.include_reasoning else "", d, self.tools.finish_reason(finish) if finish else finish
+
+
+def chat_split(opts: Options) -> ChatSplit | None:
+    return ChatSplit(opts) if opts.chat and (opts.tools or opts.reasoning) else None
+
+
 def chunk_obj(rid: str, model: str, opts: Options, index: int, msg: pb.GenerateStreamResponse,
-              first: bool, tools: Reader | None = None) -> dict[str, Any]:
+              first: bool, split: ChatSplit | None = None) -> dict[str, Any]:
     """One SSE event of a stream: a message of choice `index` (`first`: that choice's first);
-    `tools`: that choice's reader of tool calls (chat with tool_choice)."""
+    `split`: that choice's ChatSplit (chat with tools or a reasoning parser)."""
     if opts.chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         finish = msg.finish_reason
-        if tools is None:
+        if split is None:
             delta["content"] = msg.text
         else:
-            d = tools.feed(msg.text) + (tools.end() if finish else Delta())
-            finish = tools.finish_reason(finish) if finish else finish
-            if d.content or not d.calls or first:
-                delta["content"] = d.content or (None if d.calls else "")
+            reasoning, d, finish = split.feed(msg.text, finish)
+            if reasoning:
+                delta["reasoning"] = delta["reasoning_content"] = reasoning
+            if d.content or first or not (d.calls or reasoning):
+                delta["content"] = d.content or (None if d.calls or reasoning else "")
             if d.calls:
                 delta["tool_calls"] = d.calls
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": _finish(finish)}
@@ -63,8 +90,13 @@ def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dic
         for i, c in enumerate(choices):
             message: dict[str, Any] = {"role": "assistant", "content": c.text}
             finish = c.finish
-            if opts.tools is not None:
-                message["content"], calls, finish = whole(opts.tools, c.text, c.finish)
+            split = chat_split(opts)
+            if split is not None:
+                reasoning, d, finish = split.feed(c.text, c.finish)
+                calls = merged(d.calls)
+                message["content"] = (d.content or None) if calls else d.content
+                if opts.reasoning:
+                    message["reasoning"] = message["reasoning_content"] = reasoning or None
                 if calls:
                     message["tool_calls"] = calls
             choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": _finish(finish)}

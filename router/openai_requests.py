@@ -26,7 +26,8 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "s
           "allowed_token_ids", *HTTP_FIELDS}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
-                 "continue_final_message", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
+                 "continue_final_message", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls",
+                 "include_reasoning"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Options:
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs: the choice (chat: the answer) carries them
     structured_param: str = ""  # the HTTP field the structured output came from (a refusal of it names it)
     tools: ToolMode | None = None  # chat: how the answer becomes tool_calls (router/tool_calls.py); None: text
+    reasoning: bool = False  # chat: split the thinking out (server.reasoning_parser)
+    include_reasoning: bool = True  # vLLM's include_reasoning: false leaves the thinking out of the answer
+    thinking: bool = False  # the prompt opened a think block: the answer starts inside it (set by the front)
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,10 @@ class Prompt:
     first_id: int
 
 
-def parse_body(raw: bytes, chat: bool, model: str, max_choices: int,
-               tool_parser: str | None = None) -> tuple[list[pb.GenerateRequest], Options]:
+def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser: str | None = None,
+               reasoning_parser: str | None = None) -> tuple[list[pb.GenerateRequest], Options]:
     """One request per prompt (chat: one), the same fields each; choice `p * n + i` is prompt p's i-th.
-    tool_parser: server.tool_call_parser (what tool_choice "auto" needs)."""
+    tool_parser, reasoning_parser: the server's (server.tool_call_parser, server.reasoning_parser)."""
     body = json_object(raw)
     unknown = sorted(set(body) - (CHAT if chat else COMPLETION))
     if unknown:
@@ -116,6 +120,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int,
     if skip is not None:
         req.skip_special_tokens = skip
     tools = tool_mode(body, req, structured, tool_parser) if chat else None
+    include_reasoning = _get(body, "include_reasoning", bool, True)
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):
@@ -150,7 +155,9 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int,
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
     return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous,
                          prompt_logprobs=scored is not None,
-                         structured_param=structured or (tools.param if tools else ""), tools=tools)
+                         structured_param=structured or (tools.param if tools else ""), tools=tools,
+                         reasoning=chat and reasoning_parser is not None,
+                         include_reasoning=include_reasoning)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

@@ -174,7 +174,8 @@ class RouterServer:
             sock.close()
             raise OSError(f"server.http_port: cannot listen on {cfg.host}:{cfg.http_port}: {e}") from None
         self.http_port = int(sock.getsockname()[1])
-        app = build_app(self.svc, self.model_name, tokens, cfg.max_body_bytes, cfg.tool_call_parser)
+        app = build_app(self.svc, self.model_name, tokens, cfg.max_body_bytes, cfg.tool_call_parser,
+                        cfg.reasoning_parser)
         self._http = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1,
                                              **uvicorn_ssl(cfg.tls)))
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))

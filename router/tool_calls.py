@@ -10,8 +10,11 @@ answer is its text fed whole (`whole`), so a stream and a unary answer carry the
     blocks; the text around them streams as content (a tail that may open a block is held back, as
     is whitespace until more text follows it: whitespace beside calls is dropped); a block goes
     out whole once closed, or unclosed at the end; one that does not parse, or names no tool in
-    the request, stays content; text before a block loses its trailing whitespace.
-    `parallel_tool_calls: false` keeps the first call.
+    the request, stays content; text before a block loses its trailing whitespace;
+  - auto, `llama3_json` (Llama 3.1 and later): an answer that starts with `{` (or `<|python_tag|>`)
+    is `{"name", "parameters"}` objects, `; ` between them, each a call once it closes; an answer
+    that starts otherwise is content.
+`parallel_tool_calls: false` keeps the first call.
 finish_reason "stop" becomes "tool_calls" when calls were made (not for a named function: OpenAI's).
 Text that could not be read as calls (an answer cut by `length` mid-call) is given as content.
 """
@@ -50,6 +53,18 @@ class Reader:
     def finish_reason(self, reason: str) -> str:
         return "tool_calls" if reason == "stop" and self.made and self.mode.kind != "named" else reason
 
+    def _parsed(self, raw: str) -> Delta:
+        """A call's JSON object ({"name", "arguments" or "parameters"}) → the call; one that does
+        not parse, or names no tool of the request, stays text."""
+        try:
+            call = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError):
+            call = None
+        if not isinstance(call, dict) or call.get("name") not in self.mode.names:
+            return Delta(content=raw)
+        args = call.get("arguments", call.get("parameters", {}))
+        return Delta(calls=self._call(call["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+
     def _call(self, name: str, arguments: str) -> list[dict[str, Any]]:
         """A new call, whole (or its head, for a named function's arguments to follow); none past
         the first with parallel_tool_calls false."""
@@ -72,17 +87,18 @@ class Named(Reader):
         return Delta() if self.made else Delta(calls=self._call(self.mode.name, ""))
 
 
-class Required(Reader):
-    """Scans the JSON list as it comes: a call's object is whole when its braces close at depth 1."""
+class _Objects:
+    """The JSON objects opening at `level` (1: top level; 2: a list's items) of a text that comes
+    in pieces: each is given whole, as raw text, once its braces close."""
 
-    def __init__(self, mode: ToolMode) -> None:
-        super().__init__(mode)
-        self.text, self.pos, self.depth, self.start = "", 0, 0, -1
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.text, self.pos, self.depth, self.start = "", 0, 0, -1  # start: of the open object, -1: none
         self.in_string = self.escaped = False
 
-    def feed(self, text: str) -> Delta:
+    def feed(self, text: str) -> list[str]:
         self.text += text
-        out = Delta()
+        whole = []
         for self.pos in range(self.pos, len(self.text)):
             ch = self.text[self.pos]
             if self.in_string:
@@ -91,29 +107,62 @@ class Required(Reader):
                 self.in_string = True
             elif ch in "[{":
                 self.depth += 1
-                if self.depth == 2:
+                if self.depth == self.level and ch == "{":
                     self.start = self.pos
             elif ch in "]}":
                 self.depth -= 1
-                if self.depth == 1:
-                    out += self._element(self.text[self.start:self.pos + 1])
+                if self.depth == self.level - 1 and self.start >= 0:
+                    whole.append(self.text[self.start:self.pos + 1])
                     self.start = -1
         self.pos = len(self.text)
-        return out
+        return whole
 
-    def _element(self, raw: str) -> Delta:
-        try:
-            call = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
-            return Delta(content=raw)
-        if not isinstance(call, dict) or call.get("name") not in self.mode.names:
-            return Delta(content=raw)
-        return Delta(calls=self._call(call["name"], json.dumps(call.get("parameters", {}), ensure_ascii=False)))
+    def rest(self) -> str:
+        """The object left open (an answer cut mid-call), or ""."""
+        return self.text[self.start:] if self.start >= 0 else ""
+
+
+class Required(Reader):
+    """The JSON list of {"name", "parameters"} a grammar held the answer to."""
+
+    def __init__(self, mode: ToolMode) -> None:
+        super().__init__(mode)
+        self.objects = _Objects(level=2)
+
+    def feed(self, text: str) -> Delta:
+        return sum((self._parsed(raw) for raw in self.objects.feed(text)), Delta())
 
     def end(self) -> Delta:
-        if not self.made:
-            return Delta(content=self.text)
-        return Delta(content=self.text[self.start:]) if self.start >= 0 else Delta()  # cut mid-call
+        return Delta(content=self.objects.rest())
+
+
+class Llama3Json(Reader):
+    """Llama 3.1+ JSON calls: the answer is `{"name", "parameters"}` objects (`; ` between them),
+    maybe after `<|python_tag|>`; an answer that starts otherwise is content."""
+
+    TAG = "<|python_tag|>"
+
+    def __init__(self, mode: ToolMode) -> None:
+        super().__init__(mode)
+        self.objects = _Objects(level=1)
+        self.state, self.held = "start", ""  # start → calls | content
+
+    def feed(self, text: str) -> Delta:
+        if self.state == "start":
+            self.held += text
+            lead = self.held.lstrip()
+            if not lead or (self.TAG.startswith(lead) and lead != self.TAG):
+                return Delta()
+            self.state = "calls" if lead.startswith(("{", self.TAG)) else "content"
+            text, self.held = self.held, ""
+        if self.state == "content":
+            return Delta(content=text)
+        return sum((self._parsed(raw) for raw in self.objects.feed(text)), Delta())
+
+    def end(self) -> Delta:
+        if self.state != "calls":
+            return Delta(content=self.held)
+        return Delta(content=self.objects.rest())
 
 
 class Hermes(Reader):
@@ -152,14 +201,8 @@ class Hermes(Reader):
         return Delta(content=text) if text.strip() else Delta()
 
     def _block(self, inside: str) -> Delta:
-        try:
-            call = json.loads(inside)
-        except (json.JSONDecodeError, RecursionError):
-            call = None
-        if not isinstance(call, dict) or call.get("name") not in self.mode.names:
-            return Delta(content=OPEN + inside + CLOSE)
-        args = call.get("arguments", call.get("parameters", {}))
-        return Delta(calls=self._call(call["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+        d = self._parsed(inside)
+        return Delta(content=OPEN + inside + CLOSE) if d.content else d  # not a call: the block as written
 
     def end(self) -> Delta:
         if self.inside:  # a block the answer did not close
@@ -171,21 +214,27 @@ class Hermes(Reader):
 
 
 _READERS = {"named": Named, "required": Required}
-_PARSERS = {"hermes": Hermes}
+_PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json}
 
 
 def reader(mode: ToolMode) -> Reader:
     return _PARSERS[mode.parser](mode) if mode.kind == "auto" else _READERS[mode.kind](mode)
 
 
-def whole(mode: ToolMode, text: str, finish: str) -> tuple[str | None, list[dict[str, Any]], str]:
-    """A unary answer: its content (None when it is only calls), its calls merged, its finish_reason."""
-    r = reader(mode)
-    d = r.feed(text) + r.end()
+def merged(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stream's call deltas as whole calls (a named function's arguments joined)."""
     calls: list[dict[str, Any]] = []
-    for c in d.calls:
+    for c in deltas:
         if c["index"] < len(calls):
             calls[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
         else:
             calls.append({k: v for k, v in c.items() if k != "index"})
+    return calls
+
+
+def whole(mode: ToolMode, text: str, finish: str) -> tuple[str | None, list[dict[str, Any]], str]:
+    """A unary answer: its content (None when it is only calls), its calls, its finish_reason."""
+    r = reader(mode)
+    d = r.feed(text) + r.end()
+    calls = merged(d.calls)
     return (d.content or None) if calls else d.content, calls, r.finish_reason(finish)

@@ -22,7 +22,6 @@ from typing import Any, Literal
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.errors import BadRequest, InvalidArgument
 
-PARSERS = ("hermes",)  # server.tool_call_parser's choices (router/tool_calls.py)
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -159,7 +158,8 @@ def _calls_schema(tools: Any, parallel: bool) -> dict[str, Any]:
 
 
 def message_tool_fields(m: dict[str, Any], i: int, msg: pb.ChatMessage) -> None:
-    """An HTTP message's `tool_calls` (assistant), `tool_call_id` (tool) and `name` into `msg`."""
+    """An HTTP message's `tool_calls` (assistant), `tool_call_id` (tool), `name` and an assistant's
+    earlier thinking (`reasoning`, or `reasoning_content` as DeepSeek's clients send it) into `msg`."""
     calls = m.get("tool_calls")
     if calls is not None:
         if m["role"] != "assistant" or not isinstance(calls, list):
@@ -171,11 +171,12 @@ def message_tool_fields(m: dict[str, Any], i: int, msg: pb.ChatMessage) -> None:
                 raise BadRequest("each tool call is {\"id\", \"type\": \"function\", \"function\": {\"name\", "
                                  "\"arguments\": JSON text}}", f"messages[{i}].tool_calls[{j}]")
             msg.tool_calls.add(id=c.get("id", ""), name=fn["name"], arguments=fn.get("arguments", ""))
-    for key in ("tool_call_id", "name"):
+    for key, attr in (("tool_call_id", "tool_call_id"), ("name", "name"), ("reasoning", "reasoning"),
+                      ("reasoning_content", "reasoning")):
         v = m.get(key)
         if v is not None:
             if not isinstance(v, str):
                 raise BadRequest(f"{key} must be a string", f"messages[{i}].{key}")
-            setattr(msg, key, v)
+            setattr(msg, attr, v)
     if m["role"] == "tool" and not msg.tool_call_id:
         raise BadRequest("a tool message needs the tool_call_id it answers", f"messages[{i}].tool_call_id")

@@ -17,7 +17,8 @@ from tests.cpu.harness import RunningServer, prompts, tiny_config, wait_until
 @pytest.fixture(scope="module")
 def server():  # type: ignore[no-untyped-def]
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-http")
-    srv = RunningServer(tiny_config(server={"http_port": 0, "max_body_bytes": 65536, "tool_call_parser": "hermes"}))
+    srv = RunningServer(tiny_config(server={"http_port": 0, "max_body_bytes": 65536, "tool_call_parser": "hermes",
+                                                      "reasoning_parser": "think"}))
     yield srv
     srv.stop()
     ray.shutdown()
@@ -270,6 +271,41 @@ def test_tool_choice_auto_reads_hermes_blocks_out_of_the_text(server: RunningSer
         "model": "tiny", "messages": msgs[:1], "tools": TOOLS, "tool_choice": {"type": "function",
                                                                               "function": {"name": "nope"}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice.function.name"
+
+
+def test_thinking_is_split_from_the_answer_streamed_or_not(server: RunningServer, oai: openai.OpenAI) -> None:
+    """The tiny model does not think by itself: a regex makes it write a think block, opened by the
+    answer or (continue_final_message) by the prompt; then one with a tool call after its thinking."""
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    def both(**kw):  # type: ignore[no-untyped-def]
+        r = oai.chat.completions.create(model="tiny", max_tokens=80, temperature=1.0, seed=3, **kw)
+        chunks = list(oai.chat.completions.create(model="tiny", max_tokens=80, temperature=1.0, seed=3, stream=True,
+                                                  **kw))
+        streamed = ("".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks),
+                    "".join(c.choices[0].delta.content or "" for c in chunks))
+        m = r.choices[0].message
+        assert streamed == (m.model_extra["reasoning_content"] or "", m.content or "")
+        assert m.model_extra["reasoning"] == m.model_extra["reasoning_content"]
+        return m, r.choices[0].finish_reason
+
+    msgs = [{"role": "user", "content": "2+2?"}]
+    m, finish = both(messages=msgs, extra_body={"guided_regex": "<think>[a-z]{3,12}</think>(yes|no)"})
+    assert re.fullmatch("[a-z]{3,12}", m.model_extra["reasoning_content"]) and m.content in ("yes", "no")
+    opened = msgs + [{"role": "assistant", "content": "<think>"}]  # the prompt opens the block: all is thinking
+    cont = {"add_generation_prompt": False, "continue_final_message": True}
+    m, finish = both(messages=opened, extra_body={**cont, "ignore_eos": True})
+    want = server.stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(**x) for x in opened], max_tokens=80,
+                                                   temperature=1.0, seed=3, ignore_eos=True, **cont), timeout=30)
+    assert m.model_extra["reasoning_content"] == want.text.lstrip() and not m.content and finish == "length"
+    m, _ = both(messages=opened, extra_body={**cont, "guided_regex": "(yes|no)"})  # a grammar's answer: content
+    assert m.content in ("yes", "no") and m.model_extra["reasoning_content"] is None
+    m, finish = both(messages=msgs, tools=TOOLS, extra_body={"guided_regex": '<think>[a-z]{3,8}</think><tool_call>'
+                                                             '\\{"name": "ping", "arguments": \\{\\}\\}</tool_call>'})
+    assert m.model_extra["reasoning_content"] and m.content is None and finish == "tool_calls"
+    assert _calls(m) == [("ping", {})]
+    m, _ = both(messages=msgs, extra_body={"guided_regex": "<think>[a-z]{3,8}</think>ok", "include_reasoning": False})
+    assert m.model_extra["reasoning_content"] is None and m.content == "ok"
 
 
 def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:

@@ -80,9 +80,33 @@ def test_hermes_edges(text: str, content: str | None, calls: list[tuple[str, str
     assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
 
 
+LLAMA = ToolMode("auto", ("get_weather", "ping"), parser="llama3_json")
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    ('{"name": "get_weather", "parameters": {"city": "Lima"}}', None, [("get_weather", '{"city": "Lima"}')],
+     "tool_calls"),
+    ('<|python_tag|>{"name": "ping", "parameters": {}}; {"name": "get_weather", "parameters": {"city": "{;}"}}', None,
+     [("ping", "{}"), ("get_weather", '{"city": "{;}"}')], "tool_calls"),
+    ("It is sunny {really}", "It is sunny {really}", [], "stop"),  # starts as text: all text
+    ('{"name": "nope", "parameters": {}}', '{"name": "nope", "parameters": {}}', [], "stop"),
+    ('{"name": "ping", "parameters": {}}; {"name": "get_wea', '{"name": "get_wea', [("ping", "{}")], "length"),
+    ('{"name": "get_wea', '{"name": "get_wea', [], "length"),
+])
+def test_llama3_json_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    got = whole(LLAMA, text, finish)
+    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
+    for step in (1, 3, 50):
+        streamed_content, streamed_calls = _streamed(LLAMA, text, step)
+        assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     _, calls, _ = whole(ToolMode("auto", AUTO.names, parser="hermes", parallel=False), CALLS, "stop")
     assert _names_args(calls) == [("get_weather", '{"city": "Paris"}')]
+    text = '{"name": "ping", "parameters": {}}; {"name": "get_weather", "parameters": {}}'
+    assert _names_args(whole(ToolMode("auto", AUTO.names, parser="llama3_json", parallel=False), text, "stop")[1]) == [
+        ("ping", "{}")]
 
 
 def test_required_calls_go_out_whole_as_each_object_closes() -> None:
@@ -96,8 +120,8 @@ def test_required_calls_go_out_whole_as_each_object_closes() -> None:
     assert _names_args(rest.calls) == [("ping", "{}")] and r.finish_reason("stop") == "tool_calls"
     for step in (1, 4, 100):
         assert [(c["name"], c["arguments"]) for c in _streamed(mode, text, step)[1]] == _names_args(first.calls + rest.calls)
-    content, calls, finish = whole(mode, text[:30], "length")  # cut before any call closed: the text is kept
-    assert (content, calls, finish) == (text[:30], [], "length")
+    content, calls, finish = whole(mode, text[:30], "length")  # cut mid-call: the open call's text is kept
+    assert (content, calls, finish) == (text[1:30], [], "length")
 
 
 def test_a_named_function_streams_its_arguments_as_made() -> None:

@@ -1,0 +1,75 @@
+"""A reasoning model's thinking, split out of a chat answer (`server.reasoning_parser: think`).
+
+DeepSeek R1, Qwen 3 and their kin write their thinking as `<think> ... </think>` before the answer.
+  1. where the answer starts: inside a think block when the prompt's text ends in an open one (the
+     template opened it for the model, as DeepSeek R1's and Qwen 3 Thinking-2507's do), or when the
+     answer's first text is `<think>`; otherwise outside (Qwen 3 with `enable_thinking: false`,
+     whose template writes an empty block into the prompt), and then it is all content;
+  2. inside, text is reasoning until `</think>`; after it, content (which the tool-call reader, if
+     any, reads in turn: router/tool_calls.py); a tail that may begin `</think>` waits for the
+     next text, so a marker split over two messages is still found;
+  3. an answer that ends inside its thinking (`length`) is all reasoning.
+The chat answer carries it as `reasoning` (vLLM's name) and `reasoning_content` (DeepSeek's, which
+most clients read); `include_reasoning: false` leaves it out. An answer held to a grammar (a
+structured output, a named or required tool choice) starts outside a block even where the prompt
+opened one, since its grammar holds it from the first token: it has thinking only if its grammar
+writes the block.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+OPEN, CLOSE = "<think>", "</think>"
+_TAIL_TOKENS = 16  # how much of the prompt's end is looked at for an open block
+
+
+def prompt_opens_thinking(prompt_ids: list[int], tokenizer: Any) -> bool:
+    """Whether the prompt's text ends inside a think block (special tokens' text kept)."""
+    tail = str(tokenizer.decode(prompt_ids[-_TAIL_TOKENS:], skip_special_tokens=False))
+    return tail.rfind(OPEN) > tail.rfind(CLOSE)
+
+
+class Thinking:
+    """One choice's split: `feed` → (reasoning, content) of the text so far; `end` → the rest.
+    Whitespace that opens the reasoning, or the content after `</think>`, is dropped."""
+
+    def __init__(self, inside: bool) -> None:
+        self.state = "inside" if inside else "start"  # start: the answer may still open a block
+        self.held = ""
+        self.trim = {"reasoning": True, "content": False}  # drop leading whitespace of this part
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self.held += text
+        if self.state == "start":
+            lead = self.held.lstrip()
+            if OPEN.startswith(lead) and lead != OPEN:  # "", "<", "<thi": not decided yet
+                return "", ""
+            if not lead.startswith(OPEN):
+                self.state = "outside"
+            else:
+                self.state, self.held = "inside", lead[len(OPEN):]
+        if self.state == "outside":
+            out, self.held = self.held, ""
+            return "", self._part("content", out)
+        i = self.held.find(CLOSE)
+        if i >= 0:
+            reasoning, content = self.held[:i], self.held[i + len(CLOSE):]
+            self.state, self.held, self.trim["content"] = "outside", "", True
+            return self._part("reasoning", reasoning), self._part("content", content)
+        keep = next((k for k in range(min(len(CLOSE) - 1, len(self.held)), 0, -1)
+                     if self.held.endswith(CLOSE[:k])), 0)
+        cut = len(self.held) - keep
+        reasoning, self.held = self.held[:cut], self.held[cut:]
+        return self._part("reasoning", reasoning), ""
+
+    def end(self) -> tuple[str, str]:
+        held, self.held = self.held, ""
+        if self.state == "inside":
+            return self._part("reasoning", held), ""
+        return "", self._part("content", held) if self.state == "outside" else held
+
+    def _part(self, part: str, text: str) -> str:
+        if self.trim[part]:
+            text = text.lstrip()
+            self.trim[part] = not text
+        return text
