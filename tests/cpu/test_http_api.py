@@ -591,3 +591,53 @@ def test_fuzzed_bodies_get_only_2xx_or_4xx_and_the_server_stays_up(server: Runni
     assert 413 in codes and 400 in codes
     assert httpx.get(_url(server, "/health")).status_code == 200
     assert wait_until(server.all_idle, 10)
+
+
+def test_fuzzed_tool_and_reasoning_fields_get_only_2xx_or_4xx(server: RunningServer) -> None:
+    """Tools, tool choices and tool messages of every shape, good and bad: a 200 carries calls to
+    tools of the request only, a refusal names a field, nothing is a 5xx, and no KV is left."""
+    rng = random.Random(8)
+    tools = [TOOLS, [], [TOOLS[0]], "x", [{"type": "function"}], [{"type": "function", "function": {"name": "a b"}}],
+             [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+             [{"type": "function", "function": {"name": "f", "parameters": {"enum": [str(i) for i in range(300)]}}}],
+             [{"type": "function", "function": {"name": "f", "parameters": json.loads("[" * 60 + "]" * 60)}}],
+             TOOLS + [TOOLS[1]], [{"type": "function", "function": {"name": "f", "description": 5}}]]
+    choices = [None, "none", "auto", "required", "sometimes", 5, {"type": "function", "function": {"name": "ping"}},
+               {"type": "function", "function": {"name": "f"}}, {"type": "function"}, {"function": {"name": "ping"}}]
+    messages = [[{"role": "user", "content": "hi"}],
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "pong"}],
+                [{"role": "assistant", "tool_calls": "x"}], [{"role": "tool", "content": "x"}],
+                [{"role": "assistant", "content": None}], [{"role": "user", "content": "x", "reasoning": 5}],
+                [{"role": "assistant", "content": "a", "reasoning_content": "b"}],
+                [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "not json"}}]}]]
+    extras = [{}, {"parallel_tool_calls": False}, {"parallel_tool_calls": "no"}, {"include_reasoning": False},
+              {"include_reasoning": 1}, {"response_format": {"type": "json_object"}}, {"stream": True},
+              {"guided_regex": "<think>a</think>b"}, {"n": 2}]
+    codes = []
+    with httpx.Client(timeout=60) as c:
+        for _ in range(120):
+            body = {"model": "tiny", "messages": rng.choice(messages), "max_tokens": rng.choice([4, 24]),
+                    "temperature": rng.choice([0.0, 1.0]), **rng.choice(extras)}
+            for key, pool in (("tools", tools), ("tool_choice", choices)):
+                if rng.random() < 0.8:
+                    body[key] = rng.choice(pool)
+            r = c.post(_url(server, "/v1/chat/completions"), json=body)
+            codes.append(r.status_code)
+            if r.status_code >= 400:
+                assert r.json()["error"]["param"], (body, r.text)
+                continue
+            names = {t["function"]["name"] for t in body.get("tools") or []}
+            if body.get("stream"):
+                events = [json.loads(line[6:]) for line in r.text.splitlines()
+                          if line.startswith("data: {")]
+                called = [d["function"].get("name") for e in events for ch in e.get("choices", [])
+                          for d in ch["delta"].get("tool_calls") or [] if "name" in d.get("function", {})]
+            else:
+                called = [t["function"]["name"] for ch in r.json()["choices"] for t in ch["message"].get("tool_calls") or []]
+            assert set(called) <= names, (body, r.text)
+    assert all(200 <= code < 500 for code in codes), sorted(set(codes))
+    assert 200 in codes and 400 in codes
+    assert httpx.get(_url(server, "/health")).status_code == 200
+    assert wait_until(server.all_idle, 10)
