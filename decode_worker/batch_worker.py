@@ -101,7 +101,7 @@ class BatchWorker(StepLoop):
     ) -> ReserveResult:
         """1. A grammar (structured output) is compiled here, before its first step needs it."""
         if sampling.grammar and (error := self.guides.prepare(sampling.grammar)):
-            return ReserveResult(False, f"structured output: {error}")
+            return ReserveResult(False, f"structured output: {error}", refused_field="structured")
         with self.lock:
             return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids, cache_salt)
 
@@ -112,7 +112,7 @@ class BatchWorker(StepLoop):
         """A request whose decode worker was lost goes on here: its KV is recomputed from its prompt
         and the tokens streamed so far (as after a preemption), then it decodes on."""
         if sampling.grammar and (error := self.guides.prepare(sampling.grammar)):
-            return ReserveResult(False, f"structured output: {error}")
+            return ReserveResult(False, f"structured output: {error}", refused_field="structured")
         with self.wake:
             r = self.scheduler.adopt(request_id, prompt_ids, output_ids, sampling, eos_token_ids, cache_salt)
             self.nudge()

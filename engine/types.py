@@ -114,6 +114,7 @@ class ReserveResult:
     ok: bool
     reason: str = ""
     dest: KVDestination | None = None  # set when ok: where the prompt's KV must be written
+    refused_field: str = ""  # set when no room that frees would change the answer: the request's field at fault
 
 
 @dataclass

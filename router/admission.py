@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.kv_handoff.types import KVDestination
 from router.config import LimitsConfig
-from router.errors import DeadlineExceeded, ResourceExhausted, WorkerFailure
+from router.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, WorkerFailure
 from router.liveness import WorkerRef
 from router.policy import LeastLoadedPolicy
 from router.validation import ValidRequest
@@ -117,6 +117,8 @@ class KVAdmission:
                 self.policy.placed(req.prompt_ids, req.cache_salt, i)  # its prefix will be there
                 return (i, r.dest), []
             self.policy.remove(load, kv_tokens)
+            if r.refused_field:  # the request itself: waiting for room would not change it
+                raise InvalidArgument(r.refused_field, f"decode worker {d.worker_id}: {r.reason}")
             reasons.append(f"decode worker {d.worker_id}: {r.reason}")
         return None, reasons
 

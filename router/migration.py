@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from router.config import LimitsConfig
-from router.errors import DeadlineExceeded, WorkerFailure
+from router.errors import DeadlineExceeded, InvalidArgument, WorkerFailure
 from router.liveness import WorkerRef
 from router.policy import LeastLoadedPolicy
 from router.validation import ValidRequest
@@ -78,6 +78,8 @@ class RequestMigration:
                     self.migrations += 1
                     return i
                 self._placed[key] = NOWHERE
+                if r.refused_field:  # the request itself: no other worker or wait changes it
+                    raise InvalidArgument(r.refused_field, f"decode worker {d.worker_id}: {r.reason}")
                 reasons.append(f"decode worker {d.worker_id}: {r.reason}")
             if time.monotonic() >= give_up or self._aborted.is_set():
                 raise WorkerFailure(f"decode worker: {why}; no decode worker took the request on within "

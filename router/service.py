@@ -131,6 +131,8 @@ class GenerationService:
             raise self.refuse(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except AlreadyExists as e:
             raise self.refuse(grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        except InvalidArgument as e:  # a worker refused the request itself (its grammar does not compile there)
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.errors.labels("CANCELLED").inc()
             raise

@@ -784,3 +784,27 @@ def test_the_prompt_waits_for_its_reservation_when_its_placement_needs_it_or_whe
         await d.close()
 
     asyncio.run(main())
+
+
+def test_a_reservation_refused_for_the_request_itself_fails_it_at_once() -> None:
+    """A decode worker that cannot take the request whatever room frees (its grammar does not
+    compile there) fails it with INVALID_ARGUMENT naming the field, not after limits.queue_timeout_s."""
+    from router.errors import InvalidArgument
+
+    async def main() -> None:
+        dec = FakeDecode(room=4)
+
+        async def refuse(rid: str, *_: Any) -> ReserveResult:
+            return ReserveResult(False, "structured output: cannot compile it: bad", refused_field="structured")
+
+        dec.reserve = _Method(refuse)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dec)], (2,),
+                       LimitsConfig(queue_timeout_s=30))
+        d.start()
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(InvalidArgument, match="decode worker decode-1: structured output") as e:
+            await _collect(d, "a")
+        assert e.value.field == "structured" and asyncio.get_running_loop().time() - t0 < 5
+        await d.close()
+
+    asyncio.run(main())
