@@ -46,6 +46,12 @@ class IncrementalDetokenizer:
         return after[len(before) :] if len(after) > len(before) else ""
 
 
+def marker_tail(text: str, marker: str) -> int:
+    """How many of `text`'s last characters could be the start of `marker`: text a reader of
+    markers (<tool_call>, </think>) holds back until the next piece decides."""
+    return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
+
+
 class StopMatcher:
     """Accumulates text; returns what is safe to release and whether a stop string matched (the text
     ends before it, or with it: `include`)."""

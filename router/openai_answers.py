@@ -33,10 +33,12 @@ class ChatSplit:
         if finish and self.thinking:
             more = self.thinking.end()
             reasoning, content = reasoning + more[0], content + more[1]
+        if not self.include_reasoning:
+            reasoning = ""
         if self.tools is None:
-            return reasoning if self.include_reasoning else "", Delta(content), finish
+            return reasoning, Delta(content), finish
         d = self.tools.feed(content) + (self.tools.end() if finish else Delta())
-        return reasoning if self.include_reasoning else "", d, self.tools.finish_reason(finish) if finish else finish
+        return reasoning, d, self.tools.finish_reason(finish) if finish else finish
 
 
 def chat_split(opts: Options) -> ChatSplit | None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from router.detokenizer import marker_tail
+
 OPEN, CLOSE = "<think>", "</think>"
 _TAIL_TOKENS = 16  # how much of the prompt's end is looked at for an open block
 
@@ -56,9 +58,7 @@ class Thinking:
             reasoning, content = self.held[:i], self.held[i + len(CLOSE):]
             self.state, self.held, self.trim["content"] = "outside", "", True
             return self._part("reasoning", reasoning), self._part("content", content)
-        keep = next((k for k in range(min(len(CLOSE) - 1, len(self.held)), 0, -1)
-                     if self.held.endswith(CLOSE[:k])), 0)
-        cut = len(self.held) - keep
+        cut = len(self.held) - marker_tail(self.held, CLOSE)
         reasoning, self.held = self.held[:cut], self.held[cut:]
         return self._part("reasoning", reasoning), ""
 

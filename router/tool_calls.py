@@ -2,7 +2,7 @@
 
 One reader per choice (`reader(mode)`, the request side being router/tools.py): `feed` takes each
 message's text and gives what can be said of it now, `end` the rest once the answer ends. A unary
-answer is its text fed whole (`whole`), so a stream and a unary answer carry the same calls.
+answer is its text fed whole, so a stream and a unary answer carry the same calls.
   - named: the text is the function's arguments; they stream as they are made, in call 0;
   - required: the text is a JSON list of {"name", "parameters"}; a call goes out whole once its
     object closes;
@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.detokenizer import marker_tail
 from router.tools import ToolMode
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -187,9 +188,7 @@ class Hermes(Reader):
                 out += self._content(self.held[:i].rstrip())
                 self.held, self.inside = self.held[i + len(OPEN):], True
                 continue
-            keep = next((k for k in range(min(len(OPEN) - 1, len(self.held)), 0, -1)
-                         if self.held.endswith(OPEN[:k])), 0)
-            cut = len(self.held) - keep
+            cut = len(self.held) - marker_tail(self.held, OPEN)
             said = self.held[:cut]
             stripped = said.rstrip()
             out += self._content(stripped)
@@ -230,11 +229,3 @@ def merged(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             calls.append({k: v for k, v in c.items() if k != "index"})
     return calls
-
-
-def whole(mode: ToolMode, text: str, finish: str) -> tuple[str | None, list[dict[str, Any]], str]:
-    """A unary answer: its content (None when it is only calls), its calls, its finish_reason."""
-    r = reader(mode)
-    d = r.feed(text) + r.end()
-    calls = merged(d.calls)
-    return (d.content or None) if calls else d.content, calls, r.finish_reason(finish)

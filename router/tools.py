@@ -40,8 +40,6 @@ class ToolMode:
 
 def template_tools(req: pb.GenerateRequest) -> list[dict[str, Any]]:
     """`req.tools` as the chat template reads them (OpenAI's shape), or InvalidArgument naming one."""
-    if req.tools and not req.messages:
-        raise InvalidArgument("tools", "need messages (a chat template renders them)")
     seen: set[str] = set()
     out = []
     for i, t in enumerate(req.tools):

@@ -13,9 +13,10 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from router.chat import chat_prompt_ids
 from router.config import LimitsConfig
 from router.errors import BadRequest, InvalidArgument
-from router.openai_requests import parse_body
+from router.openai_answers import ChatSplit
+from router.openai_requests import Options, parse_body
 from router.structured import _llguidance_tokenizer
-from router.tool_calls import Delta, reader, whole
+from router.tool_calls import Delta, merged, reader
 from router.tools import ToolMode
 from router.validation import validate
 
@@ -28,6 +29,15 @@ MSGS = [{"role": "user", "content": "weather in Paris?"}]
 AUTO = ToolMode("auto", ("get_weather", "ping"), parser="hermes")
 CALLS = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
          '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n')
+
+
+def whole(mode: ToolMode, text: str, finish: str) -> tuple[str | None, list[dict[str, Any]], str]:
+    """A unary answer, read as the front reads one (fed whole): its content (None when it is only
+    calls), its calls, its finish_reason."""
+    _, d, finish = ChatSplit(Options(chat=True, stream=False, include_usage=False, logprobs=False,
+                                     tools=mode)).feed(text, finish)
+    calls = merged(d.calls)
+    return (d.content or None) if calls else d.content, calls, finish
 
 
 def _streamed(mode: ToolMode, text: str, step: int) -> tuple[str, list[dict[str, Any]]]:
