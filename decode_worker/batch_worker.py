@@ -39,7 +39,7 @@ from engine.model_runner import ModelRunner, SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
-from engine.sampler import History, plain, sample, sample_plain
+from engine.sampler import History, needs_history, sample, sample_queued
 from engine.step_loop import InFlight, Step, StepLoop
 from engine.structured import Guide, Guides
 from engine.types import (
@@ -230,14 +230,20 @@ class BatchWorker(StepLoop):
         """One new token per running request: its last one, at position num_tokens - 1."""
         return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table) for r in batch]
 
-    def _decode_sampling(self, batch: list[DecodeRequest]) -> tuple[list[SamplingParams], list[int], list[History | None],
-                                                                    list[tuple[int, ...]], list[Guide | None]]:
+    def _decode_sampling(self, batch: list[DecodeRequest], pending: int = 0) -> tuple[
+            list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None]]:
         """sample()'s arguments for the decode rows: params, the positions being sampled, histories,
-        banned tokens, guides."""
-        return ([r.sampling for r in batch], [r.num_tokens for r in batch],
-                [History(r.prompt_ids or (), r.output_ids) if r.sampling.penalized else None for r in batch],
-                [banned_now(r.sampling, len(r.output_ids), r.eos_token_ids) for r in batch],
-                [self._guide(r) for r in batch])
+        banned tokens, guides. pending: tokens each row has drawn that the host has not read yet
+        (1 under a step in flight: then no row may need its history). A row that has ended (while a
+        step followed its last) is sampled unconstrained: its token is dropped."""
+        assert not pending or not any(needs_history(r.sampling) for r in batch)
+        live = [r.status is DecodeStatus.RUNNING for r in batch]
+        return ([r.sampling for r in batch], [r.num_tokens + pending for r in batch],
+                [History(r.prompt_ids or (), r.output_ids) if ok and r.sampling.penalized else None
+                 for r, ok in zip(batch, live)],
+                [banned_now(r.sampling, len(r.output_ids) + pending, r.eos_token_ids) if ok else ()
+                 for r, ok in zip(batch, live)],
+                [self._guide(r) if ok else None for r, ok in zip(batch, live)])
 
     def _guide(self, r: DecodeRequest) -> Guide | None:
         """A structured output's Guide, made at its first sampling here, having followed its output."""
@@ -311,11 +317,10 @@ class BatchWorker(StepLoop):
 
     # -- steps in flight (engine/step_loop.py) ---------------------------------------------------
     def _may_launch(self, step: Step) -> bool:
-        """A decode-only step through the CUDA graphs whose rows are all plain (greedy or drawn, with
-        nothing the host adds: sampler.plain)."""
+        """A decode-only step through the CUDA graphs."""
         g = self.runner.graphs
         return (self.overlap_steps and g is not None and bool(step.decode) and not step.prompts and not step.recomputes
-                and g.fits(step.seqs) and all(plain(r.sampling, len(r.output_ids)) for r in step.decode))
+                and g.fits(step.seqs))
 
     def _quiet(self) -> bool:
         """Under `lock`: nothing but the running batch to attend to (no cancel, arrival, preempted
@@ -326,7 +331,7 @@ class BatchWorker(StepLoop):
 
     def _follow(self, prev: InFlight) -> Step | None:
         """prev's rows that go on, each fed the token prev draws for it, at the position that token
-        takes: while quiet, all stay plain, each has a block for it (a row whose token starts a
+        takes: while quiet, each has a block for it (a row whose token starts a
         block gets one here; none free: None, and schedule() preempts for it), and for at most
         MAX_FOLLOWS steps in a row (a complete turn then runs the rest: reservations expire there)."""
         step = self._fed(prev) if self._follows < MAX_FOLLOWS else None
@@ -342,8 +347,6 @@ class BatchWorker(StepLoop):
             for i, r in enumerate(prev.step.decode):
                 if r.status is not DecodeStatus.RUNNING or len(r.output_ids) + 1 >= r.sampling.max_tokens:
                     continue  # ended, or prev's token is its last
-                if not plain(r.sampling, len(r.output_ids) + 1):
-                    return None
                 rows.append(r)
                 seqs.append(SeqInput([i], r.num_tokens, r.block_table))  # prev's token goes at num_tokens
             if not rows or g is None or not g.fits(seqs):
@@ -357,9 +360,20 @@ class BatchWorker(StepLoop):
         return Step(rows, [], seqs, [])
 
     def _launch(self, step: Step, prev: InFlight | None) -> InFlight:
+        """Its rows are sampled now unless one needs its history and prev's tokens are not read yet."""
         logits = self.runner.forward(step.seqs, None if prev is None else prev.sampled.tokens)  # [rows, V]
-        return InFlight(step, sample_plain(logits, [r.sampling for r in step.decode],
-                                           [s.context_len for s in step.seqs]))  # where each token goes
+        f = InFlight(step, logits=logits)
+        if prev is None:
+            self._sample_behind(f)
+        elif not any(needs_history(r.sampling) for r in step.decode):
+            f.sampled = sample_queued(logits, *self._decode_sampling(step.decode, pending=1))
+            f.logits = None
+        return f
+
+    def _sample_behind(self, f: InFlight) -> None:
+        """Every token before f's is on the host: histories and grammars are up to date."""
+        f.sampled = sample_queued(f.logits, *self._decode_sampling(f.step.decode))
+        f.logits = None
 
     def _complete(self, f: InFlight, behind: bool) -> None:
         tokens, lps = f.sampled.collect()  # waits for f's forward (and so for every step before it)

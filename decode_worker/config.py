@@ -25,11 +25,11 @@ class BatchConfig(WorkerPlacement):
         "CUDA graphs captured at start-up, one per batch bucket (1, 2, 4, 8, then every 16); false: eager."
     )
     overlap_steps: bool = Field(
-        True, description="With cuda_graphs: while every row is plain (greedy or drawn; no penalty, bias or pending "
-        "min_tokens) and nothing else waits, a decode step "
-        "is queued behind the one in flight (each row fed its token on the device) before the host reads the first "
-        "one's tokens, so scheduling, input copies and bookkeeping overlap the forward. false: each step completes "
-        "before the next is scheduled."
+        True, description="With cuda_graphs: while nothing but the running rows waits, a decode step is queued "
+        "behind the one in flight (each row fed its token on the device) before the host reads the first one's "
+        "tokens, so scheduling, input copies and bookkeeping overlap the forward; a batch with a row whose draw "
+        "needs the tokens before it (penalties, a grammar) is sampled once they are read, its forward already "
+        "queued. false: each step completes before the next is scheduled."
     )
 
 

@@ -15,7 +15,7 @@ token as sorting its whole vocabulary (_filter_sorted, the reference and the fal
    check cheaply (more than HEAD tokens above its lowest racer): sorted whole.
 Up to three host syncs when a row takes way 1 or 2 (which rows fall through to 3), none otherwise.
 draw_sorted() takes way 3 for every row — the same tokens with no host sync at all, what a decode
-step left in flight draws (engine/sampler.py sample_plain); parameters reach the device through
+step left in flight draws (engine/sampler.py sample_queued); parameters reach the device through
 pinned copies (on_device), which do not wait for the work queued before them.
 """
 from __future__ import annotations
@@ -30,13 +30,14 @@ RACERS = 8  # racers a row walks looking for the first one it keeps
 HEAD = 16384  # the most tokens above a row's lowest racer that way 2 gathers; more: sorted whole
 
 
-def on_device(values: list, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
-    """A host list → a tensor on `device` (dtype inferred) without waiting for the device: on CUDA a
-    pinned copy queued on the stream, where a pageable one waits for all the work queued before it
-    (a step in flight's forward, engine/step_loop.py)."""
+def on_device(values: list | torch.Tensor, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
+    """A host list or CPU tensor → a tensor on `device` (a list's dtype inferred) without waiting for
+    the device: on CUDA a pinned copy queued on the stream, where a pageable one waits for all the
+    work queued before it (a step in flight's forward, engine/step_loop.py)."""
     if device.type != "cuda":
-        return torch.tensor(values, device=device)
-    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+        return torch.as_tensor(values, device=device)
+    host = values.pin_memory() if isinstance(values, torch.Tensor) else torch.tensor(values, pin_memory=True)
+    return host.to(device, non_blocking=True)
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Token sampling for a whole batch at once, on the logits' device: one host sync per step (up to
-three more when a row is not greedy: which rows fall back to a sort, engine/race.py); none before
-the host reads the tokens for a batch of plain() rows (sample_plain: a step in flight).
+three more when a row is not greedy: which rows fall back to a sort, engine/race.py); none at all in
+sample_queued(), what a decode step left in flight samples with (engine/step_loop.py).
 
 Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → allowed_token_ids →
 the grammar's mask (structured outputs, engine/structured.py) → banned tokens (min_tokens) → greedy
@@ -11,6 +11,8 @@ fresh random key each step.
 No row can fail the batch: NaN logits never win, a temperature under GREEDY_BELOW is greedy, the
 logits are shifted by their max before the temperature divides them (no overflow for any
 temperature), and a row whose distribution still comes out non-finite takes its best raw token.
+Every host list reaches the device through a pinned copy (race.on_device), which does not wait for
+the work queued before it.
 """
 from __future__ import annotations
 
@@ -63,12 +65,12 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], histories: lis
         both = list(h.prompt) + list(h.output)
         seen_ids[r, : len(both)] = torch.tensor(both, dtype=torch.long)
         out_ids[r, : len(h.output)] = torch.tensor(list(h.output), dtype=torch.long)
-    seen_ids, out_ids = seen_ids.clamp(max=V).to(dev), out_ids.clamp(max=V).to(dev)
+    seen_ids, out_ids = on_device(seen_ids.clamp(max=V), dev), on_device(out_ids.clamp(max=V), dev)
     seen = torch.zeros(len(rows), V + 1, dtype=torch.bool, device=dev).scatter_(1, seen_ids, True)[:, :V]
     counts = torch.zeros(len(rows), V + 1, device=dev).scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float))[:, :V]
-    rp, pres, freq = (torch.tensor([[getattr(params[i], f)] for i in rows], device=dev)
+    rp, pres, freq = (on_device([[float(getattr(params[i], f))] for i in rows], dev)  # [R, 1] each
                       for f in ("repetition_penalty", "presence_penalty", "frequency_penalty"))
-    idx = torch.tensor(rows, device=dev)
+    idx = on_device(rows, dev)
     x = logits.index_select(0, idx)  # [R, V]
     x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
     x = x - freq * counts - pres * (counts > 0).float()
@@ -85,8 +87,8 @@ def _bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         return logits
     rows, toks, biases = zip(*entries)
     dev = logits.device
-    return logits.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
-                            torch.tensor(biases, device=dev, dtype=logits.dtype), accumulate=True)
+    return logits.index_put((on_device(list(rows), dev), on_device(list(toks), dev)),
+                            on_device([float(b) for b in biases], dev).to(logits.dtype), accumulate=True)
 
 
 def _allow(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -97,8 +99,8 @@ def _allow(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     keep = torch.full((len(rows), V), float("-inf"), device=dev, dtype=logits.dtype)  # [R, V]
     if entries:
         r, t = zip(*entries)
-        keep.index_put_((torch.tensor(r, device=dev), torch.tensor(t, device=dev)), torch.tensor(0.0, device=dev))
-    idx = torch.tensor(rows, device=dev)
+        keep.index_put_((on_device(list(r), dev), on_device(list(t), dev)), torch.zeros((), device=dev, dtype=logits.dtype))
+    idx = on_device(rows, dev)
     return logits.index_copy(0, idx, logits.index_select(0, idx) + keep)
 
 
@@ -110,8 +112,8 @@ def _ban(logits: torch.Tensor, banned: list[Sequence[int]]) -> torch.Tensor:
         return logits
     rows, toks = zip(*entries)
     dev = logits.device
-    return logits.index_put((torch.tensor(rows, device=dev), torch.tensor(toks, device=dev)),
-                            torch.tensor(float("-inf"), device=dev))
+    return logits.index_put((on_device(list(rows), dev), on_device(list(toks), dev)),
+                            torch.full((), float("-inf"), device=dev, dtype=logits.dtype))
 
 
 def sample(
@@ -123,11 +125,33 @@ def sample(
     guides: Sequence[Guide | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] (float32); positions[i] = the position the sampled token will occupy;
+    histories[i]: row i's prompt and output (its penalties' input; None: unpenalized);
     banned[i]: token ids row i may not take (engine/types.py `banned_now`); guides[i]: row i's place
     in its grammar (structured output), having followed every token before this one."""
-    logits = logits.float().nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it)
-    B, V = logits.shape
-    raw = logits
+    return _sample(logits, params, positions, histories, banned, guides, draw).collect()
+
+
+def sample_queued(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    positions: list[int],
+    histories: list[History | None] | None = None,
+    banned: list[Sequence[int]] | None = None,
+    guides: Sequence[Guide | None] | None = None,
+) -> Sampled:
+    """sample() with every tensor op queued on the device and nothing waiting for it (the host
+    computes a grammar's mask, then queues its copy), so a forward queued before it is not waited
+    for: a decode step in flight (engine/step_loop.py) samples with this, and the caller may queue
+    the next forward before collect(). Drawn rows draw by race.draw_sorted (the same tokens).
+    logits [B, V] may be overwritten once this returns (a CUDA graph's output)."""
+    return _sample(logits, params, positions, histories, banned, guides, draw_sorted).staged()
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+            histories: list[History | None] | None, banned: list[Sequence[int]] | None,
+            guides: Sequence[Guide | None] | None, how: Drawer) -> Sampled:
+    raw = logits.float().nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it); a new tensor
+    logits = raw
     if any(p.penalized for p in params) and histories is not None:
         logits = _penalize(logits, params, histories)
     if any(p.logit_bias for p in params):
@@ -141,8 +165,8 @@ def sample(
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
-        tokens = _drawn(logits, tokens, params, positions, drawn, draw)
-    return Sampled.of(raw, tokens, [p.logprobs for p in params]).collect()
+        tokens = _drawn(logits, tokens, params, positions, drawn, how)
+    return Sampled.of(raw, tokens, [p.logprobs for p in params])
 
 
 def _drawn(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], positions: list[int],
@@ -156,26 +180,12 @@ def _drawn(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingPara
     return tokens.index_copy(0, idx, torch.where(ok, choice, tokens.index_select(0, idx)))
 
 
-def plain(sampling: SamplingParams, num_generated: int) -> bool:
-    """Whether a row's next token (after `num_generated`) needs nothing from the host but its
-    parameters: no penalty, no bias, no grammar, past its min_tokens (greedy or drawn) — what
-    sample_plain() draws with no host sync."""
-    return (not sampling.penalized and not sampling.logit_bias and not sampling.allowed_token_ids
-            and not sampling.grammar and num_generated >= sampling.min_tokens)
-
-
-def sample_plain(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> Sampled:
-    """sample() for rows that are all plain(): every tensor op is queued on the device and nothing
-    waits for it, so the caller can queue the next forward before collect() (engine/step_loop.py,
-    a step in flight). Greedy rows take their argmax; drawn rows draw as sample() does (the same
-    tokens, by race.draw_sorted). logits [B, V] may be overwritten once this returns (a CUDA graph's
-    output); positions[i]: the position row i's token will occupy (a seeded row's key)."""
-    raw = logits.float().nan_to_num(nan=float("-inf"))  # a new tensor: the logits' buffer is free again
-    tokens = raw.argmax(dim=-1)  # [B]
-    drawn = [i for i, p in enumerate(params) if not p.greedy]
-    if drawn:
-        tokens = _drawn(raw, tokens, params, positions, drawn, draw_sorted)
-    return Sampled.of(raw, tokens, [p.logprobs for p in params]).staged()
+def needs_history(sampling: SamplingParams) -> bool:
+    """Whether a row's next token depends on the tokens before it beyond the model's logits: its
+    penalties count them, its grammar follows them. A step in flight samples such rows only once
+    the host has the tokens of the step before (engine/step_loop.py); every other row — greedy or
+    drawn, with a logit_bias, allowed_token_ids or a pending min_tokens — is sampled as it is launched."""
+    return sampling.penalized or bool(sampling.grammar)
 
 
 @dataclass(frozen=True)

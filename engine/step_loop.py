@@ -17,7 +17,10 @@ for a step that follows it (_follow: the same rows, each fed its token on the de
 one, it is queued behind, and only then does the host wait for the first one's tokens and
 postprocess them (_complete) — so the host's schedule, input copy and bookkeeping overlap the
 device's forward instead of leaving it idle (vLLM's async scheduling, SGLang's overlap scheduler).
-Anything else (news, a prompt, a row that is not plain: sampler.plain) completes the step in flight first.
+A row whose token depends on the tokens before it (penalties, a grammar: sampler.needs_history) is
+sampled only once the step before is complete (_sample_behind): its forward is queued first, so the
+host's history and grammar-mask work overlap it too. Anything else (news, a prompt) completes the
+step in flight first.
 A step that raises fails the requests it held (fail_step) and the loop goes on: one bad step never
 leaves a caller waiting or stops the worker — unless the device itself is broken (a CUDA kernel
 fault is sticky: every later step would fail too), or schedule() raised (the worker's bookkeeping
@@ -50,10 +53,12 @@ LOOP_BROKEN_EXIT = 71  # ... when its schedule() raised (EX_OSERR: the worker's 
 
 @dataclass
 class InFlight:
-    """A launched step whose tokens the host has not read yet; `sampled`: the worker's handle."""
+    """A launched step whose tokens the host has not read yet; `sampled`: the worker's handle to its
+    draw, None while that waits for the step before to complete (`logits`: what it will sample)."""
 
     step: Step
-    sampled: Any
+    sampled: Any = None
+    logits: Any = None
 
 
 @dataclass
@@ -125,7 +130,12 @@ class StepLoop(abc.ABC):
         return None
 
     def _launch(self, step: Step, prev: InFlight | None) -> InFlight:
-        """Queue step's forward and sampling on the device (fed from prev when step follows it)."""
+        """Queue step's forward (fed from prev when step follows it) and, unless it must wait for
+        prev's tokens (then `sampled` is None), its sampling on the device."""
+        raise NotImplementedError
+
+    def _sample_behind(self, f: InFlight) -> None:
+        """Queue f's sampling (f.sampled), now that the step before it has completed."""
         raise NotImplementedError
 
     def _complete(self, f: InFlight, behind: bool) -> None:
@@ -187,6 +197,10 @@ class StepLoop(abc.ABC):
                     self.steps_overlapped += self._inflight is not None
                     self.loop_s["run"] += time.perf_counter() - t1
                     self._drain(behind=True)  # 4 of the step before, while this one runs
+                    if f.sampled is None:  # its draw needs the tokens just read
+                        t = time.perf_counter()
+                        self._sample_behind(f)
+                        self.loop_s["postprocess"] += time.perf_counter() - t
                     self._inflight = f
                     continue
                 logits = self.runner.forward(step.seqs, scores=step.scores)  # 3. [rows, V]

@@ -8,7 +8,8 @@ into a grammar, and at each step into the set of tokens that keep the answer mat
 2. a worker (Guides): compiles each grammar against its tokenizer once (cached) when a request
    brings it (reserve, prefill: off the step loop); each request gets its own Guide, a copy
 3. each step, per guided row: Guide.follow(output_ids) takes the tokens drawn since, and sample()
-   sets every token the grammar refuses to -inf (mask_logits: one bitmask per row, on the host)
+   sets every token the grammar refuses to -inf (mask_logits: one bitmask per row, on the host,
+   copied to the device without waiting for it)
 4. the request ends (finish_reason "stop") once its grammar takes nothing more (Guide.complete),
    or at EOS, which the grammar allows only where the answer may end
 A Guide is a function of the tokens it followed: the prefill worker's (the first token) and the
@@ -23,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from engine.race import on_device
 
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: a model cannot pad the answer with blanks forever
 CACHED_GRAMMARS = 64  # compiled grammars a worker keeps (least recently used dropped)
@@ -138,18 +141,19 @@ def mask_logits(logits: torch.Tensor, guides: Sequence[Guide | None]) -> torch.T
     rows = [i for i, g in enumerate(guides) if g is not None]
     B, V = logits.shape
     words = (V + 31) // 32
-    bits = torch.zeros((len(rows), words), dtype=torch.int32)  # [R, W]: bit t % 32 of word t // 32 = token t allowed
+    dev = logits.device
+    # [R, W]: bit t % 32 of word t // 32 = token t allowed; pinned on CUDA: its copy does not wait for the device
+    bits = torch.zeros((len(rows), words), dtype=torch.int32, pin_memory=dev.type == "cuda")
     first = guides[rows[0]]
     assert first is not None
     first.executor.unsafe_compute_mask_ptr([(guides[i].matcher, r) for r, i in enumerate(rows)],  # type: ignore[union-attr]
                                            bits.data_ptr(), words * 4, len(rows))
-    dev = logits.device
     table = _BITS.get(dev)
     if table is None:  # [256, 8]: a byte's bits, lowest first (little-endian words: token t is bit t % 8 of byte t // 8)
         table = _BITS[dev] = ((torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1).bool()
-    as_bytes = bits.view(torch.uint8).reshape(-1).to(dev).int()  # [R * W * 4]
+    as_bytes = bits.view(torch.uint8).reshape(-1).to(dev, non_blocking=True).int()  # [R * W * 4]
     allowed = table.index_select(0, as_bytes).reshape(len(rows), words * 32)[:, :V]  # [R, V]
     if len(rows) == B:  # every row guided: no rows to pick out and put back
         return logits.masked_fill(~allowed, float("-inf"))
-    idx = torch.tensor(rows, device=dev)
+    idx = on_device(rows, dev)
     return logits.index_copy(0, idx, logits.index_select(0, idx).masked_fill(~allowed, float("-inf")))

@@ -152,7 +152,7 @@ def test_every_way_draws_what_a_sort_of_the_whole_vocabulary_draws(monkeypatch) 
     want, _ = race.draw_sorted(logits, params, keys)  # every row sorted whole (a step in flight's draw)
     got, _ = sample(logits, params, list(range(n)))
     assert got == want.tolist()
-    assert sampler.sample_plain(logits, params, list(range(n))).collect()[0] == got
+    assert sampler.sample_queued(logits, params, list(range(n))).collect()[0] == got
     alone = [sample(logits[i:i + 1], [params[i]], [i])[0][0] for i in range(0, n, 5)]
     assert alone == got[::5]  # and alone a row draws what it draws in the crowd
 
@@ -193,7 +193,7 @@ def test_allowed_token_ids_are_the_only_ones_a_row_takes_and_only_in_its_row() -
     draws = {sample(x[3:4], [SamplingParams(temperature=3.0, seed=s, allowed_token_ids=few)], [0])[0][0]
              for s in range(100)}
     assert draws == set(few[:3])  # each allowed one is drawn, nothing else
-    assert not sampler.plain(params[0], 5) and sampler.plain(params[1], 5)  # masked on the host's path
+    assert sampler.sample_queued(x, params, [0, 1, 2, 3]).collect() == (toks, lps)  # queued: the same
 
 
 def test_banned_tokens_are_never_taken_and_only_in_their_row() -> None:

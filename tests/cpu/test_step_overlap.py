@@ -18,7 +18,8 @@ from decode_worker.config import AggregatedConfig, DecodeConfig  # noqa: E402
 from decode_worker.worker import DecodeWorker  # noqa: E402
 from engine.config import KVCacheConfig, ModelConfig, TransportConfig  # noqa: E402
 from engine.kv_handoff import Backend, WriteIntent, WriteOutcome  # noqa: E402
-from engine.sampler import Sampled, plain, sample, sample_plain  # noqa: E402
+from engine.sampler import History, Sampled, needs_history, sample, sample_queued  # noqa: E402
+from engine.structured import Guides, grammar_text  # noqa: E402
 from engine.step_loop import InFlight, Step  # noqa: E402
 from engine.tiny import tiny_tokenizer  # noqa: E402
 from engine.types import FinishReason, PrefillRequest, SamplingParams  # noqa: E402
@@ -120,19 +121,62 @@ def test_a_cancel_or_an_arrival_completes_the_step_in_flight_first(worker) -> No
     assert wait_until(w.check_idle, 10)
 
 
-def test_a_row_that_is_not_plain_runs_a_complete_turn(worker) -> None:  # type: ignore[no-untyped-def]
-    """Penalties (or a bias, or min_tokens) need the host's history: no step follows one in flight
-    while such a row runs; plain greedy rows beside it still decode like HF."""
-    w, events, seen = worker
-    ids = [_ids(7), _ids(1)]
+def _both_ways(w: AggregatedWorker, events: Events, tag: str, ids: list[list[int]],
+               sps: list[SamplingParams]) -> list[tuple[list[int], FinishReason | None]]:
+    """The requests run together with steps in flight (at least 5 of them follow one), then again
+    with every step complete: the same tokens both ways."""
+
+    def run(t: str) -> list[tuple[list[int], FinishReason | None]]:
+        ts = [_submit(w, f"{t}{i}", p, sp) for i, (p, sp) in enumerate(zip(ids, sps))]
+        for th in ts:
+            th.join(120)
+        return [_tokens(events, f"{t}{i}") for i in range(len(ids))]
+
     before = w.steps_overlapped
-    penalized = SamplingParams(max_tokens=12, repetition_penalty=1.3, ignore_eos=True)
-    ts = [_submit(w, "c0", ids[0], penalized), _submit(w, "c1", ids[1], SamplingParams(max_tokens=12, ignore_eos=True))]
-    for t in ts:
-        t.join(120)
-    _tokens(events, "c0")
-    assert _tokens(events, "c1") == (hf_greedy_ids(ids[1], 12, ignore_eos=True), FinishReason.LENGTH)
-    assert w.steps_overlapped == before
+    flying = run(tag + "f")
+    assert w.steps_overlapped > before + 5
+    w.overlap_steps = False
+    try:
+        completed = run(tag + "c")
+    finally:
+        w.overlap_steps = True
+    assert flying == completed
+    return flying
+
+
+def test_rows_with_penalties_or_a_grammar_follow_in_flight_and_sample_what_complete_turns_do(worker) -> None:  # type: ignore[no-untyped-def]
+    """Rows whose draw reads the tokens before them (penalties, a grammar): a step that follows one
+    in flight samples them once that one has completed, its forward already queued. Before, such a
+    row made every step a complete turn. Plain greedy rows beside them still decode like HF."""
+    w, events, seen = worker
+    ids = [_ids(i) for i in (7, 1, 4)]
+    sps = [SamplingParams(max_tokens=14, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4,
+                          temperature=0.9, seed=21, ignore_eos=True),
+           SamplingParams(max_tokens=14, ignore_eos=True),
+           SamplingParams(max_tokens=14, grammar=grammar_text("regex", r"(ab|cd)+!"), temperature=1.0, seed=23)]
+    assert [needs_history(sp) for sp in sps] == [True, False, True]
+    got = _both_ways(w, events, "h", ids, sps)
+    assert got[1] == (hf_greedy_ids(ids[1], 14, ignore_eos=True), FinishReason.LENGTH)
+    answer = tiny_tokenizer().decode(got[2][0])
+    assert got[2][1] == FinishReason.STOP and answer.endswith("!") and set(answer[:-1]) <= set("abcd"), answer
+    assert seen == []
+    assert wait_until(w.check_idle, 10)
+
+
+def test_rows_with_a_bias_allowed_tokens_or_min_tokens_are_sampled_as_launched_counting_the_token_in_flight(worker) -> None:  # type: ignore[no-untyped-def]
+    """A logit_bias, allowed_token_ids and a pending min_tokens need no token before: such rows are
+    sampled as their step is launched, at the position and count after the token still in flight
+    (a seeded row's key; min_tokens lifts its EOS ban at the same token as complete turns do)."""
+    w, events, seen = worker
+    ids = [_ids(i) for i in (4, 6, 2)]
+    sps = [SamplingParams(max_tokens=20, min_tokens=9, logit_bias=((EOS[0], 8.0), (100, 3.0)), temperature=0.8, seed=22),
+           SamplingParams(max_tokens=12, allowed_token_ids=tuple(range(60, 90)), temperature=1.3, seed=24, ignore_eos=True),
+           SamplingParams(max_tokens=12, temperature=0.7, seed=25, ignore_eos=True, logprobs=1)]
+    assert not any(needs_history(sp) for sp in sps)
+    got = _both_ways(w, events, "b", ids, sps)
+    assert got[0] == (got[0][0][:9] + [EOS[0]], FinishReason.STOP) and EOS[0] not in got[0][0][:9]  # EOS as soon as allowed
+    assert all(60 <= t < 90 for t in got[1][0])
+    assert seen == []
     assert wait_until(w.check_idle, 10)
 
 
@@ -164,26 +208,40 @@ def test_drawn_rows_follow_in_flight_and_draw_what_complete_turns_draw(worker) -
     assert wait_until(w.check_idle, 10)
 
 
-def test_sample_plain_equals_sample_with_logprobs() -> None:
-    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(0))
+def test_sample_queued_equals_sample_for_every_kind_of_row() -> None:
+    """Greedy and drawn rows, logprobs, NaN logits, penalties over a history, a logit_bias,
+    allowed_token_ids, banned tokens and a grammar's mask, all in one batch: the queued draw (a step
+    in flight's) gives sample()'s tokens and logprobs, and does not read the logits after it returns."""
+    V = 259
+    logits = torch.randn(9, V, generator=torch.Generator().manual_seed(0))
     logits[2, 7] = float("nan")
     logits[6] = float("nan")  # a drawn row with nothing finite: its best raw token, as sample() gives
-    params = [SamplingParams(), SamplingParams(logprobs=3), SamplingParams(logprobs=0), SamplingParams(),
-              SamplingParams(logprobs=1), SamplingParams(temperature=0.9, seed=4, logprobs=2),
-              SamplingParams(temperature=1.5, top_k=5, top_p=0.7, min_p=0.1, seed=5)]
-    assert all(plain(p, 0) for p in params)
-    want = sample(logits.clone(), params, list(range(7)))
-    got = sample_plain(logits, params, list(range(7)))
+    guide = Guides(tiny_tokenizer, V).new(grammar_text("regex", r"(ab|cd)+!"))
+    guide.follow(tiny_tokenizer()("ab")["input_ids"])
+    params = [SamplingParams(), SamplingParams(logprobs=3), SamplingParams(logprobs=0),
+              SamplingParams(repetition_penalty=1.5, frequency_penalty=0.7, logprobs=1),
+              SamplingParams(logit_bias=((5, 9.0), (6, -9.0))), SamplingParams(temperature=0.9, seed=4, logprobs=2),
+              SamplingParams(temperature=1.5, top_k=5, top_p=0.7, min_p=0.1, seed=5),
+              SamplingParams(temperature=1.2, seed=6, allowed_token_ids=(10, 11, 12), min_tokens=2),
+              SamplingParams(temperature=0.7, seed=7, grammar="g", presence_penalty=1.0)]
+    histories = [None, None, None, History([3, 4, 5], [int(logits[3].argmax()), 9]), None, None, None, None,
+                 History([1], [97, 98])]
+    banned = [(), (), (), (), (), (), (), (11, 2), ()]
+    guides = [None] * 8 + [guide]
+    args = (params, list(range(9)), histories, banned, guides)
+    want = sample(logits.clone(), *args)
+    got = sample_queued(logits, *args)
     assert isinstance(got, Sampled)
-    logits[:] = 0  # the buffer may be overwritten once sample_plain returns (a graph's output)
+    logits[:] = 0  # the buffer may be overwritten once sample_queued returns (a graph's output)
     assert got.collect() == want
+    assert want[0][7] in (10, 12) and tiny_tokenizer().decode([want[0][8]]) in ("a", "c", "!")  # allowed, not banned; the grammar's
 
 
-def test_plain_is_a_row_with_nothing_the_host_must_add() -> None:
-    assert plain(SamplingParams(min_tokens=3), 3) and not plain(SamplingParams(min_tokens=3), 2)
-    assert plain(SamplingParams(temperature=0.5, top_p=0.9, top_k=40, min_p=0.1, seed=1), 0)
-    assert not plain(SamplingParams(repetition_penalty=1.2), 0)
-    assert not plain(SamplingParams(logit_bias={5: 1.0}), 0)
+def test_needs_history_is_a_row_whose_draw_reads_the_tokens_before_it() -> None:
+    assert needs_history(SamplingParams(repetition_penalty=1.2)) and needs_history(SamplingParams(grammar="g"))
+    assert needs_history(SamplingParams(frequency_penalty=0.1)) and needs_history(SamplingParams(presence_penalty=-1.0))
+    assert not needs_history(SamplingParams(temperature=0.5, top_p=0.9, top_k=40, min_p=0.1, seed=1))
+    assert not needs_history(SamplingParams(logit_bias=((5, 1.0),), allowed_token_ids=(5, 6), min_tokens=4))
 
 
 def test_held_blocks_come_back_only_when_released() -> None:

@@ -128,23 +128,36 @@ def test_every_way_of_the_draw_on_cuda_draws_what_a_sort_draws_and_what_cpu_draw
 
 
 def test_a_step_in_flights_draw_never_waits_for_the_device_and_draws_what_sample_draws() -> None:
-    """sample_plain() (engine/sampler.py) for greedy and drawn rows: no synchronizing call at all (torch's
-    sync debug mode raises on one), so a forward queued before it is not waited for; the same
-    tokens and logprobs as sample()."""
-    from engine.sampler import sample, sample_plain
+    """sample_queued() (engine/sampler.py), what a step in flight samples with, for greedy and drawn
+    rows, logprobs, penalties, a logit_bias, allowed_token_ids, banned tokens and a grammar's mask:
+    no synchronizing call at all (torch's sync debug mode raises on one), so a forward queued before
+    it is not waited for; the same tokens and logprobs as sample()."""
+    from engine.sampler import History, sample, sample_queued
+    from engine.structured import Guides, grammar_text
+    from engine.tiny import tiny_tokenizer
+    from engine.types import SamplingParams
     from tests.cpu.test_sampler import _mixed_batch
 
     logits, params = _mixed_batch(64, 32000)
-    params[::4] = [type(params[0])(logprobs=2)] * len(params[::4])  # greedy rows among them
+    params[::4] = [SamplingParams(logprobs=2)] * len(params[::4])  # greedy rows among them
+    params[1] = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, temperature=0.8, seed=1)
+    params[2] = SamplingParams(logit_bias=((7, 50.0), (8, -3.0)), temperature=1.0, seed=2)
+    params[3] = SamplingParams(allowed_token_ids=(11, 12, 13), logprobs=1)
+    params[5] = SamplingParams(temperature=0.9, seed=5, min_tokens=3)
+    guide = Guides(tiny_tokenizer, 32000).new(grammar_text("regex", r"(ab|cd)+!"))
+    histories = [History([1, 2, 3], [4, 5]) if i == 1 else None for i in range(64)]
+    banned = [(2, 9) if i == 5 else () for i in range(64)]
+    guides = [guide if i == 6 else None for i in range(64)]
+    args = (params, list(range(64)), histories, banned, guides)
     gpu = logits.cuda()
-    sample_plain(gpu, params, list(range(64))).collect()  # warm-up: the token hashes, the pinned pool
+    sample_queued(gpu, *args).collect()  # warm-up: the token hashes, the pinned pool, the bit table
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        queued = sample_plain(gpu, params, list(range(64)))
+        queued = sample_queued(gpu, *args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert queued.collect() == sample(gpu, params, list(range(64)))
+    assert queued.collect() == sample(gpu, *args)
 
 
 def test_kv_sized_from_memory_fits_its_share() -> None:
