@@ -103,10 +103,12 @@ class PrefillResult:
     cached_tokens: int = 0  # prompt tokens whose KV the prefill worker found in its prefix cache
     handoff_failed: bool = False  # the error is the decode side's (refused, or no link): another may take it
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # asked for: prompt tokens 1.. (token 0 has none)
+    refused_field: str = ""  # the error is the request's own (no worker would take it): the field at fault
 
     @classmethod
-    def failed(cls, request_id: str, error: str, handoff: bool = False) -> "PrefillResult":
-        return cls(request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, error, handoff_failed=handoff)
+    def failed(cls, request_id: str, error: str, handoff: bool = False, refused_field: str = "") -> "PrefillResult":
+        return cls(request_id, -1, FinishReason.ERROR, 0.0, 0.0, 0, error, handoff_failed=handoff,
+                   refused_field=refused_field)
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ class PrefillWorker(StepLoop):
         output) is compiled here, before the step that samples with it."""
         rid = request.request_id
         if request.sampling.grammar and (error := self.guides.prepare(request.sampling.grammar)):
-            return PrefillResult.failed(rid, f"structured output: {error}")
+            return PrefillResult.failed(rid, f"structured output: {error}", refused_field="structured")
         if request.dest is not None and request.dest.worker_id not in self.sender.links:
             return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
         with self.lock:

@@ -47,7 +47,7 @@ from engine.kv_handoff.types import KVDestination
 from engine.types import FinishReason, PrefillRequest, PrefillResult, TokenLogprob
 from router.admission import KVAdmission
 from router.config import LimitsConfig
-from router.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, WorkerFailure
+from router.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, ResourceExhausted, WorkerFailure
 from router.event_inbox import EventInbox
 from router.liveness import WorkerLiveness, WorkerRef, _actor_gone
 from router.migration import RequestMigration
@@ -224,6 +224,8 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                     inbox.fail(self._abort_reason)
             if res.error is not None:
                 where = f"prefill on {self.decodes[d_idx].worker_id}" if here else "prefill worker"
+                if res.refused_field:  # the request itself: no other worker or retry changes it
+                    raise InvalidArgument(res.refused_field, f"{where}: {res.error}")
                 raise WorkerFailure(f"{where}: {res.error}")
             t_first = time.monotonic()
             timings = {"queue_ms": res.queue_ms, "prefill_ms": res.prefill_ms, "ttft_ms": (t_first - t_accept) * 1000,

@@ -808,3 +808,32 @@ def test_a_reservation_refused_for_the_request_itself_fails_it_at_once() -> None
         await d.close()
 
     asyncio.run(main())
+
+
+def test_a_prompt_a_prefill_worker_refuses_for_the_request_itself_fails_with_invalid_argument() -> None:
+    """A prefill worker whose tokenizer cannot compile the request's grammar answers a refusal of the
+    request itself: INVALID_ARGUMENT naming the field (not UNAVAILABLE, as a worker's failure), and
+    the decode worker's reservation is let go."""
+    from router.errors import InvalidArgument
+
+    async def main() -> None:
+        dec, pre = FakeDecode(room=4), FakePrefill()
+
+        async def refuse(req: Any, timeout: float) -> PrefillResult:
+            return PrefillResult.failed(req.request_id, "structured output: cannot compile it: bad",
+                                        refused_field="structured")
+
+        pre.prefill = _Method(refuse)
+        d = Dispatcher([WorkerRef("prefill-0", pre)], [WorkerRef("decode-1", dec)], (2,), LimitsConfig())
+        d.start()
+        with pytest.raises(InvalidArgument, match="prefill worker: structured output") as e:
+            await _collect(d, "a")
+        assert e.value.field == "structured"
+        for _ in range(200):  # the reservation is let go in the background
+            if "a" in dec.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert "a" in dec.cancelled
+        await d.close()
+
+    asyncio.run(main())
