@@ -68,7 +68,8 @@ class BatchWorker(StepLoop):
         self.boot_id = uuid.uuid4().hex[:12]
         self.model_cfg = model_cfg
         model = load_model(model_cfg)
-        blocks = kv_budget.num_blocks(kv_cfg, model, cfg.num_gpus, step_tokens, model_cfg.max_model_len)
+        blocks = kv_budget.num_blocks(kv_cfg, model, cfg.num_gpus, step_tokens, model_cfg.max_model_len,
+                                      cfg.max_batch_size)
         self.cache_handle: shared_cache.SharedCache | None = None
         kv = None
         if share_cache:

@@ -5,6 +5,8 @@ may use `u * g` of that GPU's memory for everything of its own:
   1. load the weights; run one forward of the largest step it will run (decode rows or prompt tokens)
      to find its peak activations, then what prompt logprobs take beside that step's hidden states
      (the LM head and log-softmax of SCORE_ROWS positions in fp32: [256, vocab] twice, 256 MB at a
+     128k vocabulary), then the sampler at its largest batch, every row in its heaviest way (a
+     penalty, a full sort, 20 logprobs: several [rows, vocab] tensors, ~1.5 GB at 256 rows and a
      128k vocabulary) → `used` = torch's peak reserved bytes in this process (`profile_peak`);
   2. KV gets `u * g * total - used`, never more than is free on the GPU right now;
   3. blocks = that // bytes per block (all layers, K and V); too few for one request is an error
@@ -20,6 +22,8 @@ import torch
 
 from engine.config import KVCacheConfig
 from engine.model_runner import SCORE_ROWS
+from engine.sampler import History, sample_queued
+from engine.types import SamplingParams
 
 GiB = 2**30
 
@@ -46,14 +50,16 @@ def blocks_for_memory(total: int, share: float, used: int, free: int, per_block:
 
 
 @torch.inference_mode()
-def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_tokens: int, max_model_len: int) -> int:
-    """kv_cfg.num_blocks, or (with gpu_memory_utilization) what fits in this worker's share of its GPU."""
+def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_tokens: int, max_model_len: int,
+               sample_rows: int = 1) -> int:
+    """kv_cfg.num_blocks, or (with gpu_memory_utilization) what fits in this worker's share of its GPU;
+    sample_rows: the most rows one step samples (its largest decode batch)."""
     if kv_cfg.gpu_memory_utilization is None:
         return kv_cfg.num_blocks
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError("kv_cache.gpu_memory_utilization: needs model.device: cuda (set kv_cache.num_blocks)")
-    used = profile_peak(model, profile_tokens)
+    used = profile_peak(model, profile_tokens, sample_rows)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     per_block = block_bytes(model.config, kv_cfg.block_size, next(model.parameters()).dtype)
@@ -62,9 +68,10 @@ def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_toke
 
 
 @torch.inference_mode()
-def profile_peak(model: Any, profile_tokens: int) -> int:
-    """Step 1 on a CUDA model: torch's peak reserved bytes over a forward of `profile_tokens` and the
-    scoring of prompt logprobs beside that step's hidden states (ModelRunner._score's shapes)."""
+def profile_peak(model: Any, profile_tokens: int, sample_rows: int = 1) -> int:
+    """Step 1 on a CUDA model: torch's peak reserved bytes over a forward of `profile_tokens`, the
+    scoring of prompt logprobs beside that step's hidden states (ModelRunner._score's shapes) and
+    the sampling of `sample_rows` rows (worst_sample)."""
     device = next(model.parameters()).device
     torch.cuda.reset_peak_memory_stats(device)
     ids = torch.zeros(1, profile_tokens, dtype=torch.long, device=device)
@@ -74,5 +81,16 @@ def profile_peak(model: Any, profile_tokens: int) -> int:
     lp = torch.log_softmax(model.lm_head(rows).float(), dim=-1)  # [n, V] fp32, beside its fp32 logits
     torch.topk(lp, min(20, lp.shape[-1]))
     del hidden, rows, lp
+    worst_sample(sample_rows, model.config.vocab_size, device)
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_reserved(device))
+
+
+def worst_sample(rows: int, vocab: int, device: torch.device) -> None:
+    """One sampling of `rows` rows of fp32 logits in the sampler's heaviest way for its memory: each
+    row penalized over a history, drawn by a sort of its whole vocabulary (race.draw_sorted, a step
+    in flight's draw) with top-p and min-p, and asking for 20 logprobs."""
+    logits = torch.randn(rows, vocab, device=device)  # [rows, V]
+    sp = SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, repetition_penalty=1.1, logprobs=20, seed=0)
+    history = History(list(range(64)), list(range(64)))
+    sample_queued(logits, [sp] * rows, list(range(rows)), [history] * rows).collect()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cluster.config import ConfigError, parse_config
-from engine.kv_budget import GiB, block_bytes, blocks_for_memory
+from engine.kv_budget import GiB, block_bytes, blocks_for_memory, worst_sample
 from engine.tiny import tiny_model
 
 
@@ -38,3 +38,9 @@ def test_config_takes_one_size_and_only_on_cuda() -> None:
     cfg = parse_config({"model": {"device": "cuda"}, "kv_cache": {"gpu_memory_utilization": 0.5},
                         "prefill": {"num_gpus": 0.5}, "decode": {"num_gpus": 0.5}})
     assert cfg.kv_cache.gpu_memory_utilization == 0.5
+
+
+def test_the_profiles_worst_sampling_runs_on_any_device() -> None:
+    """kv_budget's sampler term (its GB-sized measurement is tests/gpu's): the heaviest sampling
+    the sampler takes, here on CPU so a change to the sampler's interface breaks it here first."""
+    worst_sample(8, 259, torch.device("cpu"))

@@ -188,6 +188,34 @@ def test_the_memory_profile_counts_what_prompt_logprobs_take() -> None:
     assert peak - weights >= 2 * SCORE_ROWS * cfg.vocab_size * 4, (peak - weights) / 2**20
 
 
+def test_the_memory_profile_counts_the_sampler_at_the_largest_batch() -> None:
+    """At 512 rows of a 128k vocabulary the sampler's temporaries (a sort's values and indices,
+    penalty counts, logprobs) take GBs: the profile counts them, and a real batch of mixed rows
+    sampled either way (a complete turn's, a step in flight's) stays under the profiled peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine import kv_budget
+    from engine.sampler import History, sample, sample_queued
+    from tests.cpu.test_sampler import _mixed_batch
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    weights = torch.cuda.memory_allocated()
+    peak = kv_budget.profile_peak(model, 16, sample_rows=512)
+    assert peak - weights >= 512 * cfg.vocab_size * (4 + 8), (peak - weights) / 2**20  # a full sort, at least
+    logits, params = _mixed_batch(512, cfg.vocab_size)
+    params[::5] = [type(params[0])(repetition_penalty=1.2, logprobs=5)] * len(params[::5])
+    histories = [History([1, 2, 3], [4] * 100) for _ in params]
+    for how in (sample, lambda *a: sample_queued(*a).collect()):
+        torch.cuda.empty_cache()  # as num_blocks does after profiling: the step allocates afresh
+        gpu = logits.cuda()
+        torch.cuda.reset_peak_memory_stats()
+        how(gpu, params, list(range(512)), histories)
+        assert torch.cuda.max_memory_reserved() <= peak, (torch.cuda.max_memory_reserved() / 2**20, peak / 2**20)
+        del gpu
+
+
 def test_fused_layer_ops_in_bf16_equal_the_hf_modules() -> None:
     """engine/triton_fused.py compiled for this GPU, in bf16 (the interpreter cannot run bf16 dots, so
     the CPU suite checks fp32/fp16 only): RMSNorm with the residual add, rotary + store, SiLU * up."""
