@@ -1,11 +1,11 @@
 """Preemption on a decode worker (kv_cache.allocation: on_demand), vLLM's recompute kind. A mixin
 of DecodeScheduler (scheduler.py), which owns the state it reads.
 
-  1. schedule() finds no free block for a running request's next token: the newest request by
-     arrival among the READY and RUNNING ones gives its blocks back → PREEMPTED (_preempt), its
+  1. schedule() finds no free block for a running request's next token: the last request by rank
+     (priority, then arrival: DecodeRequest.rank) among the READY and RUNNING ones gives its blocks back → PREEMPTED (_preempt), its
      output kept; its KV stays cached until the room is taken; no new reservation is taken while
      any waits
-  2. resume(): the oldest gets its blocks again when they fit (_fits) → RECOMPUTING; what is still
+  2. resume(): the first by rank gets its blocks again when they fit (_fits) → RECOMPUTING; what is still
      cached of its KV (engine/prefix_cache.py) is held again, not computed
   3. recompute_chunks() / on_recomputed(): the worker computes the rest of the KV of its prompt and
      output in chunks beside its decode rows → READY, ahead of newer ones; it goes on where it
@@ -47,12 +47,13 @@ class Preemption:
     held: list[tuple[DecodeRequest, int]]
 
     def _victim(self) -> DecodeRequest:
-        """The newest request by arrival among the READY and RUNNING ones (whose blocks nobody is
-        writing into) that can be recomputed — never one older than the running request asking for
-        a block (only such a one asks: the others hold prompt + max_tokens)."""
+        """The last request by rank (the largest priority value, then the newest) among the READY and
+        RUNNING ones (whose blocks nobody is writing into) that can be recomputed — never one ranked
+        before the running request asking for a block (only such a one asks: the others hold
+        prompt + max_tokens)."""
         held = [self.requests[rid] for rid in (*self.ready, *self.running)]
         return max((r for r in held if r.status in (DecodeStatus.READY, DecodeStatus.RUNNING)
-                    and r.prompt_ids is not None), key=lambda r: r.created)
+                    and r.prompt_ids is not None), key=lambda r: r.rank)
 
     def _preempt(self, req: DecodeRequest) -> None:
         """Give its blocks back; it keeps its output and resumes (recomputed) when room returns."""
@@ -68,7 +69,7 @@ class Preemption:
 
     def _preempt_queue(self, req: DecodeRequest) -> None:
         req.status = DecodeStatus.PREEMPTED
-        self._insert_by_arrival(self.preempted, req)
+        self._insert_by_rank(self.preempted, req)
 
     def adopt(
         self, request_id: str, prompt_ids: list[int], output_ids: list[int], sampling: SamplingParams,
@@ -91,7 +92,7 @@ class Preemption:
         return ReserveResult(True)
 
     def resume(self) -> list[DecodeRequest]:
-        """PREEMPTED → RECOMPUTING, oldest first, while its blocks (prompt + output) fit (_fits),
+        """PREEMPTED → RECOMPUTING, first by rank first, while its blocks (prompt + output) fit (_fits),
         the cached head of its KV held again; the requests resumed."""
         resumed = []
         while self.preempted:
@@ -109,7 +110,7 @@ class Preemption:
         return resumed
 
     def recompute_chunks(self, budget: int) -> list[Recompute]:
-        """This step's share of the recomputing requests' KV: at most `budget` tokens, oldest first."""
+        """This step's share of the recomputing requests' KV: at most `budget` tokens, first by rank first."""
         chunks = []
         for rid in self.recomputing:
             if budget <= 0:
@@ -137,7 +138,7 @@ class Preemption:
         """cached: tokens of recompute_ids() whose KV is in its blocks already."""
         req.status = DecodeStatus.RECOMPUTING
         req.recomputed = cached
-        self._insert_by_arrival(self.recomputing, req)
+        self._insert_by_rank(self.recomputing, req)
 
     @staticmethod
     def _kv_tokens(req: DecodeRequest) -> int:
@@ -166,9 +167,9 @@ class Preemption:
         for req, kv_tokens in held:
             self._let_go(req, kv_tokens)
 
-    def _insert_by_arrival(self, ids: list[str], req: DecodeRequest) -> None:
+    def _insert_by_rank(self, ids: list[str], req: DecodeRequest) -> None:
         i = len(ids)
-        while i > 0 and self.requests[ids[i - 1]].created > req.created:
+        while i > 0 and self.requests[ids[i - 1]].rank > req.rank:
             i -= 1
         ids.insert(i, req.request_id)
 

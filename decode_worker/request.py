@@ -38,6 +38,11 @@ class DecodeRequest:
     shared_tokens: int = 0  # of its prompt, the tokens whose KV it found cached here at reserve (never written)
     guide: Guide | None = None  # structured output: its place in its grammar (made at its first sampling here)
 
+    @property
+    def rank(self) -> tuple[int, float]:
+        """Its place in every queue here: priority (lower first), then arrival."""
+        return self.sampling.priority, self.created
+
     def recompute_ids(self) -> list[int]:
         """The tokens whose KV it holds when it runs: the prompt and every output but the last (that
         one is fed by its next decode step)."""

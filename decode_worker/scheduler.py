@@ -51,8 +51,8 @@ class DecodeScheduler(Preemption):
         self.watermark_blocks = math.ceil(watermark * allocator.num_blocks) if on_demand else 0
         self.requests: dict[str, DecodeRequest] = {}
         self.ready: deque[str] = deque()
-        self.running: list[str] = []  # in arrival order: the newest is preempted first
-        self.preempted: list[str] = []  # in arrival order: the oldest resumes first
+        self.running: list[str] = []  # by rank (priority, then arrival): the last is preempted first
+        self.preempted: list[str] = []  # by rank: the first resumes first
         self.recomputing: list[str] = []
         self.tokens_generated = 0
         self.preemptions = 0
@@ -193,17 +193,19 @@ class DecodeScheduler(Preemption):
 
     # -- 4. schedule --------------------------------------------------------------------------
     def schedule(self) -> list[DecodeRequest]:
-        """The batch of this step: everything running, topped up from READY in arrival order; each
-        has a slot for the token it feeds (on_demand: a block more when it needs one, preempting
-        the newest requests while none is free)."""
+        """The batch of this step: everything running, topped up from READY — the lowest priority
+        value first, then in READY's order (arrival; a resumed request ahead); each has a slot for
+        the token it feeds (on_demand: a block more when it needs one, preempting the last requests
+        by rank while none is free)."""
         while self.ready and len(self.running) < self.max_batch_size:
-            rid = self.ready.popleft()
+            rid = min(self.ready, key=self._priority)  # the first of the most urgent
+            self.ready.remove(rid)
             req = self.requests.get(rid)
             if req is not None and req.status is DecodeStatus.READY:
                 req.status = DecodeStatus.RUNNING
-                self._insert_by_arrival(self.running, req)
+                self._insert_by_rank(self.running, req)
         bs = self.allocator.block_size
-        for rid in list(self.running):  # oldest first: it may take the blocks of newer ones
+        for rid in list(self.running):  # first by rank first: it may take the blocks of later ones
             req = self.requests[rid]
             while req.status is DecodeStatus.RUNNING and len(req.block_table) * bs < req.num_tokens:
                 new = self.allocator.grow(rid, req.num_tokens)
@@ -212,6 +214,10 @@ class DecodeScheduler(Preemption):
                     break
                 self._preempt(self._victim())
         return [self.requests[rid] for rid in self.running]
+
+    def _priority(self, request_id: str) -> int:
+        req = self.requests.get(request_id)
+        return 0 if req is None else req.sampling.priority
 
     # -- 5. tokens ----------------------------------------------------------------------------
     def on_tokens(

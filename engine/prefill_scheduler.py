@@ -1,11 +1,13 @@
 """Prefill admission: what goes into the next forward, under a token budget, in chunks.
 
-Each step packs up to `max_batch_tokens` prompt tokens, in this order:
+Each step packs up to `max_batch_tokens` prompt tokens, a priority level at a time (the lowest
+`priority` value first; all 0 by default), within each level in this order:
   1. prompts that can finish in this step (remaining ≤ chunk_tokens), shortest first: a short
      prompt arriving behind a long document gets its first token after one short step
   2. one chunk of the oldest prompt that cannot finish in this step (started ones first), so long
      prompts are served one after another rather than all slowed down together; when finishing
-     prompts already fill the step, it waits, at most MAX_DEFER steps in a row (no starvation)
+     prompts already fill the step, it waits, at most MAX_DEFER steps in a row (no starvation
+     within a level; a later level gets only what the earlier ones leave)
 A prompt longer than `chunk_tokens` thus goes in chunks (Sarathi-Serve). Pure bookkeeping over
 ints; the worker owns the model and the blocks. Shared by the prefill worker and the aggregated
 worker (which gives each step the budget its decode rows leave over).
@@ -36,6 +38,10 @@ class PendingPrefill:
     @property
     def num_tokens(self) -> int:
         return len(self.request.token_ids)
+
+    @property
+    def priority(self) -> int:
+        return self.request.sampling.priority
 
     @property
     def remaining(self) -> int:
@@ -90,23 +96,34 @@ class PrefillScheduler:
         waits); `budget` caps this step's prompt tokens (default max_batch_tokens)."""
         budget = self.max_batch_tokens if budget is None else min(budget, self.max_batch_tokens)
         chunks: list[Chunk] = []
-        for p in sorted([*self.in_progress, *self.waiting], key=lambda p: (p.remaining, p.enqueued)):
+        for level in sorted({p.priority for p in (*self.in_progress, *self.waiting)}):
+            if budget <= 0:
+                break
+            budget = self._level(level, admit, budget, chunks)
+        return chunks
+
+    def _level(self, level: int, admit: Callable[[PendingPrefill], bool], budget: int, chunks: list[Chunk]) -> int:
+        """Steps 1 and 2 over the prompts of priority `level`, appending to `chunks`; the budget left."""
+        prompts = [p for p in (*self.in_progress, *self.waiting) if p.priority == level]  # started ones first
+        for p in sorted(prompts, key=lambda p: (p.remaining, p.enqueued)):
             if p.remaining > min(self.chunk_tokens, budget):
                 break  # sorted: no later one finishes in this step either
             if self._start(p, admit):
                 chunks.append(Chunk(p, p.computed, p.remaining))
                 budget -= p.remaining
         taken = {id(c.pending) for c in chunks}
-        head = next((p for p in [*self.in_progress, *self.waiting] if id(p) not in taken), None)
+        head = next((p for p in prompts if id(p) not in taken), None)
         if head is None or budget <= 0:
-            return chunks
+            return budget
         if chunks and self.deferred < MAX_DEFER:
             self.deferred += 1
-            return chunks
+            return budget
         if self._start(head, admit):
-            chunks.append(Chunk(head, head.computed, min(head.remaining, self.chunk_tokens, budget)))
+            n = min(head.remaining, self.chunk_tokens, budget)
+            chunks.append(Chunk(head, head.computed, n))
+            budget -= n
             self.deferred = 0
-        return chunks
+        return budget
 
     def _start(self, p: PendingPrefill, admit: Callable[[PendingPrefill], bool]) -> bool:
         if p in self.in_progress:

@@ -1,11 +1,14 @@
 """Step 1 of a request's trip (router/dispatcher.py): KV room on a decode worker before any prefill work.
 
-  1. no request queues ahead: ask the decode workers, most room first (router/policy.py: the prefix
-     of the prompt a worker holds counts as room there), to reserve; the first that says yes holds
-     it (its answer names the blocks the prefill writes into)
-  2. none has room, or others queue: wait in one FIFO queue (at most limits.max_queued_requests),
-     woken when a request leaves a decode worker, or every 0.5 s (reservations expire on their own),
-     until limits.queue_timeout_s or the request's deadline: then ResourceExhausted naming why
+  1. no request as urgent or more queues ahead (its `priority` value or a lower one): ask the decode
+     workers, most room first (router/policy.py: the prefix of the prompt a worker holds counts as
+     room there), to reserve; the first that says yes holds it (its answer names the blocks the
+     prefill writes into)
+  2. none has room, or others queue: wait in one queue (at most limits.max_queued_requests), served
+     by priority then arrival (Turns: the head alone tries), woken when a request leaves a decode
+     worker, or every 0.5 s (reservations expire on their own), until limits.queue_timeout_s or the
+     request's deadline: then ResourceExhausted naming why. A more urgent request that queues
+     meanwhile takes the next try
   3. a reserve call the router stopped waiting for (deadline, client gone) may still succeed on the
      worker: when it answers, what it reserved is cancelled
 A mixin of the Dispatcher, which owns the state it reads.
@@ -13,7 +16,10 @@ A mixin of the Dispatcher, which owns the state it reads.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from engine.kv_handoff.types import KVDestination
@@ -24,14 +30,71 @@ from router.policy import LeastLoadedPolicy
 from router.validation import ValidRequest
 
 
+Ticket = tuple[int, int]  # (priority, arrival number): lower goes first
+
+
+class Turns:
+    """The requests waiting for KV room, and whose turn it is to try: one at a time, the lowest
+    ticket first (an asyncio.Lock whose waiters are served by priority, then arrival, not FIFO)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[Ticket, asyncio.Future[None]]] = []  # waiting for the turn
+        self._held = False
+        self._seq = itertools.count()
+        self._queued: Counter[int] = Counter()  # priority → requests in the queue (the turn's holder too)
+
+    def __len__(self) -> int:
+        return sum(self._queued.values())
+
+    def ahead(self, priority: int) -> bool:
+        """Whether a request as urgent as `priority` or more is queued (a new one goes behind it)."""
+        return any(p <= priority for p, n in self._queued.items() if n)
+
+    def enter(self, priority: int) -> Ticket:
+        self._queued[priority] += 1
+        return priority, next(self._seq)
+
+    def leave(self, ticket: Ticket) -> None:
+        self._queued[ticket[0]] -= 1
+        if not self._queued[ticket[0]]:
+            del self._queued[ticket[0]]
+
+    async def acquire(self, ticket: Ticket) -> None:
+        if not self._held:
+            self._held = True
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (ticket, fut))  # tickets are unique: futures are never compared
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed the turn just as it was cancelled: pass it on
+                self.release()
+            else:
+                self._heap.remove((ticket, fut))
+                heapq.heapify(self._heap)
+            raise
+
+    def release(self) -> None:
+        while self._heap:
+            _, fut = heapq.heappop(self._heap)
+            if not fut.done():
+                fut.set_result(None)  # the turn passes straight to it
+                return
+        self._held = False
+
+    def contested(self, ticket: Ticket) -> bool:
+        """Whether a request ranked before `ticket` waits for the turn (its holder should yield)."""
+        return bool(self._heap) and self._heap[0][0] < ticket
+
+
 class KVAdmission:
     decodes: list[WorkerRef]
     dead: set[str]
     limits: LimitsConfig
     eos_token_ids: tuple[int, ...]
     policy: LeastLoadedPolicy
-    queued: int
-    _admission: asyncio.Lock
+    turns: Turns
     _capacity: asyncio.Condition
     _capacity_gen: int
 
@@ -42,44 +105,49 @@ class KVAdmission:
 
     async def _reserve(self, req: ValidRequest, deadline: float, avoid: set[int] | None = None
                        ) -> tuple[int, KVDestination]:
-        """Reserve at once if nobody queues ahead; else wait FIFO for room, bounded in count and time.
-        avoid: decode workers to pass over while another one is live."""
-        if self.queued == 0:
+        """Reserve at once if nobody as urgent queues ahead; else wait in the queue for room, bounded
+        in count and time. avoid: decode workers to pass over while another one is live."""
+        priority = req.sampling.priority
+        if not self.turns.ahead(priority):
             found, reasons = await self._try_reserve(req, deadline, avoid)
             if found is not None:
                 return found
         else:
-            reasons = [f"{self.queued} requests already waiting for KV room"]
+            reasons = [f"{len(self.turns)} requests already waiting for KV room"]
         lim = self.limits
-        if self.queued >= lim.max_queued_requests or lim.queue_timeout_s == 0:
+        if len(self.turns) >= lim.max_queued_requests or lim.queue_timeout_s == 0:
             raise ResourceExhausted(
                 f"no decode worker has room and the wait queue is full (limits.max_queued_requests="
                 f"{lim.max_queued_requests}): " + "; ".join(reasons)
             )
-        self.queued += 1
+        ticket = self.turns.enter(priority)
         try:
             give_up = min(deadline, time.monotonic() + lim.queue_timeout_s)
-            async with self._admission:
-                while True:
-                    gen = self._capacity_gen
-                    found, reasons = await self._try_reserve(req, deadline, avoid)
-                    if found is not None:
-                        return found
-                    left = give_up - time.monotonic()
-                    if left <= 0:
-                        raise ResourceExhausted(
-                            f"no decode worker had room within limits.queue_timeout_s={lim.queue_timeout_s:g}s: "
-                            + "; ".join(reasons)
-                        )
-                    async with self._capacity:
-                        try:  # wake on a finish anywhere, or re-check every 0.5 s (expired reservations)
-                            await asyncio.wait_for(
-                                self._capacity.wait_for(lambda: self._capacity_gen != gen), timeout=min(0.5, left)
+            while True:  # one turn at the head of the queue each pass
+                await self.turns.acquire(ticket)
+                try:
+                    while not self.turns.contested(ticket):  # a more urgent arrival takes the next try
+                        gen = self._capacity_gen
+                        found, reasons = await self._try_reserve(req, deadline, avoid)
+                        if found is not None:
+                            return found
+                        left = give_up - time.monotonic()
+                        if left <= 0:
+                            raise ResourceExhausted(
+                                f"no decode worker had room within limits.queue_timeout_s={lim.queue_timeout_s:g}s: "
+                                + "; ".join(reasons)
                             )
-                        except asyncio.TimeoutError:
-                            pass
+                        async with self._capacity:
+                            try:  # wake on a finish anywhere, or re-check every 0.5 s (expired reservations)
+                                await asyncio.wait_for(
+                                    self._capacity.wait_for(lambda: self._capacity_gen != gen), timeout=min(0.5, left)
+                                )
+                            except asyncio.TimeoutError:
+                                pass
+                finally:
+                    self.turns.release()
         finally:
-            self.queued -= 1
+            self.turns.leave(ticket)
 
     async def _try_reserve(
         self, req: ValidRequest, deadline: float, avoid: set[int] | None = None

@@ -45,7 +45,7 @@ from typing import Any
 
 from engine.kv_handoff.types import KVDestination
 from engine.types import FinishReason, PrefillRequest, PrefillResult, TokenLogprob
-from router.admission import KVAdmission
+from router.admission import KVAdmission, Turns
 from router.config import LimitsConfig
 from router.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, ResourceExhausted, WorkerFailure
 from router.event_inbox import EventInbox
@@ -95,8 +95,7 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
         self.policy = LeastLoadedPolicy(len(prefills), len(decodes), affinity, decode_affinity)
         self.streams: dict[str, EventInbox] = {}  # request key → its decode events
         self.in_flight = 0
-        self.queued = 0
-        self._admission = asyncio.Lock()  # FIFO: asyncio locks wake waiters in order
+        self.turns = Turns()  # the requests waiting for KV room (router/admission.py)
         self._capacity = asyncio.Condition()
         self._capacity_gen = 0  # bumped whenever a request leaves a decode worker
         self._pollers: dict[str, asyncio.Task[None]] = {}  # decode worker id → its event pump
@@ -283,11 +282,16 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
                     await self._cancel_everywhere(d_idx, p_used, key)
                 await self._capacity_changed()
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for KV room."""
+        return len(self.turns)
+
     def _prefill_early(self, moves: int, n_prompt: int) -> bool:
         """Step 2 beside step 1: does nothing about the prefill depend on the reservation, and is
         one likely at once (nobody waits for KV room)?"""
         return (self.overlap_reserve and not self.colocated and moves == 0 and self.local_prefill_tokens <= 0
-                and self.queued == 0 and not self._computes_here(None, n_prompt))
+                and not len(self.turns) and not self._computes_here(None, n_prompt))
 
     async def _destine(self, p_idx: int, key: str, dest: KVDestination) -> None:
         """Step 2's destination, for a prompt sent before it (its prefill call fails if the worker is gone)."""

@@ -23,7 +23,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "s
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
           "min_tokens", "user", "cache_salt", "logit_bias", "stop_token_ids", "include_stop_str_in_output",
           "skip_special_tokens", "truncate_prompt_tokens", "prompt_logprobs",
-          "allowed_token_ids", *HTTP_FIELDS}
+          "allowed_token_ids", "priority", *HTTP_FIELDS}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
                  "continue_final_message", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls",
@@ -113,6 +113,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser
     req.allowed_token_ids.extend(token_id_list(body, "allowed_token_ids"))
     structured = from_http(body, req)
     req.include_stop_str_in_output = _get(body, "include_stop_str_in_output", bool, False)
+    _set(req, "priority", _get(body, "priority", int, 0))
     truncate = _get(body, "truncate_prompt_tokens", int, None)
     if truncate is not None:
         _set(req, "truncate_prompt_tokens", truncate)

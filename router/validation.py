@@ -132,6 +132,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         prompt_logprobs=prompt_logprobs,
         allowed_token_ids=tuple(sorted(set(req.allowed_token_ids))),
         grammar=grammar_of(req, tokenizer),
+        priority=req.priority,
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")

@@ -837,3 +837,77 @@ def test_a_prompt_a_prefill_worker_refuses_for_the_request_itself_fails_with_inv
         await d.close()
 
     asyncio.run(main())
+
+
+def test_requests_waiting_for_kv_room_are_served_by_priority_then_arrival() -> None:
+    """The decode worker has room for one request at a time. b (priority 5), c (5), d (0) and e (-1)
+    queue in that order while a runs; each time room frees, the most urgent waiting one takes it:
+    e, d, then b and c in arrival order. A new request of priority 5 does not try ahead of the
+    queue; one more urgent than everyone queued does (it reserves at once when there is room)."""
+    async def main() -> None:
+        dec = FakeDecode(room=1)
+        d = Dispatcher([WorkerRef("prefill-0", FakePrefill())], [WorkerRef("decode-1", dec)], (2,),
+                       LimitsConfig(queue_timeout_s=30))
+        d.start()
+        reserved: list[str] = []
+        reserve = dec._reserve
+
+        async def recorded(rid: str, *a: Any) -> ReserveResult:
+            r = await reserve(rid, *a)
+            if r.ok:
+                reserved.append(rid)
+            return r
+
+        dec.reserve = _Method(recorded)
+
+        def run(rid: str, priority: int) -> asyncio.Task[list[int]]:
+            req = ValidRequest(rid, [1, 2, 3], SamplingParams(max_tokens=4, priority=priority), (), rid)
+            return asyncio.create_task(_tokens(d.run(req)))
+
+        tasks = {"a": run("a", 0)}
+        await asyncio.sleep(0.05)
+        for rid, prio in (("b", 5), ("c", 5), ("d", 0), ("e", -1)):
+            tasks[rid] = run(rid, prio)
+            await asyncio.sleep(0.05)
+        assert d.queued == 4 and reserved == ["a"]
+        assert d.turns.ahead(5) and d.turns.ahead(-1) and not d.turns.ahead(-2)
+        for running in ("a", "e", "d", "b", "c"):
+            _finish(dec, running)
+            assert await asyncio.wait_for(tasks[running], 5) == [5, 6, 7, 8]
+            await asyncio.sleep(0.05)
+        assert reserved == ["a", "e", "d", "b", "c"] and d.queued == 0
+        await d.close()
+
+    asyncio.run(main())
+
+
+async def _tokens(chunks: Any) -> list[int]:
+    return [t async for c in chunks for t in c.token_ids]
+
+
+def test_turns_pass_by_ticket_and_a_cancelled_waiter_passes_its_turn_on() -> None:
+    from router.admission import Turns
+
+    async def main() -> None:
+        turns, order = Turns(), []
+        first = turns.enter(3)
+        await turns.acquire(first)
+
+        async def wait(t: tuple[int, int]) -> None:
+            await turns.acquire(t)
+            order.append(t)
+            await asyncio.sleep(0.01)
+            turns.release()
+
+        tickets = [turns.enter(p) for p in (7, 3, 1, 3)]
+        tasks = [asyncio.create_task(wait(t)) for t in tickets]
+        await asyncio.sleep(0.01)
+        assert turns.contested(first) and not turns.contested(turns.enter(0))  # (1, n) waits ahead of (3, 0)
+        tasks[2].cancel()  # (1, …) gives up before its turn
+        await asyncio.sleep(0.01)
+        turns.release()
+        await asyncio.gather(*[t for i, t in enumerate(tasks) if i != 2])
+        assert order == [tickets[1], tickets[3], tickets[0]]  # 3 then 3 (arrival), then 7
+        await turns.acquire(turns.enter(9))  # free again: taken at once
+
+    asyncio.run(main())

@@ -70,6 +70,11 @@ def test_sampling_fields_and_token_id_prompts(server: RunningServer, oai: openai
                                presence_penalty=0.5, frequency_penalty=0.2,
                                extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1})
     assert a.choices[0].text == b.choices[0].text  # same seed, same tokens
+    for priority in (-5, 9):  # through the router's queue, both workers' queues: the same answer
+        c = oai.completions.create(model="tiny", prompt="seeded", max_tokens=8, temperature=0.9, top_p=0.9, seed=7,
+                                   presence_penalty=0.5, frequency_penalty=0.2,
+                                   extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1, "priority": priority})
+        assert c.choices[0].text == a.choices[0].text
     ids = oai.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=4, logprobs=2)
     lp = ids.choices[0].logprobs
     assert ids.usage.prompt_tokens == 4 and len(lp.token_logprobs) == ids.usage.completion_tokens

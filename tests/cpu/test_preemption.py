@@ -399,3 +399,31 @@ def test_a_request_moved_between_aggregated_workers_mid_stream_equals_hf_generat
             e.close()
         for w in workers:
             w.shutdown()
+
+
+def _arrive_p(s: DecodeScheduler, rid: str, priority: int) -> None:
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, priority=priority)
+    assert s.reserve(rid, 4, sp, EOS, list(range(10, 14))).ok
+    assert s.start_write(rid, 4) is not None and s.on_kv_landed(rid, 7) is not None
+
+
+def test_priority_picks_the_batch_and_the_victim_arrival_breaks_ties() -> None:
+    """With one batch slot, the READY request of the lowest priority value runs first (arrival among
+    equals); when the cache runs out, the running request with the largest value is preempted, even
+    an older one, and it resumes before any less urgent one."""
+    s = _sched(64, batch=1)
+    for rid, prio in (("late", 2), ("first", 0), ("second", 0), ("urgent", -3)):
+        _arrive_p(s, rid, prio)
+    order = []
+    while not s.is_idle():
+        ran = _step(s)
+        if ran and (not order or order[-1] != ran[0]):
+            order.append(ran[0])
+    assert order == ["urgent", "first", "second", "late"]
+    s = _sched(4)  # 16 tokens: room for two requests of 4 + a few
+    _arrive_p(s, "lazy-old", 5)
+    _arrive_p(s, "eager-new", 0)
+    while s.preemptions == 0:
+        _step(s)
+    assert s.requests["lazy-old"].status is DecodeStatus.PREEMPTED  # older, but less urgent
+    assert s.requests["eager-new"].status is DecodeStatus.RUNNING

@@ -94,3 +94,23 @@ def test_cancel_mid_chunks_frees_scratch() -> None:
         alloc.free(gone.request.request_id)
     assert not s.has_work() and alloc.num_used == 0
     alloc.check()
+
+
+def test_a_more_urgent_prompt_goes_first_and_less_urgent_ones_get_what_it_leaves() -> None:
+    """priority (lower first): the urgent document's chunk takes the step before shorter prompts of
+    priority 1 (without priorities they would finish first and its chunk would wait); those share
+    what it leaves, shortest first as at one priority."""
+    alloc = BlockAllocator(64, 16)
+    s = PrefillScheduler(max_batch_tokens=100, chunk_tokens=64)
+
+    def p(rid: str, n: int, priority: int) -> PendingPrefill:
+        return PendingPrefill(PrefillRequest(rid, list(range(n)), SamplingParams(priority=priority), (2,), 1))
+
+    for rid in ("s1", "s2", "s3"):
+        s.add(p(rid, 30, 1))
+    s.add(p("doc", 150, -1))
+    steps = _drain(s, alloc)
+    assert steps[0] == [("doc", 0, 64), ("s1", 0, 30)]  # 36 left: one short prompt fits
+    assert steps[1] == [("doc", 64, 64), ("s2", 0, 30)]
+    assert steps[2] == [("doc", 128, 22), ("s3", 0, 30)]
+    alloc.check()

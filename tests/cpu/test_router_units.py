@@ -35,6 +35,24 @@ def test_logit_bias_reaches_the_sampling_params_in_token_order() -> None:
     assert _v(prompt="hi").sampling.logit_bias == ()
 
 
+def test_priority_reaches_the_sampling_params_from_grpc_and_http() -> None:
+    import json
+
+    from router.errors import BadRequest
+    from router.openai_requests import parse_body
+
+    assert _v(prompt="hi", priority=-7).sampling.priority == -7 and _v(prompt="hi").sampling.priority == 0
+
+    def http(**fields):  # type: ignore[no-untyped-def]
+        return parse_body(json.dumps({"model": "m", "prompt": "hi", **fields}).encode(), False, "m", 8)[0][0]
+
+    assert http(priority=3).priority == 3 and http().priority == 0
+    for bad in ("high", 1.5, True, 2**31):
+        with pytest.raises(BadRequest) as e:
+            http(priority=bad)
+        assert e.value.param == "priority"
+
+
 def test_given_request_id_is_kept() -> None:
     assert _v(prompt="hi", request_id="job-7:a").request_id == "job-7:a"
 
