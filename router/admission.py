@@ -70,8 +70,8 @@ class Turns:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # handed the turn just as it was cancelled: pass it on
                 self.release()
-            else:
-                self._heap.remove((ticket, fut))
+            else:  # still waiting, or already skipped by a release() that ran first
+                self._heap = [e for e in self._heap if e[1] is not fut]
                 heapq.heapify(self._heap)
             raise
 

@@ -911,3 +911,23 @@ def test_turns_pass_by_ticket_and_a_cancelled_waiter_passes_its_turn_on() -> Non
         await turns.acquire(turns.enter(9))  # free again: taken at once
 
     asyncio.run(main())
+
+
+def test_a_waiter_cancelled_while_the_turn_passes_ends_cancelled_and_leaves_the_turn_free() -> None:
+    """The turn is released in the same tick a waiter is cancelled (its future is cancelled at once,
+    before its task runs again): release skips it, and the waiter still ends with CancelledError,
+    not an error from removing an entry already gone; the turn is free for the next."""
+    from router.admission import Turns
+
+    async def main() -> None:
+        turns = Turns()
+        await turns.acquire(turns.enter(0))
+        waiter = asyncio.create_task(turns.acquire(turns.enter(1)))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        turns.release()  # before the waiter's task has run: its future is the one skipped
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.wait_for(turns.acquire(turns.enter(2)), 1)
+
+    asyncio.run(main())
