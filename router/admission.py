@@ -48,7 +48,7 @@ class Turns:
 
     def ahead(self, priority: int) -> bool:
         """Whether a request as urgent as `priority` or more is queued (a new one goes behind it)."""
-        return any(p <= priority for p, n in self._queued.items() if n)
+        return any(p <= priority for p in self._queued)  # leave() drops a priority none holds
 
     def enter(self, priority: int) -> Ticket:
         self._queued[priority] += 1
