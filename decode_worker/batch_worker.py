@@ -101,7 +101,7 @@ class BatchWorker(StepLoop):
         prompt_ids: list[int] | None = None, cache_salt: str = "",
     ) -> ReserveResult:
         """1. A grammar (structured output) is compiled here, before its first step needs it."""
-        if sampling.grammar and (error := self.guides.prepare(sampling.grammar)):
+        if sampling.grammar and (error := self.guides.prepare(sampling.grammar, sampling.grammar_free_opener)):
             return ReserveResult(False, f"structured output: {error}", refused_field="structured")
         with self.lock:
             return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids, cache_salt)
@@ -112,7 +112,7 @@ class BatchWorker(StepLoop):
     ) -> ReserveResult:
         """A request whose decode worker was lost goes on here: its KV is recomputed from its prompt
         and the tokens streamed so far (as after a preemption), then it decodes on."""
-        if sampling.grammar and (error := self.guides.prepare(sampling.grammar)):
+        if sampling.grammar and (error := self.guides.prepare(sampling.grammar, sampling.grammar_free_opener)):
             return ReserveResult(False, f"structured output: {error}", refused_field="structured")
         with self.wake:
             r = self.scheduler.adopt(request_id, prompt_ids, output_ids, sampling, eos_token_ids, cache_salt)
@@ -249,7 +249,8 @@ class BatchWorker(StepLoop):
     def _guide(self, r: DecodeRequest) -> Guide | None:
         """A structured output's Guide, made at its first sampling here, having followed its output."""
         if r.sampling.grammar and r.guide is None:
-            r.guide = self.guides.new(r.sampling.grammar)  # compiled at reserve: a copy
+            r.guide = self.guides.new(r.sampling.grammar, r.sampling.grammar_after,  # compiled at reserve: a copy
+                                      r.sampling.grammar_free_opener)
         if r.guide is not None:
             r.guide.follow(r.output_ids)
         return r.guide

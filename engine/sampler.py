@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from engine.race import M32, draw, draw_sorted, on_device, take_rows
-from engine.structured import Guide, mask_logits
+from engine.structured import Guide, guided, mask_logits
 from engine.types import SamplingParams, TokenLogprob
 
 Drawer = Callable[[torch.Tensor, list[SamplingParams], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -158,7 +158,8 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[
         logits = _bias(logits, params)
     if any(p.allowed_token_ids for p in params):
         logits = _allow(logits, params)
-    if guides is not None and any(g is not None for g in guides):
+    if guided(guides):
+        assert guides is not None
         logits = mask_logits(logits, guides)
     if banned is not None and any(banned):
         logits = _ban(logits, banned)

@@ -36,6 +36,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob (but the first's) + top-N
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's: () any token; else only these may be drawn
     grammar: str = ""  # structured output: the grammar the answer must match (engine/structured.py); "": free text
+    grammar_after: str = ""  # the grammar holds only what follows this text's first appearance in the answer ("</think>")
+    grammar_free_opener: str = ""  # with grammar_after: one token ("<think>") that, as the first, opens the free part; else held at once
     priority: int = 0  # lower is served sooner (vLLM semantics): KV room, prompt queue, decode batch, preemption last
 
     @property

@@ -142,7 +142,8 @@ class PrefillWorker(StepLoop):
         """1. Block until the first token is sampled (or the deadline passes). A grammar (structured
         output) is compiled here, before the step that samples with it."""
         rid = request.request_id
-        if request.sampling.grammar and (error := self.guides.prepare(request.sampling.grammar)):
+        sp = request.sampling
+        if sp.grammar and (error := self.guides.prepare(sp.grammar, sp.grammar_free_opener)):
             return PrefillResult.failed(rid, f"structured output: {error}", refused_field="structured")
         if request.dest is not None and request.dest.worker_id not in self.sender.links:
             return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
@@ -248,7 +249,9 @@ class PrefillWorker(StepLoop):
             done = self.prompts.finish(step.prompts, step.scores)
         if not done:
             return
-        guides = [self.guides.new(p.request.sampling.grammar) if p.request.sampling.grammar else None
+        guides = [self.guides.new(p.request.sampling.grammar, p.request.sampling.grammar_after,
+                                  p.request.sampling.grammar_free_opener)
+                  if p.request.sampling.grammar else None
                   for p, _ in done]
         firsts, lps = sample(
             logits[[i for _, i in done]], [p.request.sampling for p, _ in done], [p.num_tokens for p, _ in done],

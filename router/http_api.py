@@ -32,7 +32,7 @@ from router.choices import fan_out, merged
 from router.errors import BadRequest
 from router.openai_answers import Choice, chat_split, chunk_obj, final_obj, total_usage, usage_obj
 from router.openai_requests import Options, Prompt, parse_body, with_prompts, with_token_text
-from router.reasoning import prompt_opens_thinking
+from router.reasoning import prompt_opens_thinking, think_first
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize
@@ -154,8 +154,9 @@ class OpenAIFront:
             reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
                     for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
             opts = with_token_text(opts, self._token_text)
-            if opts.reasoning and not pbreqs[0].HasField("structured"):  # a grammar starts at the first token
+            if opts.reasoning:  # the answer starts inside a think block, or may open one
                 opts = replace(opts, thinking=prompt_opens_thinking(reqs[0].prompt_ids, self.svc.tokenizer))
+                reqs = [think_first(r, opts.thinking, self.svc.tokenizer) for r in reqs]
             if opts.echo:
                 opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
                                            for p, r in zip(pbreqs, reqs[::opts.n]) for _ in range(opts.n)])

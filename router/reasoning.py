@@ -11,15 +11,20 @@ DeepSeek R1, Qwen 3 and their kin write their thinking as `<think> ... </think>`
   3. an answer that ends inside its thinking (`length`) is all reasoning.
 The chat answer carries it as `reasoning` (vLLM's name) and `reasoning_content` (DeepSeek's, which
 most clients read); `include_reasoning: false` leaves it out. An answer held to a grammar (a
-structured output, a named or required tool choice) starts outside a block even where the prompt
-opened one, since its grammar holds it from the first token: it has thinking only if its grammar
-writes the block.
+structured output, a named or required tool choice) thinks freely first, as vLLM holds a
+structured output only after the reasoning ends (`think_first`: SamplingParams.grammar_after):
+  - the prompt opened a block: the grammar holds what follows `</think>`;
+  - it did not (Qwen 3 lets the model open it): the answer's first token may be `<think>` (then
+    as above) or the grammar's; where `<think>` is not one token, the grammar holds the answer
+    from its first token, which has thinking only if the grammar writes the block.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from router.detokenizer import marker_tail
+from router.validation import ValidRequest
 
 OPEN, CLOSE = "<think>", "</think>"
 _TAIL_TOKENS = 16  # how much of the prompt's end is looked at for an open block
@@ -29,6 +34,19 @@ def prompt_opens_thinking(prompt_ids: list[int], tokenizer: Any) -> bool:
     """Whether the prompt's text ends inside a think block (special tokens' text kept)."""
     tail = str(tokenizer.decode(prompt_ids[-_TAIL_TOKENS:], skip_special_tokens=False))
     return tail.rfind(OPEN) > tail.rfind(CLOSE)
+
+
+def think_first(req: ValidRequest, opened: bool, tokenizer: Any) -> ValidRequest:
+    """`req` with its grammar (if any) holding only the answer after its thinking: after `</think>`
+    where the prompt opened a block (`opened`); where it did not, the answer's first token may open
+    one if `<think>` is one token, else the grammar holds the answer from its first token."""
+    if not req.sampling.grammar or req.sampling.grammar_after:
+        return req
+    if opened:
+        return replace(req, sampling=replace(req.sampling, grammar_after=CLOSE))
+    if len(tokenizer.encode(OPEN, add_special_tokens=False)) == 1:
+        return replace(req, sampling=replace(req.sampling, grammar_after=CLOSE, grammar_free_opener=OPEN))
+    return req
 
 
 class Thinking:

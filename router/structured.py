@@ -1,12 +1,17 @@
 """Structured outputs at the router: what the answer must match (engine/structured.py holds it to it).
 
-- gRPC: `GenerateRequest.structured` (one of json_schema, json_object, regex, choice, grammar)
+- gRPC: `GenerateRequest.structured` (one of json_schema, json_object, regex, choice, grammar;
+  `starts_after`: the answer is free until that text, a reasoning model's "</think>", and the
+  grammar holds the rest: SamplingParams.grammar_after; `free_opener`: the one token, "<think>",
+  whose drawing first opens that free part, else the grammar holds the answer at once)
 - HTTP, as OpenAI and vLLM take it (one of these per request): `response_format` ({"type":
   "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; "text" is
   free text), vLLM's `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object":
   ...}) and its older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
 Both become one grammar text (SamplingParams.grammar), checked here against the tokenizer: a bad
 schema, regex or grammar is INVALID_ARGUMENT naming its field (the HTTP field it came from, on HTTP).
+With `server.reasoning_parser`, the HTTP front sets both for a chat answer (router/reasoning.py
+`think_first`), so a reasoning model thinks before it answers to the grammar.
 """
 from __future__ import annotations
 
@@ -24,8 +29,27 @@ HTTP_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_r
 _KINDS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
           "grammar": "grammar"}  # vLLM's structured_outputs keys → the wire's
 
+MAX_STARTS_AFTER_CHARS = 64  # the worker decodes this many tokens and more each step until it is written
+
 _tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+
+
+def thinking_of(req: pb.GenerateRequest, tokenizer: Any) -> tuple[str, str]:
+    """`req.structured`'s (starts_after, free_opener), checked: the text after which the grammar
+    holds the answer, and the one token that may open the free part before it."""
+    if not req.HasField("structured"):
+        return "", ""
+    after, opener = req.structured.starts_after, req.structured.free_opener
+    for name, text in (("starts_after", after), ("free_opener", opener)):
+        if len(text) > MAX_STARTS_AFTER_CHARS:
+            raise InvalidArgument(f"structured.{name}", f"must be at most {MAX_STARTS_AFTER_CHARS} characters, "
+                                  f"got {len(text)}")
+    if opener and not after:
+        raise InvalidArgument("structured.free_opener", "needs structured.starts_after (where the free part ends)")
+    if opener and len(tokenizer.encode(opener, add_special_tokens=False)) != 1:
+        raise InvalidArgument("structured.free_opener", f"{opener!r} is not one token of the model's tokenizer")
+    return after, opener
 
 
 def grammar_of(req: pb.GenerateRequest, tokenizer: Any) -> str:

@@ -16,7 +16,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from router.chat import chat_prompt_ids
 from router.config import LimitsConfig
 from router.errors import InvalidArgument
-from router.structured import grammar_of
+from router.structured import grammar_of, thinking_of
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_SALT_CHARS = 256
@@ -114,6 +114,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
             raise InvalidArgument(f"logit_bias[{t}]", f"{t} is outside the vocabulary (size {vocab})")
         if not -100 <= b <= 100:  # NaN fails this too
             raise InvalidArgument(f"logit_bias[{t}]", f"must be in [-100, 100], got {b}")
+    after, opener = thinking_of(req, tokenizer)
     sampling = SamplingParams(
         temperature=temperature,
         top_p=top_p,
@@ -132,6 +133,8 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         prompt_logprobs=prompt_logprobs,
         allowed_token_ids=tuple(sorted(set(req.allowed_token_ids))),
         grammar=grammar_of(req, tokenizer),
+        grammar_after=after,
+        grammar_free_opener=opener,
         priority=req.priority,
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:

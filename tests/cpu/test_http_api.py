@@ -280,7 +280,8 @@ def test_tool_choice_auto_reads_hermes_blocks_out_of_the_text(server: RunningSer
 
 def test_thinking_is_split_from_the_answer_streamed_or_not(server: RunningServer, oai: openai.OpenAI) -> None:
     """The tiny model does not think by itself: a regex makes it write a think block, opened by the
-    answer or (continue_final_message) by the prompt; then one with a tool call after its thinking."""
+    answer or (continue_final_message) by the prompt, where a grammar waits for its end; then one
+    with a tool call after its thinking."""
     from protos.pdserve.v1 import generation_pb2 as pb
 
     def both(**kw):  # type: ignore[no-untyped-def]
@@ -303,14 +304,32 @@ def test_thinking_is_split_from_the_answer_streamed_or_not(server: RunningServer
     want = server.stub.Generate(pb.GenerateRequest(messages=[pb.ChatMessage(**x) for x in opened], max_tokens=80,
                                                    temperature=1.0, seed=3, ignore_eos=True, **cont), timeout=30)
     assert m.model_extra["reasoning_content"] == want.text.lstrip() and not m.content and finish == "length"
-    m, _ = both(messages=opened, extra_body={**cont, "guided_regex": "(yes|no)"})  # a grammar's answer: content
-    assert m.content in ("yes", "no") and m.model_extra["reasoning_content"] is None
+    free, free_finish = both(messages=opened, extra_body=cont)
+    # a grammar holds only what follows </think>, which the tiny model never writes: it thinks freely
+    m, finish = both(messages=opened, extra_body={**cont, "guided_regex": "(yes|no)"})
+    assert m.model_extra["reasoning_content"] == free.model_extra["reasoning_content"] and not m.content
+    assert finish == free_finish
     m, finish = both(messages=msgs, tools=TOOLS, extra_body={"guided_regex": '<think>[a-z]{3,8}</think><tool_call>'
                                                              '\\{"name": "ping", "arguments": \\{\\}\\}</tool_call>'})
     assert m.model_extra["reasoning_content"] and m.content is None and finish == "tool_calls"
     assert _calls(m) == [("ping", {})]
     m, _ = both(messages=msgs, extra_body={"guided_regex": "<think>[a-z]{3,8}</think>ok", "include_reasoning": False})
     assert m.model_extra["reasoning_content"] is None and m.content == "ok"
+
+
+def test_a_grpc_grammar_that_starts_after_a_text_holds_only_what_follows_it(server: RunningServer) -> None:
+    """`structured.starts_after`: free until the text, then the grammar (prefill and decode workers);
+    never written: all free."""
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    free = server.generate(prompt="so we think", max_tokens=12, ignore_eos=True).text
+    i = next(i for i in range(10) if all("!" <= c <= "~" for c in free[:i + 2]) and free.find(free[i:i + 2]) == i)
+    held = server.generate(prompt="so we think", max_tokens=40, structured=pb.StructuredOutput(
+        choice=pb.Choices(choices=["yes", "no"]), starts_after=free[i:i + 2]))
+    assert held.text[:i + 2] == free[:i + 2] and held.text[i + 2:] in ("yes", "no") and held.finish_reason == "stop"
+    never = server.generate(prompt="so we think", max_tokens=12, ignore_eos=True, structured=pb.StructuredOutput(
+        regex="(yes|no)", starts_after="\u2603"))
+    assert never.text == free and never.finish_reason == "length"
 
 
 def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:

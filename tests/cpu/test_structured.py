@@ -96,6 +96,81 @@ def test_a_token_the_grammar_refuses_ends_it_in_error() -> None:
     assert guide.complete and guide.error
 
 
+def test_a_guide_that_starts_after_a_text_leaves_the_answer_free_until_it() -> None:
+    """grammar_after (a reasoning model's "</think>"): the row samples as an unguided one until the
+    text is written (over 8 tokens here, one a byte), then the grammar holds the rest; a replay finds
+    the same place, and only the first appearance counts."""
+    guides, grammar = _guides(), grammar_text("choice", ["yes", "no"])
+    x = torch.randn(1, V, generator=torch.Generator().manual_seed(1))
+    yes, no = TOK("y")["input_ids"][0], TOK("n")["input_ids"][0]
+    assert int(x[0].argmax()) not in (yes, no)
+    thinking = TOK("so: </thin k> </think>")["input_ids"]
+    guide = guides.new(grammar, after="</think>")
+    for i in range(len(thinking)):  # "</thin k>" is not it
+        guide.follow(thinking[:i])
+        assert not guide.active and not guide.complete
+        assert sample(x, [SamplingParams()], [0], guides=[guide])[0] == [int(x[0].argmax())]  # free
+    guide.follow(thinking)
+    assert guide.active and guide.start == len(thinking)
+    assert sample(x, [SamplingParams()], [0], guides=[guide])[0][0] in (yes, no)
+    guide.follow(thinking + TOK("yes")["input_ids"])
+    assert guide.complete and not guide.error
+    replayed = guides.new(grammar, after="</think>")
+    replayed.follow(thinking + TOK("yes")["input_ids"])
+    assert replayed.start == len(thinking) and replayed.complete and not replayed.error
+    twice = guides.new(grammar, after="</think>")
+    twice.follow(TOK("</think></think>")["input_ids"])  # the grammar took the second: refused
+    assert twice.start == 8 and twice.complete and twice.error
+
+
+def _thinking_tokenizer():  # type: ignore[no-untyped-def]
+    """The tiny tokenizer with Qwen 3's markers as single tokens: <think> = V, </think> = V + 1."""
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    return tok
+
+
+def test_the_text_a_guide_waits_for_may_be_one_special_token() -> None:
+    """As Qwen 3's and DeepSeek R1's "</think>": one added token, found by its text."""
+    tok = _thinking_tokenizer()
+    guide = Guides(lambda: tok, V + 2).new(grammar_text("choice", ["yes", "no"]), after="</think>")
+    ids = tok("hm</think>")["input_ids"]
+    assert ids[-1] == V + 1  # the special token
+    guide.follow(ids[:-1])
+    assert not guide.active
+    guide.follow(ids + tok("no")["input_ids"])
+    assert guide.start == len(ids) and guide.complete and not guide.error
+
+
+def test_a_free_opener_may_be_the_first_token_or_the_grammar_holds_the_answer_at_once() -> None:
+    """grammar_free_opener "<think>" (one token): the first token is the grammar's or <think>; after
+    <think>, free until </think>; without it, the grammar holds from the first token."""
+    tok = _thinking_tokenizer()
+    guides, grammar = Guides(lambda: tok, V + 2), grammar_text("choice", ["yes", "no"])
+    yes, no, think = tok("y")["input_ids"][0], tok("n")["input_ids"][0], V
+    x = torch.zeros(1, V + 2)
+    x[0, 77] = 9.0  # the model's favourite, which the grammar refuses
+    first = guides.new(grammar, "</think>", "<think>")
+    assert first.active and first.opening
+    assert sample(x, [SamplingParams()], [0], guides=[first])[0][0] in (yes, no)
+    x[0, think] = 5.0
+    assert sample(x, [SamplingParams()], [0], guides=[first])[0][0] == think  # or <think>, its next best
+    drawn = {sample(x, [SamplingParams(temperature=3.0, seed=s)], [0], guides=[first])[0][0] for s in range(60)}
+    assert drawn == {yes, no, think}
+    thinking = [think] + tok("hm, 77")["input_ids"]
+    first.follow(thinking)
+    assert not first.active and not first.opening
+    assert sample(x, [SamplingParams()], [0], guides=[first])[0][0] == 77  # free
+    first.follow(thinking + [V + 1] + tok("yes")["input_ids"])
+    assert first.start == len(thinking) + 1 and first.complete and not first.error
+    at_once = guides.new(grammar, "</think>", "<think>")
+    at_once.follow(tok("no")["input_ids"])
+    assert at_once.start == 0 and at_once.complete and not at_once.error
+    assert guides.prepare(grammar, "<thinking>") and not guides.prepare(grammar, "<think>")
+    with pytest.raises(ValueError):
+        guides.new(grammar, "</think>", "<th")
+
+
 LIMITS = LimitsConfig(max_prompt_tokens=100, max_new_tokens=50, default_max_tokens=20)
 
 
@@ -134,6 +209,30 @@ def test_each_kind_becomes_the_grammar_the_workers_get() -> None:
     assert _v(choice=pb.Choices(choices=['say "hi"', "x|y"])).sampling.grammar == grammar_text(
         "choice", ['say "hi"', "x|y"])
     assert validate(pb.GenerateRequest(prompt="hi"), TOK, LIMITS, 120).sampling.grammar == ""
+
+
+def test_starts_after_and_free_opener_reach_the_workers_checked() -> None:
+    sp = _v(regex="a+", starts_after="</think>", free_opener="{").sampling
+    assert (sp.grammar_after, sp.grammar_free_opener) == ("</think>", "{")
+    assert _v(regex="a+").sampling.grammar_after == ""
+    for fields, field in [(dict(starts_after="x" * 65), "structured.starts_after"),
+                          (dict(starts_after="x", free_opener="<think>"), "structured.free_opener"),  # 7 tokens here
+                          (dict(free_opener="{"), "structured.free_opener")]:
+        with pytest.raises(InvalidArgument) as e:
+            _v(regex="a+", **fields)
+        assert e.value.field == field, fields
+
+
+def test_a_chat_answer_under_a_reasoning_parser_thinks_before_its_grammar() -> None:
+    from router.reasoning import think_first
+
+    req = _v(regex="a+")
+    assert think_first(req, True, TOK).sampling.grammar_after == "</think>"  # the prompt opened the block
+    assert think_first(req, False, TOK) is req  # <think> is 7 tokens here: the grammar holds at once
+    opened = think_first(req, False, _thinking_tokenizer()).sampling
+    assert (opened.grammar_after, opened.grammar_free_opener) == ("</think>", "<think>")
+    free = validate(pb.GenerateRequest(prompt="hi"), TOK, LIMITS, 120)
+    assert think_first(free, True, TOK) is free
 
 
 def _http(**fields):  # type: ignore[no-untyped-def]
@@ -202,6 +301,50 @@ def test_a_guided_request_moved_midway_goes_on_to_the_same_answer() -> None:
         assert set(doc) == {"color", "ok", "n"}
         assert w.adopt("r2", ids, whole[:9], sp, (2,)).ok  # moved with 9 tokens streamed: `{"color":`
         assert whole[:9] + [t for e in events.take("r2", 60) for t in e.token_ids] == whole
+        assert wait_until(w.check_idle, 5)
+    finally:
+        events.close()
+        w.shutdown()
+
+
+def test_a_worker_holds_the_answer_to_its_grammar_only_after_the_text() -> None:
+    """In-process aggregated worker, greedy: with `grammar_after` set to two characters the tiny model
+    writes by itself, the answer is its free answer up to them, then the grammar's; the same when
+    moved midway, before the text (its Guide waits again) and after it."""
+    from decode_worker.aggregated import AggregatedWorker
+    from decode_worker.config import AggregatedConfig
+    from engine.config import KVCacheConfig, ModelConfig
+    from engine.types import PrefillRequest
+    from tests.cpu.test_workers_inprocess import Events
+
+    w = AggregatedWorker("a0", ModelConfig(path="tiny"), KVCacheConfig(num_blocks=64),
+                         AggregatedConfig(max_batch_tokens=64, chunk_tokens=64, max_batch_size=4))
+    w.start()
+    events = Events(w)
+
+    def answer(rid: str, sp: SamplingParams) -> tuple[list[int], str]:
+        assert w.reserve(rid, len(ids), sp, (2,), ids).ok
+        res = w.prefill(PrefillRequest(rid, ids, sp, (2,), None), timeout_s=60)
+        assert res.error is None and res.finished is None
+        evs = events.take(rid, 60)
+        assert evs[-1].finish_reason is not None
+        return [res.first_token] + [t for e in evs for t in e.token_ids], evs[-1].finish_reason.value
+
+    try:
+        ids = TOK("think first")["input_ids"]
+        free, _ = answer("free", SamplingParams(max_tokens=16, ignore_eos=True))
+        def first_seen_at(i: int) -> bool:  # tokens i, i + 1 are two printable bytes, first written there
+            text = TOK.decode(free[:i + 2])
+            return all(35 <= t - 3 < 127 for t in free[i:i + 2]) and text.find(text[-2:]) == len(text) - 2
+
+        i = next(i for i in range(3, 14) if first_seen_at(i))
+        marker = TOK.decode(free[i:i + 2])
+        sp = SamplingParams(max_tokens=40, grammar=grammar_text("choice", ["yes", "no"]), grammar_after=marker)
+        whole, finish = answer("r1", sp)
+        assert whole[:i + 2] == free[:i + 2] and TOK.decode(whole[i + 2:]) in ("yes", "no") and finish == "stop"
+        for streamed in (i, i + 3):  # moved with the text not yet written / with the grammar's first token
+            assert w.adopt(f"m{streamed}", ids, whole[:streamed], sp, (2,)).ok
+            assert whole[:streamed] + [t for e in events.take(f"m{streamed}", 60) for t in e.token_ids] == whole
         assert wait_until(w.check_idle, 5)
     finally:
         events.close()
