@@ -11,7 +11,8 @@ from typing import Any
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.openai_requests import Options, Prompt
 from router.reasoning import Thinking
-from router.tool_calls import Delta, Reader, merged, reader
+from router.tool_calls import Delta, Reader, merged
+from router.tool_parsers import reader
 
 
 def _finish(reason: str) -> str | None:

@@ -16,7 +16,8 @@ from router.errors import BadRequest, InvalidArgument
 from router.openai_answers import ChatSplit
 from router.openai_requests import Options, parse_body
 from router.structured import _llguidance_tokenizer
-from router.tool_calls import Delta, merged, reader
+from router.tool_calls import Delta, merged
+from router.tool_parsers import reader
 from router.tools import ToolMode
 from router.validation import validate
 
@@ -111,12 +112,62 @@ def test_llama3_json_calls(text: str, content: str | None, calls: list[tuple[str
         assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
 
 
+MISTRAL = ToolMode("auto", ("get_weather", "ping"), parser="mistral")
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    ('Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "ping", "arguments": {}}]',
+     "Sure.", [("get_weather", '{"city": "Paris"}'), ("ping", "{}")], "tool_calls"),  # before v11: a list
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "{Paris]"}[TOOL_CALLS]ping[ARGS]{}', None,  # v11 and later
+     [("get_weather", '{"city": "{Paris]"}'), ("ping", "{}")], "tool_calls"),
+    ('[TOOL_CALLS]ping[CALL_ID]a1b2c3d4e[ARGS]{"x": [1]}', None, [("ping", '{"x": [1]}')], "tool_calls"),
+    ('[TOOL_CALLS]ping{}', None, [("ping", "{}")], "tool_calls"),  # [ARGS] left out
+    ("No tools [TOOL needed.", "No tools [TOOL needed.", [], "stop"),  # a tail that only looked like the tag
+    ('[TOOL_CALLS]nope[ARGS]{"a": 1}', '[TOOL_CALLS]nope[ARGS]{"a": 1}', [], "stop"),  # not a tool: as written
+    ('[TOOL_CALLS]ping[ARGS]{}[TOOL_CALLS]get_weather[ARGS]{"city": "Li', '[TOOL_CALLS]get_weather[ARGS]{"city": "Li',
+     [("ping", "{}")], "length"),  # cut mid-call
+    ('[TOOL_CALLS][{"name": "ping", "arguments": {}}, {"name": "get_', '{"name": "get_', [("ping", "{}")], "length"),
+])
+def test_mistral_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    got = whole(MISTRAL, text, finish)
+    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
+    for step in (1, 3, 50):
+        streamed_content, streamed_calls = _streamed(MISTRAL, text, step)
+        assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+
+
+PYTHONIC = ToolMode("auto", ("get_weather", "ping"), parser="pythonic")
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    ("[get_weather(city='Paris', unit=\"c\"), ping()]", None,
+     [("get_weather", '{"city": "Paris", "unit": "c"}'), ("ping", "{}")], "tool_calls"),
+    ('<|python_start|>[get_weather(city="Oslo", days=-2, on=true, x=[1, {"a": None}])]<|python_end|>', None,
+     [("get_weather", '{"city": "Oslo", "days": -2, "on": true, "x": [1, {"a": null}]}')], "tool_calls"),  # Llama 4
+    ("[1] is where I read it.", "[1] is where I read it.", [], "stop"),  # a list, not of calls: content
+    ("It is sunny [today]", "It is sunny [today]", [], "stop"),  # starts as text
+    ("[nope()]", "[nope()]", [], "stop"),  # not a tool
+    ('[get_weather("Paris")]', '[get_weather("Paris")]', [], "stop"),  # positional: not a call we can name
+    ("[get_weather(city=open('x'))]", "[get_weather(city=open('x'))]", [], "stop"),  # not a literal
+    ('[get_weather(city="Pa', '[get_weather(city="Pa', [], "length"),
+])
+def test_pythonic_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    got = whole(PYTHONIC, text, finish)
+    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
+    for step in (1, 4, 50):
+        streamed_content, streamed_calls = _streamed(PYTHONIC, text, step)
+        assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     _, calls, _ = whole(ToolMode("auto", AUTO.names, parser="hermes", parallel=False), CALLS, "stop")
     assert _names_args(calls) == [("get_weather", '{"city": "Paris"}')]
     text = '{"name": "ping", "parameters": {}}; {"name": "get_weather", "parameters": {}}'
     assert _names_args(whole(ToolMode("auto", AUTO.names, parser="llama3_json", parallel=False), text, "stop")[1]) == [
         ("ping", "{}")]
+    for parser, text in [("mistral", "[TOOL_CALLS]ping{}[TOOL_CALLS]get_weather{}"), ("pythonic", "[ping(), get_weather()]")]:
+        assert _names_args(whole(ToolMode("auto", AUTO.names, parser=parser, parallel=False), text, "stop")[1]) == [
+            ("ping", "{}")]
 
 
 def test_required_calls_go_out_whole_as_each_object_closes() -> None:
