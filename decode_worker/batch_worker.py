@@ -242,7 +242,7 @@ class BatchWorker(StepLoop):
         return ([r.sampling for r in batch], [r.num_tokens + pending for r in batch],
                 [History(r.prompt_ids or (), r.output_ids) if ok and r.sampling.penalized else None
                  for r, ok in zip(batch, live)],
-                [banned_now(r.sampling, len(r.output_ids) + pending, r.eos_token_ids) if ok else ()
+                [banned_now(r.sampling, len(r.output_ids) + pending, r.eos_token_ids, r.output_ids) if ok else ()
                  for r, ok in zip(batch, live)],
                 [self._guide(r) if ok else None for r, ok in zip(batch, live)])
 

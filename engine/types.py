@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.kv_handoff.types import KVDestination
@@ -38,6 +39,7 @@ class SamplingParams:
     grammar: str = ""  # structured output: the grammar the answer must match (engine/structured.py); "": free text
     grammar_after: str = ""  # the grammar holds only what follows this text's first appearance in the answer ("</think>")
     grammar_free_opener: str = ""  # with grammar_after: one token ("<think>") that, as the first, opens the free part; else held at once
+    bad_words: tuple[tuple[int, ...], ...] = ()  # vLLM's: token sequences whose last token may not complete them
     priority: int = 0  # lower is served sooner (vLLM semantics): KV room, prompt queue, decode batch, preemption last
 
     @property
@@ -55,12 +57,16 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def banned_now(sampling: SamplingParams, num_generated: int, eos_token_ids: tuple[int, ...]) -> tuple[int, ...]:
+def banned_now(sampling: SamplingParams, num_generated: int, eos_token_ids: tuple[int, ...],
+               output_ids: Sequence[int] = ()) -> tuple[int, ...]:
     """What a request's next token may not be: before its `min_tokens`, its stop token ids and
-    (unless it ignores EOS) EOS."""
+    (unless it ignores EOS) EOS; the last token of each bad word the output (`output_ids`) ends
+    with the rest of (a one-token word: always)."""
+    bad = tuple(w[-1] for w in sampling.bad_words
+                if len(w) == 1 or tuple(output_ids[len(output_ids) - len(w) + 1:]) == w[:-1])
     if num_generated >= sampling.min_tokens:
-        return ()
-    return sampling.stop_token_ids + (() if sampling.ignore_eos else eos_token_ids)
+        return bad
+    return sampling.stop_token_ids + (() if sampling.ignore_eos else eos_token_ids) + bad
 
 
 def finish_reason(token: int, num_generated: int, sampling: SamplingParams, eos_token_ids: tuple[int, ...]) -> FinishReason | None:

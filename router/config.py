@@ -87,6 +87,7 @@ class LimitsConfig(Frozen):
     )
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request.")
     max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries (token ids) per request.")
+    max_bad_words: int = Field(64, ge=0, description="Most bad_words per request.")
     max_choices: int = Field(
         64, ge=1, description="Most choices one OpenAI request may ask for (n × the prompts of a /v1/completions "
         "batch); each choice is a request of its own (its own KV, counted in max_concurrent_requests)."

@@ -3,7 +3,7 @@
 The fields a user relies on are mapped one to one; any field this module does not know is refused
 (400, `param` names it), never silently ignored. `n` and a /v1/completions batch of prompts become
 one request per choice (router/choices.py), up to `limits.max_choices`. vLLM's extras (`top_k`,
-`min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`) are accepted as vLLM accepts them.
+`min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `bad_words`) are accepted as vLLM accepts them.
 /v1/completions' `echo` puts the prompt before the answer, and with `logprobs` its tokens' logprobs
 before the answer's (the first prompt token's is null): what lm-eval's loglikelihood tasks read.
 """
@@ -23,7 +23,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "s
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
           "min_tokens", "user", "cache_salt", "logit_bias", "stop_token_ids", "include_stop_str_in_output",
           "skip_special_tokens", "truncate_prompt_tokens", "prompt_logprobs",
-          "allowed_token_ids", "priority", *HTTP_FIELDS}
+          "allowed_token_ids", "priority", "bad_words", *HTTP_FIELDS}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
                  "continue_final_message", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls",
@@ -109,6 +109,11 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise BadRequest("stop must be a string or a list of strings", "stop")
         req.stop.extend(stops)
+    bad_words = body.get("bad_words")
+    if bad_words is not None:
+        if not isinstance(bad_words, list) or not all(isinstance(w, str) for w in bad_words):
+            raise BadRequest("bad_words must be a list of strings", "bad_words")
+        req.bad_words.extend(bad_words)
     req.stop_token_ids.extend(token_id_list(body, "stop_token_ids"))
     req.allowed_token_ids.extend(token_id_list(body, "allowed_token_ids"))
     structured = from_http(body, req)

@@ -8,6 +8,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -20,6 +21,7 @@ from router.structured import grammar_of, thinking_of
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_SALT_CHARS = 256
+MAX_BAD_WORD_TOKENS = 64  # a bad word is a word or a phrase, not a document
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (logprobs, prompt_logprobs), as OpenAI allows
 
 
@@ -115,6 +117,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         if not -100 <= b <= 100:  # NaN fails this too
             raise InvalidArgument(f"logit_bias[{t}]", f"must be in [-100, 100], got {b}")
     after, opener = thinking_of(req, tokenizer)
+    bad_words = _bad_words(req, tokenizer, limits)
     sampling = SamplingParams(
         temperature=temperature,
         top_p=top_p,
@@ -136,6 +139,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         grammar_after=after,
         grammar_free_opener=opener,
         priority=req.priority,
+        bad_words=bad_words,
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")
@@ -187,8 +191,27 @@ def _tokenize(req: pb.GenerateRequest, tokenizer) -> list[int]:  # type: ignore[
     return list(ids)
 
 
+def _bad_words(req: pb.GenerateRequest, tokenizer: Any, limits: LimitsConfig) -> tuple[tuple[int, ...], ...]:
+    """`req.bad_words` as token sequences: each word as given and with one leading space (how it
+    reads mid-sentence), as vLLM tokenizes them."""
+    if len(req.bad_words) > limits.max_bad_words:
+        raise InvalidArgument("bad_words", f"at most {limits.max_bad_words} words, got {len(req.bad_words)}")
+    seqs: list[tuple[int, ...]] = []
+    for i, word in enumerate(req.bad_words):
+        if not word.strip():
+            raise InvalidArgument(f"bad_words[{i}]", "must not be empty or only whitespace")
+        for text in (word, " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if len(ids) > MAX_BAD_WORD_TOKENS:
+                raise InvalidArgument(f"bad_words[{i}]", f"must be at most {MAX_BAD_WORD_TOKENS} tokens, got {len(ids)}")
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return tuple(seqs)
+
+
 # -- locating bad UTF-8 in the raw wire bytes (protobuf only says "bad UTF-8") -------------------
-_STRING_FIELDS = {1: "request_id", 2: "prompt", 9: "stop", 18: "cache_salt"}
+_STRING_FIELDS = {1: "request_id", 2: "prompt", 9: "stop", 18: "cache_salt", 32: "bad_words"}
+_LISTS = (9, 32)  # repeated: named with their index
 _MESSAGE_FIELDS = {3: "messages"}
 _CHAT_FIELDS = {1: "role", 2: "content"}
 
@@ -200,7 +223,7 @@ def _find_bad_utf8(raw: bytes) -> str | None:
         counts[num] = idx + 1
         if num in _STRING_FIELDS and not _is_utf8(payload):
             name = _STRING_FIELDS[num]
-            return f"{name}[{idx}]" if num == 9 else name
+            return f"{name}[{idx}]" if num in _LISTS else name
         if num in _MESSAGE_FIELDS:
             for sub, sub_payload in _length_delimited(payload):
                 if sub in _CHAT_FIELDS and not _is_utf8(sub_payload):

@@ -332,6 +332,27 @@ def test_a_grpc_grammar_that_starts_after_a_text_holds_only_what_follows_it(serv
     assert never.text == free and never.finish_reason == "length"
 
 
+def test_bad_words_are_never_written_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:
+    """A one-token word (the first token: the prefill worker's) and one of two tokens (decode), as
+    the tiny model writes them greedily (one token a byte): gone from the answer, which is the
+    model's until the word would be completed."""
+    free = list(server.generate(prompt="the cat", max_tokens=16, ignore_eos=True).token_ids)
+    text = [chr(t - 3) if 33 <= t - 3 <= 126 else "" for t in free]  # printable bytes
+    i = next(i for i in range(1, 12) if all(text[:i + 2]) and "".join(text[:i + 2]).find(text[i] + text[i + 1]) == i)
+    first, pair = text[0], text[i] + text[i + 1]
+    no_first = server.generate(prompt="the cat", max_tokens=16, ignore_eos=True, bad_words=[first])
+    assert no_first.token_ids[0] != free[0] and first not in no_first.text
+    no_pair = server.generate(prompt="the cat", max_tokens=16, ignore_eos=True, bad_words=[pair])
+    assert list(no_pair.token_ids[:i + 1]) == free[:i + 1] and no_pair.token_ids[i + 1] != free[i + 1]
+    assert pair not in no_pair.text
+    r = oai.completions.create(model="tiny", prompt="the cat", max_tokens=16, extra_body={"ignore_eos": True,
+                                                                                         "bad_words": [pair]})
+    assert r.choices[0].text == no_pair.text
+    bad = httpx.post(_url(server, "/v1/completions"), timeout=30, json={"model": "tiny", "prompt": "x",
+                                                                        "bad_words": "nope"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "bad_words"
+
+
 def test_logit_bias_bans_and_forces_tokens_through_both_fronts(server: RunningServer, oai: openai.OpenAI) -> None:
     plain = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True)
     banned = server.generate(prompt="bias me", max_tokens=6, ignore_eos=True, logit_bias={plain.token_ids[0]: -100.0})

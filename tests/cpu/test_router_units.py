@@ -144,6 +144,7 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens() -> None:
         (pb.GenerateRequest(prompt="zz"), "prompt"),
         (pb.GenerateRequest(prompt="ok", request_id="zz"), "request_id"),
         (pb.GenerateRequest(prompt="ok", stop=["a", "b", "zz"]), "stop[2]"),
+        (pb.GenerateRequest(prompt="ok", bad_words=["a", "zz"]), "bad_words[1]"),
         (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="ok"),
                                       pb.ChatMessage(role="user", content="zz")]), "messages[1].content"),
     ],
@@ -361,3 +362,13 @@ def test_event_inbox_merges_waiting_events_and_keeps_one_deadline_timer() -> Non
         assert timer.cancelled() and inbox._timer is None
 
     asyncio.run(run())
+
+
+def test_bad_words_become_token_sequences_as_given_and_after_a_space() -> None:
+    tok = tiny_tokenizer()  # one token a byte: " ab" is three
+    sp = _v(prompt="hi", bad_words=["ab", " c"]).sampling
+    assert sp.bad_words == (tuple(tok.encode("ab")), tuple(tok.encode(" ab")), tuple(tok.encode(" c")))
+    for words, field in [(["ok", " "], "bad_words[1]"), (["x"] * 65, "bad_words"), (["y" * 65], "bad_words[0]")]:
+        with pytest.raises(InvalidArgument) as e:
+            _v(prompt="hi", bad_words=words)
+        assert e.value.field == field

@@ -216,3 +216,16 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
     assert [banned_now(s, n, (2,)) for n in (0, 2, 3)] == [(7, 2), (7, 2), ()]
     assert banned_now(SamplingParams(min_tokens=3, ignore_eos=True), 0, (2,)) == ()
     assert banned_now(SamplingParams(), 0, (2,)) == ()
+
+
+def test_a_bad_word_bans_its_last_token_where_the_output_ends_with_the_rest() -> None:
+    from engine.sampler import needs_history
+    from engine.types import banned_now
+
+    s = SamplingParams(bad_words=((9,), (4, 5, 6)), min_tokens=2)
+    assert banned_now(s, 0, (2,), ()) == (2, 9)  # a one-token word always; EOS before min_tokens
+    assert banned_now(s, 3, (2,), (1, 4)) == (9,)
+    assert banned_now(s, 3, (2,), (4, 5)) == (9, 6)
+    assert banned_now(s, 3, (2,), (3, 4, 5)) == (9, 6)
+    assert banned_now(s, 1, (2,), (5,)) == (2, 9)  # shorter than the word's head
+    assert needs_history(s) and not needs_history(SamplingParams(bad_words=((9,),)))
