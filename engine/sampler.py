@@ -105,7 +105,7 @@ def _allow(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
 
 def _ban(logits: torch.Tensor, banned: list[Sequence[int]]) -> torch.Tensor:
-    """Each row's banned token ids (min_tokens: EOS and stop ids) get -inf."""
+    """Each row's banned token ids (min_tokens: EOS and stop ids; bad words' last tokens) get -inf."""
     V = logits.shape[1]
     entries = [(i, t) for i, ids in enumerate(banned) for t in ids if t < V]
     if not entries:

@@ -91,6 +91,16 @@ def test_hermes_edges(text: str, content: str | None, calls: list[tuple[str, str
     assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
 
 
+def _reads(mode: ToolMode, text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    """A unary answer of `text` has this content, these calls and finish_reason; streamed 1, 3, 4 or
+    50 characters a message, the same content and calls."""
+    got = whole(mode, text, finish)
+    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
+    for step in (1, 3, 4, 50):
+        streamed_content, streamed_calls = _streamed(mode, text, step)
+        assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+
+
 LLAMA = ToolMode("auto", ("get_weather", "ping"), parser="llama3_json")
 
 
@@ -105,11 +115,7 @@ LLAMA = ToolMode("auto", ("get_weather", "ping"), parser="llama3_json")
     ('{"name": "get_wea', '{"name": "get_wea', [], "length"),
 ])
 def test_llama3_json_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
-    got = whole(LLAMA, text, finish)
-    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
-    for step in (1, 3, 50):
-        streamed_content, streamed_calls = _streamed(LLAMA, text, step)
-        assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+    _reads(LLAMA, text, content, calls, finish)
 
 
 MISTRAL = ToolMode("auto", ("get_weather", "ping"), parser="mistral")
@@ -129,11 +135,7 @@ MISTRAL = ToolMode("auto", ("get_weather", "ping"), parser="mistral")
     ('[TOOL_CALLS][{"name": "ping", "arguments": {}}, {"name": "get_', '{"name": "get_', [("ping", "{}")], "length"),
 ])
 def test_mistral_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
-    got = whole(MISTRAL, text, finish)
-    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
-    for step in (1, 3, 50):
-        streamed_content, streamed_calls = _streamed(MISTRAL, text, step)
-        assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+    _reads(MISTRAL, text, content, calls, finish)
 
 
 PYTHONIC = ToolMode("auto", ("get_weather", "ping"), parser="pythonic")
@@ -152,11 +154,7 @@ PYTHONIC = ToolMode("auto", ("get_weather", "ping"), parser="pythonic")
     ('[get_weather(city="Pa', '[get_weather(city="Pa', [], "length"),
 ])
 def test_pythonic_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
-    got = whole(PYTHONIC, text, finish)
-    assert (got[0], _names_args(got[1]), got[2]) == (content, calls, finish)
-    for step in (1, 4, 50):
-        streamed_content, streamed_calls = _streamed(PYTHONIC, text, step)
-        assert streamed_content == (content or "") and [(c["name"], c["arguments"]) for c in streamed_calls] == calls
+    _reads(PYTHONIC, text, content, calls, finish)
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
