@@ -135,10 +135,10 @@ class Mistral(Reader):
         if self.objects.level == 2:
             return sum((self._parsed(raw) for raw in self.objects.feed(text)), Delta())
         out = Delta()
-        for before, raw in self.objects.spans(text):
+        for before, raw in self.objects.spans(text):  # a call not read stays text as written
             name = before.replace(self.TAG, "").split("[CALL_ID]")[0].replace("[ARGS]", "").strip()
-            d = self._parsed(json.dumps({"name": name, "arguments": raw}, ensure_ascii=False)) if _is_object(raw) else Delta()
-            out += d if d.calls else Delta(content=before + raw)
+            called = name in self.mode.names and _is_object(raw)
+            out += Delta(calls=self._call(name, raw)) if called else Delta(content=before + raw)
         return out
 
     def end(self) -> Delta:
@@ -181,8 +181,9 @@ class Pythonic(Reader):
             if self.state == "content":
                 out, self.held = self.held, ""
                 return Delta(content=out)
-        if self.state == "calls" and self._body().endswith("]"):
-            calls = _python_calls(self._body())
+        body = self._body()
+        if self.state == "calls" and body.endswith("]"):
+            calls = _python_calls(body)
             if calls is not None and all(name in self.mode.names for name, _ in calls):
                 self.state = "done"
                 return sum((Delta(calls=self._call(name, json.dumps(args, ensure_ascii=False)))

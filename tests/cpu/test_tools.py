@@ -164,8 +164,8 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     assert _names_args(whole(ToolMode("auto", AUTO.names, parser="llama3_json", parallel=False), text, "stop")[1]) == [
         ("ping", "{}")]
     for parser, text in [("mistral", "[TOOL_CALLS]ping{}[TOOL_CALLS]get_weather{}"), ("pythonic", "[ping(), get_weather()]")]:
-        assert _names_args(whole(ToolMode("auto", AUTO.names, parser=parser, parallel=False), text, "stop")[1]) == [
-            ("ping", "{}")]
+        content, calls, _ = whole(ToolMode("auto", AUTO.names, parser=parser, parallel=False), text, "stop")
+        assert _names_args(calls) == [("ping", "{}")] and content is None, parser  # the second is dropped, not text
 
 
 def test_required_calls_go_out_whole_as_each_object_closes() -> None:
