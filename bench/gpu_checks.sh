@@ -9,7 +9,8 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh host       # 1.1B, one worker in-process: a decode step's host parts, steps in flight on/off,
 #                                                           # drawn rows (temperature 0.8, top-p 0.95), rows starting blocks at different
 #                                                           # steps (--stagger, as served), one penalized row among 64 (its batch
-#                                                           # sampled once the step before completes), and a torch profile at 64
+#                                                           # sampled once the step before completes), 8 rows held to a
+#                                                           # regex among 64 (masks on the host), and a torch profile at 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh handoff    # 1.1B, 1000-token prompt: ipc, then NCCL (over sockets on one GPU);
 #                                                           # the protocol alone (a 16-token prompt) both ways; TTFT with
 #                                                           # prefill.overlap_reserve on and off (ipc, twice each, alternating);
@@ -59,6 +60,8 @@ case "${1:-tests}" in
              --output "$OUT/host-b64-stagger.json" 2>&1 | tail -1 | tee -a "$OUT/host.log"
            python3 bench/step_host.py --model-path "$p" --batch 64 --penalized 1 \
              --output "$OUT/host-b64-penalized.json" 2>&1 | tail -1 | tee -a "$OUT/host.log"
+           python3 bench/step_host.py --model-path "$p" --batch 64 --guided 8 \
+             --output "$OUT/host-b64-guided.json" 2>&1 | tail -1 | tee -a "$OUT/host.log"
            python3 bench/step_host.py --model-path "$p" --batch 64 --seconds 0.3 --profile "$OUT/host-b64-profile.txt" \
              2>&1 | tail -1 | tee -a "$OUT/host.log"
            grep -A 25 "by device time" "$OUT/host-b64-profile.txt" ;;

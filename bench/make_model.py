@@ -6,14 +6,17 @@
 Every GPU figure in the README comes from such a folder, so it can be reproduced on any CUDA machine
 without a model hub: point `model.path` at it. Shapes: 1.1b (TinyLlama: hidden 2048, 22 layers, 32
 heads, 4 KV heads, MLP 5632), 8b (Llama-3-8B: 4096, 32, 32, 8, 14336), test (a few MB, for tests).
-The tokenizer is word-level over "t3" ... "t<vocab-1>" (whitespace-split), with a chat template, so
-prompts of any length are easy to make ("t5 t17 t9 ...").
+The tokenizer is byte-level BPE: ids 0-2 are the specials, 3-258 the 256 bytes (so any text
+encodes, and llguidance can hold a grammar over it), and the rest words " t0", " t1", ... (one token
+each, leading space included), so prompts of any length are easy to make (" t5 t17 t9 ...", or decode
+ids ≥ 260), with a chat template.
 """
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 SHAPES: dict[str, dict[str, int]] = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -24,6 +27,7 @@ SHAPES: dict[str, dict[str, int]] = {
                  intermediate_size=128, vocab_size=512),
 }
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: eos is 2, as in the tiny model
+FIRST_WORD = len(SPECIALS) + 256 + 1  # the id of " t0" (after the bytes and the merge prefix " t")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
@@ -33,7 +37,6 @@ CHAT_TEMPLATE = (
 def build(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", seed: int = 0,
           max_position: int = 8192) -> Path:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     dims = SHAPES[shape]
@@ -44,15 +47,44 @@ def build(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", s
         model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    vocab.update({f"t{i}": i for i in range(len(SPECIALS), dims["vocab_size"])})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
-                                 eos_token="<|im_end|>", pad_token="<unk>")
+    hf = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(dims["vocab_size"]), unk_token="<unk>",
+                                 bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<unk>")
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out)
     return out
+
+
+def _tokenizer(vocab_size: int) -> Any:
+    """Byte-level BPE whose merges build each word " t<k>" digit by digit (" t", " t1", " t12", ...):
+    the words are prefix-closed, so every intermediate of a merge is itself a token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    glyph = _byte_glyphs()
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    vocab.update({glyph[b]: len(SPECIALS) + b for b in range(256)})
+    prefix = glyph[ord(" ")] + "t"
+    vocab[prefix] = len(vocab)
+    merges = [(glyph[ord(" ")], "t")]
+    k = 0
+    while len(vocab) < vocab_size:
+        vocab[f"{prefix}{k}"] = len(vocab)
+        merges.append((f"{prefix}{k // 10}" if k >= 10 else prefix, str(k % 10)))
+        k += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    # a word is its own piece (else byte-level's regex would split " t" from the digits)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" t[0-9]+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def _byte_glyphs() -> dict[int, str]:
+    """GPT-2's byte → printable character map, which byte-level pre-tokenizers and decoders use."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
 def main() -> None:

@@ -3,13 +3,15 @@ no router), B greedy streams of 64-token prompts decoding together, timers aroun
 the loop. Without a GPU it runs the tiny model on CPU (the parts' costs, not the device's).
 
     python bench/step_host.py --model-path /tmp/llama-1.1b --batch 64 [--no-overlap] [--temperature 0.8 --top-p 0.95]
-                              [--stagger] [--penalized K] [--output F.json] [--profile F.txt]
+                              [--stagger] [--penalized K] [--guided K] [--output F.json] [--profile F.txt]
     python bench/step_host.py --uncaptured --batch 16 --stagger --seconds 20   # no GPU: the graph path's decisions
 
 --stagger: prompt i has 64 + i % block_size tokens, so the rows start blocks at different steps, as
 a served batch's rows (joined at different times) do; without it they all start one every
 block_size steps. --penalized K: the first K streams have a repetition penalty, so their draw reads
 the tokens before them (a step in flight samples its batch once the step before has completed).
+--guided K: the first K streams are held to a regex (words " t<k>" of a bench/make_model.py model,
+which never ends): their masks are computed on the host every step.
 --uncaptured: on CPU, the CUDA-graph path run eagerly under Triton's interpreter
 (slow: for the loop's decisions, e.g. how many steps follow one in flight, not for its timings).
 
@@ -46,6 +48,7 @@ from decode_worker.aggregated import AggregatedWorker  # noqa: E402
 from decode_worker.config import AggregatedConfig  # noqa: E402
 from engine import sampler  # noqa: E402
 from engine.config import KVCacheConfig, ModelConfig  # noqa: E402
+from engine.structured import grammar_text  # noqa: E402
 from engine.types import PrefillRequest, SamplingParams  # noqa: E402
 
 PARTS: collections.Counter[str] = collections.Counter()  # seconds per timed piece
@@ -73,6 +76,7 @@ def main() -> None:
     ap.add_argument("--profile", help="write a torch profile of the measured window here")
     ap.add_argument("--stagger", action="store_true", help="prompt i has 64 + i %% block_size tokens")
     ap.add_argument("--penalized", type=int, default=0, help="the first K streams have repetition_penalty 1.1")
+    ap.add_argument("--guided", type=int, default=0, help="the first K streams are held to a regex grammar")
     ap.add_argument("--uncaptured", action="store_true", help="CPU: the graph path, eagerly, under Triton's interpreter")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -109,9 +113,12 @@ def main() -> None:
                         seed=1 if a.temperature > 0 else None)  # outlasts the measurement
     callers = []
     penalized = dataclasses.replace(sp, repetition_penalty=1.1)
+    # EOS banned (min_tokens): the regex accepts after each word, and a grammar's end would end the row
+    guided = dataclasses.replace(sp, grammar=grammar_text("regex", "( t[0-9]+)+"), ignore_eos=False,
+                                 min_tokens=sp.max_tokens) if a.guided else sp
     for i in range(a.batch):
         ids = [5 + (i * 7 + j) % (vocab - 5) for j in range(64 + (i % w.allocator.block_size if a.stagger else 0))]
-        spi = penalized if i < a.penalized else sp
+        spi = penalized if i < a.penalized else guided if i < a.penalized + a.guided else sp
         assert w.reserve(f"r{i}", len(ids), spi, (2,), ids).ok
         t = threading.Thread(target=w.prefill, args=(PrefillRequest(f"r{i}", ids, spi, (2,), 0), 300))
         t.start()
@@ -128,7 +135,7 @@ def main() -> None:
         prof.want("stop")
         _write_profile(prof.result(), Path(a.profile), cuda)
     n = max(1, s1 - s0)
-    out = {"batch": a.batch, "stagger": a.stagger, "penalized": a.penalized, "running": w.scheduler.num_running, "steps": s1 - s0,
+    out = {"batch": a.batch, "stagger": a.stagger, "penalized": a.penalized, "guided": a.guided, "running": w.scheduler.num_running, "steps": s1 - s0,
            "step_ms": a.seconds * 1000 / n, "overlapped": o1 - o0, "device": "cuda" if cuda else "cpu",
            "loop_us": {k: round((l1[k] - l0[k]) / n * 1e6, 1) for k in l1},
            "parts_us": {k: round((p1[k] - p0.get(k, 0.0)) / n * 1e6, 1) for k in p1}}
