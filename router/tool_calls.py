@@ -5,17 +5,20 @@ router/tools.py): `feed` takes each message's text and gives what can be said of
 rest once the answer ends. A unary answer is its text fed whole, so a stream and a unary answer
 carry the same calls.
   - named: the text is the function's arguments; they stream as they are made, in call 0;
-  - required: the text is a JSON list of {"name", "parameters"}; a call goes out whole once its
-    object closes;
+  - required: the text is a JSON list of {"name", "parameters"}, each object a CallStream;
   - auto: free text read by `server.tool_call_parser` (router/tool_parsers.py).
-`parallel_tool_calls: false` keeps the first call.
+A call in JSON (`CallStream`) goes out once its name and the opening of its arguments are read,
+then its arguments stream as made (as OpenAI's do); an answer cut mid-arguments leaves that call
+with the arguments made so far. `parallel_tool_calls: false` keeps the first call.
 finish_reason "stop" becomes "tool_calls" when calls were made (not for a named function: OpenAI's).
-Text that could not be read as calls (an answer cut by `length` mid-call) is given as content.
+Text that could not be read as calls (an answer cut before a call's arguments) is given as content.
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +31,15 @@ class Delta:
     calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's tool_call deltas, each with its index
 
     def __add__(self, other: Delta) -> Delta:
-        return Delta(self.content + other.content, self.calls + other.calls)
+        """Both in order; arguments that continue the call before them join it (one entry per call)."""
+        calls = list(self.calls)
+        for c in other.calls:
+            if calls and calls[-1]["index"] == c["index"] and "id" not in c:
+                fn = calls[-1]["function"]
+                calls[-1] = {**calls[-1], "function": {**fn, "arguments": fn["arguments"] + c["function"]["arguments"]}}
+            else:
+                calls.append(c)
+        return Delta(self.content + other.content, calls)
 
 
 class Reader:
@@ -123,18 +134,126 @@ class JsonObjects:
         return self.text[self.ended:]
 
 
+# a call's head: its name (JSON text), then its arguments' key, up to the object they open
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+class CallStream:
+    """One call's JSON object as its text comes, `{"name": ..., "arguments" (or "parameters"): {...}}`
+    (or, given `name`, the arguments' object alone: Mistral's `name[ARGS]{...}`).
+      1. head: the text is held until its name and the `{` of its arguments are read;
+      2. a tool of the request: the call goes out (`streaming`; `dropped` when parallel_tool_calls
+         false has had its call), then each new piece of its arguments, up to where they close;
+      3. never a head (keys in another order, arguments as a string, a name of no tool): read
+         whole once the object ends, by `whole` (a call, or the text as written)."""
+
+    def __init__(self, reader: Reader, whole: Callable[[str], Delta], name: str | None = None,
+                 args_only: bool = False) -> None:
+        self.reader, self.whole = reader, whole
+        self.state = "head"  # head → streaming | dropped | whole (args_only with a name of no tool)
+        if args_only:
+            self.state = "head" if name in reader.mode.names else "whole"
+        self.name, self.args_only = name, args_only
+        self.text = ""
+        self.pos = self.index = 0  # pos: how far the arguments are read; index: the call's
+        self.depth, self.in_string, self.escaped, self.closed = 0, False, False, False
+
+    def see(self, text: str, ended: bool = False) -> Delta:
+        """`text`: the object so far (it only grows); `ended`: it closed, or the answer ended."""
+        self.text = text
+        out = Delta()
+        if self.state == "head":
+            start = 0 if self.args_only else self._head()  # args_only: the text opens at its "{"
+            if start is not None:
+                calls = self.reader._call(self.name or "", "")
+                self.state, self.pos = ("streaming", start) if calls else ("dropped", start)
+                self.index = calls[0]["index"] if calls else 0
+                out = Delta(calls=calls)
+        if self.state == "streaming":
+            piece = self._arguments()
+            if piece:
+                out += Delta(calls=[{"index": self.index, "function": {"arguments": piece}}])
+        elif self.state in ("head", "whole") and ended:
+            out = self.whole(text)
+        return out
+
+    @property
+    def called(self) -> bool:
+        """The object went out as a call (or was dropped as one): none of its text is content."""
+        return self.state in ("streaming", "dropped")
+
+    def _head(self) -> int | None:
+        """Where the arguments' object starts, once the head is read and names a tool; else None."""
+        m = _HEAD.match(self.text)
+        if m is None:
+            return None
+        try:
+            name = json.loads(m.group(1))
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        if name not in self.reader.mode.names:
+            return None
+        self.name = name
+        return m.end()
+
+    def _arguments(self) -> str:
+        """The arguments' text read since the last call, up to where their object closes."""
+        start = self.pos
+        for i in range(self.pos, len(self.text)):
+            if self.closed:
+                break
+            ch = self.text[i]
+            self.pos = i + 1
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "[{":
+                self.depth += 1
+            elif ch in "]}":
+                self.depth -= 1
+                self.closed = self.depth == 0
+        return self.text[start:self.pos]
+
+
+class CallObjects:
+    """JsonObjects that are calls, each read by a CallStream as its text comes."""
+
+    def __init__(self, reader: Reader, level: int) -> None:
+        self.reader, self.objects = reader, JsonObjects(level)
+        self.call: CallStream | None = None  # the open object's
+
+    def feed(self, text: str) -> Delta:
+        out = Delta()
+        for raw in self.objects.feed(text):
+            out += self._stream().see(raw, ended=True)
+            self.call = None
+        if self.objects.rest():
+            out += self._stream().see(self.objects.rest())
+        return out
+
+    def _stream(self) -> CallStream:
+        if self.call is None:
+            self.call = CallStream(self.reader, self.reader._parsed)
+        return self.call
+
+    def end(self) -> Delta:
+        """The object left open (an answer cut mid-call) as content, unless it went out as a call."""
+        return Delta() if self.call is not None and self.call.called else Delta(content=self.objects.rest())
+
+
 class Required(Reader):
     """The JSON list of {"name", "parameters"} a grammar held the answer to."""
 
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
-        self.objects = JsonObjects(level=2)
+        self.objects = CallObjects(self, level=2)
 
     def feed(self, text: str) -> Delta:
-        return sum((self._parsed(raw) for raw in self.objects.feed(text)), Delta())
+        return self.objects.feed(text)
 
     def end(self) -> Delta:
-        return Delta(content=self.objects.rest())
+        return self.objects.end()
 
 
 def merged(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,16 +2,17 @@
 Reader (router/tool_calls.py) of a model family's free text.
   - `hermes` (Hermes 2 Pro / 3, Qwen 2.5 / 3): `<tool_call>{"name", "arguments"}</tool_call>`
     blocks; the text around them streams as content (a tail that may open a block is held back, as
-    is whitespace until more text follows it: whitespace beside calls is dropped); a block goes
-    out whole once closed, or unclosed at the end; one that does not parse, or names no tool in
-    the request, stays content; text before a block loses its trailing whitespace;
+    is whitespace until more text follows it: whitespace beside calls is dropped); a block's call
+    streams (CallStream, router/tool_calls.py); one that is not a call of a tool in the request
+    stays content, as written; text before a block loses its trailing whitespace;
   - `llama3_json` (Llama 3.1 and later): an answer that starts with `{` (or `<|python_tag|>`)
-    is `{"name", "parameters"}` objects, `; ` between them, each a call once it closes; an answer
-    that starts otherwise is content;
+    is `{"name", "parameters"}` objects, `; ` between them, each a streamed call; an answer that
+    starts otherwise is content;
   - `mistral`: content, then `[TOOL_CALLS]` and calls to the end, as a JSON list (before
-    v11) or `name[ARGS]{...}` each (v11 and later); each a call once its object closes;
+    v11) or `name[ARGS]{...}` each (v11 and later); each a streamed call;
   - `pythonic` (Llama 3.2, Llama 4): an answer that is a Python list of calls, `[f(a=1)]`,
-    read once it closes; an answer that starts otherwise is content.
+    read once it closes (its arguments are Python, given as JSON); an answer that starts
+    otherwise is content.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import json
 from typing import Any
 
 from router.detokenizer import marker_tail
-from router.tool_calls import Delta, Named, Reader, Required, JsonObjects
+from router.tool_calls import CallObjects, CallStream, Delta, JsonObjects, Named, Reader, Required
 from router.tools import ToolMode
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -34,7 +35,7 @@ class Llama3Json(Reader):
 
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
-        self.objects = JsonObjects(level=1)
+        self.objects = CallObjects(self, level=1)
         self.state, self.held = "start", ""  # start → calls | content
 
     def feed(self, text: str) -> Delta:
@@ -47,35 +48,35 @@ class Llama3Json(Reader):
             text, self.held = self.held, ""
         if self.state == "content":
             return Delta(content=text)
-        return sum((self._parsed(raw) for raw in self.objects.feed(text)), Delta())
+        return self.objects.feed(text)
 
     def end(self) -> Delta:
         if self.state != "calls":
             return Delta(content=self.held)
-        return Delta(content=self.objects.rest())
+        return self.objects.end()
 
 
 class Hermes(Reader):
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
         self.held = ""  # text not given yet: a tail that may open a block, trailing whitespace, or a block's inside
-        self.inside = False
+        self.call: CallStream | None = None  # inside a block: its call
 
     def feed(self, text: str) -> Delta:
         self.held += text
         out = Delta()
         while True:
-            if self.inside:
+            if self.call is not None:
                 j = self.held.find(CLOSE)
-                if j < 0:
-                    return out
-                out += self._block(self.held[:j])
-                self.held, self.inside = self.held[j + len(CLOSE):], False
+                if j < 0:  # the inside so far, but a tail that may begin the close
+                    return out + self.call.see(self.held[:len(self.held) - marker_tail(self.held, CLOSE)])
+                out += self.call.see(self.held[:j], ended=True)
+                self.held, self.call = self.held[j + len(CLOSE):], None
                 continue
             i = self.held.find(OPEN)
             if i >= 0:
                 out += self._content(self.held[:i].rstrip())
-                self.held, self.inside = self.held[i + len(OPEN):], True
+                self.held, self.call = self.held[i + len(OPEN):], CallStream(self, self._block)
                 continue
             cut = len(self.held) - marker_tail(self.held, OPEN)
             said = self.held[:cut]
@@ -93,11 +94,9 @@ class Hermes(Reader):
         return Delta(content=OPEN + inside + CLOSE) if d.content else d  # not a call: the block as written
 
     def end(self) -> Delta:
-        if self.inside:  # a block the answer did not close
-            out, self.inside = self._block(self.held), False
-            if out.calls:
-                return out
-            return Delta(content=out.content.removesuffix(CLOSE))
+        if self.call is not None:  # a block the answer did not close
+            out, self.call = self.call.see(self.held, ended=True), None
+            return out if out.calls or not out.content else Delta(content=out.content.removesuffix(CLOSE))
         return Delta(content=self.held) if not self.made or self.held.strip() else Delta()
 
 
@@ -111,11 +110,15 @@ class Mistral(Reader):
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
         self.held = ""  # content that may open the tag, or the calls' first text until its format shows
-        self.objects: JsonObjects | None = None  # level 2: the list; level 1: v11's name{args} calls
+        self.listed: CallObjects | None = None  # before v11: the list's objects
+        self.objects: JsonObjects | None = None  # v11: each call's arguments (level 1: its tags balance their brackets)
+        self.call: CallStream | None = None  # v11: the open arguments' call
 
     def feed(self, text: str) -> Delta:
+        if self.listed is not None:
+            return self.listed.feed(text)
         if self.objects is not None:
-            return self._calls(text)
+            return self._v11(text)
         self.held += text
         i = self.held.find(self.TAG)
         if i < 0:
@@ -126,35 +129,39 @@ class Mistral(Reader):
         if not lead:
             return Delta()  # the format shows at the calls' first character
         content, self.held = self.held[:i], ""
-        listed = lead.startswith("[")
-        self.objects = JsonObjects(level=2 if listed else 1)  # v11's tags balance their brackets: level 1 holds
-        return Delta(content=content) + self._calls(lead if listed else self.TAG + lead)
+        if lead.startswith("["):
+            self.listed = CallObjects(self, level=2)
+            return Delta(content=content) + self.listed.feed(lead)
+        self.objects = JsonObjects(level=1)
+        return Delta(content=content) + self._v11(self.TAG + lead)
 
-    def _calls(self, text: str) -> Delta:
+    def _v11(self, text: str) -> Delta:
+        """`name[ARGS]{...}` calls: a tool's streams once its `{` is read; any other stays text as written."""
         assert self.objects is not None
-        if self.objects.level == 2:
-            return sum((self._parsed(raw) for raw in self.objects.feed(text)), Delta())
         out = Delta()
-        for before, raw in self.objects.spans(text):  # a call not read stays text as written
-            name = before.replace(self.TAG, "").split("[CALL_ID]")[0].replace("[ARGS]", "").strip()
-            called = name in self.mode.names and _is_object(raw)
-            out += Delta(calls=self._call(name, raw)) if called else Delta(content=before + raw)
+        for before, raw in self.objects.spans(text):
+            out += self._stream(before).see(raw, ended=True)
+            self.call = None
+        if self.objects.rest():
+            before = self.objects.text[self.objects.ended:self.objects.start]
+            out += self._stream(before).see(self.objects.rest())
         return out
 
+    def _stream(self, before: str) -> CallStream:
+        if self.call is None:
+            name = before.replace(self.TAG, "").split("[CALL_ID]")[0].replace("[ARGS]", "").strip()
+            self.call = CallStream(self, lambda raw: Delta(content=before + raw), name, args_only=True)
+        return self.call
+
     def end(self) -> Delta:
+        if self.listed is not None:
+            return self.listed.end()
         if self.objects is None:
             return Delta(content=self.held)
-        if self.objects.level == 2:
-            return Delta(content=self.objects.rest())
+        if self.call is not None and self.call.called:  # cut mid-arguments: the call keeps what it has
+            return Delta()
         rest = self.objects.tail()
         return Delta(content=rest) if rest.replace(self.TAG, "").strip() else Delta()
-
-
-def _is_object(raw: str) -> bool:
-    try:
-        return isinstance(json.loads(raw), dict)
-    except (json.JSONDecodeError, RecursionError):
-        return False
 
 
 class Pythonic(Reader):

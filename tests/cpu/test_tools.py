@@ -130,8 +130,10 @@ MISTRAL = ToolMode("auto", ("get_weather", "ping"), parser="mistral")
     ('[TOOL_CALLS]ping{}', None, [("ping", "{}")], "tool_calls"),  # [ARGS] left out
     ("No tools [TOOL needed.", "No tools [TOOL needed.", [], "stop"),  # a tail that only looked like the tag
     ('[TOOL_CALLS]nope[ARGS]{"a": 1}', '[TOOL_CALLS]nope[ARGS]{"a": 1}', [], "stop"),  # not a tool: as written
-    ('[TOOL_CALLS]ping[ARGS]{}[TOOL_CALLS]get_weather[ARGS]{"city": "Li', '[TOOL_CALLS]get_weather[ARGS]{"city": "Li',
-     [("ping", "{}")], "length"),  # cut mid-call
+    ('[TOOL_CALLS]ping[ARGS]{}[TOOL_CALLS]get_weather[ARGS]{"city": "Li', None,
+     [("ping", "{}"), ("get_weather", '{"city": "Li')], "length"),  # cut mid-arguments: the call as made
+    ('[TOOL_CALLS]ping[ARGS]{}[TOOL_CALLS]get_weather[ARGS]', '[TOOL_CALLS]get_weather[ARGS]', [("ping", "{}")],
+     "length"),  # cut before the arguments: text
     ('[TOOL_CALLS][{"name": "ping", "arguments": {}}, {"name": "get_', '{"name": "get_', [("ping", "{}")], "length"),
 ])
 def test_mistral_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
@@ -168,7 +170,42 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
         assert _names_args(calls) == [("ping", "{}")] and content is None, parser  # the second is dropped, not text
 
 
-def test_required_calls_go_out_whole_as_each_object_closes() -> None:
+@pytest.mark.parametrize("mode, text", [
+    (AUTO, 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par", "unit": "c"}}\n</tool_call>'),
+    (LLAMA, '{"name": "get_weather", "parameters": {"city": "Par", "unit": "c"}}'),
+    (MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Par", "unit": "c"}}]'),
+    (MISTRAL, '[TOOL_CALLS]get_weather[ARGS]{"city": "Par", "unit": "c"}'),
+    (ToolMode("required", AUTO.names), '[{"name": "get_weather", "parameters": {"city": "Par", "unit": "c"}}]'),
+])
+def test_a_calls_arguments_stream_as_made(mode: ToolMode, text: str) -> None:
+    """The call goes out (id, name) once its arguments open, then each piece of them as it comes
+    (OpenAI's deltas), not the call whole once it closes; cut mid-arguments, it keeps what it has."""
+    r = reader(mode)
+    opened = text.index('{"city"')
+    head = r.feed(text[:opened + 1])
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in head.calls] == [("get_weather", "{")]
+    assert head.calls[0]["id"].startswith("call_") and head.content in ("", "Sure.")
+    piece = r.feed('"city": "Par')
+    assert piece.calls == [{"index": 0, "function": {"arguments": '"city": "Par'}}]
+    rest = r.feed(text[opened + 13:]) + r.end()
+    assert "".join(c["function"]["arguments"] for c in rest.calls) == '", "unit": "c"}' and not rest.content
+    assert r.finish_reason("stop") == "tool_calls"
+    content, calls, finish = whole(mode, text[:opened + 13], "length")
+    assert _names_args(calls) == [("get_weather", '{"city": "Par')] and finish == "length"
+    assert content == ("Sure." if mode is AUTO else None)
+
+
+@pytest.mark.parametrize("text, arguments", [
+    ('{"arguments": {"a": 1}, "name": "ping"}', '{"a": 1}'),  # name last: read once the object closes
+    ('{"name": "ping", "arguments": "{\\"a\\": 1}"}', '{"a": 1}'),  # arguments as JSON text
+])
+def test_a_call_of_another_shape_is_read_whole(text: str, arguments: str) -> None:
+    r = reader(AUTO)
+    assert r.feed("<tool_call>" + text[:-1]).calls == []
+    assert _names_args((r.feed(text[-1:] + "</tool_call>") + r.end()).calls) == [("ping", arguments)]
+
+
+def test_required_calls_go_out_as_each_object_opens() -> None:
     mode = ToolMode("required", AUTO.names)
     text = '[{"name": "get_weather", "parameters": {"city": "a]}\\"{"}}, {"name": "ping", "parameters": {}}]'
     r = reader(mode)
