@@ -10,6 +10,7 @@ Reader (router/tool_calls.py) of a model family's free text.
     starts otherwise is content;
   - `mistral`: content, then `[TOOL_CALLS]` and calls to the end, as a JSON list (before
     v11) or `name[ARGS]{...}` each (v11 and later); each a streamed call;
+  - `qwen3_coder`: hermes's blocks, each a call in XML (router/tool_xml.py);
   - `pythonic` (Llama 3.2, Llama 4): an answer that is a Python list of calls, `[f(a=1)]`,
     read once it closes (its arguments are Python, given as JSON); an answer that starts
     otherwise is content.
@@ -22,6 +23,7 @@ from typing import Any
 
 from router.detokenizer import marker_tail
 from router.tool_calls import CallObjects, CallStream, Delta, JsonObjects, Named, Reader, Required
+from router.tool_xml import XmlCall, parameter_types
 from router.tools import ToolMode
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -60,7 +62,7 @@ class Hermes(Reader):
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
         self.held = ""  # text not given yet: a tail that may open a block, trailing whitespace, or a block's inside
-        self.call: CallStream | None = None  # inside a block: its call
+        self.call: CallStream | XmlCall | None = None  # inside a block: its call
 
     def feed(self, text: str) -> Delta:
         self.held += text
@@ -76,7 +78,7 @@ class Hermes(Reader):
             i = self.held.find(OPEN)
             if i >= 0:
                 out += self._content(self.held[:i].rstrip())
-                self.held, self.call = self.held[i + len(OPEN):], CallStream(self, self._block)
+                self.held, self.call = self.held[i + len(OPEN):], self._inner()
                 continue
             cut = len(self.held) - marker_tail(self.held, OPEN)
             said = self.held[:cut]
@@ -84,6 +86,10 @@ class Hermes(Reader):
             out += self._content(stripped)
             self.held = said[len(stripped):] + self.held[cut:]
             return out
+
+    def _inner(self) -> CallStream | XmlCall:
+        """A new block's call reader."""
+        return CallStream(self, self._block)
 
     def _content(self, text: str) -> Delta:
         """Text outside blocks; whitespace alone is held (`feed` keeps it) until text follows it."""
@@ -98,6 +104,17 @@ class Hermes(Reader):
             out, self.call = self.call.see(self.held, ended=True), None
             return out if out.calls or not out.content else Delta(content=out.content.removesuffix(CLOSE))
         return Delta(content=self.held) if not self.made or self.held.strip() else Delta()
+
+
+class Qwen3Coder(Hermes):
+    """Qwen3-Coder's `<tool_call>` blocks, each a call in XML (router/tool_xml.py)."""
+
+    def __init__(self, mode: ToolMode) -> None:
+        super().__init__(mode)
+        self.types = parameter_types(mode.schemas, mode.names)
+
+    def _inner(self) -> XmlCall:
+        return XmlCall(self, lambda inside: Delta(content=OPEN + inside + CLOSE), self.types)
 
 
 class Mistral(Reader):
@@ -245,7 +262,8 @@ def _literal(node: ast.expr) -> Any:
 
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _READERS = {"named": Named, "required": Required}
-_PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic}
+_PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic,
+            "qwen3_coder": Qwen3Coder}
 
 
 def reader(mode: ToolMode) -> Reader:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from protos.pdserve.v1 import generation_pb2 as pb
@@ -36,6 +36,7 @@ class ToolMode:
     parser: str = ""  # auto: server.tool_call_parser
     parallel: bool = True  # parallel_tool_calls: false keeps the first call only
     param: str = "tools"  # the HTTP field a refusal of its grammar names
+    schemas: tuple[str, ...] = field(default=(), compare=False)  # auto: each tool's parameters (JSON text; "": none)
 
 
 def template_tools(req: pb.GenerateRequest) -> list[dict[str, Any]]:
@@ -132,7 +133,8 @@ def tool_mode(body: dict[str, Any], req: pb.GenerateRequest, structured: str | N
                              "send \"required\", a named function or \"none\"", "tool_choice")
         if not req.HasField("skip_special_tokens"):
             req.skip_special_tokens = False  # a parser's markers (<tool_call>) may be special tokens
-        return ToolMode("auto", names, parser=parser, parallel=parallel is not False)
+        return ToolMode("auto", names, parser=parser, parallel=parallel is not False,
+                        schemas=tuple(t.parameters for t in req.tools))
     if structured:
         raise BadRequest(f"tool_choice {kind!r} holds the answer to the tools' schemas; it cannot be combined "
                          f"with {structured}", structured.split(".")[0])

@@ -159,13 +159,63 @@ def test_pythonic_calls(text: str, content: str | None, calls: list[tuple[str, s
     _reads(PYTHONIC, text, content, calls, finish)
 
 
+TYPED = {"type": "object", "properties": {"path": {"type": "string"}, "n": {"type": "integer"},
+                                          "on": {"type": "boolean"}, "tags": {"type": "array"}, "x": {"type": ["number", "null"]}}}
+QWEN = ToolMode("auto", ("write", "ping"), parser="qwen3_coder", schemas=(json.dumps(TYPED), ""))
+XML = ('Writing it.\n<tool_call>\n<function=write>\n<parameter=path>\na "b".py\n</parameter>\n<parameter=n>\n3\n'
+       '</parameter>\n<parameter=on>\nTrue\n</parameter>\n<parameter=tags>\n["a", 1]\n</parameter>\n'
+       '<parameter=body>\nline 1\n\n  </para\n</parameter>\n<parameter=x>\nnull\n</parameter>\n</function>\n</tool_call>\n'
+       '<tool_call>\n<function=ping>\n</function>\n</tool_call>')
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    (XML, "Writing it.", [("write", json.dumps({"path": 'a "b".py', "n": 3, "on": True, "tags": ["a", 1],
+                                                 "body": "line 1\n\n  </para", "x": None})), ("ping", "{}")], "tool_calls"),
+    # unclosed parameters end at the next tag; an unclosed block at the answer's end
+    ("<tool_call><function=write><parameter=n>7<parameter=path>p</function>", None,
+     [("write", '{"n": 7, "path": "p"}')], "tool_calls"),
+    ("<tool_call>\n<function=write>\n<parameter=n>\nseven\n</parameter>", None, [("write", '{"n": "seven"}')], "tool_calls"),
+    ("<tool_call><function=nope><parameter=a>1</parameter></function></tool_call>",  # not a tool: as written
+     "<tool_call><function=nope><parameter=a>1</parameter></function></tool_call>", [], "stop"),
+    ('<tool_call>{"name": "ping", "arguments": {}}</tool_call>', '<tool_call>{"name": "ping", "arguments": {}}</tool_call>',
+     [], "stop"),  # hermes's JSON is not this parser's
+    ("<tool_call><function=write><parameter=path>src/lo", None, [("write", '{"path": "src/lo"}')], "length"),  # cut
+    ("<tool_call><function=wri", "<tool_call><function=wri", [], "length"),  # cut before its name
+])
+def test_qwen3_coder_xml_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    _reads(QWEN, text, content, calls, finish)
+    for step in (1, 3, 4, 50):  # every stream's arguments read as JSON, and as the unary answer's
+        assert [json.loads(c["arguments"]) for c in _streamed(QWEN, text, step)[1]] == [json.loads(a) for _, a in calls]
+
+
+def test_qwen3_coder_reads_values_by_the_requests_schemas() -> None:
+    """The HTTP request's tools reach the parser: a value is typed by its tool's parameters."""
+    tools = [{"type": "function", "function": {"name": "write", "parameters": TYPED}}, TOOLS[1]]
+    _, opts = _chat("qwen3_coder", tools=tools)
+    text = "<tool_call><function=write><parameter=n>3</parameter><parameter=path>3</parameter></function></tool_call>"
+    assert _names_args(whole(opts.tools, text, "stop")[1]) == [("write", '{"n": 3, "path": "3"}')]
+
+
+def test_a_qwen3_coder_string_streams_as_written() -> None:
+    r = reader(QWEN)
+    head = r.feed("<tool_call>\n<function=write>\n<parameter=path>\n")
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in head.calls] == [("write", '{"path": "')]
+    assert r.feed('dir/"a').calls == [{"index": 0, "function": {"arguments": 'dir/\\"a'}}]
+    assert r.feed(".py\n</param").calls == [{"index": 0, "function": {"arguments": ".py"}}]  # the layout's newline held
+    assert r.feed("eter>\n<parameter=n>\n12").calls == [{"index": 0, "function": {"arguments": '", "n": '}}]
+    assert (r.feed("\n</parameter></function></tool_call>") + r.end()).calls == [
+        {"index": 0, "function": {"arguments": "12}"}}]
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     _, calls, _ = whole(ToolMode("auto", AUTO.names, parser="hermes", parallel=False), CALLS, "stop")
     assert _names_args(calls) == [("get_weather", '{"city": "Paris"}')]
     text = '{"name": "ping", "parameters": {}}; {"name": "get_weather", "parameters": {}}'
     assert _names_args(whole(ToolMode("auto", AUTO.names, parser="llama3_json", parallel=False), text, "stop")[1]) == [
         ("ping", "{}")]
-    for parser, text in [("mistral", "[TOOL_CALLS]ping{}[TOOL_CALLS]get_weather{}"), ("pythonic", "[ping(), get_weather()]")]:
+    for parser, text in [("mistral", "[TOOL_CALLS]ping{}[TOOL_CALLS]get_weather{}"), ("pythonic", "[ping(), get_weather()]"),
+                         ("qwen3_coder", "<tool_call><function=ping></function></tool_call><tool_call>"
+                                         "<function=get_weather><parameter=city>Oslo</parameter></function></tool_call>")]:
         content, calls, _ = whole(ToolMode("auto", AUTO.names, parser=parser, parallel=False), text, "stop")
         assert _names_args(calls) == [("ping", "{}")] and content is None, parser  # the second is dropped, not text
 

@@ -1,0 +1,161 @@
+"""Qwen3-Coder's tool calls (`server.tool_call_parser: qwen3_coder`): `<tool_call>` blocks, as
+hermes's (router/tool_parsers.py), each holding a call in XML rather than JSON:
+
+    <tool_call>
+    <function=write_file>
+    <parameter=path>
+    src/a.py
+    </parameter>
+    <parameter=lines>
+    3
+    </parameter>
+    </function>
+    </tool_call>
+
+A value is text, not JSON: the tool's schema says what it is (`string` and no type: as written;
+`integer`, `number`, `boolean`, `object`, `array` and others: read as JSON, or as written where it
+does not read; `null` is null but for a string). One newline after a parameter's tag and one before
+its close are layout, not value. A parameter left unclosed ends at the next tag.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from router.detokenizer import marker_tail
+from router.tool_calls import Delta, Reader
+
+PARAMETER, END_PARAMETER, END_FUNCTION = "<parameter=", "</parameter>", "</function>"
+_HEAD = re.compile(r"\s*<function=([^>]*)>")
+
+
+def parameter_types(schemas: tuple[str, ...], names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each tool's parameters' JSON-schema `type` (a name, a list of names, or None), by tool and name."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, text in zip(names, schemas):
+        try:
+            props = json.loads(text).get("properties") if text else None
+        except (json.JSONDecodeError, RecursionError, AttributeError):
+            props = None
+        out[name] = {k: v.get("type") for k, v in props.items() if isinstance(v, dict)} if isinstance(props, dict) else {}
+    return out
+
+
+class XmlCall:
+    """One block's call as its text comes (the interface of CallStream, router/tool_calls.py):
+      1. head: held until `<function=NAME>` is read; a tool of the request → the call goes out with
+         arguments `{` (`streaming`; `dropped` when parallel_tool_calls false has had its call);
+      2. each parameter: `"KEY": ` once its tag is read; a string's value then streams as JSON text
+         as it comes, any other value goes out once its close is read;
+      3. `</function>`, or the block's end, closes the arguments: `}`.
+    A block that never names a tool is read whole by `whole` (the block as written)."""
+
+    def __init__(self, reader: Reader, whole: Callable[[str], Delta], types: dict[str, dict[str, Any]]) -> None:
+        self.reader, self.whole, self.types = reader, whole, types
+        self.state = "head"  # head → streaming | dropped
+        self.text = ""
+        self.pos = self.index = self.count = 0  # pos: how far the text is read; count: parameters given
+        self.key: str | None = None  # the open parameter's
+        self.value_at = self.sent = 0  # where its value starts; how much of a string value is given
+        self.kinds: dict[str, Any] = {}  # the function's parameter types
+        self.closed = False
+
+    @property
+    def called(self) -> bool:
+        return self.state in ("streaming", "dropped")
+
+    def see(self, text: str, ended: bool = False) -> Delta:
+        """`text`: the block's inside so far (it only grows); `ended`: the block, or the answer, ended."""
+        self.text = text
+        out = Delta()
+        if self.state == "head":
+            m = _HEAD.match(text)
+            name = m.group(1).strip() if m else ""
+            if name not in self.reader.mode.names:
+                return self.whole(text) if ended else out
+            calls = self.reader._call(name, "{")
+            self.state, self.pos = ("streaming" if calls else "dropped"), m.end()  # type: ignore[union-attr]
+            self.index, self.kinds = (calls[0]["index"] if calls else 0), self.types.get(name, {})
+            out = Delta(calls=calls)
+        if self.state == "streaming":
+            piece = self._arguments(ended)
+            if piece:
+                out += Delta(calls=[{"index": self.index, "function": {"arguments": piece}}])
+        return out
+
+    def _arguments(self, ended: bool) -> str:
+        """The arguments' JSON text that the text read since the last call gives."""
+        out = []
+        while not self.closed:
+            if self.key is not None:
+                done, piece = self._value(ended)
+                out.append(piece)
+                if not done:
+                    break
+                continue
+            rest = self.text[self.pos:].lstrip()
+            skipped = len(self.text) - self.pos - len(rest)
+            gt = rest.find(">")
+            if rest.startswith(PARAMETER) and gt > 0:
+                self.key, self.pos = rest[len(PARAMETER):gt].strip(), self.pos + skipped + gt + 1
+                self.value_at, self.sent = self.pos, 0
+                out.append((", " if self.count else "") + json.dumps(self.key, ensure_ascii=False) + ": "
+                           + ('"' if self._string(self.key) else ""))
+                self.count += 1
+            elif rest.startswith(END_FUNCTION) or ended:
+                out.append("}")
+                self.closed = True
+            elif not rest or rest.startswith(PARAMETER) or PARAMETER.startswith(rest) or END_FUNCTION.startswith(rest):
+                break  # more text decides
+            else:  # text between parameters: skipped up to the next tag
+                nxt = rest.find("<", 1)
+                self.pos += skipped + (nxt if nxt > 0 else len(rest))
+        return "".join(out)
+
+    def _value(self, ended: bool) -> tuple[bool, str]:
+        """The open parameter's value: (closed, its JSON text given now)."""
+        key, value = self.key, self.text[self.value_at:]
+        assert key is not None
+        found = [(i, len(tag) if tag == END_PARAMETER else 0)
+                 for tag in (END_PARAMETER, PARAMETER, END_FUNCTION) if (i := value.find(tag)) >= 0]
+        if found or ended:
+            end, skip = min(found) if found else (len(value), 0)
+            text = value[:end].removeprefix("\n").removesuffix("\n")
+            self.pos, self.key = self.value_at + end + skip, None
+            if self._string(key):
+                return True, _json_chars(text[self.sent:]) + '"'
+            return True, json.dumps(_typed(text, self.kinds.get(key)), ensure_ascii=False)
+        if not self._string(key):
+            return False, ""
+        hold = max(marker_tail(value, tag) for tag in (END_PARAMETER, PARAMETER, END_FUNCTION))
+        text = value[:len(value) - hold].removeprefix("\n")
+        text = text.removesuffix("\n")  # maybe the layout's, before the close
+        piece, self.sent = text[self.sent:], max(self.sent, len(text))
+        return False, _json_chars(piece)
+
+    def _string(self, key: str) -> bool:
+        """Whether the parameter's value is text as written (its schema: string, or no type)."""
+        kind = self.kinds.get(key)
+        return kind in (None, "string") or (isinstance(kind, list) and "string" in kind)
+
+
+_WORDS = {"true": True, "false": False, "null": None, "none": None}  # as Python or another case writes them
+
+
+def _json_chars(text: str) -> str:
+    """Characters of a JSON string's inside (no quotes)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _typed(text: str, kind: Any) -> Any:
+    """A non-string parameter's text → its value: JSON where it reads as JSON, else the text."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        lowered = text.strip().lower()
+        return _WORDS[lowered] if lowered in _WORDS else text
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
