@@ -68,13 +68,13 @@ class Reader:
         args = call.get("arguments", call.get("parameters", {}))
         return Delta(calls=self._call(call["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
 
-    def _call(self, name: str, arguments: str) -> list[dict[str, Any]]:
+    def _call(self, name: str, arguments: str, call_id: str = "") -> list[dict[str, Any]]:
         """A new call, whole (or its head, for a named function's arguments to follow); none past
-        the first with parallel_tool_calls false."""
+        the first with parallel_tool_calls false. `call_id`: the model's own (Kimi K2's), else made."""
         if self.made and not self.mode.parallel:
             return []
         self.made += 1
-        return [{"index": self.made - 1, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+        return [{"index": self.made - 1, "id": call_id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                  "function": {"name": name, "arguments": arguments}}]
 
 
@@ -148,8 +148,8 @@ class CallStream:
          whole once the object ends, by `whole` (a call, or the text as written)."""
 
     def __init__(self, reader: Reader, whole: Callable[[str], Delta], name: str | None = None,
-                 args_only: bool = False) -> None:
-        self.reader, self.whole = reader, whole
+                 args_only: bool = False, call_id: str = "") -> None:
+        self.reader, self.whole, self.call_id = reader, whole, call_id
         self.state = "head"  # head → streaming | dropped | whole (args_only with a name of no tool)
         if args_only:
             self.state = "head" if name in reader.mode.names else "whole"
@@ -165,7 +165,7 @@ class CallStream:
         if self.state == "head":
             start = 0 if self.args_only else self._head()  # args_only: the text opens at its "{"
             if start is not None:
-                calls = self.reader._call(self.name or "", "")
+                calls = self.reader._call(self.name or "", "", self.call_id)
                 self.state, self.pos = ("streaming", start) if calls else ("dropped", start)
                 self.index = calls[0]["index"] if calls else 0
                 out = Delta(calls=calls)

@@ -11,6 +11,7 @@ Reader (router/tool_calls.py) of a model family's free text.
   - `mistral`: content, then `[TOOL_CALLS]` and calls to the end, as a JSON list (before
     v11) or `name[ARGS]{...}` each (v11 and later); each a streamed call;
   - `qwen3_coder`: hermes's blocks, each a call in XML (router/tool_xml.py);
+  - `deepseek_v3`, `kimi_k2`: calls in a section of special tokens (router/tool_sections.py);
   - `pythonic` (Llama 3.2, Llama 4): an answer that is a Python list of calls, `[f(a=1)]`,
     read once it closes (its arguments are Python, given as JSON); an answer that starts
     otherwise is content.
@@ -23,6 +24,7 @@ from typing import Any
 
 from router.detokenizer import marker_tail
 from router.tool_calls import CallObjects, CallStream, Delta, JsonObjects, Named, Reader, Required
+from router.tool_sections import DeepSeekV3, KimiK2
 from router.tool_xml import XmlCall, parameter_types
 from router.tools import ToolMode
 
@@ -263,7 +265,7 @@ def _literal(node: ast.expr) -> Any:
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _READERS = {"named": Named, "required": Required}
 _PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic,
-            "qwen3_coder": Qwen3Coder}
+            "qwen3_coder": Qwen3Coder, "deepseek_v3": DeepSeekV3, "kimi_k2": KimiK2}
 
 
 def reader(mode: ToolMode) -> Reader:

@@ -51,7 +51,7 @@ def _streamed(mode: ToolMode, text: str, step: int) -> tuple[str, list[dict[str,
     calls: list[dict[str, Any]] = []
     for c in d.calls:
         if c["index"] == len(calls):
-            assert c["id"].startswith("call_") and c["type"] == "function"  # a call's first delta names it
+            assert c["id"] and c["type"] == "function"  # a call's first delta names it
             calls.append({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
         else:
             assert "id" not in c and "name" not in c["function"]
@@ -207,6 +207,33 @@ def test_a_qwen3_coder_string_streams_as_written() -> None:
         {"index": 0, "function": {"arguments": "12}"}}]
 
 
+DEEPSEEK = ToolMode("auto", ("get_weather", "ping"), parser="deepseek_v3")
+DS = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>")
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    ("Checking.{0}{1}function{2}get_weather\n```json\n{{\"city\": \"{{Oslo}}\"}}\n```{3}{1}function{2}ping\n```json\n"
+     "{{}}\n```{3}{4}", "Checking.", [("get_weather", '{"city": "{Oslo}"}'), ("ping", "{}")], "tool_calls"),  # V3, R1
+    ("{0}{1}get_weather{2}{{\"city\": \"Lima\"}}{3}{4} Done.", " Done.", [("get_weather", '{"city": "Lima"}')],
+     "tool_calls"),  # V3.1; text after the section is content
+    ("{0}{1}nope{2}{{}}{3}{4}", "{1}nope{2}{{}}{3}", [], "stop"),  # not a tool: the call as written
+    ("{0}{1}get_weather{2}{{\"city\": \"Li", None, [("get_weather", '{"city": "Li')], "length"),  # cut mid-arguments
+    ("{0}{1}get_wea", "{1}get_wea", [], "length"),  # cut before them
+    ("No calls <｜tool", "No calls <｜tool", [], "stop"),
+])
+def test_deepseek_v3_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    _reads(DEEPSEEK, text.format(*DS), content.format(*DS) if content else content, calls, finish)
+
+
+def test_kimi_k2_calls_keep_the_models_ids() -> None:
+    text = ("Let me see.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+            '{"city": "Oslo"}<|tool_call_end|><|tool_call_begin|>functions.ping:1<|tool_call_argument_begin|>{}'
+            "<|tool_call_end|><|tool_calls_section_end|>")
+    mode = ToolMode("auto", ("get_weather", "ping"), parser="kimi_k2")
+    _reads(mode, text, "Let me see.", [("get_weather", '{"city": "Oslo"}'), ("ping", "{}")], "tool_calls")
+    assert [c["id"] for c in whole(mode, text, "stop")[1]] == ["functions.get_weather:0", "functions.ping:1"]
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     _, calls, _ = whole(ToolMode("auto", AUTO.names, parser="hermes", parallel=False), CALLS, "stop")
     assert _names_args(calls) == [("get_weather", '{"city": "Paris"}')]
@@ -215,7 +242,9 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
         ("ping", "{}")]
     for parser, text in [("mistral", "[TOOL_CALLS]ping{}[TOOL_CALLS]get_weather{}"), ("pythonic", "[ping(), get_weather()]"),
                          ("qwen3_coder", "<tool_call><function=ping></function></tool_call><tool_call>"
-                                         "<function=get_weather><parameter=city>Oslo</parameter></function></tool_call>")]:
+                                         "<function=get_weather><parameter=city>Oslo</parameter></function></tool_call>"),
+                         ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>ping<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+                                         "<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>")]:
         content, calls, _ = whole(ToolMode("auto", AUTO.names, parser=parser, parallel=False), text, "stop")
         assert _names_args(calls) == [("ping", "{}")] and content is None, parser  # the second is dropped, not text
 
