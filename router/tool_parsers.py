@@ -186,14 +186,17 @@ class Mistral(Reader):
 class Pythonic(Reader):
     """Llama 3.2's and Llama 4's calls: an answer that is a Python list of calls with keyword
     arguments, `[get_weather(city="Paris"), ping()]` (Llama 4: between `<|python_start|>` and
-    `<|python_end|>`); its calls go out once the list closes. An answer that starts otherwise, is
-    not such a list, or calls a function the request has no tool of, is content."""
+    `<|python_end|>`); its calls go out once the list closes (its brackets balance, strings
+    skipped), and text after it is content. An answer that starts otherwise, is not such a list,
+    or calls a function the request has no tool of, is content."""
 
     TAGS = ("<|python_start|>", "<|python_end|>")
 
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
-        self.state, self.held = "start", ""  # start → calls → done | content
+        self.state, self.held = "start", ""  # start → calls → done | content; held: the answer so far
+        self.pos = self.depth = 0  # how far `held` is scanned; open brackets
+        self.quote, self.escaped = "", False  # the open string's quote
 
     def feed(self, text: str) -> Delta:
         if self.state == "content":
@@ -203,25 +206,47 @@ class Pythonic(Reader):
             lead = self.held.lstrip()
             if not lead or (self.TAGS[0].startswith(lead) and lead != self.TAGS[0]):
                 return Delta()
-            self.state = "calls" if lead.removeprefix(self.TAGS[0]).lstrip()[:1] in ("[", "") else "content"
-            if self.state == "content":
-                out, self.held = self.held, ""
+            body = lead.removeprefix(self.TAGS[0]).lstrip()
+            if body[:1] not in ("[", ""):
+                self.state, out, self.held = "content", self.held, ""
                 return Delta(content=out)
-        body = self._body()
-        if self.state == "calls" and body.endswith("]"):
-            calls = _python_calls(body)
-            if calls is not None and all(name in self.mode.names for name, _ in calls):
-                self.state = "done"
-                return sum((Delta(calls=self._call(name, json.dumps(args, ensure_ascii=False)))
-                            for name, args in calls), Delta())
-        return Delta()
+            self.state, self.pos = "calls", len(self.held) - len(body)
+        if self.state != "calls":
+            return Delta()  # done: the rest is read at the end
+        close = self._close()
+        if close < 0:
+            return Delta()
+        calls = _python_calls(self.held[:close + 1].strip().removeprefix(self.TAGS[0]))
+        if calls is None or not all(name in self.mode.names for name, _ in calls):
+            self.state, out, self.held = "content", self.held, ""
+            return Delta(content=out)
+        self.state, self.held = "done", self.held[close + 1:]
+        return sum((Delta(calls=self._call(name, json.dumps(args, ensure_ascii=False))) for name, args in calls),
+                   Delta())
 
-    def _body(self) -> str:
-        return self.held.strip().removeprefix(self.TAGS[0]).removesuffix(self.TAGS[1]).strip()
+    def _close(self) -> int:
+        """Where in `held` the list's `]` is, once read; else -1."""
+        for i in range(self.pos, len(self.held)):
+            ch = self.held[i]
+            self.pos = i + 1
+            if self.quote:
+                self.escaped, closes = (False, False) if self.escaped else (ch == "\\", ch == self.quote)
+                self.quote = "" if closes else self.quote
+            elif ch in "'\"":
+                self.quote = ch
+            elif ch in "([{":
+                self.depth += 1
+            elif ch in ")]}":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i
+        return -1
 
     def end(self) -> Delta:
         if self.state in ("start", "calls"):  # never became a list of calls: all content
             return Delta(content=self.held)
+        if self.state == "done":  # after the list: its closing tag and whitespace are not content
+            return Delta(content=self.held.strip().removeprefix(self.TAGS[1]).strip())
         return Delta()
 
 

@@ -104,12 +104,13 @@ class XmlCall:
                 out.append((", " if self.count else "") + json.dumps(self.key, ensure_ascii=False) + ": "
                            + ('"' if self._string(self.key) else ""))
                 self.count += 1
-            elif rest.startswith(END_FUNCTION) or ended:
+            elif rest.startswith(END_FUNCTION) or (ended and not rest):
                 out.append("}")
                 self.closed = True
-            elif not rest or rest.startswith(PARAMETER) or PARAMETER.startswith(rest) or END_FUNCTION.startswith(rest):
+            elif not ended and (not rest or rest.startswith(PARAMETER) or PARAMETER.startswith(rest)
+                                or END_FUNCTION.startswith(rest)):
                 break  # more text decides
-            else:  # text between parameters: skipped up to the next tag
+            else:  # text between parameters (or a tag the end cut): skipped up to the next tag
                 nxt = rest.find("<", 1)
                 self.pos += skipped + (nxt if nxt > 0 else len(rest))
         return "".join(out)

@@ -154,6 +154,8 @@ PYTHONIC = ToolMode("auto", ("get_weather", "ping"), parser="pythonic")
     ('[get_weather("Paris")]', '[get_weather("Paris")]', [], "stop"),  # positional: not a call we can name
     ("[get_weather(city=open('x'))]", "[get_weather(city=open('x'))]", [], "stop"),  # not a literal
     ('[get_weather(city="Pa', '[get_weather(city="Pa', [], "length"),
+    ("[ping(x='a]')] Then I will read it.", "Then I will read it.", [("ping", '{"x": "a]"}')], "tool_calls"),  # after
+    ("[1, 2] and [ping()]", "[1, 2] and [ping()]", [], "stop"),  # the first list is not calls: all content
 ])
 def test_pythonic_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
     _reads(PYTHONIC, text, content, calls, finish)
@@ -181,6 +183,8 @@ XML = ('Writing it.\n<tool_call>\n<function=write>\n<parameter=path>\na "b".py\n
      [], "stop"),  # hermes's JSON is not this parser's
     ("<tool_call><function=write><parameter=path>src/lo", None, [("write", '{"path": "src/lo"}')], "length"),  # cut
     ("<tool_call><function=wri", "<tool_call><function=wri", [], "length"),  # cut before its name
+    ("<tool_call><function=write><paramete[r=on>1</parameter><parameter=n>2</parameter></function></tool_call>", None,
+     [("write", '{"n": 2}')], "tool_calls"),  # a broken tag is skipped, streamed or not
 ])
 def test_qwen3_coder_xml_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
     _reads(QWEN, text, content, calls, finish)
@@ -232,6 +236,34 @@ def test_kimi_k2_calls_keep_the_models_ids() -> None:
     mode = ToolMode("auto", ("get_weather", "ping"), parser="kimi_k2")
     _reads(mode, text, "Let me see.", [("get_weather", '{"city": "Oslo"}'), ("ping", "{}")], "tool_calls")
     assert [c["id"] for c in whole(mode, text, "stop")[1]] == ["functions.get_weather:0", "functions.ping:1"]
+
+
+PARSED = {"hermes": CALLS, "llama3_json": '{"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "ping", '
+          '"parameters": {}}', "mistral": '[TOOL_CALLS]get_weather[ARGS]{"city": "{Paris]"}[TOOL_CALLS]ping[ARGS]{}',
+          "pythonic": "[get_weather(city='Paris', unit=\"c\"), ping()]", "qwen3_coder": XML,
+          "deepseek_v3": "Hm.{0}{1}function{2}get_weather\n```json\n{{\"city\": \"{{Oslo}}\"}}\n```{3}{1}ping{2}{{}}{3}{4} ok"
+          .format(*DS), "kimi_k2": 'Hi<|tool_calls_section_begin|><|tool_call_begin|>functions.ping:0'
+          '<|tool_call_argument_begin|>{"a": "}"}<|tool_call_end|><|tool_calls_section_end|>'}
+
+
+@pytest.mark.parametrize("parser", sorted(PARSED))
+def test_every_parser_streams_what_it_answers_whole_on_broken_text(parser: str) -> None:
+    """Answers cut, or with a character put in or a span taken out: read whole and streamed 1, 2,
+    3 or 7 characters a message, the same content and calls, and no exception."""
+    import random
+
+    rng, text = random.Random(parser), PARSED[parser]
+    for parallel in (True, False):
+        mode = ToolMode("auto", ("get_weather", "ping", "write"), parser=parser, parallel=parallel,
+                        schemas=("", "", json.dumps(TYPED)))
+        for _ in range(150):
+            i, j = sorted(rng.randrange(len(text) + 1) for _ in range(2))
+            broken = rng.choice([text[:i], text[:i] + rng.choice('"{}<\\ \n[]x') + text[i:], text[:i] + text[j:]])
+            for finish in ("stop", "length"):
+                content, calls, _ = whole(mode, broken, finish)
+                for step in (1, 2, 3, 7):
+                    assert _streamed(mode, broken, step) == (content or "", [
+                        {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls]), broken
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
