@@ -10,7 +10,7 @@ Reader (router/tool_calls.py) of a model family's free text.
     starts otherwise is content;
   - `mistral`: content, then `[TOOL_CALLS]` and calls to the end, as a JSON list (before
     v11) or `name[ARGS]{...}` each (v11 and later); each a streamed call;
-  - `qwen3_coder`: hermes's blocks, each a call in XML (router/tool_xml.py);
+  - `qwen3_coder`, `glm45`: hermes's blocks, each a call in tags (router/tool_xml.py);
   - `deepseek_v3`, `kimi_k2`: calls in a section of special tokens (router/tool_sections.py);
   - `pythonic` (Llama 3.2, Llama 4): an answer that is a Python list of calls, `[f(a=1)]`,
     read once it closes (its arguments are Python, given as JSON); an answer that starts
@@ -25,7 +25,7 @@ from typing import Any
 from router.detokenizer import marker_tail
 from router.tool_calls import CallObjects, CallStream, Delta, JsonObjects, Named, Reader, Required
 from router.tool_sections import DeepSeekV3, KimiK2
-from router.tool_xml import XmlCall, parameter_types
+from router.tool_xml import GLM45, QWEN3_CODER, XmlCall, parameter_types
 from router.tools import ToolMode
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -109,14 +109,22 @@ class Hermes(Reader):
 
 
 class Qwen3Coder(Hermes):
-    """Qwen3-Coder's `<tool_call>` blocks, each a call in XML (router/tool_xml.py)."""
+    """Qwen3-Coder's `<tool_call>` blocks, each a call in tags (router/tool_xml.py)."""
+
+    TAGS = QWEN3_CODER
 
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
         self.types = parameter_types(mode.schemas, mode.names)
 
     def _inner(self) -> XmlCall:
-        return XmlCall(self, lambda inside: Delta(content=OPEN + inside + CLOSE), self.types)
+        return XmlCall(self, lambda inside: Delta(content=OPEN + inside + CLOSE), self.types, self.TAGS)
+
+
+class Glm45(Qwen3Coder):
+    """GLM-4.5's and 4.6's `<tool_call>` blocks: the name, then `<arg_key>` / `<arg_value>` pairs."""
+
+    TAGS = GLM45
 
 
 class Mistral(Reader):
@@ -290,7 +298,7 @@ def _literal(node: ast.expr) -> Any:
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _READERS = {"named": Named, "required": Required}
 _PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic,
-            "qwen3_coder": Qwen3Coder, "deepseek_v3": DeepSeekV3, "kimi_k2": KimiK2}
+            "qwen3_coder": Qwen3Coder, "glm45": Glm45, "deepseek_v3": DeepSeekV3, "kimi_k2": KimiK2}
 
 
 def reader(mode: ToolMode) -> Reader:

@@ -1,12 +1,14 @@
-"""Qwen3-Coder's tool calls (`server.tool_call_parser: qwen3_coder`): `<tool_call>` blocks, as
-hermes's (router/tool_parsers.py), each holding a call in XML rather than JSON:
+"""Tool calls in XML-like tags (`server.tool_call_parser`: `qwen3_coder`, `glm45`): `<tool_call>`
+blocks, as hermes's (router/tool_parsers.py), each holding a call whose parameters are tagged text
+rather than JSON:
 
-    <tool_call>
-    <function=write_file>
-    <parameter=path>
-    src/a.py
-    </parameter>
-    <parameter=lines>
+    qwen3_coder (Qwen3-Coder):          glm45 (GLM-4.5, 4.6):
+    <tool_call>                         <tool_call>write_file
+    <function=write_file>               <arg_key>path</arg_key>
+    <parameter=path>                    <arg_value>src/a.py</arg_value>
+    src/a.py                            <arg_key>lines</arg_key>
+    </parameter>                        <arg_value>3</arg_value>
+    <parameter=lines>                   </tool_call>
     3
     </parameter>
     </function>
@@ -22,13 +24,30 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from router.detokenizer import marker_tail
 from router.tool_calls import Delta, Reader
 
-PARAMETER, END_PARAMETER, END_FUNCTION = "<parameter=", "</parameter>", "</function>"
-_HEAD = re.compile(r"\s*<function=([^>]*)>")
+
+
+@dataclass(frozen=True)
+class Tags:
+    """A dialect's tags."""
+
+    head: re.Pattern[str]  # the function's name (group 1), at the block's start, once it is whole
+    key: re.Pattern[str]  # a parameter's key (group 1), up to where its value starts
+    opens: str  # how a parameter's tag begins (text that may still become one waits)
+    ends: tuple[tuple[str, bool], ...]  # what ends a value, and whether it is the value's own close (read past)
+    end: str  # what ends the function ("": the block's end alone)
+
+
+PARAMETER = "<parameter="
+QWEN3_CODER = Tags(re.compile(r"\s*<function=([^>]*)>"), re.compile(r"<parameter=([^>]*)>"), PARAMETER,
+                   (("</parameter>", True), (PARAMETER, False), ("</function>", False)), "</function>")
+GLM45 = Tags(re.compile(r"\s*([^\s<]+)(?=[\s<])"), re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>", re.S),
+             "<arg_key>", (("</arg_value>", True), ("<arg_key>", False)), "")
 
 
 def parameter_types(schemas: tuple[str, ...], names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -45,15 +64,16 @@ def parameter_types(schemas: tuple[str, ...], names: tuple[str, ...]) -> dict[st
 
 class XmlCall:
     """One block's call as its text comes (the interface of CallStream, router/tool_calls.py):
-      1. head: held until `<function=NAME>` is read; a tool of the request → the call goes out with
+      1. head: held until the function's name is read (`<function=NAME>`; `NAME` and a newline); a tool of the request → the call goes out with
          arguments `{` (`streaming`; `dropped` when parallel_tool_calls false has had its call);
       2. each parameter: `"KEY": ` once its tag is read; a string's value then streams as JSON text
          as it comes, any other value goes out once its close is read;
-      3. `</function>`, or the block's end, closes the arguments: `}`.
+      3. `</function>` (glm45: none), or the block's end, closes the arguments: `}`.
     A block that never names a tool is read whole by `whole` (the block as written)."""
 
-    def __init__(self, reader: Reader, whole: Callable[[str], Delta], types: dict[str, dict[str, Any]]) -> None:
-        self.reader, self.whole, self.types = reader, whole, types
+    def __init__(self, reader: Reader, whole: Callable[[str], Delta], types: dict[str, dict[str, Any]],
+                 tags: Tags) -> None:
+        self.reader, self.whole, self.types, self.tags = reader, whole, types, tags
         self.state = "head"  # head → streaming | dropped
         self.text = ""
         self.pos = self.index = self.count = 0  # pos: how far the text is read; count: parameters given
@@ -71,7 +91,7 @@ class XmlCall:
         self.text = text
         out = Delta()
         if self.state == "head":
-            m = _HEAD.match(text)
+            m = self.tags.head.match(text + "\n" if ended else text)  # the end ends a name
             name = m.group(1).strip() if m else ""
             if name not in self.reader.mode.names:
                 return self.whole(text) if ended else out
@@ -97,18 +117,18 @@ class XmlCall:
                 continue
             rest = self.text[self.pos:].lstrip()
             skipped = len(self.text) - self.pos - len(rest)
-            gt = rest.find(">")
-            if rest.startswith(PARAMETER) and gt > 0:
-                self.key, self.pos = rest[len(PARAMETER):gt].strip(), self.pos + skipped + gt + 1
+            m, end = self.tags.key.match(rest), self.tags.end
+            if m is not None:
+                self.key, self.pos = m.group(1).strip(), self.pos + skipped + m.end()
                 self.value_at, self.sent = self.pos, 0
                 out.append((", " if self.count else "") + json.dumps(self.key, ensure_ascii=False) + ": "
                            + ('"' if self._string(self.key) else ""))
                 self.count += 1
-            elif rest.startswith(END_FUNCTION) or (ended and not rest):
+            elif (end and rest.startswith(end)) or (ended and not rest):
                 out.append("}")
                 self.closed = True
-            elif not ended and (not rest or rest.startswith(PARAMETER) or PARAMETER.startswith(rest)
-                                or END_FUNCTION.startswith(rest)):
+            elif not ended and (not rest or rest.startswith(self.tags.opens) or self.tags.opens.startswith(rest)
+                                or end.startswith(rest)):
                 break  # more text decides
             else:  # text between parameters (or a tag the end cut): skipped up to the next tag
                 nxt = rest.find("<", 1)
@@ -119,8 +139,7 @@ class XmlCall:
         """The open parameter's value: (closed, its JSON text given now)."""
         key, value = self.key, self.text[self.value_at:]
         assert key is not None
-        found = [(i, len(tag) if tag == END_PARAMETER else 0)
-                 for tag in (END_PARAMETER, PARAMETER, END_FUNCTION) if (i := value.find(tag)) >= 0]
+        found = [(i, len(tag) if own else 0) for tag, own in self.tags.ends if (i := value.find(tag)) >= 0]
         if found or ended:
             end, skip = min(found) if found else (len(value), 0)
             text = value[:end].removeprefix("\n").removesuffix("\n")
@@ -130,7 +149,7 @@ class XmlCall:
             return True, json.dumps(_typed(text, self.kinds.get(key)), ensure_ascii=False)
         if not self._string(key):
             return False, ""
-        hold = max(marker_tail(value, tag) for tag in (END_PARAMETER, PARAMETER, END_FUNCTION))
+        hold = max(marker_tail(value, tag) for tag, _ in self.tags.ends)
         text = value[:len(value) - hold].removeprefix("\n")
         text = text.removesuffix("\n")  # maybe the layout's, before the close
         piece, self.sent = text[self.sent:], max(self.sent, len(text))

@@ -192,6 +192,23 @@ def test_qwen3_coder_xml_calls(text: str, content: str | None, calls: list[tuple
         assert [json.loads(c["arguments"]) for c in _streamed(QWEN, text, step)[1]] == [json.loads(a) for _, a in calls]
 
 
+GLM = ToolMode("auto", ("write", "ping"), parser="glm45", schemas=(json.dumps(TYPED), ""))
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    ('Sure.<tool_call>write\n<arg_key>path</arg_key>\n<arg_value>a "b".py</arg_value>\n<arg_key>n</arg_key>\n'
+     '<arg_value>3</arg_value>\n</tool_call><tool_call>ping\n</tool_call>', "Sure.",
+     [("write", '{"path": "a \\"b\\".py", "n": 3}'), ("ping", "{}")], "tool_calls"),
+    ("<tool_call>ping</tool_call>", None, [("ping", "{}")], "tool_calls"),  # the block's end ends the name
+    ("<tool_call>write<arg_key>tags</arg_key><arg_value>[1]<arg_key>n</arg_key><arg_value>x</arg_value></tool_call>",
+     None, [("write", '{"tags": [1], "n": "x"}')], "tool_calls"),  # unclosed: to the next key; not a number: text
+    ("<tool_call>nope\n<arg_key>a</arg_key></tool_call>", "<tool_call>nope\n<arg_key>a</arg_key></tool_call>", [], "stop"),
+    ("<tool_call>write\n<arg_key>path</arg_key><arg_value>src/l", None, [("write", '{"path": "src/l"}')], "length"),
+])
+def test_glm45_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    _reads(GLM, text, content, calls, finish)
+
+
 def test_qwen3_coder_reads_values_by_the_requests_schemas() -> None:
     """The HTTP request's tools reach the parser: a value is typed by its tool's parameters."""
     tools = [{"type": "function", "function": {"name": "write", "parameters": TYPED}}, TOOLS[1]]
@@ -241,6 +258,8 @@ def test_kimi_k2_calls_keep_the_models_ids() -> None:
 PARSED = {"hermes": CALLS, "llama3_json": '{"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "ping", '
           '"parameters": {}}', "mistral": '[TOOL_CALLS]get_weather[ARGS]{"city": "{Paris]"}[TOOL_CALLS]ping[ARGS]{}',
           "pythonic": "[get_weather(city='Paris', unit=\"c\"), ping()]", "qwen3_coder": XML,
+          "glm45": "Ok.<tool_call>write\n<arg_key>path</arg_key>\n<arg_value>a.py</arg_value>\n<arg_key>n</arg_key>"
+          "<arg_value>2</arg_value>\n</tool_call><tool_call>ping\n</tool_call>",
           "deepseek_v3": "Hm.{0}{1}function{2}get_weather\n```json\n{{\"city\": \"{{Oslo}}\"}}\n```{3}{1}ping{2}{{}}{3}{4} ok"
           .format(*DS), "kimi_k2": 'Hi<|tool_calls_section_begin|><|tool_call_begin|>functions.ping:0'
           '<|tool_call_argument_begin|>{"a": "}"}<|tool_call_end|><|tool_calls_section_end|>'}
