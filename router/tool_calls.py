@@ -90,15 +90,40 @@ class Named(Reader):
         return Delta() if self.made else Delta(calls=self._call(self.mode.name, ""))
 
 
+class Brackets:
+    """How deep in brackets a text is, read a character at a time, strings skipped: JSON's (`"`,
+    `[{`) or, given them, Python's (`'"`, `([{`)."""
+
+    def __init__(self, quotes: str = '"', opens: str = "[{", closes: str = "]}") -> None:
+        self.quotes, self.opens, self.closes = quotes, opens, closes
+        self.depth = 0
+        self.quote, self.escaped = "", False  # the open string's quote
+
+    def step(self, ch: str) -> int:
+        """Read `ch`: +1 it opens a bracket, -1 it closes one, 0 otherwise (in a string, or not one)."""
+        if self.quote:
+            self.escaped, closes = (False, False) if self.escaped else (ch == "\\", ch == self.quote)
+            self.quote = "" if closes else self.quote
+        elif ch in self.quotes:
+            self.quote = ch
+        elif ch in self.opens:
+            self.depth += 1
+            return 1
+        elif ch in self.closes:
+            self.depth -= 1
+            return -1
+        return 0
+
+
 class JsonObjects:
     """The JSON objects opening at `level` (1: top level; 2: a list's items) of a text that comes
     in pieces: each is given whole, as raw text, once its braces close."""
 
     def __init__(self, level: int) -> None:
         self.level = level
-        self.text, self.pos, self.depth, self.start = "", 0, 0, -1  # start: of the open object, -1: none
+        self.text, self.pos, self.start = "", 0, -1  # start: of the open object, -1: none
         self.ended = 0  # where the last whole object ended
-        self.in_string = self.escaped = False
+        self.brackets = Brackets()
 
     def feed(self, text: str) -> list[str]:
         return [raw for _, raw in self.spans(text)]
@@ -109,19 +134,12 @@ class JsonObjects:
         whole = []
         for self.pos in range(self.pos, len(self.text)):
             ch = self.text[self.pos]
-            if self.in_string:
-                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
-            elif ch == '"':
-                self.in_string = True
-            elif ch in "[{":
-                self.depth += 1
-                if self.depth == self.level and ch == "{":
-                    self.start = self.pos
-            elif ch in "]}":
-                self.depth -= 1
-                if self.depth == self.level - 1 and self.start >= 0:
-                    whole.append((self.text[self.ended:self.start], self.text[self.start:self.pos + 1]))
-                    self.start, self.ended = -1, self.pos + 1
+            step = self.brackets.step(ch)
+            if step > 0 and self.brackets.depth == self.level and ch == "{":
+                self.start = self.pos
+            elif step < 0 and self.brackets.depth == self.level - 1 and self.start >= 0:
+                whole.append((self.text[self.ended:self.start], self.text[self.start:self.pos + 1]))
+                self.start, self.ended = -1, self.pos + 1
         self.pos = len(self.text)
         return whole
 
@@ -156,7 +174,7 @@ class CallStream:
         self.name, self.args_only = name, args_only
         self.text = ""
         self.pos = self.index = 0  # pos: how far the arguments are read; index: the call's
-        self.depth, self.in_string, self.escaped, self.closed = 0, False, False, False
+        self.brackets, self.closed = Brackets(), False
 
     def see(self, text: str, ended: bool = False) -> Delta:
         """`text`: the object so far (it only grows); `ended`: it closed, or the answer ended."""
@@ -202,17 +220,8 @@ class CallStream:
         for i in range(self.pos, len(self.text)):
             if self.closed:
                 break
-            ch = self.text[i]
             self.pos = i + 1
-            if self.in_string:
-                self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
-            elif ch == '"':
-                self.in_string = True
-            elif ch in "[{":
-                self.depth += 1
-            elif ch in "]}":
-                self.depth -= 1
-                self.closed = self.depth == 0
+            self.closed = self.brackets.step(self.text[i]) < 0 and self.brackets.depth == 0
         return self.text[start:self.pos]
 
 

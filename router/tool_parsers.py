@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from router.detokenizer import marker_tail
-from router.tool_calls import CallObjects, CallStream, Delta, JsonObjects, Named, Reader, Required
+from router.tool_calls import Brackets, CallObjects, CallStream, Delta, JsonObjects, Named, Reader, Required
 from router.tool_sections import DeepSeekV3, KimiK2
 from router.tool_xml import GLM45, QWEN3_CODER, XmlCall, parameter_types
 from router.tools import ToolMode
@@ -203,8 +203,7 @@ class Pythonic(Reader):
     def __init__(self, mode: ToolMode) -> None:
         super().__init__(mode)
         self.state, self.held = "start", ""  # start → calls → done | content; held: the answer so far
-        self.pos = self.depth = 0  # how far `held` is scanned; open brackets
-        self.quote, self.escaped = "", False  # the open string's quote
+        self.pos, self.brackets = 0, Brackets(quotes="'\"", opens="([{", closes=")]}")  # pos: how far `held` is read
 
     def feed(self, text: str) -> Delta:
         if self.state == "content":
@@ -235,19 +234,9 @@ class Pythonic(Reader):
     def _close(self) -> int:
         """Where in `held` the list's `]` is, once read; else -1."""
         for i in range(self.pos, len(self.held)):
-            ch = self.held[i]
             self.pos = i + 1
-            if self.quote:
-                self.escaped, closes = (False, False) if self.escaped else (ch == "\\", ch == self.quote)
-                self.quote = "" if closes else self.quote
-            elif ch in "'\"":
-                self.quote = ch
-            elif ch in "([{":
-                self.depth += 1
-            elif ch in ")]}":
-                self.depth -= 1
-                if self.depth == 0:
-                    return i
+            if self.brackets.step(self.held[i]) < 0 and self.brackets.depth == 0:
+                return i
         return -1
 
     def end(self) -> Delta:
