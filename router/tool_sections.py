@@ -63,7 +63,8 @@ class Sectioned(Reader):
                 rest = self.held.lstrip()
                 for marker in (self.CALL[0], self.SECTION[1]):
                     if rest.startswith(marker):
-                        self.held, self.open, self.inside = rest[len(marker):], marker == self.CALL[0], marker != self.SECTION[1]
+                        self.held, self.open = rest[len(marker):], marker == self.CALL[0]
+                        self.inside = marker != self.SECTION[1]
                         break
                 else:
                     if any(m.startswith(rest) for m in (self.CALL[0], self.SECTION[1])):

@@ -31,7 +31,6 @@ from router.detokenizer import marker_tail
 from router.tool_calls import Delta, Reader
 
 
-
 @dataclass(frozen=True)
 class Tags:
     """A dialect's tags."""
@@ -58,14 +57,16 @@ def parameter_types(schemas: tuple[str, ...], names: tuple[str, ...]) -> dict[st
             props = json.loads(text).get("properties") if text else None
         except (json.JSONDecodeError, RecursionError, AttributeError):
             props = None
-        out[name] = {k: v.get("type") for k, v in props.items() if isinstance(v, dict)} if isinstance(props, dict) else {}
+        props = props if isinstance(props, dict) else {}
+        out[name] = {k: v.get("type") for k, v in props.items() if isinstance(v, dict)}
     return out
 
 
 class XmlCall:
     """One block's call as its text comes (the interface of CallStream, router/tool_calls.py):
-      1. head: held until the function's name is read (`<function=NAME>`; `NAME` and a newline); a tool of the request → the call goes out with
-         arguments `{` (`streaming`; `dropped` when parallel_tool_calls false has had its call);
+      1. head: held until the function's name is read (`<function=NAME>`; glm45: `NAME` and a
+         newline); a tool of the request → the call goes out with arguments `{` (`streaming`;
+         `dropped` when parallel_tool_calls false has had its call);
       2. each parameter: `"KEY": ` once its tag is read; a string's value then streams as JSON text
          as it comes, any other value goes out once its close is read;
       3. `</function>` (glm45: none), or the block's end, closes the arguments: `}`.
