@@ -10,40 +10,17 @@ from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.openai_requests import Options, Prompt
-from router.reasoning import Thinking
-from router.tool_calls import Delta, Reader, merged
-from router.tool_parsers import reader
+from router.answer_split import ChatSplit
+from router.tool_calls import merged
 
 
 def _finish(reason: str) -> str | None:
     return {"length": "length", "stop": "stop", "": None}.get(reason, reason)
 
 
-class ChatSplit:
-    """One chat choice's text → its thinking (router/reasoning.py), then of the rest its content and
-    tool calls (router/tool_calls.py), as the text comes; a unary answer's text is fed whole."""
-
-    def __init__(self, opts: Options) -> None:
-        self.thinking = Thinking(opts.thinking) if opts.reasoning else None
-        self.tools: Reader | None = reader(opts.tools) if opts.tools else None
-        self.include_reasoning = opts.include_reasoning
-
-    def feed(self, text: str, finish: str) -> tuple[str, Delta, str]:
-        """→ (reasoning, content and calls, finish_reason); `finish` set: the answer's last text."""
-        reasoning, content = self.thinking.feed(text) if self.thinking else ("", text)
-        if finish and self.thinking:
-            more = self.thinking.end()
-            reasoning, content = reasoning + more[0], content + more[1]
-        if not self.include_reasoning:
-            reasoning = ""
-        if self.tools is None:
-            return reasoning, Delta(content), finish
-        d = self.tools.feed(content) + (self.tools.end() if finish else Delta())
-        return reasoning, d, self.tools.finish_reason(finish) if finish else finish
-
-
 def chat_split(opts: Options) -> ChatSplit | None:
-    return ChatSplit(opts) if opts.chat and (opts.tools or opts.reasoning) else None
+    return (ChatSplit(opts.tools, opts.reasoning, opts.thinking, opts.include_reasoning)
+            if opts.chat and (opts.tools or opts.reasoning) else None)
 
 
 def chunk_obj(rid: str, model: str, opts: Options, index: int, msg: pb.GenerateStreamResponse,

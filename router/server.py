@@ -23,11 +23,14 @@ from grpc_reflection.v1alpha import reflection
 import uvicorn
 
 from protos.pdserve.v1 import generation_pb2 as pb
+from router.answer_split import ChatSplit, parsed_answer, parsed_delta
 from router.config import ServerConfig
 from router.errors import InvalidArgument
 from router.http_api import build_app
+from router.reasoning import prompt_opens_thinking, think_first
 from router.security import AuthInterceptor, TokenStore, grpc_credentials, uvicorn_ssl
 from router.service import GenerationService, Refused
+from router.tools import grpc_tool_mode
 from router.validation import ValidRequest, parse
 
 __all__ = ["GenerationService", "GrpcFront", "RouterServer"]
@@ -37,13 +40,16 @@ SERVICE = "pdserve.v1.Generation"
 
 
 class GrpcFront:
-    """pdserve.v1.Generation: raw request bytes in (so bad UTF-8 is INVALID_ARGUMENT naming the field)."""
+    """pdserve.v1.Generation: raw request bytes in (so bad UTF-8 is INVALID_ARGUMENT naming the field).
+    A chat request's answer is also read into `parsed` (router/answer_split.py) where it has tools to
+    call (`tool_choice`) or the server splits out thinking (`reasoning_parser`)."""
 
-    def __init__(self, svc: GenerationService) -> None:
-        self.svc = svc
+    def __init__(self, svc: GenerationService, tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
+        self.svc, self.tool_parser, self.reasoning_parser = svc, tool_parser, reasoning_parser
 
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        req = await self._admit(raw, context)
+        req, split = await self._admit(raw, context)
         resp = pb.GenerateResponse(request_id=req.request_id)
         text: list[str] = []
         async for msg in self._stream(req, context):
@@ -56,13 +62,19 @@ class GrpcFront:
                 resp.usage.CopyFrom(msg.usage)
                 resp.timings.CopyFrom(msg.timings)
         resp.text = "".join(text)
+        if split is not None:
+            reasoning, parts, resp.finish_reason = split.feed(resp.text, resp.finish_reason)
+            resp.parsed.CopyFrom(parsed_answer(reasoning, parts))
         return resp
 
     async def GenerateStream(
         self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        req = await self._admit(raw, context)
+        req, split = await self._admit(raw, context)
         async for msg in self._stream(req, context):
+            if split is not None:
+                reasoning, parts, msg.finish_reason = split.feed(msg.text, msg.finish_reason)
+                msg.parsed.CopyFrom(parsed_delta(reasoning, parts))
             yield msg
 
     async def Status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
@@ -73,15 +85,32 @@ class GrpcFront:
             await context.abort(r.code, r.message)
         return await self.svc.status()
 
-    async def _admit(self, raw: bytes, context: grpc.aio.ServicerContext) -> ValidRequest:
+    async def _admit(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[ValidRequest, ChatSplit | None]:
         try:
-            return self.svc.admit(parse(raw))
-        except InvalidArgument as e:  # undecodable bytes
+            return self._chat(parse(raw))
+        except InvalidArgument as e:  # undecodable bytes, a bad tool_choice
             r = self.svc.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
         except Refused as e:
             r = e
         await context.abort(r.code, r.message)
         raise AssertionError("unreachable: abort raises")
+
+    def _chat(self, request: pb.GenerateRequest) -> tuple[ValidRequest, ChatSplit | None]:
+        """The request admitted, and its answer's ChatSplit where it is read into `parsed`: its tool
+        choice (a named function or "required" sets its grammar), its thinking (a grammar holds
+        only what follows it: router/reasoning.think_first, as the HTTP front does)."""
+        tools = grpc_tool_mode(request, self.tool_parser)
+        try:
+            req = self.svc.admit(request)
+        except Refused as e:  # the tools' grammar is refused: name the tool's parameters
+            if tools is not None and e.field and e.field.startswith("structured"):
+                raise Refused(e.code, e.message.replace(e.field, tools.param, 1), tools.param) from None
+            raise
+        reasoning = bool(request.messages) and self.reasoning_parser is not None
+        thinking = reasoning and prompt_opens_thinking(req.prompt_ids, self.svc.tokenizer)
+        if reasoning:
+            req = think_first(req, thinking, self.svc.tokenizer)
+        return req, ChatSplit(tools, reasoning, thinking) if tools or reasoning else None
 
     async def _stream(
         self, req: ValidRequest, context: grpc.aio.ServicerContext
@@ -143,7 +172,8 @@ class RouterServer:
             ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", cfg.max_body_bytes),
             ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
         ])
-        self.server.add_generic_rpc_handlers((_handlers(GrpcFront(self.svc)),))
+        front = GrpcFront(self.svc, cfg.tool_call_parser, cfg.reasoning_parser)
+        self.server.add_generic_rpc_handlers((_handlers(front),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

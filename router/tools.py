@@ -3,19 +3,24 @@
   1. `tools` (OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}]
      on HTTP, `GenerateRequest.tools` on gRPC) are checked — names [A-Za-z0-9_-]{1,64} and unique,
      parameters a JSON schema object — and given to the model's chat template (router/chat.py);
-  2. on HTTP, `tool_choice` says what the answer is (default "auto" with tools, "none" without):
+  2. `tool_choice` says what the answer is (HTTP: default "auto" with tools, "none" without; gRPC:
+     unset is "auto" where the server has a parser, else "none", as its answers were text before):
      - "none": free text; the template still shows the tools;
-     - {"type": "function", "function": {"name": F}}: F's arguments, held to F's `parameters` by a
-       grammar (structured outputs), whatever the template or the model knows of tools;
+     - a named function F (HTTP {"type": "function", "function": {"name": F}}, gRPC
+       `ToolChoice.function`): F's arguments, held to F's `parameters` by a grammar (structured
+       outputs), whatever the template or the model knows of tools;
      - "required": a JSON list of one or more {"name", "parameters"} calls (exactly one with
        `parallel_tool_calls: false`), held to a grammar made of every tool's schema;
-     - "auto": free text that `server.tool_call_parser` reads calls from (without one: 400, as vLLM);
-  3. router/tool_calls.py reads the answer's text into `tool_calls` as it streams.
+     - "auto": free text that `server.tool_call_parser` reads calls from (without one: refused, as
+       vLLM does);
+  3. router/tool_calls.py reads the answer's text into calls as it streams (HTTP `tool_calls`,
+     gRPC `parsed.tool_calls`).
 """
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,50 +110,76 @@ def tool_mode(body: dict[str, Any], req: pb.GenerateRequest, structured: str | N
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise BadRequest("parallel_tool_calls must be a boolean", "parallel_tool_calls", code="invalid_type")
-    names = tuple(t.name for t in req.tools)
-    if not names:
-        if choice not in (None, "none"):
-            raise BadRequest("tool_choice needs tools", "tool_choice")
-        return None
-    if choice is None:
-        choice = "auto"
-    if choice == "none":
-        return None
     if isinstance(choice, dict):
         fn = choice.get("function")
         if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise BadRequest("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
-                             "{\"name\": ...}}", "tool_choice")
-        if fn["name"] not in names:
-            raise BadRequest(f"tool_choice names {fn['name']!r}, which is not among tools", "tool_choice.function.name")
-        kind, name = "named", fn["name"]
-    elif choice in ("required", "auto"):
-        kind, name = choice, ""
+            raise BadRequest(CHOICES, "tool_choice")
+        kind, name, name_field = "named", fn["name"], "tool_choice.function.name"
+    elif choice is None or choice in ("none", "required", "auto"):
+        kind, name, name_field = choice, "", ""
     else:
-        raise BadRequest("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
-                         "{\"name\": ...}}", "tool_choice")
+        raise BadRequest(CHOICES, "tool_choice")
+    try:
+        return _mode(kind, name, name_field, req, structured, parser, parallel is not False,
+                     lambda i: f"tools[{i}].function.parameters")
+    except InvalidArgument as e:
+        raise BadRequest(str(e), e.field) from None
+
+
+def grpc_tool_mode(req: pb.GenerateRequest, parser: str | None) -> ToolMode | None:
+    """gRPC's `tool_choice` and `parallel_tool_calls`, as tool_mode() reads HTTP's."""
+    which = req.tool_choice.WhichOneof("kind") if req.HasField("tool_choice") else None
+    if which == "mode" and req.tool_choice.mode not in ("none", "auto", "required"):
+        raise InvalidArgument("tool_choice.mode", f"{req.tool_choice.mode!r} is not none, auto or required")
+    kind = None if which is None else "named" if which == "function" else req.tool_choice.mode
+    if kind is None and req.tools:  # unset: read calls where the server can
+        kind = "none" if parser is None else "auto"
+    structured = "structured" if req.HasField("structured") else None
+    return _mode(kind, req.tool_choice.function, "tool_choice.function", req, structured, parser,
+                 not req.HasField("parallel_tool_calls") or req.parallel_tool_calls,
+                 lambda i: f"tools[{i}].parameters")
+
+
+CHOICES = 'tool_choice must be none, auto, required or {"type": "function", "function": {"name": ...}}'
+
+
+def _mode(kind: str | None, name: str, name_field: str, req: pb.GenerateRequest, structured: str | None,
+          parser: str | None, parallel: bool, params_field: Callable[[int], str]) -> ToolMode | None:
+    """Either front's tool choice (`kind` None: not given) → the ToolMode, or InvalidArgument.
+    `structured`: the field of a structured output the request also sets."""
+    names = tuple(t.name for t in req.tools)
+    if not names:
+        if kind not in (None, "none"):
+            raise InvalidArgument("tool_choice", "needs tools")
+        return None
+    if kind is None:
+        kind = "auto"
+    if kind == "none":
+        return None
+    if kind == "named" and name not in names:
+        raise InvalidArgument(name_field, f"names {name!r}, which is not among tools")
     if kind == "auto":
         if parser is None:
-            raise BadRequest("tool_choice \"auto\" needs server.tool_call_parser, which this server does not set; "
-                             "send \"required\", a named function or \"none\"", "tool_choice")
+            raise InvalidArgument("tool_choice", '"auto" needs server.tool_call_parser, which this server does not '
+                                                 'set; send "required", a named function or "none"')
         if not req.HasField("skip_special_tokens"):
             req.skip_special_tokens = False  # a parser's markers (<tool_call>) may be special tokens
-        return ToolMode("auto", names, parser=parser, parallel=parallel is not False,
+        return ToolMode("auto", names, parser=parser, parallel=parallel,
                         schemas=tuple(t.parameters for t in req.tools))
     if structured:
-        raise BadRequest(f"tool_choice {kind!r} holds the answer to the tools' schemas; it cannot be combined "
-                         f"with {structured}", structured.split(".")[0])
+        raise InvalidArgument(structured.split(".")[0], f"tool_choice {kind!r} holds the answer to the tools' "
+                                                        f"schemas; it cannot be combined with {structured}")
     i = names.index(name) if name else 0
     req.structured.json_schema = json.dumps(
-        parameters(req.tools[i], "tools") if kind == "named" else _calls_schema(req.tools, parallel is not False))
-    return ToolMode(kind, names, name=name, parallel=parallel is not False,
-                    param=f"tools[{i}].function.parameters" if kind == "named" else "tools")
+        parameters(req.tools[i], params_field(i)) if kind == "named" else _calls_schema(req.tools, parallel,
+                                                                                       params_field))
+    return ToolMode(kind, names, name=name, parallel=parallel, param=params_field(i) if kind == "named" else "tools")
 
 
-def _calls_schema(tools: Any, parallel: bool) -> dict[str, Any]:
+def _calls_schema(tools: Any, parallel: bool, params_field: Callable[[int], str]) -> dict[str, Any]:
     """"required": a list of calls, each one tool's name and its arguments (vLLM's shape)."""
     calls = [{"type": "object", "properties": {"name": {"const": t.name},
-                                              "parameters": parameters(t, f"tools[{i}].function.parameters")},
+                                              "parameters": parameters(t, params_field(i))},
               "required": ["name", "parameters"], "additionalProperties": False}
              for i, t in enumerate(tools)]
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}

@@ -1,5 +1,5 @@
 """A reasoning model's thinking split out of chat answers (router/reasoning.py), alone and beside
-tool calls (router/openai_answers.ChatSplit)."""
+tool calls (router/answer_split.ChatSplit)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 from engine.tiny import tiny_tokenizer
 from router.chat import chat_prompt_ids
 from router.errors import BadRequest
-from router.openai_answers import ChatSplit
+from router.answer_split import ChatSplit
 from router.openai_requests import Options, parse_body
 from router.reasoning import Thinking, prompt_opens_thinking
 from router.tool_calls import merged
@@ -58,7 +58,7 @@ def _opts(**kw: Any) -> Options:
 @pytest.mark.parametrize("step", [1, 4, 1000])
 def test_thinking_then_a_tool_call(step: int) -> None:
     text = '<think>need the weather</think>\n<tool_call>{"name": "w", "arguments": {"c": "Oslo"}}</tool_call>'
-    split = ChatSplit(_opts(reasoning=True, tools=ToolMode("auto", ("w",), parser="hermes")))
+    split = ChatSplit(ToolMode("auto", ("w",), parser="hermes"), reasoning=True)
     reasoning, content, calls, finish = "", "", [], ""
     for i in range(0, len(text), step):
         last = i + step >= len(text)
@@ -66,7 +66,7 @@ def test_thinking_then_a_tool_call(step: int) -> None:
         reasoning, content, calls, finish = reasoning + r, content + d.content, calls + d.calls, f or finish
     assert (reasoning, content, finish) == ("need the weather", "", "tool_calls")
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in merged(calls)] == [("w", '{"c": "Oslo"}')]
-    hidden = ChatSplit(_opts(reasoning=True, include_reasoning=False)).feed("<think>x</think>y", "stop")
+    hidden = ChatSplit(None, reasoning=True, include_reasoning=False).feed("<think>x</think>y", "stop")
     assert hidden[0] == "" and hidden[1].content == "y"
 
 

@@ -13,8 +13,8 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from router.chat import chat_prompt_ids
 from router.config import LimitsConfig
 from router.errors import BadRequest, InvalidArgument
-from router.openai_answers import ChatSplit
-from router.openai_requests import Options, parse_body
+from router.answer_split import ChatSplit
+from router.openai_requests import parse_body
 from router.structured import _llguidance_tokenizer
 from router.tool_calls import Delta, merged
 from router.tool_parsers import reader
@@ -35,8 +35,7 @@ CALLS = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city
 def whole(mode: ToolMode, text: str, finish: str) -> tuple[str | None, list[dict[str, Any]], str]:
     """A unary answer, read as the front reads one (fed whole): its content (None when it is only
     calls), its calls, its finish_reason."""
-    _, d, finish = ChatSplit(Options(chat=True, stream=False, include_usage=False, logprobs=False,
-                                     tools=mode)).feed(text, finish)
+    _, d, finish = ChatSplit(mode, reasoning=False).feed(text, finish)
     calls = merged(d.calls)
     return (d.content or None) if calls else d.content, calls, finish
 

@@ -1,0 +1,52 @@
+"""A chat answer's text → its thinking, content and tool calls, as the text comes: one ChatSplit per
+choice, behind both fronts. The OpenAI front writes the parts as a message's or a delta's fields
+(router/openai_answers.py); the gRPC front as `parsed` (ParsedAnswer / ParsedDelta, below).
+
+  1. thinking first (router/reasoning.py, with server.reasoning_parser): text up to `</think>` is
+     reasoning, the rest goes on;
+  2. that rest is read for tool calls (router/tool_calls.py, with a ToolMode) into content and calls;
+  3. the answer's last text ends both, and "stop" becomes "tool_calls" where calls were made.
+A unary answer is its whole text fed once, so a stream and a unary answer carry the same parts.
+"""
+from __future__ import annotations
+
+from protos.pdserve.v1 import generation_pb2 as pb
+from router.reasoning import Thinking
+from router.tool_calls import Delta, Reader, merged
+from router.tool_parsers import reader
+from router.tools import ToolMode
+
+
+class ChatSplit:
+    def __init__(self, tools: ToolMode | None, reasoning: bool, thinking: bool = False,
+                 include_reasoning: bool = True) -> None:
+        """`reasoning`: split thinking out; `thinking`: the prompt opened a think block (the answer
+        starts inside it); `include_reasoning` false: the thinking is dropped (vLLM's option)."""
+        self.thinking = Thinking(thinking) if reasoning else None
+        self.tools: Reader | None = reader(tools) if tools else None
+        self.include_reasoning = include_reasoning
+
+    def feed(self, text: str, finish: str) -> tuple[str, Delta, str]:
+        """→ (reasoning, content and calls, finish_reason); `finish` set: the answer's last text."""
+        reasoning, content = self.thinking.feed(text) if self.thinking else ("", text)  # 1.
+        if finish and self.thinking:
+            more = self.thinking.end()
+            reasoning, content = reasoning + more[0], content + more[1]
+        if not self.include_reasoning:
+            reasoning = ""
+        if self.tools is None:
+            return reasoning, Delta(content), finish
+        d = self.tools.feed(content) + (self.tools.end() if finish else Delta())  # 2.
+        return reasoning, d, self.tools.finish_reason(finish) if finish else finish  # 3.
+
+
+def parsed_delta(reasoning: str, d: Delta) -> pb.ParsedDelta:
+    return pb.ParsedDelta(content=d.content, reasoning=reasoning, tool_calls=[
+        pb.ToolCallDelta(index=c["index"], id=c.get("id", ""), name=c["function"].get("name", ""),
+                         arguments=c["function"]["arguments"]) for c in d.calls])
+
+
+def parsed_answer(reasoning: str, d: Delta) -> pb.ParsedAnswer:
+    return pb.ParsedAnswer(content=d.content, reasoning=reasoning, tool_calls=[
+        pb.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+        for c in merged(d.calls)])
