@@ -51,12 +51,13 @@ def floor_ms(runner: ModelRunner, batch: int, steps: int) -> float:
     hidden = runner.model.config.hidden_size
     inter = runner.layers[0].down_proj.weight.shape[1]
     x = torch.randn(batch, hidden, dtype=runner.dtype, device=runner.device)
+    attn = torch.randn(batch, runner.q_size, dtype=runner.dtype, device=runner.device)  # [B, H*D]: o_proj's input
 
     def linears() -> torch.Tensor:
         h = x
         for layer in runner.layers:
             F.linear(h, layer.qkv.weight)
-            h = F.linear(h, layer.o_proj.weight[:, :hidden])
+            h = F.linear(attn, layer.o_proj.weight)
             gu = F.linear(h, layer.gate_up.weight)
             h = F.linear(gu[:, :inter], layer.down_proj.weight)
         return F.linear(h, runner.lm_head.weight)

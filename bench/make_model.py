@@ -5,7 +5,8 @@
 
 Every GPU figure in the README comes from such a folder, so it can be reproduced on any CUDA machine
 without a model hub: point `model.path` at it. Shapes: 1.1b (TinyLlama: hidden 2048, 22 layers, 32
-heads, 4 KV heads, MLP 5632), 8b (Llama-3-8B: 4096, 32, 32, 8, 14336), test (a few MB, for tests).
+heads, 4 KV heads, MLP 5632), 8b (Llama-3-8B: 4096, 32, 32, 8, 14336), test (a few MB, for tests);
+qwen3-0.6b, qwen3-8b and qwen3-test the same for Qwen 3 (per-head q/k norms, head_dim 128).
 The tokenizer is byte-level BPE: ids 0-2 are the specials, 3-258 the 256 bytes (so any text
 encodes, and llguidance can hold a grammar over it), and the rest words " t0", " t1", ... (one token
 each, leading space included), so prompts of any length are easy to make (" t5 t17 t9 ...", or decode
@@ -18,13 +19,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict[str, Any]] = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                  intermediate_size=5632, vocab_size=32000),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336, vocab_size=128256),
     "test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=512),
+    # Qwen 3 (per-head q/k RMSNorm, head_dim 128 whatever hidden / heads is)
+    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=12288, vocab_size=151936),
+    "qwen3-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, intermediate_size=128, vocab_size=512),
 }
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: eos is 2, as in the tiny model
 FIRST_WORD = len(SPECIALS) + 256 + 1  # the id of " t0" (after the bytes and the merge prefix " t")
@@ -37,14 +45,15 @@ CHAT_TEMPLATE = (
 def build(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", seed: int = 0,
           max_position: int = 8192) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
 
-    dims = SHAPES[shape]
-    cfg = LlamaConfig(**dims, max_position_embeddings=max_position, rope_theta=10000.0, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    dims = {"tie_word_embeddings": False, **SHAPES[shape]}
+    config = Qwen3Config if shape.startswith("qwen3") else LlamaConfig
+    cfg = config(**dims, max_position_embeddings=max_position, rope_theta=10000.0 if config is LlamaConfig else 1e6,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     hf = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(dims["vocab_size"]), unk_token="<unk>",

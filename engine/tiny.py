@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, PretrainedConfig,
+                          Qwen2Config, Qwen3Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -64,13 +65,28 @@ def tiny_config(vocab_size: int = 259) -> LlamaConfig:
     )
 
 
-def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Seeded random Llama (~100k parameters). Same seed → same weights in every process."""
-    cfg = tiny_config()
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "llama") -> PreTrainedModel:
+    """Seeded random Llama (~100k parameters). Same seed → same weights in every process.
+    arch: the same size as another supported family — qwen2 (q/k/v biases), qwen3 (per-head q/k
+    RMSNorm, a head_dim that is not hidden / heads, tied embeddings)."""
+    cfg: PretrainedConfig = tiny_config()
+    if arch == "qwen2":
+        cfg = Qwen2Config(**{**cfg.to_dict(), "model_type": "qwen2"})
+    elif arch == "qwen3":
+        cfg = Qwen3Config(**{**cfg.to_dict(), "model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": True})
+    elif arch != "llama":
+        raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     cfg._attn_implementation = "sdpa"
     saved = torch.random.get_rng_state()  # build seeded without disturbing the caller's RNG
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # what the family adds (initialized to zeros / ones) made to matter
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     torch.random.set_rng_state(saved)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = 0

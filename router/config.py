@@ -46,21 +46,21 @@ class ServerConfig(Frozen):
     )
     tool_call_parser: Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "glm45",
                               "deepseek_v3", "kimi_k2"] | None = Field(
-        None, description="How the HTTP front reads tool calls out of a chat answer when tool_choice is \"auto\" "
-        "(the default when a request has tools): hermes = <tool_call>{\"name\", \"arguments\"}</tool_call> blocks "
+        None, description="How both fronts read tool calls out of a chat answer when tool_choice is \"auto\" "
+        "(the default when a request has tools; gRPC answers carry them in parsed.tool_calls): hermes = <tool_call>{\"name\", \"arguments\"}</tool_call> blocks "
         "(Hermes 2 Pro / 3, Qwen 2.5 / 3); llama3_json = an answer that is {\"name\", \"parameters\"} objects, "
         "maybe after <|python_tag|> (Llama 3.1 and later); mistral = [TOOL_CALLS] then the calls (Mistral, Devstral); "
         "pythonic = an answer that is a Python list of calls, [f(a=1)] (Llama 3.2, Llama 4); qwen3_coder = "
         "<tool_call> blocks of <function=f><parameter=a>1</parameter></function> (Qwen3-Coder); glm45 = "
         "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value></tool_call> (GLM-4.5, 4.6); deepseek_v3 = "
         "<｜tool▁calls▁begin｜> sections (DeepSeek V3, R1, V3.1); kimi_k2 = <|tool_calls_section_begin|> sections "
-        "(Kimi K2). null: \"auto\" is refused (400); a named function, \"required\" and "
-        "\"none\" need no parser."
+        "(Kimi K2). null: \"auto\" is refused (HTTP 400, gRPC INVALID_ARGUMENT; unset on gRPC means \"none\"); "
+        "a named function, \"required\" and \"none\" need no parser."
     )
     reasoning_parser: Literal["think"] | None = Field(
         None, description="Split a reasoning model's thinking out of chat answers: think = the <think> ... </think> "
         "block DeepSeek R1 and Qwen 3 write (or their template opens in the prompt) goes to the message's reasoning "
-        "(and reasoning_content), the rest to content. null: answers are content as written."
+        "(and reasoning_content; gRPC: parsed.reasoning), the rest to content. null: answers are content as written."
     )
     tls: TLSConfig | None = Field(None, description="Serve both fronts over TLS (and mTLS with client_ca_file).")
     auth: AuthConfig | None = Field(None, description="Require a bearer token on both fronts.")

@@ -5,20 +5,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from make_model import FIRST_WORD, build  # noqa: E402
 
 
-def test_a_built_model_loads_and_decodes_like_hf(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["test", "qwen3-test"])
+def test_a_built_model_loads_and_decodes_like_hf(tmp_path: Path, shape: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from engine.config import ModelConfig
     from engine.model_loader import load_model, load_tokenizer
     from engine.model_runner import ModelRunner, SeqInput
 
-    path = build("test", tmp_path / "m", dtype="float32")
+    path = build(shape, tmp_path / "m", dtype="float32")
     cfg = ModelConfig(path=str(path), max_model_len=512)
     tok = load_tokenizer(cfg)
     ids = tok(" t5 t17 t9 t200 t42 t7")["input_ids"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.model_loader import ModelLoadError, eos_token_ids, load_model, load_tokenizer
+from engine.model_loader import ModelLoadError, check_supported, eos_token_ids, load_model, load_tokenizer
 from engine.tiny import tiny_model, tiny_tokenizer
 
 
@@ -30,3 +30,21 @@ def test_tiny_is_deterministic_and_not_degenerate() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     out = a.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert len(set(out[0, 3:].tolist())) > 3  # greedy output is not one repeated token
+
+
+def test_a_qwen3_folder_loads_and_sliding_windows_or_other_families_are_refused(tmp_path: Path) -> None:
+    model = tiny_model(seed=3, arch="qwen3")
+    model.save_pretrained(tmp_path / "q3")
+    tiny_tokenizer().save_pretrained(tmp_path / "q3")
+    loaded = load_model(ModelConfig(path=str(tmp_path / "q3")))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    model.config.use_sliding_window, model.config.max_window_layers, model.config.sliding_window = True, 1, 8
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    model.save_pretrained(tmp_path / "windowed")
+    with pytest.raises(ModelLoadError, match="model.path: qwen3 with sliding-window attention"):
+        load_model(ModelConfig(path=str(tmp_path / "windowed")))
+    model.config.model_type = "gemma2"
+    with pytest.raises(ModelLoadError, match="model.path: architecture 'gemma2' is not supported"):
+        check_supported(model.config)

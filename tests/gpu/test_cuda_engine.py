@@ -13,10 +13,10 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _model(dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+def _model(dtype: torch.dtype = torch.float32, arch: str = "llama"):  # type: ignore[no-untyped-def]
     from engine.tiny import tiny_model
 
-    return tiny_model().to("cuda", dtype)
+    return tiny_model(arch=arch).to("cuda", dtype)
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -43,13 +43,14 @@ def _hf(model, p: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-de
     return out[0, len(p):].tolist()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms (fused kernel), head_dim 32
 @pytest.mark.parametrize("max_graph_batch", [64, 8])  # 64: every step replays a graph; 8: 32 rows run eagerly
-def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int) -> None:
-    from engine.model_runner import ModelRunner
+def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int, arch: str) -> None:
+    from engine.model_runner import ModelRunner, TritonOps
 
-    model = _model()
+    model = _model(arch=arch)
     runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
-    assert runner.attn.name == "triton"
+    assert runner.attn.name == "triton" and isinstance(runner.ops, TritonOps)
     runner.use_decode_graphs(max_graph_batch, max_model_len=256)
     prompts = _prompts(32, seed=max_graph_batch)
     together = _decode(runner, prompts, 12)
