@@ -5,10 +5,13 @@ choice, behind both fronts. The OpenAI front writes the parts as a message's or 
   1. thinking first (router/reasoning.py, with server.reasoning_parser): text up to `</think>` is
      reasoning, the rest goes on;
   2. that rest is read for tool calls (router/tool_calls.py, with a ToolMode) into content and calls;
-  3. the answer's last text ends both, and "stop" becomes "tool_calls" where calls were made.
+  3. the answer's last text ends both, and "stop" becomes "tool_calls" where calls were made;
+     the thinking's tokens are counted then (usage's reasoning_tokens).
 A unary answer is its whole text fed once, so a stream and a unary answer carry the same parts.
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.reasoning import Thinking
@@ -19,25 +22,39 @@ from router.tools import ToolMode
 
 class ChatSplit:
     def __init__(self, tools: ToolMode | None, reasoning: bool, thinking: bool = False,
-                 include_reasoning: bool = True) -> None:
+                 include_reasoning: bool = True, count: Callable[[Sequence[int]], int] | None = None) -> None:
         """`reasoning`: split thinking out; `thinking`: the prompt opened a think block (the answer
-        starts inside it); `include_reasoning` false: the thinking is dropped (vLLM's option)."""
+        starts inside it); `include_reasoning` false: the thinking is dropped (vLLM's option);
+        `count`: a thinking answer's token ids → its reasoning tokens (reasoning.reasoning_tokens)."""
         self.thinking = Thinking(thinking) if reasoning else None
         self.tools: Reader | None = reader(tools) if tools else None
         self.include_reasoning = include_reasoning
+        self.count, self.ids = count, list[int]()
+        self.reasoning_tokens: int | None = None  # set once the answer ends, where thinking is split out
 
-    def feed(self, text: str, finish: str) -> tuple[str, Delta, str]:
-        """→ (reasoning, content and calls, finish_reason); `finish` set: the answer's last text."""
+    def feed(self, text: str, finish: str, ids: Sequence[int] = ()) -> tuple[str, Delta, str]:
+        """→ (reasoning, content and calls, finish_reason); `finish` set: the answer's last text.
+        ids: the tokens of `text` (counted for usage)."""
+        if self.thinking and self.count:
+            self.ids += ids
         reasoning, content = self.thinking.feed(text) if self.thinking else ("", text)  # 1.
         if finish and self.thinking:
             more = self.thinking.end()
             reasoning, content = reasoning + more[0], content + more[1]
+            self.reasoning_tokens = self.count(self.ids) if self.count and self.thinking.thought else 0
         if not self.include_reasoning:
             reasoning = ""
         if self.tools is None:
             return reasoning, Delta(content), finish
         d = self.tools.feed(content) + (self.tools.end() if finish else Delta())  # 2.
         return reasoning, d, self.tools.finish_reason(finish) if finish else finish  # 3.
+
+
+def with_reasoning_tokens(usage: pb.Usage, split: ChatSplit | None) -> pb.Usage:
+    """`usage` with the answer's reasoning tokens, where its split counted them."""
+    if split is not None and split.reasoning_tokens is not None:
+        usage.reasoning_tokens = split.reasoning_tokens
+    return usage
 
 
 def parsed_delta(reasoning: str, d: Delta) -> pb.ParsedDelta:

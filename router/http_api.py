@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -32,7 +32,7 @@ from router.choices import fan_out, merged
 from router.errors import BadRequest
 from router.openai_answers import Choice, chat_split, chunk_obj, final_obj, total_usage, usage_obj
 from router.openai_requests import Options, Prompt, parse_body, with_prompts, with_token_text
-from router.reasoning import prompt_opens_thinking, think_first
+from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_first
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize
@@ -116,6 +116,9 @@ class OpenAIFront:
     def _token_text(self, token_id: int) -> str:
         return str(self.svc.tokenizer.decode([token_id]))
 
+    def _reasoning_tokens(self, ids: Sequence[int]) -> int:
+        return reasoning_tokens(ids, self.svc.tokenizer)
+
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
 
@@ -155,7 +158,8 @@ class OpenAIFront:
                     for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
             opts = with_token_text(opts, self._token_text)
             if opts.reasoning:  # the answer starts inside a think block, or may open one
-                opts = replace(opts, thinking=prompt_opens_thinking(reqs[0].prompt_ids, self.svc.tokenizer))
+                opts = replace(opts, thinking=prompt_opens_thinking(reqs[0].prompt_ids, self.svc.tokenizer),
+                               count_reasoning=self._reasoning_tokens)
                 reqs = [think_first(r, opts.thinking, self.svc.tokenizer) for r in reqs]
             if opts.echo:
                 opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
@@ -247,6 +251,7 @@ async def _gather(stream: AsyncIterator[tuple[int, Any]], choices: list[Choice])
         async for i, msg in msgs:
             c = choices[i]
             c.text += msg.text
+            c.token_ids.extend(msg.token_ids)
             c.logprobs.extend(msg.logprobs)
             c.prompt_logprobs.extend(msg.prompt_logprobs)
             c.finish, c.usage = msg.finish_reason, msg.usage

@@ -10,7 +10,7 @@ from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.openai_requests import Options, Prompt
-from router.answer_split import ChatSplit
+from router.answer_split import ChatSplit, with_reasoning_tokens
 from router.tool_calls import merged
 
 
@@ -19,7 +19,7 @@ def _finish(reason: str) -> str | None:
 
 
 def chat_split(opts: Options) -> ChatSplit | None:
-    return (ChatSplit(opts.tools, opts.reasoning, opts.thinking, opts.include_reasoning)
+    return (ChatSplit(opts.tools, opts.reasoning, opts.thinking, opts.include_reasoning, opts.count_reasoning)
             if opts.chat and (opts.tools or opts.reasoning) else None)
 
 
@@ -33,7 +33,9 @@ def chunk_obj(rid: str, model: str, opts: Options, index: int, msg: pb.GenerateS
         if split is None:
             delta["content"] = msg.text
         else:
-            reasoning, d, finish = split.feed(msg.text, finish)
+            reasoning, d, finish = split.feed(msg.text, finish, msg.token_ids)
+            if finish:
+                with_reasoning_tokens(msg.usage, split)
             if reasoning:
                 delta["reasoning"] = delta["reasoning_content"] = reasoning
             if d.content or first or not (d.calls or reasoning):
@@ -57,6 +59,7 @@ class Choice:
     """One choice's answer, gathered from its messages."""
 
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     finish: str = ""
     logprobs: list[Any] = field(default_factory=list)
     usage: pb.Usage | None = None  # from its last message
@@ -64,7 +67,6 @@ class Choice:
 
 
 def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dict[str, Any]:
-    u = usage_obj(total_usage([c.usage for c in choices], opts.n))
     if opts.chat:
         out = []
         for i, c in enumerate(choices):
@@ -72,7 +74,9 @@ def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dic
             finish = c.finish
             split = chat_split(opts)
             if split is not None:
-                reasoning, d, finish = split.feed(c.text, c.finish)
+                reasoning, d, finish = split.feed(c.text, c.finish, c.token_ids)
+                if c.usage is not None:
+                    with_reasoning_tokens(c.usage, split)
                 calls = merged(d.calls)
                 message["content"] = (d.content or None) if calls else d.content
                 if opts.reasoning:
@@ -84,7 +88,7 @@ def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dic
                 choice["logprobs"] = {"content": [_chat_lp(lp, opts.token_text) for lp in c.logprobs]}
             out.append(choice)
         answer = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                  "choices": out, "usage": u}
+                  "choices": out, "usage": usage_obj(total_usage([c.usage for c in choices], opts.n))}
         if opts.prompt_logprobs:  # one prompt: its first choice's
             answer["prompt_logprobs"] = _vllm_prompt_lp(choices[0].prompt_logprobs, opts.token_text)
         return answer
@@ -97,7 +101,7 @@ def final_obj(rid: str, model: str, opts: Options, choices: list[Choice]) -> dic
         for choice, c in zip(out, choices):
             choice["prompt_logprobs"] = _vllm_prompt_lp(c.prompt_logprobs, opts.token_text)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": out, "usage": u}
+            "choices": out, "usage": usage_obj(total_usage([c.usage for c in choices], opts.n))}
 
 
 def total_usage(usages: list[pb.Usage | None], n: int) -> pb.Usage:
@@ -111,13 +115,18 @@ def total_usage(usages: list[pb.Usage | None], n: int) -> pb.Usage:
             total.prompt_tokens += u.prompt_tokens
             total.cached_tokens += u.cached_tokens
         total.completion_tokens += u.completion_tokens
+        if u.HasField("reasoning_tokens"):
+            total.reasoning_tokens += u.reasoning_tokens
     return total
 
 
 def usage_obj(u: pb.Usage) -> dict[str, Any]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+    obj = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+           "total_tokens": u.prompt_tokens + u.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+    if u.HasField("reasoning_tokens"):
+        obj["completion_tokens_details"] = {"reasoning_tokens": u.reasoning_tokens}
+    return obj
 
 
 def _chat_lp(lp: Any, text: Callable[[int], str]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ before the answer's (the first prompt token's is null): what lm-eval's loglikeli
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +49,7 @@ class Options:
     reasoning: bool = False  # chat: split the thinking out (server.reasoning_parser)
     include_reasoning: bool = True  # vLLM's include_reasoning: false leaves the thinking out of the answer
     thinking: bool = False  # the prompt opened a think block: the answer starts inside it (set by the front)
+    count_reasoning: Callable[[Sequence[int]], int] | None = None  # an answer's ids → its thinking's (the front's)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ DeepSeek R1, Qwen 3 and their kin write their thinking as `<think> ... </think>`
   2. inside, text is reasoning until `</think>`; after it, content (which the tool-call reader, if
      any, reads in turn: router/tool_calls.py); a tail that may begin `</think>` waits for the
      next text, so a marker split over two messages is still found;
-  3. an answer that ends inside its thinking (`length`) is all reasoning.
+  3. an answer that ends inside its thinking (`length`) is all reasoning;
+  4. usage counts its tokens as `reasoning_tokens` (OpenAI's completion_tokens_details), found on
+     the answer's token ids once it ends (reasoning_tokens()), so a marker split over tokens or
+     messages counts where its text completes.
 The chat answer carries it as `reasoning` (vLLM's name) and `reasoning_content` (DeepSeek's, which
 most clients read); `include_reasoning: false` leaves it out. An answer held to a grammar (a
 structured output, a named or required tool choice) thinks freely first, as vLLM holds a
@@ -20,6 +23,7 @@ structured output only after the reasoning ends (`think_first`: SamplingParams.g
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -49,12 +53,28 @@ def think_first(req: ValidRequest, opened: bool, tokenizer: Any) -> ValidRequest
     return req
 
 
+def reasoning_tokens(ids: Sequence[int], tokenizer: Any) -> int:
+    """Of a thinking answer's tokens `ids`, those up to the one whose text completes the first
+    `</think>` (all of them where it never closes): the fewest leading tokens whose text holds it."""
+    def closed(k: int) -> bool:
+        return CLOSE in str(tokenizer.decode(list(ids[:k]), skip_special_tokens=False))
+
+    if not closed(len(ids)):
+        return len(ids)
+    lo, hi = 1, len(ids)
+    while lo < hi:  # a prefix's text grows with it: the first k that holds the marker
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if closed(mid) else (mid + 1, hi)
+    return lo
+
+
 class Thinking:
     """One choice's split: `feed` → (reasoning, content) of the text so far; `end` → the rest.
     Whitespace that opens the reasoning, or the content after `</think>`, is dropped."""
 
     def __init__(self, inside: bool) -> None:
         self.state = "inside" if inside else "start"  # start: the answer may still open a block
+        self.thought = inside  # the answer was inside a block at some point
         self.held = ""
         self.trim = {"reasoning": True, "content": False}  # drop leading whitespace of this part
 
@@ -67,7 +87,7 @@ class Thinking:
             if not lead.startswith(OPEN):
                 self.state = "outside"
             else:
-                self.state, self.held = "inside", lead[len(OPEN):]
+                self.state, self.held, self.thought = "inside", lead[len(OPEN):], True
         if self.state == "outside":
             out, self.held = self.held, ""
             return "", self._part("content", out)

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from contextlib import aclosing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -23,11 +23,11 @@ from grpc_reflection.v1alpha import reflection
 import uvicorn
 
 from protos.pdserve.v1 import generation_pb2 as pb
-from router.answer_split import ChatSplit, parsed_answer, parsed_delta
+from router.answer_split import ChatSplit, parsed_answer, parsed_delta, with_reasoning_tokens
 from router.config import ServerConfig
 from router.errors import InvalidArgument
 from router.http_api import build_app
-from router.reasoning import prompt_opens_thinking, think_first
+from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_first
 from router.security import AuthInterceptor, TokenStore, grpc_credentials, uvicorn_ssl
 from router.service import GenerationService, Refused
 from router.tools import grpc_tool_mode
@@ -63,8 +63,9 @@ class GrpcFront:
                 resp.timings.CopyFrom(msg.timings)
         resp.text = "".join(text)
         if split is not None:
-            reasoning, parts, resp.finish_reason = split.feed(resp.text, resp.finish_reason)
+            reasoning, parts, resp.finish_reason = split.feed(resp.text, resp.finish_reason, resp.token_ids)
             resp.parsed.CopyFrom(parsed_answer(reasoning, parts))
+            with_reasoning_tokens(resp.usage, split)
         return resp
 
     async def GenerateStream(
@@ -73,8 +74,10 @@ class GrpcFront:
         req, split = await self._admit(raw, context)
         async for msg in self._stream(req, context):
             if split is not None:
-                reasoning, parts, msg.finish_reason = split.feed(msg.text, msg.finish_reason)
+                reasoning, parts, msg.finish_reason = split.feed(msg.text, msg.finish_reason, msg.token_ids)
                 msg.parsed.CopyFrom(parsed_delta(reasoning, parts))
+                if msg.finish_reason:
+                    with_reasoning_tokens(msg.usage, split)
             yield msg
 
     async def Status(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
@@ -110,7 +113,10 @@ class GrpcFront:
         thinking = reasoning and prompt_opens_thinking(req.prompt_ids, self.svc.tokenizer)
         if reasoning:
             req = think_first(req, thinking, self.svc.tokenizer)
-        return req, ChatSplit(tools, reasoning, thinking) if tools or reasoning else None
+        return req, ChatSplit(tools, reasoning, thinking, count=self._reasoning_tokens) if tools or reasoning else None
+
+    def _reasoning_tokens(self, ids: Sequence[int]) -> int:
+        return reasoning_tokens(ids, self.svc.tokenizer)
 
     async def _stream(
         self, req: ValidRequest, context: grpc.aio.ServicerContext

@@ -38,14 +38,15 @@ def server():  # type: ignore[no-untyped-def]
 
 def both(server: RunningServer, **fields: Any) -> tuple[pb.GenerateResponse, pb.ParsedAnswer, str]:
     """The unary answer, and the stream's `parsed` deltas joined (calls merged by index) with its
-    finish_reason; the stream's raw text equals the unary one."""
+    finish_reason; the stream's raw text and usage equal the unary one's."""
     req = pb.GenerateRequest(**{"messages": ASK, "tools": TOOLS, "max_tokens": 100, "temperature": 1.0, "seed": 5,
                                 **fields})
     unary = server.stub.Generate(req, timeout=60)
-    joined, text, finish = pb.ParsedAnswer(), "", ""
+    joined, text, finish, usage = pb.ParsedAnswer(), "", "", pb.Usage()
     for msg in server.stub.GenerateStream(req, timeout=60):
         text += msg.text
         finish = msg.finish_reason or finish
+        usage = msg.usage if msg.finish_reason else usage
         joined.content += msg.parsed.content
         joined.reasoning += msg.parsed.reasoning
         for d in msg.parsed.tool_calls:
@@ -53,7 +54,8 @@ def both(server: RunningServer, **fields: Any) -> tuple[pb.GenerateResponse, pb.
                 assert d.id.startswith("call_") and d.name  # a call's first delta names it
                 joined.tool_calls.add(id=d.id, name=d.name)
             joined.tool_calls[d.index].arguments += d.arguments
-    assert text == unary.text
+    assert text == unary.text and (usage.completion_tokens, usage.reasoning_tokens) == (
+        unary.usage.completion_tokens, unary.usage.reasoning_tokens)  # cached_tokens may differ: the prefix cache
     for call in joined.tool_calls:
         call.id = ""  # ids are minted per answer
     return unary, joined, finish
@@ -84,6 +86,7 @@ def test_auto_is_the_default_with_a_parser_and_equals_the_http_answer(server: Ru
     assert unary.parsed.content == streamed.content == "On it." and finish == unary.finish_reason == "tool_calls"
     assert calls(unary.parsed) == calls(streamed) and calls(unary.parsed)[0][0] == "forecast"
     assert unary.text.startswith("On it. <tool_call>")  # text stays the raw answer
+    assert unary.usage.HasField("reasoning_tokens") and unary.usage.reasoning_tokens == 0  # no thinking
     oai = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="-", max_retries=0)
     r = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}],
                                     tools=HTTP_TOOLS, max_tokens=100, temperature=1.0, seed=5,  # type: ignore[arg-type]
@@ -100,6 +103,14 @@ def test_thinking_is_split_out_and_a_grammar_waits_for_its_end(server: RunningSe
     unary, streamed, _ = both(server, structured=pb.StructuredOutput(regex="<think>[a-z]{3,12}</think>(yes|no)"))
     assert unary.parsed.reasoning == streamed.reasoning and 3 <= len(unary.parsed.reasoning) <= 12
     assert unary.parsed.content == streamed.content and unary.parsed.content in ("yes", "no")
+    thought = len(f"<think>{unary.parsed.reasoning}</think>")  # the tiny tokenizer: a token per byte
+    assert unary.usage.reasoning_tokens == thought == unary.usage.completion_tokens - len(unary.parsed.content)
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="-", max_retries=0)
+    r = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "weather?"}],
+                                    tools=HTTP_TOOLS, max_tokens=100, temperature=1.0, seed=5,  # type: ignore[arg-type]
+                                    extra_body={"structured_outputs": {"regex": "<think>[a-z]{3,12}</think>(yes|no)"}})
+    assert r.usage is not None and r.usage.completion_tokens_details is not None
+    assert r.usage.completion_tokens_details.reasoning_tokens == thought
     # the prompt opens the block: the grammar holds only what follows </think>, which the tiny
     # model never writes, so it thinks as freely as without one (router/reasoning.think_first)
     opened = dict(messages=[*ASK, pb.ChatMessage(role="assistant", content="<think>")], add_generation_prompt=False,
@@ -108,6 +119,7 @@ def test_thinking_is_split_out_and_a_grammar_waits_for_its_end(server: RunningSe
     held = server.generate(structured=pb.StructuredOutput(regex="(yes|no)"), **opened)
     assert held.text == free.text and held.finish_reason == free.finish_reason
     assert held.parsed.reasoning == free.text.lstrip() and not held.parsed.content
+    assert held.usage.reasoning_tokens == held.usage.completion_tokens  # never closed: all of it
 
 
 @pytest.mark.parametrize("fields, field", [

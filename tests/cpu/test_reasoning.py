@@ -12,7 +12,7 @@ from router.chat import chat_prompt_ids
 from router.errors import BadRequest
 from router.answer_split import ChatSplit
 from router.openai_requests import Options, parse_body
-from router.reasoning import Thinking, prompt_opens_thinking
+from router.reasoning import Thinking, prompt_opens_thinking, reasoning_tokens
 from router.tool_calls import merged
 from router.tools import ToolMode
 
@@ -94,3 +94,20 @@ def test_earlier_thinking_reaches_the_template() -> None:
                                  {"role": "assistant", "content": "4", key: "add them"},
                                  {"role": "user", "content": "and 3+3?"}])
         assert tok.decode(chat_prompt_ids(req, tok)) == "<user>2+2?<assistant>[add them]4<user>and 3+3?"
+
+
+def test_reasoning_tokens_count_up_to_the_token_that_completes_the_close() -> None:
+    ids = TOK("<think>why not</think>Yes.")["input_ids"]  # one token per byte
+    assert reasoning_tokens(ids, TOK) == len("<think>why not</think>")
+    assert reasoning_tokens(ids[:10], TOK) == 10  # never closed: all of it
+    text = "<think>a b</think>c"
+    for step in (1, 3, 100):  # streamed however the text and tokens come, or whole
+        split = ChatSplit(None, reasoning=True, count=lambda i: reasoning_tokens(i, TOK))
+        for k in range(0, len(text), step):
+            piece = text[k:k + step]
+            split.feed(piece, "stop" if k + step >= len(text) else "", TOK(piece)["input_ids"])
+        assert split.reasoning_tokens == len("<think>a b</think>")
+    plain = ChatSplit(None, reasoning=True, count=lambda i: reasoning_tokens(i, TOK))
+    plain.feed("no thinking", "stop", TOK("no thinking")["input_ids"])
+    assert plain.reasoning_tokens == 0
+    assert ChatSplit(None, reasoning=False).feed("x", "stop", [5])[0] == "" and ChatSplit(None, False).reasoning_tokens is None
