@@ -111,6 +111,13 @@ def test_thinking_is_split_out_and_a_grammar_waits_for_its_end(server: RunningSe
                                     extra_body={"structured_outputs": {"regex": "<think>[a-z]{3,12}</think>(yes|no)"}})
     assert r.usage is not None and r.usage.completion_tokens_details is not None
     assert r.usage.completion_tokens_details.reasoning_tokens == thought
+    chunks = list(oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "weather?"}], tools=HTTP_TOOLS,  # type: ignore[arg-type]
+        max_tokens=100, temperature=1.0, seed=5, stream=True, stream_options={"include_usage": True},
+        extra_body={"structured_outputs": {"regex": "<think>[a-z]{3,12}</think>(yes|no)"}}))
+    last = chunks[-1].usage
+    assert last is not None and last.completion_tokens_details is not None
+    assert last.completion_tokens_details.reasoning_tokens == thought  # the stream's usage chunk
     # the prompt opens the block: the grammar holds only what follows </think>, which the tiny
     # model never writes, so it thinks as freely as without one (router/reasoning.think_first)
     opened = dict(messages=[*ASK, pb.ChatMessage(role="assistant", content="<think>")], add_generation_prompt=False,
