@@ -110,16 +110,18 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
         )
-    check_supported(model.config)
+    check_supported(model.config, cfg.max_model_len)
     return model.to(cfg.device).eval()
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+WINDOWED_ALWAYS = ("mistral",)  # a config's sliding_window applies whenever set (qwen's only with use_sliding_window)
 
 
-def check_supported(config: Any) -> None:
-    """ModelLoadError naming model.path unless the engine computes this model as Hugging Face does:
-    a Llama-shaped decoder (engine/model_runner.py) with full attention in every layer."""
+def check_supported(config: Any, max_model_len: int | None = None) -> None:
+    """ModelLoadError naming the field unless the engine computes this model as Hugging Face does:
+    a Llama-shaped decoder (engine/model_runner.py) whose layers attend to the whole context — or
+    to a window (Mistral's `sliding_window`) no request can outgrow (max_model_len within it)."""
     if config.model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")
@@ -127,6 +129,11 @@ def check_supported(config: Any) -> None:
     if getattr(config, "use_sliding_window", False) or windowed:
         raise ModelLoadError(f"model.path: {config.model_type} with sliding-window attention (use_sliding_window) "
                              "is not supported: every layer attends to the whole context here")
+    window = getattr(config, "sliding_window", None) if config.model_type in WINDOWED_ALWAYS else None
+    if window is not None and max_model_len is not None and max_model_len > window:
+        raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds {config.model_type}'s sliding window "
+                             f"of {window} tokens, which this engine does not compute (every layer attends to "
+                             f"the whole context): set model.max_model_len <= {window}")
 
 
 def eos_token_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

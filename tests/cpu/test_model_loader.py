@@ -5,7 +5,9 @@ import torch
 
 from engine.config import ModelConfig
 from engine.model_loader import ModelLoadError, check_supported, eos_token_ids, load_model, load_tokenizer
-from engine.tiny import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from engine.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 
 def test_local_hf_checkpoint_folder_loads_offline(tmp_path: Path) -> None:
@@ -48,3 +50,14 @@ def test_a_qwen3_folder_loads_and_sliding_windows_or_other_families_are_refused(
     model.config.model_type = "gemma2"
     with pytest.raises(ModelLoadError, match="model.path: architecture 'gemma2' is not supported"):
         check_supported(model.config)
+
+
+def test_a_mistral_window_shorter_than_max_model_len_is_refused(tmp_path: Path) -> None:
+    """Mistral 7B v0.1 attends over a 4096-token window: the engine's full attention equals it only
+    while a request fits the window, so model.max_model_len must."""
+    cfg = MistralConfig(**{**tiny_config().to_dict(), "model_type": "mistral", "sliding_window": 64})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="model.max_model_len: 2048 exceeds .* sliding window of 64"):
+        load_model(ModelConfig(path=str(tmp_path)))
+    assert load_model(ModelConfig(path=str(tmp_path), max_model_len=64)).config.sliding_window == 64
