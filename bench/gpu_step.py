@@ -5,7 +5,8 @@
 
 Per batch size B, contexts of --context tokens:
   floor     the shape's linear layers + LM head on [B, hidden], replayed as one CUDA graph: the weights
-            read once per step (what no decode step can beat)
+            read once per step (what no decode step can beat); a mixture of experts' layers as
+            their routed grouped matmuls (each expert the batch picks read once)
   graphs    pdserve's decode step: ModelRunner (Triton attention) through its CUDA graph + the sampler
             (graphs_unsplit: the same with the decode kernel's keys not split, where they are split)
   eager     the same step without graphs
@@ -30,7 +31,9 @@ import torch.nn.functional as F  # noqa: E402
 from engine import triton_attention as tat  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.model_loader import load_model  # noqa: E402
+from engine.layer_ops import TorchOps  # noqa: E402
 from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
+from engine.moe import Experts  # noqa: E402
 from engine.sampler import sample  # noqa: E402
 from engine.types import SamplingParams  # noqa: E402
 
@@ -47,9 +50,18 @@ def _median_ms(fn, steps: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
+def _mlp_floor(mlp: object, h: torch.Tensor) -> torch.Tensor:
+    """A dense MLP's two matmuls (act * up skipped); a mixture of experts' routed grouped matmuls
+    (engine/moe.py: each expert the batch touches read once)."""
+    if isinstance(mlp, Experts):
+        return mlp(h, TorchOps.act_mul)
+    inter = mlp.down_proj.weight.shape[1]  # type: ignore[attr-defined]
+    gu = F.linear(h, mlp.gate_up.weight)  # type: ignore[attr-defined]
+    return F.linear(gu[:, :inter], mlp.down_proj.weight)  # type: ignore[attr-defined]
+
+
 def floor_ms(runner: ModelRunner, batch: int, steps: int) -> float:
     hidden = runner.model.config.hidden_size
-    inter = runner.layers[0].down_proj.weight.shape[1]
     x = torch.randn(batch, hidden, dtype=runner.dtype, device=runner.device)
     attn = torch.randn(batch, runner.q_size, dtype=runner.dtype, device=runner.device)  # [B, H*D]: o_proj's input
 
@@ -57,9 +69,7 @@ def floor_ms(runner: ModelRunner, batch: int, steps: int) -> float:
         h = x
         for layer in runner.layers:
             F.linear(h, layer.qkv.weight)
-            h = F.linear(attn, layer.o_proj.weight)
-            gu = F.linear(h, layer.gate_up.weight)
-            h = F.linear(gu[:, :inter], layer.down_proj.weight)
+            h = _mlp_floor(layer.mlp, F.linear(attn, layer.o_proj.weight))
         return F.linear(h, runner.lm_head.weight)
 
     linears()

@@ -1,4 +1,4 @@
-"""A random-weight Llama of a named shape, saved as a local Hugging Face folder (no download).
+"""A random-weight model of a named shape, saved as a local Hugging Face folder (no download).
 
     python bench/make_model.py --shape 1.1b --out /tmp/llama-1.1b --device cuda --dtype bfloat16
     python bench/make_model.py --shape 8b   --out /tmp/llama-8b   --device cuda --dtype bfloat16
@@ -6,7 +6,10 @@
 Every GPU figure in the README comes from such a folder, so it can be reproduced on any CUDA machine
 without a model hub: point `model.path` at it. Shapes: 1.1b (TinyLlama: hidden 2048, 22 layers, 32
 heads, 4 KV heads, MLP 5632), 8b (Llama-3-8B: 4096, 32, 32, 8, 14336), test (a few MB, for tests);
-qwen3-0.6b, qwen3-8b and qwen3-test the same for Qwen 3 (per-head q/k norms, head_dim 128).
+qwen3-0.6b, qwen3-8b and qwen3-test the same for Qwen 3 (per-head q/k norms, head_dim 128);
+qwen3-a3b-24l is Qwen3-30B-A3B's layer (128 experts of 768, 8 per token) in 24 of its 48 layers
+(~15B parameters, 30 GB in bf16: the whole model would not fit a 64 GB disk), qwen3-moe-test a
+few MB of the same kind.
 The tokenizer is byte-level BPE: ids 0-2 are the specials, 3-258 the 256 bytes (so any text
 encodes, and llguidance can hold a grammar over it), and the rest words " t0", " t1", ... (one token
 each, leading space included), so prompts of any length are easy to make (" t5 t17 t9 ...", or decode
@@ -33,6 +36,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                      head_dim=128, intermediate_size=12288, vocab_size=151936),
     "qwen3-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=32, intermediate_size=128, vocab_size=512),
+    # Qwen 3 MoE: every layer sparse, the top-k weights renormalized
+    "qwen3-a3b-24l": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936),
+    "qwen3-moe-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                           num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512),
 }
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: eos is 2, as in the tiny model
 FIRST_WORD = len(SPECIALS) + 256 + 1  # the id of " t0" (after the bytes and the merge prefix " t")
@@ -45,15 +55,15 @@ CHAT_TEMPLATE = (
 def build(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", seed: int = 0,
           max_position: int = 8192) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3MoeConfig
 
     dims = {"tie_word_embeddings": False, **SHAPES[shape]}
-    config = Qwen3Config if shape.startswith("qwen3") else LlamaConfig
+    config = (Qwen3MoeConfig if "num_experts" in dims else Qwen3Config) if shape.startswith("qwen3") else LlamaConfig
     cfg = config(**dims, max_position_embeddings=max_position, rope_theta=10000.0 if config is LlamaConfig else 1e6,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
+    with torch.device(device):  # made in its dtype (a 15B float32 copy would not fit an 80 GB GPU)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     hf = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(dims["vocab_size"]), unk_token="<unk>",

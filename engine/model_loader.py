@@ -114,8 +114,8 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     return model.to(cfg.device).eval()
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-WINDOWED_ALWAYS = ("mistral",)  # a config's sliding_window applies whenever set (qwen's only with use_sliding_window)
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+WINDOWED_ALWAYS = ("mistral", "mixtral")  # a config's sliding_window applies whenever set (qwen's only with use_sliding_window)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:

@@ -13,14 +13,17 @@ What differs by device is attention (engine/attention.py) and the small ops betw
 on CPU a fused C++ decode kernel over the block tables (engine/csrc), SDPA for prompts, and the
 Hugging Face modules (TorchOps); on CUDA Triton kernels that read K/V in place with no host work
 (engine/triton_attention.py) and one kernel each for residual add + RMSNorm, rotary + KV store and
-SiLU * up (TritonOps, engine/triton_fused.py: ~10 kernels a layer where the modules launch ~35), which is what
+SiLU * up (TritonOps in engine/layer_ops.py, engine/triton_fused.py: ~10 kernels a layer where the modules launch ~35), which is what
 lets the decode step be captured as short CUDA graphs (engine/cuda_graphs.py). The q/k/v and
 gate/up projections run as one matmul each (weights concatenated once, the original modules left as
-views into them).
+views into them). A mixture-of-experts layer (Qwen 3 MoE, Mixtral, Qwen 2 MoE) runs its experts as grouped
+matmuls (engine/moe.py) where a dense one runs its MLP.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from functools import partial
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +33,26 @@ from transformers import PreTrainedModel
 from engine import paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.linear import Linear, default_backend, from_module
+from engine.layer_ops import TorchOps, TritonOps
+from engine.moe import ActMul, Experts
 from engine.types import TokenLogprob
 
 if TYPE_CHECKING:
     from engine.cuda_graphs import DecodeGraphs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Dense:
+    """A gated MLP: down(act(gate) * up), gate|up as one matmul."""
+
+    gate_up: Linear  # weight [2 * intermediate, hidden]
+    down_proj: Linear
+    act: torch.nn.Module
+
+    def __call__(self, h: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
+        return self.down_proj(act_mul(self.act, self.gate_up(h)))  # [T, hidden]
 
 
 @dataclass(frozen=True)
@@ -44,9 +63,7 @@ class _Layer:
     post_norm: torch.nn.Module
     qkv: Linear  # weight [(H + 2*KVH) * D, hidden]
     o_proj: Linear
-    gate_up: Linear  # weight [2 * intermediate, hidden]
-    down_proj: Linear
-    act: torch.nn.Module
+    mlp: _Dense | Experts  # a dense MLP, or a mixture of experts (engine/moe.py)
     scaling: float
     q_norm: torch.nn.Module | None = None  # Qwen 3: RMSNorm over each head's D of q and k, before rotary
     k_norm: torch.nn.Module | None = None
@@ -121,21 +138,25 @@ class ModelRunner:
             TritonOps() if self.attn.name == "triton" and TritonOps.fits(model) else TorchOps()
         )
         self.layers = []
+        dense = partial(self._dense, backend=backend)
         for layer in model.model.layers[: self.num_layers]:
             a, mlp = layer.self_attn, layer.mlp
             w_qkv, b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
-            w_gu, b_gu = _fuse([mlp.gate_proj, mlp.up_proj])
-            if b_gu is not None:
-                raise NotImplementedError("MLP biases are not supported")
             self.layers.append(
                 _Layer(layer.input_layernorm, layer.post_attention_layernorm, Linear(w_qkv, b_qkv, backend),
-                       from_module(a.o_proj, backend), Linear(w_gu, None, backend),
-                       from_module(mlp.down_proj, backend), mlp.act_fn, a.scaling,
+                       from_module(a.o_proj, backend), Experts.of(mlp, dense) or dense(mlp), a.scaling,
                        getattr(a, "q_norm", None), getattr(a, "k_norm", None))
             )
         self.lm_head = from_module(model.lm_head, backend)
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
+
+    @staticmethod
+    def _dense(mlp: torch.nn.Module, backend: str) -> _Dense:
+        w_gu, b_gu = _fuse([mlp.gate_proj, mlp.up_proj])
+        if b_gu is not None:
+            raise NotImplementedError("MLP biases are not supported")
+        return _Dense(Linear(w_gu, None, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
 
     def _attention_backend(self, kernels: str, linear_backend: str) -> TorchAttention | TritonAttention:
         """triton: asked for, or auto on CUDA where it imports; else torch (the fused C++ decode kernel on
@@ -179,11 +200,17 @@ class ModelRunner:
 
     def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
         """Run decode steps of up to `max_batch` rows through CUDA graphs (engine/cuda_graphs.py);
-        capture defaults to: on CUDA. Needs the triton attention backend."""
+        capture defaults to: on CUDA. Needs the triton attention backend. Experts whose grouped
+        matmuls read on the host (Experts.graph_safe) keep every step eager: no graphs."""
         from engine.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self, max_batch, max_model_len,
-                                   self.device.type == "cuda" if capture is None else capture)
+        capture = self.device.type == "cuda" if capture is None else capture
+        if capture and not all(layer.mlp.graph_safe() for layer in self.layers if isinstance(layer.mlp, Experts)):
+            log.warning("decode steps stay eager: a %s mixture of experts is captured as CUDA graphs only in "
+                        "bfloat16 on sm90/sm100 (torch's grouped_mm reads its groups on the host otherwise)",
+                        self.dtype)
+            return
+        self.graphs = DecodeGraphs(self, max_batch, max_model_len, capture)
 
     def device_ok(self) -> bool:
         """Whether the device still runs work. After a failed step: an out-of-memory leaves the CUDA
@@ -223,7 +250,7 @@ class ModelRunner:
             o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), cos, sin, meta,
                                  layer.scaling)  # [T, H*D]
             h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
-            x = layer.down_proj(ops.act_mul(layer.act, layer.gate_up(h)))  # [T, hidden]
+            x = layer.mlp(h, ops.act_mul)  # [T, hidden]
         assert residual is not None
         return x, residual
 
@@ -257,45 +284,3 @@ class ModelRunner:
                 out[i] = lps
             row += s.num_new
         return out
-
-
-class TorchOps:
-    """The small ops of a layer as Hugging Face runs them (CPU; and any model the fused ones do not fit)."""
-
-    @staticmethod
-    def norm(module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(module(residual + x), residual + x); residual None: (module(x), x)."""
-        if residual is not None:
-            x = residual + x
-        return module(x), x
-
-    @staticmethod
-    def act_mul(act: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-        """[T, 2I] (gate | up) → act(gate) * up [T, I]."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return act(gate) * up
-
-
-class TritonOps:
-    """The same as one Triton kernel each (engine/triton_fused.py): residual add + RMSNorm, SiLU * up."""
-
-    def __init__(self) -> None:
-        from engine import triton_fused
-
-        self.fused = triton_fused
-
-    @staticmethod
-    def fits(model: PreTrainedModel) -> bool:
-        """RMSNorm layers (weight, variance_epsilon) and a SiLU MLP: what the kernels compute."""
-        layer = model.model.layers[0]
-        norms = [layer.input_layernorm, layer.post_attention_layernorm, model.model.norm,
-                 *(n for n in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None))
-                   if n is not None)]
-        return (getattr(model.config, "hidden_act", None) in ("silu", "swish")
-                and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms))
-
-    def norm(self, module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fused.add_rms_norm(x, residual, module.weight, module.variance_epsilon)
-
-    def act_mul(self, act: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-        return self.fused.silu_mul(gate_up)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, PretrainedConfig,
-                          Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast,
+                          PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -65,18 +65,31 @@ def tiny_config(vocab_size: int = 259) -> LlamaConfig:
     )
 
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
+MOE = dict(num_experts_per_tok=2, router_jitter_noise=0.0)  # 8 experts, each token through 2
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "llama") -> PreTrainedModel:
     """Seeded random Llama (~100k parameters). Same seed → same weights in every process.
     arch: the same size as another supported family — qwen2 (q/k/v biases), qwen3 (per-head q/k
-    RMSNorm, a head_dim that is not hidden / heads, tied embeddings)."""
+    RMSNorm, a head_dim that is not hidden / heads, tied embeddings), qwen3_moe (qwen3's attention,
+    experts of 32 in layer 1 and a dense MLP in layer 0, top-k weights renormalized), mixtral
+    (experts of 64 in every layer), qwen2_moe (qwen2's attention, experts of 32 beside a gated
+    shared expert of 64 in every layer)."""
     cfg: PretrainedConfig = tiny_config()
     if arch == "qwen2":
         cfg = Qwen2Config(**{**cfg.to_dict(), "model_type": "qwen2"})
     elif arch == "qwen3":
         cfg = Qwen3Config(**{**cfg.to_dict(), "model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": True})
+    elif arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**{**cfg.to_dict(), **MOE, "model_type": "qwen3_moe", "head_dim": 32, "num_experts": 8,
+                                "moe_intermediate_size": 32, "mlp_only_layers": [0], "norm_topk_prob": True})
+    elif arch == "mixtral":
+        cfg = MixtralConfig(**{**cfg.to_dict(), **MOE, "model_type": "mixtral", "num_local_experts": 8,
+                               "intermediate_size": 64})
+    elif arch == "qwen2_moe":
+        cfg = Qwen2MoeConfig(**{**cfg.to_dict(), **MOE, "model_type": "qwen2_moe", "num_experts": 8,
+                                "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64})
     elif arch != "llama":
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     cfg._attn_implementation = "sdpa"
@@ -87,6 +100,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight")):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("mlp.gate.weight"):  # a router: tokens spread over the experts
+                p.normal_(0, 1.0)
     torch.random.set_rng_state(saved)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = 0

@@ -17,8 +17,8 @@ from engine.tiny import tiny_model  # noqa: E402
 MODEL = tiny_model()
 
 
-def _hf(prompt: list[int], n: int) -> list[int]:
-    out = MODEL.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+def _hf(prompt: list[int], n: int, model: torch.nn.Module = MODEL) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -29,14 +29,16 @@ def test_buckets_are_nano_vllms() -> None:
     assert buckets(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.mark.parametrize("num_sms", [1, 16])  # 16: small batches split their keys (flash-decoding)
-def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback(num_sms: int) -> None:
+# 16 SMs: small batches split their keys (flash-decoding); qwen3_moe: padding rows pick experts too
+@pytest.mark.parametrize("num_sms, arch", [(1, "llama"), (16, "llama"), (1, "qwen3_moe")])
+def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback(num_sms: int, arch: str) -> None:
     """6 sequences finishing at different steps: batches of 6 (> largest bucket 4: eager), 5, 3 (bucket 4,
     one padding row), 2, 1 — each sequence == HF generate."""
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 259) for _ in range(rng.randint(1, 40))] for _ in range(6)]
     lengths = [3, 5, 7, 8, 10, 12]  # tokens to generate per sequence
-    runner = ModelRunner(MODEL, num_blocks=64, block_size=8, kernels="triton")
+    model = MODEL if arch == "llama" else tiny_model(arch=arch)
+    runner = ModelRunner(model, num_blocks=64, block_size=8, kernels="triton")
     runner.attn.num_sms = num_sms  # type: ignore[union-attr]
     runner.use_decode_graphs(max_batch=4, max_model_len=64, capture=False)
     graphs = runner.graphs
@@ -52,10 +54,10 @@ def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback(num_sm
         seen_batches.append(len(live))
         rows = [SeqInput([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
         logits = runner.forward(rows)
-        assert logits.shape == (len(live), MODEL.config.vocab_size)
+        assert logits.shape == (len(live), model.config.vocab_size)
         for i, row in zip(live, logits):
             out[i].append(int(row.argmax()))
-    assert [o for o in out] == [_hf(p, n) for p, n in zip(prompts, lengths)]
+    assert [o for o in out] == [_hf(p, n, model) for p, n in zip(prompts, lengths)]
     assert 6 in seen_batches and 3 in seen_batches  # the eager fallback and a padded bucket both ran
     assert graphs.replays == sum(1 for b in seen_batches if b <= 4)
 

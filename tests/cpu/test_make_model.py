@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from make_model import FIRST_WORD, build  # noqa: E402
 
 
-@pytest.mark.parametrize("shape", ["test", "qwen3-test"])
+@pytest.mark.parametrize("shape", ["test", "qwen3-test", "qwen3-moe-test"])
 def test_a_built_model_loads_and_decodes_like_hf(tmp_path: Path, shape: str) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -61,3 +61,14 @@ def test_a_mistral_window_shorter_than_max_model_len_is_refused(tmp_path: Path) 
     with pytest.raises(ModelLoadError, match="model.max_model_len: 2048 exceeds .* sliding window of 64"):
         load_model(ModelConfig(path=str(tmp_path)))
     assert load_model(ModelConfig(path=str(tmp_path), max_model_len=64)).config.sliding_window == 64
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_a_mixture_of_experts_folder_loads(tmp_path: Path, arch: str) -> None:
+    model = tiny_model(seed=3, arch=arch)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(ModelConfig(path=str(tmp_path)))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

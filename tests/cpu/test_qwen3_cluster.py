@@ -1,5 +1,6 @@
-"""A Qwen 3 checkpoint folder served 1P1D: its KV (head_dim 32 where hidden / heads is 16) is handed
-off and decoded, and every answer, alone or in a crowd, equals Hugging Face generate."""
+"""A Qwen 3 checkpoint folder, dense and mixture-of-experts, served 1P1D: its KV (head_dim 32 where
+hidden / heads is 16) is handed off and decoded, and every answer, alone or in a crowd (whose rows
+each pick their own experts in one step), equals Hugging Face generate."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -12,32 +13,33 @@ import torch
 from engine.tiny import tiny_model, tiny_tokenizer
 from tests.cpu.harness import RunningServer, prompts, tiny_config
 
-MODEL = tiny_model(seed=6, arch="qwen3")
 TOK = tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    folder: Path = tmp_path_factory.mktemp("qwen3")
-    MODEL.save_pretrained(folder)
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    model = tiny_model(seed=6, arch=request.param)
+    folder: Path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
     TOK.save_pretrained(folder)
     ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-qwen3")
     srv = RunningServer(tiny_config(model={"path": str(folder)}, prefill={"chunk_tokens": 64}))
-    yield srv
+    yield srv, model
     srv.stop()
     ray.shutdown()
 
 
-def _hf(prompt: str, n: int) -> list[int]:
+def _hf(model: torch.nn.Module, prompt: str, n: int) -> list[int]:
     ids = torch.tensor([TOK(prompt)["input_ids"]])
     with torch.inference_mode():
-        out = MODEL.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_qwen3_greedy_equals_hf_alone_and_eight_at_once(server: RunningServer) -> None:
+def test_qwen3_greedy_equals_hf_alone_and_eight_at_once(served: tuple[RunningServer, torch.nn.Module]) -> None:
+    server, model = served
     ps = prompts(8, seed=11)  # the last is ~370 tokens: computed in chunks of 64
-    want = [_hf(p, 12) for p in ps]
+    want = [_hf(model, p, 12) for p in ps]
     assert list(server.generate(prompt=ps[-1], max_tokens=12, ignore_eos=True).token_ids) == want[-1]
     with cf.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda p: list(server.generate(prompt=p, max_tokens=12, ignore_eos=True).token_ids), ps))

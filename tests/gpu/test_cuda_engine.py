@@ -46,7 +46,8 @@ def _hf(model, p: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-de
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms (fused kernel), head_dim 32
 @pytest.mark.parametrize("max_graph_batch", [64, 8])  # 64: every step replays a graph; 8: 32 rows run eagerly
 def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int, arch: str) -> None:
-    from engine.model_runner import ModelRunner, TritonOps
+    from engine.layer_ops import TritonOps
+    from engine.model_runner import ModelRunner
 
     model = _model(arch=arch)
     runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
@@ -60,16 +61,31 @@ def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int
     assert runner.graphs is not None and runner.graphs.replays > 0
 
 
-def test_bf16_graphs_equal_bf16_eager() -> None:
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_mixtures_of_experts_equal_hf_in_fp32_and_stay_eager(arch: str) -> None:
+    """fp32 experts: torch's grouped_mm loops over groups on the host, so the runner keeps every step eager."""
     from engine.model_runner import ModelRunner
 
-    model = _model(torch.bfloat16)
+    model = _model(arch=arch)
+    runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
+    runner.use_decode_graphs(64, max_model_len=256)
+    assert runner.graphs is None
+    prompts = _prompts(32, seed=5)
+    assert _decode(runner, prompts, 12) == [_hf(model, p, 12) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])  # qwen3_moe: the experts' grouped matmuls in the graphs
+def test_bf16_graphs_equal_bf16_eager(arch: str) -> None:
+    from engine.model_runner import ModelRunner
+
+    model = _model(torch.bfloat16, arch)
     prompts = _prompts(16, seed=3)
     eager = ModelRunner(model, num_blocks=16 * 16, block_size=16)
     eager_out = _decode(eager, prompts, 10)
     graphs = ModelRunner(model, num_blocks=16 * 16, block_size=16)
     graphs.use_decode_graphs(16, max_model_len=256)
     assert _decode(graphs, prompts, 10) == eager_out
+    assert graphs.graphs is not None and graphs.graphs.replays > 0
 
 
 def test_seeded_sampling_on_cuda_is_batch_independent() -> None:

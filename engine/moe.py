@@ -1,0 +1,85 @@
+"""Mixture-of-experts MLPs (Qwen 3 MoE, Mixtral, Qwen 2 MoE): each token runs through k of E experts.
+
+One forward of a sparse layer, for T tokens (rows of the packed batch) and k experts each:
+  1. route: the router's logits [T, E] → softmax (float32) → the top k (weights, experts) [T, k],
+     the weights renormalized to sum to 1 where the family does (Mixtral always, Qwen 3 with
+     `norm_topk_prob`), as Hugging Face computes them;
+  2. group: the T·k (token, expert) pairs sorted by expert, each pair a row of its token's input
+     [T·k, hidden], and each expert's end row (a histogram's cumulative sum, on the device);
+  3. experts: two grouped matmuls over all experts at once (torch's `grouped_mm`: gate|up, then
+     down, each expert's rows by its own weights) with act(gate) * up between;
+  4. combine: each row times its weight, put back in (token, k) order and summed over k → [T, hidden];
+  5. a shared expert (Qwen 2 MoE), where there is one: a dense MLP every token runs, scaled by a
+     sigmoid gate of its own, added.
+No count is read on the host, so a decode step of sparse layers is captured as a CUDA graph like a
+dense one (engine/cuda_graphs.py) — where torch's grouped matmul does the same (bf16 on sm90/sm100:
+graph_safe(); elsewhere the runner keeps the step eager). The weights are Hugging Face's own 3D tensors, read in place.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ActMul = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (act, [S, 2I] gate|up) → [S, I]
+MLP = Callable[[torch.Tensor, ActMul], torch.Tensor]  # a dense MLP: ([T, hidden], act_mul) → [T, hidden]
+
+
+@dataclass(frozen=True)
+class Experts:
+    router: torch.Tensor  # [E, hidden]
+    gate_up: torch.Tensor  # [E, hidden, 2I]: a transposed view of Hugging Face's [E, 2I, hidden]
+    down: torch.Tensor  # [E, I, hidden]: a view of [E, hidden, I]
+    act: torch.nn.Module
+    top_k: int
+    renormalize: bool
+    shared: MLP | None = None  # 5. the shared expert
+    shared_gate: torch.Tensor | None = None  # [1, hidden]
+
+    @classmethod
+    def of(cls, mlp: torch.nn.Module, dense: Callable[[torch.nn.Module], MLP]) -> Experts | None:
+        """A sparse block's experts (Hugging Face's `gate` router + `experts`, and a
+        `shared_expert` made a dense MLP by `dense`); None: a dense MLP."""
+        experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+        if experts is None or gate is None:
+            return None
+        shared = getattr(mlp, "shared_expert", None)
+        return cls(gate.weight.data, experts.gate_up_proj.data.transpose(1, 2),
+                   experts.down_proj.data.transpose(1, 2), experts.act_fn, int(gate.top_k),
+                   bool(getattr(gate, "norm_topk_prob", True)), dense(shared) if shared is not None else None,
+                   mlp.shared_expert_gate.weight.data if shared is not None else None)
+
+    def graph_safe(self) -> bool:
+        """Whether a forward through these experts can be captured as a CUDA graph: torch's grouped_mm
+        keeps the group ends on the device only in bf16 on Hopper or Blackwell (sm90, sm100);
+        elsewhere it loops over the groups, reading their ends on the host."""
+        dev = self.router.device
+        return (dev.type == "cuda" and self.router.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(dev)[0] in (9, 10))
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.shape[0]
+
+    def __call__(self, x: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
+        """x [T, hidden] → [T, hidden]."""
+        T, k = x.shape[0], self.top_k
+        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)  # 1. [T, E]
+        weights, chosen = torch.topk(probs, k, dim=-1)  # [T, k] each
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        by_expert, order = torch.sort(chosen.reshape(-1), stable=True)  # 2. [T*k]: pairs by expert
+        rows = x.index_select(0, order // k)  # [T*k, hidden]
+        counts = torch.histc(by_expert.float() if x.device.type == "cpu" else by_expert.int(),
+                             bins=self.num_experts, min=0, max=self.num_experts - 1)  # [E]
+        ends = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]: expert e's rows end at ends[e]
+        h = act_mul(self.act, F.grouped_mm(rows, self.gate_up, offs=ends))  # 3. [T*k, I]
+        y = F.grouped_mm(h, self.down, offs=ends)  # [T*k, hidden]
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)  # 4.
+        out = torch.empty_like(y).index_copy_(0, order, y)  # [T*k, hidden] in (token, k) order
+        routed = out.view(T, k, -1).sum(dim=1)  # [T, hidden]
+        if self.shared is None or self.shared_gate is None:
+            return routed
+        return routed + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x, act_mul)  # 5.
