@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 ActMul = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (act, [S, 2I] gate|up) → [S, I]
 MLP = Callable[[torch.Tensor, ActMul], torch.Tensor]  # a dense MLP: ([T, hidden], act_mul) → [T, hidden]
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # the public name where this torch has it
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ class Experts:
         counts = torch.histc(by_expert.float() if x.device.type == "cpu" else by_expert.int(),
                              bins=self.num_experts, min=0, max=self.num_experts - 1)  # [E]
         ends = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]: expert e's rows end at ends[e]
-        h = act_mul(self.act, F.grouped_mm(rows, self.gate_up, offs=ends))  # 3. [T*k, I]
-        y = F.grouped_mm(h, self.down, offs=ends)  # [T*k, hidden]
+        h = act_mul(self.act, grouped_mm(rows, self.gate_up, offs=ends))  # 3. [T*k, I]
+        y = grouped_mm(h, self.down, offs=ends)  # [T*k, hidden]
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # 4.
         out = torch.empty_like(y).index_copy_(0, order, y)  # [T*k, hidden] in (token, k) order
         routed = out.view(T, k, -1).sum(dim=1)  # [T, hidden]
