@@ -19,6 +19,12 @@
 #                                                           # prefill.overlap_reserve on and off (ipc, twice each, alternating);
 #                                                           # and whether a dead owner's IPC-mapped cache keeps its memory
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh sampler    # one sample() call per kind, vocabularies 32k and 128k, batch 1 and 64
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh issue10    # issue 10's open target first, for a short lease (15 min of device
+#                                                           # time, cold start included): 64 streams through router + Ray,
+#                                                           # aggregated and 1P1D with steps in flight, aggregated without,
+#                                                           # each against the bare forward of the same run; then one step's
+#                                                           # torch profile at 64 in-process (the note's "where the time goes").
+#                                                           # Then `tests` in a second call.
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
@@ -50,6 +56,17 @@ case "${1:-tests}" in
              --output "$OUT/step-qwen3-8b.json" 2>&1 | tee "$OUT/step-qwen3-8b.log" | tail -8 ;;
   moe)     python3 bench/gpu_step.py --model-path "$(model qwen3-a3b-24l)" --batches 1,16,64 --no-hf --profile \
              --output "$OUT/step-qwen3-a3b-24l.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l.log" | tail -8 ;;
+  issue10) p=$(model 1.1b)
+           for run in aggregated:true disaggregated:true aggregated:false; do
+             m=${run%%:*}; OVERLAP=${run##*:}
+             python3 bench/engine.py --config "$(yaml "$p" $m)" --concurrency 64 --prompt-tokens 64 --max-tokens 512 \
+               --output "$OUT/serve64-$m-overlap-$OVERLAP.json" 2>&1 | tee "$OUT/serve64-$m-overlap-$OVERLAP.log" \
+               | grep -E "serving|bare|loop per|no moment"
+           done
+           unset OVERLAP
+           python3 bench/step_host.py --model-path "$p" --batch 64 --stagger --seconds 0.3 \
+             --profile "$OUT/host-b64-profile.txt" 2>&1 | tail -1 | tee "$OUT/host.log"
+           grep -A 25 "by device time" "$OUT/host-b64-profile.txt" ;;
   serve)   p=$(model 1.1b)
            for m in aggregated disaggregated; do
              python3 bench/engine.py --config "$(yaml "$p" $m)" --concurrency 1,16,64 --prompt-tokens 64 \

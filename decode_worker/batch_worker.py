@@ -17,6 +17,7 @@ A request here goes:
   4. poll()      the router long-polls events and streams them to clients
   5. cancel()    from any state: the request leaves at the next step, its blocks are freed (while
                  its KV is being written: once the write has ended)
+Decode-only steps may run in flight, one queued behind another (decode_worker/steps_in_flight.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from decode_worker.config import BatchConfig
 from decode_worker.preemption import Recompute
 from decode_worker.request import DecodeRequest, DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
+from decode_worker.steps_in_flight import StepsInFlight
 from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
 from engine.event_stream import EventBatch, EventOutbox
@@ -39,8 +41,8 @@ from engine.model_runner import ModelRunner, SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
-from engine.sampler import History, needs_history, sample, sample_queued
-from engine.step_loop import InFlight, Step, StepLoop
+from engine.sampler import History, needs_history, sample
+from engine.step_loop import Step, StepLoop
 from engine.structured import Guide, Guides
 from engine.types import (
     DecodeEvent, FinishReason, PrefillRequest, PrefillResult, ReserveResult, SamplingParams, TokenLogprob, WorkerStats,
@@ -48,10 +50,7 @@ from engine.types import (
 )
 
 
-MAX_FOLLOWS = 64  # steps that follow one in flight before a complete turn (engine/step_loop.py)
-
-
-class BatchWorker(StepLoop):
+class BatchWorker(StepsInFlight, StepLoop):
     role = "decode"
 
     def __init__(
@@ -316,77 +315,6 @@ class BatchWorker(StepLoop):
                 (time.monotonic() - p.started) * 1000, 0, first_logprob=lp, cached_tokens=p.cached,
                 prompt_logprobs=p.scored(),
             ))
-
-    # -- steps in flight (engine/step_loop.py) ---------------------------------------------------
-    def _may_launch(self, step: Step) -> bool:
-        """A decode-only step through the CUDA graphs."""
-        g = self.runner.graphs
-        return (self.overlap_steps and g is not None and bool(step.decode) and not step.prompts and not step.recomputes
-                and g.fits(step.seqs))
-
-    def _quiet(self) -> bool:
-        """Under `lock`: nothing but the running batch to attend to (no cancel, arrival, preempted
-        request or prompt); a step may then follow the one in flight."""
-        s = self.scheduler
-        return (not self._inbox and not s.ready and not s.preempted and not s.recomputing
-                and not self.prompts.scheduler.has_work())
-
-    def _follow(self, prev: InFlight) -> Step | None:
-        """prev's rows that go on, each fed the token prev draws for it, at the position that token
-        takes: while quiet, each has a block for it (a row whose token starts a
-        block gets one here; none free: None, and schedule() preempts for it), and for at most
-        MAX_FOLLOWS steps in a row (a complete turn then runs the rest: reservations expire there)."""
-        step = self._fed(prev) if self._follows < MAX_FOLLOWS else None
-        self._follows = self._follows + 1 if step is not None else 0
-        return step
-
-    def _fed(self, prev: InFlight) -> Step | None:
-        bs, rows, seqs = self.allocator.block_size, [], []
-        g = self.runner.graphs
-        with self.lock:
-            if not self._quiet():
-                return None
-            for i, r in enumerate(prev.step.decode):
-                if r.status is not DecodeStatus.RUNNING or len(r.output_ids) + 1 >= r.sampling.max_tokens:
-                    continue  # ended, or prev's token is its last
-                rows.append(r)
-                seqs.append(SeqInput([i], r.num_tokens, r.block_table))  # prev's token goes at num_tokens
-            if not rows or g is None or not g.fits(seqs):
-                return None
-            for r in rows:  # every ~block_size steps a row's token starts a block: it takes a free one
-                if len(r.block_table) * bs <= r.num_tokens:
-                    new = self.allocator.grow(r.request_id, r.num_tokens + 1)
-                    if new is None:
-                        return None
-                    r.block_table.extend(new)
-        return Step(rows, [], seqs, [])
-
-    def _launch(self, step: Step, prev: InFlight | None) -> InFlight:
-        """Its rows are sampled now unless one needs its history and prev's tokens are not read yet."""
-        logits = self.runner.forward(step.seqs, None if prev is None else prev.sampled.tokens)  # [rows, V]
-        f = InFlight(step, logits=logits)
-        if prev is None:
-            self._sample_behind(f)
-        elif not any(needs_history(r.sampling) for r in step.decode):
-            f.sampled = sample_queued(logits, *self._decode_sampling(step.decode, pending=1))
-            f.logits = None
-        return f
-
-    def _sample_behind(self, f: InFlight) -> None:
-        """Every token before f's is on the host: histories and grammars are up to date."""
-        f.sampled = sample_queued(f.logits, *self._decode_sampling(f.step.decode))
-        f.logits = None
-
-    def _complete(self, f: InFlight, behind: bool) -> None:
-        tokens, lps = f.sampled.collect()  # waits for f's forward (and so for every step before it)
-        with self.lock:
-            self.scheduler.release_held()  # their last step has run
-            self.scheduler.hold_kv = behind  # the step behind writes into the blocks of f's rows
-            try:
-                events = self.scheduler.on_tokens(f.step.decode, tokens, lps)
-            finally:
-                self.scheduler.hold_kv = False
-        self._emit(events)  # type: ignore[arg-type]
 
     def _fail_step(self, step: Step, error: str) -> None:
         with self.lock:

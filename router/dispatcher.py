@@ -3,8 +3,8 @@
   1. reserve KV room on a decode worker (most room first); none has room → wait in a bounded FIFO
      queue until a request finishes somewhere (limits.max_queued_requests, queue_timeout_s), then
      ResourceExhausted (router/admission.py)
-  2. prefill on the least-loaded prefill worker, with the reservation's destination; its answer is
-     the first token (TTFT). Where nothing about the choice needs the reservation (no request
+  2. prefill on the least-loaded prefill worker, with the reservation's destination
+     (router/prefill_routing.py); its answer is the first token (TTFT). Where nothing about the choice needs the reservation (no request
      waits for KV room, `local_prefill_tokens` is off, a first try), the prompt is sent at once,
      beside step 1 (`overlap_reserve`), and the destination follows by the prefill worker's
      destine() as soon as the reservation is made: the prompt computes meanwhile, and TTFT loses
@@ -43,7 +43,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.kv_handoff.types import KVDestination
 from engine.types import FinishReason, PrefillRequest, PrefillResult, TokenLogprob
 from router.admission import KVAdmission, Turns
 from router.config import LimitsConfig
@@ -51,12 +50,13 @@ from router.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Reso
 from router.event_inbox import EventInbox
 from router.liveness import WorkerLiveness, WorkerRef, _actor_gone
 from router.migration import RequestMigration
+from router.policy import LeastLoadedPolicy
+from router.prefill_routing import PrefillRouting
+from router.prefix_affinity import PrefixAffinity
+from router.validation import ValidRequest
 
 __all__ = ["AlreadyExists", "DeadlineExceeded", "Dispatcher", "ResourceExhausted", "TokenChunk", "WorkerFailure",
            "WorkerRef"]
-from router.policy import LeastLoadedPolicy
-from router.prefix_affinity import PrefixAffinity
-from router.validation import ValidRequest
 
 log = logging.getLogger(__name__)
 DUPLICATE_GRACE_TURNS = 5  # x 10 ms: how long a request id still in flight is waited for before ALREADY_EXISTS
@@ -73,7 +73,7 @@ class TokenChunk:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the first chunk's, when asked for: prompt tokens 1..
 
 
-class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
+class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration, PrefillRouting):
     def __init__(
         self, prefills: list[WorkerRef], decodes: list[WorkerRef], eos_token_ids: tuple[int, ...], limits: LimitsConfig,
         colocated: bool = False, affinity: PrefixAffinity | None = None, decode_affinity: PrefixAffinity | None = None,
@@ -287,68 +287,6 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
         """Requests waiting for KV room."""
         return len(self.turns)
 
-    def _prefill_early(self, moves: int, n_prompt: int) -> bool:
-        """Step 2 beside step 1: does nothing about the prefill depend on the reservation, and is
-        one likely at once (nobody waits for KV room)?"""
-        return (self.overlap_reserve and not self.colocated and moves == 0 and self.local_prefill_tokens <= 0
-                and not len(self.turns) and not self._computes_here(None, n_prompt))
-
-    async def _destine(self, p_idx: int, key: str, dest: KVDestination) -> None:
-        """Step 2's destination, for a prompt sent before it (its prefill call fails if the worker is gone)."""
-        worker = self.prefills[p_idx]
-        try:
-            await asyncio.wait_for(worker.handle.destine.remote(key, dest), timeout=self.limits.request_timeout_s)
-        except Exception as e:  # noqa: BLE001
-            log.warning("destination of %s to prefill worker %s failed: %s", key, worker.worker_id, e)
-
-    async def _cancel_prefill(self, p_idx: int, key: str) -> None:
-        worker = self.prefills[p_idx]
-        try:
-            await asyncio.wait_for(worker.handle.cancel.remote(key), timeout=5)
-        except Exception as e:  # noqa: BLE001
-            log.warning("cancel %s on prefill worker %s failed: %s", key, worker.worker_id, e)
-
-    def _computes_here(self, dest: KVDestination | None, n_prompt: int) -> bool:
-        """Step 2: is the prompt's part not cached on the decode worker that reserved short enough
-        for that worker to compute it itself, is every prefill worker backed up, or is none left?"""
-        if self.prefill_lost:
-            return True
-        if self.local_prefill_queue_tokens > 0 and min(
-                (self.policy.prefill[i].tokens for i, p in enumerate(self.prefills)
-                 if p.worker_id not in self.dead_prefills), default=0) >= self.local_prefill_queue_tokens:
-            return True
-        if self.local_prefill_tokens <= 0:
-            return False
-        cached = dest.shared_tokens if dest is not None else 0
-        return n_prompt - cached <= self.local_prefill_tokens
-
-    async def _prefill(self, p_idx: int | None, d_idx: int | None, preq: PrefillRequest, work: int, deadline: float
-                       ) -> PrefillResult:
-        """On prefill worker p_idx (None: on decode worker d_idx itself); work: the prompt tokens the
-        prefill worker will compute (its load meanwhile)."""
-        assert p_idx is not None or d_idx is not None
-        worker = self.prefills[p_idx] if p_idx is not None else self.decodes[d_idx]  # type: ignore[index]
-        if p_idx is not None:
-            self.policy.add(self.policy.prefill[p_idx], work)
-        try:
-            return await self._wait(worker.handle.prefill.remote(preq, _remaining(deadline)), deadline, "prefill")
-        except WorkerFailure as e:
-            if _actor_gone(e) and p_idx is not None and not self.colocated:  # later requests go elsewhere
-                self.dead_prefills.add(worker.worker_id)
-                log.error("prefill worker %s is gone; routing around it", worker.worker_id)
-            raise
-        finally:
-            if p_idx is not None:
-                self.policy.remove(self.policy.prefill[p_idx], work)
-
-    def _pick_prefill(self, prompt: list[int], salt: str) -> tuple[int, int]:
-        """(prefill worker index, the prompt tokens it will compute)."""
-        pick = self.policy.pick_prefill({i for i, p in enumerate(self.prefills) if p.worker_id in self.dead_prefills},
-                                        prompt, salt)
-        if pick is None:
-            raise WorkerFailure(f"all {len(self.prefills)} prefill workers are gone")
-        return pick
-
     def _in_background(self, work: Any) -> None:
         """Run a cleanup coroutine without waiting for it (close() cancels what is left)."""
         task = asyncio.ensure_future(work)
@@ -397,10 +335,6 @@ class Dispatcher(KVAdmission, WorkerLiveness, RequestMigration):
             await asyncio.shield(asyncio.ensure_future(both()))
         except asyncio.CancelledError:
             pass
-
-def _remaining(deadline: float) -> float:
-    return max(0.1, deadline - time.monotonic())
-
 
 def _close(timings: dict[str, float], t_first: float, t_accept: float) -> dict[str, float]:
     now = time.monotonic()
