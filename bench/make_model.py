@@ -52,21 +52,28 @@ CHAT_TEMPLATE = (
 )
 
 
+def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
+    """The Hugging Face config of a named shape (`overrides` replace its dimensions)."""
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+
+    dims = {"tie_word_embeddings": False, **SHAPES[shape], **overrides}
+    family = (Qwen3MoeConfig if "num_experts" in dims else Qwen3Config) if shape.startswith("qwen3") else LlamaConfig
+    return family(**dims, max_position_embeddings=max_position, rope_theta=10000.0 if family is LlamaConfig else 1e6,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
 def build(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", seed: int = 0,
           max_position: int = 8192) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    dims = {"tie_word_embeddings": False, **SHAPES[shape]}
-    config = (Qwen3MoeConfig if "num_experts" in dims else Qwen3Config) if shape.startswith("qwen3") else LlamaConfig
-    cfg = config(**dims, max_position_embeddings=max_position, rope_theta=10000.0 if config is LlamaConfig else 1e6,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = config(shape, max_position)
     torch.manual_seed(seed)
     with torch.device(device):  # made in its dtype (a 15B float32 copy would not fit an 80 GB GPU)
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    hf = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(dims["vocab_size"]), unk_token="<unk>",
+    hf = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(cfg.vocab_size), unk_token="<unk>",
                                  bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<unk>")
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out)

@@ -139,12 +139,13 @@ class ModelRunner:
         )
         self.layers = []
         dense = partial(self._dense, backend=backend)
+        moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts
         for layer in model.model.layers[: self.num_layers]:
             a, mlp = layer.self_attn, layer.mlp
             w_qkv, b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
             self.layers.append(
                 _Layer(layer.input_layernorm, layer.post_attention_layernorm, Linear(w_qkv, b_qkv, backend),
-                       from_module(a.o_proj, backend), Experts.of(mlp, dense) or dense(mlp), a.scaling,
+                       from_module(a.o_proj, backend), Experts.of(mlp, dense, moe_triton) or dense(mlp), a.scaling,
                        getattr(a, "q_norm", None), getattr(a, "k_norm", None))
             )
         self.lm_head = from_module(model.lm_head, backend)
@@ -200,17 +201,12 @@ class ModelRunner:
 
     def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
         """Run decode steps of up to `max_batch` rows through CUDA graphs (engine/cuda_graphs.py);
-        capture defaults to: on CUDA. Needs the triton attention backend. Experts whose grouped
-        matmuls read on the host (Experts.graph_safe) keep every step eager: no graphs."""
+        capture defaults to: on CUDA. Needs the triton attention backend (with it, a mixture of
+        experts' grouped matmuls read nothing on the host: Experts.triton_for)."""
         from engine.cuda_graphs import DecodeGraphs
 
-        capture = self.device.type == "cuda" if capture is None else capture
-        if capture and not all(layer.mlp.graph_safe() for layer in self.layers if isinstance(layer.mlp, Experts)):
-            log.warning("decode steps stay eager: a %s mixture of experts is captured as CUDA graphs only in "
-                        "bfloat16 on sm90/sm100 (torch's grouped_mm reads its groups on the host otherwise)",
-                        self.dtype)
-            return
-        self.graphs = DecodeGraphs(self, max_batch, max_model_len, capture)
+        self.graphs = DecodeGraphs(self, max_batch, max_model_len,
+                                   self.device.type == "cuda" if capture is None else capture)
 
     def device_ok(self) -> bool:
         """Whether the device still runs work. After a failed step: an out-of-memory leaves the CUDA

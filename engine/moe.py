@@ -6,14 +6,15 @@ One forward of a sparse layer, for T tokens (rows of the packed batch) and k exp
      `norm_topk_prob`), as Hugging Face computes them;
   2. group: the T·k (token, expert) pairs sorted by expert, each pair a row of its token's input
      [T·k, hidden], and each expert's end row (a histogram's cumulative sum, on the device);
-  3. experts: two grouped matmuls over all experts at once (torch's `grouped_mm`: gate|up, then
-     down, each expert's rows by its own weights) with act(gate) * up between;
+  3. experts: two grouped matmuls over all experts at once (gate|up, then down, each expert's rows
+     by its own weights) with act(gate) * up between: torch's `grouped_mm`, or where that one
+     would read its groups on the host (off bf16 on sm90/sm100) while the step should be a CUDA
+     graph, a Triton kernel that does not (engine/triton_moe.py);
   4. combine: each row times its weight, put back in (token, k) order and summed over k → [T, hidden];
   5. a shared expert (Qwen 2 MoE), where there is one: a dense MLP every token runs, scaled by a
      sigmoid gate of its own, added.
 No count is read on the host, so a decode step of sparse layers is captured as a CUDA graph like a
-dense one (engine/cuda_graphs.py) — where torch's grouped matmul does the same (bf16 on sm90/sm100:
-graph_safe(); elsewhere the runner keeps the step eager). The weights are Hugging Face's own 3D tensors, read in place.
+dense one (engine/cuda_graphs.py). The weights are Hugging Face's own 3D tensors, read in place.
 """
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ class Experts:
     renormalize: bool
     shared: MLP | None = None  # 5. the shared expert
     shared_gate: torch.Tensor | None = None  # [1, hidden]
+    triton: bool = False  # 3. by engine/triton_moe.py, not torch's grouped_mm
 
     @classmethod
-    def of(cls, mlp: torch.nn.Module, dense: Callable[[torch.nn.Module], MLP]) -> Experts | None:
+    def of(cls, mlp: torch.nn.Module, dense: Callable[[torch.nn.Module], MLP], triton: bool = False) -> Experts | None:
         """A sparse block's experts (Hugging Face's `gate` router + `experts`, and a
-        `shared_expert` made a dense MLP by `dense`); None: a dense MLP."""
+        `shared_expert` made a dense MLP by `dense`); None: a dense MLP. triton: step 3 by the
+        Triton kernel (triton_for)."""
         experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
         if experts is None or gate is None:
             return None
@@ -50,15 +53,14 @@ class Experts:
         return cls(gate.weight.data, experts.gate_up_proj.data.transpose(1, 2),
                    experts.down_proj.data.transpose(1, 2), experts.act_fn, int(gate.top_k),
                    bool(getattr(gate, "norm_topk_prob", True)), dense(shared) if shared is not None else None,
-                   mlp.shared_expert_gate.weight.data if shared is not None else None)
+                   mlp.shared_expert_gate.weight.data if shared is not None else None, triton)
 
-    def graph_safe(self) -> bool:
-        """Whether a forward through these experts can be captured as a CUDA graph: torch's grouped_mm
-        keeps the group ends on the device only in bf16 on Hopper or Blackwell (sm90, sm100);
-        elsewhere it loops over the groups, reading their ends on the host."""
-        dev = self.router.device
-        return (dev.type == "cuda" and self.router.dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(dev)[0] in (9, 10))
+    @staticmethod
+    def triton_for(device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether step 3 takes the Triton kernel where the step should be a CUDA graph: where
+        torch's grouped_mm would read its groups on the host."""
+        return not (device.type == "cuda" and dtype == torch.bfloat16
+                    and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
     @property
     def num_experts(self) -> int:
@@ -76,8 +78,12 @@ class Experts:
         counts = torch.histc(by_expert.float() if x.device.type == "cpu" else by_expert.int(),
                              bins=self.num_experts, min=0, max=self.num_experts - 1)  # [E]
         ends = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]: expert e's rows end at ends[e]
-        h = act_mul(self.act, grouped_mm(rows, self.gate_up, offs=ends))  # 3. [T*k, I]
-        y = grouped_mm(h, self.down, offs=ends)  # [T*k, hidden]
+        if self.triton:
+            from engine.triton_moe import grouped_matmul as mm  # imports Triton: only where it runs
+        else:
+            mm = grouped_mm
+        h = act_mul(self.act, mm(rows, self.gate_up, offs=ends))  # 3. [T*k, I]
+        y = mm(h, self.down, offs=ends)  # [T*k, hidden]
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # 4.
         out = torch.empty_like(y).index_copy_(0, order, y)  # [T*k, hidden] in (token, k) order
         routed = out.view(T, k, -1).sum(dim=1)  # [T, hidden]

@@ -3,7 +3,7 @@
 Triton's interpreter (how the CPU suite runs the kernels) checks what they compute, not whether
 they compile: shapes `tl.dot` refuses, a type that changes across a loop, registers or shared
 memory over the limit only show up in the compiler. Here a one-layer ModelRunner of each model shape
-runs its forwards on CPU with every kernel launch recorded instead of run, and each distinct
+(a mixture of experts' too, whose experts take the Triton grouped matmul here) runs its forwards on CPU with every kernel launch recorded instead of run, and each distinct
 recorded signature + constexprs are compiled by Triton to a cubin for sm_90 (H100; `--sm 80` for
 A100) — the same compiler and ptxas the GPU uses, no driver needed. Each compile prints one JSON
 line with the cubin's registers a thread and its spill stack (cuobjdump, shipped with Triton).
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench.make_model import SHAPES
+from bench.make_model import SHAPES, config
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
          torch.int64: "i64"}
@@ -70,25 +70,29 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     shape, dtype) of `runs`: a packed prefill with a later chunk, a mixed step, a decode step of every graph bucket up to
     64 (each its own flash-decoding split), and once more with 64-bit cache offsets (a cache of 2**31
     elements or more)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from engine import triton_attention as ta
     from engine import triton_fused as tf
+    from engine import triton_moe as tm
     from engine.cuda_graphs import buckets
     from engine.model_runner import ModelRunner, SeqInput
 
     seen: list[tuple[Any, tuple, dict]] = []
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
-                      (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_silu_mul")]:
+                      (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_silu_mul"), (tm, "_grouped_matmul")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
     off64 = ta._off64
     bs = 16
     for name, dt, wide in [(n, dt, False) for n, dt in runs] + [(*runs[-1], True)]:
         ta._off64 = (lambda kc: True) if wide else off64
-        # one layer, a small MLP and vocabulary: what the kernels see (head and hidden sizes) is the shape's
-        dims = {**SHAPES_[name], "num_hidden_layers": 1, "intermediate_size": 256, "vocab_size": 512}
+        # one layer, a small MLP, 8 experts and vocabulary: what the kernels see (head, hidden and expert
+        # sizes) is the shape's
+        small = {"num_hidden_layers": 1, "intermediate_size": 256, "vocab_size": 512}
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**dims)).to(dt)
+        cfg = (config(name, **small, **({"num_experts": 8} if "num_experts" in SHAPES[name] else {}))
+               if name in SHAPES else LlamaConfig(**{**SHAPES_[name], **small}))
+        model = AutoModelForCausalLM.from_config(cfg).to(dt)
         runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton")
         runner.attn.num_sms = num_sms  # type: ignore[union-attr]
         runner.use_decode_graphs(max_batch=64, max_model_len=256, capture=False)

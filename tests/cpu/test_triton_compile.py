@@ -1,5 +1,6 @@
 """Every Triton kernel of the CUDA path compiles for sm_90 (H100) at the launches the runner makes for
-the tiny test shape in fp32 (the GPU tests') and the 1.1B and 8B shapes in bf16 — checked here, without a GPU, by Triton's own compiler
+the tiny test shape in fp32 (the GPU tests'), the 1.1B and 8B shapes in bf16 and Qwen3-30B-A3B's layer
+(its experts' grouped matmul) in fp16 and bf16 — checked here, without a GPU, by Triton's own compiler
 and ptxas (tests/cpu/sm90_compile.py). The interpreter the other tests use cannot see a kernel that
 fails to compile, nor one that spills registers to local memory."""
 import json
@@ -12,7 +13,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = {"_paged_decode", "_merge_splits", "_paged_prefill", "_add_rms_norm", "_rope_store", "_silu_mul"}
+KERNELS = {"_paged_decode", "_merge_splits", "_paged_prefill", "_add_rms_norm", "_rope_store", "_silu_mul",
+           "_grouped_matmul"}
 
 
 def _has_ptxas() -> bool:
@@ -23,7 +25,7 @@ def _has_ptxas() -> bool:
 def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", "90", "--runs",
-                        "test:float32,1.1b:bfloat16,8b:bfloat16"],
+                        "test:float32,1.1b:bfloat16,8b:bfloat16,qwen3-a3b-24l:float16,qwen3-a3b-24l:bfloat16"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     failed = [f"{r['kernel']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]

@@ -61,17 +61,36 @@ def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int
     assert runner.graphs is not None and runner.graphs.replays > 0
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_mixtures_of_experts_equal_hf_in_fp32_and_stay_eager(arch: str) -> None:
-    """fp32 experts: torch's grouped_mm loops over groups on the host, so the runner keeps every step eager."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_mixtures_of_experts_in_fp32_equal_hf_through_graphs(arch: str) -> None:
+    """fp32 experts take the Triton grouped matmul (torch's would loop on the host), so their steps
+    are captured too."""
     from engine.model_runner import ModelRunner
+    from engine.moe import Experts
 
     model = _model(arch=arch)
     runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
+    assert all(layer.mlp.triton for layer in runner.layers if isinstance(layer.mlp, Experts))
     runner.use_decode_graphs(64, max_model_len=256)
-    assert runner.graphs is None
     prompts = _prompts(32, seed=5)
     assert _decode(runner, prompts, 12) == [_hf(model, p, 12) for p in prompts]
+    assert runner.graphs is not None and runner.graphs.replays > 0
+
+
+def test_the_triton_grouped_matmul_in_bf16_equals_torchs() -> None:
+    """bf16, where the interpreter cannot check it: the Triton kernel against torch's grouped_mm
+    (cutlass on sm90) for a decode step's rows of Qwen3-30B-A3B's expert shape."""
+    from engine.moe import grouped_mm
+    from engine.triton_moe import grouped_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S, K, N, E = 512, 2048, 1536, 128  # 64 tokens x 8 experts each
+    rows = torch.randn(S, K, device="cuda", generator=g).bfloat16()
+    weights = (0.02 * torch.randn(E, N, K, device="cuda", generator=g)).bfloat16().transpose(1, 2)
+    experts = torch.sort(torch.randint(0, E, (S,), device="cuda", generator=g)).values
+    offs = torch.cumsum(torch.bincount(experts, minlength=E), 0).to(torch.int32)
+    ref = grouped_mm(rows, weights, offs=offs)
+    torch.testing.assert_close(grouped_matmul(rows, weights, offs), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])  # qwen3_moe: the experts' grouped matmuls in the graphs
