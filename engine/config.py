@@ -19,14 +19,16 @@ class ModelConfig(Frozen):
     path: str = Field(
         "default",
         description="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (seeded random test model) "
-        "or a local Hugging Face Llama-family checkpoint directory.",
+        "or a local Hugging Face checkpoint directory (Llama, Mistral, Qwen 2/3 and their MoE, Mixtral; "
+        "unquantized).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and KV dtype (float32 is fastest on CPU)."
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the tensors live.")
     max_model_len: int = Field(
-        2048, gt=0, description="Longest prompt + generation a request may have (tokens)."
+        2048, gt=0, description="Longest prompt + generation a request may have (tokens); at most the positions "
+        "the model was trained for (max_position_embeddings, stretched by a yarn/dynamic/linear rope scaling)."
     )
     seed: int = Field(0, description="Seed for the tiny test model's random weights.")
     kernels: Literal["auto", "torch", "triton"] = Field(

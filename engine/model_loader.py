@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -106,11 +107,12 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     path = resolve_path(cfg)
     if path is None:
         model = tiny_model(cfg.seed, dtype)
-    else:
+        check_supported(model.config, cfg.max_model_len)
+    else:  # refused before its weights are read
+        check_supported(AutoConfig.from_pretrained(path, local_files_only=True), cfg.max_model_len)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
         )
-    check_supported(model.config, cfg.max_model_len)
     return model.to(cfg.device).eval()
 
 
@@ -120,11 +122,23 @@ WINDOWED_ALWAYS = ("mistral", "mixtral")  # a config's sliding_window applies wh
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
     """ModelLoadError naming the field unless the engine computes this model as Hugging Face does:
-    a Llama-shaped decoder (engine/model_runner.py) whose layers attend to the whole context — or
-    to a window (Mistral's `sliding_window`) no request can outgrow (max_model_len within it)."""
+    a Llama-shaped decoder (engine/model_runner.py) with unquantized weights, whose layers attend
+    to the whole context — or to a window (Mistral's `sliding_window`) no request can outgrow — and
+    a max_model_len within the positions it was trained for (max_position_embeddings, stretched by
+    a yarn, dynamic or linear rope scaling's factor: vLLM's rule)."""
     if config.model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
+                             "weights only (float32, bfloat16, float16)")
+    trained = max_positions(config)
+    if max_model_len is not None and trained is not None and max_model_len > trained:
+        raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds the {trained} positions "
+                             f"{config.model_type} was trained for (max_position_embeddings, with its rope "
+                             f"scaling): set model.max_model_len <= {trained}")
     windowed = [t for t in getattr(config, "layer_types", None) or () if t != "full_attention"]
     if getattr(config, "use_sliding_window", False) or windowed:
         raise ModelLoadError(f"model.path: {config.model_type} with sliding-window attention (use_sliding_window) "
@@ -134,6 +148,16 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds {config.model_type}'s sliding window "
                              f"of {window} tokens, which this engine does not compute (every layer attends to "
                              f"the whole context): set model.max_model_len <= {window}")
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest context a config was trained for: max_position_embeddings, or for a yarn,
+    dynamic or linear rope scaling its factor times the original length."""
+    n = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if n is None or rope.get("rope_type", rope.get("type")) not in ("yarn", "dynamic", "linear"):
+        return n
+    return int(rope.get("original_max_position_embeddings", n) * rope.get("factor", 1.0))
 
 
 def eos_token_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -21,7 +21,6 @@ matmuls (engine/moe.py) where a dense one runs its MLP.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 from importlib.util import find_spec
@@ -39,8 +38,6 @@ from engine.types import TokenLogprob
 
 if TYPE_CHECKING:
     from engine.cuda_graphs import DecodeGraphs
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

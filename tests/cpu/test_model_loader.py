@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,31 @@ def test_a_mixture_of_experts_folder_loads(tmp_path: Path, arch: str) -> None:
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_max_model_len_beyond_the_trained_positions_is_refused_unless_rope_scaling_stretches_them(
+        tmp_path: Path) -> None:
+    """vLLM's rule: a context longer than max_position_embeddings (times a yarn/dynamic/linear
+    rope scaling's factor) names model.max_model_len instead of computing positions the model never saw."""
+    model = tiny_model(seed=3)  # max_position_embeddings 4096
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ModelLoadError, match=r"model.max_model_len: 8192 exceeds the 4096 positions"):
+        load_model(ModelConfig(path=str(tmp_path / "plain"), max_model_len=8192))
+    assert load_model(ModelConfig(path=str(tmp_path / "plain"), max_model_len=4096)) is not None
+    model.config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                                    "rope_theta": 10000.0}
+    model.save_pretrained(tmp_path / "yarn")
+    assert load_model(ModelConfig(path=str(tmp_path / "yarn"), max_model_len=16384)) is not None
+    with pytest.raises(ModelLoadError, match=r"exceeds the 16384 positions"):
+        load_model(ModelConfig(path=str(tmp_path / "yarn"), max_model_len=16385))
+
+
+def test_a_quantized_checkpoint_is_refused_naming_its_method(tmp_path: Path) -> None:
+    """The runner multiplies by each layer's `weight` as it is: an fp8/AWQ/GPTQ checkpoint's would be
+    garbage, so it is refused before Hugging Face tries to load it."""
+    tiny_model(seed=3).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="model.path: .* is quantized \\(fp8\\)"):
+        load_model(ModelConfig(path=str(tmp_path)))
