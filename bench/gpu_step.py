@@ -10,6 +10,8 @@ Per batch size B, contexts of --context tokens:
   graphs    pdserve's decode step: ModelRunner (Triton attention) through its CUDA graph + the sampler
             (graphs_unsplit: the same with the decode kernel's keys not split, where they are split)
   eager     the same step without graphs
+  other experts  a mixture of experts' step through graphs with its other grouped matmul (torch's
+            grouped_mm ↔ the Triton kernel, engine/triton_moe.py): which one to keep, by measurement
   hf        HF generate, per new token (time of 33 new tokens minus time of 1, over 32)
 Medians over --steps steps, timed with CUDA events after a warm-up. --profile writes a torch
 profile of one eager and one graph step per batch (top kernels by CUDA time) next to the JSON.
@@ -21,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -120,6 +123,17 @@ def hf_ms(model: torch.nn.Module, batch: int, context: int) -> float:
     return (gen(33) - gen(1)) / 32 * 1000
 
 
+def _swap_experts(runner: ModelRunner) -> bool:
+    """Each mixture-of-experts layer's grouped matmul swapped (torch's ↔ engine/triton_moe.py);
+    → whether the runner had the Triton one before."""
+    before = False
+    for i, layer in enumerate(runner.layers):
+        if isinstance(layer.mlp, Experts):
+            before = layer.mlp.triton
+            runner.layers[i] = replace(layer, mlp=replace(layer.mlp, triton=not before))
+    return before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-path", required=True)
@@ -158,6 +172,11 @@ def main() -> None:
             runner.use_decode_graphs(b, mcfg.max_model_len)
             row["graphs_unsplit_ms"] = step_ms(runner, b, a.context, a.steps, None)
             runner.attn.num_sms = sms
+        if any(isinstance(layer.mlp, Experts) for layer in runner.layers):  # the other grouped matmul, same graphs
+            row["experts"] = "triton" if _swap_experts(runner) else "torch grouped_mm"
+            runner.use_decode_graphs(b, mcfg.max_model_len)
+            row["graphs_other_experts_ms"] = step_ms(runner, b, a.context, a.steps, None)
+            _swap_experts(runner)
         if not a.no_hf:
             row["hf_ms"] = hf_ms(model, b, a.context)
         rows.append(row)
