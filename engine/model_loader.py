@@ -116,16 +116,15 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     return model.to(cfg.device).eval()
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
-WINDOWED_ALWAYS = ("mistral", "mixtral")  # a config's sliding_window applies whenever set (qwen's only with use_sliding_window)
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3")
+WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # a config's sliding_window applies whenever set (qwen's only with use_sliding_window)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
     """ModelLoadError naming the field unless the engine computes this model as Hugging Face does:
     a Llama-shaped decoder (engine/model_runner.py) with unquantized weights, whose layers attend
     to the whole context — or to a window (Mistral's `sliding_window`) no request can outgrow — and
-    a max_model_len within the positions it was trained for (max_position_embeddings, stretched by
-    a yarn, dynamic or linear rope scaling's factor: vLLM's rule)."""
+    a max_model_len within the positions it is computed for (max_positions: vLLM's rule)."""
     if config.model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")
@@ -134,6 +133,10 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
                              "weights only (float32, bfloat16, float16)")
+    rope = _rope(config)
+    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)) < 1.0:
+        raise ModelLoadError(f"model.path: {config.model_type} with rotary on part of each head "
+                             "(partial_rotary_factor < 1) is not supported: rotary covers the whole head here")
     trained = max_positions(config)
     if max_model_len is not None and trained is not None and max_model_len > trained:
         raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds the {trained} positions "
@@ -150,14 +153,24 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
                              f"the whole context): set model.max_model_len <= {window}")
 
 
+def _rope(config: Any) -> dict[str, Any]:
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
 def max_positions(config: Any) -> int | None:
-    """The longest context a config was trained for: max_position_embeddings, or for a yarn,
-    dynamic or linear rope scaling its factor times the original length."""
+    """The longest context a config is computed for here: max_position_embeddings, or for a yarn
+    or linear rope scaling its factor times the original length; for LongRoPE (Phi 3.5, Phi 4 mini)
+    and dynamic NTK the original length — past it Hugging Face changes every position's frequencies
+    mid-sequence, which a cache of keys rotated with the earlier ones cannot follow."""
     n = getattr(config, "max_position_embeddings", None)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if n is None or rope.get("rope_type", rope.get("type")) not in ("yarn", "dynamic", "linear"):
+    rope = _rope(config)
+    kind = rope.get("rope_type", rope.get("type"))
+    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", n)
+    if kind in ("longrope", "dynamic"):
+        return original
+    if n is None or kind not in ("yarn", "linear"):
         return n
-    return int(rope.get("original_max_position_embeddings", n) * rope.get("factor", 1.0))
+    return int(original * rope.get("factor", 1.0))
 
 
 def eos_token_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -139,10 +139,11 @@ class ModelRunner:
         moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts
         for layer in model.model.layers[: self.num_layers]:
             a, mlp = layer.self_attn, layer.mlp
-            w_qkv, b_qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
+                   else Linear(*_fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
             self.layers.append(
-                _Layer(layer.input_layernorm, layer.post_attention_layernorm, Linear(w_qkv, b_qkv, backend),
-                       from_module(a.o_proj, backend), Experts.of(mlp, dense, moe_triton) or dense(mlp), a.scaling,
+                _Layer(layer.input_layernorm, layer.post_attention_layernorm, qkv, from_module(a.o_proj, backend),
+                       Experts.of(mlp, dense, moe_triton) or dense(mlp), a.scaling,
                        getattr(a, "q_norm", None), getattr(a, "k_norm", None))
             )
         self.lm_head = from_module(model.lm_head, backend)
@@ -151,6 +152,9 @@ class ModelRunner:
 
     @staticmethod
     def _dense(mlp: torch.nn.Module, backend: str) -> _Dense:
+        if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear):  # Phi 3: fused in the checkpoint
+            return _Dense(from_module(mlp.gate_up_proj, backend), from_module(mlp.down_proj, backend),
+                          mlp.activation_fn)
         w_gu, b_gu = _fuse([mlp.gate_proj, mlp.up_proj])
         if b_gu is not None:
             raise NotImplementedError("MLP biases are not supported")

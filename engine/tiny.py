@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast,
-                          PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+                          Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -65,7 +65,7 @@ def tiny_config(vocab_size: int = 259) -> LlamaConfig:
     )
 
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3")
 MOE = dict(num_experts_per_tok=2, router_jitter_noise=0.0)  # 8 experts, each token through 2
 
 
@@ -75,7 +75,7 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     RMSNorm, a head_dim that is not hidden / heads, tied embeddings), qwen3_moe (qwen3's attention,
     experts of 32 in layer 1 and a dense MLP in layer 0, top-k weights renormalized), mixtral
     (experts of 64 in every layer), qwen2_moe (qwen2's attention, experts of 32 beside a gated
-    shared expert of 64 in every layer)."""
+    shared expert of 64 in every layer), phi3 (q|k|v and gate|up fused in the checkpoint)."""
     cfg: PretrainedConfig = tiny_config()
     if arch == "qwen2":
         cfg = Qwen2Config(**{**cfg.to_dict(), "model_type": "qwen2"})
@@ -90,6 +90,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     elif arch == "qwen2_moe":
         cfg = Qwen2MoeConfig(**{**cfg.to_dict(), **MOE, "model_type": "qwen2_moe", "num_experts": 8,
                                 "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64})
+    elif arch == "phi3":
+        cfg = Phi3Config(**{**cfg.to_dict(), "model_type": "phi3", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                            "attention_dropout": 0.0})
     elif arch != "llama":
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     cfg._attn_implementation = "sdpa"

@@ -77,8 +77,8 @@ def test_a_mixture_of_experts_folder_loads(tmp_path: Path, arch: str) -> None:
 
 def test_max_model_len_beyond_the_trained_positions_is_refused_unless_rope_scaling_stretches_them(
         tmp_path: Path) -> None:
-    """vLLM's rule: a context longer than max_position_embeddings (times a yarn/dynamic/linear
-    rope scaling's factor) names model.max_model_len instead of computing positions the model never saw."""
+    """vLLM's rule: a context longer than max_position_embeddings (times a yarn or linear rope
+    scaling's factor) names model.max_model_len instead of computing positions the model never saw."""
     model = tiny_model(seed=3)  # max_position_embeddings 4096
     model.save_pretrained(tmp_path / "plain")
     with pytest.raises(ModelLoadError, match=r"model.max_model_len: 8192 exceeds the 4096 positions"):
@@ -101,3 +101,27 @@ def test_a_quantized_checkpoint_is_refused_naming_its_method(tmp_path: Path) -> 
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="model.path: .* is quantized \\(fp8\\)"):
         load_model(ModelConfig(path=str(tmp_path)))
+
+
+def test_phi3_loads_and_its_long_rope_partial_rotary_and_window_are_held_to_what_is_computed(tmp_path: Path) -> None:
+    """Phi 3 / Phi 4: q|k|v and gate|up fused in the checkpoint. LongRoPE (Phi 3.5 mini) changes every
+    position's frequencies once a sequence passes the original length, so max_model_len stays within
+    it; rotary on part of each head (Phi 4 mini) is refused; Phi 3 mini's 2047-token window as Mistral's."""
+    model = tiny_model(seed=3, arch="phi3")
+    model.save_pretrained(tmp_path / "phi3")
+    loaded = load_model(ModelConfig(path=str(tmp_path / "phi3")))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    cfg = model.config
+    cfg.rope_parameters = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                           "original_max_position_embeddings": 1024, "rope_theta": 10000.0}
+    with pytest.raises(ModelLoadError, match="model.max_model_len: 2048 exceeds the 1024 positions"):
+        check_supported(cfg, 2048)
+    check_supported(cfg, 1024)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+    with pytest.raises(ModelLoadError, match="model.path: phi3 with rotary on part of each head"):
+        check_supported(cfg, 1024)
+    cfg.rope_parameters, cfg.sliding_window = {"rope_type": "default", "rope_theta": 10000.0}, 2047
+    with pytest.raises(ModelLoadError, match="model.max_model_len: 2048 exceeds phi3's sliding window of 2047"):
+        check_supported(cfg, 2048)

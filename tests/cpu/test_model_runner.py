@@ -113,12 +113,12 @@ def test_fused_kernel_is_built_here_and_matches_sdpa() -> None:
     assert torch.allclose(fused.forward(step), plain.forward(step), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3"])
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
 def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, kernels: str) -> None:
     """Qwen 2 (q/k/v biases), Qwen 3 (per-head q/k RMSNorm, head_dim 32 where hidden / heads is
     16, tied embeddings) and the mixtures of experts (Qwen 3 MoE: a dense layer and a sparse one;
-    Mixtral; Qwen 2 MoE: a gated shared expert): a batch of prompts, one computed in chunks, then decoded, equals generate."""
+    Mixtral; Qwen 2 MoE: a gated shared expert) and Phi 3 (q|k|v and gate|up fused in the checkpoint): a batch of prompts, one computed in chunks, then decoded, equals generate."""
     model = tiny_model(seed=4, arch=arch)
     prompts = [p[:60] if kernels == "triton" else p for p in _prompts(4, seed=5)]  # Triton's interpreter is slow
     runner = ModelRunner(model, num_blocks=4 * 24, block_size=16, kernels=kernels)
