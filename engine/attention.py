@@ -4,11 +4,13 @@ The runner computes everything else (embeddings, projections, norms, MLP); a bac
   1. `prepare(seqs)` → a `BatchMeta`: the forward's token ids, positions, cache slots and block
      tables, moved to the device once (one host→device copy);
   2. `attend(layer, q, k, v, cos, sin, meta, scale)`: rotary on q and k, store k, v at their slots,
-     then attention of q over each sequence's cache → o.
+     then attention of q over each sequence's cache → o; a layer with a sliding window (`windows`,
+     Mistral's, Qwen 2's upper layers) attends to the last `window` positions only (Hugging Face's
+     key > query - window), its cache still holding every position.
 Backends:
   - `TorchAttention` (CPU, and CUDA without Triton): Hugging Face's rotary; index_copy into the slots;
-    decode rows through the fused C++ kernel (CPU fp32) or a gather + SDPA; prompts and chunks through
-    one SDPA per sequence.
+    decode rows through the fused C++ kernel (CPU fp32; not a windowed layer) or a gather + SDPA;
+    prompts and chunks through one SDPA per sequence.
   - `TritonAttention` (CUDA): rotary + store in one kernel (engine/triton_fused.py), then
     engine/triton_attention.py — one kernel per step and layer for the decode rows, one for all prompt
     tokens; no host work or sync inside. Its decode-only `BatchMeta` can live in persistent buffers,
@@ -76,9 +78,10 @@ def _host_meta(seqs: list[SeqInput], block_size: int) -> tuple[int, list[torch.T
 
 
 class TorchAttention:
-    def __init__(self, kv: torch.Tensor, num_heads: int, paged: Any = None) -> None:
+    def __init__(self, kv: torch.Tensor, num_heads: int, paged: Any = None, windows: list[int] | None = None) -> None:
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         L, _, nb, bs, kvh, d = kv.shape
+        self.windows = windows or [0] * L  # each layer's sliding window (0: the whole context)
         self.kv_slots = kv.view(L, 2, nb * bs, kvh, d)  # [L, 2, num_slots, kv_heads, head_dim]
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = bs, num_heads, kvh, d
         self.paged = paged  # the fused C++ decode kernel, or None: gather + SDPA
@@ -101,15 +104,15 @@ class TorchAttention:
         v = v.transpose(0, 1)[None]  # q [1, H, T, D]; k, v [1, KVH, T, D]
         self.kv_slots[li, 0].index_copy_(0, meta.slots, k[0].transpose(0, 1))  # [T, KVH, D] into slots
         self.kv_slots[li, 1].index_copy_(0, meta.slots, v[0].transpose(0, 1))
-        nd = meta.num_decode
+        nd, w = meta.num_decode, self.windows[li]
         if not meta.prefill:
-            o = self._decode(li, q, meta, scale)
+            o = self._decode(li, q, meta, scale, w)
         elif nd == 0:
-            o = self._varlen(li, meta.prefill, q, k, v, scale)
+            o = self._varlen(li, meta.prefill, q, k, v, scale, w)
         else:
             o = torch.cat([  # decode rows [0, nd) + prompt tokens [nd, T)
-                self._decode(li, q[:, :, :nd], meta, scale),
-                self._varlen(li, meta.prefill, q[:, :, nd:], k[:, :, nd:], v[:, :, nd:], scale),
+                self._decode(li, q[:, :, :nd], meta, scale, w),
+                self._varlen(li, meta.prefill, q[:, :, nd:], k[:, :, nd:], v[:, :, nd:], scale, w),
             ], dim=1)
         return o.reshape(T, self.num_heads * self.head_dim)  # from [1, T, H*D]
 
@@ -119,34 +122,38 @@ class TorchAttention:
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.kv.device)
 
     def _varlen(self, li: int, seqs: list[SeqInput], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, window: int) -> torch.Tensor:
         """Packed prompts/chunks: one causal attention per sequence. q [1,H,T,D] → out [1,T,H*D]."""
         outs = []
         off = 0
         for s in seqs:
             n = s.num_new
             qs = q[:, :, off : off + n]  # [1, H, n, D]
-            if s.start_pos == 0:  # whole prompt in this forward: keys are the fresh ones
+            if s.start_pos == 0 and not window:  # whole prompt in this forward: keys are the fresh ones
                 ks, vs = k[:, :, off : off + n], v[:, :, off : off + n]
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=n > 1, scale=scale, enable_gqa=True)
-            else:  # a later chunk: read the earlier positions from the cache
+            else:  # a later chunk (or a window): read every position from the cache, masked by position
                 idx = self._slots(s, s.context_len)
                 ks = self.kv_slots[li, 0].index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
                 vs = self.kv_slots[li, 1].index_select(0, idx).transpose(0, 1).unsqueeze(0)
-                qpos = torch.arange(s.start_pos, s.context_len, device=q.device)
-                mask = torch.arange(s.context_len, device=q.device)[None, :] <= qpos[:, None]  # [n, ctx]
+                qpos = torch.arange(s.start_pos, s.context_len, device=q.device)[:, None]
+                kpos = torch.arange(s.context_len, device=q.device)[None, :]
+                mask = (kpos <= qpos) & (kpos > qpos - window) if window else kpos <= qpos  # [n, ctx]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
             outs.append(o)
             off += n
         o = torch.cat(outs, dim=2)  # [1, H, T, D]
         return o.transpose(1, 2).reshape(1, q.shape[2], self.num_heads * self.head_dim)
 
-    def _decode(self, li: int, q: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
+    def _decode(self, li: int, q: torch.Tensor, meta: BatchMeta, scale: float, window: int) -> torch.Tensor:
         """One new token per sequence: attention over each one's blocks. q [1,H,B,D] → [1,B,H*D]."""
         table, lens, mask = meta.dec_tables, meta.dec_lens, meta.extra["mask"]
         assert table is not None and lens is not None
         B, T = mask.shape[0], mask.shape[-1]
-        if self.paged is not None:  # fused kernel: reads K/V in place through the block table
+        if window:  # and not before the window: key > (len - 1) - window
+            span = torch.arange(T, device=mask.device)
+            mask = mask & (span[None, :] >= lens[:, None] - window)[:, None, None, :]
+        if self.paged is not None and not window:  # fused kernel: reads K/V in place through the block table
             qb = q[0].transpose(0, 1).contiguous()  # [B, H, D]
             o = self.paged.paged_decode_attention(qb, self.kv[li, 0], self.kv[li, 1], table, lens, scale)
             return o.reshape(1, B, self.num_heads * self.head_dim)
@@ -157,7 +164,8 @@ class TorchAttention:
         qb = q[0].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
         if B == 1:  # cut the padding: the same call as a batch-1 Hugging Face decode step
             n = int(lens[0])
-            o = F.scaled_dot_product_attention(qb, ks[:, :, :n], vs[:, :, :n], scale=scale, enable_gqa=True)
+            a = max(0, n - window) if window else 0
+            o = F.scaled_dot_product_attention(qb, ks[:, :, a:n], vs[:, :, a:n], scale=scale, enable_gqa=True)
         else:
             o = F.scaled_dot_product_attention(qb, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.reshape(1, B, self.num_heads * self.head_dim)  # from [B, H, 1, D]
@@ -166,11 +174,12 @@ class TorchAttention:
 class TritonAttention:
     name = "triton"
 
-    def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int = 32) -> None:
+    def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int = 32, windows: list[int] | None = None) -> None:
         from engine import triton_attention, triton_fused  # imported only when selected: triton is GPU-side
 
         self.ops, self.fused = triton_attention, triton_fused
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.windows = windows or [0] * kv.shape[0]  # each layer's sliding window (0: the whole context)
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[4], kv.shape[5]
         self.block_m = block_m
         # the decode kernel splits a small batch's keys until every SM has a program (decode_splits)
@@ -201,10 +210,12 @@ class TritonAttention:
         outs = []
         if nd:
             splits = self.ops.decode_splits(nd, self.num_kv_heads, self.num_sms)
-            outs.append(self.ops.paged_decode(qt[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, splits=splits))
+            outs.append(self.ops.paged_decode(qt[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, splits=splits,
+                                              window=self.windows[li]))
         if meta.prefill:
             x = meta.extra
             outs.append(self.ops.paged_prefill(qt[nd:], kc, vc, x["tables"], x["cu_q"], x["start"],
-                                               x["tile_seq"], x["tile_m0"], scale, block_m=self.block_m))
+                                               x["tile_seq"], x["tile_m0"], scale, block_m=self.block_m,
+                                               window=self.windows[li]))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, D]
         return o.view(T, self.num_heads * self.head_dim)

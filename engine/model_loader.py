@@ -117,14 +117,13 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3")
-WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # a config's sliding_window applies whenever set (qwen's only with use_sliding_window)
+WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
     """ModelLoadError naming the field unless the engine computes this model as Hugging Face does:
-    a Llama-shaped decoder (engine/model_runner.py) with unquantized weights, whose layers attend
-    to the whole context — or to a window (Mistral's `sliding_window`) no request can outgrow — and
-    a max_model_len within the positions it is computed for (max_positions: vLLM's rule)."""
+    a Llama-shaped decoder (engine/model_runner.py) with unquantized weights, rotary over whole
+    heads, and a max_model_len within the positions it is computed for (max_positions: vLLM's rule)."""
     if config.model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")
@@ -142,19 +141,27 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds the {trained} positions "
                              f"{config.model_type} was trained for (max_position_embeddings, with its rope "
                              f"scaling): set model.max_model_len <= {trained}")
-    windowed = [t for t in getattr(config, "layer_types", None) or () if t != "full_attention"]
-    if getattr(config, "use_sliding_window", False) or windowed:
-        raise ModelLoadError(f"model.path: {config.model_type} with sliding-window attention (use_sliding_window) "
-                             "is not supported: every layer attends to the whole context here")
-    window = getattr(config, "sliding_window", None) if config.model_type in WINDOWED_ALWAYS else None
-    if window is not None and max_model_len is not None and max_model_len > window:
-        raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds {config.model_type}'s sliding window "
-                             f"of {window} tokens, which this engine does not compute (every layer attends to "
-                             f"the whole context): set model.max_model_len <= {window}")
+    kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        raise ModelLoadError(f"model.path: {config.model_type} has layers of attention kinds {sorted(kinds)}, "
+                             "which are not supported (full and sliding-window attention are)")
 
 
 def _rope(config: Any) -> dict[str, Any]:
     return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def attention_windows(config: Any) -> list[int]:
+    """Each layer's sliding window (0: the whole context), as Hugging Face's attention reads the
+    config: per layer from `layer_types` where the family has them (Qwen 2 / 3's use_sliding_window
+    and max_window_layers), else `sliding_window` in every layer of the families that always apply
+    it (Mistral, Mixtral, Phi 3)."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else 0 for t in types[:n]]
+    return [window if config.model_type in WINDOWED_ALWAYS else 0] * n
 
 
 def max_positions(config: Any) -> int | None:

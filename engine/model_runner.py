@@ -33,6 +33,7 @@ from engine import paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.linear import Linear, default_backend, from_module
 from engine.layer_ops import TorchOps, TritonOps
+from engine.model_loader import attention_windows
 from engine.moe import ActMul, Experts
 from engine.types import TokenLogprob
 
@@ -162,11 +163,12 @@ class ModelRunner:
 
     def _attention_backend(self, kernels: str, linear_backend: str) -> TorchAttention | TritonAttention:
         """triton: asked for, or auto on CUDA where it imports; else torch (the fused C++ decode kernel on
-        CPU fp32 where it builds, gather + SDPA otherwise)."""
+        CPU fp32 where it builds, gather + SDPA otherwise). Each layer's sliding window from the config."""
+        windows = attention_windows(self.model.config)
         if kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and _has_triton()):
-            return TritonAttention(self.kv, self.num_heads)
+            return TritonAttention(self.kv, self.num_heads, windows=windows)
         use_cpp = linear_backend == "onednn" and self.dtype == torch.float32
-        return TorchAttention(self.kv, self.num_heads, paged_attention.load() if use_cpp else None)
+        return TorchAttention(self.kv, self.num_heads, paged_attention.load() if use_cpp else None, windows)
 
     @staticmethod
     def cache_shape(cfg: object, num_blocks: int, block_size: int) -> tuple[int, ...]:

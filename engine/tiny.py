@@ -5,9 +5,12 @@ decode actor) gets bit-identical weights and the same vocabulary, with no files 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, PreTrainedModel, PreTrainedTokenizerFast,
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast,
                           Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -65,36 +68,35 @@ def tiny_config(vocab_size: int = 259) -> LlamaConfig:
     )
 
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3")
 MOE = dict(num_experts_per_tok=2, router_jitter_noise=0.0)  # 8 experts, each token through 2
+FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch → its config, what differs
+    "llama": (LlamaConfig, {}),
+    "mistral": (MistralConfig, {"sliding_window": 16}),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, {"head_dim": 32, "tie_word_embeddings": True}),
+    "qwen3_moe": (Qwen3MoeConfig, {**MOE, "head_dim": 32, "num_experts": 8, "moe_intermediate_size": 32,
+                                   "mlp_only_layers": [0], "norm_topk_prob": True}),
+    "mixtral": (MixtralConfig, {**MOE, "num_local_experts": 8, "intermediate_size": 64}),
+    "qwen2_moe": (Qwen2MoeConfig, {**MOE, "num_experts": 8, "moe_intermediate_size": 32,
+                                   "shared_expert_intermediate_size": 64}),
+    "phi3": (Phi3Config, {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}),
+}
+ARCHS = tuple(FAMILIES)
 
 
-def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "llama") -> PreTrainedModel:
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "llama",
+               **overrides: Any) -> PreTrainedModel:
     """Seeded random Llama (~100k parameters). Same seed → same weights in every process.
-    arch: the same size as another supported family — qwen2 (q/k/v biases), qwen3 (per-head q/k
-    RMSNorm, a head_dim that is not hidden / heads, tied embeddings), qwen3_moe (qwen3's attention,
-    experts of 32 in layer 1 and a dense MLP in layer 0, top-k weights renormalized), mixtral
-    (experts of 64 in every layer), qwen2_moe (qwen2's attention, experts of 32 beside a gated
-    shared expert of 64 in every layer), phi3 (q|k|v and gate|up fused in the checkpoint)."""
-    cfg: PretrainedConfig = tiny_config()
-    if arch == "qwen2":
-        cfg = Qwen2Config(**{**cfg.to_dict(), "model_type": "qwen2"})
-    elif arch == "qwen3":
-        cfg = Qwen3Config(**{**cfg.to_dict(), "model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": True})
-    elif arch == "qwen3_moe":
-        cfg = Qwen3MoeConfig(**{**cfg.to_dict(), **MOE, "model_type": "qwen3_moe", "head_dim": 32, "num_experts": 8,
-                                "moe_intermediate_size": 32, "mlp_only_layers": [0], "norm_topk_prob": True})
-    elif arch == "mixtral":
-        cfg = MixtralConfig(**{**cfg.to_dict(), **MOE, "model_type": "mixtral", "num_local_experts": 8,
-                               "intermediate_size": 64})
-    elif arch == "qwen2_moe":
-        cfg = Qwen2MoeConfig(**{**cfg.to_dict(), **MOE, "model_type": "qwen2_moe", "num_experts": 8,
-                                "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64})
-    elif arch == "phi3":
-        cfg = Phi3Config(**{**cfg.to_dict(), "model_type": "phi3", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-                            "attention_dropout": 0.0})
-    elif arch != "llama":
+    arch: the same size as another supported family — mistral (a sliding window of 16 tokens in
+    every layer), qwen2 (q/k/v biases), qwen3 (per-head q/k RMSNorm, a head_dim that is not hidden /
+    heads, tied embeddings), qwen3_moe (qwen3's attention, experts of 32 in layer 1 and a dense MLP
+    in layer 0, top-k weights renormalized), mixtral (experts of 64 in every layer), qwen2_moe
+    (qwen2's attention, experts of 32 beside a gated shared expert of 64 in every layer), phi3
+    (q|k|v and gate|up fused in the checkpoint). overrides: config fields (e.g. a window)."""
+    if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
+    family, differs = FAMILIES[arch]
+    cfg = family(**{**tiny_config().to_dict(), "model_type": arch, **differs, **overrides})
     cfg._attn_implementation = "sdpa"
     saved = torch.random.get_rng_state()  # build seeded without disturbing the caller's RNG
     torch.manual_seed(seed)

@@ -46,7 +46,7 @@ def _wide(x, OFF64: tl.constexpr):
 @triton.jit
 def _paged_decode(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale, window,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     IEEE: tl.constexpr, OFF64: tl.constexpr,
@@ -55,9 +55,10 @@ def _paged_decode(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = _wide(tl.load(lens_ptr + b), OFF64)
+    first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # a sliding window's first key
     # this program's keys: one of SPLITS equal runs of whole BLOCK_N tiles (flash-decoding)
-    per = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per
+    per = tl.cdiv(tl.cdiv(ctx - first, SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per
     hi = tl.minimum(ctx, lo + per)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -117,7 +118,7 @@ def _merge_splits(
 @triton.jit
 def _paged_prefill(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, start_ptr, tile_seq_ptr, tile_m0_ptr, o_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale, window,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     OFF64: tl.constexpr,
@@ -141,7 +142,9 @@ def _paged_prefill(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = tl.minimum(ctx, start + m0 + BLOCK_M)  # causal: no key beyond the tile's last query
-    for k0 in range(0, end, BLOCK_N):
+    # a sliding window: no key at or before (query - window); none before the tile's first query's
+    lo = tl.where(window > 0, tl.maximum(start + m0 - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    for k0 in range(lo, end, BLOCK_N):
         n = k0 + tl.arange(0, BLOCK_N)
         live = n < end
         blk = _wide(tl.load(bt_ptr + s_idx * stride_btb + n // BS, mask=live, other=0), OFF64)
@@ -150,7 +153,8 @@ def _paged_prefill(
         k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
         v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE).to(tl.float32) * scale  # [M, N]
-        s = tl.where((n[None, :] <= qpos[:, None]) & live[None, :], s, float("-inf"))
+        seen = (n[None, :] <= qpos[:, None]) & ((window == 0) | (n[None, :] > qpos[:, None] - window))
+        s = tl.where(seen & live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the sequence's end see no key
         p = tl.exp(s - m_safe[:, None])
@@ -187,12 +191,14 @@ def decode_splits(num_rows: int, kv_heads: int, num_sms: int, max_splits: int = 
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, block_n: int = 64, splits: int = 1) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, block_n: int = 64, splits: int = 1,
+                 window: int = 0) -> torch.Tensor:
     """q [B, heads, head_dim]; block_tables [B, W]; context_lens [B] → out [B, heads, head_dim].
 
     `splits` > 1: each (sequence, KV head) is split into that many runs of keys, one program each,
     then merged by their log-sum-exp (see `decode_splits`). A row with context length 0 (a padded
-    row) gives zeros."""
+    row) gives zeros. `window` > 0: only the last `window` keys (a sliding window, the query's own
+    included: Hugging Face's key > query - window)."""
     bs, kvh, d = _check_cache(k_cache)
     B, H, _ = q.shape
     G = H // kvh
@@ -204,7 +210,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     _paged_decode[(B, kvh, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window,
         BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
         IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache),
     )
@@ -226,17 +232,18 @@ def prefill_tiles(num_new: list[int], block_m: int) -> tuple[list[int], list[int
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   cu_q: torch.Tensor, start_pos: torch.Tensor, tile_seq: torch.Tensor, tile_m0: torch.Tensor,
-                  scale: float, block_m: int = 32, block_n: int = 32) -> torch.Tensor:
+                  scale: float, block_m: int = 32, block_n: int = 32, window: int = 0) -> torch.Tensor:
     """q [T, heads, head_dim] packed; cu_q [B+1] offsets of each sequence's new tokens in T;
     start_pos [B] position of each one's first new token; tile_* from `prefill_tiles(.., block_m)`.
-    Causal attention of every new token over its sequence's positions [0, own] → [T, heads, head_dim]."""
+    Causal attention of every new token over its sequence's positions [0, own] (with `window` > 0:
+    (own - window, own]) → [T, heads, head_dim]."""
     bs, kvh, d = _check_cache(k_cache)
     T, H, _ = q.shape
     out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
     _, block_d = _tiles(1, d)
     _paged_prefill[(tile_seq.numel(), H)](
         q, k_cache, v_cache, block_tables, cu_q, start_pos, tile_seq, tile_m0, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window,
         BS=bs, KVH=kvh, D=d, G=H // kvh, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache),
     )

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.model_loader import ModelLoadError, check_supported, eos_token_ids, load_model, load_tokenizer
+from engine.model_loader import (ModelLoadError, attention_windows, check_supported, eos_token_ids, load_model,
+                                 load_tokenizer)
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from engine.tiny import tiny_config, tiny_model, tiny_tokenizer
@@ -35,7 +36,7 @@ def test_tiny_is_deterministic_and_not_degenerate() -> None:
     assert len(set(out[0, 3:].tolist())) > 3  # greedy output is not one repeated token
 
 
-def test_a_qwen3_folder_loads_and_sliding_windows_or_other_families_are_refused(tmp_path: Path) -> None:
+def test_a_qwen3_folder_loads_with_its_windows_and_other_families_are_refused(tmp_path: Path) -> None:
     model = tiny_model(seed=3, arch="qwen3")
     model.save_pretrained(tmp_path / "q3")
     tiny_tokenizer().save_pretrained(tmp_path / "q3")
@@ -46,22 +47,23 @@ def test_a_qwen3_folder_loads_and_sliding_windows_or_other_families_are_refused(
     model.config.use_sliding_window, model.config.max_window_layers, model.config.sliding_window = True, 1, 8
     model.config.layer_types = ["full_attention", "sliding_attention"]
     model.save_pretrained(tmp_path / "windowed")
-    with pytest.raises(ModelLoadError, match="model.path: qwen3 with sliding-window attention"):
-        load_model(ModelConfig(path=str(tmp_path / "windowed")))
+    assert attention_windows(load_model(ModelConfig(path=str(tmp_path / "windowed"))).config) == [0, 8]
     model.config.model_type = "gemma2"
     with pytest.raises(ModelLoadError, match="model.path: architecture 'gemma2' is not supported"):
         check_supported(model.config)
 
 
-def test_a_mistral_window_shorter_than_max_model_len_is_refused(tmp_path: Path) -> None:
-    """Mistral 7B v0.1 attends over a 4096-token window: the engine's full attention equals it only
-    while a request fits the window, so model.max_model_len must."""
+def test_a_mistral_window_applies_in_every_layer_and_other_attention_kinds_are_refused(tmp_path: Path) -> None:
+    """Mistral 7B v0.1 attends over a 4096-token window in every layer (no layer_types): each layer
+    gets it, whatever model.max_model_len; a layer kind the engine does not compute is refused."""
     cfg = MistralConfig(**{**tiny_config().to_dict(), "model_type": "mistral", "sliding_window": 64})
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="model.max_model_len: 2048 exceeds .* sliding window of 64"):
-        load_model(ModelConfig(path=str(tmp_path)))
-    assert load_model(ModelConfig(path=str(tmp_path), max_model_len=64)).config.sliding_window == 64
+    assert attention_windows(load_model(ModelConfig(path=str(tmp_path))).config) == [64, 64]
+    cfg = tiny_model(arch="qwen3").config
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ModelLoadError, match="model.path: qwen3 has layers of attention kinds \\['chunked_attention'\\]"):
+        check_supported(cfg, 1024)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe"])
@@ -103,10 +105,10 @@ def test_a_quantized_checkpoint_is_refused_naming_its_method(tmp_path: Path) -> 
         load_model(ModelConfig(path=str(tmp_path)))
 
 
-def test_phi3_loads_and_its_long_rope_partial_rotary_and_window_are_held_to_what_is_computed(tmp_path: Path) -> None:
+def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_computed(tmp_path: Path) -> None:
     """Phi 3 / Phi 4: q|k|v and gate|up fused in the checkpoint. LongRoPE (Phi 3.5 mini) changes every
     position's frequencies once a sequence passes the original length, so max_model_len stays within
-    it; rotary on part of each head (Phi 4 mini) is refused; Phi 3 mini's 2047-token window as Mistral's."""
+    it; rotary on part of each head (Phi 4 mini) is refused; Phi 3 mini's 2047-token window in every layer."""
     model = tiny_model(seed=3, arch="phi3")
     model.save_pretrained(tmp_path / "phi3")
     loaded = load_model(ModelConfig(path=str(tmp_path / "phi3")))
@@ -123,5 +125,5 @@ def test_phi3_loads_and_its_long_rope_partial_rotary_and_window_are_held_to_what
     with pytest.raises(ModelLoadError, match="model.path: phi3 with rotary on part of each head"):
         check_supported(cfg, 1024)
     cfg.rope_parameters, cfg.sliding_window = {"rope_type": "default", "rope_theta": 10000.0}, 2047
-    with pytest.raises(ModelLoadError, match="model.max_model_len: 2048 exceeds phi3's sliding window of 2047"):
-        check_supported(cfg, 2048)
+    check_supported(cfg, 2048)
+    assert attention_windows(cfg) == [2047, 2047]

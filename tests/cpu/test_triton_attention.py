@@ -18,9 +18,12 @@ def _gather(cache: torch.Tensor, table: list[int], n: int) -> torch.Tensor:
     return torch.stack([cache[table[p // bs], p % bs] for p in range(n)])
 
 
-def _ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: list[int], scale: float) -> torch.Tensor:
-    """q [n, H, d] at positions qpos; k, v [ctx, KVH, d] → [n, H, d], causal by position, fp32."""
-    mask = torch.arange(k.shape[0])[None, :] <= torch.tensor(qpos)[:, None]
+def _ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: list[int], scale: float,
+         window: int = 0) -> torch.Tensor:
+    """q [n, H, d] at positions qpos; k, v [ctx, KVH, d] → [n, H, d], causal by position (and with
+    `window`: keys > query - window, Hugging Face's sliding window), fp32."""
+    keys, queries = torch.arange(k.shape[0])[None, :], torch.tensor(qpos)[:, None]
+    mask = (keys <= queries) & ((keys > queries - window) if window else True)
     o = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1),
                                        attn_mask=mask, scale=scale, enable_gqa=True)
     return o.transpose(0, 1)
@@ -34,10 +37,10 @@ CASES = [  # block_size, heads, kv_heads, head_dim, dtype, tolerance
 ]
 
 
-@pytest.mark.parametrize("splits", [1, 3, 8])  # 8: more splits than some contexts have key tiles
-@pytest.mark.parametrize("bs,H,KVH,D,dtype,tol", CASES)
+@pytest.mark.parametrize("splits, window", [(1, 0), (3, 0), (8, 0), (1, 21), (3, 21)])  # 8: more splits than
+@pytest.mark.parametrize("bs,H,KVH,D,dtype,tol", CASES)  # some contexts have key tiles; 21: a sliding window
 def test_paged_decode_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: torch.dtype, tol: float,
-                                   splits: int) -> None:
+                                   splits: int, window: int) -> None:
     g = torch.Generator().manual_seed(bs * 100 + H)
     kc, vc = _cache(40, bs, KVH, D, dtype, g)
     lens = [1, bs, 3 * bs + 5, 70, 0]  # the last one: a padded row
@@ -46,12 +49,13 @@ def test_paged_decode_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: tor
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(len(lens), H, D, generator=g).to(dtype)
     scale = D ** -0.5
-    out = tat.paged_decode(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale, block_n=16, splits=splits)
+    out = tat.paged_decode(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), scale, block_n=16, splits=splits,
+                           window=window)
     for i, n in enumerate(lens):
         if n == 0:
             assert torch.equal(out[i], torch.zeros_like(out[i]))
             continue
-        ref = _ref(q[i : i + 1], _gather(kc, tables[i], n), _gather(vc, tables[i], n), [n - 1], scale)
+        ref = _ref(q[i : i + 1], _gather(kc, tables[i], n), _gather(vc, tables[i], n), [n - 1], scale, window)
         torch.testing.assert_close(out[i : i + 1].float(), ref, atol=tol, rtol=tol)
 
 
@@ -62,8 +66,10 @@ def test_decode_splits_fill_the_sms_and_stop_splitting_once_the_batch_does() -> 
     assert tat.decode_splits(64, 8, 132) == 1
 
 
+@pytest.mark.parametrize("window", [0, 7, 20])  # a sliding window shorter than a key tile, and longer
 @pytest.mark.parametrize("bs,H,KVH,D,dtype,tol", CASES)
-def test_paged_prefill_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: torch.dtype, tol: float) -> None:
+def test_paged_prefill_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: torch.dtype, tol: float,
+                                    window: int) -> None:
     """Whole prompts (start 0) and later chunks (start > 0, earlier positions already cached)."""
     g = torch.Generator().manual_seed(bs + H + D)
     kc, vc = _cache(64, bs, KVH, D, dtype, g)
@@ -77,9 +83,10 @@ def test_paged_prefill_matches_sdpa(bs: int, H: int, KVH: int, D: int, dtype: to
     ts, tm = tat.prefill_tiles([n for _, n in seqs], block_m=16)
     out = tat.paged_prefill(q, kc, vc, bt, cu, torch.tensor([s for s, _ in seqs], dtype=torch.int32),
                             torch.tensor(ts, dtype=torch.int32), torch.tensor(tm, dtype=torch.int32),
-                            D ** -0.5, block_m=16, block_n=16)
+                            D ** -0.5, block_m=16, block_n=16, window=window)
     off = 0
     for (s, n), table in zip(seqs, tables):
-        ref = _ref(q[off : off + n], _gather(kc, table, s + n), _gather(vc, table, s + n), list(range(s, s + n)), D ** -0.5)
+        ref = _ref(q[off : off + n], _gather(kc, table, s + n), _gather(vc, table, s + n), list(range(s, s + n)),
+                   D ** -0.5, window)
         torch.testing.assert_close(out[off : off + n].float(), ref, atol=tol, rtol=tol)
         off += n

@@ -43,7 +43,8 @@ def _hf(model, p: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-de
     return out[0, len(p):].tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms (fused kernel), head_dim 32
+# qwen3: per-head q/k norms (fused kernel), head_dim 32; mistral: a sliding window of 16 in every layer
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 @pytest.mark.parametrize("max_graph_batch", [64, 8])  # 64: every step replays a graph; 8: 32 rows run eagerly
 def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int, arch: str) -> None:
     from engine.layer_ops import TritonOps
