@@ -20,7 +20,7 @@ class ModelConfig(Frozen):
         "default",
         description="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (seeded random test model) "
         "or a local Hugging Face checkpoint directory (Llama, Mistral, Qwen 2/3 and their MoE, Mixtral, "
-        "Phi 3/4; unquantized).",
+        "Phi 3/4, Gemma 3 text; unquantized).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and KV dtype (float32 is fastest on CPU)."

@@ -116,7 +116,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     return model.to(cfg.device).eval()
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma3_text")
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 
 
@@ -132,6 +132,10 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
                              "weights only (float32, bfloat16, float16)")
+    capped = [f for f in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, f, None)]
+    if capped:  # Gemma 2's; Gemma 3 has neither
+        raise ModelLoadError(f"model.path: {config.model_type} with logit soft-capping ({', '.join(capped)}) "
+                             "is not supported")
     rope = _rope(config)
     if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)) < 1.0:
         raise ModelLoadError(f"model.path: {config.model_type} with rotary on part of each head "
@@ -170,6 +174,10 @@ def max_positions(config: Any) -> int | None:
     and dynamic NTK the original length — past it Hugging Face changes every position's frequencies
     mid-sequence, which a cache of keys rotated with the earlier ones cannot follow."""
     n = getattr(config, "max_position_embeddings", None)
+    capped = [f for f in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, f, None)]
+    if capped:  # Gemma 2's; Gemma 3 has neither
+        raise ModelLoadError(f"model.path: {config.model_type} with logit soft-capping ({', '.join(capped)}) "
+                             "is not supported")
     rope = _rope(config)
     kind = rope.get("rope_type", rope.get("type"))
     original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", n)

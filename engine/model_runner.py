@@ -1,4 +1,6 @@
-"""The model runner: owns the one KV tensor and runs Llama-family forwards over block tables.
+"""The model runner: owns the one KV tensor and runs Llama-family forwards over block tables
+(what other families add — q/k norms, experts, Gemma 3's sandwich norms and per-layer rotary,
+sliding windows — are options of a layer).
 
 It reuses the Hugging Face module weights and numerics (norms, projections, rotary, MLP) and
 replaces attention, which reads and writes the paged KV cache. Callers (the prefill and decode
@@ -65,6 +67,9 @@ class _Layer:
     scaling: float
     q_norm: torch.nn.Module | None = None  # Qwen 3: RMSNorm over each head's D of q and k, before rotary
     k_norm: torch.nn.Module | None = None
+    pre_mlp_norm: torch.nn.Module | None = None  # Gemma 3's sandwich: post_norm normalizes the attention's
+    post_mlp_norm: torch.nn.Module | None = None  # output alone, these the MLP's input and output
+    rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ)
 
 
 def _fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -138,14 +143,17 @@ class ModelRunner:
         self.layers = []
         dense = partial(self._dense, backend=backend)
         moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts
-        for layer in model.model.layers[: self.num_layers]:
+        for li, layer in enumerate(model.model.layers[: self.num_layers]):
             a, mlp = layer.self_attn, layer.mlp
             qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
                    else Linear(*_fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
             self.layers.append(
                 _Layer(layer.input_layernorm, layer.post_attention_layernorm, qkv, from_module(a.o_proj, backend),
                        Experts.of(mlp, dense, moe_triton) or dense(mlp), a.scaling,
-                       getattr(a, "q_norm", None), getattr(a, "k_norm", None))
+                       getattr(a, "q_norm", None), getattr(a, "k_norm", None),
+                       getattr(layer, "pre_feedforward_layernorm", None),
+                       getattr(layer, "post_feedforward_layernorm", None),
+                       cfg.layer_types[li] if hasattr(model.model.rotary_emb, "layer_types") else None)
             )
         self.lm_head = from_module(model.lm_head, backend)
         self.tokens_forwarded = 0
@@ -238,7 +246,9 @@ class ModelRunner:
         T = meta.ids.shape[0]
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         x = lm.embed_tokens(meta.ids)  # [T, hidden]
-        cos, sin = (t[0] for t in lm.rotary_emb(x, meta.pos.unsqueeze(0)))  # [T, D] each
+        ropes = {layer.rope for layer in self.layers}  # Gemma 3: one rotary per layer type, else one (None)
+        rotary = {t: tuple(r[0] for r in (lm.rotary_emb(x, meta.pos.unsqueeze(0), t) if t else
+                                          lm.rotary_emb(x, meta.pos.unsqueeze(0)))) for t in ropes}  # [T, D] each
         residual: torch.Tensor | None = None  # the residual stream; x is the last sub-layer's output
         for li, layer in enumerate(self.layers):
             h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
@@ -246,10 +256,15 @@ class ModelRunner:
             if layer.q_norm is not None and layer.k_norm is not None:  # per head: rows of [T*H, D]
                 q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
                 k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
-            o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), cos, sin, meta,
-                                 layer.scaling)  # [T, H*D]
-            h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
-            x = layer.mlp(h, ops.act_mul)  # [T, hidden]
+            o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary[layer.rope],
+                                 meta, layer.scaling)  # [T, H*D]
+            if layer.pre_mlp_norm is None or layer.post_mlp_norm is None:
+                h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
+                x = layer.mlp(h, ops.act_mul)  # [T, hidden]
+            else:  # Gemma 3: residual += post_norm(attention); x = post_mlp_norm(mlp(pre_mlp_norm(residual)))
+                attn = ops.norm(layer.post_norm, layer.o_proj(o), None)[0]
+                h, residual = ops.norm(layer.pre_mlp_norm, attn, residual)
+                x = ops.norm(layer.post_mlp_norm, layer.mlp(h, ops.act_mul), None)[0]
         assert residual is not None
         return x, residual
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, PreTrainedModel,
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, PreTrainedModel,
                           PreTrainedTokenizerFast,
                           Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
@@ -80,6 +80,12 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "qwen2_moe": (Qwen2MoeConfig, {**MOE, "num_experts": 8, "moe_intermediate_size": 32,
                                    "shared_expert_intermediate_size": 64}),
     "phi3": (Phi3Config, {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}),
+    "gemma3_text": (Gemma3TextConfig, {
+        "initializer_range": 0.02,  # its embeddings are scaled by sqrt(hidden) = 8
+        "query_pre_attn_scalar": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 }
 ARCHS = tuple(FAMILIES)
 
@@ -92,7 +98,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     heads, tied embeddings), qwen3_moe (qwen3's attention, experts of 32 in layer 1 and a dense MLP
     in layer 0, top-k weights renormalized), mixtral (experts of 64 in every layer), qwen2_moe
     (qwen2's attention, experts of 32 beside a gated shared expert of 64 in every layer), phi3
-    (q|k|v and gate|up fused in the checkpoint). overrides: config fields (e.g. a window)."""
+    (q|k|v and gate|up fused in the checkpoint), gemma3_text (a window of 16 in layer 0, local and
+    global rotary bases, sandwich norms, (1 + w) RMSNorm, GELU, scaled embeddings). overrides:
+    config fields (e.g. a window)."""
     if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     family, differs = FAMILIES[arch]
@@ -105,6 +113,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight")):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("norm.weight") and not p.any():  # Gemma's norms scale by (1 + w), w from 0
+                p.uniform_(-0.5, 0.5)
             elif name.endswith("mlp.gate.weight"):  # a router: tokens spread over the experts
                 p.normal_(0, 1.0)
     torch.random.set_rng_state(saved)

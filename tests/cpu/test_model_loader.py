@@ -127,3 +127,16 @@ def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_com
     cfg.rope_parameters, cfg.sliding_window = {"rope_type": "default", "rope_theta": 10000.0}, 2047
     check_supported(cfg, 2048)
     assert attention_windows(cfg) == [2047, 2047]
+
+
+def test_a_gemma3_text_folder_loads_and_logit_soft_capping_is_refused(tmp_path: Path) -> None:
+    model = tiny_model(seed=3, arch="gemma3_text")
+    model.save_pretrained(tmp_path)
+    loaded = load_model(ModelConfig(path=str(tmp_path)))
+    assert attention_windows(loaded.config) == [16, 0]
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    model.config.final_logit_softcapping = 30.0  # Gemma 2's
+    with pytest.raises(ModelLoadError, match="model.path: gemma3_text with logit soft-capping"):
+        check_supported(model.config, 1024)
