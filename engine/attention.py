@@ -174,14 +174,15 @@ class TorchAttention:
 class TritonAttention:
     name = "triton"
 
-    def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int = 32, windows: list[int] | None = None) -> None:
+    def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int | None = None,
+                 windows: list[int] | None = None) -> None:
         from engine import triton_attention, triton_fused  # imported only when selected: triton is GPU-side
 
         self.ops, self.fused = triton_attention, triton_fused
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         self.windows = windows or [0] * kv.shape[0]  # each layer's sliding window (0: the whole context)
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[4], kv.shape[5]
-        self.block_m = block_m
+        self.block_m = block_m or (32 if self.head_dim <= 128 else 16)  # query tiles: head_dim 256 spilled at 32
         # the decode kernel splits a small batch's keys until every SM has a program (decode_splits)
         self.num_sms = torch.cuda.get_device_properties(kv.device).multi_processor_count if kv.is_cuda else 1
 

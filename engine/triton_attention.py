@@ -191,7 +191,7 @@ def decode_splits(num_rows: int, kv_heads: int, num_sms: int, max_splits: int = 
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, block_n: int = 64, splits: int = 1,
+                 context_lens: torch.Tensor, scale: float, block_n: int | None = None, splits: int = 1,
                  window: int = 0) -> torch.Tensor:
     """q [B, heads, head_dim]; block_tables [B, W]; context_lens [B] → out [B, heads, head_dim].
 
@@ -200,6 +200,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     row) gives zeros. `window` > 0: only the last `window` keys (a sliding window, the query's own
     included: Hugging Face's key > query - window)."""
     bs, kvh, d = _check_cache(k_cache)
+    block_n = block_n or (64 if d <= 128 else 16)  # head_dim 256 (Gemma): a key tile of 64 spilled on sm_90
     B, H, _ = q.shape
     G = H // kvh
     out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
@@ -232,12 +233,13 @@ def prefill_tiles(num_new: list[int], block_m: int) -> tuple[list[int], list[int
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   cu_q: torch.Tensor, start_pos: torch.Tensor, tile_seq: torch.Tensor, tile_m0: torch.Tensor,
-                  scale: float, block_m: int = 32, block_n: int = 32, window: int = 0) -> torch.Tensor:
+                  scale: float, block_m: int = 32, block_n: int | None = None, window: int = 0) -> torch.Tensor:
     """q [T, heads, head_dim] packed; cu_q [B+1] offsets of each sequence's new tokens in T;
     start_pos [B] position of each one's first new token; tile_* from `prefill_tiles(.., block_m)`.
     Causal attention of every new token over its sequence's positions [0, own] (with `window` > 0:
     (own - window, own]) → [T, heads, head_dim]."""
     bs, kvh, d = _check_cache(k_cache)
+    block_n = block_n or (32 if d <= 128 else 16)
     T, H, _ = q.shape
     out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
     _, block_d = _tiles(1, d)
