@@ -174,10 +174,6 @@ def max_positions(config: Any) -> int | None:
     and dynamic NTK the original length — past it Hugging Face changes every position's frequencies
     mid-sequence, which a cache of keys rotated with the earlier ones cannot follow."""
     n = getattr(config, "max_position_embeddings", None)
-    capped = [f for f in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, f, None)]
-    if capped:  # Gemma 2's; Gemma 3 has neither
-        raise ModelLoadError(f"model.path: {config.model_type} with logit soft-capping ({', '.join(capped)}) "
-                             "is not supported")
     rope = _rope(config)
     kind = rope.get("rope_type", rope.get("type"))
     original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", n)
