@@ -11,15 +11,16 @@ KV layout (one tensor for all layers):
     kv:       [num_layers, 2 (k|v), num_blocks, block_size, kv_heads, head_dim]
     kv_slots: the same memory as [num_layers, 2, num_slots, kv_heads, head_dim],
               slot = block * block_size + offset
-What differs by device is attention (engine/attention.py) and the small ops between the matmuls:
-on CPU a fused C++ decode kernel over the block tables (engine/csrc), SDPA for prompts, and the
-Hugging Face modules (TorchOps); on CUDA Triton kernels that read K/V in place with no host work
-(engine/triton_attention.py) and one kernel each for residual add + RMSNorm, rotary + KV store and
-SiLU * up (TritonOps in engine/layer_ops.py, engine/triton_fused.py: ~10 kernels a layer where the modules launch ~35), which is what
-lets the decode step be captured as short CUDA graphs (engine/cuda_graphs.py). The q/k/v and
-gate/up projections run as one matmul each (weights concatenated once, the original modules left as
-views into them). A mixture-of-experts layer (Qwen 3 MoE, Mixtral, Qwen 2 MoE) runs its experts as grouped
-matmuls (engine/moe.py) where a dense one runs its MLP.
+What differs by device is attention (engine/attention.py) and the small ops between the matmuls
+(engine/layer_ops.py): on CPU a fused C++ decode kernel over the block tables (engine/csrc), SDPA
+for prompts, and the Hugging Face modules (TorchOps); on CUDA Triton kernels that read K/V in place
+with no host work (engine/triton_attention.py) and one kernel each for residual add + RMSNorm,
+rotary + KV store and SiLU * up (TritonOps, engine/triton_fused.py: ~10 kernels a layer where the
+modules launch ~35), which is what lets the decode step be captured as short CUDA graphs
+(engine/cuda_graphs.py). The q/k/v and gate/up projections run as one matmul each (weights
+concatenated once, the original modules left as views into them). A mixture-of-experts layer
+(Qwen 3 MoE, Mixtral, Qwen 2 MoE) runs its experts as grouped matmuls (engine/moe.py) where a
+dense one runs its MLP.
 """
 from __future__ import annotations
 
