@@ -26,7 +26,10 @@ def server():  # type: ignore[no-untyped-def]
             raise
         ray.shutdown()
         ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-faults")
-    srv = RunningServer(tiny_config(cluster={"max_restarts": 3, "health_check_interval_s": 0.5}))  # decode-0 restarts 3 times
+    # decode-0 restarts 3 times; a stream waits for its worker's restart up to queue_timeout_s: on a
+    # busy 2-core box a restart once took over the default 30 s (two tests failed), so 90
+    srv = RunningServer(tiny_config(cluster={"max_restarts": 3, "health_check_interval_s": 0.5},
+                                    limits={"queue_timeout_s": 90, "request_timeout_s": 150}))
     yield srv
     srv.stop()
     ray.shutdown()
@@ -48,7 +51,7 @@ def _streams(srv: RunningServer, n: int) -> tuple[list[Any], list[threading.Thre
 
     def one(i: int) -> None:
         stream = srv.stub.GenerateStream(
-            pb.GenerateRequest(prompt=_stream_prompt(i), max_tokens=STREAM_TOKENS, ignore_eos=True), timeout=120
+            pb.GenerateRequest(prompt=_stream_prompt(i), max_tokens=STREAM_TOKENS, ignore_eos=True), timeout=170
         )
         tokens: list[int] = []
         try:
@@ -97,7 +100,7 @@ def test_a_killed_decode_worker_comes_back_and_its_streams_go_on_there(server: R
     ends, threads = _streams(server, 6)
     ray.kill(server.cluster.workers["decode-0"], no_restart=False)  # Ray restarts it
     for t in threads:
-        t.join(90)
+        t.join(160)
     assert all(e is not None and e[0] == "ok" and len(e[2]) == STREAM_TOKENS for e in ends), [e[:2] for e in ends]
     for i in (0, 5):
         assert ends[i][2] == hf_greedy(_stream_prompt(i), STREAM_TOKENS, ignore_eos=True), i
@@ -140,7 +143,7 @@ def test_a_worker_whose_device_breaks_exits_is_restarted_and_its_streams_go_on(s
     except ray.exceptions.RayError:  # the worker may exit before this call's answer leaves it
         pass
     for t in threads:
-        t.join(90)
+        t.join(160)
     # the worker exited with its requests: they went on in its restarted process
     assert all(e is not None and e[0] == "ok" and len(e[2]) == STREAM_TOKENS for e in ends), [e[:2] for e in ends]
     assert _serves_again(server, 60) < 60  # a fresh process: not a worker that fails every step
@@ -166,7 +169,7 @@ def test_a_worker_whose_schedule_raises_exits_is_restarted_and_its_streams_go_on
     except ray.exceptions.RayError:
         pass
     for t in threads:
-        t.join(90)
+        t.join(160)
     assert all(e is not None and e[0] == "ok" and len(e[2]) == STREAM_TOKENS for e in ends), [e[:2] for e in ends]
     assert _serves_again(server, 60) < 60
     w = _worker(server, "decode-0")
