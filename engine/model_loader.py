@@ -109,9 +109,10 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         model = tiny_model(cfg.seed, dtype)
         check_supported(model.config, cfg.max_model_len)
     else:  # refused before its weights are read
-        check_supported(AutoConfig.from_pretrained(path, local_files_only=True), cfg.max_model_len)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        check_supported(config, cfg.max_model_len)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+            path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
         )
     return model.to(cfg.device).eval()
 

@@ -247,9 +247,9 @@ class ModelRunner:
         T = meta.ids.shape[0]
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         x = lm.embed_tokens(meta.ids)  # [T, hidden]
-        ropes = {layer.rope for layer in self.layers}  # Gemma 3: one rotary per layer type, else one (None)
-        rotary = {t: tuple(r[0] for r in (lm.rotary_emb(x, meta.pos.unsqueeze(0), t) if t else
-                                          lm.rotary_emb(x, meta.pos.unsqueeze(0)))) for t in ropes}  # [T, D] each
+        pos = meta.pos.unsqueeze(0)  # [1, T]
+        rotary = {t: tuple(r[0] for r in lm.rotary_emb(x, pos, *(t,) if t else ()))  # (cos, sin) [T, D] each:
+                  for t in {layer.rope for layer in self.layers}}  # Gemma 3: one per layer type, else one (None)
         residual: torch.Tensor | None = None  # the residual stream; x is the last sub-layer's output
         for li, layer in enumerate(self.layers):
             h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
