@@ -6,11 +6,12 @@ The runner computes everything else (embeddings, projections, norms, MLP); a bac
   2. `attend(layer, q, k, v, cos, sin, meta, scale)`: rotary on q and k, store k, v at their slots,
      then attention of q over each sequence's cache → o; a layer with a sliding window (`windows`,
      Mistral's, Qwen 2's upper layers) attends to the last `window` positions only (Hugging Face's
-     key > query - window), its cache still holding every position.
+     key > query - window), its cache still holding every position; with `softcap` (Gemma 2's
+     attn_logit_softcapping) each scaled score s becomes softcap · tanh(s / softcap) before the softmax.
 Backends:
   - `TorchAttention` (CPU, and CUDA without Triton): Hugging Face's rotary; index_copy into the slots;
-    decode rows through the fused C++ kernel (CPU fp32; not a windowed layer) or a gather + SDPA;
-    prompts and chunks through one SDPA per sequence.
+    decode rows through the fused C++ kernel (CPU fp32; not a windowed or soft-capped layer) or a
+    gather + SDPA; prompts and chunks through one SDPA per sequence (`_sdpa`: written out when capped).
   - `TritonAttention` (CUDA): rotary + store in one kernel (engine/triton_fused.py), then
     engine/triton_attention.py — one kernel per step and layer for the decode rows, one for all prompt
     tokens; no host work or sync inside. Its decode-only `BatchMeta` can live in persistent buffers,
@@ -77,11 +78,31 @@ def _host_meta(seqs: list[SeqInput], block_size: int) -> tuple[int, list[torch.T
     return nd, as_t + [dec_tables, dec_lens]
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+          causal: bool = False, softcap: float = 0.0) -> torch.Tensor:
+    """torch SDPA with grouped KV heads, or with `softcap` > 0 the same written out as Hugging Face's
+    eager Gemma 2 attention computes it (SDPA cannot cap the scores). q [B, H, n, D], k and v
+    [B, KVH, ctx, D], mask [.., n, ctx] (True: attend) → [B, H, n, D]."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [B, H, ctx, D]
+    s = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap  # [B, H, n, ctx]
+    if causal:
+        n, ctx = s.shape[-2:]
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=s.device).tril(ctx - n)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class TorchAttention:
-    def __init__(self, kv: torch.Tensor, num_heads: int, paged: Any = None, windows: list[int] | None = None) -> None:
+    def __init__(self, kv: torch.Tensor, num_heads: int, paged: Any = None, windows: list[int] | None = None,
+                 softcap: float = 0.0) -> None:
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         L, _, nb, bs, kvh, d = kv.shape
         self.windows = windows or [0] * L  # each layer's sliding window (0: the whole context)
+        self.softcap = softcap  # attention logit soft-capping (0: none)
         self.kv_slots = kv.view(L, 2, nb * bs, kvh, d)  # [L, 2, num_slots, kv_heads, head_dim]
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = bs, num_heads, kvh, d
         self.paged = paged  # the fused C++ decode kernel, or None: gather + SDPA
@@ -131,7 +152,7 @@ class TorchAttention:
             qs = q[:, :, off : off + n]  # [1, H, n, D]
             if s.start_pos == 0 and not window:  # whole prompt in this forward: keys are the fresh ones
                 ks, vs = k[:, :, off : off + n], v[:, :, off : off + n]
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=n > 1, scale=scale, enable_gqa=True)
+                o = _sdpa(qs, ks, vs, scale, causal=n > 1, softcap=self.softcap)
             else:  # a later chunk (or a window): read every position from the cache, masked by position
                 idx = self._slots(s, s.context_len)
                 ks = self.kv_slots[li, 0].index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
@@ -139,7 +160,7 @@ class TorchAttention:
                 qpos = torch.arange(s.start_pos, s.context_len, device=q.device)[:, None]
                 kpos = torch.arange(s.context_len, device=q.device)[None, :]
                 mask = (kpos <= qpos) & (kpos > qpos - window) if window else kpos <= qpos  # [n, ctx]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+                o = _sdpa(qs, ks, vs, scale, mask, softcap=self.softcap)
             outs.append(o)
             off += n
         o = torch.cat(outs, dim=2)  # [1, H, T, D]
@@ -153,7 +174,7 @@ class TorchAttention:
         if window:  # and not before the window: key > (len - 1) - window
             span = torch.arange(T, device=mask.device)
             mask = mask & (span[None, :] >= lens[:, None] - window)[:, None, None, :]
-        if self.paged is not None and not window:  # fused kernel: reads K/V in place through the block table
+        if self.paged is not None and not window and not self.softcap:  # the fused kernel: K/V read in place
             qb = q[0].transpose(0, 1).contiguous()  # [B, H, D]
             o = self.paged.paged_decode_attention(qb, self.kv[li, 0], self.kv[li, 1], table, lens, scale)
             return o.reshape(1, B, self.num_heads * self.head_dim)
@@ -165,9 +186,9 @@ class TorchAttention:
         if B == 1:  # cut the padding: the same call as a batch-1 Hugging Face decode step
             n = int(lens[0])
             a = max(0, n - window) if window else 0
-            o = F.scaled_dot_product_attention(qb, ks[:, :, a:n], vs[:, :, a:n], scale=scale, enable_gqa=True)
+            o = _sdpa(qb, ks[:, :, a:n], vs[:, :, a:n], scale, softcap=self.softcap)
         else:
-            o = F.scaled_dot_product_attention(qb, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = _sdpa(qb, ks, vs, scale, mask, softcap=self.softcap)
         return o.reshape(1, B, self.num_heads * self.head_dim)  # from [B, H, 1, D]
 
 
@@ -175,12 +196,13 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int | None = None,
-                 windows: list[int] | None = None) -> None:
+                 windows: list[int] | None = None, softcap: float = 0.0) -> None:
         from engine import triton_attention, triton_fused  # imported only when selected: triton is GPU-side
 
         self.ops, self.fused = triton_attention, triton_fused
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         self.windows = windows or [0] * kv.shape[0]  # each layer's sliding window (0: the whole context)
+        self.softcap = softcap  # attention logit soft-capping (0: none)
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[4], kv.shape[5]
         self.block_m = block_m or (32 if self.head_dim <= 128 else 16)  # query tiles: head_dim 256 spilled at 32
         # the decode kernel splits a small batch's keys until every SM has a program (decode_splits)
@@ -212,11 +234,11 @@ class TritonAttention:
         if nd:
             splits = self.ops.decode_splits(nd, self.num_kv_heads, self.num_sms)
             outs.append(self.ops.paged_decode(qt[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, splits=splits,
-                                              window=self.windows[li]))
+                                              window=self.windows[li], softcap=self.softcap))
         if meta.prefill:
             x = meta.extra
             outs.append(self.ops.paged_prefill(qt[nd:], kc, vc, x["tables"], x["cu_q"], x["start"],
                                                x["tile_seq"], x["tile_m0"], scale, block_m=self.block_m,
-                                               window=self.windows[li]))
+                                               window=self.windows[li], softcap=self.softcap))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, D]
         return o.view(T, self.num_heads * self.head_dim)

@@ -112,12 +112,13 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         check_supported(config, cfg.max_model_len)
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+            path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config)
         )
     return model.to(cfg.device).eval()
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma3_text")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
+                 "gemma3_text")
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 
 
@@ -133,10 +134,6 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
                              "weights only (float32, bfloat16, float16)")
-    capped = [f for f in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, f, None)]
-    if capped:  # Gemma 2's; Gemma 3 has neither
-        raise ModelLoadError(f"model.path: {config.model_type} with logit soft-capping ({', '.join(capped)}) "
-                             "is not supported")
     rope = _rope(config)
     if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)) < 1.0:
         raise ModelLoadError(f"model.path: {config.model_type} with rotary on part of each head "
@@ -150,6 +147,12 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
     if kinds:
         raise ModelLoadError(f"model.path: {config.model_type} has layers of attention kinds {sorted(kinds)}, "
                              "which are not supported (full and sliding-window attention are)")
+
+
+def hf_attention(config: Any) -> str:
+    """The attention Hugging Face's own modules use (the runner replaces it; tests compare with it):
+    SDPA, or eager where scores are soft-capped (Gemma 2), which SDPA cannot do."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
 
 def _rope(config: Any) -> dict[str, Any]:

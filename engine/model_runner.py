@@ -1,6 +1,6 @@
 """The model runner: owns the one KV tensor and runs Llama-family forwards over block tables
-(what other families add — q/k norms, experts, Gemma 3's sandwich norms and per-layer rotary,
-sliding windows — are options of a layer).
+(what other families add — q/k norms, experts, Gemma's sandwich norms, Gemma 3's per-layer rotary,
+sliding windows, Gemma 2's logit soft-capping — are options of a layer or of the attention backend).
 
 It reuses the Hugging Face module weights and numerics (norms, projections, rotary, MLP) and
 replaces attention, which reads and writes the paged KV cache. Callers (the prefill and decode
@@ -157,6 +157,7 @@ class ModelRunner:
                        cfg.layer_types[li] if hasattr(model.model.rotary_emb, "layer_types") else None)
             )
         self.lm_head = from_module(model.lm_head, backend)
+        self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)  # Gemma 2: cap·tanh(l/cap)
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
 
@@ -172,12 +173,14 @@ class ModelRunner:
 
     def _attention_backend(self, kernels: str, linear_backend: str) -> TorchAttention | TritonAttention:
         """triton: asked for, or auto on CUDA where it imports; else torch (the fused C++ decode kernel on
-        CPU fp32 where it builds, gather + SDPA otherwise). Each layer's sliding window from the config."""
+        CPU fp32 where it builds, gather + SDPA otherwise). Each layer's sliding window and the logit
+        soft-capping from the config."""
         windows = attention_windows(self.model.config)
+        cap = float(getattr(self.model.config, "attn_logit_softcapping", None) or 0.0)
         if kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and _has_triton()):
-            return TritonAttention(self.kv, self.num_heads, windows=windows)
+            return TritonAttention(self.kv, self.num_heads, windows=windows, softcap=cap)
         use_cpp = linear_backend == "onednn" and self.dtype == torch.float32
-        return TorchAttention(self.kv, self.num_heads, paged_attention.load() if use_cpp else None, windows)
+        return TorchAttention(self.kv, self.num_heads, paged_attention.load() if use_cpp else None, windows, cap)
 
     @staticmethod
     def cache_shape(cfg: object, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -274,7 +277,10 @@ class ModelRunner:
         if rows is not None:  # only each sequence's last token is sampled
             x, residual = x.index_select(0, rows), residual.index_select(0, rows)  # [B, hidden]
         h, _ = self.ops.norm(self.model.model.norm, x, residual)
-        return self.lm_head(h).float()  # [B, V]
+        logits = self.lm_head(h).float()  # [B, V]
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def _score(self, seqs: list[SeqInput], x: torch.Tensor, residual: torch.Tensor) -> dict[int, list[TokenLogprob]]:
         """Prompt logprobs: for each sequence i with `scored` tokens, at each of its first

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig,
-                          Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                          MixtralConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -69,6 +69,9 @@ def tiny_config(vocab_size: int = 259) -> LlamaConfig:
 
 
 MOE = dict(num_experts_per_tok=2, router_jitter_noise=0.0)  # 8 experts, each token through 2
+GEMMA = {"initializer_range": 0.02,  # its embeddings are scaled by sqrt(hidden) = 8
+         "query_pre_attn_scalar": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+         "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
 FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â†’ its config, what differs
     "llama": (LlamaConfig, {}),
     "mistral": (MistralConfig, {"sliding_window": 16}),
@@ -80,12 +83,11 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "qwen2_moe": (Qwen2MoeConfig, {**MOE, "num_experts": 8, "moe_intermediate_size": 32,
                                    "shared_expert_intermediate_size": 64}),
     "phi3": (Phi3Config, {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}),
+    "gemma2": (Gemma2Config, {**GEMMA, "attn_logit_softcapping": 0.05,  # (Gemma 2 9B's: 50 and 30; these
+                              "final_logit_softcapping": 0.5}),  # bite at this size: scores ~0.1, logits ~0.5)
     "gemma3_text": (Gemma3TextConfig, {
-        "initializer_range": 0.02,  # its embeddings are scaled by sqrt(hidden) = 8
-        "query_pre_attn_scalar": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
-        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
-        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+        **GEMMA, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 }
 ARCHS = tuple(FAMILIES)
 
@@ -99,13 +101,16 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     in layer 0, top-k weights renormalized), mixtral (experts of 64 in every layer), qwen2_moe
     (qwen2's attention, experts of 32 beside a gated shared expert of 64 in every layer), phi3
     (q|k|v and gate|up fused in the checkpoint), gemma3_text (a window of 16 in layer 0, local and
-    global rotary bases, sandwich norms, (1 + w) RMSNorm, GELU, scaled embeddings). overrides:
-    config fields (e.g. a window)."""
+    global rotary bases, sandwich norms, (1 + w) RMSNorm, GELU, scaled embeddings), gemma2 (Gemma 3's
+    layers with one rotary base, attention scores and final logits soft-capped). overrides: config
+    fields (e.g. a window)."""
     if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     family, differs = FAMILIES[arch]
     cfg = family(**{**tiny_config().to_dict(), "model_type": arch, **differs, **overrides})
-    cfg._attn_implementation = "sdpa"
+    from engine.model_loader import hf_attention  # (it imports this module)
+
+    cfg._attn_implementation = hf_attention(cfg)
     saved = torch.random.get_rng_state()  # build seeded without disturbing the caller's RNG
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

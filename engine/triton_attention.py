@@ -44,12 +44,22 @@ def _wide(x, OFF64: tl.constexpr):
 
 
 @triton.jit
+def _capped(s, cap, CAP: tl.constexpr):
+    """Gemma 2's attention logit soft-capping, cap · tanh(s / cap), when CAP (else s as it is).
+    tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp overflowing to inf gives 1)."""
+    if CAP:
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+    else:
+        return s
+
+
+@triton.jit
 def _paged_decode(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale, window,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale, window, cap,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    IEEE: tl.constexpr, OFF64: tl.constexpr,
+    IEEE: tl.constexpr, OFF64: tl.constexpr, CAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -76,7 +86,7 @@ def _paged_decode(
         kv_mask = live[:, None] & (d < D)[None, :]
         k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
         v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE).to(tl.float32) * scale  # [G, N]
+        s = _capped(_dot(q, tl.trans(k), IEEE).to(tl.float32) * scale, cap, CAP)  # [G, N]
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -118,10 +128,10 @@ def _merge_splits(
 @triton.jit
 def _paged_prefill(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, start_ptr, tile_seq_ptr, tile_m0_ptr, o_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale, window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale, window, cap,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    OFF64: tl.constexpr,
+    OFF64: tl.constexpr, CAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -152,7 +162,7 @@ def _paged_prefill(
         kv_mask = live[:, None] & (d < D)[None, :]
         k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
         v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE).to(tl.float32) * scale  # [M, N]
+        s = _capped(_dot(q, tl.trans(k), IEEE).to(tl.float32) * scale, cap, CAP)  # [M, N]
         seen = (n[None, :] <= qpos[:, None]) & ((window == 0) | (n[None, :] > qpos[:, None] - window))
         s = tl.where(seen & live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -192,13 +202,14 @@ def decode_splits(num_rows: int, kv_heads: int, num_sms: int, max_splits: int = 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, block_n: int | None = None, splits: int = 1,
-                 window: int = 0) -> torch.Tensor:
+                 window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q [B, heads, head_dim]; block_tables [B, W]; context_lens [B] → out [B, heads, head_dim].
 
     `splits` > 1: each (sequence, KV head) is split into that many runs of keys, one program each,
     then merged by their log-sum-exp (see `decode_splits`). A row with context length 0 (a padded
     row) gives zeros. `window` > 0: only the last `window` keys (a sliding window, the query's own
-    included: Hugging Face's key > query - window)."""
+    included: Hugging Face's key > query - window). `softcap` > 0: each score s (scaled) becomes
+    softcap · tanh(s / softcap) before the softmax (Gemma 2)."""
     bs, kvh, d = _check_cache(k_cache)
     block_n = block_n or (64 if d <= 128 else 16)  # head_dim 256 (Gemma): a key tile of 64 spilled on sm_90
     B, H, _ = q.shape
@@ -212,8 +223,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _paged_decode[(B, kvh, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window,
-        BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
-        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache),
+        softcap, BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
+        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache), CAP=softcap > 0,
     )
     if splits > 1:
         _merge_splits[(B * H,)](part, lse, out, out.stride(0), out.stride(1), H, D=d, SPLITS=splits,
@@ -233,11 +244,12 @@ def prefill_tiles(num_new: list[int], block_m: int) -> tuple[list[int], list[int
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   cu_q: torch.Tensor, start_pos: torch.Tensor, tile_seq: torch.Tensor, tile_m0: torch.Tensor,
-                  scale: float, block_m: int = 32, block_n: int | None = None, window: int = 0) -> torch.Tensor:
+                  scale: float, block_m: int = 32, block_n: int | None = None, window: int = 0,
+                  softcap: float = 0.0) -> torch.Tensor:
     """q [T, heads, head_dim] packed; cu_q [B+1] offsets of each sequence's new tokens in T;
     start_pos [B] position of each one's first new token; tile_* from `prefill_tiles(.., block_m)`.
     Causal attention of every new token over its sequence's positions [0, own] (with `window` > 0:
-    (own - window, own]) → [T, heads, head_dim]."""
+    (own - window, own]; `softcap` as paged_decode's) → [T, heads, head_dim]."""
     bs, kvh, d = _check_cache(k_cache)
     block_n = block_n or (32 if d <= 128 else 16)
     T, H, _ = q.shape
@@ -246,7 +258,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _paged_prefill[(tile_seq.numel(), H)](
         q, k_cache, v_cache, block_tables, cu_q, start_pos, tile_seq, tile_m0, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window,
-        BS=bs, KVH=kvh, D=d, G=H // kvh, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache),
+        softcap, BS=bs, KVH=kvh, D=d, G=H // kvh, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache), CAP=softcap > 0,
     )
     return out

@@ -119,17 +119,18 @@ WINDOWED = dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)
 
 @pytest.mark.parametrize("arch, overrides", [("qwen2", {}), ("qwen3", {}), ("qwen3_moe", {}), ("mixtral", {}),
                                              ("qwen2_moe", {}), ("phi3", {}), ("mistral", {}), ("qwen2", WINDOWED),
-                                             ("gemma3_text", {})],
+                                             ("gemma3_text", {}), ("gemma2", {})],
                          ids=["qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3", "mistral", "qwen2-window",
-                              "gemma3"])
+                              "gemma3", "gemma2"])
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
 def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, overrides: dict, kernels: str) -> None:
     """Qwen 2 (q/k/v biases), Qwen 3 (per-head q/k RMSNorm, head_dim 32 where hidden / heads is
     16, tied embeddings) and the mixtures of experts (Qwen 3 MoE: a dense layer and a sparse one;
     Mixtral; Qwen 2 MoE: a gated shared expert), Phi 3 (q|k|v and gate|up fused in the checkpoint)
-    sliding windows of 16 (Mistral's in every layer, Qwen 2's in its upper layer) and Gemma 3
-    (sandwich norms, a local and a global rotary base, a windowed layer): a batch of prompts, one
-    computed in chunks, then decoded, equals generate."""
+    sliding windows of 16 (Mistral's in every layer, Qwen 2's in its upper layer), Gemma 3
+    (sandwich norms, a local and a global rotary base, a windowed layer) and Gemma 2 (soft-capped
+    attention scores and logits): a batch of prompts, one computed in chunks, then decoded, equals
+    generate."""
     model = tiny_model(seed=4, arch=arch, **overrides)
     prompts = [p[:60] if kernels == "triton" else p for p in _prompts(4, seed=5)]  # Triton's interpreter is slow
     runner = ModelRunner(model, num_blocks=4 * 24, block_size=16, kernels=kernels)
@@ -151,12 +152,14 @@ def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, ove
 
 
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
-@pytest.mark.parametrize("arch", ["qwen2-window", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2-window", "gemma3", "gemma2-attention", "gemma2-final"])
 def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(arch: str, kernels: str) -> None:
     """What differs by layer: Qwen 2 with a window of 16 in layer 1 only; Gemma 3's local and global
-    rotary bases (and its window in layer 0). Greedy tokens of a tiny model barely feel one such
-    layer, so the logits are compared — and with every layer alike they differ."""
-    model = tiny_model(seed=4, arch="qwen2", **WINDOWED) if arch == "qwen2-window" else tiny_model(4, arch="gemma3_text")
+    rotary bases (and its window in layer 0); Gemma 2's soft-capping of attention scores and of the
+    final logits (which never changes a greedy token). Greedy tokens of a tiny model barely feel
+    these, so the logits are compared — and without the feature they differ."""
+    model = (tiny_model(seed=4, arch="qwen2", **WINDOWED) if arch == "qwen2-window"
+             else tiny_model(4, arch=arch.split("-")[0] if arch.startswith("gemma2") else "gemma3_text"))
     prompt = _prompts(1, seed=9)[0][:70]
     with torch.inference_mode():
         want = model(torch.tensor([prompt])).logits[0]  # [n, V]
@@ -168,6 +171,10 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
     torch.testing.assert_close(torch.stack(got), want[[23, 47, *range(48, len(prompt))]], atol=5e-5, rtol=1e-4)
     if arch == "qwen2-window":
         runner.attn.windows = [0, 0]
+    elif arch == "gemma2-attention":
+        runner.attn.softcap = 0.0
+    elif arch == "gemma2-final":
+        runner.final_softcap = 0.0
     else:  # every layer on the local base
         runner.layers = [replace(layer, rope="sliding_attention") for layer in runner.layers]
     assert not torch.allclose(runner.forward([SeqInput([prompt[-1]], len(prompt) - 1, table)])[0], want[-1], atol=1e-3)

@@ -44,8 +44,8 @@ def _hf(model, p: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-de
 
 
 # qwen3: per-head q/k norms (fused kernel), head_dim 32; mistral: a sliding window of 16 in every layer;
-# gemma3_text: sandwich norms and GELU as torch ops inside the graphs, two rotary bases
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3_text"])
+# gemma3_text: sandwich norms and GELU as torch ops inside the graphs, two rotary bases; gemma2: soft-capping
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3_text", "gemma2"])
 @pytest.mark.parametrize("max_graph_batch", [64, 8])  # 64: every step replays a graph; 8: 32 rows run eagerly
 def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int, arch: str) -> None:
     from engine.layer_ops import TritonOps
@@ -53,7 +53,7 @@ def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int
 
     model = _model(arch=arch)
     runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
-    assert runner.attn.name == "triton" and isinstance(runner.ops, TritonOps) == (arch != "gemma3_text")
+    assert runner.attn.name == "triton" and isinstance(runner.ops, TritonOps) == (not arch.startswith("gemma"))
     runner.use_decode_graphs(max_graph_batch, max_model_len=256)
     prompts = _prompts(32, seed=max_graph_batch)
     together = _decode(runner, prompts, 12)
