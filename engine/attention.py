@@ -17,7 +17,8 @@ Backends:
     tokens; no host work or sync inside. Its decode-only `BatchMeta` can live in persistent buffers,
     which is what the CUDA graphs replay (engine/cuda_graphs.py).
 Shapes: q [T, heads, head_dim], k and v [T, kv_heads, head_dim] (views into the fused projection,
-not yet rotated), cos and sin [T, head_dim] → o [T, heads * head_dim].
+not yet rotated), cos and sin [T, rotary dims] (head_dim, or fewer under partial rotary: Phi 4 mini)
+→ o [T, heads * head_dim].
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 if TYPE_CHECKING:
     from engine.model_runner import SeqInput
@@ -78,6 +79,18 @@ def _host_meta(seqs: list[SeqInput], block_size: int) -> tuple[int, list[torch.T
     return nd, as_t + [dec_tables, dec_lens]
 
 
+def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's rotary: q [1, H, T, D], k [1, KVH, T, D], cos and sin [1, T, R]. R < D (partial
+    rotary, Phi 4 mini): the first R dims of each head rotate, the rest pass as they are (Phi 3's
+    apply_rotary_pos_emb)."""
+    r = cos.shape[-1]
+    if r == q.shape[-1]:
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    c, s = cos[:, None], sin[:, None]  # [1, 1, T, R]
+    return tuple(torch.cat([x[..., :r] * c + rotate_half(x[..., :r]) * s, x[..., r:]], dim=-1)  # type: ignore[return-value]
+                 for x in (q, k))
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
           causal: bool = False, softcap: float = 0.0) -> torch.Tensor:
     """torch SDPA with grouped KV heads, or with `softcap` > 0 the same written out as Hugging Face's
@@ -121,7 +134,7 @@ class TorchAttention:
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
         T = q.shape[0]
-        q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+        q, k = _rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
         v = v.transpose(0, 1)[None]  # q [1, H, T, D]; k, v [1, KVH, T, D]
         self.kv_slots[li, 0].index_copy_(0, meta.slots, k[0].transpose(0, 1))  # [T, KVH, D] into slots
         self.kv_slots[li, 1].index_copy_(0, meta.slots, v[0].transpose(0, 1))

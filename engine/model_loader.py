@@ -120,12 +120,13 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text")
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
+PARTIAL_ROTARY = ("phi3",)  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
     """ModelLoadError naming the field unless the engine computes this model as Hugging Face does:
     a Llama-shaped decoder (engine/model_runner.py) with unquantized weights, rotary over whole
-    heads, and a max_model_len within the positions it is computed for (max_positions: vLLM's rule)."""
+    heads (or part of each where the family's own code does so), and a max_model_len within the positions it is computed for (max_positions: vLLM's rule)."""
     if config.model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")
@@ -135,9 +136,11 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
                              "weights only (float32, bfloat16, float16)")
     rope = _rope(config)
-    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)) < 1.0:
+    partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)) < 1.0
+    if partial and config.model_type not in PARTIAL_ROTARY:
         raise ModelLoadError(f"model.path: {config.model_type} with rotary on part of each head "
-                             "(partial_rotary_factor < 1) is not supported: rotary covers the whole head here")
+                             f"(partial_rotary_factor < 1) is not supported: only {', '.join(PARTIAL_ROTARY)} "
+                             "rotate part of a head")
     trained = max_positions(config)
     if max_model_len is not None and trained is not None and max_model_len > trained:
         raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds the {trained} positions "

@@ -4,7 +4,8 @@ Between its four matmuls a Hugging Face Llama layer launches ~30 small kernels (
 seven: cast, pow, mean, add, rsqrt, mul, mul); at decode batch sizes each is a few microseconds of
 a mostly idle GPU, which is most of a decode step above its floor. Here each group is one kernel:
   - `add_rms_norm`: residual add + RMSNorm (the residual stream is written once, the normed rows once)
-  - `rope_store`:  rotary on q and k + k, v into their cache slots (slot < 0: nothing stored)
+  - `rope_store`:  rotary on q and k (the first dims of each head under partial rotary) + k, v into
+                   their cache slots (slot < 0: nothing stored)
   - `silu_mul`:    SiLU(gate) * up from the fused gate|up projection
 Each rounds where Hugging Face rounds (every torch op on bf16/fp16 computes in fp32 and rounds its
 result to the model dtype), so outputs equal the modules' to within a reduction's ordering.
@@ -55,7 +56,8 @@ def _rounded(v, dtype: tl.constexpr):
 @triton.jit
 def _rotate(x_ptr, stride_h, t, stride_t, c, s, NH, D: tl.constexpr, HALF: tl.constexpr,
             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x * cos + rotate_half(x) * sin for the [NH, D] heads of token t, rounded as HF rounds."""
+    """x * cos + rotate_half(x) * sin for the [NH, D] heads of token t, rounded as HF rounds; the
+    rotary halves are HALF wide (dims past 2 * HALF have cos 1 and sin 0: x as it is)."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     m = (h < NH) & (d < D)
@@ -78,8 +80,8 @@ def _rope_store(
 ):
     t = tl.program_id(0).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)[None, :]
-    c = tl.load(cos_ptr + t * stride_ct + dd, mask=dd < D, other=0.0).to(tl.float32)  # [1, D]
-    s = tl.load(sin_ptr + t * stride_ct + dd, mask=dd < D, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + t * stride_ct + dd, mask=dd < 2 * HALF, other=1.0).to(tl.float32)  # [1, D]
+    s = tl.load(sin_ptr + t * stride_ct + dd, mask=dd < 2 * HALF, other=0.0).to(tl.float32)
     q, h, d, m = _rotate(q_ptr, stride_qh, t, stride_qt, c, s, H, D, HALF, BLOCK_H, BLOCK_D)
     tl.store(qo_ptr + t * (H * D) + h * D + d, q, mask=m)
     k, h, d, m = _rotate(k_ptr, stride_kh, t, stride_kt, c, s, KVH, D, HALF, BLOCK_KVH, BLOCK_D)
@@ -120,18 +122,18 @@ def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
 ) -> torch.Tensor:
-    """q [T, H, D], k and v [T, KVH, D], cos and sin [T, D] (the model's rotary tables at each token's
-    position) → rotated q [T, H, D]; rotated k and v go to cache slots [T] of
-    k_cache, v_cache [num_blocks, block_size, KVH, D] (contiguous)."""
+    """q [T, H, D], k and v [T, KVH, D], cos and sin [T, R] (the model's rotary tables at each token's
+    position; R < D: partial rotary, the first R dims of each head rotate) → rotated q [T, H, D];
+    rotated k and v go to cache slots [T] of k_cache, v_cache [num_blocks, block_size, KVH, D] (contiguous)."""
     T, H, D = q.shape
-    KVH = k.shape[1]
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and D % 2 == 0
+    KVH, R = k.shape[1], cos.shape[-1]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and R % 2 == 0 and R <= D
     q_out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T:
         _rope_store[(T,)](
             q, k, v, cos, sin, q_out, k_cache, v_cache, slots,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-            H, KVH, D=D, HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH),
+            H, KVH, D=D, HALF=R // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH),
             BLOCK_D=triton.next_power_of_2(D),
         )
     return q_out

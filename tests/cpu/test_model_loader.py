@@ -108,7 +108,8 @@ def test_a_quantized_checkpoint_is_refused_naming_its_method(tmp_path: Path) -> 
 def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_computed(tmp_path: Path) -> None:
     """Phi 3 / Phi 4: q|k|v and gate|up fused in the checkpoint. LongRoPE (Phi 3.5 mini) changes every
     position's frequencies once a sequence passes the original length, so max_model_len stays within
-    it; rotary on part of each head (Phi 4 mini) is refused; Phi 3 mini's 2047-token window in every layer."""
+    it; rotary on part of each head (Phi 4 mini) loads, in another family it is refused (Hugging Face's
+    own code would not compute it); Phi 3 mini's 2047-token window in every layer."""
     model = tiny_model(seed=3, arch="phi3")
     model.save_pretrained(tmp_path / "phi3")
     loaded = load_model(ModelConfig(path=str(tmp_path / "phi3")))
@@ -122,8 +123,11 @@ def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_com
         check_supported(cfg, 2048)
     check_supported(cfg, 1024)
     cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
-    with pytest.raises(ModelLoadError, match="model.path: phi3 with rotary on part of each head"):
-        check_supported(cfg, 1024)
+    check_supported(cfg, 1024)
+    llama = tiny_config()
+    llama.rope_parameters = {**llama.rope_parameters, "partial_rotary_factor": 0.5}
+    with pytest.raises(ModelLoadError, match="model.path: llama with rotary on part of each head"):
+        check_supported(llama, 1024)
     cfg.rope_parameters, cfg.sliding_window = {"rope_type": "default", "rope_theta": 10000.0}, 2047
     check_supported(cfg, 2048)
     assert attention_windows(cfg) == [2047, 2047]

@@ -115,22 +115,23 @@ def test_fused_kernel_is_built_here_and_matches_sdpa() -> None:
 
 
 WINDOWED = dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)  # Qwen 2: layer 1 only
+PARTIAL = dict(partial_rotary_factor=0.5)  # Phi 4 mini's rotary on part of each head (its 0.75 of 128 dims)
 
 
 @pytest.mark.parametrize("arch, overrides", [("qwen2", {}), ("qwen3", {}), ("qwen3_moe", {}), ("mixtral", {}),
                                              ("qwen2_moe", {}), ("phi3", {}), ("mistral", {}), ("qwen2", WINDOWED),
-                                             ("gemma3_text", {}), ("gemma2", {})],
+                                             ("gemma3_text", {}), ("gemma2", {}), ("phi3", PARTIAL)],
                          ids=["qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3", "mistral", "qwen2-window",
-                              "gemma3", "gemma2"])
+                              "gemma3", "gemma2", "phi4-mini"])
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
 def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, overrides: dict, kernels: str) -> None:
     """Qwen 2 (q/k/v biases), Qwen 3 (per-head q/k RMSNorm, head_dim 32 where hidden / heads is
     16, tied embeddings) and the mixtures of experts (Qwen 3 MoE: a dense layer and a sparse one;
     Mixtral; Qwen 2 MoE: a gated shared expert), Phi 3 (q|k|v and gate|up fused in the checkpoint)
     sliding windows of 16 (Mistral's in every layer, Qwen 2's in its upper layer), Gemma 3
-    (sandwich norms, a local and a global rotary base, a windowed layer) and Gemma 2 (soft-capped
-    attention scores and logits): a batch of prompts, one computed in chunks, then decoded, equals
-    generate."""
+    (sandwich norms, a local and a global rotary base, a windowed layer), Gemma 2 (soft-capped
+    attention scores and logits) and Phi 4 mini's rotary on half of each head: a batch of prompts,
+    one computed in chunks, then decoded, equals generate."""
     model = tiny_model(seed=4, arch=arch, **overrides)
     prompts = [p[:60] if kernels == "triton" else p for p in _prompts(4, seed=5)]  # Triton's interpreter is slow
     runner = ModelRunner(model, num_blocks=4 * 24, block_size=16, kernels=kernels)

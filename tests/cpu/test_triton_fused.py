@@ -1,11 +1,12 @@
 """The fused layer ops of the CUDA path (engine/triton_fused.py), run by Triton's interpreter on CPU,
 against the Hugging Face modules they replace: RMSNorm (with and without the residual add), rotary
-on q and k with the cache store, SiLU(gate) * up. fp32 and fp16 (whose rounding steps the kernels
+on q and k (whole heads, or part of each: Phi 4 mini) with the cache store, SiLU(gate) * up. fp32 and fp16 (whose rounding steps the kernels
 reproduce); strided rows as the runner passes them (views into the fused qkv / gate|up outputs)."""
 import pytest
 import torch
-from transformers.models.llama.configuration_llama import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.phi3.configuration_phi3 import Phi3Config
+from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb  # (whole or part of a head)
 
 fused = pytest.importorskip("engine.triton_fused")
 
@@ -29,20 +30,21 @@ def test_add_rms_norm_equals_residual_add_then_llama_rms_norm(dtype: torch.dtype
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES + [(torch.bfloat16, 0.0)])  # bf16: each product rounded, exact
-@pytest.mark.parametrize("H,KVH,D", [(4, 2, 32), (6, 1, 80)])
+@pytest.mark.parametrize("H,KVH,D,partial", [(4, 2, 32, 1.0), (6, 1, 80, 1.0), (4, 2, 32, 0.75)])
 def test_rope_store_equals_hf_rotary_and_stores_k_v_at_their_slots(
-    dtype: torch.dtype, tol: float, H: int, KVH: int, D: int
+    dtype: torch.dtype, tol: float, H: int, KVH: int, D: int, partial: float
 ) -> None:
     g = torch.Generator().manual_seed(H * D)
     T, nb, bs = 5, 6, 4
-    cfg = LlamaConfig(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=KVH, head_dim=D,
-                      max_position_embeddings=256, rope_theta=10000.0)
+    cfg = Phi3Config(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=KVH, head_dim=D,
+                     max_position_embeddings=256, rope_theta=10000.0, partial_rotary_factor=partial)
     qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g).to(dtype)  # as the fused projection returns it
     q = qkv[:, : H * D].view(T, H, D)
     k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
     v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
     pos = torch.tensor([0, 3, 17, 100, 200])
-    cos, sin = LlamaRotaryEmbedding(cfg)(qkv.unsqueeze(0), pos.unsqueeze(0))  # [1, T, D] in dtype
+    cos, sin = Phi3RotaryEmbedding(cfg)(qkv.unsqueeze(0), pos.unsqueeze(0))  # [1, T, D * partial] in dtype
+    assert cos.shape[-1] == int(D * partial)
     slots = torch.tensor([5, -1, 0, 23, 9])  # a padded row (-1) stores nothing
     kc = torch.zeros(nb, bs, KVH, D, dtype=dtype)
     vc = torch.zeros_like(kc)
