@@ -44,6 +44,7 @@ from engine.prompt_queue import PromptQueue
 from engine.sampler import History, needs_history, sample
 from engine.step_loop import Step, StepLoop
 from engine.structured import Guide, Guides
+from engine.think_budget import ThinkBudget, forced_first, forced_now
 from engine.types import (
     DecodeEvent, FinishReason, PrefillRequest, PrefillResult, ReserveResult, SamplingParams, TokenLogprob, WorkerStats,
     banned_now,
@@ -231,9 +232,10 @@ class BatchWorker(StepsInFlight, StepLoop):
         return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table) for r in batch]
 
     def _decode_sampling(self, batch: list[DecodeRequest], pending: int = 0) -> tuple[
-            list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None]]:
+            list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None],
+            list[int | None]]:
         """sample()'s arguments for the decode rows: params, the positions being sampled, histories,
-        banned tokens, guides. pending: tokens each row has drawn that the host has not read yet
+        banned tokens, guides, forced tokens. pending: tokens each row has drawn that the host has not read yet
         (1 under a step in flight: then no row may need its history). A row that has ended (while a
         step followed its last) is sampled unconstrained: its token is dropped."""
         assert not pending or not any(needs_history(r.sampling) for r in batch)
@@ -243,7 +245,8 @@ class BatchWorker(StepsInFlight, StepLoop):
                  for r, ok in zip(batch, live)],
                 [banned_now(r.sampling, len(r.output_ids) + pending, r.eos_token_ids, r.output_ids) if ok else ()
                  for r, ok in zip(batch, live)],
-                [self._guide(r) if ok else None for r, ok in zip(batch, live)])
+                [self._guide(r) if ok else None for r, ok in zip(batch, live)],
+                [self._forced(r) if ok else None for r, ok in zip(batch, live)])
 
     def _guide(self, r: DecodeRequest) -> Guide | None:
         """A structured output's Guide, made at its first sampling here, having followed its output."""
@@ -253,6 +256,13 @@ class BatchWorker(StepsInFlight, StepLoop):
         if r.guide is not None:
             r.guide.follow(r.output_ids)
         return r.guide
+
+    @staticmethod
+    def _forced(r: DecodeRequest) -> int | None:
+        """The token a thinking budget forces next, its count made at its first sampling here."""
+        if r.sampling.thinking_budget is not None and r.think is None:
+            r.think = ThinkBudget.of(r.sampling)
+        return forced_now(r.think, r.output_ids)
 
     def _recompute_rows(self, budget: int) -> tuple[list[Recompute], list[SeqInput]]:
         """Under `lock`: resume preempted requests that fit now, and this step's chunks (at most
@@ -284,7 +294,7 @@ class BatchWorker(StepsInFlight, StepLoop):
             for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
                 self.allocator.commit(c.pending.request.request_id, c.start + c.length)
             done = self.prompts.finish(step.prompts, {i - step.prompt_rows.start: lps for i, lps in step.scores.items()})
-        params, positions, histories, banned, guides = self._decode_sampling(step.decode)
+        params, positions, histories, banned, guides, forced = self._decode_sampling(step.decode)
         for p, _ in done:
             params.append(p.request.sampling)
             positions.append(p.num_tokens)
@@ -292,10 +302,11 @@ class BatchWorker(StepsInFlight, StepLoop):
             banned.append(banned_now(p.request.sampling, 0, p.request.eos_token_ids))
             r = self.scheduler.requests.get(p.request.request_id)
             guides.append(None if r is None else self._guide(r))
+            forced.append(forced_first(p.request.sampling))
         rows = list(range(len(step.decode))) + [step.prompt_rows.start + i for _, i in done]
         if not rows:  # only chunks that do not end their prompt
             return
-        tokens, lps = sample(logits[rows], params, positions, histories, banned, guides)
+        tokens, lps = sample(logits[rows], params, positions, histories, banned, guides, forced)
         n = len(step.decode)
         if step.decode:
             self._decoded(step.decode, tokens[:n], lps[:n])

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.structured import Guide
+from engine.think_budget import ThinkBudget
 from engine.types import FinishReason, SamplingParams, finish_reason
 
 
@@ -37,6 +38,7 @@ class DecodeRequest:
     cache_salt: str | None = None  # its KV blocks are shared only under this salt; None: never shared
     shared_tokens: int = 0  # of its prompt, the tokens whose KV it found cached here at reserve (never written)
     guide: Guide | None = None  # structured output: its place in its grammar (made at its first sampling here)
+    think: ThinkBudget | None = None  # a thinking budget: its count (made at its first sampling here)
 
     @property
     def rank(self) -> tuple[int, float]:

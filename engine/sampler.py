@@ -3,7 +3,8 @@ three more when a row is not greedy: which rows fall back to a sort, engine/race
 sample_queued(), what a decode step left in flight samples with (engine/step_loop.py).
 
 Order (every row, as tensors [B, V]): penalties on the raw logits → logit_bias → allowed_token_ids →
-the grammar's mask (structured outputs, engine/structured.py) → banned tokens (min_tokens) → greedy
+the grammar's mask (structured outputs, engine/structured.py) → banned tokens (min_tokens) → a
+forced token (a spent thinking budget, engine/think_budget.py: only it may be drawn) → greedy
 rows: argmax → the rest: temperature → top-k → top-p → min-p → draw (engine/race.py). Logprobs are the log-softmax of the raw logits. The draw is an exponential race
 whose noise is a hash of (row key, token id), so a seeded request's row key (seed, position) gives
 the same token whatever else is in the batch and whichever worker samples it; unseeded rows get a
@@ -116,6 +117,19 @@ def _ban(logits: torch.Tensor, banned: list[Sequence[int]]) -> torch.Tensor:
                             torch.full((), float("-inf"), device=dev, dtype=logits.dtype))
 
 
+def _force(logits: torch.Tensor, forced: Sequence[int | None]) -> torch.Tensor:
+    """Rows with a forced token: every other token at -inf (the forced one keeps its logit)."""
+    entries = [(i, t) for i, t in enumerate(forced) if t is not None and t < logits.shape[1]]
+    if not entries:
+        return logits
+    rows, toks = zip(*entries)
+    dev = logits.device
+    idx, tok = on_device(list(rows), dev), on_device(list(toks), dev)
+    keep = torch.full((len(rows), logits.shape[1]), float("-inf"), device=dev, dtype=logits.dtype)  # [R, V]
+    keep.scatter_(1, tok[:, None], logits.index_select(0, idx).gather(1, tok[:, None]).nan_to_num(0.0, 0.0, 0.0))
+    return logits.index_copy(0, idx, keep)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -123,12 +137,14 @@ def sample(
     histories: list[History | None] | None = None,
     banned: list[Sequence[int]] | None = None,
     guides: Sequence[Guide | None] | None = None,
+    forced: Sequence[int | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] (float32); positions[i] = the position the sampled token will occupy;
     histories[i]: row i's prompt and output (its penalties' input; None: unpenalized);
     banned[i]: token ids row i may not take (engine/types.py `banned_now`); guides[i]: row i's place
-    in its grammar (structured output), having followed every token before this one."""
-    return _sample(logits, params, positions, histories, banned, guides, draw).collect()
+    in its grammar (structured output), having followed every token before this one; forced[i]: the
+    token row i must take (engine/think_budget.py `forced_now`), or None."""
+    return _sample(logits, params, positions, histories, banned, guides, forced, draw).collect()
 
 
 def sample_queued(
@@ -138,18 +154,19 @@ def sample_queued(
     histories: list[History | None] | None = None,
     banned: list[Sequence[int]] | None = None,
     guides: Sequence[Guide | None] | None = None,
+    forced: Sequence[int | None] | None = None,
 ) -> Sampled:
     """sample() with every tensor op queued on the device and nothing waiting for it (the host
     computes a grammar's mask, then queues its copy), so a forward queued before it is not waited
     for: a decode step in flight (engine/step_loop.py) samples with this, and the caller may queue
     the next forward before collect(). Drawn rows draw by race.draw_sorted (the same tokens).
     logits [B, V] may be overwritten once this returns (a CUDA graph's output)."""
-    return _sample(logits, params, positions, histories, banned, guides, draw_sorted).staged()
+    return _sample(logits, params, positions, histories, banned, guides, forced, draw_sorted).staged()
 
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
             histories: list[History | None] | None, banned: list[Sequence[int]] | None,
-            guides: Sequence[Guide | None] | None, how: Drawer) -> Sampled:
+            guides: Sequence[Guide | None] | None, forced: Sequence[int | None] | None, how: Drawer) -> Sampled:
     raw = logits.float().nan_to_num(nan=float("-inf"))  # a NaN never wins (argmax would pick it); a new tensor
     logits = raw
     if any(p.penalized for p in params) and histories is not None:
@@ -163,6 +180,8 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[
         logits = mask_logits(logits, guides)
     if banned is not None and any(banned):
         logits = _ban(logits, banned)
+    if forced is not None and any(t is not None for t in forced):
+        logits = _force(logits, forced)
     tokens = logits.argmax(dim=-1)  # [B]: the greedy answer, and every row's fallback
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
@@ -183,12 +202,13 @@ def _drawn(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingPara
 
 def needs_history(sampling: SamplingParams) -> bool:
     """Whether a row's next token depends on the tokens before it beyond the model's logits: its
-    penalties count them, its grammar follows them. A step in flight samples such rows only once
+    penalties count them, its grammar follows them, its thinking budget counts them. A step in flight samples such rows only once
     the host has the tokens of the step before (engine/step_loop.py), as are rows with a bad word of
     several tokens (whether its last is banned depends on the tokens before); every other row —
     greedy or drawn, with a logit_bias, allowed_token_ids, one-token bad words or a pending
     min_tokens — is sampled as it is launched."""
-    return sampling.penalized or bool(sampling.grammar) or any(len(w) > 1 for w in sampling.bad_words)
+    return (sampling.penalized or bool(sampling.grammar) or sampling.thinking_budget is not None
+            or any(len(w) > 1 for w in sampling.bad_words))
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ class SamplingParams:
     grammar_after: str = ""  # the grammar holds only what follows this text's first appearance in the answer ("</think>")
     grammar_free_opener: str = ""  # with grammar_after: one token ("<think>") that, as the first, opens the free part; else held at once
     bad_words: tuple[tuple[int, ...], ...] = ()  # vLLM's: token sequences whose last token may not complete them
+    thinking_budget: int | None = None  # at most this many thinking tokens, then think_end_id (engine/think_budget.py)
+    think_end_id: int = -1  # with thinking_budget: the token of "</think>"
+    think_open_id: int = -1  # ... and of "<think>" where the answer may open its thinking (-1: it starts inside)
     priority: int = 0  # lower is served sooner (vLLM semantics): KV room, prompt queue, decode batch, preemption last
 
     @property

@@ -43,6 +43,7 @@ from engine.prompt_queue import PromptQueue
 from engine.sampler import History, sample
 from engine.step_loop import Step, StepLoop
 from engine.structured import Guide, Guides
+from engine.think_budget import forced_first
 from engine.types import (
     FinishReason, PrefillRequest, PrefillResult, TokenLogprob, WorkerStats, banned_now, finish_reason,
 )
@@ -257,6 +258,7 @@ class PrefillWorker(StepLoop):
             logits[[i for _, i in done]], [p.request.sampling for p, _ in done], [p.num_tokens for p, _ in done],
             [History(p.request.token_ids, ()) for p, _ in done],
             [banned_now(p.request.sampling, 0, p.request.eos_token_ids) for p, _ in done], guides,
+            [forced_first(p.request.sampling) for p, _ in done],
         )
         for (p, _), first, lp, guide in zip(done, firsts, lps, guides):
             self._prefilled(p, first, lp, guide)

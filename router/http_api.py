@@ -29,10 +29,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.choices import fan_out, merged
-from router.errors import BadRequest
+from router.errors import BadRequest, InvalidArgument
 from router.openai_answers import Choice, chat_split, chunk_obj, final_obj, total_usage, usage_obj
 from router.openai_requests import Options, Prompt, parse_body, with_prompts, with_token_text
-from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_first
+from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_budget, think_first
 from router.security import REFUSAL, TokenStore, bearer
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize
@@ -161,6 +161,10 @@ class OpenAIFront:
                 opts = replace(opts, thinking=prompt_opens_thinking(reqs[0].prompt_ids, self.svc.tokenizer),
                                count_reasoning=self._reasoning_tokens)
                 reqs = [think_first(r, opts.thinking, self.svc.tokenizer) for r in reqs]
+            try:
+                reqs = [think_budget(r, opts.reasoning, opts.thinking, self.svc.tokenizer) for r in reqs]
+            except InvalidArgument as e:
+                raise BadRequest(str(e), e.field) from None
             if opts.echo:
                 opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
                                            for p, r in zip(pbreqs, reqs[::opts.n]) for _ in range(opts.n)])

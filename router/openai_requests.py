@@ -23,7 +23,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "s
           "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "ignore_eos",
           "min_tokens", "user", "cache_salt", "logit_bias", "stop_token_ids", "include_stop_str_in_output",
           "skip_special_tokens", "truncate_prompt_tokens", "prompt_logprobs",
-          "allowed_token_ids", "priority", "bad_words", *HTTP_FIELDS}
+          "allowed_token_ids", "priority", "bad_words", "thinking_token_budget", *HTTP_FIELDS}
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
                  "continue_final_message", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls",
@@ -120,6 +120,9 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser
     structured = from_http(body, req)
     req.include_stop_str_in_output = _get(body, "include_stop_str_in_output", bool, False)
     _set(req, "priority", _get(body, "priority", int, 0))
+    budget = _get(body, "thinking_token_budget", int, None)
+    if budget is not None:
+        _set(req, "thinking_token_budget", budget)
     truncate = _get(body, "truncate_prompt_tokens", int, None)
     if truncate is not None:
         _set(req, "truncate_prompt_tokens", truncate)

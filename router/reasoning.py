@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from router.detokenizer import marker_tail
+from router.errors import InvalidArgument
 from router.validation import ValidRequest
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -51,6 +52,27 @@ def think_first(req: ValidRequest, opened: bool, tokenizer: Any) -> ValidRequest
     if len(tokenizer.encode(OPEN, add_special_tokens=False)) == 1:
         return replace(req, sampling=replace(req.sampling, grammar_after=CLOSE, grammar_free_opener=OPEN))
     return req
+
+
+def think_budget(req: ValidRequest, reasoning: bool, opened: bool, tokenizer: Any) -> ValidRequest:
+    """`req` with its thinking budget's marker ids (engine/think_budget.py), where it has a budget:
+    "</think>" ends the thinking, and "<think>" opens it where the prompt did not (`opened`).
+    InvalidArgument naming thinking_token_budget where the answer is not split (`reasoning`: a chat
+    request under server.reasoning_parser) or a marker it needs is not one token."""
+    if req.sampling.thinking_budget is None:
+        return req
+    field = "thinking_token_budget"
+    if not reasoning:
+        raise InvalidArgument(field, "applies to chat requests (messages) on a server with server.reasoning_parser set")
+
+    def one_token(text: str) -> int:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise InvalidArgument(field, f"needs {text!r} to be one token of this model's tokenizer; it is {len(ids)}")
+        return int(ids[0])
+
+    end, start = one_token(CLOSE), -1 if opened else one_token(OPEN)
+    return replace(req, sampling=replace(req.sampling, think_end_id=end, think_open_id=start))
 
 
 def reasoning_tokens(ids: Sequence[int], tokenizer: Any) -> int:

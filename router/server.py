@@ -27,7 +27,7 @@ from router.answer_split import ChatSplit, parsed_answer, parsed_delta, with_rea
 from router.config import ServerConfig
 from router.errors import InvalidArgument
 from router.http_api import build_app
-from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_first
+from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_budget, think_first
 from router.security import AuthInterceptor, TokenStore, grpc_credentials, uvicorn_ssl
 from router.service import GenerationService, Refused
 from router.tools import grpc_tool_mode
@@ -113,6 +113,7 @@ class GrpcFront:
         thinking = reasoning and prompt_opens_thinking(req.prompt_ids, self.svc.tokenizer)
         if reasoning:
             req = think_first(req, thinking, self.svc.tokenizer)
+        req = think_budget(req, reasoning, thinking, self.svc.tokenizer)
         return req, ChatSplit(tools, reasoning, thinking, count=self._reasoning_tokens) if tools or reasoning else None
 
     def _reasoning_tokens(self, ids: Sequence[int]) -> int:

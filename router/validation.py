@@ -117,6 +117,9 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         if not -100 <= b <= 100:  # NaN fails this too
             raise InvalidArgument(f"logit_bias[{t}]", f"must be in [-100, 100], got {b}")
     after, opener = thinking_of(req, tokenizer)
+    budget = req.thinking_token_budget if req.HasField("thinking_token_budget") else None
+    if budget is not None and budget < 0:
+        raise InvalidArgument("thinking_token_budget", f"must be >= 0, got {budget}")
     bad_words = _bad_words(req, tokenizer, limits)
     sampling = SamplingParams(
         temperature=temperature,
@@ -140,6 +143,7 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         grammar_free_opener=opener,
         priority=req.priority,
         bad_words=bad_words,
+        thinking_budget=budget,
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")
