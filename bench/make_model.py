@@ -10,7 +10,8 @@ qwen3-0.6b, qwen3-8b and qwen3-test the same for Qwen 3 (per-head q/k norms, hea
 qwen3-a3b-24l is Qwen3-30B-A3B's layer (128 experts of 768, 8 per token) in 24 of its 48 layers
 (~15B parameters, 30 GB in bf16: the whole model would not fit a 64 GB disk), qwen3-moe-test a
 few MB of the same kind; gemma3-1b is Gemma 3 1B's shape (head_dim 256, windows of 512), gemma2-2b
-Gemma 2 2B's (head_dim 256, windows of 4096 in every other layer, soft-capped scores and logits).
+Gemma 2 2B's (head_dim 256, windows of 4096 in every other layer, soft-capped scores and logits),
+glm4-9b GLM-4-9B-0414's (interleaved rotary on half of each head, sandwich norms, q/k/v biases).
 The tokenizer is byte-level BPE: ids 0-2 are the specials, 3-258 the 256 bytes (so any text
 encodes, and llguidance can hold a grammar over it), and the rest words " t0", " t1", ... (one token
 each, leading space included), so prompts of any length are easy to make (" t5 t17 t9 ...", or decode
@@ -50,6 +51,10 @@ SHAPES: dict[str, dict[str, Any]] = {
                       head_dim=256, intermediate_size=9216, vocab_size=256000, sliding_window=4096,
                       query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                       tie_word_embeddings=True),
+    # GLM-4-9B-0414: rotary on pairs of neighbouring dims in the first half of each head, 2 KV heads
+    "glm4-9b": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
+                    head_dim=128, intermediate_size=13696, vocab_size=151552, partial_rotary_factor=0.5,
+                    attention_bias=True),
     "qwen3-moe-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=32, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
                            num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512),
@@ -64,7 +69,7 @@ CHAT_TEMPLATE = (
 
 def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
     """The Hugging Face config of a named shape (`overrides` replace its dimensions)."""
-    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import Gemma2Config, Gemma3TextConfig, Glm4Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     dims = {"tie_word_embeddings": False, **SHAPES[shape], **overrides}
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -72,6 +77,8 @@ def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
         return Gemma3TextConfig(**dims, max_position_embeddings=max_position, **ids)
     if shape.startswith("gemma2"):
         return Gemma2Config(**dims, max_position_embeddings=max_position, **ids)
+    if shape.startswith("glm4"):
+        return Glm4Config(**dims, max_position_embeddings=max_position, **ids)
     family = (Qwen3MoeConfig if "num_experts" in dims else Qwen3Config) if shape.startswith("qwen3") else LlamaConfig
     return family(**dims, max_position_embeddings=max_position, rope_theta=10000.0 if family is LlamaConfig else 1e6,
                   **ids)

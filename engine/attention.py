@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb as interleaved_rotary
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 if TYPE_CHECKING:
@@ -79,10 +80,13 @@ def _host_meta(seqs: list[SeqInput], block_size: int) -> tuple[int, list[torch.T
     return nd, as_t + [dec_tables, dec_lens]
 
 
-def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Hugging Face's rotary: q [1, H, T, D], k [1, KVH, T, D], cos and sin [1, T, R]. R < D (partial
     rotary, Phi 4 mini): the first R dims of each head rotate, the rest pass as they are (Phi 3's
-    apply_rotary_pos_emb)."""
+    apply_rotary_pos_emb). interleaved: neighbouring dims rotate together (GLM 4's)."""
+    if interleaved:
+        return interleaved_rotary(q, k, cos, sin)
     r = cos.shape[-1]
     if r == q.shape[-1]:
         return apply_rotary_pos_emb(q, k, cos, sin)
@@ -111,11 +115,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask:
 
 class TorchAttention:
     def __init__(self, kv: torch.Tensor, num_heads: int, paged: Any = None, windows: list[int] | None = None,
-                 softcap: float = 0.0) -> None:
+                 softcap: float = 0.0, interleaved: bool = False) -> None:
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         L, _, nb, bs, kvh, d = kv.shape
         self.windows = windows or [0] * L  # each layer's sliding window (0: the whole context)
         self.softcap = softcap  # attention logit soft-capping (0: none)
+        self.interleaved = interleaved  # rotary in pairs of neighbouring dims (GLM 4)
         self.kv_slots = kv.view(L, 2, nb * bs, kvh, d)  # [L, 2, num_slots, kv_heads, head_dim]
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = bs, num_heads, kvh, d
         self.paged = paged  # the fused C++ decode kernel, or None: gather + SDPA
@@ -134,7 +139,7 @@ class TorchAttention:
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
         T = q.shape[0]
-        q, k = _rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+        q, k = _rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None], self.interleaved)
         v = v.transpose(0, 1)[None]  # q [1, H, T, D]; k, v [1, KVH, T, D]
         self.kv_slots[li, 0].index_copy_(0, meta.slots, k[0].transpose(0, 1))  # [T, KVH, D] into slots
         self.kv_slots[li, 1].index_copy_(0, meta.slots, v[0].transpose(0, 1))
@@ -209,13 +214,14 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int | None = None,
-                 windows: list[int] | None = None, softcap: float = 0.0) -> None:
+                 windows: list[int] | None = None, softcap: float = 0.0, interleaved: bool = False) -> None:
         from engine import triton_attention, triton_fused  # imported only when selected: triton is GPU-side
 
         self.ops, self.fused = triton_attention, triton_fused
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         self.windows = windows or [0] * kv.shape[0]  # each layer's sliding window (0: the whole context)
         self.softcap = softcap  # attention logit soft-capping (0: none)
+        self.interleaved = interleaved  # rotary in pairs of neighbouring dims (GLM 4)
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[4], kv.shape[5]
         self.block_m = block_m or (32 if self.head_dim <= 128 else 16)  # query tiles: head_dim 256 spilled at 32
         # the decode kernel splits a small batch's keys until every SM has a program (decode_splits)
@@ -241,7 +247,7 @@ class TritonAttention:
     def attend(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
         kc, vc = self.kv[li, 0], self.kv[li, 1]  # [num_blocks, block_size, kv_heads, head_dim] each
-        qt = self.fused.rope_store(q, k, v, cos, sin, kc, vc, meta.slots)  # [T, H, D], rotated
+        qt = self.fused.rope_store(q, k, v, cos, sin, kc, vc, meta.slots, self.interleaved)  # [T, H, D], rotated
         nd, T = meta.num_decode, qt.shape[0]
         outs = []
         if nd:

@@ -36,7 +36,7 @@ from engine import paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.linear import Linear, default_backend, from_module
 from engine.layer_ops import TorchOps, TritonOps
-from engine.model_loader import attention_windows
+from engine.model_loader import INTERLEAVED_ROTARY, attention_windows
 from engine.moe import ActMul, Experts
 from engine.types import TokenLogprob
 
@@ -68,8 +68,8 @@ class _Layer:
     scaling: float
     q_norm: torch.nn.Module | None = None  # Qwen 3: RMSNorm over each head's D of q and k, before rotary
     k_norm: torch.nn.Module | None = None
-    pre_mlp_norm: torch.nn.Module | None = None  # Gemma 3's sandwich: post_norm normalizes the attention's
-    post_mlp_norm: torch.nn.Module | None = None  # output alone, these the MLP's input and output
+    pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
+    post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
     rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ)
 
 
@@ -86,6 +86,15 @@ def _fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | Non
             m.bias.data = b[off : off + n]
         off += n
     return w, b
+
+
+def _sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.nn.Module | None]:
+    """A layer's norms after its attention: (of the attention's output, or of the MLP's input where
+    there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ."""
+    if hasattr(layer, "post_self_attn_layernorm"):  # GLM 4
+        return layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
+    return (layer.post_attention_layernorm, getattr(layer, "pre_feedforward_layernorm", None),
+            getattr(layer, "post_feedforward_layernorm", None))
 
 
 SCORE_ROWS = 256  # prompt positions whose log-softmax over the vocabulary is taken at once (bounds its memory)
@@ -149,11 +158,9 @@ class ModelRunner:
             qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
                    else Linear(*_fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
             self.layers.append(
-                _Layer(layer.input_layernorm, layer.post_attention_layernorm, qkv, from_module(a.o_proj, backend),
+                _Layer(layer.input_layernorm, *_sandwich(layer)[:1], qkv, from_module(a.o_proj, backend),
                        Experts.of(mlp, dense, moe_triton) or dense(mlp), a.scaling,
-                       getattr(a, "q_norm", None), getattr(a, "k_norm", None),
-                       getattr(layer, "pre_feedforward_layernorm", None),
-                       getattr(layer, "post_feedforward_layernorm", None),
+                       getattr(a, "q_norm", None), getattr(a, "k_norm", None), *_sandwich(layer)[1:],
                        cfg.layer_types[li] if hasattr(model.model.rotary_emb, "layer_types") else None)
             )
         self.lm_head = from_module(model.lm_head, backend)
@@ -173,14 +180,16 @@ class ModelRunner:
 
     def _attention_backend(self, kernels: str, linear_backend: str) -> TorchAttention | TritonAttention:
         """triton: asked for, or auto on CUDA where it imports; else torch (the fused C++ decode kernel on
-        CPU fp32 where it builds, gather + SDPA otherwise). Each layer's sliding window and the logit
-        soft-capping from the config."""
-        windows = attention_windows(self.model.config)
-        cap = float(getattr(self.model.config, "attn_logit_softcapping", None) or 0.0)
+        CPU fp32 where it builds, gather + SDPA otherwise). Each layer's sliding window, the logit
+        soft-capping and the rotary's layout from the config."""
+        cfg = self.model.config
+        windows, pairs = attention_windows(cfg), cfg.model_type in INTERLEAVED_ROTARY
+        cap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0)
         if kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and _has_triton()):
-            return TritonAttention(self.kv, self.num_heads, windows=windows, softcap=cap)
+            return TritonAttention(self.kv, self.num_heads, windows=windows, softcap=cap, interleaved=pairs)
         use_cpp = linear_backend == "onednn" and self.dtype == torch.float32
-        return TorchAttention(self.kv, self.num_heads, paged_attention.load() if use_cpp else None, windows, cap)
+        return TorchAttention(self.kv, self.num_heads, paged_attention.load() if use_cpp else None, windows, cap,
+                              pairs)
 
     @staticmethod
     def cache_shape(cfg: object, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -265,7 +274,7 @@ class ModelRunner:
             if layer.pre_mlp_norm is None or layer.post_mlp_norm is None:
                 h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
                 x = layer.mlp(h, ops.act_mul)  # [T, hidden]
-            else:  # Gemma 3: residual += post_norm(attention); x = post_mlp_norm(mlp(pre_mlp_norm(residual)))
+            else:  # Gemma, GLM 4: residual += post_norm(attention); x = post_mlp_norm(mlp(pre_mlp_norm(residual)))
                 attn = ops.norm(layer.post_norm, layer.o_proj(o), None)[0]
                 h, residual = ops.norm(layer.pre_mlp_norm, attn, residual)
                 x = ops.norm(layer.post_mlp_norm, layer.mlp(h, ops.act_mul), None)[0]

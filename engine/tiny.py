@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                          MixtralConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Glm4Config, LlamaConfig,
+                          MistralConfig, MixtralConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -88,6 +88,7 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "gemma3_text": (Gemma3TextConfig, {
         **GEMMA, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    "glm4": (Glm4Config, {"partial_rotary_factor": 0.5, "attention_bias": True}),  # its defaults
 }
 ARCHS = tuple(FAMILIES)
 
@@ -102,8 +103,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     (qwen2's attention, experts of 32 beside a gated shared expert of 64 in every layer), phi3
     (q|k|v and gate|up fused in the checkpoint), gemma3_text (a window of 16 in layer 0, local and
     global rotary bases, sandwich norms, (1 + w) RMSNorm, GELU, scaled embeddings), gemma2 (Gemma 3's
-    layers with one rotary base, attention scores and final logits soft-capped). overrides: config
-    fields (e.g. a window)."""
+    layers with one rotary base, attention scores and final logits soft-capped), glm4 (q/k/v biases,
+    interleaved rotary on half of each head, sandwich norms, gate|up fused in the checkpoint).
+    overrides: config fields (e.g. a window)."""
     if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     family, differs = FAMILIES[arch]

@@ -55,17 +55,23 @@ def _rounded(v, dtype: tl.constexpr):
 
 @triton.jit
 def _rotate(x_ptr, stride_h, t, stride_t, c, s, NH, D: tl.constexpr, HALF: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAIRS: tl.constexpr):
     """x * cos + rotate_half(x) * sin for the [NH, D] heads of token t, rounded as HF rounds; the
-    rotary halves are HALF wide (dims past 2 * HALF have cos 1 and sin 0: x as it is)."""
+    rotary halves are HALF wide (dims past 2 * HALF have cos 1 and sin 0: x as it is). PAIRS: the
+    rotated dims are neighbours (2i, 2i + 1) — GLM's interleaved rotary — not (i, i + HALF)."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     m = (h < NH) & (d < D)
-    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    if PAIRS:
+        partner = tl.where(d < 2 * HALF, d ^ 1, d - HALF)
+        first = d % 2 == 0
+    else:
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        first = d < HALF
     base = x_ptr + t * stride_t + h * stride_h
     x = tl.load(base + d, mask=m, other=0.0)
     xp = tl.load(base + partner, mask=m, other=0.0).to(tl.float32)
-    rot = tl.where(d < HALF, -xp, xp)
+    rot = tl.where(first, -xp, xp)
     a = _rounded(x.to(tl.float32) * c, x.dtype)
     b = _rounded(rot * s, x.dtype)
     return _rounded(a + b, x.dtype).to(x.dtype), h, d, m  # already representable: the cast is exact
@@ -76,15 +82,16 @@ def _rope_store(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
     H, KVH, D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAIRS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)[None, :]
-    c = tl.load(cos_ptr + t * stride_ct + dd, mask=dd < 2 * HALF, other=1.0).to(tl.float32)  # [1, D]
-    s = tl.load(sin_ptr + t * stride_ct + dd, mask=dd < 2 * HALF, other=0.0).to(tl.float32)
-    q, h, d, m = _rotate(q_ptr, stride_qh, t, stride_qt, c, s, H, D, HALF, BLOCK_H, BLOCK_D)
+    col = dd // 2 if PAIRS else dd  # PAIRS: dims 2i and 2i + 1 take frequency i (the table's first half)
+    c = tl.load(cos_ptr + t * stride_ct + col, mask=dd < 2 * HALF, other=1.0).to(tl.float32)  # [1, D]
+    s = tl.load(sin_ptr + t * stride_ct + col, mask=dd < 2 * HALF, other=0.0).to(tl.float32)
+    q, h, d, m = _rotate(q_ptr, stride_qh, t, stride_qt, c, s, H, D, HALF, BLOCK_H, BLOCK_D, PAIRS)
     tl.store(qo_ptr + t * (H * D) + h * D + d, q, mask=m)
-    k, h, d, m = _rotate(k_ptr, stride_kh, t, stride_kt, c, s, KVH, D, HALF, BLOCK_KVH, BLOCK_D)
+    k, h, d, m = _rotate(k_ptr, stride_kh, t, stride_kt, c, s, KVH, D, HALF, BLOCK_KVH, BLOCK_D, PAIRS)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     m = (h < tl.where(slot >= 0, KVH, 0)) & (d < D)  # a padded row of a CUDA-graph batch stores nothing
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m, other=0.0)
@@ -120,10 +127,11 @@ def add_rms_norm(
 
 def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, interleaved: bool = False,
 ) -> torch.Tensor:
     """q [T, H, D], k and v [T, KVH, D], cos and sin [T, R] (the model's rotary tables at each token's
-    position; R < D: partial rotary, the first R dims of each head rotate) → rotated q [T, H, D];
+    position; R < D: partial rotary, the first R dims of each head rotate; `interleaved`: in pairs of
+    neighbouring dims, GLM's) → rotated q [T, H, D];
     rotated k and v go to cache slots [T] of k_cache, v_cache [num_blocks, block_size, KVH, D] (contiguous)."""
     T, H, D = q.shape
     KVH, R = k.shape[1], cos.shape[-1]
@@ -134,7 +142,7 @@ def rope_store(
             q, k, v, cos, sin, q_out, k_cache, v_cache, slots,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             H, KVH, D=D, HALF=R // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH),
-            BLOCK_D=triton.next_power_of_2(D),
+            BLOCK_D=triton.next_power_of_2(D), PAIRS=interleaved,
         )
     return q_out
 

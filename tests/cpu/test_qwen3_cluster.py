@@ -1,7 +1,8 @@
 """A Qwen 3 checkpoint folder, dense and mixture-of-experts, served 1P1D: its KV (head_dim 32 where
 hidden / heads is 16) is handed off and decoded, and every answer, alone or in a crowd (whose rows
-each pick their own experts in one step), equals Hugging Face generate. So does a Gemma 2 folder's
-(soft-capped scores, a windowed layer; Hugging Face's reference runs its eager attention)."""
+each pick their own experts in one step), equals Hugging Face generate. So do a Gemma 2 folder's
+(soft-capped scores, a windowed layer; Hugging Face's reference runs its eager attention) and a GLM 4
+folder's (interleaved rotary on half of each head, sandwich norms)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -17,7 +18,7 @@ from tests.cpu.harness import RunningServer, prompts, tiny_config
 TOK = tiny_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     model = tiny_model(seed=6, arch=request.param)
     folder: Path = tmp_path_factory.mktemp(request.param)

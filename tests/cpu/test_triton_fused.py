@@ -6,6 +6,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.phi3.configuration_phi3 import Phi3Config
+from transformers.models.glm4.configuration_glm4 import Glm4Config
+from transformers.models.glm4.modeling_glm4 import Glm4RotaryEmbedding
+from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb as glm_rotary  # pairs of neighbouring dims
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb  # (whole or part of a head)
 
 fused = pytest.importorskip("engine.triton_fused")
@@ -30,27 +33,31 @@ def test_add_rms_norm_equals_residual_add_then_llama_rms_norm(dtype: torch.dtype
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES + [(torch.bfloat16, 0.0)])  # bf16: each product rounded, exact
-@pytest.mark.parametrize("H,KVH,D,partial", [(4, 2, 32, 1.0), (6, 1, 80, 1.0), (4, 2, 32, 0.75)])
+@pytest.mark.parametrize("H,KVH,D,partial,pairs", [(4, 2, 32, 1.0, False), (6, 1, 80, 1.0, False),
+                                                   (4, 2, 32, 0.75, False), (4, 2, 32, 0.5, True)])
 def test_rope_store_equals_hf_rotary_and_stores_k_v_at_their_slots(
-    dtype: torch.dtype, tol: float, H: int, KVH: int, D: int, partial: float
+    dtype: torch.dtype, tol: float, H: int, KVH: int, D: int, partial: float, pairs: bool
 ) -> None:
+    """Rotary over halves (Llama), over part of each head (Phi 4 mini), over neighbouring pairs in
+    half of each head (GLM 4)."""
     g = torch.Generator().manual_seed(H * D)
     T, nb, bs = 5, 6, 4
-    cfg = Phi3Config(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=KVH, head_dim=D,
-                     max_position_embeddings=256, rope_theta=10000.0, partial_rotary_factor=partial)
+    cfg = (Glm4Config if pairs else Phi3Config)(
+        hidden_size=H * D, num_attention_heads=H, num_key_value_heads=KVH, head_dim=D, max_position_embeddings=256,
+        rope_theta=10000.0, partial_rotary_factor=partial)
     qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g).to(dtype)  # as the fused projection returns it
     q = qkv[:, : H * D].view(T, H, D)
     k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
     v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
     pos = torch.tensor([0, 3, 17, 100, 200])
-    cos, sin = Phi3RotaryEmbedding(cfg)(qkv.unsqueeze(0), pos.unsqueeze(0))  # [1, T, D * partial] in dtype
+    cos, sin = (Glm4RotaryEmbedding if pairs else Phi3RotaryEmbedding)(cfg)(qkv.unsqueeze(0), pos.unsqueeze(0))  # [1, T, D * partial] in dtype
     assert cos.shape[-1] == int(D * partial)
     slots = torch.tensor([5, -1, 0, 23, 9])  # a padded row (-1) stores nothing
     kc = torch.zeros(nb, bs, KVH, D, dtype=dtype)
     vc = torch.zeros_like(kc)
-    q_out = fused.rope_store(q, k, v, cos[0], sin[0], kc, vc, slots)
+    q_out = fused.rope_store(q, k, v, cos[0], sin[0], kc, vc, slots, interleaved=pairs)
 
-    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    q_ref, k_ref = (glm_rotary if pairs else apply_rotary_pos_emb)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     torch.testing.assert_close(q_out, q_ref[0].transpose(0, 1), atol=tol, rtol=tol)
     k_ref = k_ref[0].transpose(0, 1)  # [T, KVH, D]
     flat_k, flat_v = kc.view(nb * bs, KVH, D), vc.view(nb * bs, KVH, D)
