@@ -1,6 +1,7 @@
 """The small ops between a decoder layer's matmuls — residual add + RMSNorm, act(gate) * up — as
 Hugging Face's modules run them (TorchOps: CPU, and any model the fused kernels do not fit) or as one
-Triton kernel each (TritonOps, engine/triton_fused.py: CUDA). The model runner picks one per model."""
+Triton kernel each (TritonOps, engine/triton_fused.py: CUDA; Llama's and Gemma's norms, SiLU and
+GELU-tanh). The model runner picks one per model."""
 from __future__ import annotations
 
 import torch
@@ -24,26 +25,45 @@ class TorchOps:
         return act(gate) * up
 
 
-class TritonOps:
-    """The same as one Triton kernel each (engine/triton_fused.py): residual add + RMSNorm, SiLU * up."""
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # Gemma's activation
 
-    def __init__(self) -> None:
+
+def _norm_kind(module: torch.nn.Module) -> str | None:
+    """"llama" (weight × the norm rounded to the dtype: Llama, Qwen, Mistral, Phi 3, GLM 4), "gemma"
+    ((1 + weight) × the norm, rounded once), or None: not an RMSNorm the kernel computes."""
+    name = type(module).__name__
+    if not name.endswith("RMSNorm"):
+        return None
+    if hasattr(module, "variance_epsilon"):
+        return "llama"
+    return "gemma" if name.startswith("Gemma") and hasattr(module, "eps") else None
+
+
+class TritonOps:
+    """The same as one Triton kernel each (engine/triton_fused.py): residual add + RMSNorm (Llama's or
+    Gemma's), SiLU or GELU-tanh * up."""
+
+    def __init__(self, gelu: bool = False) -> None:
         from engine import triton_fused
 
-        self.fused = triton_fused
+        self.fused, self.gelu = triton_fused, gelu
 
-    @staticmethod
-    def fits(model: PreTrainedModel) -> bool:
-        """RMSNorm layers (weight, variance_epsilon) and a SiLU MLP: what the kernels compute."""
-        layer = model.model.layers[0]
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> TritonOps | None:
+        """The fused ops for `model`, where its norms and activation are what the kernels compute."""
+        layer, cfg = model.model.layers[0], model.config
         norms = [layer.input_layernorm, layer.post_attention_layernorm, model.model.norm,
-                 *(n for n in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None))
-                   if n is not None)]
-        return (getattr(model.config, "hidden_act", None) in ("silu", "swish")
-                and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms))
+                 *(n for n in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None),
+                               getattr(layer, "pre_feedforward_layernorm", None)) if n is not None)]
+        act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)  # Gemma's: the first
+        if act not in ("silu", "swish", *GELU_TANH) or not all(_norm_kind(n) for n in norms):
+            return None
+        return cls(gelu=act in GELU_TANH)
 
     def norm(self, module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fused.add_rms_norm(x, residual, module.weight, module.variance_epsilon)
+        gemma = _norm_kind(module) == "gemma"
+        eps = module.eps if gemma else module.variance_epsilon
+        return self.fused.add_rms_norm(x, residual, module.weight, eps, gemma)
 
     def act_mul(self, act: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-        return self.fused.silu_mul(gate_up)
+        return self.fused.act_mul(gate_up, self.gelu)

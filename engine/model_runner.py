@@ -15,7 +15,7 @@ What differs by device is attention (engine/attention.py) and the small ops betw
 (engine/layer_ops.py): on CPU a fused C++ decode kernel over the block tables (engine/csrc), SDPA
 for prompts, and the Hugging Face modules (TorchOps); on CUDA Triton kernels that read K/V in place
 with no host work (engine/triton_attention.py) and one kernel each for residual add + RMSNorm,
-rotary + KV store and SiLU * up (TritonOps, engine/triton_fused.py: ~10 kernels a layer where the
+rotary + KV store and SiLU (or GELU) * up (TritonOps, engine/triton_fused.py: ~10 kernels a layer where the
 modules launch ~35), which is what lets the decode step be captured as short CUDA graphs
 (engine/cuda_graphs.py). The q/k/v and gate/up projections run as one matmul each (weights
 concatenated once, the original modules left as views into them). A mixture-of-experts layer
@@ -147,9 +147,7 @@ class ModelRunner:
         backend = default_backend(self.device) if kernels != "torch" else "torch"
         self.kernels = backend
         self.attn = self._attention_backend(kernels, backend)
-        self.ops: TorchOps | TritonOps = (
-            TritonOps() if self.attn.name == "triton" and TritonOps.fits(model) else TorchOps()
-        )
+        self.ops: TorchOps | TritonOps = (TritonOps.of(model) if self.attn.name == "triton" else None) or TorchOps()
         self.layers = []
         dense = partial(self._dense, backend=backend)
         moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts

@@ -3,10 +3,11 @@
 Between its four matmuls a Hugging Face Llama layer launches ~30 small kernels (RMSNorm alone is
 seven: cast, pow, mean, add, rsqrt, mul, mul); at decode batch sizes each is a few microseconds of
 a mostly idle GPU, which is most of a decode step above its floor. Here each group is one kernel:
-  - `add_rms_norm`: residual add + RMSNorm (the residual stream is written once, the normed rows once)
+  - `add_rms_norm`: residual add + RMSNorm (the residual stream is written once, the normed rows once);
+                   Llama's (weight × the rounded norm) or Gemma's (1 + weight) × the norm, rounded once
   - `rope_store`:  rotary on q and k (the first dims of each head under partial rotary) + k, v into
                    their cache slots (slot < 0: nothing stored)
-  - `silu_mul`:    SiLU(gate) * up from the fused gate|up projection
+  - `act_mul`:     SiLU(gate) * up, or GELU-tanh(gate) * up (Gemma), from the fused gate|up projection
 Each rounds where Hugging Face rounds (every torch op on bf16/fp16 computes in fp32 and rounds its
 result to the model dtype), so outputs equal the modules' to within a reduction's ordering.
 Shapes are in each function's docstring; rows may be strided, the last dimension is contiguous.
@@ -21,7 +22,7 @@ import triton.language as tl
 @triton.jit
 def _add_rms_norm(
     x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, stride_x, stride_r, N, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GEMMA: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -33,9 +34,13 @@ def _add_rms_norm(
         tl.store(res_ptr + row * N + offs, x, mask=m)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
-    y = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)  # hidden.to(input_dtype)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0)
-    tl.store(out_ptr + row * N + offs, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if GEMMA:  # (norm(x) * (1 + w)).type_as(x): in fp32, one rounding
+        tl.store(out_ptr + row * N + offs, (xf * (1.0 / tl.sqrt(var + eps)) * (1.0 + w)).to(out_ptr.dtype.element_ty),
+                 mask=m)
+    else:  # w * norm(x).to(input_dtype)
+        y = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * N + offs, (w * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -100,28 +105,32 @@ def _rope_store(
 
 
 @triton.jit
-def _silu_mul(x_ptr, out_ptr, stride_x, N, BLOCK: tl.constexpr):
+def _act_mul(x_ptr, out_ptr, stride_x, N, BLOCK: tl.constexpr, GELU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     g = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + N + offs, mask=m, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    if GELU:  # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 1 - 2 / (exp(2z) + 1)
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = (0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * N + offs, (act * u).to(out_ptr.dtype.element_ty), mask=m)
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, gemma: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [T, N] → (RMSNorm(x + residual) * weight, x + residual), both [T, N]; residual None:
-    (RMSNorm(x) * weight, x)."""
+    (RMSNorm(x) * weight, x). gemma: * (1 + weight), Gemma's norm."""
     T, N = x.shape
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     res = torch.empty_like(out) if residual is not None else x
     if T:
         r = residual if residual is not None else x
         _add_rms_norm[(T,)](x, r, weight, out, res, x.stride(0), r.stride(0), N, eps,
-                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N))
+                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), GEMMA=gemma)
     return out, res
 
 
@@ -147,11 +156,11 @@ def rope_store(
     return q_out
 
 
-def silu_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """gate_up [T, 2 * I] (gate | up) → SiLU(gate) * up [T, I]."""
+def act_mul(gate_up: torch.Tensor, gelu: bool = False, block: int = 1024) -> torch.Tensor:
+    """gate_up [T, 2 * I] (gate | up) → SiLU(gate) * up [T, I]; gelu: GELU-tanh(gate) * up (Gemma's)."""
     T, two_i = gate_up.shape
     n = two_i // 2
     out = torch.empty(T, n, dtype=gate_up.dtype, device=gate_up.device)
     if T:
-        _silu_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block)
+        _act_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block, GELU=gelu)
     return out

@@ -80,7 +80,7 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
 
     seen: list[tuple[Any, tuple, dict]] = []
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
-                      (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_silu_mul"), (tm, "_grouped_matmul")]:
+                      (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
     off64 = ta._off64
     bs = 16

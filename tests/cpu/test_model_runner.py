@@ -168,6 +168,7 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
         want = model(torch.tensor([prompt])).logits[0]  # [n, V]
     runner = ModelRunner(model, num_blocks=24, block_size=16, kernels=kernels)
     assert runner.attn.windows == ([0, 16] if arch == "qwen2-window" else [16, 0])
+    assert (type(runner.ops).__name__ == "TritonOps") == (kernels == "triton")  # Gemma's (1 + w) norms and GELU too
     table = _tables(1, 24, 3)[0]
     got = [runner.forward([SeqInput(prompt[a:a + 24], a, table)])[0] for a in range(0, 48, 24)]  # chunks
     got += [runner.forward([SeqInput([t], p, table)])[0] for p, t in enumerate(prompt[48:], 48)]  # then one by one

@@ -14,7 +14,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
-KERNELS = {"_paged_decode", "_merge_splits", "_paged_prefill", "_add_rms_norm", "_rope_store", "_silu_mul",
+KERNELS = {"_paged_decode", "_merge_splits", "_paged_prefill", "_add_rms_norm", "_rope_store", "_act_mul",
            "_grouped_matmul"}
 
 
@@ -37,6 +37,8 @@ def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
     assert {r["constexprs"].get("OFF64") for r in recs if r["kernel"] == "_paged_decode"} == {False, True}
     assert {r["constexprs"].get("SPLITS") for r in recs if r["kernel"] == "_paged_decode"} >= {1, 2, 16}
     assert {r["constexprs"].get("PAIRS") for r in recs if r["kernel"] == "_rope_store"} == {False, True}
+    assert {r["constexprs"].get("GELU") for r in recs if r["kernel"] == "_act_mul"} == {False, True}  # Gemma's fused
+    assert {r["constexprs"].get("GEMMA") for r in recs if r["kernel"] == "_add_rms_norm"} == {False, True}
     assert {r["constexprs"].get("CAP") for r in recs if r["kernel"] in ("_paged_decode", "_paged_prefill")} == {
         False, True}
     # bf16 is what a GPU serves; with 32-bit cache offsets no kernel of these shapes spills

@@ -1,9 +1,12 @@
 """The fused layer ops of the CUDA path (engine/triton_fused.py), run by Triton's interpreter on CPU,
-against the Hugging Face modules they replace: RMSNorm (with and without the residual add), rotary
-on q and k (whole heads, or part of each: Phi 4 mini) with the cache store, SiLU(gate) * up. fp32 and fp16 (whose rounding steps the kernels
+against the Hugging Face modules they replace: RMSNorm (Llama's and Gemma's, with and without the residual add), rotary
+on q and k (whole heads, part of each: Phi 4 mini, neighbouring pairs: GLM 4) with the cache store,
+SiLU(gate) * up and GELU-tanh(gate) * up (Gemma). fp32 and fp16 (whose rounding steps the kernels
 reproduce); strided rows as the runner passes them (views into the fused qkv / gate|up outputs)."""
 import pytest
 import torch
+from transformers.activations import GELUTanh
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.phi3.configuration_phi3 import Phi3Config
 from transformers.models.glm4.configuration_glm4 import Glm4Config
@@ -12,21 +15,26 @@ from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb as glm_r
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb  # (whole or part of a head)
 
 fused = pytest.importorskip("engine.triton_fused")
+from engine.layer_ops import TritonOps, _norm_kind  # noqa: E402 (needs triton)
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rms_norm_equals_residual_add_then_llama_rms_norm(dtype: torch.dtype, tol: float, with_residual: bool) -> None:
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_add_rms_norm_equals_residual_add_then_the_models_rms_norm(dtype: torch.dtype, tol: float, with_residual: bool,
+                                                                 kind: str) -> None:
     g = torch.Generator().manual_seed(1)
     N = 96  # not a power of two: the tile is masked
-    norm = LlamaRMSNorm(N, eps=1e-5).to(dtype)
-    norm.weight.data = (1 + 0.3 * torch.randn(N, generator=g)).to(dtype)
+    norm = (LlamaRMSNorm(N, eps=1e-5) if kind == "llama" else Gemma3RMSNorm(N, eps=1e-6)).to(dtype)
+    norm.weight.data = ((1 if kind == "llama" else 0) + 0.3 * torch.randn(N, generator=g)).to(dtype)
     wide = (3 * torch.randn(7, 2 * N, generator=g)).to(dtype)
     x = wide[:, :N]  # strided rows
     residual = torch.randn(7, N, generator=g).to(dtype) if with_residual else None
-    out, res = fused.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    ops = TritonOps()
+    assert _norm_kind(norm) == kind
+    out, res = ops.norm(norm, x, residual)
     h = x + residual if residual is not None else x
     torch.testing.assert_close(res, h, atol=0, rtol=0)  # the residual stream: exactly torch's add
     torch.testing.assert_close(out, norm(h), atol=tol, rtol=tol)
@@ -70,11 +78,12 @@ def test_rope_store_equals_hf_rotary_and_stores_k_v_at_their_slots(
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_silu_mul_equals_act_of_gate_times_up(dtype: torch.dtype, tol: float) -> None:
+@pytest.mark.parametrize("gelu", [False, True])
+def test_act_mul_equals_act_of_gate_times_up(dtype: torch.dtype, tol: float, gelu: bool) -> None:
     g = torch.Generator().manual_seed(3)
     n = 1500  # more than one block of 1024, not a multiple of it
     wide = (2 * torch.randn(3, 2 * n + 8, generator=g)).to(dtype)
     gate_up = wide[:, : 2 * n]  # strided rows
     gate, up = gate_up.chunk(2, dim=-1)
-    ref = torch.nn.functional.silu(gate) * up
-    torch.testing.assert_close(fused.silu_mul(gate_up), ref, atol=tol, rtol=tol)
+    act = GELUTanh() if gelu else torch.nn.SiLU()  # Gemma's (its hidden_activation), Llama's
+    torch.testing.assert_close(fused.act_mul(gate_up, gelu), act(gate) * up, atol=tol, rtol=tol)
