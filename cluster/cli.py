@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--thinking-budget", type=int, help="at most N tokens of thinking, then </think> (a chat request "
+                                                       "on a server with server.reasoning_parser)")
     g.add_argument("--timeout", type=float, default=300.0, help="client deadline in seconds")
     g.add_argument("--json", action="store_true", help="print the whole response as JSON")
     held = g.add_mutually_exclusive_group()  # structured outputs: what the answer must match
@@ -129,7 +131,8 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
             req.messages.add(role="system", content=args.system)
         req.messages.add(role="user", content=args.prompt)
     for field, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
-                         ("top_p", args.top_p), ("top_k", args.top_k), ("seed", args.seed)):
+                         ("top_p", args.top_p), ("top_k", args.top_k), ("seed", args.seed),
+                         ("thinking_token_budget", args.thinking_budget)):
         if value is not None:
             setattr(req, field, value)
     if args.json_schema:

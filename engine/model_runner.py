@@ -18,83 +18,29 @@ with no host work (engine/triton_attention.py) and one kernel each for residual 
 rotary + KV store and SiLU (or GELU) * up (TritonOps, engine/triton_fused.py: ~10 kernels a layer where the
 modules launch ~35), which is what lets the decode step be captured as short CUDA graphs
 (engine/cuda_graphs.py). The q/k/v and gate/up projections run as one matmul each (weights
-concatenated once, the original modules left as views into them). A mixture-of-experts layer
+concatenated once, the original modules left as views into them: engine/layers.py). A mixture-of-experts layer
 (Qwen 3 MoE, Mixtral, Qwen 2 MoE) runs its experts as grouped matmuls (engine/moe.py) where a
 dense one runs its MLP.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
 
-from engine import paged_attention
+from engine import layers, paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
-from engine.linear import Linear, default_backend, from_module
 from engine.layer_ops import TorchOps, TritonOps
+from engine.linear import default_backend, from_module
 from engine.model_loader import INTERLEAVED_ROTARY, attention_windows
-from engine.moe import ActMul, Experts
+from engine.moe import Experts
 from engine.types import TokenLogprob
 
 if TYPE_CHECKING:
     from engine.cuda_graphs import DecodeGraphs
-
-
-@dataclass(frozen=True)
-class _Dense:
-    """A gated MLP: down(act(gate) * up), gate|up as one matmul."""
-
-    gate_up: Linear  # weight [2 * intermediate, hidden]
-    down_proj: Linear
-    act: torch.nn.Module
-
-    def __call__(self, h: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
-        return self.down_proj(act_mul(self.act, self.gate_up(h)))  # [T, hidden]
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """One decoder layer's weights, with q|k|v and gate|up fused into single matmuls."""
-
-    input_norm: torch.nn.Module
-    post_norm: torch.nn.Module
-    qkv: Linear  # weight [(H + 2*KVH) * D, hidden]
-    o_proj: Linear
-    mlp: _Dense | Experts  # a dense MLP, or a mixture of experts (engine/moe.py)
-    scaling: float
-    q_norm: torch.nn.Module | None = None  # Qwen 3: RMSNorm over each head's D of q and k, before rotary
-    k_norm: torch.nn.Module | None = None
-    pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
-    post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
-    rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ)
-
-
-def _fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the weights (and biases) of `mods`; leave each module's weight as a view into it."""
-    w = torch.cat([m.weight.data for m in mods], dim=0)
-    has_bias = all(m.bias is not None for m in mods)
-    b = torch.cat([m.bias.data for m in mods], dim=0) if has_bias else None
-    off = 0
-    for m in mods:
-        n = m.weight.shape[0]
-        m.weight.data = w[off : off + n]
-        if b is not None:
-            m.bias.data = b[off : off + n]
-        off += n
-    return w, b
-
-
-def _sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.nn.Module | None]:
-    """A layer's norms after its attention: (of the attention's output, or of the MLP's input where
-    there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ."""
-    if hasattr(layer, "post_self_attn_layernorm"):  # GLM 4
-        return layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
-    return (layer.post_attention_layernorm, getattr(layer, "pre_feedforward_layernorm", None),
-            getattr(layer, "post_feedforward_layernorm", None))
 
 
 SCORE_ROWS = 256  # prompt positions whose log-softmax over the vocabulary is taken at once (bounds its memory)
@@ -148,33 +94,14 @@ class ModelRunner:
         self.kernels = backend
         self.attn = self._attention_backend(kernels, backend)
         self.ops: TorchOps | TritonOps = (TritonOps.of(model) if self.attn.name == "triton" else None) or TorchOps()
-        self.layers = []
-        dense = partial(self._dense, backend=backend)
         moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts
-        for li, layer in enumerate(model.model.layers[: self.num_layers]):
-            a, mlp = layer.self_attn, layer.mlp
-            qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
-                   else Linear(*_fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
-            self.layers.append(
-                _Layer(layer.input_layernorm, *_sandwich(layer)[:1], qkv, from_module(a.o_proj, backend),
-                       Experts.of(mlp, dense, moe_triton) or dense(mlp), a.scaling,
-                       getattr(a, "q_norm", None), getattr(a, "k_norm", None), *_sandwich(layer)[1:],
-                       cfg.layer_types[li] if hasattr(model.model.rotary_emb, "layer_types") else None)
-            )
+        per_type = hasattr(model.model.rotary_emb, "layer_types")  # Gemma 3: a rotary per layer type
+        self.layers = [layers.layer(hf, backend, moe_triton, cfg.layer_types[li] if per_type else None)
+                       for li, hf in enumerate(model.model.layers[: self.num_layers])]
         self.lm_head = from_module(model.lm_head, backend)
         self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)  # Gemma 2: cap·tanh(l/cap)
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
-
-    @staticmethod
-    def _dense(mlp: torch.nn.Module, backend: str) -> _Dense:
-        if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear):  # Phi 3: fused in the checkpoint
-            return _Dense(from_module(mlp.gate_up_proj, backend), from_module(mlp.down_proj, backend),
-                          mlp.activation_fn)
-        w_gu, b_gu = _fuse([mlp.gate_proj, mlp.up_proj])
-        if b_gu is not None:
-            raise NotImplementedError("MLP biases are not supported")
-        return _Dense(Linear(w_gu, None, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
 
     def _attention_backend(self, kernels: str, linear_backend: str) -> TorchAttention | TritonAttention:
         """triton: asked for, or auto on CUDA where it imports; else torch (the fused C++ decode kernel on

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from engine.layer_ops import TorchOps
-from engine.model_runner import ModelRunner, _Dense
+from engine.layers import Dense, dense
+from engine.model_runner import ModelRunner
 from engine.moe import Experts
 from engine.tiny import tiny_model
 
@@ -22,7 +23,7 @@ def test_experts_equal_the_hugging_face_block(arch: str, renormalize: bool, toke
     block = model.model.layers[1].mlp
     if arch != "mixtral":
         block.gate.norm_topk_prob = renormalize
-    experts = Experts.of(block, lambda m: ModelRunner._dense(m, "torch"), triton)
+    experts = Experts.of(block, lambda m: dense(m, "torch"), triton)
     assert experts is not None and experts.renormalize == renormalize and experts.top_k == 2
     assert (experts.shared is not None) == (arch == "qwen2_moe")
     x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
@@ -38,7 +39,7 @@ def test_expert_weights_are_read_in_place_and_dense_layers_stay_dense() -> None:
     model = tiny_model(seed=2, arch="qwen3_moe")
     runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="torch")
     dense, sparse = (layer.mlp for layer in runner.layers)
-    assert isinstance(dense, _Dense) and isinstance(sparse, Experts)
+    assert isinstance(dense, Dense) and isinstance(sparse, Experts)
     hf = model.model.layers[1].mlp.experts
     assert sparse.gate_up.data_ptr() == hf.gate_up_proj.data_ptr() and sparse.down.data_ptr() == hf.down_proj.data_ptr()
     assert sparse.gate_up.shape == (8, 64, 64) and sparse.down.shape == (8, 32, 64)  # [E, hidden, 2I], [E, I, hidden]

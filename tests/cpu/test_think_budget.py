@@ -10,6 +10,7 @@ import pytest
 import ray
 import torch
 
+from cluster.cli import main as cli_main
 from engine.sampler import sample
 from engine.think_budget import ThinkBudget, forced_first, forced_now
 from engine.tiny import CHAT_TEMPLATE, tiny_model, tiny_tokenizer
@@ -133,3 +134,11 @@ def test_a_served_answer_closes_its_thinking_at_the_budget_and_goes_on_from_ther
     unbounded = server.stub.Generate(pb.GenerateRequest(messages=ask, max_tokens=budget + 1, ignore_eos=True),
                                      timeout=60)
     assert list(unbounded.token_ids) == free
+
+
+def test_the_cli_sends_a_budget(served: tuple[RunningServer, torch.nn.Module], capsys: pytest.CaptureFixture) -> None:
+    server, _ = served
+    assert cli_main(["generate", "why is the sky blue?", "--thinking-budget", "2", "--max-tokens", "4", "--ignore-eos",
+                     "--json", "--address", server.address]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["token_ids"][2] == CLOSE and answer["usage"]["reasoning_tokens"] == 3

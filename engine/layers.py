@@ -1,0 +1,86 @@
+"""A decoder layer's weights as the model runner computes with them: q|k|v and gate|up fused into
+one matmul each (the Hugging Face modules left as views into the fused weights), and what other
+families add as options (q/k norms, a sandwich of norms, per-layer rotary, experts)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.linear import Linear, from_module
+from engine.moe import ActMul, Experts
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A gated MLP: down(act(gate) * up), gate|up as one matmul."""
+
+    gate_up: Linear  # weight [2 * intermediate, hidden]
+    down_proj: Linear
+    act: torch.nn.Module
+
+    def __call__(self, h: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
+        return self.down_proj(act_mul(self.act, self.gate_up(h)))  # [T, hidden]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer's weights, with q|k|v and gate|up fused into single matmuls."""
+
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    qkv: Linear  # weight [(H + 2*KVH) * D, hidden]
+    o_proj: Linear
+    mlp: Dense | Experts  # a dense MLP, or a mixture of experts (engine/moe.py)
+    scaling: float
+    q_norm: torch.nn.Module | None = None  # Qwen 3: RMSNorm over each head's D of q and k, before rotary
+    k_norm: torch.nn.Module | None = None
+    pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
+    post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
+    rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ)
+
+
+def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of `mods`; leave each module's weight as a view into it."""
+    w = torch.cat([m.weight.data for m in mods], dim=0)
+    has_bias = all(m.bias is not None for m in mods)
+    b = torch.cat([m.bias.data for m in mods], dim=0) if has_bias else None
+    off = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight.data = w[off : off + n]
+        if b is not None:
+            m.bias.data = b[off : off + n]
+        off += n
+    return w, b
+
+
+def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.nn.Module | None]:
+    """A layer's norms after its attention: (of the attention's output, or of the MLP's input where
+    there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ."""
+    if hasattr(layer, "post_self_attn_layernorm"):  # GLM 4
+        return layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
+    return (layer.post_attention_layernorm, getattr(layer, "pre_feedforward_layernorm", None),
+            getattr(layer, "post_feedforward_layernorm", None))
+
+
+def dense(mlp: torch.nn.Module, backend: str) -> Dense:
+    """A dense MLP's weights (gate|up fused, as stored by Phi 3 and GLM 4, or here)."""
+    if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear):  # Phi 3: fused in the checkpoint
+        return Dense(from_module(mlp.gate_up_proj, backend), from_module(mlp.down_proj, backend), mlp.activation_fn)
+    w_gu, b_gu = fuse([mlp.gate_proj, mlp.up_proj])
+    if b_gu is not None:
+        raise NotImplementedError("MLP biases are not supported")
+    return Dense(Linear(w_gu, None, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
+
+
+def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None) -> Layer:
+    """A Hugging Face decoder layer's weights (`backend`: engine/linear.py's); moe_triton: its experts
+    (if any) by the Triton grouped matmul; rope: the layer type whose rotary it takes (Gemma 3)."""
+    a, mlp = hf.self_attn, hf.mlp
+    qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
+           else Linear(*fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
+    post, pre_mlp, post_mlp = sandwich(hf)
+    return Layer(hf.input_layernorm, post, qkv, from_module(a.o_proj, backend),
+                 Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
+                 getattr(a, "q_norm", None), getattr(a, "k_norm", None), pre_mlp, post_mlp, rope)
