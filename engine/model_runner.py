@@ -1,6 +1,7 @@
 """The model runner: owns the one KV tensor and runs Llama-family forwards over block tables
 (what other families add — q/k norms, experts, Gemma's sandwich norms, Gemma 3's per-layer rotary,
-sliding windows, Gemma 2's logit soft-capping — are options of a layer or of the attention backend).
+sliding windows, Gemma 2's logit soft-capping, Granite's multipliers — are options of a layer, of
+the attention backend or of the runner).
 
 It reuses the Hugging Face module weights and numerics (norms, projections, rotary, MLP) and
 replaces attention, which reads and writes the paged KV cache. Callers (the prefill and decode
@@ -100,6 +101,10 @@ class ModelRunner:
                        for li, hf in enumerate(model.model.layers[: self.num_layers])]
         self.lm_head = from_module(model.lm_head, backend)
         self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)  # Gemma 2: cap·tanh(l/cap)
+        # Granite's multipliers: of the embeddings, of each attention and MLP output before the residual
+        # add, and the logits' divisor (1: none)
+        self.embed_scale, self.residual_scale, self.logits_divisor = (
+            float(getattr(cfg, f, None) or 1.0) for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling"))
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
 
@@ -184,6 +189,8 @@ class ModelRunner:
         T = meta.ids.shape[0]
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         x = lm.embed_tokens(meta.ids)  # [T, hidden]
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         pos = meta.pos.unsqueeze(0)  # [1, T]
         rotary = {t: tuple(r[0] for r in lm.rotary_emb(x, pos, *(t,) if t else ()))  # (cos, sin) [T, D] each:
                   for t in {layer.rope for layer in self.layers}}  # Gemma 3: one per layer type, else one (None)
@@ -197,14 +204,18 @@ class ModelRunner:
             o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary[layer.rope],
                                  meta, layer.scaling)  # [T, H*D]
             if layer.pre_mlp_norm is None or layer.post_mlp_norm is None:
-                h, residual = ops.norm(layer.post_norm, layer.o_proj(o), residual)
-                x = layer.mlp(h, ops.act_mul)  # [T, hidden]
+                h, residual = ops.norm(layer.post_norm, self._branch(layer.o_proj(o)), residual)
+                x = self._branch(layer.mlp(h, ops.act_mul))  # [T, hidden]
             else:  # Gemma, GLM 4: residual += post_norm(attention); x = post_mlp_norm(mlp(pre_mlp_norm(residual)))
-                attn = ops.norm(layer.post_norm, layer.o_proj(o), None)[0]
+                attn = self._branch(ops.norm(layer.post_norm, layer.o_proj(o), None)[0])
                 h, residual = ops.norm(layer.pre_mlp_norm, attn, residual)
-                x = ops.norm(layer.post_mlp_norm, layer.mlp(h, ops.act_mul), None)[0]
+                x = self._branch(ops.norm(layer.post_mlp_norm, layer.mlp(h, ops.act_mul), None)[0])
         assert residual is not None
         return x, residual
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        """A sub-layer's output [T, hidden] as the residual stream adds it (Granite: scaled)."""
+        return y * self.residual_scale if self.residual_scale != 1.0 else y
 
     def logits(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """x, residual [T, hidden] → the logits [B, V] (float32) of token rows `rows` [B] (None: all)."""
@@ -212,6 +223,8 @@ class ModelRunner:
             x, residual = x.index_select(0, rows), residual.index_select(0, rows)  # [B, hidden]
         h, _ = self.ops.norm(self.model.model.norm, x, residual)
         logits = self.lm_head(h).float()  # [B, V]
+        if self.logits_divisor != 1.0:
+            logits = logits / self.logits_divisor
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Glm4Config, LlamaConfig,
-                          MistralConfig, MixtralConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Glm4Config, GraniteConfig,
+                          LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -89,6 +89,8 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
         **GEMMA, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
     "glm4": (Glm4Config, {"partial_rotary_factor": 0.5, "attention_bias": True}),  # its defaults
+    "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,  # (Granite 3 8B's: 12,
+                                "attention_multiplier": 0.1, "logits_scaling": 2.0}),  # 0.22, 1/128, 16)
 }
 ARCHS = tuple(FAMILIES)
 
@@ -104,7 +106,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     (q|k|v and gate|up fused in the checkpoint), gemma3_text (a window of 16 in layer 0, local and
     global rotary bases, sandwich norms, (1 + w) RMSNorm, GELU, scaled embeddings), gemma2 (Gemma 3's
     layers with one rotary base, attention scores and final logits soft-capped), glm4 (q/k/v biases,
-    interleaved rotary on half of each head, sandwich norms, gate|up fused in the checkpoint).
+    interleaved rotary on half of each head, sandwich norms, gate|up fused in the checkpoint), granite
+    (multipliers of the embeddings, the residual branches and the attention scores, a logits divisor).
     overrides: config fields (e.g. a window)."""
     if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")

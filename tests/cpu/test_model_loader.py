@@ -133,15 +133,15 @@ def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_com
     assert attention_windows(cfg) == [2047, 2047]
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "glm4"])
-def test_gemma_and_glm_folders_load_as_saved(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "glm4", "granite"])
+def test_gemma_glm_and_granite_folders_load_as_saved(arch: str, tmp_path: Path) -> None:
     """Gemma 3, Gemma 2 (soft-capped: Hugging Face's own modules run eager attention, as SDPA
-    cannot cap scores) and GLM 4 (rotary on half of each head) load from a folder and compute what
-    was saved."""
+    cannot cap scores), GLM 4 (rotary on half of each head) and Granite (its multipliers) load from
+    a folder and compute what was saved."""
     model = tiny_model(seed=3, arch=arch)
     model.save_pretrained(tmp_path)
     loaded = load_model(ModelConfig(path=str(tmp_path)))
-    assert attention_windows(loaded.config) == ([0, 0] if arch == "glm4" else [16, 0])
+    assert attention_windows(loaded.config) == ([16, 0] if arch.startswith("gemma") else [0, 0])
     assert loaded.config._attn_implementation == ("eager" if arch == "gemma2" else "sdpa")
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
