@@ -4,6 +4,7 @@ families add as options (q/k norms, a sandwich of norms, per-layer rotary, exper
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class Layer:
     k_norm: torch.nn.Module | None = None
     pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
     post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
-    rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ)
+    rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ); NOPE: none
 
 
 def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,9 +75,20 @@ def dense(mlp: torch.nn.Module, backend: str) -> Dense:
     return Dense(Linear(w_gu, None, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
 
 
+NOPE = "nope"  # a layer without rotary (SmolLM3's every fourth)
+
+
+def rope_of(cfg: Any, li: int, rotary_emb: torch.nn.Module) -> str | None:
+    """Layer li's rotary: None (the model's one), a layer type (Gemma 3: one per type), or NOPE."""
+    nope = getattr(cfg, "no_rope_layers", None)  # SmolLM3: 0 = no rotary in that layer
+    if nope is not None and not nope[li]:
+        return NOPE
+    return cfg.layer_types[li] if hasattr(rotary_emb, "layer_types") else None
+
+
 def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None) -> Layer:
     """A Hugging Face decoder layer's weights (`backend`: engine/linear.py's); moe_triton: its experts
-    (if any) by the Triton grouped matmul; rope: the layer type whose rotary it takes (Gemma 3)."""
+    (if any) by the Triton grouped matmul; rope: its rotary (rope_of)."""
     a, mlp = hf.self_attn, hf.mlp
     qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
            else Linear(*fuse([a.q_proj, a.k_proj, a.v_proj]), backend))

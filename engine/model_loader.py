@@ -118,7 +118,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
-                 "gemma3_text", "glm4", "granite")
+                 "gemma3_text", "glm4", "granite", "smollm3")
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4",)  # rotary over pairs of neighbouring dims (2i, 2i + 1), not (i, i + R/2)
@@ -170,6 +170,8 @@ def attention_windows(config: Any) -> list[int]:
     it (Mistral, Mixtral, Phi 3)."""
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None) or 0
+    if config.model_type == "smollm3" and not config.use_sliding_window:  # its layer types count only with the flag
+        window = 0
     types = getattr(config, "layer_types", None)
     if types:
         return [window if t == "sliding_attention" else 0 for t in types[:n]]

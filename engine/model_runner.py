@@ -96,8 +96,7 @@ class ModelRunner:
         self.attn = self._attention_backend(kernels, backend)
         self.ops: TorchOps | TritonOps = (TritonOps.of(model) if self.attn.name == "triton" else None) or TorchOps()
         moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts
-        per_type = hasattr(model.model.rotary_emb, "layer_types")  # Gemma 3: a rotary per layer type
-        self.layers = [layers.layer(hf, backend, moe_triton, cfg.layer_types[li] if per_type else None)
+        self.layers = [layers.layer(hf, backend, moe_triton, layers.rope_of(cfg, li, model.model.rotary_emb))
                        for li, hf in enumerate(model.model.layers[: self.num_layers])]
         self.lm_head = from_module(model.lm_head, backend)
         self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)  # Gemma 2: cap·tanh(l/cap)
@@ -192,8 +191,7 @@ class ModelRunner:
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         pos = meta.pos.unsqueeze(0)  # [1, T]
-        rotary = {t: tuple(r[0] for r in lm.rotary_emb(x, pos, *(t,) if t else ()))  # (cos, sin) [T, D] each:
-                  for t in {layer.rope for layer in self.layers}}  # Gemma 3: one per layer type, else one (None)
+        rotary = {t: self._rotary(x, pos, t) for t in {layer.rope for layer in self.layers}}  # (cos, sin) [T, D]
         residual: torch.Tensor | None = None  # the residual stream; x is the last sub-layer's output
         for li, layer in enumerate(self.layers):
             h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
@@ -212,6 +210,13 @@ class ModelRunner:
                 x = self._branch(ops.norm(layer.post_mlp_norm, layer.mlp(h, ops.act_mul), None)[0])
         assert residual is not None
         return x, residual
+
+    def _rotary(self, x: torch.Tensor, pos: torch.Tensor, rope: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, D] of the layers whose `rope` it is: the model's (Gemma 3: per layer type);
+        layers.NOPE: cos 1, sin 0 — the rotary kernels then leave q and k exactly as they are."""
+        rotary_emb = self.model.model.rotary_emb
+        cos, sin = (r[0] for r in rotary_emb(x, pos, *(rope,) if rope and rope != layers.NOPE else ()))
+        return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
 
     def _branch(self, y: torch.Tensor) -> torch.Tensor:
         """A sub-layer's output [T, hidden] as the residual stream adds it (Granite: scaled)."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Glm4Config, GraniteConfig,
-                          LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
+                          LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, SmolLM3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -91,6 +91,7 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "glm4": (Glm4Config, {"partial_rotary_factor": 0.5, "attention_bias": True}),  # its defaults
     "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,  # (Granite 3 8B's: 12,
                                 "attention_multiplier": 0.1, "logits_scaling": 2.0}),  # 0.22, 1/128, 16)
+    "smollm3": (SmolLM3Config, {"no_rope_layers": [1, 0]}),  # layer 1 without rotary (its every fourth)
 }
 ARCHS = tuple(FAMILIES)
 
@@ -107,7 +108,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     global rotary bases, sandwich norms, (1 + w) RMSNorm, GELU, scaled embeddings), gemma2 (Gemma 3's
     layers with one rotary base, attention scores and final logits soft-capped), glm4 (q/k/v biases,
     interleaved rotary on half of each head, sandwich norms, gate|up fused in the checkpoint), granite
-    (multipliers of the embeddings, the residual branches and the attention scores, a logits divisor).
+    (multipliers of the embeddings, the residual branches and the attention scores, a logits divisor),
+    smollm3 (no rotary in layer 1).
     overrides: config fields (e.g. a window)."""
     if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")

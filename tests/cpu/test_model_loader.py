@@ -133,11 +133,12 @@ def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_com
     assert attention_windows(cfg) == [2047, 2047]
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "glm4", "granite"])
-def test_gemma_glm_and_granite_folders_load_as_saved(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "glm4", "granite", "smollm3"])
+def test_gemma_glm_granite_and_smollm3_folders_load_as_saved(arch: str, tmp_path: Path) -> None:
     """Gemma 3, Gemma 2 (soft-capped: Hugging Face's own modules run eager attention, as SDPA
-    cannot cap scores), GLM 4 (rotary on half of each head) and Granite (its multipliers) load from
-    a folder and compute what was saved."""
+    cannot cap scores), GLM 4 (rotary on half of each head), Granite (its multipliers) and SmolLM3
+    (a layer without rotary; its sliding layers only with use_sliding_window) load from a folder and
+    compute what was saved."""
     model = tiny_model(seed=3, arch=arch)
     model.save_pretrained(tmp_path)
     loaded = load_model(ModelConfig(path=str(tmp_path)))
@@ -146,3 +147,8 @@ def test_gemma_glm_and_granite_folders_load_as_saved(arch: str, tmp_path: Path) 
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+    if arch == "smollm3":
+        loaded.config.layer_types, loaded.config.sliding_window = ["full_attention", "sliding_attention"], 8
+        assert attention_windows(loaded.config) == [0, 0]
+        loaded.config.use_sliding_window = True
+        assert attention_windows(loaded.config) == [0, 8]

@@ -121,9 +121,9 @@ PARTIAL = dict(partial_rotary_factor=0.5)  # Phi 4 mini's rotary on part of each
 @pytest.mark.parametrize("arch, overrides", [("qwen2", {}), ("qwen3", {}), ("qwen3_moe", {}), ("mixtral", {}),
                                              ("qwen2_moe", {}), ("phi3", {}), ("mistral", {}), ("qwen2", WINDOWED),
                                              ("gemma3_text", {}), ("gemma2", {}), ("phi3", PARTIAL),
-                                             ("glm4", {}), ("granite", {})],
+                                             ("glm4", {}), ("granite", {}), ("smollm3", {})],
                          ids=["qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3", "mistral", "qwen2-window",
-                              "gemma3", "gemma2", "phi4-mini", "glm4", "granite"])
+                              "gemma3", "gemma2", "phi4-mini", "glm4", "granite", "smollm3"])
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
 def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, overrides: dict, kernels: str) -> None:
     """Qwen 2 (q/k/v biases), Qwen 3 (per-head q/k RMSNorm, head_dim 32 where hidden / heads is
@@ -132,8 +132,9 @@ def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, ove
     sliding windows of 16 (Mistral's in every layer, Qwen 2's in its upper layer), Gemma 3
     (sandwich norms, a local and a global rotary base, a windowed layer), Gemma 2 (soft-capped
     attention scores and logits), Phi 4 mini's rotary on half of each head and GLM 4 (interleaved
-    rotary on half of each head, sandwich norms, q/k/v biases), Granite (its multipliers): a batch
-    of prompts, one computed in chunks, then decoded, equals generate."""
+    rotary on half of each head, sandwich norms, q/k/v biases), Granite (its multipliers), SmolLM3
+    (a layer without rotary): a batch of prompts, one computed in chunks, then decoded, equals
+    generate."""
     model = tiny_model(seed=4, arch=arch, **overrides)
     prompts = [p[:60] if kernels == "triton" else p for p in _prompts(4, seed=5)]  # Triton's interpreter is slow
     runner = ModelRunner(model, num_blocks=4 * 24, block_size=16, kernels=kernels)
@@ -155,11 +156,12 @@ def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, ove
 
 
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
-@pytest.mark.parametrize("arch", ["qwen2-window", "gemma3", "gemma2-attention", "gemma2-final", "granite"])
+@pytest.mark.parametrize("arch", ["qwen2-window", "gemma3", "gemma2-attention", "gemma2-final", "granite", "smollm3"])
 def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(arch: str, kernels: str) -> None:
     """What differs by layer: Qwen 2 with a window of 16 in layer 1 only; Gemma 3's local and global
     rotary bases (and its window in layer 0); Gemma 2's soft-capping of attention scores and of the
-    final logits (which never changes a greedy token); Granite's residual multiplier. Greedy tokens of a tiny model barely feel
+    final logits (which never changes a greedy token); Granite's residual multiplier; SmolLM3's layer
+    without rotary. Greedy tokens of a tiny model barely feel
     these, so the logits are compared — and without the feature they differ."""
     model = (tiny_model(seed=4, arch="qwen2", **WINDOWED) if arch == "qwen2-window"
              else tiny_model(4, arch={"gemma3": "gemma3_text"}.get(arch, arch.split("-")[0])))
@@ -167,7 +169,7 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
     with torch.inference_mode():
         want = model(torch.tensor([prompt])).logits[0]  # [n, V]
     runner = ModelRunner(model, num_blocks=24, block_size=16, kernels=kernels)
-    assert runner.attn.windows == ([0, 16] if arch == "qwen2-window" else [0, 0] if arch == "granite" else [16, 0])
+    assert runner.attn.windows == ([0, 16] if arch == "qwen2-window" else [16, 0] if "gemma" in arch else [0, 0])
     assert (type(runner.ops).__name__ == "TritonOps") == (kernels == "triton")  # Gemma's (1 + w) norms and GELU too
     table = _tables(1, 24, 3)[0]
     got = [runner.forward([SeqInput(prompt[a:a + 24], a, table)])[0] for a in range(0, 48, 24)]  # chunks
@@ -181,6 +183,8 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
         runner.final_softcap = 0.0
     elif arch == "granite":
         runner.residual_scale = 1.0
+    elif arch == "smollm3":  # rotary in every layer
+        runner.layers = [replace(layer, rope=None) for layer in runner.layers]
     else:  # every layer on the local base
         runner.layers = [replace(layer, rope="sliding_attention") for layer in runner.layers]
     assert not torch.allclose(runner.forward([SeqInput([prompt[-1]], len(prompt) - 1, table)])[0], want[-1], atol=1e-3)
