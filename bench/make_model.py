@@ -11,7 +11,8 @@ qwen3-a3b-24l is Qwen3-30B-A3B's layer (128 experts of 768, 8 per token) in 24 o
 (~15B parameters, 30 GB in bf16: the whole model would not fit a 64 GB disk), qwen3-moe-test a
 few MB of the same kind; gemma3-1b is Gemma 3 1B's shape (head_dim 256, windows of 512), gemma2-2b
 Gemma 2 2B's (head_dim 256, windows of 4096 in every other layer, soft-capped scores and logits),
-glm4-9b GLM-4-9B-0414's (interleaved rotary on half of each head, sandwich norms, q/k/v biases).
+glm4-9b GLM-4-9B-0414's (interleaved rotary on half of each head, sandwich norms, q/k/v biases),
+olmo2-7b OLMo-2-1124-7B's (norms after the sub-layers only, q/k norms over all heads).
 The tokenizer is byte-level BPE: ids 0-2 are the specials, 3-258 the 256 bytes (so any text
 encodes, and llguidance can hold a grammar over it), and the rest words " t0", " t1", ... (one token
 each, leading space included), so prompts of any length are easy to make (" t5 t17 t9 ...", or decode
@@ -55,6 +56,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "glm4-9b": dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
                     head_dim=128, intermediate_size=13696, vocab_size=151552, partial_rotary_factor=0.5,
                     attention_bias=True),
+    # OLMo-2-1124-7B: no norm before a sub-layer, one after each; q and k normalized over all heads
+    "olmo2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                     intermediate_size=11008, vocab_size=100352, rope_theta=500000.0),
     "qwen3-moe-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=32, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
                            num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512),
@@ -69,7 +73,8 @@ CHAT_TEMPLATE = (
 
 def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
     """The Hugging Face config of a named shape (`overrides` replace its dimensions)."""
-    from transformers import Gemma2Config, Gemma3TextConfig, Glm4Config, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (Gemma2Config, Gemma3TextConfig, Glm4Config, LlamaConfig, Olmo2Config, Qwen3Config,
+                              Qwen3MoeConfig)
 
     dims = {"tie_word_embeddings": False, **SHAPES[shape], **overrides}
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -79,6 +84,8 @@ def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
         return Gemma2Config(**dims, max_position_embeddings=max_position, **ids)
     if shape.startswith("glm4"):
         return Glm4Config(**dims, max_position_embeddings=max_position, **ids)
+    if shape.startswith("olmo2"):
+        return Olmo2Config(**dims, max_position_embeddings=max_position, **ids)
     family = (Qwen3MoeConfig if "num_experts" in dims else Qwen3Config) if shape.startswith("qwen3") else LlamaConfig
     return family(**dims, max_position_embeddings=max_position, rope_theta=10000.0 if family is LlamaConfig else 1e6,
                   **ids)

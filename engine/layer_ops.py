@@ -30,12 +30,16 @@ GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # Gemma's activation
 
 def _norm_kind(module: torch.nn.Module) -> str | None:
     """"llama" (weight × the norm rounded to the dtype: Llama, Qwen, Mistral, Phi 3, GLM 4), "gemma"
-    ((1 + weight) × the norm, rounded once), or None: not an RMSNorm the kernel computes."""
+    ((1 + weight) × the norm, rounded once), "olmo" (weight × the norm, rounded once: OLMo 2),
+    "none" (no norm where the family has none: OLMo 2 before its sub-layers), or None: not an RMSNorm
+    the kernel computes."""
     name = type(module).__name__
+    if isinstance(module, torch.nn.Identity):
+        return "none"
     if not name.endswith("RMSNorm"):
         return None
     if hasattr(module, "variance_epsilon"):
-        return "llama"
+        return "olmo" if name.startswith("Olmo2") else "llama"
     return "gemma" if name.startswith("Gemma") and hasattr(module, "eps") else None
 
 
@@ -52,7 +56,7 @@ class TritonOps:
     def of(cls, model: PreTrainedModel) -> TritonOps | None:
         """The fused ops for `model`, where its norms and activation are what the kernels compute."""
         layer, cfg = model.model.layers[0], model.config
-        norms = [layer.input_layernorm, layer.post_attention_layernorm, model.model.norm,
+        norms = [getattr(layer, "input_layernorm", torch.nn.Identity()), layer.post_attention_layernorm, model.model.norm,
                  *(n for n in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None),
                                getattr(layer, "pre_feedforward_layernorm", None)) if n is not None)]
         act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)  # Gemma's: the first
@@ -61,9 +65,12 @@ class TritonOps:
         return cls(gelu=act in GELU_TANH)
 
     def norm(self, module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        gemma = _norm_kind(module) == "gemma"
-        eps = module.eps if gemma else module.variance_epsilon
-        return self.fused.add_rms_norm(x, residual, module.weight, eps, gemma)
+        kind = _norm_kind(module)
+        if kind == "none":  # the residual add alone
+            s = x if residual is None else residual + x
+            return s, s
+        eps = module.eps if kind == "gemma" else module.variance_epsilon
+        return self.fused.add_rms_norm(x, residual, module.weight, eps, kind or "llama")
 
     def act_mul(self, act: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
         return self.fused.act_mul(gate_up, self.gelu)

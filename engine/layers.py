@@ -38,6 +38,7 @@ class Layer:
     k_norm: torch.nn.Module | None = None
     pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
     post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
+    qk_norm_whole: bool = False  # OLMo 2: q_norm and k_norm over all heads of a token at once
     rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ); NOPE: none
 
 
@@ -58,7 +59,10 @@ def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None
 
 def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.nn.Module | None]:
     """A layer's norms after its attention: (of the attention's output, or of the MLP's input where
-    there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ."""
+    there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ;
+    OLMo 2 normalizes only the sub-layers' outputs (no norm before the MLP: IDENTITY)."""
+    if not hasattr(layer, "input_layernorm"):  # OLMo 2
+        return layer.post_attention_layernorm, IDENTITY, layer.post_feedforward_layernorm
     if hasattr(layer, "post_self_attn_layernorm"):  # GLM 4
         return layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
     return (layer.post_attention_layernorm, getattr(layer, "pre_feedforward_layernorm", None),
@@ -76,6 +80,7 @@ def dense(mlp: torch.nn.Module, backend: str) -> Dense:
 
 
 NOPE = "nope"  # a layer without rotary (SmolLM3's every fourth)
+IDENTITY = torch.nn.Identity()  # no norm where the family has none (OLMo 2 before each sub-layer)
 
 
 def rope_of(cfg: Any, li: int, rotary_emb: torch.nn.Module) -> str | None:
@@ -93,6 +98,8 @@ def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None)
     qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
            else Linear(*fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
     post, pre_mlp, post_mlp = sandwich(hf)
-    return Layer(hf.input_layernorm, post, qkv, from_module(a.o_proj, backend),
+    q_norm = getattr(a, "q_norm", None)
+    return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),
                  Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
-                 getattr(a, "q_norm", None), getattr(a, "k_norm", None), pre_mlp, post_mlp, rope)
+                 q_norm, getattr(a, "k_norm", None), pre_mlp, post_mlp,
+                 q_norm is not None and q_norm.weight.numel() != a.head_dim, rope)

@@ -118,7 +118,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
-                 "gemma3_text", "glm4", "granite", "smollm3")
+                 "gemma3_text", "glm4", "granite", "smollm3", "olmo2")
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4",)  # rotary over pairs of neighbouring dims (2i, 2i + 1), not (i, i + R/2)

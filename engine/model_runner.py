@@ -196,9 +196,12 @@ class ModelRunner:
         for li, layer in enumerate(self.layers):
             h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
             q, k, v = layer.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
-            if layer.q_norm is not None and layer.k_norm is not None:  # per head: rows of [T*H, D]
-                q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
-                k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
+            if layer.q_norm is not None and layer.k_norm is not None:
+                if layer.qk_norm_whole:  # OLMo 2: over each token's whole q [T, H*D] and k [T, KVH*D]
+                    q, k = ops.norm(layer.q_norm, q, None)[0], ops.norm(layer.k_norm, k, None)[0]
+                else:  # Qwen 3: per head, rows of [T*H, D]
+                    q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
+                    k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
             o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary[layer.rope],
                                  meta, layer.scaling)  # [T, H*D]
             if layer.pre_mlp_norm is None or layer.post_mlp_norm is None:

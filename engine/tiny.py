@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Glm4Config, GraniteConfig,
-                          LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, SmolLM3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
+                          LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Phi3Config, SmolLM3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -92,6 +92,7 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "granite": (GraniteConfig, {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,  # (Granite 3 8B's: 12,
                                 "attention_multiplier": 0.1, "logits_scaling": 2.0}),  # 0.22, 1/128, 16)
     "smollm3": (SmolLM3Config, {"no_rope_layers": [1, 0]}),  # layer 1 without rotary (its every fourth)
+    "olmo2": (Olmo2Config, {}),
 }
 ARCHS = tuple(FAMILIES)
 
@@ -109,7 +110,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     layers with one rotary base, attention scores and final logits soft-capped), glm4 (q/k/v biases,
     interleaved rotary on half of each head, sandwich norms, gate|up fused in the checkpoint), granite
     (multipliers of the embeddings, the residual branches and the attention scores, a logits divisor),
-    smollm3 (no rotary in layer 1).
+    smollm3 (no rotary in layer 1), olmo2 (norms after each sub-layer only, q and k normalized over
+    all their heads at once).
     overrides: config fields (e.g. a window)."""
     if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")

@@ -4,7 +4,8 @@ Between its four matmuls a Hugging Face Llama layer launches ~30 small kernels (
 seven: cast, pow, mean, add, rsqrt, mul, mul); at decode batch sizes each is a few microseconds of
 a mostly idle GPU, which is most of a decode step above its floor. Here each group is one kernel:
   - `add_rms_norm`: residual add + RMSNorm (the residual stream is written once, the normed rows once);
-                   Llama's (weight × the rounded norm) or Gemma's (1 + weight) × the norm, rounded once
+                   Llama's (weight × the rounded norm), Gemma's ((1 + weight) × the norm, rounded once)
+                   or OLMo 2's (weight × the norm, rounded once)
   - `rope_store`:  rotary on q and k (the first dims of each head under partial rotary) + k, v into
                    their cache slots (slot < 0: nothing stored)
   - `act_mul`:     SiLU(gate) * up, or GELU-tanh(gate) * up (Gemma), from the fused gate|up projection
@@ -22,7 +23,7 @@ import triton.language as tl
 @triton.jit
 def _add_rms_norm(
     x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, stride_x, stride_r, N, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GEMMA: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -35,8 +36,11 @@ def _add_rms_norm(
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if GEMMA:  # (norm(x) * (1 + w)).type_as(x): in fp32, one rounding
+    if KIND == "gemma":  # (norm(x) * (1 + w)).type_as(x): in fp32, one rounding
         tl.store(out_ptr + row * N + offs, (xf * (1.0 / tl.sqrt(var + eps)) * (1.0 + w)).to(out_ptr.dtype.element_ty),
+                 mask=m)
+    elif KIND == "olmo":  # (w * norm(x)).to(input_dtype): one rounding
+        tl.store(out_ptr + row * N + offs, (w * (xf * (1.0 / tl.sqrt(var + eps)))).to(out_ptr.dtype.element_ty),
                  mask=m)
     else:  # w * norm(x).to(input_dtype)
         y = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)
@@ -120,17 +124,18 @@ def _act_mul(x_ptr, out_ptr, stride_x, N, BLOCK: tl.constexpr, GELU: tl.constexp
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, gemma: bool = False
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, kind: str = "llama"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [T, N] → (RMSNorm(x + residual) * weight, x + residual), both [T, N]; residual None:
-    (RMSNorm(x) * weight, x). gemma: * (1 + weight), Gemma's norm."""
+    (RMSNorm(x) * weight, x). kind: "llama" (the norm rounded, then × weight), "gemma" (× (1 + weight),
+    rounded once), "olmo" (× weight, rounded once)."""
     T, N = x.shape
     out = torch.empty(T, N, dtype=x.dtype, device=x.device)
     res = torch.empty_like(out) if residual is not None else x
     if T:
         r = residual if residual is not None else x
         _add_rms_norm[(T,)](x, r, weight, out, res, x.stride(0), r.stride(0), N, eps,
-                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), GEMMA=gemma)
+                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), KIND=kind)
     return out, res
 
 

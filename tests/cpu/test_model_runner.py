@@ -121,9 +121,9 @@ PARTIAL = dict(partial_rotary_factor=0.5)  # Phi 4 mini's rotary on part of each
 @pytest.mark.parametrize("arch, overrides", [("qwen2", {}), ("qwen3", {}), ("qwen3_moe", {}), ("mixtral", {}),
                                              ("qwen2_moe", {}), ("phi3", {}), ("mistral", {}), ("qwen2", WINDOWED),
                                              ("gemma3_text", {}), ("gemma2", {}), ("phi3", PARTIAL),
-                                             ("glm4", {}), ("granite", {}), ("smollm3", {})],
+                                             ("glm4", {}), ("granite", {}), ("smollm3", {}), ("olmo2", {})],
                          ids=["qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3", "mistral", "qwen2-window",
-                              "gemma3", "gemma2", "phi4-mini", "glm4", "granite", "smollm3"])
+                              "gemma3", "gemma2", "phi4-mini", "glm4", "granite", "smollm3", "olmo2"])
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
 def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, overrides: dict, kernels: str) -> None:
     """Qwen 2 (q/k/v biases), Qwen 3 (per-head q/k RMSNorm, head_dim 32 where hidden / heads is
@@ -133,8 +133,8 @@ def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, ove
     (sandwich norms, a local and a global rotary base, a windowed layer), Gemma 2 (soft-capped
     attention scores and logits), Phi 4 mini's rotary on half of each head and GLM 4 (interleaved
     rotary on half of each head, sandwich norms, q/k/v biases), Granite (its multipliers), SmolLM3
-    (a layer without rotary): a batch of prompts, one computed in chunks, then decoded, equals
-    generate."""
+    (a layer without rotary), OLMo 2 (norms after the sub-layers only, q/k norms over all heads): a
+    batch of prompts, one computed in chunks, then decoded, equals generate."""
     model = tiny_model(seed=4, arch=arch, **overrides)
     prompts = [p[:60] if kernels == "triton" else p for p in _prompts(4, seed=5)]  # Triton's interpreter is slow
     runner = ModelRunner(model, num_blocks=4 * 24, block_size=16, kernels=kernels)

@@ -1,5 +1,6 @@
 """The fused layer ops of the CUDA path (engine/triton_fused.py), run by Triton's interpreter on CPU,
-against the Hugging Face modules they replace: RMSNorm (Llama's and Gemma's, with and without the residual add), rotary
+against the Hugging Face modules they replace: RMSNorm (Llama's, Gemma's and OLMo 2's roundings, with and
+without the residual add), rotary
 on q and k (whole heads, part of each: Phi 4 mini, neighbouring pairs: GLM 4) with the cache store,
 SiLU(gate) * up and GELU-tanh(gate) * up (Gemma). fp32 and fp16 (whose rounding steps the kernels
 reproduce); strided rows as the runner passes them (views into the fused qkv / gate|up outputs)."""
@@ -8,6 +9,7 @@ import torch
 from transformers.activations import GELUTanh
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 from transformers.models.phi3.configuration_phi3 import Phi3Config
 from transformers.models.glm4.configuration_glm4 import Glm4Config
 from transformers.models.glm4.modeling_glm4 import Glm4RotaryEmbedding
@@ -22,13 +24,13 @@ DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("kind", ["llama", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "gemma", "olmo"])
 def test_add_rms_norm_equals_residual_add_then_the_models_rms_norm(dtype: torch.dtype, tol: float, with_residual: bool,
                                                                  kind: str) -> None:
     g = torch.Generator().manual_seed(1)
     N = 96  # not a power of two: the tile is masked
-    norm = (LlamaRMSNorm(N, eps=1e-5) if kind == "llama" else Gemma3RMSNorm(N, eps=1e-6)).to(dtype)
-    norm.weight.data = ((1 if kind == "llama" else 0) + 0.3 * torch.randn(N, generator=g)).to(dtype)
+    norm = {"llama": LlamaRMSNorm, "gemma": Gemma3RMSNorm, "olmo": Olmo2RMSNorm}[kind](N, eps=1e-5).to(dtype)
+    norm.weight.data = ((0 if kind == "gemma" else 1) + 0.3 * torch.randn(N, generator=g)).to(dtype)
     wide = (3 * torch.randn(7, 2 * N, generator=g)).to(dtype)
     x = wide[:, :N]  # strided rows
     residual = torch.randn(7, N, generator=g).to(dtype) if with_residual else None

@@ -46,8 +46,10 @@ def _hf(model, p: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-de
 # qwen3: per-head q/k norms (fused kernel), head_dim 32; mistral: a sliding window of 16 in every layer;
 # gemma3_text: sandwich norms, (1 + w) norms and GELU by the fused kernels, two rotary bases; gemma2: soft-capping;
 # glm4: interleaved rotary on half of each head (the fused kernel's PAIRS), sandwich norms by the fused norm;
-# granite: its multipliers inside the graphs; smollm3: a layer without rotary (cos 1, sin 0 through rope_store)
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3_text", "gemma2", "glm4", "granite", "smollm3"])
+# granite: its multipliers inside the graphs; smollm3: a layer without rotary (cos 1, sin 0 through rope_store);
+# olmo2: no norm before the sub-layers, its norm's rounding, q/k norms over all heads
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3_text", "gemma2", "glm4", "granite", "smollm3",
+                                  "olmo2"])
 @pytest.mark.parametrize("max_graph_batch", [64, 8])  # 64: every step replays a graph; 8: 32 rows run eagerly
 def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int, arch: str) -> None:
     from engine.layer_ops import TritonOps
