@@ -118,10 +118,11 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
-                 "gemma3_text", "glm4", "granite", "smollm3", "olmo2")
+                 "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
+                 "seed_oss", "internlm3", "helium", "ernie4_5")
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
-PARTIAL_ROTARY = ("phi3", "glm4")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
-INTERLEAVED_ROTARY = ("glm4",)  # rotary over pairs of neighbouring dims (2i, 2i + 1), not (i, i + R/2)
+PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
+INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5")  # rotary over pairs of neighbouring dims (2i, 2i + 1), not (i, i + R/2)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:

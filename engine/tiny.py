@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Glm4Config, GraniteConfig,
-                          LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Phi3Config, SmolLM3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, Ernie4_5Config, Exaone4Config, Gemma2Config, Gemma3TextConfig,
+                          Glm4Config, GlmConfig, GraniteConfig, HeliumConfig, InternLM3Config, LlamaConfig,
+                          MinistralConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, Phi3Config,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
+                          Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -69,6 +71,7 @@ def tiny_config(vocab_size: int = 259) -> LlamaConfig:
 
 
 MOE = dict(num_experts_per_tok=2, router_jitter_noise=0.0)  # 8 experts, each token through 2
+WINDOW = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}  # layer 0 windowed
 GEMMA = {"initializer_range": 0.02,  # its embeddings are scaled by sqrt(hidden) = 8
          "query_pre_attn_scalar": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
          "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
@@ -93,6 +96,17 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                 "attention_multiplier": 0.1, "logits_scaling": 2.0}),  # 0.22, 1/128, 16)
     "smollm3": (SmolLM3Config, {"no_rope_layers": [1, 0]}),  # layer 1 without rotary (its every fourth)
     "olmo2": (Olmo2Config, {}),
+    # Llama-shaped families whose parts the ones above already have:
+    "olmo3": (Olmo3Config, {**WINDOW, "rope_parameters": {  # OLMo 2's layers, windows, a rotary per layer type
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    "exaone4": (Exaone4Config, WINDOW),  # OLMo 2's norms, per-head q/k norms, no rotary in its global layer
+    "ministral": (MinistralConfig, WINDOW),
+    "seed_oss": (SeedOssConfig, {}),  # q/k/v and o biases
+    "internlm3": (InternLM3Config, {}),
+    "helium": (HeliumConfig, {}),  # interleaved rotary
+    "ernie4_5": (Ernie4_5Config, {}),  # interleaved rotary, tied embeddings
+    "glm": (GlmConfig, {}),  # GLM-4-9B-chat: interleaved rotary on half of each head, q/k/v biases
 }
 ARCHS = tuple(FAMILIES)
 
