@@ -44,12 +44,13 @@ class ServerConfig(Frozen):
     max_streams_per_connection: int = Field(
         128, ge=1, description="Most concurrent gRPC streams on one connection (HTTP/1.1 has one per connection)."
     )
-    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder", "glm45",
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral", "granite", "pythonic", "qwen3_coder", "glm45",
                               "deepseek_v3", "kimi_k2"] | None = Field(
         None, description="How both fronts read tool calls out of a chat answer when tool_choice is \"auto\" "
         "(the default when a request has tools; gRPC answers carry them in parsed.tool_calls): hermes = <tool_call>{\"name\", \"arguments\"}</tool_call> blocks "
         "(Hermes 2 Pro / 3, Qwen 2.5 / 3); llama3_json = an answer that is {\"name\", \"parameters\"} objects, "
         "maybe after <|python_tag|> (Llama 3.1 and later); mistral = [TOOL_CALLS] then the calls (Mistral, Devstral); "
+        "granite = <|tool_call|> then a JSON list of calls (Granite 3.x); "
         "pythonic = an answer that is a Python list of calls, [f(a=1)] (Llama 3.2, Llama 4); qwen3_coder = "
         "<tool_call> blocks of <function=f><parameter=a>1</parameter></function> (Qwen3-Coder); glm45 = "
         "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value></tool_call> (GLM-4.5, 4.6); deepseek_v3 = "

@@ -10,6 +10,7 @@ Reader (router/tool_calls.py) of a model family's free text.
     starts otherwise is content;
   - `mistral`: content, then `[TOOL_CALLS]` and calls to the end, as a JSON list (before
     v11) or `name[ARGS]{...}` each (v11 and later); each a streamed call;
+  - `granite` (Granite 3.x): mistral's list after `<|tool_call|>`;
   - `qwen3_coder`, `glm45`: hermes's blocks, each a call in tags (router/tool_xml.py);
   - `deepseek_v3`, `kimi_k2`: calls in a section of special tokens (router/tool_sections.py);
   - `pythonic` (Llama 3.2, Llama 4): an answer that is a Python list of calls, `[f(a=1)]`,
@@ -191,6 +192,12 @@ class Mistral(Reader):
         return Delta(content=rest) if rest.replace(self.TAG, "").strip() else Delta()
 
 
+class Granite(Mistral):
+    """Granite 3.x: content, then `<|tool_call|>` and `[{"name", "arguments"}, ...]` to the end."""
+
+    TAG = "<|tool_call|>"
+
+
 class Pythonic(Reader):
     """Llama 3.2's and Llama 4's calls: an answer that is a Python list of calls with keyword
     arguments, `[get_weather(city="Paris"), ping()]` (Llama 4: between `<|python_start|>` and
@@ -286,7 +293,7 @@ def _literal(node: ast.expr) -> Any:
 
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _READERS = {"named": Named, "required": Required}
-_PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "pythonic": Pythonic,
+_PARSERS = {"hermes": Hermes, "llama3_json": Llama3Json, "mistral": Mistral, "granite": Granite, "pythonic": Pythonic,
             "qwen3_coder": Qwen3Coder, "glm45": Glm45, "deepseek_v3": DeepSeekV3, "kimi_k2": KimiK2}
 
 

@@ -139,6 +139,20 @@ def test_mistral_calls(text: str, content: str | None, calls: list[tuple[str, st
     _reads(MISTRAL, text, content, calls, finish)
 
 
+GRANITE = ToolMode("auto", ("get_weather", "ping"), parser="granite")
+
+
+@pytest.mark.parametrize("text, content, calls, finish", [
+    ('<|tool_call|>[{"arguments": {"city": "Paris"}, "name": "get_weather"}, {"name": "ping", "arguments": {}}]',
+     None, [("get_weather", '{"city": "Paris"}'), ("ping", "{}")], "tool_calls"),  # its keys in either order
+    ('Let me check.<|tool_call|>[{"name": "ping", "arguments": {}}]', "Let me check.", [("ping", "{}")], "tool_calls"),
+    ("It is sunny <|tool in Paris.", "It is sunny <|tool in Paris.", [], "stop"),  # only looked like the tag
+    ('<|tool_call|>[{"name": "nope", "arguments": {}}]', '{"name": "nope", "arguments": {}}', [], "stop"),
+])
+def test_granite_calls(text: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+    _reads(GRANITE, text, content, calls, finish)
+
+
 PYTHONIC = ToolMode("auto", ("get_weather", "ping"), parser="pythonic")
 
 
@@ -256,7 +270,8 @@ def test_kimi_k2_calls_keep_the_models_ids() -> None:
 
 PARSED = {"hermes": CALLS, "llama3_json": '{"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "ping", '
           '"parameters": {}}', "mistral": '[TOOL_CALLS]get_weather[ARGS]{"city": "{Paris]"}[TOOL_CALLS]ping[ARGS]{}',
-          "pythonic": "[get_weather(city='Paris', unit=\"c\"), ping()]", "qwen3_coder": XML,
+          "granite": '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Lima"}}, {"name": "ping", '
+          '"arguments": {}}]', "pythonic": "[get_weather(city='Paris', unit=\"c\"), ping()]", "qwen3_coder": XML,
           "glm45": "Ok.<tool_call>write\n<arg_key>path</arg_key>\n<arg_value>a.py</arg_value>\n<arg_key>n</arg_key>"
           "<arg_value>2</arg_value>\n</tool_call><tool_call>ping\n</tool_call>",
           "deepseek_v3": "Hm.{0}{1}function{2}get_weather\n```json\n{{\"city\": \"{{Oslo}}\"}}\n```{3}{1}ping{2}{{}}{3}{4} ok"
