@@ -91,8 +91,8 @@ def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     if r == q.shape[-1]:
         return apply_rotary_pos_emb(q, k, cos, sin)
     c, s = cos[:, None], sin[:, None]  # [1, 1, T, R]
-    return tuple(torch.cat([x[..., :r] * c + rotate_half(x[..., :r]) * s, x[..., r:]], dim=-1)  # type: ignore[return-value]
-                 for x in (q, k))
+    q, k = (torch.cat([x[..., :r] * c + rotate_half(x[..., :r]) * s, x[..., r:]], dim=-1) for x in (q, k))
+    return q, k
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,

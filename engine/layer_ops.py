@@ -1,7 +1,7 @@
 """The small ops between a decoder layer's matmuls — residual add + RMSNorm, act(gate) * up — as
 Hugging Face's modules run them (TorchOps: CPU, and any model the fused kernels do not fit) or as one
-Triton kernel each (TritonOps, engine/triton_fused.py: CUDA; Llama's and Gemma's norms, SiLU and
-GELU-tanh). The model runner picks one per model."""
+Triton kernel each (TritonOps, engine/triton_fused.py: CUDA; Llama's, Gemma's and OLMo 2's norms,
+SiLU and GELU-tanh). The model runner picks one per model."""
 from __future__ import annotations
 
 import torch
@@ -44,8 +44,8 @@ def _norm_kind(module: torch.nn.Module) -> str | None:
 
 
 class TritonOps:
-    """The same as one Triton kernel each (engine/triton_fused.py): residual add + RMSNorm (Llama's or
-    Gemma's), SiLU or GELU-tanh * up."""
+    """The same as one Triton kernel each (engine/triton_fused.py): residual add + RMSNorm (Llama's,
+    Gemma's or OLMo 2's rounding), SiLU or GELU-tanh * up."""
 
     def __init__(self, gelu: bool = False) -> None:
         from engine import triton_fused
@@ -56,7 +56,8 @@ class TritonOps:
     def of(cls, model: PreTrainedModel) -> TritonOps | None:
         """The fused ops for `model`, where its norms and activation are what the kernels compute."""
         layer, cfg = model.model.layers[0], model.config
-        norms = [getattr(layer, "input_layernorm", torch.nn.Identity()), layer.post_attention_layernorm, model.model.norm,
+        norms = [getattr(layer, "input_layernorm", torch.nn.Identity()), layer.post_attention_layernorm,
+                 model.model.norm,
                  *(n for n in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None),
                                getattr(layer, "pre_feedforward_layernorm", None)) if n is not None)]
         act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)  # Gemma's: the first

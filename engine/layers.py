@@ -39,7 +39,7 @@ class Layer:
     pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
     post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
     qk_norm_whole: bool = False  # OLMo 2: q_norm and k_norm over all heads of a token at once
-    rope: str | None = None  # Gemma 3: the layer type whose rotary it takes (local and global bases differ); NOPE: none
+    rope: str | None = None  # its rotary (rope_of): the model's, a layer type's (Gemma 3), or NOPE
 
 
 def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -122,13 +122,14 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
                  "seed_oss", "internlm3", "helium", "ernie4_5")
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
-INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5")  # rotary over pairs of neighbouring dims (2i, 2i + 1), not (i, i + R/2)
+INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5")  # rotary over neighbouring dims (2i, 2i + 1), not (i, i + R/2)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
     """ModelLoadError naming the field unless the engine computes this model as Hugging Face does:
     a Llama-shaped decoder (engine/model_runner.py) with unquantized weights, rotary over whole
-    heads (or part of each where the family's own code does so), and a max_model_len within the positions it is computed for (max_positions: vLLM's rule)."""
+    heads (or part of each where the family's own code does so), and a max_model_len within the
+    positions it is computed for (max_positions: vLLM's rule)."""
     if config.model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")

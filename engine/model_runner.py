@@ -102,8 +102,8 @@ class ModelRunner:
         self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)  # Gemma 2: cap·tanh(l/cap)
         # Granite's multipliers: of the embeddings, of each attention and MLP output before the residual
         # add, and the logits' divisor (1: none)
-        self.embed_scale, self.residual_scale, self.logits_divisor = (
-            float(getattr(cfg, f, None) or 1.0) for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling"))
+        self.embed_scale, self.residual_scale, self.logits_divisor = (float(getattr(cfg, f, None) or 1.0) for f in (
+            "embedding_multiplier", "residual_multiplier", "logits_scaling"))
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
 
