@@ -39,6 +39,7 @@ class Layer:
     pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
     post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
     qk_norm_whole: bool = False  # OLMo 2: q_norm and k_norm over all heads of a token at once
+    parallel: bool = False  # Cohere: attention and MLP both of input_norm's output, added to the residual
     rope: str | None = None  # its rotary (rope_of): the model's, a layer type's (Gemma 3), or NOPE
 
 
@@ -60,7 +61,10 @@ def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None
 def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.nn.Module | None]:
     """A layer's norms after its attention: (of the attention's output, or of the MLP's input where
     there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ;
-    OLMo 2 normalizes only the sub-layers' outputs (no norm before the MLP: IDENTITY)."""
+    OLMo 2 normalizes only the sub-layers' outputs (no norm before the MLP: IDENTITY); Cohere's
+    parallel layer has none after its attention (IDENTITY: Layer.parallel)."""
+    if not hasattr(layer, "post_attention_layernorm"):  # Cohere: attention and MLP of the same input
+        return IDENTITY, None, None
     if not hasattr(layer, "input_layernorm"):  # OLMo 2
         return layer.post_attention_layernorm, IDENTITY, layer.post_feedforward_layernorm
     if hasattr(layer, "post_self_attn_layernorm"):  # GLM 4
@@ -88,8 +92,8 @@ def rope_of(cfg: Any, li: int, rotary_emb: torch.nn.Module) -> str | None:
     nope = getattr(cfg, "no_rope_layers", None)  # SmolLM3: 0 = no rotary in that layer
     if nope is not None and not nope[li]:
         return NOPE
-    if cfg.model_type == "exaone4" and cfg.sliding_window and cfg.layer_types[li] != "sliding_attention":
-        return NOPE  # EXAONE 4: its global layers have no rotary where it has local ones
+    if cfg.model_type in ("exaone4", "cohere2") and cfg.sliding_window and cfg.layer_types[li] != "sliding_attention":
+        return NOPE  # EXAONE 4, Command R7B: their global layers have no rotary where they have local ones
     return cfg.layer_types[li] if hasattr(rotary_emb, "layer_types") else None
 
 
@@ -104,4 +108,5 @@ def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None)
     return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),
                  Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
                  q_norm, getattr(a, "k_norm", None), pre_mlp, post_mlp,
-                 q_norm is not None and q_norm.weight.numel() != a.head_dim, rope)
+                 q_norm is not None and q_norm.weight.numel() != a.head_dim, not hasattr(hf, "post_attention_layernorm"),
+                 rope)

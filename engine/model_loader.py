@@ -119,10 +119,11 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
-                 "seed_oss", "internlm3", "helium", "ernie4_5")
+                 "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2")
+INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
-INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5")  # rotary over neighbouring dims (2i, 2i + 1), not (i, i + R/2)
+INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # rotary over neighbouring dims (2i, 2i + 1), not (i, i + R/2)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
@@ -149,6 +150,8 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds the {trained} positions "
                              f"{config.model_type} was trained for (max_position_embeddings, with its rope "
                              f"scaling): set model.max_model_len <= {trained}")
+    if getattr(config, "use_qk_norm", False):  # Command R+: a LayerNorm per head
+        raise ModelLoadError(f"model.path: {config.model_type} with use_qk_norm is not supported")
     kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
     if kinds:
         raise ModelLoadError(f"model.path: {config.model_type} has layers of attention kinds {sorted(kinds)}, "

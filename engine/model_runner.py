@@ -36,7 +36,7 @@ from engine import layers, paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
-from engine.model_loader import INTERLEAVED_ROTARY, attention_windows
+from engine.model_loader import INTERLEAVED_ROTARY, INTERLEAVED_TABLES, attention_windows
 from engine.moe import Experts
 from engine.types import TokenLogprob
 
@@ -101,9 +101,10 @@ class ModelRunner:
         self.lm_head = from_module(model.lm_head, backend)
         self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)  # Gemma 2: cap·tanh(l/cap)
         # Granite's multipliers: of the embeddings, of each attention and MLP output before the residual
-        # add, and the logits' divisor (1: none)
-        self.embed_scale, self.residual_scale, self.logits_divisor = (float(getattr(cfg, f, None) or 1.0) for f in (
-            "embedding_multiplier", "residual_multiplier", "logits_scaling"))
+        # add, and the logits' divisor; Cohere's logits multiplier (1: none)
+        self.embed_scale, self.residual_scale, self.logits_divisor, self.logit_scale = (
+            float(getattr(cfg, f, None) or 1.0)
+            for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))  # + Cohere's
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
 
@@ -204,7 +205,10 @@ class ModelRunner:
                     k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
             o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary[layer.rope],
                                  meta, layer.scaling)  # [T, H*D]
-            if layer.pre_mlp_norm is None or layer.post_mlp_norm is None:
+            if layer.parallel:  # Cohere: residual + attention + MLP, in that order
+                residual = residual + layer.o_proj(o)
+                x = layer.mlp(h, ops.act_mul)
+            elif layer.pre_mlp_norm is None or layer.post_mlp_norm is None:
                 h, residual = ops.norm(layer.post_norm, self._branch(layer.o_proj(o)), residual)
                 x = self._branch(layer.mlp(h, ops.act_mul))  # [T, hidden]
             else:  # Gemma, GLM 4: residual += post_norm(attention); x = post_mlp_norm(mlp(pre_mlp_norm(residual)))
@@ -219,6 +223,8 @@ class ModelRunner:
         layers.NOPE: cos 1, sin 0 — the rotary kernels then leave q and k exactly as they are."""
         rotary_emb = self.model.model.rotary_emb
         cos, sin = (r[0] for r in rotary_emb(x, pos, *(rope,) if rope and rope != layers.NOPE else ()))
+        if self.model.config.model_type in INTERLEAVED_TABLES:  # to the layout the interleaved kernels read
+            cos, sin = (torch.cat([t[:, ::2]] * 2, dim=-1) for t in (cos, sin))
         return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
 
     def _branch(self, y: torch.Tensor) -> torch.Tensor:
@@ -233,6 +239,8 @@ class ModelRunner:
         logits = self.lm_head(h).float()  # [B, V]
         if self.logits_divisor != 1.0:
             logits = logits / self.logits_divisor
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, Ernie4_5Config, Exaone4Config, Gemma2Config, Gemma3TextConfig,
+from transformers import (AutoModelForCausalLM, Cohere2Config, CohereConfig, Ernie4_5Config, Exaone4Config, Gemma2Config, Gemma3TextConfig,
                           Glm4Config, GlmConfig, GraniteConfig, HeliumConfig, InternLM3Config, LlamaConfig,
                           MinistralConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, Phi3Config,
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
@@ -107,6 +107,8 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "helium": (HeliumConfig, {}),  # interleaved rotary
     "ernie4_5": (Ernie4_5Config, {}),  # interleaved rotary, tied embeddings
     "glm": (GlmConfig, {}),  # GLM-4-9B-chat: interleaved rotary on half of each head, q/k/v biases
+    "cohere": (CohereConfig, {"logit_scale": 2.0}),  # Command R: parallel attention + MLP, LayerNorm, interleaved rotary
+    "cohere2": (Cohere2Config, {**WINDOW, "logit_scale": 2.0}),  # Command R7B: the same, no rotary in its global layer
 }
 ARCHS = tuple(FAMILIES)
 

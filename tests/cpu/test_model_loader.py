@@ -152,3 +152,12 @@ def test_gemma_glm_granite_and_smollm3_folders_load_as_saved(arch: str, tmp_path
         assert attention_windows(loaded.config) == [0, 0]
         loaded.config.use_sliding_window = True
         assert attention_windows(loaded.config) == [0, 8]
+
+
+def test_command_r_plus_qk_layer_norms_are_refused_naming_the_field() -> None:
+    """Command R+ normalizes q and k with a LayerNorm per head, which the engine does not compute."""
+    config = tiny_model(seed=3, arch="cohere").config
+    check_supported(config, 1024)
+    config.use_qk_norm = True
+    with pytest.raises(ModelLoadError, match="model.path: cohere with use_qk_norm is not supported"):
+        check_supported(config, 1024)
