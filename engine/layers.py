@@ -25,6 +25,18 @@ class Dense:
 
 
 @dataclass(frozen=True)
+class Plain:
+    """An MLP without a gate: down(act(up)) (StarCoder 2, Arcee)."""
+
+    up: Linear  # weight [intermediate, hidden]
+    down_proj: Linear
+    act: torch.nn.Module
+
+    def __call__(self, h: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
+        return self.down_proj(self.act(self.up(h)))  # [T, hidden]
+
+
+@dataclass(frozen=True)
 class Layer:
     """One decoder layer's weights, with q|k|v and gate|up fused into single matmuls."""
 
@@ -32,7 +44,7 @@ class Layer:
     post_norm: torch.nn.Module
     qkv: Linear  # weight [(H + 2*KVH) * D, hidden]
     o_proj: Linear
-    mlp: Dense | Experts  # a dense MLP, or a mixture of experts (engine/moe.py)
+    mlp: Dense | Plain | Experts  # a dense MLP (gated or not), or a mixture of experts (engine/moe.py)
     scaling: float
     q_norm: torch.nn.Module | None = None  # Qwen 3: RMSNorm over each head's D of q and k, before rotary
     k_norm: torch.nn.Module | None = None
@@ -73,8 +85,12 @@ def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module |
             getattr(layer, "post_feedforward_layernorm", None))
 
 
-def dense(mlp: torch.nn.Module, backend: str) -> Dense:
-    """A dense MLP's weights (gate|up fused, as stored by Phi 3 and GLM 4, or here)."""
+def dense(mlp: torch.nn.Module, backend: str) -> Dense | Plain:
+    """A dense MLP's weights (gate|up fused, as stored by Phi 3 and GLM 4, or here; or no gate)."""
+    if hasattr(mlp, "c_fc"):  # StarCoder 2
+        return Plain(from_module(mlp.c_fc, backend), from_module(mlp.c_proj, backend), mlp.act)
+    if not hasattr(mlp, "gate_proj") and not hasattr(mlp, "gate_up_proj"):  # Arcee
+        return Plain(from_module(mlp.up_proj, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
     if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear):  # Phi 3: fused in the checkpoint
         return Dense(from_module(mlp.gate_up_proj, backend), from_module(mlp.down_proj, backend), mlp.activation_fn)
     w_gu, b_gu = fuse([mlp.gate_proj, mlp.up_proj])

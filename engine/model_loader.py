@@ -119,9 +119,9 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
-                 "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2")
+                 "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2", "arcee")
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
-WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3")  # sliding_window in every layer whenever set (Qwen's: layer_types)
+WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # rotary over neighbouring dims (2i, 2i + 1), not (i, i + R/2)
 
