@@ -32,19 +32,20 @@ def _tables(num: int, per: int, shuffle_seed: int) -> list[list[int]]:
 # fused C++ paged attention | gather + SDPA | the CUDA Triton kernels (here run by Triton's interpreter)
 @pytest.mark.parametrize("kernels", ["auto", "torch", "triton"])
 def test_batched_prefill_then_batched_decode_equals_hf(kernels: str) -> None:
-    prompts = _prompts(10, seed=0)
+    n, steps = (5, 7) if kernels == "triton" else (10, 15)  # Triton's interpreter runs a program at a time
+    prompts = _prompts(n, seed=0)
     runner = ModelRunner(MODEL, num_blocks=10 * 24, block_size=16, kernels=kernels)
-    tables = _tables(10, 24, 1)
+    tables = _tables(n, 24, 1)
     seqs = [list(p) for p in prompts]
     logits = runner.forward([SeqInput(p, 0, t) for p, t in zip(prompts, tables)])  # one packed forward
     for s, row in zip(seqs, logits):
         s.append(int(row.argmax()))
-    for _ in range(15):  # every step: one token per sequence, different context lengths
+    for _ in range(steps):  # every step: one token per sequence, different context lengths
         logits = runner.forward([SeqInput([s[-1]], len(s) - 1, t) for s, t in zip(seqs, tables)])
         for s, row in zip(seqs, logits):
             s.append(int(row.argmax()))
     for p, s in zip(prompts, seqs):
-        assert s[len(p):] == _hf(p, 16)
+        assert s[len(p):] == _hf(p, steps + 1)
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
@@ -136,7 +137,7 @@ def test_other_families_equal_hf_prefilled_in_chunks_then_decoded(arch: str, ove
     (a layer without rotary), OLMo 2 (norms after the sub-layers only, q/k norms over all heads): a
     batch of prompts, one computed in chunks, then decoded, equals generate."""
     model = tiny_model(seed=4, arch=arch, **overrides)
-    prompts = [p[:60] if kernels == "triton" else p for p in _prompts(4, seed=5)]  # Triton's interpreter is slow
+    prompts = [p[:32] if kernels == "triton" else p for p in _prompts(4, seed=5)]  # Triton's interpreter is slow
     runner = ModelRunner(model, num_blocks=4 * 24, block_size=16, kernels=kernels)
     tables = _tables(4, 24, 3)
     seqs = [list(p) for p in prompts]
