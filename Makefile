@@ -24,7 +24,7 @@ serve: install
 	RAY_AUTH_MODE=disabled $(BIN)/pdserve serve --config $(CONFIG)
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q --durations=15
 
 test-fast: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q -m "not slow"
