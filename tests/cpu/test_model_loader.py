@@ -161,3 +161,53 @@ def test_command_r_plus_qk_layer_norms_are_refused_naming_the_field() -> None:
     config.use_qk_norm = True
     with pytest.raises(ModelLoadError, match="model.path: cohere with use_qk_norm is not supported"):
         check_supported(config, 1024)
+
+
+def _multimodal(arch: str):  # type: ignore[no-untyped-def]
+    """A tiny image + text checkpoint: Gemma 3 4B-27B's kind (a Gemma 3 text model and a SigLIP
+    tower) or Mistral Small 3.x's (a Mistral and a Pixtral tower)."""
+    from transformers import AutoModelForImageTextToText, Gemma3Config, Mistral3Config
+
+    text = {**tiny_config().to_dict(), "vocab_size": 300, "sliding_window": 16}
+    for k in ("model_type", "architectures"):
+        text.pop(k, None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, head_dim=16)
+    if arch == "gemma3":
+        text.update(query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"],
+                    model_type="gemma3_text")
+        cfg = Gemma3Config(text_config=text, vision_config={**vision, "model_type": "siglip_vision_model"},
+                           mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    else:
+        cfg = Mistral3Config(text_config={**text, "model_type": "mistral"},
+                             vision_config={**vision, "model_type": "pixtral"}, image_token_index=299)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg).eval()
+    with torch.no_grad():  # Gemma's norms scale by (1 + w), w from 0: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and not p.any():
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral3"])
+def test_a_multimodal_checkpoint_is_served_for_its_text(arch: str, tmp_path: Path) -> None:
+    """Gemma 3 4B-27B and Mistral Small 3.x are image + text checkpoints: their language model loads
+    as a causal LM of its text config (the vision tower let go), and the runner's logits of a text
+    prompt, in chunks then decoded, == the whole checkpoint's."""
+    from engine.model_runner import ModelRunner, SeqInput
+
+    full = _multimodal(arch)
+    full.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(ModelConfig(path=str(tmp_path)))
+    assert loaded.config.model_type == ("gemma3_text" if arch == "gemma3" else "mistral")
+    assert not any("vision" in n for n, _ in loaded.named_parameters())
+    assert attention_windows(loaded.config) == ([16, 0] if arch == "gemma3" else [16, 16])
+    prompt = list(range(5, 45))
+    with torch.inference_mode():
+        want = full(input_ids=torch.tensor([prompt])).logits[0]  # [n, V]
+    runner = ModelRunner(loaded, num_blocks=8, block_size=16, kernels="torch")
+    got = [runner.forward([SeqInput(prompt[:24], 0, [0, 1, 2])])[0]]
+    got += [runner.forward([SeqInput([t], p, [0, 1, 2])])[0] for p, t in enumerate(prompt[24:], 24)]
+    torch.testing.assert_close(torch.stack(got), want[[23, *range(24, len(prompt))]], atol=5e-5, rtol=1e-4)
