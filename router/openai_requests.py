@@ -27,7 +27,8 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "s
 COMPLETION = COMMON | {"prompt", "logprobs", "echo"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "add_generation_prompt",
                  "continue_final_message", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls",
-                 "include_reasoning"}
+                 "include_reasoning", "reasoning_effort"}
+EFFORTS = ("none", "minimal", "low", "medium", "high")  # OpenAI's reasoning_effort
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,13 @@ def _template_options(body: dict[str, Any], req: pb.GenerateRequest) -> None:
         if not isinstance(kwargs, dict):
             raise BadRequest("chat_template_kwargs must be an object", "chat_template_kwargs")
         req.chat_template_kwargs.update(kwargs)
+    effort = body.get("reasoning_effort")
+    if effort is not None:  # as vLLM: a variable of the chat template (gpt-oss's reads it; others ignore it)
+        if effort not in EFFORTS:
+            raise BadRequest(f"reasoning_effort must be one of {', '.join(EFFORTS)}, got {effort!r}",
+                             "reasoning_effort")
+        if "reasoning_effort" not in req.chat_template_kwargs:  # chat_template_kwargs' own wins
+            req.chat_template_kwargs.update({"reasoning_effort": effort})
 
 
 def _logprobs(body: dict[str, Any], chat: bool) -> int | None:

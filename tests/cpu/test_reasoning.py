@@ -111,3 +111,21 @@ def test_reasoning_tokens_count_up_to_the_token_that_completes_the_close() -> No
     plain.feed("no thinking", "stop", TOK("no thinking")["input_ids"])
     assert plain.reasoning_tokens == 0
     assert ChatSplit(None, reasoning=False).feed("x", "stop", [5])[0] == "" and ChatSplit(None, False).reasoning_tokens is None
+
+
+def test_reasoning_effort_reaches_the_template_and_a_bad_one_is_refused() -> None:
+    """OpenAI's reasoning_effort, as vLLM takes it: a variable of the chat template (gpt-oss's reads
+    it); chat_template_kwargs' own reasoning_effort wins; another value is a 400 naming it."""
+    def body(**kw: Any) -> bytes:
+        return json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], **kw}).encode()
+
+    req = parse_body(body(reasoning_effort="low"), True, "m", 8)[0][0]
+    tok = tiny_tokenizer()
+    tok.chat_template = "{{ reasoning_effort | default('unset') }}:{{ messages[0]['content'] }}"
+    assert tok.decode(chat_prompt_ids(req, tok)) == "low:x"
+    both = parse_body(body(reasoning_effort="low", chat_template_kwargs={"reasoning_effort": "high"}), True, "m", 8)
+    assert tok.decode(chat_prompt_ids(both[0][0], tok)) == "high:x"
+    assert tok.decode(chat_prompt_ids(parse_body(body(), True, "m", 8)[0][0], tok)) == "unset:x"
+    with pytest.raises(BadRequest) as e:
+        parse_body(body(reasoning_effort="max"), True, "m", 8)
+    assert e.value.param == "reasoning_effort"
