@@ -4,7 +4,8 @@
   Hugging Face folder under the cache dir (later loads read safetensors: seconds, not tens).
 - 'tiny': a seeded random Llama built in-process (tests).
 - anything else: a local Hugging Face checkpoint directory of a supported family (ARCHITECTURES),
-  or of a multimodal one whose language model is (MULTIMODAL: Gemma 3 4B-27B, Mistral Small 3.x),
+  or of a multimodal one whose language model is (MULTIMODAL: Gemma 3 4B-27B, Mistral Small 3.x,
+  Qwen 2.5-VL, Qwen3-VL),
   served for text: its language model alone, the vision tower dropped once loaded.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
 from engine.config import ModelConfig
@@ -131,18 +133,35 @@ def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedMo
 
     full = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
                                                        attn_implementation=hf_attention(config.text_config))
+    text_config = full.config.text_config
+    if text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # Qwen-VL's: no causal LM class of its own
+        return TextOnly(full.model.language_model, full.lm_head, text_config, full.generation_config)  # type: ignore[return-value]
     with torch.device("meta"):  # a shell: both of its parts are replaced by the loaded ones
-        text = AutoModelForCausalLM.from_config(full.config.text_config)
+        text = AutoModelForCausalLM.from_config(text_config)
     text.model, text.lm_head = full.model.language_model, full.lm_head
     text.generation_config = full.generation_config
     return text
 
 
+class TextOnly(torch.nn.Module):
+    """A language model and its LM head where the family has no causal LM class (Qwen 2.5-VL's and
+    Qwen3-VL's text models): what the runner reads of a model (model, lm_head, config, dtype)."""
+
+    def __init__(self, model: torch.nn.Module, lm_head: torch.nn.Module, config: Any, generation_config: Any) -> None:
+        super().__init__()
+        self.model, self.lm_head, self.config, self.generation_config = model, lm_head, config, generation_config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
-                 "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2", "arcee")
+                 "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2", "arcee",
+                 "qwen2_5_vl_text", "qwen3_vl_text")  # (the last two: Qwen 2.5-VL's and Qwen3-VL's, text only)
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
-MULTIMODAL = ("gemma3", "mistral3")  # image + text checkpoints whose text_config is a family above
+MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl")  # image + text checkpoints, text_config a family above
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer whenever set (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # rotary over neighbouring dims (2i, 2i + 1), not (i, i + R/2)

@@ -165,8 +165,9 @@ def test_command_r_plus_qk_layer_norms_are_refused_naming_the_field() -> None:
 
 def _multimodal(arch: str):  # type: ignore[no-untyped-def]
     """A tiny image + text checkpoint: Gemma 3 4B-27B's kind (a Gemma 3 text model and a SigLIP
-    tower) or Mistral Small 3.x's (a Mistral and a Pixtral tower)."""
-    from transformers import AutoModelForImageTextToText, Gemma3Config, Mistral3Config
+    tower), Mistral Small 3.x's (a Mistral and a Pixtral tower), Qwen 2.5-VL's or Qwen3-VL's (M-RoPE,
+    whose three position rows are equal for text)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, Gemma3Config, Mistral3Config
 
     text = {**tiny_config().to_dict(), "vocab_size": 300, "sliding_window": 16}
     for k in ("model_type", "architectures"):
@@ -178,32 +179,42 @@ def _multimodal(arch: str):  # type: ignore[no-untyped-def]
                     model_type="gemma3_text")
         cfg = Gemma3Config(text_config=text, vision_config={**vision, "model_type": "siglip_vision_model"},
                            mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
-    else:
+    elif arch == "mistral3":
         cfg = Mistral3Config(text_config={**text, "model_type": "mistral"},
                              vision_config={**vision, "model_type": "pixtral"}, image_token_index=299)
+    else:
+        text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
+                                     "mrope_interleaved": arch == "qwen3_vl"}, sliding_window=None)
+        vision = dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64, patch_size=14,
+                      **({"deepstack_visual_indexes": [0]} if arch == "qwen3_vl" else {"fullatt_block_indexes": [0]}))
+        cfg = AutoConfig.for_model(arch, text_config=text, vision_config=vision, image_token_id=299,
+                                   video_token_id=298, vision_start_token_id=297)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg).eval()
-    with torch.no_grad():  # Gemma's norms scale by (1 + w), w from 0: make them matter
+    with torch.no_grad():  # what the family adds, made to matter (Gemma's norms scale by (1 + w), w from 0)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") and not p.any():
                 p.uniform_(-0.5, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight", "q_proj.bias", "k_proj.bias")):
+                p.uniform_(0.5, 1.5)
     return model
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "mistral3"])
+@pytest.mark.parametrize("arch", ["gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl"])
 def test_a_multimodal_checkpoint_is_served_for_its_text(arch: str, tmp_path: Path) -> None:
-    """Gemma 3 4B-27B and Mistral Small 3.x are image + text checkpoints: their language model loads
-    as a causal LM of its text config (the vision tower let go), and the runner's logits of a text
-    prompt, in chunks then decoded, == the whole checkpoint's."""
+    """Gemma 3 4B-27B, Mistral Small 3.x, Qwen 2.5-VL and Qwen3-VL are image + text checkpoints:
+    their language model loads as a causal LM of its text config (the vision tower let go; Qwen-VL's,
+    which has no such class, in a TextOnly), and the runner's logits of a text prompt, in chunks then
+    decoded, == the whole checkpoint's."""
     from engine.model_runner import ModelRunner, SeqInput
 
     full = _multimodal(arch)
     full.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     loaded = load_model(ModelConfig(path=str(tmp_path)))
-    assert loaded.config.model_type == ("gemma3_text" if arch == "gemma3" else "mistral")
-    assert not any("vision" in n for n, _ in loaded.named_parameters())
-    assert attention_windows(loaded.config) == ([16, 0] if arch == "gemma3" else [16, 16])
+    assert loaded.config.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral"}.get(arch, f"{arch}_text")
+    assert not any("visual" in n or "vision" in n for n, _ in loaded.named_parameters())
+    assert attention_windows(loaded.config) == {"gemma3": [16, 0], "mistral3": [16, 16]}.get(arch, [0, 0])
     prompt = list(range(5, 45))
     with torch.inference_mode():
         want = full(input_ids=torch.tensor([prompt])).logits[0]  # [n, V]
