@@ -56,10 +56,10 @@ class TritonOps:
     def of(cls, model: PreTrainedModel) -> TritonOps | None:
         """The fused ops for `model`, where its norms and activation are what the kernels compute."""
         layer, cfg = model.model.layers[0], model.config
+        optional = (getattr(layer, "post_attention_layernorm", None), getattr(layer, "pre_feedforward_layernorm", None),
+                    getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None))
         norms = [getattr(layer, "input_layernorm", torch.nn.Identity()), model.model.norm,
-                 *(n for n in (getattr(layer, "post_attention_layernorm", None), getattr(layer.self_attn, "q_norm", None),
-                               getattr(layer.self_attn, "k_norm", None), getattr(layer, "pre_feedforward_layernorm", None))
-                   if n is not None)]
+                 *(n for n in optional if n is not None)]
         act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)  # Gemma's: the first
         if act not in ("silu", "swish", *GELU_TANH) or not all(_norm_kind(n) for n in norms):
             return None

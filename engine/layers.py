@@ -1,6 +1,7 @@
 """A decoder layer's weights as the model runner computes with them: q|k|v and gate|up fused into
 one matmul each (the Hugging Face modules left as views into the fused weights), and what other
-families add as options (q/k norms, a sandwich of norms, per-layer rotary, experts)."""
+families add as options (q/k norms, a sandwich of norms, per-layer rotary or none, experts, an MLP
+without a gate, attention and MLP in parallel)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -124,5 +125,5 @@ def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None)
     return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),
                  Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
                  q_norm, getattr(a, "k_norm", None), pre_mlp, post_mlp,
-                 q_norm is not None and q_norm.weight.numel() != a.head_dim, not hasattr(hf, "post_attention_layernorm"),
-                 rope)
+                 q_norm is not None and q_norm.weight.numel() != a.head_dim,  # over all heads at once (OLMo 2)
+                 not hasattr(hf, "post_attention_layernorm"), rope)  # parallel: nothing after the attention (Cohere)

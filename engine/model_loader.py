@@ -135,7 +135,8 @@ def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedMo
                                                        attn_implementation=hf_attention(config.text_config))
     text_config = full.config.text_config
     if text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # Qwen-VL's: no causal LM class of its own
-        return TextOnly(full.model.language_model, full.lm_head, text_config, full.generation_config)  # type: ignore[return-value]
+        lm = TextOnly(full.model.language_model, full.lm_head, text_config, full.generation_config)
+        return lm  # type: ignore[return-value]
     with torch.device("meta"):  # a shell: both of its parts are replaced by the loaded ones
         text = AutoModelForCausalLM.from_config(text_config)
     text.model, text.lm_head = full.model.language_model, full.lm_head
@@ -162,9 +163,9 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
                  "qwen2_5_vl_text", "qwen3_vl_text")  # (the last two: Qwen 2.5-VL's and Qwen3-VL's, text only)
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl")  # image + text checkpoints, text_config a family above
-WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer whenever set (Qwen's: layer_types)
+WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
-INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # rotary over neighbouring dims (2i, 2i + 1), not (i, i + R/2)
+INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:

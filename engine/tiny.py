@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, Ernie4_5Config, Exaone4Config, Gemma2Config, Gemma3TextConfig,
-                          Glm4Config, GlmConfig, GraniteConfig, HeliumConfig, InternLM3Config, LlamaConfig,
-                          MinistralConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, Phi3Config,
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
-                          Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, Starcoder2Config)
+from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, Ernie4_5Config,
+                          Exaone4Config, Gemma2Config, Gemma3TextConfig, Glm4Config, GlmConfig, GraniteConfig,
+                          HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig, MistralConfig, MixtralConfig,
+                          Olmo2Config, Olmo3Config, Phi3Config, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
+                          SeedOssConfig, SmolLM3Config, Starcoder2Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -107,7 +108,7 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "helium": (HeliumConfig, {}),  # interleaved rotary
     "ernie4_5": (Ernie4_5Config, {}),  # interleaved rotary, tied embeddings
     "glm": (GlmConfig, {}),  # GLM-4-9B-chat: interleaved rotary on half of each head, q/k/v biases
-    "cohere": (CohereConfig, {"logit_scale": 2.0}),  # Command R: parallel attention + MLP, LayerNorm, interleaved rotary
+    "cohere": (CohereConfig, {"logit_scale": 2.0}),  # Command R: attention and MLP in parallel, LayerNorm, pairs rotary
     "cohere2": (Cohere2Config, {**WINDOW, "logit_scale": 2.0}),  # Command R7B: the same, no rotary in its global layer
     # StarCoder 2: LayerNorms, biases, an MLP without a gate, a window in every layer
     "starcoder2": (Starcoder2Config, {"sliding_window": 16, "hidden_act": "gelu_pytorch_tanh"}),
