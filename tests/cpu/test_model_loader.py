@@ -184,9 +184,11 @@ def _multimodal(arch: str):  # type: ignore[no-untyped-def]
                              vision_config={**vision, "model_type": "pixtral"}, image_token_index=299)
     else:
         text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
-                                     "mrope_interleaved": arch == "qwen3_vl"}, sliding_window=None)
+                                     "mrope_interleaved": arch != "qwen2_5_vl"}, sliding_window=None)
+        if arch == "qwen3_vl_moe":  # Qwen3-VL-30B-A3B's kind: experts in every layer
+            text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
         vision = dict(hidden_size=32, intermediate_size=64, depth=1, num_heads=2, out_hidden_size=64, patch_size=14,
-                      **({"deepstack_visual_indexes": [0]} if arch == "qwen3_vl" else {"fullatt_block_indexes": [0]}))
+                      **({"fullatt_block_indexes": [0]} if arch == "qwen2_5_vl" else {"deepstack_visual_indexes": [0]}))
         cfg = AutoConfig.for_model(arch, text_config=text, vision_config=vision, image_token_id=299,
                                    video_token_id=298, vision_start_token_id=297)
     torch.manual_seed(0)
@@ -197,12 +199,15 @@ def _multimodal(arch: str):  # type: ignore[no-untyped-def]
                 p.uniform_(-0.5, 0.5)
             elif name.endswith(("q_norm.weight", "k_norm.weight", "q_proj.bias", "k_proj.bias")):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("mlp.gate.weight"):  # a router: tokens spread over the experts
+                p.normal_(0, 1.0)
     return model
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_a_multimodal_checkpoint_is_served_for_its_text(arch: str, tmp_path: Path) -> None:
-    """Gemma 3 4B-27B, Mistral Small 3.x, Qwen 2.5-VL and Qwen3-VL are image + text checkpoints:
+    """Gemma 3 4B-27B, Mistral Small 3.x, Qwen 2.5-VL and Qwen3-VL (dense, and its experts: 30B-A3B)
+    are image + text checkpoints:
     their language model loads as a causal LM of its text config (the vision tower let go; Qwen-VL's,
     which has no such class, in a TextOnly), and the runner's logits of a text prompt, in chunks then
     decoded, == the whole checkpoint's."""
