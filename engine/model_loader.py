@@ -160,11 +160,11 @@ class TextOnly(torch.nn.Module):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
                  "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2", "arcee",
-                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # (the last three: Qwen-VL text models)
+                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "nemotron", "olmoe")  # (the last three: Qwen-VL text models)
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)
-PARTIAL_ROTARY = ("phi3", "glm4", "glm")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
+PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
 
 
@@ -188,6 +188,8 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         raise ModelLoadError(f"model.max_model_len: {max_model_len} exceeds the {trained} positions "
                              f"{config.model_type} was trained for (max_position_embeddings, with its rope "
                              f"scaling): set model.max_model_len <= {trained}")
+    if getattr(config, "clip_qkv", None):  # OLMo (1), some OLMoE: q, k, v clamped
+        raise ModelLoadError(f"model.path: {config.model_type} with clip_qkv is not supported")
     if getattr(config, "use_qk_norm", False):  # Command R+: a LayerNorm per head
         raise ModelLoadError(f"model.path: {config.model_type} with use_qk_norm is not supported")
     kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}

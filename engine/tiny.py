@@ -12,9 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, Ernie4_5Config,
                           Exaone4Config, Gemma2Config, Gemma3TextConfig, Glm4Config, GlmConfig, GraniteConfig,
                           HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig, MistralConfig, MixtralConfig,
-                          Olmo2Config, Olmo3Config, Phi3Config, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
-                          SeedOssConfig, SmolLM3Config, Starcoder2Config)
+                          NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig, Phi3Config, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, Starcoder2Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -113,6 +113,8 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # StarCoder 2: LayerNorms, biases, an MLP without a gate, a window in every layer
     "starcoder2": (Starcoder2Config, {"sliding_window": 16, "hidden_act": "gelu_pytorch_tanh"}),
     "arcee": (ArceeConfig, {"hidden_act": "relu2"}),  # an MLP without a gate, of relu(x)^2
+    "nemotron": (NemotronConfig, {}),  # Minitron: LayerNorm1P, relu^2 without a gate, rotary on half of each head
+    "olmoe": (OlmoeConfig, {**MOE, "num_experts": 8, "intermediate_size": 32}),  # OLMo's q/k norms, 8 experts
 }
 ARCHS = tuple(FAMILIES)
 

@@ -154,13 +154,19 @@ def test_gemma_glm_granite_and_smollm3_folders_load_as_saved(arch: str, tmp_path
         assert attention_windows(loaded.config) == [0, 8]
 
 
-def test_command_r_plus_qk_layer_norms_are_refused_naming_the_field() -> None:
-    """Command R+ normalizes q and k with a LayerNorm per head, which the engine does not compute."""
+def test_command_r_plus_qk_layer_norms_and_clipped_qkv_are_refused_naming_the_field() -> None:
+    """Command R+ normalizes q and k with a LayerNorm per head, OLMo clamps q, k and v: neither is
+    computed here."""
     config = tiny_model(seed=3, arch="cohere").config
     check_supported(config, 1024)
     config.use_qk_norm = True
     with pytest.raises(ModelLoadError, match="model.path: cohere with use_qk_norm is not supported"):
         check_supported(config, 1024)
+    olmoe = tiny_model(seed=3, arch="olmoe").config
+    check_supported(olmoe, 1024)
+    olmoe.clip_qkv = 8.0  # q, k and v clamped: not computed here
+    with pytest.raises(ModelLoadError, match="model.path: olmoe with clip_qkv is not supported"):
+        check_supported(olmoe, 1024)
 
 
 def _multimodal(arch: str):  # type: ignore[no-untyped-def]
