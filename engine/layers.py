@@ -94,10 +94,8 @@ def dense(mlp: torch.nn.Module, backend: str) -> Dense | Plain:
         return Plain(from_module(mlp.up_proj, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
     if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear):  # Phi 3: fused in the checkpoint
         return Dense(from_module(mlp.gate_up_proj, backend), from_module(mlp.down_proj, backend), mlp.activation_fn)
-    w_gu, b_gu = fuse([mlp.gate_proj, mlp.up_proj])
-    if b_gu is not None:
-        raise NotImplementedError("MLP biases are not supported")
-    return Dense(Linear(w_gu, None, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
+    return Dense(Linear(*fuse([mlp.gate_proj, mlp.up_proj]), backend), from_module(mlp.down_proj, backend),
+                 mlp.act_fn)  # (biases too: Llama's mlp_bias)
 
 
 NOPE = "nope"  # a layer without rotary (SmolLM3's every fourth)

@@ -153,6 +153,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
                 p.uniform_(-0.5, 0.5)
             elif name.endswith("mlp.gate.weight"):  # a router: tokens spread over the experts
                 p.normal_(0, 1.0)
+            elif name.endswith(".bias") and not p.any():  # other biases (MLP, o_proj, LayerNorm), from zero
+                p.uniform_(-0.5, 0.5)
     torch.random.set_rng_state(saved)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = 0
