@@ -49,6 +49,10 @@ class RayDecodePeer:
         ray.get(self.handle.end_write.remote(outcome), timeout=timeout_s)
 
 
+def _describe(worker: Any) -> str:  # runs inside the actor via __ray_call__
+    return str(worker.runner.describe())
+
+
 def _node_info(worker: Any) -> tuple[str, str, str]:  # runs inside the actor via __ray_call__
     """(ip, node id, place): place is the node on CPU and node + GPU uuid on CUDA — the scope of a
     direct write (Ray shows each actor only its own GPUs, so a peer GPU is reached over NCCL)."""
@@ -119,6 +123,9 @@ class Cluster:
         infos = self._get([w.__ray_call__.remote(_node_info) for w in self.workers.values()], "node info")
         for wid, boot, (ip, node, place) in zip(self.workers, boots, infos):
             self.boots[wid], self.hosts[wid], self.nodes[wid], self.places[wid] = boot, ip, node, place
+        for wid, what in zip(self.workers, self._get([w.__ray_call__.remote(_describe) for w in self.workers.values()],
+                                                     "model descriptions")):
+            log.info("%s: %s", wid, what)  # the model as each worker computes it, and the paths it takes
 
     @property
     def prefill_ids(self) -> list[str]:

@@ -162,6 +162,16 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, max_batch, max_model_len,
                                    self.device.type == "cuda" if capture is None else capture)
 
+    def describe(self) -> str:
+        """One line for a worker's start-up log: the model as computed here and the paths it takes."""
+        cfg, mlps = self.model.config, sorted({type(layer.mlp).__name__ for layer in self.layers})
+        graphs = f"decode graphs up to batch {self.graphs.max_batch}" if self.graphs is not None else "no decode graphs"
+        windows = sorted({w for w in self.attn.windows if w})
+        return (f"{cfg.model_type}: {self.num_layers} layers, {self.num_heads} heads ({self.num_kv_heads} KV) of "
+                f"{self.head_dim}, {str(self.dtype).removeprefix('torch.')} on {self.device}; attention {self.attn.name}"
+                f"{f', windows {windows}' if windows else ''}, layer ops {type(self.ops).__name__}, MLP "
+                f"{'/'.join(mlps)}, linears {self.kernels}; {self.num_blocks} KV blocks of {self.block_size}; {graphs}")
+
     def device_ok(self) -> bool:
         """Whether the device still runs work. After a failed step: an out-of-memory leaves the CUDA
         context usable, but a kernel fault (illegal address, ECC error, ...) is sticky — every later

@@ -219,3 +219,12 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
         runner.layers = [replace(layer, rope=None) for layer in runner.layers]
         assert not torch.allclose(runner.forward([SeqInput([prompt[-1]], len(prompt) - 1, table)])[0], want[-1],
                                   atol=1e-3)
+
+
+def test_a_runner_describes_the_model_and_the_paths_it_takes() -> None:
+    """The line each worker's start-up log carries (cluster/launcher.py)."""
+    line = ModelRunner(tiny_model(4, arch="gemma3_text"), num_blocks=8, block_size=16, kernels="auto").describe()
+    assert line.startswith("gemma3_text: 2 layers, 4 heads (2 KV) of 16, float32 on cpu; attention cpp, windows [16]")
+    assert "layer ops TorchOps, MLP Dense, linears onednn; 8 KV blocks of 16; no decode graphs" in line
+    moe = ModelRunner(tiny_model(4, arch="qwen3_moe"), num_blocks=8, block_size=16, kernels="torch").describe()
+    assert "attention sdpa, layer ops TorchOps, MLP Dense/Experts, linears torch" in moe
