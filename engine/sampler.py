@@ -202,9 +202,10 @@ def _drawn(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingPara
 
 def needs_history(sampling: SamplingParams) -> bool:
     """Whether a row's next token depends on the tokens before it beyond the model's logits: its
-    penalties count them, its grammar follows them, its thinking budget counts them. A step in flight samples such rows only once
-    the host has the tokens of the step before (engine/step_loop.py), as are rows with a bad word of
-    several tokens (whether its last is banned depends on the tokens before); every other row —
+    penalties count them, its grammar follows them, its thinking budget counts them. A step in
+    flight samples such rows only once the host has the tokens of the step before
+    (engine/step_loop.py), as are rows with a bad word of several tokens (whether its last is
+    banned depends on the tokens before); every other row —
     greedy or drawn, with a logit_bias, allowed_token_ids, one-token bad words or a pending
     min_tokens — is sampled as it is launched."""
     return (sampling.penalized or bool(sampling.grammar) or sampling.thinking_budget is not None

@@ -26,6 +26,8 @@ class Phase(enum.Enum):
 
 
 class ThinkBudget:
+    """One request's count: its phase, the thinking tokens so far, the output tokens followed."""
+
     def __init__(self, budget: int, end_id: int, open_id: int = -1) -> None:
         self.budget, self.end_id, self.open_id = budget, end_id, open_id
         self.phase = Phase.THINKING if open_id < 0 else Phase.OPENING
