@@ -104,7 +104,7 @@ class ModelRunner:
         # add, and the logits' divisor; Cohere's logits multiplier (1: none)
         self.embed_scale, self.residual_scale, self.logits_divisor, self.logit_scale = (
             float(getattr(cfg, f, None) or 1.0)
-            for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))  # + Cohere's
+            for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
 
