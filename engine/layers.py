@@ -115,7 +115,7 @@ def rope_of(cfg: Any, li: int, rotary_emb: torch.nn.Module) -> str | None:
 def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None) -> Layer:
     """A Hugging Face decoder layer's weights (`backend`: engine/linear.py's); moe_triton: its experts
     (if any) by the Triton grouped matmul; rope: its rotary (rope_of)."""
-    a, mlp = hf.self_attn, hf.mlp
+    a, mlp = hf.self_attn, getattr(hf, "mlp", None) or hf.block_sparse_moe  # (Granite MoE's name)
     qkv = (from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
            else Linear(*fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
     post, pre_mlp, post_mlp = sandwich(hf)

@@ -160,7 +160,7 @@ class TextOnly(torch.nn.Module):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
                  "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2", "arcee",
-                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "nemotron", "olmoe")  # (the last three: Qwen-VL text models)
+                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "nemotron", "olmoe", "granitemoe")  # (the last three: Qwen-VL text models)
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)

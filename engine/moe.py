@@ -43,10 +43,10 @@ class Experts:
 
     @classmethod
     def of(cls, mlp: torch.nn.Module, dense: Callable[[torch.nn.Module], MLP], triton: bool = False) -> Experts | None:
-        """A sparse block's experts (Hugging Face's `gate` router + `experts`, and a
-        `shared_expert` made a dense MLP by `dense`); None: a dense MLP. triton: step 3 by the
-        Triton kernel (triton_for)."""
-        experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+        """A sparse block's experts (Hugging Face's `gate` router — Granite MoE's `router`, a softmax
+        over its top k: the same as renormalized — + `experts`, and a `shared_expert` made a dense
+        MLP by `dense`); None: a dense MLP. triton: step 3 by the Triton kernel (triton_for)."""
+        experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None) or getattr(mlp, "router", None)
         if experts is None or gate is None:
             return None
         shared = getattr(mlp, "shared_expert", None)

@@ -11,10 +11,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, Ernie4_5Config,
                           Exaone4Config, Gemma2Config, Gemma3TextConfig, Glm4Config, GlmConfig, GraniteConfig,
-                          HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig, MistralConfig, MixtralConfig,
-                          NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig, Phi3Config, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
-                          Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, Starcoder2Config)
+                          GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
+                          MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig,
+                          Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config,
+                          Starcoder2Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -115,6 +116,9 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "arcee": (ArceeConfig, {"hidden_act": "relu2"}),  # an MLP without a gate, of relu(x)^2
     "nemotron": (NemotronConfig, {}),  # Minitron: LayerNorm1P, relu^2 without a gate, rotary on half of each head
     "olmoe": (OlmoeConfig, {**MOE, "num_experts": 8, "intermediate_size": 32}),  # OLMo's q/k norms, 8 experts
+    "granitemoe": (GraniteMoeConfig, {**MOE, "num_local_experts": 8, "intermediate_size": 32,  # Granite's
+                                      "embedding_multiplier": 4.0, "residual_multiplier": 0.5,  # multipliers,
+                                      "attention_multiplier": 0.1, "logits_scaling": 2.0}),  # experts
 }
 ARCHS = tuple(FAMILIES)
 

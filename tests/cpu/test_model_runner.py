@@ -192,7 +192,7 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
 
 
 MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "glm", "cohere", "cohere2",
-        "starcoder2", "arcee", "nemotron", "olmoe", "llama-mlp-bias"]
+        "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias"]
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
@@ -205,7 +205,7 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     interleaved rotary tables, a logit scale; R7B's global layer without rotary), StarCoder 2 and
     Arcee (MLPs without a gate; StarCoder 2's LayerNorms and biases, its window in every layer),
     Nemotron / Minitron (LayerNorm1P, relu^2 without a gate, rotary on half of each head), OLMoE (OLMo's
-    q/k norms, experts), Llama's mlp_bias: the logits of a prompt in chunks, then decoded, == HF's."""
+    q/k norms, experts), Granite MoE (Granite's multipliers, experts), Llama's mlp_bias: the logits of a prompt in chunks, then decoded, == HF's."""
     model = tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias" else tiny_model(4, arch=arch)
     prompt = _prompts(1, seed=9)[0][:70]
     with torch.inference_mode():
