@@ -158,13 +158,14 @@ class TextOnly(torch.nn.Module):
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
-                 "gemma3_text", "glm4", "glm", "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ministral",
-                 "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2", "arcee",
-                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "nemotron", "olmoe", "granitemoe")  # (the last three: Qwen-VL text models)
+                 "gemma3_text", "glm4", "glm", "granite", "granitemoe", "smollm3", "olmo2", "olmo3", "olmoe", "exaone4",
+                 "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
+                 "arcee", "nemotron",
+                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)
-PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron")  # families whose Hugging Face attention rotates part of a head (Phi 4 mini)
+PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron")  # their own attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
 
 
