@@ -51,6 +51,7 @@ class TritonOps:
         from engine import triton_fused
 
         self.fused, self.gelu = triton_fused, gelu
+        self._kinds: dict[int, str] = {}  # id(norm module) → its _norm_kind, found at its first call
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> TritonOps | None:
@@ -66,12 +67,14 @@ class TritonOps:
         return cls(gelu=act in GELU_TANH)
 
     def norm(self, module: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        kind = _norm_kind(module)
+        kind = self._kinds.get(id(module))
+        if kind is None:  # once per module, not per call: the eager steps' host time
+            kind = self._kinds[id(module)] = _norm_kind(module) or "llama"
         if kind == "none":  # the residual add alone
             s = x if residual is None else residual + x
             return s, s
         eps = module.eps if kind == "gemma" else module.variance_epsilon
-        return self.fused.add_rms_norm(x, residual, module.weight, eps, kind or "llama")
+        return self.fused.add_rms_norm(x, residual, module.weight, eps, kind)
 
     def act_mul(self, act: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
         return self.fused.act_mul(gate_up, self.gelu)

@@ -52,8 +52,13 @@ class Layer:
     pre_mlp_norm: torch.nn.Module | None = None  # Gemma's and GLM 4's sandwich: post_norm normalizes the
     post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
     qk_norm_whole: bool = False  # OLMo 2: q_norm and k_norm over all heads of a token at once
-    parallel: bool = False  # Cohere: attention and MLP both of input_norm's output, added to the residual
     rope: str | None = None  # its rotary (rope_of): the model's, a layer type's (Gemma 3), or NOPE
+
+    @property
+    def parallel(self) -> bool:
+        """Cohere: attention and MLP both of input_norm's output, added to the residual (no norm after
+        the attention: sandwich())."""
+        return self.post_norm is IDENTITY
 
 
 def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,5 +128,4 @@ def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None)
     return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),
                  Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
                  q_norm, getattr(a, "k_norm", None), pre_mlp, post_mlp,
-                 q_norm is not None and q_norm.weight.numel() != a.head_dim,  # over all heads at once (OLMo 2)
-                 not hasattr(hf, "post_attention_layernorm"), rope)  # parallel: nothing after the attention (Cohere)
+                 q_norm is not None and q_norm.weight.numel() != a.head_dim, rope)  # q/k norms: OLMo 2's whole

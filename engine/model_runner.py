@@ -105,6 +105,7 @@ class ModelRunner:
         self.embed_scale, self.residual_scale, self.logits_divisor, self.logit_scale = (
             float(getattr(cfg, f, None) or 1.0)
             for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))
+        self.tables_interleaved = cfg.model_type in INTERLEAVED_TABLES  # Cohere's rotary tables
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
 
@@ -233,7 +234,7 @@ class ModelRunner:
         layers.NOPE: cos 1, sin 0 — the rotary kernels then leave q and k exactly as they are."""
         rotary_emb = self.model.model.rotary_emb
         cos, sin = (r[0] for r in rotary_emb(x, pos, *(rope,) if rope and rope != layers.NOPE else ()))
-        if self.model.config.model_type in INTERLEAVED_TABLES:  # to the layout the interleaved kernels read
+        if self.tables_interleaved:  # to the layout the interleaved kernels read
             cos, sin = (torch.cat([t[:, ::2]] * 2, dim=-1) for t in (cos, sin))
         return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
 
