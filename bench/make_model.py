@@ -59,6 +59,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     # OLMo-2-1124-7B: no norm before a sub-layer, one after each; q and k normalized over all heads
     "olmo2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                      intermediate_size=11008, vocab_size=100352, rope_theta=500000.0),
+    # gpt-oss-20b: attention sinks, a window of 128 in every other layer, 32 experts (top 4) with biases
+    "gpt-oss-20b": dict(hidden_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
+                        head_dim=64, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+                        vocab_size=201088, sliding_window=128),
     "qwen3-moe-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=32, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
                            num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512),
@@ -73,8 +77,8 @@ CHAT_TEMPLATE = (
 
 def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
     """The Hugging Face config of a named shape (`overrides` replace its dimensions)."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, Glm4Config, LlamaConfig, Olmo2Config, Qwen3Config,
-                              Qwen3MoeConfig)
+    from transformers import (Gemma2Config, Gemma3TextConfig, Glm4Config, GptOssConfig, LlamaConfig, Olmo2Config,
+                              Qwen3Config, Qwen3MoeConfig)
 
     dims = {"tie_word_embeddings": False, **SHAPES[shape], **overrides}
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -86,6 +90,8 @@ def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
         return Glm4Config(**dims, max_position_embeddings=max_position, **ids)
     if shape.startswith("olmo2"):
         return Olmo2Config(**dims, max_position_embeddings=max_position, **ids)
+    if shape.startswith("gpt-oss"):  # its yarn rotary (x32 of 4096 positions) and alternating windows
+        return GptOssConfig(**dims, max_position_embeddings=131072, **ids)  # (its own: 4096 x 32)
     family = (Qwen3MoeConfig if "num_experts" in dims else Qwen3Config) if shape.startswith("qwen3") else LlamaConfig
     return family(**dims, max_position_embeddings=max_position, rope_theta=10000.0 if family is LlamaConfig else 1e6,
                   **ids)

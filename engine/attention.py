@@ -7,11 +7,14 @@ The runner computes everything else (embeddings, projections, norms, MLP); a bac
      then attention of q over each sequence's cache → o; a layer with a sliding window (`windows`,
      Mistral's, Qwen 2's upper layers) attends to the last `window` positions only (Hugging Face's
      key > query - window), its cache still holding every position; with `softcap` (Gemma 2's
-     attn_logit_softcapping) each scaled score s becomes softcap · tanh(s / softcap) before the softmax.
+     attn_logit_softcapping) each scaled score s becomes softcap · tanh(s / softcap) before the softmax;
+     with `sinks` (gpt-oss: a learned logit per layer and query head) the softmax's denominator has
+     one more term, exp(sink), that no value stands behind.
 Backends:
   - `TorchAttention` (CPU, and CUDA without Triton): Hugging Face's rotary; index_copy into the slots;
-    decode rows through the fused C++ kernel (CPU fp32; not a windowed or soft-capped layer) or a
-    gather + SDPA; prompts and chunks through one SDPA per sequence (`_sdpa`: written out when capped).
+    decode rows through the fused C++ kernel (CPU fp32; not a windowed, soft-capped or sink layer) or a
+    gather + SDPA; prompts and chunks through one SDPA per sequence (`_sdpa`: written out when capped
+    or with sinks).
   - `TritonAttention` (CUDA): rotary + store in one kernel (engine/triton_fused.py), then
     engine/triton_attention.py — one kernel per step and layer for the decode rows, one for all prompt
     tokens; no host work or sync inside. Its decode-only `BatchMeta` can live in persistent buffers,
@@ -96,30 +99,38 @@ def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
-          causal: bool = False, softcap: float = 0.0) -> torch.Tensor:
-    """torch SDPA with grouped KV heads, or with `softcap` > 0 the same written out as Hugging Face's
-    eager Gemma 2 attention computes it (SDPA cannot cap the scores). q [B, H, n, D], k and v
-    [B, KVH, ctx, D], mask [.., n, ctx] (True: attend) → [B, H, n, D]."""
-    if not softcap:
+          causal: bool = False, softcap: float = 0.0, sink: torch.Tensor | None = None) -> torch.Tensor:
+    """torch SDPA with grouped KV heads, or with `softcap` > 0 or a `sink` [H] the same written out as
+    Hugging Face's eager attentions compute it (SDPA can neither cap the scores nor add a sink:
+    Gemma 2's, gpt-oss's). q [B, H, n, D], k and v [B, KVH, ctx, D], mask [.., n, ctx] (True:
+    attend) → [B, H, n, D]."""
+    if not softcap and sink is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [B, H, ctx, D]
-    s = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap  # [B, H, n, ctx]
+    s = q @ k.transpose(-1, -2) * scale  # [B, H, n, ctx]
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if causal:
         n, ctx = s.shape[-2:]
         mask = torch.ones(n, ctx, dtype=torch.bool, device=s.device).tril(ctx - n)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    if sink is None:
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    B, H, n, _ = s.shape
+    s = torch.cat([s.float(), sink.float().view(1, H, 1, 1).expand(B, H, n, 1)], dim=-1)  # [B, H, n, ctx + 1]
+    return torch.softmax(s, dim=-1)[..., :-1].to(q.dtype) @ v  # the sink's share goes to no value
 
 
 class TorchAttention:
     def __init__(self, kv: torch.Tensor, num_heads: int, paged: Any = None, windows: list[int] | None = None,
-                 softcap: float = 0.0, interleaved: bool = False) -> None:
+                 softcap: float = 0.0, interleaved: bool = False, sinks: list[torch.Tensor | None] | None = None) -> None:
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         L, _, nb, bs, kvh, d = kv.shape
         self.windows = windows or [0] * L  # each layer's sliding window (0: the whole context)
         self.softcap = softcap  # attention logit soft-capping (0: none)
+        self.sinks = sinks or [None] * L  # each layer's attention sinks [H] float32 (gpt-oss), or None
         self.interleaved = interleaved  # rotary in pairs of neighbouring dims (GLM 4)
         self.kv_slots = kv.view(L, 2, nb * bs, kvh, d)  # [L, 2, num_slots, kv_heads, head_dim]
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = bs, num_heads, kvh, d
@@ -163,14 +174,14 @@ class TorchAttention:
     def _varlen(self, li: int, seqs: list[SeqInput], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float, window: int) -> torch.Tensor:
         """Packed prompts/chunks: one causal attention per sequence. q [1,H,T,D] → out [1,T,H*D]."""
-        outs = []
+        outs, sink = [], self.sinks[li]
         off = 0
         for s in seqs:
             n = s.num_new
             qs = q[:, :, off : off + n]  # [1, H, n, D]
             if s.start_pos == 0 and not window:  # whole prompt in this forward: keys are the fresh ones
                 ks, vs = k[:, :, off : off + n], v[:, :, off : off + n]
-                o = _sdpa(qs, ks, vs, scale, causal=n > 1, softcap=self.softcap)
+                o = _sdpa(qs, ks, vs, scale, causal=n > 1, softcap=self.softcap, sink=sink)
             else:  # a later chunk (or a window): read every position from the cache, masked by position
                 idx = self._slots(s, s.context_len)
                 ks = self.kv_slots[li, 0].index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
@@ -178,7 +189,7 @@ class TorchAttention:
                 qpos = torch.arange(s.start_pos, s.context_len, device=q.device)[:, None]
                 kpos = torch.arange(s.context_len, device=q.device)[None, :]
                 mask = (kpos <= qpos) & (kpos > qpos - window) if window else kpos <= qpos  # [n, ctx]
-                o = _sdpa(qs, ks, vs, scale, mask, softcap=self.softcap)
+                o = _sdpa(qs, ks, vs, scale, mask, softcap=self.softcap, sink=sink)
             outs.append(o)
             off += n
         o = torch.cat(outs, dim=2)  # [1, H, T, D]
@@ -192,7 +203,8 @@ class TorchAttention:
         if window:  # and not before the window: key > (len - 1) - window
             span = torch.arange(T, device=mask.device)
             mask = mask & (span[None, :] >= lens[:, None] - window)[:, None, None, :]
-        if self.paged is not None and not window and not self.softcap:  # the fused kernel: K/V read in place
+        sink = self.sinks[li]
+        if self.paged is not None and not window and not self.softcap and sink is None:  # the fused kernel
             qb = q[0].transpose(0, 1).contiguous()  # [B, H, D]
             o = self.paged.paged_decode_attention(qb, self.kv[li, 0], self.kv[li, 1], table, lens, scale)
             return o.reshape(1, B, self.num_heads * self.head_dim)
@@ -204,9 +216,9 @@ class TorchAttention:
         if B == 1:  # cut the padding: the same call as a batch-1 Hugging Face decode step
             n = int(lens[0])
             a = max(0, n - window) if window else 0
-            o = _sdpa(qb, ks[:, :, a:n], vs[:, :, a:n], scale, softcap=self.softcap)
+            o = _sdpa(qb, ks[:, :, a:n], vs[:, :, a:n], scale, softcap=self.softcap, sink=sink)
         else:
-            o = _sdpa(qb, ks, vs, scale, mask, softcap=self.softcap)
+            o = _sdpa(qb, ks, vs, scale, mask, softcap=self.softcap, sink=sink)
         return o.reshape(1, B, self.num_heads * self.head_dim)  # from [B, H, 1, D]
 
 
@@ -214,13 +226,15 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int | None = None,
-                 windows: list[int] | None = None, softcap: float = 0.0, interleaved: bool = False) -> None:
+                 windows: list[int] | None = None, softcap: float = 0.0, interleaved: bool = False,
+                 sinks: list[torch.Tensor | None] | None = None) -> None:
         from engine import triton_attention, triton_fused  # imported only when selected: triton is GPU-side
 
         self.ops, self.fused = triton_attention, triton_fused
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         self.windows = windows or [0] * kv.shape[0]  # each layer's sliding window (0: the whole context)
         self.softcap = softcap  # attention logit soft-capping (0: none)
+        self.sinks = sinks or [None] * kv.shape[0]  # each layer's attention sinks [H] float32 (gpt-oss), or None
         self.interleaved = interleaved  # rotary in pairs of neighbouring dims (GLM 4)
         self.block_size, self.num_heads, self.num_kv_heads, self.head_dim = kv.shape[3], num_heads, kv.shape[4], kv.shape[5]
         self.block_m = block_m or (32 if self.head_dim <= 128 else 16)  # query tiles: head_dim 256 spilled at 32
@@ -253,11 +267,12 @@ class TritonAttention:
         if nd:
             splits = self.ops.decode_splits(nd, self.num_kv_heads, self.num_sms)
             outs.append(self.ops.paged_decode(qt[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, splits=splits,
-                                              window=self.windows[li], softcap=self.softcap))
+                                              window=self.windows[li], softcap=self.softcap, sinks=self.sinks[li]))
         if meta.prefill:
             x = meta.extra
             outs.append(self.ops.paged_prefill(qt[nd:], kc, vc, x["tables"], x["cu_q"], x["start"],
                                                x["tile_seq"], x["tile_m0"], scale, block_m=self.block_m,
-                                               window=self.windows[li], softcap=self.softcap))
+                                               window=self.windows[li], softcap=self.softcap,
+                                               sinks=self.sinks[li]))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, D]
         return o.view(T, self.num_heads * self.head_dim)

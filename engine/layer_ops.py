@@ -30,7 +30,7 @@ GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # Gemma's activation
 
 def _norm_kind(module: torch.nn.Module) -> str | None:
     """"llama" (weight × the norm rounded to the dtype: Llama, Qwen, Mistral, Phi 3, GLM 4), "gemma"
-    ((1 + weight) × the norm, rounded once), "olmo" (weight × the norm, rounded once: OLMo 2),
+    ((1 + weight) × the norm, rounded once), "olmo" (weight × the norm, rounded once: OLMo 2, gpt-oss),
     "none" (no norm where the family has none: OLMo 2 before its sub-layers), or None: not an RMSNorm
     the kernel computes."""
     name = type(module).__name__
@@ -39,7 +39,7 @@ def _norm_kind(module: torch.nn.Module) -> str | None:
     if not name.endswith("RMSNorm"):
         return None
     if hasattr(module, "variance_epsilon"):
-        return "olmo" if name.startswith("Olmo2") else "llama"
+        return "olmo" if name.startswith(("Olmo2", "GptOss")) else "llama"
     return "gemma" if name.startswith("Gemma") and hasattr(module, "eps") else None
 
 

@@ -121,7 +121,8 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         else:
             check_supported(config, cfg.max_model_len)
             model = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config)
+                path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config),
+                **_dequantized(config),
             )
     return model.to(cfg.device).eval()
 
@@ -160,9 +161,10 @@ class TextOnly(torch.nn.Module):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "granitemoe", "smollm3", "olmo2", "olmo3", "olmoe", "exaone4",
                  "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
-                 "arcee", "nemotron",
+                 "arcee", "nemotron", "gpt_oss",
                  "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
+HALF_TABLES = ("gpt_oss",)  # rotary tables of half the rotated dims: one entry per pair (i, i + R/2)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron")  # their own attention rotates part of a head (Phi 4 mini)
@@ -201,14 +203,36 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
 
 def hf_attention(config: Any) -> str:
     """The attention Hugging Face's own modules use (the runner replaces it; tests compare with it):
-    SDPA, or eager where scores are soft-capped (Gemma 2), which SDPA cannot do."""
-    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    SDPA, or eager where scores are soft-capped (Gemma 2) or have sinks (gpt-oss), which SDPA cannot do."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) or config.model_type == "gpt_oss" else "sdpa"
+
+
+DEQUANTIZED = {"gpt_oss": "mxfp4"}  # quantized as released, dequantized once on load (_dequantized)
+
+
+def _quant_method(config: Any) -> str | None:
+    quant = getattr(config, "quantization_config", None)
+    if not quant:
+        return None
+    return quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+
+
+def _dequantized(config: Any) -> dict[str, Any]:
+    """from_pretrained's arguments for a checkpoint in DEQUANTIZED: gpt-oss's MXFP4 experts (as
+    OpenAI released them) become plain weights of model.dtype as they load (Hugging Face's own
+    dequantization), which the engine multiplies by; MXFP4 kernels are not used. Its memory is
+    then that of a bf16 checkpoint: gpt-oss-20b ~42 GB, 120b ~240 GB (more than one GPU)."""
+    method = _quant_method(config)
+    if method is None or method != DEQUANTIZED.get(config.model_type):
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def _refuse_quantized(config: Any) -> None:
-    quant = getattr(config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+    method = _quant_method(config)
+    if method and method != DEQUANTIZED.get(config.model_type):
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
                              "weights only (float32, bfloat16, float16)")
 

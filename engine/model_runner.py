@@ -36,7 +36,7 @@ from engine import layers, paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
-from engine.model_loader import INTERLEAVED_ROTARY, INTERLEAVED_TABLES, attention_windows
+from engine.model_loader import HALF_TABLES, INTERLEAVED_ROTARY, INTERLEAVED_TABLES, attention_windows
 from engine.moe import Experts
 from engine.types import TokenLogprob
 
@@ -105,7 +105,8 @@ class ModelRunner:
         self.embed_scale, self.residual_scale, self.logits_divisor, self.logit_scale = (
             float(getattr(cfg, f, None) or 1.0)
             for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))
-        self.tables_interleaved = cfg.model_type in INTERLEAVED_TABLES  # Cohere's rotary tables
+        # the layout of the rotary tables Hugging Face's module gives, where it is not the kernels' [T, R]
+        self.tables = "interleaved" if cfg.model_type in INTERLEAVED_TABLES else "half" if cfg.model_type in HALF_TABLES else ""
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
 
@@ -116,11 +117,19 @@ class ModelRunner:
         cfg = self.model.config
         windows, pairs = attention_windows(cfg), cfg.model_type in INTERLEAVED_ROTARY
         cap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0)
+        sinks = self.sinks()
         if kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and _has_triton()):
-            return TritonAttention(self.kv, self.num_heads, windows=windows, softcap=cap, interleaved=pairs)
+            return TritonAttention(self.kv, self.num_heads, windows=windows, softcap=cap, interleaved=pairs, sinks=sinks)
         use_cpp = linear_backend == "onednn" and self.dtype == torch.float32
         return TorchAttention(self.kv, self.num_heads, paged_attention.load() if use_cpp else None, windows, cap,
-                              pairs)
+                              pairs, sinks)
+
+    def sinks(self) -> list[torch.Tensor | None] | None:
+        """Each layer's attention sinks [H] in float32 (gpt-oss: `self_attn.sinks`), or None: none."""
+        found = [getattr(hf.self_attn, "sinks", None) for hf in self.model.model.layers[: self.num_layers]]
+        if all(s is None for s in found):
+            return None
+        return [s.detach().float().contiguous() if s is not None else None for s in found]
 
     @staticmethod
     def cache_shape(cfg: object, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -168,9 +177,10 @@ class ModelRunner:
         cfg, mlps = self.model.config, sorted({type(layer.mlp).__name__ for layer in self.layers})
         graphs = f"decode graphs up to batch {self.graphs.max_batch}" if self.graphs is not None else "no decode graphs"
         windows = sorted({w for w in self.attn.windows if w})
+        sinks = ", sinks" if any(s is not None for s in self.attn.sinks) else ""
         return (f"{cfg.model_type}: {self.num_layers} layers, {self.num_heads} heads ({self.num_kv_heads} KV) of "
                 f"{self.head_dim}, {str(self.dtype).removeprefix('torch.')} on {self.device}; attention {self.attn.name}"
-                f"{f', windows {windows}' if windows else ''}, layer ops {type(self.ops).__name__}, MLP "
+                f"{f', windows {windows}' if windows else ''}{sinks}, layer ops {type(self.ops).__name__}, MLP "
                 f"{'/'.join(mlps)}, linears {self.kernels}; {self.num_blocks} KV blocks of {self.block_size}; {graphs}")
 
     def device_ok(self) -> bool:
@@ -234,8 +244,10 @@ class ModelRunner:
         layers.NOPE: cos 1, sin 0 — the rotary kernels then leave q and k exactly as they are."""
         rotary_emb = self.model.model.rotary_emb
         cos, sin = (r[0] for r in rotary_emb(x, pos, *(rope,) if rope and rope != layers.NOPE else ()))
-        if self.tables_interleaved:  # to the layout the interleaved kernels read
+        if self.tables == "interleaved":  # Cohere's: to the layout the interleaved kernels read
             cos, sin = (torch.cat([t[:, ::2]] * 2, dim=-1) for t in (cos, sin))
+        elif self.tables == "half":  # gpt-oss's: [T, R/2], one entry per rotated pair (i, i + R/2)
+            cos, sin = (torch.cat([t, t], dim=-1) for t in (cos, sin))
         return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
 
     def _branch(self, y: torch.Tensor) -> torch.Tensor:

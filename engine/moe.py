@@ -1,13 +1,14 @@
-"""Mixture-of-experts MLPs (Qwen 3 MoE, Mixtral, Qwen 2 MoE): each token runs through k of E experts.
+"""Mixture-of-experts MLPs (Qwen 3 MoE, Mixtral, Qwen 2 MoE, gpt-oss): each token runs through k of E experts.
 
 One forward of a sparse layer, for T tokens (rows of the packed batch) and k experts each:
-  1. route: the router's logits [T, E] → softmax (float32) → the top k (weights, experts) [T, k],
-     the weights renormalized to sum to 1 where the family does (Mixtral always, Qwen 3 with
-     `norm_topk_prob`), as Hugging Face computes them;
+  1. route: the router's logits [T, E] (gpt-oss: plus a bias) → softmax (float32) → the top k
+     (weights, experts) [T, k], the weights renormalized to sum to 1 where the family does (Mixtral
+     always, Qwen 3 with `norm_topk_prob`; gpt-oss's softmax over its top k logits is the same);
   2. group: the T·k (token, expert) pairs sorted by expert, each pair a row of its token's input
      [T·k, hidden], and each expert's end row (a histogram's cumulative sum, on the device);
   3. experts: two grouped matmuls over all experts at once (gate|up, then down, each expert's rows
-     by its own weights) with act(gate) * up between: torch's `grouped_mm`, or where that one
+     by its own weights; gpt-oss adds each expert's biases) with act(gate) * up between (gpt-oss:
+     its own clamped GLU of interleaved gate/up columns, Hugging Face's function): torch's `grouped_mm`, or where that one
      would read its groups on the host (off bf16 on sm90/sm100) while the step should be a CUDA
      graph, a Triton kernel that does not (engine/triton_moe.py);
   4. combine: each row times its weight, put back in (token, k) order and summed over k → [T, hidden];
@@ -40,6 +41,10 @@ class Experts:
     shared: MLP | None = None  # 5. the shared expert
     shared_gate: torch.Tensor | None = None  # [1, hidden]
     triton: bool = False  # 3. by engine/triton_moe.py, not torch's grouped_mm
+    router_bias: torch.Tensor | None = None  # [E] (gpt-oss)
+    gate_up_bias: torch.Tensor | None = None  # [E, 2I] (gpt-oss)
+    down_bias: torch.Tensor | None = None  # [E, hidden] (gpt-oss)
+    glu: Callable[[torch.Tensor], torch.Tensor] | None = None  # [S, 2I] → [S, I] in act_mul's place (gpt-oss)
 
     @classmethod
     def of(cls, mlp: torch.nn.Module, dense: Callable[[torch.nn.Module], MLP], triton: bool = False) -> Experts | None:
@@ -50,6 +55,11 @@ class Experts:
         if experts is None or gate is None:
             return None
         shared = getattr(mlp, "shared_expert", None)
+        if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: stored [E, hidden, 2I], biases, its own GLU
+            return cls(gate.weight.data, experts.gate_up_proj.data, experts.down_proj.data, torch.nn.Identity(),
+                       int(gate.top_k), True, triton=triton, router_bias=gate.bias.data,
+                       gate_up_bias=experts.gate_up_proj_bias.data, down_bias=experts.down_proj_bias.data,
+                       glu=experts._apply_gate)
         return cls(gate.weight.data, experts.gate_up_proj.data.transpose(1, 2),
                    experts.down_proj.data.transpose(1, 2), experts.act_fn, int(gate.top_k),
                    bool(getattr(gate, "norm_topk_prob", True)), dense(shared) if shared is not None else None,
@@ -69,7 +79,7 @@ class Experts:
     def __call__(self, x: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
         """x [T, hidden] → [T, hidden]."""
         T, k = x.shape[0], self.top_k
-        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)  # 1. [T, E]
+        probs = torch.softmax(F.linear(x, self.router, self.router_bias).float(), dim=-1)  # 1. [T, E]
         weights, chosen = torch.topk(probs, k, dim=-1)  # [T, k] each
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -82,8 +92,13 @@ class Experts:
             from engine.triton_moe import grouped_matmul as mm  # imports Triton: only where it runs
         else:
             mm = grouped_mm
-        h = act_mul(self.act, mm(rows, self.gate_up, offs=ends))  # 3. [T*k, I]
+        gate_up = mm(rows, self.gate_up, offs=ends)  # 3. [T*k, 2I]
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + self.gate_up_bias.index_select(0, by_expert)
+        h = self.glu(gate_up) if self.glu is not None else act_mul(self.act, gate_up)  # [T*k, I]
         y = mm(h, self.down, offs=ends)  # [T*k, hidden]
+        if self.down_bias is not None:
+            y = y + self.down_bias.index_select(0, by_expert)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # 4.
         out = torch.empty_like(y).index_copy_(0, order, y)  # [T*k, hidden] in (token, k) order
         routed = out.view(T, k, -1).sum(dim=1)  # [T, hidden]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, Ernie4_5Config,
-                          Exaone4Config, Gemma2Config, Gemma3TextConfig, Glm4Config, GlmConfig, GraniteConfig,
+                          Exaone4Config, Gemma2Config, GptOssConfig, Gemma3TextConfig, Glm4Config, GlmConfig, GraniteConfig,
                           GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
                           MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig,
                           Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
@@ -119,6 +119,12 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "granitemoe": (GraniteMoeConfig, {**MOE, "num_local_experts": 8, "intermediate_size": 32,  # Granite's
                                       "embedding_multiplier": 4.0, "residual_multiplier": 0.5,  # multipliers,
                                       "attention_multiplier": 0.1, "logits_scaling": 2.0}),  # experts
+    # gpt-oss: attention sinks, windows, yarn rotary tables of half a head, q/k/v/o biases, experts with
+    # biases and a router bias, its clamped GLU of interleaved gate/up (a limit that bites at this size)
+    "gpt_oss": (GptOssConfig, {**MOE, **WINDOW, "num_local_experts": 8, "intermediate_size": 32, "attention_bias": True,
+                               "swiglu_limit": 0.5, "rope_parameters": {
+                                   "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "truncate": False, "original_max_position_embeddings": 128, "rope_theta": 150000.0}}),
 }
 ARCHS = tuple(FAMILIES)
 
@@ -137,7 +143,7 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     interleaved rotary on half of each head, sandwich norms, gate|up fused in the checkpoint), granite
     (multipliers of the embeddings, the residual branches and the attention scores, a logits divisor),
     smollm3 (no rotary in layer 1), olmo2 (norms after each sub-layer only, q and k normalized over
-    all their heads at once).
+    all their heads at once); and the families in FAMILIES below those (gpt-oss: attention sinks).
     overrides: config fields (e.g. a window)."""
     if arch not in FAMILIES:
         raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
@@ -157,8 +163,10 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
                 p.uniform_(-0.5, 0.5)
             elif name.endswith("mlp.gate.weight"):  # a router: tokens spread over the experts
                 p.normal_(0, 1.0)
-            elif name.endswith(".bias") and not p.any():  # other biases (MLP, o_proj, LayerNorm), from zero
-                p.uniform_(-0.5, 0.5)
+            elif name.endswith((".bias", "_bias")) and not p.any():  # other biases (MLP, o_proj, LayerNorm,
+                p.uniform_(-0.5, 0.5)  # gpt-oss's experts), from zero
+            elif name.endswith("self_attn.sinks"):  # gpt-oss: sinks that take a real share of the softmax
+                p.normal_(0, 1.0)
     torch.random.set_rng_state(saved)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = 0

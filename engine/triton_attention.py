@@ -10,7 +10,10 @@ V reach their cache slots with the rotary, engine/triton_fused.py `rope_store`.)
   (tile of BLOCK_M query tokens of one sequence, query head); keys are read from the cache
   (already stored), so a later chunk sees its earlier positions with the same code.
 
-Both attention kernels use an online softmax in fp32. In fp32 the dots are exact IEEE (no TF32),
+Both attention kernels use an online softmax in fp32; with SINK (gpt-oss's attention sinks: a learned
+logit per query head in the denominator, no value behind it) each head's running max and sum start
+at (sink, 1) where they would start at (-inf, 0) — in the decode kernel in its first key split only,
+so the merge counts it once. In fp32 the dots are exact IEEE (no TF32),
 so a float32 model matches torch SDPA to rounding. Layouts (the runner's cache, one layer):
     k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim], contiguous
 On a machine without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1): slow,
@@ -55,11 +58,11 @@ def _capped(s, cap, CAP: tl.constexpr):
 
 @triton.jit
 def _paged_decode(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr, sink_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, scale, window, cap,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    IEEE: tl.constexpr, OFF64: tl.constexpr, CAP: tl.constexpr,
+    IEEE: tl.constexpr, OFF64: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -77,6 +80,10 @@ def _paged_decode(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)  # [G, D]
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    if SINK:  # the sink's term, exp(sink - m), in the first split's sum: (m, l) = (sink, 1)
+        sink = tl.load(sink_ptr + heads, mask=g < G, other=0.0)  # [G] float32
+        m_i = tl.where(split == 0, sink, m_i)
+        l_i = tl.where(split == 0, 1.0, l_i)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)  # positions of this key tile
@@ -127,11 +134,11 @@ def _merge_splits(
 
 @triton.jit
 def _paged_prefill(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, start_ptr, tile_seq_ptr, tile_m0_ptr, o_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, start_ptr, tile_seq_ptr, tile_m0_ptr, o_ptr, sink_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale, window, cap,
     BS: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    OFF64: tl.constexpr, CAP: tl.constexpr,
+    OFF64: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -150,6 +157,9 @@ def _paged_prefill(
     qpos = start + mi  # [M]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINK:  # the sink's term in the sum: (m, l) = (sink, 1)
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sink_ptr + h)
+        l_i = l_i + 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = tl.minimum(ctx, start + m0 + BLOCK_M)  # causal: no key beyond the tile's last query
     # a sliding window: no key at or before (query - window); none before the tile's first query's
@@ -202,14 +212,15 @@ def decode_splits(num_rows: int, kv_heads: int, num_sms: int, max_splits: int = 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, block_n: int | None = None, splits: int = 1,
-                 window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                 window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, heads, head_dim]; block_tables [B, W]; context_lens [B] → out [B, heads, head_dim].
 
     `splits` > 1: each (sequence, KV head) is split into that many runs of keys, one program each,
     then merged by their log-sum-exp (see `decode_splits`). A row with context length 0 (a padded
     row) gives zeros. `window` > 0: only the last `window` keys (a sliding window, the query's own
     included: Hugging Face's key > query - window). `softcap` > 0: each score s (scaled) becomes
-    softcap · tanh(s / softcap) before the softmax (Gemma 2)."""
+    softcap · tanh(s / softcap) before the softmax (Gemma 2). `sinks` [heads] float32: each head's
+    attention sink (gpt-oss), a logit in the softmax's denominator only."""
     bs, kvh, d = _check_cache(k_cache)
     block_n = block_n or (64 if d <= 128 else 16)  # head_dim 256 (Gemma): a key tile of 64 spilled on sm_90
     B, H, _ = q.shape
@@ -221,10 +232,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         part = torch.empty(B, H, splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     _paged_decode[(B, kvh, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, sinks if sinks is not None else out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window,
         softcap, BS=bs, KVH=kvh, D=d, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
-        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache), CAP=softcap > 0,
+        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache), CAP=softcap > 0, SINK=sinks is not None,
     )
     if splits > 1:
         _merge_splits[(B * H,)](part, lse, out, out.stride(0), out.stride(1), H, D=d, SPLITS=splits,
@@ -245,11 +256,11 @@ def prefill_tiles(num_new: list[int], block_m: int) -> tuple[list[int], list[int
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   cu_q: torch.Tensor, start_pos: torch.Tensor, tile_seq: torch.Tensor, tile_m0: torch.Tensor,
                   scale: float, block_m: int = 32, block_n: int | None = None, window: int = 0,
-                  softcap: float = 0.0) -> torch.Tensor:
+                  softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, heads, head_dim] packed; cu_q [B+1] offsets of each sequence's new tokens in T;
     start_pos [B] position of each one's first new token; tile_* from `prefill_tiles(.., block_m)`.
     Causal attention of every new token over its sequence's positions [0, own] (with `window` > 0:
-    (own - window, own]; `softcap` as paged_decode's) → [T, heads, head_dim]."""
+    (own - window, own]; `softcap` and `sinks` as paged_decode's) → [T, heads, head_dim]."""
     bs, kvh, d = _check_cache(k_cache)
     block_n = block_n or (32 if d <= 128 else 16)
     T, H, _ = q.shape
@@ -257,8 +268,9 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _, block_d = _tiles(1, d)
     _paged_prefill[(tile_seq.numel(), H)](
         q, k_cache, v_cache, block_tables, cu_q, start_pos, tile_seq, tile_m0, out,
+        sinks if sinks is not None else out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window,
         softcap, BS=bs, KVH=kvh, D=d, G=H // kvh, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache), CAP=softcap > 0,
+        IEEE=q.dtype == torch.float32, OFF64=_off64(k_cache), CAP=softcap > 0, SINK=sinks is not None,
     )
     return out

@@ -233,3 +233,52 @@ def test_a_multimodal_checkpoint_is_served_for_its_text(arch: str, tmp_path: Pat
     got = [runner.forward([SeqInput(prompt[:24], 0, [0, 1, 2])])[0]]
     got += [runner.forward([SeqInput([t], p, [0, 1, 2])])[0] for p, t in enumerate(prompt[24:], 24)]
     torch.testing.assert_close(torch.stack(got), want[[23, *range(24, len(prompt))]], atol=5e-5, rtol=1e-4)
+
+
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [E, out, in] → MXFP4 as OpenAI stores it: blocks [E, out, in/32, 16] uint8 (two 4-bit codes a
+    byte, the even element low), scales [E, out, in/32] uint8 (a power of two + 127) — and the
+    weights they stand for, [E, out, in]."""
+    E, N, K = w.shape
+    groups = w.float().reshape(E, N, K // 32, 32)
+    exp = torch.ceil(torch.log2(groups.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 6.0))  # |x| / 2^exp <= 6
+    code = (groups[..., None] / torch.exp2(exp)[..., None] - FP4).abs().argmin(-1)  # [E, N, K/32, 32]
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exp[..., 0] + 127).to(torch.uint8), (FP4[code] * torch.exp2(exp)).reshape(E, N, K)
+
+
+def test_gpt_oss_as_released_mxfp4_experts_loads_dequantized_and_runs_as_hf(tmp_path: Path) -> None:
+    """gpt-oss's checkpoints hold their experts in MXFP4 (*_blocks, *_scales): they load as the plain
+    weights those codes stand for (other quantized checkpoints stay refused), and the runner's
+    logits are Hugging Face's."""
+    from safetensors.torch import save_file
+
+    from engine.model_runner import ModelRunner, SeqInput
+
+    want = tiny_model(seed=3, arch="gpt_oss")
+    state = {k: v.contiguous() for k, v in want.state_dict().items()}
+    for li, layer in enumerate(want.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{li}.mlp.experts.{proj}"
+            blocks, scales, w = _mxfp4(state.pop(key).transpose(1, 2))  # stored [E, in, out]
+            state[key + "_blocks"], state[key + "_scales"] = blocks, scales
+            getattr(layer.mlp.experts, proj).data = w.transpose(1, 2).contiguous()
+    save_file(state, tmp_path / "model.safetensors")
+    config = {**want.config.to_dict(), "architectures": ["GptOssForCausalLM"], "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_model(ModelConfig(path=str(tmp_path)))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
+    prompt = list(range(3, 40))
+    runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="auto")
+    with torch.inference_mode():
+        torch.testing.assert_close(runner.forward([SeqInput(prompt, 0, [0, 1, 2])])[0],
+                                   want(torch.tensor([prompt])).logits[0, -1], atol=5e-5, rtol=1e-4)
+    config["quantization_config"]["quant_method"] = "awq"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="quantized \\(awq\\)"):
+        load_model(ModelConfig(path=str(tmp_path)))
