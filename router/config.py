@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engine.config import Frozen
 
@@ -45,7 +45,7 @@ class ServerConfig(Frozen):
         128, ge=1, description="Most concurrent gRPC streams on one connection (HTTP/1.1 has one per connection)."
     )
     tool_call_parser: Literal["hermes", "llama3_json", "mistral", "granite", "pythonic", "qwen3_coder", "glm45",
-                              "deepseek_v3", "kimi_k2"] | None = Field(
+                              "deepseek_v3", "kimi_k2", "harmony"] | None = Field(
         None, description="How both fronts read tool calls out of a chat answer when tool_choice is \"auto\" "
         "(the default when a request has tools; gRPC answers carry them in parsed.tool_calls): hermes = <tool_call>{\"name\", \"arguments\"}</tool_call> blocks "
         "(Hermes 2 Pro / 3, Qwen 2.5 / 3); llama3_json = an answer that is {\"name\", \"parameters\"} objects, "
@@ -55,13 +55,15 @@ class ServerConfig(Frozen):
         "<tool_call> blocks of <function=f><parameter=a>1</parameter></function> (Qwen3-Coder); glm45 = "
         "<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value></tool_call> (GLM-4.5, 4.6); deepseek_v3 = "
         "<｜tool▁calls▁begin｜> sections (DeepSeek V3, R1, V3.1); kimi_k2 = <|tool_calls_section_begin|> sections "
-        "(Kimi K2). null: \"auto\" is refused (HTTP 400, gRPC INVALID_ARGUMENT; unset on gRPC means \"none\"); "
+        "(Kimi K2); harmony = gpt-oss's commentary messages to=functions.NAME (needs reasoning_parser: harmony; "
+        "\"required\" and a named function are refused with it). null: \"auto\" is refused (HTTP 400, gRPC INVALID_ARGUMENT; unset on gRPC means \"none\"); "
         "a named function, \"required\" and \"none\" need no parser."
     )
-    reasoning_parser: Literal["think"] | None = Field(
+    reasoning_parser: Literal["think", "harmony"] | None = Field(
         None, description="Split a reasoning model's thinking out of chat answers: think = the <think> ... </think> "
         "block DeepSeek R1 and Qwen 3 write (or their template opens in the prompt) goes to the message's reasoning "
-        "(and reasoning_content; gRPC: parsed.reasoning), the rest to content. null: answers are content as written."
+        "(and reasoning_content; gRPC: parsed.reasoning), the rest to content; harmony = gpt-oss's channels: "
+        "analysis is reasoning, final (and commentary preambles) content. null: answers are content as written."
     )
     tls: TLSConfig | None = Field(None, description="Serve both fronts over TLS (and mTLS with client_ca_file).")
     auth: AuthConfig | None = Field(None, description="Require a bearer token on both fronts.")
@@ -69,6 +71,13 @@ class ServerConfig(Frozen):
         5.0, ge=0, description="On SIGTERM/SIGINT: health turns NOT_SERVING and new requests get UNAVAILABLE at "
         "once; requests in flight may finish for this long, then end with UNAVAILABLE."
     )
+
+    @model_validator(mode="after")
+    def _harmony_both(self) -> ServerConfig:
+        if self.tool_call_parser == "harmony" and self.reasoning_parser != "harmony":
+            raise ValueError("server.tool_call_parser: harmony reads gpt-oss's channels, so it needs "
+                             "server.reasoning_parser: harmony")
+        return self
 
 
 class LimitsConfig(Frozen):

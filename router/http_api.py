@@ -117,7 +117,7 @@ class OpenAIFront:
         return str(self.svc.tokenizer.decode([token_id]))
 
     def _reasoning_tokens(self, ids: Sequence[int]) -> int:
-        return reasoning_tokens(ids, self.svc.tokenizer)
+        return reasoning_tokens(ids, self.svc.tokenizer, self.reasoning_parser or "think")
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
@@ -157,12 +157,14 @@ class OpenAIFront:
             reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
                     for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
             opts = with_token_text(opts, self._token_text)
+            parser = self.reasoning_parser or "think"
             if opts.reasoning:  # the answer starts inside a think block, or may open one
-                opts = replace(opts, thinking=prompt_opens_thinking(reqs[0].prompt_ids, self.svc.tokenizer),
+                opts = replace(opts, thinking=parser == "think" and prompt_opens_thinking(reqs[0].prompt_ids,
+                                                                                            self.svc.tokenizer),
                                count_reasoning=self._reasoning_tokens)
-                reqs = [think_first(r, opts.thinking, self.svc.tokenizer) for r in reqs]
+                reqs = [think_first(r, opts.thinking, self.svc.tokenizer, parser) for r in reqs]
             try:
-                reqs = [think_budget(r, opts.reasoning, opts.thinking, self.svc.tokenizer) for r in reqs]
+                reqs = [think_budget(r, opts.reasoning, opts.thinking, self.svc.tokenizer, parser) for r in reqs]
             except InvalidArgument as e:
                 raise BadRequest(str(e), e.field) from None
             if opts.echo:

@@ -19,7 +19,8 @@ def _finish(reason: str) -> str | None:
 
 
 def chat_split(opts: Options) -> ChatSplit | None:
-    return (ChatSplit(opts.tools, opts.reasoning, opts.thinking, opts.include_reasoning, opts.count_reasoning)
+    return (ChatSplit(opts.tools, opts.reasoning, opts.thinking, opts.include_reasoning, opts.count_reasoning,
+                      opts.harmony)
             if opts.chat and (opts.tools or opts.reasoning) else None)
 
 

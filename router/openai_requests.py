@@ -16,6 +16,7 @@ from typing import Any
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.errors import BadRequest
+from router.reasoning import keep_markers
 from router.structured import HTTP_FIELDS, from_http
 from router.tools import ToolMode, message_tool_fields, tool_mode, tools_from_http
 
@@ -48,6 +49,7 @@ class Options:
     structured_param: str = ""  # the HTTP field the structured output came from (a refusal of it names it)
     tools: ToolMode | None = None  # chat: how the answer becomes tool_calls (router/tool_calls.py); None: text
     reasoning: bool = False  # chat: split the thinking out (server.reasoning_parser)
+    harmony: bool = False  # ... as gpt-oss's channels (server.reasoning_parser: harmony; router/harmony.py)
     include_reasoning: bool = True  # vLLM's include_reasoning: false leaves the thinking out of the answer
     thinking: bool = False  # the prompt opened a think block: the answer starts inside it (set by the front)
     count_reasoning: Callable[[Sequence[int]], int] | None = None  # an answer's ids → its thinking's (the front's)
@@ -130,6 +132,8 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser
     skip = _get(body, "skip_special_tokens", bool, None)
     if skip is not None:
         req.skip_special_tokens = skip
+    if chat:
+        keep_markers(req, reasoning_parser)
     tools = tool_mode(body, req, structured, tool_parser) if chat else None
     include_reasoning = _get(body, "include_reasoning", bool, True)
     bias = body.get("logit_bias")
@@ -168,7 +172,7 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser
                          prompt_logprobs=scored is not None,
                          structured_param=structured or (tools.param if tools else ""), tools=tools,
                          reasoning=chat and reasoning_parser is not None,
-                         include_reasoning=include_reasoning)
+                         harmony=chat and reasoning_parser == "harmony", include_reasoning=include_reasoning)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

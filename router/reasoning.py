@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from protos.pdserve.v1 import generation_pb2 as pb
+from router import harmony
 from router.detokenizer import marker_tail
 from router.errors import InvalidArgument
 from router.validation import ValidRequest
@@ -41,12 +43,22 @@ def prompt_opens_thinking(prompt_ids: list[int], tokenizer: Any) -> bool:
     return tail.rfind(OPEN) > tail.rfind(CLOSE)
 
 
-def think_first(req: ValidRequest, opened: bool, tokenizer: Any) -> ValidRequest:
+def keep_markers(req: pb.GenerateRequest, parser: str | None) -> None:
+    """harmony's channel markers are special tokens: a chat request keeps their text, which the split
+    reads (router/harmony.py), unless it sets skip_special_tokens itself."""
+    if parser == "harmony" and req.messages and not req.HasField("skip_special_tokens"):
+        req.skip_special_tokens = False
+
+
+def think_first(req: ValidRequest, opened: bool, tokenizer: Any, parser: str = "think") -> ValidRequest:
     """`req` with its grammar (if any) holding only the answer after its thinking: after `</think>`
     where the prompt opened a block (`opened`); where it did not, the answer's first token may open
-    one if `<think>` is one token, else the grammar holds the answer from its first token."""
+    one if `<think>` is one token, else the grammar holds the answer from its first token. harmony:
+    the final message's body (after `<|channel|>final<|message|>`)."""
     if not req.sampling.grammar or req.sampling.grammar_after:
         return req
+    if parser == "harmony":
+        return replace(req, sampling=replace(req.sampling, grammar_after=harmony.FINAL))
     if opened:
         return replace(req, sampling=replace(req.sampling, grammar_after=CLOSE))
     if len(tokenizer.encode(OPEN, add_special_tokens=False)) == 1:
@@ -54,7 +66,7 @@ def think_first(req: ValidRequest, opened: bool, tokenizer: Any) -> ValidRequest
     return req
 
 
-def think_budget(req: ValidRequest, reasoning: bool, opened: bool, tokenizer: Any) -> ValidRequest:
+def think_budget(req: ValidRequest, reasoning: bool, opened: bool, tokenizer: Any, parser: str = "think") -> ValidRequest:
     """`req` with its thinking budget's marker ids (engine/think_budget.py), where it has a budget:
     "</think>" ends the thinking, and "<think>" opens it where the prompt did not (`opened`).
     InvalidArgument naming thinking_token_budget where the answer is not split (`reasoning`: a chat
@@ -64,6 +76,9 @@ def think_budget(req: ValidRequest, reasoning: bool, opened: bool, tokenizer: An
     field = "thinking_token_budget"
     if not reasoning:
         raise InvalidArgument(field, "applies to chat requests (messages) on a server with server.reasoning_parser set")
+    if parser == "harmony":  # its end is a message's end and a new header: not one token to force
+        raise InvalidArgument(field, "is not supported with server.reasoning_parser harmony (gpt-oss's "
+                                     "reasoning_effort sets how long it thinks)")
 
     def one_token(text: str) -> int:
         ids = tokenizer.encode(text, add_special_tokens=False)
@@ -75,9 +90,12 @@ def think_budget(req: ValidRequest, reasoning: bool, opened: bool, tokenizer: An
     return replace(req, sampling=replace(req.sampling, think_end_id=end, think_open_id=start))
 
 
-def reasoning_tokens(ids: Sequence[int], tokenizer: Any) -> int:
+def reasoning_tokens(ids: Sequence[int], tokenizer: Any, parser: str = "think") -> int:
     """Of a thinking answer's tokens `ids`, those up to the one whose text completes the first
-    `</think>` (all of them where it never closes): the fewest leading tokens whose text holds it."""
+    `</think>` (all of them where it never closes): the fewest leading tokens whose text holds it.
+    harmony: those of its analysis messages (harmony.reasoning_tokens)."""
+    if parser == "harmony":
+        return harmony.reasoning_tokens(ids, tokenizer)
     def closed(k: int) -> bool:
         return CLOSE in str(tokenizer.decode(list(ids[:k]), skip_special_tokens=False))
 

@@ -27,7 +27,7 @@ from router.answer_split import ChatSplit, parsed_answer, parsed_delta, with_rea
 from router.config import ServerConfig
 from router.errors import InvalidArgument
 from router.http_api import build_app
-from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_budget, think_first
+from router.reasoning import keep_markers, prompt_opens_thinking, reasoning_tokens, think_budget, think_first
 from router.security import AuthInterceptor, TokenStore, grpc_credentials, uvicorn_ssl
 from router.service import GenerationService, Refused
 from router.tools import grpc_tool_mode
@@ -103,21 +103,25 @@ class GrpcFront:
         choice (a named function or "required" sets its grammar), its thinking (a grammar holds
         only what follows it: router/reasoning.think_first, as the HTTP front does)."""
         tools = grpc_tool_mode(request, self.tool_parser)
+        keep_markers(request, self.reasoning_parser)
         try:
             req = self.svc.admit(request)
         except Refused as e:  # the tools' grammar is refused: name the tool's parameters
             if tools is not None and e.field and e.field.startswith("structured"):
                 raise Refused(e.code, e.message.replace(e.field, tools.param, 1), tools.param) from None
             raise
+        parser = self.reasoning_parser or "think"
         reasoning = bool(request.messages) and self.reasoning_parser is not None
-        thinking = reasoning and prompt_opens_thinking(req.prompt_ids, self.svc.tokenizer)
+        thinking = reasoning and parser == "think" and prompt_opens_thinking(req.prompt_ids, self.svc.tokenizer)
         if reasoning:
-            req = think_first(req, thinking, self.svc.tokenizer)
-        req = think_budget(req, reasoning, thinking, self.svc.tokenizer)
-        return req, ChatSplit(tools, reasoning, thinking, count=self._reasoning_tokens) if tools or reasoning else None
+            req = think_first(req, thinking, self.svc.tokenizer, parser)
+        req = think_budget(req, reasoning, thinking, self.svc.tokenizer, parser)
+        harmony = reasoning and parser == "harmony"
+        return req, (ChatSplit(tools, reasoning, thinking, count=self._reasoning_tokens, harmony=harmony)
+                     if tools or reasoning else None)
 
     def _reasoning_tokens(self, ids: Sequence[int]) -> int:
-        return reasoning_tokens(ids, self.svc.tokenizer)
+        return reasoning_tokens(ids, self.svc.tokenizer, self.reasoning_parser or "think")
 
     async def _stream(
         self, req: ValidRequest, context: grpc.aio.ServicerContext

@@ -158,6 +158,9 @@ def _mode(kind: str | None, name: str, name_field: str, req: pb.GenerateRequest,
         return None
     if kind == "named" and name not in names:
         raise InvalidArgument(name_field, f"names {name!r}, which is not among tools")
+    if parser == "harmony" and kind in ("named", "required"):  # its grammar would hold the whole answer
+        raise InvalidArgument("tool_choice", f"{kind!r} is not supported with server.tool_call_parser harmony "
+                                             '(gpt-oss\'s channels); send "auto" or "none"')
     if kind == "auto":
         if parser is None:
             raise InvalidArgument("tool_choice", '"auto" needs server.tool_call_parser, which this server does not '
