@@ -56,8 +56,8 @@ def _message(m: pb.ChatMessage) -> dict[str, Any]:
         msg["name"] = m.name
     if m.tool_call_id:
         msg["tool_call_id"] = m.tool_call_id
-    if m.reasoning:  # Qwen 3's template reads reasoning_content; vLLM's name is reasoning
-        msg["reasoning_content"] = msg["reasoning"] = m.reasoning
+    if m.reasoning:  # Qwen 3's template reads reasoning_content, gpt-oss's thinking; vLLM's name is reasoning
+        msg["reasoning_content"] = msg["reasoning"] = msg["thinking"] = m.reasoning
     if m.tool_calls:
         msg["tool_calls"] = [{"id": c.id, "type": "function",
                               "function": {"name": c.name, "arguments": _arguments(c.arguments)}}

@@ -94,6 +94,8 @@ def test_earlier_thinking_reaches_the_template() -> None:
                                  {"role": "assistant", "content": "4", key: "add them"},
                                  {"role": "user", "content": "and 3+3?"}])
         assert tok.decode(chat_prompt_ids(req, tok)) == "<user>2+2?<assistant>[add them]4<user>and 3+3?"
+    tok.chat_template = tok.chat_template.replace("reasoning_content", "thinking")  # gpt-oss's template's name
+    assert tok.decode(chat_prompt_ids(req, tok)) == "<user>2+2?<assistant>[add them]4<user>and 3+3?"
 
 
 def test_reasoning_tokens_count_up_to_the_token_that_completes_the_close() -> None:
