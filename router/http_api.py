@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front (Starlette on uvicorn), beside gRPC in the router process.
 
   POST /v1/completions · POST /v1/chat/completions (stream: server-sent events ending `data: [DONE]`)
+  POST /v1/responses (router/responses_front.py: the Responses API over the chat path)
   GET /v1/models · POST /tokenize · POST /detokenize (router/tokenize_api.py) · GET /health · GET /metrics
 Each request goes through the same path as a gRPC one (router/service.py): validation, limits,
 admission queue, cancellation, metrics; `n` > 1 and a batch of prompts are one such request per
@@ -150,26 +151,32 @@ class OpenAIFront:
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def prepare(self, raw: bytes, chat: bool) -> tuple[list[ValidRequest], Options]:
+        """A body → its admitted requests (one per choice) and the answer's options; BadRequest or
+        Refused naming the field."""
+        pbreqs, opts = parse_body(raw, chat, self.model, self.svc.limits.max_choices, self.tool_parser,
+                                  self.reasoning_parser)
+        reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
+                for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
+        opts = with_token_text(opts, self._token_text)
+        parser = self.reasoning_parser or "think"
+        if opts.reasoning:  # the answer starts inside a think block, or may open one
+            opts = replace(opts, thinking=parser == "think" and prompt_opens_thinking(reqs[0].prompt_ids,
+                                                                                        self.svc.tokenizer),
+                           count_reasoning=self._reasoning_tokens)
+            reqs = [think_first(r, opts.thinking, self.svc.tokenizer, parser) for r in reqs]
+        try:
+            reqs = [think_budget(r, opts.reasoning, opts.thinking, self.svc.tokenizer, parser) for r in reqs]
+        except InvalidArgument as e:
+            raise BadRequest(str(e), e.field) from None
+        if opts.echo:
+            opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
+                                       for p, r in zip(pbreqs, reqs[::opts.n]) for _ in range(opts.n)])
+        return reqs, opts
+
     async def _generate(self, request: Request, chat: bool) -> Response:
         try:
-            pbreqs, opts = parse_body(await request.body(), chat, self.model, self.svc.limits.max_choices,
-                                      self.tool_parser, self.reasoning_parser)
-            reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
-                    for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
-            opts = with_token_text(opts, self._token_text)
-            parser = self.reasoning_parser or "think"
-            if opts.reasoning:  # the answer starts inside a think block, or may open one
-                opts = replace(opts, thinking=parser == "think" and prompt_opens_thinking(reqs[0].prompt_ids,
-                                                                                            self.svc.tokenizer),
-                               count_reasoning=self._reasoning_tokens)
-                reqs = [think_first(r, opts.thinking, self.svc.tokenizer, parser) for r in reqs]
-            try:
-                reqs = [think_budget(r, opts.reasoning, opts.thinking, self.svc.tokenizer, parser) for r in reqs]
-            except InvalidArgument as e:
-                raise BadRequest(str(e), e.field) from None
-            if opts.echo:
-                opts = with_prompts(opts, [Prompt(self._prompt_text(p, r), r.prompt_ids[0])
-                                           for p, r in zip(pbreqs, reqs[::opts.n]) for _ in range(opts.n)])
+            reqs, opts = self.prepare(await request.body(), chat)
         except BadRequest as e:
             self.svc.metrics.errors.labels("INVALID_ARGUMENT").inc()
             return error(e.status, e.message, "invalid_request_error", e.param, e.code)
@@ -178,14 +185,9 @@ class OpenAIFront:
         rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0].key
         stream = merged([self.svc.stream(r) for r in reqs])
         if not opts.stream:
-            choices = [Choice() for _ in reqs]
-            answer = asyncio.ensure_future(_gather(stream, choices))
-            if not await _answered_before_the_client_left(answer, request):
-                return Response(status_code=499)  # nobody reads it; the requests are cancelled
-            try:
-                answer.result()
-            except Refused as e:
-                return refused(e)
+            choices = await answered(stream, len(reqs), request)
+            if not isinstance(choices, list):
+                return choices
             return JSONResponse(final_obj(rid, self.model, opts, choices))
         try:  # the first message decides between a 200 stream and an error status
             first = await anext(stream)
@@ -252,6 +254,20 @@ class OpenAIFront:
         yield "data: [DONE]\n\n"
 
 
+async def answered(stream: AsyncIterator[tuple[int, Any]], n: int, request: Request) -> list[Choice] | Response:
+    """A unary answer's `n` choices gathered from `stream`; or the response to send instead: 499
+    where the client left first (its requests cancelled), the refusal's status where one came."""
+    choices = [Choice() for _ in range(n)]
+    answer = asyncio.ensure_future(_gather(stream, choices))
+    if not await _answered_before_the_client_left(answer, request):
+        return Response(status_code=499)  # nobody reads it; the requests are cancelled
+    try:
+        answer.result()
+    except Refused as e:
+        return refused(e)
+    return choices
+
+
 async def _gather(stream: AsyncIterator[tuple[int, Any]], choices: list[Choice]) -> None:
     async with aclosing(stream) as msgs:  # type: ignore[type-var]
         async for i, msg in msgs:
@@ -284,10 +300,13 @@ async def _answered_before_the_client_left(answer: "asyncio.Future[None]", reque
 
 def build_app(svc: GenerationService, model: str, tokens: TokenStore | None, max_body: int,
               tool_parser: str | None = None, reasoning_parser: str | None = None) -> ASGIApp:
+    from router.responses_front import ResponsesFront  # (it builds on this module)
+
     front = OpenAIFront(svc, model, tool_parser, reasoning_parser)
     app = Starlette(routes=[
         Route("/v1/completions", front.completions, methods=["POST"]),
         Route("/v1/chat/completions", front.chat, methods=["POST"]),
+        Route("/v1/responses", ResponsesFront(front).responses, methods=["POST"]),
         Route("/v1/models", front.models, methods=["GET"]),
         Route("/tokenize", front.tokenize, methods=["POST"]),
         Route("/detokenize", front.detokenize, methods=["POST"]),

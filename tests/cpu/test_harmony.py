@@ -2,8 +2,6 @@
 reasoning, content and tool calls, however the text is cut; the server's options around them."""
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any
 
 import grpc
@@ -11,21 +9,16 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from engine.event_stream import EventBatch
-from engine.tiny import EOS_ID, tiny_tokenizer
-from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, WorkerStats
+from engine.tiny import tiny_tokenizer
 from protos.pdserve.v1 import generation_pb2 as pb
-from protos.pdserve.v1 import generation_pb2_grpc as pbg
 from router import harmony
 from router.answer_split import ChatSplit
-from router.config import LimitsConfig, ServerConfig
-from router.dispatcher import Dispatcher, WorkerRef
-from router.server import RouterServer
-from router.service import GenerationService
+from router.config import ServerConfig
 from router.errors import BadRequest, InvalidArgument
 from router.openai_requests import parse_body
 from router.tool_calls import Delta, merged
 from router.tools import ToolMode, grpc_tool_mode
+from tests.cpu.scripted import ScriptedRouter
 
 AUTO = ToolMode("auto", ("get_weather", "ping"), parser="harmony")
 ANALYSIS = "<|channel|>analysis<|message|>The user wants the weather. Call it.<|end|>"
@@ -132,78 +125,15 @@ def test_the_server_options_around_harmony() -> None:
     assert reqs[0].skip_special_tokens is True  # unless the request says
 
 
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return asyncio.ensure_future(self.fn(*args))
-
-
-class ScriptedWorker:
-    """An aggregated worker without a model: every request's answer is `ids` (the first from its
-    prefill, then 4 a poll), its last the EOS — as gpt-oss's would come, markers and all."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids, self.at, self.seq = ids, dict[str, int](), 0
-        for name in ("reserve", "cancel", "poll", "prefill", "stats"):
-            setattr(self, name, _Method(getattr(self, "_" + name)))
-
-    async def _reserve(self, rid: str, *_: Any) -> ReserveResult:
-        return ReserveResult(True)
-
-    async def _cancel(self, rid: str) -> bool:
-        self.at.pop(rid, None)
-        return True
-
-    async def _prefill(self, req: Any, timeout: float) -> PrefillResult:
-        self.at[req.request_id] = 1
-        return PrefillResult(req.request_id, self.ids[0], None, 0.0, 1.0, 0)
-
-    async def _poll(self, timeout: float, *_: Any) -> EventBatch:
-        await asyncio.sleep(0.002)
-        events = []
-        for rid, i in list(self.at.items()):
-            done = i + 4 >= len(self.ids)
-            events.append(DecodeEvent(rid, self.ids[i:i + 4], FinishReason.STOP if done else None))
-            self.at[rid] = i + 4
-            if done:
-                del self.at[rid]
-        self.seq += 1
-        return EventBatch("scripted", self.seq, events)
-
-    async def _stats(self) -> WorkerStats:
-        return WorkerStats("decode", "scripted", "here", len(self.at), 0, 0, 8, 0, 0)
-
-
 @pytest.fixture(scope="module")
 def served() -> Any:
     """A router (both fronts, reasoning and tool parsers harmony) over a worker that answers the
-    analysis, a preamble and a call, as bytes of the tiny tokenizer."""
-    tok = tiny_tokenizer()  # with gpt-oss's markers as special tokens (one id each), as its tokenizer has them
+    analysis, a preamble and a call, as gpt-oss's tokenizer has them (markers one special token each)."""
+    tok = tiny_tokenizer()
     tok.add_tokens(MARKERS, special_tokens=True)
-    worker = ScriptedWorker(tok.encode(ANALYSIS + PREAMBLE + CALL.removesuffix("<|call|>"), add_special_tokens=False)
-                            + [EOS_ID])
-    refs = [WorkerRef("scripted", worker)]
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> RouterServer:
-        svc = GenerationService(Dispatcher(refs, refs, (EOS_ID,), LimitsConfig(), colocated=True), tok,
-                                LimitsConfig(max_new_tokens=1024), 4096)
-        server = RouterServer(svc, ServerConfig(port=0, http_port=0, tool_call_parser="harmony",
-                                                reasoning_parser="harmony"), "tiny")
-        await server.start()
-        return server
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield pbg.GenerationStub(channel), server.http_port, tok
-    channel.close()
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    ids = tok.encode(ANALYSIS + PREAMBLE + CALL.removesuffix("<|call|>"), add_special_tokens=False)
+    with ScriptedRouter(ids, tok, tool_call_parser="harmony", reasoning_parser="harmony") as router:
+        yield router.stub, router.http_port, tok
 
 
 def test_both_fronts_split_a_served_harmony_answer(served: Any) -> None:

@@ -686,3 +686,26 @@ def test_fuzzed_tool_and_reasoning_fields_get_only_2xx_or_4xx(server: RunningSer
     assert 200 in codes and 400 in codes
     assert httpx.get(_url(server, "/health")).status_code == 200
     assert wait_until(server.all_idle, 10)
+
+
+def test_responses_api_answers_as_chat_does(server: RunningServer, oai: openai.OpenAI) -> None:
+    """/v1/responses over the tiny model: the chat answer's text as its message's output_text,
+    cut by max_output_tokens as `incomplete`; streamed, its deltas make the same text; text.format
+    holds it to a schema (the scripted answers with reasoning and calls: tests/cpu/test_responses.py)."""
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a river"}]
+    chat = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=10)  # type: ignore[arg-type]
+    r = oai.responses.create(model="tiny", instructions="be brief", input="name a river", max_output_tokens=10)
+    assert r.output_text == chat.choices[0].message.content and [i.type for i in r.output] == ["message"]
+    assert (r.status, r.incomplete_details and r.incomplete_details.reason) == (
+        ("incomplete", "max_output_tokens") if chat.choices[0].finish_reason == "length" else ("completed", None))
+    assert r.usage is not None and (r.usage.input_tokens, r.usage.output_tokens) == (
+        chat.usage.prompt_tokens, chat.usage.completion_tokens)  # type: ignore[union-attr]
+    events = list(oai.responses.create(model="tiny", instructions="be brief", input="name a river",
+                                       max_output_tokens=10, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text  # type: ignore[union-attr]
+    assert events[-1].type == f"response.{r.status}" and events[-1].response.output_text == r.output_text  # type: ignore[union-attr]
+    schema = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 8}}, "required": ["river"],
+              "additionalProperties": False}
+    held = oai.responses.create(model="tiny", input="name a river", max_output_tokens=60, temperature=1.0,
+                                text={"format": {"type": "json_schema", "name": "r", "schema": schema}})
+    assert set(json.loads(held.output_text)) == {"river"}
