@@ -19,8 +19,8 @@ class ModelConfig(Frozen):
     path: str = Field(
         "default",
         description="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (seeded random test model) "
-        "or a local Hugging Face checkpoint directory (Llama, Mistral, Qwen 2/3 and their MoE, Mixtral, "
-        "Phi 3/4, Gemma 3 text; unquantized).",
+        "or a local Hugging Face checkpoint directory of a supported family (README: model.path); unquantized, "
+        "but for gpt-oss's MXFP4 experts (kept so on CUDA, dequantized elsewhere).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and KV dtype (float32 is fastest on CPU)."

@@ -120,6 +120,10 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
             model = _language_model(path, config, dtype)
         else:
             check_supported(config, cfg.max_model_len)
+            if _keeps_mxfp4(config, cfg.device):  # gpt-oss on CUDA: its experts stay MXFP4
+                from engine import mxfp4
+
+                return mxfp4.load(path, config, dtype, cfg.device, hf_attention(config))
             model = AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config),
                 **_dequantized(config),
@@ -218,16 +222,22 @@ def _quant_method(config: Any) -> str | None:
 
 
 def _dequantized(config: Any) -> dict[str, Any]:
-    """from_pretrained's arguments for a checkpoint in DEQUANTIZED: gpt-oss's MXFP4 experts (as
-    OpenAI released them) become plain weights of model.dtype as they load (Hugging Face's own
-    dequantization), which the engine multiplies by; MXFP4 kernels are not used. Its memory is
-    then that of a bf16 checkpoint: gpt-oss-20b ~42 GB, 120b ~240 GB (more than one GPU)."""
+    """from_pretrained's arguments for a checkpoint in DEQUANTIZED off CUDA: gpt-oss's MXFP4 experts
+    (as OpenAI released them) become plain weights of model.dtype as they load (Hugging Face's own
+    dequantization). Its memory is then that of a bf16 checkpoint (gpt-oss-20b ~42 GB); on CUDA
+    they stay MXFP4 (_keeps_mxfp4)."""
     method = _quant_method(config)
     if method is None or method != DEQUANTIZED.get(config.model_type):
         return {}
     from transformers import Mxfp4Config
 
     return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
+def _keeps_mxfp4(config: Any, device: str) -> bool:
+    """gpt-oss's MXFP4 experts are kept as they are where a CUDA device multiplies by them
+    (engine/mxfp4.py, engine/triton_mxfp4.py); elsewhere they are dequantized as they load."""
+    return _quant_method(config) == "mxfp4" and config.model_type == "gpt_oss" and torch.device(device).type == "cuda"
 
 
 def _refuse_quantized(config: Any) -> None:

@@ -8,9 +8,11 @@ One forward of a sparse layer, for T tokens (rows of the packed batch) and k exp
      [T·k, hidden], and each expert's end row (a histogram's cumulative sum, on the device);
   3. experts: two grouped matmuls over all experts at once (gate|up, then down, each expert's rows
      by its own weights; gpt-oss adds each expert's biases) with act(gate) * up between (gpt-oss:
-     its own clamped GLU of interleaved gate/up columns, Hugging Face's function): torch's `grouped_mm`, or where that one
-     would read its groups on the host (off bf16 on sm90/sm100) while the step should be a CUDA
-     graph, a Triton kernel that does not (engine/triton_moe.py);
+     its own clamped GLU of interleaved gate/up columns, Hugging Face's function): torch's
+     `grouped_mm`, or where that one would read its groups on the host (off bf16 on sm90/sm100)
+     while the step should be a CUDA graph, a Triton kernel that does not (engine/triton_moe.py);
+     over gpt-oss's MXFP4 weights where they are kept so (engine/mxfp4.py), a Triton kernel that
+     dequantizes as it multiplies (engine/triton_mxfp4.py);
   4. combine: each row times its weight, put back in (token, k) order and summed over k → [T, hidden];
   5. a shared expert (Qwen 2 MoE), where there is one: a dense MLP every token runs, scaled by a
      sigmoid gate of its own, added.
@@ -31,10 +33,18 @@ grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # the public n
 
 
 @dataclass(frozen=True)
+class Mxfp4:
+    """An expert weight [E, K, N] in MXFP4, as Hugging Face names it (engine/triton_mxfp4.py)."""
+
+    blocks: torch.Tensor  # [E, N, K/2] uint8
+    scales: torch.Tensor  # [E, N, K/32] uint8
+
+
+@dataclass(frozen=True)
 class Experts:
     router: torch.Tensor  # [E, hidden]
-    gate_up: torch.Tensor  # [E, hidden, 2I]: a transposed view of Hugging Face's [E, 2I, hidden]
-    down: torch.Tensor  # [E, I, hidden]: a view of [E, hidden, I]
+    gate_up: torch.Tensor | Mxfp4  # [E, hidden, 2I]: a transposed view of Hugging Face's [E, 2I, hidden]
+    down: torch.Tensor | Mxfp4  # [E, I, hidden]: a view of [E, hidden, I]
     act: torch.nn.Module
     top_k: int
     renormalize: bool
@@ -56,7 +66,11 @@ class Experts:
             return None
         shared = getattr(mlp, "shared_expert", None)
         if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: stored [E, hidden, 2I], biases, its own GLU
-            return cls(gate.weight.data, experts.gate_up_proj.data, experts.down_proj.data, torch.nn.Identity(),
+            quantized = hasattr(experts, "gate_up_proj_blocks")  # kept in MXFP4 (engine/mxfp4.py)
+            gate_up, down = ((Mxfp4(experts.gate_up_proj_blocks, experts.gate_up_proj_scales),
+                              Mxfp4(experts.down_proj_blocks, experts.down_proj_scales)) if quantized
+                             else (experts.gate_up_proj.data, experts.down_proj.data))
+            return cls(gate.weight.data, gate_up, down, torch.nn.Identity(),
                        int(gate.top_k), True, triton=triton, router_bias=gate.bias.data,
                        gate_up_bias=experts.gate_up_proj_bias.data, down_bias=experts.down_proj_bias.data,
                        glu=experts._apply_gate)
@@ -92,11 +106,11 @@ class Experts:
             from engine.triton_moe import grouped_matmul as mm  # imports Triton: only where it runs
         else:
             mm = grouped_mm
-        gate_up = mm(rows, self.gate_up, offs=ends)  # 3. [T*k, 2I]
+        gate_up = _grouped(mm, rows, self.gate_up, ends)  # 3. [T*k, 2I]
         if self.gate_up_bias is not None:
             gate_up = gate_up + self.gate_up_bias.index_select(0, by_expert)
         h = self.glu(gate_up) if self.glu is not None else act_mul(self.act, gate_up)  # [T*k, I]
-        y = mm(h, self.down, offs=ends)  # [T*k, hidden]
+        y = _grouped(mm, h, self.down, ends)  # [T*k, hidden]
         if self.down_bias is not None:
             y = y + self.down_bias.index_select(0, by_expert)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # 4.
@@ -105,3 +119,13 @@ class Experts:
         if self.shared is None or self.shared_gate is None:
             return routed
         return routed + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x, act_mul)  # 5.
+
+
+def _grouped(mm: Callable[..., torch.Tensor], rows: torch.Tensor, w: torch.Tensor | Mxfp4,
+             ends: torch.Tensor) -> torch.Tensor:
+    """rows [S, K] (sorted by expert) times each one's expert weight [K, N] → [S, N]."""
+    if isinstance(w, Mxfp4):
+        from engine.triton_mxfp4 import grouped_matmul_mxfp4  # imports Triton: only where it runs
+
+        return grouped_matmul_mxfp4(rows, w.blocks, w.scales, ends)
+    return mm(rows, w, offs=ends)

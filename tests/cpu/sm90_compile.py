@@ -29,7 +29,7 @@ import torch
 from bench.make_model import SHAPES, config
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-         torch.int64: "i64"}
+         torch.int64: "i64", torch.uint8: "u8"}
 SHAPES_ = {**SHAPES, "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                                            num_key_value_heads=3, intermediate_size=1536, vocab_size=49152)}
 
@@ -75,12 +75,14 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     from engine import triton_attention as ta
     from engine import triton_fused as tf
     from engine import triton_moe as tm
+    from engine import triton_mxfp4 as tmx
     from engine.cuda_graphs import buckets
     from engine.model_runner import ModelRunner, SeqInput
 
     seen: list[tuple[Any, tuple, dict]] = []
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
-                      (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul")]:
+                      (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul"),
+                      (tmx, "_grouped_matmul_mxfp4")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
     off64 = ta._off64
     bs = 16
@@ -94,6 +96,12 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
         cfg = (config(name, **small, **experts)
                if name in SHAPES else LlamaConfig(**{**SHAPES_[name], **small}))
         model = AutoModelForCausalLM.from_config(cfg).to(dt)
+        if name.startswith("gpt-oss"):  # its experts as released and kept on CUDA: MXFP4 (engine/mxfp4.py)
+            for layer in model.model.layers:
+                for proj in ("gate_up_proj", "down_proj"):
+                    E, K, N = getattr(layer.mlp.experts, proj).shape
+                    setattr(layer.mlp.experts, proj + "_blocks", torch.zeros(E, N, K // 2, dtype=torch.uint8))
+                    setattr(layer.mlp.experts, proj + "_scales", torch.full((E, N, K // 32), 127, dtype=torch.uint8))
         runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton")
         runner.attn.num_sms = num_sms  # type: ignore[union-attr]
         runner.use_decode_graphs(max_batch=64, max_model_len=256, capture=False)

@@ -250,13 +250,10 @@ def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return blocks, (exp[..., 0] + 127).to(torch.uint8), (FP4[code] * torch.exp2(exp)).reshape(E, N, K)
 
 
-def test_gpt_oss_as_released_mxfp4_experts_loads_dequantized_and_runs_as_hf(tmp_path: Path) -> None:
-    """gpt-oss's checkpoints hold their experts in MXFP4 (*_blocks, *_scales): they load as the plain
-    weights those codes stand for (other quantized checkpoints stay refused), and the runner's
-    logits are Hugging Face's."""
+def _mxfp4_checkpoint(folder: Path) -> torch.nn.Module:
+    """A tiny gpt-oss folder with its experts in MXFP4, as OpenAI's checkpoints hold them; → the
+    model with the weights those codes stand for (what it must load as)."""
     from safetensors.torch import save_file
-
-    from engine.model_runner import ModelRunner, SeqInput
 
     want = tiny_model(seed=3, arch="gpt_oss")
     state = {k: v.contiguous() for k, v in want.state_dict().items()}
@@ -266,11 +263,21 @@ def test_gpt_oss_as_released_mxfp4_experts_loads_dequantized_and_runs_as_hf(tmp_
             blocks, scales, w = _mxfp4(state.pop(key).transpose(1, 2))  # stored [E, in, out]
             state[key + "_blocks"], state[key + "_scales"] = blocks, scales
             getattr(layer.mlp.experts, proj).data = w.transpose(1, 2).contiguous()
-    save_file(state, tmp_path / "model.safetensors")
+    save_file(state, folder / "model.safetensors")
     config = {**want.config.to_dict(), "architectures": ["GptOssForCausalLM"], "quantization_config": {
         "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                             "model.embed_tokens", "lm_head"]}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config))
+    return want
+
+
+def test_gpt_oss_as_released_mxfp4_experts_loads_dequantized_and_runs_as_hf(tmp_path: Path) -> None:
+    """gpt-oss's checkpoints hold their experts in MXFP4 (*_blocks, *_scales): off CUDA they load as
+    the plain weights those codes stand for (other quantized checkpoints stay refused), and the
+    runner's logits are Hugging Face's."""
+    from engine.model_runner import ModelRunner, SeqInput
+
+    want = _mxfp4_checkpoint(tmp_path)
     model = load_model(ModelConfig(path=str(tmp_path)))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
     prompt = list(range(3, 40))
@@ -278,7 +285,37 @@ def test_gpt_oss_as_released_mxfp4_experts_loads_dequantized_and_runs_as_hf(tmp_
     with torch.inference_mode():
         torch.testing.assert_close(runner.forward([SeqInput(prompt, 0, [0, 1, 2])])[0],
                                    want(torch.tensor([prompt])).logits[0, -1], atol=5e-5, rtol=1e-4)
+    config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"]["quant_method"] = "awq"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="quantized \\(awq\\)"):
         load_model(ModelConfig(path=str(tmp_path)))
+
+
+def test_gpt_oss_experts_kept_in_mxfp4_run_as_their_dequantized_selves(tmp_path: Path) -> None:
+    """On CUDA the experts stay MXFP4 (engine/mxfp4.py: a quarter of bf16's memory) and the runner
+    multiplies by them directly (engine/triton_mxfp4.py); here on CPU, the same loader and the same
+    kernel under Triton's interpreter: the logits of a prompt and a decode step are Hugging Face's
+    on the dequantized weights."""
+    from engine import mxfp4
+    from engine.model_runner import ModelRunner, SeqInput
+    from engine.moe import Experts, Mxfp4
+    from transformers import AutoConfig
+
+    want = _mxfp4_checkpoint(tmp_path)
+    model = mxfp4.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.numel() == 0 and experts.gate_up_proj_blocks.dtype == torch.uint8
+    assert experts.gate_up_proj_blocks.shape == (8, 64, 32) and experts.down_proj_scales.shape == (8, 64, 1)
+    runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
+    assert all(isinstance(layer.mlp, Experts) and isinstance(layer.mlp.gate_up, Mxfp4) for layer in runner.layers)
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        ref = want(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(runner.forward([SeqInput(prompt[:-1], 0, [0, 1, 2])])[0], ref[-2],
+                                   atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(runner.forward([SeqInput(prompt[-1:], len(prompt) - 1, [0, 1, 2])])[0], ref[-1],
+                                   atol=5e-5, rtol=1e-4)
+    (tmp_path / "model.safetensors").rename(tmp_path / "other.bin")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        mxfp4.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")

@@ -2,7 +2,7 @@
 the tiny test shape in fp32 (the GPU tests'), the 1.1B and 8B shapes in bf16 and Qwen3-30B-A3B's layer
 (its experts' grouped matmul) in fp16 and bf16, Gemma 3 1B's (head_dim 256, windows) and Gemma 2
 2B's (the same with soft-capped scores), GLM-4-9B's (interleaved rotary, 16 query heads a KV head) and
-OLMo-2-7B's (its norm's rounding) and gpt-oss-20b's (attention sinks, experts with biases) in bf16 — checked here, without a GPU, by Triton's own compiler
+OLMo-2-7B's (its norm's rounding) and gpt-oss-20b's (attention sinks, its MXFP4 experts) in bf16 — checked here, without a GPU, by Triton's own compiler
 and ptxas (tests/cpu/sm90_compile.py). The interpreter the other tests use cannot see a kernel that
 fails to compile, nor one that spills registers to local memory."""
 import json
@@ -16,7 +16,7 @@ import pytest
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_paged_decode", "_merge_splits", "_paged_prefill", "_add_rms_norm", "_rope_store", "_act_mul",
-           "_grouped_matmul"}
+           "_grouped_matmul", "_grouped_matmul_mxfp4"}
 
 
 def _has_ptxas() -> bool:

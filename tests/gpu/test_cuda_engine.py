@@ -100,6 +100,42 @@ def test_the_triton_grouped_matmul_in_bf16_equals_torchs() -> None:
     torch.testing.assert_close(grouped_matmul(rows, weights, offs), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_the_mxfp4_grouped_matmul_in_bf16_equals_torchs_on_the_dequantized_weights() -> None:
+    """gpt-oss's experts kept in MXFP4, bf16 rows of gpt-oss-20b's gate|up shape (64 tokens x 4
+    experts of 32): the Triton kernel against torch's grouped_mm over the dequantized weights."""
+    from engine.moe import grouped_mm
+    from engine.triton_mxfp4 import dequantize, grouped_matmul_mxfp4
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S, K, N, E = 256, 2880, 5760, 32
+    blocks = torch.randint(0, 256, (E, N, K // 2), device="cuda", generator=g, dtype=torch.uint8)
+    scales = torch.randint(118, 122, (E, N, K // 32), device="cuda", generator=g, dtype=torch.uint8)
+    rows = torch.randn(S, K, device="cuda", generator=g).bfloat16()
+    experts = torch.sort(torch.randint(0, E, (S,), device="cuda", generator=g)).values
+    offs = torch.cumsum(torch.bincount(experts, minlength=E), 0).to(torch.int32)
+    ref = grouped_mm(rows, dequantize(blocks, scales, torch.bfloat16).transpose(1, 2), offs=offs)
+    torch.testing.assert_close(grouped_matmul_mxfp4(rows, blocks, scales, offs), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_gpt_oss_kept_in_mxfp4_equals_hf_dequantized_through_graphs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A tiny gpt-oss folder with MXFP4 experts loads on CUDA with them kept (engine/mxfp4.py) and
+    decodes through the graphs as Hugging Face does on the weights they stand for."""
+    from engine.config import ModelConfig
+    from engine.model_loader import load_model
+    from engine.model_runner import ModelRunner
+    from engine.moe import Mxfp4
+    from tests.cpu.test_model_loader import _mxfp4_checkpoint
+
+    want = _mxfp4_checkpoint(tmp_path).to("cuda")
+    model = load_model(ModelConfig(path=str(tmp_path), device="cuda", dtype="float32"))
+    runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
+    assert isinstance(runner.layers[0].mlp.gate_up, Mxfp4)
+    runner.use_decode_graphs(64, max_model_len=256)
+    prompts = _prompts(16, seed=7)
+    assert _decode(runner, prompts, 12) == [_hf(want, p, 12) for p in prompts]
+    assert runner.graphs is not None and runner.graphs.replays > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])  # qwen3_moe: the experts' grouped matmuls in the graphs
 def test_bf16_graphs_equal_bf16_eager(arch: str) -> None:
     from engine.model_runner import ModelRunner
