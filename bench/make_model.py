@@ -63,6 +63,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "gpt-oss-20b": dict(hidden_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
                         head_dim=64, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
                         vocab_size=201088, sliding_window=128),
+    "gpt-oss-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                         vocab_size=512, sliding_window=16),
     "qwen3-moe-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=32, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
                            num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512),
@@ -107,12 +110,44 @@ def build(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", s
     with torch.device(device):  # made in its dtype (a 15B float32 copy would not fit an 80 GB GPU)
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    if shape.startswith("gpt-oss"):  # its experts as OpenAI released them: MXFP4
+        _save_mxfp4(model, out, seed)
+    else:
+        model.save_pretrained(out)
     hf = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(cfg.vocab_size), unk_token="<unk>",
                                  bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<unk>")
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out)
     return out
+
+
+def _save_mxfp4(model: Any, out: Path, seed: int) -> None:
+    """gpt-oss's folder as released: each expert weight as MXFP4 codes (`*_blocks` [E, N, K/32, 16],
+    drawn at random among ±0..1.5) under one scale, 2^-7 (`*_scales`: weights ~0.01, as trained
+    ones), the rest as made; `quantization_config` says so. One safetensors file."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    state = {}
+    for key, w in model.state_dict().items():
+        if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[key] = w.contiguous().cpu()
+            continue
+        E, K, N = w.shape  # [E, in, out]
+        g = torch.Generator(device=w.device).manual_seed(seed)
+        codes = torch.randint(0, 4, (E, N, K), generator=g, device=w.device, dtype=torch.uint8)
+        codes |= torch.randint(0, 2, (E, N, K), generator=g, device=w.device, dtype=torch.uint8) << 3  # sign
+        state[key + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(E, N, K // 32, 16).cpu()
+        state[key + "_scales"] = torch.full((E, N, K // 32), 127 - 7, dtype=torch.uint8).cpu()
+        del codes
+    save_file(state, out / "model.safetensors")
+    cfg = {**json.loads(model.config.to_json_string()), "architectures": ["GptOssForCausalLM"],
+           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+               "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    model.generation_config.save_pretrained(out)
 
 
 def _tokenizer(vocab_size: int) -> Any:

@@ -1,5 +1,6 @@
 """bench/make_model.py: a random-weight model folder pdserve loads like any checkpoint, and serves
-with greedy == HF generate (the test shape; the 1.1B and 8B shapes are the same code)."""
+with greedy == HF generate (the test shapes; the 1.1B and 8B shapes are the same code; gpt-oss's
+with its experts in MXFP4, as released)."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from make_model import FIRST_WORD, build  # noqa: E402
 
 
-@pytest.mark.parametrize("shape", ["test", "qwen3-test", "qwen3-moe-test"])
+@pytest.mark.parametrize("shape", ["test", "qwen3-test", "qwen3-moe-test", "gpt-oss-test"])  # gpt-oss: MXFP4
 def test_a_built_model_loads_and_decodes_like_hf(tmp_path: Path, shape: str) -> None:
     from transformers import AutoModelForCausalLM
 
