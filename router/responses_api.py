@@ -26,7 +26,7 @@ from router.tool_calls import Delta
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
           "tool_choice", "parallel_tool_calls", "text", "reasoning", "store", "metadata", "user", "truncation",
-          "previous_response_id", "background", "include", "service_tier", "top_logprobs", "stream_options"}
+          "previous_response_id", "background", "include", "service_tier", "stream_options"}  # the last three: ignored
 RENAMED = {"max_tokens": "max_output_tokens", "response_format": "text.format", "reasoning_effort": "reasoning.effort",
            "messages": "input"}  # a chat field a refusal names → the Responses field it came from
 
@@ -45,12 +45,9 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("only truncation \"disabled\" is supported", "truncation")
     chat: dict[str, Any] = {"model": body.get("model"), "messages": _messages(body)}
     for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                     ("stream", "stream"), ("parallel_tool_calls", "parallel_tool_calls"),
-                     ("user", "user"), ("stream_options", "stream_options")):
+                     ("stream", "stream"), ("parallel_tool_calls", "parallel_tool_calls"), ("user", "user")):
         if body.get(src) is not None:
             chat[dst] = body[src]
-    if body.get("top_logprobs") is not None:
-        chat["logprobs"], chat["top_logprobs"] = True, body["top_logprobs"]
     if body.get("tools") is not None:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:

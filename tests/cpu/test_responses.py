@@ -44,7 +44,9 @@ def test_a_request_becomes_the_chat_body_it_stands_for() -> None:
                          {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
                      {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
                      {"role": "user", "content": "and tomorrow?"}]}
-    assert chat_body({"model": "m", "input": "hi"})["messages"] == [{"role": "user", "content": "hi"}]
+    assert chat_body({"model": "m", "input": "hi", "stream_options": {"include_obfuscation": False},
+                      "include": ["reasoning.encrypted_content"]}) == {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -56,6 +58,7 @@ def test_a_request_becomes_the_chat_body_it_stands_for() -> None:
     ({"input": []}, "input"),
     ({"truncation": "auto"}, "truncation"),
     ({"seed": 3}, "seed"),  # not a Responses field
+    ({"top_logprobs": 2}, "top_logprobs"),  # not carried into output_text's logprobs here
 ])
 def test_what_has_no_chat_equivalent_is_refused_naming_the_field(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(BadRequest) as e:
