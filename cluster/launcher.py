@@ -284,7 +284,8 @@ class Cluster:
         from cluster.supervisor import Supervisor
 
         name = cfg.server.served_model_name or os.path.basename(cfg.model.path.rstrip("/"))
-        server = RouterServer(GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len), cfg.server, name)
+        svc = GenerationService(dispatcher, tok, cfg.limits, cfg.model.max_model_len, tuple(cfg.model.lora_adapters))
+        server = RouterServer(svc, cfg.server, name)
         server.background.append(Supervisor(self, dispatcher).run)
         return server
 

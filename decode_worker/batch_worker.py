@@ -76,6 +76,7 @@ class BatchWorker(StepsInFlight, StepLoop):
             shape = ModelRunner.cache_shape(model.config, blocks, kv_cfg.block_size)
             kv, self.cache_handle = shared_cache.allocate(shape, model.dtype, model_cfg.device, worker_id)
         self.runner = ModelRunner(model, blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
+        self.runner.load_adapters(model_cfg.lora_adapters)
         if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
             self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
         self.allocator = PrefixCache(blocks, kv_cfg.block_size, enabled=kv_cfg.prefix_cache)
@@ -101,8 +102,8 @@ class BatchWorker(StepsInFlight, StepLoop):
         prompt_ids: list[int] | None = None, cache_salt: str = "",
     ) -> ReserveResult:
         """1. A grammar (structured output) is compiled here, before its first step needs it."""
-        if sampling.grammar and (error := self.guides.prepare(sampling.grammar, sampling.grammar_free_opener)):
-            return ReserveResult(False, f"structured output: {error}", refused_field="structured")
+        if error := self._unfit(sampling):
+            return error
         with self.lock:
             return self.scheduler.reserve(request_id, num_prompt_tokens, sampling, eos_token_ids, prompt_ids, cache_salt)
 
@@ -112,12 +113,21 @@ class BatchWorker(StepsInFlight, StepLoop):
     ) -> ReserveResult:
         """A request whose decode worker was lost goes on here: its KV is recomputed from its prompt
         and the tokens streamed so far (as after a preemption), then it decodes on."""
-        if sampling.grammar and (error := self.guides.prepare(sampling.grammar, sampling.grammar_free_opener)):
-            return ReserveResult(False, f"structured output: {error}", refused_field="structured")
+        if error := self._unfit(sampling):
+            return error
         with self.wake:
             r = self.scheduler.adopt(request_id, prompt_ids, output_ids, sampling, eos_token_ids, cache_salt)
             self.nudge()
         return r
+
+    def _unfit(self, sampling: SamplingParams) -> ReserveResult | None:
+        """A refusal where this worker cannot run the request: a grammar that does not compile, a LoRA
+        adapter it does not hold (the router checks the same config: a mismatch is a deployment's)."""
+        if sampling.grammar and (error := self.guides.prepare(sampling.grammar, sampling.grammar_free_opener)):
+            return ReserveResult(False, f"structured output: {error}", refused_field="structured")
+        if sampling.adapter and sampling.adapter not in self.runner.adapters:
+            return ReserveResult(False, f"no LoRA adapter {sampling.adapter!r} here", refused_field="lora_adapter")
+        return None
 
     def prefill(self, request: PrefillRequest, timeout_s: float = 300.0) -> PrefillResult:
         """2. Compute the prompt into the blocks reserve() holds; block until its first token."""
@@ -229,7 +239,7 @@ class BatchWorker(StepsInFlight, StepLoop):
 
     def _decode_rows(self, batch: list[DecodeRequest]) -> list[SeqInput]:
         """One new token per running request: its last one, at position num_tokens - 1."""
-        return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table) for r in batch]
+        return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table, adapter=r.sampling.adapter) for r in batch]
 
     def _decode_sampling(self, batch: list[DecodeRequest], pending: int = 0) -> tuple[
             list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None],
@@ -270,7 +280,7 @@ class BatchWorker(StepsInFlight, StepLoop):
         self.scheduler.resume()
         chunks = self.scheduler.recompute_chunks(budget)
         return chunks, [SeqInput(c.request.recompute_ids()[c.start : c.start + c.length], c.start,
-                                 c.request.block_table) for c in chunks]
+                                 c.request.block_table, adapter=c.request.sampling.adapter) for c in chunks]
 
     def _recomputed(self, chunks: list[Recompute]) -> None:
         n = sum(c.length for c in chunks)

@@ -77,7 +77,8 @@ class StepsInFlight:
                 if r.status is not DecodeStatus.RUNNING or len(r.output_ids) + 1 >= r.sampling.max_tokens:
                     continue  # ended, or prev's token is its last
                 rows.append(r)
-                seqs.append(SeqInput([i], r.num_tokens, r.block_table))  # prev's token goes at num_tokens
+                seqs.append(SeqInput([i], r.num_tokens, r.block_table, adapter=r.sampling.adapter))  # prev's token
+                # goes at num_tokens (a row with a LoRA adapter: none follows in flight, graphs.fits)
             if not rows or g is None or not g.fits(seqs):
                 return None
             for r in rows:  # every ~block_size steps a row's token starts a block: it takes a free one

@@ -31,6 +31,11 @@ class ModelConfig(Frozen):
         "the model was trained for (max_position_embeddings, stretched by a yarn/dynamic/linear rope scaling)."
     )
     seed: int = Field(0, description="Seed for the tiny test model's random weights.")
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served beside the model: name → a local PEFT folder "
+        "(adapter_config.json + adapter_model.safetensors) training q/k/v/o and, in dense layers, gate/up/down "
+        "projections. A request runs with one by naming it (HTTP: as `model`; gRPC: lora_adapter); rows of "
+        "different adapters share a forward (their decode steps run without CUDA graphs).")
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto: on CPU, oneDNN pre-packed linear layers and the fused paged decode-"
         "attention kernel (each falls back if unavailable); on CUDA, the Triton paged-attention kernels. "

@@ -88,7 +88,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def fits(self, seqs: list[SeqInput]) -> bool:
-        return (0 < len(seqs) <= self.max_batch and all(s.num_new == 1 for s in seqs)
+        return (0 < len(seqs) <= self.max_batch and all(s.num_new == 1 and not s.adapter for s in seqs)
                 and max(s.context_len for s in seqs) <= self.max_context)
 
     def bucket(self, n: int) -> int:

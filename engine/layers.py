@@ -4,6 +4,7 @@ families add as options (q/k norms, a sandwich of norms, per-layer rotary or non
 without a gate, attention and MLP in parallel)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +22,15 @@ class Dense:
     down_proj: Linear
     act: torch.nn.Module
 
-    def __call__(self, h: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
-        return self.down_proj(act_mul(self.act, self.gate_up(h)))  # [T, hidden]
+    def __call__(self, h: torch.Tensor, act_mul: ActMul, lora: Lora | None = None) -> torch.Tensor:
+        """lora: adds the LoRA deltas of a projection's output (ModelRunner: engine/lora.py)."""
+        if lora is None:
+            return self.down_proj(act_mul(self.act, self.gate_up(h)))  # [T, hidden]
+        a = act_mul(self.act, lora("gate_up", h, self.gate_up(h)))  # [T, I]
+        return lora("down", a, self.down_proj(a))
+
+
+Lora = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]  # (projection, its input, its output) → output
 
 
 @dataclass(frozen=True)

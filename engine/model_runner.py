@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel
 
-from engine import layers, paged_attention
+from engine import layers, lora, paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
@@ -54,6 +54,7 @@ class SeqInput:
     block_table: list[int]  # the sequence's KV blocks, in position order
     scored: tuple[int, ...] = ()  # prompt logprobs: the token after each of its first len(scored) new tokens
     top: int = 0  # ... and how many top alternatives each of those positions reports
+    adapter: str = ""  # the LoRA adapter its tokens run with (load_adapters); "": the base model
 
     @property
     def num_new(self) -> int:
@@ -109,6 +110,18 @@ class ModelRunner:
         self.tables = "interleaved" if cfg.model_type in INTERLEAVED_TABLES else "half" if cfg.model_type in HALF_TABLES else ""
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
+        self.adapters: dict[str, lora.Adapter] = {}  # set by load_adapters()
+
+    def load_adapters(self, folders: dict[str, str]) -> None:
+        """The LoRA adapters (name → PEFT folder) its rows may run with (engine/lora.py); LoraError
+        naming the adapter where it trains what this model's layers do not compute."""
+        for name, folder in folders.items():
+            adapter = lora.load(name, folder, self.num_layers, self.dtype, self.device)
+            if any(proj in ("gate_up", "down") and not isinstance(self.layers[li].mlp, layers.Dense)
+                   for li, proj in adapter.weights):
+                raise lora.LoraError(f"model.lora_adapters.{name}: trains an MLP this model computes otherwise "
+                                     "(experts, or no gate): only its attention projections can take LoRA")
+            self.adapters[name] = adapter
 
     def _attention_backend(self, kernels: str, linear_backend: str) -> TorchAttention | TritonAttention:
         """triton: asked for, or auto on CUDA where it imports; else torch (the fused C++ decode kernel on
@@ -156,6 +169,8 @@ class ModelRunner:
         if feed is not None:
             raise ValueError("a fed decode step runs only through the decode graphs (graphs.fits)")
         meta = self.attn.prepare(seqs)
+        if any(s.adapter for s in seqs):
+            meta.extra["lora"] = self._adapter_rows(seqs)
         self.tokens_forwarded += meta.ids.numel()
         x, residual = self.hidden(meta)
         if scoring:
@@ -172,6 +187,18 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, max_batch, max_model_len,
                                    self.device.type == "cuda" if capture is None else capture)
 
+    def _adapter_rows(self, seqs: list[SeqInput]) -> dict[str, torch.Tensor]:
+        """Each adapter's token rows [n] in the forward's packed tokens (sequences in order)."""
+        rows: dict[str, list[int]] = {}
+        start = 0
+        for s in seqs:
+            if s.adapter:
+                if s.adapter not in self.adapters:
+                    raise lora.LoraError(f"no LoRA adapter {s.adapter!r} is loaded")
+                rows.setdefault(s.adapter, []).extend(range(start, start + s.num_new))
+            start += s.num_new
+        return {name: torch.tensor(r, dtype=torch.long).to(self.device) for name, r in rows.items()}
+
     def describe(self) -> str:
         """One line for a worker's start-up log: the model as computed here and the paths it takes."""
         cfg, mlps = self.model.config, sorted({type(layer.mlp).__name__ for layer in self.layers})
@@ -181,7 +208,8 @@ class ModelRunner:
         return (f"{cfg.model_type}: {self.num_layers} layers, {self.num_heads} heads ({self.num_kv_heads} KV) of "
                 f"{self.head_dim}, {str(self.dtype).removeprefix('torch.')} on {self.device}; attention {self.attn.name}"
                 f"{f', windows {windows}' if windows else ''}{sinks}, layer ops {type(self.ops).__name__}, MLP "
-                f"{'/'.join(mlps)}, linears {self.kernels}; {self.num_blocks} KV blocks of {self.block_size}; {graphs}")
+                f"{'/'.join(mlps)}, linears {self.kernels}; {self.num_blocks} KV blocks of {self.block_size}; {graphs}"
+                f"{'; LoRA adapters ' + ', '.join(self.adapters) if self.adapters else ''}")
 
     def device_ok(self) -> bool:
         """Whether the device still runs work. After a failed step: an out-of-memory leaves the CUDA
@@ -215,9 +243,12 @@ class ModelRunner:
         pos = meta.pos.unsqueeze(0)  # [1, T]
         rotary = {t: self._rotary(x, pos, t) for t in {layer.rope for layer in self.layers}}  # (cos, sin) [T, D]
         residual: torch.Tensor | None = None  # the residual stream; x is the last sub-layer's output
+        rows = meta.extra.get("lora")  # LoRA adapters' token rows, where the batch has any
         for li, layer in enumerate(self.layers):
             h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
-            q, k, v = layer.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
+            delta = self._lora(li, rows) if rows else None
+            qkv = layer.qkv(h) if delta is None else delta("qkv", h, layer.qkv(h))
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
             if layer.q_norm is not None and layer.k_norm is not None:
                 if layer.qk_norm_whole:  # OLMo 2: over each token's whole q [T, H*D] and k [T, KVH*D]
                     q, k = ops.norm(layer.q_norm, q, None)[0], ops.norm(layer.k_norm, k, None)[0]
@@ -226,18 +257,33 @@ class ModelRunner:
                     k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
             o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary[layer.rope],
                                  meta, layer.scaling)  # [T, H*D]
+            out = layer.o_proj(o) if delta is None else delta("o", o, layer.o_proj(o))  # [T, hidden]
+
+            def mlp(h: torch.Tensor) -> torch.Tensor:
+                return layer.mlp(h, ops.act_mul) if delta is None else layer.mlp(h, ops.act_mul, delta)  # type: ignore[call-arg]
+
             if layer.parallel:  # Cohere: residual + attention + MLP, in that order
-                residual = residual + layer.o_proj(o)
-                x = layer.mlp(h, ops.act_mul)
+                residual = residual + out
+                x = mlp(h)
             elif layer.pre_mlp_norm is None or layer.post_mlp_norm is None:
-                h, residual = ops.norm(layer.post_norm, self._branch(layer.o_proj(o)), residual)
-                x = self._branch(layer.mlp(h, ops.act_mul))  # [T, hidden]
+                h, residual = ops.norm(layer.post_norm, self._branch(out), residual)
+                x = self._branch(mlp(h))  # [T, hidden]
             else:  # Gemma, GLM 4: residual += post_norm(attention); x = post_mlp_norm(mlp(pre_mlp_norm(residual)))
-                attn = self._branch(ops.norm(layer.post_norm, layer.o_proj(o), None)[0])
+                attn = self._branch(ops.norm(layer.post_norm, out, None)[0])
                 h, residual = ops.norm(layer.pre_mlp_norm, attn, residual)
-                x = self._branch(ops.norm(layer.post_mlp_norm, layer.mlp(h, ops.act_mul), None)[0])
+                x = self._branch(ops.norm(layer.post_mlp_norm, mlp(h), None)[0])
         assert residual is not None
         return x, residual
+
+    def _lora(self, li: int, rows: dict[str, torch.Tensor]) -> layers.Lora:
+        """Layer li's LoRA deltas: (projection, its input, its output) → the output with each
+        adapter's rows' delta added (engine/lora.py)."""
+        sizes = {"qkv": [self.q_size, self.kv_size, self.kv_size], "o": [self.model.config.hidden_size]}
+        dense = self.layers[li].mlp
+        if isinstance(dense, layers.Dense):
+            inter = dense.down_proj.weight.shape[1]
+            sizes |= {"gate_up": [inter, inter], "down": [self.model.config.hidden_size]}
+        return lambda proj, x, out: lora.add_deltas(out, x, rows, self.adapters, li, proj, sizes[proj])
 
     def _rotary(self, x: torch.Tensor, pos: torch.Tensor, rope: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [T, D] of the layers whose `rope` it is: the model's (Gemma 3: per layer type);

@@ -83,7 +83,8 @@ class PromptQueue:
         for c, table in zip(chunks, tables):
             ids, top = c.pending.request.token_ids, c.pending.request.sampling.prompt_logprobs
             scored = tuple(ids[c.start + 1 : c.start + c.length + 1]) if top is not None else ()
-            out.append(SeqInput(ids[c.start : c.start + c.length], c.start, table, scored, top or 0))
+            out.append(SeqInput(ids[c.start : c.start + c.length], c.start, table, scored, top or 0,
+                                c.pending.request.sampling.adapter))
         return out
 
     def finish(self, chunks: list[Chunk], scores: dict[int, list[TokenLogprob]] | None = None,

@@ -44,6 +44,8 @@ class SamplingParams:
     think_end_id: int = -1  # with thinking_budget: the token of "</think>"
     think_open_id: int = -1  # ... and of "<think>" where the answer may open its thinking (-1: it starts inside)
     priority: int = 0  # lower is served sooner (vLLM semantics): KV room, prompt queue, decode batch, preemption last
+    adapter: str = ""  # the LoRA adapter it runs with (model.lora_adapters; engine/lora.py): not a sampling
+    # setting, but it goes with the request to every worker that computes it, as these do; "": the base model
 
     @property
     def greedy(self) -> bool:

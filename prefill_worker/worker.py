@@ -101,6 +101,7 @@ class PrefillWorker(StepLoop):
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
         model = load_model(model_cfg)
         self.runner = ModelRunner(model, blocks, block_size, model_cfg.kernels)
+        self.runner.load_adapters(model_cfg.lora_adapters)
         self.guides = Guides(lambda: load_tokenizer(model_cfg), model.config.vocab_size)  # structured outputs
         # scratch blocks: a prompt's are released once handed off, its full ones kept for reuse
         self.allocator = PrefixCache(blocks, block_size, enabled=cfg.prefix_cache)
@@ -146,6 +147,8 @@ class PrefillWorker(StepLoop):
         sp = request.sampling
         if sp.grammar and (error := self.guides.prepare(sp.grammar, sp.grammar_free_opener)):
             return PrefillResult.failed(rid, f"structured output: {error}", refused_field="structured")
+        if sp.adapter and sp.adapter not in self.runner.adapters:  # (the router checks it against the same config)
+            return PrefillResult.failed(rid, f"no LoRA adapter {sp.adapter!r} here", refused_field="lora_adapter")
         if request.dest is not None and request.dest.worker_id not in self.sender.links:
             return PrefillResult.failed(rid, f"no hand-off link to decode worker {request.dest.worker_id}", handoff=True)
         with self.lock:

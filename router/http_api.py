@@ -26,15 +26,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from protos.pdserve.v1 import generation_pb2 as pb
 from router.choices import fan_out, merged
 from router.errors import BadRequest, InvalidArgument
 from router.openai_answers import Choice, chat_split, chunk_obj, final_obj, total_usage, usage_obj
 from router.openai_requests import Options, Prompt, parse_body, with_prompts, with_token_text
+from router.http_guard import Guard, error
 from router.reasoning import prompt_opens_thinking, reasoning_tokens, think_budget, think_first
-from router.security import REFUSAL, TokenStore, bearer
+from router.security import TokenStore
 from router.service import GenerationService, Refused
 from router.tokenize_api import detokenize, tokenize
 from router.validation import ValidRequest
@@ -48,64 +49,11 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.INTERNAL: (500, "server_error"),
 }
-OPEN_PATHS = ("/health", "/metrics")
-
-
-def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-          retry_after: bool = False) -> JSONResponse:
-    headers = {"Retry-After": "1"} if retry_after else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
-                        headers=headers)
 
 
 def refused(e: Refused) -> JSONResponse:
     status, kind = HTTP_STATUS.get(e.code, (500, "server_error"))
     return error(status, e.message, kind, e.field, e.code.name.lower(), retry_after=status in (429, 503))
-
-
-class Guard:
-    """Pure ASGI: the bearer token (if configured) and the body size limit, before any route runs."""
-
-    def __init__(self, app: ASGIApp, tokens: TokenStore | None, max_body: int, svc: GenerationService) -> None:
-        self.app, self.tokens, self.max_body, self.svc = app, tokens, max_body, svc
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.tokens is not None and not (self.tokens.open_health and scope["path"] in OPEN_PATHS):
-            headers = dict(scope.get("headers") or [])
-            token = bearer(headers.get(b"authorization", b"").decode("latin-1"))
-            if not self.tokens.check(token):
-                self.svc.metrics.errors.labels("UNAUTHENTICATED").inc()
-                resp = error(401, REFUSAL, "authentication_error", code="invalid_api_key")
-                resp.headers["WWW-Authenticate"] = "Bearer"
-                return await resp(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return await _too_big(self.max_body)(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
-            msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.max_body:
-                raise _TooBig()
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooBig:
-            await _too_big(self.max_body)(scope, receive, send)
-
-
-class _TooBig(Exception):
-    pass
-
-
-def _too_big(limit: int) -> JSONResponse:
-    return error(413, f"request body exceeds server.max_body_bytes={limit}", "invalid_request_error",
-                 code="request_too_large")
 
 
 class OpenAIFront:
@@ -129,7 +77,9 @@ class OpenAIFront:
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model, "object": "model", "created": 0, "owned_by": "pdserve",
-             "max_model_len": self.svc.max_model_len}]})
+             "max_model_len": self.svc.max_model_len},
+            *({"id": a, "object": "model", "created": 0, "owned_by": "pdserve", "parent": self.model,
+               "max_model_len": self.svc.max_model_len} for a in self.svc.adapters)]})
 
     async def tokenize(self, request: Request) -> Response:
         return await self._tool(request, lambda raw: tokenize(raw, self.model, self.svc.tokenizer, self.svc.max_model_len))
@@ -155,7 +105,7 @@ class OpenAIFront:
         """A body → its admitted requests (one per choice) and the answer's options; BadRequest or
         Refused naming the field."""
         pbreqs, opts = parse_body(raw, chat, self.model, self.svc.limits.max_choices, self.tool_parser,
-                                  self.reasoning_parser)
+                                  self.reasoning_parser, self.svc.adapters)
         reqs = [child for p, r in enumerate(pbreqs)  # choice p * n + i
                 for child in fan_out(self._admit(r, p, len(pbreqs), opts.structured_param), opts.n)]
         opts = with_token_text(opts, self._token_text)

@@ -64,15 +64,17 @@ class Prompt:
 
 
 def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser: str | None = None,
-               reasoning_parser: str | None = None) -> tuple[list[pb.GenerateRequest], Options]:
+               reasoning_parser: str | None = None, adapters: tuple[str, ...] = ()) -> tuple[list[pb.GenerateRequest], Options]:
     """One request per prompt (chat: one), the same fields each; choice `p * n + i` is prompt p's i-th.
-    tool_parser, reasoning_parser: the server's (server.tool_call_parser, server.reasoning_parser)."""
+    tool_parser, reasoning_parser: the server's (server.tool_call_parser, server.reasoning_parser);
+    adapters: its LoRA adapters, which `model` may name instead of the model."""
     body = json_object(raw)
     unknown = sorted(set(body) - (CHAT if chat else COMPLETION))
     if unknown:
         raise BadRequest(f"unsupported field: {unknown[0]}", unknown[0], code="unsupported_parameter")
-    if body.get("model") != model:
-        raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves {model!r})",
+    if body.get("model") != model and body.get("model") not in adapters:
+        served = ", ".join([model, *adapters])
+        raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves {served})",
                          "model", 404, "model_not_found")
     n = _get(body, "n", int, 1)
     if n < 1:
@@ -167,6 +169,8 @@ def parse_body(raw: bytes, chat: bool, model: str, max_choices: int, tool_parser
     continuous = bool(opts and _get(opts, "continuous_usage_stats", bool, False))
     _get(body, "user", str, None)
     req.cache_salt = _get(body, "cache_salt", str, "")  # vLLM's name: prefix KV shared only within a salt
+    if body["model"] != model:  # one of its LoRA adapters
+        req.lora_adapter = body["model"]
     reqs = [req] if chat else [_with_prompt(req, p) for p in prompts]
     return reqs, Options(chat, stream, include_usage, logprobs is not None, n, echo=echo, continuous_usage=continuous,
                          prompt_logprobs=scored is not None,

@@ -35,8 +35,11 @@ class Refused(Exception):
 
 
 class GenerationService:
-    def __init__(self, dispatcher: Dispatcher, tokenizer: Any, limits: LimitsConfig, max_model_len: int) -> None:
+    def __init__(self, dispatcher: Dispatcher, tokenizer: Any, limits: LimitsConfig, max_model_len: int,
+                 adapters: tuple[str, ...] = ()) -> None:
+        """adapters: the LoRA adapters the workers serve (model.lora_adapters), which requests may name."""
         self.dispatcher, self.tokenizer, self.limits, self.max_model_len = dispatcher, tokenizer, limits, max_model_len
+        self.adapters = adapters
         self.metrics = RouterMetrics()
         self.draining = False  # set by RouterServer.stop(): new requests are refused
 
@@ -46,7 +49,7 @@ class GenerationService:
             raise self.refuse(grpc.StatusCode.UNAVAILABLE,
                               "server is shutting down; retry on another replica (or after its restart)")
         try:
-            return validate(request, self.tokenizer, self.limits, self.max_model_len)
+            return validate(request, self.tokenizer, self.limits, self.max_model_len, self.adapters)
         except InvalidArgument as e:
             raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
 

@@ -45,7 +45,9 @@ def parse(raw: bytes) -> pb.GenerateRequest:
         raise InvalidArgument(field, "not valid UTF-8" if field != "request" else f"malformed: {e}") from e
 
 
-def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model_len: int) -> ValidRequest:  # type: ignore[no-untyped-def]
+def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model_len: int,  # type: ignore[no-untyped-def]
+             adapters: tuple[str, ...] = ()) -> ValidRequest:
+    """`adapters`: the LoRA adapters served (model.lora_adapters) that lora_adapter may name."""
     key = uuid.uuid4().hex
     rid = req.request_id or key
     if not _ID_RE.match(rid):
@@ -144,12 +146,20 @@ def validate(req: pb.GenerateRequest, tokenizer, limits: LimitsConfig, max_model
         priority=req.priority,
         bad_words=bad_words,
         thinking_budget=budget,
+        adapter=_adapter(req.lora_adapter, adapters),
     )
     if len(req.cache_salt) > MAX_SALT_CHARS:
         raise InvalidArgument("cache_salt", f"must be at most {MAX_SALT_CHARS} characters, got {len(req.cache_salt)}")
     skip = req.skip_special_tokens if req.HasField("skip_special_tokens") else True
-    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop), key, req.cache_salt,
-                        req.include_stop_str_in_output, skip)
+    salt = f"lora:{req.lora_adapter}\n{req.cache_salt}" if req.lora_adapter else req.cache_salt  # KV of its own
+    return ValidRequest(rid, prompt_ids, sampling, tuple(req.stop), key, salt, req.include_stop_str_in_output, skip)
+
+
+def _adapter(name: str, adapters: tuple[str, ...]) -> str:
+    if name and name not in adapters:
+        served = ", ".join(adapters) or "none: model.lora_adapters is empty"
+        raise InvalidArgument("lora_adapter", f"{name!r} is not a LoRA adapter served here ({served})")
+    return name
 
 
 def _opt(req: pb.GenerateRequest, name: str, default: float) -> float:

@@ -2,7 +2,8 @@
 hidden / heads is 16) is handed off and decoded, and every answer, alone or in a crowd (whose rows
 each pick their own experts in one step), equals Hugging Face generate. So do a Gemma 2 folder's
 (soft-capped scores, a windowed layer; Hugging Face's reference runs its eager attention) and a GLM 4
-folder's (interleaved rotary on half of each head, sandwich norms)."""
+folder's (interleaved rotary on half of each head, sandwich norms), and a gpt-oss folder's (attention
+sinks, a window of 16 in every other layer, experts with biases: Hugging Face's eager attention)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -18,7 +19,7 @@ from tests.cpu.harness import RunningServer, prompts, tiny_config
 TOK = tiny_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4", "gpt_oss"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     model = tiny_model(seed=6, arch=request.param)
     folder: Path = tmp_path_factory.mktemp(request.param)
