@@ -259,8 +259,10 @@ class ModelRunner:
                                  meta, layer.scaling)  # [T, H*D]
             out = layer.o_proj(o) if delta is None else delta("o", o, layer.o_proj(o))  # [T, hidden]
 
-            def mlp(h: torch.Tensor) -> torch.Tensor:
-                return layer.mlp(h, ops.act_mul) if delta is None else layer.mlp(h, ops.act_mul, delta)  # type: ignore[call-arg]
+            def mlp(h: torch.Tensor) -> torch.Tensor:  # (LoRA deltas in a dense MLP's projections only)
+                if delta is None or not isinstance(layer.mlp, layers.Dense):
+                    return layer.mlp(h, ops.act_mul)
+                return layer.mlp(h, ops.act_mul, delta)
 
             if layer.parallel:  # Cohere: residual + attention + MLP, in that order
                 residual = residual + out

@@ -67,6 +67,19 @@ def test_rows_of_two_adapters_and_none_in_one_forward_equal_the_merged_models(tm
                 assert not torch.allclose(dec[i], base(torch.tensor([prompts[n]])).logits[0, -1], atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma3_text"])  # experts beside a dense layer; Gemma's sandwich norms
+def test_attention_adapters_on_other_families(tmp_path: Path, arch: str) -> None:
+    base = tiny_model(seed=2, arch=arch)
+    want = make_adapter(tmp_path / "a", base, ALL[:4] if arch == "qwen3_moe" else ALL, rank=4, alpha=8, seed=3)
+    runner = ModelRunner(base, num_blocks=16, block_size=16, kernels="torch")
+    runner.load_adapters({"a": str(tmp_path / "a")})
+    prompt = list(range(5, 50))
+    got = runner.forward([SeqInput(prompt, 0, [0, 1, 2], adapter="a"), SeqInput(prompt, 0, [3, 4, 5])])
+    with torch.inference_mode():
+        torch.testing.assert_close(got[0], want(torch.tensor([prompt])).logits[0, -1], atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(got[1], base(torch.tensor([prompt])).logits[0, -1], atol=5e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("targets, extra, arch, match", [
     (("q_proj", "embed_tokens"), {}, "llama", "trains .*embed_tokens"),
     (("q_proj",), {"use_dora": True}, "llama", "only plain LoRA"),
