@@ -82,10 +82,11 @@ class OpenAIFront:
                "max_model_len": self.svc.max_model_len} for a in self.svc.adapters)]})
 
     async def tokenize(self, request: Request) -> Response:
-        return await self._tool(request, lambda raw: tokenize(raw, self.model, self.svc.tokenizer, self.svc.max_model_len))
+        return await self._tool(request, lambda raw: tokenize(raw, self.model, self.svc.tokenizer, self.svc.max_model_len,
+                                                              self.svc.adapters))
 
     async def detokenize(self, request: Request) -> Response:
-        return await self._tool(request, lambda raw: detokenize(raw, self.model, self.svc.tokenizer))
+        return await self._tool(request, lambda raw: detokenize(raw, self.model, self.svc.tokenizer, self.svc.adapters))
 
     async def _tool(self, request: Request, answer: Callable[[bytes], dict[str, Any]]) -> Response:
         try:

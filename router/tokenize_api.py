@@ -21,8 +21,8 @@ TOKENIZE_CHAT = {"model", "messages", "add_generation_prompt", "continue_final_m
 DETOKENIZE = {"model", "tokens"}
 
 
-def tokenize(raw: bytes, model: str, tokenizer: Any, max_model_len: int) -> dict[str, Any]:
-    body = _body(raw, model)
+def tokenize(raw: bytes, model: str, tokenizer: Any, max_model_len: int, adapters: tuple[str, ...] = ()) -> dict[str, Any]:
+    body = _body(raw, model, adapters)
     _known(body, TOKENIZE_CHAT if "messages" in body else TOKENIZE_PROMPT)
     strs = _flag(body, "return_token_strs", False)
     if "messages" in body:
@@ -41,8 +41,8 @@ def tokenize(raw: bytes, model: str, tokenizer: Any, max_model_len: int) -> dict
             "token_strs": tokenizer.convert_ids_to_tokens(ids) if strs else None}
 
 
-def detokenize(raw: bytes, model: str, tokenizer: Any) -> dict[str, Any]:
-    body = _body(raw, model)
+def detokenize(raw: bytes, model: str, tokenizer: Any, adapters: tuple[str, ...] = ()) -> dict[str, Any]:
+    body = _body(raw, model, adapters)
     _known(body, DETOKENIZE)
     if "tokens" not in body:
         raise BadRequest("tokens must be a list of token ids", "tokens")
@@ -54,9 +54,11 @@ def detokenize(raw: bytes, model: str, tokenizer: Any) -> dict[str, Any]:
     return {"prompt": tokenizer.decode(ids)}
 
 
-def _body(raw: bytes, model: str) -> dict[str, Any]:
+def _body(raw: bytes, model: str, adapters: tuple[str, ...]) -> dict[str, Any]:
+    """The body; its `model` (optional here, as in vLLM) the served one or one of its LoRA adapters
+    (same tokenizer)."""
     body = json_object(raw)
-    if body.get("model", model) != model:  # vLLM: model is optional here
+    if body.get("model", model) not in (model, *adapters):
         raise BadRequest(f"model {body.get('model')!r} is not served here (this server serves {model!r})",
                          "model", 404, "model_not_found")
     return body

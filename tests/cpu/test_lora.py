@@ -164,5 +164,8 @@ def test_served_requests_of_two_adapters_and_none_at_once_each_equal_their_merge
     bad = httpx.post(f"http://127.0.0.1:{server.server.http_port}/v1/completions",
                      json={"model": "nope", "prompt": "hi"}, timeout=30)
     assert bad.status_code == 404 and "attn" in bad.json()["error"]["message"]
+    tok = httpx.post(f"http://127.0.0.1:{server.server.http_port}/tokenize", json={"model": "attn", "prompt": "hi"},
+                     timeout=30)
+    assert tok.status_code == 200 and tok.json()["count"] == 2  # an adapter's tokenizer is its model's
     with pytest.raises(Exception, match="lora_adapter"):
         server.generate(prompt="hi", lora_adapter="nope")
