@@ -66,6 +66,13 @@ SHAPES: dict[str, dict[str, Any]] = {
     "gpt-oss-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                          vocab_size=512, sliding_window=16),
+    # DeepSeek-V2-Lite: latent attention (kept expanded: 16 heads of 192 for keys and padded values), 64
+    # experts (top 6) + 2 shared, the first layer dense
+    "deepseek-v2-lite": dict(hidden_size=2048, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+                             q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                             v_head_dim=128, head_dim=64, intermediate_size=10944, moe_intermediate_size=1408,
+                             n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
+                             topk_method="greedy", vocab_size=102400),
     "qwen3-moe-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=32, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
                            num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512),
@@ -80,8 +87,8 @@ CHAT_TEMPLATE = (
 
 def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
     """The Hugging Face config of a named shape (`overrides` replace its dimensions)."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, Glm4Config, GptOssConfig, LlamaConfig, Olmo2Config,
-                              Qwen3Config, Qwen3MoeConfig)
+    from transformers import (DeepseekV2Config, Gemma2Config, Gemma3TextConfig, Glm4Config, GptOssConfig, LlamaConfig,
+                              Olmo2Config, Qwen3Config, Qwen3MoeConfig)
 
     dims = {"tie_word_embeddings": False, **SHAPES[shape], **overrides}
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -93,6 +100,8 @@ def config(shape: str, max_position: int = 8192, **overrides: Any) -> Any:
         return Glm4Config(**dims, max_position_embeddings=max_position, **ids)
     if shape.startswith("olmo2"):
         return Olmo2Config(**dims, max_position_embeddings=max_position, **ids)
+    if shape.startswith("deepseek-v2"):
+        return DeepseekV2Config(**dims, max_position_embeddings=max_position, **ids)
     if shape.startswith("gpt-oss"):  # its yarn rotary (x32 of 4096 positions) and alternating windows
         return GptOssConfig(**dims, max_position_embeddings=131072, **ids)  # (its own: 4096 x 32)
     family = (Qwen3MoeConfig if "num_experts" in dims else Qwen3Config) if shape.startswith("qwen3") else LlamaConfig

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from engine.config import KVCacheConfig
+from engine.model_loader import kv_dims
 from engine.model_runner import SCORE_ROWS
 from engine.sampler import History, sample_queued
 from engine.types import SamplingParams
@@ -30,9 +31,9 @@ GiB = 2**30
 
 def block_bytes(model_cfg: Any, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block: K and V of block_size tokens in every layer."""
-    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
+    kv_heads, head_dim = kv_dims(model_cfg)
     elem = torch.empty((), dtype=dtype).element_size()
-    return model_cfg.num_hidden_layers * 2 * block_size * model_cfg.num_key_value_heads * head_dim * elem
+    return model_cfg.num_hidden_layers * 2 * block_size * kv_heads * head_dim * elem
 
 
 def blocks_for_memory(total: int, share: float, used: int, free: int, per_block: int, min_blocks: int) -> int:

@@ -165,14 +165,32 @@ class TextOnly(torch.nn.Module):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "granitemoe", "smollm3", "olmo2", "olmo3", "olmoe", "exaone4",
                  "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
-                 "arcee", "nemotron", "gpt_oss",
+                 "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3",
                  "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 HALF_TABLES = ("gpt_oss",)  # rotary tables of half the rotated dims: one entry per pair (i, i + R/2)
+COMPLEX_TABLES = ("deepseek_v2",)  # rotary as complex numbers cos + i·sin, one per rotated pair
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron")  # their own attention rotates part of a head (Phi 4 mini)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
+
+
+def interleaved_rotary(config: Any) -> bool:
+    """Whether the rotary turns neighbouring dims (2i, 2i + 1) together: GLM's and its kin's, DeepSeek
+    V2's (complex numbers), V3's where rope_interleave (its rotation of the de-interleaved dims is the
+    same, up to an order of dims that q and k share)."""
+    if config.model_type == "deepseek_v3":
+        return bool(getattr(config, "rope_interleave", True))
+    return config.model_type in INTERLEAVED_ROTARY or config.model_type in COMPLEX_TABLES
+
+
+def kv_dims(config: Any) -> tuple[int, int]:
+    """(KV heads, head dim) of a layer's cache: DeepSeek's latent attention is kept expanded, a key
+    and a (zero-padded) value per query head of rope + nope dims (engine/layers.py Mla)."""
+    if getattr(config, "kv_lora_rank", None):
+        return config.num_attention_heads, config.qk_nope_head_dim + config.qk_rope_head_dim
+    return config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:

@@ -36,7 +36,8 @@ from engine import layers, lora, paged_attention
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
-from engine.model_loader import HALF_TABLES, INTERLEAVED_ROTARY, INTERLEAVED_TABLES, attention_windows
+from engine.model_loader import (COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES, attention_windows, interleaved_rotary,
+                                 kv_dims)
 from engine.moe import Experts
 from engine.types import TokenLogprob
 
@@ -80,8 +81,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.num_kv_heads, self.head_dim = kv_dims(cfg)
         self.vocab_size = cfg.vocab_size
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -107,7 +107,8 @@ class ModelRunner:
             float(getattr(cfg, f, None) or 1.0)
             for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))
         # the layout of the rotary tables Hugging Face's module gives, where it is not the kernels' [T, R]
-        self.tables = "interleaved" if cfg.model_type in INTERLEAVED_TABLES else "half" if cfg.model_type in HALF_TABLES else ""
+        self.tables = ("interleaved" if cfg.model_type in INTERLEAVED_TABLES else "half" if cfg.model_type in HALF_TABLES
+                       else "complex" if cfg.model_type in COMPLEX_TABLES else "")
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
         self.adapters: dict[str, lora.Adapter] = {}  # set by load_adapters()
@@ -116,6 +117,8 @@ class ModelRunner:
         """The LoRA adapters (name → PEFT folder) its rows may run with (engine/lora.py); LoraError
         naming the adapter where it trains what this model's layers do not compute."""
         for name, folder in folders.items():
+            if any(isinstance(layer.qkv, layers.Mla) for layer in self.layers):
+                raise lora.LoraError(f"model.lora_adapters.{name}: LoRA on DeepSeek's latent attention is not served")
             adapter = lora.load(name, folder, self.num_layers, self.dtype, self.device)
             if any(proj in ("gate_up", "down") and not isinstance(self.layers[li].mlp, layers.Dense)
                    for li, proj in adapter.weights):
@@ -128,7 +131,7 @@ class ModelRunner:
         CPU fp32 where it builds, gather + SDPA otherwise). Each layer's sliding window, the logit
         soft-capping and the rotary's layout from the config."""
         cfg = self.model.config
-        windows, pairs = attention_windows(cfg), cfg.model_type in INTERLEAVED_ROTARY
+        windows, pairs = attention_windows(cfg), interleaved_rotary(cfg)
         cap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0)
         sinks = self.sinks()
         if kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and _has_triton()):
@@ -148,8 +151,8 @@ class ModelRunner:
     def cache_shape(cfg: object, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """[L, 2, num_blocks, block_size, kv_heads, head_dim] for a model config."""
         c: Any = cfg
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, head_dim)
+        kv_heads, head_dim = kv_dims(c)
+        return (c.num_hidden_layers, 2, num_blocks, block_size, kv_heads, head_dim)
 
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -257,6 +260,8 @@ class ModelRunner:
                     k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
             o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary[layer.rope],
                                  meta, layer.scaling)  # [T, H*D]
+            if layer.v_dim:  # DeepSeek's MLA: each head's values padded to D, cut back
+                o = o.view(T, H, D)[..., : layer.v_dim].reshape(T, H * layer.v_dim)
             out = layer.o_proj(o) if delta is None else delta("o", o, layer.o_proj(o))  # [T, hidden]
 
             def mlp(h: torch.Tensor) -> torch.Tensor:  # (LoRA deltas in a dense MLP's projections only)
@@ -291,6 +296,9 @@ class ModelRunner:
         """(cos, sin) [T, D] of the layers whose `rope` it is: the model's (Gemma 3: per layer type);
         layers.NOPE: cos 1, sin 0 — the rotary kernels then leave q and k exactly as they are."""
         rotary_emb = self.model.model.rotary_emb
+        if self.tables == "complex":  # DeepSeek V2's: cos + i·sin [1, T, R/2], one per rotated pair
+            f = rotary_emb(x, pos)[0]
+            return torch.cat([f.real] * 2, dim=-1).to(x.dtype), torch.cat([f.imag] * 2, dim=-1).to(x.dtype)
         cos, sin = (r[0] for r in rotary_emb(x, pos, *(rope,) if rope and rope != layers.NOPE else ()))
         if self.tables == "interleaved":  # Cohere's: to the layout the interleaved kernels read
             cos, sin = (torch.cat([t[:, ::2]] * 2, dim=-1) for t in (cos, sin))

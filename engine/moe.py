@@ -1,9 +1,11 @@
-"""Mixture-of-experts MLPs (Qwen 3 MoE, Mixtral, Qwen 2 MoE, gpt-oss): each token runs through k of E experts.
+"""Mixture-of-experts MLPs (Qwen 3 MoE, Mixtral, Qwen 2 MoE, gpt-oss, DeepSeek): each token runs through k of E experts.
 
 One forward of a sparse layer, for T tokens (rows of the packed batch) and k experts each:
   1. route: the router's logits [T, E] (gpt-oss: plus a bias) → softmax (float32) → the top k
      (weights, experts) [T, k], the weights renormalized to sum to 1 where the family does (Mixtral
      always, Qwen 3 with `norm_topk_prob`; gpt-oss's softmax over its top k logits is the same);
+     DeepSeek's router module chooses itself (V2: softmax, greedy or group-limited; V3: sigmoid
+     with a score-correction bias, top groups; both scaled by routed_scaling_factor);
   2. group: the T·k (token, expert) pairs sorted by expert, each pair a row of its token's input
      [T·k, hidden], and each expert's end row (a histogram's cumulative sum, on the device);
   3. experts: two grouped matmuls over all experts at once (gate|up, then down, each expert's rows
@@ -14,8 +16,8 @@ One forward of a sparse layer, for T tokens (rows of the packed batch) and k exp
      over gpt-oss's MXFP4 weights where they are kept so (engine/mxfp4.py), a Triton kernel that
      dequantizes as it multiplies (engine/triton_mxfp4.py);
   4. combine: each row times its weight, put back in (token, k) order and summed over k → [T, hidden];
-  5. a shared expert (Qwen 2 MoE), where there is one: a dense MLP every token runs, scaled by a
-     sigmoid gate of its own, added.
+  5. a shared expert (Qwen 2 MoE, DeepSeek), where there is one: a dense MLP every token runs,
+     scaled by a sigmoid gate of its own (Qwen 2 MoE's), added.
 No count is read on the host, so a decode step of sparse layers is captured as a CUDA graph like a
 dense one (engine/cuda_graphs.py). The weights are Hugging Face's own 3D tensors, read in place.
 """
@@ -55,6 +57,7 @@ class Experts:
     gate_up_bias: torch.Tensor | None = None  # [E, 2I] (gpt-oss)
     down_bias: torch.Tensor | None = None  # [E, hidden] (gpt-oss)
     glu: Callable[[torch.Tensor], torch.Tensor] | None = None  # [S, 2I] → [S, I] in act_mul's place (gpt-oss)
+    route: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None  # DeepSeek's router: its own choice
 
     @classmethod
     def of(cls, mlp: torch.nn.Module, dense: Callable[[torch.nn.Module], MLP], triton: bool = False) -> Experts | None:
@@ -64,7 +67,7 @@ class Experts:
         experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None) or getattr(mlp, "router", None)
         if experts is None or gate is None:
             return None
-        shared = getattr(mlp, "shared_expert", None)
+        shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)  # (DeepSeek's name)
         if hasattr(experts, "gate_up_proj_bias"):  # gpt-oss: stored [E, hidden, 2I], biases, its own GLU
             quantized = hasattr(experts, "gate_up_proj_blocks")  # kept in MXFP4 (engine/mxfp4.py)
             gate_up, down = ((Mxfp4(experts.gate_up_proj_blocks, experts.gate_up_proj_scales),
@@ -74,10 +77,12 @@ class Experts:
                        int(gate.top_k), True, triton=triton, router_bias=gate.bias.data,
                        gate_up_bias=experts.gate_up_proj_bias.data, down_bias=experts.down_proj_bias.data,
                        glu=experts._apply_gate)
+        shared_gate = getattr(mlp, "shared_expert_gate", None)  # Qwen 2 MoE's; DeepSeek's shared experts have none
         return cls(gate.weight.data, experts.gate_up_proj.data.transpose(1, 2),
                    experts.down_proj.data.transpose(1, 2), experts.act_fn, int(gate.top_k),
                    bool(getattr(gate, "norm_topk_prob", True)), dense(shared) if shared is not None else None,
-                   mlp.shared_expert_gate.weight.data if shared is not None else None, triton)
+                   shared_gate.weight.data if shared_gate is not None else None, triton,
+                   route=gate if hasattr(gate, "routed_scaling_factor") else None)
 
     @staticmethod
     def triton_for(device: torch.device, dtype: torch.dtype) -> bool:
@@ -93,10 +98,13 @@ class Experts:
     def __call__(self, x: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
         """x [T, hidden] → [T, hidden]."""
         T, k = x.shape[0], self.top_k
-        probs = torch.softmax(F.linear(x, self.router, self.router_bias).float(), dim=-1)  # 1. [T, E]
-        weights, chosen = torch.topk(probs, k, dim=-1)  # [T, k] each
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.route is not None:  # 1. DeepSeek's: grouped top-k, a score bias, scaled (Hugging Face's router)
+            _, weights, chosen = self.route(x)  # [T, k] each
+        else:
+            probs = torch.softmax(F.linear(x, self.router, self.router_bias).float(), dim=-1)  # [T, E]
+            weights, chosen = torch.topk(probs, k, dim=-1)  # [T, k] each
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         by_expert, order = torch.sort(chosen.reshape(-1), stable=True)  # 2. [T*k]: pairs by expert
         rows = x.index_select(0, order // k)  # [T*k, hidden]
         counts = torch.histc(by_expert.float() if x.device.type == "cpu" else by_expert.int(),
@@ -116,8 +124,10 @@ class Experts:
         y = y * weights.reshape(-1)[order, None].to(y.dtype)  # 4.
         out = torch.empty_like(y).index_copy_(0, order, y)  # [T*k, hidden] in (token, k) order
         routed = out.view(T, k, -1).sum(dim=1)  # [T, hidden]
-        if self.shared is None or self.shared_gate is None:
+        if self.shared is None:
             return routed
+        if self.shared_gate is None:  # DeepSeek: its shared experts as they are
+            return routed + self.shared(x, act_mul)
         return routed + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x, act_mul)  # 5.
 
 

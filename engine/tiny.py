@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, Ernie4_5Config,
+from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, DeepseekV2Config,
+                          DeepseekV3Config, Ernie4_5Config,
                           Exaone4Config, Gemma2Config, GptOssConfig, Gemma3TextConfig, Glm4Config, GlmConfig, GraniteConfig,
                           GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
                           MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig,
@@ -77,6 +78,8 @@ WINDOW = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_atten
 GEMMA = {"initializer_range": 0.02,  # its embeddings are scaled by sqrt(hidden) = 8
          "query_pre_attn_scalar": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
          "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
+MLA = dict(MOE, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+           head_dim=8, n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1)
 FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â†’ its config, what differs
     "llama": (LlamaConfig, {}),
     "mistral": (MistralConfig, {"sliding_window": 16}),
@@ -125,6 +128,16 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                "swiglu_limit": 0.5, "rope_parameters": {
                                    "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                    "truncate": False, "original_max_position_embeddings": 128, "rope_theta": 150000.0}}),
+    # DeepSeek's latent attention (heads of 8 rotary + 16 other dims, values of 16), experts with shared
+    # ones beside, the first layer dense. V2 (V2-Lite's: no q compression): softmax top-k scaled, yarn
+    # with its attention scale; V3 (Moonlight's, Kimi K2's): q compressed, sigmoid scores with a bias, top groups
+    "deepseek_v2": (DeepseekV2Config, {**MLA, "q_lora_rank": None, "topk_method": "greedy", "routed_scaling_factor": 2.0,
+                                       "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                           "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                                                           "original_max_position_embeddings": 1024,
+                                                           "rope_theta": 10000.0}}),
+    "deepseek_v3": (DeepseekV3Config, {**MLA, "q_lora_rank": 32, "n_group": 4, "topk_group": 2,
+                                       "routed_scaling_factor": 2.5}),
 }
 ARCHS = tuple(FAMILIES)
 
@@ -167,6 +180,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
                 p.uniform_(-0.5, 0.5)  # gpt-oss's experts), from zero
             elif name.endswith("self_attn.sinks"):  # gpt-oss: sinks that take a real share of the softmax
                 p.normal_(0, 1.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek V3's router bias (a buffer), from zero
+                b.uniform_(-0.5, 0.5)
     torch.random.set_rng_state(saved)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = 0

@@ -92,7 +92,7 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
         # sizes) is the shape's
         small = {"num_hidden_layers": 1, "intermediate_size": 256, "vocab_size": 512}
         torch.manual_seed(0)
-        experts = {k: 8 for k in ("num_experts", "num_local_experts") if k in SHAPES[name]}
+        experts = {k: 8 for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in SHAPES[name]}
         cfg = (config(name, **small, **experts)
                if name in SHAPES else LlamaConfig(**{**SHAPES_[name], **small}))
         model = AutoModelForCausalLM.from_config(cfg).to(dt)

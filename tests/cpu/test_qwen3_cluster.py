@@ -3,7 +3,8 @@ hidden / heads is 16) is handed off and decoded, and every answer, alone or in a
 each pick their own experts in one step), equals Hugging Face generate. So do a Gemma 2 folder's
 (soft-capped scores, a windowed layer; Hugging Face's reference runs its eager attention) and a GLM 4
 folder's (interleaved rotary on half of each head, sandwich norms), and a gpt-oss folder's (attention
-sinks, a window of 16 in every other layer, experts with biases: Hugging Face's eager attention)."""
+sinks, a window of 16 in every other layer, experts with biases: Hugging Face's eager attention) and a
+DeepSeek V2 folder's (latent attention expanded per head: its KV cache of 4 heads of 24 handed off)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -19,7 +20,7 @@ from tests.cpu.harness import RunningServer, prompts, tiny_config
 TOK = tiny_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4", "gpt_oss"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4", "gpt_oss", "deepseek_v2"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     model = tiny_model(seed=6, arch=request.param)
     folder: Path = tmp_path_factory.mktemp(request.param)
