@@ -48,8 +48,8 @@ def test_a_qwen3_folder_loads_with_its_windows_and_other_families_are_refused(tm
     model.config.layer_types = ["full_attention", "sliding_attention"]
     model.save_pretrained(tmp_path / "windowed")
     assert attention_windows(load_model(ModelConfig(path=str(tmp_path / "windowed"))).config) == [0, 8]
-    model.config.model_type = "deepseek_v3"
-    with pytest.raises(ModelLoadError, match="model.path: architecture 'deepseek_v3' is not supported"):
+    model.config.model_type = "falcon_mamba"
+    with pytest.raises(ModelLoadError, match="model.path: architecture 'falcon_mamba' is not supported"):
         check_supported(model.config)
 
 
