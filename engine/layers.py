@@ -95,11 +95,13 @@ class Layer:
         return self.post_norm is IDENTITY
 
 
-def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the weights (and biases) of `mods`; leave each module's weight as a view into it."""
+def fuse(mods: list[torch.nn.Linear], backend: str) -> Linear:
+    """One Linear of the weights (biases, FP8 scales) of `mods` concatenated; each module's weight left
+    as a view into it."""
     w = torch.cat([m.weight.data for m in mods], dim=0)
     has_bias = all(m.bias is not None for m in mods)
     b = torch.cat([m.bias.data for m in mods], dim=0) if has_bias else None
+    fp8 = all(hasattr(m, "weight_scale") for m in mods)  # kept in FP8 (engine/fp8.py): [N, ⌈K/128⌉] each
     off = 0
     for m in mods:
         n = m.weight.shape[0]
@@ -107,7 +109,7 @@ def fuse(mods: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None
         if b is not None:
             m.bias.data = b[off : off + n]
         off += n
-    return w, b
+    return Linear(w, b, backend, torch.cat([m.weight_scale for m in mods], dim=0) if fp8 else None)
 
 
 def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.nn.Module | None]:
@@ -133,7 +135,7 @@ def dense(mlp: torch.nn.Module, backend: str) -> Dense | Plain:
         return Plain(from_module(mlp.up_proj, backend), from_module(mlp.down_proj, backend), mlp.act_fn)
     if isinstance(getattr(mlp, "gate_up_proj", None), torch.nn.Linear):  # Phi 3: fused in the checkpoint
         return Dense(from_module(mlp.gate_up_proj, backend), from_module(mlp.down_proj, backend), mlp.activation_fn)
-    return Dense(Linear(*fuse([mlp.gate_proj, mlp.up_proj]), backend), from_module(mlp.down_proj, backend),
+    return Dense(fuse([mlp.gate_proj, mlp.up_proj], backend), from_module(mlp.down_proj, backend),
                  mlp.act_fn)  # (biases too: Llama's mlp_bias)
 
 
@@ -157,7 +159,7 @@ def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None)
     a, mlp = hf.self_attn, getattr(hf, "mlp", None) or hf.block_sparse_moe  # (Granite MoE's name)
     mla = hasattr(a, "kv_a_proj_with_mqa")  # DeepSeek's latent attention
     qkv = (Mla(a) if mla else from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
-           else Linear(*fuse([a.q_proj, a.k_proj, a.v_proj]), backend))
+           else fuse([a.q_proj, a.k_proj, a.v_proj], backend))
     post, pre_mlp, post_mlp = sandwich(hf)
     q_norm = getattr(a, "q_norm", None)
     return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),

@@ -30,6 +30,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
+from engine import fp8
 from engine.config import ModelConfig
 from engine.tiny import EOS_ID, tiny_model, tiny_tokenizer
 
@@ -117,13 +118,15 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         if config.model_type in MULTIMODAL:
             _refuse_quantized(config)
             check_supported(config.text_config, cfg.max_model_len)
-            model = _language_model(path, config, dtype)
+            model = _language_model(path, config, dtype)  # (FP8: dequantized)
         else:
             check_supported(config, cfg.max_model_len)
             if _keeps_mxfp4(config, cfg.device):  # gpt-oss on CUDA: its experts stay MXFP4
                 from engine import mxfp4
 
                 return mxfp4.load(path, config, dtype, cfg.device, hf_attention(config))
+            if fp8.kept(config, cfg.device):  # a dense FP8 checkpoint on CUDA: its linear layers stay FP8
+                return fp8.load(path, config, dtype, cfg.device, hf_attention(config))
             model = AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config),
                 **_dequantized(config),
@@ -137,7 +140,8 @@ def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedMo
     from transformers import AutoModelForImageTextToText
 
     full = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
-                                                       attn_implementation=hf_attention(config.text_config))
+                                                       attn_implementation=hf_attention(config.text_config),
+                                                       **_dequantized(config))
     text_config = full.config.text_config
     if text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # Qwen-VL's: no causal LM class of its own
         lm = TextOnly(full.model.language_model, full.lm_head, text_config, full.generation_config)
@@ -229,7 +233,8 @@ def hf_attention(config: Any) -> str:
     return "eager" if getattr(config, "attn_logit_softcapping", None) or config.model_type == "gpt_oss" else "sdpa"
 
 
-DEQUANTIZED = {"gpt_oss": "mxfp4"}  # quantized as released, dequantized once on load (_dequantized)
+DEQUANTIZED = {"mxfp4": ("gpt_oss",), "fp8": None}  # quantized as released (None: any family), dequantized
+# once as they load where the engine does not keep them so (_dequantized)
 
 
 def _quant_method(config: Any) -> str | None:
@@ -240,16 +245,21 @@ def _quant_method(config: Any) -> str | None:
 
 
 def _dequantized(config: Any) -> dict[str, Any]:
-    """from_pretrained's arguments for a checkpoint in DEQUANTIZED off CUDA: gpt-oss's MXFP4 experts
-    (as OpenAI released them) become plain weights of model.dtype as they load (Hugging Face's own
-    dequantization). Its memory is then that of a bf16 checkpoint (gpt-oss-20b ~42 GB); on CUDA
-    they stay MXFP4 (_keeps_mxfp4)."""
+    """from_pretrained's arguments for a checkpoint in DEQUANTIZED: its quantized weights become plain
+    weights of model.dtype as they load (Hugging Face's own dequantization) — gpt-oss's MXFP4
+    experts off CUDA (gpt-oss-20b ~42 GB then), an FP8 checkpoint off CUDA or where the runner
+    calls Hugging Face's modules (experts, latent attention). Kept quantized instead: _keeps_mxfp4,
+    engine/fp8.py."""
     method = _quant_method(config)
-    if method is None or method != DEQUANTIZED.get(config.model_type):
-        return {}
-    from transformers import Mxfp4Config
+    if method == "mxfp4" and config.model_type in DEQUANTIZED["mxfp4"]:
+        from transformers import Mxfp4Config
 
-    return {"quantization_config": Mxfp4Config(dequantize=True)}
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    if method == "fp8":
+        from transformers import FineGrainedFP8Config
+
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
+    return {}
 
 
 def _keeps_mxfp4(config: Any, device: str) -> bool:
@@ -260,9 +270,9 @@ def _keeps_mxfp4(config: Any, device: str) -> bool:
 
 def _refuse_quantized(config: Any) -> None:
     method = _quant_method(config)
-    if method and method != DEQUANTIZED.get(config.model_type):
+    if method and not _dequantized(config):
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
-                             "weights only (float32, bfloat16, float16)")
+                             "weights (float32, bfloat16, float16), FP8 (quant_method fp8) and gpt-oss's MXFP4")
 
 
 def _rope(config: Any) -> dict[str, Any]:

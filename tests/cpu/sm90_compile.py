@@ -29,7 +29,7 @@ import torch
 from bench.make_model import SHAPES, config
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-         torch.int64: "i64", torch.uint8: "u8"}
+         torch.int64: "i64", torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
 SHAPES_ = {**SHAPES, "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                                            num_key_value_heads=3, intermediate_size=1536, vocab_size=49152)}
 
@@ -73,6 +73,7 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from engine import triton_attention as ta
+    from engine import triton_fp8 as tfp
     from engine import triton_fused as tf
     from engine import triton_moe as tm
     from engine import triton_mxfp4 as tmx
@@ -82,11 +83,12 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     seen: list[tuple[Any, tuple, dict]] = []
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
                       (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul"),
-                      (tmx, "_grouped_matmul_mxfp4")]:
+                      (tmx, "_grouped_matmul_mxfp4"), (tfp, "_matmul_fp8")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
     off64 = ta._off64
     bs = 16
-    for name, dt, wide in [(n, dt, False) for n, dt in runs] + [(*runs[-1], True)]:
+    for run, dt, wide in [(n, dt, False) for n, dt in runs] + [(*runs[-1], True)]:
+        name, _, quant = run.partition("+")  # "8b+fp8": its linear layers in FP8 (engine/fp8.py)
         ta._off64 = (lambda kc: True) if wide else off64
         # one layer, a small MLP, 8 experts and vocabulary: what the kernels see (head, hidden and expert
         # sizes) is the shape's
@@ -102,6 +104,12 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
                     E, K, N = getattr(layer.mlp.experts, proj).shape
                     setattr(layer.mlp.experts, proj + "_blocks", torch.zeros(E, N, K // 2, dtype=torch.uint8))
                     setattr(layer.mlp.experts, proj + "_scales", torch.full((E, N, K // 32), 127, dtype=torch.uint8))
+        if quant == "fp8":
+            for layer in model.model.layers:
+                for m in [*layer.self_attn.children(), *layer.mlp.children()]:
+                    if isinstance(m, torch.nn.Linear):
+                        codes, m.weight_scale = tfp.quantize(m.weight.data)
+                        m.weight = torch.nn.Parameter(codes, requires_grad=False)
         runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton")
         runner.attn.num_sms = num_sms  # type: ignore[union-attr]
         runner.use_decode_graphs(max_batch=64, max_model_len=256, capture=False)
@@ -151,7 +159,7 @@ def main() -> int:
                                    "constexprs": {fn.params[k[0]].name: v for k, v in constexprs.items()}}
             try:
                 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                   target=GPUTarget("cuda", cc, 32))
+                                   target=GPUTarget("cuda", cc, 32), options={"num_warps": kwargs.get("num_warps", 4)})
                 rec.update(ok=True, shared_bytes=k.metadata.shared, num_warps=k.metadata.num_warps,
                            **_resources(k.asm["cubin"]))
             except Exception as e:  # noqa: BLE001 — reported, the test names the failing kernel

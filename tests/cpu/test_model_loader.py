@@ -95,13 +95,13 @@ def test_max_model_len_beyond_the_trained_positions_is_refused_unless_rope_scali
 
 
 def test_a_quantized_checkpoint_is_refused_naming_its_method(tmp_path: Path) -> None:
-    """The runner multiplies by each layer's `weight` as it is: an fp8/AWQ/GPTQ checkpoint's would be
-    garbage, so it is refused before Hugging Face tries to load it."""
+    """The runner multiplies by each layer's `weight` as it is: an AWQ/GPTQ checkpoint's would be
+    garbage, so it is refused before Hugging Face tries to load it (FP8: tests/cpu/test_fp8.py)."""
     tiny_model(seed=3).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="model.path: .* is quantized \\(fp8\\)"):
+    with pytest.raises(ModelLoadError, match="model.path: .* is quantized \\(awq\\)"):
         load_model(ModelConfig(path=str(tmp_path)))
 
 

@@ -1,0 +1,98 @@
+"""A linear layer over FP8 weights (e4m3), each run of GROUP_K along a row sharing one scale: half of
+bf16's memory and of the bytes a decode step reads (engine/fp8.py loads them, engine/linear.py calls
+this).
+
+FP8 e4m3 ("fn"): sign, 4 exponent bits, 3 mantissa bits, ±448 at most. Checkpoints quantized block-wise
+(Qwen 3's and DeepSeek's `quant_method: fp8`, weight_block_size [128, 128]) hold one scale per block
+of 128 × 128 weights, `weight_scale_inv` [⌈N/128⌉, ⌈K/128⌉]; here each row has its own copy of its
+block's scales (expand_scales: [N, ⌈K/128⌉], ~3 % of the fp8 bytes), so q|k|v and gate|up fuse by
+concatenating rows, whatever their blocks, and a weight quantized here (quantize) may scale each row
+apart. Weight-only: the rows stay in the activations' dtype. Each program dequantizes a [BLOCK_K,
+BLOCK_N] tile of the weight (codes × its rows' scale, in fp32, rounded to the rows' dtype: Hugging
+Face's dequantized weight, value for value) and accumulates x · tile in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.triton_attention import _dot
+
+GROUP_K = 128  # weights along K sharing a scale
+BLOCK_K = 64  # divides GROUP_K: one scale per column and tile
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+
+
+@triton.jit
+def _matmul_fp8(
+    x_ptr, w_ptr, s_ptr, b_ptr, c_ptr, M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_cm,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rmask, cmask = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        kmask = k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=kmask[:, None] & cmask[None, :],
+                    other=0.0)  # [BK, BN] fp8
+        s = tl.load(s_ptr + cols * stride_sn + k0 // GROUP_K, mask=cmask, other=0.0)  # [BN] fp32
+        acc += _dot(x, (w.to(tl.float32) * s[None, :]).to(x.dtype), IEEE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def _blocks(M: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps) for M rows: a decode step's few rows in tiles of 16 and narrow columns
+    (many programs, each streaming its slice of the weight once), a prompt's in tiles of 64 × 64 —
+    for sm_90 (tests/cpu/sm90_compile.py) 130 and 166 registers a thread, no spills, where 64 × 64 on 4
+    warps spills and 128 × 128 on 8 does."""
+    return (16, 32, 4) if M <= 16 else (64, 64, 8)
+
+
+def matmul_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] · dequantize(w [N, K] fp8, scale [N, ⌈K/GROUP_K⌉] fp32)ᵀ (+ bias [N]) → [M, N] in x's dtype."""
+    M, K = x.shape
+    N = w.shape[0]
+    assert w.shape[1] == K and scale.shape == (N, triton.cdiv(K, GROUP_K)), "FP8 weights of another shape"
+    x = x if x.stride(1) == 1 else x.contiguous()
+    assert w.stride(1) == 1 and scale.stride(1) == 1, "contiguous along K"
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    bm, bn, warps = _blocks(M)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _matmul_fp8[grid](
+        x, w, scale, bias if bias is not None else scale, out, M, N, K,
+        x.stride(0), w.stride(0), scale.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, GROUP_K=GROUP_K,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=warps,
+    )
+    return out
+
+
+def expand_scales(scale_inv: torch.Tensor, rows: int, block_n: int) -> torch.Tensor:
+    """A checkpoint's block scales [⌈N/block_n⌉, ⌈K/GROUP_K⌉] → one row of them per weight row [N, ⌈K/GROUP_K⌉]."""
+    return scale_inv.float().repeat_interleave(block_n, dim=0)[:rows].contiguous()
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w [N, K] fp8, scale [N, ⌈K/GROUP_K⌉] → the weight [N, K] in dtype (the reference: tests)."""
+    K = w.shape[1]
+    return (w.float() * scale.repeat_interleave(GROUP_K, dim=1)[:, :K]).to(dtype)
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] → (codes [N, K] fp8 e4m3fn, scale [N, ⌈K/GROUP_K⌉] fp32): each run of GROUP_K in a row
+    scaled so its largest magnitude is FP8_MAX."""
+    N, K = w.shape
+    groups = triton.cdiv(K, GROUP_K)
+    padded = torch.nn.functional.pad(w.float(), (0, groups * GROUP_K - K)).view(N, groups, GROUP_K)
+    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [N, G]
+    codes = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.view(N, -1)[:, :K].contiguous(), scale

@@ -1,0 +1,121 @@
+"""FP8 checkpoints (quant_method fp8, block scales: Qwen 3's *-FP8): dequantized as they load off CUDA,
+kept in FP8 on CUDA (engine/fp8.py) and multiplied by a Triton kernel (engine/triton_fp8.py) — here
+under Triton's interpreter, on CPU, the same loader and kernel."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+from engine import fp8
+from engine.config import ModelConfig
+from engine.model_loader import ModelLoadError, load_model
+from engine.model_runner import ModelRunner, SeqInput
+from engine.tiny import tiny_model, tiny_tokenizer
+from engine.triton_fp8 import FP8_MAX, dequantize, matmul_fp8, quantize
+
+
+@pytest.mark.parametrize("M, N, K, bias", [(1, 96, 200, True), (16, 130, 64, False), (20, 64, 256, True),
+                                           (70, 40, 300, False)])
+def test_fp8_matmul_equals_torch_on_the_dequantized_weights(M: int, N: int, K: int, bias: bool) -> None:
+    torch.manual_seed(M)
+    w, x = torch.randn(N, K), torch.randn(M, K)
+    w[:, -1] = 40.0  # one group's scale unlike the others'
+    b = torch.randn(N) if bias else None
+    codes, scale = quantize(w)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (N, math.ceil(K / 128))
+    assert codes.float().abs().amax(dim=1).eq(FP8_MAX).all()  # each row's largest weight at the top code
+    deq = dequantize(codes, scale, torch.float32)
+    assert ((deq - w).abs() <= w.abs() / 16 + scale.repeat_interleave(128, 1)[:, :K] / 2**6).all()  # e4m3: 3 mantissa bits
+    torch.testing.assert_close(matmul_fp8(x, codes, scale, b), torch.nn.functional.linear(x, deq, b),
+                               atol=1e-4, rtol=1e-5)
+
+
+def _fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 128)) -> torch.nn.Module:
+    """A tiny Qwen 3 folder whose decoder's linear layers are FP8 as Qwen's *-FP8 releases hold them
+    (weight e4m3, weight_scale_inv per block of `block`); → the model with the weights those codes
+    stand for (Hugging Face's dequantization: what it must compute as)."""
+    want = tiny_model(seed=3, arch="qwen3")
+    state = {k: v.contiguous() for k, v in want.state_dict().items() if k != "lm_head.weight"}  # tied
+    bn, bk = block
+    for name, m in want.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            N, K = m.weight.shape
+            blocks = torch.nn.functional.pad(m.weight.data, (0, -K % bk, 0, -N % bn))
+            blocks = blocks.view(blocks.shape[0] // bn, bn, -1, bk)  # [N/bn, bn, K/bk, bk]
+            s = blocks.abs().amax(dim=(1, 3)) / FP8_MAX  # [N/bn, K/bk]
+            s = s * torch.rand_like(s).add(1)  # scales unlike each other
+            codes = (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn)
+            state[name + ".weight"] = codes.view(s.shape[0] * bn, -1)[:N, :K].contiguous()
+            state[name + ".weight_scale_inv"] = s
+            m.weight.data = (codes.float() * s[:, None, :, None]).view(s.shape[0] * bn, -1)[:N, :K].contiguous()
+    save_file(state, folder / "model.safetensors")
+    config = {**want.config.to_dict(), "architectures": ["Qwen3ForCausalLM"], "quantization_config": {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": list(block)}}
+    (folder / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer().save_pretrained(folder)
+    return want
+
+
+def _logits(runner: ModelRunner, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last logits of a prompt less its last token, then of that token as a decode step."""
+    with torch.inference_mode():
+        return (runner.forward([SeqInput(prompt[:-1], 0, [0, 1, 2])])[0],
+                runner.forward([SeqInput(prompt[-1:], len(prompt) - 1, [0, 1, 2])])[0])
+
+
+def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: Path) -> None:
+    want = _fp8_checkpoint(tmp_path)
+    model = load_model(ModelConfig(path=str(tmp_path)))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        ref = want(torch.tensor([prompt])).logits[0]
+    for got, row in zip(_logits(ModelRunner(model, num_blocks=8, block_size=16, kernels="auto"), prompt), ref[-2:]):
+        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+
+
+def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path) -> None:
+    """On CUDA a dense model's linear layers stay FP8 (half of bf16's bytes) with one row of block
+    scales per weight row, fused q|k|v and gate|up too; the logits of a prompt and a decode step are
+    Hugging Face's on the dequantized weights."""
+    want = _fp8_checkpoint(tmp_path)
+    model = fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (q.out_features, 1)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+    runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
+    for layer in runner.layers:
+        for lin in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down_proj):
+            assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale.shape == (lin.out_features, 1)
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        ref = want(torch.tensor([prompt])).logits[0]
+    for got, row in zip(_logits(runner, prompt), ref[-2:]):
+        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+
+
+def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> None:
+    _fp8_checkpoint(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert fp8.kept(config, "cuda") and not fp8.kept(config, "cpu")
+    config.quantization_config["weight_block_size"] = [128, 64]  # scales not per 128 along K: dequantized
+    assert not fp8.kept(config, "cuda")
+    moe = tiny_model(arch="qwen3_moe").config
+    moe.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert not fp8.kept(moe, "cuda")  # the experts' weights are Hugging Face's modules: dequantized
+    state = json.loads((tmp_path / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight_scale_inv"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: an FP8 weight without its weight_scale_inv"):
+        fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
+    state["quantization_config"]["quant_method"] = "gptq"
+    (tmp_path / "config.json").write_text(json.dumps(state))
+    with pytest.raises(ModelLoadError, match="quantized \\(gptq\\)"):
+        load_model(ModelConfig(path=str(tmp_path)))
