@@ -20,7 +20,8 @@ class ModelConfig(Frozen):
         "default",
         description="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (seeded random test model) "
         "or a local Hugging Face checkpoint directory of a supported family (README: model.path); unquantized, "
-        "but for gpt-oss's MXFP4 experts (kept so on CUDA, dequantized elsewhere).",
+        "FP8 (quant_method fp8, block scales: kept FP8 on CUDA for dense layers) or gpt-oss's MXFP4 experts "
+        "(kept so on CUDA); dequantized elsewhere.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and KV dtype (float32 is fastest on CPU)."
@@ -36,12 +37,24 @@ class ModelConfig(Frozen):
         "(adapter_config.json + adapter_model.safetensors) training q/k/v/o and, in dense layers, gate/up/down "
         "projections. A request runs with one by naming it (HTTP: as `model`; gRPC: lora_adapter); rows of "
         "different adapters share a forward (their decode steps run without CUDA graphs).")
+    quantization: Literal["none", "fp8"] = Field(
+        "none", description="fp8 (cuda only): the decoder's attention projections and dense MLPs quantized to "
+        "FP8 e4m3 as the model loads, one scale per 128 weights of a row (engine/fp8.py): half of bf16's "
+        "memory and bytes read a step; experts, routers, embeddings and the LM head stay as they are. An FP8 "
+        "checkpoint (quant_method fp8) needs no setting: its layers are kept FP8 on cuda.")
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto: on CPU, oneDNN pre-packed linear layers and the fused paged decode-"
         "attention kernel (each falls back if unavailable); on CUDA, the Triton paged-attention kernels. "
         "torch: F.linear + gather/SDPA everywhere (the reference). triton: the Triton kernels (on CPU only "
         "under TRITON_INTERPRET=1, for tests)."
     )
+
+
+    @model_validator(mode="after")
+    def _fp8_on_cuda(self) -> "ModelConfig":
+        if self.quantization == "fp8" and self.device != "cuda":
+            raise ValueError("model.quantization: fp8 needs model.device: cuda (its matmul is a CUDA kernel)")
+        return self
 
 
 class KVCacheConfig(Frozen):

@@ -5,6 +5,9 @@ bf16 and half the bytes each decode step reads, and the runner multiplies by the
 its own linear layers (mixtures of experts, DeepSeek's latent attention), Hugging Face dequantizes
 them as they load (engine/model_loader.py).
 
+`model.quantization: fp8` quantizes an unquantized checkpoint's same layers as it loads (quantize_model):
+each run of 128 weights along a row scaled apart (finer than the checkpoints' 128 × 128 blocks).
+
 Read by engine/checkpoint.py; a linear layer's FP8 `weight` [N, K] stays its parameter, in FP8, and its
 `weight_scale_inv` [⌈N/bn⌉, ⌈K/128⌉] becomes `weight_scale` [N, ⌈K/128⌉] (one row per weight row:
 triton_fp8.expand_scales), which engine/linear.py reads.
@@ -18,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from engine import checkpoint
-from engine.triton_fp8 import GROUP_K, expand_scales
+from engine.triton_fp8 import GROUP_K, expand_scales, quantize
 
 FP8 = torch.float8_e4m3fn
 
@@ -56,3 +59,22 @@ def _paired(model: PreTrainedModel) -> None:
         weight = getattr(module, "weight", None)
         if (weight is not None and weight.dtype == FP8) != hasattr(module, "weight_scale"):
             raise ValueError(f"{name}: an FP8 weight without its weight_scale_inv, or the other way round")
+
+
+def quantize_model(model: PreTrainedModel) -> int:
+    """Quantize, in place, the linear layers the runner computes with its own (engine/layers.py): each
+    decoder layer's attention projections and dense MLP — not the experts, the routers, DeepSeek's latent
+    attention (Hugging Face's modules), the embeddings or the LM head; → how many. The model is
+    loaded in its dtype first: its peak memory is the unquantized model's."""
+    count = 0
+    for layer in model.model.layers:
+        owners = [] if hasattr(layer.self_attn, "kv_a_proj_with_mqa") else [layer.self_attn]
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and not hasattr(mlp, "experts"):
+            owners.append(mlp)
+        for m in (m for owner in owners for m in owner.children()):
+            if isinstance(m, torch.nn.Linear) and m.weight.dtype != FP8:
+                codes, m.weight_scale = quantize(m.weight.data)
+                m.weight = torch.nn.Parameter(codes, requires_grad=False)
+                count += 1
+    return count

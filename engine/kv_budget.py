@@ -63,7 +63,7 @@ def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_toke
     used = profile_peak(model, profile_tokens, sample_rows)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    per_block = block_bytes(model.config, kv_cfg.block_size, next(model.parameters()).dtype)
+    per_block = block_bytes(model.config, kv_cfg.block_size, model.model.embed_tokens.weight.dtype)
     share = kv_cfg.gpu_memory_utilization * min(gpu_share, 1.0)
     return blocks_for_memory(total, share, used, free, per_block, -(-max_model_len // kv_cfg.block_size))
 

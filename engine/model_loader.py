@@ -124,14 +124,17 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
             if _keeps_mxfp4(config, cfg.device):  # gpt-oss on CUDA: its experts stay MXFP4
                 from engine import mxfp4
 
-                return mxfp4.load(path, config, dtype, cfg.device, hf_attention(config))
-            if fp8.kept(config, cfg.device):  # a dense FP8 checkpoint on CUDA: its linear layers stay FP8
-                return fp8.load(path, config, dtype, cfg.device, hf_attention(config))
-            model = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=dtype, local_files_only=True, attn_implementation=hf_attention(config),
-                **_dequantized(config),
-            )
-    return model.to(cfg.device).eval()
+                model = mxfp4.load(path, config, dtype, cfg.device, hf_attention(config))
+            elif fp8.kept(config, cfg.device):  # a dense FP8 checkpoint on CUDA: its linear layers stay FP8
+                model = fp8.load(path, config, dtype, cfg.device, hf_attention(config))
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, config=config, dtype=dtype, local_files_only=True,
+                    attn_implementation=hf_attention(config), **_dequantized(config))
+    model = model.to(cfg.device).eval()
+    if cfg.quantization == "fp8":
+        log.info("model.quantization fp8: %d linear layers quantized", fp8.quantize_model(model))
+    return model
 
 
 def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedModel:

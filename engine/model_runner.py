@@ -78,7 +78,7 @@ class ModelRunner:
         cfg = model.config
         self.model = model
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.model.embed_tokens.weight.dtype  # (not a linear layer's: FP8 kept, engine/fp8.py)
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads, self.head_dim = kv_dims(cfg)

@@ -119,3 +119,37 @@ def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> N
     (tmp_path / "config.json").write_text(json.dumps(state))
     with pytest.raises(ModelLoadError, match="quantized \\(gptq\\)"):
         load_model(ModelConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v2"])
+def test_model_quantization_fp8_quantizes_the_layers_the_runner_computes(arch: str) -> None:
+    """model.quantization: fp8 (cuda only: refused elsewhere) quantizes each layer's attention
+    projections and dense MLP as the model loads — not experts, routers or latent attention, which
+    Hugging Face's modules compute — and the runner's logits are the model's with those weights
+    dequantized (the loader's path, here on CPU under the interpreter)."""
+    import copy
+
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="model.quantization: fp8 needs model.device: cuda"):
+        ModelConfig(quantization="fp8")
+    model = load_model(ModelConfig.model_construct(**{**ModelConfig(path="tiny").model_dump(), "quantization": "fp8"}))
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    model = tiny_model(seed=5, arch=arch)
+    want = copy.deepcopy(model)
+    n = fp8.quantize_model(model)
+    # q k v o and gate up down of both layers; the tiny MoEs' first layer is dense: Qwen 3's attention
+    # everywhere and that MLP, DeepSeek's that MLP alone
+    assert n == {"llama": 14, "qwen3_moe": 11, "deepseek_v2": 3}[arch]
+    for (name, m), w in zip(model.named_modules(), want.modules()):
+        if hasattr(m, "weight_scale"):
+            w.weight.data = dequantize(m.weight, m.weight_scale, torch.float32)
+        elif isinstance(m, torch.nn.Linear):
+            assert m.weight.dtype == torch.float32, name
+    assert fp8.quantize_model(model) == 0  # FP8 already
+    runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        ref = want(torch.tensor([prompt])).logits[0]
+    for got, row in zip(_logits(runner, prompt), ref[-2:]):
+        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)

@@ -1,6 +1,6 @@
 """The CUDA engine: Triton attention and fused layer ops, decode CUDA graphs, the device sampler, KV sized from memory,
 the device probe after a kernel fault.
-Greedy == HF generate on CUDA (tiny model, fp32), solo and 32 at once, through the graphs and through
+Greedy == HF generate on CUDA (tiny model, fp32; FP8 linear layers too), solo and 32 at once, through the graphs and through
 the eager fallback; graphs == eager exactly in bf16; seeded sampling batch-independent; every way of the draw
 == a whole sort. Skipped without CUDA."""
 from __future__ import annotations
@@ -134,6 +134,45 @@ def test_gpt_oss_kept_in_mxfp4_equals_hf_dequantized_through_graphs(tmp_path) ->
     prompts = _prompts(16, seed=7)
     assert _decode(runner, prompts, 12) == [_hf(want, p, 12) for p in prompts]
     assert runner.graphs is not None and runner.graphs.replays > 0
+
+
+@pytest.mark.parametrize("M", [1, 16, 64, 300])  # a decode step's rows (both tile shapes) and a prompt's
+def test_the_fp8_matmul_in_bf16_equals_torch_on_the_dequantized_weights(M: int) -> None:
+    """An 8B layer's gate|up (28672 x 4096) in FP8 with a scale per 128 of a row, bf16 rows."""
+    from engine.triton_fp8 import dequantize, matmul_fp8, quantize
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    codes, scale = quantize(torch.randn(28672, 4096, device="cuda", generator=g) * 0.02)
+    x = torch.randn(M, 4096, device="cuda", generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x, dequantize(codes, scale, torch.bfloat16))
+    torch.testing.assert_close(matmul_fp8(x, codes, scale, None), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_fp8_kept_and_quantized_on_load_equal_hf_dequantized_through_graphs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A tiny block-quantized FP8 Qwen 3 folder loads on CUDA with its linear layers kept FP8
+    (engine/fp8.py), and the tiny Llama with model.quantization: fp8; each decodes through the graphs
+    as Hugging Face does on the weights the codes stand for."""
+    import copy
+
+    from engine.config import ModelConfig
+    from engine.model_loader import load_model
+    from engine.model_runner import ModelRunner
+    from engine.triton_fp8 import dequantize
+    from tests.cpu.test_fp8 import _fp8_checkpoint
+
+    want = _fp8_checkpoint(tmp_path).to("cuda")
+    quantized = load_model(ModelConfig(path="tiny", device="cuda", quantization="fp8"))
+    want_q = copy.deepcopy(quantized)
+    for m in want_q.modules():
+        if hasattr(m, "weight_scale"):
+            m.weight = torch.nn.Parameter(dequantize(m.weight, m.weight_scale, torch.float32), requires_grad=False)
+    for model, ref in [(load_model(ModelConfig(path=str(tmp_path), device="cuda")), want), (quantized, want_q)]:
+        runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
+        assert runner.layers[0].qkv.weight.dtype == torch.float8_e4m3fn and runner.layers[0].qkv.scale is not None
+        runner.use_decode_graphs(64, max_model_len=256)
+        prompts = _prompts(16, seed=7)
+        assert _decode(runner, prompts, 12) == [_hf(ref, p, 12) for p in prompts]
+        assert runner.graphs is not None and runner.graphs.replays > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])  # qwen3_moe: the experts' grouped matmuls in the graphs
