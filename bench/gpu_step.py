@@ -6,7 +6,8 @@
 Per batch size B, contexts of --context tokens:
   floor     the shape's linear layers + LM head on [B, hidden], replayed as one CUDA graph: the weights
             read once per step (what no decode step can beat); a mixture of experts' layers as
-            their routed grouped matmuls (each expert the batch picks read once)
+            their routed grouped matmuls (each expert the batch picks read once); with
+            --quantization fp8, FP8 linear layers by their own kernel (engine/triton_fp8.py)
   graphs    pdserve's decode step: ModelRunner (Triton attention) through its CUDA graph + the sampler
             (graphs_unsplit: the same with the decode kernel's keys not split, where they are split)
   eager     the same step without graphs
@@ -35,6 +36,7 @@ from engine import triton_attention as tat  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.model_loader import load_model  # noqa: E402
 from engine.layer_ops import TorchOps  # noqa: E402
+from engine.linear import Linear  # noqa: E402
 from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
 from engine.moe import Experts  # noqa: E402
 from engine.sampler import sample  # noqa: E402
@@ -53,14 +55,20 @@ def _median_ms(fn, steps: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
+def _mm(lin: Linear, h: torch.Tensor) -> torch.Tensor:
+    """h · Wᵀ: cuBLAS on a plain weight; an FP8 one (engine/fp8.py) by its own kernel, which is then
+    the floor's (its speed, not the hardware's)."""
+    return F.linear(h, lin.weight) if lin.scale is None else lin(h)
+
+
 def _mlp_floor(mlp: object, h: torch.Tensor) -> torch.Tensor:
     """A dense MLP's two matmuls (act * up skipped); a mixture of experts' routed grouped matmuls
     (engine/moe.py: each expert the batch touches read once)."""
     if isinstance(mlp, Experts):
         return mlp(h, TorchOps.act_mul)
     inter = mlp.down_proj.weight.shape[1]  # type: ignore[attr-defined]
-    gu = F.linear(h, mlp.gate_up.weight)  # type: ignore[attr-defined]
-    return F.linear(gu[:, :inter], mlp.down_proj.weight)  # type: ignore[attr-defined]
+    gu = _mm(mlp.gate_up, h)  # type: ignore[attr-defined]
+    return _mm(mlp.down_proj, gu[:, :inter].contiguous())  # type: ignore[attr-defined]
 
 
 def floor_ms(runner: ModelRunner, batch: int, steps: int) -> float:
@@ -71,8 +79,8 @@ def floor_ms(runner: ModelRunner, batch: int, steps: int) -> float:
     def linears() -> torch.Tensor:
         h = x
         for layer in runner.layers:
-            F.linear(h, layer.qkv.weight)
-            h = _mlp_floor(layer.mlp, F.linear(attn, layer.o_proj.weight))
+            _mm(layer.qkv, h)
+            h = _mlp_floor(layer.mlp, _mm(layer.o_proj, attn))
         return F.linear(h, runner.lm_head.weight)
 
     linears()
@@ -141,12 +149,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--quantization", default="none", choices=("none", "fp8"),
+                    help="model.quantization: fp8 — the linear layers in FP8, the floor then by the FP8 kernel")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--output", default="bench/results/gpu_step.json")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
-    mcfg = ModelConfig(path=a.model_path, dtype=a.dtype, device="cuda", max_model_len=a.context + a.steps + 64)
+    mcfg = ModelConfig(path=a.model_path, dtype=a.dtype, device="cuda", max_model_len=a.context + a.steps + 64,
+                       quantization=a.quantization)
     model = load_model(mcfg)
     bs = 16
     blocks = max(batches) * -(-(a.context + a.steps + 8) // bs)
@@ -182,7 +193,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         runner.graphs = None
-    out = {"model": a.model_path, "dtype": a.dtype, "context": a.context, "steps": a.steps,
+    out = {"model": a.model_path, "dtype": a.dtype, "quantization": a.quantization, "context": a.context, "steps": a.steps,
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     Path(a.output).write_text(json.dumps(out, indent=2))
 
