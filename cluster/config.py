@@ -72,6 +72,9 @@ class PDServeConfig(Frozen):
                 f"kv_cache.num_blocks: {self.kv_cache.num_blocks} blocks x {self.kv_cache.block_size} tokens = "
                 f"{kv_tokens} tokens cannot hold one request of model.max_model_len={m.max_model_len}"
             )
+        if self.kv_cache.dtype == "fp8" and m.device != "cuda" and m.kernels != "triton":
+            raise ValueError("kv_cache.dtype: fp8 needs model.device: cuda (its kernels are Triton's; on cpu only "
+                             "model.kernels: triton under TRITON_INTERPRET=1, for tests)")
         if self.transport.backend == "nccl" and m.device != "cuda":
             raise ValueError("transport.backend: nccl needs model.device: cuda (use gloo or auto on cpu)")
         if self.transport.backend == "gloo" and m.device == "cuda":

@@ -95,7 +95,8 @@ class Cluster:
         for i in range(cfg.prefill.replicas):
             self.prefills.append(
                 prefill_cls.options(name=f"{name}-prefill-{i}", **self._options(cfg.prefill)).remote(
-                    f"prefill-{i}", cfg.model, cfg.prefill, cfg.transport, cfg.kv_cache.block_size
+                    f"prefill-{i}", cfg.model, cfg.prefill, cfg.transport, cfg.kv_cache.block_size,
+                    kv_dtype=cfg.kv_cache.dtype,
                 )
             )
         for i in range(cfg.decode.replicas):

@@ -71,11 +71,11 @@ class BatchWorker(StepsInFlight, StepLoop):
         blocks = kv_budget.num_blocks(kv_cfg, model, cfg.num_gpus, step_tokens, model_cfg.max_model_len,
                                       cfg.max_batch_size)
         self.cache_handle: shared_cache.SharedCache | None = None
-        kv = None
+        kv, dtype = None, kv_budget.cache_dtype(kv_cfg, model)
         if share_cache:
             shape = ModelRunner.cache_shape(model.config, blocks, kv_cfg.block_size)
-            kv, self.cache_handle = shared_cache.allocate(shape, model.dtype, model_cfg.device, worker_id)
-        self.runner = ModelRunner(model, blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv)
+            kv, self.cache_handle = shared_cache.allocate(shape, dtype, model_cfg.device, worker_id)
+        self.runner = ModelRunner(model, blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv, kv_dtype=dtype)
         self.runner.load_adapters(model_cfg.lora_adapters)
         if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
             self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)

@@ -49,7 +49,7 @@ class DecodeWorker(BatchWorker):
                          prompt_tokens=(cfg.max_recompute_tokens, cfg.max_recompute_tokens), share_on_reserve=True)
         self.cfg = cfg
         self.transport_cfg = transport_cfg
-        self.receiver = HandoffReceiver(worker_id, self.runner.kv, kv_cfg.block_size, transport_cfg.timeout_s,
+        self.receiver = HandoffReceiver(worker_id, self.runner.kv_bytes, kv_cfg.block_size, transport_cfg.timeout_s,
                                         on_change=self._write_ended)
         self._store: object = None  # the TCPStore two-sided pairs rendezvous on (made on first use)
         self.control: ControlServer | None = None  # steps 2 and 3 over a socket (made on first use)

@@ -68,6 +68,12 @@ class KVCacheConfig(Frozen):
         "(two workers at 0.5 share one GPU); its KV cache gets the rest, sized at start-up."
     )
 
+    dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="auto: the cache in model.dtype. fp8: in FP8 e4m3 (cuda, sm_89 or later: L4, H100), "
+        "each K and V value clamped to ±448 and rounded, no scales (vLLM's fp8 without calibrated scales): "
+        "half of bf16's bytes a token, so twice the tokens in the same memory and half of decode attention's "
+        "reads; the hand-off moves half the bytes. Prefill and decode workers share it (one config)."
+    )
     allocation: Literal["on_demand", "upfront"] = Field(
         "on_demand", description="on_demand: a decode worker holds a request's prompt blocks and adds one as "
         "its output grows; when none is free, the newest requests are preempted and their KV computed again "

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from engine.cuda_graphs import DecodeGraphs
 
 
+FP8 = torch.float8_e4m3fn  # kv_cache.dtype fp8's
 SCORE_ROWS = 256  # prompt positions whose log-softmax over the vocabulary is taken at once (bounds its memory)
 
 
@@ -73,8 +74,10 @@ def _has_triton() -> bool:
 class ModelRunner:
     def __init__(
         self, model: PreTrainedModel, num_blocks: int, block_size: int, kernels: str = "auto",
-        kv: torch.Tensor | None = None,
+        kv: torch.Tensor | None = None, kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """kv: the cache to use (e.g. a shared one); kv_dtype: its dtype where not the model's
+        (torch.float8_e4m3fn: kv_cache.dtype fp8, the Triton kernels only)."""
         cfg = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -87,14 +90,17 @@ class ModelRunner:
         self.num_blocks = num_blocks
         # [L, 2, num_blocks, block_size, kv_heads, head_dim]; `kv` (e.g. a shared one) must have this shape
         shape = self.cache_shape(cfg, num_blocks, block_size)
-        if kv is not None and (tuple(kv.shape) != shape or kv.dtype != self.dtype):
-            raise ValueError(f"kv cache {tuple(kv.shape)} {kv.dtype} does not match {shape} {self.dtype}")
-        self.kv = kv if kv is not None else torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_dtype = kv_dtype or self.dtype
+        if kv is not None and (tuple(kv.shape) != shape or kv.dtype != self.kv_dtype):
+            raise ValueError(f"kv cache {tuple(kv.shape)} {kv.dtype} does not match {shape} {self.kv_dtype}")
+        self.kv = kv if kv is not None else torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         backend = default_backend(self.device) if kernels != "torch" else "torch"
         self.kernels = backend
         self.attn = self._attention_backend(kernels, backend)
+        if self.kv_dtype == FP8:
+            self._check_fp8_cache()
         self.ops: TorchOps | TritonOps = (TritonOps.of(model) if self.attn.name == "triton" else None) or TorchOps()
         moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts
         self.layers = [layers.layer(hf, backend, moe_triton, layers.rope_of(cfg, li, model.model.rotary_emb))
@@ -146,6 +152,19 @@ class ModelRunner:
         if all(s is None for s in found):
             return None
         return [s.detach().float().contiguous() if s is not None else None for s in found]
+
+    def _check_fp8_cache(self) -> None:
+        """An FP8 cache is stored and read by the Triton kernels, on a GPU with FP8 (or under the interpreter)."""
+        old_gpu = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9)
+        if self.attn.name != "triton" or old_gpu:
+            raise ValueError("kv_cache.dtype: fp8 needs the Triton kernels on a GPU with FP8 (sm_89 or later: L4, "
+                             f"H100), model.device cuda; here {self.device}, attention {self.attn.name}")
+
+    @property
+    def kv_bytes(self) -> torch.Tensor:
+        """The cache as the KV hand-off moves it (engine/kv_handoff): an FP8 one as bytes (copies,
+        index_select and collectives of uint8 are everywhere; of float8 not)."""
+        return self.kv.view(torch.uint8) if self.kv_dtype == FP8 else self.kv
 
     @staticmethod
     def cache_shape(cfg: object, num_blocks: int, block_size: int) -> tuple[int, ...]:

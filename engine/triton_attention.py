@@ -91,8 +91,8 @@ def _paged_decode(
         blk = _wide(tl.load(bt_ptr + b * stride_btb + n // BS, mask=live, other=0), OFF64)
         row = (blk * BS + n % BS) * (KVH * D) + kvh * D  # [N] offset of (slot, kv head)
         kv_mask = live[:, None] & (d < D)[None, :]
-        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D] (FP8: widened)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = _capped(_dot(q, tl.trans(k), IEEE).to(tl.float32) * scale, cap, CAP)  # [G, N]
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -170,8 +170,8 @@ def _paged_prefill(
         blk = _wide(tl.load(bt_ptr + s_idx * stride_btb + n // BS, mask=live, other=0), OFF64)
         row = (blk * BS + n % BS) * (KVH * D) + kvh * D
         kv_mask = live[:, None] & (d < D)[None, :]
-        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D] (FP8: widened)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = _capped(_dot(q, tl.trans(k), IEEE).to(tl.float32) * scale, cap, CAP)  # [M, N]
         seen = (n[None, :] <= qpos[:, None]) & ((window == 0) | (n[None, :] > qpos[:, None] - window))
         s = tl.where(seen & live[None, :], s, float("-inf"))
@@ -222,7 +222,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     softcap · tanh(s / softcap) before the softmax (Gemma 2). `sinks` [heads] float32: each head's
     attention sink (gpt-oss), a logit in the softmax's denominator only."""
     bs, kvh, d = _check_cache(k_cache)
-    block_n = block_n or (64 if d <= 128 else 16)  # head_dim 256 (Gemma): a key tile of 64 spilled on sm_90
+    # sm_90 spilled a key tile of 64 at head_dim 256 (Gemma), and at 128 from an FP8 cache (its tiles widened in registers)
+    block_n = block_n or (16 if d > 128 else 32 if k_cache.dtype == torch.float8_e4m3fn else 64)
     B, H, _ = q.shape
     G = H // kvh
     out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
@@ -262,7 +263,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     Causal attention of every new token over its sequence's positions [0, own] (with `window` > 0:
     (own - window, own]; `softcap` and `sinks` as paged_decode's) → [T, heads, head_dim]."""
     bs, kvh, d = _check_cache(k_cache)
-    block_n = block_n or (32 if d <= 128 else 16)
+    block_n = block_n or (16 if d > 128 or k_cache.dtype == torch.float8_e4m3fn else 32)  # (sm_90 spills: as decode's)
     T, H, _ = q.shape
     out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
     _, block_d = _tiles(1, d)

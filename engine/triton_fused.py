@@ -91,7 +91,7 @@ def _rope_store(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
     H, KVH, D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAIRS: tl.constexpr, FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)[None, :]
@@ -104,8 +104,25 @@ def _rope_store(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     m = (h < tl.where(slot >= 0, KVH, 0)) & (d < D)  # a padded row of a CUDA-graph batch stores nothing
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m, other=0.0)
-    tl.store(kc_ptr + slot * (KVH * D) + h * D + d, k, mask=m)
-    tl.store(vc_ptr + slot * (KVH * D) + h * D + d, v, mask=m)
+    tl.store(kc_ptr + slot * (KVH * D) + h * D + d, _cached(k, FP8).to(kc_ptr.dtype.element_ty), mask=m)
+    tl.store(vc_ptr + slot * (KVH * D) + h * D + d, _cached(v, FP8).to(vc_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cached(x, FP8: tl.constexpr):
+    """x as the cache holds it: for an FP8 cache, the nearest e4m3 value (ties to even) of x clamped to
+    ±448 — torch's .to(float8_e4m3fn) of the clamped values, bit for bit. Rounded here in fp32 (ulp
+    2^(x's exponent − 3), at least e4m3's subnormal step 2^-9; 1.5·2^23 added and taken away rounds
+    |x| / ulp to an integer, ties to even), so the conversion after is exact: Triton's interpreter drops the carry when a
+    mantissa rounds up into the next exponent (124.78 → 64, not 128)."""
+    if FP8:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+        bits = x.to(tl.int32, bitcast=True)
+        ulp = ((tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        r = ((tl.abs(x) / ulp + 12582912.0) - 12582912.0) * ulp
+        return tl.where(bits < 0, -r, r)  # the sign bit: -0.0 stays -0.0, as in torch
+    else:
+        return x
 
 
 @triton.jit
@@ -146,7 +163,8 @@ def rope_store(
     """q [T, H, D], k and v [T, KVH, D], cos and sin [T, R] (the model's rotary tables at each token's
     position; R < D: partial rotary, the first R dims of each head rotate; `interleaved`: in pairs of
     neighbouring dims, GLM's) → rotated q [T, H, D];
-    rotated k and v go to cache slots [T] of k_cache, v_cache [num_blocks, block_size, KVH, D] (contiguous)."""
+    rotated k and v go to cache slots [T] of k_cache, v_cache [num_blocks, block_size, KVH, D] (contiguous;
+    FP8 e4m3: kv_cache.dtype fp8, the values clamped to ±448 and rounded, no scale)."""
     T, H, D = q.shape
     KVH, R = k.shape[1], cos.shape[-1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and R % 2 == 0 and R <= D
@@ -156,7 +174,7 @@ def rope_store(
             q, k, v, cos, sin, q_out, k_cache, v_cache, slots,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             H, KVH, D=D, HALF=R // 2, BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH),
-            BLOCK_D=triton.next_power_of_2(D), PAIRS=interleaved,
+            BLOCK_D=triton.next_power_of_2(D), PAIRS=interleaved, FP8=k_cache.dtype == torch.float8_e4m3fn,
         )
     return q_out
 

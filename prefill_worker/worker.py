@@ -90,9 +90,10 @@ class PrefillWorker(StepLoop):
 
     def __init__(
         self, worker_id: str, model_cfg: ModelConfig, cfg: PrefillConfig, transport_cfg: TransportConfig,
-        block_size: int, node: str = "local",
+        block_size: int, node: str = "local", kv_dtype: str = "auto",
     ) -> None:
-        """block_size: the decode workers' (kv_cache.block_size): blocks are copied whole between caches."""
+        """block_size, kv_dtype: the decode workers' (kv_cache.block_size, .dtype): blocks are copied whole
+        between caches."""
         super().__init__()
         torch.set_num_threads(cfg.torch_threads)
         self.worker_id, self.node = worker_id, node
@@ -100,13 +101,14 @@ class PrefillWorker(StepLoop):
         self.model_cfg, self.cfg, self.transport_cfg = model_cfg, cfg, transport_cfg
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
         model = load_model(model_cfg)
-        self.runner = ModelRunner(model, blocks, block_size, model_cfg.kernels)
+        self.runner = ModelRunner(model, blocks, block_size, model_cfg.kernels,
+                                  kv_dtype=torch.float8_e4m3fn if kv_dtype == "fp8" else None)
         self.runner.load_adapters(model_cfg.lora_adapters)
         self.guides = Guides(lambda: load_tokenizer(model_cfg), model.config.vocab_size)  # structured outputs
         # scratch blocks: a prompt's are released once handed off, its full ones kept for reuse
         self.allocator = PrefixCache(blocks, block_size, enabled=cfg.prefix_cache)
         self.prompts = PromptQueue(cfg.max_batch_tokens, cfg.chunk_tokens)
-        self.sender = HandoffSender(worker_id, self.runner.kv, block_size, transport_cfg.timeout_s)
+        self.sender = HandoffSender(worker_id, self.runner.kv_bytes, block_size, transport_cfg.timeout_s)
         self.prompt_tokens_computed = 0
         self.requests_done = 0
         self._dests = _Recent(transport_cfg.timeout_s)  # request id → its destination, come before its prompt was computed

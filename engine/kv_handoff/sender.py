@@ -178,6 +178,9 @@ class HandoffSender:
             raise ValueError(f"backend {backend.value} to {dst} needs a pair channel")
         self.disconnect(dst, f"decode worker {dst} was re-connected")  # its previous process's link
         opened = open_cache(cache) if backend is Backend.IPC and cache is not None else None
+        if opened is not None and opened.dtype != self.cache.dtype:  # a copy would convert, not move, the values
+            raise ValueError(f"decode worker {dst}'s KV cache holds {opened.dtype}, this prefill worker's "
+                             f"{self.cache.dtype} (kv_cache.dtype)")
         link = _Link(self, dst, peer, backend, opened, channel)
         with self._lock:
             self.links[dst] = link

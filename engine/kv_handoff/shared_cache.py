@@ -39,7 +39,12 @@ class SharedCache:
 
 
 def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: str, tag: str) -> tuple[torch.Tensor, SharedCache | None]:
-    """A zeroed cache tensor, shared when possible; (tensor, None) when it cannot be shared here."""
+    """A zeroed cache tensor, shared when possible; (tensor, None) when it cannot be shared here. An
+    FP8 cache (kv_cache.dtype fp8) is shared as bytes — the handle's dtype uint8, what peers copy
+    blocks of (as_bytes) — and returned viewed as FP8, what the kernels read."""
+    if dtype == torch.float8_e4m3fn:
+        t, handle = allocate(shape, torch.uint8, device, tag)
+        return t.view(dtype), handle
     numel = 1
     for n in shape:
         numel *= n

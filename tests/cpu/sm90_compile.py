@@ -88,7 +88,8 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     off64 = ta._off64
     bs = 16
     for run, dt, wide in [(n, dt, False) for n, dt in runs] + [(*runs[-1], True)]:
-        name, _, quant = run.partition("+")  # "8b+fp8": its linear layers in FP8 (engine/fp8.py)
+        # "8b+fp8": its linear layers in FP8 (engine/fp8.py); "8b+kv8": its KV cache in FP8 (kv_cache.dtype)
+        name, _, quant = run.partition("+")
         ta._off64 = (lambda kc: True) if wide else off64
         # one layer, a small MLP, 8 experts and vocabulary: what the kernels see (head, hidden and expert
         # sizes) is the shape's
@@ -110,7 +111,8 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
                     if isinstance(m, torch.nn.Linear):
                         codes, m.weight_scale = tfp.quantize(m.weight.data)
                         m.weight = torch.nn.Parameter(codes, requires_grad=False)
-        runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton")
+        runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton",
+                             kv_dtype=torch.float8_e4m3fn if quant == "kv8" else None)
         runner.attn.num_sms = num_sms  # type: ignore[union-attr]
         runner.use_decode_graphs(max_batch=64, max_model_len=256, capture=False)
         table = list(range(16))
