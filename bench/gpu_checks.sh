@@ -7,8 +7,9 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh qwen3      # Qwen3-8B shape (per-head q/k norms): the same at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh families   # Gemma 3 1B, Gemma 2 2B, GLM-4-9B shapes: the step at 1, 64
 #                                                           # against each one's floor (head_dim 256, soft-capping, pairs rotary)
-#     . .gpu/setup.sh && sh bench/gpu_checks.sh fp8       # 8B and 1.1B shapes, bf16 then model.quantization fp8 (FP8 linear
-#                                                           # layers, engine/triton_fp8.py): the step at 1, 64, same run
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh fp8       # 8B and 1.1B shapes: bf16, model.quantization fp8 (FP8 linear
+#                                                           # layers, engine/triton_fp8.py), kv_cache.dtype fp8, both:
+#                                                           # the step at 1, 64, same run
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh gptoss     # gpt-oss-20b's shape with MXFP4 experts as released (~13 GB
 #                                                           # written): sinks, MXFP4 grouped matmuls; the step at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh moe        # Qwen3-30B-A3B's layer x 24 (128 experts, 8 a token; 30 GB
@@ -64,9 +65,10 @@ case "${1:-tests}" in
              python3 bench/gpu_step.py --model-path "$(model $s)" --batches 1,64 --no-hf \
                --output "$OUT/step-$s.json" 2>&1 | tee "$OUT/step-$s.log" | tail -4
            done ;;
-  fp8)     for s in 8b 1.1b; do for q in none fp8; do
-             python3 bench/gpu_step.py --model-path "$(model $s)" --batches 1,64 --no-hf --quantization $q \
-               --output "$OUT/step-$s-$q.json" 2>&1 | tee "$OUT/step-$s-$q.log" | tail -2
+  fp8)     for s in 8b 1.1b; do for q in none:auto fp8:auto none:fp8 fp8:fp8; do
+             w=${q%%:*}; kv=${q##*:}
+             python3 bench/gpu_step.py --model-path "$(model $s)" --batches 1,64 --no-hf --quantization $w \
+               --kv-dtype $kv --output "$OUT/step-$s-w$w-kv$kv.json" 2>&1 | tee "$OUT/step-$s-w$w-kv$kv.log" | tail -2
            done; done ;;
   gptoss)  python3 bench/gpu_step.py --model-path "$(model gpt-oss-20b)" --batches 1,64 --no-hf --profile \
              --output "$OUT/step-gpt-oss-20b.json" 2>&1 | tee "$OUT/step-gpt-oss-20b.log" | tail -8 ;;

@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--quantization", default="none", choices=("none", "fp8"),
                     help="model.quantization: fp8 — the linear layers in FP8, the floor then by the FP8 kernel")
+    ap.add_argument("--kv-dtype", default="auto", choices=("auto", "fp8"), help="kv_cache.dtype")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--output", default="bench/results/gpu_step.json")
@@ -161,7 +162,7 @@ def main() -> None:
     model = load_model(mcfg)
     bs = 16
     blocks = max(batches) * -(-(a.context + a.steps + 8) // bs)
-    runner = ModelRunner(model, blocks, bs, "auto")
+    runner = ModelRunner(model, blocks, bs, "auto", kv_dtype=torch.float8_e4m3fn if a.kv_dtype == "fp8" else None)
     assert runner.attn.name == "triton", runner.attn.name
     out_dir = Path(a.output).parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         runner.graphs = None
-    out = {"model": a.model_path, "dtype": a.dtype, "quantization": a.quantization, "context": a.context, "steps": a.steps,
+    out = {"model": a.model_path, "dtype": a.dtype, "quantization": a.quantization, "kv_dtype": a.kv_dtype, "context": a.context, "steps": a.steps,
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     Path(a.output).write_text(json.dumps(out, indent=2))
 

@@ -175,6 +175,31 @@ def test_fp8_kept_and_quantized_on_load_equal_hf_dequantized_through_graphs(tmp_
         assert runner.graphs is not None and runner.graphs.replays > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="FP8: sm_89+")
+def test_an_fp8_kv_cache_through_graphs_computes_as_kv_rounded_to_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv_cache.dtype fp8 on CUDA: 16 prompts, then decode steps through the graphs; each step's logits
+    are those of an eager runner whose float32 cache has each K and V rounded to FP8 by torch."""
+    from engine.model_runner import ModelRunner, SeqInput
+    from tests.cpu.test_kv_fp8 import _rounding_store
+
+    model = _model()
+    fp8 = ModelRunner(model, num_blocks=32 * 16, block_size=16, kv_dtype=torch.float8_e4m3fn)
+    fp8.use_decode_graphs(64, max_model_len=256)
+    ref = ModelRunner(model, num_blocks=32 * 16, block_size=16)
+    _rounding_store(monkeypatch)
+    prompts = _prompts(16, seed=3)
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+    seqs = [SeqInput(p, 0, t) for p, t in zip(prompts, tables)]
+    out = [list(p) for p in prompts]
+    for _ in range(8):
+        got, want = fp8.forward(seqs), ref.forward(seqs)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for o, tok in zip(out, got.argmax(-1).tolist()):
+            o.append(tok)
+        seqs = [SeqInput([o[-1]], len(o) - 1, t) for o, t in zip(out, tables)]
+    assert fp8.graphs is not None and fp8.graphs.replays > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])  # qwen3_moe: the experts' grouped matmuls in the graphs
 def test_bf16_graphs_equal_bf16_eager(arch: str) -> None:
     from engine.model_runner import ModelRunner
