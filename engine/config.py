@@ -38,10 +38,11 @@ class ModelConfig(Frozen):
         "projections. A request runs with one by naming it (HTTP: as `model`; gRPC: lora_adapter); rows of "
         "different adapters share a forward (their decode steps run without CUDA graphs).")
     quantization: Literal["none", "fp8"] = Field(
-        "none", description="fp8 (cuda only): the decoder's attention projections and dense MLPs quantized to "
-        "FP8 e4m3 as the model loads, one scale per 128 weights of a row (engine/fp8.py): half of bf16's "
-        "memory and bytes read a step; experts, routers, embeddings and the LM head stay as they are. An FP8 "
-        "checkpoint (quant_method fp8) needs no setting: its layers are kept FP8 on cuda.")
+        "none", description="fp8 (cuda only): the decoder's attention projections, dense MLPs, shared experts "
+        "and experts quantized to FP8 e4m3 as the model loads, one scale per 128 weights of a row "
+        "(engine/fp8.py): half of bf16's memory and bytes read a step; routers, embeddings and the LM head "
+        "stay as they are. A dense FP8 checkpoint (quant_method fp8) needs no setting: its layers are kept "
+        "FP8 on cuda.")
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto: on CPU, oneDNN pre-packed linear layers and the fused paged decode-"
         "attention kernel (each falls back if unavailable); on CUDA, the Triton paged-attention kernels. "

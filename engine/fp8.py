@@ -1,16 +1,17 @@
-"""FP8 checkpoints (`quant_method: fp8`, weight_block_size [*, 128]: Qwen 3's *-FP8 releases) kept in
-FP8 on CUDA: a dense model's linear layers hold e4m3 codes and their block scales, half the memory of
-bf16 and half the bytes each decode step reads, and the runner multiplies by them directly
-(engine/triton_fp8.py). Elsewhere, and for the models whose layers the runner does not compute with
-its own linear layers (mixtures of experts, DeepSeek's latent attention), Hugging Face dequantizes
-them as they load (engine/model_loader.py).
+"""FP8 weights (e4m3, one scale per 128 weights of a row): half the memory of bf16 and half the bytes
+each decode step reads; the runner multiplies by them directly (engine/triton_fp8.py).
 
-`model.quantization: fp8` quantizes an unquantized checkpoint's same layers as it loads (quantize_model):
-each run of 128 weights along a row scaled apart (finer than the checkpoints' 128 × 128 blocks).
-
-Read by engine/checkpoint.py; a linear layer's FP8 `weight` [N, K] stays its parameter, in FP8, and its
-`weight_scale_inv` [⌈N/bn⌉, ⌈K/128⌉] becomes `weight_scale` [N, ⌈K/128⌉] (one row per weight row:
-triton_fp8.expand_scales), which engine/linear.py reads.
+- FP8 checkpoints (`quant_method: fp8`, weight_block_size [*, 128]: Qwen 3's *-FP8 releases) are kept
+  FP8 on CUDA where the model has no experts (a dense one): read by engine/checkpoint.py, a linear
+  layer's FP8 `weight` [N, K] stays its parameter and its `weight_scale_inv` [⌈N/bn⌉, ⌈K/128⌉]
+  becomes `weight_scale` [N, ⌈K/128⌉] (one row per weight row: triton_fp8.expand_scales). Elsewhere,
+  and where the experts are stored one by one (the fused 3D tensors Hugging Face computes with are
+  made as it loads), Hugging Face dequantizes them as they load (engine/model_loader.py).
+- `model.quantization: fp8` quantizes an unquantized model as it loads (quantize_model): each decoder
+  layer's attention projections, its dense MLP or shared experts, and its experts' 3D weights (`*_scale`
+  beside them); not the routers, embeddings or LM head. Each run of 128 weights of a row scaled apart.
+A quantized module still computes as Hugging Face's would on the dequantized weights (Fp8Linear, and
+the experts' forward), so the model runs whole too: the KV budget's memory profile, tests.
 """
 from __future__ import annotations
 
@@ -21,20 +22,67 @@ import torch
 from transformers import PreTrainedModel
 
 from engine import checkpoint
-from engine.triton_fp8 import GROUP_K, expand_scales, quantize
+from engine.triton_fp8 import GROUP_K, dequantize, expand_scales, matmul_fp8, quantize
 
 FP8 = torch.float8_e4m3fn
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # Hugging Face's fused experts: [E, 2I, hidden], [E, hidden, I]
+
+
+class Fp8Linear(torch.nn.Linear):
+    """A linear layer whose weight [N, K] is FP8 with `weight_scale` [N, ⌈K/128⌉] (its class swapped in
+    place: hold())."""
+
+    weight_scale: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = matmul_fp8(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, self.bias)
+        return out.view(*x.shape[:-1], -1)
+
+
+def hold(m: torch.nn.Linear, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """m's weight becomes `codes` [N, K] fp8 with `scale` [N, ⌈K/128⌉]."""
+    m.weight = torch.nn.Parameter(codes, requires_grad=False)
+    m.weight_scale = scale
+    m.__class__ = Fp8Linear
+
+
+_EXPERT_CLASSES: dict[type, type] = {}
+
+
+def _experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Hugging Face's forward of the experts over their weights dequantized for the call (a layer's
+    experts in the model dtype at once, then let go)."""
+    kept = {n: self._parameters[n] for n in EXPERT_WEIGHTS}
+    try:
+        for n, p in kept.items():
+            self._parameters[n] = torch.nn.Parameter(
+                dequantize(p, getattr(self, n + "_scale"), hidden_states.dtype), requires_grad=False)
+        return type(self).__mro__[1].forward(self, hidden_states, *args, **kwargs)
+    finally:
+        self._parameters.update(kept)
+
+
+def _hold_experts(experts: torch.nn.Module) -> None:
+    """Quantize an experts module's 3D weights in place ([E, N, K] → codes + `<name>_scale` [E, N, ⌈K/128⌉])."""
+    for n in EXPERT_WEIGHTS:
+        codes, scale = quantize(getattr(experts, n).data)
+        experts._parameters[n] = torch.nn.Parameter(codes, requires_grad=False)
+        setattr(experts, n + "_scale", scale)
+    cls = type(experts)
+    if cls not in _EXPERT_CLASSES:
+        _EXPERT_CLASSES[cls] = type(f"Fp8{cls.__name__}", (cls,), {"forward": _experts_forward})
+    experts.__class__ = _EXPERT_CLASSES[cls]
 
 
 def kept(config: Any, device: str) -> bool:
     """Whether this checkpoint's FP8 weights stay FP8: block-quantized, 128 along K (the kernel's
-    GROUP_K), on CUDA, in a model whose every linear layer the runner computes itself."""
+    GROUP_K), on CUDA, in a model without experts (whose checkpoints store them one by one)."""
     quant = getattr(config, "quantization_config", None) or {}
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     block = quant.get("weight_block_size") or [0, 0]
     experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
     return (quant.get("quant_method") == "fp8" and block[1] == GROUP_K and torch.device(device).type == "cuda"
-            and not experts and not getattr(config, "kv_lora_rank", None))
+            and not experts)
 
 
 def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str, attention: str) -> PreTrainedModel:
@@ -54,27 +102,37 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
 
 
 def _paired(model: PreTrainedModel) -> None:
-    """Every FP8 weight has its scales and every scale its FP8 weight."""
+    """Every FP8 weight has its scales and every scale its FP8 weight; each such layer an Fp8Linear."""
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if (weight is not None and weight.dtype == FP8) != hasattr(module, "weight_scale"):
             raise ValueError(f"{name}: an FP8 weight without its weight_scale_inv, or the other way round")
+        if hasattr(module, "weight_scale"):
+            module.__class__ = Fp8Linear
 
 
 def quantize_model(model: PreTrainedModel) -> int:
-    """Quantize, in place, the linear layers the runner computes with its own (engine/layers.py): each
-    decoder layer's attention projections and dense MLP — not the experts, the routers, DeepSeek's latent
-    attention (Hugging Face's modules), the embeddings or the LM head; → how many. The model is
-    loaded in its dtype first: its peak memory is the unquantized model's."""
+    """Quantize, in place, each decoder layer's attention projections, dense MLP or shared experts, and
+    experts (Hugging Face's fused 3D weights; not gpt-oss's, kept MXFP4 or in its own layout) — not the
+    routers, embeddings or LM head; → how many weights. The model is loaded in its dtype first: its
+    peak memory is the unquantized model's."""
     count = 0
     for layer in model.model.layers:
-        owners = [] if hasattr(layer.self_attn, "kv_a_proj_with_mqa") else [layer.self_attn]
         mlp = getattr(layer, "mlp", None)
-        if mlp is not None and not hasattr(mlp, "experts"):
+        owners = [layer.self_attn]
+        experts = getattr(mlp, "experts", None)
+        if experts is None:
             owners.append(mlp)
-        for m in (m for owner in owners for m in owner.children()):
+        else:
+            shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+            owners += [shared] if shared is not None else []
+            weights = [getattr(experts, n, None) for n in EXPERT_WEIGHTS]
+            if (all(isinstance(w, torch.Tensor) and w.dim() == 3 and w.dtype != FP8 for w in weights)
+                    and not hasattr(experts, "gate_up_proj_bias")):
+                _hold_experts(experts)
+                count += 2
+        for m in (m for owner in owners if owner is not None for m in owner.children()):
             if isinstance(m, torch.nn.Linear) and m.weight.dtype != FP8:
-                codes, m.weight_scale = quantize(m.weight.data)
-                m.weight = torch.nn.Parameter(codes, requires_grad=False)
+                hold(m, *quantize(m.weight.data))
                 count += 1
     return count

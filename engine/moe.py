@@ -14,7 +14,8 @@ One forward of a sparse layer, for T tokens (rows of the packed batch) and k exp
      `grouped_mm`, or where that one would read its groups on the host (off bf16 on sm90/sm100)
      while the step should be a CUDA graph, a Triton kernel that does not (engine/triton_moe.py);
      over gpt-oss's MXFP4 weights where they are kept so (engine/mxfp4.py), a Triton kernel that
-     dequantizes as it multiplies (engine/triton_mxfp4.py);
+     dequantizes as it multiplies (engine/triton_mxfp4.py), and over FP8 ones (engine/fp8.py) another
+     (engine/triton_fp8.py);
   4. combine: each row times its weight, put back in (token, k) order and summed over k → [T, hidden];
   5. a shared expert (Qwen 2 MoE, DeepSeek), where there is one: a dense MLP every token runs,
      scaled by a sigmoid gate of its own (Qwen 2 MoE's), added.
@@ -43,10 +44,18 @@ class Mxfp4:
 
 
 @dataclass(frozen=True)
+class Fp8:
+    """An expert weight in FP8 (engine/fp8.py), in Hugging Face's layout (engine/triton_fp8.py)."""
+
+    weight: torch.Tensor  # [E, N, K] float8_e4m3fn
+    scale: torch.Tensor  # [E, N, ⌈K/128⌉] float32
+
+
+@dataclass(frozen=True)
 class Experts:
     router: torch.Tensor  # [E, hidden]
-    gate_up: torch.Tensor | Mxfp4  # [E, hidden, 2I]: a transposed view of Hugging Face's [E, 2I, hidden]
-    down: torch.Tensor | Mxfp4  # [E, I, hidden]: a view of [E, hidden, I]
+    gate_up: torch.Tensor | Mxfp4 | Fp8  # [E, hidden, 2I]: a transposed view of Hugging Face's [E, 2I, hidden]
+    down: torch.Tensor | Mxfp4 | Fp8  # [E, I, hidden]: a view of [E, hidden, I]
     act: torch.nn.Module
     top_k: int
     renormalize: bool
@@ -78,8 +87,12 @@ class Experts:
                        gate_up_bias=experts.gate_up_proj_bias.data, down_bias=experts.down_proj_bias.data,
                        glu=experts._apply_gate)
         shared_gate = getattr(mlp, "shared_expert_gate", None)  # Qwen 2 MoE's; DeepSeek's shared experts have none
-        return cls(gate.weight.data, experts.gate_up_proj.data.transpose(1, 2),
-                   experts.down_proj.data.transpose(1, 2), experts.act_fn, int(gate.top_k),
+        if hasattr(experts, "gate_up_proj_scale"):  # quantized to FP8 (engine/fp8.py)
+            gate_up, down = (Fp8(experts.gate_up_proj.data, experts.gate_up_proj_scale),
+                             Fp8(experts.down_proj.data, experts.down_proj_scale))
+        else:
+            gate_up, down = experts.gate_up_proj.data.transpose(1, 2), experts.down_proj.data.transpose(1, 2)
+        return cls(gate.weight.data, gate_up, down, experts.act_fn, int(gate.top_k),
                    bool(getattr(gate, "norm_topk_prob", True)), dense(shared) if shared is not None else None,
                    shared_gate.weight.data if shared_gate is not None else None, triton,
                    route=gate if hasattr(gate, "routed_scaling_factor") else None)
@@ -131,11 +144,15 @@ class Experts:
         return routed + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x, act_mul)  # 5.
 
 
-def _grouped(mm: Callable[..., torch.Tensor], rows: torch.Tensor, w: torch.Tensor | Mxfp4,
+def _grouped(mm: Callable[..., torch.Tensor], rows: torch.Tensor, w: torch.Tensor | Mxfp4 | Fp8,
              ends: torch.Tensor) -> torch.Tensor:
     """rows [S, K] (sorted by expert) times each one's expert weight [K, N] → [S, N]."""
     if isinstance(w, Mxfp4):
         from engine.triton_mxfp4 import grouped_matmul_mxfp4  # imports Triton: only where it runs
 
         return grouped_matmul_mxfp4(rows, w.blocks, w.scales, ends)
+    if isinstance(w, Fp8):
+        from engine.triton_fp8 import grouped_matmul_fp8
+
+        return grouped_matmul_fp8(rows, w.weight, w.scale, ends)
     return mm(rows, w, offs=ends)

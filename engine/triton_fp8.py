@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from engine.triton_attention import _dot
+from engine.triton_moe import BLOCK_M, tiles
 
 GROUP_K = 128  # weights along K sharing a scale
 BLOCK_K = 64  # divides GROUP_K: one scale per column and tile
@@ -76,23 +77,70 @@ def matmul_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torc
     return out
 
 
+@triton.jit
+def _grouped_matmul_fp8(
+    a_ptr, w_ptr, s_ptr, c_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
+    stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_cm,
+    IEEE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The experts' grouped matmul (engine/triton_moe.py's tiles) over FP8 weights, each tile of the
+    weight dequantized as _matmul_fp8's."""
+    t = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + t)  # -1: a tile beyond the ones in use
+    used = e >= 0
+    e = tl.maximum(e, 0).to(tl.int64)
+    rows = tl.load(tile_first_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)  # [BM]
+    rmask = rows < tl.where(used, tl.load(ends_ptr + e), 0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.where(used, K, 0), BLOCK_K):  # an unused tile reads nothing
+        k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        kmask = k < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + e * stride_we + cols[None, :] * stride_wn + k[:, None],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BK, BN] fp8
+        s = tl.load(s_ptr + e * stride_se + cols * stride_sn + k0 // GROUP_K, mask=cmask, other=0.0)  # [BN]
+        acc += _dot(a, (w.to(tl.float32) * s[None, :]).to(a.dtype), IEEE)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def grouped_matmul_fp8(rows: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """rows [S, K] sorted by expert, w [E, N, K] fp8 (Hugging Face's layout), scale [E, N, ⌈K/GROUP_K⌉],
+    offs [E] int32 (expert e's rows end at offs[e]) → [S, N]: each row times its expert's weight, dequantized."""
+    S, K = rows.shape
+    E, N, _ = w.shape
+    assert w.shape[2] == K and scale.shape == (E, N, triton.cdiv(K, GROUP_K)), "FP8 expert weights of another shape"
+    assert rows.stride(1) == 1 and w.stride(2) == 1 and scale.stride(2) == 1, "contiguous along K"
+    out = torch.empty(S, N, dtype=rows.dtype, device=rows.device)
+    expert, first = tiles(offs, S)
+    _grouped_matmul_fp8[(expert.shape[0], triton.cdiv(N, 32))](
+        rows, w, scale, out, expert, first, offs, N, K,
+        rows.stride(0), w.stride(0), w.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
+        IEEE=rows.dtype == torch.float32, GROUP_K=GROUP_K, BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_K=BLOCK_K,
+    )
+    return out
+
+
 def expand_scales(scale_inv: torch.Tensor, rows: int, block_n: int) -> torch.Tensor:
     """A checkpoint's block scales [⌈N/block_n⌉, ⌈K/GROUP_K⌉] → one row of them per weight row [N, ⌈K/GROUP_K⌉]."""
     return scale_inv.float().repeat_interleave(block_n, dim=0)[:rows].contiguous()
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w [N, K] fp8, scale [N, ⌈K/GROUP_K⌉] → the weight [N, K] in dtype (the reference: tests)."""
-    K = w.shape[1]
-    return (w.float() * scale.repeat_interleave(GROUP_K, dim=1)[:, :K]).to(dtype)
+    """w [..., N, K] fp8, scale [..., N, ⌈K/GROUP_K⌉] → the weight [..., N, K] in dtype (the reference:
+    tests; Hugging Face's own forward of a quantized model: engine/fp8.py)."""
+    K = w.shape[-1]
+    return (w.float() * scale.repeat_interleave(GROUP_K, dim=-1)[..., :K]).to(dtype)
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] → (codes [N, K] fp8 e4m3fn, scale [N, ⌈K/GROUP_K⌉] fp32): each run of GROUP_K in a row
-    scaled so its largest magnitude is FP8_MAX."""
-    N, K = w.shape
+    """w [..., N, K] → (codes [..., N, K] fp8 e4m3fn, scale [..., N, ⌈K/GROUP_K⌉] fp32): each run of
+    GROUP_K in a row scaled so its largest magnitude is FP8_MAX."""
+    *lead, K = w.shape
     groups = triton.cdiv(K, GROUP_K)
-    padded = torch.nn.functional.pad(w.float(), (0, groups * GROUP_K - K)).view(N, groups, GROUP_K)
-    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [N, G]
+    padded = torch.nn.functional.pad(w.float(), (0, groups * GROUP_K - K)).view(*lead, groups, GROUP_K)
+    scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [..., N, G]
     codes = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return codes.view(N, -1)[:, :K].contiguous(), scale
+    return codes.view(*lead, -1)[..., :K].contiguous(), scale

@@ -83,7 +83,7 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     seen: list[tuple[Any, tuple, dict]] = []
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
                       (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul"),
-                      (tmx, "_grouped_matmul_mxfp4"), (tfp, "_matmul_fp8")]:
+                      (tmx, "_grouped_matmul_mxfp4"), (tfp, "_matmul_fp8"), (tfp, "_grouped_matmul_fp8")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
     off64 = ta._off64
     bs = 16
@@ -106,11 +106,9 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
                     setattr(layer.mlp.experts, proj + "_blocks", torch.zeros(E, N, K // 2, dtype=torch.uint8))
                     setattr(layer.mlp.experts, proj + "_scales", torch.full((E, N, K // 32), 127, dtype=torch.uint8))
         if quant == "fp8":
-            for layer in model.model.layers:
-                for m in [*layer.self_attn.children(), *layer.mlp.children()]:
-                    if isinstance(m, torch.nn.Linear):
-                        codes, m.weight_scale = tfp.quantize(m.weight.data)
-                        m.weight = torch.nn.Parameter(codes, requires_grad=False)
+            from engine.fp8 import quantize_model
+
+            quantize_model(model)
         runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton",
                              kv_dtype=torch.float8_e4m3fn if quant == "kv8" else None)
         runner.attn.num_sms = num_sms  # type: ignore[union-attr]

@@ -121,35 +121,65 @@ def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> N
         load_model(ModelConfig(path=str(tmp_path)))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v2"])
+def dequantize_into(want: torch.nn.Module, model: torch.nn.Module) -> None:
+    """want (a copy of `model` before fp8.quantize_model) gets the weights model's codes stand for; the
+    modules left unquantized are checked to be so."""
+    for (name, m), w in zip(model.named_modules(), want.modules()):
+        if isinstance(m, fp8.Fp8Linear):
+            w.weight.data = dequantize(m.weight, m.weight_scale, w.weight.dtype)
+        elif hasattr(m, "gate_up_proj_scale"):
+            for p in fp8.EXPERT_WEIGHTS:
+                getattr(w, p).data = dequantize(getattr(m, p), getattr(m, p + "_scale"), getattr(w, p).dtype)
+        elif isinstance(m, torch.nn.Linear) or name.endswith(".experts"):  # left as they were
+            assert all(p.dtype != torch.float8_e4m3fn for p in m.parameters()), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v2", "qwen2_moe", "gpt_oss"])
 def test_model_quantization_fp8_quantizes_the_layers_the_runner_computes(arch: str) -> None:
-    """model.quantization: fp8 (cuda only: refused elsewhere) quantizes each layer's attention
-    projections and dense MLP as the model loads — not experts, routers or latent attention, which
-    Hugging Face's modules compute — and the runner's logits are the model's with those weights
-    dequantized (the loader's path, here on CPU under the interpreter)."""
+    """model.quantization: fp8 (cuda only: refused elsewhere) quantizes as the model loads each layer's
+    attention projections (DeepSeek's latent ones too), dense MLP or shared experts, and experts'
+    3D weights — not routers, gates, gpt-oss's experts (its own layout), embeddings or the LM head.
+    Hugging Face's forward of the quantized model and the runner's logits are the model's with those
+    weights dequantized (the loader's path, here on CPU under the interpreter)."""
     import copy
 
     from pydantic import ValidationError
 
+    from engine.moe import Experts, Fp8
+
     with pytest.raises(ValidationError, match="model.quantization: fp8 needs model.device: cuda"):
         ModelConfig(quantization="fp8")
     model = load_model(ModelConfig.model_construct(**{**ModelConfig(path="tiny").model_dump(), "quantization": "fp8"}))
-    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(model.model.layers[0].mlp.down_proj, fp8.Fp8Linear)
     model = tiny_model(seed=5, arch=arch)
     want = copy.deepcopy(model)
     n = fp8.quantize_model(model)
-    # q k v o and gate up down of both layers; the tiny MoEs' first layer is dense: Qwen 3's attention
-    # everywhere and that MLP, DeepSeek's that MLP alone
-    assert n == {"llama": 14, "qwen3_moe": 11, "deepseek_v2": 3}[arch]
-    for (name, m), w in zip(model.named_modules(), want.modules()):
-        if hasattr(m, "weight_scale"):
-            w.weight.data = dequantize(m.weight, m.weight_scale, torch.float32)
-        elif isinstance(m, torch.nn.Linear):
-            assert m.weight.dtype == torch.float32, name
+    # linear layers + experts' two weights: attention's 4 per layer (Llama's 7 with the MLP); the tiny
+    # MoEs' first layer is dense but for Qwen 2 MoE's (with a shared expert, its gate left alone)
+    assert n == {"llama": 14, "qwen3_moe": 8 + 3 + 2, "deepseek_v2": 8 + 3 + 2 + 3, "qwen2_moe": 8 + 2 * (2 + 3),
+                 "gpt_oss": 8}[arch]
     assert fp8.quantize_model(model) == 0  # FP8 already
+    dequantize_into(want, model)
     runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
+    if arch in ("qwen3_moe", "qwen2_moe", "deepseek_v2"):
+        assert any(isinstance(layer.mlp, Experts) and isinstance(layer.mlp.gate_up, Fp8) for layer in runner.layers)
     prompt = list(range(3, 40))
     with torch.inference_mode():
         ref = want(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(model(torch.tensor([prompt])).logits[0], ref, atol=5e-5, rtol=1e-4)
     for got, row in zip(_logits(runner, prompt), ref[-2:]):
         torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("S, K, N, E", [(40, 64, 96, 4), (7, 300, 40, 3)])
+def test_the_fp8_grouped_matmul_equals_torch_on_the_dequantized_experts(S: int, K: int, N: int, E: int) -> None:
+    from engine.moe import grouped_mm
+    from engine.triton_fp8 import grouped_matmul_fp8
+
+    g = torch.Generator().manual_seed(S)
+    codes, scale = quantize(torch.randn(E, N, K, generator=g))
+    rows = torch.randn(S, K, generator=g)
+    experts = torch.sort(torch.randint(0, E, (S,), generator=g)).values
+    offs = torch.cumsum(torch.bincount(experts, minlength=E), 0).to(torch.int32)
+    ref = grouped_mm(rows, dequantize(codes, scale, torch.float32).transpose(1, 2), offs=offs)
+    torch.testing.assert_close(grouped_matmul_fp8(rows, codes, scale, offs), ref, atol=1e-4, rtol=1e-5)

@@ -3,7 +3,7 @@ the tiny test shape in fp32 (the GPU tests'), the 1.1B and 8B shapes in bf16 and
 (its experts' grouped matmul) in fp16 and bf16, Gemma 3 1B's (head_dim 256, windows) and Gemma 2
 2B's (the same with soft-capped scores), GLM-4-9B's (interleaved rotary, 16 query heads a KV head) and
 OLMo-2-7B's (its norm's rounding) and gpt-oss-20b's (attention sinks, its MXFP4 experts) and DeepSeek-V2-Lite's (heads of 192) and the 8B's with FP8
-linear layers (engine/fp8.py) and with its KV cache in FP8 (kv_cache.dtype) in bf16 — checked here, without a GPU, by Triton's own compiler
+linear layers (engine/fp8.py), Qwen3-30B-A3B's with FP8 experts, and the 8B's with its KV cache in FP8 (kv_cache.dtype) in bf16 — checked here, without a GPU, by Triton's own compiler
 and ptxas (tests/cpu/sm90_compile.py). The interpreter the other tests use cannot see a kernel that
 fails to compile, nor one that spills registers to local memory."""
 import json
@@ -17,7 +17,7 @@ import pytest
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_paged_decode", "_merge_splits", "_paged_prefill", "_add_rms_norm", "_rope_store", "_act_mul",
-           "_grouped_matmul", "_grouped_matmul_mxfp4", "_matmul_fp8"}
+           "_grouped_matmul", "_grouped_matmul_mxfp4", "_matmul_fp8", "_grouped_matmul_fp8"}
 
 
 def _has_ptxas() -> bool:
@@ -30,7 +30,7 @@ def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
     p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", "90", "--runs",
                         "test:float32,1.1b:bfloat16,8b:bfloat16,qwen3-a3b-24l:float16,qwen3-a3b-24l:bfloat16,"
                         "gemma3-1b:bfloat16,gemma2-2b:bfloat16,glm4-9b:bfloat16,olmo2-7b:bfloat16,gpt-oss-20b:bfloat16,"
-                        "deepseek-v2-lite:bfloat16,8b+fp8:bfloat16,8b+kv8:bfloat16"],
+                        "deepseek-v2-lite:bfloat16,8b+fp8:bfloat16,8b+kv8:bfloat16,qwen3-a3b-24l+fp8:bfloat16"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     failed = [f"{r['kernel']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]

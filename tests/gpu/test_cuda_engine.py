@@ -175,6 +175,30 @@ def test_fp8_kept_and_quantized_on_load_equal_hf_dequantized_through_graphs(tmp_
         assert runner.graphs is not None and runner.graphs.replays > 0
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+def test_fp8_experts_and_latent_attention_through_graphs_equal_hf_dequantized(arch: str) -> None:
+    """model.quantization fp8 on a mixture of experts (FP8 grouped matmuls) and DeepSeek's latent
+    attention (Hugging Face's modules, made Fp8Linear): greedy through the graphs == HF on the
+    dequantized weights; HF's own forward of the quantized model runs (the KV budget's profile)."""
+    import copy
+
+    from engine import fp8
+    from engine.kv_budget import profile_peak
+    from engine.model_runner import ModelRunner
+    from tests.cpu.test_fp8 import dequantize_into
+
+    model = _model(arch=arch)
+    want = copy.deepcopy(model)
+    fp8.quantize_model(model)
+    dequantize_into(want, model)
+    runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
+    runner.use_decode_graphs(64, max_model_len=256)
+    prompts = _prompts(16, seed=7)
+    assert _decode(runner, prompts, 12) == [_hf(want, p, 12) for p in prompts]
+    assert runner.graphs is not None and runner.graphs.replays > 0
+    assert profile_peak(model, 256) > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="FP8: sm_89+")
 def test_an_fp8_kv_cache_through_graphs_computes_as_kv_rounded_to_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
     """kv_cache.dtype fp8 on CUDA: 16 prompts, then decode steps through the graphs; each step's logits
