@@ -34,26 +34,40 @@ def test_fp8_matmul_equals_torch_on_the_dequantized_weights(M: int, N: int, K: i
                                atol=1e-4, rtol=1e-5)
 
 
-def _fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 128)) -> torch.nn.Module:
-    """A tiny Qwen 3 folder whose decoder's linear layers are FP8 as Qwen's *-FP8 releases hold them
-    (weight e4m3, weight_scale_inv per block of `block`); → the model with the weights those codes
-    stand for (Hugging Face's dequantization: what it must compute as)."""
-    want = tiny_model(seed=3, arch="qwen3")
-    state = {k: v.contiguous() for k, v in want.state_dict().items() if k != "lm_head.weight"}  # tied
-    bn, bk = block
+def _block_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] → (codes, weight_scale_inv [⌈N/bn⌉, ⌈K/bk⌉], the weight they stand for), block-wise as
+    Qwen's and DeepSeek's FP8 releases; scales varied so no two blocks share one."""
+    (N, K), (bn, bk) = w.shape, block
+    blocks = torch.nn.functional.pad(w, (0, -K % bk, 0, -N % bn))
+    blocks = blocks.view(blocks.shape[0] // bn, bn, -1, bk)  # [N/bn, bn, K/bk, bk]
+    s = blocks.abs().amax(dim=(1, 3)) / FP8_MAX * torch.rand(blocks.shape[0], blocks.shape[2]).add(1)
+    codes = (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn)
+    deq = (codes.float() * s[:, None, :, None]).view(s.shape[0] * bn, -1)[:N, :K].contiguous()
+    return codes.view(s.shape[0] * bn, -1)[:N, :K].contiguous(), s, deq
+
+
+def _fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 128), arch: str = "qwen3") -> torch.nn.Module:
+    """A tiny folder whose decoder's linear layers (a mixture of experts': its experts too, stored one by
+    one) are FP8 as Qwen's *-FP8 releases hold them (weight e4m3, weight_scale_inv per block of
+    `block`); → the model with the weights those codes stand for (Hugging Face's dequantization: what
+    it must compute as)."""
+    want = tiny_model(seed=3, arch=arch)
+    tied = want.config.tie_word_embeddings
+    state = {k: v.contiguous() for k, v in want.state_dict().items() if not (tied and k == "lm_head.weight")}
     for name, m in want.named_modules():
-        if isinstance(m, torch.nn.Linear) and name != "lm_head":
-            N, K = m.weight.shape
-            blocks = torch.nn.functional.pad(m.weight.data, (0, -K % bk, 0, -N % bn))
-            blocks = blocks.view(blocks.shape[0] // bn, bn, -1, bk)  # [N/bn, bn, K/bk, bk]
-            s = blocks.abs().amax(dim=(1, 3)) / FP8_MAX  # [N/bn, K/bk]
-            s = s * torch.rand_like(s).add(1)  # scales unlike each other
-            codes = (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn)
-            state[name + ".weight"] = codes.view(s.shape[0] * bn, -1)[:N, :K].contiguous()
-            state[name + ".weight_scale_inv"] = s
-            m.weight.data = (codes.float() * s[:, None, :, None]).view(s.shape[0] * bn, -1)[:N, :K].contiguous()
+        if isinstance(m, torch.nn.Linear) and name != "lm_head" and not name.endswith(".gate"):  # (not routers)
+            state[name + ".weight"], state[name + ".weight_scale_inv"], m.weight.data = _block_fp8(m.weight.data, block)
+        if name.endswith(".experts"):  # [E, 2I, hidden], [E, hidden, I] → gate, up, down of each expert
+            gate_up, down = state.pop(name + ".gate_up_proj"), state.pop(name + ".down_proj")
+            inter = gate_up.shape[1] // 2
+            for e in range(gate_up.shape[0]):
+                for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, None)), ("down_proj", None)):
+                    w = down[e] if rows is None else gate_up[e, rows]
+                    codes, scale, deq = _block_fp8(w, block)
+                    state[f"{name}.{e}.{proj}.weight"], state[f"{name}.{e}.{proj}.weight_scale_inv"] = codes, scale
+                    (m.down_proj.data[e] if rows is None else m.gate_up_proj.data[e, rows]).copy_(deq)
     save_file(state, folder / "model.safetensors")
-    config = {**want.config.to_dict(), "architectures": ["Qwen3ForCausalLM"], "quantization_config": {
+    config = {**want.config.to_dict(), "architectures": [type(want).__name__], "quantization_config": {
         "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": list(block)}}
     (folder / "config.json").write_text(json.dumps(config))
     tiny_tokenizer().save_pretrained(folder)
@@ -67,8 +81,12 @@ def _logits(runner: ModelRunner, prompt: list[int]) -> tuple[torch.Tensor, torch
                 runner.forward([SeqInput(prompt[-1:], len(prompt) - 1, [0, 1, 2])])[0])
 
 
-def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: Path) -> None:
-    want = _fp8_checkpoint(tmp_path)
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: Path, arch: str) -> None:
+    """Off CUDA, and for a mixture of experts (its experts stored one by one: Hugging Face fuses them
+    as it loads) on CUDA too, an FP8 checkpoint loads as the weights its codes stand for."""
+    want = _fp8_checkpoint(tmp_path, arch=arch)
+    assert fp8.kept(AutoConfig.from_pretrained(tmp_path), "cuda") == (arch == "qwen3")
     model = load_model(ModelConfig(path=str(tmp_path)))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
     prompt = list(range(3, 40))
