@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-Keep = Callable[[torch.nn.Module, str, torch.Tensor], bool]  # (owner, name, tensor on the device) → placed it
+Keep = Callable[[torch.nn.Module, str, torch.Tensor], bool]  # (model, tensor's key, tensor on the device) → placed it
 
 
 def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str, attention: str, keep: Keep,
@@ -35,11 +35,10 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     for f in files:  # 2.
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for key in st.keys():
-                owner, _, name = key.rpartition(".")
-                module = model.get_submodule(owner)
                 t = st.get_tensor(key).to(device)
-                if not keep(module, name, t):
-                    _place(module, name, t.to(dtype) if t.is_floating_point() else t, key)
+                if not keep(model, key, t):
+                    owner, _, name = key.rpartition(".")
+                    _place(model.get_submodule(owner), name, t.to(dtype) if t.is_floating_point() else t, key)
     if after is not None:  # 3.
         after(model)
     model.tie_weights()

@@ -1,12 +1,12 @@
 """FP8 weights (e4m3, one scale per 128 weights of a row): half the memory of bf16 and half the bytes
 each decode step reads; the runner multiplies by them directly (engine/triton_fp8.py).
 
-- FP8 checkpoints (`quant_method: fp8`, weight_block_size [*, 128]: Qwen 3's *-FP8 releases) are kept
-  FP8 on CUDA where the model has no experts (a dense one): read by engine/checkpoint.py, a linear
-  layer's FP8 `weight` [N, K] stays its parameter and its `weight_scale_inv` [⌈N/bn⌉, ⌈K/128⌉]
-  becomes `weight_scale` [N, ⌈K/128⌉] (one row per weight row: triton_fp8.expand_scales). Elsewhere,
-  and where the experts are stored one by one (the fused 3D tensors Hugging Face computes with are
-  made as it loads), Hugging Face dequantizes them as they load (engine/model_loader.py).
+- FP8 checkpoints (`quant_method: fp8`, weight_block_size [*, 128]: Qwen 3's *-FP8 releases, dense and
+  MoE) are kept FP8 on CUDA: read by engine/checkpoint.py, a linear layer's FP8 `weight` [N, K] stays
+  its parameter and its `weight_scale_inv` [⌈N/bn⌉, ⌈K/128⌉] becomes `weight_scale` [N, ⌈K/128⌉]
+  (one row per weight row: triton_fp8.expand_scales); experts stored one by one (gate, up, down of
+  each) go into the fused [E, N, K] weights Hugging Face computes with, scales beside them.
+  Elsewhere Hugging Face dequantizes them as they load (engine/model_loader.py).
 - `model.quantization: fp8` quantizes an unquantized model as it loads (quantize_model): each decoder
   layer's attention projections, its dense MLP or shared experts, and its experts' 3D weights (`*_scale`
   beside them); not the routers, embeddings or LM head. Each run of 128 weights of a row scaled apart.
@@ -15,6 +15,7 @@ the experts' forward), so the model runs whole too: the KV budget's memory profi
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def _experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: 
         for n, p in kept.items():
             self._parameters[n] = torch.nn.Parameter(
                 dequantize(p, getattr(self, n + "_scale"), hidden_states.dtype), requires_grad=False)
-        return type(self).__mro__[1].forward(self, hidden_states, *args, **kwargs)
+        return self._unquantized.forward(self, hidden_states, *args, **kwargs)
     finally:
         self._parameters.update(kept)
 
@@ -68,37 +69,82 @@ def _hold_experts(experts: torch.nn.Module) -> None:
         codes, scale = quantize(getattr(experts, n).data)
         experts._parameters[n] = torch.nn.Parameter(codes, requires_grad=False)
         setattr(experts, n + "_scale", scale)
-    cls = type(experts)
+    experts.__class__ = _fp8_class(type(experts))
+
+
+def _fp8_class(cls: type) -> type:
+    """cls with _experts_forward: Hugging Face's experts over their FP8 weights (made once per class)."""
+    if cls in _EXPERT_CLASSES.values():
+        return cls
     if cls not in _EXPERT_CLASSES:
-        _EXPERT_CLASSES[cls] = type(f"Fp8{cls.__name__}", (cls,), {"forward": _experts_forward})
-    experts.__class__ = _EXPERT_CLASSES[cls]
+        _EXPERT_CLASSES[cls] = type(f"Fp8{cls.__name__}", (cls,), {"forward": _experts_forward, "_unquantized": cls})
+    return _EXPERT_CLASSES[cls]
 
 
 def kept(config: Any, device: str) -> bool:
     """Whether this checkpoint's FP8 weights stay FP8: block-quantized, 128 along K (the kernel's
-    GROUP_K), on CUDA, in a model without experts (whose checkpoints store them one by one)."""
+    GROUP_K), on CUDA; a mixture of experts only where its experts are stored as Qwen's are
+    (PER_EXPERT)."""
     quant = getattr(config, "quantization_config", None) or {}
     quant = quant if isinstance(quant, dict) else quant.to_dict()
     block = quant.get("weight_block_size") or [0, 0]
     experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
     return (quant.get("quant_method") == "fp8" and block[1] == GROUP_K and torch.device(device).type == "cuda"
-            and not experts)
+            and (not experts or config.model_type in PER_EXPERT_FAMILIES))
+
+
+PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe")  # experts stored one by one as PER_EXPERT names them
 
 
 def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str, attention: str) -> PreTrainedModel:
     quant = config.quantization_config
     block_n = int((quant if isinstance(quant, dict) else quant.to_dict())["weight_block_size"][0])
+    filled: dict[tuple[str, str, str], int] = {}  # (experts, fused weight, weight | scale) → experts' tensors read
 
-    def keep(module: torch.nn.Module, name: str, t: torch.Tensor) -> bool:
+    def keep(model: torch.nn.Module, key: str, t: torch.Tensor) -> bool:
+        if (m := PER_EXPERT.match(key)) is not None:
+            path_, e, proj, kind = m.groups()
+            _expert_part(model.get_submodule(path_), int(e), proj, kind, t, block_n)
+            filled[path_, proj, kind] = filled.get((path_, proj, kind), 0) + 1
+            return True
+        owner, _, name = key.rpartition(".")
         if name == "weight" and t.dtype == FP8:
-            module._parameters["weight"] = torch.nn.Parameter(t.contiguous(), requires_grad=False)
+            model.get_submodule(owner)._parameters["weight"] = torch.nn.Parameter(t.contiguous(), requires_grad=False)
             return True
         if name == "weight_scale_inv":
+            module = model.get_submodule(owner)
             module.weight_scale = expand_scales(t, module.out_features, block_n)  # [N, ⌈K/128⌉]
             return True
         return False
 
-    return checkpoint.load(path, config, dtype, device, attention, keep, _paired)
+    def after(model: PreTrainedModel) -> None:
+        _paired(model)
+        for (path_, proj, kind), n in filled.items():
+            experts = model.get_submodule(path_)
+            if n != experts.gate_up_proj.shape[0]:
+                raise ValueError(f"{path_}: {n} experts' {proj}.{kind} in the checkpoint, not {experts.gate_up_proj.shape[0]}")
+
+    return checkpoint.load(path, config, dtype, device, attention, keep, after)
+
+
+def _expert_part(experts: torch.nn.Module, e: int, proj: str, kind: str, t: torch.Tensor, block_n: int) -> None:
+    """Expert e's gate, up or down weight (or its block scales) into the fused FP8 [E, N, K] weight and
+    its [E, N, ⌈K/128⌉] scales, allocated on the first one (the meta parameter's shape)."""
+    fused = "down_proj" if proj == "down_proj" else "gate_up_proj"
+    w = experts._parameters[fused]
+    E, N, K = w.shape
+    if w.is_meta:
+        experts._parameters[fused] = torch.nn.Parameter(torch.zeros(E, N, K, dtype=FP8, device=t.device),
+                                                        requires_grad=False)
+        setattr(experts, fused + "_scale", torch.zeros(E, N, -(-K // GROUP_K), device=t.device))
+        experts.__class__ = _fp8_class(type(experts))
+    rows = slice(None) if proj == "down_proj" else slice(0, N // 2) if proj == "gate_proj" else slice(N // 2, N)
+    if kind == "weight":
+        experts._parameters[fused].data[e, rows] = t
+    else:
+        n = N if proj == "down_proj" else N // 2
+        getattr(experts, fused + "_scale")[e, rows] = expand_scales(t, n, block_n)
 
 
 def _paired(model: PreTrainedModel) -> None:

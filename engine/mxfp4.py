@@ -26,13 +26,14 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     return checkpoint.load(path, config, dtype, device, attention, _keep, _empty_experts)
 
 
-def _keep(module: torch.nn.Module, name: str, t: torch.Tensor) -> bool:
+def _keep(model: torch.nn.Module, key: str, t: torch.Tensor) -> bool:
     """An expert weight's MXFP4 codes or scales, kept as they are."""
+    owner, _, name = key.rpartition(".")
     if not name.endswith(QUANTIZED):
         return False
     if name.endswith("_blocks"):
         t = t.reshape(*t.shape[:-2], -1)  # [E, N, K/32, 16] → [E, N, K/2]
-    setattr(module, name, t.contiguous())
+    setattr(model.get_submodule(owner), name, t.contiguous())
     return True
 
 

@@ -51,6 +51,7 @@ def _fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 128), arch: str 
     one) are FP8 as Qwen's *-FP8 releases hold them (weight e4m3, weight_scale_inv per block of
     `block`); → the model with the weights those codes stand for (Hugging Face's dequantization: what
     it must compute as)."""
+    folder.mkdir(parents=True, exist_ok=True)
     want = tiny_model(seed=3, arch=arch)
     tied = want.config.tie_word_embeddings
     state = {k: v.contiguous() for k, v in want.state_dict().items() if not (tied and k == "lm_head.weight")}
@@ -83,10 +84,10 @@ def _logits(runner: ModelRunner, prompt: list[int]) -> tuple[torch.Tensor, torch
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: Path, arch: str) -> None:
-    """Off CUDA, and for a mixture of experts (its experts stored one by one: Hugging Face fuses them
-    as it loads) on CUDA too, an FP8 checkpoint loads as the weights its codes stand for."""
+    """Off CUDA an FP8 checkpoint loads as the weights its codes stand for (a mixture of experts' stored
+    one by one: Hugging Face fuses them as it loads)."""
     want = _fp8_checkpoint(tmp_path, arch=arch)
-    assert fp8.kept(AutoConfig.from_pretrained(tmp_path), "cuda") == (arch == "qwen3")
+    assert fp8.kept(AutoConfig.from_pretrained(tmp_path), "cuda") and not fp8.kept(AutoConfig.from_pretrained(tmp_path), "cpu")
     model = load_model(ModelConfig(path=str(tmp_path)))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
     prompt = list(range(3, 40))
@@ -96,24 +97,41 @@ def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: P
         torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
 
 
-def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path) -> None:
-    """On CUDA a dense model's linear layers stay FP8 (half of bf16's bytes) with one row of block
-    scales per weight row, fused q|k|v and gate|up too; the logits of a prompt and a decode step are
-    Hugging Face's on the dequantized weights."""
-    want = _fp8_checkpoint(tmp_path)
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: str) -> None:
+    """On CUDA an FP8 checkpoint's linear layers stay FP8 (half of bf16's bytes) with one row of block
+    scales per weight row, fused q|k|v and gate|up too, and experts stored one by one go into fused FP8
+    weights; the logits of a prompt and a decode step, the runner's and Hugging Face's own forward's,
+    are Hugging Face's on the dequantized weights. An expert missing from the checkpoint is refused."""
+    from safetensors.torch import load_file
+
+    from engine.moe import Experts, Fp8
+
+    want = _fp8_checkpoint(tmp_path, arch=arch)
     model = fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (q.out_features, 1)
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+    if want.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
     runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
     for layer in runner.layers:
-        for lin in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down_proj):
+        for lin in (layer.qkv, layer.o_proj, *([] if isinstance(layer.mlp, Experts) else
+                                               [layer.mlp.gate_up, layer.mlp.down_proj])):
             assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale.shape == (lin.out_features, 1)
+    if arch == "qwen3_moe":
+        assert isinstance(runner.layers[1].mlp, Experts) and isinstance(runner.layers[1].mlp.down, Fp8)
     prompt = list(range(3, 40))
     with torch.inference_mode():
         ref = want(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(model(torch.tensor([prompt])).logits[0], ref, atol=5e-5, rtol=1e-4)
     for got, row in zip(_logits(runner, prompt), ref[-2:]):
         torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+    if arch == "qwen3_moe":
+        tensors = load_file(tmp_path / "model.safetensors")
+        del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+        save_file(tensors, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match="model.layers.1.mlp.experts: 7 experts' up_proj.weight in the checkpoint, not 8"):
+            fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
 
 
 def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> None:
@@ -122,9 +140,9 @@ def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> N
     assert fp8.kept(config, "cuda") and not fp8.kept(config, "cpu")
     config.quantization_config["weight_block_size"] = [128, 64]  # scales not per 128 along K: dequantized
     assert not fp8.kept(config, "cuda")
-    moe = tiny_model(arch="qwen3_moe").config
+    moe = tiny_model(arch="mixtral").config
     moe.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    assert not fp8.kept(moe, "cuda")  # the experts' weights are Hugging Face's modules: dequantized
+    assert not fp8.kept(moe, "cuda")  # experts stored other than Qwen's: dequantized
     state = json.loads((tmp_path / "config.json").read_text())
     from safetensors.torch import load_file
 

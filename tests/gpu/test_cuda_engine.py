@@ -149,9 +149,9 @@ def test_the_fp8_matmul_in_bf16_equals_torch_on_the_dequantized_weights(M: int) 
 
 
 def test_fp8_kept_and_quantized_on_load_equal_hf_dequantized_through_graphs(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A tiny block-quantized FP8 Qwen 3 folder loads on CUDA with its linear layers kept FP8
-    (engine/fp8.py), and the tiny Llama with model.quantization: fp8; each decodes through the graphs
-    as Hugging Face does on the weights the codes stand for."""
+    """Tiny block-quantized FP8 Qwen 3 and Qwen 3 MoE folders load on CUDA with their linear layers and
+    experts kept FP8 (engine/fp8.py), and the tiny Llama with model.quantization: fp8; each decodes
+    through the graphs as Hugging Face does on the weights the codes stand for."""
     import copy
 
     from engine.config import ModelConfig
@@ -160,13 +160,15 @@ def test_fp8_kept_and_quantized_on_load_equal_hf_dequantized_through_graphs(tmp_
     from engine.triton_fp8 import dequantize
     from tests.cpu.test_fp8 import _fp8_checkpoint
 
-    want = _fp8_checkpoint(tmp_path).to("cuda")
+    want = _fp8_checkpoint(tmp_path / "dense").to("cuda")
+    want_moe = _fp8_checkpoint(tmp_path / "moe", arch="qwen3_moe").to("cuda")  # experts stored one by one
     quantized = load_model(ModelConfig(path="tiny", device="cuda", quantization="fp8"))
     want_q = copy.deepcopy(quantized)
     for m in want_q.modules():
         if hasattr(m, "weight_scale"):
             m.weight = torch.nn.Parameter(dequantize(m.weight, m.weight_scale, torch.float32), requires_grad=False)
-    for model, ref in [(load_model(ModelConfig(path=str(tmp_path), device="cuda")), want), (quantized, want_q)]:
+    for model, ref in [(load_model(ModelConfig(path=str(tmp_path / "dense"), device="cuda")), want),
+                       (load_model(ModelConfig(path=str(tmp_path / "moe"), device="cuda")), want_moe), (quantized, want_q)]:
         runner = ModelRunner(model, num_blocks=32 * 16, block_size=16)
         assert runner.layers[0].qkv.weight.dtype == torch.float8_e4m3fn and runner.layers[0].qkv.scale is not None
         runner.use_decode_graphs(64, max_model_len=256)
