@@ -13,7 +13,8 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh gptoss     # gpt-oss-20b's shape with MXFP4 experts as released (~13 GB
 #                                                           # written): sinks, MXFP4 grouped matmuls; the step at 1, 64
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh moe        # Qwen3-30B-A3B's layer x 24 (128 experts, 8 a token; 30 GB
-#                                                           # built, saved, loaded: ~5 min): the same at 1, 16, 64
+#                                                           # built, saved, loaded: ~5 min): the same at 1, 16, 64,
+#                                                           # then with model.quantization fp8 (FP8 experts)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh serve      # 1.1B through router + Ray: aggregated and 1P1D; the router alone at 32k tok/s
 #                                                           # (OVERLAP=false: every decode step completes before the next, to compare)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh host       # 1.1B, one worker in-process: a decode step's host parts, steps in flight on/off,
@@ -73,7 +74,9 @@ case "${1:-tests}" in
   gptoss)  python3 bench/gpu_step.py --model-path "$(model gpt-oss-20b)" --batches 1,64 --no-hf --profile \
              --output "$OUT/step-gpt-oss-20b.json" 2>&1 | tee "$OUT/step-gpt-oss-20b.log" | tail -8 ;;
   moe)     python3 bench/gpu_step.py --model-path "$(model qwen3-a3b-24l)" --batches 1,16,64 --no-hf --profile \
-             --output "$OUT/step-qwen3-a3b-24l.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l.log" | tail -8 ;;
+             --output "$OUT/step-qwen3-a3b-24l.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l.log" | tail -8
+           python3 bench/gpu_step.py --model-path "$(model qwen3-a3b-24l)" --batches 1,16,64 --no-hf \
+             --quantization fp8 --output "$OUT/step-qwen3-a3b-24l-fp8.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l-fp8.log" | tail -4 ;;
   issue10) p=$(model 1.1b)
            for run in aggregated:true disaggregated:true aggregated:false; do
              m=${run%%:*}; OVERLAP=${run##*:}
