@@ -141,3 +141,32 @@ def test_an_fp8_cache_is_handed_off_and_decoded_as_by_one_runner(kind: str) -> N
             want.append(int(logits[0].argmax()))
             logits = alone.forward([SeqInput([want[-1]], len(ids) + len(want) - 1, [0, 1, 2])])
     assert tokens == want
+
+
+def test_served_1p1d_with_an_fp8_cache_answers_as_a_lone_fp8_runner() -> None:
+    """Through the launcher (Ray actors, the router): both workers' caches FP8, the hand-off between
+    them, tokens == a lone FP8 runner's greedy ones; a second prompt sharing the first's prefix
+    takes it from the decode worker's FP8 prefix cache."""
+    import ray
+
+    from tests.cpu.harness import RunningServer, tiny_config
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-kv-fp8")
+    srv = RunningServer(tiny_config(model={"kernels": "triton"}, kv_cache={"dtype": "fp8", "num_blocks": 256}))
+    try:
+        ids = list(range(3, 60))
+        got = [list(srv.generate(prompt_token_ids=p, max_tokens=5, ignore_eos=True).token_ids) for p in (ids, ids + [70])]
+        decode = [w for w in srv.status() if w.role == "decode"]
+        assert sum(w.prefix_hit_tokens for w in decode) >= 48  # the first prompt's 3 whole blocks
+    finally:
+        srv.stop()
+        ray.shutdown()
+    alone = ModelRunner(tiny_model(), num_blocks=16, block_size=16, kernels="triton", kv_dtype=FP8)
+    for p, tokens in zip((ids, ids + [70]), got):
+        want: list[int] = []
+        with torch.inference_mode():
+            logits = alone.forward([SeqInput(p, 0, [0, 1, 2, 3, 4])])
+            for _ in range(5):
+                want.append(int(logits[0].argmax()))
+                logits = alone.forward([SeqInput([want[-1]], len(p) + len(want) - 1, [0, 1, 2, 3, 4])])
+        assert tokens == want
