@@ -1,12 +1,12 @@
 """FP8 weights (e4m3, one scale per 128 weights of a row): half the memory of bf16 and half the bytes
 each decode step reads; the runner multiplies by them directly (engine/triton_fp8.py).
 
-- FP8 checkpoints (`quant_method: fp8`, weight_block_size [*, 128]: Qwen 3's *-FP8 releases, dense and
-  MoE) are kept FP8 on CUDA: read by engine/checkpoint.py, a linear layer's FP8 `weight` [N, K] stays
-  its parameter and its `weight_scale_inv` [⌈N/bn⌉, ⌈K/128⌉] becomes `weight_scale` [N, ⌈K/128⌉]
-  (one row per weight row: triton_fp8.expand_scales); experts stored one by one (gate, up, down of
-  each) go into the fused [E, N, K] weights Hugging Face computes with, scales beside them.
-  Elsewhere Hugging Face dequantizes them as they load (engine/model_loader.py).
+- FP8 checkpoints (engine/fp8_formats.py: `quant_method: fp8` — Qwen 3's *-FP8, dense and MoE —,
+  compressed-tensors' FP8 — RedHatAI's — and fbgemm's — Meta's) are read by engine/checkpoint.py: a
+  linear layer's FP8 `weight` [N, K] stays its parameter and its scales become `weight_scale`
+  [N, ⌈K/128⌉] (one row per weight row); experts stored one by one (gate, up, down of each) go into
+  the fused [E, N, K] weights Hugging Face computes with, scales beside them. On CUDA they stay FP8;
+  elsewhere they are dequantized once read (`quant_method: fp8` by Hugging Face's own loading).
 - `model.quantization: fp8` quantizes an unquantized model as it loads (quantize_model): each decoder
   layer's attention projections, its dense MLP or shared experts, and its experts' 3D weights (`*_scale`
   beside them); not the routers, embeddings or LM head. Each run of 128 weights of a row scaled apart.
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from engine import checkpoint
-from engine.triton_fp8 import GROUP_K, dequantize, expand_scales, matmul_fp8, quantize
+from engine import checkpoint, fp8_formats
+from engine.triton_fp8 import GROUP_K, dequantize, matmul_fp8, quantize
 
 FP8 = torch.float8_e4m3fn
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # Hugging Face's fused experts: [E, 2I, hidden], [E, hidden, I]
@@ -81,56 +81,63 @@ def _fp8_class(cls: type) -> type:
     return _EXPERT_CLASSES[cls]
 
 
-def kept(config: Any, device: str) -> bool:
-    """Whether this checkpoint's FP8 weights stay FP8: block-quantized, 128 along K (the kernel's
-    GROUP_K), on CUDA; a mixture of experts only where its experts are stored as Qwen's are
-    (PER_EXPERT)."""
-    quant = getattr(config, "quantization_config", None) or {}
-    quant = quant if isinstance(quant, dict) else quant.to_dict()
-    block = quant.get("weight_block_size") or [0, 0]
+def reads(config: Any, device: str) -> bool:
+    """Whether load() reads this checkpoint (engine/fp8_formats.py's formats): on CUDA, kept FP8; elsewhere
+    dequantized as it loads — but for `quant_method: fp8` off CUDA, which Hugging Face dequantizes
+    itself. A mixture of experts only where its experts are stored as Qwen's are (PER_EXPERT)."""
+    sc = fp8_formats.scheme(config)
+    if sc is None or (sc.method == "fp8" and torch.device(device).type != "cuda"):
+        return False
     experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
-    return (quant.get("quant_method") == "fp8" and block[1] == GROUP_K and torch.device(device).type == "cuda"
-            and (not experts or config.model_type in PER_EXPERT_FAMILIES))
+    return not experts or config.model_type in PER_EXPERT_FAMILIES
 
 
-PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe")  # experts stored one by one as PER_EXPERT names them
 
 
-def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str, attention: str) -> PreTrainedModel:
-    quant = config.quantization_config
-    block_n = int((quant if isinstance(quant, dict) else quant.to_dict())["weight_block_size"][0])
-    filled: dict[tuple[str, str, str], int] = {}  # (experts, fused weight, weight | scale) → experts' tensors read
+def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str, attention: str,
+         keep_fp8: bool | None = None) -> PreTrainedModel:
+    """The checkpoint's FP8 weights kept FP8 (keep_fp8; default: on CUDA), or dequantized to `dtype` once
+    read (elsewhere)."""
+    sc = fp8_formats.scheme(config)
+    assert sc is not None
+    filled: dict[tuple[str, str, str], int] = {}  # (experts, projection, tensor name) → experts' tensors read
 
     def keep(model: torch.nn.Module, key: str, t: torch.Tensor) -> bool:
-        if (m := PER_EXPERT.match(key)) is not None:
-            path_, e, proj, kind = m.groups()
-            _expert_part(model.get_submodule(path_), int(e), proj, kind, t, block_n)
-            filled[path_, proj, kind] = filled.get((path_, proj, kind), 0) + 1
-            return True
         owner, _, name = key.rpartition(".")
+        if name in fp8_formats.UNUSED:
+            return True
+        if (m := PER_EXPERT.match(key)) is not None and (name == "weight" and t.dtype == FP8 or name == sc.scale_name):
+            path_, e, proj, _ = m.groups()
+            _expert_part(model.get_submodule(path_), int(e), proj, name, t, sc)
+            filled[path_, proj, name] = filled.get((path_, proj, name), 0) + 1
+            return True
         if name == "weight" and t.dtype == FP8:
             model.get_submodule(owner)._parameters["weight"] = torch.nn.Parameter(t.contiguous(), requires_grad=False)
             return True
-        if name == "weight_scale_inv":
+        if name == sc.scale_name:
             module = model.get_submodule(owner)
-            module.weight_scale = expand_scales(t, module.out_features, block_n)  # [N, ⌈K/128⌉]
+            module.weight_scale = fp8_formats.row_scales(t, module.out_features, module.in_features, sc)
             return True
         return False
 
     def after(model: PreTrainedModel) -> None:
         _paired(model)
-        for (path_, proj, kind), n in filled.items():
+        for (path_, proj, name), n in filled.items():
             experts = model.get_submodule(path_)
             if n != experts.gate_up_proj.shape[0]:
-                raise ValueError(f"{path_}: {n} experts' {proj}.{kind} in the checkpoint, not {experts.gate_up_proj.shape[0]}")
+                raise ValueError(f"{path_}: {n} experts' {proj}.{name} in the checkpoint, not {experts.gate_up_proj.shape[0]}")
 
-    return checkpoint.load(path, config, dtype, device, attention, keep, after)
+    model = checkpoint.load(path, config, dtype, device, attention, keep, after)
+    if not (torch.device(device).type == "cuda" if keep_fp8 is None else keep_fp8):
+        dequantize_model(model, dtype)
+    return model
 
 
-def _expert_part(experts: torch.nn.Module, e: int, proj: str, kind: str, t: torch.Tensor, block_n: int) -> None:
-    """Expert e's gate, up or down weight (or its block scales) into the fused FP8 [E, N, K] weight and
-    its [E, N, ⌈K/128⌉] scales, allocated on the first one (the meta parameter's shape)."""
+def _expert_part(experts: torch.nn.Module, e: int, proj: str, name: str, t: torch.Tensor, sc: fp8_formats.Scheme) -> None:
+    """Expert e's gate, up or down weight (or its scales) into the fused FP8 [E, N, K] weight and its
+    [E, N, ⌈K/128⌉] scales, allocated on the first one (the meta parameter's shape)."""
     fused = "down_proj" if proj == "down_proj" else "gate_up_proj"
     w = experts._parameters[fused]
     E, N, K = w.shape
@@ -140,11 +147,26 @@ def _expert_part(experts: torch.nn.Module, e: int, proj: str, kind: str, t: torc
         setattr(experts, fused + "_scale", torch.zeros(E, N, -(-K // GROUP_K), device=t.device))
         experts.__class__ = _fp8_class(type(experts))
     rows = slice(None) if proj == "down_proj" else slice(0, N // 2) if proj == "gate_proj" else slice(N // 2, N)
-    if kind == "weight":
+    if name == "weight":
         experts._parameters[fused].data[e, rows] = t
     else:
-        n = N if proj == "down_proj" else N // 2
-        getattr(experts, fused + "_scale")[e, rows] = expand_scales(t, n, block_n)
+        getattr(experts, fused + "_scale")[e, rows] = fp8_formats.row_scales(t, N if proj == "down_proj" else N // 2,
+                                                                              K, sc)
+
+
+def dequantize_model(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Every FP8 weight (and experts' weights) back to `dtype`, the modules back to Hugging Face's own."""
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.weight = torch.nn.Parameter(dequantize(module.weight, module.weight_scale, dtype), requires_grad=False)
+            del module.weight_scale
+            module.__class__ = torch.nn.Linear
+        elif type(module) in _EXPERT_CLASSES.values():
+            for n in EXPERT_WEIGHTS:
+                module._parameters[n] = torch.nn.Parameter(
+                    dequantize(module._parameters[n], getattr(module, n + "_scale"), dtype), requires_grad=False)
+                delattr(module, n + "_scale")
+            module.__class__ = module._unquantized
 
 
 def _paired(model: PreTrainedModel) -> None:

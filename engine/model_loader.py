@@ -30,7 +30,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from engine import fp8
+from engine import fp8, fp8_formats
 from engine.config import ModelConfig
 from engine.tiny import EOS_ID, tiny_model, tiny_tokenizer
 
@@ -116,7 +116,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     else:  # refused before its weights are read
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if config.model_type in MULTIMODAL:
-            _refuse_quantized(config)
+            _refuse_quantized(config, multimodal=True)
             check_supported(config.text_config, cfg.max_model_len)
             model = _language_model(path, config, dtype)  # (FP8: dequantized)
         else:
@@ -125,7 +125,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
                 from engine import mxfp4
 
                 model = mxfp4.load(path, config, dtype, cfg.device, hf_attention(config))
-            elif fp8.kept(config, cfg.device):  # a dense FP8 checkpoint on CUDA: its linear layers stay FP8
+            elif fp8.reads(config, cfg.device):  # FP8: kept so on CUDA, dequantized as read elsewhere
                 model = fp8.load(path, config, dtype, cfg.device, hf_attention(config))
             else:
                 model = AutoModelForCausalLM.from_pretrained(
@@ -271,11 +271,25 @@ def _keeps_mxfp4(config: Any, device: str) -> bool:
     return _quant_method(config) == "mxfp4" and config.model_type == "gpt_oss" and torch.device(device).type == "cuda"
 
 
-def _refuse_quantized(config: Any) -> None:
+def _refuse_quantized(config: Any, multimodal: bool = False) -> None:
+    """ModelLoadError naming model.path unless the engine reads this checkpoint's quantization: FP8
+    (engine/fp8_formats.py; an image + text model's only as Hugging Face dequantizes it) or gpt-oss's
+    MXFP4 — a mixture of experts' FP8 experts only where stored as engine/fp8.py reads them."""
     method = _quant_method(config)
-    if method and not _dequantized(config):
+    if method is None or _dequantized(config):
+        return
+    try:
+        sc = None if multimodal else fp8_formats.scheme(config)
+    except ValueError as e:
+        raise ModelLoadError(f"model.path: {e}") from None
+    experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    if sc is not None and experts and config.model_type not in fp8.PER_EXPERT_FAMILIES:
+        raise ModelLoadError(f"model.path: the {method} FP8 experts of {config.model_type} are stored in a way "
+                             f"not read here ({', '.join(fp8.PER_EXPERT_FAMILIES)} are)")
+    if sc is None:
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
-                             "weights (float32, bfloat16, float16), FP8 (quant_method fp8) and gpt-oss's MXFP4")
+                             "weights (float32, bfloat16, float16), FP8 (fp8, compressed-tensors FP8, fbgemm_fp8) "
+                             "and gpt-oss's MXFP4")
 
 
 def _rope(config: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ this).
 FP8 e4m3 ("fn"): sign, 4 exponent bits, 3 mantissa bits, ±448 at most. Checkpoints quantized block-wise
 (Qwen 3's and DeepSeek's `quant_method: fp8`, weight_block_size [128, 128]) hold one scale per block
 of 128 × 128 weights, `weight_scale_inv` [⌈N/128⌉, ⌈K/128⌉]; here each row has its own copy of its
-block's scales (expand_scales: [N, ⌈K/128⌉], ~3 % of the fp8 bytes), so q|k|v and gate|up fuse by
+block's scales ([N, ⌈K/128⌉], ~3 % of the fp8 bytes: engine/fp8_formats.py), so q|k|v and gate|up fuse by
 concatenating rows, whatever their blocks, and a weight quantized here (quantize) may scale each row
 apart. Weight-only: the rows stay in the activations' dtype. Each program dequantizes a [BLOCK_K,
 BLOCK_N] tile of the weight (codes × its rows' scale, in fp32, rounded to the rows' dtype: Hugging
@@ -121,11 +121,6 @@ def grouped_matmul_fp8(rows: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         IEEE=rows.dtype == torch.float32, GROUP_K=GROUP_K, BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_K=BLOCK_K,
     )
     return out
-
-
-def expand_scales(scale_inv: torch.Tensor, rows: int, block_n: int) -> torch.Tensor:
-    """A checkpoint's block scales [⌈N/block_n⌉, ⌈K/GROUP_K⌉] → one row of them per weight row [N, ⌈K/GROUP_K⌉]."""
-    return scale_inv.float().repeat_interleave(block_n, dim=0)[:rows].contiguous()
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -34,43 +34,71 @@ def test_fp8_matmul_equals_torch_on_the_dequantized_weights(M: int, N: int, K: i
                                atol=1e-4, rtol=1e-5)
 
 
-def _block_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] → (codes, weight_scale_inv [⌈N/bn⌉, ⌈K/bk⌉], the weight they stand for), block-wise as
-    Qwen's and DeepSeek's FP8 releases; scales varied so no two blocks share one."""
+def _quantized(w: torch.Tensor, fmt: str, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] → (codes, scales as `fmt` stores them, the weight they stand for): block-wise (`fp8`,
+    compressed-tensors' `block`: [⌈N/bn⌉, ⌈K/bk⌉]), per channel ([N, 1]) or per tensor ([1]); the
+    scales varied so no two blocks or rows share one."""
     (N, K), (bn, bk) = w.shape, block
+    if fmt in ("channel", "fbgemm", "tensor"):
+        bn, bk = (N, K) if fmt == "tensor" else (1, K)
     blocks = torch.nn.functional.pad(w, (0, -K % bk, 0, -N % bn))
     blocks = blocks.view(blocks.shape[0] // bn, bn, -1, bk)  # [N/bn, bn, K/bk, bk]
     s = blocks.abs().amax(dim=(1, 3)) / FP8_MAX * torch.rand(blocks.shape[0], blocks.shape[2]).add(1)
     codes = (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn)
     deq = (codes.float() * s[:, None, :, None]).view(s.shape[0] * bn, -1)[:N, :K].contiguous()
-    return codes.view(s.shape[0] * bn, -1)[:N, :K].contiguous(), s, deq
+    return codes.view(s.shape[0] * bn, -1)[:N, :K].contiguous(), s.reshape(-1) if fmt == "tensor" else s, deq
 
 
-def _fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 128), arch: str = "qwen3") -> torch.nn.Module:
+FORMATS = {  # fmt → (quantization_config, the scales' name, tensors a module also holds that the loader drops)
+    "fp8": ({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3"}, "weight_scale_inv", ()),
+    "channel": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                 "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+                     "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}},
+                "weight_scale", ()),
+    "tensor": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                    "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False},
+                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}}},
+               "weight_scale", ("input_scale",)),
+    "block": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+               "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                   "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [32, 128],
+                   "symmetric": True, "dynamic": False}}}}, "weight_scale", ()),
+    "fbgemm": ({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]},
+               "weight_scale", ("input_scale_ub",)),
+}
+
+
+def _fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 128), arch: str = "qwen3", fmt: str = "fp8") -> torch.nn.Module:
     """A tiny folder whose decoder's linear layers (a mixture of experts': its experts too, stored one by
-    one) are FP8 as Qwen's *-FP8 releases hold them (weight e4m3, weight_scale_inv per block of
-    `block`); → the model with the weights those codes stand for (Hugging Face's dequantization: what
-    it must compute as)."""
+    one) are FP8 as `fmt` (FORMATS) holds them — `fp8`: as Qwen's *-FP8 releases, weight e4m3 and
+    weight_scale_inv per block of `block`; → the model with the weights those codes stand for (what it
+    must compute as)."""
+    config, scale_name, extras = FORMATS[fmt]
     folder.mkdir(parents=True, exist_ok=True)
     want = tiny_model(seed=3, arch=arch)
     tied = want.config.tie_word_embeddings
     state = {k: v.contiguous() for k, v in want.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+    def put(prefix: str, w: torch.Tensor) -> torch.Tensor:
+        state[prefix + ".weight"], state[f"{prefix}.{scale_name}"], deq = _quantized(w, fmt, block)
+        state.update({f"{prefix}.{x}": torch.tensor([1200.0]) for x in extras})
+        return deq
+
     for name, m in want.named_modules():
         if isinstance(m, torch.nn.Linear) and name != "lm_head" and not name.endswith(".gate"):  # (not routers)
-            state[name + ".weight"], state[name + ".weight_scale_inv"], m.weight.data = _block_fp8(m.weight.data, block)
+            m.weight.data = put(name, m.weight.data)
         if name.endswith(".experts"):  # [E, 2I, hidden], [E, hidden, I] → gate, up, down of each expert
             gate_up, down = state.pop(name + ".gate_up_proj"), state.pop(name + ".down_proj")
             inter = gate_up.shape[1] // 2
             for e in range(gate_up.shape[0]):
                 for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, None)), ("down_proj", None)):
-                    w = down[e] if rows is None else gate_up[e, rows]
-                    codes, scale, deq = _block_fp8(w, block)
-                    state[f"{name}.{e}.{proj}.weight"], state[f"{name}.{e}.{proj}.weight_scale_inv"] = codes, scale
+                    deq = put(f"{name}.{e}.{proj}", down[e] if rows is None else gate_up[e, rows])
                     (m.down_proj.data[e] if rows is None else m.gate_up_proj.data[e, rows]).copy_(deq)
     save_file(state, folder / "model.safetensors")
-    config = {**want.config.to_dict(), "architectures": [type(want).__name__], "quantization_config": {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": list(block)}}
-    (folder / "config.json").write_text(json.dumps(config))
+    quant = {**config, **({"weight_block_size": list(block)} if fmt == "fp8" else {})}
+    (folder / "config.json").write_text(json.dumps({**want.config.to_dict(), "architectures": [type(want).__name__],
+                                                    "quantization_config": quant}))
     tiny_tokenizer().save_pretrained(folder)
     return want
 
@@ -87,7 +115,7 @@ def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: P
     """Off CUDA an FP8 checkpoint loads as the weights its codes stand for (a mixture of experts' stored
     one by one: Hugging Face fuses them as it loads)."""
     want = _fp8_checkpoint(tmp_path, arch=arch)
-    assert fp8.kept(AutoConfig.from_pretrained(tmp_path), "cuda") and not fp8.kept(AutoConfig.from_pretrained(tmp_path), "cpu")
+    assert fp8.reads(AutoConfig.from_pretrained(tmp_path), "cuda") and not fp8.reads(AutoConfig.from_pretrained(tmp_path), "cpu")
     model = load_model(ModelConfig(path=str(tmp_path)))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
     prompt = list(range(3, 40))
@@ -108,7 +136,7 @@ def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: 
     from engine.moe import Experts, Fp8
 
     want = _fp8_checkpoint(tmp_path, arch=arch)
-    model = fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
+    model = fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager", keep_fp8=True)
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (q.out_features, 1)
     if want.config.tie_word_embeddings:
@@ -131,18 +159,18 @@ def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: 
         del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
         save_file(tensors, tmp_path / "model.safetensors")
         with pytest.raises(ValueError, match="model.layers.1.mlp.experts: 7 experts' up_proj.weight in the checkpoint, not 8"):
-            fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
+            fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager", keep_fp8=True)
 
 
 def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> None:
     _fp8_checkpoint(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
-    assert fp8.kept(config, "cuda") and not fp8.kept(config, "cpu")
+    assert fp8.reads(config, "cuda") and not fp8.reads(config, "cpu")
     config.quantization_config["weight_block_size"] = [128, 64]  # scales not per 128 along K: dequantized
-    assert not fp8.kept(config, "cuda")
+    assert not fp8.reads(config, "cuda")
     moe = tiny_model(arch="mixtral").config
     moe.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    assert not fp8.kept(moe, "cuda")  # experts stored other than Qwen's: dequantized
+    assert not fp8.reads(moe, "cuda")  # experts stored other than Qwen's: dequantized
     state = json.loads((tmp_path / "config.json").read_text())
     from safetensors.torch import load_file
 
@@ -150,7 +178,7 @@ def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> N
     del tensors["model.layers.1.mlp.down_proj.weight_scale_inv"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: an FP8 weight without its weight_scale_inv"):
-        fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
+        fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager", keep_fp8=True)
     state["quantization_config"]["quant_method"] = "gptq"
     (tmp_path / "config.json").write_text(json.dumps(state))
     with pytest.raises(ModelLoadError, match="quantized \\(gptq\\)"):
@@ -219,3 +247,44 @@ def test_the_fp8_grouped_matmul_equals_torch_on_the_dequantized_experts(S: int, 
     offs = torch.cumsum(torch.bincount(experts, minlength=E), 0).to(torch.int32)
     ref = grouped_mm(rows, dequantize(codes, scale, torch.float32).transpose(1, 2), offs=offs)
     torch.testing.assert_close(grouped_matmul_fp8(rows, codes, scale, offs), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, arch", [("channel", "qwen3"), ("channel", "qwen3_moe"), ("tensor", "qwen3"),
+                                       ("block", "qwen3"), ("fbgemm", "qwen3")])
+def test_compressed_tensors_and_fbgemm_fp8_checkpoints_load_both_ways(tmp_path: Path, fmt: str, arch: str) -> None:
+    """llm-compressor's FP8 (compressed-tensors: per tensor with a static input scale, per channel, per
+    block) and Meta's fbgemm FP8 (per channel), which Hugging Face cannot load here: read by
+    engine/fp8.py, off CUDA dequantized as read (the weights their codes stand for, exactly), and
+    kept FP8 as on CUDA, where the runner's and Hugging Face's own logits are the dequantized model's."""
+    want = _fp8_checkpoint(tmp_path, arch=arch, fmt=fmt)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert fp8.reads(config, "cuda") and fp8.reads(config, "cpu")
+    model = load_model(ModelConfig(path=str(tmp_path)))
+    assert not any(isinstance(m, fp8.Fp8Linear) or hasattr(m, "gate_up_proj_scale") for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
+    kept = fp8.load(tmp_path, config, torch.float32, "cpu", "eager", keep_fp8=True)
+    assert kept.model.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        ref = want(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(kept(torch.tensor([prompt])).logits[0], ref, atol=5e-5, rtol=1e-4)
+    for got, row in zip(_logits(ModelRunner(kept, num_blocks=8, block_size=16, kernels="triton"), prompt), ref[-2:]):
+        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+
+
+def test_fp8_variants_not_read_are_refused_naming_the_field(tmp_path: Path) -> None:
+    _fp8_checkpoint(tmp_path, fmt="channel")
+    data = json.loads((tmp_path / "config.json").read_text())
+    weights = data["quantization_config"]["config_groups"]["group_0"]["weights"]
+    for change, match in [({"num_bits": 4, "type": "int"}, r"config_groups\[0\].weights: 4-bit int weights are not read"),
+                          ({"strategy": "group"}, r"config_groups\[0\].weights: strategy 'group'")]:
+        (tmp_path / "config.json").write_text(json.dumps(
+            {**data, "quantization_config": {**data["quantization_config"], "config_groups": {
+                "group_0": {"targets": ["Linear"], "weights": {**weights, **change}}}}}))
+        with pytest.raises(ModelLoadError, match=f"model.path: quantization_config.{match}"):
+            load_model(ModelConfig(path=str(tmp_path)))
+    moe = tiny_model(arch="mixtral")
+    moe.config.quantization_config = data["quantization_config"]
+    moe.save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(ModelLoadError, match="FP8 experts of mixtral are stored in a way not read here"):
+        load_model(ModelConfig(path=str(tmp_path / "mixtral")))
