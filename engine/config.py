@@ -20,7 +20,7 @@ class ModelConfig(Frozen):
         "default",
         description="'default' (embedded SmolLM2-135M-Instruct), 'tiny' (seeded random test model) "
         "or a local Hugging Face checkpoint directory of a supported family (README: model.path); unquantized, "
-        "FP8 (quant_method fp8, block scales: kept FP8 on CUDA) or gpt-oss's MXFP4 experts "
+        "FP8 (fp8, compressed-tensors FP8, fbgemm_fp8: kept FP8 on CUDA) or gpt-oss's MXFP4 experts "
         "(kept so on CUDA); dequantized elsewhere.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -41,8 +41,7 @@ class ModelConfig(Frozen):
         "none", description="fp8 (cuda only): the decoder's attention projections, dense MLPs, shared experts "
         "and experts quantized to FP8 e4m3 as the model loads, one scale per 128 weights of a row "
         "(engine/fp8.py): half of bf16's memory and bytes read a step; routers, embeddings and the LM head "
-        "stay as they are. An FP8 checkpoint (quant_method fp8) needs no setting: its layers are kept "
-        "FP8 on cuda.")
+        "stay as they are. An FP8 checkpoint needs no setting: its layers are kept FP8 on cuda.")
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto: on CPU, oneDNN pre-packed linear layers and the fused paged decode-"
         "attention kernel (each falls back if unavailable); on CUDA, the Triton paged-attention kernels. "
