@@ -227,8 +227,12 @@ class ModelRunner:
         graphs = f"decode graphs up to batch {self.graphs.max_batch}" if self.graphs is not None else "no decode graphs"
         windows = sorted({w for w in self.attn.windows if w})
         sinks = ", sinks" if any(s is not None for s in self.attn.sinks) else ""
+        fp8 = sum(layer.o_proj.scale is not None for layer in self.layers)  # (engine/fp8.py)
+        weights = f" (FP8 weights in {fp8} layers)" if fp8 else ""
+        kv = " (KV cache fp8)" if self.kv_dtype == FP8 else ""
         return (f"{cfg.model_type}: {self.num_layers} layers, {self.num_heads} heads ({self.num_kv_heads} KV) of "
-                f"{self.head_dim}, {str(self.dtype).removeprefix('torch.')} on {self.device}; attention {self.attn.name}"
+                f"{self.head_dim}, {str(self.dtype).removeprefix('torch.')}{weights}{kv} on {self.device}; "
+                f"attention {self.attn.name}"
                 f"{f', windows {windows}' if windows else ''}{sinks}, layer ops {type(self.ops).__name__}, MLP "
                 f"{'/'.join(mlps)}, linears {self.kernels}; {self.num_blocks} KV blocks of {self.block_size}; {graphs}"
                 f"{'; LoRA adapters ' + ', '.join(self.adapters) if self.adapters else ''}")

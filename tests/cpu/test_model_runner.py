@@ -236,3 +236,9 @@ def test_a_runner_describes_the_model_and_the_paths_it_takes() -> None:
     assert "layer ops TorchOps, MLP Dense, linears onednn; 8 KV blocks of 16; no decode graphs" in line
     moe = ModelRunner(tiny_model(4, arch="qwen3_moe"), num_blocks=8, block_size=16, kernels="torch").describe()
     assert "attention sdpa, layer ops TorchOps, MLP Dense/Experts, linears torch" in moe
+    from engine import fp8
+
+    quantized = tiny_model(4)
+    fp8.quantize_model(quantized)
+    line = ModelRunner(quantized, 8, 16, kernels="triton", kv_dtype=torch.float8_e4m3fn).describe()
+    assert line.startswith("llama: 2 layers, 4 heads (2 KV) of 16, float32 (FP8 weights in 2 layers) (KV cache fp8) on cpu")
