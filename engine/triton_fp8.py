@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from engine.triton_attention import _dot
-from engine.triton_moe import BLOCK_M, tiles
+from engine.triton_moe import BLOCK_M, _tile_rows, tiles
 
 GROUP_K = 128  # weights along K sharing a scale
 BLOCK_K = 64  # divides GROUP_K: one scale per column and tile
@@ -85,12 +85,7 @@ def _grouped_matmul_fp8(
 ):
     """The experts' grouped matmul (engine/triton_moe.py's tiles) over FP8 weights, each tile of the
     weight dequantized as _matmul_fp8's."""
-    t = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + t)  # -1: a tile beyond the ones in use
-    used = e >= 0
-    e = tl.maximum(e, 0).to(tl.int64)
-    rows = tl.load(tile_first_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)  # [BM]
-    rmask = rows < tl.where(used, tl.load(ends_ptr + e), 0)
+    e, used, rows, rmask = _tile_rows(tile_expert_ptr, tile_first_ptr, ends_ptr, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cmask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -28,17 +28,24 @@ BLOCK_K = 64
 
 
 @triton.jit
-def _grouped_matmul(
-    a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
-    stride_am, stride_be, stride_bk, stride_bn, stride_cm,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+def _tile_rows(tile_expert_ptr, tile_first_ptr, ends_ptr, BLOCK_M: tl.constexpr):
+    """Step 1's tile of this program: (its expert, whether it is in use, its rows [BM], which of them are
+    its expert's). An unused tile (expert -1) has no row."""
     t = tl.program_id(0)
     e = tl.load(tile_expert_ptr + t)  # -1: a tile beyond the ones in use
     used = e >= 0
     e = tl.maximum(e, 0).to(tl.int64)
     rows = tl.load(tile_first_ptr + t).to(tl.int64) + tl.arange(0, BLOCK_M)  # [BM]
-    rmask = rows < tl.where(used, tl.load(ends_ptr + e), 0)  # an unused tile: no row
+    return e, used, rows, rows < tl.where(used, tl.load(ends_ptr + e), 0)
+
+
+@triton.jit
+def _grouped_matmul(
+    a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
+    stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    e, used, rows, rmask = _tile_rows(tile_expert_ptr, tile_first_ptr, ends_ptr, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cmask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -103,6 +103,17 @@ def _fp8_checkpoint(folder: Path, block: tuple[int, int] = (32, 128), arch: str 
     return want
 
 
+def _computes_as(want: torch.nn.Module, model: torch.nn.Module, runner: ModelRunner) -> None:
+    """Hugging Face's forward of `model` over a prompt, and the runner's logits of that prompt less its
+    last token then of that token as a decode step, are want's."""
+    prompt = list(range(3, 40))
+    with torch.inference_mode():
+        ref = want(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(model(torch.tensor([prompt])).logits[0], ref, atol=5e-5, rtol=1e-4)
+    for got, row in zip(_logits(runner, prompt), ref[-2:]):
+        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+
+
 def _logits(runner: ModelRunner, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The last logits of a prompt less its last token, then of that token as a decode step."""
     with torch.inference_mode():
@@ -118,11 +129,7 @@ def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: P
     assert fp8.reads(AutoConfig.from_pretrained(tmp_path), "cuda") and not fp8.reads(AutoConfig.from_pretrained(tmp_path), "cpu")
     model = load_model(ModelConfig(path=str(tmp_path)))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
-    prompt = list(range(3, 40))
-    with torch.inference_mode():
-        ref = want(torch.tensor([prompt])).logits[0]
-    for got, row in zip(_logits(ModelRunner(model, num_blocks=8, block_size=16, kernels="auto"), prompt), ref[-2:]):
-        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+    _computes_as(want, model, ModelRunner(model, num_blocks=8, block_size=16, kernels="auto"))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
@@ -148,12 +155,7 @@ def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: 
             assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale.shape == (lin.out_features, 1)
     if arch == "qwen3_moe":
         assert isinstance(runner.layers[1].mlp, Experts) and isinstance(runner.layers[1].mlp.down, Fp8)
-    prompt = list(range(3, 40))
-    with torch.inference_mode():
-        ref = want(torch.tensor([prompt])).logits[0]
-        torch.testing.assert_close(model(torch.tensor([prompt])).logits[0], ref, atol=5e-5, rtol=1e-4)
-    for got, row in zip(_logits(runner, prompt), ref[-2:]):
-        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+    _computes_as(want, model, runner)
     if arch == "qwen3_moe":
         tensors = load_file(tmp_path / "model.safetensors")
         del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
@@ -227,12 +229,7 @@ def test_model_quantization_fp8_quantizes_the_layers_the_runner_computes(arch: s
     runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
     if arch in ("qwen3_moe", "qwen2_moe", "deepseek_v2"):
         assert any(isinstance(layer.mlp, Experts) and isinstance(layer.mlp.gate_up, Fp8) for layer in runner.layers)
-    prompt = list(range(3, 40))
-    with torch.inference_mode():
-        ref = want(torch.tensor([prompt])).logits[0]
-        torch.testing.assert_close(model(torch.tensor([prompt])).logits[0], ref, atol=5e-5, rtol=1e-4)
-    for got, row in zip(_logits(runner, prompt), ref[-2:]):
-        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+    _computes_as(want, model, runner)
 
 
 @pytest.mark.parametrize("S, K, N, E", [(40, 64, 96, 4), (7, 300, 40, 3)])
@@ -264,12 +261,7 @@ def test_compressed_tensors_and_fbgemm_fp8_checkpoints_load_both_ways(tmp_path: 
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in want.state_dict().items())
     kept = fp8.load(tmp_path, config, torch.float32, "cpu", "eager", keep_fp8=True)
     assert kept.model.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
-    prompt = list(range(3, 40))
-    with torch.inference_mode():
-        ref = want(torch.tensor([prompt])).logits[0]
-        torch.testing.assert_close(kept(torch.tensor([prompt])).logits[0], ref, atol=5e-5, rtol=1e-4)
-    for got, row in zip(_logits(ModelRunner(kept, num_blocks=8, block_size=16, kernels="triton"), prompt), ref[-2:]):
-        torch.testing.assert_close(got, row, atol=5e-5, rtol=1e-4)
+    _computes_as(want, kept, ModelRunner(kept, num_blocks=8, block_size=16, kernels="triton"))
 
 
 def test_fp8_variants_not_read_are_refused_naming_the_field(tmp_path: Path) -> None:
