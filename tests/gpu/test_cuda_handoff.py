@@ -102,6 +102,37 @@ def test_1p1d_forced_to_nccl_on_one_gpu(ray_up: None) -> None:
     assert extra["decode-0"]["kv_bytes_placed"] > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="FP8: sm_89+")
+@pytest.mark.parametrize("backend", ["ipc", "nccl"])
+def test_1p1d_with_an_fp8_kv_cache_on_one_gpu(ray_up: None, backend: str) -> None:
+    """kv_cache.dtype fp8 on CUDA: the caches handed off as bytes, by direct write (CUDA IPC of the
+    decode worker's uint8-shared cache) and over NCCL; 8 streams at once, each == a lone runner's
+    greedy tokens with an FP8 cache on the same GPU."""
+    from engine.model_runner import ModelRunner, SeqInput
+    from tests.cpu.harness import RunningServer, _tiny, prompts, wait_until
+    from tests.gpu.nccl_one_gpu import own_nccl_hosts
+
+    cfg = _cfg(kv_cache={"dtype": "fp8"}, **({"transport": {"backend": "nccl"}} if backend == "nccl" else {}))
+    with own_nccl_hosts() if backend == "nccl" else contextlib.nullcontext():
+        srv = RunningServer(cfg)
+    try:
+        ps = prompts(8, seed=5)
+        with cf.ThreadPoolExecutor(8) as ex:
+            got = list(ex.map(lambda p: list(srv.generate(prompt=p, max_tokens=12, ignore_eos=True).token_ids), ps))
+        assert wait_until(srv.all_idle, 10)
+    finally:
+        srv.stop()
+    model, tok = _tiny()
+    lone = ModelRunner(model.to("cuda"), num_blocks=64, block_size=16, kv_dtype=torch.float8_e4m3fn)
+    for p, tokens in zip(ps, got):
+        ids, out = tok(p)["input_ids"], []
+        logits = lone.forward([SeqInput(ids, 0, list(range(32)))])
+        for _ in range(12):
+            out.append(int(logits[0].argmax()))
+            logits = lone.forward([SeqInput([out[-1]], len(ids) + len(out) - 1, list(range(32)))])
+        assert tokens == out
+
+
 def test_1p1d_with_short_prompts_computed_on_decode_on_one_gpu(ray_up: None) -> None:
     """decode.local_prefill_max_tokens on CUDA: prompts of at most 48 tokens are computed by the
     decode worker (prompt chunks in its eager mixed steps), longer ones handed off; 16 at once,
