@@ -154,8 +154,9 @@ def _expert_part(experts: torch.nn.Module, e: int, proj: str, name: str, t: torc
                                                                               K, sc)
 
 
-def dequantize_model(model: PreTrainedModel, dtype: torch.dtype) -> None:
-    """Every FP8 weight (and experts' weights) back to `dtype`, the modules back to Hugging Face's own."""
+def dequantize_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every FP8 weight (and experts' weights) of `model` (or of one module) back to `dtype`, the modules
+    back to Hugging Face's own."""
     for module in model.modules():
         if isinstance(module, Fp8Linear):
             module.weight = torch.nn.Parameter(dequantize(module.weight, module.weight_scale, dtype), requires_grad=False)

@@ -97,11 +97,19 @@ class Layer:
 
 def fuse(mods: list[torch.nn.Linear], backend: str) -> Linear:
     """One Linear of the weights (biases, FP8 scales) of `mods` concatenated; each module's weight left
-    as a view into it."""
+    as a view into it. FP8 weights fuse with FP8 ones; beside a plain one (a checkpoint that left some
+    projection unquantized) they are dequantized first."""
+    fp8 = [hasattr(m, "weight_scale") for m in mods]  # kept in FP8 (engine/fp8.py): [N, ⌈K/128⌉] each
+    if any(fp8) and not all(fp8):
+        from engine.fp8 import dequantize_model
+
+        plain = next(m.weight.dtype for m, q in zip(mods, fp8) if not q)
+        for m in (m for m, q in zip(mods, fp8) if q):
+            dequantize_model(m, plain)
     w = torch.cat([m.weight.data for m in mods], dim=0)
     has_bias = all(m.bias is not None for m in mods)
     b = torch.cat([m.bias.data for m in mods], dim=0) if has_bias else None
-    fp8 = all(hasattr(m, "weight_scale") for m in mods)  # kept in FP8 (engine/fp8.py): [N, ⌈K/128⌉] each
+    fp8 = [hasattr(m, "weight_scale") for m in mods]
     off = 0
     for m in mods:
         n = m.weight.shape[0]
@@ -109,7 +117,7 @@ def fuse(mods: list[torch.nn.Linear], backend: str) -> Linear:
         if b is not None:
             m.bias.data = b[off : off + n]
         off += n
-    return Linear(w, b, backend, torch.cat([m.weight_scale for m in mods], dim=0) if fp8 else None)
+    return Linear(w, b, backend, torch.cat([m.weight_scale for m in mods], dim=0) if all(fp8) else None)
 
 
 def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.nn.Module | None]:

@@ -41,7 +41,7 @@ class SharedCache:
 def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: str, tag: str) -> tuple[torch.Tensor, SharedCache | None]:
     """A zeroed cache tensor, shared when possible; (tensor, None) when it cannot be shared here. An
     FP8 cache (kv_cache.dtype fp8) is shared as bytes — the handle's dtype uint8, what peers copy
-    blocks of (as_bytes) — and returned viewed as FP8, what the kernels read."""
+    blocks of (ModelRunner.kv_bytes) — and returned viewed as FP8, what the kernels read."""
     if dtype == torch.float8_e4m3fn:
         t, handle = allocate(shape, torch.uint8, device, tag)
         return t.view(dtype), handle

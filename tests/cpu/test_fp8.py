@@ -280,3 +280,20 @@ def test_fp8_variants_not_read_are_refused_naming_the_field(tmp_path: Path) -> N
     moe.save_pretrained(tmp_path / "mixtral")
     with pytest.raises(ModelLoadError, match="FP8 experts of mixtral are stored in a way not read here"):
         load_model(ModelConfig(path=str(tmp_path / "mixtral")))
+
+
+def test_fp8_and_plain_projections_fused_together_are_dequantized_first() -> None:
+    """A checkpoint that left v_proj unquantized (an `ignore` entry): q|k|v fuse as the dequantized q and
+    k beside the plain v; the logits are Hugging Face's."""
+    import copy
+
+    model = tiny_model(seed=2)
+    want = copy.deepcopy(model)
+    for layer, ref in zip(model.model.layers, want.model.layers):
+        for name in ("q_proj", "k_proj"):
+            m = getattr(layer.self_attn, name)
+            fp8.hold(m, *quantize(m.weight.data))
+            getattr(ref.self_attn, name).weight.data = dequantize(m.weight, m.weight_scale, torch.float32)
+    runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
+    assert runner.layers[0].qkv.scale is None and runner.layers[0].qkv.weight.dtype == torch.float32
+    _computes_as(want, model, runner)
