@@ -22,7 +22,7 @@ import torch
 
 from engine.config import KVCacheConfig
 from engine.model_loader import kv_dims
-from engine.model_runner import SCORE_ROWS
+from engine.prompt_scores import SCORE_ROWS
 from engine.sampler import History, sample_queued
 from engine.types import SamplingParams
 
@@ -77,7 +77,7 @@ def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_toke
 @torch.inference_mode()
 def profile_peak(model: Any, profile_tokens: int, sample_rows: int = 1) -> int:
     """Step 1 on a CUDA model: torch's peak reserved bytes over a forward of `profile_tokens`, the
-    scoring of prompt logprobs beside that step's hidden states (ModelRunner._score's shapes) and
+    scoring of prompt logprobs beside that step's hidden states (engine/prompt_scores.py's shapes) and
     the sampling of `sample_rows` rows (worst_sample)."""
     device = next(model.parameters()).device
     torch.cuda.reset_peak_memory_stats(device)

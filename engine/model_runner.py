@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel
 
-from engine import layers, lora, paged_attention
+from engine import layers, lora, paged_attention, prompt_scores
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 
 FP8 = torch.float8_e4m3fn  # kv_cache.dtype fp8's
-SCORE_ROWS = 256  # prompt positions whose log-softmax over the vocabulary is taken at once (bounds its memory)
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,7 @@ class ModelRunner:
         x, residual = self.hidden(meta)
         if scoring:
             assert scores is not None
-            scores.update(self._score(seqs, x, residual))
+            scores.update(prompt_scores.score(seqs, x, residual, self.logits))
         return self.logits(x, residual, meta.last)
 
     def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
@@ -346,27 +345,3 @@ class ModelRunner:
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
-
-    def _score(self, seqs: list[SeqInput], x: torch.Tensor, residual: torch.Tensor) -> dict[int, list[TokenLogprob]]:
-        """Prompt logprobs: for each sequence i with `scored` tokens, at each of its first
-        len(scored) positions, the log-softmax of the next token (the one scored) and of the `top`
-        best, as TokenLogprobs. x, residual [T, hidden] are read, not written."""
-        out: dict[int, list[TokenLogprob]] = {}
-        row = 0  # the sequence's first token row in T
-        for i, s in enumerate(seqs):
-            lps: list[TokenLogprob] = []
-            for a in range(0, len(s.scored), SCORE_ROWS):
-                n = min(SCORE_ROWS, len(s.scored) - a)
-                idx = torch.arange(row + a, row + a + n, device=x.device)
-                lp = torch.log_softmax(self.logits(x, residual, idx), dim=-1)  # [n, V]
-                nxt = s.scored[a : a + n]
-                chosen = lp.gather(1, torch.tensor(nxt, device=lp.device)[:, None])  # [n, 1]
-                rank = (lp > chosen).sum(1) + 1  # [n]
-                top_v, top_i = torch.topk(lp, s.top) if s.top else (lp[:, :0], lp[:, :0].long())  # [n, top]
-                lps += [TokenLogprob(t, c, tuple(zip(ti, tv)), r)
-                        for t, c, ti, tv, r in zip(nxt, chosen[:, 0].tolist(), top_i.tolist(), top_v.tolist(),
-                                                   rank.tolist())]
-            if s.scored:
-                out[i] = lps
-            row += s.num_new
-        return out

@@ -347,7 +347,7 @@ def test_the_memory_profile_counts_what_prompt_logprobs_take() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine import kv_budget
-    from engine.model_runner import SCORE_ROWS
+    from engine.prompt_scores import SCORE_ROWS
 
     cfg = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
