@@ -26,10 +26,26 @@ FP8_MAX = 448.0  # e4m3fn's largest finite value
 
 
 @triton.jit
+def _e4m3(w, BITS: tl.constexpr):
+    """FP8 e4m3 codes → float32: loaded as float8e4nv (sm_89 and later, the interpreter), or as bytes
+    decoded from their bits where the GPU has no such type (BITS: sm_80, an A100) — sign, 4 exponent
+    bits (bias 7), 3 mantissa bits; exponent 0: subnormal, m · 2^-9. Exact either way."""
+    if BITS:
+        b = w.to(tl.int32)
+        e = (b >> 3) & 15
+        m = b & 7
+        normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        sub = m.to(tl.float32) * 0.001953125
+        return tl.where(e == 0, tl.where((b & 0x80) != 0, -sub, sub), normal)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
 def _matmul_fp8(
     x_ptr, w_ptr, s_ptr, b_ptr, c_ptr, M, N, K,
     stride_xm, stride_wn, stride_sn, stride_cm,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_K: tl.constexpr, BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -41,9 +57,9 @@ def _matmul_fp8(
         kmask = k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=kmask[:, None] & cmask[None, :],
-                    other=0.0)  # [BK, BN] fp8
+                    other=0.0)  # [BK, BN] fp8 (BITS: its bytes)
         s = tl.load(s_ptr + cols * stride_sn + k0 // GROUP_K, mask=cmask, other=0.0)  # [BN] fp32
-        acc += _dot(x, (w.to(tl.float32) * s[None, :]).to(x.dtype), IEEE)
+        acc += _dot(x, (_e4m3(w, BITS) * s[None, :]).to(x.dtype), IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -58,8 +74,15 @@ def _blocks(M: int) -> tuple[int, int, int]:
     return (16, 32, 4) if M <= 16 else (64, 64, 8)
 
 
-def matmul_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] · dequantize(w [N, K] fp8, scale [N, ⌈K/GROUP_K⌉] fp32)ᵀ (+ bias [N]) → [M, N] in x's dtype."""
+def bits(device: torch.device) -> bool:
+    """Whether this device's kernels read FP8 codes as bytes (_e4m3's BITS): a GPU before sm_89."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def matmul_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               as_bytes: bool | None = None) -> torch.Tensor:
+    """x [M, K] · dequantize(w [N, K] fp8, scale [N, ⌈K/GROUP_K⌉] fp32)ᵀ (+ bias [N]) → [M, N] in x's dtype.
+    as_bytes: the codes read as bytes (default: bits(device))."""
     M, K = x.shape
     N = w.shape[0]
     assert w.shape[1] == K and scale.shape == (N, triton.cdiv(K, GROUP_K)), "FP8 weights of another shape"
@@ -68,10 +91,11 @@ def matmul_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torc
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     bm, bn, warps = _blocks(M)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    as_bytes = bits(x.device) if as_bytes is None else as_bytes
     _matmul_fp8[grid](
-        x, w, scale, bias if bias is not None else scale, out, M, N, K,
+        x, w.view(torch.uint8) if as_bytes else w, scale, bias if bias is not None else scale, out, M, N, K,
         x.stride(0), w.stride(0), scale.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, GROUP_K=GROUP_K,
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, GROUP_K=GROUP_K, BITS=as_bytes,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, num_warps=warps,
     )
     return out
@@ -81,7 +105,8 @@ def matmul_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torc
 def _grouped_matmul_fp8(
     a_ptr, w_ptr, s_ptr, c_ptr, tile_expert_ptr, tile_first_ptr, ends_ptr, N, K,
     stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_cm,
-    IEEE: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, GROUP_K: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """The experts' grouped matmul (engine/triton_moe.py's tiles) over FP8 weights, each tile of the
     weight dequantized as _matmul_fp8's."""
@@ -94,26 +119,29 @@ def _grouped_matmul_fp8(
         kmask = k < K
         a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + e * stride_we + cols[None, :] * stride_wn + k[:, None],
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BK, BN] fp8
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BK, BN] fp8 (BITS: its bytes)
         s = tl.load(s_ptr + e * stride_se + cols * stride_sn + k0 // GROUP_K, mask=cmask, other=0.0)  # [BN]
-        acc += _dot(a, (w.to(tl.float32) * s[None, :]).to(a.dtype), IEEE)
+        acc += _dot(a, (_e4m3(w, BITS) * s[None, :]).to(a.dtype), IEEE)
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
-def grouped_matmul_fp8(rows: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_matmul_fp8(rows: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor,
+                       as_bytes: bool | None = None) -> torch.Tensor:
     """rows [S, K] sorted by expert, w [E, N, K] fp8 (Hugging Face's layout), scale [E, N, ⌈K/GROUP_K⌉],
-    offs [E] int32 (expert e's rows end at offs[e]) → [S, N]: each row times its expert's weight, dequantized."""
+    offs [E] int32 (expert e's rows end at offs[e]) → [S, N]: each row times its expert's weight, dequantized.
+    as_bytes: as matmul_fp8's."""
     S, K = rows.shape
     E, N, _ = w.shape
     assert w.shape[2] == K and scale.shape == (E, N, triton.cdiv(K, GROUP_K)), "FP8 expert weights of another shape"
     assert rows.stride(1) == 1 and w.stride(2) == 1 and scale.stride(2) == 1, "contiguous along K"
     out = torch.empty(S, N, dtype=rows.dtype, device=rows.device)
     expert, first = tiles(offs, S)
+    as_bytes = bits(rows.device) if as_bytes is None else as_bytes
     _grouped_matmul_fp8[(expert.shape[0], triton.cdiv(N, 32))](
-        rows, w, scale, out, expert, first, offs, N, K,
+        rows, w.view(torch.uint8) if as_bytes else w, scale, out, expert, first, offs, N, K,
         rows.stride(0), w.stride(0), w.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
-        IEEE=rows.dtype == torch.float32, GROUP_K=GROUP_K, BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_K=BLOCK_K,
+        IEEE=rows.dtype == torch.float32, GROUP_K=GROUP_K, BITS=as_bytes, BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_K=BLOCK_K,
     )
     return out
 

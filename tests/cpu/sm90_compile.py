@@ -85,10 +85,11 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
                       (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul"),
                       (tmx, "_grouped_matmul_mxfp4"), (tfp, "_matmul_fp8"), (tfp, "_grouped_matmul_fp8")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
-    off64 = ta._off64
+    off64, bits = ta._off64, tfp.bits
     bs = 16
     for run, dt, wide in [(n, dt, False) for n, dt in runs] + [(*runs[-1], True)]:
-        # "8b+fp8": its linear layers in FP8 (engine/fp8.py); "8b+kv8": its KV cache in FP8 (kv_cache.dtype)
+        # "8b+fp8": its linear layers in FP8 (engine/fp8.py), "+fp8bits" read as bytes; "8b+kv8": its KV cache
+        # in FP8 (kv_cache.dtype)
         name, _, quant = run.partition("+")
         ta._off64 = (lambda kc: True) if wide else off64
         # one layer, a small MLP, 8 experts and vocabulary: what the kernels see (head, hidden and expert
@@ -105,10 +106,11 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
                     E, K, N = getattr(layer.mlp.experts, proj).shape
                     setattr(layer.mlp.experts, proj + "_blocks", torch.zeros(E, N, K // 2, dtype=torch.uint8))
                     setattr(layer.mlp.experts, proj + "_scales", torch.full((E, N, K // 32), 127, dtype=torch.uint8))
-        if quant == "fp8":
+        if quant in ("fp8", "fp8bits"):  # fp8bits: the codes read as bytes, as on a GPU before sm_89 (an A100)
             from engine.fp8 import quantize_model
 
             quantize_model(model)
+        tfp.bits = (lambda device: True) if quant == "fp8bits" else bits
         runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton",
                              kv_dtype=torch.float8_e4m3fn if quant == "kv8" else None)
         runner.attn.num_sms = num_sms  # type: ignore[union-attr]
@@ -118,7 +120,7 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
         runner.forward([SeqInput([5], 30, table), SeqInput(list(range(3, 13)), 0, table)])  # decode + prompt
         for b in buckets(64):
             runner.forward([SeqInput([5], 30 + i, table) for i in range(b)])
-    ta._off64 = off64
+    ta._off64, tfp.bits = off64, bits
     return seen
 
 

@@ -18,9 +18,20 @@ from engine.tiny import tiny_model, tiny_tokenizer
 from engine.triton_fp8 import FP8_MAX, dequantize, matmul_fp8, quantize
 
 
+def test_every_e4m3_code_reads_as_torch_s_value_natively_and_as_bytes() -> None:
+    """The kernels read FP8 codes as float8e4nv (sm_89+) or, where a GPU has no such type (an A100), as
+    bytes decoded from their bits: all 254 finite codes, both ways, through x = I."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes).view(2, 128).view(torch.float8_e4m3fn)  # [2, 128], no NaN
+    eye, ones = torch.eye(128), torch.ones(2, 1)
+    for as_bytes in (False, True):
+        assert torch.equal(matmul_fp8(eye, codes, ones, None, as_bytes=as_bytes), codes.float().T)
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
 @pytest.mark.parametrize("M, N, K, bias", [(1, 96, 200, True), (16, 130, 64, False), (20, 64, 256, True),
                                            (70, 40, 300, False)])
-def test_fp8_matmul_equals_torch_on_the_dequantized_weights(M: int, N: int, K: int, bias: bool) -> None:
+def test_fp8_matmul_equals_torch_on_the_dequantized_weights(M: int, N: int, K: int, bias: bool, as_bytes: bool) -> None:
     torch.manual_seed(M)
     w, x = torch.randn(N, K), torch.randn(M, K)
     w[:, -1] = 40.0  # one group's scale unlike the others'
@@ -30,7 +41,7 @@ def test_fp8_matmul_equals_torch_on_the_dequantized_weights(M: int, N: int, K: i
     assert codes.float().abs().amax(dim=1).eq(FP8_MAX).all()  # each row's largest weight at the top code
     deq = dequantize(codes, scale, torch.float32)
     assert ((deq - w).abs() <= w.abs() / 16 + scale.repeat_interleave(128, 1)[:, :K] / 2**6).all()  # e4m3: 3 mantissa bits
-    torch.testing.assert_close(matmul_fp8(x, codes, scale, b), torch.nn.functional.linear(x, deq, b),
+    torch.testing.assert_close(matmul_fp8(x, codes, scale, b, as_bytes=as_bytes), torch.nn.functional.linear(x, deq, b),
                                atol=1e-4, rtol=1e-5)
 
 
@@ -232,8 +243,10 @@ def test_model_quantization_fp8_quantizes_the_layers_the_runner_computes(arch: s
     _computes_as(want, model, runner)
 
 
+@pytest.mark.parametrize("as_bytes", [False, True])
 @pytest.mark.parametrize("S, K, N, E", [(40, 64, 96, 4), (7, 300, 40, 3)])
-def test_the_fp8_grouped_matmul_equals_torch_on_the_dequantized_experts(S: int, K: int, N: int, E: int) -> None:
+def test_the_fp8_grouped_matmul_equals_torch_on_the_dequantized_experts(S: int, K: int, N: int, E: int,
+                                                                         as_bytes: bool) -> None:
     from engine.moe import grouped_mm
     from engine.triton_fp8 import grouped_matmul_fp8
 
@@ -243,7 +256,8 @@ def test_the_fp8_grouped_matmul_equals_torch_on_the_dequantized_experts(S: int, 
     experts = torch.sort(torch.randint(0, E, (S,), generator=g)).values
     offs = torch.cumsum(torch.bincount(experts, minlength=E), 0).to(torch.int32)
     ref = grouped_mm(rows, dequantize(codes, scale, torch.float32).transpose(1, 2), offs=offs)
-    torch.testing.assert_close(grouped_matmul_fp8(rows, codes, scale, offs), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grouped_matmul_fp8(rows, codes, scale, offs, as_bytes=as_bytes), ref, atol=1e-4,
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt, arch", [("channel", "qwen3"), ("channel", "qwen3_moe"), ("tensor", "qwen3"),

@@ -54,3 +54,23 @@ def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
               if "*bf16" in r["sig"].values() and not r["constexprs"].get("OFF64") and r.get("stack_bytes")]
     assert not spills, spills
     assert all("registers" in r for r in recs), "cuobjdump gave no resource usage"
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this Triton build has no NVIDIA backend")
+def test_fp8_weights_compile_for_an_a100_read_as_bytes() -> None:
+    """A GPU before sm_89 has no FP8 type: there the FP8 kernels read the codes as bytes and decode
+    their bits (engine/triton_fp8.py _e4m3), and every kernel of a dense and an MoE model with FP8
+    weights compiles for sm_80 (and the same for sm_90), the FP8 ones without spills (the paged decode
+    kernel spills 32-56 bytes on sm_80 at the 1.1B shape, FP8 or not: an A100 is not its target)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", "80,90", "--runs",
+                        "1.1b+fp8bits:bfloat16,qwen3-a3b-24l+fp8bits:bfloat16"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    failed = [f"{r['kernel']} sm_{r['sm']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fp8 = [r for r in recs if r["kernel"] in ("_matmul_fp8", "_grouped_matmul_fp8")]
+    assert {(r["kernel"], r["sm"]) for r in fp8} == {(k, sm) for k in ("_matmul_fp8", "_grouped_matmul_fp8")
+                                                     for sm in (80, 90)}
+    assert all(r["constexprs"]["BITS"] and r["sig"]["w_ptr"] == "*u8" and not r["stack_bytes"] for r in fp8)
