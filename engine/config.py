@@ -41,7 +41,8 @@ class ModelConfig(Frozen):
         "none", description="fp8 (cuda only): the decoder's attention projections, dense MLPs, shared experts "
         "and experts quantized to FP8 e4m3 as the model loads, one scale per 128 weights of a row "
         "(engine/fp8.py): half of bf16's memory and bytes read a step; routers, embeddings and the LM head "
-        "stay as they are. An FP8 checkpoint needs no setting: its layers are kept FP8 on cuda.")
+        "stay as they are. A dense model is quantized weight by weight as it is read (no bf16 peak). An FP8 "
+        "checkpoint needs no setting: its layers are kept FP8 on cuda.")
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="auto: on CPU, oneDNN pre-packed linear layers and the fused paged decode-"
         "attention kernel (each falls back if unavailable); on CUDA, the Triton paged-attention kernels. "

@@ -180,28 +180,66 @@ def _paired(model: PreTrainedModel) -> None:
             module.__class__ = Fp8Linear
 
 
-def quantize_model(model: PreTrainedModel) -> int:
-    """Quantize, in place, each decoder layer's attention projections, dense MLP or shared experts, and
-    experts (Hugging Face's fused 3D weights; not gpt-oss's, kept MXFP4 or in its own layout) — not the
-    routers, embeddings or LM head; → how many weights. The model is loaded in its dtype first: its
-    peak memory is the unquantized model's."""
-    count = 0
-    for layer in model.model.layers:
+def _targets(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Linear], list[torch.nn.Module]]:
+    """What model.quantization fp8 quantizes: each decoder layer's attention projections, dense MLP or
+    shared experts (name → linear layer), and experts modules with Hugging Face's fused 3D weights
+    (not gpt-oss's, kept MXFP4 or in its own layout) — not routers, embeddings or the LM head."""
+    linears: dict[str, torch.nn.Linear] = {}
+    experts_modules: list[torch.nn.Module] = []
+    for i, layer in enumerate(model.model.layers):
         mlp = getattr(layer, "mlp", None)
-        owners = [layer.self_attn]
+        owners = {"self_attn": layer.self_attn}
         experts = getattr(mlp, "experts", None)
         if experts is None:
-            owners.append(mlp)
+            owners["mlp"] = mlp
         else:
-            shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
-            owners += [shared] if shared is not None else []
+            for name in ("shared_expert", "shared_experts"):
+                if getattr(mlp, name, None) is not None:
+                    owners[f"mlp.{name}"] = getattr(mlp, name)
             weights = [getattr(experts, n, None) for n in EXPERT_WEIGHTS]
-            if (all(isinstance(w, torch.Tensor) and w.dim() == 3 and w.dtype != FP8 for w in weights)
+            if (all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights)
                     and not hasattr(experts, "gate_up_proj_bias")):
-                _hold_experts(experts)
-                count += 2
-        for m in (m for owner in owners if owner is not None for m in owner.children()):
-            if isinstance(m, torch.nn.Linear) and m.weight.dtype != FP8:
-                hold(m, *quantize(m.weight.data))
-                count += 1
+                experts_modules.append(experts)
+        for path, owner in owners.items():
+            for name, m in (owner.named_children() if owner is not None else ()):
+                if isinstance(m, torch.nn.Linear):
+                    linears[f"model.layers.{i}.{path}.{name}"] = m
+    return linears, experts_modules
+
+
+def quantize_model(model: PreTrainedModel) -> int:
+    """Quantize, in place, what _targets names that is not FP8 yet; → how many weights. The model is in
+    its dtype first: its peak memory is the unquantized model's (load_quantized avoids that)."""
+    linears, experts_modules = _targets(model)
+    count = 0
+    for m in linears.values():
+        if m.weight.dtype != FP8:
+            hold(m, *quantize(m.weight.data))
+            count += 1
+    for experts in experts_modules:
+        if experts.gate_up_proj.dtype != FP8:
+            _hold_experts(experts)
+            count += 2
     return count
+
+
+def load_quantized(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str,
+                   attention: str) -> PreTrainedModel:
+    """model.quantization fp8 over an unquantized safetensors checkpoint: each targeted linear weight
+    quantized as it is read (engine/checkpoint.py), so the peak memory is the FP8 model's and one
+    tensor's — a 70B model in FP8 (~70 GB) on one 141 GB GPU, whose bf16 weights would not fit; the
+    experts (stored one by one) quantized once their layer's are all read, as quantize_model does."""
+    targets: dict[str, torch.nn.Linear] = {}
+
+    def keep(model: torch.nn.Module, key: str, t: torch.Tensor) -> bool:
+        if not targets:
+            targets.update(_targets(model)[0])
+        owner, _, name = key.rpartition(".")
+        if name != "weight" or owner not in targets or not t.is_floating_point():
+            return False
+        hold(targets[owner], *quantize(t.to(dtype)))  # (the values quantize_model would see)
+        return True
+
+    model = checkpoint.load(path, config, dtype, device, attention, keep)
+    quantize_model(model)  # the experts
+    return model

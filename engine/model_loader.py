@@ -127,14 +127,27 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
                 model = mxfp4.load(path, config, dtype, cfg.device, hf_attention(config))
             elif fp8.reads(config, cfg.device):  # FP8: kept so on CUDA, dequantized as read elsewhere
                 model = fp8.load(path, config, dtype, cfg.device, hf_attention(config))
+            elif cfg.quantization == "fp8" and _streams_fp8(config, path):  # quantized as read: no bf16 peak
+                model = fp8.load_quantized(path, config, dtype, cfg.device, hf_attention(config))
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     path, config=config, dtype=dtype, local_files_only=True,
                     attn_implementation=hf_attention(config), **_dequantized(config))
     model = model.to(cfg.device).eval()
     if cfg.quantization == "fp8":
-        log.info("model.quantization fp8: %d linear layers quantized", fp8.quantize_model(model))
+        fp8.quantize_model(model)  # (what was not quantized as read)
+        log.info("model.quantization fp8: %d linear layers and %d experts modules in FP8",
+                 sum(isinstance(m, fp8.Fp8Linear) for m in model.modules()),
+                 sum(hasattr(m, "gate_up_proj_scale") for m in model.modules()))
     return model
+
+
+def _streams_fp8(config: Any, path: Path) -> bool:
+    """model.quantization fp8 quantizes each weight as it is read (engine/fp8.py load_quantized) from an
+    unquantized safetensors checkpoint of a dense model (experts are stored one by one, which only
+    Hugging Face's loading fuses)."""
+    experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    return _quant_method(config) is None and not experts and any(path.glob("*.safetensors"))
 
 
 def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedModel:

@@ -311,3 +311,32 @@ def test_fp8_and_plain_projections_fused_together_are_dequantized_first() -> Non
     runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
     assert runner.layers[0].qkv.scale is None and runner.layers[0].qkv.weight.dtype == torch.float32
     _computes_as(want, model, runner)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: tied embeddings, q/k norms
+def test_quantization_fp8_of_a_checkpoint_quantizes_each_weight_as_it_is_read(
+        tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.quantization fp8 over an unquantized safetensors folder of a dense model reads it with each
+    targeted weight quantized as it arrives (no unquantized copy of the model in memory): the same
+    codes and scales as quantizing the loaded model, and Hugging Face's logits on them."""
+    import copy
+
+    model = tiny_model(seed=7, arch=arch)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    whole = copy.deepcopy(model)
+    fp8.quantize_model(whole)
+    streamed: list[torch.nn.Module] = []
+    read = fp8.load_quantized
+    monkeypatch.setattr(fp8, "load_quantized", lambda *a: streamed.append(read(*a)) or streamed[-1])
+    loaded = load_model(ModelConfig.model_construct(**{**ModelConfig(path=str(tmp_path)).model_dump(),
+                                                       "quantization": "fp8"}))
+    assert streamed == [loaded]
+    pairs = [(n, m, dict(loaded.named_modules())[n]) for n, m in whole.named_modules() if isinstance(m, fp8.Fp8Linear)]
+    assert len(pairs) == 14
+    for name, want, got in pairs:
+        assert isinstance(got, fp8.Fp8Linear), name
+        assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
+        assert torch.equal(got.weight_scale, want.weight_scale), name
+    dequantize_into(model, whole)
+    _computes_as(model, loaded, ModelRunner(loaded, num_blocks=8, block_size=16, kernels="triton"))
