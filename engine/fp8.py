@@ -227,7 +227,7 @@ def load_quantized(path: Path, config: Any, dtype: torch.dtype, device: torch.de
                    attention: str) -> PreTrainedModel:
     """model.quantization fp8 over an unquantized safetensors checkpoint: each targeted linear weight
     quantized as it is read (engine/checkpoint.py), so the peak memory is the FP8 model's and one
-    tensor's — a 70B model in FP8 (~70 GB) on one 141 GB GPU, whose bf16 weights would not fit; the
+    tensor's (by arithmetic, a 70B model's ~70 GB of FP8 for one 141 GB GPU, which its bf16 would overfill); the
     experts (stored one by one) quantized once their layer's are all read, as quantize_model does."""
     targets: dict[str, torch.nn.Linear] = {}
 
