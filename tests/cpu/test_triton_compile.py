@@ -24,18 +24,24 @@ def _has_ptxas() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-@pytest.mark.skipif(not _has_ptxas(), reason="this Triton build has no NVIDIA backend")
-def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
+def _compiled(sm: str, runs: str) -> list[dict]:
+    """tests/cpu/sm90_compile.py's records for GPU targets `sm` and model runs `runs`; every compile ok."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", "90", "--runs",
-                        "test:float32,1.1b:bfloat16,8b:bfloat16,qwen3-a3b-24l:float16,qwen3-a3b-24l:bfloat16,"
-                        "gemma3-1b:bfloat16,gemma2-2b:bfloat16,glm4-9b:bfloat16,olmo2-7b:bfloat16,gpt-oss-20b:bfloat16,"
-                        "deepseek-v2-lite:bfloat16,8b+fp8:bfloat16,8b+kv8:bfloat16,qwen3-a3b-24l+fp8:bfloat16"],
+    p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", sm, "--runs", runs],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    failed = [f"{r['kernel']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]
+    failed = [f"{r['kernel']} sm_{r['sm']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]
     assert not failed, "\n".join(failed)
     assert p.returncode == 0, p.stderr[-3000:]
+    return recs
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this Triton build has no NVIDIA backend")
+def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
+    recs = _compiled("90", "test:float32,1.1b:bfloat16,8b:bfloat16,qwen3-a3b-24l:float16,qwen3-a3b-24l:bfloat16,"
+                           "gemma3-1b:bfloat16,gemma2-2b:bfloat16,glm4-9b:bfloat16,olmo2-7b:bfloat16,"
+                           "gpt-oss-20b:bfloat16,deepseek-v2-lite:bfloat16,8b+fp8:bfloat16,8b+kv8:bfloat16,"
+                           "qwen3-a3b-24l+fp8:bfloat16")
     assert {r["kernel"] for r in recs} == KERNELS
     assert {r["constexprs"].get("OFF64") for r in recs if r["kernel"] == "_paged_decode"} == {False, True}
     assert {r["constexprs"].get("SPLITS") for r in recs if r["kernel"] == "_paged_decode"} >= {1, 2, 16}
@@ -62,14 +68,7 @@ def test_fp8_weights_compile_for_an_a100_read_as_bytes() -> None:
     their bits (engine/triton_fp8.py _e4m3), and every kernel of a dense and an MoE model with FP8
     weights compiles for sm_80 (and the same for sm_90), the FP8 ones without spills (the paged decode
     kernel spills 32-56 bytes on sm_80 at the 1.1B shape, FP8 or not: an A100 is not its target)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", "80,90", "--runs",
-                        "1.1b+fp8bits:bfloat16,qwen3-a3b-24l+fp8bits:bfloat16"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    failed = [f"{r['kernel']} sm_{r['sm']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]
-    assert not failed, "\n".join(failed)
-    assert p.returncode == 0, p.stderr[-3000:]
+    recs = _compiled("80,90", "1.1b+fp8bits:bfloat16,qwen3-a3b-24l+fp8bits:bfloat16")
     fp8 = [r for r in recs if r["kernel"] in ("_matmul_fp8", "_grouped_matmul_fp8")]
     assert {(r["kernel"], r["sm"]) for r in fp8} == {(k, sm) for k in ("_matmul_fp8", "_grouped_matmul_fp8")
                                                      for sm in (80, 90)}
