@@ -1,6 +1,7 @@
-"""A linear layer over FP8 weights (e4m3), each run of GROUP_K along a row sharing one scale: half of
-bf16's memory and of the bytes a decode step reads (engine/fp8.py loads them, engine/linear.py calls
-this).
+"""Linear layers and the experts' grouped matmul over FP8 weights (e4m3), each run of GROUP_K along a
+row sharing one scale: half of bf16's memory and of the bytes a decode step reads (engine/fp8.py loads
+them; engine/linear.py and engine/moe.py call these). A GPU without an FP8 type reads the codes as
+bytes (_e4m3).
 
 FP8 e4m3 ("fn"): sign, 4 exponent bits, 3 mantissa bits, ±448 at most. Checkpoints quantized block-wise
 (Qwen 3's and DeepSeek's `quant_method: fp8`, weight_block_size [128, 128]) hold one scale per block
