@@ -19,7 +19,8 @@ import torch
 
 from engine.triton_fp8 import GROUP_K
 
-UNUSED = ("input_scale", "input_scale_ub", "k_scale", "v_scale")  # tensors of a module the weight-only path drops
+# tensors of a module the weight-only path drops (zero points: zeros, the scales being symmetric)
+UNUSED = ("input_scale", "input_scale_ub", "input_zero_point", "weight_zero_point", "k_scale", "v_scale")
 
 
 @dataclass(frozen=True)
