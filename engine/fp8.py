@@ -124,10 +124,12 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
 
     def after(model: PreTrainedModel) -> None:
         _paired(model)
-        for (path_, proj, name), n in filled.items():
-            experts = model.get_submodule(path_)
-            if n != experts.gate_up_proj.shape[0]:
-                raise ValueError(f"{path_}: {n} experts' {proj}.{name} in the checkpoint, not {experts.gate_up_proj.shape[0]}")
+        for path_ in {p for p, _, _ in filled}:  # every expert's gate, up and down, weights and scales
+            E = model.get_submodule(path_).gate_up_proj.shape[0]
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for name in ("weight", sc.scale_name):
+                    if (n := filled.get((path_, proj, name), 0)) != E:
+                        raise ValueError(f"{path_}: {n} experts' {proj}.{name} in the checkpoint, not {E}")
 
     model = checkpoint.load(path, config, dtype, device, attention, keep, after)
     if not (torch.device(device).type == "cuda" if keep_fp8 is None else keep_fp8):

@@ -169,9 +169,15 @@ def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: 
     _computes_as(want, model, runner)
     if arch == "qwen3_moe":
         tensors = load_file(tmp_path / "model.safetensors")
-        del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+        up = tensors.pop("model.layers.1.mlp.experts.3.up_proj.weight")
         save_file(tensors, tmp_path / "model.safetensors")
         with pytest.raises(ValueError, match="model.layers.1.mlp.experts: 7 experts' up_proj.weight in the checkpoint, not 8"):
+            fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager", keep_fp8=True)
+        tensors["model.layers.1.mlp.experts.3.up_proj.weight"] = up
+        for e in range(8):  # every expert's down_proj scales missing: not left as zeros
+            del tensors[f"model.layers.1.mlp.experts.{e}.down_proj.weight_scale_inv"]
+        save_file(tensors, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match="experts' down_proj.weight_scale_inv in the checkpoint, not 8"):
             fp8.load(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager", keep_fp8=True)
 
 
