@@ -71,7 +71,7 @@ class BatchWorker(StepsInFlight, StepLoop):
         blocks = kv_budget.num_blocks(kv_cfg, model, cfg.num_gpus, step_tokens, model_cfg.max_model_len,
                                       cfg.max_batch_size)
         self.cache_handle: shared_cache.SharedCache | None = None
-        kv, dtype = None, kv_budget.cache_dtype(kv_cfg, model)
+        kv, dtype = None, kv_budget.cache_dtype(kv_cfg.dtype, model)
         if share_cache:
             shape = ModelRunner.cache_shape(model.config, blocks, kv_cfg.block_size)
             kv, self.cache_handle = shared_cache.allocate(shape, dtype, model_cfg.device, worker_id)

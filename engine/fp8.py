@@ -88,8 +88,12 @@ def reads(config: Any, device: str) -> bool:
     sc = fp8_formats.scheme(config)
     if sc is None or (sc.method == "fp8" and torch.device(device).type != "cuda"):
         return False
-    experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
-    return not experts or config.model_type in PER_EXPERT_FAMILIES
+    return not has_experts(config) or config.model_type in PER_EXPERT_FAMILIES
+
+
+def has_experts(config: Any) -> bool:
+    """Whether the model is a mixture of experts (any family's name for their number)."""
+    return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")

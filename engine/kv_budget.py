@@ -29,10 +29,10 @@ from engine.types import SamplingParams
 GiB = 2**30
 
 
-def cache_dtype(kv_cfg: KVCacheConfig, model: Any) -> torch.dtype:
-    """The KV cache's dtype: FP8 e4m3 (kv_cache.dtype fp8), else the model's (its embeddings': a linear
-    layer's may be FP8, engine/fp8.py)."""
-    return torch.float8_e4m3fn if kv_cfg.dtype == "fp8" else model.model.embed_tokens.weight.dtype
+def cache_dtype(kind: str, model: Any) -> torch.dtype:
+    """The KV cache's dtype for kv_cache.dtype `kind`: FP8 e4m3 (fp8), else the model's (its embeddings':
+    a linear layer's may be FP8, engine/fp8.py)."""
+    return torch.float8_e4m3fn if kind == "fp8" else model.model.embed_tokens.weight.dtype
 
 
 def block_bytes(model_cfg: Any, block_size: int, dtype: torch.dtype) -> int:
@@ -69,7 +69,7 @@ def num_blocks(kv_cfg: KVCacheConfig, model: Any, gpu_share: float, profile_toke
     used = profile_peak(model, profile_tokens, sample_rows)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    per_block = block_bytes(model.config, kv_cfg.block_size, cache_dtype(kv_cfg, model))
+    per_block = block_bytes(model.config, kv_cfg.block_size, cache_dtype(kv_cfg.dtype, model))
     share = kv_cfg.gpu_memory_utilization * min(gpu_share, 1.0)
     return blocks_for_memory(total, share, used, free, per_block, -(-max_model_len // kv_cfg.block_size))
 

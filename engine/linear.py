@@ -25,6 +25,10 @@ class Linear:
         self._packed: torch.Tensor | None = None
         self.weight = weight
         self.scale = scale
+        if scale is not None:
+            from engine.triton_fp8 import matmul_fp8  # imports Triton: only where FP8 weights are kept
+
+            self._fp8 = matmul_fp8
         if backend == "onednn" and weight.device.type == "cpu" and weight.dtype == torch.float32:
             try:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
@@ -33,9 +37,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
-            from engine.triton_fp8 import matmul_fp8  # imports Triton: only where FP8 weights are kept
-
-            return matmul_fp8(x.reshape(-1, x.shape[-1]), self.weight, self.scale, self.bias).view(*x.shape[:-1], -1)
+            return self._fp8(x.reshape(-1, x.shape[-1]), self.weight, self.scale, self.bias).view(*x.shape[:-1], -1)
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

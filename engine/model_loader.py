@@ -146,8 +146,7 @@ def _streams_fp8(config: Any, path: Path) -> bool:
     """model.quantization fp8 quantizes each weight as it is read (engine/fp8.py load_quantized) from an
     unquantized safetensors checkpoint of a dense model (experts are stored one by one, which only
     Hugging Face's loading fuses)."""
-    experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
-    return _quant_method(config) is None and not experts and any(path.glob("*.safetensors"))
+    return _quant_method(config) is None and not fp8.has_experts(config) and any(path.glob("*.safetensors"))
 
 
 def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedModel:
@@ -295,8 +294,7 @@ def _refuse_quantized(config: Any, multimodal: bool = False) -> None:
         sc = None if multimodal else fp8_formats.scheme(config)
     except ValueError as e:
         raise ModelLoadError(f"model.path: {e}") from None
-    experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
-    if sc is not None and experts and config.model_type not in fp8.PER_EXPERT_FAMILIES:
+    if sc is not None and fp8.has_experts(config) and config.model_type not in fp8.PER_EXPERT_FAMILIES:
         raise ModelLoadError(f"model.path: the {method} FP8 experts of {config.model_type} are stored in a way "
                              f"not read here ({', '.join(fp8.PER_EXPERT_FAMILIES)} are)")
     if sc is None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from engine import kv_budget
 from engine.config import ModelConfig, TransportConfig
 from engine.kv_handoff import (
     Backend, DecodeEndpoint, DecodePeer, HandoffSender, KVDestination, PairChannel, TorchPairChannel, WriteGrant,
@@ -102,7 +103,7 @@ class PrefillWorker(StepLoop):
         blocks = max(cfg.kv_blocks, -(-max(cfg.max_batch_tokens, model_cfg.max_model_len) // block_size))
         model = load_model(model_cfg)
         self.runner = ModelRunner(model, blocks, block_size, model_cfg.kernels,
-                                  kv_dtype=torch.float8_e4m3fn if kv_dtype == "fp8" else None)
+                                  kv_dtype=kv_budget.cache_dtype(kv_dtype, model))
         self.runner.load_adapters(model_cfg.lora_adapters)
         self.guides = Guides(lambda: load_tokenizer(model_cfg), model.config.vocab_size)  # structured outputs
         # scratch blocks: a prompt's are released once handed off, its full ones kept for reuse
