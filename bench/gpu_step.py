@@ -37,6 +37,7 @@ from engine.config import ModelConfig  # noqa: E402
 from engine.model_loader import load_model  # noqa: E402
 from engine.layer_ops import TorchOps  # noqa: E402
 from engine.linear import Linear  # noqa: E402
+from engine.mla import Latent  # noqa: E402
 from engine.model_runner import ModelRunner, SeqInput  # noqa: E402
 from engine.moe import Experts  # noqa: E402
 from engine.sampler import sample  # noqa: E402
@@ -74,13 +75,21 @@ def _mlp_floor(mlp: object, h: torch.Tensor) -> torch.Tensor:
 def floor_ms(runner: ModelRunner, batch: int, steps: int) -> float:
     hidden = runner.model.config.hidden_size
     x = torch.randn(batch, hidden, dtype=runner.dtype, device=runner.device)
-    attn = torch.randn(batch, runner.q_size, dtype=runner.dtype, device=runner.device)  # [B, H*D]: o_proj's input
+    o_in = runner.layers[0].o_proj.weight.shape[1]
+    attn = torch.randn(batch, o_in, dtype=runner.dtype, device=runner.device)  # [B, H*D]: o_proj's input
+    o_lat = (torch.randn(batch, runner.num_heads, runner.layers[0].qkv.rank, dtype=runner.dtype, device=runner.device)
+             if isinstance(runner.layers[0].qkv, Latent) else attn)  # DeepSeek: o_lat (engine/mla.py)
 
     def linears() -> torch.Tensor:
         h = x
         for layer in runner.layers:
-            _mm(layer.qkv, h)
-            h = _mlp_floor(layer.mlp, _mm(layer.o_proj, attn))
+            if isinstance(layer.qkv, Latent):
+                layer.qkv.project(h)
+                a = layer.qkv.output(o_lat)
+            else:
+                _mm(layer.qkv, h)
+                a = attn
+            h = _mlp_floor(layer.mlp, _mm(layer.o_proj, a))
         return F.linear(h, runner.lm_head.weight)
 
     linears()

@@ -66,7 +66,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "gpt-oss-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                          vocab_size=512, sliding_window=16),
-    # DeepSeek-V2-Lite: latent attention (kept expanded: 16 heads of 192 for keys and padded values), 64
+    # DeepSeek-V2-Lite: latent attention (16 heads over latents of 512 + 64: engine/mla.py), 64
     # experts (top 6) + 2 shared, the first layer dense
     "deepseek-v2-lite": dict(hidden_size=2048, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
                              q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,

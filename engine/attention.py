@@ -19,6 +19,7 @@ Backends:
     engine/triton_attention.py — one kernel per step and layer for the decode rows, one for all prompt
     tokens; no host work or sync inside. Its decode-only `BatchMeta` can live in persistent buffers,
     which is what the CUDA graphs replay (engine/cuda_graphs.py).
+DeepSeek's latent attention is each backend's `attend_latent` (engine/mla.py).
 Shapes: q [T, heads, head_dim], k and v [T, kv_heads, head_dim] (views into the fused projection,
 not yet rotated), cos and sin [T, rotary dims] (head_dim, or fewer under partial rotary: Phi 4 mini)
 → o [T, heads * head_dim].
@@ -166,6 +167,13 @@ class TorchAttention:
             ], dim=1)
         return o.reshape(T, self.num_heads * self.head_dim)  # from [1, T, H*D]
 
+    def attend_latent(self, li: int, q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      meta: BatchMeta, scale: float) -> torch.Tensor:
+        """DeepSeek's latent attention (engine/mla.py): q [T, H, r + R], kvec [T, r + R] → o_lat [T, H, r]."""
+        from engine import mla
+
+        return mla.attend_torch(self, li, q, kvec, cos, sin, meta, scale)
+
     def _slots(self, s: SeqInput, end: int) -> torch.Tensor:
         pos = torch.arange(0, end)
         table = torch.tensor(s.block_table, dtype=torch.long)
@@ -276,3 +284,21 @@ class TritonAttention:
                                                sinks=self.sinks[li]))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, D]
         return o.view(T, self.num_heads * self.head_dim)
+
+    def attend_latent(self, li: int, q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      meta: BatchMeta, scale: float) -> torch.Tensor:
+        """DeepSeek's latent attention (engine/mla.py, engine/triton_mla.py): q [T, H, r + R], kvec
+        [T, r + R] → o_lat [T, H, r]."""
+        from engine import triton_mla
+
+        kc, vc = self.kv[li, 0], self.kv[li, 1]
+        q = triton_mla.rope_store(q, kvec, cos, sin, kc, vc, meta.slots, self.interleaved)  # q_pe rotated in place
+        nd, rope, outs = meta.num_decode, cos.shape[-1], []
+        if nd:
+            splits = self.ops.decode_splits(nd, -(-self.num_heads // 16), self.num_sms)
+            outs.append(triton_mla.decode(q[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, rope, splits))
+        if meta.prefill:
+            x = meta.extra
+            outs.append(triton_mla.prefill(q[nd:], kc, vc, x["tables"], x["cu_q"], x["start"], x["tile_seq"],
+                                           x["tile_m0"], scale, rope, block_m=self.block_m))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -1,7 +1,7 @@
 """A decoder layer's weights as the model runner computes with them: q|k|v and gate|up fused into
 one matmul each (the Hugging Face modules left as views into the fused weights), and what other
 families add as options (q/k norms, a sandwich of norms, per-layer rotary or none, experts, an MLP
-without a gate, attention and MLP in parallel, DeepSeek's latent attention)."""
+without a gate, attention and MLP in parallel, DeepSeek's latent attention: engine/mla.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from engine.linear import Linear, from_module
+from engine.mla import Latent
 from engine.moe import ActMul, Experts
 
 
@@ -46,37 +47,12 @@ class Plain:
 
 
 @dataclass(frozen=True)
-class Mla:
-    """DeepSeek's multi-head latent attention (V2, V3, Kimi K2, Moonlight), its q, k and v as the
-    attention kernels take any model's: H heads each of D = rope + nope dims, laid out [pe | nope] so
-    the rotary (on pairs of neighbouring dims) is a partial one over the first `rope` dims; every
-    head's key has the one shared k_pe; values are zero-padded from v_dim to D (Layer.v_dim cuts
-    them back). The latent is expanded per head (no absorbed weights), so the cache holds 2·H·D
-    values a token and layer where DeepSeek's own keeps kv_lora_rank + rope."""
-
-    attn: torch.nn.Module  # Hugging Face's attention module: its projections and latent norms
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """h [T, hidden] → q | k | v [T, 3·H·D], as a fused q|k|v projection's output."""
-        a, T = self.attn, h.shape[0]
-        H, nope, rope, vd = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
-        q = a.q_proj(h) if a.q_lora_rank is None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(h)))
-        q_nope, q_pe = q.view(T, H, nope + rope).split([nope, rope], dim=-1)  # [T, H, nope], [T, H, rope]
-        latent, k_pe = a.kv_a_proj_with_mqa(h).split([a.kv_lora_rank, rope], dim=-1)  # [T, r], [T, rope]
-        k_nope, v = a.kv_b_proj(a.kv_a_layernorm(latent)).view(T, H, nope + vd).split([nope, vd], dim=-1)
-        q = torch.cat([q_pe, q_nope], dim=-1)  # [T, H, D]
-        k = torch.cat([k_pe[:, None, :].expand(T, H, rope), k_nope], dim=-1)  # [T, H, D]
-        v = torch.nn.functional.pad(v, (0, nope + rope - vd))  # [T, H, D]
-        return torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)
-
-
-@dataclass(frozen=True)
 class Layer:
     """One decoder layer's weights, with q|k|v and gate|up fused into single matmuls."""
 
     input_norm: torch.nn.Module
     post_norm: torch.nn.Module
-    qkv: Linear | Mla  # weight [(H + 2*KVH) * D, hidden]; or DeepSeek's latent attention
+    qkv: Linear | Latent  # weight [(H + 2*KVH) * D, hidden]; or DeepSeek's latent attention (engine/mla.py)
     o_proj: Linear
     mlp: Dense | Plain | Experts  # a dense MLP (gated or not), or a mixture of experts (engine/moe.py)
     scaling: float
@@ -86,7 +62,6 @@ class Layer:
     post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
     qk_norm_whole: bool = False  # OLMo 2: q_norm and k_norm over all heads of a token at once
     rope: str | None = None  # its rotary (rope_of): the model's, a layer type's (Gemma 3), or NOPE
-    v_dim: int = 0  # DeepSeek's MLA: each head's value width, under the head_dim attention computes in (0: the same)
 
     @property
     def parallel(self) -> bool:
@@ -161,17 +136,16 @@ def rope_of(cfg: Any, li: int, rotary_emb: torch.nn.Module) -> str | None:
     return cfg.layer_types[li] if hasattr(rotary_emb, "layer_types") else None
 
 
-def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None) -> Layer:
+def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None, dtype: torch.dtype) -> Layer:
     """A Hugging Face decoder layer's weights (`backend`: engine/linear.py's); moe_triton: its experts
-    (if any) by the Triton grouped matmul; rope: its rotary (rope_of)."""
+    (if any) by the Triton grouped matmul; rope: its rotary (rope_of); dtype: the model's."""
     a, mlp = hf.self_attn, getattr(hf, "mlp", None) or hf.block_sparse_moe  # (Granite MoE's name)
     mla = hasattr(a, "kv_a_proj_with_mqa")  # DeepSeek's latent attention
-    qkv = (Mla(a) if mla else from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
+    qkv = (Latent.of(a, dtype) if mla else from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
            else fuse([a.q_proj, a.k_proj, a.v_proj], backend))
     post, pre_mlp, post_mlp = sandwich(hf)
     q_norm = getattr(a, "q_norm", None)
     return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),
                  Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
                  q_norm, getattr(a, "k_norm", None), pre_mlp, post_mlp,
-                 q_norm is not None and q_norm.weight.numel() != a.head_dim, rope,  # q/k norms: OLMo 2's whole
-                 a.v_head_dim if mla else 0)
+                 q_norm is not None and q_norm.weight.numel() != a.head_dim, rope)  # q/k norms: OLMo 2's whole

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from engine import fp8, fp8_formats
+from engine import fp8, fp8_formats, mla
 from engine.config import ModelConfig
 from engine.tiny import EOS_ID, tiny_model, tiny_tokenizer
 
@@ -205,10 +205,10 @@ def interleaved_rotary(config: Any) -> bool:
 
 
 def kv_dims(config: Any) -> tuple[int, int]:
-    """(KV heads, head dim) of a layer's cache: DeepSeek's latent attention is kept expanded, a key
-    and a (zero-padded) value per query head of rope + nope dims (engine/layers.py Mla)."""
-    if getattr(config, "kv_lora_rank", None):
-        return config.num_attention_heads, config.qk_nope_head_dim + config.qk_rope_head_dim
+    """(KV heads, head dim) of a layer's cache: DeepSeek's latent attention keeps each token's latent
+    key, half of it in each of k and v (engine/mla.py)."""
+    if mla.is_latent(config):
+        return mla.cache_dims(config)
     return config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 

@@ -36,6 +36,7 @@ from engine import layers, lora, paged_attention, prompt_scores
 from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
+from engine.mla import Latent
 from engine.model_loader import (COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES, attention_windows, interleaved_rotary,
                                  kv_dims)
 from engine.moe import Experts
@@ -102,7 +103,7 @@ class ModelRunner:
             self._check_fp8_cache()
         self.ops: TorchOps | TritonOps = (TritonOps.of(model) if self.attn.name == "triton" else None) or TorchOps()
         moe_triton = self.attn.name == "triton" and Experts.triton_for(self.device, self.dtype)  # graph-safe experts
-        self.layers = [layers.layer(hf, backend, moe_triton, layers.rope_of(cfg, li, model.model.rotary_emb))
+        self.layers = [layers.layer(hf, backend, moe_triton, layers.rope_of(cfg, li, model.model.rotary_emb), self.dtype)
                        for li, hf in enumerate(model.model.layers[: self.num_layers])]
         self.lm_head = from_module(model.lm_head, backend)
         self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)  # Gemma 2: cap·tanh(l/cap)
@@ -122,7 +123,7 @@ class ModelRunner:
         """The LoRA adapters (name → PEFT folder) its rows may run with (engine/lora.py); LoraError
         naming the adapter where it trains what this model's layers do not compute."""
         for name, folder in folders.items():
-            if any(isinstance(layer.qkv, layers.Mla) for layer in self.layers):
+            if any(isinstance(layer.qkv, Latent) for layer in self.layers):
                 raise lora.LoraError(f"model.lora_adapters.{name}: LoRA on DeepSeek's latent attention is not served")
             adapter = lora.load(name, folder, self.num_layers, self.dtype, self.device)
             if any(proj in ("gate_up", "down") and not isinstance(self.layers[li].mlp, layers.Dense)
@@ -229,8 +230,11 @@ class ModelRunner:
         fp8 = sum(layer.o_proj.scale is not None for layer in self.layers)  # (engine/fp8.py)
         weights = f" (FP8 weights in {fp8} layers)" if fp8 else ""
         kv = " (KV cache fp8)" if self.kv_dtype == FP8 else ""
-        return (f"{cfg.model_type}: {self.num_layers} layers, {self.num_heads} heads ({self.num_kv_heads} KV) of "
-                f"{self.head_dim}, {str(self.dtype).removeprefix('torch.')}{weights}{kv} on {self.device}; "
+        heads = (f"{self.num_heads} heads over latents of {cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}"
+                 if isinstance(self.layers[0].qkv, Latent) else
+                 f"{self.num_heads} heads ({self.num_kv_heads} KV) of {self.head_dim}")
+        return (f"{cfg.model_type}: {self.num_layers} layers, {heads}, "
+                f"{str(self.dtype).removeprefix('torch.')}{weights}{kv} on {self.device}; "
                 f"attention {self.attn.name}"
                 f"{f', windows {windows}' if windows else ''}{sinks}, layer ops {type(self.ops).__name__}, MLP "
                 f"{'/'.join(mlps)}, linears {self.kernels}; {self.num_blocks} KV blocks of {self.block_size}; {graphs}"
@@ -260,8 +264,6 @@ class ModelRunner:
         """The decoder layers → (x, residual) [T, hidden] each: the last sub-layer's output and the
         residual stream it adds to (the final norm is logits()')."""
         lm, ops = self.model.model, self.ops
-        T = meta.ids.shape[0]
-        D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         x = lm.embed_tokens(meta.ids)  # [T, hidden]
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -272,19 +274,12 @@ class ModelRunner:
         for li, layer in enumerate(self.layers):
             h, residual = ops.norm(layer.input_norm, x, residual)  # residual += x; h = norm(residual)
             delta = self._lora(li, rows) if rows else None
-            qkv = layer.qkv(h) if delta is None else delta("qkv", h, layer.qkv(h))
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
-            if layer.q_norm is not None and layer.k_norm is not None:
-                if layer.qk_norm_whole:  # OLMo 2: over each token's whole q [T, H*D] and k [T, KVH*D]
-                    q, k = ops.norm(layer.q_norm, q, None)[0], ops.norm(layer.k_norm, k, None)[0]
-                else:  # Qwen 3: per head, rows of [T*H, D]
-                    q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
-                    k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
-            o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary[layer.rope],
-                                 meta, layer.scaling)  # [T, H*D]
-            if layer.v_dim:  # DeepSeek's MLA: each head's values padded to D, cut back
-                o = o.view(T, H, D)[..., : layer.v_dim].reshape(T, H * layer.v_dim)
-            out = layer.o_proj(o) if delta is None else delta("o", o, layer.o_proj(o))  # [T, hidden]
+            if isinstance(layer.qkv, Latent):  # DeepSeek's: attention over the latents (engine/mla.py)
+                q, kvec = layer.qkv.project(h)
+                o = self.attn.attend_latent(li, q, kvec, *rotary[layer.rope], meta, layer.scaling)  # [T, H, r]
+                out = layer.o_proj(layer.qkv.output(o))  # [T, hidden]
+            else:
+                out = self._attention(li, layer, h, delta, rotary[layer.rope], meta)  # [T, hidden]
 
             def mlp(h: torch.Tensor) -> torch.Tensor:  # (LoRA deltas in a dense MLP's projections only)
                 if delta is None or not isinstance(layer.mlp, layers.Dense):
@@ -303,6 +298,23 @@ class ModelRunner:
                 x = self._branch(ops.norm(layer.post_mlp_norm, mlp(h), None)[0])
         assert residual is not None
         return x, residual
+
+    def _attention(self, li: int, layer: layers.Layer, h: torch.Tensor, delta: layers.Lora | None,
+                   rotary: tuple[torch.Tensor, torch.Tensor], meta: BatchMeta) -> torch.Tensor:
+        """Layer li's attention, from the q|k|v projection to o_proj: h [T, hidden] → [T, hidden]."""
+        ops, T = self.ops, h.shape[0]
+        D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = layer.qkv(h) if delta is None else delta("qkv", h, layer.qkv(h))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
+        if layer.q_norm is not None and layer.k_norm is not None:
+            if layer.qk_norm_whole:  # OLMo 2: over each token's whole q [T, H*D] and k [T, KVH*D]
+                q, k = ops.norm(layer.q_norm, q, None)[0], ops.norm(layer.k_norm, k, None)[0]
+            else:  # Qwen 3: per head, rows of [T*H, D]
+                q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
+                k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
+        o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary, meta,
+                             layer.scaling)  # [T, H*D]
+        return layer.o_proj(o) if delta is None else delta("o", o, layer.o_proj(o))
 
     def _lora(self, li: int, rows: dict[str, torch.Tensor]) -> layers.Lora:
         """Layer li's LoRA deltas: (projection, its input, its output) → the output with each

@@ -75,6 +75,7 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     from engine import triton_attention as ta
     from engine import triton_fp8 as tfp
     from engine import triton_fused as tf
+    from engine import triton_mla as tl_mla
     from engine import triton_moe as tm
     from engine import triton_mxfp4 as tmx
     from engine.cuda_graphs import buckets
@@ -83,7 +84,8 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     seen: list[tuple[Any, tuple, dict]] = []
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
                       (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul"),
-                      (tmx, "_grouped_matmul_mxfp4"), (tfp, "_matmul_fp8"), (tfp, "_grouped_matmul_fp8")]:
+                      (tmx, "_grouped_matmul_mxfp4"), (tfp, "_matmul_fp8"), (tfp, "_grouped_matmul_fp8"),
+                      (tl_mla, "_latent_rope_store"), (tl_mla, "_latent_decode"), (tl_mla, "_latent_prefill")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
     off64, bits = ta._off64, tfp.bits
     bs = 16

@@ -30,8 +30,9 @@ def test_buckets_are_nano_vllms() -> None:
 
 
 # 16 SMs: small batches split their keys (flash-decoding); qwen3_moe: padding rows pick experts too;
-# mistral: a sliding window of 16 (split too)
-@pytest.mark.parametrize("num_sms, arch", [(1, "llama"), (16, "llama"), (1, "qwen3_moe"), (16, "mistral")])
+# mistral: a sliding window of 16 (split too); deepseek_v2: latent attention's kernels (engine/triton_mla.py)
+@pytest.mark.parametrize("num_sms, arch", [(1, "llama"), (16, "llama"), (1, "qwen3_moe"), (16, "mistral"),
+                                           (16, "deepseek_v2")])
 def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback(num_sms: int, arch: str) -> None:
     """6 sequences finishing at different steps: batches of 6 (> largest bucket 4: eager), 5, 3 (bucket 4,
     one padding row), 2, 1 — each sequence == HF generate."""
