@@ -74,14 +74,14 @@ class Latent:
     that absorb it: W_UK into the query, W_UV into the output."""
 
     attn: torch.nn.Module  # Hugging Face's attention module: its projections and latent norms
-    w_uk: torch.Tensor  # [H, nope, r]
-    w_uv: torch.Tensor  # [H, vd, r]
+    w_uk: torch.Tensor  # [H, nope, r], a view into kv_b_proj's weight
+    w_uv: torch.Tensor  # [H, vd, r], the same
 
     @classmethod
     def of(cls, attn: torch.nn.Module, dtype: torch.dtype) -> Latent:
         H, nope, vd, r = attn.num_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
         w = _weight(attn.kv_b_proj, dtype).view(H, nope + vd, r)  # kv_b_proj's rows: per head, k_nope then v
-        return cls(attn, w[:, :nope].contiguous(), w[:, nope:].contiguous())
+        return cls(attn, w[:, :nope], w[:, nope:])  # views (bmm takes their strides as they are): no second copy
 
     @property
     def rank(self) -> int:
