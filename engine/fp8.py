@@ -84,7 +84,7 @@ def _fp8_class(cls: type) -> type:
 def reads(config: Any, device: str) -> bool:
     """Whether load() reads this checkpoint (engine/fp8_formats.py's formats): on CUDA, kept FP8; elsewhere
     dequantized as it loads — but for `quant_method: fp8` off CUDA, which Hugging Face dequantizes
-    itself. A mixture of experts only where its experts are stored as Qwen's are (PER_EXPERT)."""
+    itself. A mixture of experts only where its experts are stored one by one (PER_EXPERT_FAMILIES)."""
     sc = fp8_formats.scheme(config)
     if sc is None or (sc.method == "fp8" and torch.device(device).type != "cuda"):
         return False
@@ -97,7 +97,34 @@ def has_experts(config: Any) -> bool:
 
 
 PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
-PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe")  # experts stored one by one as PER_EXPERT names them
+PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "olmoe")  # experts stored one by
+# one as PER_EXPERT names them (Hugging Face fuses them into [E, N, K] weights as it loads)
+
+
+class _ExpertParts:
+    """Experts read one by one into fused FP8 weights: which (experts, projection, tensor) came in how
+    many times, so a checkpoint missing some is refused instead of leaving zeros."""
+
+    def __init__(self) -> None:
+        self.filled: dict[tuple[str, str, str], int] = {}
+
+    def put(self, model: torch.nn.Module, key: str, name: str, t: torch.Tensor, sc: fp8_formats.Scheme | None) -> None:
+        """Tensor `name` (the weight, or its scales: the checkpoint's `sc`, or row scales for sc None) of
+        the expert PER_EXPERT finds in `key`."""
+        m = PER_EXPERT.match(key)
+        assert m is not None
+        path, e, proj, _ = m.groups()
+        _expert_part(model.get_submodule(path), int(e), proj, name, t, sc)
+        self.filled[path, proj, name] = self.filled.get((path, proj, name), 0) + 1
+
+    def check(self, model: torch.nn.Module, names: tuple[str, str]) -> None:
+        """Every expert's gate, up and down weights and scales (`names`) were read."""
+        for path in {p for p, _, _ in self.filled}:
+            E = model.get_submodule(path).gate_up_proj.shape[0]
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for name in names:
+                    if (n := self.filled.get((path, proj, name), 0)) != E:
+                        raise ValueError(f"{path}: {n} experts' {proj}.{name} in the checkpoint, not {E}")
 
 
 def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str, attention: str,
@@ -106,16 +133,14 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     read (elsewhere)."""
     sc = fp8_formats.scheme(config)
     assert sc is not None
-    filled: dict[tuple[str, str, str], int] = {}  # (experts, projection, tensor name) → experts' tensors read
+    experts = _ExpertParts()
 
     def keep(model: torch.nn.Module, key: str, t: torch.Tensor) -> bool:
         owner, _, name = key.rpartition(".")
         if name in fp8_formats.UNUSED:
             return True
-        if (m := PER_EXPERT.match(key)) is not None and (name == "weight" and t.dtype == FP8 or name == sc.scale_name):
-            path_, e, proj, _ = m.groups()
-            _expert_part(model.get_submodule(path_), int(e), proj, name, t, sc)
-            filled[path_, proj, name] = filled.get((path_, proj, name), 0) + 1
+        if PER_EXPERT.match(key) is not None and (name == "weight" and t.dtype == FP8 or name == sc.scale_name):
+            experts.put(model, key, name, t, sc)
             return True
         if name == "weight" and t.dtype == FP8:
             model.get_submodule(owner)._parameters["weight"] = torch.nn.Parameter(t.contiguous(), requires_grad=False)
@@ -128,12 +153,7 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
 
     def after(model: PreTrainedModel) -> None:
         _paired(model)
-        for path_ in {p for p, _, _ in filled}:  # every expert's gate, up and down, weights and scales
-            E = model.get_submodule(path_).gate_up_proj.shape[0]
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for name in ("weight", sc.scale_name):
-                    if (n := filled.get((path_, proj, name), 0)) != E:
-                        raise ValueError(f"{path_}: {n} experts' {proj}.{name} in the checkpoint, not {E}")
+        experts.check(model, ("weight", sc.scale_name))
 
     model = checkpoint.load(path, config, dtype, device, attention, keep, after)
     if not (torch.device(device).type == "cuda" if keep_fp8 is None else keep_fp8):
@@ -141,9 +161,11 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     return model
 
 
-def _expert_part(experts: torch.nn.Module, e: int, proj: str, name: str, t: torch.Tensor, sc: fp8_formats.Scheme) -> None:
-    """Expert e's gate, up or down weight (or its scales) into the fused FP8 [E, N, K] weight and its
-    [E, N, ⌈K/128⌉] scales, allocated on the first one (the meta parameter's shape)."""
+def _expert_part(experts: torch.nn.Module, e: int, proj: str, name: str, t: torch.Tensor,
+                 sc: fp8_formats.Scheme | None) -> None:
+    """Expert e's gate, up or down weight (or its scales: the checkpoint's scheme `sc`, or row scales
+    already for sc None) into the fused FP8 [E, N, K] weight and its [E, N, ⌈K/128⌉] scales,
+    allocated on the first one (the meta parameter's shape)."""
     fused = "down_proj" if proj == "down_proj" else "gate_up_proj"
     w = experts._parameters[fused]
     E, N, K = w.shape
@@ -156,8 +178,8 @@ def _expert_part(experts: torch.nn.Module, e: int, proj: str, name: str, t: torc
     if name == "weight":
         experts._parameters[fused].data[e, rows] = t
     else:
-        getattr(experts, fused + "_scale")[e, rows] = fp8_formats.row_scales(t, N if proj == "down_proj" else N // 2,
-                                                                              K, sc)
+        getattr(experts, fused + "_scale")[e, rows] = t if sc is None else fp8_formats.row_scales(
+            t, N if proj == "down_proj" else N // 2, K, sc)
 
 
 def dequantize_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -231,21 +253,29 @@ def quantize_model(model: PreTrainedModel) -> int:
 
 def load_quantized(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str,
                    attention: str) -> PreTrainedModel:
-    """model.quantization fp8 over an unquantized safetensors checkpoint: each targeted linear weight
-    quantized as it is read (engine/checkpoint.py), so the peak memory is the FP8 model's and one
-    tensor's (by arithmetic, a 70B model's ~70 GB of FP8 for one 141 GB GPU, which its bf16 would overfill); the
-    experts (stored one by one) quantized once their layer's are all read, as quantize_model does."""
+    """model.quantization fp8 over an unquantized safetensors checkpoint: each targeted linear weight,
+    and each expert's (a mixture of experts of PER_EXPERT_FAMILIES: stored one by one), quantized as it
+    is read (engine/checkpoint.py) — the same codes and scales as quantize_model gives the loaded
+    model, its scales being per row —, so the peak memory is the FP8 model's and one tensor's (by
+    arithmetic, a 70B model's ~70 GB of FP8 for one 141 GB GPU, which its bf16 would overfill;
+    Qwen3-30B-A3B's ~31 GB for a 48 GB one, where its bf16 takes 61)."""
     targets: dict[str, torch.nn.Linear] = {}
+    experts = _ExpertParts()
 
     def keep(model: torch.nn.Module, key: str, t: torch.Tensor) -> bool:
         if not targets:
             targets.update(_targets(model)[0])
         owner, _, name = key.rpartition(".")
-        if name != "weight" or owner not in targets or not t.is_floating_point():
+        if name != "weight" or not t.is_floating_point():
             return False
-        hold(targets[owner], *quantize(t.to(dtype)))  # (the values quantize_model would see)
+        if PER_EXPERT.match(key) is not None:
+            codes, scale = quantize(t.to(dtype))  # (the values quantize_model would see)
+            experts.put(model, key, "weight", codes, None)
+            experts.put(model, key, "scale", scale, None)
+            return True
+        if owner not in targets:
+            return False
+        hold(targets[owner], *quantize(t.to(dtype)))
         return True
 
-    model = checkpoint.load(path, config, dtype, device, attention, keep)
-    quantize_model(model)  # the experts
-    return model
+    return checkpoint.load(path, config, dtype, device, attention, keep, lambda m: experts.check(m, ("weight", "scale")))

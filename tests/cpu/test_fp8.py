@@ -143,7 +143,7 @@ def test_an_fp8_checkpoint_loads_dequantized_off_cuda_and_runs_as_hf(tmp_path: P
     _computes_as(want, model, ModelRunner(model, num_blocks=8, block_size=16, kernels="auto"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "deepseek_v2"])
 def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: str) -> None:
     """On CUDA an FP8 checkpoint's linear layers stay FP8 (half of bf16's bytes) with one row of block
     scales per weight row, fused q|k|v and gate|up too, and experts stored one by one go into fused FP8
@@ -151,6 +151,7 @@ def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: 
     are Hugging Face's on the dequantized weights. An expert missing from the checkpoint is refused."""
     from safetensors.torch import load_file
 
+    from engine.mla import Latent
     from engine.moe import Experts, Fp8
 
     want = _fp8_checkpoint(tmp_path, arch=arch)
@@ -161,13 +162,15 @@ def test_fp8_weights_kept_run_as_their_dequantized_selves(tmp_path: Path, arch: 
         assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
     runner = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
     for layer in runner.layers:
-        for lin in (layer.qkv, layer.o_proj, *([] if isinstance(layer.mlp, Experts) else
-                                               [layer.mlp.gate_up, layer.mlp.down_proj])):
+        latent = isinstance(layer.qkv, Latent)  # DeepSeek's projections, Hugging Face's modules: FP8 ones
+        for lin in (*([] if latent else [layer.qkv]), layer.o_proj, *([] if isinstance(layer.mlp, Experts) else
+                                                                    [layer.mlp.gate_up, layer.mlp.down_proj])):
             assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale.shape == (lin.out_features, 1)
-    if arch == "qwen3_moe":
+        assert not latent or isinstance(layer.qkv.attn.kv_a_proj_with_mqa, fp8.Fp8Linear)
+    if arch != "qwen3":
         assert isinstance(runner.layers[1].mlp, Experts) and isinstance(runner.layers[1].mlp.down, Fp8)
     _computes_as(want, model, runner)
-    if arch == "qwen3_moe":
+    if arch != "qwen3":
         tensors = load_file(tmp_path / "model.safetensors")
         up = tensors.pop("model.layers.1.mlp.experts.3.up_proj.weight")
         save_file(tensors, tmp_path / "model.safetensors")
@@ -319,12 +322,15 @@ def test_fp8_and_plain_projections_fused_together_are_dequantized_first() -> Non
     _computes_as(want, model, runner)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: tied embeddings, q/k norms
+# qwen3: tied embeddings, q/k norms; qwen3_moe, deepseek_v2: experts stored one by one (DeepSeek's latent
+# projections and shared experts too)
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "deepseek_v2"])
 def test_quantization_fp8_of_a_checkpoint_quantizes_each_weight_as_it_is_read(
         tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """model.quantization fp8 over an unquantized safetensors folder of a dense model reads it with each
-    targeted weight quantized as it arrives (no unquantized copy of the model in memory): the same
-    codes and scales as quantizing the loaded model, and Hugging Face's logits on them."""
+    """model.quantization fp8 over an unquantized safetensors folder reads it with each targeted weight,
+    each expert's too, quantized as it arrives (no unquantized copy of the model in memory): the same
+    codes and scales as quantizing the loaded model, and Hugging Face's logits on them. An expert
+    missing from the checkpoint is refused."""
     import copy
 
     model = tiny_model(seed=7, arch=arch)
@@ -339,10 +345,24 @@ def test_quantization_fp8_of_a_checkpoint_quantizes_each_weight_as_it_is_read(
                                                        "quantization": "fp8"}))
     assert streamed == [loaded]
     pairs = [(n, m, dict(loaded.named_modules())[n]) for n, m in whole.named_modules() if isinstance(m, fp8.Fp8Linear)]
-    assert len(pairs) == 14
+    assert len(pairs) == {"llama": 14, "qwen3": 14, "qwen3_moe": 8 + 3, "deepseek_v2": 8 + 3 + 3}[arch]  # (+ a dense MLP)
     for name, want, got in pairs:
         assert isinstance(got, fp8.Fp8Linear), name
         assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
         assert torch.equal(got.weight_scale, want.weight_scale), name
+    experts = [(n, m, dict(loaded.named_modules())[n]) for n, m in whole.named_modules() if hasattr(m, "gate_up_proj_scale")]
+    assert len(experts) == (0 if arch in ("llama", "qwen3") else 1)
+    for name, want, got in experts:
+        for p in fp8.EXPERT_WEIGHTS:
+            assert torch.equal(getattr(got, p).view(torch.uint8), getattr(want, p).view(torch.uint8)), name
+            assert torch.equal(getattr(got, p + "_scale"), getattr(want, p + "_scale")), name
     dequantize_into(model, whole)
     _computes_as(model, loaded, ModelRunner(loaded, num_blocks=8, block_size=16, kernels="triton"))
+    if experts:
+        from safetensors.torch import load_file
+
+        tensors = load_file(tmp_path / "model.safetensors")
+        del tensors["model.layers.1.mlp.experts.5.gate_proj.weight"]
+        save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="model.layers.1.mlp.experts: 7 experts' gate_proj.weight in the checkpoint"):
+            fp8.load_quantized(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
