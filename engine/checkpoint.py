@@ -2,8 +2,9 @@
 they are released (engine/mxfp4.py: gpt-oss's MXFP4 experts; engine/fp8.py: FP8 linear layers) where
 Hugging Face's loading would dequantize them or need kernels fetched from its hub:
   1. the model is built on the meta device (no memory), its quantization_config dropped;
-  2. each tensor goes where its name says, on the device: a quantized one as the caller's `keep`
-     places it, every other as the parameter or buffer it names, in the model's dtype;
+  2. each tensor goes where its name says — renamed as Hugging Face renames the family's keys when it
+     loads (`renames`: Mixtral's block_sparse_moe is its mlp) —, on the device: a quantized one as the
+     caller's `keep` places it, every other as the parameter or buffer it names, in the model's dtype;
   3. the caller's `after` runs (mxfp4: the experts' dequantized parameters left empty), tied weights
      are tied again and the rotary tables made again (buffers no checkpoint holds); a parameter or
      buffer still on meta (one the checkpoint lacks) is refused; the generation config is read.
@@ -11,6 +12,7 @@ Hugging Face's loading would dequantize them or need kernels fetched from its hu
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,11 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
+    rename = renames(cfg.model_type)
     for f in files:  # 2.
         with safe_open(str(f), framework="pt", device="cpu") as st:
-            for key in st.keys():
-                t = st.get_tensor(key).to(device)
+            for stored in st.keys():
+                t, key = st.get_tensor(stored).to(device), rename(stored)
                 if not keep(model, key, t):
                     owner, _, name = key.rpartition(".")
                     _place(model.get_submodule(owner), name, t.to(dtype) if t.is_floating_point() else t, key)
@@ -51,6 +54,23 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
+
+
+def renames(model_type: str) -> Callable[[str], str]:
+    """A checkpoint key → the model's name for it: the renamings (regular expressions) of transformers'
+    conversion mapping for this family, applied in order as its loading applies them. (Its other
+    conversions — experts stored one by one, fused into one weight — are the callers' `keep`.)"""
+    from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
+
+    rules = [(re.compile(src), dst) for r in get_checkpoint_conversion_mapping(model_type) or []
+             if isinstance(r, WeightRenaming) for src, dst in zip(r.source_patterns, r.target_patterns)]
+
+    def rename(key: str) -> str:
+        for pattern, replacement in rules:
+            key = pattern.sub(replacement, key)
+        return key
+
+    return rename
 
 
 def _place(module: torch.nn.Module, name: str, t: torch.Tensor, key: str) -> None:

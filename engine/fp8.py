@@ -91,14 +91,21 @@ def reads(config: Any, device: str) -> bool:
     return not has_experts(config) or config.model_type in PER_EXPERT_FAMILIES
 
 
+def streams(config: Any) -> bool:
+    """Whether load_quantized reads this model: dense, or its experts stored as it reads them."""
+    return not has_experts(config) or config.model_type in PER_EXPERT_FAMILIES + FUSED_EXPERT_FAMILIES
+
+
 def has_experts(config: Any) -> bool:
     """Whether the model is a mixture of experts (any family's name for their number)."""
     return any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
-PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
-PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "olmoe")  # experts stored one by
-# one as PER_EXPERT names them (Hugging Face fuses them into [E, N, K] weights as it loads)
+PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(\w+)$")
+MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+# experts stored one by one as PER_EXPERT names them (Hugging Face fuses them into [E, N, K] weights as it loads)
+PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "olmoe", "mixtral")
+FUSED_EXPERT_FAMILIES = ("granitemoe",)  # experts stored fused already ([E, N, K]: Granite MoE's input_linear)
 
 
 class _ExpertParts:
@@ -114,6 +121,7 @@ class _ExpertParts:
         m = PER_EXPERT.match(key)
         assert m is not None
         path, e, proj, _ = m.groups()
+        proj = MIXTRAL_NAMES.get(proj, proj)
         _expert_part(model.get_submodule(path), int(e), proj, name, t, sc)
         self.filled[path, proj, name] = self.filled.get((path, proj, name), 0) + 1
 
@@ -215,11 +223,12 @@ def _targets(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Linear], list[t
     linears: dict[str, torch.nn.Linear] = {}
     experts_modules: list[torch.nn.Module] = []
     for i, layer in enumerate(model.model.layers):
-        mlp = getattr(layer, "mlp", None)
+        mlp_name = "mlp" if getattr(layer, "mlp", None) is not None else "block_sparse_moe"  # (Granite MoE's)
+        mlp = getattr(layer, mlp_name, None)
         owners = {"self_attn": layer.self_attn}
         experts = getattr(mlp, "experts", None)
         if experts is None:
-            owners["mlp"] = mlp
+            owners[mlp_name] = mlp
         else:
             for name in ("shared_expert", "shared_experts"):
                 if getattr(mlp, name, None) is not None:
@@ -254,18 +263,28 @@ def quantize_model(model: PreTrainedModel) -> int:
 def load_quantized(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str,
                    attention: str) -> PreTrainedModel:
     """model.quantization fp8 over an unquantized safetensors checkpoint: each targeted linear weight,
-    and each expert's (a mixture of experts of PER_EXPERT_FAMILIES: stored one by one), quantized as it
-    is read (engine/checkpoint.py) — the same codes and scales as quantize_model gives the loaded
-    model, its scales being per row —, so the peak memory is the FP8 model's and one tensor's (by
+    and each expert's (a mixture of experts of PER_EXPERT_FAMILIES: stored one by one; of
+    FUSED_EXPERT_FAMILIES: a layer's at once), quantized as it is read (engine/checkpoint.py) — the
+    same codes and scales as quantize_model gives the loaded model, its scales being per row —, so
+    the peak memory is the FP8 model's and one tensor's (by
     arithmetic, a 70B model's ~70 GB of FP8 for one 141 GB GPU, which its bf16 would overfill;
     Qwen3-30B-A3B's ~31 GB for a 48 GB one, where its bf16 takes 61)."""
     targets: dict[str, torch.nn.Linear] = {}
+    fused: dict[str, torch.nn.Module] = {}  # experts modules with [E, N, K] weights: quantized once both are read
     experts = _ExpertParts()
 
     def keep(model: torch.nn.Module, key: str, t: torch.Tensor) -> bool:
         if not targets:
-            targets.update(_targets(model)[0])
+            linears, modules = _targets(model)
+            targets.update(linears)
+            fused.update((n, m) for n, m in model.named_modules() if any(m is x for x in modules))
         owner, _, name = key.rpartition(".")
+        if owner in fused and name in EXPERT_WEIGHTS and t.dim() == 3:  # stored fused (Granite MoE)
+            module = fused[owner]
+            module._parameters[name] = torch.nn.Parameter(t.to(dtype), requires_grad=False)
+            if not any(module._parameters[n].is_meta for n in EXPERT_WEIGHTS):
+                _hold_experts(module)
+            return True
         if name != "weight" or not t.is_floating_point():
             return False
         if PER_EXPERT.match(key) is not None:

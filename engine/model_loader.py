@@ -144,11 +144,10 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 def _streams_fp8(config: Any, path: Path) -> bool:
     """model.quantization fp8 quantizes each weight as it is read (engine/fp8.py load_quantized) from an
-    unquantized safetensors checkpoint of a dense model, or of a mixture of experts whose experts are
-    stored one by one as fp8.PER_EXPERT_FAMILIES' are (others: Hugging Face's loading fuses them, in
-    the model dtype, then they are quantized)."""
-    return (_quant_method(config) is None and any(path.glob("*.safetensors"))
-            and (not fp8.has_experts(config) or config.model_type in fp8.PER_EXPERT_FAMILIES))
+    unquantized safetensors checkpoint of a dense model, or of a mixture of experts whose experts it
+    reads as stored (fp8.streams; others: Hugging Face's loading fuses them, in the model dtype, then
+    they are quantized)."""
+    return _quant_method(config) is None and any(path.glob("*.safetensors")) and fp8.streams(config)
 
 
 def _language_model(path: Path, config: Any, dtype: torch.dtype) -> PreTrainedModel:

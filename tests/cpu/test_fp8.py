@@ -190,9 +190,9 @@ def test_which_fp8_checkpoints_stay_fp8_and_what_is_refused(tmp_path: Path) -> N
     assert fp8.reads(config, "cuda") and not fp8.reads(config, "cpu")
     config.quantization_config["weight_block_size"] = [128, 64]  # scales not per 128 along K: dequantized
     assert not fp8.reads(config, "cuda")
-    moe = tiny_model(arch="mixtral").config
+    moe = tiny_model(arch="granitemoe").config
     moe.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    assert not fp8.reads(moe, "cuda")  # experts stored other than Qwen's: dequantized
+    assert not fp8.reads(moe, "cuda")  # experts stored fused (not one by one): dequantized
     state = json.loads((tmp_path / "config.json").read_text())
     from safetensors.torch import load_file
 
@@ -298,11 +298,11 @@ def test_fp8_variants_not_read_are_refused_naming_the_field(tmp_path: Path) -> N
                 "group_0": {"targets": ["Linear"], "weights": {**weights, **change}}}}}))
         with pytest.raises(ModelLoadError, match=f"model.path: quantization_config.{match}"):
             load_model(ModelConfig(path=str(tmp_path)))
-    moe = tiny_model(arch="mixtral")
+    moe = tiny_model(arch="granitemoe")
     moe.config.quantization_config = data["quantization_config"]
-    moe.save_pretrained(tmp_path / "mixtral")
-    with pytest.raises(ModelLoadError, match="FP8 experts of mixtral are stored in a way not read here"):
-        load_model(ModelConfig(path=str(tmp_path / "mixtral")))
+    moe.save_pretrained(tmp_path / "granitemoe")
+    with pytest.raises(ModelLoadError, match="FP8 experts of granitemoe are stored in a way not read here"):
+        load_model(ModelConfig(path=str(tmp_path / "granitemoe")))
 
 
 def test_fp8_and_plain_projections_fused_together_are_dequantized_first() -> None:
@@ -323,8 +323,9 @@ def test_fp8_and_plain_projections_fused_together_are_dequantized_first() -> Non
 
 
 # qwen3: tied embeddings, q/k norms; qwen3_moe, deepseek_v2: experts stored one by one (DeepSeek's latent
-# projections and shared experts too)
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "deepseek_v2"])
+# projections and shared experts too); mixtral: the same under its own names (block_sparse_moe, w1/w2/w3);
+# granitemoe: experts stored fused
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "deepseek_v2", "mixtral", "granitemoe"])
 def test_quantization_fp8_of_a_checkpoint_quantizes_each_weight_as_it_is_read(
         tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """model.quantization fp8 over an unquantized safetensors folder reads it with each targeted weight,
@@ -345,24 +346,26 @@ def test_quantization_fp8_of_a_checkpoint_quantizes_each_weight_as_it_is_read(
                                                        "quantization": "fp8"}))
     assert streamed == [loaded]
     pairs = [(n, m, dict(loaded.named_modules())[n]) for n, m in whole.named_modules() if isinstance(m, fp8.Fp8Linear)]
-    assert len(pairs) == {"llama": 14, "qwen3": 14, "qwen3_moe": 8 + 3, "deepseek_v2": 8 + 3 + 3}[arch]  # (+ a dense MLP)
+    assert len(pairs) == {"llama": 14, "qwen3": 14, "qwen3_moe": 8 + 3, "deepseek_v2": 8 + 3 + 3, "mixtral": 8,
+                          "granitemoe": 8}[arch]  # attention (+ a dense MLP, shared experts)
     for name, want, got in pairs:
         assert isinstance(got, fp8.Fp8Linear), name
         assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
         assert torch.equal(got.weight_scale, want.weight_scale), name
     experts = [(n, m, dict(loaded.named_modules())[n]) for n, m in whole.named_modules() if hasattr(m, "gate_up_proj_scale")]
-    assert len(experts) == (0 if arch in ("llama", "qwen3") else 1)
+    assert len(experts) == {"llama": 0, "qwen3": 0, "qwen3_moe": 1, "deepseek_v2": 1}.get(arch, 2)
     for name, want, got in experts:
         for p in fp8.EXPERT_WEIGHTS:
             assert torch.equal(getattr(got, p).view(torch.uint8), getattr(want, p).view(torch.uint8)), name
             assert torch.equal(getattr(got, p + "_scale"), getattr(want, p + "_scale")), name
     dequantize_into(model, whole)
     _computes_as(model, loaded, ModelRunner(loaded, num_blocks=8, block_size=16, kernels="triton"))
-    if experts:
+    if arch in fp8.PER_EXPERT_FAMILIES:
         from safetensors.torch import load_file
 
         tensors = load_file(tmp_path / "model.safetensors")
-        del tensors["model.layers.1.mlp.experts.5.gate_proj.weight"]
+        del tensors[f"model.layers.1.{'block_sparse_moe' if arch == 'mixtral' else 'mlp'}.experts.5."
+                    f"{'w1' if arch == 'mixtral' else 'gate_proj'}.weight"]
         save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
         with pytest.raises(ValueError, match="model.layers.1.mlp.experts: 7 experts' gate_proj.weight in the checkpoint"):
             fp8.load_quantized(tmp_path, AutoConfig.from_pretrained(tmp_path), torch.float32, "cpu", "eager")
