@@ -74,7 +74,7 @@ def test_the_torch_path_and_the_triton_kernels_store_the_same_cache_and_compute_
 
 def _reference(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, r: int, scale: float) -> torch.Tensor:
     """q [n, H, r + R] over keys [ctx, r + R] (values: their first r dims), query i seeing keys <= qpos[i]."""
-    mask = torch.arange(keys.shape[0])[None, :] <= qpos[:, None]  # [n, ctx]
+    mask = torch.arange(keys.shape[0], device=keys.device)[None, :] <= qpos[:, None]  # [n, ctx]
     return F.scaled_dot_product_attention(q.transpose(0, 1), keys[None], keys[None, :, :r], attn_mask=mask,
                                           scale=scale).transpose(0, 1)  # [n, H, r]
 

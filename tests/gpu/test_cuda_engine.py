@@ -226,8 +226,8 @@ def test_an_fp8_kv_cache_through_graphs_computes_as_kv_rounded_to_fp8(monkeypatc
     assert fp8.graphs is not None and fp8.graphs.replays > 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])  # qwen3_moe: the experts' grouped matmuls in the graphs
-def test_bf16_graphs_equal_bf16_eager(arch: str) -> None:
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v2"])  # qwen3_moe: the experts' grouped matmuls
+def test_bf16_graphs_equal_bf16_eager(arch: str) -> None:  # in the graphs; deepseek_v2: the latent kernels
     from engine.model_runner import ModelRunner
 
     model = _model(torch.bfloat16, arch)
@@ -238,6 +238,35 @@ def test_bf16_graphs_equal_bf16_eager(arch: str) -> None:
     graphs.use_decode_graphs(16, max_model_len=256)
     assert _decode(graphs, prompts, 10) == eager_out
     assert graphs.graphs is not None and graphs.graphs.replays > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_the_latent_kernels_at_deepseeks_shape_equal_attention_written_out(dtype: torch.dtype) -> None:
+    """DeepSeek-V2-Lite's latent attention (16 heads over latents of 512 + 64), bf16 queries over a bf16
+    or FP8 cache, where the interpreter cannot check the kernels' tensor-core dots: decode (split in 4
+    and not) and prefill (a chunk at position 300) == SDPA in fp32 over the same values."""
+    from engine import mla, triton_mla
+    from engine.triton_attention import prefill_tiles
+    from tests.cpu.test_mla import _reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, r, R, bs = 16, 512, 64, 16
+    kc, vc = ((torch.randn(64, bs, 1, (r + R) // 2, device="cuda", generator=g)).to(dtype) for _ in range(2))
+    tables = torch.randperm(64, device="cuda", generator=g)[:60].view(2, 30)
+    lens = torch.tensor([470, 33], device="cuda")
+    keys = [mla.whole(kc.float()[t].view(-1, (r + R) // 2), vc.float()[t].view(-1, (r + R) // 2), r) for t in tables]
+    q = torch.randn(2, H, r + R, device="cuda", generator=g).bfloat16()
+    for splits in (1, 4):
+        got = triton_mla.decode(q, kc, vc, tables, lens, 0.07, R, splits=splits)
+        for i in range(2):
+            want = _reference(q[i : i + 1].float(), keys[i][: lens[i]], lens[i : i + 1] - 1, r, 0.07)
+            torch.testing.assert_close(got[i : i + 1].float(), want, atol=2e-2, rtol=2e-2)
+    qp = torch.randn(100, H, r + R, device="cuda", generator=g).bfloat16()
+    seq, m0 = (torch.tensor(t, device="cuda") for t in prefill_tiles([100], 16))
+    got = triton_mla.prefill(qp, kc, vc, tables[:1], torch.tensor([0, 100], device="cuda"),
+                             torch.tensor([300], device="cuda"), seq, m0, 0.07, R)
+    want = _reference(qp.float(), keys[0][:400], torch.arange(300, 400, device="cuda"), r, 0.07)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
 def test_seeded_sampling_on_cuda_is_batch_independent() -> None:
