@@ -15,6 +15,9 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh moe        # Qwen3-30B-A3B's layer x 24 (128 experts, 8 a token; 30 GB
 #                                                           # built, saved, loaded: ~5 min): the same at 1, 16, 64,
 #                                                           # then with model.quantization fp8 (FP8 experts)
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh mla        # the latent attention kernels alone (engine/triton_mla.py; < 1 min, no
+#                                                           # model): decode at 1, 16, 64 x 512, 4096 tokens for 16 and 128 heads
+#                                                           # against the bytes read and the expanded form; prefill of 2,048
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh deepseek   # DeepSeek-V2-Lite's shape (27 layers, 64 experts, ~32 GB built): the step
 #                                                           # at 1, 16, 64 with its latent attention absorbed (engine/triton_mla.py),
 #                                                           # then at 1, 64 with an FP8 KV cache
@@ -80,6 +83,7 @@ case "${1:-tests}" in
              --output "$OUT/step-qwen3-a3b-24l.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l.log" | tail -8
            python3 bench/gpu_step.py --model-path "$(model qwen3-a3b-24l)" --batches 1,16,64 --no-hf \
              --quantization fp8 --output "$OUT/step-qwen3-a3b-24l-fp8.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l-fp8.log" | tail -4 ;;
+  mla)     python3 bench/mla_kernels.py --output "$OUT/mla-kernels.json" 2>&1 | tee "$OUT/mla-kernels.log" | tail -14 ;;
   deepseek) p=$(model deepseek-v2-lite)
            python3 bench/gpu_step.py --model-path "$p" --batches 1,16,64 --no-hf --profile \
              --output "$OUT/step-deepseek-v2-lite.json" 2>&1 | tee "$OUT/step-deepseek-v2-lite.log" | tail -8
