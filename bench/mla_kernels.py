@@ -58,7 +58,7 @@ def run(heads: int, batch: int, context: int, num_sms: int, gbs: float) -> dict:
     scale = (NOPE + ROPE) ** -0.5
     kc, vc = (torch.randn(blocks, BS, 1, (RANK + ROPE) // 2, device="cuda").bfloat16() for _ in range(2))
     q = torch.randn(batch, heads, RANK + ROPE, device="cuda").bfloat16()
-    splits = ta.decode_splits(batch, -(-heads // 16), num_sms)
+    splits = ta.decode_splits(batch, -(-heads // triton_mla.BLOCK_H), num_sms)
     latent = _ms(lambda: triton_mla.decode(q, kc, vc, tables, lens, scale, ROPE, splits))
     del kc, vc
     D = NOPE + ROPE  # the expanded cache: per head a key and a value padded to 192

@@ -295,7 +295,7 @@ class TritonAttention:
         q = triton_mla.rope_store(q, kvec, cos, sin, kc, vc, meta.slots, self.interleaved)  # q_pe rotated in place
         nd, rope, outs = meta.num_decode, cos.shape[-1], []
         if nd:
-            splits = self.ops.decode_splits(nd, -(-self.num_heads // 16), self.num_sms)
+            splits = self.ops.decode_splits(nd, -(-self.num_heads // triton_mla.BLOCK_H), self.num_sms)  # head blocks
             outs.append(triton_mla.decode(q[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, rope, splits))
         if meta.prefill:
             x = meta.extra

@@ -12,6 +12,7 @@ KV layout (one tensor for all layers):
     kv:       [num_layers, 2 (k|v), num_blocks, block_size, kv_heads, head_dim]
     kv_slots: the same memory as [num_layers, 2, num_slots, kv_heads, head_dim],
               slot = block * block_size + offset
+    (DeepSeek's latent attention: one KV head, each token's latent split across k and v: engine/mla.py)
 What differs by device is attention (engine/attention.py) and the small ops between the matmuls
 (engine/layer_ops.py): on CPU a fused C++ decode kernel over the block tables (engine/csrc), SDPA
 for prompts, and the Hugging Face modules (TorchOps); on CUDA Triton kernels that read K/V in place

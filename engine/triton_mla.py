@@ -24,7 +24,8 @@ from engine import triton_attention as paged
 from engine.triton_attention import _dot, _wide  # (shared with the paged kernels)
 from engine.triton_fused import _cached, _rotate
 
-__all__ = ["decode", "prefill", "rope_store"]
+__all__ = ["BLOCK_H", "decode", "prefill", "rope_store"]
+BLOCK_H = 16  # query heads a decode program computes (its tile's rows; tl.dot's least)
 
 
 @triton.jit
@@ -216,7 +217,7 @@ def rope_store(q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor, sin: torc
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           context_lens: torch.Tensor, scale: float, rope: int, splits: int = 1, block_h: int = 16,
+           context_lens: torch.Tensor, scale: float, rope: int, splits: int = 1, block_h: int = BLOCK_H,
            block_n: int | None = None) -> torch.Tensor:
     """q [B, H, r + R] (rotated) over each row's latent keys; block_tables [B, W]; context_lens [B] (0: a
     padded row, zeros) → o_lat [B, H, r]. splits > 1: flash-decoding's key runs, merged."""
