@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from engine.config import KVCacheConfig
-from engine.model_loader import kv_dims
+from engine.model_shape import kv_dims
 from engine.prompt_scores import SCORE_ROWS
 from engine.sampler import History, sample_queued
 from engine.types import SamplingParams

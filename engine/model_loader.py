@@ -30,8 +30,9 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from engine import fp8, fp8_formats, mla
+from engine import fp8, fp8_formats
 from engine.config import ModelConfig
+from engine.model_shape import max_positions, rope_parameters
 from engine.tiny import EOS_ID, tiny_model, tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -187,30 +188,8 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
                  "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
                  "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3",
                  "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
-INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
-HALF_TABLES = ("gpt_oss",)  # rotary tables of half the rotated dims: one entry per pair (i, i + R/2)
-COMPLEX_TABLES = ("deepseek_v2",)  # rotary as complex numbers cos + i·sin, one per rotated pair
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
-WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)
 PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron")  # their own attention rotates part of a head (Phi 4 mini)
-INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
-
-
-def interleaved_rotary(config: Any) -> bool:
-    """Whether the rotary turns neighbouring dims (2i, 2i + 1) together: GLM's and its kin's, DeepSeek
-    V2's (complex numbers), V3's where rope_interleave (its rotation of the de-interleaved dims is the
-    same, up to an order of dims that q and k share)."""
-    if config.model_type == "deepseek_v3":
-        return bool(getattr(config, "rope_interleave", True))
-    return config.model_type in INTERLEAVED_ROTARY or config.model_type in COMPLEX_TABLES
-
-
-def kv_dims(config: Any) -> tuple[int, int]:
-    """(KV heads, head dim) of a layer's cache: DeepSeek's latent attention keeps each token's latent
-    key, half of it in each of k and v (engine/mla.py)."""
-    if mla.is_latent(config):
-        return mla.cache_dims(config)
-    return config.num_key_value_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
@@ -222,7 +201,7 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         raise ModelLoadError(f"model.path: architecture {config.model_type!r} is not supported "
                              f"({', '.join(ARCHITECTURES)})")
     _refuse_quantized(config)
-    rope = _rope(config)
+    rope = rope_parameters(config)
     partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)) < 1.0
     if partial and config.model_type not in PARTIAL_ROTARY:
         raise ModelLoadError(f"model.path: {config.model_type} with rotary on part of each head "
@@ -302,41 +281,6 @@ def _refuse_quantized(config: Any, multimodal: bool = False) -> None:
         raise ModelLoadError(f"model.path: this checkpoint is quantized ({method}); the engine runs unquantized "
                              "weights (float32, bfloat16, float16), FP8 (fp8, compressed-tensors FP8, fbgemm_fp8) "
                              "and gpt-oss's MXFP4")
-
-
-def _rope(config: Any) -> dict[str, Any]:
-    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-
-
-def attention_windows(config: Any) -> list[int]:
-    """Each layer's sliding window (0: the whole context), as Hugging Face's attention reads the
-    config: per layer from `layer_types` where the family has them (Qwen 2 / 3's use_sliding_window
-    and max_window_layers), else `sliding_window` in every layer of the families that always apply
-    it (Mistral, Mixtral, Phi 3)."""
-    n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None) or 0
-    if config.model_type == "smollm3" and not config.use_sliding_window:  # its layer types count only with the flag
-        window = 0
-    types = getattr(config, "layer_types", None)
-    if types:
-        return [window if t == "sliding_attention" else 0 for t in types[:n]]
-    return [window if config.model_type in WINDOWED_ALWAYS else 0] * n
-
-
-def max_positions(config: Any) -> int | None:
-    """The longest context a config is computed for here: max_position_embeddings, or for a yarn
-    or linear rope scaling its factor times the original length; for LongRoPE (Phi 3.5, Phi 4 mini)
-    and dynamic NTK the original length — past it Hugging Face changes every position's frequencies
-    mid-sequence, which a cache of keys rotated with the earlier ones cannot follow."""
-    n = getattr(config, "max_position_embeddings", None)
-    rope = _rope(config)
-    kind = rope.get("rope_type", rope.get("type"))
-    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", n)
-    if kind in ("longrope", "dynamic"):
-        return original
-    if n is None or kind not in ("yarn", "linear"):
-        return n
-    return int(original * rope.get("factor", 1.0))
 
 
 def eos_token_ids(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

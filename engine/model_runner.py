@@ -38,8 +38,8 @@ from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
 from engine.mla import Latent
-from engine.model_loader import (COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES, attention_windows, interleaved_rotary,
-                                 kv_dims)
+from engine.model_shape import (COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES, attention_windows, interleaved_rotary,
+                                kv_dims)
 from engine.moe import Experts
 from engine.types import TokenLogprob
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bench.make_model import config as shape_config
 from engine import mla
 from engine.kv_budget import block_bytes
-from engine.model_loader import kv_dims
+from engine.model_shape import kv_dims
 from engine.model_runner import ModelRunner, SeqInput
 from engine.tiny import tiny_model
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.model_loader import (ModelLoadError, attention_windows, check_supported, eos_token_ids, load_model,
-                                 load_tokenizer)
+from engine.model_loader import ModelLoadError, check_supported, eos_token_ids, load_model, load_tokenizer
+from engine.model_shape import attention_windows
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from engine.tiny import tiny_config, tiny_model, tiny_tokenizer
