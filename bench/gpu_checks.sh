@@ -17,7 +17,7 @@
 #                                                           # then with model.quantization fp8 (FP8 experts)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh mla        # the latent attention kernels alone (engine/triton_mla.py; < 1 min, no
 #                                                           # model): decode at 1, 16, 64 x 512, 4096 tokens for 16 and 128 heads
-#                                                           # against the bytes read and the expanded form; prefill of 2,048
+#                                                           # against the bytes read and the expanded form
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh deepseek   # DeepSeek-V2-Lite's shape (27 layers, 64 experts, ~32 GB built): the step
 #                                                           # at 1, 16, 64 with its latent attention absorbed (engine/triton_mla.py),
 #                                                           # then at 1, 64 with an FP8 KV cache

@@ -7,7 +7,8 @@ For each shape (V2-Lite: 16 heads; V3 / Kimi K2: 128 heads; latents of 512 + 64)
             zero-padded value of 192 per head: 16 or 128 KV heads), what the runner ran before;
   floor     the latent cache's bytes for the step ÷ the device's memory bandwidth (a device-to-device copy's
             bytes read + written per second, timed here), the least a decode step's attention can take.
-Times are medians of CUDA-event timings of 50 launches; the prefill kernel at 1 sequence × 2,048 tokens.
+Times are medians of CUDA-event timings of 50 launches. (Prompt rows take engine/triton_attention.py's
+prefill kernel over expanded keys: `gpu_checks.sh deepseek` times whole steps.)
 
     python bench/mla_kernels.py --output $OUT/mla-kernels.json
 """
@@ -60,27 +61,14 @@ def run(heads: int, batch: int, context: int, num_sms: int, gbs: float) -> dict:
     q = torch.randn(batch, heads, RANK + ROPE, device="cuda").bfloat16()
     splits = ta.decode_splits(batch, -(-heads // triton_mla.BLOCK_H), num_sms)
     latent = _ms(lambda: triton_mla.decode(q, kc, vc, tables, lens, scale, ROPE, splits))
-    del kc, vc
     D = NOPE + ROPE  # the expanded cache: per head a key and a value padded to 192
     ek, ev = (torch.randn(blocks, BS, heads, D, device="cuda").bfloat16() for _ in range(2))
     eq = torch.randn(batch, heads, D, device="cuda").bfloat16()
     expanded = _ms(lambda: ta.paged_decode(eq, ek, ev, tables, lens, scale, splits=ta.decode_splits(batch, heads, num_sms)))
-    del ek, ev
     floor = batch * context * (RANK + ROPE) * 2 / (gbs * 1e9) * 1e3  # each latent read once, at the copy's rate
     return {"heads": heads, "batch": batch, "context": context, "splits": splits, "latent_ms": round(latent, 4),
             "expanded_ms": round(expanded, 4), "floor_ms": round(floor, 4),
             "latent_x_floor": round(latent / floor, 2), "expanded_x_latent": round(expanded / latent, 2)}
-
-
-def prefill(heads: int, tokens: int = 2048) -> dict:
-    per = -(-tokens // BS)
-    kc, vc = (torch.randn(per, BS, 1, (RANK + ROPE) // 2, device="cuda").bfloat16() for _ in range(2))
-    q = torch.randn(tokens, heads, RANK + ROPE, device="cuda").bfloat16()
-    seq, m0 = (torch.tensor(t, device="cuda") for t in ta.prefill_tiles([tokens], 16))
-    cu, start, tables = (torch.tensor(x, device="cuda") for x in ([0, tokens], [0], [list(range(per))]))
-    ms = _ms(lambda: triton_mla.prefill(q, kc, vc, tables, cu, start, seq, m0, 0.07, ROPE), 10)
-    flops = heads * tokens * (tokens + 1) / 2 * (RANK + ROPE + RANK) * 2  # causal: q·k (576) and p·v (512)
-    return {"heads": heads, "prefill_tokens": tokens, "ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
 
 
 def main() -> None:
@@ -97,8 +85,6 @@ def main() -> None:
             for c in map(int, a.contexts.split(",")):
                 rows.append({"shape": name, **run(heads, b, c, num_sms, gbs)})
                 print(rows[-1], flush=True)
-        rows.append({"shape": name, **prefill(heads)})
-        print(rows[-1], flush=True)
     out = {"device": torch.cuda.get_device_name(0), "copy_gbs": round(gbs), "rows": rows}
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(out, indent=1) + "\n")

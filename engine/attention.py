@@ -36,6 +36,7 @@ from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb as inter
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 if TYPE_CHECKING:
+    from engine.mla import Latent
     from engine.model_runner import SeqInput
 
 
@@ -167,12 +168,12 @@ class TorchAttention:
             ], dim=1)
         return o.reshape(T, self.num_heads * self.head_dim)  # from [1, T, H*D]
 
-    def attend_latent(self, li: int, q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      meta: BatchMeta, scale: float) -> torch.Tensor:
-        """DeepSeek's latent attention (engine/mla.py): q [T, H, r + R], kvec [T, r + R] → o_lat [T, H, r]."""
+    def attend_latent(self, li: int, latent: Latent, q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
+        """DeepSeek's latent attention (engine/mla.py): q [T, H, nope + R], kvec [T, r + R] → [T, H * vd]."""
         from engine import mla
 
-        return mla.attend_torch(self, li, q, kvec, cos, sin, meta, scale)
+        return mla.attend_torch(self, li, latent, q, kvec, cos, sin, meta, scale)
 
     def _slots(self, s: SeqInput, end: int) -> torch.Tensor:
         pos = torch.arange(0, end)
@@ -285,20 +286,31 @@ class TritonAttention:
         o = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H, D]
         return o.view(T, self.num_heads * self.head_dim)
 
-    def attend_latent(self, li: int, q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      meta: BatchMeta, scale: float) -> torch.Tensor:
-        """DeepSeek's latent attention (engine/mla.py, engine/triton_mla.py): q [T, H, r + R], kvec
-        [T, r + R] → o_lat [T, H, r]."""
-        from engine import triton_mla
+    def attend_latent(self, li: int, latent: Latent, q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
+        """DeepSeek's latent attention (engine/mla.py): q [T, H, nope + R], kvec [T, r + R] → [T, H * vd].
+        Decode rows absorbed (engine/triton_mla.py); prompt rows over their latents expanded into a
+        scratch paged cache (laid out once a forward: mla.scratch), with the paged prefill kernel."""
+        from engine import mla, triton_mla
 
         kc, vc = self.kv[li, 0], self.kv[li, 1]
-        q = triton_mla.rope_store(q, kvec, cos, sin, kc, vc, meta.slots, self.interleaved)  # q_pe rotated in place
+        nope, r = latent.nope, latent.rank
+        triton_mla.rope_store(q[..., nope:], kvec, cos, sin, kc, vc, meta.slots, self.interleaved)  # q_pe in place
         nd, rope, outs = meta.num_decode, cos.shape[-1], []
         if nd:
             splits = self.ops.decode_splits(nd, -(-self.num_heads // triton_mla.BLOCK_H), self.num_sms)  # head blocks
-            outs.append(triton_mla.decode(q[:nd], kc, vc, meta.dec_tables, meta.dec_lens, scale, rope, splits))
+            o = triton_mla.decode(latent.absorbed(q[:nd]), kc, vc, meta.dec_tables, meta.dec_lens, scale, rope, splits)
+            outs.append(latent.output(o))  # [nd, H * vd]
         if meta.prefill:
             x = meta.extra
-            outs.append(triton_mla.prefill(q[nd:], kc, vc, x["tables"], x["cu_q"], x["start"], x["tile_seq"],
-                                           x["tile_m0"], scale, rope, block_m=self.block_m))
+            if "scratch" not in x:  # the first latent layer of this forward lays it out
+                x["scratch"], x["scratch_tables"] = _upload(list(mla.scratch(meta.prefill, self.block_size)), kc.device)
+            latents = mla.whole(*(c.view(-1, c.shape[-1])[x["scratch"]] for c in (kc, vc)), r).to(q.dtype)  # [S, r + R]
+            keys, values = latent.expand(latents)  # [S, H, nope + R], [S, H, vd]
+            S, H, D = keys.shape
+            values = torch.nn.functional.pad(values, (0, D - values.shape[-1]))  # the kernel's one width
+            o = self.ops.paged_prefill(q[nd:], keys.view(-1, self.block_size, H, D), values.view(-1, self.block_size, H, D),
+                                       x["scratch_tables"], x["cu_q"], x["start"], x["tile_seq"], x["tile_m0"], scale,
+                                       block_m=self.block_m)  # [Tp, H, D]
+            outs.append(o[..., : latent.w_kv.shape[1] - nope].reshape(o.shape[0], -1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -277,8 +277,8 @@ class ModelRunner:
             delta = self._lora(li, rows) if rows else None
             if isinstance(layer.qkv, Latent):  # DeepSeek's: attention over the latents (engine/mla.py)
                 q, kvec = layer.qkv.project(h)
-                o = self.attn.attend_latent(li, q, kvec, *rotary[layer.rope], meta, layer.scaling)  # [T, H, r]
-                out = layer.o_proj(layer.qkv.output(o))  # [T, hidden]
+                out = layer.o_proj(self.attn.attend_latent(li, layer.qkv, q, kvec, *rotary[layer.rope], meta,
+                                                           layer.scaling))  # [T, hidden]
             else:
                 out = self._attention(li, layer, h, delta, rotary[layer.rope], meta)  # [T, hidden]
 

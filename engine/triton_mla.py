@@ -1,18 +1,18 @@
-"""DeepSeek's absorbed latent attention on CUDA (engine/mla.py says what it computes): three Triton
-kernels, no host work or sync, so a decode step with them is captured as CUDA graphs as any other.
+"""DeepSeek's latent attention on CUDA (engine/mla.py says what it computes): two Triton kernels, no
+host work or sync, so a decode step with them is captured as CUDA graphs as any other. (Prompt rows
+attend over keys expanded from the latents, with engine/triton_attention.py's prefill kernel.)
 
 - `rope_store`: rotary on each query head's q_pe (in place) and on the token's k_pe; the latent key
   [c | k_pe] into its slot's two halves (engine/mla.py `halves`).
-- `decode`: one new token per sequence. One program per (sequence, BLOCK_H query heads, key split):
-  every head attends to the same latent keys, so a block of heads is the rows of one tile product
-  and each key is read once per block; a small batch's keys are split into runs merged by their
-  log-sum-exp (flash-decoding, as engine/triton_attention.py's decode; its merge kernel).
-- `prefill`: packed prompts and chunks, one program per (tile of BLOCK_M new tokens, query head),
-  keys read back from the cache (stored first), causal by position.
+- `decode`: one new token per sequence, absorbed. One program per (sequence, BLOCK_H query heads,
+  key split): every head attends to the same latent keys, so a block of heads is the rows of one
+  tile product and each key is read once per block; a small batch's keys are split into runs
+  merged by their log-sum-exp (flash-decoding, as engine/triton_attention.py's decode; its merge
+  kernel).
 A latent key is read as four tiles — c's halves [N, r/2] and k_pe's [N, R/2] from the slot's two
 halves — and the scores are their four products with the matching quarters of q: q_lat·c + q_pe·k_pe.
-Values are c's halves, so the output o_lat [T, H, r] comes out as two [rows, r/2] accumulators.
-Shapes: q [T, H, r + R]; k_cache, v_cache [num_blocks, block_size, 1, (r + R) / 2] contiguous.
+Values are c's halves, so the output o_lat [B, H, r] comes out as two [rows, r/2] accumulators.
+Shapes: q [B, H, r + R]; k_cache, v_cache [num_blocks, block_size, 1, (r + R) / 2] contiguous.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from engine import triton_attention as paged
 from engine.triton_attention import _dot, _wide  # (shared with the paged kernels)
 from engine.triton_fused import _cached, _rotate
 
-__all__ = ["BLOCK_H", "decode", "prefill", "rope_store"]
+__all__ = ["BLOCK_H", "decode", "rope_store"]
 BLOCK_H = 16  # query heads a decode program computes (its tile's rows; tl.dot's least)
 
 
@@ -39,8 +39,8 @@ def _latent_rope_store(
     col = dd // 2 if PAIRS else dd  # PAIRS: dims 2i and 2i + 1 take frequency i
     c = tl.load(cos_ptr + t * stride_ct + col, mask=dd < 2 * HALF, other=1.0).to(tl.float32)  # [1, P]
     s = tl.load(sin_ptr + t * stride_ct + col, mask=dd < 2 * HALF, other=0.0).to(tl.float32)
-    q, h, d, m = _rotate(q_ptr + RANK, stride_qh, t, stride_qt, c, s, H, 2 * HALF, HALF, BLOCK_H, BLOCK_P, PAIRS)
-    tl.store(q_ptr + RANK + t * stride_qt + h * stride_qh + d, q, mask=m)  # q_pe rotated in place
+    q, h, d, m = _rotate(q_ptr, stride_qh, t, stride_qt, c, s, H, 2 * HALF, HALF, BLOCK_H, BLOCK_P, PAIRS)
+    tl.store(q_ptr + t * stride_qt + h * stride_qh + d, q, mask=m)  # q_pe rotated in place
     k, _, d, m = _rotate(kv_ptr + RANK, 0, t, stride_kt, c, s, 1, 2 * HALF, HALF, 1, BLOCK_P, PAIRS)  # [1, P]
     slot = tl.load(slot_ptr + t).to(tl.int64)
     stored = tl.where(slot >= 0, 1, 0)  # a padded row of a CUDA-graph batch stores nothing
@@ -146,44 +146,6 @@ def _latent_decode(
         tl.store(lse_ptr + row_h, lse, mask=hm)
 
 
-@triton.jit
-def _latent_prefill(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_q_ptr, start_ptr, tile_seq_ptr, tile_m0_ptr, o_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, scale,
-    BS: tl.constexpr, DH: tl.constexpr, HR: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, OFF64: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    s_idx = tl.load(tile_seq_ptr + tile)
-    m0 = _wide(tl.load(tile_m0_ptr + tile), OFF64)  # first query of this tile, counted within its sequence
-    q_off = tl.load(cu_q_ptr + s_idx)
-    n_new = _wide(tl.load(cu_q_ptr + s_idx + 1) - q_off, OFF64)
-    start = _wide(tl.load(start_ptr + s_idx), OFF64)  # position of the sequence's first new token
-    mi = m0 + tl.arange(0, BLOCK_M)
-    q_live = mi < n_new
-    q0, q1, p0, p1 = _queries(q_ptr + (q_off + mi) * stride_qt + h * stride_qh, q_live, HR, HP, BLOCK_R, BLOCK_P)
-    qpos = start + mi  # [M]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    end = tl.minimum(start + n_new, start + m0 + BLOCK_M)  # causal: no key beyond the tile's last query
-    for k0 in range(0, end, BLOCK_N):
-        n = k0 + tl.arange(0, BLOCK_N)
-        live = n < end
-        blk = _wide(tl.load(bt_ptr + s_idx * stride_btb + n // BS, mask=live, other=0), OFF64)
-        c0, c1, e0, e1 = _keys(kc_ptr, vc_ptr, (blk * BS + n % BS) * DH, live, q0, HR, HP, BLOCK_R, BLOCK_P)
-        seen = (n[None, :] <= qpos[:, None]) & live[None, :]
-        m_i, l_i, acc0, acc1 = _step(q0, q1, p0, p1, c0, c1, e0, e1, seen, m_i, l_i, acc0, acc1, scale, IEEE)
-    norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
-    dr = tl.arange(0, BLOCK_R)[None, :]
-    om = q_live[:, None] & (dr < HR)
-    base = o_ptr + (q_off + mi)[:, None] * stride_ot + h * stride_oh + dr
-    tl.store(base, (acc0 / norm).to(o_ptr.dtype.element_ty), mask=om)
-    tl.store(base + HR, (acc1 / norm).to(o_ptr.dtype.element_ty), mask=om)
-
-
 def _dims(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int]:
     """(block_size, half width DH) of a [num_blocks, block_size, 1, DH] cache that q [T, H, 2 * DH] reads."""
     if not k_cache.is_contiguous() or k_cache.shape[2] != 1:
@@ -199,21 +161,21 @@ def _tiles(half_rank: int, half_rope: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(half_rank)), max(16, triton.next_power_of_2(half_rope))
 
 
-def rope_store(q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, slots: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """q [T, H, r + R] (q_pe rotated in place; returned), kvec [T, r + R] ([c | k_pe]: rotated and stored at
-    slots [T], < 0: nothing), cos and sin [T, R]; `interleaved`: rotary on neighbouring dims (DeepSeek's)."""
-    T, H, width = q.shape
-    R = cos.shape[-1]
-    assert q.stride(-1) == 1 and kvec.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+def rope_store(q_pe: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, slots: torch.Tensor, interleaved: bool = False) -> None:
+    """q_pe [T, H, R] (rows may be strided: a view of the q projection's) rotated in place; kvec [T, r + R]
+    ([c | k_pe]) rotated and stored at slots [T] (< 0: nothing); cos and sin [T, R]; `interleaved`:
+    rotary on neighbouring dims (DeepSeek's)."""
+    T, H, R = q_pe.shape
+    width = kvec.shape[1]
+    assert q_pe.stride(-1) == 1 and kvec.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     if T:
         _latent_rope_store[(T,)](
-            q, kvec, cos, sin, k_cache, v_cache, slots, q.stride(0), q.stride(1), kvec.stride(0), cos.stride(0), H,
-            RANK=width - R, HALF=R // 2, DH=width // 2, BLOCK_H=triton.next_power_of_2(H),
+            q_pe, kvec, cos, sin, k_cache, v_cache, slots, q_pe.stride(0), q_pe.stride(1), kvec.stride(0),
+            cos.stride(0), H, RANK=width - R, HALF=R // 2, DH=width // 2, BLOCK_H=triton.next_power_of_2(H),
             BLOCK_P=triton.next_power_of_2(R), BLOCK_C=triton.next_power_of_2((width - R) // 2), PAIRS=interleaved,
             FP8=k_cache.dtype == torch.float8_e4m3fn,
         )
-    return q
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -240,23 +202,4 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     if splits > 1:
         paged._merge_splits[(B * H,)](part, lse, out, out.stride(0), out.stride(1), H, D=r, SPLITS=splits,
                                 BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=triton.next_power_of_2(r))
-    return out
-
-
-def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            cu_q: torch.Tensor, start_pos: torch.Tensor, tile_seq: torch.Tensor, tile_m0: torch.Tensor,
-            scale: float, rope: int, block_m: int = 16, block_n: int = 16) -> torch.Tensor:
-    """q [T, H, r + R] packed (rotated); cu_q, start_pos, tile_* as engine/triton_attention.py's
-    paged_prefill → o_lat [T, H, r], each new token over its sequence's positions [0, own]."""
-    bs, dh = _dims(q, k_cache)
-    T, H, width = q.shape
-    r = width - rope
-    out = torch.empty(T, H, r, dtype=q.dtype, device=q.device)
-    block_r, block_p = _tiles(r // 2, rope // 2)
-    _latent_prefill[(tile_seq.numel(), H)](
-        q, k_cache, v_cache, block_tables, cu_q, start_pos, tile_seq, tile_m0, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale,
-        BS=bs, DH=dh, HR=r // 2, HP=rope // 2, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, OFF64=paged._off64(k_cache),
-    )
     return out

@@ -85,7 +85,7 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
     for mod, name in [(ta, "_paged_decode"), (ta, "_merge_splits"), (ta, "_paged_prefill"),
                       (tf, "_add_rms_norm"), (tf, "_rope_store"), (tf, "_act_mul"), (tm, "_grouped_matmul"),
                       (tmx, "_grouped_matmul_mxfp4"), (tfp, "_matmul_fp8"), (tfp, "_grouped_matmul_fp8"),
-                      (tl_mla, "_latent_rope_store"), (tl_mla, "_latent_decode"), (tl_mla, "_latent_prefill")]:
+                      (tl_mla, "_latent_rope_store"), (tl_mla, "_latent_decode")]:
         setattr(mod, name, _Recorder(getattr(mod, name), seen))
     off64, bits = ta._off64, tfp.bits
     bs = 16

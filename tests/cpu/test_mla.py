@@ -1,6 +1,7 @@
-"""DeepSeek's latent attention, absorbed (engine/mla.py, engine/triton_mla.py): the cache holds r + R
-values a token and layer; the torch path and the Triton kernels (under Triton's interpreter) store
-the same bytes and compute Hugging Face's logits; the kernels equal attention written out in torch."""
+"""DeepSeek's latent attention (engine/mla.py, engine/triton_mla.py): the cache holds r + R values a
+token and layer; the torch path and the Triton kernels (under Triton's interpreter) store the same
+bytes and compute Hugging Face's logits — decode absorbed, prompts over expanded keys; the kernels
+equal attention written out in torch."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,6 @@ from engine.model_runner import ModelRunner, SeqInput
 from engine.tiny import tiny_model
 
 triton = pytest.importorskip("triton")
-from engine import triton_attention as ta  # noqa: E402
 from engine import triton_mla  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -81,10 +81,10 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, r: int, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, FP8])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_the_latent_kernels_equal_attention_written_out(splits: int, dtype: torch.dtype) -> None:
+def test_the_latent_decode_kernel_equals_attention_written_out(splits: int, dtype: torch.dtype) -> None:
     """Decode (split or not; a padded row of context 0 gives zeros; 20 heads: two blocks of 16, the
-    second partly empty) and prefill (a chunk at position 30 over its earlier keys, a prompt from 0)
-    over blocks out of order == SDPA over the whole keys; an FP8 cache == a float32 one holding its values."""
+    second partly empty) over blocks out of order == SDPA over the whole keys; an FP8 cache == a
+    float32 one holding its values."""
     g = torch.Generator().manual_seed(splits)
     H, r, R, bs = 20, 32, 8, 16
     kc = (torch.randn(8, bs, 1, (r + R) // 2, generator=g) * 2).to(dtype)
@@ -98,36 +98,39 @@ def test_the_latent_kernels_equal_attention_written_out(splits: int, dtype: torc
         want = _reference(q[i : i + 1], keys[i][: lens[i]], lens[i : i + 1] - 1, r, 0.3)
         torch.testing.assert_close(got[i : i + 1], want, atol=1e-5, rtol=1e-5)
     assert not got[2].any()
-    qp = torch.randn(30, H, r + R, generator=g)
-    cu_q, start = torch.tensor([0, 20, 30]), torch.tensor([30, 0])
-    seq, m0 = (torch.tensor(t) for t in ta.prefill_tiles([20, 10], 16))
-    got = triton_mla.prefill(qp, kc, vc, tables, cu_q, start, seq, m0, 0.3, R, block_m=16)
-    torch.testing.assert_close(got[:20], _reference(qp[:20], keys[0][:50], torch.arange(30, 50), r, 0.3),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[20:], _reference(qp[20:], keys[1][:10], torch.arange(10), r, 0.3),
-                               atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_rows_read_their_latents_through_a_scratch_table_of_their_own() -> None:
+    """mla.scratch: sequence i's positions [0, ctx_i) at consecutive scratch slots from its first
+    scratch block, each the cache slot its block table gives."""
+    seqs = [SeqInput(list(range(5)), 20, [7, 2]), SeqInput([1, 2, 3], 0, [4])]  # contexts 25 and 3, blocks of 16
+    slots, tables = mla.scratch(seqs, 16)
+    assert tables.tolist() == [[0, 1], [2, 0]]
+    assert slots.tolist() == [*range(7 * 16, 8 * 16), *range(2 * 16, 3 * 16), *range(4 * 16, 5 * 16)]
 
 
 def test_rope_store_puts_the_rotated_latent_key_in_the_slot_halves_and_a_padded_row_nowhere() -> None:
-    """q's rotary dims rotate in place (its latent dims untouched); the key's are rotated as q's are,
-    its latent copied; FP8: each value rounded as torch rounds it; slot -1 stores nothing."""
+    """q_pe, a strided view of the q projection, rotates in place (q_nope untouched); the key's rotary
+    dims are rotated as q's are, its latent copied; FP8: each value rounded as torch rounds it; slot -1
+    stores nothing."""
     g = torch.Generator().manual_seed(0)
-    T, H, r, R = 3, 4, 32, 8
+    T, H, nope, r, R = 3, 4, 16, 32, 8
     angle = torch.rand(T, R // 2, generator=g) * 6
     cos, sin = torch.cat([angle.cos()] * 2, dim=-1), torch.cat([angle.sin()] * 2, dim=-1)  # [T, R]
-    q, kvec = torch.randn(T, H, r + R, generator=g), torch.randn(T, r + R, generator=g) * 100
+    q, kvec = torch.randn(T, H, nope + R, generator=g), torch.randn(T, r + R, generator=g) * 100
     slots = torch.tensor([5, -1, 17])
+    c, s = angle.cos(), angle.sin()
+
+    def rotated(x: torch.Tensor) -> torch.Tensor:  # [..., T, R/2, 2] pairs of neighbouring dims → [..., R]
+        return torch.stack([x[..., 0] * c - x[..., 1] * s, x[..., 1] * c + x[..., 0] * s], -1).flatten(-2)
+
     for dtype in (torch.float32, FP8):
         kc, vc = (torch.zeros(2, 16, 1, (r + R) // 2, dtype=dtype) for _ in range(2))
-        got = triton_mla.rope_store(q.clone(), kvec, cos, sin, kc, vc, slots, interleaved=True)
-        pairs = q[..., r:].reshape(T, H, R // 2, 2)  # neighbouring dims rotate together
-        c, s = angle.cos()[:, None], angle.sin()[:, None]
-        rot = torch.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 1] * c + pairs[..., 0] * s], -1)
-        torch.testing.assert_close(got, torch.cat([q[..., :r], rot.view(T, H, R)], dim=-1))
-        kp = kvec[:, r:].view(T, R // 2, 2)
-        c, s = angle.cos(), angle.sin()
-        k = torch.cat([kvec[:, :r], torch.stack([kp[..., 0] * c - kp[..., 1] * s,
-                                                 kp[..., 1] * c + kp[..., 0] * s], -1).view(T, R)], dim=-1)
+        got = q.clone()
+        triton_mla.rope_store(got[..., nope:], kvec, cos, sin, kc, vc, slots, interleaved=True)
+        want_q = rotated(q[..., nope:].reshape(T, H, R // 2, 2).transpose(0, 1)).transpose(0, 1)  # [T, H, R]
+        torch.testing.assert_close(got, torch.cat([q[..., :nope], want_q], dim=-1))
+        k = torch.cat([kvec[:, :r], rotated(kvec[:, r:].view(T, R // 2, 2))], dim=-1)
         want_k, want_v = mla.halves(k, r)
         if dtype == FP8:
             want_k, want_v = (w.clamp(-448, 448).to(FP8).float() for w in (want_k, want_v))
@@ -146,12 +149,11 @@ def test_a_latent_runner_with_an_fp8_cache_computes_as_over_latents_rounded_to_f
     ref = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
     store = triton_mla.rope_store
 
-    def rounded(q, kvec, cos, sin, kc, vc, slots, interleaved=False):  # type: ignore[no-untyped-def]
-        out = store(q, kvec, cos, sin, kc, vc, slots, interleaved)
+    def rounded(q_pe, kvec, cos, sin, kc, vc, slots, interleaved=False):  # type: ignore[no-untyped-def]
+        store(q_pe, kvec, cos, sin, kc, vc, slots, interleaved)
         if kc.dtype == torch.float32:
             for c in (kc.view(-1, kc.shape[-1]), vc.view(-1, vc.shape[-1])):
                 c[slots] = c[slots].clamp(-448, 448).to(FP8).float()
-        return out
 
     monkeypatch.setattr(triton_mla, "rope_store", rounded)
     for seqs in _steps(model.config.vocab_size):

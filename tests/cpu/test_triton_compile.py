@@ -2,7 +2,7 @@
 the tiny test shape in fp32 (the GPU tests'), the 1.1B and 8B shapes in bf16 and Qwen3-30B-A3B's layer
 (its experts' grouped matmul) in fp16 and bf16, Gemma 3 1B's (head_dim 256, windows) and Gemma 2
 2B's (the same with soft-capped scores), GLM-4-9B's (interleaved rotary, 16 query heads a KV head) and
-OLMo-2-7B's (its norm's rounding) and gpt-oss-20b's (attention sinks, its MXFP4 experts) and DeepSeek-V2-Lite's (its latent attention absorbed: engine/triton_mla.py; with an FP8 cache too) and the 8B's with FP8
+OLMo-2-7B's (its norm's rounding) and gpt-oss-20b's (attention sinks, its MXFP4 experts) and DeepSeek-V2-Lite's (its latent attention: engine/triton_mla.py, prompts over expanded heads of 192; with an FP8 cache too) and the 8B's with FP8
 linear layers (engine/fp8.py), Qwen3-30B-A3B's with FP8 experts, and the 8B's with its KV cache in FP8 (kv_cache.dtype) in bf16 — checked here, without a GPU, by Triton's own compiler
 and ptxas (tests/cpu/sm90_compile.py). The interpreter the other tests use cannot see a kernel that
 fails to compile, nor one that spills registers to local memory."""
@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_paged_decode", "_merge_splits", "_paged_prefill", "_add_rms_norm", "_rope_store", "_act_mul",
            "_grouped_matmul", "_grouped_matmul_mxfp4", "_matmul_fp8", "_grouped_matmul_fp8", "_latent_rope_store",
-           "_latent_decode", "_latent_prefill"}
+           "_latent_decode"}
 
 
 def _has_ptxas() -> bool:
@@ -51,7 +51,7 @@ def test_every_kernel_compiles_for_sm90_and_bf16_kernels_do_not_spill() -> None:
     assert {r["constexprs"].get("BLOCK_M") for r in recs if r["kernel"] == "_matmul_fp8"} == {16, 64}  # decode, prompt
     assert {r["constexprs"].get("FP8") for r in recs if r["kernel"] == "_rope_store"} == {False, True}  # FP8 KV
     assert {r["sig"]["kc_ptr"] for r in recs if r["kernel"] in ("_paged_decode", "_paged_prefill")} >= {"*fp8e4nv"}
-    for kernel in ("_latent_rope_store", "_latent_decode", "_latent_prefill"):  # DeepSeek's, bf16 and FP8 caches
+    for kernel in ("_latent_rope_store", "_latent_decode"):  # DeepSeek's, bf16 and FP8 caches
         assert {r["sig"]["kc_ptr"] for r in recs if r["kernel"] == kernel} == {"*bf16", "*fp8e4nv"}
     assert {r["constexprs"].get("GELU") for r in recs if r["kernel"] == "_act_mul"} == {False, True}  # Gemma's fused
     assert {r["constexprs"].get("KIND") for r in recs if r["kernel"] == "_add_rms_norm"} == {"llama", "gemma", "olmo"}
