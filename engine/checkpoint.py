@@ -2,7 +2,7 @@
 they are released (engine/mxfp4.py: gpt-oss's MXFP4 experts; engine/fp8.py: FP8 linear layers) where
 Hugging Face's loading would dequantize them or need kernels fetched from its hub:
   1. the model is built on the meta device (no memory), its quantization_config dropped;
-  2. each tensor goes where its name says — renamed as Hugging Face renames the family's keys when it
+  2. each tensor (but a layer's past the decoder's: multi-token prediction) goes where its name says — renamed as Hugging Face renames the family's keys when it
      loads (`renames`: Mixtral's block_sparse_moe is its mlp) —, on the device: a quantized one as the
      caller's `keep` places it, every other as the parameter or buffer it names, in the model's dtype;
   3. the caller's `after` runs (mxfp4: the experts' dequantized parameters left empty), tied weights
@@ -38,6 +38,8 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     for f in files:  # 2.
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for stored in st.keys():
+                if _beyond(stored, cfg.num_hidden_layers):
+                    continue
                 t, key = st.get_tensor(stored).to(device), rename(stored)
                 if not keep(model, key, t):
                     owner, _, name = key.rpartition(".")
@@ -54,6 +56,16 @@ def load(path: Path, config: Any, dtype: torch.dtype, device: torch.device | str
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
+
+
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _beyond(key: str, num_layers: int) -> bool:
+    """A tensor of a layer past the decoder's: DeepSeek V3's and GLM-4.5's multi-token prediction layer,
+    which Hugging Face's loading skips too (the model computes no such layer)."""
+    m = LAYER.match(key)
+    return m is not None and int(m.group(1)) >= num_layers
 
 
 def renames(model_type: str) -> Callable[[str], str]:

@@ -186,10 +186,10 @@ class TextOnly(torch.nn.Module):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "granitemoe", "smollm3", "olmo2", "olmo3", "olmoe", "exaone4",
                  "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
-                 "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3",
+                 "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
                  "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
-PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron")  # their own attention rotates part of a head (Phi 4 mini)
+PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron", "glm4_moe")  # their own attention rotates part of a head (Phi 4 mini)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
@@ -214,7 +214,7 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
                              f"scaling): set model.max_model_len <= {trained}")
     if getattr(config, "clip_qkv", None):  # OLMo (1), some OLMoE: q, k, v clamped
         raise ModelLoadError(f"model.path: {config.model_type} with clip_qkv is not supported")
-    if getattr(config, "use_qk_norm", False):  # Command R+: a LayerNorm per head
+    if config.model_type.startswith("cohere") and getattr(config, "use_qk_norm", False):  # Command R+: a LayerNorm per head
         raise ModelLoadError(f"model.path: {config.model_type} with use_qk_norm is not supported")
     kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
     if kinds:

@@ -11,7 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, DeepseekV2Config,
                           DeepseekV3Config, Ernie4_5Config,
-                          Exaone4Config, Gemma2Config, GptOssConfig, Gemma3TextConfig, Glm4Config, GlmConfig, GraniteConfig,
+                          Exaone4Config, Gemma2Config, GptOssConfig, Gemma3TextConfig, Glm4Config, Glm4MoeConfig, GlmConfig,
+                          GraniteConfig,
                           GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
                           MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig,
                           Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
@@ -138,6 +139,12 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                                            "rope_theta": 10000.0}}),
     "deepseek_v3": (DeepseekV3Config, {**MLA, "q_lora_rank": 32, "n_group": 4, "topk_group": 2,
                                        "routed_scaling_factor": 2.5}),
+    # GLM-4.5 / 4.6 (Air's): rotary on half of each head (not in pairs), q/k/v biases, per-head q/k norms,
+    # DeepSeek V3's router (sigmoid scores with a bias, top groups, scaled) and a shared expert, layer 0 dense
+    "glm4_moe": (Glm4MoeConfig, {**MOE, "partial_rotary_factor": 0.5, "attention_bias": True, "use_qk_norm": True,
+                                 "n_routed_experts": 8, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                 "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+                                 "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
 }
 ARCHS = tuple(FAMILIES)
 

@@ -193,7 +193,7 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
 
 MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "glm", "cohere", "cohere2",
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
-        "deepseek_v3"]
+        "deepseek_v3", "glm4_moe"]
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
@@ -208,9 +208,10 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     Nemotron / Minitron (LayerNorm1P, relu^2 without a gate, rotary on half of each head), OLMoE (OLMo's
     q/k norms, experts), Granite MoE (Granite's multipliers, experts), Llama's mlp_bias, gpt-oss
     (attention sinks, windows, yarn tables of half a head, experts with biases and a clamped GLU),
-    DeepSeek V2 and V3 (latent attention expanded per head, rotary on neighbouring dims of each
-    head's first 8, values narrower than keys; their routers, shared experts, yarn's attention
-    scale): the logits of a prompt in chunks, then decoded, == HF's."""
+    DeepSeek V2 and V3 (latent attention: decode absorbed, prompts expanded; rotary on neighbouring
+    dims of k_pe; their routers, shared experts, yarn's attention scale), GLM-4.5 (rotary on half of
+    each head, q/k/v biases, per-head q/k norms, V3's router, a shared expert): the logits of a prompt
+    in chunks, then decoded, == HF's."""
     model = tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias" else tiny_model(4, arch=arch)
     prompt = _prompts(1, seed=9)[0][:70]
     with torch.inference_mode():

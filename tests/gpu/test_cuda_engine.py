@@ -67,7 +67,7 @@ def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int
     assert runner.graphs is not None and runner.graphs.replays > 0
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe"])
 def test_mixtures_of_experts_in_fp32_equal_hf_through_graphs(arch: str) -> None:
     """fp32 experts take the Triton grouped matmul (torch's would loop on the host), so their steps
     are captured too. gpt-oss: its attention sinks in both Triton kernels, its experts' biases and GLU
