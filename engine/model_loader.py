@@ -4,7 +4,7 @@
   Hugging Face folder under the cache dir (later loads read safetensors: seconds, not tens).
 - 'tiny': a seeded random Llama built in-process (tests).
 - anything else: a local Hugging Face checkpoint directory of a supported family (ARCHITECTURES),
-  or of a multimodal one whose language model is (MULTIMODAL: Gemma 3 4B-27B, Mistral Small 3.x,
+  or of a multimodal one whose language model is (MULTIMODAL: Gemma 3 4B-27B, Mistral Small 3.x, Ministral 3,
   Qwen 2.5-VL, Qwen3-VL),
   served for text: its language model alone, the vision tower dropped once loaded.
 """
@@ -186,7 +186,7 @@ class TextOnly(torch.nn.Module):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "granitemoe", "smollm3", "olmo2", "olmo3", "olmoe", "exaone4",
                  "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
-                 "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                 "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "ministral3",
                  "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron", "glm4_moe")  # their own attention rotates part of a head (Phi 4 mini)

@@ -39,7 +39,7 @@ from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
 from engine.mla import Latent
 from engine.model_shape import (COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES, attention_windows, interleaved_rotary,
-                                kv_dims)
+                                kv_dims, query_scale)
 from engine.moe import Experts
 from engine.types import TokenLogprob
 
@@ -113,6 +113,7 @@ class ModelRunner:
         self.embed_scale, self.residual_scale, self.logits_divisor, self.logit_scale = (
             float(getattr(cfg, f, None) or 1.0)
             for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))
+        self.query_scale = query_scale(cfg)  # Ministral 3: (beta, length) of its queries' scale by position
         # the layout of the rotary tables Hugging Face's module gives, where it is not the kernels' [T, R]
         self.tables = ("interleaved" if cfg.model_type in INTERLEAVED_TABLES else "half" if cfg.model_type in HALF_TABLES
                        else "complex" if cfg.model_type in COMPLEX_TABLES else "")
@@ -270,6 +271,9 @@ class ModelRunner:
             x = x * self.embed_scale
         pos = meta.pos.unsqueeze(0)  # [1, T]
         rotary = {t: self._rotary(x, pos, t) for t in {layer.rope for layer in self.layers}}  # (cos, sin) [T, D]
+        if self.query_scale is not None:  # [T, 1]: 1 + beta · ln(1 + ⌊pos / length⌋) (Hugging Face's, in fp32)
+            beta, length = self.query_scale
+            meta.extra["q_scale"] = (1 + beta * torch.log1p(torch.floor(meta.pos / length)))[:, None].to(x.dtype)
         residual: torch.Tensor | None = None  # the residual stream; x is the last sub-layer's output
         rows = meta.extra.get("lora")  # LoRA adapters' token rows, where the batch has any
         for li, layer in enumerate(self.layers):
@@ -313,6 +317,8 @@ class ModelRunner:
             else:  # Qwen 3: per head, rows of [T*H, D]
                 q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
                 k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
+        if "q_scale" in meta.extra:  # (before the rotary, which is linear: Hugging Face scales after it)
+            q = q * meta.extra["q_scale"]
         o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary, meta,
                              layer.scaling)  # [T, H*D]
         return layer.o_proj(o) if delta is None else delta("o", o, layer.o_proj(o))

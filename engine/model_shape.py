@@ -12,7 +12,8 @@ from engine import mla
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 HALF_TABLES = ("gpt_oss",)  # rotary tables of half the rotated dims: one entry per pair (i, i + R/2)
 COMPLEX_TABLES = ("deepseek_v2",)  # rotary as complex numbers cos + i·sin, one per rotated pair
-WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2")  # sliding_window in every layer (Qwen's: layer_types)
+WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2", "ministral3")  # sliding_window in every layer (Qwen's: layer_types)
+QUERY_SCALED = ("ministral3",)  # queries scaled by position past the original context (query_scale)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
 
 
@@ -67,3 +68,13 @@ def max_positions(config: Any) -> int | None:
     if n is None or kind not in ("yarn", "linear"):
         return n
     return int(original * rope.get("factor", 1.0))
+
+
+def query_scale(config: Any) -> tuple[float, int] | None:
+    """(beta, length) where the family scales each query by 1 + beta · ln(1 + ⌊position / length⌋)
+    (Llama 4's attention temperature, as Ministral 3 applies it: 1 below `length`), else None."""
+    rope = rope_parameters(config)
+    beta = rope.get("llama_4_scaling_beta")
+    if not beta or config.model_type not in QUERY_SCALED:
+        return None
+    return float(beta), int(rope["original_max_position_embeddings"])

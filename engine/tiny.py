@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, DeepseekV2Config,
                           DeepseekV3Config, Ernie4_5Config,
                           Exaone4Config, Gemma2Config, GptOssConfig, Gemma3TextConfig, Glm4Config, Glm4MoeConfig, GlmConfig,
-                          GraniteConfig,
+                          GraniteConfig, Ministral3Config,
                           GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
                           MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig,
                           Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
@@ -139,6 +139,10 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                                            "rope_theta": 10000.0}}),
     "deepseek_v3": (DeepseekV3Config, {**MLA, "q_lora_rank": 32, "n_group": 4, "topk_group": 2,
                                        "routed_scaling_factor": 2.5}),
+    # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)
+    "ministral3": (Ministral3Config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                          "llama_4_scaling_beta": 0.1,
+                                                          "original_max_position_embeddings": 16}}),
     # GLM-4.5 / 4.6 (Air's): rotary on half of each head (not in pairs), q/k/v biases, per-head q/k norms,
     # DeepSeek V3's router (sigmoid scores with a bias, top groups, scaled) and a shared expert, layer 0 dense
     "glm4_moe": (Glm4MoeConfig, {**MOE, "partial_rotary_factor": 0.5, "attention_bias": True, "use_qk_norm": True,

@@ -185,8 +185,11 @@ def _multimodal(arch: str):  # type: ignore[no-untyped-def]
                     model_type="gemma3_text")
         cfg = Gemma3Config(text_config=text, vision_config={**vision, "model_type": "siglip_vision_model"},
                            mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
-    elif arch == "mistral3":
-        cfg = Mistral3Config(text_config={**text, "model_type": "mistral"},
+    elif arch in ("mistral3", "ministral3"):  # ministral3: Ministral 3's, its queries scaled past position 16
+        scaled = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "llama_4_scaling_beta": 0.1,
+                                      "original_max_position_embeddings": 16}} if arch == "ministral3" else {}
+        cfg = Mistral3Config(text_config={**text, "model_type": "mistral" if arch == "mistral3" else "ministral3",
+                                          **scaled},
                              vision_config={**vision, "model_type": "pixtral"}, image_token_index=299)
     else:
         text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
@@ -210,10 +213,10 @@ def _multimodal(arch: str):  # type: ignore[no-untyped-def]
     return model
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("arch", ["gemma3", "mistral3", "ministral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_a_multimodal_checkpoint_is_served_for_its_text(arch: str, tmp_path: Path) -> None:
-    """Gemma 3 4B-27B, Mistral Small 3.x, Qwen 2.5-VL and Qwen3-VL (dense, and its experts: 30B-A3B)
-    are image + text checkpoints:
+    """Gemma 3 4B-27B, Mistral Small 3.x, Ministral 3, Qwen 2.5-VL and Qwen3-VL (dense, and its experts:
+    30B-A3B) are image + text checkpoints:
     their language model loads as a causal LM of its text config (the vision tower let go; Qwen-VL's,
     which has no such class, in a TextOnly), and the runner's logits of a text prompt, in chunks then
     decoded, == the whole checkpoint's."""
@@ -223,9 +226,11 @@ def test_a_multimodal_checkpoint_is_served_for_its_text(arch: str, tmp_path: Pat
     full.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     loaded = load_model(ModelConfig(path=str(tmp_path)))
-    assert loaded.config.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral"}.get(arch, f"{arch}_text")
+    assert loaded.config.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral",
+                                        "ministral3": "ministral3"}.get(arch, f"{arch}_text")
     assert not any("visual" in n or "vision" in n for n, _ in loaded.named_parameters())
-    assert attention_windows(loaded.config) == {"gemma3": [16, 0], "mistral3": [16, 16]}.get(arch, [0, 0])
+    assert attention_windows(loaded.config) == {"gemma3": [16, 0], "mistral3": [16, 16],
+                                                "ministral3": [16, 16]}.get(arch, [0, 0])
     prompt = list(range(5, 45))
     with torch.inference_mode():
         want = full(input_ids=torch.tensor([prompt])).logits[0]  # [n, V]
