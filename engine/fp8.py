@@ -104,7 +104,8 @@ def has_experts(config: Any) -> bool:
 PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(\w+)$")
 MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 # experts stored one by one as PER_EXPERT names them (Hugging Face fuses them into [E, N, K] weights as it loads)
-PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "olmoe", "mixtral", "glm4_moe")
+PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "olmoe", "mixtral", "glm4_moe",
+                       "ernie4_5_moe")
 FUSED_EXPERT_FAMILIES = ("granitemoe",)  # experts stored fused already ([E, N, K]: Granite MoE's input_linear)
 
 

@@ -186,7 +186,7 @@ class TextOnly(torch.nn.Module):
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "phi3", "gemma2",
                  "gemma3_text", "glm4", "glm", "granite", "granitemoe", "smollm3", "olmo2", "olmo3", "olmoe", "exaone4",
                  "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
-                 "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "ministral3",
+                 "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe",
                  "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron", "glm4_moe")  # their own attention rotates part of a head (Phi 4 mini)

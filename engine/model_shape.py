@@ -14,7 +14,7 @@ HALF_TABLES = ("gpt_oss",)  # rotary tables of half the rotated dims: one entry 
 COMPLEX_TABLES = ("deepseek_v2",)  # rotary as complex numbers cos + i·sin, one per rotated pair
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2", "ministral3")  # sliding_window in every layer (Qwen's: layer_types)
 QUERY_SCALED = ("ministral3",)  # queries scaled by position past the original context (query_scale)
-INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
+INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "ernie4_5_moe", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)
 
 
 def interleaved_rotary(config: Any) -> bool:

@@ -66,7 +66,7 @@ class Experts:
     gate_up_bias: torch.Tensor | None = None  # [E, 2I] (gpt-oss)
     down_bias: torch.Tensor | None = None  # [E, hidden] (gpt-oss)
     glu: Callable[[torch.Tensor], torch.Tensor] | None = None  # [S, 2I] → [S, I] in act_mul's place (gpt-oss)
-    route: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None  # DeepSeek's router: its own choice
+    route: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None  # DeepSeek's, ERNIE's router: its own choice
 
     @classmethod
     def of(cls, mlp: torch.nn.Module, dense: Callable[[torch.nn.Module], MLP], triton: bool = False) -> Experts | None:
@@ -95,7 +95,7 @@ class Experts:
         return cls(gate.weight.data, gate_up, down, experts.act_fn, int(gate.top_k),
                    bool(getattr(gate, "norm_topk_prob", True)), dense(shared) if shared is not None else None,
                    shared_gate.weight.data if shared_gate is not None else None, triton,
-                   route=gate if hasattr(gate, "routed_scaling_factor") else None)
+                   route=gate if hasattr(gate, "routed_scaling_factor") or hasattr(gate, "moe_statics") else None)
 
     @staticmethod
     def triton_for(device: torch.device, dtype: torch.dtype) -> bool:
@@ -111,7 +111,7 @@ class Experts:
     def __call__(self, x: torch.Tensor, act_mul: ActMul) -> torch.Tensor:
         """x [T, hidden] → [T, hidden]."""
         T, k = x.shape[0], self.top_k
-        if self.route is not None:  # 1. DeepSeek's: grouped top-k, a score bias, scaled (Hugging Face's router)
+        if self.route is not None:  # 1. Hugging Face's router: DeepSeek's (grouped top-k, a score bias, scaled), ERNIE's
             _, weights, chosen = self.route(x)  # [T, k] each
         else:
             probs = torch.softmax(F.linear(x, self.router, self.router_bias).float(), dim=-1)  # [T, E]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, DeepseekV2Config,
-                          DeepseekV3Config, Ernie4_5Config,
+                          DeepseekV3Config, Ernie4_5Config, Ernie4_5_MoeConfig,
                           Exaone4Config, Gemma2Config, GptOssConfig, Gemma3TextConfig, Glm4Config, Glm4MoeConfig, GlmConfig,
                           GraniteConfig, Ministral3Config,
                           GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
@@ -139,6 +139,10 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                                            "rope_theta": 10000.0}}),
     "deepseek_v3": (DeepseekV3Config, {**MLA, "q_lora_rank": 32, "n_group": 4, "topk_group": 2,
                                        "routed_scaling_factor": 2.5}),
+    # ERNIE 4.5 MoE (21B-A3B's): ERNIE 4.5's attention, a router choosing by its probabilities plus a bias
+    # (its own module), a shared expert, layer 0 dense
+    "ernie4_5_moe": (Ernie4_5_MoeConfig, {**MOE, "num_experts": 8, "moe_intermediate_size": 32,
+                                          "moe_num_shared_experts": 1, "moe_layer_start_index": 1}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)
     "ministral3": (Ministral3Config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
                                                           "llama_4_scaling_beta": 0.1,

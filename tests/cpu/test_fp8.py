@@ -325,7 +325,8 @@ def test_fp8_and_plain_projections_fused_together_are_dequantized_first() -> Non
 # qwen3: tied embeddings, q/k norms; qwen3_moe, deepseek_v2: experts stored one by one (DeepSeek's latent
 # projections and shared experts too); mixtral: the same under its own names (block_sparse_moe, w1/w2/w3);
 # granitemoe: experts stored fused
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "deepseek_v2", "mixtral", "granitemoe", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "deepseek_v2", "mixtral", "granitemoe", "glm4_moe",
+                                  "ernie4_5_moe"])
 def test_quantization_fp8_of_a_checkpoint_quantizes_each_weight_as_it_is_read(
         tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """model.quantization fp8 over an unquantized safetensors folder reads it with each targeted weight,
@@ -347,13 +348,13 @@ def test_quantization_fp8_of_a_checkpoint_quantizes_each_weight_as_it_is_read(
     assert streamed == [loaded]
     pairs = [(n, m, dict(loaded.named_modules())[n]) for n, m in whole.named_modules() if isinstance(m, fp8.Fp8Linear)]
     assert len(pairs) == {"llama": 14, "qwen3": 14, "qwen3_moe": 8 + 3, "deepseek_v2": 8 + 3 + 3, "mixtral": 8,
-                          "granitemoe": 8, "glm4_moe": 8 + 3 + 3}[arch]  # attention (+ a dense MLP, shared experts)
+                          "granitemoe": 8, "glm4_moe": 8 + 3 + 3, "ernie4_5_moe": 8 + 3 + 3}[arch]  # attention (+ a dense MLP, shared experts)
     for name, want, got in pairs:
         assert isinstance(got, fp8.Fp8Linear), name
         assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
         assert torch.equal(got.weight_scale, want.weight_scale), name
     experts = [(n, m, dict(loaded.named_modules())[n]) for n, m in whole.named_modules() if hasattr(m, "gate_up_proj_scale")]
-    assert len(experts) == {"llama": 0, "qwen3": 0, "qwen3_moe": 1, "deepseek_v2": 1, "glm4_moe": 1}.get(arch, 2)
+    assert len(experts) == {"llama": 0, "qwen3": 0, "qwen3_moe": 1, "deepseek_v2": 1, "glm4_moe": 1, "ernie4_5_moe": 1}.get(arch, 2)
     for name, want, got in experts:
         for p in fp8.EXPERT_WEIGHTS:
             assert torch.equal(getattr(got, p).view(torch.uint8), getattr(want, p).view(torch.uint8)), name
