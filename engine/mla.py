@@ -14,8 +14,8 @@ and Σ p·(W_UV c) = W_UV (Σ p·c), attention can run on the latent itself:
      (`Latent.output`): per key and head 576 + 512 multiply-adds over a cache of r + R values;
   4. prompt rows: each sequence's latents read back from the cache and expanded (`Latent.expand`)
      to keys [k_nope | k_pe] and values per head, then causal attention as any model's: per key and
-     head 192 + 128 multiply-adds (plus the expansion, once per position and chunk) — at a long
-     prompt several times fewer than step 3's (V2-Lite at 32k: ~2× the whole prompt's);
+     head 192 + 128 multiply-adds (plus the expansion, once per position and chunk), 3.4× fewer
+     than step 3's: V2-Lite's whole 32k-token prompt ~2.2× cheaper than absorbed (by arithmetic);
   5. o [T, H * vd] → o_proj.
 The backends' `attend_latent` runs steps 2-4: the Triton kernels of engine/triton_mla.py (decode) and
 engine/triton_attention.py's prefill kernel over the expanded keys on CUDA, torch ops elsewhere
