@@ -38,9 +38,9 @@ from engine.attention import BatchMeta, TorchAttention, TritonAttention
 from engine.layer_ops import TorchOps, TritonOps
 from engine.linear import default_backend, from_module
 from engine.mla import Latent
-from engine.model_shape import (COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES, attention_windows, interleaved_rotary,
-                                kv_dims, query_scale)
+from engine.model_shape import attention_windows, interleaved_rotary, kv_dims, query_scale
 from engine.moe import Experts
+from engine.rotary import Rotary
 from engine.types import TokenLogprob
 
 if TYPE_CHECKING:
@@ -114,9 +114,7 @@ class ModelRunner:
             float(getattr(cfg, f, None) or 1.0)
             for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))
         self.query_scale = query_scale(cfg)  # Ministral 3: (beta, length) of its queries' scale by position
-        # the layout of the rotary tables Hugging Face's module gives, where it is not the kernels' [T, R]
-        self.tables = ("interleaved" if cfg.model_type in INTERLEAVED_TABLES else "half" if cfg.model_type in HALF_TABLES
-                       else "complex" if cfg.model_type in COMPLEX_TABLES else "")
+        self.rotary = Rotary(model)  # the rotary tables of a forward, as the attention backends read them
         self.tokens_forwarded = 0
         self.graphs: DecodeGraphs | None = None  # set by use_decode_graphs()
         self.adapters: dict[str, lora.Adapter] = {}  # set by load_adapters()
@@ -270,7 +268,7 @@ class ModelRunner:
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         pos = meta.pos.unsqueeze(0)  # [1, T]
-        rotary = {t: self._rotary(x, pos, t) for t in {layer.rope for layer in self.layers}}  # (cos, sin) [T, D]
+        rotary = {t: self.rotary(x, pos, t) for t in {layer.rope for layer in self.layers}}  # (cos, sin) [T, R]
         if self.query_scale is not None:  # [T, 1]: 1 + beta · ln(1 + ⌊pos / length⌋) (Hugging Face's, in fp32)
             beta, length = self.query_scale
             meta.extra["q_scale"] = (1 + beta * torch.log1p(torch.floor(meta.pos / length)))[:, None].to(x.dtype)
@@ -332,20 +330,6 @@ class ModelRunner:
             inter = dense.down_proj.weight.shape[1]
             sizes |= {"gate_up": [inter, inter], "down": [self.model.config.hidden_size]}
         return lambda proj, x, out: lora.add_deltas(out, x, rows, self.adapters, li, proj, sizes[proj])
-
-    def _rotary(self, x: torch.Tensor, pos: torch.Tensor, rope: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [T, D] of the layers whose `rope` it is: the model's (Gemma 3: per layer type);
-        layers.NOPE: cos 1, sin 0 — the rotary kernels then leave q and k exactly as they are."""
-        rotary_emb = self.model.model.rotary_emb
-        if self.tables == "complex":  # DeepSeek V2's: cos + i·sin [1, T, R/2], one per rotated pair
-            f = rotary_emb(x, pos)[0]
-            return torch.cat([f.real] * 2, dim=-1).to(x.dtype), torch.cat([f.imag] * 2, dim=-1).to(x.dtype)
-        cos, sin = (r[0] for r in rotary_emb(x, pos, *(rope,) if rope and rope != layers.NOPE else ()))
-        if self.tables == "interleaved":  # Cohere's: to the layout the interleaved kernels read
-            cos, sin = (torch.cat([t[:, ::2]] * 2, dim=-1) for t in (cos, sin))
-        elif self.tables == "half":  # gpt-oss's: [T, R/2], one entry per rotated pair (i, i + R/2)
-            cos, sin = (torch.cat([t, t], dim=-1) for t in (cos, sin))
-        return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
 
     def _branch(self, y: torch.Tensor) -> torch.Tensor:
         """A sub-layer's output [T, hidden] as the residual stream adds it (Granite: scaled)."""

@@ -1,0 +1,33 @@
+"""The rotary tables of a forward: cos and sin [T, R] at its tokens' positions, from the model's own
+rotary module (Hugging Face's frequencies and scalings: yarn, LongRoPE, per layer type), in the
+layout the attention backends read — R entries a row, the first and second half of each rotated pair
+(i, i + R/2) or, for interleaved rotaries, cos[2i] = cos[2i + 1]. Families whose module gives another
+layout are converted here (model_shape.py's *_TABLES)."""
+from __future__ import annotations
+
+import torch
+
+from engine import layers
+from engine.model_shape import COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES
+
+
+class Rotary:
+    def __init__(self, model: torch.nn.Module) -> None:
+        model_type = model.config.model_type
+        self.module = model.model.rotary_emb
+        self.layout = ("interleaved" if model_type in INTERLEAVED_TABLES else "half" if model_type in HALF_TABLES
+                       else "complex" if model_type in COMPLEX_TABLES else "")
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, rope: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, R] for positions pos [1, T] (x: the embeddings, for their dtype) of the layers
+        whose `rope` it is: the model's (Gemma 3: per layer type); layers.NOPE: cos 1, sin 0 — the
+        rotary kernels then leave q and k exactly as they are."""
+        if self.layout == "complex":  # DeepSeek V2's: cos + i·sin [1, T, R/2], one per rotated pair
+            f = self.module(x, pos)[0]
+            return torch.cat([f.real] * 2, dim=-1).to(x.dtype), torch.cat([f.imag] * 2, dim=-1).to(x.dtype)
+        cos, sin = (r[0] for r in self.module(x, pos, *(rope,) if rope and rope != layers.NOPE else ()))
+        if self.layout == "interleaved":  # Cohere's: to the layout the interleaved kernels read
+            cos, sin = (torch.cat([t[:, ::2]] * 2, dim=-1) for t in (cos, sin))
+        elif self.layout == "half":  # gpt-oss's: [T, R/2], one entry per rotated pair (i, i + R/2)
+            cos, sin = (torch.cat([t, t], dim=-1) for t in (cos, sin))
+        return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
