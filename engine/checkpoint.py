@@ -2,9 +2,10 @@
 they are released (engine/mxfp4.py: gpt-oss's MXFP4 experts; engine/fp8.py: FP8 linear layers) where
 Hugging Face's loading would dequantize them or need kernels fetched from its hub:
   1. the model is built on the meta device (no memory), its quantization_config dropped;
-  2. each tensor (but a layer's past the decoder's: multi-token prediction) goes where its name says — renamed as Hugging Face renames the family's keys when it
-     loads (`renames`: Mixtral's block_sparse_moe is its mlp) —, on the device: a quantized one as the
-     caller's `keep` places it, every other as the parameter or buffer it names, in the model's dtype;
+  2. each tensor (but a layer's past the decoder's: multi-token prediction) goes where its name says
+     — renamed as Hugging Face renames the family's keys when it loads (`renames`: Mixtral's
+     block_sparse_moe is its mlp) —, on the device: a quantized one as the caller's `keep` places it,
+     every other as the parameter or buffer it names, in the model's dtype;
   3. the caller's `after` runs (mxfp4: the experts' dequantized parameters left empty), tied weights
      are tied again and the rotary tables made again (buffers no checkpoint holds); a parameter or
      buffer still on meta (one the checkpoint lacks) is refused; the generation config is read.

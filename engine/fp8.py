@@ -267,9 +267,9 @@ def load_quantized(path: Path, config: Any, dtype: torch.dtype, device: torch.de
     and each expert's (a mixture of experts of PER_EXPERT_FAMILIES: stored one by one; of
     FUSED_EXPERT_FAMILIES: a layer's at once), quantized as it is read (engine/checkpoint.py) — the
     same codes and scales as quantize_model gives the loaded model, its scales being per row —, so
-    the peak memory is the FP8 model's and one tensor's (by
-    arithmetic, a 70B model's ~70 GB of FP8 for one 141 GB GPU, which its bf16 would overfill;
-    Qwen3-30B-A3B's ~31 GB for a 48 GB one, where its bf16 takes 61)."""
+    the peak memory is the FP8 model's and one tensor's (bench/fp8_load_memory.py; by arithmetic, a
+    70B model's ~70 GB of FP8 for one 141 GB GPU, which its bf16 would overfill; Qwen3-30B-A3B's
+    ~31 GB for a 48 GB one, where its bf16 takes 61)."""
     targets: dict[str, torch.nn.Linear] = {}
     fused: dict[str, torch.nn.Module] = {}  # experts modules with [E, N, K] weights: quantized once both are read
     experts = _ExpertParts()
