@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # (before bench
 
 import torch  # noqa: E402
 
+from bench.gpu_step import _median_ms  # noqa: E402
 from engine import triton_attention as ta  # noqa: E402
 from engine import triton_mla  # noqa: E402
 
@@ -32,16 +32,9 @@ RANK, ROPE, NOPE, BS = 512, 64, 128, 16
 
 
 def _ms(fn, runs: int = 50) -> float:  # type: ignore[no-untyped-def]
+    """Median of `runs` CUDA-event timings of fn, after one call (Triton compiles there)."""
     fn()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return _median_ms(fn, runs)
 
 
 def _copy_gbs() -> float:
