@@ -100,6 +100,15 @@ def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return q, k
 
 
+def _gathered(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `slots` [S] of one layer's k or v cache [num_blocks, block_size, kv_heads, D], as [S, kv_heads * D]
+    in dtype; an FP8 cache gathered as bytes (indexing and cat of float8 are not everywhere: ModelRunner.kv_bytes)."""
+    flat = cache.view(-1, cache.shape[-2] * cache.shape[-1])
+    if cache.dtype == torch.float8_e4m3fn:
+        return flat.view(torch.uint8)[slots].view(cache.dtype).to(dtype)
+    return flat[slots].to(dtype)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
           causal: bool = False, softcap: float = 0.0, sink: torch.Tensor | None = None) -> torch.Tensor:
     """torch SDPA with grouped KV heads, or with `softcap` > 0 or a `sink` [H] the same written out as
@@ -305,7 +314,7 @@ class TritonAttention:
             x = meta.extra
             if "scratch" not in x:  # the first latent layer of this forward lays it out
                 x["scratch"], x["scratch_tables"] = _upload(list(mla.scratch(meta.prefill, self.block_size)), kc.device)
-            latents = mla.whole(*(c.view(-1, c.shape[-1])[x["scratch"]] for c in (kc, vc)), r).to(q.dtype)  # [S, r + R]
+            latents = mla.whole(*(_gathered(c, x["scratch"], q.dtype) for c in (kc, vc)), r)  # [S, r + R]
             keys, values = latent.expand(latents)  # [S, H, nope + R], [S, H, vd]
             S, H, D = keys.shape
             values = torch.nn.functional.pad(values, (0, D - values.shape[-1]))  # the kernel's one width
