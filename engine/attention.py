@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb as interleaved_rotary
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
+from engine import mla
+
 if TYPE_CHECKING:
     from engine.mla import Latent
     from engine.model_runner import SeqInput
@@ -180,8 +182,6 @@ class TorchAttention:
     def attend_latent(self, li: int, latent: Latent, q: torch.Tensor, kvec: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
         """DeepSeek's latent attention (engine/mla.py): q [T, H, nope + R], kvec [T, r + R] → [T, H * vd]."""
-        from engine import mla
-
         return mla.attend_torch(self, li, latent, q, kvec, cos, sin, meta, scale)
 
     def _slots(self, s: SeqInput, end: int) -> torch.Tensor:
@@ -246,9 +246,9 @@ class TritonAttention:
     def __init__(self, kv: torch.Tensor, num_heads: int, block_m: int | None = None,
                  windows: list[int] | None = None, softcap: float = 0.0, interleaved: bool = False,
                  sinks: list[torch.Tensor | None] | None = None) -> None:
-        from engine import triton_attention, triton_fused  # imported only when selected: triton is GPU-side
+        from engine import triton_attention, triton_fused, triton_mla  # imported only when selected: triton is GPU-side
 
-        self.ops, self.fused = triton_attention, triton_fused
+        self.ops, self.fused, self.mla_ops = triton_attention, triton_fused, triton_mla
         self.kv = kv  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
         self.windows = windows or [0] * kv.shape[0]  # each layer's sliding window (0: the whole context)
         self.softcap = softcap  # attention logit soft-capping (0: none)
@@ -300,15 +300,13 @@ class TritonAttention:
         """DeepSeek's latent attention (engine/mla.py): q [T, H, nope + R], kvec [T, r + R] → [T, H * vd].
         Decode rows absorbed (engine/triton_mla.py); prompt rows over their latents expanded into a
         scratch paged cache (laid out once a forward: mla.scratch), with the paged prefill kernel."""
-        from engine import mla, triton_mla
-
         kc, vc = self.kv[li, 0], self.kv[li, 1]
         nope, r = latent.nope, latent.rank
-        triton_mla.rope_store(q[..., nope:], kvec, cos, sin, kc, vc, meta.slots, self.interleaved)  # q_pe in place
+        self.mla_ops.rope_store(q[..., nope:], kvec, cos, sin, kc, vc, meta.slots, self.interleaved)  # q_pe in place
         nd, rope, outs = meta.num_decode, cos.shape[-1], []
         if nd:
-            splits = self.ops.decode_splits(nd, -(-self.num_heads // triton_mla.BLOCK_H), self.num_sms)  # head blocks
-            o = triton_mla.decode(latent.absorbed(q[:nd]), kc, vc, meta.dec_tables, meta.dec_lens, scale, rope, splits)
+            splits = self.ops.decode_splits(nd, -(-self.num_heads // self.mla_ops.BLOCK_H), self.num_sms)  # head blocks
+            o = self.mla_ops.decode(latent.absorbed(q[:nd]), kc, vc, meta.dec_tables, meta.dec_lens, scale, rope, splits)
             outs.append(latent.output(o))  # [nd, H * vd]
         if meta.prefill:
             x = meta.extra

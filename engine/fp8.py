@@ -233,7 +233,7 @@ def _targets(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Linear], list[t
         else:
             for name in ("shared_expert", "shared_experts"):
                 if getattr(mlp, name, None) is not None:
-                    owners[f"mlp.{name}"] = getattr(mlp, name)
+                    owners[f"{mlp_name}.{name}"] = getattr(mlp, name)
             weights = [getattr(experts, n, None) for n in EXPERT_WEIGHTS]
             if (all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights)
                     and not hasattr(experts, "gate_up_proj_bias")):

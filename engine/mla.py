@@ -126,7 +126,7 @@ def attend_torch(attn: TorchAttention, li: int, latent: Latent, q: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta, scale: float) -> torch.Tensor:
     """Steps 2-4 with torch ops (CPU; CUDA without Triton): q [T, H, nope + R], kvec [T, r + R], cos and
     sin [T, R] → o [T, H * vd]. Every sequence reads its keys back from the cache."""
-    from engine.attention import _rotary
+    from engine.attention import _gathered, _rotary
 
     T, H, _ = q.shape
     R, r, nope = cos.shape[-1], latent.rank, latent.nope
@@ -146,7 +146,7 @@ def attend_torch(attn: TorchAttention, li: int, latent: Latent, q: torch.Tensor,
         outs.append(latent.output(o[:, :, 0]))  # [nd, H * vd]
     off = nd
     for s in meta.prefill:  # prompts and chunks, expanded: each over its positions so far, causal
-        latents = whole(*(attn.kv_slots[li, i, :, 0].index_select(0, attn._slots(s, s.context_len)) for i in (0, 1)), r)
+        latents = whole(*(_gathered(attn.kv[li, i], attn._slots(s, s.context_len), q.dtype) for i in (0, 1)), r)
         keys, values = latent.expand(latents)  # [ctx, H, nope + R], [ctx, H, vd]
         qpos = torch.arange(s.start_pos, s.context_len, device=q.device)[:, None]
         mask = torch.arange(s.context_len, device=q.device)[None, :] <= qpos  # [n, ctx]

@@ -269,9 +269,10 @@ class ModelRunner:
             x = x * self.embed_scale
         pos = meta.pos.unsqueeze(0)  # [1, T]
         rotary = {t: self.rotary(x, pos, t) for t in {layer.rope for layer in self.layers}}  # (cos, sin) [T, R]
-        if self.query_scale is not None:  # [T, 1]: 1 + beta · ln(1 + ⌊pos / length⌋) (Hugging Face's, in fp32)
+        q_scale = None  # Ministral 3: [T, 1], 1 + beta · ln(1 + ⌊pos / length⌋) (Hugging Face's, in fp32)
+        if self.query_scale is not None:
             beta, length = self.query_scale
-            meta.extra["q_scale"] = (1 + beta * torch.log1p(torch.floor(meta.pos / length)))[:, None].to(x.dtype)
+            q_scale = (1 + beta * torch.log1p(torch.floor(meta.pos / length)))[:, None].to(x.dtype)
         residual: torch.Tensor | None = None  # the residual stream; x is the last sub-layer's output
         rows = meta.extra.get("lora")  # LoRA adapters' token rows, where the batch has any
         for li, layer in enumerate(self.layers):
@@ -282,7 +283,7 @@ class ModelRunner:
                 out = layer.o_proj(self.attn.attend_latent(li, layer.qkv, q, kvec, *rotary[layer.rope], meta,
                                                            layer.scaling))  # [T, hidden]
             else:
-                out = self._attention(li, layer, h, delta, rotary[layer.rope], meta)  # [T, hidden]
+                out = self._attention(li, layer, h, delta, rotary[layer.rope], meta, q_scale)  # [T, hidden]
 
             def mlp(h: torch.Tensor) -> torch.Tensor:  # (LoRA deltas in a dense MLP's projections only)
                 if delta is None or not isinstance(layer.mlp, layers.Dense):
@@ -303,8 +304,10 @@ class ModelRunner:
         return x, residual
 
     def _attention(self, li: int, layer: layers.Layer, h: torch.Tensor, delta: layers.Lora | None,
-                   rotary: tuple[torch.Tensor, torch.Tensor], meta: BatchMeta) -> torch.Tensor:
-        """Layer li's attention, from the q|k|v projection to o_proj: h [T, hidden] → [T, hidden]."""
+                   rotary: tuple[torch.Tensor, torch.Tensor], meta: BatchMeta,
+                   q_scale: torch.Tensor | None) -> torch.Tensor:
+        """Layer li's attention, from the q|k|v projection to o_proj: h [T, hidden] → [T, hidden];
+        q_scale [T, 1]: the queries' scale by position (Ministral 3), or None."""
         ops, T = self.ops, h.shape[0]
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = layer.qkv(h) if delta is None else delta("qkv", h, layer.qkv(h))
@@ -315,8 +318,8 @@ class ModelRunner:
             else:  # Qwen 3: per head, rows of [T*H, D]
                 q = ops.norm(layer.q_norm, q.reshape(T * H, D), None)[0]
                 k = ops.norm(layer.k_norm, k.reshape(T * KVH, D), None)[0]
-        if "q_scale" in meta.extra:  # (before the rotary, which is linear: Hugging Face scales after it)
-            q = q * meta.extra["q_scale"]
+        if q_scale is not None:  # (before the rotary, which is linear: Hugging Face scales after it)
+            q = q * q_scale
         o = self.attn.attend(li, q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D), *rotary, meta,
                              layer.scaling)  # [T, H*D]
         return layer.o_proj(o) if delta is None else delta("o", o, layer.o_proj(o))
