@@ -147,15 +147,21 @@ def test_a_latent_runner_with_an_fp8_cache_computes_as_over_latents_rounded_to_f
     model = tiny_model(4, arch="deepseek_v2")
     fp8 = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton", kv_dtype=FP8)
     ref = ModelRunner(model, num_blocks=8, block_size=16, kernels="triton")
+    rounding_latent_store(monkeypatch)
+    for seqs in _steps(model.config.vocab_size):
+        torch.testing.assert_close(fp8.forward(seqs), ref.forward(seqs), atol=1e-5, rtol=1e-5)
+    assert torch.equal(fp8.kv.float(), ref.kv)
+
+
+def rounding_latent_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """triton_mla.rope_store into a float32 cache, then each stored latent replaced by torch's FP8 rounding of it."""
     store = triton_mla.rope_store
 
     def rounded(q_pe, kvec, cos, sin, kc, vc, slots, interleaved=False):  # type: ignore[no-untyped-def]
         store(q_pe, kvec, cos, sin, kc, vc, slots, interleaved)
         if kc.dtype == torch.float32:
+            live = slots[slots >= 0]
             for c in (kc.view(-1, kc.shape[-1]), vc.view(-1, vc.shape[-1])):
-                c[slots] = c[slots].clamp(-448, 448).to(FP8).float()
+                c[live] = c[live].clamp(-448, 448).to(FP8).float()
 
     monkeypatch.setattr(triton_mla, "rope_store", rounded)
-    for seqs in _steps(model.config.vocab_size):
-        torch.testing.assert_close(fp8.forward(seqs), ref.forward(seqs), atol=1e-5, rtol=1e-5)
-    assert torch.equal(fp8.kv.float(), ref.kv)

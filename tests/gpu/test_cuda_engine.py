@@ -226,6 +226,23 @@ def test_an_fp8_kv_cache_through_graphs_computes_as_kv_rounded_to_fp8(monkeypatc
     assert fp8.graphs is not None and fp8.graphs.replays > 0
 
 
+def test_an_fp8_latent_cache_on_cuda_computes_as_latents_rounded_to_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSeek with kv_cache.dtype fp8 on CUDA: packed prompts and a later chunk (their latents gathered
+    from the FP8 cache as bytes, then expanded), a mixed step and a decode step through the graphs —
+    each step's logits those of an eager runner whose float32 cache holds the latents rounded to FP8 by torch."""
+    from engine.model_runner import ModelRunner
+    from tests.cpu.test_mla import _steps, rounding_latent_store
+
+    model = _model(arch="deepseek_v2")
+    fp8 = ModelRunner(model, num_blocks=8, block_size=16, kv_dtype=torch.float8_e4m3fn)
+    fp8.use_decode_graphs(4, max_model_len=128)
+    ref = ModelRunner(model, num_blocks=8, block_size=16)
+    rounding_latent_store(monkeypatch)
+    for seqs in _steps(model.config.vocab_size):
+        torch.testing.assert_close(fp8.forward(seqs), ref.forward(seqs), atol=1e-4, rtol=1e-4)
+    assert fp8.graphs is not None and fp8.graphs.replays > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v2"])  # qwen3_moe: the experts' grouped matmuls
 def test_bf16_graphs_equal_bf16_eager(arch: str) -> None:  # in the graphs; deepseek_v2: the latent kernels
     from engine.model_runner import ModelRunner
