@@ -31,6 +31,7 @@ from decode_worker.config import BatchConfig
 from decode_worker.preemption import Recompute
 from decode_worker.request import DecodeRequest, DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
+from decode_worker.speculation import Speculation
 from decode_worker.steps_in_flight import StepsInFlight
 from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
@@ -51,7 +52,7 @@ from engine.types import (
 )
 
 
-class BatchWorker(StepsInFlight, StepLoop):
+class BatchWorker(Speculation, StepsInFlight, StepLoop):
     role = "decode"
 
     def __init__(
@@ -90,6 +91,8 @@ class BatchWorker(StepsInFlight, StepLoop):
         self.outbox = EventOutbox()  # this worker's events to the router (engine/event_stream.py)
         self._follows = 0  # steps in a row that followed one in flight
         self.overlap_steps = cfg.overlap_steps
+        self.lookup = cfg.speculative.lookup  # drafts of decode rows (decode_worker/speculation.py)
+        self.draft_tokens = self.accepted_tokens = 0
         self.guides = Guides(lambda: load_tokenizer(model_cfg), model.config.vocab_size)  # structured outputs
 
     # -- called by the router -------------------------------------------------------------------
@@ -182,7 +185,8 @@ class BatchWorker(StepsInFlight, StepLoop):
                                      "requests_prefilled": self.requests_prefilled,
                                      "waiting_tokens": self.prompts.scheduler.waiting_tokens,
                                      "event_frames": self.outbox.frames_sent,
-                                     "steps_overlapped": self.steps_overlapped},
+                                     "steps_overlapped": self.steps_overlapped,
+                                     "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens},
             )
 
     def check_idle(self) -> bool:
@@ -237,10 +241,6 @@ class BatchWorker(StepsInFlight, StepLoop):
         p.computed = p.cached = cached
         return True
 
-    def _decode_rows(self, batch: list[DecodeRequest]) -> list[SeqInput]:
-        """One new token per running request: its last one, at position num_tokens - 1."""
-        return [SeqInput([r.last_token], r.num_tokens - 1, r.block_table, adapter=r.sampling.adapter) for r in batch]
-
     def _decode_sampling(self, batch: list[DecodeRequest], pending: int = 0) -> tuple[
             list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None],
             list[int | None]]:
@@ -289,10 +289,11 @@ class BatchWorker(StepsInFlight, StepLoop):
         with self.lock:
             self.scheduler.on_recomputed(chunks)
 
-    def _decoded(self, batch: list[DecodeRequest], tokens: list[int], lps: list[TokenLogprob | None]) -> None:
-        """Sampled tokens to their requests; finished ones leave and free their blocks."""
+    def _decoded(self, batch: list[DecodeRequest], runs: list[list[int]],
+                 lps: list[list[TokenLogprob | None]]) -> None:
+        """Each row's new tokens to its request; finished ones leave and free their blocks."""
         with self.lock:
-            events = self.scheduler.on_tokens(batch, tokens, lps)
+            events = self.scheduler.on_runs(batch, runs, lps)
         self._emit(events)  # type: ignore[arg-type]
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
@@ -304,7 +305,7 @@ class BatchWorker(StepsInFlight, StepLoop):
             for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
                 self.allocator.commit(c.pending.request.request_id, c.start + c.length)
             done = self.prompts.finish(step.prompts, {i - step.prompt_rows.start: lps for i, lps in step.scores.items()})
-        params, positions, histories, banned, guides, forced = self._decode_sampling(step.decode)
+        dec_logits, (params, positions, histories, banned, guides, forced) = self._decode_samples(step, logits)
         for p, _ in done:
             params.append(p.request.sampling)
             positions.append(p.num_tokens)
@@ -313,13 +314,13 @@ class BatchWorker(StepsInFlight, StepLoop):
             r = self.scheduler.requests.get(p.request.request_id)
             guides.append(None if r is None else self._guide(r))
             forced.append(forced_first(p.request.sampling))
-        rows = list(range(len(step.decode))) + [step.prompt_rows.start + i for _, i in done]
-        if not rows:  # only chunks that do not end their prompt
+        if not params:  # only chunks that do not end their prompt
             return
-        tokens, lps = sample(logits[rows], params, positions, histories, banned, guides, forced)
-        n = len(step.decode)
+        rows = torch.cat([dec_logits, logits[[step.prompt_rows.start + i for _, i in done]]])
+        tokens, lps = sample(rows, params, positions, histories, banned, guides, forced)
+        n = len(dec_logits)
         if step.decode:
-            self._decoded(step.decode, tokens[:n], lps[:n])
+            self._decoded(step.decode, *self._accepted(step, tokens[:n], lps[:n]))
         for (p, _), first, lp in zip(done, tokens[n:], lps[n:]):
             self._prefilled(p, first, lp)
 

@@ -3,9 +3,37 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from engine.config import WorkerPlacement
+from engine.config import Frozen, WorkerPlacement
+from engine.speculative import Lookup
+
+
+class SpeculativeConfig(Frozen):
+    """`speculative:` of a decode or aggregated section: drafts by prompt lookup (engine/speculative.py)."""
+
+    num_tokens: int = Field(
+        0, ge=0, le=16, description="Most draft tokens a greedy row feeds in one decode step, taken from what "
+        "followed an earlier occurrence of its last tokens in its prompt or output (prompt lookup: vLLM's "
+        "`ngram`); the step's forward checks them all and the row keeps those the model agrees with, then the "
+        "model's own next token: 1 to num_tokens + 1 tokens a step, the same tokens as decoding one at a time. "
+        "Rows that draw (temperature > 0), follow a grammar or a thinking budget decode one token a step. A "
+        "step with drafts runs eagerly (no decode CUDA graph, not in flight). 0: off."
+    )
+    prompt_lookup_max: int = Field(4, ge=1, le=32, description="Longest run of a row's last tokens looked up.")
+    prompt_lookup_min: int = Field(
+        2, ge=1, le=32, description="Shortest run looked up (the longest that occurred before wins).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SpeculativeConfig":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative.prompt_lookup_min ({self.prompt_lookup_min}) is above prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        return self
+
+    @property
+    def lookup(self) -> Lookup:
+        return Lookup(self.num_tokens, self.prompt_lookup_min, self.prompt_lookup_max)
 
 
 class BatchConfig(WorkerPlacement):
@@ -31,6 +59,7 @@ class BatchConfig(WorkerPlacement):
         "needs the tokens before it (penalties, a grammar) is sampled once they are read, its forward already "
         "queued. false: each step completes before the next is scheduled."
     )
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
 
 class DecodeConfig(BatchConfig):

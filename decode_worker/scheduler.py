@@ -7,7 +7,8 @@ Lifecycle of a request on this worker (the router's id is the only key):
   3. on_kv_landed() READY      its KV sits in its blocks; first token known
   4. schedule()     RUNNING    joins the batch at the next step (continuous batching); each step
                                first gives every running request the slot of the token it feeds
-  5. on_tokens()    FINISHED   EOS / stop id / max_tokens; leaves the batch, blocks freed
+  5. on_runs()      FINISHED   EOS / stop id / max_tokens; leaves the batch, blocks freed (a step's
+                               tokens: one a row, or several where drafts were accepted)
   cancel() or expire() end it from any state and free its blocks at once, except WRITING: a
   cancelled request keeps its blocks until its write lands or fails (a freed block is never
   written into), then write_ended() frees them. Blocks let go of whose KV is complete stay cached
@@ -223,15 +224,26 @@ class DecodeScheduler(Preemption):
     def on_tokens(
         self, batch: list[DecodeRequest], tokens: list[int], logprobs: list[TokenLogprob | None] | None = None
     ) -> list[DecodeEvent]:
+        return self.on_runs(batch, [[t] for t in tokens], [[lp] for lp in logprobs] if logprobs else None)
+
+    def on_runs(
+        self, batch: list[DecodeRequest], runs: list[list[int]],
+        logprobs: list[list[TokenLogprob | None]] | None = None,
+    ) -> list[DecodeEvent]:
+        """Each request's new tokens of this step, in order (several where drafts were accepted:
+        decode_worker/speculation.py); the token that ends a request drops those after it."""
         events = []
-        for i, (req, tok) in enumerate(zip(batch, tokens)):
+        for i, (req, run) in enumerate(zip(batch, runs)):
             if req.status is not DecodeStatus.RUNNING:  # cancelled while the forward ran
                 continue
-            req.output_ids.append(tok)
-            self.tokens_generated += 1
-            reason = req.check_finished()
-            lp = logprobs[i] if logprobs else None
-            events.append(DecodeEvent(req.request_id, [tok], reason, logprobs=[lp] if lp is not None else None))
+            reason, taken = None, 0
+            while reason is None and taken < len(run):
+                req.output_ids.append(run[taken])
+                taken += 1
+                self.tokens_generated += 1
+                reason = req.check_finished()
+            lps = [lp for lp in logprobs[i][:taken] if lp is not None] if logprobs else []
+            events.append(DecodeEvent(req.request_id, run[:taken], reason, logprobs=lps or None))
             if reason is not None:
                 self._finish(req, reason)
         return events

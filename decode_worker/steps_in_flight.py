@@ -6,7 +6,8 @@ flight, fed the tokens that one draws, before the host has read them.
      sampled on the device at once, unless one needs the tokens before it (penalties, a grammar):
      that batch is sampled once the step before is complete;
   2. follow: the same rows, each fed its token at the position it takes, while nothing else waits
-     (no cancel, arrival, preempted request or prompt: `_quiet`), a row whose token starts a
+     (no cancel, arrival, preempted request or prompt: `_quiet`) and no row may feed drafts
+     (decode.speculative: they are looked up in its tokens, on the host), a row whose token starts a
      block given one here, and at most MAX_FOLLOWS steps in a row (a complete turn then runs the
      rest: reservations expire there);
   3. complete: the host waits for a step's tokens and hands them to the scheduler; the blocks of
@@ -24,6 +25,7 @@ from engine.model_runner import ModelRunner, SeqInput
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
 from engine.sampler import needs_history, sample_queued
+from engine.speculative import Lookup, speculates
 from engine.step_loop import InFlight, Step
 
 MAX_FOLLOWS = 64  # steps that follow one in flight before a complete turn
@@ -38,6 +40,7 @@ class StepsInFlight:
     prompts: PromptQueue
     lock: threading.Lock
     overlap_steps: bool
+    lookup: Lookup
     _inbox: deque[str]
     _follows: int
 
@@ -73,6 +76,8 @@ class StepsInFlight:
         with self.lock:
             if not self._quiet():
                 return None
+            if self.lookup.num_tokens and any(speculates(r.sampling) for r in prev.step.decode):
+                return None  # a row may feed drafts: looked up once its tokens are read
             for i, r in enumerate(prev.step.decode):
                 if r.status is not DecodeStatus.RUNNING or len(r.output_ids) + 1 >= r.sampling.max_tokens:
                     continue  # ended, or prev's token is its last

@@ -44,7 +44,8 @@ class DecodeWorker(BatchWorker):
         self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: DecodeConfig,
         transport_cfg: TransportConfig, node: str = "local",
     ) -> None:
-        super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=cfg.max_batch_size + cfg.max_recompute_tokens,
+        rows = cfg.max_batch_size * (1 + cfg.speculative.num_tokens)  # a step's decode rows, drafts included
+        super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=rows + cfg.max_recompute_tokens,
                          share_cache=transport_cfg.backend in ("auto", "ipc"),  # prefill workers may write it
                          prompt_tokens=(cfg.max_recompute_tokens, cfg.max_recompute_tokens), share_on_reserve=True)
         self.cfg = cfg
@@ -134,9 +135,10 @@ class DecodeWorker(BatchWorker):
             budget = self.cfg.max_recompute_tokens  # prompt tokens computed here in one step
             recomputes, rows = self._recompute_rows(budget)
             chunks, prompt_rows = self._prompt_chunks(budget - sum(c.length for c in recomputes))
+            batch, decode_rows = self._decode_rows(batch)
         if not batch and not chunks and not recomputes:
             return None
-        return Step(batch, chunks, self._decode_rows(batch) + prompt_rows + rows, recomputes)
+        return Step(batch, chunks, decode_rows + prompt_rows + rows, recomputes)
 
     def _fail_step(self, step: Step, error: str) -> None:
         super()._fail_step(step, f"decode {error}")

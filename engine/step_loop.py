@@ -72,6 +72,7 @@ class Step:
     seqs: list[SeqInput] = field(default_factory=list)
     recomputes: list[Any] = field(default_factory=list)
     scores: dict[int, list[Any]] = field(default_factory=dict)  # filled by the forward: row → its prompt logprobs
+    verified: dict[int, Any] = field(default_factory=dict)  # ... row with drafts → logits after each token [1 + d, V]
 
     def __post_init__(self) -> None:
         assert len(self.seqs) == len(self.decode) + len(self.prompts) + len(self.recomputes), "one SeqInput per row"
@@ -203,7 +204,7 @@ class StepLoop(abc.ABC):
                         self.loop_s["postprocess"] += time.perf_counter() - t
                     self._inflight = f
                     continue
-                logits = self.runner.forward(step.seqs, scores=step.scores)  # 3. [rows, V]
+                logits = self.runner.forward(step.seqs, scores=step.scores, verified=step.verified)  # 3. [rows, V]
                 self.steps += 1
                 t2 = time.perf_counter()
                 self.loop_s["run"] += t2 - t1

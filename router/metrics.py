@@ -64,6 +64,11 @@ class RouterMetrics:
                                    "when its cache was full (recomputed when room returned)", labels, registry=r)
         self.w_recomputed = Gauge("pdserve_worker_recomputed_tokens", "Tokens whose KV a decode worker computed "
                                   "again (preempted requests, failed hand-offs)", labels, registry=r)
+        self.w_drafts = Gauge("pdserve_worker_draft_tokens", "Draft tokens a decode worker's rows fed "
+                              "(decode.speculative)", labels, registry=r)
+        self.w_accepted = Gauge("pdserve_worker_accepted_tokens", "Of those, the ones the model agreed with: "
+                                "tokens gained over one a step (acceptance rate = accepted / draft)", labels,
+                                registry=r)
         self.w_steps = Gauge("pdserve_worker_steps", "Forwards a worker's step loop has run", labels, registry=r)
         self.w_loop = Gauge("pdserve_worker_loop_seconds", "Seconds a worker's step loop spent in each part of its "
                             "turns (idle, schedule, run: the forward, postprocess: sampling and events; on CUDA the "
@@ -123,6 +128,9 @@ class RouterMetrics:
             if "preemptions" in s.extra:
                 self.w_preemptions.labels(*lab).set(s.extra["preemptions"])
                 self.w_recomputed.labels(*lab).set(s.extra["recomputed_tokens"])
+            if "draft_tokens" in s.extra:
+                self.w_drafts.labels(*lab).set(s.extra["draft_tokens"])
+                self.w_accepted.labels(*lab).set(s.extra["accepted_tokens"])
             if "loop_s" in s.extra:
                 self.w_steps.labels(*lab).set(s.extra["steps"])
                 for part, seconds in s.extra["loop_s"].items():

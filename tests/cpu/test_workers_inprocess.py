@@ -64,12 +64,12 @@ def running_pair(*args: Any, **kwargs: Any) -> Iterator[tuple[PrefillWorker, Dec
 
 
 def make_pair(
-    kind: str, chunked: bool = False, timeout_s: float = 10, on_failure: str = "fail"
+    kind: str, chunked: bool = False, timeout_s: float = 10, on_failure: str = "fail", decode: DecodeConfig | None = None,
 ) -> tuple[PrefillWorker, DecodeWorker, FakeHub]:
     mc, tc, hub = ModelConfig(path="tiny"), TransportConfig(timeout_s=timeout_s, on_failure=on_failure), FakeHub()
     pcfg = PrefillConfig(chunk_tokens=16, max_batch_tokens=48) if chunked else PrefillConfig(chunk_tokens=2048)
     pw = PrefillWorker("p0", mc, pcfg, tc, block_size=16)
-    dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=512), DecodeConfig(), tc)
+    dw = DecodeWorker("d0", mc, KVCacheConfig(num_blocks=512), decode or DecodeConfig(), tc)
     pw.start()
     dw.start()
     wire(pw, dw, kind, hub)
