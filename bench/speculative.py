@@ -6,8 +6,9 @@ same greedy requests with drafts off and on, on the same machine and run.
 
 Tasks (chat messages to the configured model, greedy, max_tokens each): `edit` (rewrite a function
 with one name changed: most of the answer is in the prompt), `quote` (repeat a paragraph), `free`
-(an open question: little to look up). For each task and concurrency C, C copies run at once; per
-request the time per output token after the first (TPOT) and the streamed tokens. Reported per
+(an open question: little to look up). For each task and concurrency C, C copies run at once,
+--repeats times; per request the time per output token after the first (TPOT), the median of
+them reported, and the streamed tokens. Reported per
 task: median TPOT and decode tok/s per stream with drafts off and on, the speed-up, whether the
 answers are the same token for token, and the decode workers' drafts fed / accepted over the task.
 """
@@ -85,15 +86,16 @@ def _drafts(srv: BackgroundServer) -> tuple[int, int]:
     return (sum(s.extra.get("draft_tokens", 0) for s in stats), sum(s.extra.get("accepted_tokens", 0) for s in stats))
 
 
-def _run(cfg: PDServeConfig, concurrency: list[int], max_tokens: int) -> dict[str, Any]:
+def _run(cfg: PDServeConfig, concurrency: list[int], max_tokens: int, repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with BackgroundServer(cfg) as srv:
         _one(srv, "warm up", 8)
         for task, text in TASKS.items():
             for c in concurrency:
-                before = _drafts(srv)
-                with cf.ThreadPoolExecutor(c) as ex:
-                    rows = list(ex.map(lambda _: _one(srv, text, max_tokens), range(c)))
+                before, rows = _drafts(srv), []
+                for _ in range(repeats):
+                    with cf.ThreadPoolExecutor(c) as ex:
+                        rows += list(ex.map(lambda _: _one(srv, text, max_tokens), range(c)))
                 after = _drafts(srv)
                 tpot = statistics.median(r["tpot_ms"] for r in rows)
                 out[f"{task}/c{c}"] = {
@@ -111,14 +113,15 @@ def main() -> None:
     ap.add_argument("--num-tokens", type=int, default=4)
     ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each task and concurrency (median TPOT)")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     cfg = load_config(a.config)
     conc = [int(c) for c in a.concurrency.split(",")]
     ray.init(include_dashboard=False, namespace="pdserve-bench-spec")
     try:
-        off = _run(_with_drafts(cfg, 0), conc, a.max_tokens)
-        on = _run(_with_drafts(cfg, a.num_tokens), conc, a.max_tokens)
+        off = _run(_with_drafts(cfg, 0), conc, a.max_tokens, a.repeats)
+        on = _run(_with_drafts(cfg, a.num_tokens), conc, a.max_tokens, a.repeats)
     finally:
         ray.shutdown()
     table = {}
@@ -136,7 +139,7 @@ def main() -> None:
               f"accepted {n['accepted_tokens']}/{n['draft_tokens']}  same tokens: {table[key]['same_tokens']}")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"config": a.config, "mode": cfg.mode, "model": cfg.model.path, "num_tokens": a.num_tokens,
-              "max_tokens": a.max_tokens, "git": rev, "results": table}
+              "max_tokens": a.max_tokens, "repeats": a.repeats, "git": rev, "results": table}
     if a.output:
         Path(a.output).write_text(json.dumps(result, indent=2))
 

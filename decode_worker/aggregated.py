@@ -49,17 +49,17 @@ class AggregatedWorker(BatchWorker):
             self._emit(self._take_news())
             if self.cfg.batching == "static":
                 batch, chunks, prompt_rows = self._plan_static()
-                batch, decode_rows = self._decode_rows(batch, self.cfg.max_batch_tokens - len(batch))
+                decode_rows, drafts = self._decode_rows(batch, self.cfg.max_batch_tokens - len(batch))
                 recomputes, rows = self._recompute_rows(self.cfg.max_recompute_tokens)
             else:
                 batch = self.scheduler.schedule()  # drafts (decode.speculative) first, then prompt chunks
-                batch, decode_rows = self._decode_rows(batch, self.cfg.max_batch_tokens - len(batch))
-                left = self.cfg.max_batch_tokens - sum(s.num_new for s in decode_rows)
+                decode_rows, drafts = self._decode_rows(batch, self.cfg.max_batch_tokens - len(batch))
+                left = self.cfg.max_batch_tokens - len(decode_rows)
                 recomputes, rows = self._recompute_rows(min(self.cfg.max_recompute_tokens, left))
                 chunks, prompt_rows = self._prompt_chunks(left - sum(c.length for c in recomputes))
         if not batch and not chunks and not recomputes:  # e.g. a static batch whose last member is being cancelled
             return None
-        return Step(batch, chunks, decode_rows + prompt_rows + rows, recomputes)
+        return Step(batch, chunks, decode_rows + prompt_rows + rows, recomputes, drafts)
 
     def _plan_static(self) -> tuple[list[DecodeRequest], list[Chunk], list[SeqInput]]:
         """Static batching: close a batch from the queue head when none runs; prefill all of it, then

@@ -298,14 +298,15 @@ class BatchWorker(Speculation, StepsInFlight, StepLoop):
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
         """logits [decode rows + prompt rows + recompute rows, V]: one sample() for the decode rows
-        and the prompts that complete in this step."""
+        (a request's drafts included: decode_worker/speculation.py) and the prompts that complete
+        in this step."""
         self.prompt_tokens_computed += sum(c.length for c in step.prompts)
         self._recomputed(step.recomputes)
         with self.lock:
             for c in step.prompts:  # its computed blocks are findable now: a prompt sharing them waits no more
                 self.allocator.commit(c.pending.request.request_id, c.start + c.length)
             done = self.prompts.finish(step.prompts, {i - step.prompt_rows.start: lps for i, lps in step.scores.items()})
-        dec_logits, (params, positions, histories, banned, guides, forced) = self._decode_samples(step, logits)
+        params, positions, histories, banned, guides, forced = self._decode_samples(step)
         for p, _ in done:
             params.append(p.request.sampling)
             positions.append(p.num_tokens)
@@ -314,11 +315,11 @@ class BatchWorker(Speculation, StepsInFlight, StepLoop):
             r = self.scheduler.requests.get(p.request.request_id)
             guides.append(None if r is None else self._guide(r))
             forced.append(forced_first(p.request.sampling))
-        if not params:  # only chunks that do not end their prompt
+        n = step.decode_rows
+        rows = list(range(n)) + [step.prompt_rows.start + i for _, i in done]
+        if not rows:  # only chunks that do not end their prompt
             return
-        rows = torch.cat([dec_logits, logits[[step.prompt_rows.start + i for _, i in done]]])
-        tokens, lps = sample(rows, params, positions, histories, banned, guides, forced)
-        n = len(dec_logits)
+        tokens, lps = sample(logits[rows], params, positions, histories, banned, guides, forced)
         if step.decode:
             self._decoded(step.decode, *self._accepted(step, tokens[:n], lps[:n]))
         for (p, _), first, lp in zip(done, tokens[n:], lps[n:]):

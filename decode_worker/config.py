@@ -17,8 +17,9 @@ class SpeculativeConfig(Frozen):
         "followed an earlier occurrence of its last tokens in its prompt or output (prompt lookup: vLLM's "
         "`ngram`); the step's forward checks them all and the row keeps those the model agrees with, then the "
         "model's own next token: 1 to num_tokens + 1 tokens a step, the same tokens as decoding one at a time. "
-        "Rows that draw (temperature > 0), follow a grammar or a thinking budget decode one token a step. A "
-        "step with drafts runs eagerly (no decode CUDA graph, not in flight). 0: off."
+        "Rows that draw (temperature > 0), follow a grammar or a thinking budget decode one token a step. Each "
+        "draft is a one-token decode row (on CUDA within the decode graphs); a step with drafts is not left in "
+        "flight. 0: off."
     )
     prompt_lookup_max: int = Field(4, ge=1, le=32, description="Longest run of a row's last tokens looked up.")
     prompt_lookup_min: int = Field(

@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.speculative import Pace
 from engine.structured import Guide
 from engine.think_budget import ThinkBudget
 from engine.types import FinishReason, SamplingParams, finish_reason
@@ -39,6 +40,7 @@ class DecodeRequest:
     shared_tokens: int = 0  # of its prompt, the tokens whose KV it found cached here at reserve (never written)
     guide: Guide | None = None  # structured output: its place in its grammar (made at its first sampling here)
     think: ThinkBudget | None = None  # a thinking budget: its count (made at its first sampling here)
+    pace: Pace | None = None  # speculative decoding: its draft length (made at its first lookup here)
 
     @property
     def rank(self) -> tuple[int, float]:

@@ -2,29 +2,31 @@
 (decode.speculative; the method: engine/speculative.py).
 
   1. rows:     each running request feeds its last token; one that speculates (greedy, no grammar
-               or thinking budget) and finds drafts by prompt lookup feeds them after it, as many
-               as the step's token budget, its max_tokens and its blocks allow (a block more where
-               one is free); those rows go after the one-token rows (the decode kernel takes the
-               leading one-token rows)
-  2. forward:  a row with drafts gets its logits after each of its tokens (Step.verified)
-  3. sampling: one sample() over every position: a draft row's j-th position is sampled as if
-               its first j drafts were already its output (penalties, min_tokens, bad words)
-  4. accept:   the drafts that match, then the token sampled after them: 1 to d + 1 tokens a row,
-               handed to the scheduler in order (one that ends the request drops the rest)
+               or thinking budget) and finds drafts by prompt lookup feeds each draft too, as a
+               one-token row of its own at the next position — as many as its pace
+               (engine/speculative.py, step 6), the step's row budget, its max_tokens and its
+               blocks allow (a block more where one is free)
+  2. forward:  every layer stores all rows' K/V before any row attends, so a draft row, reading
+               its context up to its own position, sees the drafts before it: one decode forward
+               (the paged decode kernel; on CUDA the decode graphs, up to their largest batch)
+               gives the logits after each draft as after an accepted token
+  3. sampling: one sample() over every row: a request's j-th row is sampled as if its first j
+               drafts were already its output (penalties, min_tokens, bad words, logprobs)
+  4. accept:   the drafts that match, then the token sampled after them: 1 to d + 1 tokens a
+               request, handed to the scheduler in order (one that ends the request drops the
+               rest); the request's pace follows
 """
 from __future__ import annotations
 
 import threading
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
-from engine.model_runner import SeqInput
+from engine.model_runner import ModelRunner, SeqInput
 from engine.prefix_cache import PrefixCache
 from engine.sampler import History
-from engine.speculative import Lookup, accept, propose, speculates
+from engine.speculative import Lookup, Pace, accept, propose, speculates
 from engine.step_loop import Step
 from engine.types import TokenLogprob, banned_now
 
@@ -34,6 +36,7 @@ Sampling = tuple[list[Any], list[int], list[History | None], list[tuple[int, ...
 class Speculation:
     """Mixin of BatchWorker: the state it reads is set up in BatchWorker.__init__."""
 
+    runner: ModelRunner
     scheduler: DecodeScheduler
     allocator: PrefixCache
     lock: threading.Lock
@@ -46,25 +49,32 @@ class Speculation:
 
     # -- 1. rows --------------------------------------------------------------------------------
     def _decode_rows(self, batch: list[DecodeRequest], budget: int | None = None,
-                     ) -> tuple[list[DecodeRequest], list[SeqInput]]:
-        """Under `lock`: the step's decode rows (rows with drafts last, at most `budget` drafts in all;
-        None: no limit) and the requests in the same order."""
-        drafts = self._drafts(batch, budget) if self.lookup.num_tokens else {}
-        batch = sorted(batch, key=lambda r: r.request_id in drafts)  # stable: the rank order otherwise
-        return batch, [SeqInput([r.last_token, *drafts.get(r.request_id, ())], r.num_tokens - 1, r.block_table,
-                                adapter=r.sampling.adapter, verify=r.request_id in drafts) for r in batch]
+                     ) -> tuple[list[SeqInput], list[list[int]]]:
+        """Under `lock`: the step's decode rows and each request's drafts (at most `budget` in all;
+        on CUDA also at most what keeps the step within the decode graphs)."""
+        drafts = self._drafts(batch, budget) if self.lookup.num_tokens else []
+        seqs = []
+        for i, r in enumerate(batch):
+            fed = [r.last_token, *(drafts[i] if drafts else ())]
+            seqs += [SeqInput([t], r.num_tokens - 1 + j, r.block_table, adapter=r.sampling.adapter)
+                     for j, t in enumerate(fed)]
+        return seqs, drafts
 
-    def _drafts(self, batch: list[DecodeRequest], budget: int | None) -> dict[str, list[int]]:
-        bs, out = self.allocator.block_size, {}
-        left = budget if budget is not None else sum(r.sampling.max_tokens for r in batch)
+    def _drafts(self, batch: list[DecodeRequest], budget: int | None) -> list[list[int]]:
+        bs, out = self.allocator.block_size, []
+        left = len(batch) * self.lookup.num_tokens if budget is None else budget
+        if self.runner.graphs is not None:
+            left = min(left, self.runner.graphs.max_batch - len(batch))
         for r in batch:
-            if left <= 0:
-                break
-            if not speculates(r.sampling):
+            out.append([])
+            if left <= 0 or not speculates(r.sampling):
                 continue
+            r.pace = r.pace or Pace(self.lookup.num_tokens)
             # each draft is a token more this step: at most max_tokens in all, and (1 + d) in its blocks
-            most = min(left, r.sampling.max_tokens - len(r.output_ids) - 1)
-            d = propose([*(r.prompt_ids or ()), *r.output_ids], self.lookup, most)
+            most = min(left, r.pace.allowed(), r.sampling.max_tokens - len(r.output_ids) - 1)
+            if most <= 0:
+                continue
+            d = propose(r.pace.context(r.prompt_ids or (), r.output_ids), self.lookup, most)
             if not d:
                 continue
             room = len(r.block_table) * bs - r.num_tokens  # slots past the fed token's
@@ -73,54 +83,45 @@ class Speculation:
                 if new is not None:
                     r.block_table.extend(new)
                     room = len(r.block_table) * bs - r.num_tokens
-            if d := d[: max(room, 0)]:
-                out[r.request_id] = d
-                left -= len(d)
-        return out
+            out[-1] = d[: max(room, 0)]
+            left -= len(out[-1])
+        return out if any(out) else []
 
     # -- 3. sampling ----------------------------------------------------------------------------
-    def _decode_samples(self, step: Step, logits: torch.Tensor) -> tuple[torch.Tensor, Sampling]:
-        """The decode rows' logits [R, V] to sample and sample()'s arguments for them: one per
-        row, each draft row's once per position (its drafts before it as its output)."""
-        n = len(step.decode)
+    def _decode_samples(self, step: Step) -> Sampling:
+        """sample()'s arguments for the step's decode rows: a request's j-th row as if its first
+        j drafts were its output."""
         args = self._decode_sampling(step.decode)
-        if not step.verified:
-            return logits[:n], args
-        parts: list[torch.Tensor] = []
+        if not step.drafts:
+            return args
         out: Sampling = ([], [], [], [], [], [])
-        for i, r in enumerate(step.decode):
-            if i not in step.verified:
-                parts.append(logits[i : i + 1])
+        for i, (r, drafts) in enumerate(zip(step.decode, step.drafts)):
+            if not drafts:
                 for col, a in zip(out, args):
                     col.append(a[i])
                 continue
-            parts.append(step.verified[i])  # [1 + d, V]
-            drafts = step.seqs[i].token_ids[1:]
+            p = r.sampling
             for j in range(len(drafts) + 1):
                 made = [*r.output_ids, *drafts[:j]]
-                p = r.sampling
-                for col, a in zip(out, (p, r.num_tokens + j,
-                                        History(r.prompt_ids or (), made) if p.penalized else None,
+                for col, a in zip(out, (p, r.num_tokens + j, History(r.prompt_ids or (), made) if p.penalized else None,
                                         banned_now(p, len(made), r.eos_token_ids, made), None, None)):
                     col.append(a)
-        return torch.cat(parts), out
+        return out
 
     # -- 4. accept ------------------------------------------------------------------------------
     def _accepted(self, step: Step, tokens: list[int], lps: list[TokenLogprob | None],
                   ) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
-        """The sampled tokens of _decode_samples' rows → each decode row's new tokens (and logprobs)."""
+        """The decode rows' sampled tokens → each decode request's new tokens (and logprobs)."""
         runs, run_lps, at = [], [], 0
-        for i, seq in enumerate(step.seqs[: len(step.decode)]):
-            if i not in step.verified:
-                runs.append([tokens[at]])
-                run_lps.append([lps[at]])
-                at += 1
-                continue
-            drafts = seq.token_ids[1:]
+        for i, r in enumerate(step.decode):
+            drafts = step.drafts[i] if step.drafts else []
             run = accept(drafts, tokens[at : at + len(drafts) + 1])
             runs.append(run)
             run_lps.append(lps[at : at + len(run)])
             at += len(drafts) + 1
-            self.draft_tokens += len(drafts)
-            self.accepted_tokens += len(run) - 1
+            if drafts:
+                self.draft_tokens += len(drafts)
+                self.accepted_tokens += len(run) - 1
+                if r.pace is not None:
+                    r.pace.update(len(drafts), len(run) - 1, self.lookup.num_tokens)
         return runs, run_lps

@@ -2,9 +2,9 @@
 is all there is to attend to, the next decode step is queued on the device behind the one in
 flight, fed the tokens that one draws, before the host has read them.
 
-  1. launch: only a decode-only step through the CUDA graphs (decode.overlap_steps); its rows are
-     sampled on the device at once, unless one needs the tokens before it (penalties, a grammar):
-     that batch is sampled once the step before is complete;
+  1. launch: only a decode-only step through the CUDA graphs (decode.overlap_steps), without drafts
+     (decode.speculative); its rows are sampled on the device at once, unless one needs the tokens
+     before it (penalties, a grammar): that batch is sampled once the step before is complete;
   2. follow: the same rows, each fed its token at the position it takes, while nothing else waits
      (no cancel, arrival, preempted request or prompt: `_quiet`) and no row may feed drafts
      (decode.speculative: they are looked up in its tokens, on the host), a row whose token starts a
@@ -52,6 +52,7 @@ class StepsInFlight:
         """A decode-only step through the CUDA graphs."""
         g = self.runner.graphs
         return (self.overlap_steps and g is not None and bool(step.decode) and not step.prompts and not step.recomputes
+                and not step.drafts  # (its tokens decide where the next step's rows start)
                 and g.fits(step.seqs))
 
     def _quiet(self) -> bool:

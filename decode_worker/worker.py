@@ -135,10 +135,10 @@ class DecodeWorker(BatchWorker):
             budget = self.cfg.max_recompute_tokens  # prompt tokens computed here in one step
             recomputes, rows = self._recompute_rows(budget)
             chunks, prompt_rows = self._prompt_chunks(budget - sum(c.length for c in recomputes))
-            batch, decode_rows = self._decode_rows(batch)
+            decode_rows, drafts = self._decode_rows(batch)
         if not batch and not chunks and not recomputes:
             return None
-        return Step(batch, chunks, decode_rows + prompt_rows + rows, recomputes)
+        return Step(batch, chunks, decode_rows + prompt_rows + rows, recomputes, drafts)
 
     def _fail_step(self, step: Step, error: str) -> None:
         super()._fail_step(step, f"decode {error}")

@@ -58,8 +58,6 @@ class SeqInput:
     scored: tuple[int, ...] = ()  # prompt logprobs: the token after each of its first len(scored) new tokens
     top: int = 0  # ... and how many top alternatives each of those positions reports
     adapter: str = ""  # the LoRA adapter its tokens run with (load_adapters); "": the base model
-    verify: bool = False  # its tokens after the first are drafts (engine/speculative.py): forward's `verified`
-    #                       gets the logits after each of its tokens
 
     @property
     def num_new(self) -> int:
@@ -178,16 +176,14 @@ class ModelRunner:
     # -- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, seqs: list[SeqInput], feed: torch.Tensor | None = None,
-                scores: dict[int, list[TokenLogprob]] | None = None,
-                verified: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                scores: dict[int, list[TokenLogprob]] | None = None) -> torch.Tensor:
         """Compute the new tokens of every sequence; return the logits of each one's last token [B, V].
 
         Any mix works: decode rows (one new token) and prompt chunks may share a forward (Sarathi);
         the decode rows should come first so they take the paged decode kernel. feed: decode rows
         whose token is a row of this device tensor (DecodeGraphs.run; only through the graphs).
         scores: filled with the prompt logprobs of each sequence i that has `scored` tokens (one per
-        scored position, in order; the caller's to keep). verified: filled with the logits after
-        each token of every `verify` sequence i [num_new, V] (the last of them also in the result)."""
+        scored position, in order; the caller's to keep)."""
         scoring = scores is not None and any(s.scored for s in seqs)
         if self.graphs is not None and not scoring and self.graphs.fits(seqs):
             self.tokens_forwarded += len(seqs)
@@ -202,26 +198,7 @@ class ModelRunner:
         if scoring:
             assert scores is not None
             scores.update(prompt_scores.score(seqs, x, residual, self.logits))
-        if verified is not None and any(s.verify for s in seqs):
-            return self._verified(seqs, x, residual, verified)
         return self.logits(x, residual, meta.last)
-
-    def _verified(self, seqs: list[SeqInput], x: torch.Tensor, residual: torch.Tensor,
-                  verified: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The logits after every token of each `verify` sequence (into `verified`) and after each
-        sequence's last token (returned, [B, V]), from one LM head over the rows that need them."""
-        rows: list[int] = []  # token rows whose logits are computed
-        last: list[int] = []  # each sequence's last token among them
-        start = 0
-        for s in seqs:
-            rows.extend(range(start, start + s.num_new) if s.verify else [start + s.num_new - 1])
-            last.append(len(rows) - 1)
-            start += s.num_new
-        logits = self.logits(x, residual, torch.tensor(rows, dtype=torch.long).to(self.device))  # [R, V]
-        for i, s in enumerate(seqs):
-            if s.verify:
-                verified[i] = logits[last[i] + 1 - s.num_new : last[i] + 1]
-        return logits.index_select(0, torch.tensor(last, dtype=torch.long).to(self.device))
 
     def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
         """Run decode steps of up to `max_batch` rows through CUDA graphs (engine/cuda_graphs.py);

@@ -15,13 +15,17 @@ A decode row that speculates (`speculates`: greedy, no grammar, no thinking budg
                 time gives
   5. the KV written for drafts that were not accepted lies past the row's new length: the row's
      next step overwrites it before anything reads it (its blocks are kept for the tokens to come)
+  6. pace:      a row's draft length follows how its drafts fare (`Pace`): one more after all were
+                accepted, as many as were accepted after a miss; a row whose drafts all fail waits
+                1, 3, 7 ... steps before it drafts again (free text finds look-alikes that cost a
+                forward's worth of tokens and are not accepted)
 Drawn rows (temperature > 0) do not speculate: accepting a draft would need rejection sampling, and
 a seeded row would no longer draw what it draws alone.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,29 +41,83 @@ class Lookup:
     max_n: int  # longest
 
 
+MAX_WAIT = 63  # most steps a row whose drafts keep failing waits between tries
+
+
+@dataclass
+class Pace:
+    """Step 6: one row's draft length, adapted to its acceptance (HF's assisted-generation
+    heuristic, with a back-off where nothing is accepted); and its tokens as the array step 1
+    looks up, kept across steps (a row's prompt and output only grow)."""
+
+    length: int  # drafts it may feed next (at most Lookup.num_tokens)
+    misses: int = 0  # tries in a row that accepted none
+    wait: int = 0  # steps left before it drafts again
+    _tokens: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
+    _filled: int = 0  # of _tokens: the row's first tokens, copied so far
+
+    def context(self, prompt: Sequence[int], output: Sequence[int]) -> np.ndarray:
+        """prompt + output as an array [len], copying only what was added since the last call."""
+        n, p = len(prompt) + len(output), len(prompt)
+        if n > len(self._tokens):
+            grown = np.empty(max(n, 2 * len(self._tokens)), dtype=np.int64)
+            grown[: self._filled] = self._tokens[: self._filled]
+            self._tokens = grown
+        if self._filled < p:
+            self._tokens[self._filled : p] = prompt[self._filled :]
+            self._filled = p
+        self._tokens[self._filled : n] = output[self._filled - p :]
+        self._filled = n
+        return self._tokens[:n]
+
+    def allowed(self) -> int:
+        """Drafts the row may feed this step (a waiting row: none, and one step less to wait)."""
+        if self.wait:
+            self.wait -= 1
+            return 0
+        return self.length
+
+    def update(self, fed: int, accepted: int, most: int) -> None:
+        if accepted == fed:
+            self.length = min(most, self.length + 1)
+        else:
+            self.length = max(1, accepted)
+        self.misses = self.misses + 1 if accepted == 0 else 0
+        self.wait = min(MAX_WAIT, 2**self.misses - 1)
+
+
 def speculates(sampling: SamplingParams) -> bool:
     """Whether a row may feed drafts: greedy (its token is the argmax, whatever came before is
     known), and no grammar or thinking budget (their state steps with each token sampled)."""
     return sampling.greedy and not sampling.grammar and sampling.thinking_budget is None
 
 
-def propose(context: Sequence[int], lookup: Lookup, most: int) -> list[int]:
+def propose(context: Sequence[int] | np.ndarray, lookup: Lookup, most: int) -> list[int]:
     """Step 1: at most min(most, lookup.num_tokens) tokens that followed the latest earlier
     occurrence of the longest suffix of `context` (lookup.max_n down to lookup.min_n tokens) that
-    occurred before; [] if none did."""
+    occurred before; [] if none did. One pass over the context finds where its last token occurred
+    before; the candidates' runs are then extended backwards together."""
     k = min(most, lookup.num_tokens)
-    if k <= 0 or len(context) <= lookup.min_n:
-        return []
-    ctx = np.asarray(context, dtype=np.int64)
+    ctx = np.asarray(context)
     L = len(ctx)
-    for n in range(min(lookup.max_n, L - 1), lookup.min_n - 1, -1):
-        # windows [L - n, n] starting at 0 .. L - n - 1 (each has a token after it); the suffix excluded
-        windows = np.lib.stride_tricks.sliding_window_view(ctx[: L - 1], n)
-        hits = np.flatnonzero((windows == ctx[L - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n  # the latest occurrence: what followed it
-            return ctx[start : start + k].tolist()
-    return []
+    if k <= 0 or L <= lookup.min_n:
+        return []
+    ends = np.flatnonzero(ctx[: L - 1] == ctx[L - 1])  # earlier occurrences of the last token (each has one after it)
+    run = np.ones(len(ends), dtype=np.int64)  # how many tokens before each agree with the suffix, itself included
+    alive = np.ones(len(ends), dtype=bool)
+    for m in range(1, min(lookup.max_n, L - 1)):
+        at = ends - m
+        alive &= at >= 0
+        alive[alive] = ctx[at[alive]] == ctx[L - 1 - m]
+        run += alive
+        if not alive.any():
+            break
+    ok = np.flatnonzero(run >= lookup.min_n)
+    if not ok.size:
+        return []
+    best = ok[run[ok] == run[ok].max()][-1]  # the longest run; of those, the latest
+    start = int(ends[best]) + 1
+    return ctx[start : start + k].tolist()
 
 
 def accept(drafts: Sequence[int], targets: Sequence[int]) -> list[int]:

@@ -63,23 +63,30 @@ class InFlight:
 
 @dataclass
 class Step:
-    """What one forward computes. Rows are `seqs`: the `decode` requests' rows first, one each,
-    then the `prompts`' rows (prompt chunks), then the `recomputes`' rows (KV computed again on a
-    decode or aggregated worker; their logits are not used), one each."""
+    """What one forward computes. Rows are `seqs`: the `decode` requests' rows first — one each,
+    and one more for each of its `drafts` after it (speculative decoding: each draft is a one-token
+    row at the next position, decode_worker/speculation.py) —, then the `prompts`' rows (prompt
+    chunks), then the `recomputes`' rows (KV computed again on a decode or aggregated worker; their
+    logits are not used), one each."""
 
     decode: list[Any] = field(default_factory=list)
     prompts: list[Any] = field(default_factory=list)
     seqs: list[SeqInput] = field(default_factory=list)
     recomputes: list[Any] = field(default_factory=list)
+    drafts: list[list[int]] = field(default_factory=list)  # per decode request (none: no drafts in this step)
     scores: dict[int, list[Any]] = field(default_factory=dict)  # filled by the forward: row → its prompt logprobs
-    verified: dict[int, Any] = field(default_factory=dict)  # ... row with drafts → logits after each token [1 + d, V]
 
     def __post_init__(self) -> None:
-        assert len(self.seqs) == len(self.decode) + len(self.prompts) + len(self.recomputes), "one SeqInput per row"
+        assert not self.drafts or len(self.drafts) == len(self.decode), "drafts: one list per decode request"
+        assert len(self.seqs) == self.decode_rows + len(self.prompts) + len(self.recomputes), "one SeqInput per row"
+
+    @property
+    def decode_rows(self) -> int:
+        return len(self.decode) + sum(len(d) for d in self.drafts)
 
     @property
     def prompt_rows(self) -> slice:
-        return slice(len(self.decode), len(self.decode) + len(self.prompts))
+        return slice(self.decode_rows, self.decode_rows + len(self.prompts))
 
 
 class StepLoop(abc.ABC):
@@ -204,7 +211,7 @@ class StepLoop(abc.ABC):
                         self.loop_s["postprocess"] += time.perf_counter() - t
                     self._inflight = f
                     continue
-                logits = self.runner.forward(step.seqs, scores=step.scores, verified=step.verified)  # 3. [rows, V]
+                logits = self.runner.forward(step.seqs, scores=step.scores)  # 3. [rows, V]
                 self.steps += 1
                 t2 = time.perf_counter()
                 self.loop_s["run"] += t2 - t1

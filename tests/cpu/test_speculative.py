@@ -21,7 +21,7 @@ from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
 from engine.prefix_cache import PrefixCache
 from engine.sampler import sample
-from engine.speculative import Lookup, accept, propose, speculates
+from engine.speculative import MAX_WAIT, Lookup, Pace, accept, propose, speculates
 from engine.step_loop import Step
 from engine.tiny import tiny_tokenizer
 from engine.types import FinishReason, PrefillRequest, SamplingParams, TokenLogprob
@@ -49,6 +49,26 @@ def test_propose_takes_what_followed_the_latest_occurrence_of_the_longest_suffix
     assert propose([7, 7, 7], LOOKUP, 8) == [7]  # the latest occurrence of [7, 7] ends one before the last
 
 
+def _propose_by_hand(ctx: list[int], lookup: Lookup, most: int) -> list[int]:
+    """The definition, spelled out: for n from max_n down to min_n, the latest i < len - n where
+    ctx[i:i+n] is the last n tokens; what follows it."""
+    for n in range(min(lookup.max_n, len(ctx) - 1), lookup.min_n - 1, -1):
+        for i in range(len(ctx) - n - 1, -1, -1):
+            if ctx[i : i + n] == ctx[len(ctx) - n :]:
+                return ctx[i + n : i + n + min(most, lookup.num_tokens)]
+    return []
+
+
+def test_propose_equals_the_definition_on_random_contexts() -> None:
+    import random
+
+    rng = random.Random(3)
+    for _ in range(400):
+        ctx = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]  # 4 symbols: many repeats
+        lookup = Lookup(rng.randrange(1, 6), *sorted((rng.randrange(1, 5), rng.randrange(1, 5))))
+        assert propose(ctx, lookup, 8) == _propose_by_hand(ctx, lookup, 8), (ctx, lookup)
+
+
 def test_longest_suffix_wins_over_a_later_shorter_one() -> None:
     context = [1, 2, 3, 4, 9, 3, 5, 2, 3]  # [2, 3] at 1 (then 4); [3] alone later at 5 (then 5)
     assert propose(context, LOOKUP, 2) == [4, 9]
@@ -60,6 +80,36 @@ def test_accept_keeps_matching_drafts_then_the_models_token() -> None:
     assert accept([4, 5, 6], [4, 9, 6, 7]) == [4, 9]  # the first mismatch is replaced by the model's
     assert accept([4, 5, 6], [1, 5, 6, 7]) == [1]
     assert accept([], [3]) == [3]
+
+
+def test_a_rows_pace_follows_its_acceptance_and_backs_off_after_misses() -> None:
+    p = Pace(4)
+    assert p.allowed() == 4
+    p.update(4, 4, most=4)
+    assert p.allowed() == 4  # all accepted: at most num_tokens
+    p.update(4, 2, most=4)
+    assert p.allowed() == 2  # as many as were accepted
+    p.update(2, 2, most=4)
+    assert p.allowed() == 3  # one more
+    waits = []
+    for _ in range(8):  # misses: it waits 1, 3, 7, ... steps (at most MAX_WAIT), then tries one draft
+        p.update(p.allowed(), 0, most=4)
+        n = 0
+        while p.allowed() == 0:
+            n += 1
+        waits.append(n)
+    assert waits == [1, 3, 7, 15, 31, MAX_WAIT, MAX_WAIT, MAX_WAIT]
+    p.update(1, 1, most=4)  # an accepted draft ends the back-off
+    assert (p.allowed(), p.misses, p.wait) == (2, 0, 0)
+
+
+def test_a_rows_tokens_are_kept_as_an_array_that_grows_with_its_output() -> None:
+    p, prompt, out = Pace(4), list(range(10, 15)), [1]
+    for step in range(40):
+        got = p.context(prompt, out)
+        assert got.tolist() == prompt + out, step
+        out += [step, step + 1][: 1 + step % 2]  # one or two tokens a step (accepted drafts)
+    assert propose(p.context(prompt, [*out, 3, 4]), LOOKUP, 4) == propose(prompt + out + [3, 4], LOOKUP, 4) != []
 
 
 def test_only_greedy_rows_without_a_grammar_or_thinking_budget_speculate() -> None:
@@ -99,36 +149,40 @@ def test_each_draft_position_is_sampled_with_the_drafts_before_it_as_output(spec
     """Penalties and min_tokens at draft position j see the output plus the first j drafts."""
     sp = SamplingParams(max_tokens=10, frequency_penalty=0.6, min_tokens=3, stop_token_ids=(9,))
     r = DecodeRequest("x", 3, sp, EOS, [0], prompt_ids=[1, 2, 3], status=DecodeStatus.RUNNING, output_ids=[4])
-    step = Step([r], [], [SeqInput([4, 5, 5, 9], 3, [0], verify=True)], [])
+    step = Step([r], [], [SeqInput([t], 3 + j, [0]) for j, t in enumerate([4, 5, 5, 9])], [], [[5, 5, 9]])
     logits = torch.zeros(4, spec.w.runner.vocab_size)  # [1 + 3 drafts, V]
     logits[:, 5], logits[:, 9] = 1.0, 0.8
-    step.verified[0] = logits
-    rows, args = spec.w._decode_samples(step, logits[-1:])
-    assert rows.shape[0] == 4 and [h.output for h in args[2]] == [[4], [4, 5], [4, 5, 5], [4, 5, 5, 9]]
+    args = spec.w._decode_samples(step)
+    assert args[1] == [4, 5, 6, 7] and [h.output for h in args[2]] == [[4], [4, 5], [4, 5, 5], [4, 5, 5, 9]]
     # 5 wins until it was drawn twice (1 - 2 * 0.6 < 0.8); 9 is banned until 3 tokens are out
-    tokens, lps = sample(rows, *args)
+    tokens, lps = sample(logits, *args)
     assert tokens[:3] == [5, 5, 9]
     assert spec.w._accepted(step, tokens, lps)[0] == [[5, 5, 9, tokens[3]]]
 
 
 # -- the forward -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kernels", ["auto", "torch"])
-def test_a_verify_row_gets_the_logits_after_each_of_its_tokens(kernels: str) -> None:
-    """A decode row, a row with drafts and a prompt chunk in one forward: the draft row's logits
-    at each position are Hugging Face's at those positions."""
+@pytest.mark.parametrize("kernels", ["auto", "torch", "triton", "triton-graphs"])
+def test_draft_rows_attend_to_the_drafts_before_them_in_the_same_forward(kernels: str) -> None:
+    """A decode row and a sequence's last token with 4 drafts (one-token rows at consecutive
+    positions) in one forward, beside a prompt chunk (or through the decode graphs' buffers): the
+    draft rows' logits are Hugging Face's at those positions (each layer stores every row's K/V
+    before any row attends)."""
     model = load_model(ModelConfig(path="tiny"))
-    runner = ModelRunner(model, 64, 16, kernels)
-    a, b = list(range(3, 40)), list(range(50, 71))  # two sequences; b's last 5 tokens fed with drafts
+    runner = ModelRunner(model, 64, 16, kernels.removesuffix("-graphs"))
+    if kernels.endswith("graphs"):
+        runner.use_decode_graphs(max_batch=8, max_model_len=128, capture=False)
+    a, b = list(range(3, 40)), list(range(50, 71))  # b's last 5 tokens: its fed token and 4 drafts
     runner.forward([SeqInput(a[:-1], 0, [0, 1, 2]), SeqInput(b[:-5], 0, [3, 4])])
-    verified: dict[int, torch.Tensor] = {}
-    out = runner.forward([SeqInput(a[-1:], len(a) - 1, [0, 1, 2]),
-                          SeqInput(b[-5:], len(b) - 5, [3, 4], verify=True),
-                          SeqInput(list(range(80, 100)), 0, [5, 6])], verified=verified)
-    assert out.shape[0] == 3 and set(verified) == {1} and verified[1].shape[0] == 5
+    rows = [SeqInput(a[-1:], len(a) - 1, [0, 1, 2])] + [SeqInput([t], len(b) - 5 + j, [3, 4])
+                                                         for j, t in enumerate(b[-5:])]
+    prompt = [] if runner.graphs is not None else [SeqInput(list(range(80, 100)), 0, [5, 6])]
+    out = runner.forward(rows + prompt)  # [6 (+1), V]
+    assert runner.graphs is None or runner.graphs.replays == 1
     with torch.inference_mode():
         want = model(torch.tensor([b])).logits[0, -5:].float()  # [5, V]
-    torch.testing.assert_close(verified[1], want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out[1], verified[1][-1])  # the row's last logits are the result's
+        want_a = model(torch.tensor([a])).logits[0, -1].float()
+    torch.testing.assert_close(out[1:6], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[0], want_a, rtol=1e-4, atol=1e-4)
 
 
 # -- a worker --------------------------------------------------------------------------------------

@@ -314,8 +314,8 @@ def _running(w: AggregatedWorker, rid: str, prompt_len: int) -> Step:
                      list(range(3, 3 + prompt_len))).ok
     assert s.start_prefill(rid) is not None and s.on_prefilled(rid, 5) is not None
     batch = s.schedule()
-    batch, rows = w._decode_rows(batch)
-    return Step(batch, [], rows, [])
+    rows, drafts = w._decode_rows(batch)
+    return Step(batch, [], rows, [], drafts)
 
 
 def test_a_step_that_follows_grows_the_block_its_row_needs_or_runs_a_complete_turn() -> None:

@@ -91,6 +91,12 @@ def test_1p1d_direct_write_on_one_gpu(ray_up: None) -> None:
     assert extra["decode-0"]["kv_bytes_placed"] == 0 and extra["decode-0"]["kv_bytes_received"] > 0
 
 
+def test_1p1d_with_drafts_on_one_gpu(ray_up: None) -> None:
+    """decode.speculative on CUDA: draft rows through the decode graphs, the tokens HF's."""
+    extra = _check(_cfg(decode={"speculative": {"num_tokens": 3, "prompt_lookup_min": 1}}))
+    assert extra["decode-0"]["accepted_tokens"] > 0 and extra["decode-0"]["graph_replays"] > 0
+
+
 def test_2p2d_on_one_gpu(ray_up: None) -> None:
     extra = _check(_cfg(prefill={"replicas": 2}, decode={"replicas": 2}))
     assert all(set(extra[f"prefill-{i}"]["links"].values()) == {"ipc"} for i in range(2))
