@@ -4,8 +4,9 @@ same greedy requests with drafts off and on, on the same machine and run.
     python bench/speculative.py --config deploy/local.yaml --num-tokens 4 --concurrency 1,4 \
         --output bench/results/speculative.json
 
-Tasks (chat messages to the configured model, greedy, max_tokens each): `edit` (rewrite a function
-with one name changed: most of the answer is in the prompt), `quote` (repeat a paragraph), `free`
+Tasks (chat messages to the configured model, greedy unless --temperature (then seeded),
+max_tokens each): `edit` (rewrite a function with one name changed: most of the answer is in the
+prompt), `quote` (repeat a paragraph), `free`
 (an open question: little to look up). For each task and concurrency C, C copies run at once,
 --repeats times; per request the time per output token after the first (TPOT), the median of
 them reported, and the streamed tokens. Reported per
@@ -68,9 +69,9 @@ def _with_drafts(cfg: PDServeConfig, n: int) -> PDServeConfig:
     return cfg.model_copy(update={section: part, "server": server})
 
 
-def _one(srv: BackgroundServer, text: str, max_tokens: int) -> dict[str, Any]:
+def _one(srv: BackgroundServer, text: str, max_tokens: int, temperature: float) -> dict[str, Any]:
     req = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=text)], max_tokens=max_tokens,
-                             temperature=0.0)
+                             temperature=temperature, seed=1)  # (a seeded draw: the same tokens off and on)
     t0, first, ids = time.perf_counter(), None, []
     for msg in srv.stub.GenerateStream(req, timeout=600):
         if msg.token_ids and first is None:
@@ -86,16 +87,17 @@ def _drafts(srv: BackgroundServer) -> tuple[int, int]:
     return (sum(s.extra.get("draft_tokens", 0) for s in stats), sum(s.extra.get("accepted_tokens", 0) for s in stats))
 
 
-def _run(cfg: PDServeConfig, concurrency: list[int], max_tokens: int, repeats: int) -> dict[str, Any]:
+def _run(cfg: PDServeConfig, concurrency: list[int], max_tokens: int, repeats: int, temperature: float,
+         ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with BackgroundServer(cfg) as srv:
-        _one(srv, "warm up", 8)
+        _one(srv, "warm up", 8, 0.0)
         for task, text in TASKS.items():
             for c in concurrency:
                 before, rows = _drafts(srv), []
                 for _ in range(repeats):
                     with cf.ThreadPoolExecutor(c) as ex:
-                        rows += list(ex.map(lambda _: _one(srv, text, max_tokens), range(c)))
+                        rows += list(ex.map(lambda _: _one(srv, text, max_tokens, temperature), range(c)))
                 after = _drafts(srv)
                 tpot = statistics.median(r["tpot_ms"] for r in rows)
                 out[f"{task}/c{c}"] = {
@@ -114,14 +116,15 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each task and concurrency (median TPOT)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: drawn rows (seeded)")
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
     cfg = load_config(a.config)
     conc = [int(c) for c in a.concurrency.split(",")]
     ray.init(include_dashboard=False, namespace="pdserve-bench-spec")
     try:
-        off = _run(_with_drafts(cfg, 0), conc, a.max_tokens, a.repeats)
-        on = _run(_with_drafts(cfg, a.num_tokens), conc, a.max_tokens, a.repeats)
+        off = _run(_with_drafts(cfg, 0), conc, a.max_tokens, a.repeats, a.temperature)
+        on = _run(_with_drafts(cfg, a.num_tokens), conc, a.max_tokens, a.repeats, a.temperature)
     finally:
         ray.shutdown()
     table = {}
@@ -139,7 +142,8 @@ def main() -> None:
               f"accepted {n['accepted_tokens']}/{n['draft_tokens']}  same tokens: {table[key]['same_tokens']}")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"config": a.config, "mode": cfg.mode, "model": cfg.model.path, "num_tokens": a.num_tokens,
-              "max_tokens": a.max_tokens, "repeats": a.repeats, "git": rev, "results": table}
+              "max_tokens": a.max_tokens, "repeats": a.repeats, "temperature": a.temperature, "git": rev,
+              "results": table}
     if a.output:
         Path(a.output).write_text(json.dumps(result, indent=2))
 

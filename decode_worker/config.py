@@ -13,11 +13,12 @@ class SpeculativeConfig(Frozen):
     """`speculative:` of a decode or aggregated section: drafts by prompt lookup (engine/speculative.py)."""
 
     num_tokens: int = Field(
-        0, ge=0, le=16, description="Most draft tokens a greedy row feeds in one decode step, taken from what "
+        0, ge=0, le=16, description="Most draft tokens a row feeds in one decode step, taken from what "
         "followed an earlier occurrence of its last tokens in its prompt or output (prompt lookup: vLLM's "
         "`ngram`); the step's forward checks them all and the row keeps those the model agrees with, then the "
         "model's own next token: 1 to num_tokens + 1 tokens a step, the same tokens as decoding one at a time. "
-        "Rows that draw (temperature > 0), follow a grammar or a thinking budget decode one token a step. Each "
+        "A drawn row accepts a draft when its draw there is the draft (a seeded row draws the tokens it draws "
+        "without drafts). Rows that follow a grammar or a thinking budget decode one token a step. Each "
         "draft is a one-token decode row (on CUDA within the decode graphs); a step with drafts is not left in "
         "flight. 0: off."
     )

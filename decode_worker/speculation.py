@@ -1,8 +1,8 @@
 """A decode (or aggregated) worker's decode rows, with drafts where its rows speculate
 (decode.speculative; the method: engine/speculative.py).
 
-  1. rows:     each running request feeds its last token; one that speculates (greedy, no grammar
-               or thinking budget) and finds drafts by prompt lookup feeds each draft too, as a
+  1. rows:     each running request feeds its last token; one that speculates (no grammar or
+               thinking budget) and finds drafts by prompt lookup feeds each draft too, as a
                one-token row of its own at the next position — as many as its pace
                (engine/speculative.py, step 6), the step's row budget, its max_tokens and its
                blocks allow (a block more where one is free)

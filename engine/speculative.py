@@ -1,15 +1,16 @@
 """Speculative decoding by prompt lookup (n-grams): drafts taken from a request's own tokens, checked
 by the model in the decode step that would have computed one token.
 
-A decode row that speculates (`speculates`: greedy, no grammar, no thinking budget), each step:
+A decode row that speculates (`speculates`: no grammar, no thinking budget), each step:
   1. propose()  the longest suffix of its tokens (prompt + output), of prompt_lookup_max down to
                 prompt_lookup_min tokens, that occurred before; the up to num_tokens tokens that
                 followed its latest earlier occurrence are its drafts (none found: a plain row)
-  2. forward    the row feeds [its last token, drafts...] at positions num_tokens - 1 on, like a
-                prompt chunk: one forward writes the drafts' KV and gives the logits after each of
-                its tokens (ModelRunner.forward's `verified`)
+  2. forward    each draft is a one-token decode row of its own at the next position, in the same
+                forward as the row's last token: every layer stores all rows' K/V before any row
+                attends, so a draft's row sees the drafts before it (decode_worker/speculation.py)
   3. sample     each of those positions as a decode row would be sampled with the drafts before it
-                already in its output (`positions`: penalties, min_tokens, bad words, logprobs)
+                already in its output (`positions`: penalties, min_tokens, bad words, logprobs;
+                a drawn row's key is its seed and the position, as one at a time)
   4. accept()   the drafts up to the first that differs from its position's token, then that
                 position's token: 1 to d + 1 tokens for the row, each the token decoding one at a
                 time gives
@@ -19,8 +20,12 @@ A decode row that speculates (`speculates`: greedy, no grammar, no thinking budg
                 accepted, as many as were accepted after a miss; a row whose drafts all fail waits
                 1, 3, 7 ... steps before it drafts again (free text finds look-alikes that cost a
                 forward's worth of tokens and are not accepted)
-Drawn rows (temperature > 0) do not speculate: accepting a draft would need rejection sampling, and
-a seeded row would no longer draw what it draws alone.
+A drawn row (temperature > 0) speculates too. A draft is accepted when the token drawn at its
+position is the draft: with probability p(draft), as speculative sampling's rule for a draft that is
+certain (min(1, p / q), q = 1); after a miss the token drawn is one of the others, in proportion to
+p: the answer is distributed as drawing one token at a time. A seeded row's draw at a position
+depends only on its seed, the position and the logits, so it draws the very tokens it draws
+without drafts.
 """
 from __future__ import annotations
 
@@ -87,9 +92,9 @@ class Pace:
 
 
 def speculates(sampling: SamplingParams) -> bool:
-    """Whether a row may feed drafts: greedy (its token is the argmax, whatever came before is
-    known), and no grammar or thinking budget (their state steps with each token sampled)."""
-    return sampling.greedy and not sampling.grammar and sampling.thinking_budget is None
+    """Whether a row may feed drafts: no grammar or thinking budget (their state steps with each
+    token sampled, on the host)."""
+    return not sampling.grammar and sampling.thinking_budget is None
 
 
 def propose(context: Sequence[int] | np.ndarray, lookup: Lookup, most: int) -> list[int]:

@@ -112,10 +112,10 @@ def test_a_rows_tokens_are_kept_as_an_array_that_grows_with_its_output() -> None
     assert propose(p.context(prompt, [*out, 3, 4]), LOOKUP, 4) == propose(prompt + out + [3, 4], LOOKUP, 4) != []
 
 
-def test_only_greedy_rows_without_a_grammar_or_thinking_budget_speculate() -> None:
+def test_rows_without_a_grammar_or_thinking_budget_speculate() -> None:
     assert speculates(SamplingParams())
     assert speculates(SamplingParams(repetition_penalty=1.2, logprobs=2, min_tokens=3, stop_token_ids=(9,)))
-    assert not speculates(SamplingParams(temperature=0.7))
+    assert speculates(SamplingParams(temperature=0.7, seed=3))
     assert not speculates(SamplingParams(grammar='root ::= "a"'))
     assert not speculates(SamplingParams(thinking_budget=4, think_end_id=9))
 
@@ -284,6 +284,25 @@ def test_penalties_min_tokens_bias_and_logprobs_as_without_drafts(spec: Worker, 
         for a, b in zip(got[k][1], want[k][1]):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_a_seeded_drawn_row_draws_the_tokens_it_draws_without_drafts(spec: Worker, plain: Worker) -> None:
+    """A drawn row accepts a draft where its draw is the draft; a seeded draw depends on its seed,
+    position and logits only: the same tokens with drafts as without, for every way of drawing."""
+    ps = prompts(8, seed=40)
+    params = [SamplingParams(max_tokens=40, temperature=0.3, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.6, seed=2, top_p=0.9, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.5, seed=3, top_k=5, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.4, seed=4, min_p=0.1, logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=1.0, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.3, seed=6, repetition_penalty=1.1, ignore_eos=True)]
+    runs = {f"s{i}": (p, sp) for i, (p, sp) in enumerate(zip(ps, params))}
+    before = spec.drafts
+    got, want = _crowd(spec, runs), _crowd(plain, runs)
+    assert spec.drafts[1] > before[1]  # drawn rows accepted drafts
+    for k in runs:
+        assert got[k][0] == want[k][0], k
+        assert [lp.token_id for lp in got[k][1]] == [lp.token_id for lp in want[k][1]]
 
 
 def test_drafts_across_blocks_and_under_preemption_leak_nothing() -> None:
