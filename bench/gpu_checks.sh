@@ -15,6 +15,8 @@
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh moe        # Qwen3-30B-A3B's layer x 24 (128 experts, 8 a token; 30 GB
 #                                                           # built, saved, loaded: ~5 min): the same at 1, 16, 64,
 #                                                           # then with model.quantization fp8 (FP8 experts)
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh spec       # 1.1B: what drafts (decode.speculative) cost a decode step through the
+#                                                           # graphs: 1, 4, 16 rows with 0, 1, 2, 4 drafts each (< 2 min)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh mla        # the latent attention kernels alone (engine/triton_mla.py; < 1 min, no
 #                                                           # model): decode at 1, 16, 64 x 512, 4096 tokens for 16 and 128 heads
 #                                                           # against the bytes read and the expanded form
@@ -83,6 +85,8 @@ case "${1:-tests}" in
              --output "$OUT/step-qwen3-a3b-24l.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l.log" | tail -8
            python3 bench/gpu_step.py --model-path "$(model qwen3-a3b-24l)" --batches 1,16,64 --no-hf \
              --quantization fp8 --output "$OUT/step-qwen3-a3b-24l-fp8.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l-fp8.log" | tail -4 ;;
+  spec)    python3 bench/draft_rows.py --model "$(model 1.1b)" --device cuda --dtype bfloat16 --batch 1,4,16 \
+             --drafts 0,1,2,4 --context 512 --output "$OUT/draft-rows.json" 2>&1 | tee "$OUT/draft-rows.log" | tail -12 ;;
   mla)     python3 bench/mla_kernels.py --output "$OUT/mla-kernels.json" 2>&1 | tee "$OUT/mla-kernels.log" | tail -14 ;;
   deepseek) p=$(model deepseek-v2-lite)
            python3 bench/gpu_step.py --model-path "$p" --batches 1,16,64 --no-hf --profile \
