@@ -28,10 +28,10 @@ from collections import deque
 import torch
 
 from decode_worker.config import BatchConfig
+from decode_worker.decode_rows import DecodeRows
 from decode_worker.preemption import Recompute
-from decode_worker.request import DecodeRequest, DecodeStatus
+from decode_worker.request import DecodeRequest
 from decode_worker.scheduler import DecodeScheduler
-from decode_worker.speculation import Speculation
 from decode_worker.steps_in_flight import StepsInFlight
 from engine import kv_budget
 from engine.config import KVCacheConfig, ModelConfig
@@ -42,17 +42,17 @@ from engine.model_runner import ModelRunner, SeqInput
 from engine.prefill_scheduler import Chunk, PendingPrefill
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
-from engine.sampler import History, needs_history, sample
+from engine.sampler import History, sample
 from engine.step_loop import Step, StepLoop
-from engine.structured import Guide, Guides
-from engine.think_budget import ThinkBudget, forced_first, forced_now
+from engine.structured import Guides
+from engine.think_budget import forced_first
 from engine.types import (
     DecodeEvent, FinishReason, PrefillRequest, PrefillResult, ReserveResult, SamplingParams, TokenLogprob, WorkerStats,
     banned_now,
 )
 
 
-class BatchWorker(Speculation, StepsInFlight, StepLoop):
+class BatchWorker(DecodeRows, StepsInFlight, StepLoop):
     role = "decode"
 
     def __init__(
@@ -91,7 +91,7 @@ class BatchWorker(Speculation, StepsInFlight, StepLoop):
         self.outbox = EventOutbox()  # this worker's events to the router (engine/event_stream.py)
         self._follows = 0  # steps in a row that followed one in flight
         self.overlap_steps = cfg.overlap_steps
-        self.lookup = cfg.speculative.lookup  # drafts of decode rows (decode_worker/speculation.py)
+        self.lookup = cfg.speculative.lookup  # drafts of decode rows (decode_worker/decode_rows.py)
         self.draft_tokens = self.accepted_tokens = 0
         self.guides = Guides(lambda: load_tokenizer(model_cfg), model.config.vocab_size)  # structured outputs
 
@@ -241,39 +241,6 @@ class BatchWorker(Speculation, StepsInFlight, StepLoop):
         p.computed = p.cached = cached
         return True
 
-    def _decode_sampling(self, batch: list[DecodeRequest], pending: int = 0) -> tuple[
-            list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None],
-            list[int | None]]:
-        """sample()'s arguments for the decode rows: params, the positions being sampled, histories,
-        banned tokens, guides, forced tokens. pending: tokens each row has drawn that the host has not read yet
-        (1 under a step in flight: then no row may need its history). A row that has ended (while a
-        step followed its last) is sampled unconstrained: its token is dropped."""
-        assert not pending or not any(needs_history(r.sampling) for r in batch)
-        live = [r.status is DecodeStatus.RUNNING for r in batch]
-        return ([r.sampling for r in batch], [r.num_tokens + pending for r in batch],
-                [History(r.prompt_ids or (), r.output_ids) if ok and r.sampling.penalized else None
-                 for r, ok in zip(batch, live)],
-                [banned_now(r.sampling, len(r.output_ids) + pending, r.eos_token_ids, r.output_ids) if ok else ()
-                 for r, ok in zip(batch, live)],
-                [self._guide(r) if ok else None for r, ok in zip(batch, live)],
-                [self._forced(r) if ok else None for r, ok in zip(batch, live)])
-
-    def _guide(self, r: DecodeRequest) -> Guide | None:
-        """A structured output's Guide, made at its first sampling here, having followed its output."""
-        if r.sampling.grammar and r.guide is None:
-            r.guide = self.guides.new(r.sampling.grammar, r.sampling.grammar_after,  # compiled at reserve: a copy
-                                      r.sampling.grammar_free_opener)
-        if r.guide is not None:
-            r.guide.follow(r.output_ids)
-        return r.guide
-
-    @staticmethod
-    def _forced(r: DecodeRequest) -> int | None:
-        """The token a thinking budget forces next, its count made at its first sampling here."""
-        if r.sampling.thinking_budget is not None and r.think is None:
-            r.think = ThinkBudget.of(r.sampling)
-        return forced_now(r.think, r.output_ids)
-
     def _recompute_rows(self, budget: int) -> tuple[list[Recompute], list[SeqInput]]:
         """Under `lock`: resume preempted requests that fit now, and this step's chunks (at most
         `budget` tokens) of the KV being computed again, with their rows."""
@@ -298,7 +265,7 @@ class BatchWorker(Speculation, StepsInFlight, StepLoop):
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
         """logits [decode rows + prompt rows + recompute rows, V]: one sample() for the decode rows
-        (a request's drafts included: decode_worker/speculation.py) and the prompts that complete
+        (a request's drafts included: decode_worker/decode_rows.py) and the prompts that complete
         in this step."""
         self.prompt_tokens_computed += sum(c.length for c in step.prompts)
         self._recomputed(step.recomputes)

@@ -231,7 +231,7 @@ class DecodeScheduler(Preemption):
         logprobs: list[list[TokenLogprob | None]] | None = None,
     ) -> list[DecodeEvent]:
         """Each request's new tokens of this step, in order (several where drafts were accepted:
-        decode_worker/speculation.py); the token that ends a request drops those after it."""
+        decode_worker/decode_rows.py); the token that ends a request drops those after it."""
         events = []
         for i, (req, run) in enumerate(zip(batch, runs)):
             if req.status is not DecodeStatus.RUNNING:  # cancelled while the forward ran

@@ -7,7 +7,7 @@ A decode row that speculates (`speculates`: no grammar, no thinking budget), eac
                 followed its latest earlier occurrence are its drafts (none found: a plain row)
   2. forward    each draft is a one-token decode row of its own at the next position, in the same
                 forward as the row's last token: every layer stores all rows' K/V before any row
-                attends, so a draft's row sees the drafts before it (decode_worker/speculation.py)
+                attends, so a draft's row sees the drafts before it (decode_worker/decode_rows.py)
   3. sample     each of those positions as a decode row would be sampled with the drafts before it
                 already in its output (`positions`: penalties, min_tokens, bad words, logprobs;
                 a drawn row's key is its seed and the position, as one at a time)

@@ -65,7 +65,7 @@ class InFlight:
 class Step:
     """What one forward computes. Rows are `seqs`: the `decode` requests' rows first — one each,
     and one more for each of its `drafts` after it (speculative decoding: each draft is a one-token
-    row at the next position, decode_worker/speculation.py) —, then the `prompts`' rows (prompt
+    row at the next position, decode_worker/decode_rows.py) —, then the `prompts`' rows (prompt
     chunks), then the `recomputes`' rows (KV computed again on a decode or aggregated worker; their
     logits are not used), one each."""
 

@@ -1,5 +1,6 @@
-"""A decode (or aggregated) worker's decode rows, with drafts where its rows speculate
-(decode.speculative; the method: engine/speculative.py).
+"""A decode (or aggregated) worker's decode rows: what each running request feeds — its last token,
+and drafts where it speculates (decode.speculative; the method: engine/speculative.py) — and how
+each row is sampled.
 
   1. rows:     each running request feeds its last token; one that speculates (no grammar or
                thinking budget) and finds drafts by prompt lookup feeds each draft too, as a
@@ -19,33 +20,34 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
 
-from decode_worker.request import DecodeRequest
+from decode_worker.request import DecodeRequest, DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
 from engine.model_runner import ModelRunner, SeqInput
 from engine.prefix_cache import PrefixCache
-from engine.sampler import History
+from engine.sampler import History, needs_history
 from engine.speculative import Lookup, Pace, accept, propose, speculates
 from engine.step_loop import Step
-from engine.types import TokenLogprob, banned_now
+from engine.structured import Guide, Guides
+from engine.think_budget import ThinkBudget, forced_now
+from engine.types import SamplingParams, TokenLogprob, banned_now
 
-Sampling = tuple[list[Any], list[int], list[History | None], list[tuple[int, ...]], list[Any], list[int | None]]
+# sample()'s arguments: params, positions, histories, banned tokens, guides, forced tokens (engine/sampler.py)
+Sampling = tuple[list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None],
+                 list[int | None]]
 
 
-class Speculation:
+class DecodeRows:
     """Mixin of BatchWorker: the state it reads is set up in BatchWorker.__init__."""
 
     runner: ModelRunner
     scheduler: DecodeScheduler
     allocator: PrefixCache
     lock: threading.Lock
+    guides: Guides
     lookup: Lookup
     draft_tokens: int  # drafts fed (stats)
     accepted_tokens: int  # ... and accepted
-
-    if TYPE_CHECKING:  # BatchWorker's own
-        def _decode_sampling(self, batch: list[DecodeRequest], pending: int = 0) -> Sampling: ...
 
     # -- 1. rows --------------------------------------------------------------------------------
     def _decode_rows(self, batch: list[DecodeRequest], budget: int | None = None,
@@ -88,6 +90,37 @@ class Speculation:
         return out if any(out) else []
 
     # -- 3. sampling ----------------------------------------------------------------------------
+    def _decode_sampling(self, batch: list[DecodeRequest], pending: int = 0) -> Sampling:
+        """sample()'s arguments for the decode rows: params, the positions being sampled, histories,
+        banned tokens, guides, forced tokens. pending: tokens each row has drawn that the host has not read yet
+        (1 under a step in flight: then no row may need its history). A row that has ended (while a
+        step followed its last) is sampled unconstrained: its token is dropped."""
+        assert not pending or not any(needs_history(r.sampling) for r in batch)
+        live = [r.status is DecodeStatus.RUNNING for r in batch]
+        return ([r.sampling for r in batch], [r.num_tokens + pending for r in batch],
+                [History(r.prompt_ids or (), r.output_ids) if ok and r.sampling.penalized else None
+                 for r, ok in zip(batch, live)],
+                [banned_now(r.sampling, len(r.output_ids) + pending, r.eos_token_ids, r.output_ids) if ok else ()
+                 for r, ok in zip(batch, live)],
+                [self._guide(r) if ok else None for r, ok in zip(batch, live)],
+                [self._forced(r) if ok else None for r, ok in zip(batch, live)])
+
+    def _guide(self, r: DecodeRequest) -> Guide | None:
+        """A structured output's Guide, made at its first sampling here, having followed its output."""
+        if r.sampling.grammar and r.guide is None:
+            r.guide = self.guides.new(r.sampling.grammar, r.sampling.grammar_after,  # compiled at reserve: a copy
+                                      r.sampling.grammar_free_opener)
+        if r.guide is not None:
+            r.guide.follow(r.output_ids)
+        return r.guide
+
+    @staticmethod
+    def _forced(r: DecodeRequest) -> int | None:
+        """The token a thinking budget forces next, its count made at its first sampling here."""
+        if r.sampling.thinking_budget is not None and r.think is None:
+            r.think = ThinkBudget.of(r.sampling)
+        return forced_now(r.think, r.output_ids)
+
     def _decode_samples(self, step: Step) -> Sampling:
         """sample()'s arguments for the step's decode rows: a request's j-th row as if its first
         j drafts were its output."""
