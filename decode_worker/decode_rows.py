@@ -5,11 +5,11 @@ each row is sampled.
   1. rows:     each running request feeds its last token; one that speculates (no grammar or
                thinking budget) and finds drafts by prompt lookup feeds each draft too, as a
                one-token row of its own at the next position — as many as its pace
-               (engine/speculative.py, step 6), the step's row budget, its max_tokens and its
-               blocks allow (a block more where one is free)
+               (engine/speculative.py, step 6), the batch's free rows (max_batch_size), the step's
+               token budget, its max_tokens and its blocks allow (a block more where one is free)
   2. forward:  every layer stores all rows' K/V before any row attends, so a draft row, reading
                its context up to its own position, sees the drafts before it: one decode forward
-               (the paged decode kernel; on CUDA the decode graphs, up to their largest batch)
+               (the paged decode kernel; on CUDA the decode graphs)
                gives the logits after each draft as after an accepted token
   3. sampling: one sample() over every row: a request's j-th row is sampled as if its first j
                drafts were already its output (penalties, min_tokens, bad words, logprobs)
@@ -23,7 +23,7 @@ import threading
 
 from decode_worker.request import DecodeRequest, DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
-from engine.model_runner import ModelRunner, SeqInput
+from engine.model_runner import SeqInput
 from engine.prefix_cache import PrefixCache
 from engine.sampler import History, needs_history
 from engine.speculative import Lookup, Pace, accept, propose, speculates
@@ -40,7 +40,6 @@ Sampling = tuple[list[SamplingParams], list[int], list[History | None], list[tup
 class DecodeRows:
     """Mixin of BatchWorker: the state it reads is set up in BatchWorker.__init__."""
 
-    runner: ModelRunner
     scheduler: DecodeScheduler
     allocator: PrefixCache
     lock: threading.Lock
@@ -52,8 +51,8 @@ class DecodeRows:
     # -- 1. rows --------------------------------------------------------------------------------
     def _decode_rows(self, batch: list[DecodeRequest], budget: int | None = None,
                      ) -> tuple[list[SeqInput], list[list[int]]]:
-        """Under `lock`: the step's decode rows and each request's drafts (at most `budget` in all;
-        on CUDA also at most what keeps the step within the decode graphs)."""
+        """Under `lock`: the step's decode rows and each request's drafts (at most `budget` in all,
+        and at most max_batch_size rows: on CUDA the step stays within the decode graphs)."""
         drafts = self._drafts(batch, budget) if self.lookup.num_tokens else []
         seqs = []
         for i, r in enumerate(batch):
@@ -64,9 +63,9 @@ class DecodeRows:
 
     def _drafts(self, batch: list[DecodeRequest], budget: int | None) -> list[list[int]]:
         bs, out = self.allocator.block_size, []
-        left = len(batch) * self.lookup.num_tokens if budget is None else budget
-        if self.runner.graphs is not None:
-            left = min(left, self.runner.graphs.max_batch - len(batch))
+        left = self.scheduler.max_batch_size - len(batch)  # a step's rows, drafts included: at most max_batch_size
+        if budget is not None:
+            left = min(left, budget)
         for r in batch:
             out.append([])
             if left <= 0 or not speculates(r.sampling):

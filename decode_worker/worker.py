@@ -44,8 +44,7 @@ class DecodeWorker(BatchWorker):
         self, worker_id: str, model_cfg: ModelConfig, kv_cfg: KVCacheConfig, cfg: DecodeConfig,
         transport_cfg: TransportConfig, node: str = "local",
     ) -> None:
-        rows = cfg.max_batch_size * (1 + cfg.speculative.num_tokens)  # a step's decode rows, drafts included
-        super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=rows + cfg.max_recompute_tokens,
+        super().__init__(worker_id, model_cfg, kv_cfg, cfg, node, step_tokens=cfg.max_batch_size + cfg.max_recompute_tokens,
                          share_cache=transport_cfg.backend in ("auto", "ipc"),  # prefill workers may write it
                          prompt_tokens=(cfg.max_recompute_tokens, cfg.max_recompute_tokens), share_on_reserve=True)
         self.cfg = cfg

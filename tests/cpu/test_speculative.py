@@ -145,6 +145,18 @@ def test_a_run_of_tokens_ends_at_the_token_that_ends_the_request() -> None:
     assert s.tokens_generated == 2 + 3 + 3
 
 
+def test_drafts_fill_only_the_batchs_free_rows(spec: Worker) -> None:
+    """A step has at most max_batch_size rows (8 here): on CUDA it stays within the decode graphs."""
+    def running(i: int) -> DecodeRequest:
+        return DecodeRequest(f"r{i}", 8, SamplingParams(max_tokens=50), EOS, [60 + 4 * i + b for b in range(4)],
+                             prompt_ids=[1, 2, 3, 4, 1, 2, 3, 4], status=DecodeStatus.RUNNING, output_ids=[1, 2])
+
+    for n, most in ((1, 4), (3, 5), (6, 2), (8, 0)):
+        seqs, drafts = spec.w._decode_rows([running(i) for i in range(n)])
+        assert len(seqs) == n + sum(map(len, drafts)) <= 8 and sum(map(len, drafts)) == most, n
+        assert all(d == [3, 4, 1, 2][: len(d)] for d in drafts)  # (after [1, 2]: what followed it before)
+
+
 def test_each_draft_position_is_sampled_with_the_drafts_before_it_as_output(spec: Worker) -> None:
     """Penalties and min_tokens at draft position j see the output plus the first j drafts."""
     sp = SamplingParams(max_tokens=10, frequency_penalty=0.6, min_tokens=3, stop_token_ids=(9,))
