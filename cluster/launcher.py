@@ -50,7 +50,10 @@ class RayDecodePeer:
 
 
 def _describe(worker: Any) -> str:  # runs inside the actor via __ray_call__
-    return str(worker.runner.describe())
+    lookup = getattr(worker, "lookup", None)  # decode and aggregated workers: decode.speculative
+    drafts = (f"; drafts by prompt lookup: up to {lookup.num_tokens} a row (runs of {lookup.min_n}-{lookup.max_n} "
+              "tokens)" if lookup is not None and lookup.num_tokens else "")
+    return str(worker.runner.describe()) + drafts
 
 
 def _node_info(worker: Any) -> tuple[str, str, str]:  # runs inside the actor via __ray_call__

@@ -18,7 +18,8 @@ class SpeculativeConfig(Frozen):
         "`ngram`); the step's forward checks them all and the row keeps those the model agrees with, then the "
         "model's own next token: 1 to num_tokens + 1 tokens a step, the same tokens as decoding one at a time. "
         "A drawn row accepts a draft when its draw there is the draft (a seeded row draws the tokens it draws "
-        "without drafts). Rows that follow a grammar or a thinking budget decode one token a step. Each "
+        "without drafts); a grammar's mask and a thinking budget's forced token at each draft come from copies "
+        "that followed the drafts before it. Each "
         "draft is a one-token decode row (on CUDA within the decode graphs); a step with drafts is not left in "
         "flight. 0: off."
     )

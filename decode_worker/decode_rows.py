@@ -2,8 +2,8 @@
 and drafts where it speculates (decode.speculative; the method: engine/speculative.py) — and how
 each row is sampled.
 
-  1. rows:     each running request feeds its last token; one that speculates (no grammar or
-               thinking budget) and finds drafts by prompt lookup feeds each draft too, as a
+  1. rows:     each running request feeds its last token; one that finds drafts by prompt lookup
+               (and is not waiting: its pace) feeds each draft too, as a
                one-token row of its own at the next position — as many as its pace
                (engine/speculative.py, step 6), the batch's free rows (max_batch_size), the step's
                token budget, its max_tokens and its blocks allow (a block more where one is free)
@@ -12,13 +12,15 @@ each row is sampled.
                (the paged decode kernel; on CUDA the decode graphs)
                gives the logits after each draft as after an accepted token
   3. sampling: one sample() over every row: a request's j-th row is sampled as if its first j
-               drafts were already its output (penalties, min_tokens, bad words, logprobs)
+               drafts were already its output (penalties, min_tokens, bad words, logprobs; its
+               grammar and thinking budget: copies that followed those drafts)
   4. accept:   the drafts that match, then the token sampled after them: 1 to d + 1 tokens a
                request, handed to the scheduler in order (one that ends the request drops the
                rest); the request's pace follows
 """
 from __future__ import annotations
 
+import copy
 import threading
 
 from decode_worker.request import DecodeRequest, DecodeStatus
@@ -26,7 +28,7 @@ from decode_worker.scheduler import DecodeScheduler
 from engine.model_runner import SeqInput
 from engine.prefix_cache import PrefixCache
 from engine.sampler import History, needs_history
-from engine.speculative import Lookup, Pace, accept, propose, speculates
+from engine.speculative import Lookup, Pace, accept, propose
 from engine.step_loop import Step
 from engine.structured import Guide, Guides
 from engine.think_budget import ThinkBudget, forced_now
@@ -68,11 +70,12 @@ class DecodeRows:
             left = min(left, budget)
         for r in batch:
             out.append([])
-            if left <= 0 or not speculates(r.sampling):
-                continue
             r.pace = r.pace or Pace(self.lookup.num_tokens)
+            if not r.pace.ready:
+                r.pace.tick()
+                continue
             # each draft is a token more this step: at most max_tokens in all, and (1 + d) in its blocks
-            most = min(left, r.pace.allowed(), r.sampling.max_tokens - len(r.output_ids) - 1)
+            most = min(left, r.pace.length, r.sampling.max_tokens - len(r.output_ids) - 1)
             if most <= 0:
                 continue
             d = propose(r.pace.context(r.prompt_ids or (), r.output_ids), self.lookup, most)
@@ -132,11 +135,16 @@ class DecodeRows:
                 for col, a in zip(out, args):
                     col.append(a[i])
                 continue
-            p = r.sampling
+            p, guide = r.sampling, args[4][i]
             for j in range(len(drafts) + 1):
                 made = [*r.output_ids, *drafts[:j]]
+                if j and guide is not None:  # its grammar after the drafts; past one it refuses (where the row
+                    follows = guide.fork()  # stops), a copy of the last state: each row's matcher its own
+                    follows.follow(made)
+                    guide = guide.fork() if follows.matcher.is_error() else follows
                 for col, a in zip(out, (p, r.num_tokens + j, History(r.prompt_ids or (), made) if p.penalized else None,
-                                        banned_now(p, len(made), r.eos_token_ids, made), None, None)):
+                                        banned_now(p, len(made), r.eos_token_ids, made), guide,
+                                        forced_now(copy.copy(r.think), made) if j else args[5][i])):
                     col.append(a)
         return out
 

@@ -6,8 +6,8 @@ flight, fed the tokens that one draws, before the host has read them.
      (decode.speculative); its rows are sampled on the device at once, unless one needs the tokens
      before it (penalties, a grammar): that batch is sampled once the step before is complete;
   2. follow: the same rows, each fed its token at the position it takes, while nothing else waits
-     (no cancel, arrival, preempted request or prompt: `_quiet`) and no row may feed drafts
-     (decode.speculative: they are looked up in its tokens, on the host), a row whose token starts a
+     (no cancel, arrival, preempted request or prompt: `_quiet`) and no row could feed drafts
+     (decode.speculative: a full batch, or every row waiting after misses), a row whose token starts a
      block given one here, and at most MAX_FOLLOWS steps in a row (a complete turn then runs the
      rest: reservations expire there);
   3. complete: the host waits for a step's tokens and hands them to the scheduler; the blocks of
@@ -25,7 +25,7 @@ from engine.model_runner import ModelRunner, SeqInput
 from engine.prefix_cache import PrefixCache
 from engine.prompt_queue import PromptQueue
 from engine.sampler import needs_history, sample_queued
-from engine.speculative import Lookup, speculates
+from engine.speculative import Lookup
 from engine.step_loop import InFlight, Step
 
 MAX_FOLLOWS = 64  # steps that follow one in flight before a complete turn
@@ -77,8 +77,8 @@ class StepsInFlight:
         with self.lock:
             if not self._quiet():
                 return None
-            if self.lookup.num_tokens and any(speculates(r.sampling) for r in prev.step.decode):
-                return None  # a row may feed drafts: looked up once its tokens are read
+            if self._may_draft(prev.step.decode):
+                return None  # looked up once its tokens are read
             for i, r in enumerate(prev.step.decode):
                 if r.status is not DecodeStatus.RUNNING or len(r.output_ids) + 1 >= r.sampling.max_tokens:
                     continue  # ended, or prev's token is its last
@@ -93,7 +93,16 @@ class StepsInFlight:
                     if new is None:
                         return None
                     r.block_table.extend(new)
+            for r in rows:  # a step each waited through (decode.speculative)
+                if r.pace is not None:
+                    r.pace.tick()
         return Step(rows, [], seqs, [])
+
+    def _may_draft(self, rows: list[DecodeRequest]) -> bool:
+        """Under `lock`: whether the step after `rows` could feed drafts (decode.speculative on, room
+        in the batch, a row not waiting after misses: its pace); it is then scheduled, not followed."""
+        return (self.lookup.num_tokens > 0 and len(rows) < self.scheduler.max_batch_size
+                and any(r.pace is None or r.pace.ready for r in rows))
 
     def _launch(self, step: Step, prev: InFlight | None) -> InFlight:
         """Its rows are sampled now unless one needs its history and prev's tokens are not read yet."""

@@ -1,7 +1,7 @@
 """Speculative decoding by prompt lookup (n-grams): drafts taken from a request's own tokens, checked
 by the model in the decode step that would have computed one token.
 
-A decode row that speculates (`speculates`: no grammar, no thinking budget), each step:
+Each decode row, each step:
   1. propose()  the longest suffix of its tokens (prompt + output), of prompt_lookup_max down to
                 prompt_lookup_min tokens, that occurred before; the up to num_tokens tokens that
                 followed its latest earlier occurrence are its drafts (none found: a plain row)
@@ -9,8 +9,9 @@ A decode row that speculates (`speculates`: no grammar, no thinking budget), eac
                 forward as the row's last token: every layer stores all rows' K/V before any row
                 attends, so a draft's row sees the drafts before it (decode_worker/decode_rows.py)
   3. sample     each of those positions as a decode row would be sampled with the drafts before it
-                already in its output (`positions`: penalties, min_tokens, bad words, logprobs;
-                a drawn row's key is its seed and the position, as one at a time)
+                already in its output (`positions`: penalties, min_tokens, bad words, logprobs; a
+                grammar's mask and a thinking budget's forced token from copies that followed the
+                drafts; a drawn row's key is its seed and the position, as one at a time)
   4. accept()   the drafts up to the first that differs from its position's token, then that
                 position's token: 1 to d + 1 tokens for the row, each the token decoding one at a
                 time gives
@@ -34,7 +35,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.types import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,14 @@ class Pace:
         self._filled = n
         return self._tokens[:n]
 
-    def allowed(self) -> int:
-        """Drafts the row may feed this step (a waiting row: none, and one step less to wait)."""
-        if self.wait:
-            self.wait -= 1
-            return 0
-        return self.length
+    @property
+    def ready(self) -> bool:
+        """Whether the row may feed drafts this step (`length` of them at most)."""
+        return self.wait == 0
+
+    def tick(self) -> None:
+        """A step the row waited through."""
+        self.wait = max(0, self.wait - 1)
 
     def update(self, fed: int, accepted: int, most: int) -> None:
         if accepted == fed:
@@ -89,12 +91,6 @@ class Pace:
             self.length = max(1, accepted)
         self.misses = self.misses + 1 if accepted == 0 else 0
         self.wait = min(MAX_WAIT, 2**self.misses - 1)
-
-
-def speculates(sampling: SamplingParams) -> bool:
-    """Whether a row may feed drafts: no grammar or thinking budget (their state steps with each
-    token sampled, on the host)."""
-    return not sampling.grammar and sampling.thinking_budget is None
 
 
 def propose(context: Sequence[int] | np.ndarray, lookup: Lookup, most: int) -> list[int]:

@@ -21,6 +21,7 @@ decode worker's agree, and a preempted or moved request's Guide replays its outp
 """
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -122,6 +123,12 @@ class Guide:
             if self.after in self._decode(list(output_ids[max(0, j + 1 - reach):j + 1])):
                 return j + 1
         return None  # not reached: a text found at once is found token by token
+
+    def fork(self) -> Guide:
+        """A copy that may follow other tokens (speculative decoding's drafts), this one unchanged."""
+        g = copy.copy(self)
+        g.matcher = self.matcher.deep_copy()
+        return g
 
     @property
     def complete(self) -> bool:

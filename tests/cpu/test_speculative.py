@@ -21,9 +21,10 @@ from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, SeqInput
 from engine.prefix_cache import PrefixCache
 from engine.sampler import sample
-from engine.speculative import MAX_WAIT, Lookup, Pace, accept, propose, speculates
+from engine.speculative import MAX_WAIT, Lookup, Pace, accept, propose
+from engine.structured import grammar_text
 from engine.step_loop import Step
-from engine.tiny import tiny_tokenizer
+from engine.tiny import tiny_model, tiny_tokenizer
 from engine.types import FinishReason, PrefillRequest, SamplingParams, TokenLogprob
 from router.metrics import RouterMetrics
 from tests.cpu.harness import RunningServer, hf_greedy, hf_greedy_ids, prompts, tiny_config, wait_until
@@ -84,23 +85,25 @@ def test_accept_keeps_matching_drafts_then_the_models_token() -> None:
 
 def test_a_rows_pace_follows_its_acceptance_and_backs_off_after_misses() -> None:
     p = Pace(4)
-    assert p.allowed() == 4
+    assert p.ready and p.length == 4
     p.update(4, 4, most=4)
-    assert p.allowed() == 4  # all accepted: at most num_tokens
+    assert p.length == 4  # all accepted: at most num_tokens
     p.update(4, 2, most=4)
-    assert p.allowed() == 2  # as many as were accepted
+    assert p.length == 2  # as many as were accepted
     p.update(2, 2, most=4)
-    assert p.allowed() == 3  # one more
+    assert p.length == 3  # one more
     waits = []
     for _ in range(8):  # misses: it waits 1, 3, 7, ... steps (at most MAX_WAIT), then tries one draft
-        p.update(p.allowed(), 0, most=4)
+        p.update(p.length, 0, most=4)
         n = 0
-        while p.allowed() == 0:
+        while not p.ready:
+            p.tick()
             n += 1
         waits.append(n)
+        assert p.length == 1
     assert waits == [1, 3, 7, 15, 31, MAX_WAIT, MAX_WAIT, MAX_WAIT]
     p.update(1, 1, most=4)  # an accepted draft ends the back-off
-    assert (p.allowed(), p.misses, p.wait) == (2, 0, 0)
+    assert (p.length, p.misses, p.ready) == (2, 0, True)
 
 
 def test_a_rows_tokens_are_kept_as_an_array_that_grows_with_its_output() -> None:
@@ -110,14 +113,6 @@ def test_a_rows_tokens_are_kept_as_an_array_that_grows_with_its_output() -> None
         assert got.tolist() == prompt + out, step
         out += [step, step + 1][: 1 + step % 2]  # one or two tokens a step (accepted drafts)
     assert propose(p.context(prompt, [*out, 3, 4]), LOOKUP, 4) == propose(prompt + out + [3, 4], LOOKUP, 4) != []
-
-
-def test_rows_without_a_grammar_or_thinking_budget_speculate() -> None:
-    assert speculates(SamplingParams())
-    assert speculates(SamplingParams(repetition_penalty=1.2, logprobs=2, min_tokens=3, stop_token_ids=(9,)))
-    assert speculates(SamplingParams(temperature=0.7, seed=3))
-    assert not speculates(SamplingParams(grammar='root ::= "a"'))
-    assert not speculates(SamplingParams(thinking_budget=4, think_end_id=9))
 
 
 def test_config_is_validated() -> None:
@@ -172,14 +167,46 @@ def test_each_draft_position_is_sampled_with_the_drafts_before_it_as_output(spec
     assert spec.w._accepted(step, tokens, lps)[0] == [[5, 5, 9, tokens[3]]]
 
 
+def test_a_draft_position_past_the_thinking_budget_is_forced_to_close_it(spec: Worker) -> None:
+    sp = SamplingParams(max_tokens=10, thinking_budget=2, think_end_id=9)
+    r = DecodeRequest("t", 3, sp, EOS, [0], prompt_ids=[1, 2, 3], status=DecodeStatus.RUNNING, output_ids=[4])
+    step = Step([r], [], [SeqInput([t], 3 + j, [0]) for j, t in enumerate([4, 5, 5, 6])], [], [[5, 5, 6]])
+    logits = torch.zeros(4, spec.w.runner.vocab_size)
+    logits[:, 5] = 1.0
+    args = spec.w._decode_samples(step)
+    assert args[5] == [None, 9, 9, 9]  # 1 thought token, then 2: spent
+    tokens, lps = sample(logits, *args)
+    assert spec.w._accepted(step, tokens, lps)[0] == [[5, 9]]
+    assert r.think is not None and r.think.followed == 1  # the row's own budget: its output only
+
+
+def test_a_step_follows_one_in_flight_only_where_no_row_could_draft(spec: Worker, plain: Worker) -> None:
+    """decode.overlap_steps with drafts: a step is queued behind the one in flight only where its
+    rows could feed none (a full batch, or every row waiting after misses)."""
+    def rows(n: int, wait: int | None) -> list[DecodeRequest]:
+        out = [DecodeRequest(f"w{i}", 3, SamplingParams(), EOS, [0], status=DecodeStatus.RUNNING) for i in range(n)]
+        for r in out:
+            r.pace = None if wait is None else Pace(2, misses=1, wait=wait)
+        return out
+
+    assert spec.w._may_draft(rows(3, None)) and spec.w._may_draft(rows(3, 0))
+    assert not spec.w._may_draft(rows(3, 2))  # all waiting
+    assert not spec.w._may_draft(rows(8, None))  # a full batch (max_batch_size 8)
+    assert not plain.w._may_draft(rows(3, None))  # drafts off
+
+
 # -- the forward -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kernels", ["auto", "torch", "triton", "triton-graphs"])
-def test_draft_rows_attend_to_the_drafts_before_them_in_the_same_forward(kernels: str) -> None:
+@pytest.mark.parametrize(("arch", "kernels"), [
+    ("llama", "auto"), ("llama", "torch"), ("llama", "triton"), ("llama", "triton-graphs"),
+    ("deepseek_v2", "auto"), ("deepseek_v2", "triton-graphs"),  # latent attention
+    ("gemma3_text", "auto"), ("gemma3_text", "triton"),  # sliding windows
+])
+def test_draft_rows_attend_to_the_drafts_before_them_in_the_same_forward(arch: str, kernels: str) -> None:
     """A decode row and a sequence's last token with 4 drafts (one-token rows at consecutive
     positions) in one forward, beside a prompt chunk (or through the decode graphs' buffers): the
     draft rows' logits are Hugging Face's at those positions (each layer stores every row's K/V
     before any row attends)."""
-    model = load_model(ModelConfig(path="tiny"))
+    model = load_model(ModelConfig(path="tiny")) if arch == "llama" else tiny_model(arch=arch)
     runner = ModelRunner(model, 64, 16, kernels.removesuffix("-graphs"))
     if kernels.endswith("graphs"):
         runner.use_decode_graphs(max_batch=8, max_model_len=128, capture=False)
@@ -315,6 +342,28 @@ def test_a_seeded_drawn_row_draws_the_tokens_it_draws_without_drafts(spec: Worke
     for k in runs:
         assert got[k][0] == want[k][0], k
         assert [lp.token_id for lp in got[k][1]] == [lp.token_id for lp in want[k][1]]
+
+
+def test_grammars_and_thinking_budgets_as_without_drafts(spec: Worker, plain: Worker) -> None:
+    """A draft position's mask comes from a copy of the row's grammar that followed the drafts
+    before it, its forced token from a copy of its thinking budget: the same tokens as without
+    drafts, the row's own grammar and budget stepping only with the tokens it keeps."""
+    ps = prompts(6, seed=50)
+    close = 10  # "</think>" of this test: one token of the tiny vocabulary
+    params = [SamplingParams(max_tokens=48, grammar=grammar_text("regex", r"(ab|abc|ca)+!")),
+              SamplingParams(max_tokens=48, temperature=0.5, seed=9, grammar=grammar_text("regex", r"(xy|xyz)+\.")),
+              SamplingParams(max_tokens=48, grammar=grammar_text("choice", ["yes yes yes yes", "no no no no no"])),
+              SamplingParams(max_tokens=30, thinking_budget=12, think_end_id=close, ignore_eos=True),
+              SamplingParams(max_tokens=30, thinking_budget=3, think_end_id=close, temperature=0.4, seed=2,
+                             ignore_eos=True)]
+    runs = {f"g{i}": (p, sp) for i, (p, sp) in enumerate(zip(ps, params))}
+    before = spec.drafts
+    got, want = _crowd(spec, runs), _crowd(plain, runs)
+    assert spec.drafts[1] > before[1]
+    for k in runs:
+        assert got[k][0] == want[k][0], k
+    think = got["g3"][0]
+    assert close in think and think.index(close) <= 12  # the budget forced "</think>" by its 13th token
 
 
 def test_drafts_across_blocks_and_under_preemption_leak_nothing() -> None:
