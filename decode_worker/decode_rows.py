@@ -21,7 +21,10 @@ each row is sampled.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
+from collections.abc import Iterator, Sequence
+from typing import overload
 
 from decode_worker.request import DecodeRequest, DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
@@ -37,6 +40,34 @@ from engine.types import SamplingParams, TokenLogprob, banned_now
 # sample()'s arguments: params, positions, histories, banned tokens, guides, forced tokens (engine/sampler.py)
 Sampling = tuple[list[SamplingParams], list[int], list[History | None], list[tuple[int, ...]], list[Guide | None],
                  list[int | None]]
+
+
+class Then(Sequence[int]):
+    """A row's output followed by some of its drafts, as the sampling rules read it, without a copy
+    of the output (long, and read at a few places: its length, its tail, what a grammar follows)."""
+
+    def __init__(self, head: Sequence[int], tail: Sequence[int]) -> None:
+        self.head, self.tail = head, tail
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain(self.head, self.tail)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        n = len(self.head)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            assert step == 1, "contiguous slices only"
+            return [*self.head[start:min(stop, n)], *self.tail[max(start - n, 0):max(stop - n, 0)]]
+        i = i + len(self) if i < 0 else i
+        return self.head[i] if i < n else self.tail[i - n]
 
 
 class DecodeRows:
@@ -137,7 +168,7 @@ class DecodeRows:
                 continue
             p, guide = r.sampling, args[4][i]
             for j in range(len(drafts) + 1):
-                made = [*r.output_ids, *drafts[:j]]
+                made = Then(r.output_ids, drafts[:j])
                 if j and guide is not None:  # its grammar after the drafts; past one it refuses (where the row
                     follows = guide.fork()  # stops), a copy of the last state: each row's matcher its own
                     follows.follow(made)

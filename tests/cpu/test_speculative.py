@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from decode_worker.aggregated import AggregatedWorker
 from decode_worker.config import AggregatedConfig, DecodeConfig, SpeculativeConfig
+from decode_worker.decode_rows import Then
 from decode_worker.request import DecodeRequest, DecodeStatus
 from decode_worker.scheduler import DecodeScheduler
 from engine.config import KVCacheConfig, ModelConfig
@@ -160,7 +161,7 @@ def test_each_draft_position_is_sampled_with_the_drafts_before_it_as_output(spec
     logits = torch.zeros(4, spec.w.runner.vocab_size)  # [1 + 3 drafts, V]
     logits[:, 5], logits[:, 9] = 1.0, 0.8
     args = spec.w._decode_samples(step)
-    assert args[1] == [4, 5, 6, 7] and [h.output for h in args[2]] == [[4], [4, 5], [4, 5, 5], [4, 5, 5, 9]]
+    assert args[1] == [4, 5, 6, 7] and [list(h.output) for h in args[2]] == [[4], [4, 5], [4, 5, 5], [4, 5, 5, 9]]
     # 5 wins until it was drawn twice (1 - 2 * 0.6 < 0.8); 9 is banned until 3 tokens are out
     tokens, lps = sample(logits, *args)
     assert tokens[:3] == [5, 5, 9]
@@ -193,6 +194,16 @@ def test_a_step_follows_one_in_flight_only_where_no_row_could_draft(spec: Worker
     assert not spec.w._may_draft(rows(3, 2))  # all waiting
     assert not spec.w._may_draft(rows(8, None))  # a full batch (max_batch_size 8)
     assert not plain.w._may_draft(rows(3, None))  # drafts off
+
+
+def test_an_output_then_drafts_reads_as_the_joined_list() -> None:
+    head, tail = list(range(10)), [100, 101, 102]
+    x, full = Then(head, tail), head + tail
+    assert len(x) == 13 and list(x) == full and tuple(x[11:]) == (101, 102)
+    for a in range(-15, 16):
+        for b in range(-15, 16):
+            assert x[a:b] == full[a:b], (a, b)
+    assert [x[i] for i in range(-13, 13)] == [full[i] for i in range(-13, 13)]
 
 
 # -- the forward -----------------------------------------------------------------------------------
