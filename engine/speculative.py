@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class Lookup:
     """How drafts are proposed (decode.speculative, validated)."""
@@ -85,6 +84,7 @@ class Pace:
         self.wait = max(0, self.wait - 1)
 
     def update(self, fed: int, accepted: int, most: int) -> None:
+        """After a step that fed `fed` drafts and accepted `accepted` of them (most: num_tokens)."""
         if accepted == fed:
             self.length = min(most, self.length + 1)
         else:
