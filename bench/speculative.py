@@ -1,17 +1,16 @@
 """Speculative decoding by prompt lookup (decode.speculative) through the whole serving path: the
-same greedy requests with drafts off and on, on the same machine and run.
+same requests with drafts off and on, on the same machine and run.
 
     python bench/speculative.py --config deploy/local.yaml --num-tokens 4 --concurrency 1,4 \
         --output bench/results/speculative.json
 
 Tasks (chat messages to the configured model, greedy unless --temperature (then seeded),
 max_tokens each): `edit` (rewrite a function with one name changed: most of the answer is in the
-prompt), `quote` (repeat a paragraph), `free`
-(an open question: little to look up). For each task and concurrency C, C copies run at once,
---repeats times; per request the time per output token after the first (TPOT), the median of
-them reported, and the streamed tokens. Reported per
-task: median TPOT and decode tok/s per stream with drafts off and on, the speed-up, whether the
-answers are the same token for token, and the decode workers' drafts fed / accepted over the task.
+prompt), `quote` (repeat a paragraph), `free` (an open question: little to look up). For each task
+and concurrency C, C copies run at once, --repeats times; per request the time per output token
+after the first (TPOT) and the streamed tokens. Reported per task: the median TPOT with drafts off
+and on, the speed-up, whether the answers are the same token for token, and the decode workers'
+drafts fed / accepted over the task.
 """
 from __future__ import annotations
 
@@ -101,7 +100,7 @@ def _run(cfg: PDServeConfig, concurrency: list[int], max_tokens: int, repeats: i
                 after = _drafts(srv)
                 tpot = statistics.median(r["tpot_ms"] for r in rows)
                 out[f"{task}/c{c}"] = {
-                    "tpot_ms": tpot, "tok_s_per_stream": 1000 / tpot,
+                    "tpot_ms": tpot,
                     "completion_tokens": [len(r["tokens"]) for r in rows],
                     "draft_tokens": after[0] - before[0], "accepted_tokens": after[1] - before[1],
                     "tokens": rows[0]["tokens"],

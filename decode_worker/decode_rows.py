@@ -156,26 +156,24 @@ class DecodeRows:
 
     def _decode_samples(self, step: Step) -> Sampling:
         """sample()'s arguments for the step's decode rows: a request's j-th row as if its first
-        j drafts were its output."""
+        j drafts were its output (its first row: as without drafts)."""
         args = self._decode_sampling(step.decode)
         if not step.drafts:
             return args
         out: Sampling = ([], [], [], [], [], [])
         for i, (r, drafts) in enumerate(zip(step.decode, step.drafts)):
-            if not drafts:
-                for col, a in zip(out, args):
-                    col.append(a[i])
-                continue
+            for col, a in zip(out, args):
+                col.append(a[i])
             p, guide = r.sampling, args[4][i]
-            for j in range(len(drafts) + 1):
+            for j in range(1, len(drafts) + 1):
                 made = Then(r.output_ids, drafts[:j])
-                if j and guide is not None:  # its grammar after the drafts; past one it refuses (where the row
+                if guide is not None:  # its grammar after the drafts; past one it refuses (where the row
                     follows = guide.fork()  # stops), a copy of the last state: each row's matcher its own
                     follows.follow(made)
                     guide = guide.fork() if follows.matcher.is_error() else follows
                 for col, a in zip(out, (p, r.num_tokens + j, History(r.prompt_ids or (), made) if p.penalized else None,
                                         banned_now(p, len(made), r.eos_token_ids, made), guide,
-                                        forced_now(copy.copy(r.think), made) if j else args[5][i])):
+                                        forced_now(copy.copy(r.think), made))):
                     col.append(a)
         return out
 
