@@ -17,6 +17,9 @@
 #                                                           # then with model.quantization fp8 (FP8 experts)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh spec       # 1.1B: what drafts (decode.speculative) cost a decode step through the
 #                                                           # graphs: 1, 4, 16 rows with 0, 1, 2, 4 drafts each (< 2 min)
+#     . .gpu/setup.sh && sh bench/gpu_checks.sh mixed      # 1.1B: 32 decode rows + a prompt chunk of 16..224 tokens at 0, 512, 1536:
+#                                                           # as rows of the graphs against the eager forward, and which one
+#                                                           # the worker's rule picks (< 2 min)
 #     . .gpu/setup.sh && sh bench/gpu_checks.sh mla        # the latent attention kernels alone (engine/triton_mla.py; < 1 min, no
 #                                                           # model): decode at 1, 16, 64 x 512, 4096 tokens for 16 and 128 heads
 #                                                           # against the bytes read and the expanded form
@@ -87,6 +90,8 @@ case "${1:-tests}" in
              --quantization fp8 --output "$OUT/step-qwen3-a3b-24l-fp8.json" 2>&1 | tee "$OUT/step-qwen3-a3b-24l-fp8.log" | tail -4 ;;
   spec)    python3 bench/draft_rows.py --model "$(model 1.1b)" --device cuda --dtype bfloat16 --batch 1,4,16 \
              --drafts 0,1,2,4 --context 512 --output "$OUT/draft-rows.json" 2>&1 | tee "$OUT/draft-rows.log" | tail -12 ;;
+  mixed)   python3 bench/mixed_step.py --model "$(model 1.1b)" --decode 32 --context 512 --chunk 16,64,128,224 \
+             --start 0,512,1536 --output "$OUT/mixed-step.json" 2>&1 | tee "$OUT/mixed-step.log" | tail -12 ;;
   mla)     python3 bench/mla_kernels.py --output "$OUT/mla-kernels.json" 2>&1 | tee "$OUT/mla-kernels.log" | tail -14 ;;
   deepseek) p=$(model deepseek-v2-lite)
            python3 bench/gpu_step.py --model-path "$p" --batches 1,16,64 --no-hf --profile \

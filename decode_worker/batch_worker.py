@@ -79,7 +79,7 @@ class BatchWorker(DecodeRows, StepsInFlight, StepLoop):
         self.runner = ModelRunner(model, blocks, kv_cfg.block_size, model_cfg.kernels, kv=kv, kv_dtype=dtype)
         self.runner.load_adapters(model_cfg.lora_adapters)
         if cfg.cuda_graphs and self.runner.device.type == "cuda" and self.runner.attn.name == "triton":
-            self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len)
+            self.runner.use_decode_graphs(cfg.max_batch_size, model_cfg.max_model_len, max_rows=step_tokens)
         self.allocator = PrefixCache(blocks, kv_cfg.block_size, enabled=kv_cfg.prefix_cache)
         self.scheduler = DecodeScheduler(self.allocator, cfg.max_batch_size, cfg.reserve_timeout_s, worker_id,
                                          kv_cfg.allocation == "on_demand", kv_cfg.watermark, share_on_reserve)

@@ -52,8 +52,11 @@ class BatchConfig(WorkerPlacement):
         "on a decode worker, prompts computed there (local_prefill_max_tokens) share it."
     )
     cuda_graphs: bool = Field(
-        True, description="On cuda with the triton kernels: decode steps of up to max_batch_size rows replay "
-        "CUDA graphs captured at start-up, one per batch bucket (1, 2, 4, 8, then every 16); false: eager."
+        True, description="On cuda with the triton kernels: steps replay CUDA graphs captured at start-up, one "
+        "per bucket of rows (1, 2, 4, 8, then every 16, up to the worker's step: max_batch_size + "
+        "max_recompute_tokens, or max_batch_tokens where larger); a decode row is a row, and so is each token of a "
+        "prompt chunk (aggregated, local prefill, recompute) while the step's rows read no more keys than "
+        "max_batch_size rows at max_model_len; a larger step runs eagerly. false: eager."
     )
     overlap_steps: bool = Field(
         True, description="With cuda_graphs: while nothing but the running rows waits, a decode step is queued "

@@ -186,7 +186,7 @@ class ModelRunner:
         scored position, in order; the caller's to keep)."""
         scoring = scores is not None and any(s.scored for s in seqs)
         if self.graphs is not None and not scoring and self.graphs.fits(seqs):
-            self.tokens_forwarded += len(seqs)
+            self.tokens_forwarded += sum(s.num_new for s in seqs)
             return self.graphs.run(seqs, feed)
         if feed is not None:
             raise ValueError("a fed decode step runs only through the decode graphs (graphs.fits)")
@@ -200,14 +200,16 @@ class ModelRunner:
             scores.update(prompt_scores.score(seqs, x, residual, self.logits))
         return self.logits(x, residual, meta.last)
 
-    def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
-        """Run decode steps of up to `max_batch` rows through CUDA graphs (engine/cuda_graphs.py);
-        capture defaults to: on CUDA. Needs the triton attention backend (with it, a mixture of
-        experts' grouped matmuls read nothing on the host: Experts.triton_for)."""
+    def use_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None,
+                          max_rows: int = 0) -> None:
+        """Run steps through CUDA graphs (engine/cuda_graphs.py): decode steps of up to `max_batch`
+        rows, and steps of up to `max_rows` new tokens in all (prompt chunks' tokens as rows; 0:
+        max_batch); capture defaults to: on CUDA. Needs the triton attention backend (with it, a
+        mixture of experts' grouped matmuls read nothing on the host: Experts.triton_for)."""
         from engine.cuda_graphs import DecodeGraphs
 
         self.graphs = DecodeGraphs(self, max_batch, max_model_len,
-                                   self.device.type == "cuda" if capture is None else capture)
+                                   self.device.type == "cuda" if capture is None else capture, max_rows)
 
     def _adapter_rows(self, seqs: list[SeqInput]) -> dict[str, torch.Tensor]:
         """Each adapter's token rows [n] in the forward's packed tokens (sequences in order)."""
@@ -224,7 +226,7 @@ class ModelRunner:
     def describe(self) -> str:
         """One line for a worker's start-up log: the model as computed here and the paths it takes."""
         cfg, mlps = self.model.config, sorted({type(layer.mlp).__name__ for layer in self.layers})
-        graphs = f"decode graphs up to batch {self.graphs.max_batch}" if self.graphs is not None else "no decode graphs"
+        graphs = f"CUDA graphs for steps of up to {self.graphs.max_rows} tokens" if self.graphs is not None else "no CUDA graphs"
         windows = sorted({w for w in self.attn.windows if w})
         sinks = ", sinks" if any(s is not None for s in self.attn.sinks) else ""
         fp8 = sum(layer.o_proj.scale is not None for layer in self.layers)  # (engine/fp8.py)

@@ -116,10 +116,10 @@ def launches(runs: list[tuple[str, torch.dtype]], num_sms: int = 132) -> list[tu
         runner = ModelRunner(model, num_blocks=80, block_size=bs, kernels="triton",
                              kv_dtype=torch.float8_e4m3fn if quant == "kv8" else None)
         runner.attn.num_sms = num_sms  # type: ignore[union-attr]
-        runner.use_decode_graphs(max_batch=64, max_model_len=256, capture=False)
         table = list(range(16))
         runner.forward([SeqInput(list(range(3, 43)), 0, table), SeqInput(list(range(3, 23)), 16, table)])
         runner.forward([SeqInput([5], 30, table), SeqInput(list(range(3, 13)), 0, table)])  # decode + prompt
+        runner.use_decode_graphs(max_batch=64, max_model_len=256, capture=False)  # (after: prompts as rows there)
         for b in buckets(64):
             runner.forward([SeqInput([5], 30 + i, table) for i in range(b)])
     ta._off64, tfp.bits = off64, bits

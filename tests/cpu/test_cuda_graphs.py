@@ -47,7 +47,7 @@ def test_graph_path_decodes_like_hf_across_buckets_and_the_eager_fallback(num_sm
     assert graphs is not None
     tables = [list(range(i * 8, i * 8 + 8))[::-1] for i in range(6)]  # reversed: not position order
     out = [[int(r.argmax())] for r in runner.forward([SeqInput(p, 0, t) for p, t in zip(prompts, tables)])]
-    assert graphs.replays == 0  # prompts never take the graph path
+    assert graphs.replays == 0  # the prompts: more rows than the largest bucket, eager
     seen_batches = []
     while True:
         live = [i for i in range(6) if len(out[i]) < lengths[i]]
@@ -109,3 +109,75 @@ def test_the_buffers_hold_every_rows_inputs_as_rows_change_requests_and_tables_c
     check([SeqInput([1], 0, d), SeqInput([6], 11, b), SeqInput([8], 7, c), SeqInput([5], 9, a)])
     check([SeqInput([8], 8, c), SeqInput([1], 1, d)])  # c's context reaches its third block
     check([SeqInput([8], 16, c), SeqInput([1], 2, d)])  # ... and its fifth, written once, never rewritten
+
+
+def _eager_and_graphed(max_batch: int, max_rows: int, model_len: int, arch: str = "llama"
+                       ) -> tuple[torch.nn.Module, ModelRunner, ModelRunner]:
+    model = MODEL if arch == "llama" else tiny_model(arch=arch)
+    eager = ModelRunner(model, num_blocks=64, block_size=8, kernels="triton")
+    graphed = ModelRunner(model, num_blocks=64, block_size=8, kernels="triton")
+    graphed.use_decode_graphs(max_batch, model_len, capture=False, max_rows=max_rows)
+    return model, eager, graphed
+
+
+# mistral: a sliding window of 16 across a chunk's rows; deepseek_v2: latent attention's decode kernel
+@pytest.mark.parametrize("arch", ["llama", "mistral", "deepseek_v2"])
+def test_prompt_chunks_run_as_rows_of_the_graphs_with_the_eager_forwards_logits(arch: str) -> None:
+    """A step of decode rows and prompt chunks (a whole prompt, a later chunk of one, a one-token
+    prompt) is a bucket's rows, a token each: the logits of every sequence's last token are the eager
+    forward's (its prompt kernel), the cache holds the same K/V, and the tokens then decode as HF's."""
+    rng = random.Random(7)
+    model, eager, graphed = _eager_and_graphed(max_batch=4, max_rows=48, model_len=256, arch=arch)
+    prompts = [[rng.randrange(3, 259) for _ in range(n)] for n in (9, 30, 1, 21)]
+    tables = [list(range(i * 8, i * 8 + 8))[::-1] for i in range(4)]
+    first = [SeqInput(prompts[0], 0, tables[0]), SeqInput(prompts[1][:17], 0, tables[1])]  # 26 rows
+    for runner in (eager, graphed):
+        a = runner.forward(first)
+    assert graphed.graphs is not None and graphed.graphs.replays == 1
+    out = [[int(a[0].argmax())], [], [], []]
+    # a decode row, prompt 1's later chunk (17 positions before it), prompts 2 and 3 whole: 1 + 13 + 1 + 21 rows
+    step = [SeqInput(out[0], 9, tables[0]), SeqInput(prompts[1][17:], 17, tables[1]),
+            SeqInput(prompts[2], 0, tables[2]), SeqInput(prompts[3], 0, tables[3])]
+    want, got = eager.forward(step), graphed.forward(step)
+    assert graphed.graphs.replays == 2
+    assert got.shape == want.shape == (4, model.config.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graphed.kv, eager.kv, rtol=1e-5, atol=1e-5)  # the same K/V in the same slots
+    out[0].append(int(got[0].argmax()))
+    for i in (1, 2, 3):
+        out[i].append(int(got[i].argmax()))
+    for _ in range(4):  # decode rows through the graphs
+        rows = [SeqInput([o[-1]], len(p) + len(o) - 1, t) for p, o, t in zip(prompts, out, tables)]
+        for i, row in enumerate(graphed.forward(rows)):
+            out[i].append(int(row.argmax()))
+    assert out == [_hf(p, len(o), model) for p, o in zip(prompts, out)]
+
+
+def test_a_step_past_the_rows_or_keys_the_graphs_take_runs_eagerly() -> None:
+    """Rows: at most max_rows; keys read: at most max_batch rows at max_model_len (a chunk deep in a
+    long prompt reads its context once per row)."""
+    _, _, graphed = _eager_and_graphed(max_batch=2, max_rows=32, model_len=64)
+    g = graphed.graphs
+    assert g is not None and g.buckets == [1, 2, 4, 8, 16, 32] and g.max_keys == 2 * 64
+    assert g.fits([SeqInput([1] * 15, 0, [0, 1])])  # 15 rows read 1 + ... + 15 = 120 keys
+    assert not g.fits([SeqInput([1] * 16, 0, [0, 1])])  # 136 keys
+    assert not g.fits([SeqInput([1] * 4, 40, list(range(6)))])  # 4 rows deep in a prompt: 170 keys
+    assert g.fits([SeqInput([1], 63, list(range(8))), SeqInput([2], 63, list(range(8, 16)))])  # decode rows at the end
+    assert not g.fits([SeqInput([1] * 8, 0, [0], adapter="a")])  # LoRA rows: eager
+    assert not g.fits([SeqInput([1], 64, list(range(9)))])  # past the buffers' longest context
+
+
+def test_the_buffers_hold_a_chunks_rows_and_each_sequences_last_row() -> None:
+    runner = ModelRunner(MODEL, num_blocks=64, block_size=4, kernels="triton")
+    runner.use_decode_graphs(2, 64, capture=False, max_rows=16)
+    g = runner.graphs
+    assert g is not None
+    d, c, p = SeqInput([5], 6, [3, 9]), SeqInput([7, 8, 9], 3, [12, 2]), SeqInput([4, 4], 0, [20])
+    g._fill([d, c, p], 8)
+    cols = g._cols[:, :8].tolist()  # bucket 8: 6 rows, 2 padding
+    assert cols[0] == [5, 7, 8, 9, 4, 4, 0, 0]  # tokens
+    assert cols[1] == [6, 3, 4, 5, 0, 1, 0, 0]  # positions
+    assert cols[2] == [9 * 4 + 2, 12 * 4 + 3, 2 * 4, 2 * 4 + 1, 80, 81, -1, -1]  # slots (padding: none)
+    assert cols[3] == [7, 4, 5, 6, 1, 2, 0, 0]  # contexts: each row up to its own position
+    assert cols[4][:3] == [0, 3, 5]  # the last row of each sequence: its logits
+    assert g._tables[1:4, :2].tolist() == [[12, 2]] * 3 and g._tables[4, 0] == 20

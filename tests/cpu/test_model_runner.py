@@ -240,7 +240,7 @@ def test_a_runner_describes_the_model_and_the_paths_it_takes() -> None:
     """The line each worker's start-up log carries (cluster/launcher.py)."""
     line = ModelRunner(tiny_model(4, arch="gemma3_text"), num_blocks=8, block_size=16, kernels="auto").describe()
     assert line.startswith("gemma3_text: 2 layers, 4 heads (2 KV) of 16, float32 on cpu; attention cpp, windows [16]")
-    assert "layer ops TorchOps, MLP Dense, linears onednn; 8 KV blocks of 16; no decode graphs" in line
+    assert "layer ops TorchOps, MLP Dense, linears onednn; 8 KV blocks of 16; no CUDA graphs" in line
     moe = ModelRunner(tiny_model(4, arch="qwen3_moe"), num_blocks=8, block_size=16, kernels="torch").describe()
     assert "attention sdpa, layer ops TorchOps, MLP Dense/Experts, linears torch" in moe
     from engine import fp8

@@ -366,3 +366,38 @@ def test_a_write_still_being_written_does_not_stop_steps_following_in_flight() -
     finally:
         events.close()
         dw.shutdown()
+
+
+def test_prompt_chunks_share_graphed_steps_with_decode_rows_and_tokens_equal_hf() -> None:
+    """An aggregated worker's graphs as a CUDA worker's take its whole step (BatchWorker: step_tokens
+    rows): a prompt's chunks, and prompts arriving while others decode, run as rows of the graphs
+    beside the decode rows; every answer == HF, and every block comes back."""
+    w = AggregatedWorker("g2", ModelConfig(path="tiny", kernels="triton"), KVCacheConfig(num_blocks=128),
+                         AggregatedConfig(max_batch_size=4, max_batch_tokens=32, chunk_tokens=16))
+    w.runner.use_decode_graphs(4, 2048, capture=False, max_rows=32)
+    g = w.runner.graphs
+    assert g is not None
+    run, prompt_rows = g.run, []
+
+    def counted(seqs, feed=None):  # type: ignore[no-untyped-def]
+        prompt_rows.append(sum(s.num_new for s in seqs if s.num_new > 1))
+        return run(seqs, feed)
+
+    g.run = counted  # type: ignore[method-assign]
+    w.start()
+    events = Events(w)
+    try:
+        ids = [[3 + (7 * i + 5 * j) % 250 for j in range(40)] for i in range(3)]  # 40 tokens: chunks of 16, 16, 8
+        want = [hf_greedy_ids(p, 12, ignore_eos=True) for p in ids]
+        sp = SamplingParams(max_tokens=12, ignore_eos=True)
+        _submit(w, "c0", ids[0], sp).join(120)
+        assert wait_until(lambda: len(events.by_id["c0"]) >= 2, 60)  # c0 decodes; c1 and c2 arrive
+        threads = [_submit(w, f"c{i}", ids[i], sp) for i in (1, 2)]
+        for t in threads:
+            t.join(120)
+        assert [_tokens(events, f"c{i}")[0] for i in range(3)] == want
+        assert sum(prompt_rows) == 3 * 40  # every prompt token a row of the graphs
+        assert wait_until(w.check_idle, 10)
+    finally:
+        events.close()
+        w.shutdown()

@@ -67,6 +67,43 @@ def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int
     assert runner.graphs is not None and runner.graphs.replays > 0
 
 
+# mistral: a sliding window of 16 across a chunk's rows; deepseek_v2: latent attention; qwen3_moe: experts at 64 rows
+@pytest.mark.parametrize("arch", ["llama", "mistral", "deepseek_v2", "qwen3_moe"])
+def test_prompt_chunks_as_rows_of_the_captured_graphs_equal_hf(arch: str) -> None:
+    """Sarathi's steps through the captured graphs: each step, every started prompt decodes a token
+    and the next prompt's next chunk fills the step to 48 rows, a row per token (engine/cuda_graphs.py)."""
+    from engine.model_runner import ModelRunner, SeqInput
+
+    model = _model(arch=arch)
+    runner = ModelRunner(model, num_blocks=16 * 16, block_size=16)
+    runner.use_decode_graphs(64, max_model_len=256, max_rows=48)
+    graphs = runner.graphs
+    assert graphs is not None
+    prompts, n = _prompts(8, seed=11), 10
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(8)]
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [0] * 8  # prompt tokens computed
+    mixed = 0  # steps with prompt rows replayed
+    while any(len(o) < n for o in out):
+        live = [i for i in range(8) if done[i] == len(prompts[i]) and len(out[i]) < n]
+        seqs = [SeqInput([out[i][-1]], len(prompts[i]) + len(out[i]) - 1, tables[i]) for i in live]
+        nxt = next((i for i in range(8) if done[i] < len(prompts[i])), None)
+        if nxt is not None:
+            take = min(len(prompts[nxt]) - done[nxt], 48 - len(seqs))
+            seqs.append(SeqInput(prompts[nxt][done[nxt]: done[nxt] + take], done[nxt], tables[nxt]))
+        before = graphs.replays
+        logits = runner.forward(seqs)
+        mixed += nxt is not None and graphs.replays > before
+        for i, tok in zip(live, logits.argmax(-1).tolist()):
+            out[i].append(tok)
+        if nxt is not None:
+            done[nxt] += take
+            if done[nxt] == len(prompts[nxt]):
+                out[nxt].append(int(logits[-1].argmax()))
+    assert out == [_hf(model, p, n) for p in prompts]
+    assert mixed > 8
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe"])
 def test_mixtures_of_experts_in_fp32_equal_hf_through_graphs(arch: str) -> None:
     """fp32 experts take the Triton grouped matmul (torch's would loop on the host), so their steps
