@@ -7,8 +7,8 @@ the logits. Each turn of the loop:
   2. schedule()  take cancels and arrivals in, pick this step's rows: decode rows first (one token
                  per running request, continuous batching), then prompt rows (chunks, Sarathi-Serve),
                  then chunks of preempted requests' KV being computed again
-  3. run         one forward over all rows (ModelRunner.forward: CUDA graphs when every row decodes
-                 and the batch fits a bucket) → logits [rows, V], one row per SeqInput
+  3. run         one forward over all rows (ModelRunner.forward: CUDA graphs when the step's rows fit
+                 a bucket, a prompt chunk's tokens a row each) → logits [rows, V], one row per SeqInput
   4. postprocess(step, logits)  sample; decode rows → tokens to their requests; completed prompts →
                  first token (handed off by a prefill worker, decoded next step by an aggregated one)
 A step in flight (a worker that says a step may be, _launch): its forward and sampling are queued

@@ -128,15 +128,15 @@ def test_prompt_chunks_run_as_rows_of_the_graphs_with_the_eager_forwards_logits(
     forward's (its prompt kernel), the cache holds the same K/V, and the tokens then decode as HF's."""
     rng = random.Random(7)
     model, eager, graphed = _eager_and_graphed(max_batch=4, max_rows=48, model_len=256, arch=arch)
-    prompts = [[rng.randrange(3, 259) for _ in range(n)] for n in (9, 30, 1, 21)]
+    prompts = [[rng.randrange(3, 259) for _ in range(n)] for n in (9, 20, 1, 11)]
     tables = [list(range(i * 8, i * 8 + 8))[::-1] for i in range(4)]
-    first = [SeqInput(prompts[0], 0, tables[0]), SeqInput(prompts[1][:17], 0, tables[1])]  # 26 rows
+    first = [SeqInput(prompts[0], 0, tables[0]), SeqInput(prompts[1][:12], 0, tables[1])]  # 21 rows
     for runner in (eager, graphed):
         a = runner.forward(first)
     assert graphed.graphs is not None and graphed.graphs.replays == 1
     out = [[int(a[0].argmax())], [], [], []]
-    # a decode row, prompt 1's later chunk (17 positions before it), prompts 2 and 3 whole: 1 + 13 + 1 + 21 rows
-    step = [SeqInput(out[0], 9, tables[0]), SeqInput(prompts[1][17:], 17, tables[1]),
+    # a decode row, prompt 1's later chunk (12 positions before it), prompts 2 and 3 whole: 1 + 8 + 1 + 11 rows
+    step = [SeqInput(out[0], 9, tables[0]), SeqInput(prompts[1][12:], 12, tables[1]),
             SeqInput(prompts[2], 0, tables[2]), SeqInput(prompts[3], 0, tables[3])]
     want, got = eager.forward(step), graphed.forward(step)
     assert graphed.graphs.replays == 2
@@ -146,7 +146,7 @@ def test_prompt_chunks_run_as_rows_of_the_graphs_with_the_eager_forwards_logits(
     out[0].append(int(got[0].argmax()))
     for i in (1, 2, 3):
         out[i].append(int(got[i].argmax()))
-    for _ in range(4):  # decode rows through the graphs
+    for _ in range(2):  # decode rows through the graphs
         rows = [SeqInput([o[-1]], len(p) + len(o) - 1, t) for p, o, t in zip(prompts, out, tables)]
         for i, row in enumerate(graphed.forward(rows)):
             out[i].append(int(row.argmax()))

@@ -387,16 +387,16 @@ def test_prompt_chunks_share_graphed_steps_with_decode_rows_and_tokens_equal_hf(
     w.start()
     events = Events(w)
     try:
-        ids = [[3 + (7 * i + 5 * j) % 250 for j in range(40)] for i in range(3)]  # 40 tokens: chunks of 16, 16, 8
-        want = [hf_greedy_ids(p, 12, ignore_eos=True) for p in ids]
-        sp = SamplingParams(max_tokens=12, ignore_eos=True)
+        ids = [[3 + (7 * i + 5 * j) % 250 for j in range(24)] for i in range(3)]  # 24 tokens: chunks of 16, 8
+        want = [hf_greedy_ids(p, 8, ignore_eos=True) for p in ids]
+        sp = SamplingParams(max_tokens=8, ignore_eos=True)
         _submit(w, "c0", ids[0], sp).join(120)
         assert wait_until(lambda: len(events.by_id["c0"]) >= 2, 60)  # c0 decodes; c1 and c2 arrive
         threads = [_submit(w, f"c{i}", ids[i], sp) for i in (1, 2)]
         for t in threads:
             t.join(120)
         assert [_tokens(events, f"c{i}")[0] for i in range(3)] == want
-        assert sum(prompt_rows) == 3 * 40  # every prompt token a row of the graphs
+        assert sum(prompt_rows) == 3 * 24  # every prompt token a row of the graphs
         assert wait_until(w.check_idle, 10)
     finally:
         events.close()

@@ -25,15 +25,26 @@ def _has_ptxas() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-def _compiled(sm: str, runs: str) -> list[dict]:
-    """tests/cpu/sm90_compile.py's records for GPU targets `sm` and model runs `runs`; every compile ok."""
+def _compiled(sm: str, runs: str, procs: int = 2) -> list[dict]:
+    """tests/cpu/sm90_compile.py's records for GPU targets `sm` and model runs `runs`; every compile ok.
+    The runs are split among `procs` processes at once (ptxas and Triton's compiler take one core
+    each; the kernel cache on disk is safe to share)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    p = subprocess.run([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", sm, "--runs", runs],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    parts = runs.split(",")
+    groups = [",".join(parts[i::procs]) for i in range(min(procs, len(parts)))]
+    ps = [subprocess.Popen([sys.executable, "-m", "tests.cpu.sm90_compile", "--sm", sm, "--runs", g],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for g in groups]
+    try:
+        done = [p.communicate(timeout=600) for p in ps]
+    finally:
+        for p in ps:
+            p.kill()
+    recs = [json.loads(line) for out, _ in done for line in out.splitlines() if line.startswith("{")]
     failed = [f"{r['kernel']} sm_{r['sm']} {r['constexprs']}: {r['error']}" for r in recs if not r["ok"]]
     assert not failed, "\n".join(failed)
-    assert p.returncode == 0, p.stderr[-3000:]
+    for p, (_, err) in zip(ps, done):
+        assert p.returncode == 0, err[-3000:]
     return recs
 
 
