@@ -286,7 +286,8 @@ class BatchWorker(DecodeRows, StepsInFlight, StepLoop):
         rows = list(range(n)) + [step.prompt_rows.start + i for _, i in done]
         if not rows:  # only chunks that do not end their prompt
             return
-        tokens, lps = sample(logits[rows], params, positions, histories, banned, guides, forced)
+        picked = logits[:n] if not done else logits[rows]  # (decode rows only: a view, no gather)
+        tokens, lps = sample(picked, params, positions, histories, banned, guides, forced)
         if step.decode:
             self._decoded(step.decode, *self._accepted(step, tokens[:n], lps[:n]))
         for (p, _), first, lp in zip(done, tokens[n:], lps[n:]):

@@ -87,6 +87,9 @@ class DecodeRows:
         """Under `lock`: the step's decode rows and each request's drafts (at most `budget` in all,
         and at most max_batch_size rows: on CUDA the step stays within the decode graphs)."""
         drafts = self._drafts(batch, budget) if self.lookup.num_tokens else []
+        if not drafts:  # a row each (the common case: built in one pass)
+            return [SeqInput([r.output_ids[-1]], r.num_prompt_tokens + len(r.output_ids) - 1, r.block_table,
+                             adapter=r.sampling.adapter) for r in batch], drafts
         seqs = []
         for i, r in enumerate(batch):
             fed = [r.last_token, *(drafts[i] if drafts else ())]
@@ -129,14 +132,19 @@ class DecodeRows:
         (1 under a step in flight: then no row may need its history). A row that has ended (while a
         step followed its last) is sampled unconstrained: its token is dropped."""
         assert not pending or not any(needs_history(r.sampling) for r in batch)
-        live = [r.status is DecodeStatus.RUNNING for r in batch]
-        return ([r.sampling for r in batch], [r.num_tokens + pending for r in batch],
-                [History(r.prompt_ids or (), r.output_ids) if ok and r.sampling.penalized else None
-                 for r, ok in zip(batch, live)],
-                [banned_now(r.sampling, len(r.output_ids) + pending, r.eos_token_ids, r.output_ids) if ok else ()
-                 for r, ok in zip(batch, live)],
-                [self._guide(r) if ok else None for r, ok in zip(batch, live)],
-                [self._forced(r) if ok else None for r, ok in zip(batch, live)])
+        out: Sampling = ([], [], [], [], [], [])
+        params, positions, histories, banned, guides, forced = out
+        for r in batch:  # one pass; what a plain row lacks (a penalty, a ban, a grammar, a budget) costs it nothing
+            p, made = r.sampling, len(r.output_ids) + pending
+            params.append(p)
+            positions.append(r.num_prompt_tokens + made)
+            ok = r.status is DecodeStatus.RUNNING
+            histories.append(History(r.prompt_ids or (), r.output_ids) if ok and p.penalized else None)
+            banned.append(banned_now(p, made, r.eos_token_ids, r.output_ids)
+                          if ok and (p.bad_words or made < p.min_tokens) else ())
+            guides.append(self._guide(r) if ok and (p.grammar or r.guide is not None) else None)
+            forced.append(self._forced(r) if ok and (p.thinking_budget is not None or r.think is not None) else None)
+        return out
 
     def _guide(self, r: DecodeRequest) -> Guide | None:
         """A structured output's Guide, made at its first sampling here, having followed its output."""
@@ -181,6 +189,8 @@ class DecodeRows:
     def _accepted(self, step: Step, tokens: list[int], lps: list[TokenLogprob | None],
                   ) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
         """The decode rows' sampled tokens → each decode request's new tokens (and logprobs)."""
+        if not step.drafts:  # a token each
+            return [[t] for t in tokens], [[lp] for lp in lps]
         runs, run_lps, at = [], [], 0
         for i, r in enumerate(step.decode):
             drafts = step.drafts[i] if step.drafts else []

@@ -232,7 +232,7 @@ class DecodeScheduler(Preemption):
     ) -> list[DecodeEvent]:
         """Each request's new tokens of this step, in order (several where drafts were accepted:
         decode_worker/decode_rows.py); the token that ends a request drops those after it."""
-        events = []
+        events, made = [], 0
         for i, (req, run) in enumerate(zip(batch, runs)):
             if req.status is not DecodeStatus.RUNNING:  # cancelled while the forward ran
                 continue
@@ -240,12 +240,14 @@ class DecodeScheduler(Preemption):
             while reason is None and taken < len(run):
                 req.output_ids.append(run[taken])
                 taken += 1
-                self.tokens_generated += 1
                 reason = req.check_finished()
-            lps = [lp for lp in logprobs[i][:taken] if lp is not None] if logprobs else []
-            events.append(DecodeEvent(req.request_id, run[:taken], reason, logprobs=lps or None))
+            made += taken
+            lps = [lp for lp in logprobs[i][:taken] if lp is not None] if logprobs else None
+            events.append(DecodeEvent(req.request_id, run if taken == len(run) else run[:taken], reason,
+                                      logprobs=lps or None))
             if reason is not None:
                 self._finish(req, reason)
+        self.tokens_generated += made
         return events
 
     # -- ending -------------------------------------------------------------------------------
