@@ -283,10 +283,10 @@ class BatchWorker(DecodeRows, StepsInFlight, StepLoop):
             guides.append(None if r is None else self._guide(r))
             forced.append(forced_first(p.request.sampling))
         n = step.decode_rows
-        rows = list(range(n)) + [step.prompt_rows.start + i for _, i in done]
-        if not rows:  # only chunks that do not end their prompt
+        if not n and not done:  # only chunks that do not end their prompt
             return
-        picked = logits[:n] if not done else logits[rows]  # (decode rows only: a view, no gather)
+        # decode rows only: a view of them, no gather
+        picked = logits[list(range(n)) + [step.prompt_rows.start + i for _, i in done]] if done else logits[:n]
         tokens, lps = sample(picked, params, positions, histories, banned, guides, forced)
         if step.decode:
             self._decoded(step.decode, *self._accepted(step, tokens[:n], lps[:n]))

@@ -92,7 +92,7 @@ class DecodeRows:
                              adapter=r.sampling.adapter) for r in batch], drafts
         seqs = []
         for i, r in enumerate(batch):
-            fed = [r.last_token, *(drafts[i] if drafts else ())]
+            fed = [r.last_token, *drafts[i]]
             seqs += [SeqInput([t], r.num_tokens - 1 + j, r.block_table, adapter=r.sampling.adapter)
                      for j, t in enumerate(fed)]
         return seqs, drafts
@@ -193,7 +193,7 @@ class DecodeRows:
             return [[t] for t in tokens], [[lp] for lp in lps]
         runs, run_lps, at = [], [], 0
         for i, r in enumerate(step.decode):
-            drafts = step.drafts[i] if step.drafts else []
+            drafts = step.drafts[i]
             run = accept(drafts, tokens[at : at + len(drafts) + 1])
             runs.append(run)
             run_lps.append(lps[at : at + len(run)])
