@@ -24,10 +24,10 @@ serve: install
 	RAY_AUTH_MODE=disabled $(BIN)/pdserve serve --config $(CONFIG)
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q --durations=15
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q -n 2 --durations=15
 
 test-fast: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q -m "not slow"
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests -q -n 2 -m "not slow"
 
 bench: install                 # pdserve: engine scaling + the two comparison workloads (~12 min)
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/engine.py --output bench/results/engine.json

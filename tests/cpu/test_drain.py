@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -21,6 +22,7 @@ from protos.pdserve.v1 import generation_pb2 as pb
 from protos.pdserve.v1 import generation_pb2_grpc as pbg
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray_cluster  # `pdserve serve` starts Ray in its own process
 
 
 def _descendants(pid: int) -> set[int]:
