@@ -20,17 +20,23 @@ from tests.cpu.harness import RunningServer, prompts, tiny_config
 TOK = tiny_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def ray_up():  # type: ignore[no-untyped-def]
+    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-qwen3")  # one Ray instance for the six
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4", "gpt_oss", "deepseek_v2"])
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           ray_up: None):  # type: ignore[no-untyped-def]
     model = tiny_model(seed=6, arch=request.param)
     folder: Path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
     TOK.save_pretrained(folder)
-    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-qwen3")
     srv = RunningServer(tiny_config(model={"path": str(folder)}, prefill={"chunk_tokens": 64}))
     yield srv, model
     srv.stop()
-    ray.shutdown()
 
 
 def _hf(model: torch.nn.Module, prompt: str, n: int) -> list[int]:
