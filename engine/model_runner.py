@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 FP8 = torch.float8_e4m3fn  # kv_cache.dtype fp8's
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # read-only by convention: not frozen, as a step builds one a row (2.6 -> 0.45 us here)
 class SeqInput:
     token_ids: list[int]  # the new tokens to compute this forward
     start_pos: int  # position of token_ids[0]; positions < start_pos are already in the cache
