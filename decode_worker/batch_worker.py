@@ -285,7 +285,7 @@ class BatchWorker(DecodeRows, StepsInFlight, StepLoop):
         n = step.decode_rows
         if not n and not done:  # only chunks that do not end their prompt
             return
-        # decode rows only: a view of them, no gather
+        # no prompt ended here: the decode rows are the first n, taken as a view (no gather)
         picked = logits[list(range(n)) + [step.prompt_rows.start + i for _, i in done]] if done else logits[:n]
         tokens, lps = sample(picked, params, positions, histories, banned, guides, forced)
         if step.decode:
