@@ -94,10 +94,11 @@ class GenerationService:
                         not req.sampling.ignore_eos and ids[-1] in self.dispatcher.eos_token_ids)))
                     shown = ids[:-1] if ended_by and not req.include_stop_str else ids
                     quiet = max(0, min(len(shown), req.sampling.min_tokens - n_out))  # tokens within min_tokens
-                    text = stops.add(detok.add(shown[:quiet]), armed=False) if quiet else ""
-                    text += stops.add(detok.add(shown[quiet:])) if quiet < len(shown) else ""
+                    text, taken = _text_of(detok, stops, shown, quiet)
+                    lps_in = chunk.logprobs or ()
                     if stops.matched is not None:  # ends here, whatever the workers are doing
                         finish, stop_reason = FinishReason.STOP, stops.matched
+                        ids, lps_in = ids[:taken], lps_in[:taken]  # not the tokens after the one that completed it
                     n_out += len(ids)
                     now = time.monotonic()
                     if ids and last_at is not None:
@@ -106,7 +107,7 @@ class GenerationService:
                             self.metrics.itl.observe(gap)
                     if ids:
                         last_at = now
-                    lps = [_logprob_pb(lp) for lp in chunk.logprobs or ()]
+                    lps = [_logprob_pb(lp) for lp in lps_in]
                     plps = [_logprob_pb(lp) for lp in chunk.prompt_logprobs or ()]  # the first chunk's
                     if finish is None:
                         if ids:
@@ -159,6 +160,21 @@ class GenerationService:
                 migrations=int(t.get("migrations", 0)), local_prefill=bool(t.get("local_prefill", 0)),
             ),
         )
+
+
+def _text_of(detok: IncrementalDetokenizer, stops: StopMatcher, shown: list[int], quiet: int) -> tuple[str, int]:
+    """The text `shown` releases (its first `quiet` tokens within min_tokens, where no stop string
+    starts) and how many of its tokens it took: all of them, or those through the one that completed a
+    stop string. A message may carry several tokens (a speculative run, events merged while the router
+    was busy); with stop strings set they are read one at a time to find that token."""
+    text = stops.add(detok.add(shown[:quiet]), armed=False) if quiet else ""
+    if not stops.stops or len(shown) - quiet <= 1:
+        return text + (stops.add(detok.add(shown[quiet:])) if quiet < len(shown) else ""), len(shown)
+    for k in range(quiet, len(shown)):
+        text += stops.add(detok.add(shown[k:k + 1]))
+        if stops.matched is not None:
+            return text, k + 1
+    return text, len(shown)
 
 
 def _logprob_pb(lp: TokenLogprob) -> pb.TokenLogprob:

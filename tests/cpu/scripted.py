@@ -11,7 +11,7 @@ import grpc
 
 from engine.event_stream import EventBatch
 from engine.tiny import EOS_ID
-from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, WorkerStats
+from engine.types import DecodeEvent, FinishReason, PrefillResult, ReserveResult, TokenLogprob, WorkerStats
 from protos.pdserve.v1 import generation_pb2_grpc as pbg
 from router.config import LimitsConfig, ServerConfig
 from router.dispatcher import Dispatcher, WorkerRef
@@ -29,10 +29,12 @@ class _Method:
 
 class ScriptedWorker:
     """An aggregated worker without a model: every request's answer is `ids` (the first from its
-    prefill, then 4 a poll), its last the EOS — (its ids as the model would draw them)."""
+    prefill, then 4 a poll), its last the EOS — (its ids as the model would draw them). Asked for
+    logprobs, token i's is -(i + 1) / 10."""
 
     def __init__(self, ids: list[int]) -> None:
         self.ids, self.at, self.seq = ids, dict[str, int](), 0
+        self.logprobs = set[str]()  # the requests that asked for them
         for name in ("reserve", "cancel", "poll", "prefill", "stats"):
             setattr(self, name, _Method(getattr(self, "_" + name)))
 
@@ -41,23 +43,33 @@ class ScriptedWorker:
 
     async def _cancel(self, rid: str) -> bool:
         self.at.pop(rid, None)
+        self.logprobs.discard(rid)
         return True
 
     async def _prefill(self, req: Any, timeout: float) -> PrefillResult:
         self.at[req.request_id] = 1
-        return PrefillResult(req.request_id, self.ids[0], None, 0.0, 1.0, 0)
+        first = None
+        if req.sampling.logprobs is not None:
+            self.logprobs.add(req.request_id)
+            first = self._logprobs(0, 1)[0]
+        return PrefillResult(req.request_id, self.ids[0], None, 0.0, 1.0, 0, first_logprob=first)
 
     async def _poll(self, timeout: float, *_: Any) -> EventBatch:
         await asyncio.sleep(0.002)
         events = []
         for rid, i in list(self.at.items()):
             done = i + 4 >= len(self.ids)
-            events.append(DecodeEvent(rid, self.ids[i:i + 4], FinishReason.STOP if done else None))
+            events.append(DecodeEvent(rid, self.ids[i:i + 4], FinishReason.STOP if done else None,
+                                      logprobs=self._logprobs(i, i + 4) if rid in self.logprobs else None))
             self.at[rid] = i + 4
             if done:
                 del self.at[rid]
+                self.logprobs.discard(rid)
         self.seq += 1
         return EventBatch("scripted", self.seq, events)
+
+    def _logprobs(self, start: int, end: int) -> list[TokenLogprob]:
+        return [TokenLogprob(t, -(start + k + 1) / 10) for k, t in enumerate(self.ids[start:end])]
 
     async def _stats(self) -> WorkerStats:
         return WorkerStats("decode", "scripted", "here", len(self.at), 0, 0, 8, 0, 0)
