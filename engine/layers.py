@@ -65,8 +65,8 @@ class Layer:
 
     @property
     def parallel(self) -> bool:
-        """Cohere: attention and MLP both of input_norm's output, added to the residual (no norm after
-        the attention: sandwich())."""
+        """Cohere, StableLM's parallel residual: attention and MLP both of input_norm's output, added
+        to the residual (no norm after the attention: sandwich())."""
         return self.post_norm is IDENTITY
 
 
@@ -99,8 +99,9 @@ def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module |
     """A layer's norms after its attention: (of the attention's output, or of the MLP's input where
     there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ;
     OLMo 2 normalizes only the sub-layers' outputs (no norm before the MLP: IDENTITY); Cohere's
-    parallel layer has none after its attention (IDENTITY: Layer.parallel)."""
-    if not hasattr(layer, "post_attention_layernorm"):  # Cohere: attention and MLP of the same input
+    parallel layer has none after its attention (IDENTITY: Layer.parallel), nor has StableLM's with
+    use_parallel_residual (its attribute is None)."""
+    if getattr(layer, "post_attention_layernorm", None) is None:  # attention and MLP of the same input
         return IDENTITY, None, None
     if not hasattr(layer, "input_layernorm"):  # OLMo 2
         return layer.post_attention_layernorm, IDENTITY, layer.post_feedforward_layernorm

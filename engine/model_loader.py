@@ -187,9 +187,10 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
                  "gemma3_text", "glm4", "glm", "granite", "granitemoe", "smollm3", "olmo2", "olmo3", "olmoe", "exaone4",
                  "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "cohere", "cohere2", "starcoder2",
                  "arcee", "nemotron", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe",
-                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")  # Qwen-VL's text models (MULTIMODAL)
+                 "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text",  # Qwen-VL's text models (MULTIMODAL)
+                 "gemma", "stablelm", "olmo")
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
-PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron", "glm4_moe")  # their own attention rotates part of a head (Phi 4 mini)
+PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron", "glm4_moe", "stablelm")  # their own attention rotates part of a head (Phi 4 mini)
 
 
 def check_supported(config: Any, max_model_len: int | None = None) -> None:
@@ -216,6 +217,8 @@ def check_supported(config: Any, max_model_len: int | None = None) -> None:
         raise ModelLoadError(f"model.path: {config.model_type} with clip_qkv is not supported")
     if config.model_type.startswith("cohere") and getattr(config, "use_qk_norm", False):  # Command R+: a LayerNorm per head
         raise ModelLoadError(f"model.path: {config.model_type} with use_qk_norm is not supported")
+    if config.model_type == "stablelm" and getattr(config, "qk_layernorm", False):  # StableLM 2 12B: the same
+        raise ModelLoadError("model.path: stablelm with qk_layernorm is not supported")
     kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
     if kinds:
         raise ModelLoadError(f"model.path: {config.model_type} has layers of attention kinds {sorted(kinds)}, "

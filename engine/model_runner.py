@@ -292,7 +292,7 @@ class ModelRunner:
                     return layer.mlp(h, ops.act_mul)
                 return layer.mlp(h, ops.act_mul, delta)
 
-            if layer.parallel:  # Cohere: residual + attention + MLP, in that order
+            if layer.parallel:  # Cohere, StableLM's parallel residual: residual + attention + MLP, in that order
                 residual = residual + out
                 x = mlp(h)
             elif layer.pre_mlp_norm is None or layer.post_mlp_norm is None:

@@ -11,13 +11,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, DeepseekV2Config,
                           DeepseekV3Config, Ernie4_5Config, Ernie4_5_MoeConfig,
-                          Exaone4Config, Gemma2Config, GptOssConfig, Gemma3TextConfig, Glm4Config, Glm4MoeConfig, GlmConfig,
+                          Exaone4Config, Gemma2Config, GemmaConfig, GptOssConfig, Gemma3TextConfig, Glm4Config, Glm4MoeConfig, GlmConfig,
                           GraniteConfig, Ministral3Config,
                           GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
-                          MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoeConfig,
+                          MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig,
                           Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config,
-                          Starcoder2Config)
+                          StableLmConfig, Starcoder2Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -143,6 +143,12 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # (its own module), a shared expert, layer 0 dense
     "ernie4_5_moe": (Ernie4_5_MoeConfig, {**MOE, "num_experts": 8, "moe_intermediate_size": 32,
                                           "moe_num_shared_experts": 1, "moe_layer_start_index": 1}),
+    # Gemma (1), CodeGemma: Gemma 3's (1 + w) norms, GELU-tanh and scaled embeddings, one norm per sub-layer
+    "gemma": (GemmaConfig, {k: GEMMA[k] for k in ("initializer_range", "hidden_act", "tie_word_embeddings")}),
+    # StableLM 2 (1.6B's): LayerNorms with biases, q/k/v biases, rotary on a quarter of each head
+    # (use_parallel_residual: Command R's layer, attention and MLP of the same input)
+    "stablelm": (StableLmConfig, {"partial_rotary_factor": 0.25, "use_qkv_bias": True}),
+    "olmo": (OlmoConfig, {}),  # OLMo (1): LayerNorms without weights
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)
     "ministral3": (Ministral3Config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
                                                           "llama_4_scaling_beta": 0.1,

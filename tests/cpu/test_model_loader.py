@@ -133,16 +133,16 @@ def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_com
     assert attention_windows(cfg) == [2047, 2047]
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "glm4", "granite", "smollm3"])
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "glm4", "granite", "smollm3", "gemma", "stablelm", "olmo"])
 def test_gemma_glm_granite_and_smollm3_folders_load_as_saved(arch: str, tmp_path: Path) -> None:
     """Gemma 3, Gemma 2 (soft-capped: Hugging Face's own modules run eager attention, as SDPA
-    cannot cap scores), GLM 4 (rotary on half of each head), Granite (its multipliers) and SmolLM3
-    (a layer without rotary; its sliding layers only with use_sliding_window) load from a folder and
-    compute what was saved."""
+    cannot cap scores), GLM 4 (rotary on half of each head), Granite (its multipliers), SmolLM3
+    (a layer without rotary; its sliding layers only with use_sliding_window), Gemma 1, StableLM 2
+    (rotary on a quarter of each head) and OLMo 1 load from a folder and compute what was saved."""
     model = tiny_model(seed=3, arch=arch)
     model.save_pretrained(tmp_path)
     loaded = load_model(ModelConfig(path=str(tmp_path)))
-    assert attention_windows(loaded.config) == ([16, 0] if arch.startswith("gemma") else [0, 0])
+    assert attention_windows(loaded.config) == ([16, 0] if arch in ("gemma3_text", "gemma2") else [0, 0])
     assert loaded.config._attn_implementation == ("eager" if arch == "gemma2" else "sdpa")
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
@@ -155,18 +155,24 @@ def test_gemma_glm_granite_and_smollm3_folders_load_as_saved(arch: str, tmp_path
 
 
 def test_command_r_plus_qk_layer_norms_and_clipped_qkv_are_refused_naming_the_field() -> None:
-    """Command R+ normalizes q and k with a LayerNorm per head, OLMo clamps q, k and v: neither is
-    computed here."""
+    """Command R+ and StableLM 2 12B normalize q and k with a LayerNorm per head, OLMo clamps q, k and
+    v: neither is computed here."""
     config = tiny_model(seed=3, arch="cohere").config
     check_supported(config, 1024)
     config.use_qk_norm = True
     with pytest.raises(ModelLoadError, match="model.path: cohere with use_qk_norm is not supported"):
         check_supported(config, 1024)
-    olmoe = tiny_model(seed=3, arch="olmoe").config
-    check_supported(olmoe, 1024)
-    olmoe.clip_qkv = 8.0  # q, k and v clamped: not computed here
-    with pytest.raises(ModelLoadError, match="model.path: olmoe with clip_qkv is not supported"):
-        check_supported(olmoe, 1024)
+    stablelm = tiny_model(seed=3, arch="stablelm").config
+    check_supported(stablelm, 1024)
+    stablelm.qk_layernorm = True
+    with pytest.raises(ModelLoadError, match="model.path: stablelm with qk_layernorm is not supported"):
+        check_supported(stablelm, 1024)
+    for arch in ("olmoe", "olmo"):
+        olmo = tiny_model(seed=3, arch=arch).config
+        check_supported(olmo, 1024)
+        olmo.clip_qkv = 8.0  # q, k and v clamped: not computed here
+        with pytest.raises(ModelLoadError, match=f"model.path: {arch} with clip_qkv is not supported"):
+            check_supported(olmo, 1024)
 
 
 def _multimodal(arch: str):  # type: ignore[no-untyped-def]

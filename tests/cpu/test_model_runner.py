@@ -197,7 +197,7 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
 
 MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "glm", "cohere", "cohere2",
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
-        "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe"]
+        "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo"]
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
@@ -217,8 +217,12 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     each head, q/k/v biases, per-head q/k norms, V3's router, a shared expert): the logits of a prompt
     in chunks, then decoded, == HF's; ERNIE 4.5 MoE (its router's own choice: probabilities plus a
     bias); Ministral 3 (queries scaled by position past its original context:
-    16 positions here)."""
-    model = tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias" else tiny_model(4, arch=arch)
+    16 positions here); Gemma 1 ((1 + w) norms, GELU-tanh, scaled embeddings), StableLM 2 (LayerNorms,
+    rotary on a quarter of each head; with and without its parallel residual), OLMo 1 (LayerNorms
+    without weights)."""
+    model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
+             else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
+             else tiny_model(4, arch=arch))
     prompt = _prompts(1, seed=9)[0][:70]
     with torch.inference_mode():
         want = model(torch.tensor([prompt])).logits[0]  # [n, V]
