@@ -132,8 +132,9 @@ def rope_of(cfg: Any, li: int, rotary_emb: torch.nn.Module) -> str | None:
     nope = getattr(cfg, "no_rope_layers", None)  # SmolLM3: 0 = no rotary in that layer
     if nope is not None and not nope[li]:
         return NOPE
-    if cfg.model_type in ("exaone4", "cohere2") and cfg.sliding_window and cfg.layer_types[li] != "sliding_attention":
-        return NOPE  # EXAONE 4, Command R7B: their global layers have no rotary where they have local ones
+    if cfg.model_type in ("exaone4", "exaone_moe", "cohere2") and cfg.sliding_window \
+            and cfg.layer_types[li] != "sliding_attention":
+        return NOPE  # EXAONE 4, K-EXAONE, Command R7B: their global layers have no rotary where they have local ones
     return cfg.layer_types[li] if hasattr(rotary_emb, "layer_types") else None
 
 

@@ -5,7 +5,8 @@ One forward of a sparse layer, for T tokens (rows of the packed batch) and k exp
      (weights, experts) [T, k], the weights renormalized to sum to 1 where the family does (Mixtral
      always, Qwen 3 with `norm_topk_prob`; gpt-oss's softmax over its top k logits is the same);
      DeepSeek's router module chooses itself (V2: softmax, greedy or group-limited; V3: sigmoid
-     with a score-correction bias, top groups; both scaled by routed_scaling_factor);
+     with a score-correction bias, top groups; both scaled by routed_scaling_factor), and so does
+     MiniMax-M2's (sigmoid scores plus the block's bias choose, the chosen scores renormalized);
   2. group: the T·k (token, expert) pairs sorted by expert, each pair a row of its token's input
      [T·k, hidden], and each expert's end row (a histogram's cumulative sum, on the device);
   3. experts: two grouped matmuls over all experts at once (gate|up, then down, each expert's rows
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -92,10 +94,12 @@ class Experts:
                              Fp8(experts.down_proj.data, experts.down_proj_scale))
         else:
             gate_up, down = experts.gate_up_proj.data.transpose(1, 2), experts.down_proj.data.transpose(1, 2)
+        route = gate if hasattr(gate, "routed_scaling_factor") or hasattr(gate, "moe_statics") else None
+        if hasattr(mlp, "e_score_correction_bias"):  # MiniMax-M2: the block holds its router's bias
+            route = partial(gate, e_score_correction_bias=mlp.e_score_correction_bias)
         return cls(gate.weight.data, gate_up, down, experts.act_fn, int(gate.top_k),
                    bool(getattr(gate, "norm_topk_prob", True)), dense(shared) if shared is not None else None,
-                   shared_gate.weight.data if shared_gate is not None else None, triton,
-                   route=gate if hasattr(gate, "routed_scaling_factor") or hasattr(gate, "moe_statics") else None)
+                   shared_gate.weight.data if shared_gate is not None else None, triton, route=route)
 
     @staticmethod
     def triton_for(device: torch.device, dtype: torch.dtype) -> bool:

@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, DeepseekV2Config,
-                          DeepseekV3Config, Ernie4_5Config, Ernie4_5_MoeConfig,
-                          Exaone4Config, Gemma2Config, GemmaConfig, GptOssConfig, Gemma3TextConfig, Glm4Config, Glm4MoeConfig, GlmConfig,
-                          GraniteConfig, Ministral3Config,
-                          GraniteMoeConfig, HeliumConfig, InternLM3Config, LlamaConfig, MinistralConfig,
-                          MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig,
-                          Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config,
-                          StableLmConfig, Starcoder2Config)
+from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, CwmConfig,
+                          DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig, Ernie4_5Config, Exaone4Config,
+                          ExaoneMoeConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
+                          GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig, InternLM3Config,
+                          Jais2Config, LlamaConfig, MiniMaxM2Config, Ministral3Config, MinistralConfig,
+                          MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig,
+                          OlmoeConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config,
+                          SolarOpenConfig, StableLmConfig, Starcoder2Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -149,6 +149,25 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # (use_parallel_residual: Command R's layer, attention and MLP of the same input)
     "stablelm": (StableLmConfig, {"partial_rotary_factor": 0.25, "use_qkv_bias": True}),
     "olmo": (OlmoConfig, {}),  # OLMo (1): LayerNorms without weights
+    # CWM (Meta's Code World Model): Llama's layers, llama3 rotary, windows in three layers of four
+    "cwm": (CwmConfig, {**WINDOW, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6, "factor": 16.0,
+                                                      "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                      "original_max_position_embeddings": 32}}),
+    # K-EXAONE: EXAONE 4's attention (no rotary in its global layers), DeepSeek V3's router and shared
+    # experts, layer 0 dense
+    "exaone_moe": (ExaoneMoeConfig, {**WINDOW, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "num_shared_experts": 1, "mlp_layer_types": ["dense", "sparse"], "n_group": 4,
+                                     "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    # Solar Open: Llama's attention, GLM-4.5's experts (DeepSeek V3's router, a shared expert) in every layer
+    "solar_open": (SolarOpenConfig, {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
+                                     "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    # MiniMax-M2: q and k normalized over all heads (OLMo 2's), rotary on half of each head, experts
+    # chosen by sigmoid scores plus the block's bias, their weights renormalized
+    "minimax_m2": (MiniMaxM2Config, {**MOE, "num_local_experts": 8, "intermediate_size": 32,
+                                     "partial_rotary_factor": 0.5}),
+    # Jais 2: LayerNorms, biases, relu^2 without a gate
+    "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)
     "ministral3": (Ministral3Config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
                                                           "llama_4_scaling_beta": 0.1,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.model_runner import ModelRunner, SeqInput
+from engine.moe import Experts
 from engine.tiny import tiny_model
 
 MODEL = tiny_model()
@@ -197,7 +198,8 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
 
 MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "glm", "cohere", "cohere2",
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
-        "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo"]
+        "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
+        "exaone_moe", "solar_open", "jais2", "minimax_m2"]
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
@@ -219,7 +221,10 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     bias); Ministral 3 (queries scaled by position past its original context:
     16 positions here); Gemma 1 ((1 + w) norms, GELU-tanh, scaled embeddings), StableLM 2 (LayerNorms,
     rotary on a quarter of each head; with and without its parallel residual), OLMo 1 (LayerNorms
-    without weights)."""
+    without weights), CWM (llama3 rotary, windows), K-EXAONE (EXAONE 4's attention, V3's router and
+    shared experts), Solar Open (GLM-4.5's experts under Llama's attention), Jais 2 (LayerNorms,
+    biases, relu^2), MiniMax-M2 (q/k norms over all heads, rotary on half of each head, experts by
+    sigmoid scores plus the block's bias)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
              else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
              else tiny_model(4, arch=arch))
@@ -232,12 +237,17 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     end = 56 if kernels == "triton" else len(prompt)  # Triton's interpreter: 8 decode steps, not 22
     got += [runner.forward([SeqInput([t], p, table)])[0] for p, t in enumerate(prompt[48:end], 48)]  # one by one
     torch.testing.assert_close(torch.stack(got), want[[23, 47, *range(48, end)]], atol=5e-5, rtol=1e-4)
-    if arch in ("exaone4", "cohere2"):  # with rotary in its global layer too, it differs
+    if arch in ("exaone4", "exaone_moe", "cohere2"):  # with rotary in its global layer too, it differs
         runner.layers = [replace(layer, rope=None) for layer in runner.layers]
         assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
                                   atol=1e-3)
     if arch == "ministral3":  # without its queries' scale, it differs
         runner.query_scale = None
+        assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
+                                  atol=1e-3)
+    if arch == "minimax_m2":  # routed as a softmax over the router's logits (no bias), it differs
+        runner.layers = [replace(layer, mlp=replace(layer.mlp, route=None)) for layer in runner.layers]
+        assert all(isinstance(layer.mlp, Experts) for layer in runner.layers)
         assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
                                   atol=1e-3)
     if arch == "gpt_oss":  # without its sinks, it differs (most where few keys share the softmax with them)
