@@ -62,6 +62,7 @@ class Layer:
     post_mlp_norm: torch.nn.Module | None = None  # attention's output alone, these the MLP's input and output
     qk_norm_whole: bool = False  # OLMo 2: q_norm and k_norm over all heads of a token at once
     rope: str | None = None  # its rotary (rope_of): the model's, a layer type's (Gemma 3), or NOPE
+    qk_norm_after_rope: bool = False  # Hunyuan: q_norm and k_norm per head of the rotated q and k
 
     @property
     def parallel(self) -> bool:
@@ -146,8 +147,10 @@ def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None,
     qkv = (Latent.of(a, dtype) if mla else from_module(a.qkv_proj, backend) if hasattr(a, "qkv_proj")  # Phi 3: fused in the checkpoint
            else fuse([a.q_proj, a.k_proj, a.v_proj], backend))
     post, pre_mlp, post_mlp = sandwich(hf)
-    q_norm = getattr(a, "q_norm", None)
+    after_rope = hasattr(a, "query_layernorm")  # Hunyuan's names, and its norms after the rotary
+    q_norm = getattr(a, "query_layernorm" if after_rope else "q_norm", None)
     return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),
                  Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
-                 q_norm, getattr(a, "k_norm", None), pre_mlp, post_mlp,
-                 q_norm is not None and q_norm.weight.numel() != a.head_dim, rope)  # q/k norms: OLMo 2's whole
+                 q_norm, getattr(a, "key_layernorm" if after_rope else "k_norm", None), pre_mlp, post_mlp,
+                 q_norm is not None and q_norm.weight.numel() != a.head_dim, rope,  # q/k norms: OLMo 2's whole
+                 after_rope)

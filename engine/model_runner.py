@@ -40,7 +40,7 @@ from engine.linear import default_backend, from_module
 from engine.mla import Latent
 from engine.model_shape import attention_windows, interleaved_rotary, kv_dims, query_scale
 from engine.moe import Experts
-from engine.rotary import Rotary
+from engine.rotary import Rotary, rotate
 from engine.types import TokenLogprob
 
 if TYPE_CHECKING:
@@ -314,7 +314,12 @@ class ModelRunner:
         D, H, KVH = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = layer.qkv(h) if delta is None else delta("qkv", h, layer.qkv(h))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)  # [T, (H|KVH)*D]
-        if layer.q_norm is not None and layer.k_norm is not None:
+        if layer.qk_norm_after_rope:  # Hunyuan: rotated here, then normalized; the kernels rotate by 0
+            cos, sin = rotary
+            q = ops.norm(layer.q_norm, rotate(q.view(T, H, D), cos, sin).reshape(T * H, D), None)[0]
+            k = ops.norm(layer.k_norm, rotate(k.view(T, KVH, D), cos, sin).reshape(T * KVH, D), None)[0]
+            rotary = (torch.ones_like(cos), torch.zeros_like(sin))
+        elif layer.q_norm is not None and layer.k_norm is not None:
             if layer.qk_norm_whole:  # OLMo 2: over each token's whole q [T, H*D] and k [T, KVH*D]
                 q, k = ops.norm(layer.q_norm, q, None)[0], ops.norm(layer.k_norm, k, None)[0]
             else:  # Qwen 3: per head, rows of [T*H, D]

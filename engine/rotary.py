@@ -31,3 +31,14 @@ class Rotary:
         elif self.layout == "half":  # gpt-oss's: [T, R/2], one entry per rotated pair (i, i + R/2)
             cos, sin = (torch.cat([t, t], dim=-1) for t in (cos, sin))
         return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, n, D] rotated by tables cos, sin [T, R] (rotated pairs (i, i + R/2); R < D: the first R
+    dims of each head) as Hugging Face's apply_rotary_pos_emb computes it, rounded in x's dtype: each
+    product, then their sum. For the families that normalize q and k after the rotary (Hunyuan)."""
+    R = cos.shape[-1]
+    c, s, xr = cos[:, None, :], sin[:, None, :], x[..., :R]  # [T, 1, R], [T, 1, R], [T, n, R]
+    half = torch.cat((-xr[..., R // 2:], xr[..., : R // 2]), dim=-1)  # rotate_half
+    out = xr * c + half * s
+    return out if R == x.shape[-1] else torch.cat((out, x[..., R:]), dim=-1)

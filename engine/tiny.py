@@ -12,12 +12,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, CwmConfig,
                           DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig, Ernie4_5Config, Exaone4Config,
                           ExaoneMoeConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
-                          GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig, InternLM3Config,
-                          Jais2Config, LlamaConfig, MiniMaxM2Config, Ministral3Config, MinistralConfig,
-                          MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig,
-                          OlmoeConfig, Phi3Config, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config,
-                          SolarOpenConfig, StableLmConfig, Starcoder2Config)
+                          GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
+                          HunYuanDenseV1Config, InternLM3Config, Jais2Config, LlamaConfig, MiniMaxM2Config,
+                          Ministral3Config, MinistralConfig, MistralConfig, MixtralConfig, NemotronConfig,
+                          Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, SolarOpenConfig, StableLmConfig,
+                          Starcoder2Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -166,6 +167,9 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # chosen by sigmoid scores plus the block's bias, their weights renormalized
     "minimax_m2": (MiniMaxM2Config, {**MOE, "num_local_experts": 8, "intermediate_size": 32,
                                      "partial_rotary_factor": 0.5}),
+    # Hunyuan (dense): q and k normalized per head after the rotary, NTK-alpha rotary (static)
+    "hunyuan_v1_dense": (HunYuanDenseV1Config, {"rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0,
+                                                                    "factor": 1.0, "rope_theta": 1e4}}),
     # Jais 2: LayerNorms, biases, relu^2 without a gate
     "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)
@@ -210,7 +214,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "l
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # what the family adds (initialized to zeros / ones) made to matter
         for name, p in model.named_parameters():
-            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight")):
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "q_norm.weight", "k_norm.weight",
+                              "query_layernorm.weight", "key_layernorm.weight")):  # (Hunyuan's q/k norms)
                 p.uniform_(0.5, 1.5)
             elif name.endswith("norm.weight") and not p.any():  # Gemma's norms scale by (1 + w), w from 0
                 p.uniform_(-0.5, 0.5)
