@@ -101,7 +101,10 @@ def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module |
     there are no others; of the MLP's input; of the MLP's output). Gemma's and GLM 4's names differ;
     OLMo 2 normalizes only the sub-layers' outputs (no norm before the MLP: IDENTITY); Cohere's
     parallel layer has none after its attention (IDENTITY: Layer.parallel), nor has StableLM's with
-    use_parallel_residual (its attribute is None)."""
+    use_parallel_residual (its attribute is None). Apertus names its norm before the MLP
+    feedforward_layernorm."""
+    if hasattr(layer, "feedforward_layernorm"):  # Apertus
+        return layer.feedforward_layernorm, None, None
     if getattr(layer, "post_attention_layernorm", None) is None:  # attention and MLP of the same input
         return IDENTITY, None, None
     if not hasattr(layer, "input_layernorm"):  # OLMo 2
@@ -149,7 +152,8 @@ def layer(hf: torch.nn.Module, backend: str, moe_triton: bool, rope: str | None,
     post, pre_mlp, post_mlp = sandwich(hf)
     after_rope = hasattr(a, "query_layernorm")  # Hunyuan's names, and its norms after the rotary
     q_norm = getattr(a, "query_layernorm" if after_rope else "q_norm", None)
-    return Layer(getattr(hf, "input_layernorm", IDENTITY), post, qkv, from_module(a.o_proj, backend),
+    pre = getattr(hf, "input_layernorm", None) or getattr(hf, "attention_layernorm", IDENTITY)  # (Apertus's name)
+    return Layer(pre, post, qkv, from_module(a.o_proj, backend),
                  Experts.of(mlp, lambda m: dense(m, backend), moe_triton) or dense(mlp, backend), a.scaling,
                  q_norm, getattr(a, "key_layernorm" if after_rope else "k_norm", None), pre_mlp, post_mlp,
                  q_norm is not None and q_norm.weight.numel() != a.head_dim, rope,  # q/k norms: OLMo 2's whole

@@ -199,7 +199,7 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
 MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "glm", "cohere", "cohere2",
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
         "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
-        "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense"]
+        "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus"]
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
@@ -224,7 +224,8 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     without weights), CWM (llama3 rotary, windows), K-EXAONE (EXAONE 4's attention, V3's router and
     shared experts), Solar Open (GLM-4.5's experts under Llama's attention), Jais 2 (LayerNorms,
     biases, relu^2), MiniMax-M2 (q/k norms over all heads, rotary on half of each head, experts by
-    sigmoid scores plus the block's bias), Hunyuan (q/k norms per head after the rotary)."""
+    sigmoid scores plus the block's bias), Hunyuan (q/k norms per head after the rotary), Apertus (its
+    norms' own names, xIELU without a gate)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
              else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
              else tiny_model(4, arch=arch))
