@@ -113,6 +113,8 @@ class ModelRunner:
         self.embed_scale, self.residual_scale, self.logits_divisor, self.logit_scale = (
             float(getattr(cfg, f, None) or 1.0)
             for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "logit_scale"))
+        if cfg.model_type == "hyperclovax":  # its logits_scaling multiplies the logits (Granite's divides them)
+            self.logits_divisor, self.logit_scale = 1.0, self.logits_divisor
         self.query_scale = query_scale(cfg)  # Ministral 3: (beta, length) of its queries' scale by position
         self.rotary = Rotary(model)  # the rotary tables of a forward, as the attention backends read them
         self.tokens_forwarded = 0

@@ -13,11 +13,11 @@ from transformers import (ApertusConfig, ArceeConfig, AutoModelForCausalLM, Cohe
                           DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig, Ernie4_5Config, Exaone4Config,
                           ExaoneMoeConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
                           GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
-                          HunYuanDenseV1Config, InternLM3Config, Jais2Config, LlamaConfig, MiniMaxM2Config,
-                          Ministral3Config, MinistralConfig, MistralConfig, MixtralConfig, NemotronConfig,
-                          Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
-                          Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, SolarOpenConfig, StableLmConfig,
+                          HunYuanDenseV1Config, HyperCLOVAXConfig, InternLM3Config, Jais2Config, LlamaConfig,
+                          MiniMaxM2Config, Ministral3Config, MinistralConfig, MistralConfig, MixtralConfig,
+                          NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
+                          Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, SolarOpenConfig, StableLmConfig,
                           Starcoder2Config)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -174,6 +174,9 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "apertus": (ApertusConfig, {"hidden_act": "xielu", "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}}),
+    # HyperCLOVA X (SEED): Granite's multipliers (its logits_scaling multiplies), norms after each sub-layer
+    "hyperclovax": (HyperCLOVAXConfig, {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,
+                                        "attention_multiplier": 0.1, "logits_scaling": 2.0}),
     # Jais 2: LayerNorms, biases, relu^2 without a gate
     "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)

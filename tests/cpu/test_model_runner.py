@@ -199,7 +199,8 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
 MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "glm", "cohere", "cohere2",
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
         "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
-        "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus"]
+        "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus",
+        "hyperclovax"]
 
 
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
@@ -225,7 +226,8 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     shared experts), Solar Open (GLM-4.5's experts under Llama's attention), Jais 2 (LayerNorms,
     biases, relu^2), MiniMax-M2 (q/k norms over all heads, rotary on half of each head, experts by
     sigmoid scores plus the block's bias), Hunyuan (q/k norms per head after the rotary), Apertus (its
-    norms' own names, xIELU without a gate)."""
+    norms' own names, xIELU without a gate), HyperCLOVA X (Granite's multipliers, but the logits'
+    multiplied; norms after each sub-layer)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
              else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
              else tiny_model(4, arch=arch))
@@ -249,6 +251,10 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     if arch == "minimax_m2":  # routed as a softmax over the router's logits (no bias), it differs
         runner.layers = [replace(layer, mlp=replace(layer.mlp, route=None)) for layer in runner.layers]
         assert all(isinstance(layer.mlp, Experts) for layer in runner.layers)
+        assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
+                                  atol=1e-3)
+    if arch == "hyperclovax":  # its logits divided by logits_scaling, as Granite's are, differ
+        runner.logits_divisor, runner.logit_scale = runner.logit_scale, 1.0
         assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
                                   atol=1e-3)
     if arch == "hunyuan_v1_dense":  # normalized before the rotary, as Qwen 3, it differs
