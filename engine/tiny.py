@@ -18,7 +18,7 @@ from transformers import (ApertusConfig, ArceeConfig, AutoModelForCausalLM, Cohe
                           NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config,
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
                           Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, SolarOpenConfig, StableLmConfig,
-                          Starcoder2Config)
+                          Starcoder2Config, VaultGemmaConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -177,6 +177,8 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # HyperCLOVA X (SEED): Granite's multipliers (its logits_scaling multiplies), norms after each sub-layer
     "hyperclovax": (HyperCLOVAXConfig, {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,
                                         "attention_multiplier": 0.1, "logits_scaling": 2.0}),
+    # VaultGemma: Gemma 2 without its norms after each sub-layer
+    "vaultgemma": (VaultGemmaConfig, {**GEMMA, "attn_logit_softcapping": 0.05, "final_logit_softcapping": 0.5}),
     # Jais 2: LayerNorms, biases, relu^2 without a gate
     "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)

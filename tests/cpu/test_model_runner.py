@@ -199,12 +199,13 @@ def test_per_layer_attention_matches_hf_logits_prefilled_in_chunks_and_decoded(a
 MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ernie4_5", "glm", "cohere", "cohere2",
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
         "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
-        "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus", "hyperclovax"]
+        "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus", "hyperclovax",
+        "vaultgemma"]
 # families whose Triton kernels' inputs other families' interpreted variants already give (Gemma's norms,
 # torch-op LayerNorms, windows, NOPE layers, routers, sandwiches): their interpreted run (~7 s each) adds
 # no evidence, so they run on the C++ kernels only
 SAME_TRITON_INPUTS = ("gemma", "stablelm-parallel", "olmo", "cwm", "exaone_moe", "solar_open", "jais2", "apertus",
-                      "hyperclovax")
+                      "hyperclovax", "vaultgemma")
 
 
 @pytest.mark.parametrize("arch,kernels", [pytest.param(a, k, id=f"{a}-{k}") for a in MORE for k in ("auto", "triton")
@@ -231,7 +232,8 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     biases, relu^2), MiniMax-M2 (q/k norms over all heads, rotary on half of each head, experts by
     sigmoid scores plus the block's bias), Hunyuan (q/k norms per head after the rotary), Apertus (its
     norms' own names, xIELU without a gate), HyperCLOVA X (Granite's multipliers, but the logits'
-    multiplied; norms after each sub-layer)."""
+    multiplied; norms after each sub-layer), VaultGemma (Gemma 2's soft-capping and windows, no norms
+    after the sub-layers)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
              else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
              else tiny_model(4, arch=arch))
