@@ -3,8 +3,10 @@ hidden / heads is 16) is handed off and decoded, and every answer, alone or in a
 each pick their own experts in one step), equals Hugging Face generate. So do a Gemma 2 folder's
 (soft-capped scores, a windowed layer; Hugging Face's reference runs its eager attention) and a GLM 4
 folder's (interleaved rotary on half of each head, sandwich norms), and a gpt-oss folder's (attention
-sinks, a window of 16 in every other layer, experts with biases: Hugging Face's eager attention) and a
-DeepSeek V2 folder's (latent attention expanded per head: its KV cache of 4 heads of 24 handed off)."""
+sinks, a window of 16 in every other layer, experts with biases: Hugging Face's eager attention), a
+DeepSeek V2 folder's (latent attention expanded per head: its KV cache of 4 heads of 24 handed off) and
+a Hunyuan folder's (q and k normalized after the rotary: the keys handed off are rotated and
+normalized before the cache kernels see them)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -22,12 +24,13 @@ TOK = tiny_tokenizer()
 
 @pytest.fixture(scope="module")
 def ray_up():  # type: ignore[no-untyped-def]
-    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-qwen3")  # one Ray instance for the six
+    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-qwen3")  # one Ray instance for the seven
     yield
     ray.shutdown()
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4", "gpt_oss", "deepseek_v2"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gemma2", "glm4", "gpt_oss", "deepseek_v2",
+                                              "hunyuan_v1_dense"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            ray_up: None):  # type: ignore[no-untyped-def]
     model = tiny_model(seed=6, arch=request.param)
