@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ApertusConfig, ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, CwmConfig,
-                          DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig, Ernie4_5Config, Exaone4Config,
-                          ExaoneMoeConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
-                          GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
+                          DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, Ernie4_5Config,
+                          Exaone4Config, ExaoneMoeConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config,
+                          Glm4MoeConfig, GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
                           HunYuanDenseV1Config, HyperCLOVAXConfig, InternLM3Config, Jais2Config, LlamaConfig,
                           MiniMaxM2Config, Ministral3Config, MinistralConfig, MistralConfig, MixtralConfig,
                           NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config,
@@ -179,6 +179,10 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                         "attention_multiplier": 0.1, "logits_scaling": 2.0}),
     # VaultGemma: Gemma 2 without its norms after each sub-layer
     "vaultgemma": (VaultGemmaConfig, {**GEMMA, "attn_logit_softcapping": 0.05, "final_logit_softcapping": 0.5}),
+    # dots.llm1: Qwen 3's attention, DeepSeek V3's router and shared experts, layer 0 dense
+    "dots1": (Dots1Config, {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                            "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+                            "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
     # Jais 2: LayerNorms, biases, relu^2 without a gate
     "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)

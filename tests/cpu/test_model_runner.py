@@ -200,12 +200,12 @@ MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ern
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
         "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
         "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus", "hyperclovax",
-        "vaultgemma"]
+        "vaultgemma", "dots1"]
 # families whose Triton kernels' inputs other families' interpreted variants already give (Gemma's norms,
 # torch-op LayerNorms, windows, NOPE layers, routers, sandwiches): their interpreted run (~7 s each) adds
 # no evidence, so they run on the C++ kernels only
 SAME_TRITON_INPUTS = ("gemma", "stablelm-parallel", "olmo", "cwm", "exaone_moe", "solar_open", "jais2", "apertus",
-                      "hyperclovax", "vaultgemma")
+                      "hyperclovax", "vaultgemma", "dots1")
 
 
 @pytest.mark.parametrize("arch,kernels", [pytest.param(a, k, id=f"{a}-{k}") for a in MORE for k in ("auto", "triton")
@@ -233,7 +233,7 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     sigmoid scores plus the block's bias), Hunyuan (q/k norms per head after the rotary), Apertus (its
     norms' own names, xIELU without a gate), HyperCLOVA X (Granite's multipliers, but the logits'
     multiplied; norms after each sub-layer), VaultGemma (Gemma 2's soft-capping and windows, no norms
-    after the sub-layers)."""
+    after the sub-layers), dots.llm1 (Qwen 3's attention, DeepSeek V3's router and shared experts)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
              else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
              else tiny_model(4, arch=arch))
