@@ -6,7 +6,8 @@ One forward of a sparse layer, for T tokens (rows of the packed batch) and k exp
      always, Qwen 3 with `norm_topk_prob`; gpt-oss's softmax over its top k logits is the same);
      DeepSeek's router module chooses itself (V2: softmax, greedy or group-limited; V3: sigmoid
      with a score-correction bias, top groups; both scaled by routed_scaling_factor), and so does
-     MiniMax-M2's (sigmoid scores plus the block's bias choose, the chosen scores renormalized);
+     MiniMax-M2's (sigmoid scores plus the block's bias choose, the chosen scores renormalized) and
+     Phi-3.5-MoE's (its sparsemixer);
   2. group: the T·k (token, expert) pairs sorted by expert, each pair a row of its token's input
      [T·k, hidden], and each expert's end row (a histogram's cumulative sum, on the device);
   3. experts: two grouped matmuls over all experts at once (gate|up, then down, each expert's rows
@@ -94,7 +95,8 @@ class Experts:
                              Fp8(experts.down_proj.data, experts.down_proj_scale))
         else:
             gate_up, down = experts.gate_up_proj.data.transpose(1, 2), experts.down_proj.data.transpose(1, 2)
-        route = gate if hasattr(gate, "routed_scaling_factor") or hasattr(gate, "moe_statics") else None
+        route = gate if hasattr(gate, "routed_scaling_factor") or hasattr(gate, "moe_statics") \
+            or type(gate).__name__ == "PhimoeTopKRouter" else None  # (Phi-3.5-MoE's: its sparsemixer)
         if hasattr(mlp, "e_score_correction_bias"):  # MiniMax-M2: the block holds its router's bias
             route = partial(gate, e_score_correction_bias=mlp.e_score_correction_bias)
         return cls(gate.weight.data, gate_up, down, experts.act_fn, int(gate.top_k),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from engine import layers
-from engine.model_shape import COMPLEX_TABLES, HALF_TABLES, INTERLEAVED_TABLES
+from engine.model_shape import COMPLEX_TABLES, HALF_TABLES, HOST_READ_TABLES, INTERLEAVED_TABLES
 
 
 class Rotary:
@@ -16,12 +16,16 @@ class Rotary:
         model_type = model.config.model_type
         self.module = model.model.rotary_emb
         self.layout = ("interleaved" if model_type in INTERLEAVED_TABLES else "half" if model_type in HALF_TABLES
-                       else "complex" if model_type in COMPLEX_TABLES else "")
+                       else "complex" if model_type in COMPLEX_TABLES else "here" if model_type in HOST_READ_TABLES
+                       else "")
+        self._inv_freq: torch.Tensor | None = None  # "here": the module's frequencies, on the device
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, rope: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [T, R] for positions pos [1, T] (x: the embeddings, for their dtype) of the layers
         whose `rope` it is: the model's (Gemma 3: per layer type); layers.NOPE: cos 1, sin 0 — the
         rotary kernels then leave q and k exactly as they are."""
+        if self.layout == "here":
+            return self._made_here(x, pos)
         if self.layout == "complex":  # DeepSeek V2's: cos + i·sin [1, T, R/2], one per rotated pair
             f = self.module(x, pos)[0]
             return torch.cat([f.real] * 2, dim=-1).to(x.dtype), torch.cat([f.imag] * 2, dim=-1).to(x.dtype)
@@ -31,6 +35,20 @@ class Rotary:
         elif self.layout == "half":  # gpt-oss's: [T, R/2], one entry per rotated pair (i, i + R/2)
             cos, sin = (torch.cat([t, t], dim=-1) for t in (cos, sin))
         return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
+
+    def _made_here(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phi-3.5-MoE's tables as its module makes them, without its host read: the module picks
+        LongRoPE's long or short scale by max(position) + 1 against the original length, and a
+        max_model_len past that length is refused at load (model_shape.max_positions), so the short
+        one, always. The frequencies are made once, on the first call (before any graph capture)."""
+        module = self.module
+        if self._inv_freq is None or self._inv_freq.device != x.device:
+            self._inv_freq = module.rope_init_fn(module.config)[0].to(x.device)
+        rope = module.config.rope_parameters
+        mscale = rope["short_mscale"] if rope["rope_type"] != "default" else module.attention_scaling
+        freqs = pos[..., None].float() * self._inv_freq  # [1, T, R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [1, T, R]
+        return (emb.cos() * mscale).to(x.dtype)[0], (emb.sin() * mscale).to(x.dtype)[0]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from transformers import (ApertusConfig, ArceeConfig, AutoModelForCausalLM, Cohe
                           Glm4MoeConfig, GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
                           HunYuanDenseV1Config, HyperCLOVAXConfig, InternLM3Config, Jais2Config, LlamaConfig,
                           MiniMaxM2Config, Ministral3Config, MinistralConfig, MistralConfig, MixtralConfig,
-                          NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config,
+                          NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config, PhimoeConfig,
                           PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
                           Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, SolarOpenConfig, StableLmConfig,
                           Starcoder2Config, VaultGemmaConfig)
@@ -183,6 +183,13 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     "dots1": (Dots1Config, {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                             "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
                             "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    # Phi-3.5-MoE: LayerNorms, biases (the LM head's too), experts chosen by its router's sparsemixer,
+    # LongRoPE (its short factors and scale: positions within the original length)
+    "phimoe": (PhimoeConfig, {**MOE, "num_local_experts": 8, "intermediate_size": 32, "attention_bias": True,
+                              "lm_head_bias": True, "rope_parameters": {
+                                  "rope_type": "longrope", "rope_theta": 1e4, "short_mscale": 1.2, "long_mscale": 1.3,
+                                  "short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [2.0] * 8,
+                                  "original_max_position_embeddings": 4096}}),
     # Jais 2: LayerNorms, biases, relu^2 without a gate
     "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)

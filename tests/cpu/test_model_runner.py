@@ -200,7 +200,7 @@ MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ern
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
         "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
         "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus", "hyperclovax",
-        "vaultgemma", "dots1"]
+        "vaultgemma", "dots1", "phimoe"]
 # families whose Triton kernels' inputs other families' interpreted variants already give (Gemma's norms,
 # torch-op LayerNorms, windows, NOPE layers, routers, sandwiches): their interpreted run (~7 s each) adds
 # no evidence, so they run on the C++ kernels only
@@ -233,7 +233,8 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     sigmoid scores plus the block's bias), Hunyuan (q/k norms per head after the rotary), Apertus (its
     norms' own names, xIELU without a gate), HyperCLOVA X (Granite's multipliers, but the logits'
     multiplied; norms after each sub-layer), VaultGemma (Gemma 2's soft-capping and windows, no norms
-    after the sub-layers), dots.llm1 (Qwen 3's attention, DeepSeek V3's router and shared experts)."""
+    after the sub-layers), dots.llm1 (Qwen 3's attention, DeepSeek V3's router and shared experts),
+    Phi-3.5-MoE (its router's sparsemixer; LongRoPE's tables made without its module's host read)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
              else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
              else tiny_model(4, arch=arch))
@@ -254,7 +255,12 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
         runner.query_scale = None
         assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
                                   atol=1e-3)
-    if arch == "minimax_m2":  # routed as a softmax over the router's logits (no bias), it differs
+    if arch == "phimoe":  # its tables made here (engine/rotary.py), equal to its module's; without its router's
+        assert runner.rotary.layout == "here"  # choice it differs
+        pos = torch.arange(70)[None]
+        assert all(torch.equal(a, b[0]) for a, b in zip(runner.rotary(want[:1], pos, None),
+                                                          model.model.rotary_emb(want[:1], pos)))
+    if arch in ("minimax_m2", "phimoe"):  # routed as a softmax over the router's logits, it differs
         runner.layers = [replace(layer, mlp=replace(layer.mlp, route=None)) for layer in runner.layers]
         assert all(isinstance(layer.mlp, Experts) for layer in runner.layers)
         assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
