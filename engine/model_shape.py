@@ -12,7 +12,8 @@ from engine import mla
 INTERLEAVED_TABLES = ("cohere", "cohere2")  # rotary tables already interleaved (cos[2i] = cos[2i + 1]: Cohere's)
 HALF_TABLES = ("gpt_oss",)  # rotary tables of half the rotated dims: one entry per pair (i, i + R/2)
 COMPLEX_TABLES = ("deepseek_v2",)  # rotary as complex numbers cos + i·sin, one per rotated pair
-HOST_READ_TABLES = ("phimoe",)  # whose rotary module reads max(position) on the host: its tables made here
+HOST_READ_TABLES = ("phimoe",)  # whose rotary module reads max(position) on the host: tables made by rotary.py
+#                                 (so does any with Hugging Face's dynamic NTK rope)
 WINDOWED_ALWAYS = ("mistral", "mixtral", "phi3", "starcoder2", "ministral3")  # sliding_window in every layer (Qwen's: layer_types)
 QUERY_SCALED = ("ministral3",)  # queries scaled by position past the original context (query_scale)
 INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "ernie4_5_moe", "cohere", "cohere2")  # dims (2i, 2i + 1), not (i, i + R/2)

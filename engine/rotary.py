@@ -15,9 +15,11 @@ class Rotary:
     def __init__(self, model: torch.nn.Module) -> None:
         model_type = model.config.model_type
         self.module = model.model.rotary_emb
+        kind = getattr(self.module, "rope_type", None)
+        dynamic = isinstance(kind, str) and "dynamic" in kind  # Hugging Face's dynamic NTK: read on the host too
         self.layout = ("interleaved" if model_type in INTERLEAVED_TABLES else "half" if model_type in HALF_TABLES
-                       else "complex" if model_type in COMPLEX_TABLES else "here" if model_type in HOST_READ_TABLES
-                       else "")
+                       else "complex" if model_type in COMPLEX_TABLES
+                       else "here" if model_type in HOST_READ_TABLES or dynamic else "")
         self._inv_freq: torch.Tensor | None = None  # "here": the module's frequencies, on the device
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, rope: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,15 +39,17 @@ class Rotary:
         return (torch.ones_like(cos), torch.zeros_like(sin)) if rope == layers.NOPE else (cos, sin)
 
     def _made_here(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Phi-3.5-MoE's tables as its module makes them, without its host read: the module picks
-        LongRoPE's long or short scale by max(position) + 1 against the original length, and a
-        max_model_len past that length is refused at load (model_shape.max_positions), so the short
-        one, always. The frequencies are made once, on the first call (before any graph capture)."""
+        """The tables as the module makes them, without its host read of max(position) + 1 (which a
+        CUDA graph's capture cannot do): against the original length it picks Phi-3.5-MoE's LongRoPE
+        scale (long or short), and dynamic NTK's frequencies (stretched past it). A max_model_len past
+        that length is refused at load (model_shape.max_positions), so the short scale and the
+        original frequencies, always. Those are copied to the device on the first call (before any
+        graph capture)."""
         module = self.module
         if self._inv_freq is None or self._inv_freq.device != x.device:
-            self._inv_freq = module.rope_init_fn(module.config)[0].to(x.device)
+            self._inv_freq = module.original_inv_freq.to(x.device)  # [R/2]
         rope = module.config.rope_parameters
-        mscale = rope["short_mscale"] if rope["rope_type"] != "default" else module.attention_scaling
+        mscale = rope["short_mscale"] if "short_mscale" in rope else module.attention_scaling
         freqs = pos[..., None].float() * self._inv_freq  # [1, T, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [1, T, R]
         return (emb.cos() * mscale).to(x.dtype)[0], (emb.sin() * mscale).to(x.dtype)[0]

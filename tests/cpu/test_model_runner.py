@@ -200,12 +200,12 @@ MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ern
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
         "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
         "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus", "hyperclovax",
-        "vaultgemma", "dots1", "phimoe"]
+        "vaultgemma", "dots1", "phimoe", "llama-dynamic-rope"]
 # families whose Triton kernels' inputs other families' interpreted variants already give (Gemma's norms,
 # torch-op LayerNorms, windows, NOPE layers, routers, sandwiches): their interpreted run (~7 s each) adds
 # no evidence, so they run on the C++ kernels only
 SAME_TRITON_INPUTS = ("gemma", "stablelm-parallel", "olmo", "cwm", "exaone_moe", "solar_open", "jais2", "apertus",
-                      "hyperclovax", "vaultgemma", "dots1")
+                      "hyperclovax", "vaultgemma", "dots1", "llama-dynamic-rope")
 
 
 @pytest.mark.parametrize("arch,kernels", [pytest.param(a, k, id=f"{a}-{k}") for a in MORE for k in ("auto", "triton")
@@ -234,8 +234,11 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     norms' own names, xIELU without a gate), HyperCLOVA X (Granite's multipliers, but the logits'
     multiplied; norms after each sub-layer), VaultGemma (Gemma 2's soft-capping and windows, no norms
     after the sub-layers), dots.llm1 (Qwen 3's attention, DeepSeek V3's router and shared experts),
-    Phi-3.5-MoE (its router's sparsemixer; LongRoPE's tables made without its module's host read)."""
+    Phi-3.5-MoE (its router's sparsemixer; LongRoPE's tables made without its module's host read), and
+    Llama with dynamic NTK rotary (its tables made so too)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
+             else tiny_model(4, arch="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+             if arch == "llama-dynamic-rope"
              else tiny_model(4, arch="stablelm", use_parallel_residual=True) if arch == "stablelm-parallel"
              else tiny_model(4, arch=arch))
     prompt = _prompts(1, seed=9)[0][:70]
@@ -255,8 +258,8 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
         runner.query_scale = None
         assert not torch.allclose(runner.forward([SeqInput([prompt[end - 1]], end - 1, table)])[0], want[end - 1],
                                   atol=1e-3)
-    if arch == "phimoe":  # its tables made here (engine/rotary.py), equal to its module's; without its router's
-        assert runner.rotary.layout == "here"  # choice it differs
+    if arch in ("phimoe", "llama-dynamic-rope"):  # tables made here (engine/rotary.py), equal to its module's
+        assert runner.rotary.layout == "here"
         pos = torch.arange(70)[None]
         assert all(torch.equal(a, b[0]) for a, b in zip(runner.rotary(want[:1], pos, None),
                                                           model.model.rotary_emb(want[:1], pos)))
