@@ -16,6 +16,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _model(dtype: torch.dtype = torch.float32, arch: str = "llama"):  # type: ignore[no-untyped-def]
     from engine.tiny import tiny_model
 
+    if arch == "llama-dynamic-rope":  # Hugging Face's module would read max(position) on the host: made by rotary.py
+        return tiny_model(arch="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                         "rope_theta": 1e4}).to("cuda", dtype)
     return tiny_model(arch=arch).to("cuda", dtype)
 
 
@@ -47,9 +50,11 @@ def _hf(model, p: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-de
 # gemma3_text: sandwich norms, (1 + w) norms and GELU by the fused kernels, two rotary bases; gemma2: soft-capping;
 # glm4: interleaved rotary on half of each head (the fused kernel's PAIRS), sandwich norms by the fused norm;
 # granite: its multipliers inside the graphs; smollm3: a layer without rotary (cos 1, sin 0 through rope_store);
-# olmo2: no norm before the sub-layers, its norm's rounding, q/k norms over all heads
+# olmo2: no norm before the sub-layers, its norm's rounding, q/k norms over all heads; hunyuan_v1_dense: q and k
+# rotated and normalized in torch, then rope_store's tables of 0; hyperclovax: Granite's multipliers with a
+# sandwich; llama-dynamic-rope: the tables rotary.py makes in the graphs
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3_text", "gemma2", "glm4", "granite", "smollm3",
-                                  "olmo2"])
+                                  "olmo2", "hunyuan_v1_dense", "hyperclovax", "llama-dynamic-rope"])
 @pytest.mark.parametrize("max_graph_batch", [64, 8])  # 64: every step replays a graph; 8: 32 rows run eagerly
 def test_greedy_equals_hf_through_graphs_and_eager_fallback(max_graph_batch: int, arch: str) -> None:
     from engine.layer_ops import TritonOps
@@ -104,11 +109,14 @@ def test_prompt_chunks_as_rows_of_the_captured_graphs_equal_hf(arch: str) -> Non
     assert mixed > 8
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                                  "minimax_m2", "phimoe", "exaone_moe", "dots1"])
 def test_mixtures_of_experts_in_fp32_equal_hf_through_graphs(arch: str) -> None:
     """fp32 experts take the Triton grouped matmul (torch's would loop on the host), so their steps
     are captured too. gpt-oss: its attention sinks in both Triton kernels, its experts' biases and GLU
-    inside the graphs. DeepSeek: latent attention, its routers (torch ops) and shared experts in the graphs."""
+    inside the graphs. DeepSeek: latent attention, its routers (torch ops) and shared experts in the graphs.
+    MiniMax-M2's and Phi-3.5-MoE's routers (Hugging Face's modules) and Phi-3.5-MoE's LongRoPE tables
+    (made by rotary.py) in the graphs; K-EXAONE's layer without rotary; dots.llm1's Qwen 3 attention."""
     from engine.model_runner import ModelRunner
     from engine.moe import Experts
 
