@@ -22,8 +22,8 @@ INTERLEAVED_ROTARY = ("glm4", "glm", "helium", "ernie4_5", "ernie4_5_moe", "cohe
 def interleaved_rotary(config: Any) -> bool:
     """Whether the rotary turns neighbouring dims (2i, 2i + 1) together: GLM's and its kin's, DeepSeek
     V2's (complex numbers), V3's where rope_interleave (its rotation of the de-interleaved dims is the
-    same, up to an order of dims that q and k share)."""
-    if config.model_type == "deepseek_v3":
+    same, up to an order of dims that q and k share) and GLM-4.7-Flash's (V3's attention)."""
+    if config.model_type in ("deepseek_v3", "glm4_moe_lite"):  # (GLM-4.7-Flash: V3's attention)
         return bool(getattr(config, "rope_interleave", True))
     return config.model_type in INTERLEAVED_ROTARY or config.model_type in COMPLEX_TABLES
 

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ApertusConfig, ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, CwmConfig,
                           DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, Ernie4_5Config,
                           Exaone4Config, ExaoneMoeConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config,
-                          Glm4MoeConfig, GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
+                          Glm4MoeConfig, Glm4MoeLiteConfig, GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
                           HunYuanDenseV1Config, HyperCLOVAXConfig, InternLM3Config, Jais2Config, LlamaConfig,
                           MiniMaxM2Config, Ministral3Config, MinistralConfig, MistralConfig, MixtralConfig,
                           NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config, PhimoeConfig,
@@ -190,6 +190,9 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                   "rope_type": "longrope", "rope_theta": 1e4, "short_mscale": 1.2, "long_mscale": 1.3,
                                   "short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [2.0] * 8,
                                   "original_max_position_embeddings": 4096}}),
+    # GLM-4.7-Flash: DeepSeek V3's latent attention (q compressed), GLM-4.5's experts, layer 0 dense
+    "glm4_moe_lite": (Glm4MoeLiteConfig, {**MLA, "q_lora_rank": 32, "n_group": 4, "topk_group": 2,
+                                          "routed_scaling_factor": 1.8, "mlp_layer_types": ["dense", "sparse"]}),
     # Jais 2: LayerNorms, biases, relu^2 without a gate
     "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)

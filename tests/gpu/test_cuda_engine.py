@@ -110,13 +110,14 @@ def test_prompt_chunks_as_rows_of_the_captured_graphs_equal_hf(arch: str) -> Non
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                                  "minimax_m2", "phimoe", "exaone_moe", "dots1"])
+                                  "minimax_m2", "phimoe", "exaone_moe", "dots1", "glm4_moe_lite"])
 def test_mixtures_of_experts_in_fp32_equal_hf_through_graphs(arch: str) -> None:
     """fp32 experts take the Triton grouped matmul (torch's would loop on the host), so their steps
     are captured too. gpt-oss: its attention sinks in both Triton kernels, its experts' biases and GLU
     inside the graphs. DeepSeek: latent attention, its routers (torch ops) and shared experts in the graphs.
     MiniMax-M2's and Phi-3.5-MoE's routers (Hugging Face's modules) and Phi-3.5-MoE's LongRoPE tables
-    (made by rotary.py) in the graphs; K-EXAONE's layer without rotary; dots.llm1's Qwen 3 attention."""
+    (made by rotary.py) in the graphs; K-EXAONE's layer without rotary; dots.llm1's Qwen 3 attention;
+    GLM-4.7-Flash's latent attention."""
     from engine.model_runner import ModelRunner
     from engine.moe import Experts
 
