@@ -102,8 +102,8 @@ def sandwich(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module |
     OLMo 2 normalizes only the sub-layers' outputs (no norm before the MLP: IDENTITY); Cohere's
     parallel layer has none after its attention (IDENTITY: Layer.parallel), nor has StableLM's with
     use_parallel_residual (its attribute is None). Apertus names its norm before the MLP
-    feedforward_layernorm, VaultGemma pre_feedforward_layernorm. HyperCLOVA X's norms after each sub-layer (post_norm1, post_norm2; Identity
-    without use_post_norm) make Gemma's sandwich."""
+    feedforward_layernorm, VaultGemma pre_feedforward_layernorm. HyperCLOVA X's norms after each
+    sub-layer (post_norm1, post_norm2; Identity without use_post_norm) make Gemma's sandwich."""
     if hasattr(layer, "feedforward_layernorm"):  # Apertus
         return layer.feedforward_layernorm, None, None
     if not hasattr(layer, "post_attention_layernorm") and hasattr(layer, "pre_feedforward_layernorm"):  # VaultGemma

@@ -47,4 +47,5 @@ def test_openai_usage_and_logprobs_end_there_too(router: ScriptedRouter) -> None
     assert got.choices[0].text == "the cat " and got.choices[0].finish_reason == "stop"
     assert got.usage.completion_tokens == len(want)
     lps = got.choices[0].logprobs
-    assert lps is not None and lps.token_logprobs == pytest.approx([-(i + 1) / 10 for i in range(len(want))])  # scripted
+    assert lps is not None  # the scripted worker's: token i's is -(i + 1) / 10
+    assert lps.token_logprobs == pytest.approx([-(i + 1) / 10 for i in range(len(want))])
