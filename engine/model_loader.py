@@ -190,7 +190,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
                  "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text",  # Qwen-VL's text models (MULTIMODAL)
                  "gemma", "stablelm", "olmo", "cwm", "exaone_moe", "solar_open", "jais2", "minimax_m2",
                  "hunyuan_v1_dense", "apertus", "hyperclovax", "vaultgemma", "dots1", "phimoe",
-                 "glm4_moe_lite")
+                 "glm4_moe_lite", "iquestcoder")
 MULTIMODAL = ("gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image + text, text_config one above
 PARTIAL_ROTARY = ("phi3", "glm4", "glm", "nemotron", "glm4_moe", "stablelm", "minimax_m2")  # their own attention rotates part of a head (Phi 4 mini)
 

@@ -12,13 +12,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (ApertusConfig, ArceeConfig, AutoModelForCausalLM, Cohere2Config, CohereConfig, CwmConfig,
                           DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, Ernie4_5Config,
                           Exaone4Config, ExaoneMoeConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config,
-                          Glm4MoeConfig, Glm4MoeLiteConfig, GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig, HeliumConfig,
-                          HunYuanDenseV1Config, HyperCLOVAXConfig, InternLM3Config, Jais2Config, LlamaConfig,
-                          MiniMaxM2Config, Ministral3Config, MinistralConfig, MistralConfig, MixtralConfig,
-                          NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig, OlmoeConfig, Phi3Config, PhimoeConfig,
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
-                          Qwen3Config, Qwen3MoeConfig, SeedOssConfig, SmolLM3Config, SolarOpenConfig, StableLmConfig,
-                          Starcoder2Config, VaultGemmaConfig)
+                          Glm4MoeConfig, Glm4MoeLiteConfig, GlmConfig, GptOssConfig, GraniteConfig, GraniteMoeConfig,
+                          HeliumConfig, HunYuanDenseV1Config, HyperCLOVAXConfig, InternLM3Config, IQuestCoderConfig,
+                          Jais2Config, LlamaConfig, MiniMaxM2Config, Ministral3Config, MinistralConfig,
+                          MistralConfig, MixtralConfig, NemotronConfig, Olmo2Config, Olmo3Config, OlmoConfig,
+                          OlmoeConfig, Phi3Config, PhimoeConfig, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig,
+                          SeedOssConfig, SmolLM3Config, SolarOpenConfig, StableLmConfig, Starcoder2Config,
+                          VaultGemmaConfig)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID = 2  # <|im_end|>
@@ -193,6 +194,7 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # GLM-4.7-Flash: DeepSeek V3's latent attention (q compressed), GLM-4.5's experts, layer 0 dense
     "glm4_moe_lite": (Glm4MoeLiteConfig, {**MLA, "q_lora_rank": 32, "n_group": 4, "topk_group": 2,
                                           "routed_scaling_factor": 1.8, "mlp_layer_types": ["dense", "sparse"]}),
+    "iquestcoder": (IQuestCoderConfig, {}),  # IQuest-Coder: Llama's model under its own config
     # Jais 2: LayerNorms, biases, relu^2 without a gate
     "jais2": (Jais2Config, {"hidden_act": "relu2", "attention_bias": True, "mlp_bias": True}),
     # Ministral 3: queries scaled by position past its original context (Llama 4's temperature; 16 here, 16k real)

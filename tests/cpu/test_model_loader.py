@@ -136,14 +136,14 @@ def test_phi3_loads_and_its_long_rope_and_partial_rotary_are_held_to_what_is_com
 @pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "glm4", "granite", "smollm3", "gemma", "stablelm", "olmo",
                                   "cwm", "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense",
                                   "apertus", "hyperclovax", "vaultgemma", "dots1", "phimoe",
-                                  "glm4_moe_lite"])
+                                  "glm4_moe_lite", "iquestcoder"])
 def test_gemma_glm_granite_and_smollm3_folders_load_as_saved(arch: str, tmp_path: Path) -> None:
     """Gemma 3, Gemma 2 (soft-capped: Hugging Face's own modules run eager attention, as SDPA
     cannot cap scores), GLM 4 (rotary on half of each head), Granite (its multipliers), SmolLM3
     (a layer without rotary; its sliding layers only with use_sliding_window), Gemma 1, StableLM 2
     (rotary on a quarter of each head), OLMo 1, CWM, K-EXAONE, Solar Open, Jais 2, MiniMax-M2,
-    Hunyuan, Apertus, HyperCLOVA X, VaultGemma, dots.llm1, Phi-3.5-MoE and GLM-4.7-Flash load from a
-    folder and compute what was saved."""
+    Hunyuan, Apertus, HyperCLOVA X, VaultGemma, dots.llm1, Phi-3.5-MoE, GLM-4.7-Flash and IQuest-Coder
+    load from a folder and compute what was saved."""
     model = tiny_model(seed=3, arch=arch)
     model.save_pretrained(tmp_path)
     loaded = load_model(ModelConfig(path=str(tmp_path)))

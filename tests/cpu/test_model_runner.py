@@ -200,12 +200,14 @@ MORE = ["olmo3", "exaone4", "ministral", "seed_oss", "internlm3", "helium", "ern
         "starcoder2", "arcee", "nemotron", "olmoe", "granitemoe", "llama-mlp-bias", "gpt_oss", "deepseek_v2",
         "deepseek_v3", "glm4_moe", "ministral3", "ernie4_5_moe", "gemma", "stablelm", "stablelm-parallel", "olmo", "cwm",
         "exaone_moe", "solar_open", "jais2", "minimax_m2", "hunyuan_v1_dense", "apertus", "hyperclovax",
-        "vaultgemma", "dots1", "phimoe", "llama-dynamic-rope", "glm4_moe_lite"]
+        "vaultgemma", "dots1", "phimoe", "llama-dynamic-rope", "glm4_moe_lite",
+        "iquestcoder"]
 # families whose Triton kernels' inputs other families' interpreted variants already give (Gemma's norms,
 # torch-op LayerNorms, windows, NOPE layers, routers, sandwiches): their interpreted run (~7 s each) adds
 # no evidence, so they run on the C++ kernels only
 SAME_TRITON_INPUTS = ("gemma", "stablelm-parallel", "olmo", "cwm", "exaone_moe", "solar_open", "jais2", "apertus",
-                      "hyperclovax", "vaultgemma", "dots1", "llama-dynamic-rope", "glm4_moe_lite")
+                      "hyperclovax", "vaultgemma", "dots1", "llama-dynamic-rope", "glm4_moe_lite",
+                      "iquestcoder")
 
 
 @pytest.mark.parametrize("arch,kernels", [pytest.param(a, k, id=f"{a}-{k}") for a in MORE for k in ("auto", "triton")
@@ -236,7 +238,7 @@ def test_families_made_of_known_parts_match_hf_logits(arch: str, kernels: str) -
     after the sub-layers), dots.llm1 (Qwen 3's attention, DeepSeek V3's router and shared experts),
     Phi-3.5-MoE (its router's sparsemixer; LongRoPE's tables made without its module's host read), and
     Llama with dynamic NTK rotary (its tables made so too), GLM-4.7-Flash (V3's latent attention, its
-    rotary on neighbouring dims of k_pe, GLM-4.5's experts)."""
+    rotary on neighbouring dims of k_pe, GLM-4.5's experts), IQuest-Coder (Llama's model)."""
     model = (tiny_model(4, arch="llama", mlp_bias=True) if arch == "llama-mlp-bias"
              else tiny_model(4, arch="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
              if arch == "llama-dynamic-rope"
