@@ -81,6 +81,7 @@ WINDOW = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_atten
 GEMMA = {"initializer_range": 0.02,  # its embeddings are scaled by sqrt(hidden) = 8
          "query_pre_attn_scalar": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
          "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
+V3_ROUTER = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)  # 4 groups, 2 taken
 MLA = dict(MOE, num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
            head_dim=8, n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1)
 FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â†’ its config, what differs
@@ -157,13 +158,12 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
                                                       "original_max_position_embeddings": 32}}),
     # K-EXAONE: EXAONE 4's attention (no rotary in its global layers), DeepSeek V3's router and shared
     # experts, layer 0 dense
-    "exaone_moe": (ExaoneMoeConfig, {**WINDOW, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                                     "num_shared_experts": 1, "mlp_layer_types": ["dense", "sparse"], "n_group": 4,
-                                     "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    "exaone_moe": (ExaoneMoeConfig, {**WINDOW, **V3_ROUTER, "num_experts": 8, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "num_shared_experts": 1,
+                                     "mlp_layer_types": ["dense", "sparse"]}),
     # Solar Open: Llama's attention, GLM-4.5's experts (DeepSeek V3's router, a shared expert) in every layer
-    "solar_open": (SolarOpenConfig, {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                                     "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
-                                     "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    "solar_open": (SolarOpenConfig, {**V3_ROUTER, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "n_shared_experts": 1}),
     # MiniMax-M2: q and k normalized over all heads (OLMo 2's), rotary on half of each head, experts
     # chosen by sigmoid scores plus the block's bias, their weights renormalized
     "minimax_m2": (MiniMaxM2Config, {**MOE, "num_local_experts": 8, "intermediate_size": 32,
@@ -181,9 +181,8 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # VaultGemma: Gemma 2 without its norms after each sub-layer
     "vaultgemma": (VaultGemmaConfig, {**GEMMA, "attn_logit_softcapping": 0.05, "final_logit_softcapping": 0.5}),
     # dots.llm1: Qwen 3's attention, DeepSeek V3's router and shared experts, layer 0 dense
-    "dots1": (Dots1Config, {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                            "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
-                            "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+    "dots1": (Dots1Config, {**V3_ROUTER, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                            "n_shared_experts": 1, "first_k_dense_replace": 1}),
     # Phi-3.5-MoE: LayerNorms, biases (the LM head's too), experts chosen by its router's sparsemixer,
     # LongRoPE (its short factors and scale: positions within the original length)
     "phimoe": (PhimoeConfig, {**MOE, "num_local_experts": 8, "intermediate_size": 32, "attention_bias": True,
@@ -204,9 +203,8 @@ FAMILIES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {  # arch â
     # GLM-4.5 / 4.6 (Air's): rotary on half of each head (not in pairs), q/k/v biases, per-head q/k norms,
     # DeepSeek V3's router (sigmoid scores with a bias, top groups, scaled) and a shared expert, layer 0 dense
     "glm4_moe": (Glm4MoeConfig, {**MOE, "partial_rotary_factor": 0.5, "attention_bias": True, "use_qk_norm": True,
-                                 "n_routed_experts": 8, "moe_intermediate_size": 32, "n_shared_experts": 1,
-                                 "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
-                                 "routed_scaling_factor": 2.5, "norm_topk_prob": True}),
+                                 **V3_ROUTER, "n_routed_experts": 8, "moe_intermediate_size": 32,
+                                 "n_shared_experts": 1, "first_k_dense_replace": 1}),
 }
 ARCHS = tuple(FAMILIES)
 
